@@ -1,0 +1,36 @@
+"""The store's key layout (see DESIGN.md): readable paths under one versioned root."""
+
+from __future__ import annotations
+
+ROOT = "/mesh/v1/"
+CONFIG = ROOT + "config/"
+WORKLOADS = ROOT + "workloads/"
+CSR = ROOT + "csr/"
+CERTS = ROOT + "certs/"
+CA_BUNDLE = ROOT + "ca/bundle"
+CA_CRL = ROOT + "ca/crl"
+VIPS = ROOT + "vips/"
+
+
+def config(kind: str, namespace: str, name: str) -> str:
+    return f"{CONFIG}{kind}/{namespace}/{name}"
+
+
+def workload(node: str, uid: str) -> str:
+    return f"{WORKLOADS}{node}/{uid}"
+
+
+def node_workloads(node: str) -> str:
+    return f"{WORKLOADS}{node}/"
+
+
+def csr(node: str, ident: str) -> str:
+    return f"{CSR}{node}/{ident}"
+
+
+def cert(node: str, ident: str) -> str:
+    return f"{CERTS}{node}/{ident}"
+
+
+def vip(address: str) -> str:
+    return f"{VIPS}{address}"
