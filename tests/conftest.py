@@ -1,4 +1,4 @@
-"""Suite-wide rules: root-needing tests fail loudly, never skip, when their prerequisites are missing."""
+"""Suite-wide rules: root-needing tests fail loudly (never skip) without their prerequisites."""
 
 from __future__ import annotations
 

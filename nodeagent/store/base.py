@@ -51,7 +51,7 @@ class KeyValue:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One change. For a delete, `kv.value` is b"" and `kv.mod_revision` is the delete's revision."""
+    """One change. For a delete, `kv.value` is b"" and `kv.mod_revision` is its revision."""
 
     type: Literal["put", "delete"]
     kv: KeyValue
