@@ -1,0 +1,310 @@
+"""Enrollment: the agent's side of each CNI call, and re-adoption after a restart.
+
+For every pod: bind the agent's listeners inside the pod's netns and start serving them, then
+install the redirection rules, then register the pod as a Workload under the agent's lease, then
+persist the record. Any failure undoes what was done, in reverse, so a pod is either fully meshed
+or untouched. DEL undoes it all and never fails for a pod that is already gone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from nodeagent.agent.state import AgentState, PodRecord
+from nodeagent.cni.metadata import PodMetadataSource
+from nodeagent.cni.protocol import CniRequest, EnrollError
+from nodeagent.inpod import (
+    Netns,
+    RedirectionSpec,
+    apply_redirection,
+    bind_listeners,
+    check_redirection,
+    remove_redirection,
+)
+from nodeagent.log import get_logger
+from nodeagent.proxy.forward import PodProxy
+from nodeagent.store import codec, keys
+from nodeagent.store.base import Store, StoreError
+
+log = get_logger("agent.enroll")
+
+# CNI spec error codes used here.
+ERR_CONTAINER_UNKNOWN = 3
+ERR_INVALID_CONFIG = 7
+ERR_TRY_AGAIN = 11
+ERR_ENROLL = 100
+
+OPT_OUT_LABEL = "istio.io/dataplane-mode"
+WORKLOAD_API = "mesh.nodeagent.io/v1alpha1"
+
+
+@dataclass(slots=True)
+class EnrolledPod:
+    record: PodRecord
+    netns: Netns
+    proxy: PodProxy
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    state: str = "enrolled"
+
+    def dump(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "uid": r.uid,
+            "namespace": r.namespace,
+            "name": r.name,
+            "container_id": r.container_id,
+            "netns": r.netns,
+            "addresses": list(r.addresses),
+            "service_account": r.service_account,
+            "labels": r.labels,
+            "state": self.state,
+            "connections": self.proxy.statistics(),
+        }
+
+
+def workload_document(node: str, record: PodRecord) -> dict[str, Any]:
+    return {
+        "apiVersion": WORKLOAD_API,
+        "kind": "Workload",
+        "metadata": {
+            "name": record.name,
+            "namespace": record.namespace,
+            "uid": record.uid,
+            "labels": record.labels,
+            "annotations": record.annotations,
+        },
+        "spec": {
+            "node": node,
+            "addresses": list(record.addresses),
+            "serviceAccount": record.service_account,
+        },
+    }
+
+
+def pod_addresses(prev_result: dict[str, Any] | None) -> tuple[str, ...]:
+    """The pod's IPs from the primary CNI's result (`ips[].address` is a CIDR)."""
+    if not prev_result:
+        raise EnrollError(ERR_INVALID_CONFIG, "no prevResult: mesh-cni must run after the primary CNI")
+    out = []
+    for entry in prev_result.get("ips") or []:
+        try:
+            out.append(str(ipaddress.ip_interface(entry["address"]).ip))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EnrollError(ERR_INVALID_CONFIG, f"prevResult.ips entry {entry!r}: {exc}") from None
+    if not out:
+        raise EnrollError(ERR_INVALID_CONFIG, "prevResult has no IP address for the pod")
+    return tuple(out)
+
+
+class Enroller:
+    """Implements the CNI handler for the agent; owns the set of enrolled pods."""
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        store: Store,
+        state: AgentState,
+        metadata: PodMetadataSource,
+        pods_nursery: trio.Nursery,
+        lease: Callable[[], int],
+    ) -> None:
+        self.node = node
+        self.store = store
+        self.state = state
+        self.metadata = metadata
+        self._nursery = pods_nursery
+        self._lease = lease
+        self.pods: dict[str, EnrolledPod] = {}
+        self._locks: dict[str, trio.Lock] = {}
+
+    # -- the CNI handler --------------------------------------------------------------------
+
+    async def add(self, req: CniRequest) -> bool:
+        async with self._lock(req.pod.uid):
+            current = self.pods.get(req.pod.uid)
+            if current is not None:
+                if current.record.container_id == req.container_id:
+                    return True  # a retried ADD for a pod that is already meshed
+                await self._teardown(current, reason="replaced by a new sandbox")
+            meta = await self.metadata.lookup(req)
+            if meta.labels.get(OPT_OUT_LABEL) == "none":
+                log.info("enroll.skipped", pod=f"{req.pod.namespace}/{req.pod.name}", reason=OPT_OUT_LABEL)
+                return False
+            try:
+                netns = Netns.open(req.netns)
+            except OSError as exc:
+                raise EnrollError(ERR_CONTAINER_UNKNOWN, f"open netns {req.netns}: {exc}") from None
+            record = PodRecord(
+                uid=req.pod.uid,
+                namespace=req.pod.namespace,
+                name=req.pod.name,
+                container_id=req.container_id,
+                netns=req.netns,
+                netns_id=netns.identity,
+                addresses=pod_addresses(req.prev_result),
+                service_account=meta.service_account,
+                labels=dict(meta.labels),
+                annotations=dict(meta.annotations),
+            )
+            await self._enroll(record, netns)
+            return True
+
+    async def delete(self, req: CniRequest) -> None:
+        async with self._lock(req.pod.uid):
+            pod = self.pods.get(req.pod.uid)
+            if pod is None:
+                pod = next(
+                    (p for p in self.pods.values() if p.record.container_id == req.container_id),
+                    None,
+                )
+            if pod is not None:
+                await self._teardown(pod, reason="CNI DEL")
+            elif req.pod.uid in self.state.pods:  # known on disk but not live: clean the record
+                await self._forget(self.state.pods[req.pod.uid])
+
+    async def check(self, req: CniRequest) -> None:
+        pod = self.pods.get(req.pod.uid)
+        if pod is None:
+            raise EnrollError(ERR_ENROLL, f"pod {req.pod.namespace}/{req.pod.name} is not enrolled")
+        problems = await self._problems(pod)
+        if problems:
+            raise EnrollError(ERR_ENROLL, f"pod {pod.record.key}: " + "; ".join(problems))
+
+    async def status(self) -> None:
+        return None
+
+    async def gc(self, valid: list[dict[str, Any]]) -> None:
+        keep = {str(a.get("containerID")) for a in valid if isinstance(a, dict)}
+        for pod in list(self.pods.values()):
+            if pod.record.container_id not in keep:
+                async with self._lock(pod.record.uid):
+                    await self._teardown(pod, reason="CNI GC")
+
+    # -- restart ------------------------------------------------------------------------------
+
+    async def adopt_all(self) -> None:
+        """Re-adopt every recorded pod whose netns still exists; forget the others."""
+        for record in list(self.state.pods.values()):
+            try:
+                netns = Netns.open(record.netns)
+            except OSError:
+                log.info("adopt.gone", pod=record.key, netns=record.netns)
+                await self._forget(record)
+                continue
+            if netns.identity != record.netns_id:
+                netns.close()
+                log.info("adopt.replaced", pod=record.key, netns=record.netns)
+                await self._forget(record)
+                continue
+            try:
+                await self._enroll(record, netns)
+                log.info("adopt.complete", pod=record.key)
+            except EnrollError as exc:
+                log.error("adopt.failed", pod=record.key, error=exc.msg)
+
+    async def reregister_all(self) -> None:
+        """After the lease was lost: put every workload again under the new lease."""
+        for pod in self.pods.values():
+            await self._register(pod.record)
+
+    # -- inspection ---------------------------------------------------------------------------
+
+    def dump(self) -> list[dict[str, Any]]:
+        return [p.dump() for p in sorted(self.pods.values(), key=lambda p: p.record.key)]
+
+    async def _problems(self, pod: EnrolledPod) -> list[str]:
+        try:
+            fresh = Netns.open(pod.record.netns)
+        except OSError as exc:
+            return [f"netns {pod.record.netns} is gone: {exc}"]
+        try:
+            if fresh.identity != pod.record.netns_id:
+                return [f"netns {pod.record.netns} was replaced"]
+        finally:
+            fresh.close()
+        spec = RedirectionSpec.from_annotations(pod.record.annotations)
+        problems = list(await pod.netns.arun(check_redirection, pod.netns, spec))
+        if pod.scope.cancel_called:
+            problems.append("listeners are not being served")
+        return problems
+
+    # -- the steps ----------------------------------------------------------------------------
+
+    async def _enroll(self, record: PodRecord, netns: Netns) -> None:
+        undo: list[Callable[[], Awaitable[None]]] = []
+        try:
+            try:
+                spec = RedirectionSpec.from_annotations(record.annotations)
+            except ValueError as exc:
+                raise EnrollError(ERR_INVALID_CONFIG, f"pod {record.key}: {exc}") from None
+            try:
+                listeners = await netns.arun(bind_listeners, netns)
+            except OSError as exc:
+                raise EnrollError(ERR_ENROLL, f"pod {record.key}: {exc}") from None
+            pod = EnrolledPod(record, netns, PodProxy(record.key, netns, listeners))
+            await self._nursery.start(self._serve_pod, pod)
+            undo.append(lambda: self._stop_pod(pod))
+            try:
+                await netns.arun(apply_redirection, netns, spec)
+            except OSError as exc:
+                raise EnrollError(ERR_ENROLL, f"pod {record.key}: redirection: {exc}") from None
+            undo.append(lambda: netns.arun(remove_redirection, netns))
+            try:
+                await self._register(record)
+            except StoreError as exc:
+                raise EnrollError(ERR_TRY_AGAIN, f"pod {record.key}: register workload: {exc}") from None
+            self.pods[record.uid] = pod
+            self.state.pods[record.uid] = record
+            self.state.save()
+            log.info("enroll.complete", pod=record.key, ip=record.addresses[0], netns=record.netns)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for step in reversed(undo):
+                    try:
+                        await step()
+                    except Exception as exc:  # keep undoing; report the first failure
+                        log.warning("enroll.undo_failed", pod=record.key, error=str(exc))
+                netns.close()
+            raise
+
+    async def _serve_pod(self, pod: EnrolledPod, *, task_status: trio.TaskStatus[None]) -> None:
+        with pod.scope:
+            await pod.proxy.run(task_status=task_status)
+
+    async def _stop_pod(self, pod: EnrolledPod) -> None:
+        pod.scope.cancel()
+        pod.state = "stopped"
+
+    async def _register(self, record: PodRecord) -> None:
+        doc = workload_document(self.node, record)
+        await self.store.put(
+            keys.workload(self.node, record.uid), codec.encode(doc), lease=self._lease()
+        )
+
+    async def _teardown(self, pod: EnrolledPod, *, reason: str) -> None:
+        await self._stop_pod(pod)
+        try:
+            await pod.netns.arun(remove_redirection, pod.netns)
+        except OSError as exc:  # the netns may already be gone; its rules went with it
+            log.info("teardown.netns_gone", pod=pod.record.key, error=str(exc))
+        pod.netns.close()
+        self.pods.pop(pod.record.uid, None)
+        await self._forget(pod.record)
+        log.info("unenroll.complete", pod=pod.record.key, reason=reason)
+
+    async def _forget(self, record: PodRecord) -> None:
+        try:
+            await self.store.delete(keys.workload(self.node, record.uid))
+        except StoreError as exc:  # the lease will reap it
+            log.warning("unregister.failed", pod=record.key, error=str(exc))
+        self.state.pods.pop(record.uid, None)
+        self.state.save()
+
+    def _lock(self, uid: str) -> trio.Lock:
+        return self._locks.setdefault(uid, trio.Lock())

@@ -1,0 +1,163 @@
+"""`nodeagent run`: start every component under one nursery and report ready when all are up.
+
+Start order matters: the store and the lease first (registrations need them), then the snapshot,
+then re-adoption of pods enrolled before a restart, and only then the CNI endpoint (so no new pod is
+enrolled half-way through re-adoption) and the admin socket, which answers ready last.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from nodeagent.admin.server import AdminServer, Response
+from nodeagent.agent.enroll import Enroller
+from nodeagent.agent.state import AgentState
+from nodeagent.cni.metadata import RuntimeArgsMetadataSource
+from nodeagent.cni.server import CniServer
+from nodeagent.log import get_logger
+from nodeagent.snapshot import SnapshotSync
+from nodeagent.store import open_store
+from nodeagent.store.base import LeaseNotFound, Store, StoreError
+
+log = get_logger("agent")
+LEASE_TTL = 15.0
+
+
+@dataclass(slots=True)
+class AgentConfig:
+    node: str
+    store_url: str
+    run_dir: Path
+    trust_domain: str = "cluster.local"
+
+    @property
+    def cni_socket(self) -> Path:
+        return self.run_dir / "cni.sock"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.run_dir / "admin.sock"
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / "enrolled.msgpack"
+
+
+@dataclass(slots=True)
+class Agent:
+    config: AgentConfig
+    ready: bool = False
+    lease: int = 0
+    enroller: Enroller | None = None
+    snapshot: SnapshotSync | None = None
+    _lease_lost: trio.Event = field(default_factory=trio.Event)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        cfg.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        state = AgentState.load(cfg.state_file)
+        store = await open_store(cfg.store_url)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._hold_lease, store, state)
+                self.snapshot = SnapshotSync(store, cache_path=cfg.run_dir / "snapshot.cache")
+                await nursery.start(self.snapshot.run)
+                pods_nursery = await nursery.start(_open_pods_nursery)
+                self.enroller = Enroller(
+                    node=cfg.node,
+                    store=store,
+                    state=state,
+                    metadata=RuntimeArgsMetadataSource(),
+                    pods_nursery=pods_nursery,
+                    lease=lambda: self.lease,
+                )
+                await self.enroller.adopt_all()
+                await nursery.start(CniServer(cfg.cni_socket, self.enroller).run)
+                await nursery.start(AdminServer(cfg.admin_socket, self._routes()).run)
+                self.ready = True
+                log.info(
+                    "agent.ready",
+                    node=cfg.node,
+                    store=cfg.store_url,
+                    pods=len(self.enroller.pods),
+                    run_dir=str(cfg.run_dir),
+                )
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.aclose()
+
+    async def _hold_lease(
+        self, store: Store, state: AgentState, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Keep one lease for this node's registrations, reusing the last run's if still alive."""
+        if state.lease:
+            try:
+                await store.keep_alive(state.lease)
+                self.lease = state.lease
+            except LeaseNotFound:
+                pass
+        if not self.lease:
+            self.lease = await store.grant_lease(LEASE_TTL)
+            state.lease = self.lease
+            state.save()
+        task_status.started()
+        while True:
+            await trio.sleep(LEASE_TTL / 3)
+            try:
+                await store.keep_alive(self.lease)
+            except LeaseNotFound:
+                # The store forgot us (an outage longer than the TTL): register everything again.
+                self.lease = await store.grant_lease(LEASE_TTL)
+                state.lease = self.lease
+                state.save()
+                log.warning("lease.renewed_after_loss", lease=self.lease)
+                if self.enroller is not None:
+                    await self.enroller.reregister_all()
+            except StoreError as exc:
+                log.warning("lease.keepalive_failed", error=str(exc))
+
+    def _routes(self) -> dict[str, Any]:
+        def ready(_: Any) -> Response:
+            return Response.text("ready\n" if self.ready else "starting\n", 200 if self.ready else 503)
+
+        def pods(_: Any) -> Response:
+            return Response.json(self.enroller.dump() if self.enroller else [])
+
+        def config_dump(_: Any) -> Response:
+            snap = self.snapshot.current if self.snapshot else None
+            return Response.json(
+                {
+                    "node": self.config.node,
+                    "store": self.config.store_url,
+                    "ready": self.ready,
+                    "lease": self.lease,
+                    "snapshot": snap.statistics() if snap is not None else None,
+                    "pods": self.enroller.dump() if self.enroller else [],
+                }
+            )
+
+        return {"/healthz/ready": ready, "/pods": pods, "/config_dump": config_dump}
+
+
+async def _open_pods_nursery(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+    """A nursery that outlives each CNI call: pod proxies live here until their pod leaves."""
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        await trio.sleep_forever()
+
+
+async def run_until_signalled(config: AgentConfig) -> None:
+    agent = Agent(config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            async for signum in signals:
+                log.info("agent.stopping", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

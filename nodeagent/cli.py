@@ -1,0 +1,84 @@
+"""`nodeagent`: the node agent and its subcommands.
+
+  run          the agent (CNI endpoint, redirection, proxy, store sync, admin socket)
+  uninstall    remove every rule the agent installed on this node
+  install-cni  put the mesh-cni plugin into the node's CNI chain (and take it out)
+  sandbox      a multi-node cluster of network namespaces on this machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+import trio
+
+
+def _run(argv: list[str]) -> int:
+    from nodeagent import log
+    from nodeagent.agent.main import AgentConfig, run_until_signalled
+    from nodeagent.store import DEFAULT_URL
+
+    p = argparse.ArgumentParser(prog="nodeagent run", description="Run the node agent.")
+    p.add_argument("--node", default=os.environ.get("NODE_NAME") or socket.gethostname())
+    p.add_argument("--store", default=os.environ.get("MESH_STORE", DEFAULT_URL))
+    p.add_argument("--run-dir", type=Path, default=Path("/run/nodeagent"))
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="json", choices=["json", "console"])
+    args = p.parse_args(argv)
+    log.configure(args.log_level, args.log_format)
+    cfg = AgentConfig(
+        node=args.node, store_url=args.store, run_dir=args.run_dir, trust_domain=args.trust_domain
+    )
+    try:
+        trio.run(run_until_signalled, cfg)
+    except Exception as exc:  # start-up failures: one clear line, not a traceback
+        log.get_logger("agent").error("agent.failed", error=f"{type(exc).__name__}: {exc}")
+        return 1
+    return 0
+
+
+def _uninstall(argv: list[str]) -> int:
+    from nodeagent import log
+    from nodeagent.agent.uninstall import uninstall
+    from nodeagent.store import DEFAULT_URL
+
+    p = argparse.ArgumentParser(prog="nodeagent uninstall")
+    p.add_argument("--node", default=os.environ.get("NODE_NAME") or socket.gethostname())
+    p.add_argument("--store", default=os.environ.get("MESH_STORE", DEFAULT_URL))
+    p.add_argument("--run-dir", type=Path, default=Path("/run/nodeagent"))
+    args = p.parse_args(argv)
+    log.configure("info", "console")
+    return trio.run(
+        lambda: uninstall(
+            node=args.node, store_url=args.store, state_file=args.run_dir / "enrolled.msgpack"
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"run", "uninstall", "install-cni", "sandbox"}
+    if not argv or argv[0] not in commands:
+        print(__doc__, file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "run":
+        return _run(rest)
+    if cmd == "uninstall":
+        return _uninstall(rest)
+    if cmd == "install-cni":
+        from nodeagent.cni.install import main as install_main
+
+        return install_main(rest)
+    from nodeagent.sandbox.cli import main as sandbox_main
+
+    return sandbox_main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The shared proxy: every pod's captured connections land here (issue 3: plain TCP forwarding)."""
