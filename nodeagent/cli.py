@@ -37,9 +37,18 @@ def _run(argv: list[str]) -> int:
     try:
         trio.run(run_until_signalled, cfg)
     except Exception as exc:  # start-up failures: one clear line, not a traceback
-        log.get_logger("agent").error("agent.failed", error=f"{type(exc).__name__}: {exc}")
+        log.get_logger("agent").error("agent.failed", error=_describe(exc))
+        if args.log_level == "debug":
+            raise
         return 1
     return 0
+
+
+def _describe(exc: BaseException) -> str:
+    """The leaf errors of an exception group, one clause each."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _uninstall(argv: list[str]) -> int:

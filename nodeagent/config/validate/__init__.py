@@ -1,0 +1,1 @@
+"""One pure validator per kind (sans-IO), built on `nodeagent.config.schema`."""

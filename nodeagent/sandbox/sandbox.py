@@ -1,0 +1,846 @@
+"""The multi-node sandbox: nodes, pods and an outside host as network namespaces on one machine.
+
+`Sandbox.up()` builds the underlay, the nodes (with routes to each other's pod CIDRs), the outside
+host, optionally a real etcd, writes each node's CNI network list and starts one agent per node
+inside its namespace. Pods are namespaces wired by the real CNI chain (see `cni`). `down()` undoes
+all of it, after a partial `up` too. The state lives in `/run/nodeagent-sandbox/<name>/` so the
+CLI and the Python API (tests, demo) drive the same sandbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from nodeagent.sandbox import cni, layout
+from nodeagent.sandbox.errors import CniError, SandboxError
+from nodeagent.sandbox.state import NodeState, PodState, State, load, locked, save
+from nodeagent.sandbox.system import (
+    ip,
+    netns_add,
+    netns_delete,
+    netns_exists,
+    netns_list,
+    reap,
+    run,
+    spawn,
+    stop_all,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+READY_TIMEOUT = 60.0
+ETCD_TIMEOUT = 30.0
+AGENT_GRACE = 10.0
+POD_GRACE = 5.0
+# A pod command that dies this fast with an error was a bad command line: undo the pod.
+POD_START_CHECK = 0.3
+# Every background process this Python process started (agents, pods, etcd), shared by all
+# handles so any of them reaps (and no Popen is collected while its child is unreaped).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    index: int
+    netns: str
+    underlay_ip: str
+    pod_cidr: str
+    gateway: str
+    run_dir: Path
+    agent_pid: int | None
+
+    @property
+    def paths(self) -> layout.NodePaths:
+        return layout.NodePaths(self.run_dir)
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.paths.admin_socket
+
+    @property
+    def cni_socket(self) -> Path:
+        return self.paths.cni_socket
+
+    @property
+    def agent_log(self) -> Path:
+        return self.paths.agent_log
+
+    @property
+    def conflist(self) -> Path:
+        return self.paths.conflist
+
+
+@dataclass(frozen=True, slots=True)
+class Pod:
+    ip: str
+    netns: str
+    node: str
+    namespace: str
+    name: str
+    uid: str
+    pid: int | None
+    container_id: str
+    log: Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def _node(ns: NodeState) -> Node:
+    return Node(
+        name=ns.name,
+        index=ns.index,
+        netns=ns.netns,
+        underlay_ip=ns.underlay_ip,
+        pod_cidr=ns.pod_cidr,
+        gateway=ns.gateway,
+        run_dir=Path(ns.run_dir),
+        agent_pid=ns.agent.pid if ns.agent else None,
+    )
+
+
+def _pod(ps: PodState) -> Pod:
+    return Pod(
+        ip=ps.ip or "",
+        netns=ps.netns,
+        node=ps.node,
+        namespace=ps.namespace,
+        name=ps.name,
+        uid=ps.uid,
+        pid=ps.process.pid if ps.process else None,
+        container_id=ps.container_id,
+        log=Path(ps.log),
+    )
+
+
+def http_ready(sock_path: Path, path: str = "/healthz/ready", timeout: float = 1.0) -> bool:
+    """GET `path` over a unix socket; True on a 200 answer (anything else, or no answer: False)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(sock_path))
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            head = b""
+            while b"\r\n" not in head and len(head) < 4096:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+    except OSError:
+        return False
+    parts = head.split(b"\r\n", 1)[0].split()
+    return len(parts) >= 2 and parts[0].startswith(b"HTTP/1.") and parts[1] == b"200"
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+class Sandbox:
+    """One sandbox, named; the handle is cheap and reads the recorded state on every call."""
+
+    def __init__(
+        self, name: str = layout.DEFAULT_NAME, *, progress: bool = True, root: Path | None = None
+    ) -> None:
+        self.name = layout.check_sandbox_name(name)
+        self.state_dir = (root or layout.STATE_ROOT) / name
+        self.progress = progress
+
+    # ----- life cycle -------------------------------------------------------------------------
+
+    @classmethod
+    def up(
+        cls,
+        name: str = layout.DEFAULT_NAME,
+        nodes: int = 2,
+        store: str = "sqlite",
+        agents: bool = True,
+        *,
+        mesh_cni: bool = True,
+        cni_path: Sequence[str] | None = None,
+        agent_cmd: Sequence[str] | None = None,
+        ready_timeout: float = READY_TIMEOUT,
+        progress: bool = True,
+        cleanup_on_failure: bool = True,
+    ) -> Sandbox:
+        """Create and start a sandbox. On failure it is torn down again (unless told not to)."""
+        sb = cls(name, progress=progress)
+        layout.check_node_count(nodes)
+        layout.store_url(store, sb.state_dir)  # validates the store kind
+        sb._check_absent()
+        try:
+            sb._build(
+                nodes=nodes,
+                store=store,
+                agents=agents,
+                mesh_cni=mesh_cni,
+                cni_path=list(cni_path) if cni_path else sb._default_cni_path(),
+                agent_cmd=list(agent_cmd) if agent_cmd else sb._default_agent_cmd(),
+                ready_timeout=ready_timeout,
+            )
+        except BaseException:
+            if cleanup_on_failure:
+                sb._say("up failed; tearing down what was created")
+                with contextlib.suppress(SandboxError):
+                    sb.down()
+            raise
+        return sb
+
+    @classmethod
+    def open(cls, name: str = layout.DEFAULT_NAME, *, progress: bool = True) -> Sandbox:
+        """A handle on an existing sandbox."""
+        sb = cls(name, progress=progress)
+        load(sb.state_dir)
+        return sb
+
+    def exists(self) -> bool:
+        return self.state_dir.exists()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.down()
+
+    # ----- read-only views --------------------------------------------------------------------
+
+    def state(self) -> State:
+        return load(self.state_dir)
+
+    @property
+    def store_url(self) -> str:
+        return self.state().store_url
+
+    def node(self, name: str) -> Node:
+        st = self.state()
+        if name not in st.nodes:
+            raise SandboxError(
+                f"sandbox {self.name!r} has no node {name!r} ({', '.join(st.nodes)})"
+            )
+        return _node(st.nodes[name])
+
+    def nodes(self) -> list[Node]:
+        return [_node(n) for n in self.state().nodes.values()]
+
+    def pods(self) -> list[Pod]:
+        return [_pod(p) for p in self.state().pods.values() if p.ip]
+
+    def pod(self, ref: str, namespace: str | None = None) -> Pod:
+        return _pod(self._find_pod(self.state(), ref, namespace))
+
+    def outside_ip(self) -> str:
+        return self.state().outside_ip
+
+    def agent_ready(self, node: str) -> bool:
+        return http_ready(self.node(node).admin_socket)
+
+    def status(self) -> dict[str, Any]:
+        st = self.state()
+        nodes = []
+        for n in st.nodes.values():
+            paths = layout.NodePaths(Path(n.run_dir))
+            alive = n.agent.alive() if n.agent else False
+            nodes.append(
+                {
+                    "name": n.name,
+                    "netns": n.netns,
+                    "underlay_ip": n.underlay_ip,
+                    "pod_cidr": n.pod_cidr,
+                    "run_dir": n.run_dir,
+                    "agent_pid": n.agent.pid if n.agent else None,
+                    "agent_alive": alive,
+                    "agent_ready": alive and http_ready(paths.admin_socket),
+                }
+            )
+        pods = [
+            {
+                "node": p.node,
+                "namespace": p.namespace,
+                "name": p.name,
+                "ip": p.ip,
+                "netns": p.netns,
+                "pid": p.process.pid if p.process else None,
+                "alive": p.process.alive() if p.process else False,
+            }
+            for p in st.pods.values()
+        ]
+        return {
+            "name": st.name,
+            "state_dir": st.state_dir,
+            "store": st.store,
+            "store_url": st.store_url,
+            "outside": {"netns": layout.outside_netns(st.name), "ip": st.outside_ip},
+            "etcd": None
+            if st.etcd is None
+            else {
+                "netns": layout.etcd_netns(st.name),
+                "url": st.etcd_url,
+                "pid": st.etcd.pid,
+                "alive": st.etcd.alive(),
+            },
+            "nodes": nodes,
+            "pods": pods,
+        }
+
+    def env(self) -> str:
+        st = self.state()
+        lines = [f"export MESH_STORE={st.store_url}"]
+        if st.store == "etcd":
+            lines.insert(
+                0,
+                "# etcd is reachable from the sandbox's namespaces only, e.g.: "
+                f"scripts/sandbox --name {self.name} exec node/n1 -- meshctl …",
+            )
+        return "\n".join(lines)
+
+    # ----- running things inside ---------------------------------------------------------------
+
+    def netns_of(self, target: str | Pod) -> str:
+        """`outside`, `etcd`, `underlay`, `node/nI`, `ns/pod` or `pod` → its network namespace."""
+        if isinstance(target, Pod):
+            return target.netns
+        st = self.state()
+        if target == "outside":
+            return layout.outside_netns(st.name)
+        if target == "underlay":
+            return layout.underlay_netns(st.name)
+        if target == "etcd":
+            if st.etcd is None:
+                raise SandboxError(f"sandbox {self.name!r} runs no etcd (store {st.store})")
+            return layout.etcd_netns(st.name)
+        if target.startswith("node/"):
+            node = target.removeprefix("node/")
+            if node not in st.nodes:
+                raise SandboxError(f"sandbox {self.name!r} has no node {node!r}")
+            return st.nodes[node].netns
+        return self._find_pod(st, target, None).netns
+
+    def exec(
+        self,
+        target: str | Pod,
+        argv: Sequence[str],
+        *,
+        timeout: float = 60.0,
+        input: str | bytes | None = None,
+        text: bool = True,
+        check: bool = False,
+    ) -> subprocess.CompletedProcess[Any]:
+        """Run argv inside the target's namespace, wait (bounded), capture its output."""
+        full = ["ip", "netns", "exec", self.netns_of(target), *argv]
+        return subprocess.run(
+            full, input=input, capture_output=True, text=text, timeout=timeout, check=check
+        )
+
+    def popen(self, target: str | Pod, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start argv inside the target's namespace; the caller owns (and must reap) it."""
+        return subprocess.Popen(["ip", "netns", "exec", self.netns_of(target), *argv], **kwargs)
+
+    # ----- pods --------------------------------------------------------------------------------
+
+    def pod_add(
+        self,
+        node: str,
+        namespace: str,
+        name: str,
+        cmd: Sequence[str] | None = None,
+        *,
+        service_account: str = layout.DEFAULT_SERVICE_ACCOUNT,
+        labels: Mapping[str, str] | None = None,
+        annotations: Mapping[str, str] | None = None,
+    ) -> Pod:
+        """Create a pod's namespace, run the node's CNI chain (ADD), then start cmd inside."""
+        layout.check_namespace(namespace)
+        layout.check_object_name("pod", name)
+        layout.check_object_name("service account", service_account)
+        with locked(self.state_dir):
+            st = load(self.state_dir)
+            key = f"{namespace}/{name}"
+            if key in st.pods:
+                raise SandboxError(f"pod {key} already exists (on {st.pods[key].node})")
+            if node not in st.nodes:
+                raise SandboxError(f"sandbox {self.name!r} has no node {node!r}")
+            ns = st.nodes[node]
+            netns = layout.pod_netns(st.name, node, namespace, name)
+            if netns_exists(netns):
+                raise SandboxError(f"network namespace {netns} already exists")
+            netconf = self._read_conflist(ns)
+            container_id = secrets.token_hex(32)
+            uid = str(uuid.uuid4())
+            ps = PodState(
+                namespace=namespace,
+                name=name,
+                node=node,
+                netns=netns,
+                uid=uid,
+                container_id=container_id,
+                cni_args=layout.cni_args(
+                    namespace=namespace,
+                    pod=name,
+                    container_id=container_id,
+                    uid=uid,
+                    labels=labels or {},
+                    annotations=annotations or {},
+                    service_account=service_account,
+                ),
+                log=str(self.state_dir / "pods" / namespace / f"{name}.log"),
+                cmd=list(cmd or []),
+                netconf=netconf,
+            )
+            # Recorded first, so a crash from here on is still undone by `down`.
+            st.pods[key] = ps
+            save(st)
+            try:
+                self._pod_network(st, ps)
+                if ps.cmd:
+                    self._pod_start(ps)
+            except BaseException as e:
+                try:
+                    self._pod_teardown(st, ps)
+                except SandboxError as cleanup:
+                    e.add_note(f"while undoing the pod: {cleanup}")
+                del st.pods[key]
+                save(st)
+                raise
+            save(st)
+            self._say(f"pod {key} on {node}: {ps.ip}")
+            return _pod(ps)
+
+    def pod_del(self, name: str, namespace: str | None = None) -> bool:
+        """Stop the pod's processes, DEL its CNI chain, delete its namespace. False if absent."""
+        with locked(self.state_dir):
+            st = load(self.state_dir)
+            try:
+                ps = self._find_pod(st, name, namespace)
+            except SandboxError:
+                return False
+            self._pod_teardown(st, ps)
+            del st.pods[ps.key]
+            save(st)
+            self._say(f"pod {ps.key} deleted")
+            return True
+
+    # ----- agents ------------------------------------------------------------------------------
+
+    def start_agent(self, node: str, *, wait: bool = True, timeout: float = READY_TIMEOUT) -> None:
+        with locked(self.state_dir):
+            st = load(self.state_dir)
+            ns = self._node_state(st, node)
+            if ns.agent and ns.agent.alive():
+                raise SandboxError(f"the agent of {node} already runs (pid {ns.agent.pid})")
+            self._spawn_agent(st, ns)
+            save(st)
+        if wait:
+            self.wait_agents_ready([node], timeout=timeout)
+
+    def stop_agent(self, node: str, *, grace: float = AGENT_GRACE) -> None:
+        """SIGTERM the agent's process group, SIGKILL after `grace` seconds."""
+        with locked(self.state_dir):
+            st = load(self.state_dir)
+            ns = self._node_state(st, node)
+            if ns.agent is not None:
+                self._say(f"stopping agent of {node} (pid {ns.agent.pid})")
+                stop_all([ns.agent], grace=grace, group=True, children=_CHILDREN)
+                ns.agent = None
+                save(st)
+
+    def wait_agents_ready(
+        self, nodes: Sequence[str] | None = None, *, timeout: float = READY_TIMEOUT
+    ) -> None:
+        st = self.state()
+        pending = {n: st.nodes[n] for n in (nodes if nodes is not None else list(st.nodes))}
+        start = time.monotonic()
+        last_report = start
+        while pending:
+            for name, ns in list(pending.items()):
+                log = layout.NodePaths(Path(ns.run_dir)).agent_log
+                if ns.agent is None or not ns.agent.alive():
+                    raise SandboxError(
+                        f"the agent of {name} exited before it was ready; last lines of {log}:\n"
+                        + _tail(log)
+                    )
+                if http_ready(layout.NodePaths(Path(ns.run_dir)).admin_socket):
+                    del pending[name]
+                    self._say(f"agent of {name} ready ({time.monotonic() - start:.1f}s)")
+            if not pending:
+                break
+            reap(_CHILDREN)
+            now = time.monotonic()
+            if now - start > timeout:
+                names = ", ".join(pending)
+                raise SandboxError(
+                    f"agents not ready after {timeout:.0f}s: {names}; see "
+                    + ", ".join(
+                        str(layout.NodePaths(Path(n.run_dir)).agent_log) for n in pending.values()
+                    )
+                )
+            if now - last_report >= 3.0:
+                last_report = now
+                self._say(f"waiting for agents: {', '.join(pending)} ({now - start:.0f}s)")
+            time.sleep(0.1)
+
+    # ----- teardown ----------------------------------------------------------------------------
+
+    def down(self, keep_logs: Path | None = None) -> None:
+        """Remove everything this sandbox created. Idempotent; works after a partial `up`."""
+        errors: list[str] = []
+        own: list[str] = []
+        if (self.state_dir / "state.json").exists():
+            try:
+                with locked(self.state_dir):
+                    st = load(self.state_dir)
+                    own = self._down_recorded(st, errors)
+            except SandboxError as e:
+                errors.append(str(e))
+        if keep_logs is not None and self.state_dir.exists():
+            self._copy_logs(keep_logs, errors)
+        # Whatever the state says (or if it is lost): every namespace with one of our names.
+        leftovers = [n for n in netns_list() if layout.is_own_netns(self.name, n) and n not in own]
+        pods_first = sorted(leftovers, key=lambda n: (n.count("-") < 2, n))
+        for n in own + pods_first:
+            try:
+                netns_delete(n)
+            except SandboxError as e:
+                errors.append(str(e))
+        reap(_CHILDREN)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.state_dir.parent.rmdir()  # only when no other sandbox is left
+        if self.state_dir.exists():
+            errors.append(f"could not remove {self.state_dir}")
+        self._say("down")
+        if errors:
+            raise SandboxError("down finished with errors:\n  " + "\n  ".join(errors))
+
+    def _down_recorded(self, st: State, errors: list[str]) -> list[str]:
+        """Pods (their DEL needs the agents), then agents, then etcd; returns namespaces to drop,
+        pods first, then in reverse creation order."""
+        pod_ns = []
+        for ps in list(st.pods.values()):
+            pod_ns.append(ps.netns)
+            try:
+                self._pod_teardown(st, ps)
+                del st.pods[ps.key]
+                save(st)
+            except SandboxError as e:
+                errors.append(f"pod {ps.key}: {e}")
+        agents = [n.agent for n in st.nodes.values() if n.agent is not None]
+        if agents:
+            self._say(f"stopping {len(agents)} agent(s)")
+            stop_all(agents, grace=AGENT_GRACE, group=True, children=_CHILDREN)
+        if st.etcd is not None:
+            stop_all([st.etcd], grace=AGENT_GRACE, group=True, children=_CHILDREN)
+        return pod_ns + list(reversed(st.netns))
+
+    def _copy_logs(self, dest: Path, errors: list[str]) -> None:
+        try:
+            for log in self.state_dir.rglob("*.log"):
+                target = dest / log.relative_to(self.state_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(log, target)
+            self._say(f"logs copied to {dest}")
+        except OSError as e:
+            errors.append(f"copying logs to {dest}: {e}")
+
+    # ----- internals ---------------------------------------------------------------------------
+
+    def _say(self, msg: str) -> None:
+        if self.progress:
+            print(f"sandbox[{self.name}]: {msg}", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def _default_cni_path() -> list[str]:
+        return [layout.CNI_BIN_DIR, str(REPO_ROOT / "cni-plugin")]
+
+    @staticmethod
+    def _default_agent_cmd() -> list[str]:
+        return [str(Path(sys.prefix) / "bin" / "nodeagent"), "run"]
+
+    def _check_absent(self) -> None:
+        if self.state_dir.exists():
+            raise SandboxError(
+                f"sandbox {self.name!r} already exists ({self.state_dir}); "
+                f"run `sandbox --name {self.name} down` first"
+            )
+        stray = [n for n in netns_list() if layout.is_own_netns(self.name, n)]
+        if stray:
+            raise SandboxError(
+                f"network namespaces of sandbox {self.name!r} exist without its state: "
+                f"{', '.join(stray)}; run `sandbox --name {self.name} down` first"
+            )
+
+    def _build(
+        self,
+        *,
+        nodes: int,
+        store: str,
+        agents: bool,
+        mesh_cni: bool,
+        cni_path: list[str],
+        agent_cmd: list[str],
+        ready_timeout: float,
+    ) -> None:
+        self.state_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700)
+        st = State(
+            name=self.name,
+            state_dir=str(self.state_dir),
+            store=store,
+            store_url=layout.store_url(store, self.state_dir),
+            cni_path=cni_path,
+            agents=agents,
+            agent_cmd=agent_cmd,
+            mesh_cni=mesh_cni,
+            outside_ip=layout.OUTSIDE_IP,
+        )
+        save(st)
+        with locked(self.state_dir):
+            self._say(f"creating underlay {layout.underlay_netns(self.name)}")
+            ul = layout.underlay_netns(self.name)
+            self._netns_add(st, ul)
+            ip("link", "add", layout.UNDERLAY_BRIDGE, "type", "bridge", netns=ul)
+            ip("link", "set", layout.UNDERLAY_BRIDGE, "up", netns=ul)
+            for i in range(1, nodes + 1):
+                self._add_node(st, i, nodes, mesh_cni)
+            self._say(f"creating outside host {layout.outside_netns(self.name)} ({st.outside_ip})")
+            self._attach(st, layout.outside_netns(self.name), st.outside_ip, "v-out")
+            if store == "etcd":
+                self._start_etcd(st)
+            if agents:
+                for ns in st.nodes.values():
+                    self._spawn_agent(st, ns)
+                save(st)
+        if agents:
+            self.wait_agents_ready(timeout=ready_timeout)
+        self._say(f"up: {nodes} node(s), store {st.store_url}")
+
+    def _netns_add(self, st: State, name: str) -> None:
+        st.netns.append(name)
+        save(st)
+        netns_add(name)
+
+    def _attach(self, st: State, netns: str, address: str, peer: str) -> None:
+        """A namespace on the underlay: veth `eth0` inside, its peer on the underlay bridge."""
+        ul = layout.underlay_netns(self.name)
+        self._netns_add(st, netns)
+        ip("link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", netns, netns=ul)
+        ip("link", "set", peer, "master", layout.UNDERLAY_BRIDGE, "up", netns=ul)
+        ip("addr", "add", f"{address}/{layout.UNDERLAY_PREFIXLEN}", "dev", "eth0", netns=netns)
+        ip("link", "set", "eth0", "up", netns=netns)
+
+    def _add_node(self, st: State, i: int, total: int, mesh_cni: bool) -> None:
+        name = layout.node_name(i)
+        netns = layout.node_netns(self.name, name)
+        paths = layout.node_paths(self.state_dir, name)
+        ns = NodeState(
+            name=name,
+            index=i,
+            netns=netns,
+            underlay_ip=layout.node_underlay_ip(i),
+            pod_cidr=layout.pod_cidr(i),
+            gateway=layout.pod_gateway(i),
+            run_dir=str(paths.run_dir),
+        )
+        st.nodes[name] = ns
+        self._say(f"creating node {name} ({netns}, {ns.underlay_ip}, pods {ns.pod_cidr})")
+        self._attach(st, netns, ns.underlay_ip, f"v-{name}")
+        run(
+            ["ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+            what=f"enable forwarding in {netns}",
+        )
+        for j in range(1, total + 1):
+            if j != i:
+                ip(
+                    "route",
+                    "add",
+                    layout.pod_cidr(j),
+                    "via",
+                    layout.node_underlay_ip(j),
+                    netns=netns,
+                )
+        paths.conf_dir.mkdir(parents=True, exist_ok=True)
+        paths.ipam_dir.mkdir(parents=True, exist_ok=True)
+        paths.conflist.write_text(
+            json.dumps(layout.conflist(i, paths, mesh_cni=mesh_cni), indent=2) + "\n"
+        )
+        save(st)
+
+    def _start_etcd(self, st: State) -> None:
+        netns = layout.etcd_netns(self.name)
+        self._say(f"starting etcd in {netns} ({layout.ETCD_IP}:{layout.ETCD_CLIENT_PORT})")
+        self._attach(st, netns, layout.ETCD_IP, "v-etcd")
+        client = f"http://{layout.ETCD_IP}:{layout.ETCD_CLIENT_PORT}"
+        peer = "http://127.0.0.1:2380"
+        argv = [
+            "ip", "netns", "exec", netns, "etcd",
+            "--name", "sandbox",
+            "--data-dir", str(self.state_dir / "etcd"),
+            "--listen-client-urls", f"{client},http://127.0.0.1:{layout.ETCD_CLIENT_PORT}",
+            "--advertise-client-urls", client,
+            "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"sandbox={peer}",
+            "--initial-cluster-state", "new",
+        ]  # fmt: skip
+        proc, ref = spawn(argv, log=self.state_dir / "etcd.log")
+        _CHILDREN[proc.pid] = proc
+        st.etcd = ref
+        st.etcd_url = client
+        save(st)
+        deadline = time.monotonic() + ETCD_TIMEOUT
+        while True:
+            if not ref.alive():
+                raise SandboxError(
+                    f"etcd exited at start; last lines of {self.state_dir / 'etcd.log'}:\n"
+                    + _tail(self.state_dir / "etcd.log")
+                )
+            probe = subprocess.run(
+                ["ip", "netns", "exec", netns, "curl", "-sf", "-m", "1", f"{client}/health"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+            if probe.returncode == 0 and '"true"' in probe.stdout:
+                self._say("etcd ready")
+                return
+            if time.monotonic() > deadline:
+                raise SandboxError(
+                    f"etcd not healthy after {ETCD_TIMEOUT:.0f}s; see {self.state_dir / 'etcd.log'}"
+                )
+            time.sleep(0.2)
+
+    def _spawn_agent(self, st: State, ns: NodeState) -> None:
+        paths = layout.NodePaths(Path(ns.run_dir))
+        argv = [
+            "ip", "netns", "exec", ns.netns, *st.agent_cmd,
+            "--node", ns.name, "--store", st.store_url, "--run-dir", ns.run_dir,
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._say(f"starting agent of {ns.name} (log {paths.agent_log})")
+        proc, ref = spawn(argv, log=paths.agent_log, env=env)
+        _CHILDREN[proc.pid] = proc
+        ns.agent = ref
+
+    @staticmethod
+    def _node_state(st: State, node: str) -> NodeState:
+        if node not in st.nodes:
+            raise SandboxError(f"sandbox {st.name!r} has no node {node!r}")
+        return st.nodes[node]
+
+    def _find_pod(self, st: State, ref: str, namespace: str | None) -> PodState:
+        if "/" in ref:
+            namespace, _, ref = ref.partition("/")
+        if namespace is not None:
+            key = f"{namespace}/{ref}"
+            if key not in st.pods:
+                raise SandboxError(f"sandbox {self.name!r} has no pod {key}")
+            return st.pods[key]
+        default = f"{layout.DEFAULT_NAMESPACE}/{ref}"
+        if default in st.pods:
+            return st.pods[default]
+        matches = [p for p in st.pods.values() if p.name == ref]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise SandboxError(f"sandbox {self.name!r} has no pod named {ref!r}")
+        raise SandboxError(
+            f"pod name {ref!r} is ambiguous: {', '.join(p.key for p in matches)}; use ns/name"
+        )
+
+    def _read_conflist(self, ns: NodeState) -> dict[str, Any]:
+        # Read at every ADD, as a runtime reads its conf dir; DEL uses the copy cached at ADD.
+        path = layout.NodePaths(Path(ns.run_dir)).conflist
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise SandboxError(f"cannot read the CNI config {path}: {e}") from e
+        cni.check_netconf(doc, str(path))
+        assert isinstance(doc, dict)
+        return doc
+
+    def _invocation(self, st: State, ps: PodState) -> cni.Invocation:
+        return cni.Invocation(
+            container_id=ps.container_id,
+            netns_path=str(Path("/run/netns") / ps.netns),
+            ifname="eth0",
+            args=ps.cni_args,
+            cni_path=st.cni_path,
+        )
+
+    def _pod_network(self, st: State, ps: PodState) -> None:
+        assert ps.netconf is not None
+        netns_add(ps.netns)
+        node_ns = st.nodes[ps.node].netns
+        ps.result = cni.add(node_ns, ps.netconf, self._invocation(st, ps))
+        ps.ip = cni.pod_ip(ps.result)
+        save(st)
+
+    def _pod_start(self, ps: PodState) -> None:
+        proc, ref = spawn(["ip", "netns", "exec", ps.netns, *ps.cmd], log=Path(ps.log))
+        _CHILDREN[proc.pid] = proc
+        ps.process = ref
+        try:
+            rc = proc.wait(timeout=POD_START_CHECK)
+        except subprocess.TimeoutExpired:
+            return
+        if rc != 0:
+            raise SandboxError(
+                f"pod command {ps.cmd!r} exited with status {rc} at once; "
+                f"last lines of {ps.log}:\n{_tail(Path(ps.log))}"
+            )
+
+    def _pod_teardown(self, st: State, ps: PodState) -> None:
+        """Processes, then the CNI chain's DEL (reverse order, with the cached result), then the
+        namespace. Raises (after doing all it can) when a plugin's DEL failed."""
+        if ps.process is not None:
+            stop_all([ps.process], grace=POD_GRACE, group=True, children=_CHILDREN)
+        errors: list[CniError] = []
+        if ps.netconf is not None and ps.node in st.nodes and netns_exists(st.nodes[ps.node].netns):
+            errors = cni.delete(
+                st.nodes[ps.node].netns, ps.netconf, self._invocation(st, ps), ps.result
+            )
+        netns_delete(ps.netns)
+        if errors:
+            raise SandboxError(
+                f"pod {ps.key}: CNI DEL failed: " + "; ".join(str(e) for e in errors)
+            )
+
+
+@contextlib.contextmanager
+def sandbox(
+    name: str = layout.DEFAULT_NAME,
+    nodes: int = 2,
+    store: str = "sqlite",
+    agents: bool = True,
+    **kwargs: Any,
+) -> Iterator[Sandbox]:
+    """`with sandbox("t1", nodes=2) as sb: …` — up on entry, down on exit (even on failure)."""
+    sb = Sandbox.up(name, nodes, store, agents, **kwargs)
+    try:
+        yield sb
+    finally:
+        sb.down()
