@@ -1,9 +1,9 @@
 """`nodeagent`: the node agent and its subcommands.
 
-  run          the agent (CNI endpoint, redirection, proxy, store sync, admin socket)
-  uninstall    remove every rule the agent installed on this node
-  install-cni  put the mesh-cni plugin into the node's CNI chain (and take it out)
-  sandbox      a multi-node cluster of network namespaces on this machine
+run          the agent (CNI endpoint, redirection, proxy, store sync, admin socket)
+uninstall    remove every rule the agent installed on this node
+install-cni  put the mesh-cni plugin into the node's CNI chain (and take it out)
+sandbox      a multi-node cluster of network namespaces on this machine
 """
 
 from __future__ import annotations

@@ -45,7 +45,10 @@ def show(argv: list[str], *, env: dict[str, str] | None = None, ok: bool = True)
 def admin(sb: Sandbox, node: str, path: str) -> Any:
     r = subprocess.run(
         ["curl", "-sf", "--unix-socket", str(sb.node(node).admin_socket), f"http://agent{path}"],
-        capture_output=True, text=True, timeout=10, check=True,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
     )
     return json.loads(r.stdout)
 
@@ -76,9 +79,12 @@ def run() -> None:
 
         say("Pods join the mesh through the real CNI chain (loopback, bridge, mesh-cni)")
         app = sb.pod_add(
-            "n2", "default", "my-app-v1",
+            "n2",
+            "default",
+            "my-app-v1",
             ["python3", "-m", "http.server", "8080", "--bind", "0.0.0.0"],
-            labels={"app": "my-app", "version": "v1.0.0"}, service_account="my-app",
+            labels={"app": "my-app", "version": "v1.0.0"},
+            service_account="my-app",
         )
         client = sb.pod_add("n1", "default", "client", ["sleep", "3600"], service_account="client")
         show(["ip", "netns", "exec", client.netns, "iptables-legacy-save", "-t", "nat"])
@@ -86,8 +92,10 @@ def run() -> None:
         say(f"The client (n1, {client.ip}) calls my-app (n2, {app.ip}): both agents carry it")
         deadline = time.monotonic() + 10
         while True:
-            r = sb.exec(client.key, ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                                     f"http://{app.ip}:8080/"])
+            r = sb.exec(
+                client.key,
+                ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://{app.ip}:8080/"],
+            )
             if r.stdout == "200" or time.monotonic() > deadline:
                 break
             time.sleep(0.3)
@@ -97,10 +105,14 @@ def run() -> None:
         out_stats = _pod(admin(sb, "n1", "/pods"), "client")["connections"]["outbound"]
         in_stats = _pod(admin(sb, "n2", "/pods"), "my-app-v1")["connections"]["inbound"]
         print(f"  {'agent':<8}{'pod':<12}{'direction':<11}{'connections':>12}{'bytes in':>10}")
-        print(f"  {'n1':<8}{'client':<12}{'outbound':<11}{out_stats['opened']:>12}"
-              f"{out_stats['bytes_received']:>10}")
-        print(f"  {'n2':<8}{'my-app-v1':<12}{'inbound':<11}{in_stats['opened']:>12}"
-              f"{in_stats['bytes_sent']:>10}")
+        print(
+            f"  {'n1':<8}{'client':<12}{'outbound':<11}{out_stats['opened']:>12}"
+            f"{out_stats['bytes_received']:>10}"
+        )
+        print(
+            f"  {'n2':<8}{'my-app-v1':<12}{'inbound':<11}{in_stats['opened']:>12}"
+            f"{in_stats['bytes_sent']:>10}"
+        )
         if out_stats["opened"] < 1 or in_stats["opened"] < 1:
             raise StepFailed("a connection was not captured by both agents")
         seen = f"{client.ip} - -" in app.log.read_text()

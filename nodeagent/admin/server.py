@@ -92,7 +92,9 @@ class AdminServer:
                 ("content-type", response.content_type),
                 ("content-length", str(len(response.body))),
             ]
-            await stream.send_all(conn.send(h11.Response(status_code=response.status, headers=headers)))
+            await stream.send_all(
+                conn.send(h11.Response(status_code=response.status, headers=headers))
+            )
             await stream.send_all(conn.send(h11.Data(data=response.body)))
             await stream.send_all(conn.send(h11.EndOfMessage()))
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -121,7 +123,9 @@ class AdminServer:
         url = urlsplit(request.target.decode("ascii", "replace"))
         handler = self.routes.get(url.path)
         if handler is None:
-            return Response.json({"error": f"no such endpoint {url.path}", "endpoints": sorted(self.routes)}, 404)
+            return Response.json(
+                {"error": f"no such endpoint {url.path}", "endpoints": sorted(self.routes)}, 404
+            )
         try:
             return handler(parse_qs(url.query))
         except ValueError as exc:

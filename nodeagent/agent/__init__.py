@@ -1,1 +1,1 @@
-"""The node agent: one trio program that owns enrollment, the proxy, store sync and the admin socket."""
+"""The node agent: one trio program owning enrollment, proxy, store sync and admin socket."""

@@ -19,12 +19,13 @@ from nodeagent.agent.state import AgentState, PodRecord
 from nodeagent.cni.metadata import PodMetadataSource
 from nodeagent.cni.protocol import CniRequest, EnrollError
 from nodeagent.inpod import (
+    InpodError,
     Netns,
     RedirectionSpec,
-    apply_redirection,
+    aapply_redirection,
+    acheck_redirection,
+    aremove_redirection,
     bind_listeners,
-    check_redirection,
-    remove_redirection,
 )
 from nodeagent.log import get_logger
 from nodeagent.proxy.forward import PodProxy
@@ -89,13 +90,17 @@ def workload_document(node: str, record: PodRecord) -> dict[str, Any]:
 def pod_addresses(prev_result: dict[str, Any] | None) -> tuple[str, ...]:
     """The pod's IPs from the primary CNI's result (`ips[].address` is a CIDR)."""
     if not prev_result:
-        raise EnrollError(ERR_INVALID_CONFIG, "no prevResult: mesh-cni must run after the primary CNI")
+        raise EnrollError(
+            ERR_INVALID_CONFIG, "no prevResult: mesh-cni must run after the primary CNI"
+        )
     out = []
     for entry in prev_result.get("ips") or []:
         try:
             out.append(str(ipaddress.ip_interface(entry["address"]).ip))
         except (KeyError, TypeError, ValueError) as exc:
-            raise EnrollError(ERR_INVALID_CONFIG, f"prevResult.ips entry {entry!r}: {exc}") from None
+            raise EnrollError(
+                ERR_INVALID_CONFIG, f"prevResult.ips entry {entry!r}: {exc}"
+            ) from None
     if not out:
         raise EnrollError(ERR_INVALID_CONFIG, "prevResult has no IP address for the pod")
     return tuple(out)
@@ -134,12 +139,16 @@ class Enroller:
                 await self._teardown(current, reason="replaced by a new sandbox")
             meta = await self.metadata.lookup(req)
             if meta.labels.get(OPT_OUT_LABEL) == "none":
-                log.info("enroll.skipped", pod=f"{req.pod.namespace}/{req.pod.name}", reason=OPT_OUT_LABEL)
+                log.info(
+                    "enroll.skipped",
+                    pod=f"{req.pod.namespace}/{req.pod.name}",
+                    reason=OPT_OUT_LABEL,
+                )
                 return False
             try:
                 netns = Netns.open(req.netns)
-            except OSError as exc:
-                raise EnrollError(ERR_CONTAINER_UNKNOWN, f"open netns {req.netns}: {exc}") from None
+            except InpodError as exc:
+                raise EnrollError(ERR_CONTAINER_UNKNOWN, str(exc)) from None
             record = PodRecord(
                 uid=req.pod.uid,
                 namespace=req.pod.namespace,
@@ -193,7 +202,7 @@ class Enroller:
         for record in list(self.state.pods.values()):
             try:
                 netns = Netns.open(record.netns)
-            except OSError:
+            except InpodError:
                 log.info("adopt.gone", pod=record.key, netns=record.netns)
                 await self._forget(record)
                 continue
@@ -221,7 +230,7 @@ class Enroller:
     async def _problems(self, pod: EnrolledPod) -> list[str]:
         try:
             fresh = Netns.open(pod.record.netns)
-        except OSError as exc:
+        except InpodError as exc:
             return [f"netns {pod.record.netns} is gone: {exc}"]
         try:
             if fresh.identity != pod.record.netns_id:
@@ -229,7 +238,7 @@ class Enroller:
         finally:
             fresh.close()
         spec = RedirectionSpec.from_annotations(pod.record.annotations)
-        problems = list(await pod.netns.arun(check_redirection, pod.netns, spec))
+        problems = await acheck_redirection(pod.netns, spec)
         if pod.scope.cancel_called:
             problems.append("listeners are not being served")
         return problems
@@ -244,21 +253,23 @@ class Enroller:
             except ValueError as exc:
                 raise EnrollError(ERR_INVALID_CONFIG, f"pod {record.key}: {exc}") from None
             try:
-                listeners = await netns.arun(bind_listeners, netns)
-            except OSError as exc:
+                listeners = bind_listeners(netns)
+            except InpodError as exc:
                 raise EnrollError(ERR_ENROLL, f"pod {record.key}: {exc}") from None
             pod = EnrolledPod(record, netns, PodProxy(record.key, netns, listeners))
             await self._nursery.start(self._serve_pod, pod)
             undo.append(lambda: self._stop_pod(pod))
             try:
-                await netns.arun(apply_redirection, netns, spec)
-            except OSError as exc:
-                raise EnrollError(ERR_ENROLL, f"pod {record.key}: redirection: {exc}") from None
-            undo.append(lambda: netns.arun(remove_redirection, netns))
+                await aapply_redirection(netns, spec)
+            except InpodError as exc:
+                raise EnrollError(ERR_ENROLL, f"pod {record.key}: {exc}") from None
+            undo.append(lambda: aremove_redirection(netns))
             try:
                 await self._register(record)
             except StoreError as exc:
-                raise EnrollError(ERR_TRY_AGAIN, f"pod {record.key}: register workload: {exc}") from None
+                raise EnrollError(
+                    ERR_TRY_AGAIN, f"pod {record.key}: register workload: {exc}"
+                ) from None
             self.pods[record.uid] = pod
             self.state.pods[record.uid] = record
             self.state.save()
@@ -290,8 +301,8 @@ class Enroller:
     async def _teardown(self, pod: EnrolledPod, *, reason: str) -> None:
         await self._stop_pod(pod)
         try:
-            await pod.netns.arun(remove_redirection, pod.netns)
-        except OSError as exc:  # the netns may already be gone; its rules went with it
+            await aremove_redirection(pod.netns)
+        except InpodError as exc:  # the netns may already be gone; its rules went with it
             log.info("teardown.netns_gone", pod=pod.record.key, error=str(exc))
         pod.netns.close()
         self.pods.pop(pod.record.uid, None)

@@ -124,7 +124,9 @@ class Agent:
 
     def _routes(self) -> dict[str, Any]:
         def ready(_: Any) -> Response:
-            return Response.text("ready\n" if self.ready else "starting\n", 200 if self.ready else 503)
+            return Response.text(
+                "ready\n" if self.ready else "starting\n", 200 if self.ready else 503
+            )
 
         def pods(_: Any) -> Response:
             return Response.json(self.enroller.dump() if self.enroller else [])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nodeagent.agent.state import AgentState
-from nodeagent.inpod import Netns, remove_redirection
+from nodeagent.inpod import InpodError, Netns, aremove_redirection
 from nodeagent.log import get_logger
 from nodeagent.store import keys, open_store
 from nodeagent.store.base import StoreError
@@ -24,14 +24,14 @@ async def uninstall(*, node: str, store_url: str, state_file: Path) -> int:
     for record in list(state.pods.values()):
         try:
             netns = Netns.open(record.netns)
-        except OSError:
+        except InpodError:
             log.info("uninstall.netns_gone", pod=record.key)
         else:
             try:
                 if netns.identity == record.netns_id:
-                    await netns.arun(remove_redirection, netns)
+                    await aremove_redirection(netns)
                     log.info("uninstall.rules_removed", pod=record.key)
-            except OSError as exc:
+            except InpodError as exc:
                 failures += 1
                 log.error("uninstall.failed", pod=record.key, error=str(exc))
                 continue
@@ -49,8 +49,13 @@ async def uninstall(*, node: str, store_url: str, state_file: Path) -> int:
             await store.aclose()
     except StoreError as exc:
         log.warning("uninstall.store_unreachable", error=str(exc), note="leases will expire")
+    return _finish(state, failures)
+
+
+def _finish(state: AgentState, failures: int) -> int:
+    """Keep the records of pods that could not be cleaned (so a retry finds them)."""
     if failures:
         state.save()
         return 1
-    state_file.unlink(missing_ok=True)
+    state.path.unlink(missing_ok=True)
     return 0

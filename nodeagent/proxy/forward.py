@@ -135,7 +135,9 @@ class PodProxy:
     async def _connect(
         self, dst: tuple[str, int], bind_to: tuple[str, int] | None
     ) -> trio.SocketStream:
-        sock = self.netns.socket(socket.AF_INET, socket.SOCK_STREAM, transparent=bind_to is not None)
+        sock = self.netns.socket(
+            socket.AF_INET, socket.SOCK_STREAM, transparent=bind_to is not None
+        )
         tsock = trio.socket.from_stdlib_socket(sock)
         try:
             if bind_to is not None:

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,9 +37,18 @@ def sandbox() -> Iterator[Sandbox]:
 
 def admin(sb: Sandbox, node: str, path: str) -> Any:
     out = subprocess.run(
-        ["curl", "-sf", "--max-time", "5", "--unix-socket", str(sb.node(node).admin_socket),
-         f"http://agent{path}"],
-        capture_output=True, text=True, check=True,
+        [
+            "curl",
+            "-sf",
+            "--max-time",
+            "5",
+            "--unix-socket",
+            str(sb.node(node).admin_socket),
+            f"http://agent{path}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout)
 
@@ -108,7 +118,7 @@ def test_add_fails_closed_while_agent_is_down_and_succeeds_on_retry(sandbox: San
         assert not any("early" in n for n in _netns_names())
     finally:
         sandbox.start_agent("n1")
-    pod = sandbox.pod_add("n1", "default", "early", ["sleep", "3600"])
+    sandbox.pod_add("n1", "default", "early", ["sleep", "3600"])
     assert pod_stats(sandbox, "n1", "early")["state"] == "enrolled"
 
 
@@ -120,7 +130,9 @@ def test_killed_agent_readopts_pods_and_captures_again(sandbox: Sandbox) -> None
     os.kill(pid, signal.SIGKILL)
     _wait_dead(pid)
     rules_while_down = iptables_save(sandbox, server.key)
-    assert "MESH_" in rules_while_down  # fail closed: the pod stays captured while the agent is gone
+    assert (
+        "MESH_" in rules_while_down
+    )  # fail closed: the pod stays captured while the agent is gone
     sandbox.stop_agent("n2")  # reap and clear the recorded pid
     sandbox.start_agent("n2")
     stats = pod_stats(sandbox, "n2", "server")
@@ -136,7 +148,9 @@ def test_restart_forgets_pods_that_went_away(sandbox: Sandbox) -> None:
     pod = sandbox.pod_add("n1", "default", "ghost", ["sleep", "3600"])
     sandbox.stop_agent("n1")
     try:
-        subprocess.run(["ip", "netns", "del", pod.netns], check=True)  # gone behind the agent's back
+        subprocess.run(
+            ["ip", "netns", "del", pod.netns], check=True
+        )  # gone behind the agent's back
     finally:
         sandbox.start_agent("n1")
     names = [p["name"] for p in admin(sandbox, "n1", "/pods")]
@@ -180,7 +194,7 @@ def _cni_check(sb: Sandbox, key: str) -> subprocess.CompletedProcess[str]:
     assert mesh["type"] == "mesh-cni"
     repo = Path(__file__).resolve().parents[2]
     env = {
-        "PATH": os.environ["PATH"],
+        "PATH": f"{Path(sys.prefix) / 'bin'}:{os.environ['PATH']}",  # mesh-cni needs msgpack
         "CNI_COMMAND": "CHECK",
         "CNI_CONTAINERID": ps.container_id,
         "CNI_NETNS": f"/run/netns/{ps.netns}",
@@ -191,7 +205,11 @@ def _cni_check(sb: Sandbox, key: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(repo / "cni-plugin" / "mesh-cni")],
         input=plugin_config(ps.netconf, mesh, ps.result).decode(),
-        env=env, capture_output=True, text=True, timeout=30, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
 
 

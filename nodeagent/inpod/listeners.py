@@ -1,0 +1,97 @@
+"""The agent's three capture listeners inside one pod's netns, as trio SocketListeners.
+
+- 15001 outbound: the app's connections REDIRECTed in nat OUTPUT. REDIRECT rewrites the
+  destination to 127.0.0.1 for locally generated packets, so 127.0.0.1 would do; we bind
+  0.0.0.0 so the listener also accepts when the destination is the pod's own address, and the
+  rules never let a peer reach it (inbound REDIRECT sends everything to 15006 instead).
+- 15006 inbound plaintext: peers' connections REDIRECTed in nat PREROUTING; REDIRECT rewrites the
+  destination to the primary address of the incoming interface, hence 0.0.0.0.
+- 15008 tunnel: peers connect to it directly (it is not redirected), on the pod's address.
+
+REDIRECT delivers to a local address, so none of them needs IP_TRANSPARENT (that is only for the
+agent's own sockets that bind a peer's address as source, `Netns.socket(transparent=True)`).
+Every socket carries the mesh mark, like everything the agent opens in a pod.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from dataclasses import dataclass
+
+import trio
+
+from nodeagent.inpod.errors import ListenerError, NetnsError
+from nodeagent.inpod.netns import Netns
+from nodeagent.inpod.rules import INBOUND_PLAINTEXT_PORT, MESH_MARK, OUTBOUND_PORT, TUNNEL_PORT
+
+BACKLOG = 1024
+
+
+@dataclass
+class PodListeners:
+    """The bound, listening sockets of one pod; `aclose()` them (or `close()` from trio)."""
+
+    netns: Netns
+    outbound: trio.SocketListener
+    inbound: trio.SocketListener
+    tunnel: trio.SocketListener
+
+    def all(self) -> tuple[trio.SocketListener, ...]:
+        return (self.outbound, self.inbound, self.tunnel)
+
+    def close(self) -> None:
+        for listener in self.all():
+            listener.socket.close()
+
+    async def aclose(self) -> None:
+        for listener in self.all():
+            await listener.aclose()
+
+
+def _strerror(code: int | None) -> str:
+    if code == errno.EADDRINUSE:
+        return "address in use"
+    return os.strerror(code) if code else "unknown error"
+
+
+def _listen(netns: Netns, port: int, host: str, mark: int) -> socket.socket:
+    try:
+        sock = netns.socket(socket.AF_INET, socket.SOCK_STREAM, mark=mark)
+    except NetnsError as e:
+        raise ListenerError(f"bind {port} in netns {netns.name}: {e}", errno=e.errno) from None
+    try:
+        # A restarted agent must be able to re-bind while old connections sit in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise ListenerError(
+            f"bind {port} in netns {netns.name}: {_strerror(e.errno)}", errno=e.errno
+        ) from None
+    return sock
+
+
+def bind_listeners(
+    netns: Netns,
+    *,
+    host: str = "0.0.0.0",
+    mark: int = MESH_MARK,
+    ports: tuple[int, int, int] = (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, TUNNEL_PORT),
+) -> PodListeners:
+    """Bind outbound, inbound and tunnel listeners in `netns`; all three or none.
+
+    Does not block (bind/listen only); call it from the trio thread. `ports` exists for tests.
+    """
+    socks: list[socket.socket] = []
+    try:
+        for port in ports:
+            socks.append(_listen(netns, port, host, mark))
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    out, inb, tun = (trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks)
+    return PodListeners(netns=netns, outbound=out, inbound=inb, tunnel=tun)

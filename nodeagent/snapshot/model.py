@@ -1,0 +1,263 @@
+"""The snapshot's typed resources: frozen, converted once from store documents, shared freely.
+
+Every mapping inside is read-only (`types.MappingProxyType`) and every list a tuple, so a resource
+handed to the proxy can never change under it. Raw Istio sub-documents that later issues interpret
+(VirtualService routes, DestinationRule traffic policies, AuthorizationPolicy rules, Gateway
+servers) are kept as frozen mappings in Istio's own shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
+Action = Literal["ALLOW", "DENY", "AUDIT"]
+
+EMPTY: Mapping[Any, Any] = MappingProxyType({})
+
+
+def freeze(value: Any) -> Any:
+    """A deep read-only copy of a decoded document: dicts → mappingproxy, lists → tuples."""
+    if isinstance(value, dict):
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A pod (or VM) registered by the agent of its node."""
+
+    uid: str
+    name: str
+    namespace: str
+    node: str
+    addresses: tuple[str, ...]
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    service_account: str
+    identity: str  # spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>
+    # Named container ports (`spec.ports: [{name, containerPort}]`) when the registrar knows
+    # them; a named targetPort without an entry here falls back to the service port number.
+    ports: Mapping[str, int] = field(default_factory=lambda: EMPTY)
+
+    @property
+    def address(self) -> str | None:
+        return self.addresses[0] if self.addresses else None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    name: str
+    port: int
+    target_port: int | str  # a number, or a container port name
+    protocol: str = "TCP"  # the L4 protocol: TCP, UDP, SCTP
+    app_protocol: str | None = None  # appProtocol, or a ServiceEntry port's protocol
+
+    @property
+    def protocol_hint(self) -> str:
+        """The L7 protocol by Istio's rules: appProtocol, else the port name's prefix.
+
+        One of http, http2, grpc, https, tls, tcp, mongo, redis, mysql…; "unknown" when neither
+        says (the proxy then sniffs or treats it as opaque TCP).
+        """
+        if self.protocol.upper() == "UDP":
+            return "udp"
+        if self.app_protocol:
+            return self.app_protocol.lower().removeprefix("kubernetes.io/")
+        prefix = self.name.split("-", 1)[0].lower()
+        return prefix if prefix in _KNOWN_PROTOCOLS else "unknown"
+
+
+_KNOWN_PROTOCOLS = frozenset(
+    ["http", "http2", "grpc", "grpc-web", "https", "tls", "tcp", "mongo", "redis", "mysql"]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StaticEndpoint:
+    """A ServiceEntry `endpoints` entry (resolution STATIC or DNS)."""
+
+    address: str
+    ports: Mapping[str, int] = field(default_factory=lambda: EMPTY)
+    labels: Mapping[str, str] = field(default_factory=lambda: EMPTY)
+    weight: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A Kubernetes Service or an Istio ServiceEntry, in one shape.
+
+    `hosts` are FQDNs (a Service has exactly one, `name.ns.svc.<cluster-domain>`); `addresses`
+    are the VIPs (none for a headless Service or an unallocated one). `selector` picks the
+    workloads of `namespace` that serve it (None: no selected endpoints).
+    """
+
+    kind: Literal["Service", "ServiceEntry"]
+    namespace: str
+    name: str
+    hosts: tuple[str, ...]
+    addresses: tuple[str, ...]
+    ports: tuple[ServicePort, ...]
+    selector: Mapping[str, str] | None
+    headless: bool = False
+    # ServiceEntry: NONE, STATIC, DNS, DNS_ROUND_ROBIN; a Kubernetes Service is STATIC.
+    resolution: str = "STATIC"
+    location: Literal["MESH_INTERNAL", "MESH_EXTERNAL"] = "MESH_INTERNAL"
+    static_endpoints: tuple[StaticEndpoint, ...] = ()
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def hostname(self) -> str:
+        return self.hosts[0]
+
+    def port(self, number: int) -> ServicePort | None:
+        for p in self.ports:
+            if p.port == number:
+                return p
+        return None
+
+    def port_named(self, name: str) -> ServicePort | None:
+        for p in self.ports:
+            if p.name == name:
+                return p
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceTarget:
+    """What a connection to a service VIP:port addresses: the service and its port."""
+
+    service: Service
+    port: ServicePort
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One backend of a service port: where to connect, and the workload behind it (if any)."""
+
+    address: str
+    port: int
+    workload: Workload | None = None  # None for a ServiceEntry static endpoint
+    labels: Mapping[str, str] = field(default_factory=lambda: EMPTY)
+    weight: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualService:
+    namespace: str
+    name: str
+    hosts: tuple[str, ...]  # qualified with the VirtualService's namespace
+    gateways: tuple[str, ...]  # "mesh" or "namespace/name"; none given means ("mesh",)
+    spec: Mapping[str, Any]  # the frozen spec: http, tcp, tls routes in Istio's shape
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def http(self) -> tuple[Mapping[str, Any], ...]:
+        return tuple(self.spec.get("http", ()))
+
+    @property
+    def tcp(self) -> tuple[Mapping[str, Any], ...]:
+        return tuple(self.spec.get("tcp", ()))
+
+    @property
+    def tls(self) -> tuple[Mapping[str, Any], ...]:
+        return tuple(self.spec.get("tls", ()))
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    name: str
+    labels: Mapping[str, str]
+    traffic_policy: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationRule:
+    namespace: str
+    name: str
+    host: str  # qualified with the DestinationRule's namespace
+    subsets: Mapping[str, Subset]
+    traffic_policy: Mapping[str, Any] | None = None
+    export_to: tuple[str, ...] = ()
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def subset(self, name: str) -> Subset | None:
+        return self.subsets.get(name)
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    namespace: str
+    name: str
+    selector: Mapping[str, str]
+    servers: tuple[Mapping[str, Any], ...]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationPolicy:
+    namespace: str
+    name: str
+    action: Action
+    selector: Mapping[str, str] | None  # None: every workload of the namespace
+    rules: tuple[
+        Mapping[str, Any], ...
+    ]  # Istio's rules (from/to/when); none under ALLOW = deny all
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationPolicies:
+    """The policies that apply to one workload, split by action, each in a stable order."""
+
+    allow: tuple[AuthorizationPolicy, ...] = ()
+    deny: tuple[AuthorizationPolicy, ...] = ()
+    audit: tuple[AuthorizationPolicy, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAuthentication:
+    namespace: str
+    name: str
+    selector: Mapping[str, str] | None  # None: namespace-wide (mesh-wide in the root namespace)
+    mode: MtlsMode
+    port_modes: Mapping[int, MtlsMode] = field(default_factory=lambda: EMPTY)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+Resource = (
+    Workload
+    | Service
+    | VirtualService
+    | DestinationRule
+    | Gateway
+    | AuthorizationPolicy
+    | PeerAuthentication
+)

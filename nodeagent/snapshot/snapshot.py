@@ -1,0 +1,314 @@
+"""The snapshot: one immutable, indexed view of the mesh that the proxy reads synchronously.
+
+Every lookup is a dict access or two and returns None (or an empty tuple) on a miss; nothing here
+awaits, locks or mutates. The builder (`builder.py`) produces a new Snapshot per batch of store
+changes, sharing every index the batch did not touch with the previous one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from nodeagent.snapshot import hosts
+from nodeagent.snapshot.model import (
+    AuthorizationPolicies,
+    AuthorizationPolicy,
+    DestinationRule,
+    Endpoint,
+    Gateway,
+    MtlsMode,
+    PeerAuthentication,
+    Service,
+    ServicePort,
+    ServiceTarget,
+    VirtualService,
+    Workload,
+)
+
+ServiceKey = tuple[str, str, str]  # (kind, namespace, name)
+
+_EMPTY: Mapping[Any, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Indexes:
+    """The snapshot's stores and explicit indexes. Never mutated once a Snapshot holds them."""
+
+    workloads_by_uid: dict[str, Workload] = field(default_factory=dict)
+    workloads_by_ip: dict[str, Workload] = field(default_factory=dict)
+    workloads_by_node: dict[str, tuple[Workload, ...]] = field(default_factory=dict)
+    workloads_by_identity: dict[str, tuple[Workload, ...]] = field(default_factory=dict)
+    services: dict[ServiceKey, Service] = field(default_factory=dict)
+    services_by_host: dict[str, tuple[Service, ...]] = field(default_factory=dict)
+    service_wildcards: tuple[str, ...] = ()  # wildcard ServiceEntry hosts, most specific first
+    targets_by_vip: dict[str, Mapping[int, ServiceTarget]] = field(default_factory=dict)
+    endpoints: dict[ServiceKey, Mapping[int, tuple[Endpoint, ...]]] = field(default_factory=dict)
+    routes: dict[tuple[str, str], tuple[VirtualService, ...]] = field(default_factory=dict)
+    route_wildcards: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per gateway
+    virtual_services_by_gateway: dict[str, tuple[VirtualService, ...]] = field(default_factory=dict)
+    destination_rules: dict[str, tuple[DestinationRule, ...]] = field(default_factory=dict)
+    destination_rule_wildcards: tuple[str, ...] = ()
+    gateways: dict[str, Gateway] = field(default_factory=dict)
+    authorization_policies: dict[str, tuple[AuthorizationPolicy, ...]] = field(default_factory=dict)
+    peer_authentications: dict[str, tuple[PeerAuthentication, ...]] = field(default_factory=dict)
+    counts: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+
+
+class Snapshot:
+    """The mesh as of store revision `revision`. Build with SnapshotBuilder; never mutate."""
+
+    __slots__ = ("_ix", "cluster_domain", "revision", "root_namespace", "trust_domain")
+
+    def __init__(
+        self,
+        ix: Indexes,
+        *,
+        revision: int,
+        trust_domain: str,
+        cluster_domain: str,
+        root_namespace: str,
+    ) -> None:
+        self._ix = ix
+        self.revision = revision
+        self.trust_domain = trust_domain
+        self.cluster_domain = cluster_domain
+        self.root_namespace = root_namespace
+
+    @classmethod
+    def empty(cls) -> Snapshot:
+        return cls(
+            Indexes(),
+            revision=0,
+            trust_domain="cluster.local",
+            cluster_domain=hosts.DEFAULT_CLUSTER_DOMAIN,
+            root_namespace="istio-system",
+        )
+
+    @property
+    def indexes(self) -> Indexes:
+        """The raw indexes (read-only by contract), for tests, dumps and the admin socket."""
+        return self._ix
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    def find_address(self, ip: str, port: int) -> Workload | ServiceTarget | None:
+        """What a connection to ip:port reaches: a service VIP port, else a workload, else None.
+
+        A VIP with no such declared port is None (like kube-proxy, which rejects it).
+        """
+        targets = self._ix.targets_by_vip.get(ip)
+        if targets is not None:
+            return targets.get(port)
+        workload = self._ix.workloads_by_ip.get(ip)
+        if workload is None and ":" in ip and _canonical(ip) != ip:
+            # IPv6 has many spellings; the indexes hold the canonical (compressed) one.
+            return self.find_address(_canonical(ip), port)
+        return workload
+
+    def workload_by_ip(self, ip: str) -> Workload | None:
+        return self._ix.workloads_by_ip.get(ip)
+
+    def service_targets(self, vip: str) -> Mapping[int, ServiceTarget]:
+        """Every declared port of the service(s) behind a VIP."""
+        return self._ix.targets_by_vip.get(vip, _EMPTY)
+
+    # -- workloads ---------------------------------------------------------------------------
+
+    def workload(self, uid: str) -> Workload | None:
+        return self._ix.workloads_by_uid.get(uid)
+
+    def workloads_on_node(self, node: str) -> tuple[Workload, ...]:
+        return self._ix.workloads_by_node.get(node, ())
+
+    def workloads_with_identity(self, identity: str) -> tuple[Workload, ...]:
+        return self._ix.workloads_by_identity.get(identity, ())
+
+    def workloads(self) -> Iterator[Workload]:
+        return iter(self._ix.workloads_by_uid.values())
+
+    # -- services ----------------------------------------------------------------------------
+
+    def service(self, namespace: str, name: str, kind: str = "Service") -> Service | None:
+        return self._ix.services.get((kind, namespace, name))
+
+    def services(self) -> Iterator[Service]:
+        return iter(self._ix.services.values())
+
+    def service_by_host(self, host: str) -> Service | None:
+        """The service owning an exact host, else the most specific wildcard ServiceEntry host.
+
+        When several claim a host, a Kubernetes Service wins over a ServiceEntry, then the
+        lowest namespace/name.
+        """
+        host = hosts.normalize(host)
+        found = self._ix.services_by_host.get(host)
+        if found:
+            return found[0]
+        for pattern in self._ix.service_wildcards:
+            if hosts.wildcard_matches(pattern, host):
+                return self._ix.services_by_host[pattern][0]
+        return None
+
+    def resolve_host(self, name: str, from_namespace: str) -> Service | None:
+        """A name as a client in `from_namespace` writes it: `svc`, `svc.ns`, `svc.ns.svc`,
+        the FQDN, or a ServiceEntry host."""
+        name = hosts.normalize(name)
+        exact = self._ix.services_by_host.get(name)
+        if exact:
+            return exact[0]
+        for candidate in hosts.expansions(name, from_namespace, self.cluster_domain):
+            found = self._ix.services_by_host.get(candidate)
+            if found:
+                return found[0]
+        return self.service_by_host(name)
+
+    def endpoints(
+        self,
+        service: Service,
+        port: int | ServicePort,
+        *,
+        subset: Mapping[str, str] | None = None,
+    ) -> tuple[Endpoint, ...]:
+        """The backends of one service port (by service port number), optionally only those
+        whose labels match a DestinationRule subset's labels."""
+        number = port.port if isinstance(port, ServicePort) else port
+        per_port = self._ix.endpoints.get((service.kind, service.namespace, service.name))
+        found = per_port.get(number, ()) if per_port is not None else ()
+        if subset:
+            return tuple(e for e in found if hosts.labels_match(subset, e.labels))
+        return found
+
+    def dns_addresses(self, service: Service) -> tuple[str, ...]:
+        """What DNS answers for a service: its VIPs, or (headless) its endpoints' addresses."""
+        if service.addresses:
+            return service.addresses
+        per_port = self._ix.endpoints.get((service.kind, service.namespace, service.name), _EMPTY)
+        return tuple(dict.fromkeys(e.address for eps in per_port.values() for e in eps))
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def routes_for(
+        self, host: str, gateway: str = hosts.MESH_GATEWAY
+    ) -> tuple[VirtualService, ...]:
+        """The VirtualServices that apply to `host` (an FQDN or a request's Host) through
+        `gateway` ("mesh" or "ns/name"), in the order their rules are tried: exact host first,
+        then wildcard hosts from the most specific; within one host by namespace/name."""
+        host = hosts.normalize(host)
+        found = self._ix.routes.get((gateway, host), ())
+        wildcards = self._ix.route_wildcards.get(gateway)
+        if not wildcards:
+            return found
+        out = list(found)
+        for pattern in wildcards:
+            if hosts.wildcard_matches(pattern, host):
+                out.extend(vs for vs in self._ix.routes[(gateway, pattern)] if vs not in out)
+        return tuple(out)
+
+    def virtual_services_for_gateway(self, gateway: str) -> tuple[VirtualService, ...]:
+        return self._ix.virtual_services_by_gateway.get(gateway, ())
+
+    def destination_rule(
+        self, host: str, from_namespace: str | None = None
+    ) -> DestinationRule | None:
+        """The DestinationRule for `host`: an exact host beats the most specific wildcard;
+        among several for the same host, the client's namespace, then the host's service
+        namespace, then the root namespace, then the lowest namespace/name."""
+        host = hosts.normalize(host)
+        found = self._ix.destination_rules.get(host)
+        if not found:
+            for pattern in self._ix.destination_rule_wildcards:
+                if hosts.wildcard_matches(pattern, host):
+                    found = self._ix.destination_rules[pattern]
+                    break
+        if not found:
+            return None
+        if len(found) == 1:
+            return found[0]
+        service = self.service_by_host(host)
+        for ns in (from_namespace, service.namespace if service else None, self.root_namespace):
+            for dr in found:
+                if dr.namespace == ns:
+                    return dr
+        return found[0]
+
+    def gateway(self, ref: str) -> Gateway | None:
+        """A Gateway by `namespace/name`."""
+        return self._ix.gateways.get(ref)
+
+    def gateways_for_workload(self, workload: Workload) -> tuple[Gateway, ...]:
+        """Gateways whose selector picks this workload (in any namespace, as Istio's default)."""
+        return tuple(
+            g
+            for g in self._ix.gateways.values()
+            if g.selector and hosts.labels_match(g.selector, workload.labels)
+        )
+
+    # -- security ----------------------------------------------------------------------------
+
+    def authorization_policies_for(self, workload: Workload) -> AuthorizationPolicies:
+        """Root-namespace policies (mesh-wide, or by selector in any namespace), then the
+        workload namespace's policies (namespace-wide or selecting it), split by action."""
+        allow: list[AuthorizationPolicy] = []
+        deny: list[AuthorizationPolicy] = []
+        audit: list[AuthorizationPolicy] = []
+        by_action = {"ALLOW": allow, "DENY": deny, "AUDIT": audit}
+        namespaces = dict.fromkeys((self.root_namespace, workload.namespace))
+        for ns in namespaces:
+            for policy in self._ix.authorization_policies.get(ns, ()):
+                if policy.selector is None or hosts.labels_match(policy.selector, workload.labels):
+                    by_action[policy.action].append(policy)
+        return AuthorizationPolicies(tuple(allow), tuple(deny), tuple(audit))
+
+    def peer_authentication_for(self, workload: Workload, port: int) -> MtlsMode:
+        """The effective mTLS mode for inbound traffic to `workload` on (target) `port`.
+
+        Istio's precedence: a workload-selector policy of the workload's namespace beats the
+        namespace-wide policy, which beats the mesh-wide (root namespace, no selector) one; an
+        UNSET mode inherits from the level above; a port-level mode of the workload policy
+        overrides for that port. Nothing set at all: PERMISSIVE. Where Istio takes the oldest of
+        several at one level, the snapshot (which has no creation times) takes the lowest name.
+        """
+        pas = self._ix.peer_authentications
+        mesh = _first(p for p in pas.get(self.root_namespace, ()) if p.selector is None)
+        own = pas.get(workload.namespace, ())
+        namespace = _first(p for p in own if p.selector is None)
+        selected = None
+        if workload.namespace != self.root_namespace:
+            selected = _first(
+                p
+                for p in own
+                if p.selector is not None and hosts.labels_match(p.selector, workload.labels)
+            )
+        mode: MtlsMode = "PERMISSIVE"
+        for level in (mesh, namespace, selected):
+            if level is not None and level.mode != "UNSET":
+                mode = level.mode
+        if selected is not None:
+            port_mode = selected.port_modes.get(port, "UNSET")
+            if port_mode != "UNSET":
+                return port_mode
+        return mode
+
+    # -- operations --------------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, int]:
+        """Counts for the admin socket and the bench."""
+        return {"revision": self.revision, **self._ix.counts}
+
+    def __repr__(self) -> str:
+        return f"<Snapshot revision={self.revision} {dict(self._ix.counts)}>"
+
+
+def _first(items: Iterator[PeerAuthentication]) -> PeerAuthentication | None:
+    return next(items, None)
+
+
+def _canonical(ip: str) -> str:
+    try:
+        return ipaddress.ip_address(ip).compressed
+    except ValueError:
+        return ip

@@ -1,0 +1,239 @@
+"""SnapshotSync: keeps `current` (the Snapshot the proxy reads) in step with the store.
+
+List the prefix, build, start watching from the listing's revision + 1, and turn each batch of
+events into the next snapshot, swapped in with one assignment. A compacted watch re-lists (the
+builder applies only the difference); any other store error keeps the last snapshot and retries
+with exponential backoff, resuming the watch from the last revision seen: a store outage never
+stops traffic. With `cache_path`, the raw documents are written to disk (debounced, atomically)
+and loaded at start, so a restarted agent serves from the cache when the store does not answer
+within `startup_timeout`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from nodeagent.log import get_logger
+from nodeagent.snapshot import cache
+from nodeagent.snapshot.builder import SnapshotBuilder
+from nodeagent.snapshot.convert import parse_key
+from nodeagent.snapshot.errors import CacheError
+from nodeagent.snapshot.snapshot import Snapshot
+from nodeagent.store import keys
+from nodeagent.store.base import CompactedError, Store, StoreError
+
+log = get_logger("snapshot.sync")
+
+Listener = Callable[[Snapshot], None]
+
+
+class SnapshotSync:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        cache_path: Path | str | None = None,
+        prefix: str = keys.ROOT,
+        trust_domain: str = "cluster.local",
+        root_namespace: str = "istio-system",
+        startup_timeout: float = 5.0,
+        cache_debounce: float = 1.0,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 10.0,
+    ) -> None:
+        self._store = store
+        self._cache_path = None if cache_path is None else Path(cache_path)
+        self._prefix = prefix
+        self._builder = SnapshotBuilder(trust_domain=trust_domain, root_namespace=root_namespace)
+        self._startup_timeout = startup_timeout
+        self._cache_debounce = cache_debounce
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self.current: Snapshot = self._builder.snapshot
+        self._swapped = trio.Event()
+        self._progress = trio.Event()
+        self._listeners: list[Listener] = []
+        self._cache_dirty = trio.Event()
+        self._stats: dict[str, Any] = {
+            "swaps": 0,
+            "relists": 0,
+            "store_errors": 0,
+            "cache_writes": 0,
+            "serving_from_cache": False,
+            "last_error": None,
+        }
+
+    # -- for other components ----------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener(snapshot)` after every swap (synchronously: keep it short, never
+        block). Returns a function that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    async def wait_revision(self, revision: int) -> Snapshot:
+        """Wait until the current snapshot reflects store revision `revision` (or later)."""
+        while self.current.revision < revision:
+            await self._swapped.wait()
+        return self.current
+
+    async def wait_swap(self) -> Snapshot:
+        """Wait for the next swap; returns the new snapshot."""
+        await self._swapped.wait()
+        return self.current
+
+    async def wait_until(self, predicate: Callable[[dict[str, Any]], bool]) -> None:
+        """Wait until `predicate(self.statistics())` holds; re-checked after every swap, store
+        error and cache write (for tests and the admin socket's readiness)."""
+        while not predicate(self.statistics()):
+            await self._progress.wait()
+
+    def _bump(self) -> None:
+        progress, self._progress = self._progress, trio.Event()
+        progress.set()
+
+    def statistics(self) -> dict[str, Any]:
+        return {**self._stats, **self.current.statistics()}
+
+    # -- the component -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            if self._cache_path is not None:
+                nursery.start_soon(self._cache_writer, self._cache_path)
+            await self._sync(task_status)
+
+    async def _sync(self, task_status: trio.TaskStatus[None]) -> None:
+        cached = await self._load_cache()
+        started = False
+        need_list = True
+        backoff = self._backoff_initial
+        swaps_at_failure = -1
+
+        def serve_cache(why: str) -> None:
+            # The store is not answering at start: serve the cached documents meanwhile.
+            nonlocal started
+            log.warning("snapshot.serving_from_cache", revision=self._builder.revision, why=why)
+            self._stats["serving_from_cache"] = True
+            self._swap(self._builder.snapshot)
+            task_status.started()
+            started = True
+
+        while True:
+            try:
+                if need_list:
+                    # A loaded cache bounds how long the first listing may take before serving.
+                    timeout = self._startup_timeout if cached and not started else math.inf
+                    with trio.move_on_after(timeout):
+                        await self._relist()
+                        need_list = False
+                    if need_list:
+                        serve_cache(f"no listing within {self._startup_timeout} s")
+                        continue
+                    if not started:
+                        task_status.started()
+                        started = True
+                await self._watch(self._builder.revision + 1)
+                raise StoreError(f"{self._store.url}: watch of {self._prefix} ended")
+            except CompactedError as exc:
+                log.warning("snapshot.relist", reason=str(exc))
+                need_list = True
+            except StoreError as exc:
+                if self._stats["swaps"] != swaps_at_failure:
+                    backoff = self._backoff_initial  # progress since the last failure
+                swaps_at_failure = self._stats["swaps"]
+                self._stats["store_errors"] += 1
+                self._stats["last_error"] = str(exc)
+                self._bump()
+                log.warning(
+                    "snapshot.store_failed",
+                    error=str(exc),
+                    retry_in=round(backoff, 3),
+                    revision=self._builder.revision,
+                )
+                if cached and not started:
+                    serve_cache(str(exc))
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, self._backoff_max)
+
+    async def _relist(self) -> None:
+        t0 = time.perf_counter()
+        kvs, revision = await self._store.range(self._prefix)
+        snap = self._builder.reset(kvs, revision)
+        self._stats["relists"] += 1
+        self._stats["serving_from_cache"] = False
+        self._swap(snap)
+        self._cache_dirty.set()
+        log.info(
+            "snapshot.listed",
+            keys=len(kvs),
+            ms=round((time.perf_counter() - t0) * 1000, 1),
+            **snap.statistics(),
+        )
+
+    async def _watch(self, start_revision: int) -> None:
+        async with self._store.watch(self._prefix, start_revision=start_revision) as batches:
+            async for batch in batches:
+                t0 = time.perf_counter()
+                snap = self._builder.apply(batch)
+                self._swap(snap)
+                if any(parse_key(e.kv.key) is not None for e in batch):
+                    self._cache_dirty.set()
+                    log.info(
+                        "snapshot.applied",
+                        revision=snap.revision,
+                        events=len(batch),
+                        ms=round((time.perf_counter() - t0) * 1000, 2),
+                    )
+
+    def _swap(self, snap: Snapshot) -> None:
+        self.current = snap
+        self._stats["swaps"] += 1
+        swapped, self._swapped = self._swapped, trio.Event()
+        swapped.set()
+        self._bump()
+        for listener in list(self._listeners):
+            try:
+                listener(snap)
+            except Exception as exc:  # a listener's bug must not stop the sync
+                log.error("snapshot.listener_failed", listener=repr(listener), error=repr(exc))
+
+    # -- disk cache --------------------------------------------------------------------------
+
+    async def _load_cache(self) -> bool:
+        if self._cache_path is None:
+            return False
+        path = self._cache_path
+        try:
+            data = await trio.to_thread.run_sync(cache.read, path)
+            if data is None:
+                return False
+            kvs, revision = await trio.to_thread.run_sync(cache.decode, data, str(path))
+        except CacheError as exc:
+            log.warning("snapshot.cache_unusable", path=str(path), error=str(exc))
+            return False
+        self._builder.reset(kvs, revision)
+        log.info("snapshot.cache_loaded", path=str(path), revision=revision, keys=len(kvs))
+        return True
+
+    async def _cache_writer(self, path: Path) -> None:
+        while True:
+            await self._cache_dirty.wait()
+            await trio.sleep(self._cache_debounce)  # coalesce a burst of changes
+            self._cache_dirty = trio.Event()
+            kvs, revision = self._builder.raw(), self._builder.revision
+            try:
+                data = await trio.to_thread.run_sync(cache.encode, kvs, revision)
+                await trio.to_thread.run_sync(cache.write, path, data)
+            except OSError as exc:
+                log.warning("snapshot.cache_write_failed", path=str(path), error=str(exc))
+                continue
+            self._stats["cache_writes"] += 1
+            self._bump()
+            log.debug("snapshot.cache_written", path=str(path), revision=revision, keys=len(kvs))

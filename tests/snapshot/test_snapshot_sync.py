@@ -1,0 +1,285 @@
+"""SnapshotSync against real stores (memory://, sqlite), outages, compaction and the disk cache."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from helpers_snapshot import service, workload
+
+from nodeagent.snapshot import Snapshot, SnapshotSync
+from nodeagent.snapshot import cache as snapshot_cache
+from nodeagent.snapshot.errors import CacheError
+from nodeagent.store import codec, keys, open_store
+from nodeagent.store.base import (
+    Compare,
+    Event,
+    KeyValue,
+    Op,
+    Store,
+    StoreUnavailable,
+    TxnResult,
+)
+from nodeagent.store.memory import MemoryStore
+
+TIMEOUT = 10
+
+
+class Outage(Store):
+    """A real store behind a switch: while `down`, every call fails as an unreachable store
+    would, and running watches end with StoreUnavailable."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.down = False
+        self.hang = False  # instead of failing, never answer (a partitioned store)
+        self._changed = trio.Event()
+
+    def set_down(self, down: bool) -> None:
+        self.down = down
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _gate(self) -> None:
+        if self.hang:
+            await trio.sleep_forever()
+        if self.down:
+            raise StoreUnavailable(f"{self.url}: down (test)")
+
+    async def get(self, key: str) -> KeyValue | None:
+        await self._gate()
+        return await self.inner.get(key)
+
+    async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
+        await self._gate()
+        return await self.inner.range(prefix)
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        return await self.inner.put(key, value, lease=lease)
+
+    async def delete(self, key: str, *, prefix: bool = False) -> int:
+        return await self.inner.delete(key, prefix=prefix)
+
+    async def txn(
+        self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+    ) -> TxnResult:
+        return await self.inner.txn(compares, success, failure)
+
+    def watch(
+        self, prefix: str, *, start_revision: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[Sequence[Event]]]:
+        return self._watch(prefix, start_revision)
+
+    @asynccontextmanager
+    async def _watch(
+        self, prefix: str, start_revision: int
+    ) -> AsyncIterator[AsyncIterator[Sequence[Event]]]:
+        await self._gate()
+        async with self.inner.watch(prefix, start_revision=start_revision) as events:
+            yield self._until_down(events)
+
+    async def _until_down(
+        self, events: AsyncIterator[Sequence[Event]]
+    ) -> AsyncIterator[Sequence[Event]]:
+        while True:
+            batch: Sequence[Event] | None = None
+            async with trio.open_nursery() as nursery:
+
+                async def pull() -> None:
+                    nonlocal batch
+                    batch = await events.__anext__()
+                    nursery.cancel_scope.cancel()
+
+                async def watch_switch() -> None:
+                    while not self.down:
+                        await self._changed.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(pull)
+                nursery.start_soon(watch_switch)
+            if batch is None:
+                raise StoreUnavailable(f"{self.url}: watch broken (test)")
+            yield batch
+
+    async def grant_lease(self, ttl: float) -> int:
+        return await self.inner.grant_lease(ttl)
+
+    async def keep_alive(self, lease: int) -> float:
+        return await self.inner.keep_alive(lease)
+
+    async def revoke_lease(self, lease: int) -> None:
+        await self.inner.revoke_lease(lease)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def put_workload(store: Store, uid: str, ip: str, labels: dict[str, str]) -> int:
+    key, doc = workload(uid, ip, labels)
+    return await store.put(key, codec.encode(doc))
+
+
+async def put_service(store: Store, name: str, vip: str) -> int:
+    doc = service(name, {"app": name}, cluster_ip=vip)
+    return await store.put(keys.config("Service", "default", name), codec.encode(doc))
+
+
+async def test_sync_follows_the_store() -> None:
+    store = await open_store("memory://")
+    try:
+        await put_service(store, "web", "10.96.0.1")
+        await put_workload(store, "w1", "10.0.0.1", {"app": "web"})
+        sync = SnapshotSync(store)
+        seen: list[Snapshot] = []
+        sync.add_listener(seen.append)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(TIMEOUT):
+                await nursery.start(sync.run)
+            snap = sync.current
+            svc = snap.resolve_host("web", "default")
+            assert svc is not None
+            assert [e.address for e in snap.endpoints(svc, 80)] == ["10.0.0.1"]
+            assert seen[-1] is snap
+
+            rev = await put_workload(store, "w2", "10.0.0.2", {"app": "web"})
+            with trio.fail_after(TIMEOUT):
+                snap = await sync.wait_revision(rev)
+            assert snap.revision >= rev
+            assert [e.address for e in snap.endpoints(svc, 80)] == ["10.0.0.1", "10.0.0.2"]
+
+            await store.delete(keys.workload("node-1", "w1"))
+            rev = await store.put(keys.CA_BUNDLE, b"irrelevant")  # moves the revision only
+            with trio.fail_after(TIMEOUT):
+                snap = await sync.wait_revision(rev)
+            assert [e.address for e in snap.endpoints(svc, 80)] == ["10.0.0.2"]
+            assert sync.statistics()["workloads"] == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+
+
+async def test_outage_keeps_the_snapshot_and_compaction_relists(autojump_clock: object) -> None:
+    inner = MemoryStore("memory://outage")
+    store = Outage(inner)
+    try:
+        await put_service(store, "web", "10.96.0.1")
+        sync = SnapshotSync(store, backoff_initial=0.01, backoff_max=0.05)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(TIMEOUT):
+                await nursery.start(sync.run)
+            before = sync.current
+            store.set_down(True)
+            with trio.fail_after(TIMEOUT):
+                await sync.wait_until(lambda s: s["store_errors"] >= 1)
+            # writes the agent cannot see, then history before them is compacted away
+            await put_service(store, "api", "10.96.0.2")
+            rev = await put_workload(store, "w1", "10.0.0.1", {"app": "api"})
+            await inner.compact(rev)
+            with trio.fail_after(TIMEOUT):
+                await sync.wait_until(lambda s: s["store_errors"] >= 3)
+            # the outage changed nothing the proxy reads
+            assert sync.current is before
+            assert sync.current.find_address("10.96.0.1", 80) is not None
+
+            relists = sync.statistics()["relists"]
+            store.set_down(False)
+            with trio.fail_after(TIMEOUT):
+                snap = await sync.wait_revision(rev)
+            assert sync.statistics()["relists"] == relists + 1  # compacted → re-listed
+            api = snap.service("default", "api")
+            assert api is not None
+            assert [e.address for e in snap.endpoints(api, 80)] == ["10.0.0.1"]
+            # and the watch works again afterwards
+            rev = await put_workload(store, "w2", "10.0.0.2", {"app": "api"})
+            with trio.fail_after(TIMEOUT):
+                snap = await sync.wait_revision(rev)
+            assert len(snap.endpoints(api, 80)) == 2
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+
+
+async def test_disk_cache_serves_a_restart_while_the_store_is_away(tmp_path: Path) -> None:
+    path = tmp_path / "cache" / "snapshot.msgpack"
+    store = Outage(MemoryStore("memory://cache"))
+    try:
+        await put_service(store, "web", "10.96.0.1")
+        rev = await put_workload(store, "w1", "10.0.0.1", {"app": "web"})
+        first = SnapshotSync(store, cache_path=path, cache_debounce=0)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(TIMEOUT):
+                await nursery.start(first.run)
+                await first.wait_until(lambda s: s["cache_writes"] >= 1)
+            nursery.cancel_scope.cancel()
+        assert path.stat().st_mode & 0o777 == 0o600
+        kvs, cached_rev = snapshot_cache.decode(path.read_bytes())
+        assert cached_rev == rev
+        assert {kv.key for kv in kvs} == {
+            keys.config("Service", "default", "web"),
+            keys.workload("node-1", "w1"),
+        }
+
+        store.hang = True  # the restarted agent's store never answers
+        second = SnapshotSync(store, cache_path=path, startup_timeout=0.2)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(TIMEOUT):
+                await nursery.start(second.run)
+            assert second.statistics()["serving_from_cache"] is True
+            snap = second.current
+            assert snap.revision == rev
+            assert snap.find_address("10.96.0.1", 80) is not None
+            assert snap.workload_by_ip("10.0.0.1") is not None
+            nursery.cancel_scope.cancel()
+
+        store.hang = False
+        store.set_down(True)  # failing fast instead of hanging: served from cache at once
+        third = SnapshotSync(store, cache_path=path, startup_timeout=60)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(TIMEOUT):
+                await nursery.start(third.run)
+            assert third.current.workload_by_ip("10.0.0.1") is not None
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+
+
+def test_cache_decode_rejects_bad_files() -> None:
+    good = snapshot_cache.encode([KeyValue("/mesh/v1/ca/bundle", b"x", 1, 2, 1)], 2)
+    assert snapshot_cache.decode(good) == ([KeyValue("/mesh/v1/ca/bundle", b"x", 1, 2, 1)], 2)
+    for bad, why in [
+        (b"\xc1", "not msgpack"),
+        (codec.encode({"format": "other"}), "not a snapshot cache"),
+        (codec.encode({"format": snapshot_cache.FORMAT, "version": 9}), "version 9"),
+        (
+            codec.encode(
+                {"format": snapshot_cache.FORMAT, "version": 1, "revision": 1, "entries": [[1]]}
+            ),
+            "entry 0",
+        ),
+    ]:
+        with pytest.raises(CacheError, match=why):
+            snapshot_cache.decode(bad, "f.msgpack")
+
+
+async def test_sync_against_sqlite(tmp_path: Path) -> None:
+    store = await open_store(f"sqlite://{tmp_path}/mesh.db")
+    try:
+        await put_service(store, "web", "10.96.0.1")
+        sync = SnapshotSync(store)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(TIMEOUT):
+                await nursery.start(sync.run)
+            assert sync.current.find_address("10.96.0.1", 80) is not None
+            rev = await put_workload(store, "w1", "10.0.0.1", {"app": "web"})
+            with trio.fail_after(TIMEOUT):
+                snap = await sync.wait_revision(rev)
+            svc = snap.service("default", "web")
+            assert svc is not None
+            assert [e.address for e in snap.endpoints(svc, 80)] == ["10.0.0.1"]
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
