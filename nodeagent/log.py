@@ -20,6 +20,16 @@ _LEVELS = {
 }
 
 
+class _Stderr:
+    """Looks sys.stderr up at every write, so a replaced stderr (tests, daemons) is honoured."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(level: str = "info", fmt: Literal["json", "console"] = "json") -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer()
@@ -35,7 +45,7 @@ def configure(level: str = "info", fmt: Literal["json", "console"] = "json") -> 
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import trio
-from conftest import EtcdCluster
+from etcd_procs import EtcdCluster
 
 from nodeagent.store import Event, StoreUnavailable, open_store
 from nodeagent.store.etcd import EtcdStore

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import EtcdCluster, free_port, start_cluster
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from etcd_procs import EtcdCluster, free_port, start_cluster
 
 from nodeagent.store import StoreError, StoreUnavailable, open_store
 
