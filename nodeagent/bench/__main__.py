@@ -9,9 +9,13 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from nodeagent.bench import Result
+from nodeagent.bench import enroll as enroll_bench
 from nodeagent.bench import snapshot as snapshot_bench
 
-BENCHES: dict[str, ModuleType] = {snapshot_bench.NAME: snapshot_bench}
+BENCHES: dict[str, ModuleType] = {
+    snapshot_bench.NAME: snapshot_bench,
+    enroll_bench.NAME: enroll_bench,
+}
 
 
 def _parser() -> argparse.ArgumentParser:
