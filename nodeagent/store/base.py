@@ -136,4 +136,8 @@ class Store(abc.ABC):
         """End a lease now, deleting its keys. Revoking an unknown lease is not an error."""
 
     @abc.abstractmethod
+    async def compact(self, revision: int) -> None:
+        """Forget history before `revision`: watches from older revisions raise CompactedError."""
+
+    @abc.abstractmethod
     async def aclose(self) -> None: ...

@@ -204,6 +204,9 @@ class _Racer(Store):
     async def revoke_lease(self, lease: int) -> None:
         await self.inner.revoke_lease(lease)
 
+    async def compact(self, revision: int) -> None:
+        await self.inner.compact(revision)
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 

@@ -184,6 +184,53 @@ def test_check_detects_missing_rules(sandbox: Sandbox) -> None:
     assert _cni_check(sandbox, pod.key).returncode == 0
 
 
+def test_excluded_namespace_and_opted_out_pods_pass_through(sandbox: Sandbox) -> None:
+    system = sandbox.pod_add("n1", "kube-system", "dns", ["sleep", "3600"])
+    optout = sandbox.pod_add(
+        "n1", "default", "legacy", ["sleep", "3600"], labels={"istio.io/dataplane-mode": "none"}
+    )
+    names = [p["name"] for p in admin(sandbox, "n1", "/pods")]
+    assert "dns" not in names
+    assert "legacy" not in names
+    for pod in (system, optout):
+        assert "MESH_" not in iptables_save(sandbox, pod.key)
+    sandbox.pod_del("dns", "kube-system")
+    sandbox.pod_del("legacy", "default")
+
+
+def test_uninstall_removes_every_rule(sandbox: Sandbox) -> None:
+    node = sandbox.node("n1")
+    enrolled = [p for p in sandbox.pods() if p.node == "n1"]
+    assert enrolled
+    sandbox.stop_agent("n1")
+    try:
+        r = subprocess.run(
+            [
+                str(Path(sys.prefix) / "bin" / "nodeagent"),
+                "uninstall",
+                "--node",
+                "n1",
+                "--store",
+                sandbox.store_url,
+                "--run-dir",
+                str(node.run_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert r.returncode == 0, r.stderr
+        for pod in enrolled:
+            assert "MESH_" not in iptables_save(sandbox, pod.key)
+            rules = sandbox.exec(pod.key, ["ip", "rule"], check=True).stdout
+            assert "fwmark" not in rules
+        assert not [k for k in workloads(sandbox) if k.startswith(keys.node_workloads("n1"))]
+    finally:
+        sandbox.start_agent("n1")
+    assert admin(sandbox, "n1", "/pods") == []
+
+
 def _cni_check(sb: Sandbox, key: str) -> subprocess.CompletedProcess[str]:
     """Run the chain's last plugin (mesh-cni) with CHECK, as a runtime would after ADD."""
     from nodeagent.sandbox.cni import plugin_config

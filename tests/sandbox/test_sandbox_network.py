@@ -258,6 +258,12 @@ def test_down_without_state_removes_namespaces_and_their_processes(name: str) ->
         subprocess.run(["ip", "netns", "add", ns], check=True)
     sleeper = subprocess.Popen(["ip", "netns", "exec", f"{name}-n1-default-web", "sleep", "300"])
     try:
+        # `ip netns exec` enters the namespace, then execs sleep: wait for that, or `down` may
+        # look before the process is inside and rightly miss it.
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{sleeper.pid}/comm").read_text().strip() != "sleep":
+            assert time.monotonic() < deadline, "sleeper never started"
+            time.sleep(0.01)
         ref = ProcessRef.of(sleeper.pid)
         with pytest.raises(SandboxError, match="exist without its state"):
             Sandbox.up(name, nodes=1, agents=False, progress=False)

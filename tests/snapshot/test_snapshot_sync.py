@@ -114,6 +114,9 @@ class Outage(Store):
     async def revoke_lease(self, lease: int) -> None:
         await self.inner.revoke_lease(lease)
 
+    async def compact(self, revision: int) -> None:
+        await self.inner.compact(revision)
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 

@@ -93,7 +93,7 @@ async def test_server_errors_are_reported(etcd_server: EtcdCluster, ns: str) -> 
     try:
         rev = await store.put(ns + "k", b"")
         with pytest.raises(StoreError, match="compact"):
-            await store.compact(rev + 1000)  # type: ignore[attr-defined]
+            await store.compact(rev + 1000)
     finally:
         await store.aclose()
 

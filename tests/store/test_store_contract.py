@@ -191,7 +191,7 @@ async def test_watch_from_compacted_revision(store: Store, ns: str) -> None:
     r1 = await store.put(ns + "c", b"1")
     await store.put(ns + "c", b"2")
     r3 = await store.put(ns + "c", b"3")
-    await store.compact(r3)  # type: ignore[attr-defined]
+    await store.compact(r3)
     with pytest.raises(CompactedError) as info:
         await collect(store, ns, r1, 1)
     assert info.value.requested == r1
