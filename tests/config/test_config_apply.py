@@ -24,6 +24,7 @@ from nodeagent.config.errors import ConfigInvalid
 from nodeagent.config.kinds import KINDS
 from nodeagent.store import Compare, Op, Put, Store, TxnResult, keys, open_store
 from nodeagent.store.codec import decode, encode
+from nodeagent.store.forwarding import ForwardingStore
 
 
 @pytest.fixture
@@ -161,26 +162,13 @@ async def test_workloads_live_under_their_node(store: Store) -> None:
     assert await store.get(keys.workload("node-1", "u1")) is None
 
 
-class _Racer(Store):
+class _Racer(ForwardingStore):
     """A real store whose first transactions lose a race: just before each, another writer
     claims the VIP this apply is about to take."""
 
     def __init__(self, inner: Store, races: int) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.races = races
-
-    async def get(self, key: str) -> Any:
-        return await self.inner.get(key)
-
-    async def range(self, prefix: str) -> Any:
-        return await self.inner.range(prefix)
-
-    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        return await self.inner.put(key, value, lease=lease)
-
-    async def delete(self, key: str, *, prefix: bool = False) -> int:
-        return await self.inner.delete(key, prefix=prefix)
 
     async def txn(
         self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
@@ -191,24 +179,6 @@ class _Racer(Store):
                 if isinstance(op, Put) and op.key.startswith(keys.VIPS):
                     await self.inner.put(op.key, encode({"namespace": "x", "name": "rival"}))
         return await self.inner.txn(compares, success, failure)
-
-    def watch(self, prefix: str, *, start_revision: int) -> Any:
-        return self.inner.watch(prefix, start_revision=start_revision)
-
-    async def grant_lease(self, ttl: float) -> int:
-        return await self.inner.grant_lease(ttl)
-
-    async def keep_alive(self, lease: int) -> float:
-        return await self.inner.keep_alive(lease)
-
-    async def revoke_lease(self, lease: int) -> None:
-        await self.inner.revoke_lease(lease)
-
-    async def compact(self, revision: int) -> None:
-        await self.inner.compact(revision)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def test_a_lost_vip_race_retries_with_another_address(store: Store) -> None:

@@ -15,26 +15,23 @@ from nodeagent.snapshot import cache as snapshot_cache
 from nodeagent.snapshot.errors import CacheError
 from nodeagent.store import codec, keys, open_store
 from nodeagent.store.base import (
-    Compare,
     Event,
     KeyValue,
-    Op,
     Store,
     StoreUnavailable,
-    TxnResult,
 )
+from nodeagent.store.forwarding import ForwardingStore
 from nodeagent.store.memory import MemoryStore
 
 TIMEOUT = 10
 
 
-class Outage(Store):
+class Outage(ForwardingStore):
     """A real store behind a switch: while `down`, every call fails as an unreachable store
     would, and running watches end with StoreUnavailable."""
 
     def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.down = False
         self.hang = False  # instead of failing, never answer (a partitioned store)
         self._changed = trio.Event()
@@ -57,17 +54,6 @@ class Outage(Store):
     async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
         await self._gate()
         return await self.inner.range(prefix)
-
-    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        return await self.inner.put(key, value, lease=lease)
-
-    async def delete(self, key: str, *, prefix: bool = False) -> int:
-        return await self.inner.delete(key, prefix=prefix)
-
-    async def txn(
-        self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
-    ) -> TxnResult:
-        return await self.inner.txn(compares, success, failure)
 
     def watch(
         self, prefix: str, *, start_revision: int
@@ -104,21 +90,6 @@ class Outage(Store):
             if batch is None:
                 raise StoreUnavailable(f"{self.url}: watch broken (test)")
             yield batch
-
-    async def grant_lease(self, ttl: float) -> int:
-        return await self.inner.grant_lease(ttl)
-
-    async def keep_alive(self, lease: int) -> float:
-        return await self.inner.keep_alive(lease)
-
-    async def revoke_lease(self, lease: int) -> None:
-        await self.inner.revoke_lease(lease)
-
-    async def compact(self, revision: int) -> None:
-        await self.inner.compact(revision)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def put_workload(store: Store, uid: str, ip: str, labels: dict[str, str]) -> int:
