@@ -131,10 +131,21 @@ class _Db:
         self.conn = sqlite3.connect(
             path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
         )
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        # every statement is idempotent, so processes opening the file at once do not race
-        self.conn.executescript(_SCHEMA)
+        # Several processes creating a fresh file at once: switching it to WAL (and WAL recovery)
+        # can answer SQLITE_BUSY without calling the busy handler, so retry here, bounded.
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        while True:
+            try:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+                # every statement is idempotent, so processes opening the file at once do not race
+                self.conn.executescript(_SCHEMA)
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    self.conn.close()
+                    raise
+                time.sleep(0.01)
         schema = self.meta("schema")
         if schema != SCHEMA_VERSION:
             raise StoreError(f"{label}: schema version {schema}, this agent knows {SCHEMA_VERSION}")
