@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from nodeagent.agent.state import AgentState, PodRecord
+from nodeagent.cni.errors import ErrorCode
 from nodeagent.cni.metadata import PodMetadataSource
 from nodeagent.cni.protocol import CniRequest, EnrollError
 from nodeagent.inpod import (
@@ -33,12 +34,6 @@ from nodeagent.store import codec, keys
 from nodeagent.store.base import Store, StoreError
 
 log = get_logger("agent.enroll")
-
-# CNI spec error codes used here.
-ERR_CONTAINER_UNKNOWN = 3
-ERR_INVALID_CONFIG = 7
-ERR_TRY_AGAIN = 11
-ERR_ENROLL = 100
 
 OPT_OUT_LABEL = "istio.io/dataplane-mode"
 WORKLOAD_API = "mesh.nodeagent.io/v1alpha1"
@@ -91,7 +86,7 @@ def pod_addresses(prev_result: dict[str, Any] | None) -> tuple[str, ...]:
     """The pod's IPs from the primary CNI's result (`ips[].address` is a CIDR)."""
     if not prev_result:
         raise EnrollError(
-            ERR_INVALID_CONFIG, "no prevResult: mesh-cni must run after the primary CNI"
+            ErrorCode.INVALID_CONFIG, "no prevResult: mesh-cni must run after the primary CNI"
         )
     out = []
     for entry in prev_result.get("ips") or []:
@@ -99,10 +94,10 @@ def pod_addresses(prev_result: dict[str, Any] | None) -> tuple[str, ...]:
             out.append(str(ipaddress.ip_interface(entry["address"]).ip))
         except (KeyError, TypeError, ValueError) as exc:
             raise EnrollError(
-                ERR_INVALID_CONFIG, f"prevResult.ips entry {entry!r}: {exc}"
+                ErrorCode.INVALID_CONFIG, f"prevResult.ips entry {entry!r}: {exc}"
             ) from None
     if not out:
-        raise EnrollError(ERR_INVALID_CONFIG, "prevResult has no IP address for the pod")
+        raise EnrollError(ErrorCode.INVALID_CONFIG, "prevResult has no IP address for the pod")
     return tuple(out)
 
 
@@ -148,7 +143,7 @@ class Enroller:
             try:
                 netns = Netns.open(req.netns)
             except InpodError as exc:
-                raise EnrollError(ERR_CONTAINER_UNKNOWN, str(exc)) from None
+                raise EnrollError(ErrorCode.CONTAINER_UNKNOWN, str(exc)) from None
             record = PodRecord(
                 uid=req.pod.uid,
                 namespace=req.pod.namespace,
@@ -180,10 +175,14 @@ class Enroller:
     async def check(self, req: CniRequest) -> None:
         pod = self.pods.get(req.pod.uid)
         if pod is None:
-            raise EnrollError(ERR_ENROLL, f"pod {req.pod.namespace}/{req.pod.name} is not enrolled")
+            raise EnrollError(
+                ErrorCode.ENROLL_FAILED, f"pod {req.pod.namespace}/{req.pod.name} is not enrolled"
+            )
         problems = await self._problems(pod)
         if problems:
-            raise EnrollError(ERR_ENROLL, f"pod {pod.record.key}: " + "; ".join(problems))
+            raise EnrollError(
+                ErrorCode.ENROLL_FAILED, f"pod {pod.record.key}: " + "; ".join(problems)
+            )
 
     async def status(self) -> None:
         return None
@@ -228,15 +227,8 @@ class Enroller:
         return [p.dump() for p in sorted(self.pods.values(), key=lambda p: p.record.key)]
 
     async def _problems(self, pod: EnrolledPod) -> list[str]:
-        try:
-            fresh = Netns.open(pod.record.netns)
-        except InpodError as exc:
-            return [f"netns {pod.record.netns} is gone: {exc}"]
-        try:
-            if fresh.identity != pod.record.netns_id:
-                return [f"netns {pod.record.netns} was replaced"]
-        finally:
-            fresh.close()
+        if not pod.netns.path_matches():
+            return [f"netns {pod.record.netns} is gone or was replaced"]
         spec = RedirectionSpec.from_annotations(pod.record.annotations)
         problems = await acheck_redirection(pod.netns, spec)
         if pod.scope.cancel_called:
@@ -251,24 +243,24 @@ class Enroller:
             try:
                 spec = RedirectionSpec.from_annotations(record.annotations)
             except ValueError as exc:
-                raise EnrollError(ERR_INVALID_CONFIG, f"pod {record.key}: {exc}") from None
+                raise EnrollError(ErrorCode.INVALID_CONFIG, f"pod {record.key}: {exc}") from None
             try:
                 listeners = bind_listeners(netns)
             except InpodError as exc:
-                raise EnrollError(ERR_ENROLL, f"pod {record.key}: {exc}") from None
+                raise EnrollError(ErrorCode.ENROLL_FAILED, f"pod {record.key}: {exc}") from None
             pod = EnrolledPod(record, netns, PodProxy(record.key, netns, listeners))
             await self._nursery.start(self._serve_pod, pod)
             undo.append(lambda: self._stop_pod(pod))
             try:
                 await aapply_redirection(netns, spec)
             except InpodError as exc:
-                raise EnrollError(ERR_ENROLL, f"pod {record.key}: {exc}") from None
+                raise EnrollError(ErrorCode.ENROLL_FAILED, f"pod {record.key}: {exc}") from None
             undo.append(lambda: aremove_redirection(netns))
             try:
                 await self._register(record)
             except StoreError as exc:
                 raise EnrollError(
-                    ERR_TRY_AGAIN, f"pod {record.key}: register workload: {exc}"
+                    ErrorCode.TRY_AGAIN_LATER, f"pod {record.key}: register workload: {exc}"
                 ) from None
             self.pods[record.uid] = pod
             self.state.pods[record.uid] = record

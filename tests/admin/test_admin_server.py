@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import stat
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +66,3 @@ async def test_malformed_request_gets_400_and_server_survives(tmp_path: Path) ->
         code, _ = await _curl(sock, "/hello")
         assert code == 200
         nursery.cancel_scope.cancel()
-
-
-def test_curl_is_installed() -> None:
-    assert subprocess.run(["curl", "--version"], capture_output=True, check=False).returncode == 0
