@@ -4,11 +4,15 @@ run          the agent (CNI endpoint, redirection, proxy, store sync, admin sock
 uninstall    remove every rule the agent installed on this node
 install-cni  put the mesh-cni plugin into the node's CNI chain (and take it out)
 sandbox      a multi-node cluster of network namespaces on this machine
+ca           the certificate authority: `ca init`, `ca serve`, `ca revoke`
+admin        talk to a running agent over its admin socket (tables, or JSON with -o json)
+kube-sync    mirror Kubernetes Services, EndpointSlices, Pods and Istio config into the store
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import socket
 import sys
@@ -71,7 +75,7 @@ def _uninstall(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run", "uninstall", "install-cni", "sandbox"}
+    commands = {"run", "uninstall", "install-cni", "sandbox", *_DELEGATED}
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -84,9 +88,21 @@ def main(argv: list[str] | None = None) -> int:
         from nodeagent.cni.install import main as install_main
 
         return install_main(rest)
+    if cmd in _DELEGATED:
+        module = importlib.import_module(_DELEGATED[cmd])
+        result: int = module.main(rest)
+        return result
     from nodeagent.sandbox.cli import main as sandbox_main
 
     return sandbox_main(rest)
+
+
+# Subcommands whose parsing lives with their package: `nodeagent <cmd> …` → `<module>.main(argv)`.
+_DELEGATED = {
+    "ca": "nodeagent.ca.cli",
+    "admin": "nodeagent.admin.cli",
+    "kube-sync": "nodeagent.kube.cli",
+}
 
 
 if __name__ == "__main__":
