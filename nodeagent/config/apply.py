@@ -12,6 +12,7 @@ same VIP or overwrite each other's reads; the loser re-reads and retries (bounde
 from __future__ import annotations
 
 import ipaddress
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -85,7 +86,8 @@ async def _stored_rules(store: Store) -> dict[str, dict[str, Any]]:
 
 
 def _free_vips(net: ipaddress.IPv4Network, taken: set[str]) -> Iterator[str]:
-    for host in net.hosts():
+    # The range's first host is the Kubernetes API service (kubernetes.default): never hand it out.
+    for host in itertools.islice(net.hosts(), 1, None):
         text = str(host)
         if text not in taken:
             yield text

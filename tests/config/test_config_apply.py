@@ -58,9 +58,10 @@ async def vip_of(store: Store, name: str, namespace: str = "default") -> Any:
 async def test_services_get_distinct_vips_claimed_in_the_same_revision(store: Store) -> None:
     result = await apply_documents(store, docs(svc("a") + svc("b")))
     assert [o.action for o in result.outcomes] == ["created", "created"]
-    assert await vip_of(store, "a") == "10.96.0.1"
-    assert await vip_of(store, "b") == "10.96.0.2"
-    claim = await store.get(keys.vip("10.96.0.1"))
+    # .1 stays free: it is the Kubernetes API service's address
+    assert await vip_of(store, "a") == "10.96.0.2"
+    assert await vip_of(store, "b") == "10.96.0.3"
+    claim = await store.get(keys.vip("10.96.0.2"))
     assert claim is not None
     assert decode(claim) == {"namespace": "default", "name": "a"}
     assert claim.mod_revision == result.revision
@@ -71,7 +72,7 @@ async def test_reapply_keeps_the_vip_and_reports_unchanged(store: Store) -> None
     result = await apply_documents(store, docs(svc("a")))
     assert [o.action for o in result.outcomes] == ["unchanged"]
     await apply_documents(store, docs(svc("a", ", selector: {app: a}")))
-    assert await vip_of(store, "a") == "10.96.0.1"
+    assert await vip_of(store, "a") == "10.96.0.2"
     # the VIP is immutable, as in Kubernetes
     with pytest.raises(ConfigInvalid, match=r"spec\.clusterIP: field is immutable"):
         await apply_documents(store, docs(svc("a", ", clusterIP: 10.96.9.9")))
@@ -135,9 +136,9 @@ async def test_delete_frees_the_vip(store: Store) -> None:
     await apply_documents(store, docs(svc("a")))
     deleted, _ = await delete_documents(store, [Target(KINDS["Service"], "default", "a")])
     assert deleted == ["Service default/a"]
-    assert await store.get(keys.vip("10.96.0.1")) is None
+    assert await store.get(keys.vip("10.96.0.2")) is None
     await apply_documents(store, docs(svc("b")))
-    assert await vip_of(store, "b") == "10.96.0.1"
+    assert await vip_of(store, "b") == "10.96.0.2"
     with pytest.raises(LookupError, match="Service default/a not found"):
         await delete_documents(store, [Target(KINDS["Service"], "default", "a")])
 
@@ -184,7 +185,7 @@ class _Racer(ForwardingStore):
 async def test_a_lost_vip_race_retries_with_another_address(store: Store) -> None:
     racer = _Racer(store, races=2)
     await apply_documents(racer, docs(svc("a")))
-    assert await vip_of(store, "a") == "10.96.0.3"
+    assert await vip_of(store, "a") == "10.96.0.4"
     with pytest.raises(ConflictError, match="nothing was written"):
         await apply_documents(_Racer(store, races=10), docs(svc("b")), max_attempts=3)
     assert await store.get(keys.config("Service", "default", "b")) is None

@@ -88,7 +88,7 @@ def test_service_vip_allocation_and_get_json(
     capsys.readouterr()
     assert main(["get", "service", "my-app", "-o", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["spec"]["clusterIP"] == "10.200.0.1"
+    assert doc["spec"]["clusterIP"] == "10.200.0.2"
     assert doc["spec"]["ports"][0] == {
         "name": "http",
         "port": 80,
@@ -100,7 +100,7 @@ def test_service_vip_allocation_and_get_json(
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert rows[0] == ["NAMESPACE", "NAME", "CLUSTER-IP", "PORTS", "SELECTOR", "REVISION"]
     assert rows[1][:5] == ["data", "db", "None", "<none>", "app=db"]
-    assert rows[2][:5] == ["default", "my-app", "10.200.0.1", "80/TCP", "app=my-app"]
+    assert rows[2][:5] == ["default", "my-app", "10.200.0.2", "80/TCP", "app=my-app"]
     assert main(["get", "svc", "-n", "data", "-o", "json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     assert listing["kind"] == "List"
@@ -116,7 +116,7 @@ def test_vip_range_from_environment(
     assert main(["apply", "-f", str(f)]) == 0
     capsys.readouterr()
     assert main(["get", "svc", "my-app", "-o", "json"]) == 0
-    assert json.loads(capsys.readouterr().out)["spec"]["clusterIP"] == "172.30.0.1"
+    assert json.loads(capsys.readouterr().out)["spec"]["clusterIP"] == "172.30.0.2"
     monkeypatch.setenv("MESH_VIP_RANGE", "not-a-range")
     assert main(["apply", "-f", str(f)]) == 2
     assert "VIP range 'not-a-range'" in capsys.readouterr().err
