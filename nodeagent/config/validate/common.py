@@ -161,6 +161,32 @@ def _unique_strings(w: Walker, path: str, value: Any) -> None:
         seen.add(v)
 
 
+def unique_ports(
+    w: Walker,
+    path: str,
+    ports: list[dict[str, Any]],
+    *,
+    number_key: str,
+    duplicate_number: str,
+    names_required: bool,
+) -> None:
+    """Port names and numbers unique within a list (names required when there are several, as
+    Kubernetes wants for Services). `duplicate_number` is formatted with the number."""
+    names: set[str | None] = set()
+    numbers: set[int] = set()
+    for i, port in enumerate(ports):
+        name = port.get("name")
+        if names_required and len(ports) > 1 and not name:
+            w.required(f"{path}[{i}].name")
+        elif name in names:
+            w.error(f"{path}[{i}].name", f'Duplicate value: "{name}"')
+        names.add(name)
+        number = port[number_key]
+        if number in numbers:
+            w.error(f"{path}[{i}].{number_key}", duplicate_number.format(number))
+        numbers.add(number)
+
+
 def export_to(w: Walker, path: str, value: Any) -> None:
     start = w.mark()
     list_of(string(check=_export_to))(w, path, value)

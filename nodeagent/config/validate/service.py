@@ -22,7 +22,12 @@ from nodeagent.config.schema import (
     port_number,
     string,
 )
-from nodeagent.config.validate.common import dns1123_label, dns1123_subdomain, labels
+from nodeagent.config.validate.common import (
+    dns1123_label,
+    dns1123_subdomain,
+    labels,
+    unique_ports,
+)
 
 _IANA_SVC_NAME = re.compile(r"(?=.*[a-z])[a-z0-9]([a-z0-9-]*[a-z0-9])?\Z")
 
@@ -54,26 +59,18 @@ _port = obj(
 )
 
 
-def _ports_check(w: Walker, path: str, value: Any) -> None:
-    names: set[str] = set()
-    numbers: set[int] = set()
-    for i, port in enumerate(value):
-        name = port.get("name")
-        if len(value) > 1 and not name:
-            w.required(f"{path}[{i}].name")
-        elif name in names:
-            w.error(f"{path}[{i}].name", f'Duplicate value: "{name}"')
-        names.add(name)
-        if port["port"] in numbers:
-            w.error(f"{path}[{i}].port", f"Duplicate value: {port['port']}")
-        numbers.add(port["port"])
-
-
 def _ports(w: Walker, path: str, value: Any) -> None:
     start = w.mark()
     list_of(_port, max_items=256)(w, path, value)
     if w.clean_since(start):
-        _ports_check(w, path, value)
+        unique_ports(
+            w,
+            path,
+            value,
+            number_key="port",
+            duplicate_number="Duplicate value: {}",
+            names_required=True,
+        )
 
 
 def _spec_check(w: Walker, path: str, spec: Any) -> None:

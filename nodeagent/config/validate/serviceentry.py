@@ -30,6 +30,7 @@ from nodeagent.config.validate.common import (
     hostname,
     labels,
     selector_labels,
+    unique_ports,
 )
 
 PROTOCOLS = ["HTTP", "HTTPS", "GRPC", "HTTP2", "TCP", "TLS"]
@@ -78,23 +79,18 @@ _endpoint = obj(
 )
 
 
-def _ports_check(w: Walker, path: str, value: Any) -> None:
-    names: set[str] = set()
-    numbers: set[int] = set()
-    for i, port in enumerate(value):
-        if port["name"] in names:
-            w.error(f"{path}[{i}].name", f'Duplicate value: "{port["name"]}"')
-        names.add(port["name"])
-        if port["number"] in numbers:
-            w.error(f"{path}[{i}].number", f"port number cannot be duplicated: {port['number']}")
-        numbers.add(port["number"])
-
-
 def _ports(w: Walker, path: str, value: Any) -> None:
     start = w.mark()
     list_of(_port, max_items=256)(w, path, value)
     if w.clean_since(start):
-        _ports_check(w, path, value)
+        unique_ports(
+            w,
+            path,
+            value,
+            number_key="number",
+            duplicate_number="port number cannot be duplicated: {}",
+            names_required=False,
+        )
 
 
 def _spec_check(w: Walker, path: str, spec: Any) -> None:
