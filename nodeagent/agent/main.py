@@ -19,8 +19,9 @@ from nodeagent.agent.enroll import Enroller
 from nodeagent.agent.state import AgentState
 from nodeagent.cni.metadata import RuntimeArgsMetadataSource
 from nodeagent.cni.server import CniServer
+from nodeagent.identity.manager import IdentityManager
 from nodeagent.log import get_logger
-from nodeagent.snapshot import SnapshotSync
+from nodeagent.snapshot import Snapshot, SnapshotSync
 from nodeagent.store import open_store
 from nodeagent.store.base import LeaseNotFound, Store, StoreError
 
@@ -55,6 +56,7 @@ class Agent:
     lease: int = 0
     enroller: Enroller | None = None
     snapshot: SnapshotSync | None = None
+    identities: IdentityManager | None = None
     _lease_lost: trio.Event = field(default_factory=trio.Event)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -65,8 +67,19 @@ class Agent:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._hold_lease, store, state)
-                self.snapshot = SnapshotSync(store, cache_path=cfg.run_dir / "snapshot.cache")
+                self.snapshot = SnapshotSync(
+                    store, cache_path=cfg.run_dir / "snapshot.cache", trust_domain=cfg.trust_domain
+                )
                 await nursery.start(self.snapshot.run)
+                self.identities = IdentityManager(
+                    store,
+                    cfg.node,
+                    cfg.trust_domain,
+                    lease=lambda: self.lease,
+                    state_dir=cfg.run_dir / "identity",
+                )
+                await nursery.start(self.identities.run)
+                self._follow_node_identities(self.snapshot, self.identities)
                 pods_nursery = await nursery.start(_open_pods_nursery)
                 self.enroller = Enroller(
                     node=cfg.node,
@@ -122,6 +135,26 @@ class Agent:
             except StoreError as exc:
                 log.warning("lease.keepalive_failed", error=str(exc))
 
+    def _follow_node_identities(self, sync: SnapshotSync, identities: IdentityManager) -> None:
+        """Keep a certificate for every identity of a workload registered on this node.
+
+        The enroller also calls ensure/release per pod; following the snapshot as well covers
+        re-adopted pods and workloads registered by others for this node, and releases an
+        identity once no workload of this node has it any more."""
+        held: set[str] = set()
+
+        def on_swap(snap: Snapshot) -> None:
+            wanted = {w.identity for w in snap.workloads_on_node(self.config.node)}
+            for identity in sorted(wanted - held):
+                identities.ensure(identity)
+            for identity in sorted(held - wanted):
+                identities.release(identity)
+            held.clear()
+            held.update(wanted)
+
+        on_swap(sync.current)
+        sync.add_listener(on_swap)
+
     def _routes(self) -> dict[str, Any]:
         def ready(_: Any) -> Response:
             return Response.text(
@@ -141,10 +174,20 @@ class Agent:
                     "lease": self.lease,
                     "snapshot": snap.statistics() if snap is not None else None,
                     "pods": self.enroller.dump() if self.enroller else [],
+                    "identity": self.identities.statistics() if self.identities else None,
+                    "certificates": self.identities.certificates() if self.identities else [],
                 }
             )
 
-        return {"/healthz/ready": ready, "/pods": pods, "/config_dump": config_dump}
+        def certificates(_: Any) -> Response:
+            return Response.json(self.identities.certificates() if self.identities else [])
+
+        return {
+            "/healthz/ready": ready,
+            "/pods": pods,
+            "/config_dump": config_dump,
+            "/certs": certificates,
+        }
 
 
 async def _open_pods_nursery(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:

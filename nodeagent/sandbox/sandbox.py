@@ -43,6 +43,8 @@ from nodeagent.sandbox.system import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 60.0
 ETCD_TIMEOUT = 30.0
+CA_TIMEOUT = 30.0
+CA_TRUST_DOMAIN = "cluster.local"
 AGENT_GRACE = 10.0
 POD_GRACE = 5.0
 # A pod command that dies this fast with an error was a bad command line: undo the pod.
@@ -181,8 +183,11 @@ class Sandbox:
         ready_timeout: float = READY_TIMEOUT,
         progress: bool = True,
         cleanup_on_failure: bool = True,
+        ca_ttl: str = "24h",
     ) -> Sandbox:
-        """Create and start a sandbox. On failure it is torn down again (unless told not to)."""
+        """Create and start a sandbox. On failure it is torn down again (unless told not to).
+        With agents, the CA's signer runs too (before the agents), issuing certificates of
+        lifetime `ca_ttl`."""
         sb = cls(name, progress=progress)
         layout.check_node_count(nodes)
         layout.store_url(store, sb.state_dir)  # validates the store kind
@@ -196,6 +201,7 @@ class Sandbox:
                 cni_path=list(cni_path) if cni_path else sb._default_cni_path(),
                 agent_cmd=list(agent_cmd) if agent_cmd else sb._default_agent_cmd(),
                 ready_timeout=ready_timeout,
+                ca_ttl=ca_ttl,
             )
         except BaseException:
             if cleanup_on_failure:
@@ -467,6 +473,82 @@ class Sandbox:
                 ns.agent = None
                 save(st)
 
+    # ----- the CA -------------------------------------------------------------------------------
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.state_dir / "ca"
+
+    @property
+    def ca_log(self) -> Path:
+        return self.state_dir / "ca.log"
+
+    def start_ca(self, *, ttl: str = "24h", wait: bool = True) -> None:
+        """Start the CA's signer again (after `stop_ca`), with certificates of lifetime `ttl`."""
+        with locked(self.state_dir):
+            st = load(self.state_dir)
+            if st.ca is not None and st.ca.alive():
+                raise SandboxError(f"the CA already runs (pid {st.ca.pid})")
+            if not (self.ca_dir / "ca.key").exists():
+                self._init_ca()
+            self._spawn_ca(st, ttl)
+            save(st)
+        if wait:
+            self._wait_ca(self.state())
+
+    def stop_ca(self, *, grace: float = AGENT_GRACE) -> None:
+        """SIGTERM the CA's process group (SIGKILL after `grace`); agents keep their certs."""
+        with locked(self.state_dir):
+            st = load(self.state_dir)
+            if st.ca is not None:
+                self._say(f"stopping the CA (pid {st.ca.pid})")
+                stop_all([st.ca], grace=grace, group=True, children=_CHILDREN)
+                st.ca = None
+                save(st)
+
+    def _init_ca(self) -> None:
+        from nodeagent.ca import files
+
+        self._say(f"creating the CA in {self.ca_dir}")
+        try:
+            files.init(self.ca_dir, CA_TRUST_DOMAIN)
+        except (files.CaDirError, OSError) as e:
+            raise SandboxError(f"ca init in {self.ca_dir}: {e}") from e
+
+    def _spawn_ca(self, st: State, ttl: str) -> None:
+        first = next(iter(st.nodes.values()))  # etcd is reachable from the nodes' namespaces
+        argv = [
+            "ip", "netns", "exec", first.netns,
+            str(Path(sys.prefix) / "bin" / "nodeagent"), "ca", "serve",
+            "--dir", str(self.ca_dir), "--store", st.store_url, "--ttl", ttl,
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._say(f"starting the CA in {first.netns} (log {self.ca_log})")
+        proc, ref = spawn(argv, log=self.ca_log, env=env)
+        _CHILDREN[proc.pid] = proc
+        st.ca = ref
+
+    def _wait_ca(self, st: State) -> None:
+        """Until the signer has published the trust bundle (its `ca.ready` log line)."""
+        assert st.ca is not None
+        deadline = time.monotonic() + CA_TIMEOUT
+        while True:
+            try:
+                text = self.ca_log.read_text(errors="replace")
+            except FileNotFoundError:
+                text = ""
+            if '"ca.ready"' in text or " ca.ready " in text:
+                self._say("CA ready")
+                return
+            if not st.ca.alive():
+                raise SandboxError(
+                    f"the CA exited at start; last lines of {self.ca_log}:\n" + _tail(self.ca_log)
+                )
+            if time.monotonic() > deadline:
+                raise SandboxError(f"the CA not ready after {CA_TIMEOUT:.0f}s; see {self.ca_log}")
+            reap(_CHILDREN)
+            time.sleep(0.1)
+
     def wait_agents_ready(
         self, nodes: Sequence[str] | None = None, *, timeout: float = READY_TIMEOUT
     ) -> None:
@@ -551,6 +633,8 @@ class Sandbox:
         if agents:
             self._say(f"stopping {len(agents)} agent(s)")
             stop_all(agents, grace=AGENT_GRACE, group=True, children=_CHILDREN)
+        if st.ca is not None:
+            stop_all([st.ca], grace=AGENT_GRACE, group=True, children=_CHILDREN)
         if st.etcd is not None:
             stop_all([st.etcd], grace=AGENT_GRACE, group=True, children=_CHILDREN)
         return pod_ns + list(reversed(st.netns))
@@ -602,6 +686,7 @@ class Sandbox:
         cni_path: list[str],
         agent_cmd: list[str],
         ready_timeout: float,
+        ca_ttl: str = "24h",
     ) -> None:
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(mode=0o700)
@@ -630,6 +715,10 @@ class Sandbox:
             if store == "etcd":
                 self._start_etcd(st)
             if agents:
+                self._init_ca()
+                self._spawn_ca(st, ca_ttl)
+                save(st)
+                self._wait_ca(st)
                 for ns in st.nodes.values():
                     self._spawn_agent(st, ns)
                 save(st)

@@ -75,6 +75,8 @@ class State:
     pods: dict[str, PodState] = field(default_factory=dict)
     etcd: ProcessRef | None = None
     etcd_url: str | None = None
+    # The CA's signer (`nodeagent ca serve`), run in node n1's namespace; its dir is <state>/ca.
+    ca: ProcessRef | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,8 +96,14 @@ class State:
                 k: PodState(**{**v, "process": ProcessRef.from_json(v.get("process"))})
                 for k, v in doc["pods"].items()
             }
-            rest = {k: v for k, v in doc.items() if k not in ("nodes", "pods", "etcd")}
-            return State(**rest, nodes=nodes, pods=pods, etcd=ProcessRef.from_json(doc.get("etcd")))
+            rest = {k: v for k, v in doc.items() if k not in ("nodes", "pods", "etcd", "ca")}
+            return State(
+                **rest,
+                nodes=nodes,
+                pods=pods,
+                etcd=ProcessRef.from_json(doc.get("etcd")),
+                ca=ProcessRef.from_json(doc.get("ca")),
+            )
         except (AttributeError, KeyError, TypeError) as e:
             raise SandboxError(f"{where}: malformed sandbox state ({e})") from e
 
