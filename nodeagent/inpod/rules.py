@@ -23,6 +23,8 @@ from nodeagent.inpod.errors import AnnotationError
 OUTBOUND_PORT = 15001
 INBOUND_PLAINTEXT_PORT = 15006
 TUNNEL_PORT = 15008
+DNS_CAPTURE_PORT = 15053  # the agent's in-pod DNS proxy (nodeagent.dns), UDP and TCP
+DNS_PORT = 53
 
 # Every socket the agent opens in a pod netns carries this mark (DESIGN "Fixed contracts").
 MESH_MARK = 0x539
@@ -54,6 +56,8 @@ SUPPORTED_ANNOTATIONS = (
     A_EXCLUDE_OUTBOUND_CIDRS,
     A_INCLUDE_INBOUND_PORTS,
 )
+# Istio ambient's per-pod switch for DNS capture ("true"/"false"; absent: the default, on).
+A_DNS_CAPTURE = "ambient.istio.io/dns-capture"
 _MAX_ANNOTATION_LEN = 4096  # a pod annotation longer than this is a mistake, not a port list
 _MAX_ITEMS = 256  # one iptables rule per item: keep the chains short enough to read
 
@@ -65,12 +69,14 @@ _PROBE = f"{PROBE_SOURCE}/32"
 
 @dataclass(frozen=True)
 class RedirectionSpec:
-    """What one pod wants captured. Defaults capture all TCP both ways."""
+    """What one pod wants captured. Defaults capture all TCP both ways, and DNS (UDP+TCP 53)."""
 
     exclude_outbound_ports: tuple[int, ...] = ()
     exclude_inbound_ports: tuple[int, ...] = ()
     exclude_outbound_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
     include_inbound_ports: tuple[int, ...] | None = None  # None: all ports; (): none
+    # UDP and TCP to port 53 → the DNS proxy on 15053 (Istio ambient's default since 1.25).
+    dns_capture: bool = True
 
     def __post_init__(self) -> None:
         # Normalise so that equal specs build identical (golden-comparable) rule sets.
@@ -86,6 +92,8 @@ class RedirectionSpec:
             if TUNNEL_PORT in included:
                 raise ValueError(f"include_inbound_ports: {TUNNEL_PORT} is the mesh tunnel port")
             object.__setattr__(self, "include_inbound_ports", included)
+        if not isinstance(self.dns_capture, bool):
+            raise TypeError(f"dns_capture: {self.dns_capture!r} is not a bool")
 
     @classmethod
     def from_annotations(cls, annotations: Mapping[str, str]) -> RedirectionSpec:
@@ -121,7 +129,15 @@ class RedirectionSpec:
                 A_EXCLUDE_OUTBOUND_CIDRS, annotations.get(A_EXCLUDE_OUTBOUND_CIDRS, "")
             ),
             include_inbound_ports=include,
+            dns_capture=_parse_bool(A_DNS_CAPTURE, annotations.get(A_DNS_CAPTURE, "true")),
         )
+
+
+def _parse_bool(annotation: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("true", "false"):
+        raise AnnotationError(annotation, raw[:64], "expected 'true' or 'false'")
+    return value == "true"
 
 
 def _ports(ports: Iterable[int]) -> tuple[int, ...]:
@@ -291,6 +307,8 @@ def build_rules(spec: RedirectionSpec) -> RuleSet:
         _rule("nat", CHAIN_OUTPUT, "-d", str(c), "-p", "tcp", "-j", "RETURN")
         for c in spec.exclude_outbound_cidrs
     ]
+    if spec.dns_capture and DNS_PORT not in spec.exclude_outbound_ports:
+        n_out += _dns_capture(spec)
     # Everything else the app opens over TCP, unless the agent opened it, goes to 15001.
     n_out.append(
         _rule("nat", CHAIN_OUTPUT, "!", "-d", _LOOPBACK, "-p", "tcp", "-m", "mark", "!",
@@ -310,6 +328,33 @@ def build_rules(spec: RedirectionSpec) -> RuleSet:
         },
         jumps=jumps,
     )
+
+
+def _dns_capture(spec: RedirectionSpec) -> list[Rule]:
+    """The app's DNS (UDP and TCP to port 53) → the DNS proxy, as Istio ambient's in-pod rules.
+
+    Placed after the TCP bypasses, so the outbound exclusions apply to DNS over TCP too; excluded
+    CIDRs get a UDP bypass of their own here (an excluded port 53 drops DNS capture entirely, see
+    build_rules), which is how Istio honours exclusions for DNS. UDP leaving through `lo` (a
+    resolver inside the pod, 127.0.0.53 or the pod's own address) is not captured; for TCP the
+    loopback bypass above and `! -d 127.0.0.1/32` do the same. Never the agent's own queries.
+    """
+    out = [
+        _rule("nat", CHAIN_OUTPUT, "-d", str(c), "-p", "udp", "-m", "udp",
+              "--dport", str(DNS_PORT), "-j", "RETURN")
+        for c in spec.exclude_outbound_cidrs
+    ]  # fmt: skip
+    out.append(
+        _rule("nat", CHAIN_OUTPUT, "!", "-o", "lo", "-p", "udp", "-m", "udp",
+              "--dport", str(DNS_PORT), "-m", "mark", "!", "--mark", _MARK,
+              "-j", "REDIRECT", "--to-ports", str(DNS_CAPTURE_PORT))
+    )  # fmt: skip
+    out.append(
+        _rule("nat", CHAIN_OUTPUT, "!", "-d", _LOOPBACK, "-p", "tcp", "-m", "tcp",
+              "--dport", str(DNS_PORT), "-m", "mark", "!", "--mark", _MARK,
+              "-j", "REDIRECT", "--to-ports", str(DNS_CAPTURE_PORT))
+    )  # fmt: skip
+    return out
 
 
 def diff_rules(expected: RuleSet, live: RuleSet) -> list[str]:

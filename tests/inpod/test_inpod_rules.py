@@ -181,3 +181,59 @@ def test_diff_names_missing_extra_duplicate_and_order() -> None:
 
     assert RuleSet().is_empty()
     assert len(diff_rules(want, RuleSet())) == len(want.chains) + len(want.jumps)
+
+
+# -- DNS capture (nodeagent.dns serves 15053) --------------------------------------------------
+
+DNS_UDP = (
+    "-A MESH_OUTPUT ! -o lo -p udp -m udp --dport 53 -m mark ! --mark 0x539/0xfff "
+    "-j REDIRECT --to-ports 15053"
+)
+DNS_TCP = (
+    "-A MESH_OUTPUT ! -d 127.0.0.1/32 -p tcp -m tcp --dport 53 -m mark ! --mark 0x539/0xfff "
+    "-j REDIRECT --to-ports 15053"
+)
+
+
+def _nat_output(spec: RedirectionSpec) -> list[str]:
+    return [r.render() for r in build_rules(spec).chains[("nat", "MESH_OUTPUT")]]
+
+
+def test_dns_capture_is_on_by_default_before_the_tcp_capture() -> None:
+    out = _nat_output(RedirectionSpec())
+    # After the loopback bypass (a resolver inside the pod is left alone), before 15001.
+    assert out.index(DNS_UDP) > out.index("-A MESH_OUTPUT ! -d 127.0.0.1/32 -o lo -j RETURN")
+    assert out[-3:-1] == [DNS_UDP, DNS_TCP]
+    assert out[-1].endswith("--to-ports 15001")
+
+
+def test_dns_capture_off_removes_exactly_the_two_rules() -> None:
+    on, off = _nat_output(RedirectionSpec()), _nat_output(RedirectionSpec(dns_capture=False))
+    assert [r for r in on if r not in off] == [DNS_UDP, DNS_TCP]
+    assert not any("15053" in r for r in off)
+
+
+def test_dns_capture_honours_outbound_exclusions() -> None:
+    out = _nat_output(EXCLUDES)
+    # Excluded CIDRs bypass DNS capture over UDP too (TCP already RETURNs earlier).
+    assert "-A MESH_OUTPUT -d 10.96.0.0/12 -p udp -m udp --dport 53 -j RETURN" in out
+    assert out.index("-A MESH_OUTPUT -d 10.96.0.0/12 -p udp -m udp --dport 53 -j RETURN") < (
+        out.index(DNS_UDP)
+    )
+    # Excluding port 53 turns DNS capture off for both protocols.
+    assert not any("15053" in r for r in _nat_output(RedirectionSpec(exclude_outbound_ports=(53,))))
+
+
+@pytest.mark.parametrize(("value", "want"), [("false", False), ("True", True), (" true ", True)])
+def test_dns_capture_annotation(value: str, want: bool) -> None:
+    spec = RedirectionSpec.from_annotations({"ambient.istio.io/dns-capture": value})
+    assert spec.dns_capture is want
+    assert RedirectionSpec.from_annotations({}).dns_capture is True
+
+
+def test_dns_capture_annotation_rejects_other_values() -> None:
+    with pytest.raises(AnnotationError, match="expected 'true' or 'false'") as info:
+        RedirectionSpec.from_annotations({"ambient.istio.io/dns-capture": "off"})
+    assert info.value.annotation == "ambient.istio.io/dns-capture"
+    with pytest.raises(TypeError, match="dns_capture"):
+        RedirectionSpec(dns_capture="no")  # type: ignore[arg-type]
