@@ -7,6 +7,13 @@ replaced by it), copy the plugin executable into the CNI bin dir, and with `--wa
 chain whenever the primary CNI rewrites its file. `--uninstall` undoes it: the original file
 comes back byte-identical when nobody changed ours since, else our entry is stripped out.
 
+In a cluster (`--watch --uninstall-flag FILE`, the DaemonSet's install-cni container), a restart
+or upgrade must leave the chain in place (pods keep being enrolled by the next agent), while
+deleting the DaemonSet must take mesh-cni out (else no pod can start on the node: the plugin
+fails ADD when no agent answers). A container cannot tell the two apart from SIGTERM alone, so
+the uninstall path says so explicitly: FILE (a ConfigMap key, re-read at every poll) reading
+"true" makes the watch uninstall and stay out, and SIGTERM uninstalls only when it reads "true".
+
 Deciding is pure: `plan(files, state, entry)` maps what is on disk to the writes and deletes
 to make; `apply` performs them atomically (tmp file + rename, state first). The state file
 (`.mesh-cni-install.state`, ignored by runtimes for its extension) keeps the original bytes.
@@ -395,20 +402,48 @@ def uninstall(opts: Options) -> Plan:
     return plan
 
 
+def uninstall_requested(flag: Path | None) -> bool:
+    """The uninstall path's signal: `flag` exists and reads "true" (a missing file: no)."""
+    if flag is None:
+        return False
+    try:
+        return flag.read_text(errors="replace").strip().lower() == "true"
+    except OSError:
+        return False
+
+
 def watch(
     opts: Options,
     *,
     interval: float = 1.0,
     should_stop: Callable[[], bool] = lambda: False,
     sleep: Callable[[float], None] = time.sleep,
+    uninstall_flag: Path | None = None,
 ) -> None:
-    """Re-run `reconcile` every `interval` until `should_stop()`; errors are logged, retried."""
+    """Re-run `reconcile` every `interval` until `should_stop()`; errors are logged, retried.
+
+    While `uninstall_flag` reads "true", uninstall (once) instead and do not reinstall; at stop,
+    uninstall only if it reads "true" then (a restart keeps the chain)."""
+    removed = False
     while not should_stop():
         try:
-            reconcile(opts)
+            if uninstall_requested(uninstall_flag):
+                if not removed:
+                    uninstall(opts)
+                    removed = True
+            else:
+                removed = False
+                reconcile(opts)
         except InstallError as exc:
             log.warning("cni.install.retry", error=str(exc))
         sleep(interval)
+    if uninstall_requested(uninstall_flag):
+        try:
+            uninstall(opts)
+        except InstallError as exc:
+            log.error("cni.uninstall.failed", error=str(exc))
+    else:
+        log.info("cni.install.stopped", kept="mesh-cni stays chained (restart, not uninstall)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -425,7 +460,22 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated namespaces whose pods are never enrolled (default: kube-system)",
     )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
-    p.add_argument("--plugin-source", type=Path, default=DEFAULT_PLUGIN_SOURCE)
+    p.add_argument(
+        "--plugin-source",
+        type=Path,
+        default=Path(os.environ.get("MESH_CNI_PLUGIN_SOURCE") or DEFAULT_PLUGIN_SOURCE),
+    )
+    p.add_argument(
+        "--host-interpreter",
+        default=sys.executable,
+        help="the Python (with msgpack) the plugin runs with ON THE NODE (default: this one)",
+    )
+    p.add_argument(
+        "--uninstall-flag",
+        type=Path,
+        default=None,
+        help="with --watch: uninstall while this file reads 'true', and at exit only then",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--uninstall", action="store_true", help="remove our entry and executable")
     mode.add_argument("--watch", action="store_true", help="keep repairing, polling every second")
@@ -446,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         exclude_namespaces=tuple(ns for ns in args.exclude_namespaces.split(",") if ns),
         log_level=args.log_level,
         plugin_source=args.plugin_source,
+        interpreter=args.host_interpreter,
     )
     try:
         if args.uninstall:
@@ -468,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_signal)
     try:
-        watch(opts, should_stop=lambda: stop)
+        watch(opts, should_stop=lambda: stop, uninstall_flag=args.uninstall_flag)
     except KeyboardInterrupt:
         pass
     finally:

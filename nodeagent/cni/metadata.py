@@ -1,8 +1,11 @@
 """Where the agent learns a pod's labels, annotations and service account.
 
-`PodMetadataSource` is the seam: today's implementation, `RuntimeArgsMetadataSource`, reads
-what the sandbox's runtime passes in CNI_ARGS (`MESH_POD_META`); a Kubernetes API source (a
-later issue) will implement the same protocol by looking the pod up by namespace/name/uid.
+`PodMetadataSource` is the seam. `RuntimeArgsMetadataSource` reads what the sandbox's runtime
+passes in CNI_ARGS (`MESH_POD_META`). `StoreMetadataSource` is the Kubernetes one: it reads the
+Pod that `nodeagent kube-sync` mirrored into the store (`/mesh/v1/kube/pods/<ns>/<name>`) and,
+when the CNI ADD races ahead of kube-sync, watches for it with a bounded wait. A mirrored Pod
+whose uid differs from the CNI call's `K8S_POD_UID` is an older pod of the same name: it is
+waited past, never used. `metadata_source(kind, store)` picks one by name (`MESH_POD_METADATA`).
 """
 
 from __future__ import annotations
@@ -13,10 +16,17 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+import trio
 
 from nodeagent.cni.errors import EnrollError, ErrorCode
 from nodeagent.cni.protocol import CniRequest
+from nodeagent.log import get_logger
+from nodeagent.store import codec, keys
+from nodeagent.store.base import CompactedError, KeyValue, Store, StoreError
+
+log = get_logger("cni.metadata")
 
 META_ARG = "MESH_POD_META"
 DEFAULT_SERVICE_ACCOUNT = "default"
@@ -89,3 +99,98 @@ class RuntimeArgsMetadataSource:
         if raw is None or raw == "":
             return PodMetadata()
         return parse_pod_meta(raw)
+
+
+# kube-sync's prefix for Pods (nodeagent.kube.resources.PODS; spelled here so the agent does
+# not import the Kubernetes package).
+KUBE_PODS = keys.ROOT + "kube/pods/"
+ENV_SOURCE = "MESH_POD_METADATA"
+DEFAULT_WAIT = 10.0
+
+
+def _pod_metadata(key: str, doc: Any) -> PodMetadata:
+    def bad(why: str) -> EnrollError:
+        return EnrollError(ErrorCode.ENROLL_FAILED, f"pod record {key} in the store: {why}")
+
+    if not isinstance(doc, dict):
+        raise bad("not a map")
+    out: dict[str, dict[str, str]] = {}
+    for name in ("labels", "annotations"):
+        value = doc.get(name) or {}
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise bad(f"{name!r} is not a map of strings")
+        out[name] = dict(value)
+    sa = doc.get("serviceAccount") or DEFAULT_SERVICE_ACCOUNT
+    if not isinstance(sa, str) or len(sa) > 253 or "/" in sa:
+        raise bad(f"bad serviceAccount {sa!r}")
+    return PodMetadata(labels=out["labels"], annotations=out["annotations"], service_account=sa)
+
+
+class StoreMetadataSource:
+    """Kubernetes pods, as kube-sync mirrors them into the store; waits at most `wait` s."""
+
+    def __init__(self, store: Store, *, wait: float = DEFAULT_WAIT) -> None:
+        self.store = store
+        self.wait = wait
+
+    def _match(self, kv: KeyValue | None, uid: str) -> PodMetadata | None:
+        if kv is None or not kv.value:
+            return None
+        try:
+            doc = codec.decode(kv)
+        except codec.DecodeError as exc:
+            raise EnrollError(ErrorCode.ENROLL_FAILED, str(exc)) from None
+        if uid and isinstance(doc, dict) and doc.get("uid") != uid:
+            return None  # a previous pod of the same name; kube-sync has not seen ours yet
+        return _pod_metadata(kv.key, doc)
+
+    async def lookup(self, req: CniRequest) -> PodMetadata:
+        ns, name, uid = req.pod.namespace, req.pod.name, req.pod.uid
+        if not ns or not name or "/" in ns or "/" in name:
+            raise EnrollError(ErrorCode.INVALID_ENV, f"no usable pod name in CNI_ARGS: {ns}/{name}")
+        key = f"{KUBE_PODS}{ns}/{name}"
+        with trio.move_on_after(self.wait):
+            try:
+                return await self._wait_for(key, uid)
+            except StoreError as exc:
+                raise EnrollError(
+                    ErrorCode.TRY_AGAIN_LATER, f"look up pod {ns}/{name} in the store: {exc}"
+                ) from None
+        raise EnrollError(
+            ErrorCode.TRY_AGAIN_LATER,
+            f"pod {ns}/{name} (uid {uid or '?'}) not in the store after {self.wait:g}s",
+            "kube-sync mirrors Pods into the store; is it running and leading?",
+        )
+
+    async def _wait_for(self, key: str, uid: str) -> PodMetadata:
+        for _attempt in range(100):  # a compacted watch re-reads; bounded anyway by `wait`
+            kvs, revision = await self.store.range(key)
+            found = self._match(next((kv for kv in kvs if kv.key == key), None), uid)
+            if found is not None:
+                return found
+            log.info("cni.metadata.waiting", key=key, uid=uid)
+            try:
+                async with self.store.watch(key, start_revision=revision + 1) as batches:
+                    async for batch in batches:
+                        for event in batch:
+                            if event.kv.key != key or event.type != "put":
+                                continue
+                            found = self._match(event.kv, uid)
+                            if found is not None:
+                                return found
+            except CompactedError:
+                continue
+        raise StoreError(f"watch on {key} kept being compacted")
+
+
+def metadata_source(kind: str, store: Store | None = None) -> PodMetadataSource:
+    """`runtime-args` (the sandbox) or `kubernetes` (kube-sync's Pods in `store`)."""
+    if kind in ("", "runtime-args"):
+        return RuntimeArgsMetadataSource()
+    if kind == "kubernetes":
+        if store is None:
+            raise ValueError("the kubernetes pod metadata source needs the store")
+        return StoreMetadataSource(store)
+    raise ValueError(f"{ENV_SOURCE}={kind!r}: expected 'runtime-args' or 'kubernetes'")

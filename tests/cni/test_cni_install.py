@@ -271,3 +271,88 @@ def test_watch_process_repairs_and_exits_on_sigterm(dirs: Options) -> None:
             proc.wait(timeout=10)
     uninstall(dirs)
     assert path.read_bytes() == BRIDGE_CONFLIST
+
+
+def test_watch_uninstalls_while_flag_says_so_and_stays_out(dirs: Options, tmp_path: Path) -> None:
+    path = dirs.conf_dir / "10-bridge.conflist"
+    path.write_bytes(BRIDGE_CONFLIST)
+    flag = tmp_path / "cni-uninstall"
+    flag.write_text("false")
+    rounds: list[list[str]] = []
+
+    def fake_sleep(seconds: float) -> None:
+        rounds.append([p["type"] for p in plugins(path)])
+        if len(rounds) == 1:
+            flag.write_text("true\n")  # the uninstall path flips the ConfigMap key
+        if len(rounds) == 2:
+            path.write_bytes(BRIDGE_CONFLIST)  # the primary rewrites: we must not come back
+
+    install.watch(dirs, should_stop=lambda: len(rounds) >= 3, sleep=fake_sleep, uninstall_flag=flag)
+    assert rounds == [
+        ["bridge", "portmap", "mesh-cni"],
+        ["bridge", "portmap"],
+        ["bridge", "portmap"],
+    ]
+    assert path.read_bytes() == BRIDGE_CONFLIST
+    assert not (dirs.bin_dir / "mesh-cni").exists()
+    assert not (dirs.conf_dir / STATE_FILE).exists()
+
+
+@pytest.mark.parametrize("flag_text", [None, "false", "yes"])
+def test_stop_without_uninstall_flag_keeps_the_chain(
+    dirs: Options, tmp_path: Path, flag_text: str | None
+) -> None:
+    """A restart or upgrade (SIGTERM, flag absent or not "true") leaves mesh-cni chained."""
+    path = dirs.conf_dir / "10-bridge.conflist"
+    path.write_bytes(BRIDGE_CONFLIST)
+    flag = tmp_path / "cni-uninstall"
+    if flag_text is not None:
+        flag.write_text(flag_text)
+    rounds: list[int] = []
+    install.watch(
+        dirs,
+        should_stop=lambda: len(rounds) >= 1,
+        sleep=lambda s: rounds.append(1),
+        uninstall_flag=flag,
+    )
+    assert [p["type"] for p in plugins(path)][-1] == "mesh-cni"
+    assert (dirs.bin_dir / "mesh-cni").exists()
+
+
+@pytest.mark.slow
+def test_watch_process_uninstalls_on_sigterm_only_when_flagged(
+    dirs: Options, tmp_path: Path
+) -> None:
+    path = dirs.conf_dir / "10-bridge.conflist"
+    path.write_bytes(BRIDGE_CONFLIST)
+    flag = tmp_path / "cni-uninstall"
+    flag.write_text("false")
+    code = "import sys; from nodeagent.cni.install import main; sys.exit(main(sys.argv[1:]))"
+    argv = [
+        sys.executable,
+        "-c",
+        code,
+        *cli(
+            dirs, "--watch", "--uninstall-flag", str(flag), "--host-interpreter", "/usr/bin/python3"
+        ),
+    ]
+    for flagged in (False, True):
+        uninstall(dirs)  # so that seeing mesh-cni means this process is up and watching
+        flag.write_text("false")
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        try:
+            _watch_until(path, b"mesh-cni")
+            # Written after the process saw the chain: the value at SIGTERM decides.
+            flag.write_text("true" if flagged else "false")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        if flagged:
+            assert path.read_bytes() == BRIDGE_CONFLIST
+            assert not (dirs.bin_dir / "mesh-cni").exists()
+        else:
+            assert b"mesh-cni" in path.read_bytes()
+            assert (dirs.bin_dir / "mesh-cni").read_bytes().startswith(b"#!/usr/bin/python3 -I\n")

@@ -1,0 +1,68 @@
+"""The Kubernetes resources kube-sync mirrors, with their API paths, and where they land.
+
+Istio kinds and Services become the same documents `meshctl apply` writes
+(`/mesh/v1/config/<Kind>/<ns>/<name>`); EndpointSlices and Pods are not mesh config and get
+their own prefix, `/mesh/v1/kube/`, owned by kube-sync alone (the agent's pod metadata source
+reads Pods there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nodeagent.store import keys
+
+KUBE = keys.ROOT + "kube/"
+PODS = KUBE + "pods/"
+ENDPOINT_SLICES = KUBE + "endpointslices/"
+
+
+def pod_key(namespace: str, name: str) -> str:
+    return f"{PODS}{namespace}/{name}"
+
+
+def endpoint_slice_key(namespace: str, name: str) -> str:
+    return f"{ENDPOINT_SLICES}{namespace}/{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceType:
+    kind: str
+    group: str  # "" for the core group
+    version: str
+    plural: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def collection_path(self, namespace: str | None = None) -> str:
+        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        if namespace is None:
+            return f"{base}/{self.plural}"
+        return f"{base}/namespaces/{namespace}/{self.plural}"
+
+    @property
+    def store_prefix(self) -> str:
+        if self.kind == "Pod":
+            return PODS
+        if self.kind == "EndpointSlice":
+            return ENDPOINT_SLICES
+        return f"{keys.CONFIG}{self.kind}/"
+
+
+SERVICE = ResourceType("Service", "", "v1", "services")
+ENDPOINT_SLICE = ResourceType("EndpointSlice", "discovery.k8s.io", "v1", "endpointslices")
+POD = ResourceType("Pod", "", "v1", "pods")
+ISTIO = (
+    ResourceType("VirtualService", "networking.istio.io", "v1", "virtualservices"),
+    ResourceType("DestinationRule", "networking.istio.io", "v1", "destinationrules"),
+    ResourceType("Gateway", "networking.istio.io", "v1", "gateways"),
+    ResourceType("ServiceEntry", "networking.istio.io", "v1", "serviceentries"),
+    ResourceType("AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies"),
+    ResourceType("PeerAuthentication", "security.istio.io", "v1", "peerauthentications"),
+)
+ALL = (SERVICE, ENDPOINT_SLICE, POD, *ISTIO)
+BY_KIND = {r.kind: r for r in ALL}
+
+LEASE = ResourceType("Lease", "coordination.k8s.io", "v1", "leases")

@@ -1,0 +1,171 @@
+"""Access logs: one structured line per proxied request and per TCP connection.
+
+The data path calls `AccessLog.log(record)`, which only puts the record on a bounded in-memory
+queue (and counts it as dropped when the queue is full); the `run()` task renders lines with
+structlog's renderers (JSON by default, a readable console format on request) and writes them from
+a worker thread, so a slow or stuck stderr never stalls a request. Logging is switchable per
+namespace (the namespace of the workload whose proxy reports).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+import structlog
+import trio
+
+from nodeagent.telemetry.metrics import Counter, Metric
+
+Format = Literal["json", "console"]
+DEFAULT_QUEUE = 4096
+MAX_BATCH = 256
+
+
+class TextSink(Protocol):
+    def write(self, text: str, /) -> int: ...
+    def flush(self) -> None: ...
+
+
+class _Stderr:
+    """sys.stderr looked up at each write, so a replaced stderr (tests, daemons) is honoured."""
+
+    def write(self, text: str, /) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRecord:
+    """One request (kind "request") or one TCP connection (kind "connection").
+
+    `namespace` selects the per-namespace switch; `bytes_received` is what the client sent (in),
+    `bytes_sent` what it got back (out). Unknown strings are "-" as in Envoy's access log.
+    """
+
+    kind: Literal["request", "connection"]
+    namespace: str
+    start_time: float  # unix seconds
+    duration_ms: float
+    reporter: Literal["source", "destination"] = "source"
+    protocol: str = "tcp"
+    method: str = "-"
+    authority: str = "-"
+    path: str = "-"
+    response_code: int = 0
+    response_flags: str = "-"
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    upstream_host: str = "-"
+    downstream_address: str = "-"
+    source_principal: str = "-"
+    destination_principal: str = "-"
+    request_id: str = "-"
+    trace_id: str = "-"
+    connection_id: str = "-"
+
+    def event(self) -> dict[str, Any]:
+        fields = asdict(self)
+        fields["start_time"] = datetime.fromtimestamp(self.start_time, UTC).isoformat(
+            timespec="milliseconds"
+        )
+        fields["duration_ms"] = round(self.duration_ms, 3)
+        return fields
+
+
+class AccessLog:
+    def __init__(
+        self,
+        *,
+        fmt: Format = "json",
+        sink: TextSink | None = None,
+        max_queue: int = DEFAULT_QUEUE,
+        enabled: bool = True,
+        namespaces: Mapping[str, bool] | None = None,
+    ) -> None:
+        if fmt not in ("json", "console"):
+            raise ValueError(f"access log format {fmt!r}: one of json, console")
+        self.fmt: Format = fmt
+        self._renderer: Any = (
+            structlog.processors.JSONRenderer(sort_keys=False)
+            if fmt == "json"
+            else structlog.dev.ConsoleRenderer(colors=False)
+        )
+        self._sink: TextSink = sink if sink is not None else _Stderr()
+        self.default_enabled = enabled
+        self.namespaces: dict[str, bool] = dict(namespaces or {})
+        self._send, self._receive = trio.open_memory_channel[AccessRecord](max_queue)
+        self.logged = 0
+        self.dropped = 0
+        self.written = 0
+        self.write_errors = 0
+
+    def enabled_for(self, namespace: str) -> bool:
+        return self.namespaces.get(namespace, self.default_enabled)
+
+    def set_namespace(self, namespace: str, enabled: bool | None) -> None:
+        """Switch one namespace on or off; None returns it to the default."""
+        if enabled is None:
+            self.namespaces.pop(namespace, None)
+        else:
+            self.namespaces[namespace] = enabled
+
+    def log(self, record: AccessRecord) -> None:
+        """Queue one line; never blocks (a full queue drops the record and counts it)."""
+        if not self.namespaces.get(record.namespace, self.default_enabled):
+            return
+        try:
+            self._send.send_nowait(record)
+            self.logged += 1
+        except trio.WouldBlock:
+            self.dropped += 1
+
+    def render(self, record: AccessRecord) -> str:
+        event = record.event()
+        event["event"] = f"access.{record.kind}"
+        event["component"] = "accesslog"
+        event["timestamp"] = datetime.now(UTC).isoformat()
+        line: str = self._renderer(None, "info", event)
+        return line + "\n"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for first in self._receive:
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            text = "".join(self.render(r) for r in batch)
+            try:
+                await trio.to_thread.run_sync(self._write, text, abandon_on_cancel=True)
+                self.written += len(batch)
+            except OSError:
+                self.write_errors += 1
+
+    def _write(self, text: str) -> None:
+        self._sink.write(text)
+        self._sink.flush()
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "logged": self.logged,
+            "dropped": self.dropped,
+            "written": self.written,
+            "write_errors": self.write_errors,
+            "queued": self._receive.statistics().current_buffer_used,
+        }
+
+    def collector(self) -> Iterable[Metric]:
+        """Registry collector: `registry.add_collector(access_log.collector)`."""
+        dropped = Counter(
+            "nodeagent_accesslog_dropped_total", "Access log lines dropped (queue full)."
+        )
+        dropped.values[()] = self.dropped
+        return [dropped]
