@@ -33,10 +33,32 @@ def _run(argv: list[str]) -> int:
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="json", choices=["json", "console"])
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=15020,
+        help="TCP port of /stats/prometheus and /healthz/ready",
+    )
+    p.add_argument("--zipkin-url", default=os.environ.get("MESH_ZIPKIN_URL"))
+    p.add_argument("--sample-rate", type=float, default=0.01, help="trace sampling, 0..1")
+    p.add_argument(
+        "--pod-metadata",
+        default=os.environ.get("MESH_POD_METADATA", ""),
+        choices=["", "runtime-args", "kubernetes"],
+        help="where pod labels and service accounts come from",
+    )
     args = p.parse_args(argv)
     log.configure(args.log_level, args.log_format)
     cfg = AgentConfig(
-        node=args.node, store_url=args.store, run_dir=args.run_dir, trust_domain=args.trust_domain
+        node=args.node,
+        store_url=args.store,
+        run_dir=args.run_dir,
+        trust_domain=args.trust_domain,
+        log_level=args.log_level,
+        metrics_port=args.metrics_port,
+        zipkin_url=args.zipkin_url,
+        sample_rate=args.sample_rate,
+        pod_metadata=args.pod_metadata,
     )
     try:
         trio.run(run_until_signalled, cfg)

@@ -172,7 +172,7 @@ def config_dump_text(dump: Mapping[str, Any]) -> str:
         if isinstance(value, dict):
             out.append(f"{key}:\n" + table(sorted(value.items()), ["KEY", "VALUE"]))
     out.append("workloads:\n" + workloads_table(dump.get("workloads") or dump.get("pods") or []))
-    out.append("certs:\n" + certs_table(dump.get("certs") or []))
+    out.append("certs:\n" + certs_table(dump.get("certificates") or []))
     return "\n".join(out)
 
 

@@ -57,7 +57,7 @@ def admin_routes(src: AdminSources) -> dict[str, Route]:
     def config_dump(_: Request) -> Response:
         dump = dict(src.config_dump())
         dump.setdefault("workloads", list(src.workloads()))
-        dump.setdefault("certs", list(src.certs()))
+        dump.setdefault("certificates", list(src.certs()))
         return Response.json(scrub(dump))
 
     def workloads(_: Request) -> Response:

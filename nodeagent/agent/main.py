@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from nodeagent.admin.server import AdminServer, Response
+from nodeagent.admin.routes import AdminSources, admin_routes
+from nodeagent.admin.server import AdminServer, Handler, Response, Route
 from nodeagent.agent.enroll import Enroller
 from nodeagent.agent.state import AgentState
-from nodeagent.cni.metadata import RuntimeArgsMetadataSource
+from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.log import get_logger
 from nodeagent.snapshot import Snapshot, SnapshotSync
 from nodeagent.store import open_store
 from nodeagent.store.base import LeaseNotFound, Store, StoreError
+from nodeagent.telemetry.metrics import HealthSources
+from nodeagent.telemetry.service import Telemetry, TelemetryConfig
 
 log = get_logger("agent")
 LEASE_TTL = 15.0
@@ -35,6 +39,13 @@ class AgentConfig:
     store_url: str
     run_dir: Path
     trust_domain: str = "cluster.local"
+    log_level: str = "info"
+    metrics_port: int = 15020
+    zipkin_url: str | None = None
+    sample_rate: float = 0.01
+    # Where pod labels and service accounts come from: "" (CNI runtime args) or "kubernetes"
+    # (kube-sync's Pod records in the store).
+    pod_metadata: str = ""
 
     @property
     def cni_socket(self) -> Path:
@@ -57,7 +68,30 @@ class Agent:
     enroller: Enroller | None = None
     snapshot: SnapshotSync | None = None
     identities: IdentityManager | None = None
+    telemetry: Telemetry | None = None
+    drain_deadline: float = 0.0
+    drain_requested: trio.Event = field(default_factory=trio.Event)
     _lease_lost: trio.Event = field(default_factory=trio.Event)
+
+    def request_drain(self, deadline: float) -> None:
+        """/quitquitquit: returns at once; run_until_signalled drains and stops the agent."""
+        self.drain_deadline = deadline
+        self.drain_requested.set()
+
+    def open_connections(self) -> dict[str, int]:
+        totals = {"inbound": 0, "outbound": 0}
+        for pod in self.enroller.pods.values() if self.enroller else ():
+            for direction, s in pod.proxy.statistics().items():
+                totals[direction] = totals.get(direction, 0) + s["opened"] - s["closed"]
+        return totals
+
+    def _cert_expiry(self) -> dict[str, float]:
+        rows = self.identities.certificates() if self.identities else []
+        return {
+            r["identity"]: datetime.fromisoformat(r["not_after"]).timestamp()
+            for r in rows
+            if r.get("not_after")
+        }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
@@ -71,6 +105,23 @@ class Agent:
                     store, cache_path=cfg.run_dir / "snapshot.cache", trust_domain=cfg.trust_domain
                 )
                 await nursery.start(self.snapshot.run)
+                snapshot = self.snapshot
+                self.telemetry = Telemetry(
+                    TelemetryConfig(
+                        cfg.node,
+                        metrics_port=cfg.metrics_port,
+                        zipkin_url=cfg.zipkin_url,
+                        sample_rate=cfg.sample_rate,
+                    ),
+                    ready=lambda: self.ready,
+                    health=HealthSources(
+                        enrolled_pods=lambda: len(self.enroller.pods) if self.enroller else 0,
+                        certificate_expiry=self._cert_expiry,
+                        store_revision=lambda: snapshot.current.revision,
+                        open_connections=self.open_connections,
+                    ),
+                )
+                await nursery.start(self.telemetry.run)
                 self.identities = IdentityManager(
                     store,
                     cfg.node,
@@ -85,7 +136,7 @@ class Agent:
                     node=cfg.node,
                     store=store,
                     state=state,
-                    metadata=RuntimeArgsMetadataSource(),
+                    metadata=metadata_source(cfg.pod_metadata, store),
                     pods_nursery=pods_nursery,
                     lease=lambda: self.lease,
                 )
@@ -156,38 +207,36 @@ class Agent:
         sync.add_listener(on_swap)
 
     def _routes(self) -> dict[str, Any]:
-        def ready(_: Any) -> Response:
-            return Response.text(
-                "ready\n" if self.ready else "starting\n", 200 if self.ready else 503
-            )
-
         def pods(_: Any) -> Response:
             return Response.json(self.enroller.dump() if self.enroller else [])
 
-        def config_dump(_: Any) -> Response:
+        def dump() -> dict[str, Any]:
             snap = self.snapshot.current if self.snapshot else None
-            return Response.json(
-                {
-                    "node": self.config.node,
-                    "store": self.config.store_url,
-                    "ready": self.ready,
-                    "lease": self.lease,
-                    "snapshot": snap.statistics() if snap is not None else None,
-                    "pods": self.enroller.dump() if self.enroller else [],
-                    "identity": self.identities.statistics() if self.identities else None,
-                    "certificates": self.identities.certificates() if self.identities else [],
-                }
+            return {
+                "node": self.config.node,
+                "store": self.config.store_url,
+                "ready": self.ready,
+                "lease": self.lease,
+                "snapshot": snap.statistics() if snap is not None else None,
+                "identity": self.identities.statistics() if self.identities else None,
+            }
+
+        # /config_dump adds "workloads" (the enrolled pods and their state) and "certificates".
+        routes: dict[str, Handler | Route] = {"/pods": pods}
+        routes.update(
+            admin_routes(
+                AdminSources(
+                    ready=lambda: self.ready,
+                    config_dump=dump,
+                    workloads=lambda: self.enroller.dump() if self.enroller else [],
+                    certs=lambda: self.identities.certificates() if self.identities else [],
+                    drain=self.request_drain,
+                    registry=self.telemetry.registry if self.telemetry else None,
+                    log_level=self.config.log_level,
+                )
             )
-
-        def certificates(_: Any) -> Response:
-            return Response.json(self.identities.certificates() if self.identities else [])
-
-        return {
-            "/healthz/ready": ready,
-            "/pods": pods,
-            "/config_dump": config_dump,
-            "/certs": certificates,
-        }
+        )
+        return routes
 
 
 async def _open_pods_nursery(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
@@ -202,6 +251,20 @@ async def run_until_signalled(config: AgentConfig) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)
+
+            async def drain_then_stop() -> None:
+                await agent.drain_requested.wait()
+                log.info("agent.draining", deadline=agent.drain_deadline)
+                agent.ready = False  # /healthz/ready answers 503 from now on
+                with trio.move_on_after(agent.drain_deadline):
+                    while sum(agent.open_connections().values()) > 0:  # noqa: ASYNC110
+                        # Polling: connections close inside pod proxies that have no hook to
+                        # signal "last one gone", and a drain is rare.
+                        await trio.sleep(0.1)
+                log.info("agent.drained", open=agent.open_connections())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(drain_then_stop)
             async for signum in signals:
                 log.info("agent.stopping", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

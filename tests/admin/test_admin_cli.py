@@ -166,7 +166,7 @@ async def test_config_dump_has_snapshot_workloads_and_certs(
     dump: dict[str, Any] = json.loads(out)
     assert dump["snapshot"]["revision"] == 17
     assert dump["workloads"][0]["uid"] == "u-1"
-    assert dump["certs"][0]["serial"] == "5a3f"
+    assert dump["certificates"][0]["serial"] == "5a3f"
     code, out, _ = await run_cli(capsys, "--socket", str(sock), "config-dump")
     assert code == 0
     assert "node-1" in out

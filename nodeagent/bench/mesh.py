@@ -1,0 +1,551 @@
+"""The data-plane bench: direct vs this mesh vs an HAProxy pipeline, on a 2-node sandbox.
+
+Pods: on n2 a meshed server (`app=bench-server`, behind the Service `bench/bench-server`) and an
+opted-out one (`istio.io/dataplane-mode=none`); on n1 a meshed client and an opted-out one. The
+three set-ups, measured back to back for every scenario and load so they share the machine's load:
+
+- direct: opted-out client → opted-out server pod IP (pod to pod, untouched);
+- mesh: meshed client → the Service VIP (applied with the config API, plus a VirtualService for
+  the HTTP scenario): whatever the sandbox's agents do today carries it (plain TCP relay, later
+  mTLS through 15008), so a new data plane is measured with no change here. If the agents do not
+  route the VIP yet, the meshed server's pod IP is used instead, and the run says so;
+- haproxy: opted-out client → HAProxy in n1's netns → mutual TLS → HAProxy in n2's netns →
+  opted-out server (`nodeagent.bench.haproxy`).
+
+Scenarios: `l4` (64-byte request/response on persistent connections), `connect` (a new connection
+per request), `http` (HTTP/1.1 keep-alive GET through a routing rule), `bulk` (MB/s). Loads: fixed
+rates with coordinated-omission correction (`loadgen`), and a max-rate run (loadgen closed-loop
+for L4, wrk for HTTP). Around every measurement both agents' CPU time and RSS are read from /proc.
+Then config propagation (apply → every agent's snapshot at that revision, via `/config_dump`) and
+enrollment latency (the `enroll` bench) are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from nodeagent.bench import Result
+from nodeagent.bench import enroll as enroll_bench
+from nodeagent.bench.haproxy import HAProxyPipeline, Hop
+from nodeagent.bench.stats import percentile
+from nodeagent.config.apply import apply_documents
+from nodeagent.config.batch import validate_batch
+from nodeagent.config.documents import load_text
+from nodeagent.sandbox import Pod, Sandbox
+from nodeagent.store import open_store
+
+NAME = "mesh"
+HELP = "latency, max rate, throughput, agent CPU/RSS: direct vs this mesh vs HAProxy (sandbox)"
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = REPO / "docs" / "benchmarks.json"
+SCENARIOS = ("l4", "connect", "http", "bulk")
+SETUPS = ("direct", "mesh", "haproxy")
+NS = "bench"
+SERVICE = "bench-server"
+HOST = f"{SERVICE}.{NS}.svc.cluster.local"
+PORTS = {"echo": 7000, "http": 8080, "bulk": 7001}
+HAPROXY_PORTS = {"echo": 17000, "http": 18080, "bulk": 17001}
+OPT_OUT = {"istio.io/dataplane-mode": "none"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per run")
+    parser.add_argument("--rates", default="100,1000", help="fixed rates, requests/s")
+    parser.add_argument("--no-max", action="store_true", help="skip the max-rate runs")
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="subset of " + ",".join(SCENARIOS)
+    )
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--size", type=int, default=64, help="request/response bytes")
+    parser.add_argument("--bulk-mib", type=int, default=128, help="MiB per bulk transfer")
+    parser.add_argument("--bulk-transfers", type=int, default=3)
+    parser.add_argument("--propagation-samples", type=int, default=20)
+    parser.add_argument("--enroll-pods", type=int, default=20, help="0 skips the enroll bench")
+    parser.add_argument("--name", default="", help="sandbox name (default: mb<pid>)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file ('' for none)")
+
+
+def say(msg: str) -> None:
+    print(f"mesh: {msg}", file=sys.stderr, flush=True)
+
+
+# ----- /proc and the admin socket ----------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` (stat fields 14 and 15), seconds."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()  # the command may contain spaces
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+async def admin_json(socket_path: Path, path: str) -> Any:
+    """GET `path` on an agent's admin socket (HTTP/1.1, connection: close) → decoded JSON."""
+    stream = await trio.open_unix_socket(str(socket_path))
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n".encode()
+        )
+        data = bytearray()
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+            if len(data) > 16 * 1024 * 1024:
+                raise RuntimeError(f"{socket_path}{path}: response over 16 MiB")
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(
+            f"{socket_path}{path}: {head.splitlines()[0] if head else b'no answer'!r}"
+        )
+    return json.loads(body)
+
+
+# ----- config ------------------------------------------------------------------------------------
+
+
+def config_yaml(sample: int = 0) -> str:
+    return f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: {SERVICE}, namespace: {NS}}}
+spec:
+  selector: {{app: {SERVICE}}}
+  ports:
+  - {{name: tcp-echo, port: {PORTS["echo"]}}}
+  - {{name: http, port: {PORTS["http"]}}}
+  - {{name: tcp-bulk, port: {PORTS["bulk"]}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {SERVICE}, namespace: {NS}}}
+spec:
+  hosts: [{SERVICE}]
+  http:
+  - name: bench
+    match: [{{uri: {{prefix: /}}}}]
+    headers: {{response: {{set: {{x-bench-sample: "{sample}"}}}}}}
+    route: [{{destination: {{host: {SERVICE}, port: {{number: {PORTS["http"]}}}}}}}]
+"""
+
+
+async def apply_config(store_url: str, sample: int = 0) -> tuple[int, str]:
+    """Apply the Service + VirtualService; returns (store revision, the Service's VIP)."""
+    docs, errors = validate_batch(load_text(config_yaml(sample), "bench"), NS)
+    if errors:
+        raise RuntimeError(f"bench config invalid: {errors}")
+    store = await open_store(store_url)
+    try:
+        result = await apply_documents(store, docs)
+    finally:
+        await store.aclose()
+    vip = next(o.doc.body["spec"]["clusterIP"] for o in result.outcomes if o.doc.kind == "Service")
+    return result.revision, str(vip)
+
+
+async def wait_revision(sockets: list[Path], revision: int, limit: float = 10.0) -> float:
+    """Poll every agent's `/config_dump` until its snapshot is at `revision`; seconds waited."""
+    t0 = time.perf_counter()
+    pending = list(sockets)
+    with trio.fail_after(limit):
+        while pending:
+            for sock in list(pending):
+                dump = await admin_json(sock, "/config_dump")
+                if (dump.get("snapshot") or {}).get("revision", 0) >= revision:
+                    pending.remove(sock)
+            if pending:
+                await trio.sleep(0.001)
+    return time.perf_counter() - t0
+
+
+async def measure_propagation(sb: Sandbox, samples: int) -> list[float]:
+    sockets = [n.admin_socket for n in sb.nodes()]
+    out: list[float] = []
+    for i in range(samples):
+        t0 = time.perf_counter()
+        revision, _ = await apply_config(sb.store_url, sample=i + 1)
+        await wait_revision(sockets, revision)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+# ----- running the load ---------------------------------------------------------------------------
+
+
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def parse_wrk(text: str) -> dict[str, Any]:
+    """Requests/s and the latency distribution (ms) out of `wrk --latency` output."""
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
+    if rate is None:
+        raise ValueError(f"no Requests/sec in wrk output: {text[-300:]!r}")
+    lat: dict[str, float] = {}
+    for q, value, unit in re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)\s*$", text, re.M):
+        lat[f"p{q}"] = float(value) * _WRK_UNITS[unit]
+    total = re.search(r"^\s+(\d+) requests in ([\d.]+)(us|ms|s|m)", text, re.M)
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", text))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return {
+        "achieved_rate": float(rate.group(1)),
+        "requests": int(total.group(1)) if total else 0,
+        "errors": errors + (int(non2xx.group(1)) if non2xx else 0),
+        "latency_ms": lat,
+    }
+
+
+class Runner:
+    def __init__(self, sb: Sandbox, args: argparse.Namespace) -> None:
+        self.sb = sb
+        self.args = args
+        self.agents = {n.name: n.agent_pid for n in sb.nodes()}
+        for name, pid in self.agents.items():
+            if pid is None:
+                raise RuntimeError(f"the agent of {name} is not running")
+        self.haproxy: HAProxyPipeline | None = None
+
+    def _proc_cpu(self) -> dict[str, float]:
+        out = {f"agent_{n}": cpu_seconds(pid) for n, pid in self.agents.items() if pid}
+        if self.haproxy is not None:
+            for side in ("n1", "n2"):
+                out[f"haproxy_{side}"] = cpu_seconds(self.haproxy.pid(side))
+        return out
+
+    def measure(
+        self, setup: str, scenario: str, load: str, client: Pod, argv: list[str], timeout: float
+    ) -> dict[str, Any]:
+        before = self._proc_cpu()
+        t0 = time.perf_counter()
+        r = self.sb.exec(client, argv, timeout=timeout)
+        wall = time.perf_counter() - t0
+        after = self._proc_cpu()
+        if argv[0] == "wrk":
+            if r.returncode != 0:
+                raise RuntimeError(f"wrk ({setup} {scenario}) exited {r.returncode}: {r.stderr}")
+            out = parse_wrk(r.stdout)
+            out["duration"] = self.args.duration
+        else:
+            try:
+                out = json.loads(r.stdout.strip().splitlines()[-1])
+            except (json.JSONDecodeError, IndexError):
+                raise RuntimeError(
+                    f"loadgen ({setup} {scenario} {load}) rc={r.returncode}: {r.stdout} {r.stderr}"
+                ) from None
+            if "error" in out:
+                raise RuntimeError(f"loadgen ({setup} {scenario} {load}): {out['error']}")
+        delta = {k: after[k] - before.get(k, after[k]) for k in after}
+        agent_cpu = sum(v for k, v in delta.items() if k.startswith("agent_"))
+        haproxy_cpu = sum(v for k, v in delta.items() if k.startswith("haproxy_"))
+        requests = int(out.get("requests", 0))
+        lat = out.get("latency_ms") or {}
+        row: dict[str, Any] = {
+            "scenario": scenario,
+            "load": load,
+            "setup": setup,
+            "requests": requests,
+            "errors": int(out.get("errors", 0)),
+            "rate": round(float(out.get("achieved_rate", 0.0)), 1),
+            "p50_ms": lat.get("p50"),
+            "p90_ms": lat.get("p90"),
+            "p99_ms": lat.get("p99"),
+            "p99.9_ms": lat.get("p99.9"),
+            "max_ms": lat.get("max"),
+            "send_lag_ms": out.get("send_lag_ms"),
+            "mb_per_s": out.get("mb_per_s"),
+            "wall_s": round(wall, 2),
+            "agent_cpu_s": round(agent_cpu, 3),
+            "haproxy_cpu_s": round(haproxy_cpu, 3) if setup == "haproxy" else None,
+            "agent_rss_mib": {n: round(rss_mib(pid), 1) for n, pid in self.agents.items() if pid},
+            "first_error": out.get("first_error"),
+        }
+        # The CPU delta also covers the unmeasured warm-up: count the requests sent in it too.
+        span = self.args.duration + (0.0 if argv[0] == "wrk" else self.args.warmup)
+        covered = requests * span / self.args.duration if out.get("duration") else 0
+        row["requests_covered"] = round(covered)
+        if setup == "mesh" and covered:
+            row["agent_cpu_ms_per_req"] = round(agent_cpu / covered * 1000, 4)
+        if setup == "haproxy" and covered:
+            row["haproxy_cpu_ms_per_req"] = round(haproxy_cpu / covered * 1000, 4)
+        say(
+            f"{scenario:<8} {load:>7} {setup:<8} "
+            + (
+                f"{row['mb_per_s']:.0f} MB/s"
+                if row["mb_per_s"]
+                else f"{row['rate']:>9.0f} req/s  p50 {_ms(row['p50_ms'])}  p90 "
+                f"{_ms(row['p90_ms'])}  p99 {_ms(row['p99_ms'])}  errors {row['errors']}"
+            )
+        )
+        return row
+
+
+def _ms(v: object) -> str:
+    return f"{v:.3f} ms" if isinstance(v, float) else "-"
+
+
+def loadgen_argv(mode: str, target: str, args: argparse.Namespace, rate: float) -> list[str]:
+    return [
+        sys.executable, "-m", "nodeagent.bench.loadgen", mode, target,
+        "--rate", f"{rate:g}", "--duration", f"{args.duration:g}", "--warmup", f"{args.warmup:g}",
+        "--connections", str(args.connections), "--size", str(args.size), "--http-host", HOST,
+    ]  # fmt: skip
+
+
+def machine() -> dict[str, object]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "haproxy": _first_line(["haproxy", "-v"]),
+    }
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "absent"
+    return (r.stdout.splitlines() or ["?"])[0]
+
+
+# ----- the run ------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> Result:
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        raise SystemExit(f"scripts/bench mesh: unknown scenario(s) {unknown}; known: {SCENARIOS}")
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    result = Result(
+        NAME,
+        {
+            "duration_s": args.duration,
+            "rates": args.rates,
+            "connections": args.connections,
+            "size": args.size,
+            "scenarios": ",".join(scenarios),
+        },
+    )
+    result.meta = {
+        "machine": machine(),
+        "command": "scripts/bench " + shlex.join(getattr(args, "argv", None) or [NAME]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    name = args.name or f"mb{os.getpid() % 100000}"
+    say(f"sandbox {name}: 2 nodes, 4 pods")
+    started = time.perf_counter()
+    sb = Sandbox.up(name, nodes=2, progress=False)
+    runner: Runner | None = None
+    try:
+        runner = Runner(sb, args)
+        _run_scenarios(sb, runner, args, scenarios, rates, result)
+        if args.propagation_samples > 0:
+            say(f"config propagation: {args.propagation_samples} applies")
+            samples = trio.run(measure_propagation, sb, args.propagation_samples)
+            result.add("config propagation p50", percentile(samples, 50), "ms")
+            result.add("config propagation p99", percentile(samples, 99), "ms")
+    finally:
+        if runner is not None and runner.haproxy is not None:
+            runner.haproxy.stop()
+        say("tearing the sandbox down")
+        sb.down()
+    if args.enroll_pods > 0:
+        say(f"enrollment: the enroll bench with {args.enroll_pods} pods")
+        er = enroll_bench.run(argparse.Namespace(pods=args.enroll_pods))
+        for f in er.figures:
+            if f.metric.startswith("ADD"):
+                result.add(f"enrollment {f.metric.removeprefix('ADD ')}", f.value, f.unit)
+    result.meta["wall_s"] = round(time.perf_counter() - started, 1)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        say(f"wrote {out}")
+    return result
+
+
+def _run_scenarios(
+    sb: Sandbox,
+    runner: Runner,
+    args: argparse.Namespace,
+    scenarios: list[str],
+    rates: list[float],
+    result: Result,
+) -> None:
+    server_cmd = [sys.executable, "-m", "nodeagent.bench.server"]
+    for pod in sb.pods():
+        if pod.namespace == NS:
+            raise RuntimeError(f"sandbox already has bench pods ({pod.key})")
+    srv_direct = sb.pod_add("n2", NS, "server-direct", server_cmd, labels=OPT_OUT)
+    srv_mesh = sb.pod_add(
+        "n2", NS, "server-mesh", server_cmd, labels={"app": SERVICE}, service_account=SERVICE
+    )
+    cli_direct = sb.pod_add("n1", NS, "client-direct", ["sleep", "infinity"], labels=OPT_OUT)
+    cli_mesh = sb.pod_add("n1", NS, "client-mesh", ["sleep", "infinity"], service_account="client")
+    # Thousands of short connections per run: let TIME_WAIT ports be reused (these are the
+    # sandbox's own namespaces, never the machine's).
+    for target in (srv_direct, srv_mesh, cli_direct, cli_mesh, "node/n1", "node/n2"):
+        sb.exec(target, ["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"], check=True)
+    revision, vip = trio.run(apply_config, sb.store_url)
+    trio.run(wait_revision, [n.admin_socket for n in sb.nodes()], revision)
+    for pod in (srv_direct, srv_mesh):
+        _wait_probe(sb, cli_direct, pod.ip, "server")
+    mesh_ip = vip
+    if not _probe(sb, cli_mesh, vip):
+        mesh_ip = srv_mesh.ip
+        _wait_probe(sb, cli_mesh, mesh_ip, "meshed server")
+        result.notes.append(
+            f"the agents do not route the Service VIP {vip} yet: the mesh set-up targets the "
+            f"meshed server's pod IP {mesh_ip} (still through both agents)"
+        )
+    result.parameters["mesh_target"] = "vip" if mesh_ip == vip else "pod-ip"
+    say(f"mesh target {mesh_ip} ({result.parameters['mesh_target']}); starting HAProxy")
+    hops = [Hop(k, HAPROXY_PORTS[k], PORTS[k]) for k in ("echo", "http", "bulk")]
+    runner.haproxy = HAProxyPipeline(sb, hops, srv_direct.ip)
+    runner.haproxy.start()
+    hp_ip = runner.haproxy.client_ip
+    _wait_probe(sb, cli_direct, hp_ip, "haproxy", port=HAPROXY_PORTS["echo"])
+    targets: dict[str, tuple[Pod, str, dict[str, int]]] = {
+        "direct": (cli_direct, srv_direct.ip, PORTS),
+        "mesh": (cli_mesh, mesh_ip, PORTS),
+        "haproxy": (cli_direct, hp_ip, HAPROXY_PORTS),
+    }
+    timeout = args.duration + args.warmup + 60
+    mode = {"l4": ("rr", "echo"), "connect": ("connect", "echo"), "http": ("http", "http")}
+    for scenario in scenarios:
+        if scenario == "bulk":
+            for setup in SETUPS:
+                client, ip, ports = targets[setup]
+                argv = [
+                    sys.executable, "-m", "nodeagent.bench.loadgen", "bulk",
+                    f"{ip}:{ports['bulk']}", "--size", str(args.bulk_mib * 1024 * 1024),
+                    "--connections", str(args.bulk_transfers),
+                ]  # fmt: skip
+                result.rows.append(runner.measure(setup, "bulk", "-", client, argv, timeout))
+            continue
+        lg_mode, port_name = mode[scenario]
+        loads: list[tuple[str, float]] = [(f"{r:g}/s", r) for r in rates]
+        if not args.no_max:
+            loads.append(("max", 0.0))
+        for label, rate in loads:
+            for setup in SETUPS:
+                client, ip, ports = targets[setup]
+                target = f"{ip}:{ports[port_name]}"
+                if scenario == "http" and rate == 0.0:
+                    argv = [
+                        "wrk", "-t1", f"-c{args.connections}", f"-d{args.duration:g}s",
+                        "--latency", "-H", f"Host: {HOST}", f"http://{target}/",
+                    ]  # fmt: skip
+                else:
+                    argv = loadgen_argv(lg_mode, target, args, rate)
+                result.rows.append(runner.measure(setup, scenario, label, client, argv, timeout))
+    figures(result)
+
+
+def _probe(sb: Sandbox, client: Pod, ip: str, port: int = PORTS["echo"]) -> bool:
+    argv = [sys.executable, "-m", "nodeagent.bench.loadgen", "probe", f"{ip}:{port}"]
+    return sb.exec(client, argv, timeout=20).returncode == 0
+
+
+def _wait_probe(
+    sb: Sandbox, client: Pod, ip: str, what: str, port: int = PORTS["echo"], timeout: float = 15
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not _probe(sb, client, ip, port):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} at {ip}:{port} does not answer from {client.key}")
+        time.sleep(0.2)
+
+
+# ----- figures out of rows ------------------------------------------------------------------------
+
+
+def figures(result: Result) -> None:
+    """The headline figures: added latency, ratios, max rates, CPU, RSS, throughput."""
+    rows = result.rows
+    index = {(r["scenario"], r["load"], r["setup"]): r for r in rows}
+    add: Callable[[str, float, str], None] = result.add
+
+    def num(row: dict[str, Any] | None, key: str) -> float | None:
+        v = row.get(key) if row else None
+        return float(v) if isinstance(v, int | float) else None
+
+    for scenario, load, _ in sorted({k for k in index if k[2] == "direct"}):
+        d = index.get((scenario, load, "direct"))
+        if scenario == "bulk":
+            base = num(d, "mb_per_s")
+            for setup in SETUPS:
+                v = num(index.get((scenario, load, setup)), "mb_per_s")
+                if v is not None:
+                    add(f"bulk {setup}", v, "MB/s")
+                    if setup != "direct" and base:
+                        add(f"bulk {setup}/direct", v / base, "ratio")
+            continue
+        if load == "max":
+            base = num(d, "rate")
+            for setup in SETUPS:
+                v = num(index.get((scenario, load, setup)), "rate")
+                if v is None:
+                    continue
+                unit = "conn/s" if scenario == "connect" else "req/s"
+                add(f"{scenario} max rate {setup}", v, unit)
+                if scenario == "connect" and setup != "direct":
+                    # Every new connection between the two proxies is a TLS handshake (HAProxy;
+                    # the mesh once its tunnel is mTLS), resumed where the proxy caches sessions.
+                    add(f"handshakes/s {setup}", v, "1/s")
+                if setup != "direct" and base:
+                    add(f"{scenario} max rate {setup}/direct", v / base, "ratio")
+            continue
+        for setup in ("mesh", "haproxy"):
+            s = index.get((scenario, load, setup))
+            for q in ("p50", "p90", "p99"):
+                sv, dv = num(s, f"{q}_ms"), num(d, f"{q}_ms")
+                if sv is None or dv is None:
+                    continue
+                add(f"{scenario} {load} {q} added {setup}", sv - dv, "ms")
+                if q == "p90" and dv > 0:
+                    add(f"{scenario} {load} p90 {setup}/direct", sv / dv, "ratio")
+        m = index.get((scenario, load, "mesh"))
+        cpu, wall, covered = num(m, "agent_cpu_s"), num(m, "wall_s"), num(m, "requests_covered")
+        idle_cpu, idle_wall = num(d, "agent_cpu_s"), num(d, "wall_s")
+        if cpu is not None and wall and covered:
+            # The direct run crosses no agent: its agent CPU is the agents' idle cost (store
+            # watch, lease), subtracted so the figure is the cost of the traffic alone.
+            idle = (idle_cpu or 0.0) / idle_wall * wall if idle_wall else 0.0
+            per_1k = max(0.0, cpu - idle) / covered * 1000
+            rate = num(m, "rate") or 0.0
+            add(f"{scenario} {load} agent CPU per 1000 req", per_1k, "s")
+            add(f"{scenario} {load} agent vCPU", per_1k * rate / 1000.0, "vCPU")
+            add(f"{scenario} {load} agent idle vCPU", idle / wall, "vCPU")
+        rss = m.get("agent_rss_mib") if m else None
+        if isinstance(rss, dict) and rss:
+            add(f"{scenario} {load} agent RSS max", max(float(v) for v in rss.values()), "MiB")

@@ -1,0 +1,19 @@
+"""The ingress gateway: Gateway resources → listeners on the node → the mesh (see server.py)."""
+
+from nodeagent.gateway.server import (
+    DEFAULT_LABELS,
+    GatewayError,
+    IngressGateway,
+    ServerBinding,
+    host_matches,
+    servers_by_port,
+)
+
+__all__ = [
+    "DEFAULT_LABELS",
+    "GatewayError",
+    "IngressGateway",
+    "ServerBinding",
+    "host_matches",
+    "servers_by_port",
+]

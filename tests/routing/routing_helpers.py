@@ -1,0 +1,103 @@
+"""Snapshots for the routing tests, built from Istio YAML and hand-made services/workloads."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nodeagent.snapshot import Snapshot, SnapshotBuilder
+from nodeagent.store import codec, keys
+from nodeagent.store.base import KeyValue
+
+CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
+_uids = itertools.count(1)
+
+
+def corpus(*relative: str) -> list[dict[str, Any]]:
+    if not CORPUS.is_dir():
+        raise AssertionError(f"corpus missing at {CORPUS}")
+    out: list[dict[str, Any]] = []
+    for rel in relative:
+        with (CORPUS / rel).open() as f:
+            out.extend(d for d in yaml.safe_load_all(f) if d)
+    return out
+
+
+def service(
+    name: str,
+    *,
+    namespace: str = "default",
+    port: int = 80,
+    target: int = 8080,
+    port_name: str = "http",
+    cluster_ip: str | None = None,
+    selector: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "selector": selector or {"app": name},
+        "ports": [{"name": port_name, "port": port, "targetPort": target}],
+    }
+    if cluster_ip:
+        spec["clusterIP"] = cluster_ip
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def workload(
+    ip: str, labels: dict[str, str], *, namespace: str = "default", node: str = "node-1"
+) -> dict[str, Any]:
+    uid = f"uid-{next(_uids)}"
+    return {
+        "apiVersion": "mesh.nodeagent.io/v1alpha1",
+        "kind": "Workload",
+        "metadata": {
+            "name": f"pod-{uid}",
+            "namespace": namespace,
+            "uid": uid,
+            "labels": labels,
+            "annotations": {},
+        },
+        "spec": {"node": node, "addresses": [ip], "serviceAccount": "default"},
+    }
+
+
+def build(*docs: dict[str, Any]) -> Snapshot:
+    """A snapshot of `docs` (Istio config, Services and Workloads), namespace default if unset."""
+    kvs = []
+    for rev, doc in enumerate(docs, start=1):
+        meta = doc.setdefault("metadata", {})
+        ns = meta.setdefault("namespace", "default")
+        if doc["kind"] == "Workload":
+            key = keys.workload(doc["spec"]["node"], meta["uid"])
+        else:
+            key = keys.config(doc["kind"], ns, meta["name"])
+        kvs.append(KeyValue(key, codec.encode(doc), rev, rev, 1))
+    builder = SnapshotBuilder.build(kvs, len(kvs))
+    if builder.skipped():
+        raise AssertionError(f"documents skipped: {dict(builder.skipped())}")
+    return builder.snapshot
+
+
+def bookinfo_base() -> list[dict[str, Any]]:
+    """Bookinfo's services (port 9080) and one workload per version, plus all its subsets."""
+    docs: list[dict[str, Any]] = []
+    n = 10
+    for app, versions in (
+        ("productpage", ["v1"]),
+        ("details", ["v1", "v2"]),
+        ("reviews", ["v1", "v2", "v3"]),
+        ("ratings", ["v1", "v2"]),
+    ):
+        docs.append(service(app, port=9080, target=9080))
+        for v in versions:
+            n += 1
+            docs.append(workload(f"10.1.0.{n}", {"app": app, "version": v}))
+    docs.extend(corpus("istio/bookinfo-networking/destination-rule-all.yaml"))
+    return docs
