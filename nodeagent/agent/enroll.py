@@ -4,6 +4,10 @@ For every pod: bind the agent's listeners inside the pod's netns and start servi
 install the redirection rules, then register the pod as a Workload under the agent's lease, then
 persist the record. Any failure undoes what was done, in reverse, so a pod is either fully meshed
 or untouched. DEL undoes it all and never fails for a pod that is already gone.
+
+Each pod's proxy gets what the data plane needs: the pod as a Workload (its SPIFFE identity),
+the identity provider (`ensure` on enroll, `release` when the last pod of an identity leaves),
+the snapshot, and the node-wide endpoint picker and TLS session cache.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from nodeagent.agent.state import AgentState, PodRecord
 from nodeagent.cni.errors import ErrorCode
 from nodeagent.cni.metadata import PodMetadataSource
 from nodeagent.cni.protocol import CniRequest, EnrollError
+from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import (
     InpodError,
     Netns,
@@ -30,8 +35,11 @@ from nodeagent.inpod import (
 )
 from nodeagent.log import get_logger
 from nodeagent.proxy.forward import PodProxy
+from nodeagent.proxy.outbound import EndpointPicker, OutboundPolicy, RoundRobinPicker
+from nodeagent.snapshot import Snapshot, Workload
 from nodeagent.store import codec, keys
 from nodeagent.store.base import Store, StoreError
+from nodeagent.tunnel import SessionCache
 
 log = get_logger("agent.enroll")
 
@@ -113,8 +121,17 @@ class Enroller:
         metadata: PodMetadataSource,
         pods_nursery: trio.Nursery,
         lease: Callable[[], int],
+        identities: IdentityProvider | None = None,
+        snapshot: Callable[[], Snapshot] | None = None,
+        outbound_policy: OutboundPolicy = "ALLOW_ANY",
+        picker: EndpointPicker | None = None,
     ) -> None:
         self.node = node
+        self.identities = identities
+        self.snapshot: Callable[[], Snapshot] = snapshot if snapshot is not None else Snapshot.empty
+        self.outbound_policy: OutboundPolicy = outbound_policy
+        self.picker = picker if picker is not None else RoundRobinPicker()
+        self.sessions = SessionCache()  # shared by every pod: keyed by source identity
         self.store = store
         self.state = state
         self.metadata = metadata
@@ -248,9 +265,25 @@ class Enroller:
                 listeners = bind_listeners(netns)
             except InpodError as exc:
                 raise EnrollError(ErrorCode.ENROLL_FAILED, f"pod {record.key}: {exc}") from None
-            pod = EnrolledPod(record, netns, PodProxy(record.key, netns, listeners))
+            workload = self.workload_of(record)
+            proxy = PodProxy(
+                record.key,
+                netns,
+                listeners,
+                workload=workload,
+                identities=self.identities,
+                snapshot=self.snapshot,
+                picker=self.picker,
+                sessions=self.sessions,
+                outbound_policy=self.outbound_policy,
+            )
+            pod = EnrolledPod(record, netns, proxy)
             await self._nursery.start(self._serve_pod, pod)
             undo.append(lambda: self._stop_pod(pod))
+            if self.identities is not None:
+                # Start fetching the certificate now; the proxy waits (bounded) for it.
+                self.identities.ensure(workload.identity)
+                undo.append(lambda: self._release_identity(workload.identity, record.uid))
             try:
                 await aapply_redirection(netns, spec)
             except InpodError as exc:
@@ -276,6 +309,33 @@ class Enroller:
                 netns.close()
             raise
 
+    def workload_of(self, record: PodRecord) -> Workload:
+        """The pod as the snapshot will show it once registered (the proxy prefers that copy)."""
+        sa = record.service_account or "default"
+        td = self.snapshot().trust_domain
+        return Workload(
+            uid=record.uid,
+            name=record.name,
+            namespace=record.namespace,
+            node=self.node,
+            addresses=tuple(record.addresses),
+            labels=dict(record.labels),
+            annotations=dict(record.annotations),
+            service_account=sa,
+            identity=f"spiffe://{td}/ns/{record.namespace}/sa/{sa}",
+        )
+
+    async def _release_identity(self, identity: str, leaving_uid: str) -> None:
+        """Release `identity` unless another enrolled pod of this node still has it."""
+        if self.identities is None:
+            return
+        for pod in self.pods.values():
+            other = pod.proxy.workload
+            if pod.record.uid != leaving_uid and other is not None and other.identity == identity:
+                return
+        self.identities.release(identity)
+        log.info("identity.released", identity=identity)
+
     async def _serve_pod(self, pod: EnrolledPod, *, task_status: trio.TaskStatus[None]) -> None:
         with pod.scope:
             await pod.proxy.run(task_status=task_status)
@@ -298,6 +358,8 @@ class Enroller:
             log.info("teardown.netns_gone", pod=pod.record.key, error=str(exc))
         pod.netns.close()
         self.pods.pop(pod.record.uid, None)
+        if pod.proxy.workload is not None:
+            await self._release_identity(pod.proxy.workload.identity, pod.record.uid)
         await self._forget(pod.record)
         log.info("unenroll.complete", pod=pod.record.key, reason=reason)
 

@@ -139,6 +139,8 @@ class Agent:
                     metadata=metadata_source(cfg.pod_metadata, store),
                     pods_nursery=pods_nursery,
                     lease=lambda: self.lease,
+                    identities=self.identities,
+                    snapshot=lambda: snapshot.current,
                 )
                 await self.enroller.adopt_all()
                 await nursery.start(CniServer(cfg.cni_socket, self.enroller).run)

@@ -23,13 +23,22 @@ class RelayResult:
 
 
 async def relay(
-    client: trio.SocketStream, upstream: trio.SocketStream, *, idle_timeout: float = math.inf
+    client: trio.abc.HalfCloseableStream,
+    upstream: trio.abc.HalfCloseableStream,
+    *,
+    idle_timeout: float = math.inf,
+    result: RelayResult | None = None,
 ) -> RelayResult:
-    """Relay until both directions have seen EOF, an error, or `idle_timeout` of silence."""
-    result = RelayResult()
+    """Relay until both directions have seen EOF, an error, or `idle_timeout` of silence.
+
+    Counts go into `result` as bytes move (pass one in to keep them if the relay is cancelled).
+    """
+    result = result if result is not None else RelayResult()
     deadline = [trio.current_time() + idle_timeout]
 
-    async def pump(src: trio.SocketStream, dst: trio.SocketStream, upstream_dir: bool) -> None:
+    async def pump(
+        src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream, upstream_dir: bool
+    ) -> None:
         try:
             while True:
                 data = await src.receive_some(CHUNK)
@@ -64,6 +73,9 @@ async def relay(
                 pumps.start_soon(pump, upstream, client, False)
             nursery.cancel_scope.cancel()
     finally:
-        await client.aclose()
-        await upstream.aclose()
+        # Shielded: under cancellation the first aclose's checkpoint would raise before the
+        # second socket was closed.
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+            await upstream.aclose()
     return result

@@ -1,0 +1,154 @@
+"""TlsStream over real loopback TCP (no root): bulk, half-close both ways, resumption, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import ssl
+from collections.abc import Iterator
+
+import pytest
+import trio
+from pki import LocalIdentityProvider, ThrowawayCA, spiffe
+
+from nodeagent.tunnel import SessionCache, TlsStream
+
+A, B = spiffe("a", "client"), spiffe("b", "server")
+
+
+@pytest.fixture
+def ids() -> Iterator[LocalIdentityProvider]:
+    provider = LocalIdentityProvider(ThrowawayCA())
+    provider.ensure(A)
+    provider.ensure(B)
+    yield provider
+    provider.close()
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server
+
+
+async def connected(
+    ids: LocalIdentityProvider, session: ssl.SSLSession | None = None
+) -> tuple[TlsStream, TlsStream]:
+    c, s = tcp_pair()
+    cs = TlsStream.wrap(c, ids.client_context(A), server_side=False, session=session)
+    ss = TlsStream.wrap(s, ids.server_context(B), server_side=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cs.do_handshake)
+        nursery.start_soon(ss.do_handshake)
+    return cs, ss
+
+
+async def read_all(stream: TlsStream) -> bytes:
+    out = bytearray()
+    while chunk := await stream.receive_some(65536):
+        out += chunk
+    return bytes(out)
+
+
+async def test_bulk_and_half_close_each_way(ids: LocalIdentityProvider) -> None:
+    cs, ss = await connected(ids)
+    assert ids.peer_identity(cs.peer_certificate()) == B
+    assert ids.peer_identity(ss.peer_certificate()) == A
+    payload = os.urandom(16 * 1024 * 1024)
+
+    async def client() -> None:
+        await cs.send_all(payload)
+        await cs.send_eof()  # the reply must still arrive after our EOF
+        assert await read_all(cs) == hashlib.sha256(payload).digest()
+
+    async def server() -> None:
+        data = await read_all(ss)
+        assert data == payload
+        await ss.send_all(hashlib.sha256(data).digest())
+        await ss.send_eof()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client)
+            nursery.start_soon(server)
+    await cs.aclose()
+    await ss.aclose()
+
+
+async def test_send_after_eof_is_an_error(ids: LocalIdentityProvider) -> None:
+    cs, ss = await connected(ids)
+    await cs.send_eof()
+    await cs.send_eof()  # idempotent
+    with pytest.raises(trio.ClosedResourceError):
+        await cs.send_all(b"late")
+    assert await ss.receive_some(10) == b""
+    await cs.aclose()
+    await ss.aclose()
+
+
+async def test_abrupt_peer_close_reads_as_eof_or_broken(ids: LocalIdentityProvider) -> None:
+    cs, ss = await connected(ids)
+    await ss.aclose()  # no close_notify: a ragged EOF
+    with contextlib.suppress(trio.BrokenResourceError):
+        assert await cs.receive_some(10) == b""
+    await cs.aclose()
+
+
+async def test_session_resumption_and_cache(ids: LocalIdentityProvider) -> None:
+    cache = SessionCache(size=2)
+    ctx = ids.client_context(A)
+    key = (A, "127.0.0.1", B)
+    cs, ss = await connected(ids)
+    await ss.send_all(b"k")  # tickets travel after the handshake, before this byte
+    assert await cs.receive_some(1) == b"k"
+    assert not cs.session_reused
+    assert cs.session is not None
+    cache.put(key, ctx, cs.session)
+    for s in (cs, ss):
+        await s.aclose()
+    cs, ss = await connected(ids, session=cache.get(key, ctx))
+    assert cs.session_reused
+    assert ss.session_reused
+    for s in (cs, ss):
+        await s.aclose()
+    # A session is never offered with another context (a rotated certificate).
+    assert cache.get(key, ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)) is None
+    # Bounded: the least recently used goes.
+    session = cache.get(key, ctx)
+    assert session is not None
+    cache.put((A, "x", B), ctx, session)
+    cache.put((A, "y", B), ctx, session)
+    assert len(cache) == 2
+    assert cache.get(key, ctx) is None
+
+
+async def test_handshake_fails_against_another_ca(ids: LocalIdentityProvider) -> None:
+    rogue = LocalIdentityProvider(ThrowawayCA("rogue"))
+    rogue.ensure(B)
+    try:
+        c, s = tcp_pair()
+        cs = TlsStream.wrap(c, ids.client_context(A), server_side=False)
+        ss = TlsStream.wrap(s, rogue.server_context(B), server_side=True)
+        errors: list[BaseException] = []
+
+        async def shake(stream: TlsStream) -> None:
+            try:
+                await stream.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                errors.append(exc)
+                await stream.aclose()
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(shake, cs)
+                nursery.start_soon(shake, ss)
+        assert any("certificate verify failed" in str(e) for e in errors), errors
+        await cs.aclose()
+        await ss.aclose()
+    finally:
+        rogue.close()
