@@ -47,6 +47,20 @@ def _run(argv: list[str]) -> int:
         choices=["", "runtime-args", "kubernetes"],
         help="where pod labels and service accounts come from",
     )
+    p.add_argument(
+        "--outbound-policy",
+        default="ALLOW_ANY",
+        choices=["ALLOW_ANY", "REGISTRY_ONLY"],
+        help="what happens to connections to destinations the mesh does not know",
+    )
+    p.add_argument("--no-dns", dest="dns", action="store_false", help="no in-pod DNS proxy")
+    p.add_argument(
+        "--dns-upstream",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="resolver for non-mesh names (repeatable; default: the node's /etc/resolv.conf)",
+    )
     args = p.parse_args(argv)
     log.configure(args.log_level, args.log_format)
     cfg = AgentConfig(
@@ -59,6 +73,9 @@ def _run(argv: list[str]) -> int:
         zipkin_url=args.zipkin_url,
         sample_rate=args.sample_rate,
         pod_metadata=args.pod_metadata,
+        outbound_policy=args.outbound_policy,
+        dns=args.dns,
+        dns_upstreams=tuple(args.dns_upstream),
     )
     try:
         trio.run(run_until_signalled, cfg)

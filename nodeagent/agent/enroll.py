@@ -13,7 +13,7 @@ the snapshot, and the node-wide endpoint picker and TLS session cache.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from nodeagent.agent.state import AgentState, PodRecord
 from nodeagent.cni.errors import ErrorCode
 from nodeagent.cni.metadata import PodMetadataSource
 from nodeagent.cni.protocol import CniRequest, EnrollError
+from nodeagent.dns import DnsError, DnsProxy
 from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import (
     InpodError,
@@ -125,8 +126,14 @@ class Enroller:
         snapshot: Callable[[], Snapshot] | None = None,
         outbound_policy: OutboundPolicy = "ALLOW_ANY",
         picker: EndpointPicker | None = None,
+        dns: bool = True,
+        dns_upstreams: Sequence[str] | None = None,
     ) -> None:
         self.node = node
+        # The in-pod DNS proxy (15053) for pods whose spec captures DNS; upstreams default to
+        # the node's resolv.conf.
+        self.dns = dns
+        self.dns_upstreams = dns_upstreams
         self.identities = identities
         self.snapshot: Callable[[], Snapshot] = snapshot if snapshot is not None else Snapshot.empty
         self.outbound_policy: OutboundPolicy = outbound_policy
@@ -278,7 +285,27 @@ class Enroller:
                 outbound_policy=self.outbound_policy,
             )
             pod = EnrolledPod(record, netns, proxy)
-            await self._nursery.start(self._serve_pod, pod)
+            dns = (
+                DnsProxy(
+                    netns,
+                    namespace=record.namespace,
+                    snapshot=self.snapshot,
+                    upstreams=self.dns_upstreams,
+                    pod=record.key,
+                )
+                if self.dns and spec.dns_capture
+                else None
+            )
+            try:
+                await self._nursery.start(self._serve_pod, pod, dns)
+            except BaseExceptionGroup as group:  # the pod's nursery wraps a failed bind
+                bind_errors, others = group.split(DnsError)
+                if bind_errors is None or others is not None:
+                    raise
+                first: BaseException = bind_errors
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                raise EnrollError(ErrorCode.ENROLL_FAILED, f"pod {record.key}: {first}") from None
             undo.append(lambda: self._stop_pod(pod))
             if self.identities is not None:
                 # Start fetching the certificate now; the proxy waits (bounded) for it.
@@ -336,9 +363,15 @@ class Enroller:
         self.identities.release(identity)
         log.info("identity.released", identity=identity)
 
-    async def _serve_pod(self, pod: EnrolledPod, *, task_status: trio.TaskStatus[None]) -> None:
+    async def _serve_pod(
+        self, pod: EnrolledPod, dns: DnsProxy | None, *, task_status: trio.TaskStatus[None]
+    ) -> None:
         with pod.scope:
-            await pod.proxy.run(task_status=task_status)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(pod.proxy.run)
+                if dns is not None:
+                    await nursery.start(dns.run)
+                task_status.started()
 
     async def _stop_pod(self, pod: EnrolledPod) -> None:
         pod.scope.cancel()

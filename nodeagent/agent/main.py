@@ -23,6 +23,7 @@ from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.log import get_logger
+from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.snapshot import Snapshot, SnapshotSync
 from nodeagent.store import open_store
 from nodeagent.store.base import LeaseNotFound, Store, StoreError
@@ -46,6 +47,11 @@ class AgentConfig:
     # Where pod labels and service accounts come from: "" (CNI runtime args) or "kubernetes"
     # (kube-sync's Pod records in the store).
     pod_metadata: str = ""
+    # Unknown destinations: ALLOW_ANY passes them through, REGISTRY_ONLY refuses them (Istio's
+    # meshConfig.outboundTrafficPolicy.mode).
+    outbound_policy: OutboundPolicy = "ALLOW_ANY"
+    dns: bool = True
+    dns_upstreams: tuple[str, ...] = ()  # empty: the node's /etc/resolv.conf
 
     @property
     def cni_socket(self) -> Path:
@@ -141,6 +147,9 @@ class Agent:
                     lease=lambda: self.lease,
                     identities=self.identities,
                     snapshot=lambda: snapshot.current,
+                    outbound_policy=cfg.outbound_policy,
+                    dns=cfg.dns,
+                    dns_upstreams=list(cfg.dns_upstreams) or None,
                 )
                 await self.enroller.adopt_all()
                 await nursery.start(CniServer(cfg.cni_socket, self.enroller).run)

@@ -283,3 +283,25 @@ def test_authorization_policy_allow_and_deny(
             meshctl(sandbox, "delete", "-f", str(path2))
     finally:
         meshctl(sandbox, "delete", "-f", str(path))
+
+
+def test_pods_resolve_mesh_names_through_the_dns_proxy(
+    sandbox: Sandbox, pods: dict[str, Pod], files: Path
+) -> None:
+    """Port 53 is captured in the pod: service names answer with the VIP, a headless service
+    with its pods' IPs, and curl by name reaches the app through the tunnel."""
+    client, server = pods["client"], pods["server"]
+    headless = service()
+    headless["metadata"]["name"] = "web-pods"
+    headless["spec"]["clusterIP"] = "None"
+    apply(sandbox, files, "headless", [headless])
+
+    def dig(name: str, *flags: str) -> str:
+        r = sandbox.exec(client, ["dig", "+short", "+time=2", "+tries=1", *flags, name], timeout=10)
+        return str(r.stdout).strip()
+
+    eventually(lambda: dig("web.shop.svc.cluster.local") == VIP, "A web.shop.svc.cluster.local")
+    assert dig("web.shop", "+tcp") == VIP  # TCP too, and the short form
+    eventually(lambda: dig("web-pods.shop.svc.cluster.local") == server.ip, "headless A")
+    url = "http://web.shop.svc.cluster.local/"
+    eventually(served(sandbox, client, url, f"peer={client.ip}"), "curl by name")
