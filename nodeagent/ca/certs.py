@@ -336,15 +336,20 @@ def sign_svid(
     ttl: float,
 ) -> x509.Certificate:
     """An X.509 SVID for `ident` with the CSR's key; valid from a little before `now` (clock
-    skew between nodes) to `now + ttl`, never past the signer's own expiry."""
+    skew between nodes) to `now + ttl`, never past the signer's own expiry.
+
+    The backdating is at most a tenth of the TTL: holders renew at half of notBefore..notAfter,
+    and a backdating longer than the TTL itself would put that point in the past (a renewal
+    storm with short TTLs)."""
     end = min(now + ttl, not_after(authority.cert))
+    skew = min(CLOCK_SKEW, datetime.timedelta(seconds=ttl / 10))
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([]))
         .issuer_name(authority.cert.subject)
         .public_key(csr.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(_utc(now) - CLOCK_SKEW)
+        .not_valid_before(_utc(now) - skew)
         .not_valid_after(_utc(end))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(leaf=True), critical=True)

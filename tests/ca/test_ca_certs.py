@@ -84,6 +84,18 @@ def test_sign_and_verify_round_trip() -> None:
         certs.verify_chain([leaf], _authority().roots, where="leaf")
 
 
+@pytest.mark.parametrize("ttl", [10, 60, 3600, 86400])
+def test_half_life_is_always_in_the_future(ttl: float) -> None:
+    """Holders renew at the midpoint of notBefore..notAfter: the clock-skew backdating must never
+    move it to before the moment of signing, or a short TTL renews in a loop."""
+    auth = _authority()
+    now = time.time()
+    csr = certs.check_csr(certs.build_csr(certs.new_key(), WEB), WEB)
+    leaf = certs.sign_svid(auth, csr, WEB, now=now, ttl=ttl)
+    midpoint = (certs.not_before(leaf) + certs.not_after(leaf)) / 2
+    assert now + 0.4 * ttl < midpoint < now + 0.5 * ttl + 1
+
+
 def test_csr_must_name_exactly_the_requested_identity() -> None:
     key = certs.new_key()
     der = certs.build_csr(key, certs.SpiffeId(TD, "default", "admin"))
