@@ -4,6 +4,7 @@
     meshctl get KIND [NAME] [-n NS | -A] [-o yaml|json|wide]
     meshctl delete (-f FILE|DIR|- | KIND NAME...) [-n NS] [--ignore-not-found]
     meshctl validate -f FILE|DIR|- [-n NS]
+    meshctl explain --from POD|gateway --to URL [-H 'Name: value']... [-X METHOD] [-o json]
 
 The store URL comes from --store, else $MESH_STORE, else nodeagent.store.DEFAULT_URL; the VIP
 range from --vip-range, else $MESH_VIP_RANGE, else 10.96.0.0/16. Every error is printed (file,
@@ -36,7 +37,7 @@ from nodeagent.config.batch import check_references, dedupe, validate_batch
 from nodeagent.config.documents import load_paths
 from nodeagent.config.errors import ConfigError, ConfigInvalid, LoadError
 from nodeagent.config.kinds import KINDS, UnknownKind, resolve
-from nodeagent.meshctl import output
+from nodeagent.meshctl import explain, output
 from nodeagent.store import DEFAULT_URL, ENV_VAR, StoreError, open_store
 
 
@@ -74,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", parents=[common], help="check documents offline")
     validate.add_argument("-f", "--filename", action="append", required=True, metavar="FILE")
+
+    explain.add_parser(sub, common)
     return parser
 
 
@@ -216,7 +219,13 @@ async def _delete(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-_COMMANDS = {"apply": _apply, "get": _get, "delete": _delete, "validate": _validate}
+_COMMANDS = {
+    "apply": _apply,
+    "get": _get,
+    "delete": _delete,
+    "validate": _validate,
+    "explain": explain.run,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,405 @@
+"""`meshctl explain` end to end: `meshctl apply` into a real sqlite store, then `main(["explain",
+…])`, asserting the JSON report's fields and the table's key lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.meshctl.explain import ExplainError, parse_headers, parse_target
+from nodeagent.meshctl.main import main
+
+CORPUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "corpus"
+
+
+def _corpus(*parts: str) -> str:
+    path = CORPUS.joinpath(*parts)
+    if not path.exists():
+        pytest.fail(f"compatibility corpus missing: {path}")
+    return str(path)
+
+
+def _workload(name: str, ip: str, node: str, labels: str, sa: str = "default") -> str:
+    return f"""\
+apiVersion: mesh.nodeagent.io/v1alpha1
+kind: Workload
+metadata: {{name: {name}, uid: uid-{name}, labels: {{{labels}}}}}
+spec: {{node: {node}, addresses: [{ip}], serviceAccount: {sa}}}
+"""
+
+
+MY_APP = "\n---\n".join(
+    [
+        """\
+apiVersion: v1
+kind: Service
+metadata: {name: my-app}
+spec:
+  selector: {app: my-app}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+""",
+        """\
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec:
+  selector: {app: db}
+  ports: [{name: tcp-db, port: 5432, targetPort: 5432}]
+""",
+        _workload("my-app-v1", "10.1.0.11", "node-1", "app: my-app, version: v1.0.0", "my-app"),
+        _workload("my-app-v2", "10.2.0.11", "node-2", "app: my-app, version: v2.0.0", "my-app"),
+        _workload("client", "10.1.0.5", "node-1", "app: client", "client"),
+        _workload("db-0", "10.2.0.20", "node-2", "app: db", "db"),
+    ]
+)
+
+BOOKINFO = "\n---\n".join(
+    [
+        f"""\
+apiVersion: v1
+kind: Service
+metadata: {{name: {app}}}
+spec:
+  selector: {{app: {app}}}
+  ports: [{{name: http, port: 9080, targetPort: 9080}}]
+"""
+        for app in ("productpage", "reviews", "ratings", "details")
+    ]
+    + [
+        _workload(f"{app}-{v}", f"10.1.1.{n}", f"node-{n % 2 + 1}", f"app: {app}, version: {v}")
+        for n, (app, v) in enumerate(
+            [
+                ("productpage", "v1"),
+                ("reviews", "v1"),
+                ("reviews", "v2"),
+                ("reviews", "v3"),
+                ("ratings", "v1"),
+                ("ratings", "v2"),
+                ("details", "v1"),
+            ],
+            start=10,
+        )
+    ]
+)
+
+STRICT_AND_DENY = """\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client}
+spec:
+  selector: {matchLabels: {version: v2.0.0}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]
+"""
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MESH_STORE", f"sqlite:///{tmp_path}/mesh.db")
+    monkeypatch.delenv("MESH_VIP_RANGE", raising=False)
+    return tmp_path
+
+
+def _apply(tmp: Path, capsys: pytest.CaptureFixture[str], *files: str, text: str = "") -> None:
+    args = ["apply"]
+    if text:
+        path = tmp / f"extra-{abs(hash(text))}.yaml"
+        path.write_text(text)
+        args += ["-f", str(path)]
+    for f in files:
+        args += ["-f", f]
+    assert main(args) == 0, capsys.readouterr().err
+    capsys.readouterr()
+
+
+def _explain(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    assert main(["explain", *args, "-o", "json"]) == 0, capsys.readouterr().err
+    report: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return report
+
+
+def _table(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    assert main(["explain", *args]) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def _dests(report: dict[str, Any]) -> list[tuple[Any, ...]]:
+    return [
+        (d["weight"], d["subset"], d["subset_labels"], [e["pod"] for e in d["endpoints"]])
+        for d in report["destinations"]
+    ]
+
+
+# -- the canary, through the gateway and from a pod --------------------------------------------
+
+
+def test_canary_through_the_gateway_shows_both_weighted_subsets(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _apply(store, capsys, _corpus("seed", "01-canary.yaml"), text=MY_APP)
+    report = _explain(capsys, "--from", "gateway", "--to", "http://my-app/my-app/x?y=1")
+    assert report["source"]["kind"] == "gateway"
+    assert report["source"]["principal"] == (
+        "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
+    )
+    assert report["resolved"]["gateway"] == "default/http-gateway"
+    assert report["outcome"] == "route"
+    rule = report["route"]["rule"]
+    assert (rule["virtual_service"], rule["rule_index"], rule["match_index"]) == (
+        "default/my-app",
+        0,
+        0,
+    )
+    assert rule["conditions"] == ['uri prefix "/my-app"']
+    assert report["route"]["upstream_path"] == "/x?y=1"  # rewrite /my-app → /
+    assert _dests(report) == [
+        (90, "v1", {"version": "v1.0.0"}, ["default/my-app-v1"]),
+        (10, "v2", {"version": "v2.0.0"}, ["default/my-app-v2"]),
+    ]
+    ep = report["destinations"][1]["endpoints"][0]
+    assert ep == {
+        "pod": "default/my-app-v2",
+        "ip": "10.2.0.11",
+        "port": 8080,
+        "node": "node-2",
+        "identity": "spiffe://cluster.local/ns/default/sa/my-app",
+        "labels": {"app": "my-app", "version": "v2.0.0"},
+        "tunnel": True,
+        "mtls_mode": "PERMISSIVE",
+        "authorization": {
+            "decision": "ALLOW",
+            "policy": None,
+            "reason": "mtls; no ALLOW policy selects the workload",
+            "audited": [],
+        },
+    }
+    # The gateway path does not match a host outside the Gateway's prefix rule.
+    miss = _explain(capsys, "--from", "gateway", "--to", "http://my-app/other")
+    assert miss["outcome"] == "no_route"
+    assert miss["summary"].startswith("no route (404 NR)")
+
+
+def test_canary_table_output_has_the_key_lines(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _apply(store, capsys, _corpus("seed", "01-canary.yaml"), text=MY_APP)
+    out = _table(capsys, "--from", "gateway", "--to", "http://my-app/my-app/x")
+    assert "Gateway:     default/http-gateway on port 80 for host my-app" in out
+    assert "Matched:     VirtualService default/my-app rule 0, route name default/my-app.0" in out
+    assert 'match clause 0: uri prefix "/my-app"' in out
+    assert "Upstream:    path /x, authority my-app (rewritten)" in out
+    lines = [line.split() for line in out.splitlines()]
+    assert ["WEIGHT", "HOST", "PORT", "SUBSET", "LABELS", "ENDPOINTS"] in lines
+    assert ["90", "my-app.default.svc.cluster.local", "80", "v1", "version=v1.0.0", "1"] in lines
+    assert ["10", "my-app.default.svc.cluster.local", "80", "v2", "version=v2.0.0", "1"] in lines
+    assert out.rstrip().splitlines()[-1] == (
+        "Verdict:     routed by default/my-app.0: 90% to my-app.default.svc.cluster.local:80 "
+        "subset v1, 10% to my-app.default.svc.cluster.local:80 subset v2"
+    )
+
+
+def test_a_pod_gets_the_default_route_not_the_gateway_rule(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _apply(store, capsys, _corpus("seed", "01-canary.yaml"), text=MY_APP)
+    report = _explain(capsys, "--from", "default/client", "--to", "http://my-app/my-app/x")
+    res = report["resolved"]
+    assert (res["via"], res["port"], res["protocol"], res["target_port"]) == (
+        "dns",
+        80,
+        "http",
+        8080,
+    )
+    assert res["service"]["ref"] == "default/my-app"
+    assert res["address"] == res["service"]["addresses"][0]
+    assert res["address"].startswith("10.96.0.")
+    assert report["route"]["route_name"] == "default"
+    assert report["route"]["rule"] is None
+    assert report["route"]["upstream_path"] == "/my-app/x"  # no rewrite outside the gateway
+    assert report["route"]["retries"]["default"] is True
+    assert _dests(report) == [(100, None, None, ["default/my-app-v1", "default/my-app-v2"])]
+
+
+# -- A/B test and fault ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("agent", "rule", "subset"),
+    [("Mozilla/5.0 Chrome/120", 0, "v1"), ("Mozilla/5.0 Firefox", 1, "v2")],
+)
+def test_ab_by_user_agent(
+    store: Path, capsys: pytest.CaptureFixture[str], agent: str, rule: int, subset: str
+) -> None:
+    _apply(store, capsys, _corpus("seed", "01-canary.yaml"), text=MY_APP)
+    _apply(store, capsys, _corpus("seed", "03-ab-user-agent.yaml"))
+    args = ["--from", "gateway", "--to", "http://my-app/my-app", "-H", f"User-Agent: {agent}"]
+    report = _explain(capsys, *args)
+    assert report["request"]["headers"] == {"user-agent": agent}
+    assert report["route"]["rule"]["rule_index"] == rule
+    assert report["route"]["rule"]["conditions"] == [
+        'uri prefix "/my-app"',
+        f'headers[user-agent] regex ".*{"Chrome" if rule == 0 else "Mozilla"}.*"',
+    ]
+    assert [(d["weight"], d["subset"]) for d in report["destinations"]] == [(100, subset)]
+
+
+def test_ab_without_a_matching_user_agent_is_404_nr(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _apply(store, capsys, _corpus("seed", "01-canary.yaml"), text=MY_APP)
+    _apply(store, capsys, _corpus("seed", "03-ab-user-agent.yaml"))
+    report = _explain(capsys, "--from", "gateway", "--to", "http://my-app/my-app", "-H", "A: b")
+    assert report["outcome"] == "no_route"
+    assert report["virtual_services_considered"] == ["default/my-app"]
+    assert report["destinations"] == []
+    out = _table(capsys, "--from", "gateway", "--to", "http://my-app/my-app")
+    assert "Verdict:     no route (404 NR): no rule of default/my-app matches" in out
+
+
+def test_fault_delay_and_bookinfo_subset(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dr = _corpus("istio", "bookinfo-networking", "destination-rule-all.yaml")
+    _apply(store, capsys, dr, _corpus("seed", "02-fault-delay.yaml"), text=MY_APP + BOOKINFO)
+    report = _explain(capsys, "--from", "client", "--to", "http://my-app/")
+    route = report["route"]
+    assert route["route_name"] == "default/my-app-fault.0"
+    assert route["rule"]["match_index"] is None
+    assert route["fault"] == {"delay": {"fixed_delay": "7s", "percent": 100.0}}
+    assert _dests(report) == [(100, "v2", {"version": "v2"}, ["default/ratings-v2"])]
+    assert report["destinations"][0]["port"] == 9080
+    out = _table(capsys, "--from", "client", "--to", "http://my-app/")
+    assert "Fault:       delay 7s for 100% of requests" in out
+
+
+def test_bookinfo_reviews_weights_and_header_match(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    net = ("istio", "bookinfo-networking")
+    _apply(
+        store,
+        capsys,
+        _corpus(*net, "destination-rule-all.yaml"),
+        _corpus(*net, "virtual-service-reviews-80-20.yaml"),
+        text=BOOKINFO,
+    )
+    report = _explain(capsys, "--from", "productpage-v1", "--to", "http://reviews:9080/reviews/1")
+    assert report["resolved"]["service"]["host"] == "reviews.default.svc.cluster.local"
+    assert _dests(report) == [
+        (80, "v1", {"version": "v1"}, ["default/reviews-v1"]),
+        (20, "v2", {"version": "v2"}, ["default/reviews-v2"]),
+    ]
+    _apply(store, capsys, _corpus(*net, "virtual-service-reviews-jason-v2-v3.yaml"))
+    to = ["--from", "productpage-v1", "--to", "http://reviews.default:9080/"]
+    jason = _explain(capsys, *to, "-H", "end-user: jason")
+    assert jason["route"]["rule"]["conditions"] == ['headers[end-user] exact "jason"']
+    assert _dests(jason) == [(100, "v2", {"version": "v2"}, ["default/reviews-v2"])]
+    other = _explain(capsys, *to)
+    assert other["route"]["rule"]["rule_index"] == 1
+    assert _dests(other) == [(100, "v3", {"version": "v3"}, ["default/reviews-v3"])]
+
+
+# -- security ----------------------------------------------------------------------------------
+
+
+def test_strict_mtls_and_a_deny_policy(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _apply(
+        store, capsys, _corpus("seed", "01-canary.yaml"), text=MY_APP + "---\n" + STRICT_AND_DENY
+    )
+    report = _explain(capsys, "--from", "client", "--to", "http://my-app/")
+    eps = {e["pod"]: e for d in report["destinations"] for e in d["endpoints"]}
+    v1, v2 = eps["default/my-app-v1"], eps["default/my-app-v2"]
+    assert (v1["mtls_mode"], v1["tunnel"], v1["authorization"]["decision"]) == (
+        "STRICT",
+        True,
+        "ALLOW",
+    )
+    assert v2["mtls_mode"] == "STRICT"
+    assert v2["authorization"]["decision"] == "DENY"
+    assert v2["authorization"]["policy"] == "default/deny-client"
+    assert report["source"]["principal"] == "cluster.local/ns/default/sa/client"
+    out = _table(capsys, "--from", "client", "--to", "http://my-app/")
+    assert "default/my-app-v2: DENY: mtls; denied by DENY policy" in out
+    row = next(line.split() for line in out.splitlines() if "10.2.0.11:8080" in line)
+    assert row[-5:] == ["STRICT", "yes", "DENY", "by", "default/deny-client"]
+    # Another principal is not denied.
+    other = _explain(capsys, "--from", "my-app-v1", "--to", "http://my-app/")
+    eps = {e["pod"]: e for d in other["destinations"] for e in d["endpoints"]}
+    assert eps["default/my-app-v2"]["authorization"]["decision"] == "ALLOW"
+
+
+# -- TCP, pod IPs, unknown destinations ---------------------------------------------------------
+
+
+def test_tcp_service_and_pod_ip(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _apply(store, capsys, text=MY_APP)
+    report = _explain(capsys, "--from", "client", "--to", "tcp://db:5432")
+    assert report["protocol"] == "tcp"
+    assert report["resolved"]["protocol"] == "tcp"
+    assert report["tcp_route"] == {"route_name": "default"}
+    assert _dests(report) == [(100, None, None, ["default/db-0"])]
+    direct = _explain(capsys, "--from", "client", "--to", "tcp://10.2.0.20:5432")
+    assert direct["outcome"] == "workload"
+    assert direct["resolved"]["workload"] == "default/db-0"
+    assert direct["destinations"][0]["endpoints"][0]["tunnel"] is True
+
+
+def test_unknown_ip_is_passthrough_or_refused(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _apply(store, capsys, text=MY_APP)
+    report = _explain(capsys, "--from", "client", "--to", "http://192.0.2.7:8080/x")
+    assert report["outcome"] == "unknown"
+    assert report["passthrough"]["address"] == "192.0.2.7"
+    assert "REGISTRY_ONLY" in report["passthrough"]["registry_only"]
+    assert "unknown destination 192.0.2.7:8080" in report["summary"]
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--from", "nope", "--to", "http://my-app/"], "no workload default/nope in the store"),
+        (["--from", "client", "--to", "http://unknown-svc/"], "unknown host unknown-svc"),
+        (["--from", "client", "--to", "http://my-app:99999/"], "not a URL"),
+        (["--from", "client", "--to", "ftp://my-app/"], "scheme 'ftp'"),
+        (["--from", "client", "--to", "tcp://db"], "needs a port"),
+        (["--from", "client", "--to", "http://my-app/", "-H", "novalue"], "expected 'Name: value'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(
+    store: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    _apply(store, capsys, text=MY_APP)
+    assert main(["explain", *args]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: ")
+    assert message in lines[0]
+
+
+def test_parsers() -> None:
+    t = parse_target("my-app.default.svc.cluster.local:8080/a/b?c=d")
+    assert (t.scheme, t.host, t.port, t.path, t.query, t.authority) == (
+        "http",
+        "my-app.default.svc.cluster.local",
+        8080,
+        "/a/b",
+        "c=d",
+        "my-app.default.svc.cluster.local:8080",
+    )
+    assert parse_target("tcp://10.0.0.1:5432").is_ip
+    assert parse_headers(["X-A: 1", "x-a: 2", "Host:  h "]) == {"x-a": "1, 2", "host": "h"}
+    with pytest.raises(ExplainError):
+        parse_target("http://")
