@@ -61,6 +61,15 @@ def _run(argv: list[str]) -> int:
         metavar="IP[:PORT]",
         help="resolver for non-mesh names (repeatable; default: the node's /etc/resolv.conf)",
     )
+    p.add_argument(
+        "--gateway",
+        action="store_true",
+        help="also serve the ingress gateway on this node (Gateways selecting "
+        "istio: ingressgateway), bound in the node's network namespace",
+    )
+    p.add_argument(
+        "--gateway-bind", default="0.0.0.0", metavar="IP", help="address the gateway binds"
+    )
     args = p.parse_args(argv)
     log.configure(args.log_level, args.log_format)
     cfg = AgentConfig(
@@ -76,6 +85,8 @@ def _run(argv: list[str]) -> int:
         outbound_policy=args.outbound_policy,
         dns=args.dns,
         dns_upstreams=tuple(args.dns_upstream),
+        gateway=args.gateway,
+        gateway_bind=args.gateway_bind,
     )
     try:
         trio.run(run_until_signalled, cfg)

@@ -21,6 +21,7 @@ from nodeagent.agent.enroll import Enroller
 from nodeagent.agent.state import AgentState
 from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
+from nodeagent.gateway.node import NodeGateway
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.log import get_logger
 from nodeagent.proxy.outbound import OutboundPolicy
@@ -52,6 +53,9 @@ class AgentConfig:
     outbound_policy: OutboundPolicy = "ALLOW_ANY"
     dns: bool = True
     dns_upstreams: tuple[str, ...] = ()  # empty: the node's /etc/resolv.conf
+    # Serve the ingress gateway on this node (Gateways selecting `istio: ingressgateway`).
+    gateway: bool = False
+    gateway_bind: str = "0.0.0.0"
 
     @property
     def cni_socket(self) -> Path:
@@ -75,6 +79,7 @@ class Agent:
     snapshot: SnapshotSync | None = None
     identities: IdentityManager | None = None
     telemetry: Telemetry | None = None
+    gateway: NodeGateway | None = None
     drain_deadline: float = 0.0
     drain_requested: trio.Event = field(default_factory=trio.Event)
     _lease_lost: trio.Event = field(default_factory=trio.Event)
@@ -152,6 +157,19 @@ class Agent:
                     dns_upstreams=list(cfg.dns_upstreams) or None,
                 )
                 await self.enroller.adopt_all()
+                if cfg.gateway:
+                    self.gateway = NodeGateway(
+                        node=cfg.node,
+                        store=store,
+                        lease=lambda: self.lease,
+                        identities=self.identities,
+                        sync=self.snapshot,
+                        trust_domain=cfg.trust_domain,
+                        bind_host=cfg.gateway_bind,
+                        picker=self.enroller.picker,
+                        sessions=self.enroller.sessions,
+                    )
+                    await nursery.start(self.gateway.run)
                 await nursery.start(CniServer(cfg.cni_socket, self.enroller).run)
                 await nursery.start(AdminServer(cfg.admin_socket, self._routes()).run)
                 self.ready = True
@@ -230,6 +248,7 @@ class Agent:
                 "lease": self.lease,
                 "snapshot": snap.statistics() if snap is not None else None,
                 "identity": self.identities.statistics() if self.identities else None,
+                "gateway": self.gateway.statistics() if self.gateway else None,
             }
 
         # /config_dump adds "workloads" (the enrolled pods and their state) and "certificates".

@@ -1,10 +1,12 @@
 """One enrolled pod's proxy: its three listeners and the three connection paths.
 
-- Outbound (15001): the app's captured connection. `outbound.decide` picks the target from the
-  snapshot; a meshed workload is ALWAYS reached through the mTLS tunnel (the pod's own
-  certificate is awaited, bounded, and without it the connection fails closed, never falls back
-  to plaintext); a destination outside the mesh is passed through from the pod's netns (or
-  refused under REGISTRY_ONLY).
+- Outbound (15001): the app's captured connection. A service port whose protocol is HTTP/1.1
+  (`protocol_hint == "http"`) goes to the pod's `HttpProxy` (L7 routing by
+  `nodeagent.routing.decide`, pooled upstreams opened by `MeshConnector`); any other port is
+  routed at L4 (`outbound.decide`, with VirtualService `tcp` weights). A meshed workload is ALWAYS
+  reached through the mTLS tunnel (the pod's own certificate is awaited, bounded, and without it
+  the connection fails closed, never falls back to plaintext); a destination outside the mesh is
+  passed through from the pod's netns (or refused under REGISTRY_ONLY).
 - Inbound plaintext (15006): PeerAuthentication (STRICT refuses) and L4 authorization, then
   delivery to the app from inside the netns with the client's own IP as source.
 - Tunnel (15008): mTLS with the pod's identity, the client's SPIFFE id verified and
@@ -26,6 +28,7 @@ from typing import Any
 
 import trio
 
+from nodeagent.http import HttpProxy, RequestLog
 from nodeagent.identity.api import IdentityProvider, IdentityUnavailable
 from nodeagent.inpod import Netns, PodListeners, original_dst
 from nodeagent.log import get_logger
@@ -38,9 +41,12 @@ from nodeagent.proxy.outbound import (
     RoundRobinPicker,
     ToWorkload,
     decide,
+    http_target,
+    route_picker,
 )
 from nodeagent.proxy.relay import RelayResult, relay
-from nodeagent.snapshot import Snapshot, Workload
+from nodeagent.routing import Request, Source
+from nodeagent.snapshot import Endpoint, Snapshot, Workload
 from nodeagent.tunnel import (
     SessionCache,
     SourceInfo,
@@ -137,6 +143,45 @@ class PodProxy:
         self.outbound_policy: OutboundPolicy = outbound_policy
         self.identity_wait = identity_wait
         self.stats = PodProxyStats()
+        self._http: HttpProxy | None = None  # made on the first HTTP connection
+
+    def http_proxy(self) -> HttpProxy:
+        """This pod's L7 proxy (one per pod, so upstream connections are pooled per source)."""
+        if self._http is None:
+            connector = MeshConnector(
+                netns=self.netns,
+                identities=self.identities,
+                source=self._tunnel_source,
+                sessions=self.sessions,
+                identity_wait=self.identity_wait,
+                stats=self.stats.outbound,
+                label=self.pod,
+            )
+            self._http = HttpProxy(
+                snapshot=self.snapshot,
+                source=self._route_source,
+                connector=connector,
+                picker=route_picker(self.picker),
+                on_request=self._on_request,
+                name=f"http:{self.pod}",
+            )
+        return self._http
+
+    def _route_source(self, request: Request) -> Source:
+        me = self._me(self.snapshot())
+        if me is None:
+            return Source()
+        return Source(namespace=me.namespace, labels=me.labels)
+
+    def _tunnel_source(self) -> SourceInfo | None:
+        me = self._me(self.snapshot())
+        if me is None or not me.identity:
+            return None
+        return SourceInfo(me.namespace, me.name, me.identity, me.address or "")
+
+    def _on_request(self, entry: RequestLog) -> None:
+        self.stats.outbound.bytes_sent += entry.bytes_received
+        self.stats.outbound.bytes_received += entry.bytes_sent
 
     def statistics(self) -> dict[str, Any]:
         def d(s: DirectionStats) -> dict[str, int]:
@@ -167,6 +212,9 @@ class PodProxy:
             ):
                 with trio.CancelScope(shield=True):
                     await listener.aclose()
+            if self._http is not None:
+                with trio.CancelScope(shield=True):
+                    await self._http.aclose()
 
     async def _accept(
         self, listener: trio.SocketListener, kind: str, nursery: trio.Nursery
@@ -255,7 +303,24 @@ class PodProxy:
         dst = original_dst(client.socket)
         conn.src, conn.dst = f"{src[0]}:{src[1]}", f"{dst[0]}:{dst[1]}"
         snap = self.snapshot()
-        decision = decide(snap, dst[0], dst[1], picker=self.picker, policy=self.outbound_policy)
+        target = http_target(snap, dst[0], dst[1])
+        if target is not None:
+            # HTTP/1.1 service port: the L7 proxy routes every request (one log line each).
+            conn.service, conn.flag = target.service.ref, "http"
+            await self.http_proxy().serve(
+                client, port=dst[1], host=target.service.hostname, client_address=src[0]
+            )
+            return
+        me = self._me(snap)
+        source = Source(me.namespace, me.labels) if me is not None else None
+        decision = decide(
+            snap,
+            dst[0],
+            dst[1],
+            picker=self.picker,
+            policy=self.outbound_policy,
+            source=source,
+        )
         if isinstance(decision, Refuse):
             raise _Denied("outbound_refused", decision.reason)
         conn.service = decision.service
@@ -268,7 +333,8 @@ class PodProxy:
         assert isinstance(decision, ToWorkload)
         conn.endpoint = f"{decision.address}:{decision.port}"
         conn.dst_identity = decision.identity
-        me = self._me(snap)
+        if decision.route is not None:
+            conn.flag = f"route={decision.route}"
         if me is None or self.identities is None:
             raise TunnelError("no_identity", "this pod has no mesh identity: refusing plaintext")
         conn.src_identity = me.identity
@@ -383,6 +449,82 @@ class PodProxy:
                 await tsock.bind(bind_to)
             with trio.fail_after(CONNECT_TIMEOUT):
                 await tsock.connect(dst)
+        except BaseException:
+            tsock.close()
+            raise
+        return trio.SocketStream(tsock)
+
+
+class MeshConnector:
+    """Opens the L7 proxy's upstream streams: the mTLS tunnel to a meshed endpoint (from `netns`,
+    with the source identity's certificate, the endpoint workload's identity required), a plain
+    TCP connection from `netns` to an endpoint outside the mesh.
+
+    `source()` is who connects (None: no mesh identity, so meshed endpoints are refused rather
+    than reached in plaintext). Failures are raised as OSError, which the HTTP proxy answers with
+    503 UF (and may retry on another endpoint).
+    """
+
+    def __init__(
+        self,
+        *,
+        netns: Netns,
+        identities: IdentityProvider | None,
+        source: Callable[[], SourceInfo | None],
+        sessions: SessionCache,
+        identity_wait: float = IDENTITY_WAIT,
+        stats: DirectionStats | None = None,
+        label: str = "",
+        mark: int | None = None,
+    ) -> None:
+        self.netns = netns
+        self.identities = identities
+        self.source = source
+        self.sessions = sessions
+        self.identity_wait = identity_wait
+        self.stats = stats
+        self.label = label
+        self.mark = mark
+
+    async def __call__(self, endpoint: Endpoint, service_port: int) -> trio.abc.Stream:
+        workload = endpoint.workload
+        where = f"{endpoint.address}:{endpoint.port}"
+        if workload is None or not workload.identity:
+            return await self._plain(endpoint.address, endpoint.port)
+        me = self.source()
+        if me is None or self.identities is None:
+            raise OSError(f"connect {where}: {self.label} has no mesh identity: no plaintext")
+        try:
+            await self.identities.wait_ready(me.identity, self.identity_wait)
+            stream, _ = await open_tunnel(
+                netns=self.netns,
+                identities=self.identities,
+                source_identity=me.identity,
+                address=endpoint.address,
+                expected_identity=workload.identity,
+                request=TunnelRequest(
+                    port=endpoint.port, source=me, trace={"conn": f"{self.label}#http"}
+                ),
+                sessions=self.sessions,
+                connect_timeout=CONNECT_TIMEOUT,
+            )
+        except TunnelError as exc:
+            raise OSError(f"tunnel to {where} ({workload.identity}): {exc.msg}") from None
+        except IdentityUnavailable as exc:
+            raise OSError(f"tunnel to {where}: no certificate for {me.identity}: {exc}") from None
+        if self.stats is not None:
+            self.stats.mtls += 1
+        return stream
+
+    async def _plain(self, address: str, port: int) -> trio.SocketStream:
+        if self.mark is None:
+            sock = self.netns.socket(socket.AF_INET, socket.SOCK_STREAM)
+        else:
+            sock = self.netns.socket(socket.AF_INET, socket.SOCK_STREAM, mark=self.mark)
+        tsock = trio.socket.from_stdlib_socket(sock)
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                await tsock.connect((address, port))
         except BaseException:
             tsock.close()
             raise

@@ -2,17 +2,24 @@
 
 `decide(snap, dst_ip, dst_port, picker=…, policy=…)` reads the snapshot and returns one of
 `ToWorkload` (through the mTLS tunnel to a meshed workload: always, never plaintext),
-`Passthrough` (straight to an address outside the mesh) or `Refuse`. Moving bytes is elsewhere
-(`forward.py`); this file sends nothing and is tested against hand-made snapshots.
+`Passthrough` (straight to an address outside the mesh) or `Refuse`. A service port with
+VirtualService `tcp` routes is first routed by `nodeagent.routing.decide_tcp` (weights, subsets).
+`http_target` says whether a destination is an HTTP/1.1 service port (then the L7 proxy takes the
+connection instead), and `route_picker` adapts an `EndpointPicker` to the L7 proxy's picker.
+Moving bytes is elsewhere (`forward.py`); this file sends nothing and is tested against hand-made
+snapshots.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import itertools
-from dataclasses import dataclass
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from nodeagent.routing import RouteDestination, Source, TcpRequest, decide_tcp
 from nodeagent.snapshot import Endpoint, ServiceTarget, Snapshot, Workload
 
 OutboundPolicy = Literal["ALLOW_ANY", "REGISTRY_ONLY"]
@@ -27,6 +34,7 @@ class ToWorkload:
     address: str
     port: int
     service: str | None = None  # namespace/name when reached through a service
+    route: str | None = None  # the VirtualService tcp route that chose it (ns/vs.<rule>)
 
     @property
     def identity(self) -> str:
@@ -67,6 +75,41 @@ class RoundRobinPicker:
         return endpoints[next(counter) % len(endpoints)]
 
 
+def route_picker(
+    picker: EndpointPicker,
+) -> Callable[[RouteDestination, Sequence[Endpoint]], Endpoint | None]:
+    """The L7 proxy's picker `(destination, endpoints) -> endpoint` over an `EndpointPicker`,
+    so one balancing implementation serves both the L4 and the HTTP paths."""
+
+    def pick(destination: RouteDestination, endpoints: Sequence[Endpoint]) -> Endpoint | None:
+        service = destination.service
+        if not endpoints or service is None or destination.port is None:
+            return None
+        port = service.port(destination.port)
+        if port is None:
+            return endpoints[0]
+        return picker.pick(ServiceTarget(service, port), tuple(endpoints))
+
+    return pick
+
+
+HTTP_PROTOCOLS = frozenset({"http"})  # HTTP/1.1 only: h11 does not speak http2/grpc
+
+
+def http_target(snap: Snapshot, dst_ip: str, dst_port: int) -> ServiceTarget | None:
+    """The service port `dst_ip:dst_port` addresses when the L7 (HTTP/1.1) proxy should take it:
+    a service VIP whose port is HTTP by Istio's protocol rules, with endpoints reachable by IP
+    (a ServiceEntry with resolution NONE or DNS stays L4: the app already chose the address)."""
+    found = snap.find_address(dst_ip, dst_port)
+    if not isinstance(found, ServiceTarget):
+        return None
+    if found.port.protocol_hint not in HTTP_PROTOCOLS:
+        return None
+    if found.service.kind == "ServiceEntry" and found.service.resolution != "STATIC":
+        return None
+    return found
+
+
 def _is_ip(address: str) -> bool:
     try:
         ipaddress.ip_address(address)
@@ -82,7 +125,11 @@ def decide(
     *,
     picker: EndpointPicker,
     policy: OutboundPolicy = "ALLOW_ANY",
+    source: Source | None = None,
+    rand: Callable[[], float] = random.random,
 ) -> Decision:
+    """`source` (the calling pod's namespace and labels) is what VirtualService tcp routes match
+    on; `rand` draws the weighted choice."""
     found = snap.find_address(dst_ip, dst_port)
     if isinstance(found, Workload):
         # A pod IP (headless services and services without a VIP end up here too).
@@ -90,10 +137,56 @@ def decide(
             return ToWorkload(found, dst_ip, dst_port)
         return Passthrough(dst_ip, dst_port, "workload without identity")
     if isinstance(found, ServiceTarget):
+        routed = _tcp_route(snap, found, dst_ip, dst_port, source or Source(), rand)
+        if isinstance(routed, Refuse):
+            return routed
+        if routed is not None:
+            target, route = routed
+            decision = _service(snap, target, dst_ip, dst_port, picker)
+            if isinstance(decision, ToWorkload):
+                return ToWorkload(
+                    decision.workload, decision.address, decision.port, decision.service, route
+                )
+            return decision
         return _service(snap, found, dst_ip, dst_port, picker)
     if policy == "REGISTRY_ONLY":
         return Refuse(f"{dst_ip}:{dst_port} is not in the mesh registry (REGISTRY_ONLY)")
     return Passthrough(dst_ip, dst_port, "unknown destination")
+
+
+def _tcp_route(
+    snap: Snapshot,
+    target: ServiceTarget,
+    dst_ip: str,
+    dst_port: int,
+    source: Source,
+    rand: Callable[[], float],
+) -> tuple[ServiceTarget, str] | Refuse | None:
+    """The service port a VirtualService tcp route sends this connection to (with the route's
+    name); None when no tcp rule applies (the addressed service itself)."""
+    if not snap.routes_for(target.service.hostname, source.gateway):
+        return None
+    decision = decide_tcp(
+        snap, source, TcpRequest(target.service.hostname, dst_port, dst_ip), rand=rand
+    )
+    chosen = decision.chosen
+    if chosen is None or decision.route_name in ("", "default"):
+        return None
+    if chosen.error is not None or chosen.service is None or chosen.port is None:
+        return Refuse(f"tcp route {decision.route_name}: no destination {chosen.name}")
+    port = chosen.service.port(chosen.port)
+    if port is None:
+        return Refuse(f"tcp route {decision.route_name}: {chosen.host} has no port {chosen.port}")
+    if chosen.subset_labels:
+        return _SubsetTarget(chosen.service, port, chosen.subset_labels), decision.route_name
+    return ServiceTarget(chosen.service, port), decision.route_name
+
+
+@dataclass(frozen=True, slots=True)
+class _SubsetTarget(ServiceTarget):
+    """A service port narrowed to a DestinationRule subset's labels."""
+
+    subset: Mapping[str, str] = field(default_factory=dict)
 
 
 def _service(
@@ -102,7 +195,8 @@ def _service(
     service = target.service
     if service.kind == "ServiceEntry" and service.resolution == "NONE":
         return Passthrough(dst_ip, dst_port, "ServiceEntry resolution NONE", service.ref)
-    endpoints = snap.endpoints(service, target.port)
+    subset = target.subset if isinstance(target, _SubsetTarget) else None
+    endpoints = snap.endpoints(service, target.port, subset=subset)
     if not endpoints:
         if service.kind == "ServiceEntry":
             # A ServiceEntry without endpoints names an external host reached by its address.

@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to wait for the agents to be ready",
     )
     up.add_argument(
+        "--gateway",
+        metavar="NODE",
+        default=None,
+        help="run the ingress gateway in this node's agent (e.g. n1)",
+    )
+    up.add_argument(
         "--keep-on-failure",
         action="store_true",
         help="leave a failed sandbox in place for inspection (then run down)",
@@ -94,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     named(st, ("--name", "--sandbox"))
     st.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
+    gw = sub.add_parser("gateway-url", help="the ingress gateway's URL as the outside host sees it")
+    named(gw, ("--name", "--sandbox"))
+    gw.add_argument("--port", type=int, default=80, help="the Gateway server's port")
+
     env = sub.add_parser("env", help="print `export MESH_STORE=…` for meshctl")
     named(env, ("--name", "--sandbox"))
 
@@ -126,6 +136,8 @@ def format_status(doc: dict[str, Any]) -> str:
         ])  # fmt: skip
     out += ["", _table(rows)]
     out.append(f"\noutside {doc['outside']['netns']} {doc['outside']['ip']}")
+    if doc.get("gateway"):
+        out.append(f"gateway on {doc['gateway']} (scripts/sandbox gateway-url)")
     if doc["etcd"]:
         e = doc["etcd"]
         out.append(
@@ -181,6 +193,7 @@ def _run(args: argparse.Namespace, cmd: list[str]) -> int:
             ready_timeout=args.ready_timeout,
             progress=progress,
             cleanup_on_failure=not args.keep_on_failure,
+            gateway=args.gateway,
         )
         print(format_status(Sandbox.open(name).status()))
         return 0
@@ -215,6 +228,9 @@ def _run(args: argparse.Namespace, cmd: list[str]) -> int:
     if args.command == "status":
         doc = sb.status()
         print(json.dumps(doc, indent=2) if args.output == "json" else format_status(doc))
+        return 0
+    if args.command == "gateway-url":
+        print(sb.gateway_url(args.port))
         return 0
     if args.command == "env":
         print(sb.env())

@@ -184,12 +184,15 @@ class Sandbox:
         progress: bool = True,
         cleanup_on_failure: bool = True,
         ca_ttl: str = "24h",
+        gateway: str | None = None,
     ) -> Sandbox:
         """Create and start a sandbox. On failure it is torn down again (unless told not to).
         With agents, the CA's signer runs too (before the agents), issuing certificates of
-        lifetime `ca_ttl`."""
+        lifetime `ca_ttl`. `gateway="n1"` makes n1's agent serve the ingress gateway too."""
         sb = cls(name, progress=progress)
         layout.check_node_count(nodes)
+        if gateway is not None and gateway not in {f"n{i}" for i in range(1, nodes + 1)}:
+            raise SandboxError(f"--gateway {gateway!r}: no such node (n1..n{nodes})")
         layout.store_url(store, sb.state_dir)  # validates the store kind
         sb._check_absent()
         try:
@@ -202,6 +205,7 @@ class Sandbox:
                 agent_cmd=list(agent_cmd) if agent_cmd else sb._default_agent_cmd(),
                 ready_timeout=ready_timeout,
                 ca_ttl=ca_ttl,
+                gateway=gateway,
             )
         except BaseException:
             if cleanup_on_failure:
@@ -261,6 +265,14 @@ class Sandbox:
     def outside_ip(self) -> str:
         return self.state().outside_ip
 
+    def gateway_url(self, port: int = 80) -> str:
+        """The ingress gateway's URL as the outside host sees it (the gateway node's underlay
+        address)."""
+        st = self.state()
+        if st.gateway is None:
+            raise SandboxError(f"sandbox {st.name!r} has no gateway (up --gateway NODE)")
+        return f"http://{self._node_state(st, st.gateway).underlay_ip}:{port}"
+
     def agent_ready(self, node: str) -> bool:
         return http_ready(self.node(node).admin_socket)
 
@@ -300,6 +312,7 @@ class Sandbox:
             "store": st.store,
             "store_url": st.store_url,
             "outside": {"netns": layout.outside_netns(st.name), "ip": st.outside_ip},
+            "gateway": st.gateway,
             "etcd": None
             if st.etcd is None
             else {
@@ -687,6 +700,7 @@ class Sandbox:
         agent_cmd: list[str],
         ready_timeout: float,
         ca_ttl: str = "24h",
+        gateway: str | None = None,
     ) -> None:
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(mode=0o700)
@@ -700,6 +714,7 @@ class Sandbox:
             agent_cmd=agent_cmd,
             mesh_cni=mesh_cni,
             outside_ip=layout.OUTSIDE_IP,
+            gateway=gateway,
         )
         save(st)
         with locked(self.state_dir):
@@ -828,6 +843,8 @@ class Sandbox:
             "ip", "netns", "exec", ns.netns, *st.agent_cmd,
             "--node", ns.name, "--store", st.store_url, "--run-dir", ns.run_dir,
         ]  # fmt: skip
+        if st.gateway == ns.name:
+            argv.append("--gateway")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._say(f"starting agent of {ns.name} (log {paths.agent_log})")
         proc, ref = spawn(argv, log=paths.agent_log, env=env)

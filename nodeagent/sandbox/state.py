@@ -77,6 +77,8 @@ class State:
     etcd_url: str | None = None
     # The CA's signer (`nodeagent ca serve`), run in node n1's namespace; its dir is <state>/ca.
     ca: ProcessRef | None = None
+    # The node whose agent also serves the ingress gateway (`nodeagent run --gateway`), if any.
+    gateway: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

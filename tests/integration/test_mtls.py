@@ -142,7 +142,7 @@ def policy(name: str, action: str, rules: list[dict[str, Any]]) -> dict[str, Any
 
 
 def curl(sb: Sandbox, pod: Pod, url: str) -> tuple[int, str]:
-    r = sb.exec(pod, ["curl", "-s", "--max-time", "3", url], timeout=10)
+    r = sb.exec(pod, ["curl", "-sf", "--max-time", "3", url], timeout=10)
     return r.returncode, str(r.stdout)
 
 

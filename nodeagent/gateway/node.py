@@ -1,0 +1,140 @@
+"""The ingress gateway as the node agent runs it (`nodeagent run --gateway`).
+
+The gateway is a mesh workload of its own: `istio-system/istio-ingressgateway-<node>` with the
+service account `istio-ingressgateway-service-account`, registered under the agent's node lease
+(so the CA's node authorization signs its certificate) with no pod address (nothing dials it as
+a pod). Its listeners live in the node's network namespace (the agent's own), and requests go
+into the mesh through the same mTLS tunnel pods use, with the gateway's identity as the client
+certificate and the endpoint workload's identity required from the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import trio
+
+from nodeagent.config.kinds import WORKLOAD_API
+from nodeagent.gateway.server import DEFAULT_LABELS, IngressGateway
+from nodeagent.http import RequestLog
+from nodeagent.identity.api import IdentityProvider
+from nodeagent.inpod import Netns
+from nodeagent.log import get_logger
+from nodeagent.proxy.forward import MeshConnector
+from nodeagent.proxy.outbound import EndpointPicker, RoundRobinPicker, route_picker
+from nodeagent.snapshot import SnapshotSync
+from nodeagent.store import codec, keys
+from nodeagent.store.base import Store, StoreError
+from nodeagent.tunnel import SessionCache, SourceInfo
+
+log = get_logger("gateway.node")
+
+NAMESPACE = "istio-system"
+SERVICE_ACCOUNT = "istio-ingressgateway-service-account"
+REREGISTER_CHECK = 2.0  # seconds between checks that the registration's lease is current
+
+
+def gateway_identity(trust_domain: str) -> str:
+    return f"spiffe://{trust_domain}/ns/{NAMESPACE}/sa/{SERVICE_ACCOUNT}"
+
+
+def gateway_workload(node: str, labels: Mapping[str, str]) -> dict[str, Any]:
+    """The Workload document the gateway registers for itself on `node`."""
+    return {
+        "apiVersion": WORKLOAD_API,
+        "kind": "Workload",
+        "metadata": {
+            "name": f"istio-ingressgateway-{node}",
+            "namespace": NAMESPACE,
+            "uid": f"ingressgateway-{node}",
+            "labels": {"app": "istio-ingressgateway", **labels},
+            "annotations": {},
+        },
+        "spec": {"node": node, "addresses": [], "serviceAccount": SERVICE_ACCOUNT},
+    }
+
+
+class NodeGateway:
+    """Registers the gateway workload, keeps its certificate, and serves `IngressGateway`."""
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        store: Store,
+        lease: Callable[[], int],
+        identities: IdentityProvider,
+        sync: SnapshotSync,
+        trust_domain: str = "cluster.local",
+        labels: Mapping[str, str] = DEFAULT_LABELS,
+        bind_host: str = "0.0.0.0",
+        picker: EndpointPicker | None = None,
+        sessions: SessionCache | None = None,
+        on_request: Callable[[RequestLog], None] | None = None,
+    ) -> None:
+        self.node = node
+        self.store = store
+        self.lease = lease
+        self.identities = identities
+        self.labels = dict(labels)
+        self.identity = gateway_identity(trust_domain)
+        self.document = gateway_workload(node, self.labels)
+        self._registered_lease = 0
+        source = SourceInfo(NAMESPACE, str(self.document["metadata"]["name"]), self.identity)
+        # The agent's own netns is the node's: a plain socket there, no pod namespace involved.
+        self._netns = Netns.open("/proc/self/ns/net")
+        self.connector = MeshConnector(
+            netns=self._netns,
+            identities=identities,
+            source=lambda: source,
+            sessions=sessions if sessions is not None else SessionCache(),
+            label=f"gateway:{node}",
+        )
+        self.gateway = IngressGateway(
+            snapshot=lambda: sync.current,
+            wait_change=sync.wait_swap,
+            connector=self.connector,
+            picker=route_picker(picker if picker is not None else RoundRobinPicker()),
+            labels=self.labels,
+            bind_host=bind_host,
+            on_request=on_request,
+        )
+
+    def statistics(self) -> dict[str, Any]:
+        return {"identity": self.identity, "node": self.node, **self.gateway.statistics()}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._register()
+            self.identities.ensure(self.identity)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.gateway.run)
+                nursery.start_soon(self._keep_registered)
+                log.info(
+                    "gateway.ready",
+                    node=self.node,
+                    identity=self.identity,
+                    listening=self.gateway.listening(),
+                )
+                task_status.started()
+        finally:
+            self._netns.close()
+
+    async def _register(self) -> None:
+        lease = self.lease()
+        key = keys.workload(self.node, str(self.document["metadata"]["uid"]))
+        await self.store.put(key, codec.encode(self.document), lease=lease)
+        self._registered_lease = lease
+
+    async def _keep_registered(self) -> None:
+        """The agent replaces a lost lease; the registration must follow it (the CA drops a
+        certificate request whose workload is gone)."""
+        while True:
+            await trio.sleep(REREGISTER_CHECK)
+            if self.lease() != self._registered_lease:
+                try:
+                    await self._register()
+                    log.info("gateway.reregistered", lease=self._registered_lease)
+                except StoreError as exc:
+                    log.warning("gateway.register_failed", error=str(exc))
