@@ -28,6 +28,8 @@ import os
 import platform
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -78,6 +80,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enroll-pods", type=int, default=20, help="0 skips the enroll bench")
     parser.add_argument("--name", default="", help="sandbox name (default: mb<pid>)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file ('' for none)")
+    parser.add_argument(
+        "--profile",
+        default="",
+        metavar="DIR",
+        help="sample both agents with py-spy (on PATH or in .venv) during every mesh run and "
+        "write collapsed stacks to DIR (skews the CPU figures: for profiling, not reporting)",
+    )
 
 
 def say(msg: str) -> None:
@@ -92,6 +101,12 @@ def cpu_seconds(pid: int) -> float:
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text[text.rindex(")") + 2 :].split()  # the command may contain spaces
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def sys_seconds(pid: int) -> float:
+    """stime of `pid` alone: the kernel's share (syscalls, the TCP stack, softirqs)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return int(text[text.rindex(")") + 2 :].split()[12]) / CLK_TCK
 
 
 def rss_mib(pid: int) -> float:
@@ -226,19 +241,61 @@ class Runner:
 
     def _proc_cpu(self) -> dict[str, float]:
         out = {f"agent_{n}": cpu_seconds(pid) for n, pid in self.agents.items() if pid}
+        out.update({f"agentsys_{n}": sys_seconds(pid) for n, pid in self.agents.items() if pid})
         if self.haproxy is not None:
             for side in ("n1", "n2"):
                 out[f"haproxy_{side}"] = cpu_seconds(self.haproxy.pid(side))
         return out
 
+    def _start_profile(self, label: str) -> list[subprocess.Popen[bytes]]:
+        """py-spy on both agents until `_stop_profile` (why a subprocess per agent: py-spy
+        samples one pid; `--nonblocking` so the agents are not paused while sampled)."""
+        profile = getattr(self.args, "profile", "")
+        if not profile:
+            return []
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(spy).exists():
+            raise RuntimeError(f"--profile needs py-spy (not found at {spy}): pip install py-spy")
+        out = Path(profile)
+        out.mkdir(parents=True, exist_ok=True)
+        return [
+            subprocess.Popen(
+                [
+                    spy, "record", "--nonblocking", "--format", "raw", "--rate", "500",
+                    "--pid", str(pid), "--output", str(out / f"{label}-{node}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for node, pid in self.agents.items()
+            if pid
+        ]  # fmt: skip
+
+    @staticmethod
+    def _stop_profile(spies: list[subprocess.Popen[bytes]]) -> None:
+        for proc in spies:
+            proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        for proc in spies:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
     def measure(
         self, setup: str, scenario: str, load: str, client: Pod, argv: list[str], timeout: float
     ) -> dict[str, Any]:
+        spies = (
+            self._start_profile(f"{scenario}-{load.replace('/', '')}") if setup == "mesh" else []
+        )
         before = self._proc_cpu()
         t0 = time.perf_counter()
-        r = self.sb.exec(client, argv, timeout=timeout)
-        wall = time.perf_counter() - t0
-        after = self._proc_cpu()
+        try:
+            r = self.sb.exec(client, argv, timeout=timeout)
+        finally:
+            wall = time.perf_counter() - t0
+            after = self._proc_cpu()
+            self._stop_profile(spies)
         if argv[0] == "wrk":
             if r.returncode != 0:
                 raise RuntimeError(f"wrk ({setup} {scenario}) exited {r.returncode}: {r.stderr}")
@@ -274,6 +331,7 @@ class Runner:
             "mb_per_s": out.get("mb_per_s"),
             "wall_s": round(wall, 2),
             "agent_cpu_s": round(agent_cpu, 3),
+            "agent_sys_s": round(sum(v for k, v in delta.items() if k.startswith("agentsys_")), 3),
             "haproxy_cpu_s": round(haproxy_cpu, 3) if setup == "haproxy" else None,
             "agent_rss_mib": {n: round(rss_mib(pid), 1) for n, pid in self.agents.items() if pid},
             "first_error": out.get("first_error"),

@@ -152,6 +152,12 @@ def render_markdown(doc: dict[str, Any], png_name: str | None = PNG_NAME) -> str
             ]
         )
     lines += _md_table(["target", "limit", "measured", ""], target_rows)
+    lines += [
+        "",
+        "Where the agents' CPU goes (py-spy profiles: `scripts/bench mesh --profile DIR`), what",
+        "was changed for it, and what it would take to meet the targets still missed: the",
+        "Performance section of [dataplane.md](dataplane.md#performance).",
+    ]
     lines += ["", "## Every measurement", ""]
     heads, body = _cells(doc.get("rows") or [])
     lines += _md_table(heads, body)

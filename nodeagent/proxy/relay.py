@@ -2,17 +2,39 @@
 
 Each direction owns one fixed-size read, so a slow reader back-pressures the writer instead of
 making the agent buffer without limit. An error on either side ends both directions.
+
+The fast path (both ends a `trio.SocketStream` or a tunnel `TlsStream`, i.e. every path of the
+agent) drives the sockets itself, because trio's stream methods yield to the scheduler at least
+once per call and allocate a `bytes` per read, and `SSL_read` hands out one 16 KiB record per
+call (loopback A/B in tests/tunnel/measure_relay.py: bulk 200 → 325 MiB/s, CPU per MiB -38%):
+
+- reads go into a pooled `bytearray` with `recv_into` (no `bytes` allocated per chunk), and a
+  connection holds a buffer only while a chunk is in flight: idle connections cost no buffer;
+- a read or write that can complete now does so without a scheduler round trip; the pump waits
+  only on EAGAIN / WANT_READ / WANT_WRITE or after a short read (the socket is then empty:
+  waiting first saves a failing recv), and checkpoints every `YIELD_EVERY` chunks so a busy
+  connection cannot starve the others;
+- the TLS side decrypts every ready record into one buffer (`SSL_read` returns one 16 KiB
+  record per call), so the plaintext side sees 64 KiB writes in bulk.
+
+Any other stream type (tests, L7 wrappers) takes the generic `receive_some`/`send_all` path.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import trio
 
+from nodeagent.tunnel.tls import WANT_READ, TlsStream
+
 CHUNK = 64 * 1024
+YIELD_EVERY = 16  # chunks moved without waiting before the pump lets other tasks run
+POOL_SIZE = 64  # idle buffers kept for reuse (64 of 64 KiB); more in flight are just allocated
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_pool: list[bytearray] = []
 
 
 @dataclass(slots=True)
@@ -22,19 +44,100 @@ class RelayResult:
     error: str = ""  # why the relay ended early, "" on a clean close
 
 
+class _SockEnd:
+    """A `trio.SocketStream` driven through its file descriptor (non-blocking already)."""
+
+    __slots__ = ("fd", "sock", "stream")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.sock = stream.socket
+        self.fd = stream.socket.fileno()
+
+    def try_read(self, view: memoryview) -> int:
+        try:
+            return os.readv(self.fd, (view,))
+        except BlockingIOError:
+            return WANT_READ
+
+    def drained(self, n: int, size: int) -> bool:
+        # A short read emptied the socket buffer (almost always): waiting first saves the
+        # failing recv (a syscall and an exception) on every small message.
+        return n < size
+
+    async def wait(self, want: int) -> None:
+        await trio.lowlevel.wait_readable(self.sock)
+
+    async def write(self, view: memoryview) -> None:
+        fd = self.fd
+        while view:
+            try:
+                sent = os.write(fd, view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+                continue
+            view = view[sent:]
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+
+class _TlsEnd:
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: TlsStream) -> None:
+        self.stream = stream
+
+    def try_read(self, view: memoryview) -> int:
+        return self.stream.try_receive_into(view)
+
+    def drained(self, n: int, size: int) -> bool:
+        return self.stream.drained
+
+    async def wait(self, want: int) -> None:
+        if want == WANT_READ:
+            await trio.lowlevel.wait_readable(self.stream.socket)
+        else:
+            await trio.lowlevel.wait_writable(self.stream.socket)
+
+    async def write(self, view: memoryview) -> None:
+        await self.stream.send_all_nowait(view)
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+
+_End = _SockEnd | _TlsEnd
+
+
+def _end(stream: trio.abc.HalfCloseableStream) -> _End | None:
+    if type(stream) is trio.SocketStream:
+        return _SockEnd(stream)
+    if isinstance(stream, TlsStream):
+        return _TlsEnd(stream)
+    return None
+
+
 async def relay(
     client: trio.abc.HalfCloseableStream,
     upstream: trio.abc.HalfCloseableStream,
     *,
     idle_timeout: float = math.inf,
     result: RelayResult | None = None,
+    fast: bool = True,
 ) -> RelayResult:
     """Relay until both directions have seen EOF, an error, or `idle_timeout` of silence.
 
     Counts go into `result` as bytes move (pass one in to keep them if the relay is cancelled).
+    `fast=False` forces the generic path (for tests and the before/after measurement).
     """
     result = result if result is not None else RelayResult()
     deadline = [trio.current_time() + idle_timeout]
+    ends = (_end(client), _end(upstream)) if fast else (None, None)
+
+    def fail(exc: BaseException) -> None:
+        result.error = result.error or f"{type(exc).__name__}: {exc}"
+        nursery.cancel_scope.cancel()
 
     async def pump(
         src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream, upstream_dir: bool
@@ -53,8 +156,51 @@ async def relay(
                 else:
                     result.received += len(data)
         except _BROKEN as exc:
-            result.error = result.error or f"{type(exc).__name__}: {exc}"
-            nursery.cancel_scope.cancel()
+            fail(exc)
+
+    async def fast_pump(src: _End, dst: _End, upstream_dir: bool) -> None:
+        unyielded = 0
+        buf: bytearray | None = None
+        view = memoryview(b"")
+        try:
+            while True:
+                if buf is None:
+                    buf = _pool.pop() if _pool else bytearray(CHUNK)
+                    view = memoryview(buf)
+                n = src.try_read(view)
+                if n < 0:
+                    # Nothing ready: give the buffer back while this connection waits.
+                    if len(_pool) < POOL_SIZE:
+                        _pool.append(buf)
+                    buf = None
+                    await src.wait(n)
+                    unyielded = 0
+                    continue
+                deadline[0] = trio.current_time() + idle_timeout
+                if n == 0:
+                    # Half-close: pass the FIN on and keep the other direction flowing.
+                    await dst.send_eof()
+                    return
+                await dst.write(view[:n])
+                if upstream_dir:
+                    result.sent += n
+                else:
+                    result.received += n
+                unyielded += 1
+                if src.drained(n, len(view)):
+                    if len(_pool) < POOL_SIZE:
+                        _pool.append(buf)
+                    buf = None
+                    await src.wait(WANT_READ)
+                    unyielded = 0
+                elif unyielded >= YIELD_EVERY:
+                    unyielded = 0
+                    await trio.lowlevel.checkpoint()
+        except _BROKEN as exc:
+            fail(exc)
+        finally:
+            if buf is not None and len(_pool) < POOL_SIZE:
+                _pool.append(buf)
 
     async def watchdog() -> None:
         while True:
@@ -69,8 +215,13 @@ async def relay(
             if idle_timeout != math.inf:
                 nursery.start_soon(watchdog)
             async with trio.open_nursery() as pumps:
-                pumps.start_soon(pump, client, upstream, True)
-                pumps.start_soon(pump, upstream, client, False)
+                down, up = ends
+                if down is not None and up is not None:
+                    pumps.start_soon(fast_pump, down, up, True)
+                    pumps.start_soon(fast_pump, up, down, False)
+                else:
+                    pumps.start_soon(pump, client, upstream, True)
+                    pumps.start_soon(pump, upstream, client, False)
             nursery.cancel_scope.cancel()
     finally:
         # Shielded: under cancellation the first aclose's checkpoint would raise before the

@@ -19,6 +19,8 @@ from typing import Any
 import trio
 
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+WANT_READ = -1  # try_receive_into: nothing ready, wait until the socket is readable
+WANT_WRITE = -2  # try_receive_into: OpenSSL must write first (e.g. a key update)
 
 
 class TlsStream(trio.abc.HalfCloseableStream):
@@ -29,6 +31,10 @@ class TlsStream(trio.abc.HalfCloseableStream):
         self.socket = sock
         self._closed = False
         self._eof_sent = False
+        self._pending_error: trio.BrokenResourceError | None = None
+        # Set by try_receive_into when it stopped on WANT_READ: the socket was empty then, so
+        # the next read should wait for readability first instead of failing once more.
+        self.drained = False
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -86,15 +92,53 @@ class TlsStream(trio.abc.HalfCloseableStream):
             except (ssl.SSLError, OSError) as exc:
                 raise trio.BrokenResourceError(f"tls receive: {exc}") from exc
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    # -- the relay's primitives: no checkpoint unless they have to wait ------------------------
+
+    def try_receive_into(self, view: memoryview) -> int:
+        """Decrypt every record that is ready into `view`, without waiting: the byte count, 0 at
+        EOF, or WANT_READ / WANT_WRITE when nothing was ready. Why a loop: one `SSL_read`
+        returns at most one record (16 KiB), and handing the relay's writer 4 records at once
+        makes one write syscall and one loop turn out of four. An error after some bytes is
+        kept and raised by the next call, so no byte is lost."""
+        if self._pending_error is not None:
+            exc, self._pending_error = self._pending_error, None
+            raise exc
+        total = 0
+        size = len(view)
+        recv_into = self.socket.recv_into
+        self.drained = False
+        while total < size:
+            try:
+                n = recv_into(view[total:] if total else view)
+            except ssl.SSLZeroReturnError:
+                return total  # close_notify: EOF now, or on the next call (it repeats)
+            except ssl.SSLWantReadError:
+                self.drained = True
+                return total or WANT_READ
+            except ssl.SSLWantWriteError:
+                return total or WANT_WRITE
+            except (ssl.SSLError, OSError) as exc:
+                error = trio.BrokenResourceError(f"tls receive: {exc}")
+                if total:
+                    self._pending_error = error
+                    return total
+                raise error from exc
+            if n == 0:
+                return total  # EOF
+            total += n
+        return total
+
+    async def send_all_nowait(self, view: memoryview) -> None:
+        """`send_all` without the trailing checkpoint (the relay checkpoints by itself):
+        waits only when the socket is full."""
         if self._eof_sent:
             raise trio.ClosedResourceError("tls send after send_eof")
-        view = memoryview(data)
+        send = self.socket.send
         # OpenSSL writes a whole buffer or nothing (no partial-write mode); after WANT_WRITE the
         # same buffer is retried, which SSLSocket allows (it sets ACCEPT_MOVING_WRITE_BUFFER).
         while view:
             try:
-                sent = self.socket.send(view)
+                sent = send(view)
             except ssl.SSLWantWriteError:
                 await trio.lowlevel.wait_writable(self.socket)
                 continue
@@ -104,6 +148,9 @@ class TlsStream(trio.abc.HalfCloseableStream):
             except (ssl.SSLError, OSError) as exc:
                 raise trio.BrokenResourceError(f"tls send: {exc}") from exc
             view = view[sent:]
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.send_all_nowait(memoryview(data))
         await trio.lowlevel.checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:

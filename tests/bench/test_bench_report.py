@@ -74,6 +74,7 @@ def test_markdown_has_machine_command_targets_and_rows() -> None:
     assert "![latency percentiles per set-up](benchmarks-latency.png)" in md
     assert "| L4 at 1000/s: added p90, two agents | <= 0.5 | 0.400 ms | met |" in md
     assert "| L4 at 1000/s: agent CPU (both agents) | <= 0.15 | 0.200 vCPU | MISSED |" in md
+    assert "[dataplane.md](dataplane.md#performance)" in md
     assert "| Bulk through the mesh vs direct | >= 0.5 | 0.300 ratio | MISSED |" in md
     assert "| l4 | 1000/s | mesh | 1000 | 0.300 | 0.600 | 1.000 |" in md
     assert "- note: a note" in md

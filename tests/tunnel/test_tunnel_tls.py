@@ -14,6 +14,7 @@ import trio
 from pki import LocalIdentityProvider, ThrowawayCA, spiffe
 
 from nodeagent.tunnel import SessionCache, TlsStream
+from nodeagent.tunnel.tls import WANT_READ, WANT_WRITE
 
 A, B = spiffe("a", "client"), spiffe("b", "server")
 
@@ -152,3 +153,75 @@ async def test_handshake_fails_against_another_ca(ids: LocalIdentityProvider) ->
         await ss.aclose()
     finally:
         rogue.close()
+
+
+async def test_try_receive_into_takes_every_ready_record_at_once(
+    ids: LocalIdentityProvider,
+) -> None:
+    cs, ss = await connected(ids)
+    buf = bytearray(256 * 1024)
+    view = memoryview(buf)
+    assert ss.try_receive_into(view) == WANT_READ  # nothing sent yet: no wait, no bytes
+    payload = os.urandom(64 * 1024)  # four 16 KiB TLS records
+    await cs.send_all(payload)
+    # Loopback queues the sender's bytes before send returns; one call must decrypt them all
+    # (one SSL_read alone returns a single record).
+    got = bytearray()
+    with trio.fail_after(10):
+        while len(got) < len(payload):
+            n = ss.try_receive_into(view)
+            if n == WANT_READ:
+                await trio.lowlevel.wait_readable(ss.socket)
+                continue
+            assert n > 16384 or not got, n
+            got += view[:n]
+    assert got == payload
+    assert ss.drained or ss.try_receive_into(view) == WANT_READ
+    await cs.send_eof()
+    with trio.fail_after(10):
+        while (n := ss.try_receive_into(view)) == WANT_READ:
+            await trio.lowlevel.wait_readable(ss.socket)
+    assert n == 0  # close_notify reads as EOF, and keeps reading as EOF
+    assert ss.try_receive_into(view) == 0
+    await cs.aclose()
+    await ss.aclose()
+
+
+async def test_try_receive_into_after_a_reset_ends_without_hanging(
+    ids: LocalIdentityProvider,
+) -> None:
+    cs, ss = await connected(ids)
+    await cs.send_all(b"last words")
+    cs.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    await cs.aclose()  # RST, no close_notify
+    view = memoryview(bytearray(1024))
+    outcome: int | str = WANT_READ
+    with trio.fail_after(10):
+        while outcome in (WANT_READ, WANT_WRITE) or (isinstance(outcome, int) and outcome > 0):
+            try:
+                outcome = ss.try_receive_into(view)
+            except trio.BrokenResourceError as exc:
+                outcome = str(exc)
+            if outcome == WANT_READ:
+                await trio.lowlevel.wait_readable(ss.socket)
+    # Like receive_some: a ragged end reads as EOF (suppress_ragged_eofs) or as broken.
+    assert outcome == 0 or "tls receive" in str(outcome)
+    await ss.aclose()
+
+
+async def test_send_all_nowait_then_receive(ids: LocalIdentityProvider) -> None:
+    cs, ss = await connected(ids)
+    payload = os.urandom(3 * 1024 * 1024)  # more than the socket buffers: must wait inside
+
+    async def reader() -> None:
+        assert await read_all(ss) == payload
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await cs.send_all_nowait(memoryview(payload))
+            await cs.send_eof()
+    with pytest.raises(trio.ClosedResourceError):
+        await cs.send_all_nowait(memoryview(b"late"))
+    await cs.aclose()
+    await ss.aclose()

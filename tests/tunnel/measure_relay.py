@@ -1,0 +1,159 @@
+"""Measure the relay's CPU cost on loopback (not a test): `python tests/tunnel/measure_relay.py`.
+
+One child process plays both agents (plaintext → relay → TLS 1.3 → relay → plaintext), the parent
+plays the app: an echo server and a client doing 64-byte round trips on one connection, then a
+bulk transfer echoed back. The figures are the child's CPU (utime + stime from /proc) per round
+trip and per MiB, for the fast relay path and the generic one (`relay(..., fast=False)`), so a
+change to `nodeagent/proxy/relay.py` or `nodeagent/tunnel/tls.py` can be compared on one machine
+under one load. Knobs (environment): MEASURE_RR_ONLY=1 skips the bulk part; MEASURE_CHUNK=N
+sets the relay's buffer size; MEASURE_NO_DRAIN=1 turns off the "wait first after a short read"
+rule (for A/B runs).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pki import LocalIdentityProvider, ThrowawayCA, spiffe
+
+from nodeagent.proxy.relay import relay
+from nodeagent.tunnel.server import detach
+from nodeagent.tunnel.tls import TlsStream
+
+A, B = spiffe("a", "client"), spiffe("b", "server")
+ROUND_TRIPS = 20000
+BULK = 256 * 1024 * 1024
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+async def child(echo_port: int, fast: bool) -> None:
+    if os.environ.get("MEASURE_CHUNK"):  # A/B of the relay's buffer size
+        from nodeagent.proxy import relay as relay_module
+
+        relay_module.CHUNK = int(os.environ["MEASURE_CHUNK"])
+    if os.environ.get("MEASURE_NO_DRAIN"):  # A/B of the "wait first after a short read" rule
+        from nodeagent.proxy import relay as relay_module
+
+        relay_module._SockEnd.drained = lambda self, n, size: False  # type: ignore[method-assign]
+        relay_module._TlsEnd.drained = lambda self, n, size: False  # type: ignore[method-assign]
+    ids = LocalIdentityProvider(ThrowawayCA())
+    ids.ensure(A)
+    ids.ensure(B)
+    plain = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    tls = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    tls_port = tls.socket.getsockname()[1]
+
+    async def outbound(client: trio.SocketStream) -> None:
+        raw = socket.create_connection(("127.0.0.1", tls_port))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = TlsStream.wrap(raw, ids.client_context(A), server_side=False)
+        await stream.do_handshake()
+        await relay(client, stream, fast=fast)
+
+    async def inbound(accepted: trio.SocketStream) -> None:
+        stream = TlsStream.wrap(detach(accepted), ids.server_context(B), server_side=True)
+        await stream.do_handshake()
+        upstream = await trio.open_tcp_stream("127.0.0.1", echo_port)
+        await relay(stream, upstream, fast=fast)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, outbound, [plain])
+        nursery.start_soon(trio.serve_listeners, inbound, [tls])
+        print(plain.socket.getsockname()[1], flush=True)
+
+
+def cpu(pid: int) -> float:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def echo_server(listener: socket.socket) -> None:
+    while True:
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def serve(c: socket.socket) -> None:
+            with c:
+                while data := c.recv(262144):
+                    c.sendall(data)
+
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def measure(echo_port: int, fast: bool) -> dict[str, float]:
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", str(echo_port), "fast" if fast else "generic"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        out: dict[str, float] = {}
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            msg = b"x" * 64
+            for _ in range(200):  # warm-up (handshake, first buffers)
+                s.sendall(msg)
+                s.recv(64)
+            c0, t0 = cpu(proc.pid), time.perf_counter()
+            for _ in range(ROUND_TRIPS):
+                s.sendall(msg)
+                got = s.recv(64)
+                while len(got) < 64:
+                    got += s.recv(64 - len(got))
+            c1, t1 = cpu(proc.pid), time.perf_counter()
+            out["rr_cpu_us"] = (c1 - c0) / ROUND_TRIPS * 1e6
+            out["rr_wall_us"] = (t1 - t0) / ROUND_TRIPS * 1e6
+        if os.environ.get("MEASURE_RR_ONLY"):
+            return out
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            received = [0]
+
+            def drain() -> None:
+                while received[0] < BULK and (data := s.recv(262144)):
+                    received[0] += len(data)
+
+            reader = threading.Thread(target=drain)
+            c0, t0 = cpu(proc.pid), time.perf_counter()
+            reader.start()
+            block = os.urandom(262144)
+            for _ in range(BULK // len(block)):
+                s.sendall(block)
+            reader.join(60)
+            c1, t1 = cpu(proc.pid), time.perf_counter()
+            assert received[0] == BULK, received[0]
+            out["bulk_mib_s"] = BULK / 2**20 / (t1 - t0)
+            out["bulk_cpu_ms_per_mib"] = (c1 - c0) / (BULK / 2**20) * 1000
+        return out
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        trio.run(child, int(sys.argv[2]), sys.argv[3] == "fast")
+        return
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    threading.Thread(target=echo_server, args=(listener,), daemon=True).start()
+    port = listener.getsockname()[1]
+    for fast in (False, True, False, True):
+        figures = measure(port, fast)
+        print("fast   " if fast else "generic", {k: round(v, 1) for k, v in figures.items()})
+
+
+if __name__ == "__main__":
+    main()
