@@ -16,7 +16,8 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -524,3 +525,44 @@ class ZipkinExporter:
             "failed_spans": self.failed_spans,
             "queued": self._receive.statistics().current_buffer_used,
         }
+
+
+# -- propagation beyond HTTP headers -------------------------------------------------------------
+
+# The trace context of the request being proxied in the current task. The HTTP proxy sets it
+# around forwarding; the tunnel connector reads it (the pool opens connections inside the
+# request's task), so a new tunnel carries the CLIENT span's context to the destination agent.
+CURRENT_TRACE: ContextVar[TraceContext | None] = ContextVar("nodeagent_trace", default=None)
+
+
+def incoming_b3(headers: HeaderSeq) -> B3Style | None:
+    """The B3 style the caller used (None: no B3 header, so only traceparent goes out)."""
+    names = {k.lower() for k, _ in headers}
+    if b"b3" in names:
+        return "single"
+    if names & {b"x-b3-traceid", b"x-b3-spanid", b"x-b3-sampled", b"x-b3-flags"}:
+        return "multi"
+    return None
+
+
+def tunnel_trace(ctx: TraceContext | None) -> dict[str, str]:
+    """The tunnel header's `trace` entries for `ctx` (W3C names, as in HTTP)."""
+    if ctx is None:
+        return {}
+    out = {"traceparent": format_traceparent(ctx)}
+    if ctx.tracestate:
+        out["tracestate"] = ctx.tracestate
+    return out
+
+
+def tunnel_headers(trace: Mapping[str, str]) -> Headers | None:
+    """The tunnel header's `trace` map as HTTP-style headers for `Tracer.start`, or None when
+    it carries no valid trace context (a plain TCP connection: no span is recorded)."""
+    tp = trace.get("traceparent")
+    if tp is None or parse_traceparent(tp) is None:
+        return None
+    out: Headers = [(b"traceparent", tp.encode("latin-1"))]
+    state = trace.get("tracestate")
+    if state:
+        out.append((b"tracestate", state.encode("latin-1")))
+    return out
