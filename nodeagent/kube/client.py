@@ -2,7 +2,7 @@
 
 No client library: the mesh needs GET (list, with `limit`/`continue` chunking), a watch (a
 chunked body of newline-delimited `{"type", "object"}` events, parsed by the bounded sans-IO
-`JsonLines` the etcd gateway client already uses), and POST/PUT for Lease objects. One
+`JsonLines`), and POST/PUT for Lease objects, all on `nodeagent.httpclient` connections. One
 connection per request keeps failure handling trivial (a watch owns its connection anyway);
 timeouts are trio cancel scopes set here at the I/O edge. Credentials come from a kubeconfig
 file (token, client certificate, CA) or the in-cluster service account mount.
@@ -16,20 +16,25 @@ import os
 import ssl
 import tempfile
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h11
 import trio
 import yaml
 
-from nodeagent.store.etcd_http import JsonLines, ProtocolError, parse_object
+from nodeagent.httpclient import (
+    ConnectError,
+    Connector,
+    HttpClientError,
+    HttpConnection,
+    JsonLines,
+    ProtocolError,
+    parse_object,
+)
 
-MAX_BODY = 64 << 20
-MAX_EVENT = 16 << 20
 IN_CLUSTER_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
@@ -148,62 +153,6 @@ def with_query(path: str, params: Mapping[str, str | int | bool | None]) -> str:
     return f"{path}?{urllib.parse.urlencode(clean)}" if clean else path
 
 
-class _Response:
-    """One response being read: status first, then the body in pieces."""
-
-    def __init__(self, stream: trio.abc.Stream, conn: h11.Connection, where: str) -> None:
-        self._stream = stream
-        self._conn = conn
-        self._where = where
-        self.status = 0
-
-    async def _next(self) -> Any:
-        while True:
-            try:
-                ev = self._conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise KubeError(f"{self._where}: bad HTTP from the API server: {exc}") from None
-            if ev is not h11.NEED_DATA:
-                return ev
-            try:
-                data = await self._stream.receive_some(1 << 16)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise KubeError(f"{self._where}: connection lost: {exc}") from None
-            try:
-                self._conn.receive_data(bytes(data))
-            except h11.RemoteProtocolError as exc:
-                raise KubeError(f"{self._where}: bad HTTP from the API server: {exc}") from None
-
-    async def read_head(self) -> int:
-        while True:
-            ev = await self._next()
-            if isinstance(ev, h11.Response):
-                self.status = ev.status_code
-                return ev.status_code
-            if isinstance(ev, h11.InformationalResponse):
-                continue
-            raise KubeError(f"{self._where}: connection closed before a response")
-
-    async def read_chunk(self) -> bytes | None:
-        while True:
-            ev = await self._next()
-            if isinstance(ev, h11.Data):
-                if ev.data:
-                    return bytes(ev.data)
-                continue
-            if isinstance(ev, h11.EndOfMessage):
-                return None
-            raise KubeError(f"{self._where}: connection closed mid-response")
-
-    async def read_body(self) -> bytes:
-        body = bytearray()
-        while (chunk := await self.read_chunk()) is not None:
-            body += chunk
-            if len(body) > MAX_BODY:
-                raise KubeError(f"{self._where}: response body over {MAX_BODY} bytes")
-        return bytes(body)
-
-
 def status_error(method: str, path: str, code: int, body: bytes) -> ApiStatus:
     """Map a non-2xx answer (a `Status` object when the server is an API server) to an error."""
     reason, message = "", body[:200].decode(errors="replace")
@@ -218,7 +167,13 @@ def status_error(method: str, path: str, code: int, body: bytes) -> ApiStatus:
     return cls(method, path, code, reason, message)
 
 
-Connector = Callable[[], Awaitable[trio.abc.Stream]]
+@contextmanager
+def _errors(where: str) -> Iterator[None]:
+    """The shared client's errors as KubeError, prefixed with the request."""
+    try:
+        yield
+    except HttpClientError as exc:
+        raise KubeError(f"{where}: {exc}") from None
 
 
 class KubeClient:
@@ -237,53 +192,45 @@ class KubeClient:
         self._ssl = _ssl_context(cfg)
 
     @asynccontextmanager
-    async def _exchange(self, method: str, path: str, body: Any | None) -> AsyncIterator[_Response]:
+    async def _exchange(
+        self, method: str, path: str, body: Any | None
+    ) -> AsyncIterator[HttpConnection]:
+        """A new connection with the request sent on it; closed on the way out."""
         where = f"{method} {path}"
         try:
-            if self._connector is not None:
-                stream: trio.abc.Stream = await self._connector()
-            else:
-                stream = await trio.open_tcp_stream(self._host, self._port)
-        except OSError as exc:
-            raise KubeError(f"{where}: connect {self.cfg.server}: {exc.strerror or exc}") from None
+            conn = await HttpConnection.open(
+                self._host,
+                self._port,
+                host_header=self._host_header,
+                ssl_context=self._ssl,
+                connector=self._connector,
+                peer="the API server",
+            )
+        except ConnectError as exc:
+            raise KubeError(f"{where}: connect {self.cfg.server}: {exc.reason}") from None
+        except HttpClientError as exc:
+            raise KubeError(f"{where}: {exc}") from None
         try:
-            if self._ssl is not None:
-                tls = trio.SSLStream(stream, self._ssl, server_hostname=self._host)
-                try:
-                    await tls.do_handshake()
-                except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-                    raise KubeError(f"{where}: TLS handshake: {exc.__cause__ or exc}") from None
-                stream = tls
-            conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 << 10)
             payload = b"" if body is None else json.dumps(body).encode()
-            headers = [
-                ("Host", self._host_header),
-                ("Accept", "application/json"),
-                ("User-Agent", "nodeagent-kube-sync"),
-                ("Content-Length", str(len(payload))),
-            ]
+            headers = [("Accept", "application/json"), ("User-Agent", "nodeagent-kube-sync")]
             if body is not None:
                 headers.append(("Content-Type", "application/json"))
             if self.cfg.token:
                 headers.append(("Authorization", f"Bearer {self.cfg.token}"))
-            try:
-                data = conn.send(h11.Request(method=method, target=path, headers=headers))
-                data = (data or b"") + (conn.send(h11.Data(data=payload)) or b"")
-                data += conn.send(h11.EndOfMessage()) or b""
-                await stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise KubeError(f"{where}: send: {exc.__cause__ or exc}") from None
-            yield _Response(stream, conn, where)
+            with _errors(where):
+                await conn.send(method, path, headers, payload)
+            yield conn
         finally:
-            await trio.aclose_forcefully(stream)
+            await conn.aclose()
 
     async def request(self, method: str, path: str, body: Any | None = None) -> dict[str, Any]:
         """One unary call; the decoded JSON object, or ApiStatus/Gone for a non-2xx answer."""
         try:
             with trio.fail_after(self.timeout):
-                async with self._exchange(method, path, body) as resp:
-                    code = await resp.read_head()
-                    raw = await resp.read_body()
+                async with self._exchange(method, path, body) as conn:
+                    with _errors(f"{method} {path}"):
+                        code = await conn.read_head()
+                        raw = await conn.read_body()
         except trio.TooSlowError:
             raise KubeError(f"{method} {path}: no answer within {self.timeout}s") from None
         if not 200 <= code < 300:
@@ -299,26 +246,28 @@ class KubeClient:
         iterator that ends when the server ends the response (its timeoutSeconds). A non-2xx
         answer raises ApiStatus (Gone for 410) before anything is yielded. Nothing at all for
         `idle` seconds (set it above the request's timeoutSeconds) is a dead connection."""
-        async with self._exchange("GET", path, None) as resp:
+        async with self._exchange("GET", path, None) as conn:
             try:
-                with trio.fail_after(self.timeout):
-                    code = await resp.read_head()
+                with trio.fail_after(self.timeout), _errors(f"GET {path}"):
+                    code = await conn.read_head()
             except trio.TooSlowError:
                 raise KubeError(f"GET {path}: no answer within {self.timeout}s") from None
             if not 200 <= code < 300:
-                raise status_error("GET", path, code, await resp.read_body())
-            yield WatchStream(resp, path, idle)
+                with _errors(f"GET {path}"):
+                    raw = await conn.read_body()
+                raise status_error("GET", path, code, raw)
+            yield WatchStream(conn, path, idle)
 
 
 class WatchStream:
     """Async iterator over one watch response (a class, not an async generator, so that
     closing it never depends on garbage collection)."""
 
-    def __init__(self, resp: _Response, path: str, idle: float) -> None:
-        self._resp = resp
+    def __init__(self, conn: HttpConnection, path: str, idle: float) -> None:
+        self._conn = conn
         self._path = path
         self._idle = idle
-        self._lines = JsonLines(MAX_EVENT)
+        self._lines = JsonLines()
         self._done = False
 
     def __aiter__(self) -> WatchStream:
@@ -337,8 +286,8 @@ class WatchStream:
                     raise StopAsyncIteration
             except ProtocolError as exc:
                 raise KubeError(f"watch {self._path}: {exc}") from None
-            with trio.move_on_after(self._idle):
-                chunk = await self._resp.read_chunk()
+            with trio.move_on_after(self._idle), _errors(f"GET {self._path}"):
+                chunk = await self._conn.read_chunk()
                 if chunk is None:
                     self._done = True
                 else:

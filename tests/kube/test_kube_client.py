@@ -1,15 +1,27 @@
-"""The client's pure parts: watch-event decisions, error mapping, kubeconfig, CLI arguments."""
+"""The client's pure parts (watch-event decisions, error mapping, kubeconfig, CLI arguments) and
+its transport failures against real loopback servers, each a KubeError naming the request."""
 
 from __future__ import annotations
 
 import base64
 import json
+import socket
+from functools import partial
 from pathlib import Path
 
 import pytest
+import trio
 
 from nodeagent.kube.cli import main
-from nodeagent.kube.client import ApiStatus, Gone, KubeConfig, KubeError, status_error, with_query
+from nodeagent.kube.client import (
+    ApiStatus,
+    Gone,
+    KubeClient,
+    KubeConfig,
+    KubeError,
+    status_error,
+    with_query,
+)
 from nodeagent.kube.reflector import WatchError, next_action
 
 
@@ -90,3 +102,64 @@ def test_cli_errors(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Monk
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert main(["--store", "memory://"]) == 2
     assert "not in a pod?" in capsys.readouterr().err
+
+
+async def answering(nursery: trio.Nursery, answer: bytes) -> int:
+    """A loopback server that reads a request head, writes `answer` verbatim and closes."""
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        buf = b""
+        while b"\r\n\r\n" not in buf and (data := await stream.receive_some(1 << 16)):
+            buf += data
+        await stream.send_all(answer)
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"", r"^GET /api/v1/pods: the API server closed the connection before answering$"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", r"^GET /api/v1/pods: bad HTTP from the API server: "),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{}",
+            r"^GET /api/v1/pods: the API server closed the connection mid-response",
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]", r"^GET /api/v1/pods: expected a JSON"),
+    ],
+)
+async def test_transport_failures(nursery: trio.Nursery, answer: bytes, message: str) -> None:
+    port = await answering(nursery, answer)
+    client = KubeClient(KubeConfig(f"http://127.0.0.1:{port}"), timeout=5.0)
+    with pytest.raises(KubeError, match=message):
+        await client.request("GET", "/api/v1/pods")
+
+
+async def test_connect_failure_names_the_server() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = KubeClient(KubeConfig(f"http://127.0.0.1:{port}"), timeout=5.0)
+    with pytest.raises(KubeError, match=rf"^GET /x: connect http://127.0.0.1:{port}: .*refused"):
+        await client.request("GET", "/x")
+
+
+async def test_watch_error_status_and_bad_stream(nursery: trio.Nursery) -> None:
+    gone = json.dumps({"kind": "Status", "reason": "Expired", "message": "too old"}).encode()
+    port = await answering(
+        nursery, b"HTTP/1.1 410 Gone\r\nContent-Length: %d\r\n\r\n" % len(gone) + gone
+    )
+    client = KubeClient(KubeConfig(f"http://127.0.0.1:{port}"), timeout=5.0)
+    with pytest.raises(Gone, match="HTTP 410 Expired: too old"):
+        async with client.watch("/w", idle=5.0):
+            pass
+    port = await answering(
+        nursery, b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n" + b'{"type": "ADDED"}\n'
+    )
+    client = KubeClient(KubeConfig(f"http://127.0.0.1:{port}"), timeout=5.0)
+    async with client.watch("/w", idle=5.0) as events:
+        assert await events.__anext__() == {"type": "ADDED"}
+        with pytest.raises(KubeError, match=r"^GET /w: the API server closed the connection mid"):
+            await events.__anext__()

@@ -1,64 +1,65 @@
-"""The etcd gateway's JSON-lines framing: sans-IO, bounded, and never crashing on junk."""
+"""The etcd side of HTTP: JSON POSTs on a real loopback connection, and the gateway's readers."""
 
 from __future__ import annotations
 
+import json
+from functools import partial
+
+import h11
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+import trio
 
 from nodeagent.store.base import StoreError
 from nodeagent.store.etcd import _Parse, range_end
-from nodeagent.store.etcd_http import NEED_DATA, JsonLines, ProtocolError
+from nodeagent.store.etcd_http import HttpConnection, NotSent
 
 
-def test_split_anywhere() -> None:
-    data = b'{"result":{"a":1}}\n\n{"result":{"b":2}}\n{"c"'
-    for cut in range(len(data) + 1):
-        p = JsonLines()
-        p.receive_data(data[:cut])
-        got = []
-        while (ev := p.next_event()) is not NEED_DATA:
-            got.append(ev)
-        p.receive_data(data[cut:])
-        while (ev := p.next_event()) is not NEED_DATA:
-            got.append(ev)
-        assert got == [{"result": {"a": 1}}, {"result": {"b": 2}}]
+async def test_send_request_posts_json(nursery: trio.Nursery) -> None:
+    seen: list[h11.Request | bytes] = []
 
+    async def server(stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while not isinstance(ev := conn.next_event(), h11.EndOfMessage):
+            if ev is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(1 << 16))
+            elif isinstance(ev, h11.Request | h11.Data):
+                seen.append(ev if isinstance(ev, h11.Request) else bytes(ev.data))
+        out = b'{"header":{"revision":"3"}}'
+        for ev in (
+            h11.Response(status_code=200, headers=[("Content-Length", str(len(out)))]),
+            h11.Data(data=out),
+            h11.EndOfMessage(),
+        ):
+            await stream.send_all(conn.send(ev) or b"")
 
-def test_finish_returns_unterminated_last_message() -> None:
-    p = JsonLines()
-    p.receive_data(b'{"x": 1}')
-    assert p.next_event() is NEED_DATA
-    assert p.finish() == {"x": 1}
-    assert p.finish() is None
-
-
-def test_bounded() -> None:
-    p = JsonLines(max_message=100)
-    p.receive_data(b"{" + b" " * 200)
-    with pytest.raises(ProtocolError, match="100 byte bound"):
-        p.next_event()
-
-
-@pytest.mark.parametrize("line", [b"[1,2]", b"nope", b'{"a":', b"\xff\xfe"])
-def test_malformed_lines(line: bytes) -> None:
-    p = JsonLines()
-    p.receive_data(line + b"\n")
-    with pytest.raises(ProtocolError):
-        p.next_event()
-
-
-@given(st.binary(max_size=2000), st.integers(min_value=1, max_value=50))
-def test_fuzz_never_crashes(data: bytes, step: int) -> None:
-    p = JsonLines(max_message=512)
+    listeners = await nursery.start(partial(trio.serve_tcp, server, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    conn = await HttpConnection.connect("127.0.0.1", port, f"127.0.0.1:{port}", None)
     try:
-        for i in range(0, len(data), step):
-            p.receive_data(data[i : i + step])
-            while p.next_event() is not NEED_DATA:
-                pass
-        p.finish()
-    except ProtocolError:
-        pass
+        body = json.dumps({"key": "YQ=="}).encode()
+        await conn.send_request("/v3/kv/range", body, [("Authorization", "tok")])
+        assert await conn.read_head() == 200
+        assert json.loads(await conn.read_body()) == {"header": {"revision": "3"}}
+        assert conn.reusable()
+    finally:
+        await conn.aclose()
+    req, sent = seen
+    assert isinstance(req, h11.Request)
+    assert (req.method, req.target) == (b"POST", b"/v3/kv/range")
+    headers = dict(req.headers)
+    assert headers[b"host"] == f"127.0.0.1:{port}".encode()
+    assert headers[b"content-type"] == b"application/json"
+    assert headers[b"content-length"] == str(len(body)).encode()
+    assert headers[b"authorization"] == b"tok"
+    assert sent == body
+
+
+async def test_connect_failure_is_not_sent() -> None:
+    with trio.socket.socket() as s:
+        await s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(NotSent, match=r"^connect: .*Connection refused"):
+        await HttpConnection.connect("127.0.0.1", port, "h", None)
 
 
 def test_parse_rejects_bad_fields() -> None:
