@@ -36,10 +36,11 @@ from nodeagent.inpod import (
 )
 from nodeagent.log import get_logger
 from nodeagent.proxy.forward import PodProxy
-from nodeagent.proxy.outbound import EndpointPicker, OutboundPolicy, RoundRobinPicker
+from nodeagent.proxy.outbound import BalancedPicker, EndpointPicker, OutboundPolicy
 from nodeagent.snapshot import Snapshot, Workload
 from nodeagent.store import codec, keys
 from nodeagent.store.base import Store, StoreError
+from nodeagent.telemetry.dataplane import Sinks
 from nodeagent.tunnel import SessionCache
 
 log = get_logger("agent.enroll")
@@ -128,8 +129,10 @@ class Enroller:
         picker: EndpointPicker | None = None,
         dns: bool = True,
         dns_upstreams: Sequence[str] | None = None,
+        telemetry: Sinks | None = None,
     ) -> None:
         self.node = node
+        self.telemetry = telemetry  # metrics, access log and tracer for every pod's proxy
         # The in-pod DNS proxy (15053) for pods whose spec captures DNS; upstreams default to
         # the node's resolv.conf.
         self.dns = dns
@@ -137,7 +140,7 @@ class Enroller:
         self.identities = identities
         self.snapshot: Callable[[], Snapshot] = snapshot if snapshot is not None else Snapshot.empty
         self.outbound_policy: OutboundPolicy = outbound_policy
-        self.picker = picker if picker is not None else RoundRobinPicker()
+        self.picker = picker if picker is not None else BalancedPicker()
         self.sessions = SessionCache()  # shared by every pod: keyed by source identity
         self.store = store
         self.state = state
@@ -283,6 +286,7 @@ class Enroller:
                 picker=self.picker,
                 sessions=self.sessions,
                 outbound_policy=self.outbound_policy,
+                telemetry=self.telemetry,
             )
             pod = EnrolledPod(record, netns, proxy)
             dns = (

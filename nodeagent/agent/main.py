@@ -19,12 +19,13 @@ from nodeagent.admin.routes import AdminSources, admin_routes
 from nodeagent.admin.server import AdminServer, Handler, Response, Route
 from nodeagent.agent.enroll import Enroller
 from nodeagent.agent.state import AgentState
+from nodeagent.balance import Registry
 from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
 from nodeagent.gateway.node import NodeGateway
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.log import get_logger
-from nodeagent.proxy.outbound import OutboundPolicy
+from nodeagent.proxy.outbound import BalancedPicker, OutboundPolicy
 from nodeagent.snapshot import Snapshot, SnapshotSync
 from nodeagent.store import open_store
 from nodeagent.store.base import LeaseNotFound, Store, StoreError
@@ -80,6 +81,9 @@ class Agent:
     identities: IdentityManager | None = None
     telemetry: Telemetry | None = None
     gateway: NodeGateway | None = None
+    # One balancer registry per agent: every pod's proxy and the gateway share the clusters'
+    # latency estimates, ejections and circuit breakers.
+    balance: Registry = field(default_factory=Registry)
     drain_deadline: float = 0.0
     drain_requested: trio.Event = field(default_factory=trio.Event)
     _lease_lost: trio.Event = field(default_factory=trio.Event)
@@ -153,9 +157,12 @@ class Agent:
                     identities=self.identities,
                     snapshot=lambda: snapshot.current,
                     outbound_policy=cfg.outbound_policy,
+                    picker=BalancedPicker(self.balance),
                     dns=cfg.dns,
                     dns_upstreams=list(cfg.dns_upstreams) or None,
+                    telemetry=self.telemetry,
                 )
+                nursery.start_soon(self._maintain_balance)
                 await self.enroller.adopt_all()
                 if cfg.gateway:
                     self.gateway = NodeGateway(
@@ -168,6 +175,7 @@ class Agent:
                         bind_host=cfg.gateway_bind,
                         picker=self.enroller.picker,
                         sessions=self.enroller.sessions,
+                        telemetry=self.telemetry,
                     )
                     await nursery.start(self.gateway.run)
                 await nursery.start(CniServer(cfg.cni_socket, self.enroller).run)
@@ -184,6 +192,15 @@ class Agent:
         finally:
             with trio.CancelScope(shield=True):
                 await store.aclose()
+
+    async def _maintain_balance(self) -> None:
+        """Readmit ejected endpoints of clusters without traffic (and log it), about once a
+        second; forget the clusters of deleted services."""
+        while True:
+            await trio.sleep(1.0)
+            self.balance.maintain()
+            if self.snapshot is not None:
+                self.balance.prune(self.snapshot.current)
 
     async def _hold_lease(
         self, store: Store, state: AgentState, *, task_status: trio.TaskStatus[None]
@@ -249,6 +266,7 @@ class Agent:
                 "snapshot": snap.statistics() if snap is not None else None,
                 "identity": self.identities.statistics() if self.identities else None,
                 "gateway": self.gateway.statistics() if self.gateway else None,
+                "balance": self.balance.statistics(),
             }
 
         # /config_dump adds "workloads" (the enrolled pods and their state) and "certificates".

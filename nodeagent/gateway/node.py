@@ -22,10 +22,11 @@ from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import Netns
 from nodeagent.log import get_logger
 from nodeagent.proxy.forward import MeshConnector
-from nodeagent.proxy.outbound import EndpointPicker, RoundRobinPicker, route_picker
+from nodeagent.proxy.outbound import BalancedPicker, EndpointPicker, route_picker
 from nodeagent.snapshot import SnapshotSync
 from nodeagent.store import codec, keys
 from nodeagent.store.base import Store, StoreError
+from nodeagent.telemetry.dataplane import Sinks, record_request
 from nodeagent.tunnel import SessionCache, SourceInfo
 
 log = get_logger("gateway.node")
@@ -72,8 +73,12 @@ class NodeGateway:
         picker: EndpointPicker | None = None,
         sessions: SessionCache | None = None,
         on_request: Callable[[RequestLog], None] | None = None,
+        telemetry: Sinks | None = None,
     ) -> None:
         self.node = node
+        self.telemetry = telemetry
+        self._sync = sync
+        self._on_request = on_request
         self.store = store
         self.lease = lease
         self.identities = identities
@@ -95,11 +100,29 @@ class NodeGateway:
             snapshot=lambda: sync.current,
             wait_change=sync.wait_swap,
             connector=self.connector,
-            picker=route_picker(picker if picker is not None else RoundRobinPicker()),
+            picker=route_picker(picker if picker is not None else BalancedPicker()),
             labels=self.labels,
             bind_host=bind_host,
-            on_request=on_request,
+            on_request=self._record if telemetry is not None else on_request,
+            tracer=telemetry.tracer if telemetry is not None else None,
         )
+
+    def _record(self, entry: RequestLog) -> None:
+        """Istio metrics and the access log of one gateway request (reporter "source", as
+        Istio's gateways report), then the caller's own hook."""
+        if self.telemetry is not None:
+            snap = self._sync.current
+            me = snap.workload(str(self.document["metadata"]["uid"]))
+            record_request(
+                self.telemetry,
+                snap,
+                entry,
+                source=me,
+                namespace=NAMESPACE,
+                source_principal=self.identity,
+            )
+        if self._on_request is not None:
+            self._on_request(entry)
 
     def statistics(self) -> dict[str, Any]:
         return {"identity": self.identity, "node": self.node, **self.gateway.statistics()}

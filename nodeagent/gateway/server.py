@@ -23,6 +23,7 @@ from nodeagent.log import get_logger
 from nodeagent.routing import Request, Source
 from nodeagent.snapshot import hosts
 from nodeagent.snapshot.snapshot import Snapshot
+from nodeagent.telemetry.tracing import Tracer
 
 log = get_logger("gateway")
 
@@ -100,6 +101,7 @@ class IngressGateway:
         port_map: Callable[[int], int] | None = None,
         on_request: Callable[[RequestLog], None] | None = None,
         limits: Limits | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._snapshot = snapshot
         self._wait_change = wait_change
@@ -116,6 +118,7 @@ class IngressGateway:
             on_request=on_request,
             limits=limits,
             name="gateway",
+            tracer=tracer,
         )
 
     def listening(self) -> dict[int, int]:

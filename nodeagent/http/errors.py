@@ -23,3 +23,8 @@ class UpstreamOverflow(Exception):
 
 class DownstreamError(Exception):
     """The client's side failed (disconnect, malformed body) while the proxy was reading it."""
+
+
+class UpstreamDenied(Exception):
+    """Raised by a connector when the destination's authorization policy refused the tunnel
+    (its 403): the client gets 403 `RBAC: access denied`, not retried, not an outlier failure."""

@@ -5,6 +5,13 @@ A connection goes back to the pool only when h11 says both sides finished the ex
 reused newest first (the likeliest to still be open); a reused connection that fails before any
 response byte is the proxy's cue to try once more on a fresh one (the server may have closed it
 while it sat idle).
+
+Circuit breaking (`acquire(..., breaker=…)`, the cluster's `balance.CircuitBreaker`): every
+upstream connection holds a connection token (tcp.maxConnections) until it is closed, idle ones
+included. A request that finds no idle connection and may not open one waits in the pending
+queue (http1MaxPendingRequests) for one to be freed, at most the connect timeout; a full queue
+or the timeout raise `UpstreamOverflow` (503 UO) at once. A connection is closed after
+maxRequestsPerConnection requests, and an idle one older than the idle timeout is not reused.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from dataclasses import dataclass
 import h11
 import trio
 
+from nodeagent.balance.pool import CircuitBreaker, ConnectionToken, Overflow
+from nodeagent.http.errors import UpstreamOverflow
 from nodeagent.snapshot.model import Endpoint
 
 Connector = Callable[[Endpoint, int], Awaitable[trio.abc.Stream]]
@@ -33,6 +42,9 @@ class UpstreamConnection:
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
         self.reused = False
         self.received_any = False
+        self.token: ConnectionToken | None = None  # the cluster's connection slot, if limited
+        self.cluster: str | None = None
+        self.idle_since = 0.0
 
     async def send(self, event: h11.Event) -> None:
         data = self.conn.send(event)
@@ -55,6 +67,8 @@ class UpstreamConnection:
         return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
 
     async def aclose(self) -> None:
+        if self.token is not None:
+            self.token.release()
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
 
@@ -65,6 +79,7 @@ class PoolStats:
     reuses: int = 0
     connect_failures: int = 0
     closed: int = 0
+    pending_waits: int = 0  # requests that waited in the pending queue for a connection
 
 
 class ConnectionPool:
@@ -84,6 +99,8 @@ class ConnectionPool:
         self._connect_timeout = connect_timeout
         self._max_header_bytes = max_header_bytes
         self.stats = PoolStats()
+        # Requests in a cluster's pending queue park here until a connection is freed.
+        self._waiters: dict[str, trio.lowlevel.ParkingLot] = {}
 
     def idle_count(self, endpoint: Endpoint | None = None) -> int:
         if endpoint is None:
@@ -91,41 +108,142 @@ class ConnectionPool:
         return len(self._idle.get((endpoint.address, endpoint.port), ()))
 
     async def acquire(
-        self, endpoint: Endpoint, service_port: int, *, fresh: bool = False
+        self,
+        endpoint: Endpoint,
+        service_port: int,
+        *,
+        fresh: bool = False,
+        breaker: CircuitBreaker | None = None,
+        connect_timeout: float | None = None,
+        idle_timeout: float | None = None,
     ) -> UpstreamConnection:
         """An idle connection to `endpoint`, else a new one (connect errors propagate:
-        OSError, trio.TooSlowError, or the connector's own)."""
+        OSError, trio.TooSlowError, or the connector's own). With a `breaker`, its connection
+        and pending limits apply (UpstreamOverflow when they refuse)."""
         key = (endpoint.address, endpoint.port)
-        idle = self._idle.get(key)
-        if idle and not fresh:
-            up = idle.pop()
-            up.reused = True
-            self.stats.reuses += 1
-            return up
-        timeout = self._connect_timeout if self._connect_timeout > 0 else math.inf
+        if connect_timeout is None:
+            connect_timeout = self._connect_timeout
+        if not fresh:
+            up = await self._take_idle(key, idle_timeout)
+            if up is not None:
+                return up
+        token: ConnectionToken | None = None
+        if breaker is not None:
+            got = breaker.try_acquire_connection()
+            if isinstance(got, Overflow):
+                reused, token = await self._wait_pending(
+                    key, breaker, got, connect_timeout, idle_timeout, fresh
+                )
+                if reused is not None:
+                    return reused
+            else:
+                token = got
+        timeout = connect_timeout if connect_timeout > 0 else math.inf
         try:
             with trio.fail_after(timeout):
                 stream = await self._connector(endpoint, service_port)
         except BaseException:
             self.stats.connect_failures += 1
+            if token is not None:
+                token.release()
+                self._wake(breaker)
             raise
         self.stats.connects += 1
-        return UpstreamConnection(stream, key, max_header_bytes=self._max_header_bytes)
+        up = UpstreamConnection(stream, key, max_header_bytes=self._max_header_bytes)
+        up.token = token
+        up.cluster = breaker.cluster if breaker is not None else None
+        return up
+
+    async def _take_idle(
+        self, key: tuple[str, int], idle_timeout: float | None
+    ) -> UpstreamConnection | None:
+        idle = self._idle.get(key)
+        now = trio.current_time()
+        while idle:
+            up = idle.pop()
+            if idle_timeout is not None and now - up.idle_since > idle_timeout:
+                await self.discard(up)  # idle past http idleTimeout: not worth the risk
+                continue
+            up.reused = True
+            self.stats.reuses += 1
+            return up
+        return None
+
+    async def _wait_pending(
+        self,
+        key: tuple[str, int],
+        breaker: CircuitBreaker,
+        overflow: Overflow,
+        connect_timeout: float,
+        idle_timeout: float | None,
+        fresh: bool,
+    ) -> tuple[UpstreamConnection | None, ConnectionToken | None]:
+        """No connection may be opened: wait in the pending queue (if it has room) until an
+        idle connection to `key` or a connection slot is free, at most `connect_timeout`."""
+        pending = breaker.try_acquire_pending()
+        if isinstance(pending, Overflow):
+            raise UpstreamOverflow(str(pending))
+        self.stats.pending_waits += 1
+        lot = self._waiters.setdefault(breaker.cluster, trio.lowlevel.ParkingLot())
+        deadline = trio.current_time() + (connect_timeout if connect_timeout > 0 else math.inf)
+        with pending:
+            while True:
+                with trio.move_on_at(deadline):
+                    await lot.park()
+                if not fresh:
+                    up = await self._take_idle(key, idle_timeout)
+                    if up is not None:
+                        return up, None
+                if breaker.active["connections"] >= breaker.limits.max_connections:
+                    # A slot held by an idle connection to another endpoint of the cluster:
+                    # close it, this request needs the slot more.
+                    other = self._idle_of(breaker.cluster)
+                    if other is not None:
+                        await self.discard(other)
+                if breaker.active["connections"] < breaker.limits.max_connections:
+                    got = breaker.try_acquire_connection()
+                    if not isinstance(got, Overflow):
+                        return None, got
+                if trio.current_time() >= deadline:
+                    raise UpstreamOverflow(
+                        f"{overflow}: no connection freed within {connect_timeout:g}s"
+                    )
+
+    def _idle_of(self, cluster: str) -> UpstreamConnection | None:
+        for conns in self._idle.values():
+            for i, up in enumerate(conns):
+                if up.cluster == cluster:
+                    return conns.pop(i)
+        return None
+
+    def _wake(self, breaker: CircuitBreaker | None) -> None:
+        if breaker is not None:
+            self._wake_cluster(breaker.cluster)
+
+    def _wake_cluster(self, cluster: str | None) -> None:
+        if cluster is not None:
+            lot = self._waiters.get(cluster)
+            if lot is not None and len(lot):
+                lot.unpark_all()
 
     async def release(self, up: UpstreamConnection) -> None:
         """Return a finished connection for reuse, or close it if it cannot be reused."""
-        if up.reusable:
+        exhausted = up.token is not None and up.token.note_request()
+        if up.reusable and not exhausted:
             idle = self._idle.setdefault(up.key, [])
             if len(idle) < self._max_idle:
                 up.conn.start_next_cycle()
                 up.received_any = False
+                up.idle_since = trio.current_time()
                 idle.append(up)
+                self._wake_cluster(up.cluster)
                 return
         await self.discard(up)
 
     async def discard(self, up: UpstreamConnection) -> None:
         self.stats.closed += 1
         await up.aclose()
+        self._wake_cluster(up.cluster)
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, {}

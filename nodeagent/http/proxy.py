@@ -11,8 +11,14 @@ the proxy itself once it decided to forward (Envoy's default), so a refused requ
 the client upload. Upgrade (WebSocket) requests are routed like any other and, on a 101, the two
 connections are spliced together.
 
+With a `balance.Registry` (`registry=`, or a `BalancedRoutePicker` as the picker) every attempt
+is picked by the cluster's balancer and bracketed with `handle.start()` / `handle.finish(latency,
+outcome)` (peak-EWMA latencies, outlier detection), retries avoid the endpoint that just failed,
+and the cluster's circuit breaker applies (503 UO at once on overflow; see `pool.py`).
+
 Every request ends with one `RequestLog` (to the `on_request` hook and the log), carrying Envoy's
-response flags (NR, NC, UH, UF, UO, UR, UT, URX, DI, FI, DPE, DC).
+response flags (NR, NC, UH, UF, UO, UR, UT, URX, DI, FI, DPE, DC). With a `tracer`, each request
+gets a CLIENT span whose context replaces the tracing headers upstream (docs/observability.md).
 """
 
 from __future__ import annotations
@@ -23,14 +29,19 @@ import random
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import Token
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 import h11
 import trio
 
+from nodeagent.balance import NoHealthyUpstream, Outcome, Overflow, PickContext, Registry
+from nodeagent.balance import Picker as ClusterPicker
+from nodeagent.balance.pool import Token as BreakerToken
+from nodeagent.balance.state import EndpointState
 from nodeagent.http import errors as flags
-from nodeagent.http.errors import DownstreamError, UpstreamOverflow
+from nodeagent.http.errors import DownstreamError, UpstreamDenied, UpstreamOverflow
 from nodeagent.http.pool import ConnectionPool, Connector, UpstreamConnection
 from nodeagent.log import get_logger
 from nodeagent.routing import (
@@ -44,6 +55,15 @@ from nodeagent.routing import (
 )
 from nodeagent.snapshot.model import Endpoint
 from nodeagent.snapshot.snapshot import Snapshot
+from nodeagent.telemetry.tracing import (
+    CURRENT_TRACE,
+    TRACE_HEADERS,
+    ActiveSpan,
+    TraceContext,
+    Tracer,
+    incoming_b3,
+    inject,
+)
 
 log = get_logger("http.proxy")
 
@@ -70,6 +90,23 @@ _HOP_BY_HOP = frozenset(
 def random_picker(destination: RouteDestination, endpoints: Sequence[Endpoint]) -> Endpoint | None:
     """The default picker: uniform random (the balance package provides real ones)."""
     return random.choice(endpoints) if endpoints else None
+
+
+class BalancedRoutePicker:
+    """A picker that hands the proxy a `balance.Registry`: `HttpProxy` then picks through the
+    registry itself (it needs the handle for feedback and the circuit breaker). Called as a
+    plain picker (the mirror), it picks uniformly."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def __call__(
+        self, destination: RouteDestination, endpoints: Sequence[Endpoint]
+    ) -> Endpoint | None:
+        return random.choice(endpoints) if endpoints else None
+
+
+DENIED_BODY = b"RBAC: access denied"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +139,9 @@ class RequestLog:
     request_id: str = ""
     attempts: int = 0
     connection_id: int = 0
+    trace_id: str = ""  # set when the proxy has a tracer
+    span: ActiveSpan | None = field(default=None, repr=False)
+    trace_headers: list[tuple[str, str]] = field(default_factory=list, repr=False)
 
     @property
     def response_flags(self) -> str:
@@ -184,7 +224,7 @@ class _Body:
 
 @dataclass(slots=True)
 class _Outcome:
-    kind: Literal["response", "connect-failure", "reset", "timeout", "overflow"]
+    kind: Literal["response", "connect-failure", "reset", "timeout", "overflow", "denied"]
     up: UpstreamConnection | None = None
     response: h11.Response | h11.InformationalResponse | None = None
     stale: bool = False
@@ -211,8 +251,14 @@ class HttpProxy:
         limits: Limits | None = None,
         rand: Callable[[], float] = random.random,
         name: str = "http",
+        tracer: Tracer | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self._snapshot = snapshot
+        if registry is None and isinstance(picker, BalancedRoutePicker):
+            registry = picker.registry
+        self.registry = registry
+        self._tracer = tracer
         self._source = source
         self._picker = picker
         self._on_request = on_request
@@ -356,6 +402,7 @@ class HttpProxy:
         if not entry.request_id:
             entry.request_id = str(uuid.uuid4())
         request = Request.from_target(entry.method, authority, target, joined, port=port, host=host)
+        token = self._start_span(req, entry, request) if self._tracer is not None else None
         try:
             source = self._source(request) if callable(self._source) else self._source
             try:
@@ -369,17 +416,58 @@ class HttpProxy:
                 decision = Decision(kind="direct", direct=DirectResponse(500, b"routing failed"))
             entry.route_name = decision.route_name
             keep = await self._execute(
-                down, request, headers, decision, entry, client_address, mirrors
+                down,
+                request,
+                headers,
+                decision,
+                entry,
+                client_address,
+                mirrors,
+                source_ns=source.namespace if source is not None else None,
             )
         except DownstreamError:
             entry.flags.append(flags.DOWNSTREAM_TERMINATION)
             keep = False
+        finally:
+            if token is not None:
+                CURRENT_TRACE.reset(token)
         entry.bytes_received = down.received - received_before
         self._finish(entry, started)
         return keep
 
+    def _start_span(
+        self, req: h11.Request, entry: RequestLog, request: Request
+    ) -> Token[TraceContext | None]:
+        """The CLIENT span of this request (continuing the caller's trace); its context goes
+        upstream in the headers and, through CURRENT_TRACE, in a new tunnel's header."""
+        assert self._tracer is not None
+        span = self._tracer.start(
+            req.headers,
+            kind="CLIENT",
+            name=f"{request.authority_host}:{request.port}/*",
+            tags={
+                "http.method": entry.method,
+                "http.url": f"http://{request.authority}{entry.path}",
+                "guid:x-request-id": entry.request_id,
+                "component": "proxy",
+            },
+        )
+        entry.span, entry.trace_id = span, span.trace_id
+        entry.trace_headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in inject([], span.context, incoming_b3(req.headers))
+        ]
+        return CURRENT_TRACE.set(span.context)
+
     def _finish(self, entry: RequestLog, started: float) -> None:
         entry.duration = trio.current_time() - started
+        if entry.span is not None:
+            tags = {"response_flags": entry.response_flags}
+            if entry.upstream_cluster:
+                tags["upstream_cluster"] = entry.upstream_cluster
+            if entry.upstream:
+                tags["upstream_host"] = entry.upstream
+            entry.span.finish(status_code=entry.code, tags=tags)
         self._stats["requests"] += 1
         self._stats[f"code_{entry.code // 100}xx"] += 1
         for f in entry.flags:
@@ -456,6 +544,8 @@ class HttpProxy:
         entry: RequestLog,
         client_address: str | None,
         mirrors: trio.Nursery,
+        *,
+        source_ns: str | None = None,
     ) -> bool:
         if decision.kind == "route" and decision.fault.delay > 0:
             entry.flags.append(flags.DELAY_INJECTED)
@@ -491,7 +581,7 @@ class HttpProxy:
             return await self._local(down, entry, 503, b"no cluster for the route's destination")
         entry.upstream_cluster = dest.name
         return await self._forward(
-            down, request, headers, decision, dest, entry, client_address, mirrors
+            down, request, headers, decision, dest, entry, client_address, mirrors, source_ns
         )
 
     # -- forwarding --------------------------------------------------------------------------
@@ -515,7 +605,10 @@ class HttpProxy:
                 continue
             if k in ("x-forwarded-for", "x-forwarded-proto", "x-request-id", "content-length"):
                 continue
+            if entry.trace_headers and k.encode("latin-1") in TRACE_HEADERS:
+                continue  # replaced by this hop's span context below
             out.append((k, v))
+        out.extend(entry.trace_headers)
         xff = joined.get("x-forwarded-for")
         if client_address:
             xff = f"{xff}, {client_address}" if xff else client_address
@@ -543,6 +636,7 @@ class HttpProxy:
         entry: RequestLog,
         client_address: str | None,
         mirrors: trio.Nursery,
+        source_ns: str | None = None,
     ) -> bool:
         assert dest.service is not None
         assert dest.port is not None
@@ -551,6 +645,11 @@ class HttpProxy:
         if not endpoints:
             entry.flags.append(flags.NO_HEALTHY_UPSTREAM)
             return await self._local(down, entry, 503, b"no healthy upstream")
+        cluster: ClusterPicker | None = None
+        if self.registry is not None:
+            cluster = self.registry.picker_for(
+                snapshot, dest.service, dest.subset, dest.port, from_namespace=source_ns or None
+            )
         upgrade = (
             "upgrade" in request.headers
             and "upgrade" in request.headers.get("connection", "").lower()
@@ -569,51 +668,88 @@ class HttpProxy:
         tried: list[Endpoint] = []
         outcome: _Outcome | None = None
         stale_retried = False
-        with trio.move_on_at(deadline) as overall:
-            attempt = 0
-            while attempt < tries:
-                candidates = [e for e in endpoints if e not in tried] or list(endpoints)
-                try:
-                    endpoint = self._picker(dest, candidates)
-                except UpstreamOverflow:
-                    endpoint = None
-                    outcome = _Outcome("overflow")
-                if endpoint is None:
-                    if outcome is None or outcome.kind != "overflow":
-                        entry.flags.append(flags.NO_HEALTHY_UPSTREAM)
-                        return await self._local(down, entry, 503, b"no healthy upstream")
-                    break
-                tried.append(endpoint)
-                entry.upstream = f"{endpoint.address}:{endpoint.port}"
-                entry.attempts += 1
-                outcome = await self._attempt(
-                    endpoint, dest.port, head, body, policy.per_try_timeout
-                )
-                last = attempt + 1 >= tries or not body.replayable
-                if outcome.stale and not stale_retried and body.replayable:
-                    stale_retried = True  # an idle pooled connection the server had closed
-                    entry.attempts -= 1
-                    continue
-                if outcome.kind == "response":
-                    assert outcome.response is not None
-                    assert outcome.up is not None
-                    status = outcome.response.status_code
-                    if not last and policy.retriable_status(status) and not upgrade:
-                        await self.pool.discard(outcome.up)
-                        attempt += 1
+        held: list[BreakerToken] = []  # retry tokens (maxRetries), released when the request ends
+        handle: EndpointState | None = None
+        ctx = (
+            PickContext(headers=request.headers, source_ip=client_address, path=request.target)
+            if cluster is not None
+            else None
+        )
+
+        def may_retry() -> bool:
+            if cluster is None:
+                return True
+            token = cluster.breaker.try_acquire_retry()
+            if isinstance(token, Overflow):
+                return False  # retry budget spent: the last answer goes back as it is
+            held.append(token)
+            return True
+
+        try:
+            with trio.move_on_at(deadline) as overall:
+                attempt = 0
+                while attempt < tries:
+                    if cluster is not None and ctx is not None:
+                        try:
+                            handle = cluster.pick(ctx, avoid=handle)
+                        except NoHealthyUpstream:
+                            entry.flags.append(flags.NO_HEALTHY_UPSTREAM)
+                            return await self._local(down, entry, 503, b"no healthy upstream")
+                        endpoint: Endpoint | None = handle.endpoint
+                    else:
+                        candidates = [e for e in endpoints if e not in tried] or list(endpoints)
+                        try:
+                            endpoint = self._picker(dest, candidates)
+                        except UpstreamOverflow:
+                            endpoint = None
+                            outcome = _Outcome("overflow")
+                    if endpoint is None:
+                        if outcome is None or outcome.kind != "overflow":
+                            entry.flags.append(flags.NO_HEALTHY_UPSTREAM)
+                            return await self._local(down, entry, 503, b"no healthy upstream")
+                        break
+                    tried.append(endpoint)
+                    entry.upstream = f"{endpoint.address}:{endpoint.port}"
+                    entry.attempts += 1
+                    outcome = await self._measured_attempt(
+                        cluster, handle, endpoint, dest.port, head, body, policy.per_try_timeout
+                    )
+                    last = attempt + 1 >= tries or not body.replayable
+                    if outcome.stale and not stale_retried and body.replayable:
+                        stale_retried = True  # an idle pooled connection the server had closed
+                        entry.attempts -= 1
                         continue
-                    if attempt > 0 and policy.retriable_status(status):
-                        entry.flags.append(flags.UPSTREAM_RETRY_LIMIT)
-                    keep = await self._respond(down, request, decision, entry, outcome, upgrade)
-                    if decision.mirror is not None and body.complete and body.replayable:
-                        mirrors.start_soon(self._mirror, decision, head, list(body.chunks))
-                    return keep
-                if outcome.kind == "overflow" or last:
-                    break
-                kind = outcome.kind
-                if not policy.retriable_failure(kind):
-                    break
-                attempt += 1
+                    if outcome.kind == "response":
+                        assert outcome.response is not None
+                        assert outcome.up is not None
+                        status = outcome.response.status_code
+                        if (
+                            not last
+                            and policy.retriable_status(status)
+                            and not upgrade
+                            and may_retry()
+                        ):
+                            await self.pool.discard(outcome.up)
+                            attempt += 1
+                            continue
+                        if attempt > 0 and policy.retriable_status(status):
+                            entry.flags.append(flags.UPSTREAM_RETRY_LIMIT)
+                        keep = await self._respond(down, request, decision, entry, outcome, upgrade)
+                        if decision.mirror is not None and body.complete and body.replayable:
+                            mirrors.start_soon(self._mirror, decision, head, list(body.chunks))
+                        return keep
+                    kind = outcome.kind
+                    if kind == "overflow" or kind == "denied" or last:
+                        break
+                    if not policy.retriable_failure(kind) or not may_retry():
+                        break
+                    attempt += 1
+        finally:
+            for token in held:
+                token.release()
+        if outcome is not None and outcome.kind == "denied":
+            # The destination's authorization policy refused the tunnel: what Istio clients see.
+            return await self._local(down, entry, 403, DENIED_BODY)
         if overall.cancelled_caught or (outcome is not None and outcome.kind == "timeout"):
             entry.flags.append(flags.UPSTREAM_TIMEOUT)
             if entry.attempts > 1:
@@ -634,6 +770,39 @@ class HttpProxy:
         msg = f"upstream connect error or disconnect/reset before headers. reset reason: {reason}"
         return await self._local(down, entry, 503, msg.encode())
 
+    async def _measured_attempt(
+        self,
+        cluster: ClusterPicker | None,
+        handle: EndpointState | None,
+        endpoint: Endpoint,
+        service_port: int,
+        head: h11.Request,
+        body: _Body,
+        per_try_timeout: float | None,
+    ) -> _Outcome:
+        """One attempt, bracketed for the balancer: in flight from pick to response head; the
+        latency and how it ended feed peak-EWMA and outlier detection."""
+        if cluster is None or handle is None:
+            return await self._attempt(endpoint, service_port, head, body, per_try_timeout)
+        request_token = cluster.breaker.try_acquire_request()
+        if isinstance(request_token, Overflow):
+            return _Outcome("overflow", detail=str(request_token))
+        handle.start()
+        started = trio.current_time()
+        result = Outcome.TIMEOUT  # a cancellation (route timeout) ends the attempt here
+        try:
+            outcome = await self._attempt(
+                endpoint, service_port, head, body, per_try_timeout, cluster
+            )
+            result = _balance_outcome(outcome)
+            return outcome
+        except DownstreamError:
+            result = Outcome.CANCELLED
+            raise
+        finally:
+            handle.finish(trio.current_time() - started, result)
+            request_token.release()
+
     async def _attempt(
         self,
         endpoint: Endpoint,
@@ -641,11 +810,24 @@ class HttpProxy:
         head: h11.Request,
         body: _Body,
         per_try_timeout: float | None,
+        cluster: ClusterPicker | None = None,
     ) -> _Outcome:
         try:
-            up = await self.pool.acquire(endpoint, service_port)
-        except UpstreamOverflow:
-            return _Outcome("overflow")
+            if cluster is None:
+                up = await self.pool.acquire(endpoint, service_port)
+            else:
+                pool = cluster.policy.pool
+                up = await self.pool.acquire(
+                    endpoint,
+                    service_port,
+                    breaker=cluster.breaker,
+                    connect_timeout=min(pool.connect_timeout_s, self.limits.connect_timeout),
+                    idle_timeout=pool.http_idle_timeout_s,
+                )
+        except UpstreamOverflow as exc:
+            return _Outcome("overflow", detail=str(exc))
+        except UpstreamDenied as exc:
+            return _Outcome("denied", detail=str(exc))
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             return _Outcome("connect-failure", detail=str(exc))
         timed_out = True
@@ -811,6 +993,21 @@ class HttpProxy:
             finally:
                 await self.pool.discard(up)
         self._stats["mirrored"] += 1
+
+
+def _balance_outcome(outcome: _Outcome) -> Outcome:
+    """How an attempt counts for outlier detection (Envoy: local-origin failures are 503s)."""
+    if outcome.kind == "response":
+        assert outcome.response is not None
+        return Outcome.from_status(outcome.response.status_code)
+    if outcome.kind == "connect-failure":
+        return Outcome.CONNECT_FAILURE
+    if outcome.kind == "timeout":
+        return Outcome.TIMEOUT
+    if outcome.kind == "reset" and not outcome.stale:
+        return Outcome.GATEWAY_ERROR
+    # overflow (a local limit), denied (policy, not health), stale (our idle connection)
+    return Outcome.CANCELLED
 
 
 def _body_done(down: _Downstream) -> bool:

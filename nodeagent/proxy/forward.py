@@ -13,7 +13,8 @@
   authorized, then the same transparent delivery to the port the header names.
 
 Every connection ends with one structured log line (`<path>.complete`) carrying source,
-destination, identities, endpoint, bytes, duration, result and, when denied, the policy.
+destination, identities, endpoint, bytes, duration, result and, when denied, the policy; with a
+`telemetry`, also Istio's metrics and an access-log line (`nodeagent.telemetry.dataplane`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ from typing import Any
 
 import trio
 
+from nodeagent.balance import Outcome, Overflow
+from nodeagent.balance.pool import ConnectionToken
+from nodeagent.balance.state import EndpointState
 from nodeagent.http import HttpProxy, RequestLog
+from nodeagent.http.errors import UpstreamDenied
 from nodeagent.identity.api import IdentityProvider, IdentityUnavailable
 from nodeagent.inpod import Netns, PodListeners, original_dst
 from nodeagent.log import get_logger
@@ -47,6 +52,17 @@ from nodeagent.proxy.outbound import (
 from nodeagent.proxy.relay import RelayResult, relay
 from nodeagent.routing import Request, Source
 from nodeagent.snapshot import Endpoint, Snapshot, Workload
+from nodeagent.telemetry.dataplane import (
+    Sinks,
+    TcpRecorder,
+    peer_workload,
+    record_request,
+    service_for,
+    service_of,
+)
+from nodeagent.telemetry.metrics import SecurityPolicy
+from nodeagent.telemetry.tracing import CURRENT_TRACE, tunnel_headers, tunnel_trace
+from nodeagent.telemetry.tracing import Endpoint as SpanEndpoint
 from nodeagent.tunnel import (
     SessionCache,
     SourceInfo,
@@ -107,8 +123,14 @@ class _Conn:
     error: str | None = None
     resumed: bool | None = None
     relay: RelayResult | None = None
+    tel: TcpRecorder | None = None  # Istio metrics + access log, once both peers are known
     cid: int = field(default_factory=lambda: next(_conn_ids))
     started: float = field(default_factory=time.monotonic)
+
+    def opened(self) -> None:
+        """Bytes can flow now: count the connection as opened."""
+        if self.tel is not None:
+            self.tel.opened()
 
 
 def _empty_snapshot() -> Snapshot:
@@ -131,8 +153,10 @@ class PodProxy:
         sessions: SessionCache | None = None,
         outbound_policy: OutboundPolicy = "ALLOW_ANY",
         identity_wait: float = IDENTITY_WAIT,
+        telemetry: Sinks | None = None,
     ) -> None:
         self.pod = pod
+        self.telemetry = telemetry
         self.netns = netns
         self.listeners = listeners
         self.workload = workload  # this pod, as enrolled (the snapshot's copy wins when present)
@@ -164,6 +188,7 @@ class PodProxy:
                 picker=route_picker(self.picker),
                 on_request=self._on_request,
                 name=f"http:{self.pod}",
+                tracer=self.telemetry.tracer if self.telemetry is not None else None,
             )
         return self._http
 
@@ -182,6 +207,16 @@ class PodProxy:
     def _on_request(self, entry: RequestLog) -> None:
         self.stats.outbound.bytes_sent += entry.bytes_received
         self.stats.outbound.bytes_received += entry.bytes_sent
+        if self.telemetry is not None:
+            snap = self.snapshot()
+            me = self._me(snap)
+            record_request(
+                self.telemetry,
+                snap,
+                entry,
+                source=me,
+                namespace=me.namespace if me is not None else "-",
+            )
 
     def statistics(self) -> dict[str, Any]:
         def d(s: DirectionStats) -> dict[str, int]:
@@ -269,6 +304,16 @@ class PodProxy:
                 stats.bytes_received += r.received
                 if r.error and conn.result == "ok":
                     conn.result, conn.error = "reset", r.error
+            if conn.tel is not None:
+                result = "refused" if conn.flag == "outbound_refused" else conn.result
+                # A flag that is already Envoy's (UH, UO from balancing) is reported as it is.
+                envoy = conn.flag if conn.flag and conn.flag.isupper() else None
+                conn.tel.closed(
+                    to_upstream=r.sent if r else 0,
+                    to_client=r.received if r else 0,
+                    result=result,
+                    flag=envoy if result != "ok" else None,
+                )
             self._log(conn)
 
     def _log(self, conn: _Conn) -> None:
@@ -320,19 +365,48 @@ class PodProxy:
             picker=self.picker,
             policy=self.outbound_policy,
             source=source,
+            source_ip=src[0],
         )
         if isinstance(decision, Refuse):
-            raise _Denied("outbound_refused", decision.reason)
+            conn.tel = self._outbound_recorder(snap, me, conn, None, None, "none")
+            raise _Denied(decision.flag, decision.reason)
+        # Connection-level balancing: in flight from connect to close, connect failures count
+        # for outlier detection; tcp.maxConnections refuses the connection (flag UO).
+        feedback = _L4Feedback(decision.handle)
+        try:
+            await self._outbound_to(client, conn, snap, me, src, decision, feedback)
+        except BaseException as exc:
+            feedback.failed(exc)
+            raise
+        finally:
+            feedback.end()
+
+    async def _outbound_to(
+        self,
+        client: trio.SocketStream,
+        conn: _Conn,
+        snap: Snapshot,
+        me: Workload | None,
+        src: Any,
+        decision: ToWorkload | Passthrough,
+        feedback: _L4Feedback,
+    ) -> None:
         conn.service = decision.service
         if isinstance(decision, Passthrough):
             conn.endpoint, conn.flag = f"{decision.address}:{decision.port}", "passthrough"
+            conn.tel = self._outbound_recorder(snap, me, conn, None, decision.service, "none")
             upstream = await self._connect((decision.address, decision.port), None)
+            feedback.connected()
+            conn.opened()
             conn.relay = RelayResult()
             await relay(client, upstream, idle_timeout=IDLE_TIMEOUT, result=conn.relay)
             return
         assert isinstance(decision, ToWorkload)
         conn.endpoint = f"{decision.address}:{decision.port}"
         conn.dst_identity = decision.identity
+        conn.tel = self._outbound_recorder(
+            snap, me, conn, decision.workload, decision.service, "mutual_tls"
+        )
         if decision.route is not None:
             conn.flag = f"route={decision.route}"
         if me is None or self.identities is None:
@@ -355,8 +429,10 @@ class PodProxy:
             sessions=self.sessions,
             connect_timeout=CONNECT_TIMEOUT,
         )
+        feedback.connected()
         conn.resumed = info.resumed
         self.stats.outbound.mtls += 1
+        conn.opened()
         conn.relay = RelayResult()
         await relay(client, stream, idle_timeout=IDLE_TIMEOUT, result=conn.relay)
 
@@ -372,10 +448,13 @@ class PodProxy:
             conn.dst_identity = me.identity
             decision = plaintext_decision(snap, me, src[0], dst[0], dst[1])
             if not decision.allowed:
+                conn.tel = self._inbound_recorder(snap, me, conn, src[0], dst[1], None, "none")
                 raise _Denied("inbound_denied", decision.reason, decision.policy)
             self._audit(conn, decision.audited)
         conn.endpoint = conn.dst
+        conn.tel = self._inbound_recorder(snap, me, conn, src[0], dst[1], None, "none")
         upstream = await self._connect(dst, (src[0], 0))
+        conn.opened()
         conn.relay = RelayResult()
         await relay(client, upstream, idle_timeout=IDLE_TIMEOUT, result=conn.relay)
 
@@ -408,6 +487,9 @@ class PodProxy:
             conn.resumed = accepted.resumed
             port = accepted.request.port
             conn.dst = conn.endpoint = f"{local[0]}:{port}"
+            conn.tel = self._inbound_recorder(
+                snap, me, conn, peer[0], port, accepted.request, "mutual_tls"
+            )
             decision = tunnel_decision(snap, me, peer[0], local[0], port, accepted.peer_identity)
             if not decision.allowed:
                 await _try_respond(stream, TunnelResponse(403, decision.reason))
@@ -430,8 +512,83 @@ class PodProxy:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             raise
+        conn.opened()
         conn.relay = RelayResult()
         await relay(stream, upstream, idle_timeout=IDLE_TIMEOUT, result=conn.relay)
+
+    # -- telemetry ---------------------------------------------------------------------------
+
+    def _outbound_recorder(
+        self,
+        snap: Snapshot,
+        me: Workload | None,
+        conn: _Conn,
+        destination: Workload | None,
+        service: str | None,
+        policy: SecurityPolicy,
+    ) -> TcpRecorder | None:
+        if self.telemetry is None:
+            return None
+        return TcpRecorder(
+            self.telemetry,
+            reporter="source",
+            namespace=me.namespace if me is not None else "-",
+            source=me,
+            destination=destination,
+            service=service_of(snap, service),
+            security_policy=policy,
+            downstream=conn.src,
+            upstream=conn.endpoint or conn.dst,
+            connection_id=f"{self.pod}#{conn.cid}",
+        )
+
+    def _inbound_recorder(
+        self,
+        snap: Snapshot,
+        me: Workload | None,
+        conn: _Conn,
+        peer_ip: str,
+        port: int,
+        request: TunnelRequest | None,
+        policy: SecurityPolicy,
+    ) -> TcpRecorder | None:
+        """Reporter "destination"; through the tunnel, the verified peer identity is the source
+        principal and a trace context in the header becomes a SERVER span."""
+        if self.telemetry is None:
+            return None
+        src = request.source if request is not None else None
+        source = peer_workload(
+            snap,
+            peer_ip,
+            identity=conn.src_identity or "",
+            name=src.name if src else "",
+            namespace=src.namespace if src else "",
+        )
+        span = None
+        headers = tunnel_headers(request.trace) if request is not None else None
+        if headers is not None:
+            span = self.telemetry.tracer.start(
+                headers,
+                kind="SERVER",
+                name=f"inbound|{port}",
+                local=SpanEndpoint(self.telemetry.tracer.service_name, me.address if me else None),
+                remote=SpanEndpoint(None, peer_ip),
+                tags={"peer.principal": conn.src_identity or "-", "component": "proxy"},
+            )
+        return TcpRecorder(
+            self.telemetry,
+            reporter="destination",
+            namespace=me.namespace if me is not None else "-",
+            source=source,
+            destination=me,
+            service=service_for(snap, me, port) if me is not None else None,
+            security_policy=policy,
+            source_principal=conn.src_identity,
+            downstream=conn.src,
+            upstream=conn.endpoint or conn.dst,
+            connection_id=f"{self.pod}#{conn.cid}",
+            span=span,
+        )
 
     def _audit(self, conn: _Conn, audited: tuple[str, ...]) -> None:
         for policy in audited:
@@ -503,12 +660,20 @@ class MeshConnector:
                 address=endpoint.address,
                 expected_identity=workload.identity,
                 request=TunnelRequest(
-                    port=endpoint.port, source=me, trace={"conn": f"{self.label}#http"}
+                    port=endpoint.port,
+                    source=me,
+                    # The request that opens this connection: its CLIENT span is the parent of
+                    # the destination agent's SERVER span.
+                    trace={"conn": f"{self.label}#http", **tunnel_trace(CURRENT_TRACE.get())},
                 ),
                 sessions=self.sessions,
                 connect_timeout=CONNECT_TIMEOUT,
             )
         except TunnelError as exc:
+            if denied_by_policy(exc):
+                raise UpstreamDenied(
+                    f"tunnel to {where} ({workload.identity}): {exc.msg}"
+                ) from None
             raise OSError(f"tunnel to {where} ({workload.identity}): {exc.msg}") from None
         except IdentityUnavailable as exc:
             raise OSError(f"tunnel to {where}: no certificate for {me.identity}: {exc}") from None
@@ -529,6 +694,59 @@ class MeshConnector:
             tsock.close()
             raise
         return trio.SocketStream(tsock)
+
+
+def denied_by_policy(exc: TunnelError) -> bool:
+    """The destination's authorization policy refused the tunnel (its 403 status reply)."""
+    return exc.flag == "refused" and ": 403" in exc.msg
+
+
+class _L4Feedback:
+    """One L4 connection as the balancer sees it: the cluster's connection slot (Overflow →
+    refused, flag UO), in flight from connect to close, the connect time as latency sample."""
+
+    def __init__(self, handle: EndpointState | None) -> None:
+        self.handle = handle
+        self.token: ConnectionToken | None = None
+        self.started = time.monotonic()
+        self.connect_s: float | None = None
+        self.outcome = Outcome.CANCELLED
+        if handle is None:
+            return
+        if handle.picker is not None:
+            got = handle.picker.breaker.try_acquire_connection()
+            if isinstance(got, Overflow):
+                raise _Denied(got.flag, str(got))
+            self.token = got
+        handle.start()
+
+    def connected(self) -> None:
+        self.connect_s = time.monotonic() - self.started
+        self.outcome = Outcome.SUCCESS
+
+    def failed(self, exc: BaseException) -> None:
+        if self.connect_s is not None:
+            return  # the connection was made: what happens later says nothing of the endpoint
+        if isinstance(exc, TunnelError):
+            if denied_by_policy(exc) or exc.flag == "no_identity":
+                self.outcome = Outcome.CANCELLED  # policy or our own identity, not health
+            elif "timeout" in exc.flag:
+                self.outcome = Outcome.TIMEOUT
+            else:
+                self.outcome = Outcome.CONNECT_FAILURE
+        elif isinstance(exc, trio.TooSlowError):
+            self.outcome = Outcome.TIMEOUT
+        elif isinstance(exc, OSError):
+            self.outcome = Outcome.CONNECT_FAILURE
+
+    def end(self) -> None:
+        if self.handle is not None:
+            elapsed = time.monotonic() - self.started
+            self.handle.finish(
+                self.connect_s if self.connect_s is not None else elapsed, self.outcome
+            )
+        if self.token is not None:
+            self.token.release()
 
 
 async def _try_respond(stream: Any, response: TunnelResponse) -> None:

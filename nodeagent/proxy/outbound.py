@@ -6,6 +6,9 @@
 VirtualService `tcp` routes is first routed by `nodeagent.routing.decide_tcp` (weights, subsets).
 `http_target` says whether a destination is an HTTP/1.1 service port (then the L7 proxy takes the
 connection instead), and `route_picker` adapts an `EndpointPicker` to the L7 proxy's picker.
+`BalancedPicker` is the node's picker on top of one `balance.Registry`: `decide` then returns
+the picked endpoint's live handle (`ToWorkload.handle`) for the L4 proxy to bracket the
+connection with, and the L7 proxy uses the registry itself (feedback, circuit breakers).
 Moving bytes is elsewhere (`forward.py`); this file sends nothing and is tested against hand-made
 snapshots.
 """
@@ -19,6 +22,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from nodeagent.balance import NoHealthyUpstream, PickContext, Registry
+from nodeagent.balance.state import EndpointState
+from nodeagent.http.proxy import BalancedRoutePicker
 from nodeagent.routing import RouteDestination, Source, TcpRequest, decide_tcp
 from nodeagent.snapshot import Endpoint, ServiceTarget, Snapshot, Workload
 
@@ -35,6 +41,9 @@ class ToWorkload:
     port: int
     service: str | None = None  # namespace/name when reached through a service
     route: str | None = None  # the VirtualService tcp route that chose it (ns/vs.<rule>)
+    # The balancer's live state of the picked endpoint (BalancedPicker only): the L4 proxy calls
+    # start() when it connects and finish() when the connection ends or fails.
+    handle: EndpointState | None = field(default=None, compare=False, repr=False)
 
     @property
     def identity(self) -> str:
@@ -47,11 +56,13 @@ class Passthrough:
     port: int
     reason: str
     service: str | None = None
+    handle: EndpointState | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Refuse:
     reason: str
+    flag: str = "outbound_refused"  # "UH": every endpoint is ejected (panic disabled)
 
 
 Decision = ToWorkload | Passthrough | Refuse
@@ -75,11 +86,55 @@ class RoundRobinPicker:
         return endpoints[next(counter) % len(endpoints)]
 
 
+class BalancedPicker:
+    """The node's endpoint picker over one `balance.Registry` (clusters keyed by service,
+    subset and port, with the DestinationRule's policy: top-level, subset, port-level).
+
+    `decide` calls `pick_handle` (the snapshot is at hand there); `pick` serves the plain
+    `EndpointPicker` interface (no feedback: callers that cannot report outcomes).
+    """
+
+    def __init__(self, registry: Registry | None = None) -> None:
+        self.registry = registry if registry is not None else Registry()
+        self._last: Snapshot | None = None
+
+    def pick_handle(
+        self,
+        snap: Snapshot,
+        target: ServiceTarget,
+        *,
+        subset: str | None = None,
+        ctx: PickContext | None = None,
+        from_namespace: str | None = None,
+    ) -> EndpointState:
+        """Raises NoHealthyUpstream when the cluster has nothing to pick."""
+        self._last = snap
+        picker = self.registry.picker_for(
+            snap, target.service, subset, target.port.port, from_namespace=from_namespace
+        )
+        return picker.pick(ctx) if ctx is not None else picker.pick()
+
+    def pick(self, target: ServiceTarget, endpoints: tuple[Endpoint, ...]) -> Endpoint:
+        snap = self._last
+        if snap is not None:
+            try:
+                state = self.pick_handle(snap, target)
+            except NoHealthyUpstream:
+                pass
+            else:
+                if state.endpoint in endpoints:
+                    return state.endpoint
+        return endpoints[0]
+
+
 def route_picker(
     picker: EndpointPicker,
 ) -> Callable[[RouteDestination, Sequence[Endpoint]], Endpoint | None]:
     """The L7 proxy's picker `(destination, endpoints) -> endpoint` over an `EndpointPicker`,
-    so one balancing implementation serves both the L4 and the HTTP paths."""
+    so one balancing implementation serves both the L4 and the HTTP paths. Over a
+    `BalancedPicker` it is a `BalancedRoutePicker`: `HttpProxy` then uses the registry itself."""
+    if isinstance(picker, BalancedPicker):
+        return BalancedRoutePicker(picker.registry)
 
     def pick(destination: RouteDestination, endpoints: Sequence[Endpoint]) -> Endpoint | None:
         service = destination.service
@@ -127,9 +182,10 @@ def decide(
     policy: OutboundPolicy = "ALLOW_ANY",
     source: Source | None = None,
     rand: Callable[[], float] = random.random,
+    source_ip: str | None = None,
 ) -> Decision:
     """`source` (the calling pod's namespace and labels) is what VirtualService tcp routes match
-    on; `rand` draws the weighted choice."""
+    on; `rand` draws the weighted choice; `source_ip` is what consistentHash useSourceIp hashes."""
     found = snap.find_address(dst_ip, dst_port)
     if isinstance(found, Workload):
         # A pod IP (headless services and services without a VIP end up here too).
@@ -142,13 +198,18 @@ def decide(
             return routed
         if routed is not None:
             target, route = routed
-            decision = _service(snap, target, dst_ip, dst_port, picker)
+            decision = _service(snap, target, dst_ip, dst_port, picker, source, source_ip)
             if isinstance(decision, ToWorkload):
                 return ToWorkload(
-                    decision.workload, decision.address, decision.port, decision.service, route
+                    decision.workload,
+                    decision.address,
+                    decision.port,
+                    decision.service,
+                    route,
+                    decision.handle,
                 )
             return decision
-        return _service(snap, found, dst_ip, dst_port, picker)
+        return _service(snap, found, dst_ip, dst_port, picker, source, source_ip)
     if policy == "REGISTRY_ONLY":
         return Refuse(f"{dst_ip}:{dst_port} is not in the mesh registry (REGISTRY_ONLY)")
     return Passthrough(dst_ip, dst_port, "unknown destination")
@@ -178,7 +239,8 @@ def _tcp_route(
     if port is None:
         return Refuse(f"tcp route {decision.route_name}: {chosen.host} has no port {chosen.port}")
     if chosen.subset_labels:
-        return _SubsetTarget(chosen.service, port, chosen.subset_labels), decision.route_name
+        target = _SubsetTarget(chosen.service, port, chosen.subset_labels, chosen.subset)
+        return target, decision.route_name
     return ServiceTarget(chosen.service, port), decision.route_name
 
 
@@ -187,10 +249,17 @@ class _SubsetTarget(ServiceTarget):
     """A service port narrowed to a DestinationRule subset's labels."""
 
     subset: Mapping[str, str] = field(default_factory=dict)
+    subset_name: str | None = None
 
 
 def _service(
-    snap: Snapshot, target: ServiceTarget, dst_ip: str, dst_port: int, picker: EndpointPicker
+    snap: Snapshot,
+    target: ServiceTarget,
+    dst_ip: str,
+    dst_port: int,
+    picker: EndpointPicker,
+    source: Source | None = None,
+    source_ip: str | None = None,
 ) -> Decision:
     service = target.service
     if service.kind == "ServiceEntry" and service.resolution == "NONE":
@@ -202,11 +271,29 @@ def _service(
             # A ServiceEntry without endpoints names an external host reached by its address.
             return Passthrough(dst_ip, dst_port, "ServiceEntry without endpoints", service.ref)
         return Refuse(f"service {service.ref} port {dst_port} has no endpoints")
-    endpoint = picker.pick(target, endpoints)
+    handle: EndpointState | None = None
+    if isinstance(picker, BalancedPicker):
+        subset_name = target.subset_name if isinstance(target, _SubsetTarget) else None
+        ns = source.namespace if source is not None and source.namespace else None
+        try:
+            handle = picker.pick_handle(
+                snap,
+                target,
+                subset=subset_name,
+                ctx=PickContext(source_ip=source_ip),
+                from_namespace=ns,
+            )
+        except NoHealthyUpstream as exc:
+            return Refuse(str(exc), flag="UH")
+        endpoint = handle.endpoint
+    else:
+        endpoint = picker.pick(target, endpoints)
     workload = endpoint.workload
     if workload is not None and workload.identity:
-        return ToWorkload(workload, endpoint.address, endpoint.port, service.ref)
+        return ToWorkload(workload, endpoint.address, endpoint.port, service.ref, handle=handle)
     if not _is_ip(endpoint.address):
         # A DNS-resolved ServiceEntry endpoint: the client already resolved the name.
         return Passthrough(dst_ip, dst_port, "ServiceEntry DNS endpoint", service.ref)
-    return Passthrough(endpoint.address, endpoint.port, "endpoint outside the mesh", service.ref)
+    return Passthrough(
+        endpoint.address, endpoint.port, "endpoint outside the mesh", service.ref, handle
+    )
