@@ -248,6 +248,12 @@ class Enroller:
         for pod in self.pods.values():
             await self._register(pod.record)
 
+    def policy_changed(self) -> None:
+        """A new snapshot: every pod proxy re-checks its open inbound connections against it
+        (only sets an event per pod: safe to call from a snapshot swap listener)."""
+        for pod in self.pods.values():
+            pod.proxy.policy_changed()
+
     # -- inspection ---------------------------------------------------------------------------
 
     def dump(self) -> list[dict[str, Any]]:

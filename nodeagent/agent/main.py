@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from nodeagent.log import get_logger
 from nodeagent.proxy.outbound import BalancedPicker, OutboundPolicy
 from nodeagent.snapshot import Snapshot, SnapshotSync
 from nodeagent.store import open_store
-from nodeagent.store.base import LeaseNotFound, Store, StoreError
+from nodeagent.store.lease import hold_lease
 from nodeagent.telemetry.metrics import HealthSources
 from nodeagent.telemetry.service import Telemetry, TelemetryConfig
 
@@ -115,7 +116,17 @@ class Agent:
         store = await open_store(cfg.store_url)
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self._hold_lease, store, state)
+                # Not revoked on exit: a restarted agent keeps its pods' registrations.
+                self.lease = await nursery.start(
+                    partial(
+                        hold_lease,
+                        store,
+                        LEASE_TTL,
+                        reuse=state.lease,
+                        on_new_lease=partial(self._on_new_lease, state),
+                        revoke=False,
+                    )
+                )
                 self.snapshot = SnapshotSync(
                     store, cache_path=cfg.run_dir / "snapshot.cache", trust_domain=cfg.trust_domain
                 )
@@ -163,6 +174,8 @@ class Agent:
                     telemetry=self.telemetry,
                 )
                 nursery.start_soon(self._maintain_balance)
+                enroller = self.enroller
+                self.snapshot.add_listener(lambda _: enroller.policy_changed())
                 await self.enroller.adopt_all()
                 if cfg.gateway:
                     self.gateway = NodeGateway(
@@ -202,35 +215,16 @@ class Agent:
             if self.snapshot is not None:
                 self.balance.prune(self.snapshot.current)
 
-    async def _hold_lease(
-        self, store: Store, state: AgentState, *, task_status: trio.TaskStatus[None]
-    ) -> None:
-        """Keep one lease for this node's registrations, reusing the last run's if still alive."""
-        if state.lease:
-            try:
-                await store.keep_alive(state.lease)
-                self.lease = state.lease
-            except LeaseNotFound:
-                pass
-        if not self.lease:
-            self.lease = await store.grant_lease(LEASE_TTL)
-            state.lease = self.lease
-            state.save()
-        task_status.started()
-        while True:
-            await trio.sleep(LEASE_TTL / 3)
-            try:
-                await store.keep_alive(self.lease)
-            except LeaseNotFound:
-                # The store forgot us (an outage longer than the TTL): register everything again.
-                self.lease = await store.grant_lease(LEASE_TTL)
-                state.lease = self.lease
-                state.save()
-                log.warning("lease.renewed_after_loss", lease=self.lease)
-                if self.enroller is not None:
-                    await self.enroller.reregister_all()
-            except StoreError as exc:
-                log.warning("lease.keepalive_failed", error=str(exc))
+    async def _on_new_lease(self, state: AgentState, lease: int) -> None:
+        """hold_lease granted `lease`: remember it for the next run and, when the store forgot the
+        previous one (an outage longer than the TTL), register every workload again (the gateway
+        follows `self.lease` by itself)."""
+        self.lease = lease
+        state.lease = lease
+        state.save()
+        if self.enroller is not None:
+            log.warning("lease.replaced", lease=lease, pods=len(self.enroller.pods))
+            await self.enroller.reregister_all()
 
     def _follow_node_identities(self, sync: SnapshotSync, identities: IdentityManager) -> None:
         """Keep a certificate for every identity of a workload registered on this node.

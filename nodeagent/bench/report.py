@@ -156,7 +156,8 @@ def render_markdown(doc: dict[str, Any], png_name: str | None = PNG_NAME) -> str
         "",
         "Where the agents' CPU goes (py-spy profiles: `scripts/bench mesh --profile DIR`), what",
         "was changed for it, and what it would take to meet the targets still missed: the",
-        "Performance section of [dataplane.md](dataplane.md#performance).",
+        "Performance sections of [dataplane.md](dataplane.md#performance) (L4, mTLS, bulk) and",
+        "[l7.md](l7.md#performance) (the HTTP proxy).",
     ]
     lines += ["", "## Every measurement", ""]
     heads, body = _cells(doc.get("rows") or [])

@@ -485,15 +485,11 @@ def deny(d: Demo) -> None:
         out.evidence(f"meanwhile the gateway (another identity) → my-app: HTTP {gw} {gbody}")
         if gw != 200:
             raise StepFailed(f"the DENY for the client also refused the gateway ({gw})")
-        code, _, _ = d.curl(client, vip, timeout=3)
-        if code == 200:
-            # Authorization is decided when a tunnel opens; the client's HTTP proxy keeps
-            # keep-alive tunnels from before the policy. Shown, not hidden.
-            out.evidence(
-                "note: client → my-app's VIP still answered 200 over a keep-alive tunnel opened "
-                "before the policy (the agent authorizes each new tunnel; it does not yet close "
-                "existing ones when a policy changes)"
-            )
+        # The client's HTTP proxy holds keep-alive tunnels opened before the policy: the
+        # destination agent re-checks open connections when policy changes and closes them.
+        d.eventually(lambda: d.curl(client, vip, timeout=3)[0] == 403, "the DENY reaches the VIP")
+        code, body, _ = d.curl(client, vip, timeout=3)
+        out.evidence(f"under DENY: client → my-app (VIP, HTTP): HTTP {code} {body}".rstrip())
     finally:
         d.meshctl("delete", "-f", str(path), show=False)
     d.eventually(lambda: d.curl(client, direct, timeout=3)[0] == 200, "allowed after the DENY")

@@ -25,6 +25,7 @@ import trio
 
 from nodeagent.balance.pool import CircuitBreaker, ConnectionToken, Overflow
 from nodeagent.http.errors import UpstreamOverflow
+from nodeagent.http.io import FastIO
 from nodeagent.snapshot.model import Endpoint
 
 Connector = Callable[[Endpoint, int], Awaitable[trio.abc.Stream]]
@@ -38,6 +39,7 @@ class UpstreamConnection:
         self, stream: trio.abc.Stream, key: tuple[str, int], *, max_header_bytes: int
     ) -> None:
         self.stream = stream
+        self.io = FastIO(stream)
         self.key = key
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
         self.reused = False
@@ -49,16 +51,25 @@ class UpstreamConnection:
     async def send(self, event: h11.Event) -> None:
         data = self.conn.send(event)
         if data:
-            await self.stream.send_all(data)
+            await self.io.send_all(data)
+
+    def encode(self, event: h11.Event) -> bytes:
+        """`event`'s bytes without sending them: callers batch a head and the body that is
+        already at hand into one write (one syscall, one TLS record)."""
+        return self.conn.send(event) or b""
+
+    async def write(self, data: bytes) -> None:
+        if data:
+            await self.io.send_all(data)
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         while True:
             event = self.conn.next_event()
             if event is h11.NEED_DATA:
-                data = await self.stream.receive_some(READ_SIZE)
+                data = await self.io.receive_some(READ_SIZE)
                 if data:
                     self.received_any = True
-                self.conn.receive_data(bytes(data))
+                self.conn.receive_data(data)
                 continue
             return event  # type: ignore[return-value]
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import math
 import random
-import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import Token
@@ -42,6 +41,7 @@ from nodeagent.balance.pool import Token as BreakerToken
 from nodeagent.balance.state import EndpointState
 from nodeagent.http import errors as flags
 from nodeagent.http.errors import DownstreamError, UpstreamDenied, UpstreamOverflow
+from nodeagent.http.io import FastIO
 from nodeagent.http.pool import ConnectionPool, Connector, UpstreamConnection
 from nodeagent.log import get_logger
 from nodeagent.routing import (
@@ -157,21 +157,22 @@ class _Downstream:
         self.limits = limits
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.received = 0
+        self.io = FastIO(stream)
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         while True:
             event = self.conn.next_event()
             if event is h11.NEED_DATA:
-                data = await self.stream.receive_some(self.limits.read_size)
+                data = await self.io.receive_some(self.limits.read_size)
                 self.received += len(data)
-                self.conn.receive_data(bytes(data))
+                self.conn.receive_data(data)
                 continue
             return event  # type: ignore[return-value]
 
     async def send(self, event: h11.Event) -> int:
         data = self.conn.send(event)
         if data:
-            await self.stream.send_all(data)
+            await self.io.send_all(data)
         return len(data or b"")
 
 
@@ -187,17 +188,28 @@ class _Body:
         self.replayable = True
         self.sent_continue = False
 
-    async def stream_to(self, up: UpstreamConnection) -> None:
-        """Send the whole body (replay what is kept, then read the rest) and EndOfMessage."""
-        for chunk in self.chunks:
-            await up.send(h11.Data(data=chunk))
+    async def stream_to(self, up: UpstreamConnection, head: h11.Request) -> None:
+        """Send the request head and the whole body (replay what is kept, then read the rest)
+        and EndOfMessage. What is already at hand goes out in one write: the head, the kept
+        chunks and the body events h11 already holds; the batch is flushed only before waiting
+        for the client (a small request is a single upstream write)."""
+        out = [up.encode(head)]
+        out.extend(up.encode(h11.Data(data=chunk)) for chunk in self.chunks)
+        conn = self.down.conn
         while not self.complete:
-            if self.down.conn.they_are_waiting_for_100_continue and not self.sent_continue:
+            if conn.they_are_waiting_for_100_continue and not self.sent_continue:
                 self.sent_continue = True
                 await self._down(
                     self.down.send(h11.InformationalResponse(status_code=100, headers=[]))
                 )
-            event = await self._down(self.down.next_event())
+            try:
+                event = conn.next_event()
+            except h11.ProtocolError as exc:
+                raise DownstreamError(f"client failed while sending the body: {exc}") from exc
+            if event is h11.NEED_DATA:
+                await up.write(b"".join(out))
+                out.clear()
+                event = await self._down(self.down.next_event())
             if isinstance(event, h11.Data):
                 data = bytes(event.data)
                 if self.replayable:
@@ -207,12 +219,13 @@ class _Body:
                     else:
                         self.chunks.append(data)
                         self.size += len(data)
-                await up.send(h11.Data(data=data))
+                out.append(up.encode(h11.Data(data=data)))
             elif isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
                 self.complete = True
             else:
                 raise DownstreamError(f"unexpected {type(event).__name__} in request body")
-        await up.send(h11.EndOfMessage())
+        out.append(up.encode(h11.EndOfMessage()))
+        await up.write(b"".join(out))
 
     @staticmethod
     async def _down(awaitable: Awaitable[T]) -> T:
@@ -237,7 +250,9 @@ class HttpProxy:
     `snapshot` returns the current Snapshot (read once per request); `source` is the caller, or a
     function of the request (a gateway picks its Gateway by Host), None meaning 404. `connector`
     opens a stream to an endpoint: `await connector(endpoint, service_port)`; `picker` chooses an
-    endpoint among the destination's ones. `on_request` is called once per completed request.
+    endpoint among the destination's ones. `on_request` is called once per completed request;
+    `access_logged` says it writes the access-log line, so the proxy's own `request.complete`
+    line drops to debug (one line per request, not two).
     """
 
     def __init__(
@@ -253,8 +268,10 @@ class HttpProxy:
         name: str = "http",
         tracer: Tracer | None = None,
         registry: Registry | None = None,
+        access_logged: bool = False,
     ) -> None:
         self._snapshot = snapshot
+        self._quiet = access_logged
         if registry is None and isinstance(picker, BalancedRoutePicker):
             registry = picker.registry
         self.registry = registry
@@ -386,13 +403,22 @@ class HttpProxy:
         received_before: int,
     ) -> bool:
         started = trio.current_time()
-        entry = self._entry(req, conn_id)
+        # The headers are decoded once, here (h11 already lower-cased the names).
         headers: list[tuple[str, str]] = [
             (k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers
         ]
         joined: dict[str, str] = {}
+        last: dict[str, str] = {}
         for k, v in headers:
             joined[k] = f"{joined[k]}, {v}" if k in joined else v
+            last[k] = v
+        entry = RequestLog(
+            method=req.method.decode("latin-1"),
+            authority=last.get("host", ""),
+            path=req.target.decode("latin-1"),
+            request_id=last.get("x-request-id", ""),
+            connection_id=conn_id,
+        )
         target = entry.path
         authority = entry.authority
         if target.startswith(("http://", "https://")):  # absolute-form (a forward proxy request)
@@ -400,7 +426,7 @@ class HttpProxy:
             authority, slash, path = rest.partition("/")
             target = slash + path if slash else "/"
         if not entry.request_id:
-            entry.request_id = str(uuid.uuid4())
+            entry.request_id = new_request_id()
         request = Request.from_target(entry.method, authority, target, joined, port=port, host=host)
         token = self._start_span(req, entry, request) if self._tracer is not None else None
         try:
@@ -469,10 +495,11 @@ class HttpProxy:
                 tags["upstream_host"] = entry.upstream
             entry.span.finish(status_code=entry.code, tags=tags)
         self._stats["requests"] += 1
-        self._stats[f"code_{entry.code // 100}xx"] += 1
+        self._stats[_CODE_KEYS.get(entry.code // 100) or f"code_{entry.code // 100}xx"] += 1
         for f in entry.flags:
             self._stats[f"flag_{f}"] += 1
-        log.info(
+        # One line per request: with an access log behind `on_request` this one is debug.
+        (log.debug if self._quiet else log.info)(
             "request.complete",
             proxy=self.name,
             conn=entry.connection_id,
@@ -531,7 +558,7 @@ class HttpProxy:
         except h11.LocalProtocolError:
             return False
         entry.code = status
-        await down.stream.send_all(data)
+        await down.io.send_all(data)
         entry.bytes_sent += len(data)
         return keep and down.conn.our_state is h11.DONE
 
@@ -686,7 +713,9 @@ class HttpProxy:
             return True
 
         try:
-            with trio.move_on_at(deadline) as overall:
+            # A cancel scope costs an enter/exit per request: only when there is a deadline.
+            overall = trio.CancelScope(deadline=deadline) if deadline != math.inf else None
+            with overall if overall is not None else _NO_SCOPE:
                 attempt = 0
                 while attempt < tries:
                     if cluster is not None and ctx is not None:
@@ -750,7 +779,8 @@ class HttpProxy:
         if outcome is not None and outcome.kind == "denied":
             # The destination's authorization policy refused the tunnel: what Istio clients see.
             return await self._local(down, entry, 403, DENIED_BODY)
-        if overall.cancelled_caught or (outcome is not None and outcome.kind == "timeout"):
+        timed_out = overall is not None and overall.cancelled_caught
+        if timed_out or (outcome is not None and outcome.kind == "timeout"):
             entry.flags.append(flags.UPSTREAM_TIMEOUT)
             if entry.attempts > 1:
                 entry.flags.append(flags.UPSTREAM_RETRY_LIMIT)
@@ -832,9 +862,8 @@ class HttpProxy:
             return _Outcome("connect-failure", detail=str(exc))
         timed_out = True
         try:
-            with trio.move_on_after(per_try_timeout or math.inf):
-                await up.send(head)
-                await body.stream_to(up)
+            with trio.move_on_after(per_try_timeout) if per_try_timeout else _NO_SCOPE:
+                await body.stream_to(up, head)
                 while True:
                     event = await up.next_event()
                     if isinstance(event, h11.Response):
@@ -896,24 +925,48 @@ class HttpProxy:
             await self._splice(down, up, entry)
             return False
         close = down.conn.their_state is not h11.DONE and not _body_done(down)
+        # The head and every body event h11 already holds go out in one write; the batch is
+        # flushed only before waiting for the upstream (a small answer is one client write).
+        out: list[bytes] = []
+
+        def queue(event: h11.Event) -> None:
+            data = down.conn.send(event)
+            if data:
+                out.append(data)
+                entry.bytes_sent += len(data)
+
+        async def flush() -> None:
+            if out:
+                data = b"".join(out)
+                out.clear()
+                await down.io.send_all(data)
+
         try:
-            entry.bytes_sent += await down.send(
+            queue(
                 h11.Response(status_code=response.status_code, headers=hdrs, reason=response.reason)
             )
             while True:
+                event: object = None
                 try:
-                    event = await up.next_event()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-                    entry.flags.append(flags.UPSTREAM_RESET)
-                    await self.pool.discard(up)
-                    return False  # headers are out: closing is the only way to signal it
+                    event = up.conn.next_event()
+                except h11.ProtocolError:
+                    event = None
+                if event is h11.NEED_DATA:
+                    await flush()  # outside the upstream's try: a client failure is DC
+                    try:
+                        event = await up.next_event()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+                        event = None
                 if isinstance(event, h11.Data):
-                    entry.bytes_sent += await down.send(h11.Data(data=event.data))
+                    queue(h11.Data(data=event.data))
                 elif isinstance(event, h11.EndOfMessage):
-                    entry.bytes_sent += await down.send(h11.EndOfMessage())
+                    queue(h11.EndOfMessage())
+                    await flush()
                     break
                 else:
+                    # Headers are out (or about to be): closing is the only way to signal it.
                     entry.flags.append(flags.UPSTREAM_RESET)
+                    await flush()
                     await self.pool.discard(up)
                     return False
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
@@ -993,6 +1046,37 @@ class HttpProxy:
             finally:
                 await self.pool.discard(up)
         self._stats["mirrored"] += 1
+
+
+_CODE_KEYS = {n: f"code_{n}xx" for n in range(6)}
+
+
+class _NoScope:
+    """Stands in for a cancel scope when there is no deadline (enter/exit do nothing); typed
+    like one (`__exit__ -> bool`) so that code after the `with` stays reachable for mypy."""
+
+    def __enter__(self) -> None:
+        return None
+
+    cancelled_caught = False  # as a CancelScope's: never, there is no deadline
+
+    def __exit__(self, *exc: object) -> bool:
+        return self.cancelled_caught
+
+
+_NO_SCOPE = _NoScope()
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID for x-request-id, as Envoy makes one. From `random`, not
+    `os.urandom` as `uuid.uuid4()` (a syscall per request): an id must be unique, not secret."""
+    n = (
+        (random.getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48))
+        | (0x4000 << 64)
+        | (0x8000 << 48)
+    )
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _balance_outcome(outcome: _Outcome) -> Outcome:

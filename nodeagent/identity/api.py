@@ -41,6 +41,10 @@ class IdentityProvider(Protocol):
         the trust bundle, with hostname checks off: the caller compares `peer_identity()` to the
         SPIFFE id the destination workload must have. IdentityUnavailable if not ready."""
 
+    async def wait_changed(self) -> None:
+        """Return at the next change: a certificate issued or renewed, a failure, a new trust
+        bundle or revocation list. The data plane re-checks open connections then."""
+
     def peer_identity(self, cert_der: bytes) -> str:
         """The SPIFFE id of a peer certificate that the handshake verified (from
         `getpeercert(binary_form=True)`). PeerRejected when it has no single SPIFFE URI SAN of our

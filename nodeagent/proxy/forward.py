@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +38,16 @@ from nodeagent.http.errors import UpstreamDenied
 from nodeagent.identity.api import IdentityProvider, IdentityUnavailable
 from nodeagent.inpod import Netns, PodListeners, original_dst
 from nodeagent.log import get_logger
-from nodeagent.proxy.inbound import plaintext_decision, tunnel_decision
+from nodeagent.proxy.inbound import (
+    Closed,
+    InboundDecision,
+    LiveConnection,
+    LiveConnections,
+    Peer,
+    PeerCheck,
+    plaintext_decision,
+    tunnel_decision,
+)
 from nodeagent.proxy.outbound import (
     EndpointPicker,
     OutboundPolicy,
@@ -79,7 +89,11 @@ log = get_logger("proxy.forward")
 CONNECT_TIMEOUT = 10.0
 IDLE_TIMEOUT = 3600.0
 IDENTITY_WAIT = 5.0  # how long a new pod's connection waits for its first certificate
+# While inbound connections are open, how often the snapshot is looked at for a swap (when no
+# `policy_changed()` poke comes first): a policy change reaches open connections within this.
+POLICY_POLL = 0.5
 _conn_ids = itertools.count(1)
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 
 @dataclass(slots=True)
@@ -168,6 +182,8 @@ class PodProxy:
         self.identity_wait = identity_wait
         self.stats = PodProxyStats()
         self._http: HttpProxy | None = None  # made on the first HTTP connection
+        self.live = LiveConnections()  # open inbound connections, re-checked on policy changes
+        self._policy_poke = trio.Event()
 
     def http_proxy(self) -> HttpProxy:
         """This pod's L7 proxy (one per pod, so upstream connections are pooled per source)."""
@@ -189,6 +205,7 @@ class PodProxy:
                 on_request=self._on_request,
                 name=f"http:{self.pod}",
                 tracer=self.telemetry.tracer if self.telemetry is not None else None,
+                access_logged=self.telemetry is not None,  # record_request writes the line
             )
         return self._http
 
@@ -230,7 +247,9 @@ class PodProxy:
                 "bytes_received": s.bytes_received,
             }
 
-        return {"outbound": d(self.stats.outbound), "inbound": d(self.stats.inbound)}
+        inbound = d(self.stats.inbound)
+        inbound["closed_by_policy"] = self.live.closed_by_policy
+        return {"outbound": d(self.stats.outbound), "inbound": inbound}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -238,6 +257,8 @@ class PodProxy:
                 nursery.start_soon(self._accept, self.listeners.outbound, "outbound", nursery)
                 nursery.start_soon(self._accept, self.listeners.inbound, "inbound", nursery)
                 nursery.start_soon(self._accept, self.listeners.tunnel, "tunnel", nursery)
+                nursery.start_soon(self._watch_policy)
+                nursery.start_soon(self._watch_revocation)
                 task_status.started()
         finally:
             for listener in (
@@ -454,9 +475,8 @@ class PodProxy:
         conn.endpoint = conn.dst
         conn.tel = self._inbound_recorder(snap, me, conn, src[0], dst[1], None, "none")
         upstream = await self._connect(dst, (src[0], 0))
-        conn.opened()
-        conn.relay = RelayResult()
-        await relay(client, upstream, idle_timeout=IDLE_TIMEOUT, result=conn.relay)
+        peer = Peer(src[0], dst[0], dst[1], src_port=src[1])
+        await self._relay_live(conn, snap, peer, client, upstream, client.socket)
 
     # -- inbound mTLS (15008) ---------------------------------------------------------------------
 
@@ -512,9 +532,100 @@ class PodProxy:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             raise
-        conn.opened()
-        conn.relay = RelayResult()
-        await relay(stream, upstream, idle_timeout=IDLE_TIMEOUT, result=conn.relay)
+        verified = Peer(
+            peer[0], local[0], port, accepted.peer_identity, accepted.peer_certificate, peer[1]
+        )
+        await self._relay_live(conn, snap, verified, stream, upstream, stream.socket)
+
+    # -- policy on open inbound connections (ztunnel's connection manager + policy watcher) ----
+
+    def policy_changed(self) -> None:
+        """Re-check open inbound connections now (a `SnapshotSync` swap listener may call this:
+        it only sets an event). Without it, the watcher notices a swap within POLICY_POLL."""
+        self._policy_poke.set()
+
+    async def _relay_live(
+        self,
+        conn: _Conn,
+        snap: Snapshot,
+        peer: Peer,
+        downstream: trio.abc.HalfCloseableStream,
+        upstream: trio.abc.HalfCloseableStream,
+        sock: Any,
+    ) -> None:
+        """Relay while registered: a policy change that denies the connection aborts it."""
+        scope = trio.CancelScope()
+
+        def close(decision: InboundDecision) -> None:
+            # RST rather than FIN: the client (an upstream pool) sees a reset, not a clean end.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            scope.cancel()
+
+        live = LiveConnection(conn.cid, peer, close)
+        self.live.add(live)
+        try:
+            current = self.snapshot()
+            me = self._me(current)
+            if current is not snap and me is not None:
+                # A swap while this connection was being set up: the watcher may have swept
+                # before it was registered.
+                self._report_closed(self.live.check(live, current, me))
+            conn.opened()
+            conn.relay = RelayResult()
+            with scope:
+                await relay(downstream, upstream, idle_timeout=IDLE_TIMEOUT, result=conn.relay)
+        finally:
+            self.live.remove(live)
+        if live.closed_by is not None:
+            raise _Denied("closed_by_policy", live.closed_by.reason, live.closed_by.policy)
+
+    async def _watch_policy(self) -> None:
+        seen = self.snapshot()
+        while True:
+            await self.live.wait_nonempty()  # an idle pod does not poll
+            with trio.move_on_after(POLICY_POLL):
+                await self._policy_poke.wait()
+            self._policy_poke = trio.Event()
+            snap = self.snapshot()
+            if snap is seen:
+                continue
+            seen = snap
+            self._sweep(snap, None)
+
+    async def _watch_revocation(self) -> None:
+        """Re-check open tunnels' peer certificates whenever the identity provider changes
+        (the CRL among others): `peer_identity` refuses a revoked serial."""
+        if self.identities is None:
+            return
+        peer_check = self.identities.peer_identity
+        while True:
+            await self.identities.wait_changed()
+            if len(self.live):
+                self._sweep(self.snapshot(), peer_check)
+
+    def _sweep(self, snap: Snapshot, peer_check: PeerCheck | None) -> None:
+        me = self._me(snap)
+        if me is None:
+            return
+        for closed in self.live.sweep(snap, me, peer_check):
+            self._report_closed(closed)
+
+    def _report_closed(self, closed: Closed | None) -> None:
+        if closed is None:
+            return
+        peer = closed.conn.peer
+        log.warning(
+            "connection.closed_by_policy",
+            conn=closed.conn.cid,
+            pod=self.pod,
+            src=f"{peer.src_ip}:{peer.src_port}",
+            dst=f"{peer.dst_ip}:{peer.port}",
+            src_identity=peer.identity,
+            policy=closed.decision.policy,
+            cause=closed.cause,
+            reason=closed.decision.reason,
+        )
 
     # -- telemetry ---------------------------------------------------------------------------
 
@@ -698,7 +809,7 @@ class MeshConnector:
 
 def denied_by_policy(exc: TunnelError) -> bool:
     """The destination's authorization policy refused the tunnel (its 403 status reply)."""
-    return exc.flag == "refused" and ": 403" in exc.msg
+    return exc.denied
 
 
 class _L4Feedback:

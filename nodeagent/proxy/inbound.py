@@ -1,16 +1,26 @@
-"""The inbound decisions (pure): may this connection be delivered to the pod's app?
+"""The inbound decisions (pure) and the registry of the pod's open inbound connections.
 
 `plaintext_decision` is for 15006 (no client certificate): PeerAuthentication first (STRICT
 refuses, PERMISSIVE and DISABLE accept; `snap.peer_authentication_for` resolves mesh-wide,
 namespace, selector and port-level modes), then L4 authorization with no source identity.
 `tunnel_decision` is for 15008 after the client's certificate verified: authorization only.
+
+Policy applies to connections already open, not only to new ones (ztunnel's connection manager
+and policy watcher): `LiveConnections` holds what was verified when each connection was accepted
+(`Peer`), and `sweep` re-runs the same decision (`decide_again`) against a newer snapshot, and
+optionally the peer certificate against the revocation list, closing the ones now denied. The
+registry does no I/O itself: each entry carries the callback that aborts its connection.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
 
 from nodeagent.authz import Connection, authorize
+from nodeagent.identity.api import PeerRejected
 from nodeagent.snapshot import Snapshot, Workload
 
 
@@ -44,3 +54,117 @@ def _authorize(
     return InboundDecision(
         result.allowed, f"{prefix}; {result.reason}", result.policy, result.audited
     )
+
+
+# -- open connections ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """What the accept path verified about one inbound connection."""
+
+    src_ip: str
+    dst_ip: str
+    port: int  # the app's (target) port
+    identity: str | None = None  # the verified SPIFFE id (15008); None for plaintext (15006)
+    certificate: bytes = b""  # the client's certificate (DER), 15008 only
+    src_port: int = 0
+
+
+def decide_again(snap: Snapshot, workload: Workload, peer: Peer) -> InboundDecision:
+    """The accept-time decision for `peer`, against `snap`: the same pure functions."""
+    if peer.identity is None:
+        return plaintext_decision(snap, workload, peer.src_ip, peer.dst_ip, peer.port)
+    return tunnel_decision(snap, workload, peer.src_ip, peer.dst_ip, peer.port, peer.identity)
+
+
+PeerCheck = Callable[[bytes], object]  # raises (e.g. PeerRejected) when the certificate is revoked
+
+
+@dataclass(slots=True, eq=False)
+class LiveConnection:
+    """One open inbound connection. `close(decision)` must abort it without blocking."""
+
+    cid: int
+    peer: Peer
+    close: Callable[[InboundDecision], None]
+    closed_by: InboundDecision | None = field(default=None)
+
+
+@dataclass(slots=True)
+class Closed:
+    conn: LiveConnection
+    decision: InboundDecision
+    cause: str  # "policy" (authorization / PeerAuthentication) or "revoked"
+
+
+class LiveConnections:
+    """The pod's open inbound connections (15006 and 15008), re-checked on policy changes."""
+
+    def __init__(self) -> None:
+        self._conns: dict[int, LiveConnection] = {}
+        self._added = trio.Event()
+        self.closed_by_policy = 0  # connections closed after they were accepted
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def add(self, conn: LiveConnection) -> None:
+        self._conns[conn.cid] = conn
+        self._added.set()
+
+    def remove(self, conn: LiveConnection) -> None:
+        self._conns.pop(conn.cid, None)
+        if not self._conns and self._added.is_set():
+            self._added = trio.Event()
+
+    async def wait_nonempty(self) -> None:
+        """Return once at least one connection is registered (an idle pod costs no wake-ups)."""
+        while not self._conns:
+            await self._added.wait()
+
+    def check(
+        self,
+        conn: LiveConnection,
+        snap: Snapshot,
+        workload: Workload,
+        peer_check: PeerCheck | None = None,
+    ) -> Closed | None:
+        """Re-evaluate one connection; close it (once) when it is now denied."""
+        if conn.closed_by is not None:
+            return None
+        closed = _recheck(conn.peer, snap, workload, peer_check)
+        if closed is None:
+            return None
+        decision, cause = closed
+        conn.closed_by = decision
+        self.closed_by_policy += 1
+        self.remove(conn)
+        conn.close(decision)
+        return Closed(conn, decision, cause)
+
+    def sweep(
+        self, snap: Snapshot, workload: Workload, peer_check: PeerCheck | None = None
+    ) -> list[Closed]:
+        """Re-evaluate every open connection against `snap` (and, with `peer_check`, its peer
+        certificate); close and return the ones now denied."""
+        out = []
+        for conn in list(self._conns.values()):
+            closed = self.check(conn, snap, workload, peer_check)
+            if closed is not None:
+                out.append(closed)
+        return out
+
+
+def _recheck(
+    peer: Peer, snap: Snapshot, workload: Workload, peer_check: PeerCheck | None
+) -> tuple[InboundDecision, str] | None:
+    if peer_check is not None and peer.certificate:
+        try:
+            peer_check(peer.certificate)
+        except (PeerRejected, ValueError) as exc:  # revoked, or no longer parses
+            return InboundDecision(False, f"peer certificate rejected: {exc}", "revoked"), "revoked"
+    decision = decide_again(snap, workload, peer)
+    if decision.allowed:
+        return None
+    return decision, "policy"

@@ -22,6 +22,7 @@ from nodeagent.snapshot.model import Service, Workload
 from nodeagent.snapshot.snapshot import Snapshot
 from nodeagent.telemetry.accesslog import AccessLog, AccessRecord
 from nodeagent.telemetry.metrics import (
+    PEER_LABELS,
     IstioMetrics,
     Labels,
     Reporter,
@@ -53,6 +54,10 @@ TCP_FLAGS: Mapping[str, str] = {
     "failed": "UF",  # the upstream (or the tunnel) could not be connected
     "reset": "UR",  # the relay ended with an error after bytes flowed
 }
+
+
+_SOURCE_PRINCIPAL = PEER_LABELS.index("source_principal")
+_DESTINATION_PRINCIPAL = PEER_LABELS.index("destination_principal")
 
 
 def _labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
@@ -239,7 +244,7 @@ def record_request(
         response_flags=flags,
         security_policy=policy,
     )
-    labels = peer.as_dict()
+    values = peer.values  # no per-request dict: the principals by position
     sinks.access_log.log(
         AccessRecord(
             kind="request",
@@ -257,8 +262,8 @@ def record_request(
             bytes_sent=entry.bytes_sent,
             upstream_host=entry.upstream or "-",
             downstream_address=downstream,
-            source_principal=labels["source_principal"],
-            destination_principal=labels["destination_principal"],
+            source_principal=values[_SOURCE_PRINCIPAL],
+            destination_principal=values[_DESTINATION_PRINCIPAL],
             request_id=entry.request_id or "-",
             trace_id=entry.trace_id or "-",
             connection_id=str(entry.connection_id),

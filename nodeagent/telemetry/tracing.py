@@ -6,7 +6,8 @@ span (child of whatever the application sent), the destination agent a SERVER sp
 CLIENT span), and each passes its own span id downstream as the parent. Sampling follows the
 caller's decision when there is one, otherwise a rate applied to the trace id, so both agents of
 a request decide alike. Finished spans go to `ZipkinExporter`, which batches them on a bounded
-queue and POSTs Zipkin v2 JSON with h11, counting failures and drops, never blocking a request.
+queue and POSTs Zipkin v2 JSON with the shared `nodeagent.httpclient`, counting failures and
+drops, never blocking a request.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import h11
 import trio
 
+from nodeagent.httpclient import HttpClientError, HttpConnection
 from nodeagent.log import get_logger
 
 log = get_logger("telemetry.tracing")
@@ -398,6 +399,10 @@ class Tracer:
 # -- Zipkin export -------------------------------------------------------------------------------
 
 
+# An error response's body is read for the log line only; a collector's is a line or two.
+MAX_ERROR_BODY = 4096
+
+
 class ZipkinExporter:
     """Batches finished spans and POSTs them as Zipkin v2 JSON (`/api/v2/spans`)."""
 
@@ -476,46 +481,42 @@ class ZipkinExporter:
         body = json.dumps([s.to_zipkin() for s in batch], separators=(",", ":")).encode()
         try:
             with trio.fail_after(self.timeout):
-                status = await self._request(body)
-        except (OSError, trio.TooSlowError, h11.ProtocolError, trio.BrokenResourceError) as exc:
+                status, detail = await self._request(body)
+        except (HttpClientError, trio.TooSlowError) as exc:
             self._failed(batch, f"{type(exc).__name__}: {exc}")
             return
         if 200 <= status < 300:
             self.exported += len(batch)
         else:
-            self._failed(batch, f"HTTP {status}")
+            self._failed(batch, f"HTTP {status}" + (f": {detail}" if detail else ""))
 
     def _failed(self, batch: list[Span], why: str) -> None:
         self.failed_batches += 1
         self.failed_spans += len(batch)
         log.warning("zipkin.export_failed", url=self.url, spans=len(batch), error=why)
 
-    async def _request(self, body: bytes) -> int:
-        stream = await trio.open_tcp_stream(self.host, self.port)
-        async with stream:
-            conn = h11.Connection(h11.CLIENT)
-            request = h11.Request(
-                method="POST",
-                target=self.path,
-                headers=[
-                    ("host", f"{self.host}:{self.port}"),
-                    ("content-type", "application/json"),
-                    ("content-length", str(len(body))),
-                    ("connection", "close"),
-                ],
-            )
-            data = conn.send(request) + conn.send(h11.Data(data=body))
-            await stream.send_all(data + conn.send(h11.EndOfMessage()))
-            status = 0
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(16384))
-                    continue
-                if isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    return status
+    async def _request(self, body: bytes) -> tuple[int, str]:
+        """POST one batch on a fresh connection: (status, the start of an error response's body)."""
+        conn = await HttpConnection.open(
+            self.host,
+            self.port,
+            host_header=f"{self.host}:{self.port}",
+            peer=f"zipkin collector {self.host}:{self.port}",
+        )
+        try:
+            # one POST a second at most: a connection per batch keeps no state to go stale
+            headers = [("Content-Type", "application/json"), ("Connection", "close")]
+            await conn.send("POST", self.path, headers, body)
+            status = await conn.read_head()
+            if 200 <= status < 300:
+                return status, ""  # the body says nothing more; the connection closes anyway
+            try:
+                detail = await conn.read_body(MAX_ERROR_BODY)
+            except HttpClientError:
+                detail = b""  # the status alone says it failed
+            return status, detail[:200].decode("utf-8", "replace").strip()
+        finally:
+            await conn.aclose()
 
     def statistics(self) -> dict[str, int]:
         return {

@@ -21,8 +21,9 @@ import trio
 
 from nodeagent.identity.api import IdentityProvider, PeerRejected
 from nodeagent.inpod import Netns
-from nodeagent.tunnel.errors import TunnelError
+from nodeagent.tunnel.errors import DENIED, TunnelError
 from nodeagent.tunnel.header import (
+    FORBIDDEN,
     NEED_DATA,
     HeaderError,
     HeaderParser,
@@ -140,8 +141,11 @@ async def open_tunnel(
         await stream.send_all(encode_request(request))
         response = await _read_response(stream, f"{address}:{port}", connect_timeout)
         if not response.ok:
+            # 403 is the destination's authorization policy: a distinct flag, so callers answer
+            # "access denied" and do not count the endpoint as failing.
+            flag = DENIED if response.code == FORBIDDEN else "refused"
             raise TunnelError(
-                "refused", f"server {address}:{port} refused: {response.code} {response.reason}"
+                flag, f"server {address}:{port} refused: {response.code} {response.reason}"
             )
         if sessions is not None and not stream.session_reused:
             # Only a new session is worth caching, and `SSLSocket.session` is costly (CPython

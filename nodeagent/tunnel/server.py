@@ -37,6 +37,9 @@ class Accepted:
     request: TunnelRequest
     early_data: bytes  # stream bytes that arrived together with the header
     resumed: bool
+    # The client's certificate (DER), kept so an open tunnel can be checked again when the
+    # revocation list changes.
+    peer_certificate: bytes = b""
 
 
 def detach(stream: trio.SocketStream) -> socket.socket:
@@ -69,7 +72,8 @@ async def accept_tunnel(
             except (ssl.SSLError, OSError) as exc:
                 raise TunnelError("tls_failed", f"tunnel from {peer}: handshake: {exc}") from None
             try:
-                source = identities.peer_identity(stream.peer_certificate())
+                cert = stream.peer_certificate()
+                source = identities.peer_identity(cert)
             except (PeerRejected, ssl.SSLError) as exc:
                 raise TunnelError("peer_rejected", f"tunnel from {peer}: {exc}") from None
             parser = HeaderParser("request")
@@ -82,7 +86,7 @@ async def accept_tunnel(
                 if event is not NEED_DATA:
                     assert isinstance(event, TunnelRequest)
                     return Accepted(
-                        stream, source, event, parser.trailing_data, stream.session_reused
+                        stream, source, event, parser.trailing_data, stream.session_reused, cert
                     )
                 try:
                     data = await stream.receive_some(16384)

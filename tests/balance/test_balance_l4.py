@@ -130,7 +130,7 @@ def test_connect_failures_eject_and_policy_denials_do_not() -> None:
         if d.address == "10.0.1.1":
             f.failed(TunnelError("connect_failed", "connect 10.0.1.1:15008: refused"))
         elif d.address == "10.0.1.2":
-            f.failed(TunnelError("refused", "server 10.0.1.2:15008 refused: 403 denied"))
+            f.failed(TunnelError("denied", "server 10.0.1.2:15008 refused: 403 denied"))
         else:
             f.connected()
         f.end()

@@ -36,6 +36,9 @@ class RecordingIdentities:
     def client_context(self, identity: str) -> ssl.SSLContext:
         raise AssertionError("not used")
 
+    async def wait_changed(self) -> None:
+        await trio.sleep_forever()
+
     def peer_identity(self, cert_der: bytes) -> str:
         raise AssertionError("not used")
 

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
-from pathlib import Path
 
 import h11
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from certs_helpers import write_pki
+
+__all__ = ["H11Server", "Handler", "free_port", "serve", "write_pki"]
 
 Handler = Callable[[trio.abc.Stream], Awaitable[None]]
 
@@ -67,51 +63,3 @@ class H11Server:
 
     def next_cycle(self) -> None:
         self.conn.start_next_cycle()
-
-
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    issuer_name, issuer_key = issuer or (name, key)
-    now = datetime.datetime.now(datetime.UTC)
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if issuer is not None:
-        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-        usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-        b = b.add_extension(san, critical=False)
-        b = b.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
-    return b.sign(issuer_key, hashes.SHA256())
-
-
-def write_pki(d: Path) -> dict[str, str]:
-    """A CA and two leaves it signed (`server`, `client`), as PEM files; their paths."""
-    d.mkdir(parents=True, exist_ok=True)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("test-ca", ca_key, None)
-    out = {"ca": str(d / "ca.pem")}
-    Path(out["ca"]).write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for leaf in ("server", "client"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _cert(leaf, key, (ca.subject, ca_key))
-        out[leaf] = str(d / f"{leaf}.pem")
-        out[f"{leaf}-key"] = str(d / f"{leaf}-key.pem")
-        Path(out[leaf]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_bytes = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        Path(out[f"{leaf}-key"]).write_bytes(key_bytes)
-    return out

@@ -5,9 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import trio
 from proxy_docs import config, snapshot, workload
 
-from nodeagent.proxy.inbound import plaintext_decision, tunnel_decision
+from nodeagent.identity.api import PeerRejected
+from nodeagent.proxy.inbound import (
+    InboundDecision,
+    LiveConnection,
+    LiveConnections,
+    Peer,
+    decide_again,
+    plaintext_decision,
+    tunnel_decision,
+)
 from nodeagent.snapshot import Snapshot, Workload
 
 CLIENT = "spiffe://cluster.local/ns/other/sa/client"
@@ -97,3 +107,155 @@ def test_root_namespace_policy_applies_mesh_wide_and_selector_scopes() -> None:
     assert tunnel_decision(snap, me, "10.0.9.9", "10.0.1.1", 8080, CLIENT).allowed
     snap, me = build(ap("x", "shop", "DENY", [{}], selector={"app": "web"}))
     assert not tunnel_decision(snap, me, "10.0.9.9", "10.0.1.1", 8080, CLIENT).allowed
+
+
+# -- open connections re-checked on a policy change ------------------------------------------
+
+
+OTHER = "spiffe://cluster.local/ns/shop/sa/frontend"
+DENY_OTHER_NS = [{"from": [{"source": {"namespaces": ["other"]}}]}]
+
+
+class Closer:
+    """Records the decisions a connection was closed with (the proxy cancels its relay)."""
+
+    def __init__(self) -> None:
+        self.calls: list[InboundDecision] = []
+
+    def __call__(self, decision: InboundDecision) -> None:
+        self.calls.append(decision)
+
+
+def live(cid: int, peer: Peer) -> tuple[LiveConnection, Closer]:
+    closer = Closer()
+    return LiveConnection(cid, peer, closer), closer
+
+
+def tunnel_peer(identity: str = CLIENT, cert: bytes = b"") -> Peer:
+    return Peer("10.0.9.9", "10.0.1.1", 8080, identity, cert, 40000)
+
+
+def test_decide_again_is_the_accept_decision() -> None:
+    snap, me = build(ap("deny", "shop", "DENY", DENY_OTHER_NS), pa("ns", "shop", "STRICT"))
+    t = decide_again(snap, me, tunnel_peer())
+    assert t == tunnel_decision(snap, me, "10.0.9.9", "10.0.1.1", 8080, CLIENT)
+    assert (t.allowed, t.policy) == (False, "shop/deny")
+    p = decide_again(snap, me, Peer("10.0.9.9", "10.0.1.1", 8080))
+    assert p == plaintext_decision(snap, me, "10.0.9.9", "10.0.1.1", 8080)
+    assert not p.allowed
+    assert "STRICT" in p.reason
+
+
+def test_sweep_closes_only_the_connections_now_denied() -> None:
+    registry = LiveConnections()
+    denied, denied_closer = live(1, tunnel_peer(CLIENT))
+    kept, kept_closer = live(2, tunnel_peer(OTHER))
+    for c in (denied, kept):
+        registry.add(c)
+    snap, me = build()
+    assert registry.sweep(snap, me) == []  # nothing changed: nothing closed
+
+    snap, me = build(ap("deny", "shop", "DENY", DENY_OTHER_NS))
+    closed = registry.sweep(snap, me)
+    assert [(c.conn.cid, c.cause, c.decision.policy) for c in closed] == [
+        (1, "policy", "shop/deny")
+    ]
+    assert [d.policy for d in denied_closer.calls] == ["shop/deny"]
+    assert kept_closer.calls == []
+    assert denied.closed_by is not None
+    assert kept.closed_by is None
+    assert (len(registry), registry.closed_by_policy) == (1, 1)
+    # A second sweep does not close (or count) the same connection twice.
+    assert registry.sweep(snap, me) == []
+    assert len(denied_closer.calls) == 1
+    assert registry.closed_by_policy == 1
+
+
+def test_unrelated_policy_keeps_connections() -> None:
+    registry = LiveConnections()
+    conn, closer = live(1, tunnel_peer())
+    registry.add(conn)
+    snap, me = build(
+        ap("other-app", "shop", "DENY", [{}], selector={"app": "db"}),
+        ap("elsewhere", "prod", "DENY", [{}]),
+        ap("allow-other", "shop", "ALLOW", [{"from": [{"source": {"namespaces": ["other"]}}]}]),
+    )
+    assert registry.sweep(snap, me) == []
+    assert closer.calls == []
+    assert len(registry) == 1
+
+
+def test_strict_closes_open_plaintext_but_not_tunnels() -> None:
+    registry = LiveConnections()
+    plain_conn, plain_closer = live(1, Peer("10.0.9.9", "10.0.1.1", 8080, src_port=41000))
+    tunnel_conn, tunnel_closer = live(2, tunnel_peer())
+    registry.add(plain_conn)
+    registry.add(tunnel_conn)
+    snap, me = build(pa("ns", "shop", "STRICT"))
+    closed = registry.sweep(snap, me)
+    assert [c.conn.cid for c in closed] == [1]
+    assert "STRICT" in plain_closer.calls[0].reason
+    assert tunnel_closer.calls == []
+
+
+def test_revoked_peer_certificate_is_closed_when_checked() -> None:
+    revoked: set[bytes] = set()
+
+    def peer_check(cert: bytes) -> str:
+        if cert in revoked:
+            raise PeerRejected("certificate serial 1f is revoked")
+        return CLIENT
+
+    registry = LiveConnections()
+    a, a_closer = live(1, tunnel_peer(cert=b"cert-a"))
+    b, b_closer = live(2, tunnel_peer(cert=b"cert-b"))
+    registry.add(a)
+    registry.add(b)
+    snap, me = build()
+    assert registry.sweep(snap, me, peer_check) == []
+    revoked.add(b"cert-a")
+    assert registry.sweep(snap, me) == []  # a policy-only sweep does not look at certificates
+    closed = registry.sweep(snap, me, peer_check)
+    assert [(c.conn.cid, c.cause) for c in closed] == [(1, "revoked")]
+    assert "revoked" in a_closer.calls[0].reason
+    assert b_closer.calls == []
+
+
+def test_check_one_and_remove() -> None:
+    registry = LiveConnections()
+    conn, closer = live(7, tunnel_peer())
+    registry.add(conn)
+    snap, me = build(ap("deny", "shop", "DENY", DENY_OTHER_NS))
+    got = registry.check(conn, snap, me)
+    assert got is not None
+    assert got.conn is conn
+    assert len(registry) == 0
+    assert len(closer.calls) == 1
+    registry.remove(conn)  # the connection's own cleanup: harmless after a close
+    assert len(registry) == 0
+
+
+async def test_wait_nonempty_parks_until_a_connection_is_added(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    registry = LiveConnections()
+    conn, _ = live(1, tunnel_peer())
+    with trio.move_on_after(1) as scope:
+        await registry.wait_nonempty()
+    assert scope.cancelled_caught  # nothing registered: it waits
+    woke: list[bool] = []
+
+    async def waiter() -> None:
+        await registry.wait_nonempty()
+        woke.append(True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert woke == []
+        registry.add(conn)
+    assert woke == [True]
+    registry.remove(conn)
+    with trio.move_on_after(1) as scope:
+        await registry.wait_nonempty()
+    assert scope.cancelled_caught  # empty again: waits again

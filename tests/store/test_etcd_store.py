@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -11,10 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from certs_helpers import write_pki
 from etcd_procs import EtcdCluster, free_port, start_cluster
 
 from nodeagent.store import StoreError, StoreUnavailable, open_store
@@ -101,74 +96,21 @@ async def test_server_errors_are_reported(etcd_server: EtcdCluster, ns: str) -> 
 # -- TLS with client certificates ------------------------------------------------------------
 
 
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-    *,
-    ca: bool = False,
-    server: bool = False,
-) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    issuer_name, issuer_key = issuer if issuer else (name, key)
-    now = datetime.datetime.now(datetime.UTC)
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        b = b.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-    if not ca:
-        usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-        b = b.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
-    return b.sign(issuer_key, hashes.SHA256())
-
-
-def write_pki(d: Path) -> dict[str, Path]:
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("test-ca", ca_key, None, ca=True)
-    out = {"ca": d / "ca.pem"}
-    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for role in ("server", "client"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _cert(role, key, (ca.subject, ca_key), server=role == "server")
-        out[role] = d / f"{role}.pem"
-        out[f"{role}-key"] = d / f"{role}-key.pem"
-        out[role].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        out[f"{role}-key"].write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return out
-
-
 async def test_tls_with_client_certificates(tmp_path: Path, ns: str) -> None:
     pki = write_pki(tmp_path)
     cluster = start_cluster(
         1,
         scheme="https",
         extra=[
-            "--cert-file", str(pki["server"]),
-            "--key-file", str(pki["server-key"]),
+            "--cert-file", pki["server"],
+            "--key-file", pki["server-key"],
             "--client-cert-auth",
-            "--trusted-ca-file", str(pki["ca"]),
+            "--trusted-ca-file", pki["ca"],
         ],
     )  # fmt: skip
     try:
-        ctx = ssl.create_default_context(cafile=str(pki["ca"]))
-        ctx.load_cert_chain(str(pki["client"]), str(pki["client-key"]))
+        ctx = ssl.create_default_context(cafile=pki["ca"])
+        ctx.load_cert_chain(pki["client"], pki["client-key"])
         await trio.to_thread.run_sync(cluster.wait_ready, ctx)
         base = cluster.url
         good = f"{base}?cacert={pki['ca']}&cert={pki['client']}&key={pki['client-key']}"
@@ -189,7 +131,6 @@ async def test_tls_with_client_certificates(tmp_path: Path, ns: str) -> None:
         finally:
             await anonymous.aclose()
         # a server we do not trust: refused on our side
-        (tmp_path / "other").mkdir()
         stranger = write_pki(tmp_path / "other")
         untrusted = await open_store(f"{base}?cacert={stranger['ca']}&timeout=0.3")
         try:

@@ -1,6 +1,9 @@
-"""hold_lease: renews at ttl/3, revokes on cancel, raises when the lease is lost."""
+"""hold_lease: renews at ttl/3, revokes on cancel, raises when the lease is lost; and the
+agent's options: reuse an earlier lease, replace a lost one calling back, leave it on exit."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 import trio
@@ -67,3 +70,175 @@ async def test_outage_longer_than_ttl_loses_the_lease(
             await n.start(hold_lease, store, 9.0)
             store.down = True
             await trio.sleep(100)
+
+
+# -- the options the agent uses: reuse, on_new_lease, revoke=False ------------------------------
+
+
+async def test_reuses_a_live_lease_without_calling_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = await open_store("memory://")
+    old = await store.grant_lease(9.0)
+    await store.put("/node", b"", lease=old)
+    granted: list[int] = []
+
+    async def on_new(lease: int) -> None:
+        granted.append(lease)
+
+    async with trio.open_nursery() as n:
+        lease = await n.start(partial(hold_lease, store, 9.0, reuse=old, on_new_lease=on_new))
+        assert lease == old
+        await trio.sleep(100)
+        assert await store.get("/node") is not None
+        n.cancel_scope.cancel()
+    assert granted == []
+
+
+async def test_expired_reuse_grants_and_calls_back_before_started(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = await open_store("memory://")
+    gone = await store.grant_lease(9.0)
+    await store.revoke_lease(gone)
+    granted: list[int] = []
+
+    async def on_new(lease: int) -> None:
+        granted.append(lease)
+
+    async with trio.open_nursery() as n:
+        lease = await n.start(partial(hold_lease, store, 9.0, reuse=gone, on_new_lease=on_new))
+        assert granted == [lease]  # already called when started() returned
+        assert lease != gone
+        n.cancel_scope.cancel()
+
+
+async def test_lost_lease_is_replaced_and_keys_put_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = await open_store("memory://")
+    granted: list[int] = []
+
+    async def on_new(lease: int) -> None:
+        granted.append(lease)
+        await store.put("/node", str(lease).encode(), lease=lease)
+
+    async with trio.open_nursery() as n:
+        first = await n.start(partial(hold_lease, store, 9.0, on_new_lease=on_new))
+        await store.revoke_lease(first)  # the store forgets us: no LeaseNotFound raised now
+        assert await store.get("/node") is None
+        await trio.sleep(100)
+        assert len(granted) == 2
+        assert granted[0] == first
+        kv = await store.get("/node")
+        assert kv is not None
+        assert kv.value == str(granted[1]).encode()
+        n.cancel_scope.cancel()
+
+
+async def test_outage_longer_than_ttl_replaces_the_lease_once_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = FlakyGrantStore()
+    granted: list[int] = []
+
+    async def on_new(lease: int) -> None:
+        if store.down:
+            raise StoreUnavailable("fake: down")
+        granted.append(lease)
+
+    async with trio.open_nursery() as n:
+        first = await n.start(partial(hold_lease, store, 9.0, on_new_lease=on_new))
+        store.down = True
+        await trio.sleep(100)  # keep-alives and grants fail, nothing raises
+        assert granted == [first]
+        store.down = False
+        await trio.sleep(10)
+        assert len(granted) == 2
+        assert granted[1] != first
+        await trio.sleep(100)  # and the new lease is renewed
+        await store.keep_alive(granted[1])
+        n.cancel_scope.cancel()
+
+
+async def test_outage_keeps_a_lease_the_store_still_has(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = FlakyStore()
+    granted: list[int] = []
+
+    async def on_new(lease: int) -> None:
+        granted.append(lease)
+
+    async with trio.open_nursery() as n:
+        lease = await n.start(partial(hold_lease, store, 9.0, on_new_lease=on_new))
+        await store.put("/node", b"", lease=lease)
+        store.down = True
+        for _ in range(20):  # the store keeps the lease alive meanwhile (etcd does on restart)
+            await trio.sleep(5)
+            await MemoryStore.keep_alive(store, lease)
+        store.down = False
+        await trio.sleep(30)
+        assert granted == [lease]  # not replaced: the keys stayed where they were
+        assert await store.get("/node") is not None
+        n.cancel_scope.cancel()
+
+
+async def test_failed_callback_is_retried_while_the_lease_is_renewed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = await open_store("memory://")
+    calls: list[int] = []
+
+    async def on_new(lease: int) -> None:
+        calls.append(lease)
+        if 1 < len(calls) < 200:  # the replacement's callback fails for several TTLs
+            raise StoreUnavailable("fake: put failed")
+
+    async with trio.open_nursery() as n:
+        first = await n.start(partial(hold_lease, store, 9.0, on_new_lease=on_new))
+        await store.revoke_lease(first)
+        await trio.sleep(200)
+        assert len(calls) == 200
+        second = calls[1]
+        assert second != first
+        assert set(calls[1:]) == {second}
+        await store.keep_alive(second)
+        n.cancel_scope.cancel()
+
+
+async def test_callback_error_on_the_first_lease_fails_the_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = await open_store("memory://")
+
+    async def on_new(lease: int) -> None:
+        raise StoreUnavailable("fake: cannot save")
+
+    with pytest.RaisesGroup(StoreUnavailable):
+        async with trio.open_nursery() as n:
+            await n.start(partial(hold_lease, store, 9.0, on_new_lease=on_new))
+
+
+async def test_revoke_false_leaves_the_lease_for_the_next_run(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = await open_store("memory://")
+    async with trio.open_nursery() as n:
+        lease = await n.start(partial(hold_lease, store, 9.0, revoke=False))
+        await store.put("/node", b"", lease=lease)
+        n.cancel_scope.cancel()
+    assert await store.get("/node") is not None
+    async with trio.open_nursery() as n:
+        again = await n.start(partial(hold_lease, store, 9.0, reuse=lease, revoke=False))
+        assert again == lease
+        n.cancel_scope.cancel()
+
+
+class FlakyGrantStore(FlakyStore):
+    """Keep-alives and grants both fail while `down` (a fake for the replacement loop)."""
+
+    async def grant_lease(self, ttl: float) -> int:
+        if self.down:
+            raise StoreUnavailable("fake: down")
+        return await super().grant_lease(ttl)

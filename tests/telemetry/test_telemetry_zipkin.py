@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 
+import pytest
 import trio
+import trio.testing
 
 from nodeagent.admin.server import Request, Response, Route, TcpHttpServer
 from nodeagent.telemetry.tracing import Endpoint, Tracer, ZipkinExporter
@@ -110,3 +113,74 @@ def test_unsampled_spans_are_not_exported() -> None:
     exporter = ZipkinExporter("http://127.0.0.1:9/api/v2/spans")
     Tracer("n", sample_rate=0.0, exporter=exporter).start([], kind="CLIENT", name="x").finish()
     assert exporter.statistics()["queued"] == 0
+
+
+async def _raw_collector(
+    nursery: trio.Nursery, answer: bytes | None, seen: list[bytes]
+) -> tuple[str, list[trio.SocketListener]]:
+    """A TCP server that records what it received and answers `answer` (None: never answers)."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            seen.append(await stream.receive_some(65536))
+            if answer is None:
+                await trio.sleep_forever()
+            await stream.send_all(answer)
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    return f"http://127.0.0.1:{port}/api/v2/spans", listeners
+
+
+async def test_request_is_a_json_post_with_host_and_close() -> None:
+    seen: list[bytes] = []
+    ok = b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n"
+    async with trio.open_nursery() as nursery:
+        url, _ = await _raw_collector(nursery, ok, seen)
+        exporter = ZipkinExporter(url)
+        Tracer("n", exporter=exporter).start([], kind="CLIENT", name="x").finish()
+        await exporter.flush()
+        nursery.cancel_scope.cancel()
+    assert exporter.exported == 1
+    head, _, body = seen[0].partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0] == b"post /api/v2/spans http/1.1"
+    port = url.split(":")[2].split("/")[0]
+    assert f"host: 127.0.0.1:{port}".encode() in lines
+    assert b"content-type: application/json" in lines
+    assert b"connection: close" in lines
+    assert [s["name"] for s in json.loads(body)] == ["x"]
+
+
+async def test_not_http_and_error_bodies_are_counted_with_context(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    seen: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        garbage_url, _ = await _raw_collector(nursery, b"SSH-2.0-OpenSSH\r\n\r\n", seen)
+        error = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\n\r\nbad span id"
+        error_url, _ = await _raw_collector(nursery, error, seen)
+        for url in (garbage_url, error_url):
+            exporter = ZipkinExporter(url)
+            Tracer("n", exporter=exporter).start([], kind="CLIENT", name="x").finish()
+            await exporter.flush()
+            assert exporter.statistics()["failed_batches"] == 1
+            assert exporter.exported == 0
+        nursery.cancel_scope.cancel()
+    out = capsys.readouterr().out + capsys.readouterr().err
+    assert "ProtocolError" in out
+    assert "HTTP 400: bad span id" in out
+
+
+async def test_silent_collector_times_out_and_is_counted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    seen: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        url, _ = await _raw_collector(nursery, None, seen)
+        exporter = ZipkinExporter(url, timeout=5)
+        Tracer("n", exporter=exporter).start([], kind="CLIENT", name="x").finish()
+        await exporter.flush()
+        nursery.cancel_scope.cancel()
+    assert exporter.statistics()["failed_batches"] == 1
+    assert exporter.failed_spans == 1

@@ -101,6 +101,17 @@ class LocalIdentityProvider:
         self._client: dict[str, ssl.SSLContext] = {}
         self.serials: dict[str, int] = {}
         self._ready: dict[str, trio.Event] = {}
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Like IdentityManager.wait_changed: returns at the next `revoke` (the CRL changed)."""
+        await self._changed.wait()
+
+    def revoke(self, identity: str) -> None:
+        """Put `identity`'s certificate on the revocation list and tell `wait_changed` waiters."""
+        self.revoked.add(self.serials[identity])
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
 
     def close(self) -> None:
         self._dir.cleanup()
