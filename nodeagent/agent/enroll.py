@@ -54,8 +54,30 @@ class EnrolledPod:
     record: PodRecord
     netns: Netns
     proxy: PodProxy
+    dns: DnsProxy | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     state: str = "enrolled"
+
+    def listeners(self) -> list[dict[str, Any]]:
+        """What the agent serves inside this pod's netns, as bound."""
+        rows = []
+        for role, listener in (
+            ("outbound", self.proxy.listeners.outbound),
+            ("inbound-plaintext", self.proxy.listeners.inbound),
+            ("tunnel", self.proxy.listeners.tunnel),
+        ):
+            try:
+                host, port = listener.socket.getsockname()[:2]
+            except OSError:  # closed while the pod is being removed
+                continue
+            rows.append({"role": role, "protocol": "tcp", "address": f"{host}:{port}"})
+        if self.dns is not None:
+            for proto, addr in (("udp", self.dns.udp_address), ("tcp", self.dns.tcp_address)):
+                if addr is not None:
+                    rows.append(
+                        {"role": "dns", "protocol": proto, "address": f"{addr[0]}:{addr[1]}"}
+                    )
+        return rows
 
     def dump(self) -> dict[str, Any]:
         r = self.record
@@ -69,6 +91,7 @@ class EnrolledPod:
             "service_account": r.service_account,
             "labels": r.labels,
             "state": self.state,
+            "listeners": self.listeners(),
             "connections": self.proxy.statistics(),
         }
 
@@ -294,7 +317,6 @@ class Enroller:
                 outbound_policy=self.outbound_policy,
                 telemetry=self.telemetry,
             )
-            pod = EnrolledPod(record, netns, proxy)
             dns = (
                 DnsProxy(
                     netns,
@@ -306,8 +328,9 @@ class Enroller:
                 if self.dns and spec.dns_capture
                 else None
             )
+            pod = EnrolledPod(record, netns, proxy, dns)
             try:
-                await self._nursery.start(self._serve_pod, pod, dns)
+                await self._nursery.start(self._serve_pod, pod)
             except BaseExceptionGroup as group:  # the pod's nursery wraps a failed bind
                 bind_errors, others = group.split(DnsError)
                 if bind_errors is None or others is not None:
@@ -373,14 +396,12 @@ class Enroller:
         self.identities.release(identity)
         log.info("identity.released", identity=identity)
 
-    async def _serve_pod(
-        self, pod: EnrolledPod, dns: DnsProxy | None, *, task_status: trio.TaskStatus[None]
-    ) -> None:
+    async def _serve_pod(self, pod: EnrolledPod, *, task_status: trio.TaskStatus[None]) -> None:
         with pod.scope:
             async with trio.open_nursery() as nursery:
                 await nursery.start(pod.proxy.run)
-                if dns is not None:
-                    await nursery.start(dns.run)
+                if pod.dns is not None:
+                    await nursery.start(pod.dns.run)
                 task_status.started()
 
     async def _stop_pod(self, pod: EnrolledPod) -> None:

@@ -305,3 +305,8 @@ def test_pods_resolve_mesh_names_through_the_dns_proxy(
     eventually(lambda: dig("web-pods.shop.svc.cluster.local") == server.ip, "headless A")
     url = "http://web.shop.svc.cluster.local/"
     eventually(served(sandbox, client, url, f"peer={client.ip}"), "curl by name")
+    # the admin socket lists what the agent serves in the pod
+    (row,) = [p for p in admin(sandbox, "n1", "/pods") if p["name"] == "sleep"]
+    served_here = {(x["role"], x["protocol"], x["address"]) for x in row["listeners"]}
+    assert ("dns", "udp", "127.0.0.1:15053") in served_here
+    assert ("tunnel", "tcp", "0.0.0.0:15008") in served_here
