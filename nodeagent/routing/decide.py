@@ -5,6 +5,8 @@ order, first match wins. A rule's `match` list is OR, the conditions inside one 
 rule without `match` matches everything. A host without any VirtualService gets the default route
 to its own service (the mesh path) — or "no route" when there is no such service either.
 Regexes are RE2-compatible by validation (`nodeagent.config.regex`) and match the whole string.
+What a matched rule's decision derives from the snapshot alone (destinations, header operations,
+retries, timeout) is cached per snapshot (`StaticsCache`); matching and random draws are not.
 """
 
 from __future__ import annotations
@@ -333,6 +335,84 @@ def _route_name(vs: VirtualService, rule: Mapping[str, Any], index: int) -> str:
     return f"{vs.ref}.{rule.get('name') or index}"
 
 
+class RuleStatics:
+    """The parts of a route rule's Decision that depend only on the snapshot, the rule, the
+    VirtualService's namespace, the source's namespace (DestinationRule lookup) and the request
+    port (mesh routes): everything `build_decision` derives without the request's path,
+    authority, headers or `rand`."""
+
+    __slots__ = ("destinations", "request_headers", "response_headers", "retries", "timeout")
+
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        rule: Mapping[str, Any],
+        namespace: str,
+        source: Source,
+        request_port: int | None,
+    ) -> None:
+        self.request_headers = _header_ops((rule.get("headers") or {}).get("request"))
+        self.response_headers = _header_ops((rule.get("headers") or {}).get("response"))
+        self.destinations = tuple(
+            resolve_destination(
+                snapshot,
+                r["destination"],
+                namespace=namespace,
+                source=source,
+                request_port=request_port,
+                weight=int(r.get("weight") or (100 if len(rule["route"]) == 1 else 0)),
+                headers=r.get("headers"),
+            )
+            for r in rule.get("route") or ()
+        )
+        self.timeout = _seconds(rule.get("timeout"))
+        self.retries = _retries(rule.get("retries"))
+
+
+class StaticsCache:
+    """`RuleStatics` per (rule, VirtualService namespace, source namespace, request port) of
+    the snapshot routed last: a request matching a rule it matched before skips resolving its
+    destinations (service, port, DestinationRule subset) and parsing its headers, retries and
+    timeout. A different snapshot object empties the cache (snapshots are immutable, a new
+    revision is a new object). The rule object is kept next to its id in the entry and compared
+    by identity, so an id reused by another dict can never hit. Bounded: cleared when full."""
+
+    MAX_ENTRIES = 4096
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self._snapshot: Snapshot | None = None
+        self._entries: dict[
+            tuple[int, str, str, int | None], tuple[Mapping[str, Any], RuleStatics]
+        ] = {}
+
+    def get(
+        self,
+        snapshot: Snapshot,
+        rule: Mapping[str, Any],
+        namespace: str,
+        source: Source,
+        request_port: int | None,
+    ) -> RuleStatics:
+        if not self.enabled:
+            return RuleStatics(snapshot, rule, namespace, source, request_port)
+        if snapshot is not self._snapshot:
+            self._snapshot = snapshot
+            self._entries = {}
+        key = (id(rule), namespace, source.namespace, request_port)
+        found = self._entries.get(key)
+        if found is not None and found[0] is rule:
+            return found[1]
+        if len(self._entries) >= self.MAX_ENTRIES:
+            self._entries = {}
+        statics = RuleStatics(snapshot, rule, namespace, source, request_port)
+        self._entries[key] = (rule, statics)
+        return statics
+
+
+_STATICS = StaticsCache()
+
+
 def build_decision(
     snapshot: Snapshot,
     source: Source,
@@ -345,34 +425,25 @@ def build_decision(
 ) -> Decision:
     """The Decision for a rule that matched."""
     name = _route_name(vs, rule, index)
-    request_headers = _header_ops((rule.get("headers") or {}).get("request"))
-    response_headers = _header_ops((rule.get("headers") or {}).get("response"))
     if (redirect := rule.get("redirect")) is not None:
         return Decision(
             kind="redirect",
             route_name=name,
             redirect=_redirect(request, redirect),
-            response_headers=response_headers,
+            response_headers=_header_ops((rule.get("headers") or {}).get("response")),
         )
     if (direct := rule.get("directResponse")) is not None:
         return Decision(
             kind="direct",
             route_name=name,
             direct=_direct(direct),
-            response_headers=response_headers,
+            response_headers=_header_ops((rule.get("headers") or {}).get("response")),
         )
-    destinations = tuple(
-        resolve_destination(
-            snapshot,
-            r["destination"],
-            namespace=vs.namespace,
-            source=source,
-            request_port=request.port if source.gateway == hosts.MESH_GATEWAY else None,
-            weight=int(r.get("weight") or (100 if len(rule["route"]) == 1 else 0)),
-            headers=r.get("headers"),
-        )
-        for r in rule.get("route") or ()
-    )
+    request_port = request.port if source.gateway == hosts.MESH_GATEWAY else None
+    statics = _STATICS.get(snapshot, rule, vs.namespace, source, request_port)
+    destinations = statics.destinations
+    request_headers = statics.request_headers
+    response_headers = statics.response_headers
     chosen = _pick(destinations, rand)
     fault = _fault(rule.get("fault"), rand)
     mirror = None
@@ -401,8 +472,8 @@ def build_decision(
         authority=authority,
         request_headers=request_headers,
         response_headers=response_headers,
-        timeout=_seconds(rule.get("timeout")),
-        retries=_retries(rule.get("retries")),
+        timeout=statics.timeout,
+        retries=statics.retries,
         fault=fault,
         mirror=mirror,
     )

@@ -13,8 +13,8 @@ drops, never blocking a request.
 from __future__ import annotations
 
 import json
+import random
 import re
-import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -73,11 +73,13 @@ class TraceContext:
 
 
 def new_trace_id() -> str:
-    return secrets.token_hex(16)
+    # Identifiers, not secrets: `random` is ~10x cheaper than `secrets` (no os.urandom syscall).
+    # An all-zero id is invalid (W3C, B3); `or 1` rules it out.
+    return f"{random.getrandbits(128) or 1:032x}"
 
 
 def new_span_id() -> str:
-    return secrets.token_hex(8)
+    return f"{random.getrandbits(64) or 1:016x}"
 
 
 def _get(headers: HeaderSeq, name: bytes) -> str | None:

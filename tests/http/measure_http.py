@@ -1,7 +1,9 @@
 """Loopback measurement of `HttpProxy` alone (not a test: `python tests/http/measure_http.py`).
 
 wrk -t1 -c16 → `HttpProxy` (its own process, one trio thread, plain TCP both sides, the default
-route to one endpoint) → `nodeagent.bench.server`. Prints requests/s and the proxy process's CPU
+route to one endpoint; `--route`: a `uri: prefix` VirtualService as `scripts/bench mesh` has;
+`--telemetry`: metrics, tracer and access log (to /dev/null) as in the agent) →
+`nodeagent.bench.server`. Prints requests/s and the proxy process's CPU
 per 1000 requests (from /proc). How docs/l7.md "Performance" compares two versions of the proxy:
 run it once per version (PYTHONPATH=<checkout>), back to back on a quiet machine.
 """
@@ -15,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -32,18 +35,34 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def proxy_main(listen: int, upstream: int) -> None:
-    """The proxy process: default route for `app` to 10.0.0.1, connected to 127.0.0.1:upstream."""
+def proxy_main(listen: int, upstream: int, *, route: bool, telemetry: bool) -> None:
+    """The proxy process: `app` routed to 10.0.0.1, connected to 127.0.0.1:upstream."""
     import trio
-    from http_helpers import app_snapshot
+    from http_helpers import app_snapshot, vs
 
-    from nodeagent.http import HttpProxy
+    from nodeagent.http import HttpProxy, RequestLog
     from nodeagent.log import configure
     from nodeagent.routing import Source
     from nodeagent.snapshot.model import Endpoint
+    from nodeagent.telemetry.accesslog import AccessLog
+    from nodeagent.telemetry.dataplane import record_request
+    from nodeagent.telemetry.metrics import IstioMetrics, Registry
+    from nodeagent.telemetry.tracing import Tracer
 
     configure("info")
-    snapshot = app_snapshot()
+    rules = [{"match": [{"uri": {"prefix": "/"}}], "route": [{"destination": {"host": "app"}}]}]
+    snapshot = app_snapshot(vs("app", rules)) if route else app_snapshot()
+
+    class Sinks:
+        def __init__(self) -> None:
+            self.metrics = IstioMetrics(Registry())
+            self.access_log = AccessLog(sink=open(os.devnull, "w"))  # noqa: SIM115
+            self.tracer = Tracer("bench", sample_rate=0.01)
+
+    sinks = Sinks()
+
+    def on_request(entry: RequestLog) -> None:
+        record_request(sinks, snapshot, entry, source=None, namespace="default")
 
     async def connect(endpoint: Endpoint, port: int) -> trio.abc.Stream:
         return await trio.open_tcp_stream("127.0.0.1", upstream)
@@ -55,17 +74,22 @@ def proxy_main(listen: int, upstream: int) -> None:
             connector=connect,
             picker=lambda dest, endpoints: endpoints[0],
             access_logged=True,  # as in the agent: the access log writes the request's line
+            on_request=on_request if telemetry else None,
+            tracer=sinks.tracer if telemetry else None,
         )
 
         async def handler(stream: trio.SocketStream) -> None:
             await proxy.serve(stream, port=80, host="app.default.svc.cluster.local")
 
-        await trio.serve_tcp(handler, listen, host="127.0.0.1")
+        async with trio.open_nursery() as nursery:
+            if telemetry:
+                await nursery.start(sinks.access_log.run)
+            await nursery.start(partial(trio.serve_tcp, handler, listen, host="127.0.0.1"))
 
     trio.run(main)
 
 
-def measure(duration: float) -> None:
+def measure(duration: float, extra: list[str]) -> None:
     server_port, listen = _free_port(), _free_port()
     ports = [str(_free_port()) for _ in range(2)]
     server = subprocess.Popen(
@@ -77,7 +101,7 @@ def measure(duration: float) -> None:
         stderr=subprocess.DEVNULL,
     )
     proxy = subprocess.Popen(
-        [sys.executable, __file__, "--proxy", str(listen), str(server_port)],
+        [sys.executable, __file__, "--proxy", str(listen), str(server_port), *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([*sys.path, str(HERE)])},
@@ -120,8 +144,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--proxy", nargs=2, type=int, metavar=("LISTEN", "UPSTREAM"))
+    parser.add_argument("--route", action="store_true", help="a uri-prefix VirtualService")
+    parser.add_argument("--telemetry", action="store_true", help="metrics, tracer, access log")
     args = parser.parse_args()
     if args.proxy:
-        proxy_main(*args.proxy)
+        proxy_main(*args.proxy, route=args.route, telemetry=args.telemetry)
     else:
-        measure(args.duration)
+        flags = ["--route"] * args.route + ["--telemetry"] * args.telemetry
+        measure(args.duration, flags)

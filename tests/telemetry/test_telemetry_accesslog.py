@@ -135,3 +135,46 @@ async def test_a_stuck_sink_never_blocks_logging_and_drops_are_counted() -> None
         nursery.cancel_scope.cancel()
     paths = [json.loads(x)["path"] for x in "".join(sink.text).splitlines()]
     assert paths == ["/0", "/1", "/2", "/3", "/4"]
+
+
+def test_json_line_is_what_structlogs_renderer_writes() -> None:
+    # The fast path builds the JSON itself; it must stay byte-identical to structlog's
+    # JSONRenderer (field order included), which the console format still uses.
+    import structlog
+
+    log = AccessLog(sink=io.StringIO())
+    record = _request(path='/a"\\é', authority="-")
+    line = log.render(record)
+    event = json.loads(line)
+    expected = structlog.processors.JSONRenderer(sort_keys=False)(None, "info", dict(event))
+    assert line == expected + "\n"
+    assert list(event)[:3] == ["kind", "namespace", "start_time"]
+    assert list(event)[-3:] == ["event", "component", "timestamp"]
+
+
+class _CountingSink(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str, /) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_lines_logged_while_a_batch_fills_go_out_in_one_write() -> None:
+    sink = _CountingSink()
+    log = AccessLog(sink=sink)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        log.log(_request(path="/0"))
+        await trio.testing.wait_all_tasks_blocked()  # the writer has taken /0 and waits
+        for i in range(1, 50):
+            log.log(_request(path=f"/{i}"))
+        with trio.fail_after(5):
+            while log.written < 50:
+                await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    paths = [json.loads(x)["path"] for x in sink.getvalue().splitlines()]
+    assert paths == [f"/{i}" for i in range(50)]
+    assert sink.writes == 1  # one thread hand-off for the whole batch, not one per line

@@ -158,3 +158,19 @@ def test_sampling_rate_decides_by_trace_id_so_agents_agree() -> None:
     unsampled = Tracer("x", sample_rate=0.0).start([], kind="SERVER", name="n")
     assert not unsampled.sampled
     assert tracing.extract(unsampled.downstream_headers([])) is not None
+
+
+def test_new_ids_are_lower_hex_of_the_right_width_distinct_and_never_all_zero(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    traces = {tracing.new_trace_id() for _ in range(1000)}
+    spans = {tracing.new_span_id() for _ in range(1000)}
+    assert len(traces) == 1000
+    assert len(spans) == 1000
+    hexdigits = set("0123456789abcdef")
+    assert all(len(t) == 32 and set(t) <= hexdigits for t in traces)
+    assert all(len(s) == 16 and set(s) <= hexdigits for s in spans)
+    # An all-zero id is invalid in W3C trace context and B3: even a zero draw must not give one.
+    monkeypatch.setattr(tracing.random, "getrandbits", lambda bits: 0)
+    assert tracing.new_trace_id() == "0" * 31 + "1"
+    assert tracing.new_span_id() == "0" * 15 + "1"
