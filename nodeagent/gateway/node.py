@@ -105,6 +105,7 @@ class NodeGateway:
             bind_host=bind_host,
             on_request=self._record if telemetry is not None else on_request,
             tracer=telemetry.tracer if telemetry is not None else None,
+            access_logged=telemetry is not None,  # its access-log line replaces the proxy's own
         )
 
     def _record(self, entry: RequestLog) -> None:

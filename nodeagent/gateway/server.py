@@ -102,6 +102,7 @@ class IngressGateway:
         on_request: Callable[[RequestLog], None] | None = None,
         limits: Limits | None = None,
         tracer: Tracer | None = None,
+        access_logged: bool = False,
     ) -> None:
         self._snapshot = snapshot
         self._wait_change = wait_change
@@ -119,6 +120,7 @@ class IngressGateway:
             limits=limits,
             name="gateway",
             tracer=tracer,
+            access_logged=access_logged,
         )
 
     def listening(self) -> dict[int, int]:
