@@ -167,7 +167,8 @@ async def test_not_http_and_error_bodies_are_counted_with_context(
             assert exporter.statistics()["failed_batches"] == 1
             assert exporter.exported == 0
         nursery.cancel_scope.cancel()
-    out = capsys.readouterr().out + capsys.readouterr().err
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
     assert "ProtocolError" in out
     assert "HTTP 400: bad span id" in out
 
