@@ -70,6 +70,13 @@ def _run(argv: list[str]) -> int:
     p.add_argument(
         "--gateway-bind", default="0.0.0.0", metavar="IP", help="address the gateway binds"
     )
+    p.add_argument(
+        "--no-probe-snat",
+        dest="probe_snat",
+        action="store_false",
+        help="do not SNAT the node's connections to enrolled pods to 169.254.7.127 "
+        "(kubelet probes then hit the pods' inbound capture)",
+    )
     args = p.parse_args(argv)
     log.configure(args.log_level, args.log_format)
     cfg = AgentConfig(
@@ -87,6 +94,7 @@ def _run(argv: list[str]) -> int:
         dns_upstreams=tuple(args.dns_upstream),
         gateway=args.gateway,
         gateway_bind=args.gateway_bind,
+        probe_snat=args.probe_snat,
     )
     try:
         trio.run(run_until_signalled, cfg)

@@ -1,7 +1,8 @@
 """`nodeagent run`: start every component under one nursery and report ready when all are up.
 
 Start order matters: the store and the lease first (registrations need them), then the snapshot,
-then re-adoption of pods enrolled before a restart, and only then the CNI endpoint (so no new pod is
+then re-adoption of pods enrolled before a restart, the node's probe SNAT rules (kubelet probes
+pass STRICT; kept across restarts), and only then the CNI endpoint (so no new pod is
 enrolled half-way through re-adoption) and the admin socket, which answers ready last.
 """
 
@@ -25,6 +26,8 @@ from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
 from nodeagent.gateway.node import NodeGateway
 from nodeagent.identity.manager import IdentityManager
+from nodeagent.inpod.errors import RedirectionError
+from nodeagent.inpod.node_rules import aapply_probe_rules, is_probe_target
 from nodeagent.log import get_logger
 from nodeagent.proxy.outbound import BalancedPicker, OutboundPolicy
 from nodeagent.snapshot import Snapshot, SnapshotSync
@@ -58,6 +61,8 @@ class AgentConfig:
     # Serve the ingress gateway on this node (Gateways selecting `istio: ingressgateway`).
     gateway: bool = False
     gateway_bind: str = "0.0.0.0"
+    # SNAT the node's own TCP to enrolled pods to 169.254.7.127 (kubelet probes pass STRICT).
+    probe_snat: bool = True
 
     @property
     def cni_socket(self) -> Path:
@@ -177,6 +182,10 @@ class Agent:
                 enroller = self.enroller
                 self.snapshot.add_listener(lambda _: enroller.policy_changed())
                 await self.enroller.adopt_all()
+                if cfg.probe_snat:
+                    # Installed before the CNI socket opens and never removed on exit: probes
+                    # keep working while the agent restarts; `nodeagent uninstall` removes it.
+                    await nursery.start(self._maintain_probe_snat, self.snapshot)
                 if cfg.gateway:
                     self.gateway = NodeGateway(
                         node=cfg.node,
@@ -214,6 +223,46 @@ class Agent:
             self.balance.maintain()
             if self.snapshot is not None:
                 self.balance.prune(self.snapshot.current)
+
+    async def _maintain_probe_snat(
+        self,
+        sync: SnapshotSync,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Keep the node's probe SNAT rules (nodeagent.inpod.node_rules) on the addresses of
+        this node's registered workloads: applied once before `started` (a failure there stops
+        the agent), then again whenever that set changes (a failure is logged and retried with
+        the next change, the previous rules stay)."""
+        node = self.config.node
+
+        def wanted(snap: Snapshot) -> frozenset[str]:
+            # An IPv6, malformed or loopback address in the store must not
+            # stop the agent, it just gets no probe SNAT.
+            return frozenset(
+                a for w in snap.workloads_on_node(node) for a in w.addresses if is_probe_target(a)
+            )
+
+        installed = wanted(sync.current)
+        await aapply_probe_rules(installed)
+        log.info("probe_snat.applied", pods=len(installed))
+        changed = trio.Event()
+        # The lambda reads the variable, so it sets whichever Event the loop waits on now.
+        sync.add_listener(lambda _: changed.set())
+        task_status.started()
+        while True:
+            await changed.wait()
+            changed = trio.Event()
+            target = wanted(sync.current)
+            if target == installed:
+                continue
+            try:
+                await aapply_probe_rules(target)
+            except RedirectionError as exc:
+                log.error("probe_snat.failed", error=str(exc), pods=len(target))
+                continue
+            installed = target
+            log.info("probe_snat.applied", pods=len(installed))
 
     async def _on_new_lease(self, state: AgentState, lease: int) -> None:
         """hold_lease granted `lease`: remember it for the next run and, when the store forgot the

@@ -1,7 +1,9 @@
 """`nodeagent uninstall`: remove every rule the agent ever installed on this node.
 
 Reads the enrollment records the agent persisted, removes each pod's redirection (a pod whose
-netns is gone took its rules with it), unregisters the workloads and deletes the records.
+netns is gone took its rules with it), removes the node's probe SNAT chain (nodeagent.inpod.
+node_rules, in the netns uninstall runs in: the node's, like the agent), unregisters the
+workloads and deletes the records.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from pathlib import Path
 
 from nodeagent.agent.state import AgentState
 from nodeagent.inpod import InpodError, Netns, aremove_redirection
+from nodeagent.inpod.node_rules import aremove_probe_rules
 from nodeagent.log import get_logger
 from nodeagent.store import keys, open_store
 from nodeagent.store.base import StoreError
@@ -38,6 +41,12 @@ async def uninstall(*, node: str, store_url: str, state_file: Path) -> int:
             finally:
                 netns.close()
         state.pods.pop(record.uid)
+    try:
+        removed = await aremove_probe_rules()
+        log.info("uninstall.probe_snat_removed" if removed else "uninstall.probe_snat_absent")
+    except InpodError as exc:
+        failures += 1
+        log.error("uninstall.probe_snat_failed", error=str(exc))
     try:
         store = await open_store(store_url)
         try:
