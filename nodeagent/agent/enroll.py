@@ -35,8 +35,8 @@ from nodeagent.inpod import (
     bind_listeners,
 )
 from nodeagent.log import get_logger
-from nodeagent.proxy.forward import PodProxy
 from nodeagent.proxy.outbound import BalancedPicker, EndpointPicker, OutboundPolicy
+from nodeagent.proxy.pod import PodProxy
 from nodeagent.snapshot import Snapshot, Workload
 from nodeagent.store import codec, keys
 from nodeagent.store.base import Store, StoreError

@@ -21,7 +21,7 @@ from nodeagent.http import RequestLog
 from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import Netns
 from nodeagent.log import get_logger
-from nodeagent.proxy.forward import MeshConnector
+from nodeagent.proxy.connector import MeshConnector
 from nodeagent.proxy.outbound import BalancedPicker, EndpointPicker, route_picker
 from nodeagent.snapshot import SnapshotSync
 from nodeagent.store import codec, keys

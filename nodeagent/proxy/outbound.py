@@ -9,8 +9,8 @@ connection instead), and `route_picker` adapts an `EndpointPicker` to the L7 pro
 `BalancedPicker` is the node's picker on top of one `balance.Registry`: `decide` then returns
 the picked endpoint's live handle (`ToWorkload.handle`) for the L4 proxy to bracket the
 connection with, and the L7 proxy uses the registry itself (feedback, circuit breakers).
-Moving bytes is elsewhere (`forward.py`); this file sends nothing and is tested against hand-made
-snapshots.
+Moving bytes is elsewhere (`outbound_path.py`, `inbound_path.py`); this file sends nothing and
+is tested against hand-made snapshots.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Data-plane recording: turns the proxies' connections and requests into telemetry.
 
-The proxies (`nodeagent/proxy/forward.py`, the ingress gateway) call in here at the points where a
+The proxies (`nodeagent/proxy/` pod paths, the ingress gateway) call in here at the points where a
 connection or a request starts and completes; this module derives Istio's labels from the
 snapshot (who is the peer workload, which service was addressed), then updates the metrics, queues
 one access-log line and finishes the span. Everything here is synchronous and never blocks: the

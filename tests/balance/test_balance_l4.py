@@ -1,6 +1,6 @@
 """The node's BalancedPicker on the L4 path: `outbound.decide` returns the picked endpoint's
 handle (policy from the DestinationRule, subsets of tcp routes), every endpoint ejected without
-panic refuses with UH, and the L4 connection feedback (`forward._L4Feedback`): maxConnections
+panic refuses with UH, and the L4 connection feedback (`outbound_path.L4Feedback`): maxConnections
 refuses with UO, connect failures eject, a policy denial counts nothing. Fake clock, no sockets."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import pytest
 from helpers_balance import FakeClock
 
 from nodeagent.balance import Registry
-from nodeagent.proxy.forward import _Denied, _L4Feedback
+from nodeagent.proxy.connection import Denied
 from nodeagent.proxy.outbound import BalancedPicker, Refuse, ToWorkload, decide, route_picker
+from nodeagent.proxy.outbound_path import L4Feedback
 from nodeagent.snapshot import Snapshot, SnapshotBuilder
 from nodeagent.store import codec, keys
 from nodeagent.store.base import KeyValue
@@ -89,7 +90,7 @@ def test_round_robin_policy_applies_to_l4_connections_and_handles_track_in_fligh
     addresses = [d.address for d in chosen]
     assert sorted(set(addresses)) == ["10.0.1.1", "10.0.1.2", "10.0.1.3"]
     assert all(addresses.count(a) == 3 for a in set(addresses))
-    feedback = _L4Feedback(chosen[0].handle)
+    feedback = L4Feedback(chosen[0].handle)
     assert chosen[0].handle is not None
     assert chosen[0].handle.in_flight == 1
     feedback.connected()
@@ -106,13 +107,13 @@ def test_consistent_hash_on_source_ip_is_sticky_for_connections() -> None:
 def test_max_connections_refuses_with_uo_and_frees_on_close() -> None:
     snap = _snapshot({"connectionPool": {"tcp": {"maxConnections": 2}}})
     picker = BalancedPicker(Registry(now=FakeClock(), on_event=None))
-    open_ = [_L4Feedback(_pick(snap, picker).handle) for _ in range(2)]
-    with pytest.raises(_Denied) as refused:
-        _L4Feedback(_pick(snap, picker).handle)
+    open_ = [L4Feedback(_pick(snap, picker).handle) for _ in range(2)]
+    with pytest.raises(Denied) as refused:
+        L4Feedback(_pick(snap, picker).handle)
     assert refused.value.flag == "UO"
     open_[0].connected()
     open_[0].end()
-    _L4Feedback(_pick(snap, picker).handle)  # a slot was freed
+    L4Feedback(_pick(snap, picker).handle)  # a slot was freed
 
 
 def test_connect_failures_eject_and_policy_denials_do_not() -> None:
@@ -126,7 +127,7 @@ def test_connect_failures_eject_and_policy_denials_do_not() -> None:
     picker = BalancedPicker(Registry(now=clock, on_event=None))
     for _ in range(12):
         d = _pick(snap, picker)
-        f = _L4Feedback(d.handle)
+        f = L4Feedback(d.handle)
         if d.address == "10.0.1.1":
             f.failed(TunnelError("connect_failed", "connect 10.0.1.1:15008: refused"))
         elif d.address == "10.0.1.2":
@@ -157,7 +158,7 @@ def test_all_ejected_without_panic_refuses_with_uh() -> None:
         if isinstance(d, Refuse):
             break
         assert isinstance(d, ToWorkload)
-        f = _L4Feedback(d.handle)
+        f = L4Feedback(d.handle)
         f.failed(OSError(111, "refused"))
         f.end()
     assert isinstance(d, Refuse)

@@ -28,7 +28,8 @@ from tunnel_net import (
 )
 
 from nodeagent.inpod import Netns
-from nodeagent.proxy.forward import POLICY_POLL, denied_by_policy
+from nodeagent.proxy.connector import denied_by_policy
+from nodeagent.proxy.inbound_path import POLICY_POLL
 from nodeagent.tunnel import SourceInfo, TunnelError, TunnelRequest, open_tunnel
 
 pytestmark = pytest.mark.root

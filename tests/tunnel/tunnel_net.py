@@ -28,7 +28,7 @@ from nodeagent.inpod import (
     aapply_redirection,
     bind_listeners,
 )
-from nodeagent.proxy.forward import PodProxy
+from nodeagent.proxy.pod import PodProxy
 from nodeagent.snapshot import Snapshot, SnapshotBuilder, Workload
 from nodeagent.store import codec, keys
 from nodeagent.store.base import KeyValue

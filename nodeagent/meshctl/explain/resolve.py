@@ -1,0 +1,380 @@
+"""`explain(snapshot, ...)`: the pure walk through the agent's own decisions, in the order the data
+path takes them (DNS name → service port → HTTP or TCP route → destinations → endpoints), for a
+pod or for the ingress gateway; returns the JSON-able report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from nodeagent.dns.message import name_from_text
+from nodeagent.dns.resolve import find_service
+from nodeagent.gateway.server import host_matches, servers_by_port
+from nodeagent.meshctl.explain.describe import (
+    destination_doc,
+    endpoint_doc,
+    fault_doc,
+    jsonable,
+    matched_rule,
+    port_doc,
+    retries_doc,
+    service_doc,
+)
+from nodeagent.meshctl.explain.inputs import (
+    Caller,
+    ExplainError,
+    Target,
+    find_caller,
+    parse_headers,
+    parse_target,
+)
+from nodeagent.proxy import outbound
+from nodeagent.routing import Request, Source, TcpRequest, decide, decide_tcp
+from nodeagent.routing.model import Decision
+from nodeagent.snapshot import Endpoint, ServiceTarget, Snapshot, Workload, hosts
+
+
+def _http(
+    snap: Snapshot,
+    caller: Caller,
+    source: Source,
+    request: Request,
+    report: dict[str, Any],
+) -> None:
+    routing_host = request.host or request.authority_host
+    if request.host is None and source.gateway == hosts.MESH_GATEWAY:
+        svc = snap.resolve_host(routing_host, source.namespace)
+        routing_host = svc.hostname if svc else routing_host
+    rule_doc, rule, considered = matched_rule(snap, source, request, hosts.normalize(routing_host))
+    # Weights, faults and mirrors are random: the report lists every destination with its
+    # weight and the configured percentages, so one fixed draw is enough for the rest.
+    decision: Decision = decide(snap, source, request, rand=lambda: 0.0)
+    report["virtual_services_considered"] = considered
+    report["route"] = {
+        "kind": decision.kind,
+        "route_name": decision.route_name,
+        "rule": rule_doc,
+        "default": decision.route_name == "default",
+    }
+    if decision.kind == "no_route":
+        report["outcome"] = "no_route"
+        why = (
+            f"no rule of {', '.join(considered)} matches"
+            if considered
+            else f"no VirtualService or service for host {routing_host}"
+        )
+        report["summary"] = f"no route (404 NR): {why}"
+        return
+    route = report["route"]
+    if decision.kind == "redirect" and decision.redirect is not None:
+        route["redirect"] = {
+            "status": decision.redirect.status,
+            "location": decision.redirect.location,
+        }
+        report["outcome"] = "redirect"
+        report["summary"] = f"redirect {decision.redirect.status} to {decision.redirect.location}"
+        return
+    if decision.kind == "direct" and decision.direct is not None:
+        route["direct_response"] = {
+            "status": decision.direct.status,
+            "body": decision.direct.body.decode("utf-8", "replace"),
+        }
+        report["outcome"] = "direct"
+        report["summary"] = f"answered by the proxy: {decision.direct.status}"
+        return
+    rule = rule or {}
+    route.update(
+        rewrite=jsonable(rule.get("rewrite")) if rule.get("rewrite") else None,
+        upstream_path=decision.path,
+        upstream_authority=decision.authority,
+        timeout=decision.timeout,
+        retries=retries_doc(decision.retries, "retries" in rule),
+        fault=fault_doc(rule),
+        mirror=jsonable(rule.get("mirror")) if rule.get("mirror") else None,
+        request_headers=jsonable(rule.get("headers")) if rule.get("headers") else None,
+    )
+    report["destinations"] = [destination_doc(snap, d, caller) for d in decision.destinations]
+    report["outcome"] = "route"
+    report["summary"] = _route_summary(decision.route_name, report["destinations"])
+
+
+def _route_summary(name: str, dests: list[dict[str, Any]]) -> str:
+    parts = []
+    for d in dests:
+        subset = f" subset {d['subset']}" if d["subset"] else ""
+        parts.append(f"{d['weight']}% to {d['host']}:{d['port']}{subset}")
+    return f"routed by {name}: " + ", ".join(parts)
+
+
+def _tcp(
+    snap: Snapshot,
+    caller: Caller,
+    source: Source,
+    target: ServiceTarget,
+    vip: str,
+    report: dict[str, Any],
+) -> None:
+    l4 = outbound.decide(snap, vip, target.port.port, picker=_FirstPicker())
+    if isinstance(l4, outbound.Passthrough):
+        report["outcome"] = "passthrough"
+        report["passthrough"] = {"address": l4.address, "port": l4.port, "reason": l4.reason}
+        report["summary"] = f"passed through to {l4.address}:{l4.port} ({l4.reason})"
+        return
+    if isinstance(l4, outbound.Refuse):
+        report["outcome"] = "refused"
+        report["summary"] = f"refused: {l4.reason}"
+        return
+    decision = decide_tcp(
+        snap,
+        source,
+        TcpRequest(target.service.hostname, target.port.port, vip),
+        rand=lambda: 0.0,
+    )
+    report["tcp_route"] = {"route_name": decision.route_name}
+    report["destinations"] = [destination_doc(snap, d, caller) for d in decision.destinations]
+    report["outcome"] = "route"
+    report["summary"] = _route_summary(decision.route_name, report["destinations"])
+
+
+class _FirstPicker:
+    def pick(self, target: ServiceTarget, endpoints: tuple[Endpoint, ...]) -> Endpoint:
+        return endpoints[0]
+
+
+def _direct_workload(
+    snap: Snapshot, caller: Caller, wl: Workload, ip: str, port: int, report: dict[str, Any]
+) -> None:
+    """A pod IP (headless services end up here): no routing, straight through the tunnel."""
+    ep = Endpoint(ip, port, wl, wl.labels)
+    report["outcome"] = "workload"
+    report["destinations"] = [
+        {
+            "host": ip,
+            "service": None,
+            "service_kind": None,
+            "port": port,
+            "weight": 100,
+            "subset": None,
+            "subset_labels": None,
+            "cluster": f"pod {wl.ref}",
+            "error": None,
+            "endpoints": [endpoint_doc(snap, ep, caller)],
+        }
+    ]
+    report["summary"] = f"direct to pod {wl.ref} ({ip}:{port}), no service routing"
+
+
+def explain(
+    snap: Snapshot,
+    *,
+    source: str,
+    url: str,
+    headers: Sequence[str] = (),
+    method: str = "GET",
+    namespace: str = "default",
+) -> dict[str, Any]:
+    """The report for one request from `source` to `url`. Raises ExplainError on bad input."""
+    target = parse_target(url)
+    header_map = parse_headers(headers)
+    caller = find_caller(snap, source, namespace)
+    method = method.upper()
+    if not method.isalpha():
+        raise ExplainError(f"-X {method!r}: not an HTTP method")
+    authority = header_map.get("host", target.authority)
+    report: dict[str, Any] = {
+        "revision": snap.revision,
+        "source": {
+            "kind": caller.kind,
+            "ref": caller.ref,
+            "namespace": caller.namespace,
+            "labels": dict(caller.labels),
+            "ip": caller.ip,
+            "node": caller.node,
+            "identity": caller.identity,
+            "principal": caller.principal,
+            "assumed": caller.assumed,
+        },
+        "request": {
+            "url": url,
+            "scheme": target.scheme,
+            "method": method if target.scheme == "http" else None,
+            "authority": authority,
+            "path": target.path,
+            "query": target.query,
+            "headers": header_map,
+        },
+        "resolved": None,
+        "protocol": None,
+        "outcome": None,
+        "summary": "",
+        "route": None,
+        "tcp_route": None,
+        "destinations": [],
+        "passthrough": None,
+    }
+    if caller.kind == "gateway":
+        _from_gateway(snap, caller, target, method, authority, header_map, report)
+        return report
+    src = Source(namespace=caller.namespace, labels=caller.labels)
+    if target.is_ip:
+        vip = target.host
+        report["resolved"] = {"via": "ip", "address": vip, "port": target.port}
+    else:
+        resolved_vip = _resolve_name(snap, caller, target, report)
+        if resolved_vip is None:
+            return report
+        vip = resolved_vip
+    found = snap.find_address(vip, target.port)
+    if isinstance(found, Workload):
+        report["resolved"]["workload"] = found.ref
+        report["protocol"] = "tcp"
+        _direct_workload(snap, caller, found, vip, target.port, report)
+        return report
+    if found is None:
+        _unknown(snap, vip, target.port, report)
+        return report
+    report["resolved"].update(service=service_doc(found.service), **port_doc(found.port))
+    protocol = found.port.protocol_hint
+    # The proxy's L7 dispatch: an HTTP/1.1 service port, except a ServiceEntry resolved by
+    # NONE/DNS, whose address the app already chose (it stays L4).
+    l7 = protocol == "http" and not (
+        found.service.kind == "ServiceEntry" and found.service.resolution != "STATIC"
+    )
+    if l7 and target.scheme == "http":
+        report["protocol"] = "http"
+        request = Request.from_target(
+            method,
+            authority,
+            target.path + (f"?{target.query}" if target.query else ""),
+            header_map,
+            port=target.port,
+            host=found.service.hostname,
+        )
+        l4 = outbound.decide(snap, vip, target.port, picker=_FirstPicker())
+        if isinstance(l4, outbound.Passthrough):
+            _tcp(snap, caller, src, found, vip, report)
+            return report
+        _http(snap, caller, src, request, report)
+    else:
+        report["protocol"] = "tcp"
+        if l7:
+            report["note"] = "the port is HTTP: the proxy parses HTTP whatever the URL scheme"
+        _tcp(snap, caller, src, found, vip, report)
+    return report
+
+
+def _resolve_name(
+    snap: Snapshot, caller: Caller, target: Target, report: dict[str, Any]
+) -> str | None:
+    """The address the pod's DNS gives for the URL's host (the mesh's DNS proxy answers)."""
+    try:
+        name = name_from_text(target.host)
+    except (ValueError, UnicodeError) as exc:
+        raise ExplainError(f"--to {target.url!r}: bad host name ({exc})") from None
+    match = find_service(snap, caller.namespace, name)
+    if match is None:
+        raise ExplainError(
+            f"--to {target.url!r}: unknown host {target.host} (not a mesh service as seen from "
+            f"namespace {caller.namespace}; the pod's DNS would forward it upstream)"
+        )
+    service = match.service
+    resolved: dict[str, Any] = {"via": "dns", "name": target.host, "dns_host": match.host}
+    report["resolved"] = resolved
+    if service.addresses:
+        resolved["address"] = service.addresses[0]
+        resolved["port"] = target.port
+        return service.addresses[0]
+    # Headless (or no VIP yet): DNS answers the pods' IPs; the client dials one of them.
+    addresses = snap.dns_addresses(service)
+    resolved.update(service=service_doc(service), address=None, port=target.port)
+    if not addresses:
+        report["outcome"] = "no_endpoints"
+        report["summary"] = f"{service.ref} has no VIP and no pods: DNS answers no address"
+        return None
+    report["protocol"] = "tcp"
+    report["outcome"] = "workload"
+    for ip in addresses:
+        wl = snap.workload_by_ip(ip)
+        if wl is None:
+            continue
+        ep = Endpoint(ip, target.port, wl, wl.labels)
+        report["destinations"].append(
+            {
+                "host": ip,
+                "service": service.ref,
+                "service_kind": service.kind,
+                "port": target.port,
+                "weight": None,
+                "subset": None,
+                "subset_labels": None,
+                "cluster": f"pod {wl.ref}",
+                "error": None,
+                "endpoints": [endpoint_doc(snap, ep, caller)],
+            }
+        )
+    report["summary"] = (
+        f"headless {service.ref}: DNS answers {len(addresses)} pod IP(s); the client dials one "
+        "directly (no service routing)"
+    )
+    return None
+
+
+def _unknown(snap: Snapshot, ip: str, port: int, report: dict[str, Any]) -> None:
+    allow = outbound.decide(snap, ip, port, picker=_FirstPicker(), policy="ALLOW_ANY")
+    strict = outbound.decide(snap, ip, port, picker=_FirstPicker(), policy="REGISTRY_ONLY")
+    allow_reason = allow.reason if isinstance(allow, outbound.Passthrough) else str(allow)
+    strict_reason = strict.reason if isinstance(strict, outbound.Refuse) else str(strict)
+    report["outcome"] = "unknown"
+    report["passthrough"] = {
+        "address": ip,
+        "port": port,
+        "reason": allow_reason,
+        "registry_only": strict_reason,
+    }
+    report["summary"] = (
+        f"unknown destination {ip}:{port}: passed through in plaintext (ALLOW_ANY); "
+        "refused under REGISTRY_ONLY"
+    )
+
+
+def _from_gateway(
+    snap: Snapshot,
+    caller: Caller,
+    target: Target,
+    method: str,
+    authority: str,
+    header_map: dict[str, str],
+    report: dict[str, Any],
+) -> None:
+    """The ingress gateway's path: server by port and Host, then its bound VirtualServices."""
+    report["protocol"] = "http"
+    if target.scheme != "http":
+        raise ExplainError(f"--to {target.url!r}: the gateway serves HTTP servers only")
+    host = authority.rsplit(":", 1)[0] if not authority.endswith("]") else authority
+    servers = servers_by_port(snap, caller.labels).get(target.port, ())
+    server = next((s for s in servers if any(host_matches(h, host) for h in s.hosts)), None)
+    report["resolved"] = {
+        "via": "gateway",
+        "gateway": server.gateway if server else None,
+        "server_hosts": list(server.hosts) if server else None,
+        "port": target.port,
+        "host": host,
+    }
+    if server is None:
+        report["outcome"] = "no_route"
+        report["summary"] = (
+            f"no route (404 NR): no Gateway server selecting {caller.ref} serves port "
+            f"{target.port} for host {host}"
+        )
+        return
+    source = Source(namespace=server.namespace, labels=caller.labels, gateway=server.gateway)
+    request = Request.from_target(
+        method,
+        authority,
+        target.path + (f"?{target.query}" if target.query else ""),
+        header_map,
+        port=target.port,
+        host=None,
+    )
+    _http(snap, caller, source, request, report)

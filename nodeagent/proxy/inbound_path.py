@@ -1,0 +1,276 @@
+"""The inbound paths: plaintext 15006 (PeerAuthentication, then L4 authorization) and the mTLS
+tunnel 15008 (the client's SPIFFE id verified, then authorized), both delivering to the app from
+inside the netns with the client's own address as source.
+
+Policy also applies to connections already open (ztunnel's connection manager and policy
+watcher): each relayed connection is registered in `PodCore.live` and re-checked when the
+snapshot swaps (within POLICY_POLL, or at once on `policy_changed()`) or the identity provider
+changes (revocation); one now denied is reset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from typing import Any
+
+import trio
+
+from nodeagent.identity.api import IdentityUnavailable
+from nodeagent.inpod import original_dst
+from nodeagent.log import get_logger
+from nodeagent.proxy.connection import IDLE_TIMEOUT, ConnLog, Denied, try_respond
+from nodeagent.proxy.inbound import (
+    Closed,
+    InboundDecision,
+    LiveConnection,
+    Peer,
+    PeerCheck,
+    plaintext_decision,
+    tunnel_decision,
+)
+from nodeagent.proxy.pod_core import PodCore
+from nodeagent.proxy.relay import RelayResult, relay
+from nodeagent.snapshot import Snapshot, Workload
+from nodeagent.telemetry.dataplane import TcpRecorder, peer_workload, service_for
+from nodeagent.telemetry.metrics import SecurityPolicy
+from nodeagent.telemetry.tracing import Endpoint as SpanEndpoint
+from nodeagent.telemetry.tracing import tunnel_headers
+from nodeagent.tunnel import (
+    TunnelError,
+    TunnelRequest,
+    TunnelResponse,
+    accept_tunnel,
+    detach,
+    respond,
+)
+
+log = get_logger("proxy")
+
+# While inbound connections are open, how often the snapshot is looked at for a swap (when no
+# `policy_changed()` poke comes first): a policy change reaches open connections within this.
+POLICY_POLL = 0.5
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
+
+
+class InboundPath(PodCore):
+    """Serves 15006 and 15008 connections for `PodProxy`, and re-checks them while open."""
+
+    # -- inbound plaintext (15006) ----------------------------------------------------------------
+
+    async def _inbound(self, client: trio.SocketStream, conn: ConnLog) -> None:
+        src = client.socket.getpeername()
+        dst = original_dst(client.socket)
+        conn.src, conn.dst = f"{src[0]}:{src[1]}", f"{dst[0]}:{dst[1]}"
+        snap = self.snapshot()
+        me = self._me(snap)
+        if me is not None:
+            conn.dst_identity = me.identity
+            decision = plaintext_decision(snap, me, src[0], dst[0], dst[1])
+            if not decision.allowed:
+                conn.tel = self._inbound_recorder(snap, me, conn, src[0], dst[1], None, "none")
+                raise Denied("inbound_denied", decision.reason, decision.policy)
+            self._audit(conn, decision.audited)
+        conn.endpoint = conn.dst
+        conn.tel = self._inbound_recorder(snap, me, conn, src[0], dst[1], None, "none")
+        upstream = await self._connect(dst, (src[0], 0))
+        peer = Peer(src[0], dst[0], dst[1], src_port=src[1])
+        await self._relay_live(conn, snap, peer, client, upstream, client.socket)
+
+    # -- inbound mTLS (15008) ---------------------------------------------------------------------
+
+    async def _tunnel(self, client: trio.SocketStream, conn: ConnLog) -> None:
+        raw = detach(client)
+        try:
+            peer = raw.getpeername()
+            local = raw.getsockname()
+        except OSError:
+            raw.close()
+            raise
+        conn.src = f"{peer[0]}:{peer[1]}"
+        snap = self.snapshot()
+        me = self._me(snap)
+        if me is None or self.identities is None:
+            raw.close()
+            raise TunnelError("no_identity", "this pod has no mesh identity: tunnel refused")
+        conn.dst_identity = me.identity
+        try:
+            await self.identities.wait_ready(me.identity, self.identity_wait)
+        except IdentityUnavailable:
+            raw.close()
+            raise
+        accepted = await accept_tunnel(raw, identities=self.identities, identity=me.identity)
+        stream = accepted.stream
+        try:
+            conn.src_identity = accepted.peer_identity
+            conn.resumed = accepted.resumed
+            port = accepted.request.port
+            conn.dst = conn.endpoint = f"{local[0]}:{port}"
+            conn.tel = self._inbound_recorder(
+                snap, me, conn, peer[0], port, accepted.request, "mutual_tls"
+            )
+            decision = tunnel_decision(snap, me, peer[0], local[0], port, accepted.peer_identity)
+            if not decision.allowed:
+                await try_respond(stream, TunnelResponse(403, decision.reason))
+                raise Denied("tunnel_denied", decision.reason, decision.policy)
+            self._audit(conn, decision.audited)
+            try:
+                upstream = await self._connect((local[0], port), (peer[0], 0))
+            except (OSError, trio.TooSlowError) as exc:
+                await try_respond(stream, TunnelResponse(502, f"connect {conn.dst}: {exc}"))
+                raise
+            try:
+                await respond(stream, TunnelResponse(200))
+                if accepted.early_data:
+                    await upstream.send_all(accepted.early_data)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await upstream.aclose()
+                raise
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        verified = Peer(
+            peer[0], local[0], port, accepted.peer_identity, accepted.peer_certificate, peer[1]
+        )
+        await self._relay_live(conn, snap, verified, stream, upstream, stream.socket)
+
+    # -- policy on open inbound connections (ztunnel's connection manager + policy watcher) ----
+
+    def policy_changed(self) -> None:
+        """Re-check open inbound connections now (a `SnapshotSync` swap listener may call this:
+        it only sets an event). Without it, the watcher notices a swap within POLICY_POLL."""
+        self._policy_poke.set()
+
+    async def _relay_live(
+        self,
+        conn: ConnLog,
+        snap: Snapshot,
+        peer: Peer,
+        downstream: trio.abc.HalfCloseableStream,
+        upstream: trio.abc.HalfCloseableStream,
+        sock: Any,
+    ) -> None:
+        """Relay while registered: a policy change that denies the connection aborts it."""
+        scope = trio.CancelScope()
+
+        def close(decision: InboundDecision) -> None:
+            # RST rather than FIN: the client (an upstream pool) sees a reset, not a clean end.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            scope.cancel()
+
+        live = LiveConnection(conn.cid, peer, close)
+        self.live.add(live)
+        try:
+            current = self.snapshot()
+            me = self._me(current)
+            if current is not snap and me is not None:
+                # A swap while this connection was being set up: the watcher may have swept
+                # before it was registered.
+                self._report_closed(self.live.check(live, current, me))
+            conn.opened()
+            conn.relay = RelayResult()
+            with scope:
+                await relay(downstream, upstream, idle_timeout=IDLE_TIMEOUT, result=conn.relay)
+        finally:
+            self.live.remove(live)
+        if live.closed_by is not None:
+            raise Denied("closed_by_policy", live.closed_by.reason, live.closed_by.policy)
+
+    async def _watch_policy(self) -> None:
+        seen = self.snapshot()
+        while True:
+            await self.live.wait_nonempty()  # an idle pod does not poll
+            with trio.move_on_after(POLICY_POLL):
+                await self._policy_poke.wait()
+            self._policy_poke = trio.Event()
+            snap = self.snapshot()
+            if snap is seen:
+                continue
+            seen = snap
+            self._sweep(snap, None)
+
+    async def _watch_revocation(self) -> None:
+        """Re-check open tunnels' peer certificates whenever the identity provider changes
+        (the CRL among others): `peer_identity` refuses a revoked serial."""
+        if self.identities is None:
+            return
+        peer_check = self.identities.peer_identity
+        while True:
+            await self.identities.wait_changed()
+            if len(self.live):
+                self._sweep(self.snapshot(), peer_check)
+
+    def _sweep(self, snap: Snapshot, peer_check: PeerCheck | None) -> None:
+        me = self._me(snap)
+        if me is None:
+            return
+        for closed in self.live.sweep(snap, me, peer_check):
+            self._report_closed(closed)
+
+    def _report_closed(self, closed: Closed | None) -> None:
+        if closed is None:
+            return
+        peer = closed.conn.peer
+        log.warning(
+            "connection.closed_by_policy",
+            conn=closed.conn.cid,
+            pod=self.pod,
+            src=f"{peer.src_ip}:{peer.src_port}",
+            dst=f"{peer.dst_ip}:{peer.port}",
+            src_identity=peer.identity,
+            policy=closed.decision.policy,
+            cause=closed.cause,
+            reason=closed.decision.reason,
+        )
+
+    def _inbound_recorder(
+        self,
+        snap: Snapshot,
+        me: Workload | None,
+        conn: ConnLog,
+        peer_ip: str,
+        port: int,
+        request: TunnelRequest | None,
+        policy: SecurityPolicy,
+    ) -> TcpRecorder | None:
+        """Reporter "destination"; through the tunnel, the verified peer identity is the source
+        principal and a trace context in the header becomes a SERVER span."""
+        if self.telemetry is None:
+            return None
+        src = request.source if request is not None else None
+        source = peer_workload(
+            snap,
+            peer_ip,
+            identity=conn.src_identity or "",
+            name=src.name if src else "",
+            namespace=src.namespace if src else "",
+        )
+        span = None
+        headers = tunnel_headers(request.trace) if request is not None else None
+        if headers is not None:
+            span = self.telemetry.tracer.start(
+                headers,
+                kind="SERVER",
+                name=f"inbound|{port}",
+                local=SpanEndpoint(self.telemetry.tracer.service_name, me.address if me else None),
+                remote=SpanEndpoint(None, peer_ip),
+                tags={"peer.principal": conn.src_identity or "-", "component": "proxy"},
+            )
+        return TcpRecorder(
+            self.telemetry,
+            reporter="destination",
+            namespace=me.namespace if me is not None else "-",
+            source=source,
+            destination=me,
+            service=service_for(snap, me, port) if me is not None else None,
+            security_policy=policy,
+            source_principal=conn.src_identity,
+            downstream=conn.src,
+            upstream=conn.endpoint or conn.dst,
+            connection_id=f"{self.pod}#{conn.cid}",
+            span=span,
+        )

@@ -1,0 +1,261 @@
+"""The outbound path (15001): an app's captured connection, handed to the pod's L7 proxy for an
+HTTP/1.1 service port, otherwise routed at L4 (`outbound.decide`) and carried through the mTLS
+tunnel to a meshed workload (fail closed without the pod's certificate) or passed through.
+
+`L4Feedback` brackets an L4 connection for the balancer (connection slot, in-flight count,
+connect latency and outcome for outlier detection).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import trio
+
+from nodeagent.balance import Outcome, Overflow
+from nodeagent.balance.pool import ConnectionToken
+from nodeagent.balance.state import EndpointState
+from nodeagent.http import HttpProxy, RequestLog
+from nodeagent.inpod import original_dst
+from nodeagent.log import get_logger
+from nodeagent.proxy.connection import CONNECT_TIMEOUT, IDLE_TIMEOUT, ConnLog, Denied
+from nodeagent.proxy.connector import MeshConnector, denied_by_policy
+from nodeagent.proxy.outbound import (
+    Passthrough,
+    Refuse,
+    ToWorkload,
+    decide,
+    http_target,
+    route_picker,
+)
+from nodeagent.proxy.pod_core import PodCore
+from nodeagent.proxy.relay import RelayResult, relay
+from nodeagent.routing import Request, Source
+from nodeagent.snapshot import Snapshot, Workload
+from nodeagent.telemetry.dataplane import TcpRecorder, record_request, service_of
+from nodeagent.telemetry.metrics import SecurityPolicy
+from nodeagent.tunnel import SourceInfo, TunnelError, TunnelRequest, open_tunnel
+
+log = get_logger("proxy")
+
+
+class OutboundPath(PodCore):
+    """Serves 15001 connections for `PodProxy` (the L7 hand-off included)."""
+
+    def http_proxy(self) -> HttpProxy:
+        """This pod's L7 proxy (one per pod, so upstream connections are pooled per source)."""
+        if self._http is None:
+            connector = MeshConnector(
+                netns=self.netns,
+                identities=self.identities,
+                source=self._tunnel_source,
+                sessions=self.sessions,
+                identity_wait=self.identity_wait,
+                stats=self.stats.outbound,
+                label=self.pod,
+            )
+            self._http = HttpProxy(
+                snapshot=self.snapshot,
+                source=self._route_source,
+                connector=connector,
+                picker=route_picker(self.picker),
+                on_request=self._on_request,
+                name=f"http:{self.pod}",
+                tracer=self.telemetry.tracer if self.telemetry is not None else None,
+                access_logged=self.telemetry is not None,  # record_request writes the line
+            )
+        return self._http
+
+    def _route_source(self, request: Request) -> Source:
+        me = self._me(self.snapshot())
+        if me is None:
+            return Source()
+        return Source(namespace=me.namespace, labels=me.labels)
+
+    def _tunnel_source(self) -> SourceInfo | None:
+        me = self._me(self.snapshot())
+        if me is None or not me.identity:
+            return None
+        return SourceInfo(me.namespace, me.name, me.identity, me.address or "")
+
+    def _on_request(self, entry: RequestLog) -> None:
+        self.stats.outbound.bytes_sent += entry.bytes_received
+        self.stats.outbound.bytes_received += entry.bytes_sent
+        if self.telemetry is not None:
+            snap = self.snapshot()
+            me = self._me(snap)
+            record_request(
+                self.telemetry,
+                snap,
+                entry,
+                source=me,
+                namespace=me.namespace if me is not None else "-",
+            )
+
+    # -- outbound (15001) ------------------------------------------------------------------------
+
+    async def _outbound(self, client: trio.SocketStream, conn: ConnLog) -> None:
+        src = client.socket.getpeername()
+        dst = original_dst(client.socket)
+        conn.src, conn.dst = f"{src[0]}:{src[1]}", f"{dst[0]}:{dst[1]}"
+        snap = self.snapshot()
+        target = http_target(snap, dst[0], dst[1])
+        if target is not None:
+            # HTTP/1.1 service port: the L7 proxy routes every request (one log line each).
+            conn.service, conn.flag = target.service.ref, "http"
+            await self.http_proxy().serve(
+                client, port=dst[1], host=target.service.hostname, client_address=src[0]
+            )
+            return
+        me = self._me(snap)
+        source = Source(me.namespace, me.labels) if me is not None else None
+        decision = decide(
+            snap,
+            dst[0],
+            dst[1],
+            picker=self.picker,
+            policy=self.outbound_policy,
+            source=source,
+            source_ip=src[0],
+        )
+        if isinstance(decision, Refuse):
+            conn.tel = self._outbound_recorder(snap, me, conn, None, None, "none")
+            raise Denied(decision.flag, decision.reason)
+        # Connection-level balancing: in flight from connect to close, connect failures count
+        # for outlier detection; tcp.maxConnections refuses the connection (flag UO).
+        feedback = L4Feedback(decision.handle)
+        try:
+            await self._outbound_to(client, conn, snap, me, src, decision, feedback)
+        except BaseException as exc:
+            feedback.failed(exc)
+            raise
+        finally:
+            feedback.end()
+
+    async def _outbound_to(
+        self,
+        client: trio.SocketStream,
+        conn: ConnLog,
+        snap: Snapshot,
+        me: Workload | None,
+        src: Any,
+        decision: ToWorkload | Passthrough,
+        feedback: L4Feedback,
+    ) -> None:
+        conn.service = decision.service
+        if isinstance(decision, Passthrough):
+            conn.endpoint, conn.flag = f"{decision.address}:{decision.port}", "passthrough"
+            conn.tel = self._outbound_recorder(snap, me, conn, None, decision.service, "none")
+            upstream = await self._connect((decision.address, decision.port), None)
+            feedback.connected()
+            conn.opened()
+            conn.relay = RelayResult()
+            await relay(client, upstream, idle_timeout=IDLE_TIMEOUT, result=conn.relay)
+            return
+        assert isinstance(decision, ToWorkload)
+        conn.endpoint = f"{decision.address}:{decision.port}"
+        conn.dst_identity = decision.identity
+        conn.tel = self._outbound_recorder(
+            snap, me, conn, decision.workload, decision.service, "mutual_tls"
+        )
+        if decision.route is not None:
+            conn.flag = f"route={decision.route}"
+        if me is None or self.identities is None:
+            raise TunnelError("no_identity", "this pod has no mesh identity: refusing plaintext")
+        conn.src_identity = me.identity
+        # A new pod's certificate may still be on its way: wait (bounded), then fail closed.
+        await self.identities.wait_ready(me.identity, self.identity_wait)
+        request = TunnelRequest(
+            port=decision.port,
+            source=SourceInfo(me.namespace, me.name, me.identity, src[0]),
+            trace={"conn": f"{self.pod}#{conn.cid}"},
+        )
+        stream, info = await open_tunnel(
+            netns=self.netns,
+            identities=self.identities,
+            source_identity=me.identity,
+            address=decision.address,
+            expected_identity=decision.identity,
+            request=request,
+            sessions=self.sessions,
+            connect_timeout=CONNECT_TIMEOUT,
+        )
+        feedback.connected()
+        conn.resumed = info.resumed
+        self.stats.outbound.mtls += 1
+        conn.opened()
+        conn.relay = RelayResult()
+        await relay(client, stream, idle_timeout=IDLE_TIMEOUT, result=conn.relay)
+
+    def _outbound_recorder(
+        self,
+        snap: Snapshot,
+        me: Workload | None,
+        conn: ConnLog,
+        destination: Workload | None,
+        service: str | None,
+        policy: SecurityPolicy,
+    ) -> TcpRecorder | None:
+        if self.telemetry is None:
+            return None
+        return TcpRecorder(
+            self.telemetry,
+            reporter="source",
+            namespace=me.namespace if me is not None else "-",
+            source=me,
+            destination=destination,
+            service=service_of(snap, service),
+            security_policy=policy,
+            downstream=conn.src,
+            upstream=conn.endpoint or conn.dst,
+            connection_id=f"{self.pod}#{conn.cid}",
+        )
+
+
+class L4Feedback:
+    """One L4 connection as the balancer sees it: the cluster's connection slot (Overflow →
+    refused, flag UO), in flight from connect to close, the connect time as latency sample."""
+
+    def __init__(self, handle: EndpointState | None) -> None:
+        self.handle = handle
+        self.token: ConnectionToken | None = None
+        self.started = time.monotonic()
+        self.connect_s: float | None = None
+        self.outcome = Outcome.CANCELLED
+        if handle is None:
+            return
+        if handle.picker is not None:
+            got = handle.picker.breaker.try_acquire_connection()
+            if isinstance(got, Overflow):
+                raise Denied(got.flag, str(got))
+            self.token = got
+        handle.start()
+
+    def connected(self) -> None:
+        self.connect_s = time.monotonic() - self.started
+        self.outcome = Outcome.SUCCESS
+
+    def failed(self, exc: BaseException) -> None:
+        if self.connect_s is not None:
+            return  # the connection was made: what happens later says nothing of the endpoint
+        if isinstance(exc, TunnelError):
+            if denied_by_policy(exc) or exc.flag == "no_identity":
+                self.outcome = Outcome.CANCELLED  # policy or our own identity, not health
+            elif "timeout" in exc.flag:
+                self.outcome = Outcome.TIMEOUT
+            else:
+                self.outcome = Outcome.CONNECT_FAILURE
+        elif isinstance(exc, trio.TooSlowError):
+            self.outcome = Outcome.TIMEOUT
+        elif isinstance(exc, OSError):
+            self.outcome = Outcome.CONNECT_FAILURE
+
+    def end(self) -> None:
+        if self.handle is not None:
+            elapsed = time.monotonic() - self.started
+            self.handle.finish(
+                self.connect_s if self.connect_s is not None else elapsed, self.outcome
+            )
+        if self.token is not None:
+            self.token.release()

@@ -1,0 +1,159 @@
+"""`PodProxy`: one enrolled pod's proxy, its three listeners and the accept loops that hand each
+connection to its path, the one structured log line per connection, and the counters the admin
+socket shows (`statistics()`).
+
+- Outbound (15001, `outbound_path`): a service port whose protocol is HTTP/1.1 goes to the pod's
+  `HttpProxy` (L7 routing, pooled upstreams opened by `connector.MeshConnector`); any other port
+  is routed at L4. A meshed workload is ALWAYS reached through the mTLS tunnel (fail closed
+  without the pod's certificate); a destination outside the mesh is passed through from the
+  pod's netns (or refused under REGISTRY_ONLY).
+- Inbound plaintext (15006) and tunnel (15008, `inbound_path`): PeerAuthentication and
+  authorization, then transparent delivery to the app; open connections are re-checked when
+  policy changes.
+
+Every connection ends with one structured log line (`<path>.complete`) carrying source,
+destination, identities, endpoint, bytes, duration, result and, when denied, the policy; with a
+`telemetry`, also Istio's metrics and an access-log line (`nodeagent.telemetry.dataplane`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import trio
+
+from nodeagent.identity.api import IdentityUnavailable
+from nodeagent.log import get_logger
+from nodeagent.proxy.connection import ConnLog, Denied, DirectionStats
+from nodeagent.proxy.inbound_path import InboundPath
+from nodeagent.proxy.outbound_path import OutboundPath
+from nodeagent.tunnel import TunnelError
+
+log = get_logger("proxy")
+
+
+class PodProxy(OutboundPath, InboundPath):
+    """Serves one pod's three listeners until cancelled."""
+
+    def statistics(self) -> dict[str, Any]:
+        def d(s: DirectionStats) -> dict[str, int]:
+            return {
+                "opened": s.opened,
+                "closed": s.closed,
+                "failed": s.failed,
+                "denied": s.denied,
+                "mtls": s.mtls,
+                "bytes_sent": s.bytes_sent,
+                "bytes_received": s.bytes_received,
+            }
+
+        inbound = d(self.stats.inbound)
+        inbound["closed_by_policy"] = self.live.closed_by_policy
+        return {"outbound": d(self.stats.outbound), "inbound": inbound}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._accept, self.listeners.outbound, "outbound", nursery)
+                nursery.start_soon(self._accept, self.listeners.inbound, "inbound", nursery)
+                nursery.start_soon(self._accept, self.listeners.tunnel, "tunnel", nursery)
+                nursery.start_soon(self._watch_policy)
+                nursery.start_soon(self._watch_revocation)
+                task_status.started()
+        finally:
+            for listener in (
+                self.listeners.outbound,
+                self.listeners.inbound,
+                self.listeners.tunnel,
+            ):
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+            if self._http is not None:
+                with trio.CancelScope(shield=True):
+                    await self._http.aclose()
+
+    async def _accept(
+        self, listener: trio.SocketListener, kind: str, nursery: trio.Nursery
+    ) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE and friends: back off rather than spin
+                log.warning("accept.failed", pod=self.pod, listener=kind, error=str(exc))
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(self._serve, stream, kind)
+
+    # -- one connection ------------------------------------------------------------------------
+
+    async def _serve(self, client: trio.SocketStream, kind: str) -> None:
+        conn = ConnLog(kind)
+        stats = self.stats.outbound if kind == "outbound" else self.stats.inbound
+        stats.opened += 1
+        if kind == "tunnel":
+            stats.mtls += 1
+        try:
+            if kind == "outbound":
+                await self._outbound(client, conn)
+            elif kind == "inbound":
+                await self._inbound(client, conn)
+            else:
+                await self._tunnel(client, conn)
+        except Denied as exc:
+            stats.denied += 1
+            conn.result, conn.flag, conn.policy = "denied", exc.flag, exc.policy
+            conn.error = str(exc)
+        except TunnelError as exc:
+            stats.failed += 1
+            conn.result, conn.flag, conn.error = "failed", exc.flag, exc.msg
+        except (OSError, trio.TooSlowError, IdentityUnavailable) as exc:
+            stats.failed += 1
+            conn.result, conn.flag = "failed", type(exc).__name__
+            conn.error = f"{conn.dst}: {exc or type(exc).__name__}"
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+            stats.closed += 1
+            r = conn.relay
+            if r is not None:
+                stats.bytes_sent += r.sent
+                stats.bytes_received += r.received
+                if r.error and conn.result == "ok":
+                    conn.result, conn.error = "reset", r.error
+            if conn.tel is not None:
+                result = "refused" if conn.flag == "outbound_refused" else conn.result
+                # A flag that is already Envoy's (UH, UO from balancing) is reported as it is.
+                envoy = conn.flag if conn.flag and conn.flag.isupper() else None
+                conn.tel.closed(
+                    to_upstream=r.sent if r else 0,
+                    to_client=r.received if r else 0,
+                    result=result,
+                    flag=envoy if result != "ok" else None,
+                )
+            self._log(conn)
+
+    def _log(self, conn: ConnLog) -> None:
+        r = conn.relay
+        fields: dict[str, Any] = {
+            "conn": conn.cid,
+            "pod": self.pod,
+            "src": conn.src,
+            "dst": conn.dst,
+            "src_identity": conn.src_identity,
+            "dst_identity": conn.dst_identity,
+            "endpoint": conn.endpoint,
+            "service": conn.service,
+            "sent": r.sent if r else 0,
+            "received": r.received if r else 0,
+            "duration_ms": round((time.monotonic() - conn.started) * 1000, 3),
+            "result": conn.result,
+        }
+        for key in ("flag", "policy", "error", "resumed"):
+            value = getattr(conn, key)
+            if value is not None:
+                fields[key] = value
+        if conn.result == "ok":
+            log.info(f"{conn.kind}.complete", **fields)
+        else:
+            log.warning(f"{conn.kind}.complete", **fields)
