@@ -15,17 +15,15 @@ dig reaches the upstream directly (source 10.124.0.2) and mesh names get 192.0.2
 
 from __future__ import annotations
 
-import itertools
-import os
 import shutil
 import socket
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import pytest
 import trio
 from dns_mesh import DB_PODS, REVIEWS_VIP, mesh_snapshot
+from netns_helpers import ip, veth_pair
 
 from nodeagent.dns.errors import ProxyError
 from nodeagent.dns.message import (
@@ -48,13 +46,6 @@ pytestmark = pytest.mark.root
 
 POD_IP, NODE_IP = "10.124.0.2", "10.124.0.1"
 UPSTREAM_ANSWER = "192.0.2.53"
-_counter = itertools.count()
-
-
-def _ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
 
 
 @dataclass
@@ -69,29 +60,10 @@ class Net:
 def net() -> Iterator[Net]:
     if shutil.which("dig") is None:
         pytest.fail("these tests need `dig` (Debian package bind9-dnsutils); run scripts/bootstrap")
-    base = f"dns-t{os.getpid()}-{next(_counter)}"
-    pod_name, node_name = f"{base}-pod", f"{base}-node"
-    created: list[str] = []
-    handles: list[Netns] = []
-    try:
-        for name in (pod_name, node_name):
-            _ip("netns", "add", name)
-            created.append(name)
-        _ip("-n", pod_name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
-            "netns", node_name)  # fmt: skip
-        for name, addr in ((pod_name, POD_IP), (node_name, NODE_IP)):
-            _ip("-n", name, "addr", "add", f"{addr}/24", "dev", "eth0")
-            _ip("-n", name, "link", "set", "lo", "up")
-            _ip("-n", name, "link", "set", "eth0", "up")
-        _ip("-n", pod_name, "route", "add", "default", "via", NODE_IP)
-        pod, node = Netns.open(f"/run/netns/{pod_name}"), Netns.open(f"/run/netns/{node_name}")
-        handles += [pod, node]
+    with veth_pair("dns", (("pod", POD_IP), ("node", NODE_IP))) as (names, (pod, node)):
+        pod_name, node_name = names
+        ip("-n", pod_name, "route", "add", "default", "via", NODE_IP)
         yield Net(pod_name, node_name, pod, node)
-    finally:
-        for h in handles:
-            h.close()
-        for name in created:
-            subprocess.run(["ip", "netns", "del", name], timeout=10, check=False)
 
 
 @dataclass

@@ -1,20 +1,15 @@
-"""Shared pieces of the L7 sandbox tests (test_l7.py, test_gateway.py): the backend app,
-applying config with meshctl, counting requests per backend, the binomial interval."""
+"""Shared pieces of the L7 sandbox tests (test_l7.py, test_gateway.py): the backend app, the
+Service document, counting requests per backend, the binomial interval, `hey`'s status codes.
+(meshctl, apply, eventually and curl live in mesh_helpers.py.)"""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nodeagent.sandbox import Pod, Sandbox
+from nodeagent.sandbox import Pod
 
-MESHCTL = str(Path(sys.prefix) / "bin" / "meshctl")
 CORPUS = Path("/work/shared/corpus")
 SEED = CORPUS / "seed"
 BOOKINFO = CORPUS / "istio" / "bookinfo-networking"
@@ -60,28 +55,6 @@ def write_app(d: Path) -> list[str]:
     return ["python3", str(d / "app.py")]
 
 
-def meshctl(sb: Sandbox, *args: str) -> str:
-    done = subprocess.run(
-        [MESHCTL, "--store", sb.store_url, *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0, f"meshctl {args}: {done.stdout} {done.stderr}"
-    return done.stdout
-
-
-def apply_docs(sb: Sandbox, d: Path, name: str, docs: list[dict[str, Any]]) -> None:
-    path = d / f"{name}.json"
-    path.write_text("\n---\n".join(json.dumps(x) for x in docs))
-    meshctl(sb, "apply", "-f", str(path))
-
-
-def apply_file(sb: Sandbox, path: Path) -> None:
-    meshctl(sb, "apply", "-f", str(path))
-
-
 def service(name: str, vip: str, port: int, target: int, app: str | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -102,14 +75,6 @@ def hits(pod: Pod) -> list[str]:
         for line in Path(pod.log).read_text().splitlines()
         if line.startswith("hit ")
     ]
-
-
-def eventually(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
-        time.sleep(0.25)
 
 
 def binomial_interval(n: int, p: float, z: float = 3.29) -> tuple[float, float]:

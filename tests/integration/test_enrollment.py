@@ -11,46 +11,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from mesh_helpers import admin, sandbox_fixture
 
 from nodeagent.sandbox import Sandbox, SandboxError
 from nodeagent.store import codec, keys, open_store
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
-NAME = f"it{os.getpid() % 100000}"
+sandbox = sandbox_fixture("it")
 SERVER = ["python3", "-m", "http.server", "8080", "--bind", "0.0.0.0"]
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    sb = Sandbox.up(NAME, nodes=2, store="sqlite", progress=False)
-    try:
-        yield sb
-    finally:
-        sb.down()
-
-
-def admin(sb: Sandbox, node: str, path: str) -> Any:
-    out = subprocess.run(
-        [
-            "curl",
-            "-sf",
-            "--max-time",
-            "5",
-            "--unix-socket",
-            str(sb.node(node).admin_socket),
-            f"http://agent{path}",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout)
 
 
 def pod_stats(sb: Sandbox, node: str, name: str) -> dict[str, Any]:

@@ -10,9 +10,6 @@ over a flaky backend, a route timeout, and Bookinfo's gateway sample.
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,30 +18,18 @@ import yaml
 from l7_helpers import (
     BOOKINFO,
     SEED,
-    apply_docs,
-    apply_file,
     binomial_interval,
-    eventually,
     hey_codes,
     hits,
-    meshctl,
     service,
     write_app,
 )
+from mesh_helpers import apply, apply_file, eventually, http, meshctl, sandbox_fixture
 
 from nodeagent.sandbox import Pod, Sandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
-NAME = f"gw{os.getpid() % 100000}"
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    sb = Sandbox.up(NAME, nodes=2, store="sqlite", progress=False, gateway="n1")
-    try:
-        yield sb
-    finally:
-        sb.down()
+sandbox = sandbox_fixture("gw", gateway="n1")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +58,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
             service_account="bookinfo-productpage", labels={"app": "productpage"},
         ),
     }  # fmt: skip
-    apply_docs(
+    apply(
         sandbox,
         files,
         "services",
@@ -88,14 +73,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
 
 def curl(sb: Sandbox, url: str, *headers: str, timeout: float = 5) -> tuple[int, str, float]:
     """(HTTP status, body, seconds) of one request from the outside host."""
-    argv = ["curl", "-s", "--max-time", str(timeout), "-w", "\n%{http_code}", url]
-    for h in headers:
-        argv += ["-H", h]
-    started = time.monotonic()
-    r = sb.exec("outside", argv, timeout=timeout + 10)
-    elapsed = time.monotonic() - started
-    body, _, code = str(r.stdout).rpartition("\n")
-    return int(code or 0), body, elapsed
+    return http(sb, "outside", url, *headers, timeout=timeout)
 
 
 def hey(sb: Sandbox, url: str, n: int, c: int = 20) -> dict[int, int]:
@@ -164,7 +142,7 @@ def test_ab_by_user_agent_then_default_route(
     ab["metadata"]["namespace"] = "default"
     default = {"destination": {"host": "my-app", "subset": "v1", "port": {"number": 80}}}
     ab["spec"]["http"].append({"route": [default]})
-    apply_docs(sandbox, files, "ab-default", [ab])
+    apply(sandbox, files, "ab-default", [ab])
     eventually(lambda: answers(sandbox, url, "version=v1.0.0", "User-Agent: curl/8"), "default")
     assert answers(sandbox, url, "version=v2.0.0", firefox)
 
@@ -175,7 +153,7 @@ def test_abort_half_the_requests(sandbox: Sandbox, pods: dict[str, Pod], files: 
         "fault": {"abort": {"httpStatus": 503, "percentage": {"value": 50}}},
         "route": to("my-app"),
     }
-    apply_docs(sandbox, files, "abort", [vs("abort", "abort.test", [route])])
+    apply(sandbox, files, "abort", [vs("abort", "abort.test", [route])])
     url = sandbox.gateway_url()
     eventually(lambda: curl(sandbox, url, "Host: abort.test")[0] == 503, "abort active")
     codes = _hey_host(sandbox, "abort.test", 400)
@@ -198,12 +176,12 @@ def test_retries_hide_a_flaky_backend(sandbox: Sandbox, pods: dict[str, Pod], fi
     apply_file(sandbox, SEED / "01-canary.yaml")
     url = f"{sandbox.gateway_url()}/flaky"
     no_retries = {"route": to("flaky"), "retries": {"attempts": 0}}
-    apply_docs(sandbox, files, "flaky0", [vs("flaky", "flaky.test", [no_retries])])
+    apply(sandbox, files, "flaky0", [vs("flaky", "flaky.test", [no_retries])])
     eventually(lambda: curl(sandbox, url, "Host: flaky.test")[0] == 503, "flaky without retries")
     codes = [curl(sandbox, url, "Host: flaky.test")[0] for _ in range(10)]
     assert codes.count(503) >= 4, codes  # every other request fails without retries
     retries = {"route": to("flaky"), "retries": {"attempts": 3, "retryOn": "5xx"}}
-    apply_docs(sandbox, files, "flaky3", [vs("flaky", "flaky.test", [retries])])
+    apply(sandbox, files, "flaky3", [vs("flaky", "flaky.test", [retries])])
     eventually(
         lambda: all(curl(sandbox, url, "Host: flaky.test")[0] == 200 for _ in range(4)), "retries"
     )
@@ -214,7 +192,7 @@ def test_retries_hide_a_flaky_backend(sandbox: Sandbox, pods: dict[str, Pod], fi
 def test_timeout_cuts_a_slow_response(sandbox: Sandbox, pods: dict[str, Pod], files: Path) -> None:
     apply_file(sandbox, SEED / "01-canary.yaml")
     route = {"route": to("flaky"), "timeout": "1s", "retries": {"attempts": 0}}
-    apply_docs(sandbox, files, "slow", [vs("slow", "slow.test", [route])])
+    apply(sandbox, files, "slow", [vs("slow", "slow.test", [route])])
     url = f"{sandbox.gateway_url()}/slow"
     eventually(lambda: curl(sandbox, url, "Host: slow.test")[0] == 504, "timeout route")
     code, body, elapsed = curl(sandbox, url, "Host: slow.test")

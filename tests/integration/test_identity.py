@@ -7,42 +7,21 @@ that has no workload on it is rejected with the reason.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import trio
 from cryptography import x509
+from mesh_helpers import admin, sandbox_fixture
 
 from nodeagent.ca import certs
 from nodeagent.sandbox import Sandbox
 from nodeagent.store import codec, keys, open_store
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
-NAME = f"id{os.getpid() % 100000}"
+sandbox = sandbox_fixture("id")
 TD = "cluster.local"
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    sb = Sandbox.up(NAME, nodes=2, store="sqlite", progress=False)
-    try:
-        yield sb
-    finally:
-        sb.down()
-
-
-def admin(sb: Sandbox, node: str, path: str) -> Any:
-    out = subprocess.run(
-        ["curl", "-sf", "--max-time", "5", "--unix-socket", str(sb.node(node).admin_socket),
-         f"http://agent{path}"],
-        capture_output=True, text=True, check=True, timeout=10,
-    )  # fmt: skip
-    return json.loads(out.stdout)
 
 
 def wait_cert(sb: Sandbox, node: str, identity: str, timeout: float = 30.0) -> dict[str, Any]:

@@ -9,9 +9,7 @@ weighted TCP route on an L4 port that sends every connection to a subset.
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,33 +17,22 @@ import pytest
 from l7_helpers import (
     BOOKINFO,
     SEED,
-    apply_docs,
-    apply_file,
     binomial_interval,
-    eventually,
     hey_codes,
     hits,
     service,
     write_app,
 )
+from mesh_helpers import apply, apply_file, eventually, http, sandbox_fixture
 
 from nodeagent.sandbox import Pod, Sandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
-NAME = f"l7{os.getpid() % 100000}"
+sandbox = sandbox_fixture("l7")
 REVIEWS = "10.96.81.10"
 MY_APP = "10.96.81.11"
 RATINGS = "10.96.81.12"
 ECHO = "10.96.81.13"
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    sb = Sandbox.up(NAME, nodes=2, store="sqlite", progress=False)
-    try:
-        yield sb
-    finally:
-        sb.down()
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +65,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
         dr("ratings", ["v2"]),
         dr("echo", ["v1", "v2", "v3"]),
     ]
-    apply_docs(sandbox, files, "services", docs)
+    apply(sandbox, files, "services", docs)
     apply_file(sandbox, BOOKINFO / "destination-rule-reviews.yaml")
     return out
 
@@ -96,12 +83,8 @@ def dr(host: str, versions: list[str]) -> dict[str, Any]:
 
 
 def curl(sb: Sandbox, pod: Pod, url: str, *headers: str, timeout: float = 5) -> tuple[int, str]:
-    argv = ["curl", "-s", "--max-time", str(timeout), "-w", "\n%{http_code}", url]
-    for h in headers:
-        argv += ["-H", h]
-    r = sb.exec(pod, argv, timeout=timeout + 10)
-    body, _, code = str(r.stdout).rpartition("\n")
-    return int(code or 0), body
+    code, body, _ = http(sb, pod, url, *headers, timeout=timeout)
+    return code, body
 
 
 def answers(sb: Sandbox, pod: Pod, url: str, expect: str, *headers: str) -> bool:
@@ -165,7 +148,7 @@ def test_tcp_route_weights_to_a_subset(sandbox: Sandbox, pods: dict[str, Pod], f
             ],
         },
     }
-    apply_docs(sandbox, files, "tcp-route", [route])
+    apply(sandbox, files, "tcp-route", [route])
     eventually(
         lambda: all(answers(sandbox, client, url, "version=reviews-v2") for _ in range(6)),
         "every connection to subset v2",

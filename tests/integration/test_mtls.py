@@ -8,24 +8,22 @@ is not in the mesh, and AuthorizationPolicy allows and denies.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from mesh_helpers import admin, apply, client_pods, curl, eventually, meshctl, sandbox_fixture
 
 from nodeagent.sandbox import Pod, Sandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
-NAME = f"mt{os.getpid() % 100000}"
+sandbox = sandbox_fixture("mt")
 VIP = "10.96.77.10"
-MESHCTL = str(Path(sys.prefix) / "bin" / "meshctl")
 
 # The app: HTTP on 8080 answers with the peer address it saw; 9000 is a sink that answers
 # "<bytes> <sha256>" after the client's EOF.
@@ -67,15 +65,6 @@ print(f"{1 << 30} {h.hexdigest()}|{reply.decode()}")
 
 
 @pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    sb = Sandbox.up(NAME, nodes=2, store="sqlite", progress=False)
-    try:
-        yield sb
-    finally:
-        sb.down()
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("mtls")
     (d / "app.py").write_text(APP)
@@ -89,11 +78,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
         "n2", "shop", "web", ["python3", str(files / "app.py")],
         service_account="web", labels={"app": "web"},
     )  # fmt: skip
-    client = sandbox.pod_add("n1", "client", "sleep", ["sleep", "3600"], service_account="sleep")
-    outsider = sandbox.pod_add(
-        "n1", "client", "outsider", ["sleep", "3600"],
-        labels={"istio.io/dataplane-mode": "none"},
-    )  # fmt: skip
+    client, outsider = client_pods(sandbox)
     apply(sandbox, files, "service", [service()])
     return {"server": server, "client": client, "outsider": outsider}
 
@@ -114,24 +99,6 @@ def service() -> dict[str, Any]:
     }
 
 
-def meshctl(sb: Sandbox, *args: str) -> None:
-    done = subprocess.run(
-        [MESHCTL, "--store", sb.store_url, *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0, f"meshctl {args}: {done.stdout} {done.stderr}"
-
-
-def apply(sb: Sandbox, files: Path, name: str, docs: list[dict[str, Any]]) -> Path:
-    path = files / f"{name}.json"
-    path.write_text("\n".join(json.dumps(d) for d in docs))
-    meshctl(sb, "apply", "-f", str(path))
-    return path
-
-
 def policy(name: str, action: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "apiVersion": "security.istio.io/v1",
@@ -139,28 +106,6 @@ def policy(name: str, action: str, rules: list[dict[str, Any]]) -> dict[str, Any
         "metadata": {"name": name, "namespace": "shop"},
         "spec": {"selector": {"matchLabels": {"app": "web"}}, "action": action, "rules": rules},
     }
-
-
-def curl(sb: Sandbox, pod: Pod, url: str) -> tuple[int, str]:
-    r = sb.exec(pod, ["curl", "-sf", "--max-time", "3", url], timeout=10)
-    return r.returncode, str(r.stdout)
-
-
-def eventually(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
-        time.sleep(0.25)
-
-
-def admin(sb: Sandbox, node: str, path: str) -> Any:
-    out = subprocess.run(
-        ["curl", "-sf", "--max-time", "5", "--unix-socket", str(sb.node(node).admin_socket),
-         f"http://agent{path}"],
-        capture_output=True, text=True, check=True, timeout=10,
-    )  # fmt: skip
-    return json.loads(out.stdout)
 
 
 def stats(sb: Sandbox, node: str, name: str) -> dict[str, Any]:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from l7_helpers import apply_docs, service, write_app
+from l7_helpers import service, write_app
+from mesh_helpers import apply
 
 from nodeagent.sandbox import Pod, Sandbox
 from nodeagent.sandbox.layout import OUTSIDE_IP
@@ -189,7 +190,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
         },
     }  # fmt: skip
     docs = [service("my-app", VIP, 80, 8080), tcp, subsets, route, gateway, from_gateway]
-    apply_docs(sandbox, files, "my-app", docs)
+    apply(sandbox, files, "my-app", docs)
     return out
 
 

@@ -10,20 +10,19 @@ the mesh keeps a plaintext keep-alive connection to the backend; a switch to STR
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from l7_helpers import eventually, meshctl, write_app
+from l7_helpers import write_app
+from mesh_helpers import apply, client_pods, eventually, meshctl, sandbox_fixture
 
 from nodeagent.sandbox import Pod, Sandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
-NAME = f"pl{os.getpid() % 100000}"
+sandbox = sandbox_fixture("pl")
 VIP = "10.96.83.10"
 
 # One TCP connection, one GET per stdin line; prints "<status> <body>" or "closed"/"error <E>"
@@ -52,15 +51,6 @@ for line in sys.stdin:
 
 
 @pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    sb = Sandbox.up(NAME, nodes=2, store="sqlite", progress=False)
-    try:
-        yield sb
-    finally:
-        sb.down()
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("policy-live")
     (d / "client.py").write_text(CLIENT)
@@ -73,11 +63,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
     server = sandbox.pod_add(
         "n2", "shop", "web", [*app, "web", "8080"], service_account="web", labels={"app": "web"}
     )
-    client = sandbox.pod_add("n1", "client", "sleep", ["sleep", "3600"], service_account="sleep")
-    outsider = sandbox.pod_add(
-        "n1", "client", "outsider", ["sleep", "3600"],
-        labels={"istio.io/dataplane-mode": "none"},
-    )  # fmt: skip
+    client, outsider = client_pods(sandbox)
     svc = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -90,13 +76,6 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
     }
     apply(sandbox, files, "service", [svc])
     return {"server": server, "client": client, "outsider": outsider}
-
-
-def apply(sb: Sandbox, files: Path, name: str, docs: list[dict[str, Any]]) -> Path:
-    path = files / f"{name}.json"
-    path.write_text("\n---\n".join(json.dumps(d) for d in docs))
-    meshctl(sb, "apply", "-f", str(path))
-    return path
 
 
 class KeepAlive:

@@ -11,20 +11,16 @@ them.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from mesh_helpers import apply_file, client_pods, curl, eventually, sandbox_fixture
 
 from nodeagent.sandbox import Pod, Sandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
-NAME = f"pr{os.getpid() % 100000}"
-MESHCTL = str(Path(sys.prefix) / "bin" / "meshctl")
+sandbox = sandbox_fixture("pr")
 PROBE_SOURCE = "169.254.7.127"
 
 # HTTP on 8080 answering with the peer address the app saw.
@@ -50,15 +46,6 @@ STRICT = {
 
 
 @pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    sb = Sandbox.up(NAME, nodes=2, store="sqlite", progress=False)
-    try:
-        yield sb
-    finally:
-        sb.down()
-
-
-@pytest.fixture(scope="module")
 def pods(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pod]:
     d = tmp_path_factory.mktemp("probes")
     (d / "app.py").write_text(APP)
@@ -67,30 +54,9 @@ def pods(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         "n2", "shop", "web", ["python3", str(d / "app.py")],
         service_account="web", labels={"app": "web"},
     )  # fmt: skip
-    client = sandbox.pod_add("n1", "client", "sleep", ["sleep", "3600"], service_account="sleep")
-    outsider = sandbox.pod_add(
-        "n1", "client", "outsider", ["sleep", "3600"],
-        labels={"istio.io/dataplane-mode": "none"},
-    )  # fmt: skip
-    done = subprocess.run(
-        [MESHCTL, "--store", sandbox.store_url, "apply", "-f", str(d / "strict.json")],
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, f"meshctl apply: {done.stdout} {done.stderr}"
+    client, outsider = client_pods(sandbox)
+    apply_file(sandbox, d / "strict.json")
     return {"server": server, "client": client, "outsider": outsider}
-
-
-def curl(sb: Sandbox, target: str | Pod, url: str) -> tuple[int, str]:
-    r = sb.exec(target, ["curl", "-sf", "--max-time", "3", url], timeout=10)
-    return r.returncode, str(r.stdout)
-
-
-def eventually(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
-        time.sleep(0.25)
 
 
 def nat_rules(sb: Sandbox, node: str) -> list[str]:

@@ -4,20 +4,19 @@ breaking (exact count of immediate 503 UO in a burst), consistent hashing on a h
 
 from __future__ import annotations
 
-import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from l7_helpers import apply_docs, eventually, hey_codes, hits
+from l7_helpers import hey_codes, hits
+from mesh_helpers import apply, eventually, sandbox_fixture
 
 from nodeagent.sandbox import Pod, Sandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
-NAME = f"rs{os.getpid() % 100000}"
+sandbox = sandbox_fixture("rs", nodes=1)
 LAT, LAT_RR, LAT_FAST, EJ, CB, CH = (f"10.96.82.{i}" for i in range(10, 16))
 
 # `app.py VERSION DELAY_MS`: port 8080; answers "version=V"; one "hit P" log line per request.
@@ -85,15 +84,6 @@ def dr(host: str, policy: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    sb = Sandbox.up(NAME, nodes=1, store="sqlite", progress=False)
-    try:
-        yield sb
-    finally:
-        sb.down()
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("resilience")
 
@@ -143,7 +133,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
         ),
         dr("ch", {"loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}}),
     ]
-    apply_docs(sandbox, files, "resilience", docs)
+    apply(sandbox, files, "resilience", docs)
     for vip in (LAT, LAT_RR, LAT_FAST, EJ, CB, CH):
         eventually(lambda v=vip: curl_code(sandbox, out["client"], f"http://{v}/up") == 200, vip)
     return out

@@ -7,24 +7,20 @@ several rotations; new connections after them use the new certificates.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from mesh_helpers import admin, apply, sandbox_fixture
 
 from nodeagent.sandbox import Pod, Sandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
-NAME = f"rot{os.getpid() % 100000}"
+sandbox = sandbox_fixture("rot", ca_ttl="12s")
 VIP = "10.96.78.10"
 TD = "cluster.local"
-MESHCTL = str(Path(sys.prefix) / "bin" / "meshctl")
 
 # A line echo server on 9000.
 ECHO = r"""
@@ -55,15 +51,6 @@ print(f"{ok}/{i}")
 
 
 @pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    sb = Sandbox.up(NAME, nodes=2, store="sqlite", progress=False, ca_ttl="12s")
-    try:
-        yield sb
-    finally:
-        sb.down()
-
-
-@pytest.fixture(scope="module")
 def pods(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pod, Pod, Path]:
     d = tmp_path_factory.mktemp("rotation")
     (d / "echo.py").write_text(ECHO)
@@ -83,22 +70,12 @@ def pods(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> tuple[Po
             "ports": [{"name": "tcp-echo", "port": 9000, "targetPort": 9000}],
         },
     }
-    (d / "svc.json").write_text(json.dumps(svc))
-    done = subprocess.run(
-        [MESHCTL, "--store", sandbox.store_url, "apply", "-f", str(d / "svc.json")],
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    apply(sandbox, d, "svc", [svc])
     return server, client, d
 
 
 def certs(sb: Sandbox, node: str) -> dict[str, Any]:
-    out = subprocess.run(
-        ["curl", "-sf", "--max-time", "5", "--unix-socket", str(sb.node(node).admin_socket),
-         "http://agent/certs"],
-        capture_output=True, text=True, check=True, timeout=10,
-    )  # fmt: skip
-    return {row["identity"]: row for row in json.loads(out.stdout)}
+    return {row["identity"]: row for row in admin(sb, node, "/certs")}
 
 
 def serial(sb: Sandbox, node: str, sa: str) -> str | None:

@@ -9,10 +9,7 @@ on a throwaway CA (pki.py). Namespaces are deleted in teardown even on failure.
 from __future__ import annotations
 
 import hashlib
-import itertools
-import os
 import socket
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+from netns_helpers import ip, veth_pair
 from pki import LocalIdentityProvider, ThrowawayCA, spiffe
 
 from nodeagent.inpod import (
@@ -36,13 +34,6 @@ from nodeagent.store.base import KeyValue
 A_IP, B_IP, VIP = "10.124.0.2", "10.124.0.3", "10.96.0.10"
 A_ID, B_ID = spiffe("client", "sleep"), spiffe("shop", "web")
 APP_PORT = 8080
-_counter = itertools.count()
-
-
-def ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
 
 
 @dataclass
@@ -54,29 +45,10 @@ class Namespaces:
 
 @pytest.fixture
 def namespaces() -> Iterator[Namespaces]:
-    base = f"tun-t{os.getpid()}-{next(_counter)}"
-    a_name, b_name = f"{base}-a", f"{base}-b"
-    created: list[str] = []
-    handles: list[Netns] = []
-    try:
-        for name in (a_name, b_name):
-            ip("netns", "add", name)
-            created.append(name)
-        ip("-n", a_name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
-           "netns", b_name)  # fmt: skip
-        for name, addr in ((a_name, A_IP), (b_name, B_IP)):
-            ip("-n", name, "addr", "add", f"{addr}/24", "dev", "eth0")
-            ip("-n", name, "link", "set", "lo", "up")
-            ip("-n", name, "link", "set", "eth0", "up")
+    with veth_pair("tun", (("a", A_IP), ("b", B_IP))) as (names, (a, b)):
+        for name in names:
             ip("-n", name, "route", "add", "default", "dev", "eth0")
-        a, b = Netns.open(f"/run/netns/{a_name}"), Netns.open(f"/run/netns/{b_name}")
-        handles += [a, b]
-        yield Namespaces(a, b, (a_name, b_name))
-    finally:
-        for h in handles:
-            h.close()
-        for name in created:
-            subprocess.run(["ip", "netns", "del", name], timeout=10, check=False)
+        yield Namespaces(a, b, names)
 
 
 def _workload_doc(uid: str, ip_: str, ns: str, sa: str, labels: dict[str, str]) -> Any:

@@ -1,0 +1,108 @@
+"""Shared pieces of the sandbox integration tests: the module-scoped sandbox fixture, meshctl
+and `apply` through the meshctl binary, the agents' admin socket (curl over its unix socket),
+`eventually()` polling and curl from a pod, a node or the outside host."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.sandbox import Pod, Sandbox
+
+MESHCTL = str(Path(sys.prefix) / "bin" / "meshctl")
+
+
+def sandbox_fixture(prefix: str, **options: Any) -> Any:
+    """A module-scoped `sandbox` fixture: a 2-node sqlite sandbox unless `options` say otherwise,
+    named after `prefix` and the pid (so parallel runs do not collide), always torn down."""
+
+    @pytest.fixture(scope="module")
+    def sandbox() -> Iterator[Sandbox]:
+        kw: dict[str, Any] = {"nodes": 2, "store": "sqlite", "progress": False, **options}
+        sb = Sandbox.up(f"{prefix}{os.getpid() % 100000}", **kw)
+        try:
+            yield sb
+        finally:
+            sb.down()
+
+    return sandbox
+
+
+def client_pods(sb: Sandbox) -> tuple[Pod, Pod]:
+    """Two pods on n1 in namespace `client`: `sleep` (meshed, service account `sleep`) and
+    `outsider` (opted out of the mesh, so it talks plaintext)."""
+    client = sb.pod_add("n1", "client", "sleep", ["sleep", "3600"], service_account="sleep")
+    outsider = sb.pod_add(
+        "n1", "client", "outsider", ["sleep", "3600"], labels={"istio.io/dataplane-mode": "none"}
+    )
+    return client, outsider
+
+
+def meshctl(sb: Sandbox, *args: str) -> str:
+    done = subprocess.run(
+        [MESHCTL, "--store", sb.store_url, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, f"meshctl {args}: {done.stdout} {done.stderr}"
+    return done.stdout
+
+
+def apply(sb: Sandbox, d: Path, name: str, docs: list[dict[str, Any]]) -> Path:
+    """Writes `docs` to d/<name>.json and applies them; the path serves a later `delete -f`."""
+    path = d / f"{name}.json"
+    path.write_text("\n---\n".join(json.dumps(x) for x in docs))
+    meshctl(sb, "apply", "-f", str(path))
+    return path
+
+
+def apply_file(sb: Sandbox, path: Path) -> None:
+    meshctl(sb, "apply", "-f", str(path))
+
+
+def admin(sb: Sandbox, node: str, path: str) -> Any:
+    """The JSON an agent's admin socket answers for `path` (/pods, /certs, /config_dump…)."""
+    out = subprocess.run(
+        ["curl", "-sf", "--max-time", "5", "--unix-socket", str(sb.node(node).admin_socket),
+         f"http://agent{path}"],
+        capture_output=True, text=True, check=True, timeout=10,
+    )  # fmt: skip
+    return json.loads(out.stdout)
+
+
+def eventually(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what}")
+        time.sleep(0.25)  # polling real processes, not a unit test
+
+
+def curl(sb: Sandbox, target: str | Pod, url: str) -> tuple[int, str]:
+    """(curl's exit code, body): non-zero on a refused connection or an HTTP error status."""
+    r = sb.exec(target, ["curl", "-sf", "--max-time", "3", url], timeout=10)
+    return r.returncode, str(r.stdout)
+
+
+def http(
+    sb: Sandbox, target: str | Pod, url: str, *headers: str, timeout: float = 5
+) -> tuple[int, str, float]:
+    """(HTTP status or 0, body, seconds) of one request with `headers` ("Name: value")."""
+    argv = ["curl", "-s", "--max-time", str(timeout), "-w", "\n%{http_code}", url]
+    for h in headers:
+        argv += ["-H", h]
+    started = time.monotonic()
+    r = sb.exec(target, argv, timeout=timeout + 10)
+    elapsed = time.monotonic() - started
+    body, _, code = str(r.stdout).rpartition("\n")
+    return int(code or 0), body, elapsed
