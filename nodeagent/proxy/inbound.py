@@ -17,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import trio
-
 from nodeagent.authz import Connection, authorize
 from nodeagent.identity.api import PeerRejected
 from nodeagent.snapshot import Snapshot, Workload
@@ -103,7 +101,6 @@ class LiveConnections:
 
     def __init__(self) -> None:
         self._conns: dict[int, LiveConnection] = {}
-        self._added = trio.Event()
         self.closed_by_policy = 0  # connections closed after they were accepted
 
     def __len__(self) -> int:
@@ -111,17 +108,9 @@ class LiveConnections:
 
     def add(self, conn: LiveConnection) -> None:
         self._conns[conn.cid] = conn
-        self._added.set()
 
     def remove(self, conn: LiveConnection) -> None:
         self._conns.pop(conn.cid, None)
-        if not self._conns and self._added.is_set():
-            self._added = trio.Event()
-
-    async def wait_nonempty(self) -> None:
-        """Return once at least one connection is registered (an idle pod costs no wake-ups)."""
-        while not self._conns:
-            await self._added.wait()
 
     def check(
         self,

@@ -4,7 +4,7 @@ inside the netns with the client's own address as source.
 
 Policy also applies to connections already open (ztunnel's connection manager and policy
 watcher): each relayed connection is registered in `PodCore.live` and re-checked when the
-snapshot swaps (within POLICY_POLL, or at once on `policy_changed()`) or the identity provider
+snapshot swaps (the agent's swap listener calls `policy_changed()`) or the identity provider
 changes (revocation); one now denied is reset.
 """
 
@@ -50,7 +50,6 @@ log = get_logger("proxy")
 
 # While inbound connections are open, how often the snapshot is looked at for a swap (when no
 # `policy_changed()` poke comes first): a policy change reaches open connections within this.
-POLICY_POLL = 0.5
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 
@@ -140,8 +139,8 @@ class InboundPath(PodCore):
     # -- policy on open inbound connections (ztunnel's connection manager + policy watcher) ----
 
     def policy_changed(self) -> None:
-        """Re-check open inbound connections now (a `SnapshotSync` swap listener may call this:
-        it only sets an event). Without it, the watcher notices a swap within POLICY_POLL."""
+        """Re-check open inbound connections against the current snapshot. The agent's
+        `SnapshotSync` swap listener calls it on every swap; it only sets an event."""
         self._policy_poke.set()
 
     async def _relay_live(
@@ -183,15 +182,14 @@ class InboundPath(PodCore):
     async def _watch_policy(self) -> None:
         seen = self.snapshot()
         while True:
-            await self.live.wait_nonempty()  # an idle pod does not poll
-            with trio.move_on_after(POLICY_POLL):
-                await self._policy_poke.wait()
+            await self._policy_poke.wait()
             self._policy_poke = trio.Event()
             snap = self.snapshot()
             if snap is seen:
                 continue
             seen = snap
-            self._sweep(snap, None)
+            if len(self.live):
+                self._sweep(snap, None)
 
     async def _watch_revocation(self) -> None:
         """Re-check open tunnels' peer certificates whenever the identity provider changes

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import trio
 from proxy_docs import config, snapshot, workload
 
 from nodeagent.identity.api import PeerRejected
@@ -233,29 +232,3 @@ def test_check_one_and_remove() -> None:
     assert len(closer.calls) == 1
     registry.remove(conn)  # the connection's own cleanup: harmless after a close
     assert len(registry) == 0
-
-
-async def test_wait_nonempty_parks_until_a_connection_is_added(
-    autojump_clock: trio.abc.Clock,
-) -> None:
-    registry = LiveConnections()
-    conn, _ = live(1, tunnel_peer())
-    with trio.move_on_after(1) as scope:
-        await registry.wait_nonempty()
-    assert scope.cancelled_caught  # nothing registered: it waits
-    woke: list[bool] = []
-
-    async def waiter() -> None:
-        await registry.wait_nonempty()
-        woke.append(True)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(waiter)
-        await trio.testing.wait_all_tasks_blocked()
-        assert woke == []
-        registry.add(conn)
-    assert woke == [True]
-    registry.remove(conn)
-    with trio.move_on_after(1) as scope:
-        await registry.wait_nonempty()
-    assert scope.cancelled_caught  # empty again: waits again
