@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 from helpers_balance import FakeClock
+from snapshot_docs import snapshot_of
 
 from nodeagent.balance import Registry
 from nodeagent.proxy.connection import Denied
 from nodeagent.proxy.outbound import BalancedPicker, Refuse, ToWorkload, decide, route_picker
 from nodeagent.proxy.outbound_path import L4Feedback
-from nodeagent.snapshot import Snapshot, SnapshotBuilder
-from nodeagent.store import codec, keys
-from nodeagent.store.base import KeyValue
+from nodeagent.snapshot import Snapshot
+from nodeagent.store import keys
 from nodeagent.tunnel import TunnelError
 
 VIP = "10.96.0.10"
@@ -70,10 +70,7 @@ def _snapshot(traffic_policy: dict[str, Any]) -> Snapshot:
                 },
             )
         )
-    kvs = [KeyValue(k, codec.encode(d), i + 1, i + 1, 0) for i, (k, d) in enumerate(docs)]
-    builder = SnapshotBuilder.build(kvs, len(kvs))
-    assert not builder.skipped(), builder.skipped()
-    return builder.snapshot
+    return snapshot_of(docs)
 
 
 def _pick(snap: Snapshot, picker: BalancedPicker) -> ToWorkload:

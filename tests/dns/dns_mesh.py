@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodeagent.snapshot import Snapshot, SnapshotBuilder
-from nodeagent.store import codec, keys
-from nodeagent.store.base import KeyValue
+from snapshot_docs import snapshot_of
+
+from nodeagent.snapshot import Snapshot
+from nodeagent.store import keys
 
 REVIEWS_VIP = "10.96.0.10"
 OTHER_REVIEWS_VIP = "10.96.0.20"
@@ -68,14 +69,6 @@ def mesh_documents() -> list[tuple[str, Any]]:
         # No address: the real DNS knows this one, forward it.
         _entry("noaddr", "default", ["noaddr.example.net"], []),
     ]
-
-
-def snapshot_of(docs: list[tuple[str, Any]]) -> Snapshot:
-    kvs = [KeyValue(k, codec.encode(d), i + 1, i + 1, 1) for i, (k, d) in enumerate(docs)]
-    snap = SnapshotBuilder.build(kvs, len(kvs)).snapshot
-    skipped = snap.statistics().get("skipped", 0)
-    assert not skipped, f"{skipped} test documents did not convert"
-    return snap
 
 
 def mesh_snapshot() -> Snapshot:

@@ -154,13 +154,7 @@ def test_other_classes_and_the_root_are_forwarded(snap: Snapshot) -> None:
 
 
 def test_cluster_domain_comes_from_the_snapshot() -> None:
-    from nodeagent.snapshot import SnapshotBuilder
-    from nodeagent.store import codec
-    from nodeagent.store.base import KeyValue
-
-    docs = mesh_documents()
-    kvs = [KeyValue(k, codec.encode(d), i + 1, i + 1, 1) for i, (k, d) in enumerate(docs)]
-    snap = SnapshotBuilder.build(kvs, len(kvs), cluster_domain="corp.example").snapshot
+    snap = snapshot_of(mesh_documents(), cluster_domain="corp.example")
     assert addresses(ask(snap, "reviews.default.svc.corp.example")) == [REVIEWS_VIP]
     assert addresses(ask(snap, "reviews")) == [REVIEWS_VIP]
     assert ask(snap, "reviews.default.svc.cluster.local") == Forward("not-mesh")

@@ -11,11 +11,10 @@ from typing import Any
 import h11
 import trio
 import trio.testing
+from snapshot_docs import snapshot_of
 
-from nodeagent.snapshot import Snapshot, SnapshotBuilder
+from nodeagent.snapshot import Snapshot
 from nodeagent.snapshot.model import Endpoint
-from nodeagent.store import codec, keys
-from nodeagent.store.base import KeyValue
 
 _uids = itertools.count(1)
 
@@ -178,19 +177,7 @@ def dr(host: str, **subsets: dict[str, str]) -> dict[str, Any]:
 
 
 def build(*docs: dict[str, Any]) -> Snapshot:
-    kvs = []
-    for rev, doc in enumerate(docs, start=1):
-        meta = doc.setdefault("metadata", {})
-        ns = meta.setdefault("namespace", "default")
-        if doc["kind"] == "Workload":
-            key = keys.workload(doc["spec"]["node"], meta["uid"])
-        else:
-            key = keys.config(doc["kind"], ns, meta["name"])
-        kvs.append(KeyValue(key, codec.encode(doc), rev, rev, 1))
-    builder = SnapshotBuilder.build(kvs, len(kvs))
-    if builder.skipped():
-        raise AssertionError(f"documents skipped: {dict(builder.skipped())}")
-    return builder.snapshot
+    return snapshot_of(docs)
 
 
 def app_snapshot(*extra: dict[str, Any]) -> Snapshot:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from nodeagent.snapshot import Snapshot, SnapshotBuilder
-from nodeagent.store import codec, keys
-from nodeagent.store.base import KeyValue
+from snapshot_docs import snapshot_of
+
+from nodeagent.snapshot import Snapshot
+from nodeagent.store import keys
 
 
 def workload(
@@ -43,7 +44,4 @@ def config(kind: str, name: str, spec: dict[str, Any], namespace: str = "default
 
 
 def snapshot(*docs: tuple[str, Any]) -> Snapshot:
-    kvs = [KeyValue(k, codec.encode(d), i + 1, i + 1, 0) for i, (k, d) in enumerate(docs)]
-    builder = SnapshotBuilder.build(kvs, len(kvs))
-    assert not builder.skipped(), builder.skipped()
-    return builder.snapshot
+    return snapshot_of(docs)

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from snapshot_docs import snapshot_of
 
-from nodeagent.snapshot import Snapshot, SnapshotBuilder
-from nodeagent.store import codec, keys
-from nodeagent.store.base import KeyValue
+from nodeagent.snapshot import Snapshot
 
 CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
 _uids = itertools.count(1)
@@ -70,19 +69,7 @@ def workload(
 
 def build(*docs: dict[str, Any]) -> Snapshot:
     """A snapshot of `docs` (Istio config, Services and Workloads), namespace default if unset."""
-    kvs = []
-    for rev, doc in enumerate(docs, start=1):
-        meta = doc.setdefault("metadata", {})
-        ns = meta.setdefault("namespace", "default")
-        if doc["kind"] == "Workload":
-            key = keys.workload(doc["spec"]["node"], meta["uid"])
-        else:
-            key = keys.config(doc["kind"], ns, meta["name"])
-        kvs.append(KeyValue(key, codec.encode(doc), rev, rev, 1))
-    builder = SnapshotBuilder.build(kvs, len(kvs))
-    if builder.skipped():
-        raise AssertionError(f"documents skipped: {dict(builder.skipped())}")
-    return builder.snapshot
+    return snapshot_of(docs)
 
 
 def bookinfo_base() -> list[dict[str, Any]]:

@@ -13,14 +13,13 @@ from typing import Any
 import h11
 import trio
 import trio.testing
+from snapshot_docs import snapshot_of
 
 from nodeagent.admin.server import Request, Response, Route, TcpHttpServer
 from nodeagent.http import HttpProxy, RequestLog
 from nodeagent.routing import Source
-from nodeagent.snapshot import Snapshot, SnapshotBuilder
+from nodeagent.snapshot import Snapshot
 from nodeagent.snapshot.model import Endpoint
-from nodeagent.store import codec, keys
-from nodeagent.store.base import KeyValue
 from nodeagent.telemetry.accesslog import AccessLog, AccessRecord
 from nodeagent.telemetry.dataplane import (
     TcpRecorder,
@@ -83,15 +82,7 @@ def _snapshot() -> Snapshot:
         _workload("10.0.0.9", {"app": "client"}, "client-6c5f8d9b7-qwert", "client"),
         _workload("", {"app": "gw"}, "gw", "gw"),
     ]
-    kvs = []
-    for rev, doc in enumerate(docs, start=1):
-        meta = doc["metadata"]
-        if doc["kind"] == "Workload":
-            key = keys.workload(doc["spec"]["node"], meta["uid"])
-        else:
-            key = keys.config(doc["kind"], meta["namespace"], meta["name"])
-        kvs.append(KeyValue(key, codec.encode(doc), rev, rev, 1))
-    return SnapshotBuilder.build(kvs, len(kvs)).snapshot
+    return snapshot_of(docs)
 
 
 SNAP = _snapshot()

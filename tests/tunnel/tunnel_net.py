@@ -19,6 +19,7 @@ import pytest
 import trio
 from netns_helpers import ip, veth_pair
 from pki import LocalIdentityProvider, ThrowawayCA, spiffe
+from snapshot_docs import snapshot_of
 
 from nodeagent.inpod import (
     Netns,
@@ -27,9 +28,8 @@ from nodeagent.inpod import (
     bind_listeners,
 )
 from nodeagent.proxy.pod import PodProxy
-from nodeagent.snapshot import Snapshot, SnapshotBuilder, Workload
-from nodeagent.store import codec, keys
-from nodeagent.store.base import KeyValue
+from nodeagent.snapshot import Snapshot, Workload
+from nodeagent.store import keys
 
 A_IP, B_IP, VIP = "10.124.0.2", "10.124.0.3", "10.96.0.10"
 A_ID, B_ID = spiffe("client", "sleep"), spiffe("shop", "web")
@@ -83,10 +83,7 @@ def build_snapshot(*extra: Any, b_sa: str = "web") -> Snapshot:
         ),
         *extra,
     ]
-    kvs = [KeyValue(k, codec.encode(d), i + 1, i + 1, 0) for i, (k, d) in enumerate(docs)]
-    builder = SnapshotBuilder.build(kvs, len(kvs))
-    assert not builder.skipped(), builder.skipped()
-    return builder.snapshot
+    return snapshot_of(docs)
 
 
 @dataclass
