@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodeagent import log as logconf
-from nodeagent.admin.server import Request, Response, Route
+from nodeagent.httpserver import HttpServerRequest, Response, Route
 from nodeagent.telemetry.metrics import Registry
 from nodeagent.telemetry.server import prometheus_route, ready_route
 
@@ -54,19 +54,19 @@ def scrub(value: Any) -> Any:
 def admin_routes(src: AdminSources) -> dict[str, Route]:
     state = {"level": src.log_level}
 
-    def config_dump(_: Request) -> Response:
+    def config_dump(_: HttpServerRequest) -> Response:
         dump = dict(src.config_dump())
         dump.setdefault("workloads", list(src.workloads()))
         dump.setdefault("certificates", list(src.certs()))
         return Response.json(scrub(dump))
 
-    def workloads(_: Request) -> Response:
+    def workloads(_: HttpServerRequest) -> Response:
         return Response.json(scrub(list(src.workloads())))
 
-    def certs(_: Request) -> Response:
+    def certs(_: HttpServerRequest) -> Response:
         return Response.json(scrub(list(src.certs())))
 
-    def logging(req: Request) -> Response:
+    def logging(req: HttpServerRequest) -> Response:
         level = req.param("level")
         if level is None:
             return Response.json({"level": state["level"]})
@@ -78,7 +78,7 @@ def admin_routes(src: AdminSources) -> dict[str, Route]:
         previous, state["level"] = state["level"], level
         return Response.json({"level": level, "previous": previous})
 
-    def quit(req: Request) -> Response:
+    def quit(req: HttpServerRequest) -> Response:
         raw = req.param("deadline")
         try:
             deadline = DEFAULT_DRAIN_DEADLINE if raw is None else float(raw)

@@ -18,13 +18,13 @@ from typing import Any
 import trio
 
 from nodeagent.admin.routes import AdminSources, admin_routes
-from nodeagent.admin.server import AdminServer, Handler, Response, Route
 from nodeagent.agent.enroll import Enroller
 from nodeagent.agent.state import AgentState
 from nodeagent.balance import Registry
 from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
 from nodeagent.gateway.node import NodeGateway
+from nodeagent.httpserver import Handler, Response, Route, UnixSocketHttpServer
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.inpod.errors import RedirectionError
 from nodeagent.inpod.node_rules import aapply_probe_rules, is_probe_target
@@ -201,7 +201,7 @@ class Agent:
                     )
                     await nursery.start(self.gateway.run)
                 await nursery.start(CniServer(cfg.cni_socket, self.enroller).run)
-                await nursery.start(AdminServer(cfg.admin_socket, self._routes()).run)
+                await nursery.start(UnixSocketHttpServer(cfg.admin_socket, self._routes()).run)
                 self.ready = True
                 log.info(
                     "agent.ready",

@@ -1,6 +1,6 @@
 """The node's telemetry port (TCP 15020): `/stats/prometheus` and `/healthz/ready`.
 
-Same machinery as the admin socket (`nodeagent.admin.server`), on a TCP listener, with only the
+Same machinery as the admin socket (`nodeagent.httpserver`), on a TCP listener, with only the
 read-only endpoints a scraper or a kubelet probe needs.
 """
 
@@ -8,21 +8,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from nodeagent.admin.server import Request, Response, Route, TcpHttpServer
+from nodeagent.httpserver import HttpServerRequest, Response, Route, TcpHttpServer
 from nodeagent.telemetry.metrics import CONTENT_TYPE, Registry
 
 METRICS_PORT = 15020
 
 
 def prometheus_route(registry: Registry) -> Route:
-    def handler(_: Request) -> Response:
+    def handler(_: HttpServerRequest) -> Response:
         return Response.text(registry.render(), content_type=CONTENT_TYPE)
 
     return Route(handler)
 
 
 def ready_route(ready: Callable[[], bool]) -> Route:
-    def handler(_: Request) -> Response:
+    def handler(_: HttpServerRequest) -> Response:
         ok = ready()
         return Response.text("ready\n" if ok else "starting\n", 200 if ok else 503)
 

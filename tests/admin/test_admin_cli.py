@@ -1,4 +1,4 @@
-"""The admin endpoints and `nodeagent admin …` against a real AdminServer on a temp socket."""
+"""The admin endpoints and `nodeagent admin …` against a real admin socket on a temp path."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import trio
 
 from nodeagent.admin import cli
 from nodeagent.admin.routes import AdminSources, admin_routes
-from nodeagent.admin.server import AdminServer
+from nodeagent.httpserver import UnixSocketHttpServer
 from nodeagent.telemetry.metrics import IstioMetrics, Registry, peer_labels
 
 WORKLOADS = [
@@ -74,7 +74,7 @@ async def admin(tmp_path: Path) -> AsyncIterator[tuple[Path, Agent]]:
     sock = tmp_path / "admin.sock"
     agent = Agent()
     async with trio.open_nursery() as nursery:
-        await nursery.start(AdminServer(sock, admin_routes(agent.sources())).run)
+        await nursery.start(UnixSocketHttpServer(sock, admin_routes(agent.sources())).run)
         yield sock, agent
         nursery.cancel_scope.cancel()
 

@@ -15,8 +15,8 @@ import trio
 import trio.testing
 from snapshot_docs import snapshot_of
 
-from nodeagent.admin.server import Request, Response, Route, TcpHttpServer
 from nodeagent.http import HttpProxy, RequestLog
+from nodeagent.httpserver import HttpServerRequest, Response, Route, TcpHttpServer
 from nodeagent.routing import Source
 from nodeagent.snapshot import Snapshot
 from nodeagent.snapshot.model import Endpoint
@@ -119,7 +119,7 @@ class Collector:
             "127.0.0.1", 0, {"/api/v2/spans": Route(self._post, frozenset({"POST"}))}
         )
 
-    def _post(self, req: Request) -> Response:
+    def _post(self, req: HttpServerRequest) -> Response:
         self.spans.extend(json.loads(req.body))
         return Response(202, b"")
 

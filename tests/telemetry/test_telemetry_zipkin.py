@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from nodeagent.admin.server import Request, Response, Route, TcpHttpServer
+from nodeagent.httpserver import HttpServerRequest, Response, Route, TcpHttpServer
 from nodeagent.telemetry.tracing import Endpoint, Tracer, ZipkinExporter
 
 
@@ -24,7 +24,7 @@ class Collector:
             "127.0.0.1", 0, {"/api/v2/spans": Route(self._spans, frozenset({"POST"}))}
         )
 
-    def _spans(self, req: Request) -> Response:
+    def _spans(self, req: HttpServerRequest) -> Response:
         assert req.method == "POST"
         self.batches.append(json.loads(req.body))
         return Response(self.status, b"")

@@ -1,9 +1,9 @@
 """A small HTTP/1.1 server for operators and tools, on a unix socket or a TCP port.
 
 Handlers are plain functions; the server owns parsing (h11, bounded), one request per connection
-turn, method checks and error mapping. `AdminServer` listens on a unix socket (mode 0600, for
-`curl --unix-socket`); `TcpHttpServer` on a TCP port (the node's 15020 metrics endpoint). Nothing
-here knows what the agent is.
+turn, method checks and error mapping. `UnixSocketHttpServer` listens on a unix socket (mode 0600,
+for `curl --unix-socket`: the admin socket); `TcpHttpServer` on a TCP port (the node's 15020
+metrics endpoint). Nothing here knows what the agent is.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import trio
 
 from nodeagent.log import get_logger
 
-log = get_logger("admin")
+log = get_logger("httpserver")
 MAX_REQUEST = 64 * 1024
 REQUEST_TIMEOUT = 10.0
 
@@ -44,7 +44,7 @@ class Response:
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
+class HttpServerRequest:
     method: str
     path: str
     query: Mapping[str, list[str]]
@@ -63,7 +63,7 @@ Handler = Callable[[Mapping[str, list[str]]], Response]
 class Route:
     """A handler that sees the whole request and accepts only `methods` (405 otherwise)."""
 
-    handler: Callable[[Request], Response]
+    handler: Callable[[HttpServerRequest], Response]
     methods: frozenset[str] = frozenset({"GET", "HEAD"})
 
 
@@ -170,7 +170,7 @@ class HttpServer:
                         + b"\n",
                         headers=(("allow", allowed),),
                     )
-                return route.handler(Request(method, url.path, query, body))
+                return route.handler(HttpServerRequest(method, url.path, query, body))
             return route(query)
         except ValueError as exc:
             return Response.json({"error": str(exc)}, 400)
@@ -179,11 +179,11 @@ class HttpServer:
             return Response.json({"error": f"{type(exc).__name__}: {exc}"}, 500)
 
 
-class AdminServer(HttpServer):
+class UnixSocketHttpServer(HttpServer):
     """The HTTP server on a unix socket, mode 0600 (only root on the node may talk to it)."""
 
-    def __init__(self, socket_path: Path, routes: Routes) -> None:
-        super().__init__(routes, name="admin")
+    def __init__(self, socket_path: Path, routes: Routes, *, name: str = "admin") -> None:
+        super().__init__(routes, name=name)
         self.socket_path = socket_path
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -201,7 +201,7 @@ class AdminServer(HttpServer):
             sock.listen(64)
         except OSError as exc:
             sock.close()
-            raise OSError(f"bind admin socket {self.socket_path}: {exc.strerror}") from exc
+            raise OSError(f"bind {self.name} socket {self.socket_path}: {exc.strerror}") from exc
         listener = trio.SocketListener(sock)
         try:
             task_status.started()

@@ -1,4 +1,4 @@
-"""The admin server on a real unix socket, spoken to by curl and by raw bytes."""
+"""The unix-socket HTTP server on a real socket, spoken to by curl and by raw bytes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import trio
 
-from nodeagent.admin.server import AdminServer, Response
+from nodeagent.httpserver import Response, UnixSocketHttpServer
 
 
 def _routes() -> dict[str, Any]:
@@ -38,7 +38,7 @@ async def _curl(sock: Path, path: str) -> tuple[int, str]:
 async def test_serves_routes_over_unix_socket(tmp_path: Path) -> None:
     sock = tmp_path / "admin.sock"
     async with trio.open_nursery() as nursery:
-        await nursery.start(AdminServer(sock, _routes()).run)
+        await nursery.start(UnixSocketHttpServer(sock, _routes()).run)
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
         code, body = await _curl(sock, "/hello?name=mesh")
         assert (code, json.loads(body)) == (200, {"hello": "mesh"})
@@ -57,7 +57,7 @@ async def test_serves_routes_over_unix_socket(tmp_path: Path) -> None:
 async def test_malformed_request_gets_400_and_server_survives(tmp_path: Path) -> None:
     sock = tmp_path / "admin.sock"
     async with trio.open_nursery() as nursery:
-        await nursery.start(AdminServer(sock, _routes()).run)
+        await nursery.start(UnixSocketHttpServer(sock, _routes()).run)
         stream = await trio.open_unix_socket(str(sock))
         await stream.send_all(b"NOT HTTP AT ALL\r\n\r\n")
         reply = await stream.receive_some(4096)
