@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -17,71 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import h11
-
+from nodeagent.admin.client import DEFAULT_SOCKET, AdminClientError, admin_call_sync
 from nodeagent.telemetry import exposition
-
-DEFAULT_SOCKET = Path("/run/nodeagent/admin.sock")
-TIMEOUT = 10.0
-MAX_RESPONSE = 64 * 1024 * 1024
-
-
-class AdminError(Exception):
-    pass
-
-
-def request(sock_path: Path, method: str, target: str) -> tuple[int, bytes]:
-    """One HTTP/1.1 request over the unix socket; (status, body)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(TIMEOUT)
-    try:
-        try:
-            s.connect(str(sock_path))
-        except FileNotFoundError:
-            raise AdminError(
-                f"admin socket {sock_path} does not exist: is the agent running on this node? "
-                "(--socket PATH)"
-            ) from None
-        except ConnectionRefusedError:
-            raise AdminError(
-                f"admin socket {sock_path} refused the connection: the agent is not listening"
-            ) from None
-        except PermissionError:
-            raise AdminError(f"admin socket {sock_path}: permission denied (run as root)") from None
-        except OSError as exc:
-            raise AdminError(f"admin socket {sock_path}: {exc.strerror or exc}") from None
-        conn = h11.Connection(h11.CLIENT)
-        headers = [("host", "agent"), ("connection", "close"), ("content-length", "0")]
-        request = conn.send(h11.Request(method=method, target=target, headers=headers))
-        s.sendall(request + conn.send(h11.EndOfMessage()))
-        status, body = 0, bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(s.recv(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > MAX_RESPONSE:
-                    raise AdminError(f"response from {sock_path} exceeds {MAX_RESPONSE} bytes")
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                return status, bytes(body)
-    except (TimeoutError, h11.ProtocolError, ConnectionError) as exc:
-        raise AdminError(f"admin socket {sock_path}: {type(exc).__name__}: {exc}") from None
-    finally:
-        s.close()
-
-
-def _call(sock: Path, method: str, target: str) -> Any:
-    status, body = request(sock, method, target)
-    if status >= 400:
-        try:
-            why = json.loads(body)["error"]
-        except (ValueError, KeyError, TypeError):
-            why = body.decode(errors="replace").strip()
-        raise AdminError(f"{method} {target}: HTTP {status}: {why}")
-    return body
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -198,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         print(_run(args), end="")
-    except AdminError as exc:
+    except AdminClientError as exc:
         print(f"nodeagent admin: {exc}", file=sys.stderr)
         return 1
     except (ValueError, exposition.ExpositionError) as exc:
@@ -212,7 +148,7 @@ def _run(args: argparse.Namespace) -> str:
     as_json = args.output == "json"
     cmd = args.command
     if cmd == "stats":
-        text = _call(sock, "GET", "/stats/prometheus").decode()
+        text = admin_call_sync(sock, "GET", "/stats/prometheus").decode()
         if as_json:
             fams = exposition.parse(text)
             return _dumps(
@@ -225,21 +161,23 @@ def _run(args: argparse.Namespace) -> str:
         return stats_table(text)
     if cmd == "log-level":
         if args.level is None:
-            value = json.loads(_call(sock, "GET", "/logging"))
+            value = json.loads(admin_call_sync(sock, "GET", "/logging"))
         else:
-            value = json.loads(_call(sock, "POST", f"/logging?level={quote(args.level)}"))
+            value = json.loads(admin_call_sync(sock, "POST", f"/logging?level={quote(args.level)}"))
         if as_json:
             return _dumps(value)
         if "previous" in value:
             return f"log level: {value['previous']} -> {value['level']}\n"
         return f"log level: {value['level']}\n"
     if cmd == "drain":
-        value = json.loads(_call(sock, "POST", f"/quitquitquit?deadline={args.deadline:g}"))
+        value = json.loads(
+            admin_call_sync(sock, "POST", f"/quitquitquit?deadline={args.deadline:g}")
+        )
         if as_json:
             return _dumps(value)
         return f"draining: the agent exits within {value['deadline_seconds']:g} s\n"
     path = {"config-dump": "/config_dump", "workloads": "/workloads", "certs": "/certs"}[cmd]
-    value = json.loads(_call(sock, "GET", path))
+    value = json.loads(admin_call_sync(sock, "GET", path))
     if as_json:
         return _dumps(value)
     if cmd == "workloads":

@@ -39,6 +39,7 @@ from typing import Any
 
 import trio
 
+from nodeagent.admin.client import admin_json
 from nodeagent.bench import Result
 from nodeagent.bench import enroll as enroll_bench
 from nodeagent.bench.haproxy import HAProxyPipeline, Hop
@@ -114,26 +115,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
-
-
-async def admin_json(socket_path: Path, path: str) -> Any:
-    """GET `path` on an agent's admin socket (HTTP/1.1, connection: close) → decoded JSON."""
-    stream = await trio.open_unix_socket(str(socket_path))
-    async with stream:
-        await stream.send_all(
-            f"GET {path} HTTP/1.1\r\nhost: agent\r\nconnection: close\r\n\r\n".encode()
-        )
-        data = bytearray()
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-            if len(data) > 16 * 1024 * 1024:
-                raise RuntimeError(f"{socket_path}{path}: response over 16 MiB")
-    head, _, body = bytes(data).partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(
-            f"{socket_path}{path}: {head.splitlines()[0] if head else b'no answer'!r}"
-        )
-    return json.loads(body)
 
 
 # ----- config ------------------------------------------------------------------------------------

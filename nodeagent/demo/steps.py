@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from nodeagent.admin.client import AdminClientError, admin_call_sync
 from nodeagent.demo import output as out
 from nodeagent.sandbox import Pod, Sandbox
 
@@ -141,14 +142,11 @@ class Demo:
         return int(code) if code.isdigit() else 0, body.strip(), elapsed
 
     def admin(self, node: str, path: str) -> str:
-        sock = str(self.sb.node(node).admin_socket)
-        r = subprocess.run(
-            ["curl", "-sf", "--max-time", "5", "--unix-socket", sock, f"http://agent{path}"],
-            capture_output=True, text=True, timeout=10, check=False,
-        )  # fmt: skip
-        if r.returncode != 0:
-            raise StepFailed(f"admin socket of {node} ({path}): curl exited {r.returncode}")
-        return str(r.stdout)
+        try:
+            body = admin_call_sync(self.sb.node(node).admin_socket, "GET", path, timeout=5)
+        except AdminClientError as exc:
+            raise StepFailed(f"admin socket of {node} ({path}): {exc}") from None
+        return body.decode()
 
     def load(self, path: str, n: int, concurrency: int = 16) -> dict[str, Any]:
         """n requests from the outside host through the gateway; versions counted by answer."""

@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from nodeagent.admin.client import is_ready
 from nodeagent.sandbox import cni, layout
 from nodeagent.sandbox.errors import CniError, SandboxError
 from nodeagent.sandbox.state import NodeState, PodState, State, load, locked, save
@@ -128,25 +128,6 @@ def _pod(ps: PodState) -> Pod:
         container_id=ps.container_id,
         log=Path(ps.log),
     )
-
-
-def http_ready(sock_path: Path, path: str = "/healthz/ready", timeout: float = 1.0) -> bool:
-    """GET `path` over a unix socket; True on a 200 answer (anything else, or no answer: False)."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(sock_path))
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-            head = b""
-            while b"\r\n" not in head and len(head) < 4096:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                head += chunk
-    except OSError:
-        return False
-    parts = head.split(b"\r\n", 1)[0].split()
-    return len(parts) >= 2 and parts[0].startswith(b"HTTP/1.") and parts[1] == b"200"
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -274,7 +255,7 @@ class Sandbox:
         return f"http://{self._node_state(st, st.gateway).underlay_ip}:{port}"
 
     def agent_ready(self, node: str) -> bool:
-        return http_ready(self.node(node).admin_socket)
+        return is_ready(self.node(node).admin_socket)
 
     def status(self) -> dict[str, Any]:
         st = self.state()
@@ -291,7 +272,7 @@ class Sandbox:
                     "run_dir": n.run_dir,
                     "agent_pid": n.agent.pid if n.agent else None,
                     "agent_alive": alive,
-                    "agent_ready": alive and http_ready(paths.admin_socket),
+                    "agent_ready": alive and is_ready(paths.admin_socket),
                 }
             )
         pods = [
@@ -577,7 +558,7 @@ class Sandbox:
                         f"the agent of {name} exited before it was ready; last lines of {log}:\n"
                         + _tail(log)
                     )
-                if http_ready(layout.NodePaths(Path(ns.run_dir)).admin_socket):
+                if is_ready(layout.NodePaths(Path(ns.run_dir)).admin_socket):
                     del pending[name]
                     self._say(f"agent of {name} ready ({time.monotonic() - start:.1f}s)")
             if not pending:

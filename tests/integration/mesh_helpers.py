@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from nodeagent.admin.client import admin_json_sync
 from nodeagent.sandbox import Pod, Sandbox
 
 MESHCTL = str(Path(sys.prefix) / "bin" / "meshctl")
@@ -72,12 +73,7 @@ def apply_file(sb: Sandbox, path: Path) -> None:
 
 def admin(sb: Sandbox, node: str, path: str) -> Any:
     """The JSON an agent's admin socket answers for `path` (/pods, /certs, /config_dump…)."""
-    out = subprocess.run(
-        ["curl", "-sf", "--max-time", "5", "--unix-socket", str(sb.node(node).admin_socket),
-         f"http://agent{path}"],
-        capture_output=True, text=True, check=True, timeout=10,
-    )  # fmt: skip
-    return json.loads(out.stdout)
+    return admin_json_sync(sb.node(node).admin_socket, path, timeout=5)
 
 
 def eventually(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:

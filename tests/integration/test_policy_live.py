@@ -9,7 +9,6 @@ the mesh keeps a plaintext keep-alive connection to the backend; a switch to STR
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from l7_helpers import write_app
 from mesh_helpers import apply, client_pods, eventually, meshctl, sandbox_fixture
 
+from nodeagent.admin.client import admin_json_sync
 from nodeagent.sandbox import Pod, Sandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -119,12 +119,7 @@ def curl_code(sb: Sandbox, pod: Pod, url: str) -> str:
 
 
 def admin_pod_stats(sb: Sandbox, node: str, name: str) -> dict[str, Any]:
-    out = subprocess.run(
-        ["curl", "-sf", "--max-time", "5", "--unix-socket", str(sb.node(node).admin_socket),
-         "http://agent/pods"],
-        capture_output=True, text=True, check=True, timeout=10,
-    )  # fmt: skip
-    found = {p["name"]: p for p in json.loads(out.stdout)}
+    found = {p["name"]: p for p in admin_json_sync(sb.node(node).admin_socket, "/pods", timeout=5)}
     return dict(found[name]["connections"])
 
 
