@@ -235,12 +235,8 @@ def explain(
         _unknown(snap, vip, target.port, report)
         return report
     report["resolved"].update(service=service_doc(found.service), **port_doc(found.port))
-    protocol = found.port.protocol_hint
-    # The proxy's L7 dispatch: an HTTP/1.1 service port, except a ServiceEntry resolved by
-    # NONE/DNS, whose address the app already chose (it stays L4).
-    l7 = protocol == "http" and not (
-        found.service.kind == "ServiceEntry" and found.service.resolution != "STATIC"
-    )
+    # The proxy's own L7 dispatch rule, so explain cannot drift from what the proxy does.
+    l7 = outbound.http_target(snap, vip, target.port) is not None
     if l7 and target.scheme == "http":
         report["protocol"] = "http"
         request = Request.from_target(
