@@ -17,6 +17,11 @@ chains are flushed and refilled, jumps are deduplicated, stale `MESH_` chains ar
 python-iptables is not thread-safe (a process-wide table cache, libxtables globals, and it
 swaps the process's fd 1 to read an extension's save output), so one lock serialises all use;
 we also bypass its `Table` cache, whose handles would otherwise leak between namespaces.
+
+For rules outside a pod's `RuleSet` (the node's probe SNAT chain, `node_rules.py`), the same
+machinery is public as "edit one table atomically, read it back": `edit_table(name)` yields a
+`TableEdit` on a private handle and commits it once on a clean exit (nothing on error), and
+`read_table(name, chains)` returns the named chains' live rules as iptables-save tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from __future__ import annotations
 import ipaddress
 import shlex
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import contextmanager
 from typing import Any
 
 import iptc
@@ -304,3 +311,78 @@ def read_back(*, where: str = "current") -> RuleSet:
             ) from None
         finally:
             _close(tables)
+
+
+class TableEdit:
+    """An uncommitted edit of one table on a private libiptc handle (see `edit_table`). Rules
+    are iptables-save tokens, as `RuleSet` holds them; positions count from 0."""
+
+    def __init__(self, table: _Table) -> None:
+        self._table = table
+
+    def has_chain(self, chain: str) -> bool:
+        return any(c.name == chain for c in self._table.chains)
+
+    def rules(self, chain: str) -> list[tuple[str, ...]]:
+        return [_render_rule(r) for r in iptc.Chain(self._table, chain).rules]
+
+    def jump_positions(self, chain: str, target: str) -> list[int]:
+        """Positions of the rules in `chain` that jump (or go) to `target`."""
+        return [
+            pos
+            for pos, rule in enumerate(iptc.Chain(self._table, chain).rules)
+            if rule.target is not None and rule.target.name == target
+        ]
+
+    def create_or_flush_chain(self, chain: str) -> None:
+        if self.has_chain(chain):
+            self._table.flush_entries(chain)
+        else:
+            self._table.create_chain(chain)
+
+    def delete_chain(self, chain: str) -> None:
+        self._table.flush_entries(chain)
+        self._table.delete_chain(chain)
+
+    def append_rule(self, chain: str, spec: Sequence[str]) -> None:
+        iptc.Chain(self._table, chain).append_rule(_make_rule(self._table, spec))
+
+    def insert_rule(self, chain: str, spec: Sequence[str]) -> None:
+        """Insert as the first rule of `chain`."""
+        iptc.Chain(self._table, chain).insert_rule(_make_rule(self._table, spec))
+
+    def delete_rules(self, chain: str, positions: Iterable[int]) -> None:
+        _delete_positions(self._table, chain, list(positions))
+
+
+@contextmanager
+def _table_handle(name: str, *, what: str, where: str, commit: bool) -> Iterator[TableEdit]:
+    with _lock:
+        try:
+            table = _Table(name)
+        except Exception as e:
+            raise RedirectionError(
+                f"{what}: open iptables table {name} in netns {where}: {_iptc_error(e)}"
+            ) from None
+        try:
+            yield TableEdit(table)
+            if commit:
+                table.commit()
+        except RedirectionError:
+            raise
+        except Exception as e:
+            raise RedirectionError(f"{what} in netns {where}: {_iptc_error(e)}") from None
+        finally:
+            table.close()  # autocommit is off: this frees the handle, it commits nothing
+
+
+def edit_table(name: str, *, what: str, where: str = "current") -> ContextManager[TableEdit]:
+    """Edit table `name` in the calling thread's netns; one atomic commit when the block ends
+    without an error, nothing applied otherwise. Holds the module's lock throughout. Any failure
+    is a RedirectionError `"{what} in netns {where}: …"`."""
+    return _table_handle(name, what=what, where=where, commit=True)
+
+
+def read_table(name: str, *, what: str, where: str = "current") -> ContextManager[TableEdit]:
+    """Read table `name` (the same view as `edit_table`, never committed)."""
+    return _table_handle(name, what=what, where=where, commit=False)

@@ -27,15 +27,20 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from typing import Any
 
-import iptc
 import trio
 
 from nodeagent.inpod.errors import RedirectionError
-from nodeagent.inpod.iptables import _iptc_error, _lock, _make_rule, _render_rule, _Table
-from nodeagent.inpod.rules import MARK_MASK, MESH_MARK, PROBE_SOURCE, TUNNEL_PORT, Rule, RuleSet
-from nodeagent.inpod.rules import diff_rules as diff_rules
+from nodeagent.inpod.iptables import edit_table, read_table
+from nodeagent.inpod.rules import (
+    MARK_MASK,
+    MESH_MARK,
+    PROBE_SOURCE,
+    TUNNEL_PORT,
+    Rule,
+    RuleSet,
+    diff_rules,
+)
 
 CHAIN_POSTROUTING = "MESH_POSTRT"
 TABLE = "nat"
@@ -86,121 +91,65 @@ def build_probe_rules(pod_ips: Iterable[str]) -> RuleSet:
     return RuleSet(chains={(TABLE, CHAIN_POSTROUTING): tuple(rules)}, jumps=(_JUMP,))
 
 
-def _open(where: str) -> Any:
-    try:
-        return _Table(TABLE)
-    except Exception as e:
-        raise RedirectionError(
-            f"probe SNAT: open iptables table {TABLE} in netns {where}: {_iptc_error(e)}"
-        ) from None
-
-
-def _jump_positions(table: Any) -> list[int]:
-    return [
-        pos
-        for pos, rule in enumerate(iptc.Chain(table, BUILTIN).rules)
-        if rule.target is not None and rule.target.name == CHAIN_POSTROUTING
-    ]
-
-
-def _delete(table: Any, positions: list[int]) -> None:
-    for pos in sorted(positions, reverse=True):  # from the end: earlier positions stay valid
-        if table._iptc.iptc_delete_num_entry(BUILTIN.encode(), pos, table._handle) != 1:
-            raise RuntimeError(f"delete rule {pos} of {TABLE}/{BUILTIN}: {table.strerror()}")
-
-
-def _has_chain(table: Any) -> bool:
-    return any(c.name == CHAIN_POSTROUTING for c in table.chains)
-
-
 def apply_probe_rules(pod_ips: Iterable[str], *, where: str = "current") -> RuleSet:
     """Make MESH_POSTRT hold exactly the rules for `pod_ips`, with one jump first in
     POSTROUTING; idempotent and repairing, one atomic commit. Returns what it installed."""
     ruleset = build_probe_rules(pod_ips)  # validate before touching anything
-    with _lock:
-        table = _open(where)
-        try:
-            positions = _jump_positions(table)
-            keep_first = positions[:1] == [0]
-            _delete(table, positions[1:] if keep_first else positions)
-            if _has_chain(table):
-                table.flush_entries(CHAIN_POSTROUTING)
-            else:
-                table.create_chain(CHAIN_POSTROUTING)
-            chain = iptc.Chain(table, CHAIN_POSTROUTING)
-            for rule in ruleset.chains[(TABLE, CHAIN_POSTROUTING)]:
-                chain.append_rule(_make_rule(table, rule.spec))
-            if not keep_first:
-                iptc.Chain(table, BUILTIN).insert_rule(_make_rule(table, _JUMP.spec))
-            table.commit()
-        except Exception as e:
-            raise RedirectionError(
-                f"probe SNAT: apply {TABLE}/{CHAIN_POSTROUTING} in netns {where}: {_iptc_error(e)}"
-            ) from None
-        finally:
-            table.close()
+    what = f"probe SNAT: apply {TABLE}/{CHAIN_POSTROUTING}"
+    with edit_table(TABLE, what=what, where=where) as table:
+        positions = table.jump_positions(BUILTIN, CHAIN_POSTROUTING)
+        keep_first = positions[:1] == [0]
+        table.delete_rules(BUILTIN, positions[1:] if keep_first else positions)
+        table.create_or_flush_chain(CHAIN_POSTROUTING)
+        for rule in ruleset.chains[(TABLE, CHAIN_POSTROUTING)]:
+            table.append_rule(CHAIN_POSTROUTING, rule.spec)
+        if not keep_first:
+            table.insert_rule(BUILTIN, _JUMP.spec)
     return ruleset
 
 
 def remove_probe_rules(*, where: str = "current") -> bool:
     """Delete the POSTROUTING jumps to MESH_POSTRT and the chain; False when nothing was there."""
-    with _lock:
-        table = _open(where)
-        try:
-            positions = _jump_positions(table)
-            present = _has_chain(table)
-            if not positions and not present:
-                return False
-            _delete(table, positions)
-            if present:
-                table.flush_entries(CHAIN_POSTROUTING)
-                table.delete_chain(CHAIN_POSTROUTING)
-            table.commit()
-            return True
-        except Exception as e:
-            raise RedirectionError(
-                f"probe SNAT: remove {TABLE}/{CHAIN_POSTROUTING} in netns {where}: {_iptc_error(e)}"
-            ) from None
-        finally:
-            table.close()
+    what = f"probe SNAT: remove {TABLE}/{CHAIN_POSTROUTING}"
+    with read_table(TABLE, what=what, where=where) as table:
+        present = bool(table.jump_positions(BUILTIN, CHAIN_POSTROUTING)) or table.has_chain(
+            CHAIN_POSTROUTING
+        )
+    if not present:
+        return False
+    with edit_table(TABLE, what=what, where=where) as table:
+        table.delete_rules(BUILTIN, table.jump_positions(BUILTIN, CHAIN_POSTROUTING))
+        if table.has_chain(CHAIN_POSTROUTING):
+            table.delete_chain(CHAIN_POSTROUTING)
+    return True
+
+
+def _read(where: str) -> tuple[RuleSet, list[int]]:
+    """The live MESH_POSTRT chain and POSTROUTING jumps to it, and the jumps' positions."""
+    what = f"probe SNAT: read {TABLE}/{CHAIN_POSTROUTING}"
+    with read_table(TABLE, what=what, where=where) as table:
+        positions = table.jump_positions(BUILTIN, CHAIN_POSTROUTING)
+        builtin = table.rules(BUILTIN)
+        jumps = tuple(Rule(TABLE, BUILTIN, builtin[pos]) for pos in positions)
+        chains: dict[tuple[str, str], tuple[Rule, ...]] = {}
+        if table.has_chain(CHAIN_POSTROUTING):
+            chains[(TABLE, CHAIN_POSTROUTING)] = tuple(
+                Rule(TABLE, CHAIN_POSTROUTING, toks) for toks in table.rules(CHAIN_POSTROUTING)
+            )
+    return RuleSet(chains=chains, jumps=jumps), positions
 
 
 def read_probe_rules(*, where: str = "current") -> RuleSet:
     """The live MESH_POSTRT chain and the POSTROUTING jumps to it (empty when absent)."""
-    with _lock:
-        table = _open(where)
-        try:
-            jumps = [
-                Rule(TABLE, BUILTIN, _render_rule(r))
-                for r in iptc.Chain(table, BUILTIN).rules
-                if r.target is not None and r.target.name == CHAIN_POSTROUTING
-            ]
-            chains: dict[tuple[str, str], tuple[Rule, ...]] = {}
-            if _has_chain(table):
-                chains[(TABLE, CHAIN_POSTROUTING)] = tuple(
-                    Rule(TABLE, CHAIN_POSTROUTING, _render_rule(r))
-                    for r in iptc.Chain(table, CHAIN_POSTROUTING).rules
-                )
-            return RuleSet(chains=chains, jumps=tuple(jumps))
-        except Exception as e:
-            raise RedirectionError(
-                f"probe SNAT: read {TABLE}/{CHAIN_POSTROUTING} in netns {where}: {_iptc_error(e)}"
-            ) from None
-        finally:
-            table.close()
+    return _read(where)[0]
 
 
 def check_probe_rules(pod_ips: Iterable[str], *, where: str = "current") -> list[str]:
     """What differs between the rules `pod_ips` need and the live ones ([] = all good),
     including a jump that is no longer the first rule of POSTROUTING."""
     expected = build_probe_rules(pod_ips)
-    problems = diff_rules(expected, read_probe_rules(where=where))
-    with _lock:
-        table = _open(where)
-        try:
-            positions = _jump_positions(table)
-        finally:
-            table.close()
+    live, positions = _read(where)
+    problems = diff_rules(expected, live)
     if positions and positions[0] != 0:
         problems.append(f"jump to {CHAIN_POSTROUTING} is rule {positions[0]} of {BUILTIN}, not 0")
     return problems

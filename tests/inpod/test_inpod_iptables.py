@@ -161,3 +161,27 @@ def test_failed_apply_changes_nothing(pair: Pair) -> None:
 
     assert strip(in_netns(pair.pod_name, "iptables-legacy-save", "-t", "nat")) == strip(before)
     assert check_redirection(pair.pod, SPEC) == []
+
+
+def test_edit_table_commits_once_or_not_at_all(pair: Pair) -> None:
+    def good() -> None:
+        with iptables.edit_table("nat", what="test edit") as table:
+            table.create_or_flush_chain("MESH_TEST")
+            table.append_rule("MESH_TEST", ("-p", "tcp", "-j", "RETURN"))
+            table.insert_rule("OUTPUT", ("-j", "MESH_TEST"))
+
+    def bad() -> None:
+        with iptables.edit_table("nat", what="test edit") as table:
+            table.create_or_flush_chain("MESH_TEST")  # staged, then the bad rule aborts it all
+            table.append_rule("OUTPUT", ("-p", "tcp", "--no-such-option"))
+
+    def read() -> tuple[list[tuple[str, ...]], list[int]]:
+        with iptables.read_table("nat", what="test read") as table:
+            return table.rules("MESH_TEST"), table.jump_positions("OUTPUT", "MESH_TEST")
+
+    pair.pod.run(good)
+    assert pair.pod.run(read) == ([("-p", "tcp", "-j", "RETURN")], [0])
+    with pytest.raises(RedirectionError, match="test edit in netns current: cannot translate"):
+        pair.pod.run(bad)
+    assert pair.pod.run(read) == ([("-p", "tcp", "-j", "RETURN")], [0])
+    assert "-A OUTPUT -j MESH_TEST" in live_tables(pair.pod_name)["nat"]
