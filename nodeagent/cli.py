@@ -20,6 +20,8 @@ from pathlib import Path
 
 import trio
 
+from nodeagent.contract import METRICS_PATH, METRICS_PORT, READY_PATH, RUN_DIR
+
 
 def _run(argv: list[str]) -> int:
     from nodeagent import log
@@ -29,15 +31,15 @@ def _run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="nodeagent run", description="Run the node agent.")
     p.add_argument("--node", default=os.environ.get("NODE_NAME") or socket.gethostname())
     p.add_argument("--store", default=os.environ.get("MESH_STORE", DEFAULT_URL))
-    p.add_argument("--run-dir", type=Path, default=Path("/run/nodeagent"))
+    p.add_argument("--run-dir", type=Path, default=RUN_DIR)
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="json", choices=["json", "console"])
     p.add_argument(
         "--metrics-port",
         type=int,
-        default=15020,
-        help="TCP port of /stats/prometheus and /healthz/ready",
+        default=METRICS_PORT,
+        help=f"TCP port of {METRICS_PATH} and {READY_PATH}",
     )
     p.add_argument("--zipkin-url", default=os.environ.get("MESH_ZIPKIN_URL"))
     p.add_argument("--sample-rate", type=float, default=0.01, help="trace sampling, 0..1")
@@ -121,7 +123,7 @@ def _uninstall(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="nodeagent uninstall")
     p.add_argument("--node", default=os.environ.get("NODE_NAME") or socket.gethostname())
     p.add_argument("--store", default=os.environ.get("MESH_STORE", DEFAULT_URL))
-    p.add_argument("--run-dir", type=Path, default=Path("/run/nodeagent"))
+    p.add_argument("--run-dir", type=Path, default=RUN_DIR)
     args = p.parse_args(argv)
     log.configure("info", "console")
     return trio.run(

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from nodeagent.admin.client import DEFAULT_SOCKET, AdminClientError, admin_call_sync
+from nodeagent.admin.client import AdminClientError, admin_call_sync
+from nodeagent.contract import ADMIN_SOCKET
 from nodeagent.telemetry import exposition
 
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="nodeagent admin", description="Query a running agent over its admin socket."
     )
-    p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="admin socket path")
+    p.add_argument("--socket", type=Path, default=ADMIN_SOCKET, help="admin socket path")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("config-dump", help="snapshot, pods, certificates")

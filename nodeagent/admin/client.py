@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 
 import trio
 
+from nodeagent.contract import READY_PATH
 from nodeagent.httpclient import HttpClientError, HttpConnection
 
-DEFAULT_SOCKET = Path("/run/nodeagent/admin.sock")
 TIMEOUT = 10.0
 MAX_RESPONSE = 64 * 1024 * 1024
 T = TypeVar("T")
@@ -121,8 +121,8 @@ def admin_json_sync(sock_path: Path, path: str, *, timeout: float = TIMEOUT) -> 
 
 
 def is_ready(sock_path: Path, *, timeout: float = 1.0) -> bool:
-    """True when the agent answers 200 on `/healthz/ready` (no answer or any other: False)."""
-    request = partial(admin_request, sock_path, "GET", "/healthz/ready")
+    """True when the agent answers 200 on the readiness path (no answer or any other: False)."""
+    request = partial(admin_request, sock_path, "GET", READY_PATH)
     try:
         status, _ = _run_bounded(request, f"admin socket {sock_path}", timeout)
     except AdminClientError:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodeagent import log as logconf
+from nodeagent.contract import METRICS_PATH, READY_PATH
 from nodeagent.httpserver import HttpServerRequest, Response, Route
 from nodeagent.telemetry.metrics import Registry
 from nodeagent.telemetry.server import prometheus_route, ready_route
@@ -94,9 +95,9 @@ def admin_routes(src: AdminSources) -> dict[str, Route]:
         "/workloads": Route(workloads),
         "/certs": Route(certs),
         "/logging": Route(logging, frozenset({"GET", "POST"})),
-        "/healthz/ready": ready_route(src.ready),
+        READY_PATH: ready_route(src.ready),
         "/quitquitquit": Route(quit, frozenset({"POST"})),
     }
     if src.registry is not None:
-        routes["/stats/prometheus"] = prometheus_route(src.registry)
+        routes[METRICS_PATH] = prometheus_route(src.registry)
     return routes

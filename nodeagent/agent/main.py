@@ -23,6 +23,7 @@ from nodeagent.agent.state import AgentState
 from nodeagent.balance import Registry
 from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
+from nodeagent.contract import ADMIN_SOCKET_NAME, CNI_SOCKET_NAME, METRICS_PORT
 from nodeagent.gateway.node import NodeGateway
 from nodeagent.httpserver import Handler, Response, Route, UnixSocketHttpServer
 from nodeagent.identity.manager import IdentityManager
@@ -47,7 +48,7 @@ class AgentConfig:
     run_dir: Path
     trust_domain: str = "cluster.local"
     log_level: str = "info"
-    metrics_port: int = 15020
+    metrics_port: int = METRICS_PORT
     zipkin_url: str | None = None
     sample_rate: float = 0.01
     # Where pod labels and service accounts come from: "" (CNI runtime args) or "kubernetes"
@@ -66,11 +67,11 @@ class AgentConfig:
 
     @property
     def cni_socket(self) -> Path:
-        return self.run_dir / "cni.sock"
+        return self.run_dir / CNI_SOCKET_NAME
 
     @property
     def admin_socket(self) -> Path:
-        return self.run_dir / "admin.sock"
+        return self.run_dir / ADMIN_SOCKET_NAME
 
     @property
     def state_file(self) -> Path:

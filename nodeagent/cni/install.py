@@ -36,6 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from nodeagent.contract import CNI_SOCKET
 from nodeagent.log import get_logger
 
 log = get_logger("cni.install")
@@ -46,7 +47,7 @@ STATE_FILE = ".mesh-cni-install.state"
 STATE_VERSION = 1
 DEFAULT_CONF_DIR = "/etc/cni/net.d"
 DEFAULT_BIN_DIR = "/opt/cni/bin"
-DEFAULT_AGENT_SOCKET = "/run/nodeagent/cni.sock"
+DEFAULT_AGENT_SOCKET = str(CNI_SOCKET)
 # In a source checkout (the DaemonSet image copies the repository), the plugin sits next to
 # the package.
 DEFAULT_PLUGIN_SOURCE = Path(__file__).resolve().parents[2] / "cni-plugin" / PLUGIN_TYPE

@@ -34,11 +34,12 @@ from nodeagent.cni.protocol import (
     FrameDecoder,
     encode_frame,
 )
+from nodeagent.contract import CNI_SOCKET
 from nodeagent.log import get_logger
 
 log = get_logger("cni.server")
 
-DEFAULT_SOCKET = "/run/nodeagent/cni.sock"
+DEFAULT_SOCKET = str(CNI_SOCKET)
 # Below the plugin's default timeoutSeconds (30), so the plugin gets our explanation rather
 # than its own "no reply".
 DEFAULT_TIMEOUT = 25.0

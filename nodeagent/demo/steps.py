@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from nodeagent.admin.client import AdminClientError, admin_call_sync
+from nodeagent.contract import METRICS_PATH, METRICS_PORT
 from nodeagent.demo import output as out
 from nodeagent.sandbox import Pod, Sandbox
 
@@ -515,11 +516,13 @@ def metrics(d: Demo) -> None:
     for node in ("n1", "n2"):
         r = d.sb.exec(
             f"node/{node}",
-            ["curl", "-sf", "--max-time", "5", "http://127.0.0.1:15020/stats/prometheus"],
+            ["curl", "-sf", "--max-time", "5", f"http://127.0.0.1:{METRICS_PORT}{METRICS_PATH}"],
             timeout=10,
         )
         if r.returncode != 0:
-            raise StepFailed(f"{node}: GET :15020/stats/prometheus failed (curl {r.returncode})")
+            raise StepFailed(
+                f"{node}: GET :{METRICS_PORT}{METRICS_PATH} failed (curl {r.returncode})"
+            )
         scrapes[node] = str(r.stdout)
     sums, problems = out.requests_by_version(scrapes)
     if problems:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import trio
 
+from nodeagent.contract import DNS_CAPTURE_PORT, MESH_MARK
 from nodeagent.dns import resolve
 from nodeagent.dns.errors import FramingError, MessageError, ProxyError
 from nodeagent.dns.message import (
@@ -53,7 +54,6 @@ from nodeagent.dns.message import (
 )
 from nodeagent.dns.upstream import Upstream, parse_upstreams, system_upstreams
 from nodeagent.inpod import Netns, NetnsError
-from nodeagent.inpod.rules import DNS_CAPTURE_PORT, MESH_MARK
 from nodeagent.log import get_logger
 from nodeagent.snapshot import Snapshot
 

@@ -36,8 +36,9 @@ from typing import Any
 
 import iptc
 
+from nodeagent.contract import CHAIN_PREFIX
 from nodeagent.inpod.errors import RedirectionError
-from nodeagent.inpod.rules import CHAIN_PREFIX, TABLES, Rule, RuleSet
+from nodeagent.inpod.rules import TABLES, Rule, RuleSet
 
 _lock = threading.Lock()
 _ADDR_FLAGS = {"-s": "src", "-d": "dst", "-i": "in_interface", "-o": "out_interface",

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import trio
 
+from nodeagent.contract import INBOUND_PLAINTEXT_PORT, MESH_MARK, OUTBOUND_CAPTURE_PORT, TUNNEL_PORT
 from nodeagent.inpod.errors import ListenerError, NetnsError
 from nodeagent.inpod.netns import Netns
-from nodeagent.inpod.rules import INBOUND_PLAINTEXT_PORT, MESH_MARK, OUTBOUND_PORT, TUNNEL_PORT
 
 BACKLOG = 1024
 
@@ -79,7 +79,7 @@ def bind_listeners(
     *,
     host: str = "0.0.0.0",
     mark: int = MESH_MARK,
-    ports: tuple[int, int, int] = (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, TUNNEL_PORT),
+    ports: tuple[int, int, int] = (OUTBOUND_CAPTURE_PORT, INBOUND_PLAINTEXT_PORT, TUNNEL_PORT),
 ) -> PodListeners:
     """Bind outbound, inbound and tunnel listeners in `netns`; all three or none.
 

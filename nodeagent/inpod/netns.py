@@ -32,8 +32,8 @@ from typing import TypeVar, TypeVarTuple, Unpack
 
 import trio
 
+from nodeagent.contract import MESH_MARK
 from nodeagent.inpod.errors import NetnsError
-from nodeagent.inpod.rules import MESH_MARK
 from nodeagent.inpod.sockopt import IP_TRANSPARENT
 from nodeagent.log import get_logger
 

@@ -30,17 +30,10 @@ from collections.abc import Iterable
 
 import trio
 
+from nodeagent.contract import MARK_MASK, MESH_MARK, PROBE_SOURCE, TUNNEL_PORT
 from nodeagent.inpod.errors import RedirectionError
 from nodeagent.inpod.iptables import edit_table, read_table
-from nodeagent.inpod.rules import (
-    MARK_MASK,
-    MESH_MARK,
-    PROBE_SOURCE,
-    TUNNEL_PORT,
-    Rule,
-    RuleSet,
-    diff_rules,
-)
+from nodeagent.inpod.rules import Rule, RuleSet, diff_rules
 
 CHAIN_POSTROUTING = "MESH_POSTRT"
 TABLE = "nat"

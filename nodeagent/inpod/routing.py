@@ -21,8 +21,9 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from nodeagent.contract import MARK_MASK
 from nodeagent.inpod.errors import RedirectionError
-from nodeagent.inpod.rules import CONNMARK, MARK_MASK, ROUTE_TABLE, RULE_PRIORITY
+from nodeagent.inpod.rules import CONNMARK, ROUTE_TABLE, RULE_PRIORITY
 
 _RTN_LOCAL = 2
 _SCOPE_HOST = 254

@@ -18,17 +18,19 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from nodeagent.contract import (
+    DNS_CAPTURE_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    MARK_MASK,
+    MESH_MARK,
+    OUTBOUND_CAPTURE_PORT,
+    PROBE_SOURCE,
+    TUNNEL_PORT,
+)
 from nodeagent.inpod.errors import AnnotationError
 
-OUTBOUND_PORT = 15001
-INBOUND_PLAINTEXT_PORT = 15006
-TUNNEL_PORT = 15008
-DNS_CAPTURE_PORT = 15053  # the agent's in-pod DNS proxy (nodeagent.dns), UDP and TCP
 DNS_PORT = 53
 
-# Every socket the agent opens in a pod netns carries this mark (DESIGN "Fixed contracts").
-MESH_MARK = 0x539
-MARK_MASK = 0xFFF
 # Connmark put on connections the agent delivers transparently (source = a peer's IP) so the
 # app's replies, which are addressed to that non-local peer IP, are routed back to the agent.
 # Istio's value: a mesh without Istio never sees Istio's, and one with it agrees with it.
@@ -37,10 +39,6 @@ CONNMARK = 0x111
 # `ip route add local 0.0.0.0/0 dev lo table ROUTE_TABLE` (routing.py).
 ROUTE_TABLE = 100
 RULE_PRIORITY = 32764
-# Kubelet probes are SNATed to this address on the node; they are never captured.
-PROBE_SOURCE = "169.254.7.127"
-
-CHAIN_PREFIX = "MESH_"
 CHAIN_PREROUTING = "MESH_PRERT"
 CHAIN_OUTPUT = "MESH_OUTPUT"
 TABLES = ("mangle", "nat")  # the order tables are applied and rendered in
@@ -312,7 +310,7 @@ def build_rules(spec: RedirectionSpec) -> RuleSet:
     # Everything else the app opens over TCP, unless the agent opened it, goes to 15001.
     n_out.append(
         _rule("nat", CHAIN_OUTPUT, "!", "-d", _LOOPBACK, "-p", "tcp", "-m", "mark", "!",
-              "--mark", _MARK, "-j", "REDIRECT", "--to-ports", str(OUTBOUND_PORT))
+              "--mark", _MARK, "-j", "REDIRECT", "--to-ports", str(OUTBOUND_CAPTURE_PORT))
     )  # fmt: skip
     jumps = tuple(
         _rule(table, builtin, "-j", owned)

@@ -29,7 +29,6 @@ from nodeagent.routing import RouteDestination, Source, TcpRequest, decide_tcp
 from nodeagent.snapshot import Endpoint, ServiceTarget, Snapshot, Workload
 
 OutboundPolicy = Literal["ALLOW_ANY", "REGISTRY_ONLY"]
-TUNNEL_PORT = 15008
 
 
 @dataclass(frozen=True, slots=True)

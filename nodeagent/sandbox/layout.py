@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nodeagent.contract import ADMIN_SOCKET_NAME, CNI_SOCKET_NAME
 from nodeagent.sandbox.errors import SandboxError
 
 STATE_ROOT = Path("/run/nodeagent-sandbox")
@@ -161,11 +162,11 @@ class NodePaths:
 
     @property
     def cni_socket(self) -> Path:
-        return self.root / "cni.sock"
+        return self.root / CNI_SOCKET_NAME
 
     @property
     def admin_socket(self) -> Path:
-        return self.root / "admin.sock"
+        return self.root / ADMIN_SOCKET_NAME
 
     @property
     def conf_dir(self) -> Path:

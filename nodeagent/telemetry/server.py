@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from nodeagent.contract import METRICS_PATH, METRICS_PORT, READY_PATH
 from nodeagent.httpserver import HttpServerRequest, Response, Route, TcpHttpServer
 from nodeagent.telemetry.metrics import CONTENT_TYPE, Registry
-
-METRICS_PORT = 15020
 
 
 def prometheus_route(registry: Registry) -> Route:
@@ -30,7 +29,7 @@ def ready_route(ready: Callable[[], bool]) -> Route:
 
 
 def telemetry_routes(registry: Registry, ready: Callable[[], bool]) -> Mapping[str, Route]:
-    return {"/stats/prometheus": prometheus_route(registry), "/healthz/ready": ready_route(ready)}
+    return {METRICS_PATH: prometheus_route(registry), READY_PATH: ready_route(ready)}
 
 
 def metrics_server(

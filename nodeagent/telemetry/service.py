@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import trio
 
+from nodeagent.contract import METRICS_PORT
 from nodeagent.telemetry.accesslog import AccessLog, Format, TextSink
 from nodeagent.telemetry.metrics import HealthSources, IstioMetrics, Registry, health_collector
-from nodeagent.telemetry.server import METRICS_PORT, metrics_server
+from nodeagent.telemetry.server import metrics_server
 from nodeagent.telemetry.tracing import Tracer, ZipkinExporter
 
 

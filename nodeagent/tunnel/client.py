@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import trio
 
+from nodeagent.contract import TUNNEL_PORT
 from nodeagent.identity.api import IdentityProvider, PeerRejected
 from nodeagent.inpod import Netns
 from nodeagent.tunnel.errors import DENIED, TunnelError
@@ -33,7 +34,6 @@ from nodeagent.tunnel.header import (
 )
 from nodeagent.tunnel.tls import TlsStream
 
-TUNNEL_PORT = 15008
 CONNECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 10.0
 

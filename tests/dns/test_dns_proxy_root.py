@@ -25,6 +25,7 @@ import trio
 from dns_mesh import DB_PODS, REVIEWS_VIP, mesh_snapshot
 from netns_helpers import ip, veth_pair
 
+from nodeagent.contract import DNS_CAPTURE_PORT
 from nodeagent.dns.errors import ProxyError
 from nodeagent.dns.message import (
     NEED_DATA,
@@ -160,7 +161,7 @@ async def test_mesh_names_answered_over_udp_and_tcp(
     running: tuple[Net, DnsProxy, FakeUpstream],
 ) -> None:
     net, proxy, upstream = running
-    assert proxy.udp_address == ("127.0.0.1", 15053)
+    assert proxy.udp_address == ("127.0.0.1", DNS_CAPTURE_PORT)
     assert short(await dig(net, "+short", "reviews.default.svc.cluster.local")) == [REVIEWS_VIP]
     assert short(await dig(net, "+short", "+tcp", "reviews.default.svc.cluster.local")) == [
         REVIEWS_VIP

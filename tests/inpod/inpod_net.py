@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import pytest
 from netns_helpers import ip, veth_pair
 
+from nodeagent.contract import PROBE_SOURCE
 from nodeagent.inpod import Netns
 
 POD_IP = "10.123.0.2"
 PEER_IP = "10.123.0.1"
 PEER_IP2 = "10.123.0.100"  # a second peer address, for excluded-CIDR tests
-PROBE_IP = "169.254.7.127"
 
 
 def in_netns(name: str, *cmd: str) -> str:
@@ -48,6 +48,6 @@ def pair() -> Iterator[Pair]:
     with veth_pair("inpod", (("pod", POD_IP), ("peer", PEER_IP))) as (names, (pod, peer)):
         pod_name, peer_name = names
         ip("-n", peer_name, "addr", "add", f"{PEER_IP2}/24", "dev", "eth0")
-        ip("-n", peer_name, "addr", "add", f"{PROBE_IP}/32", "dev", "eth0")
-        ip("-n", pod_name, "route", "add", f"{PROBE_IP}/32", "dev", "eth0")
+        ip("-n", peer_name, "addr", "add", f"{PROBE_SOURCE}/32", "dev", "eth0")
+        ip("-n", pod_name, "route", "add", f"{PROBE_SOURCE}/32", "dev", "eth0")
         yield Pair(pod_name, peer_name, pod, peer)

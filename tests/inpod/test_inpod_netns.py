@@ -11,6 +11,7 @@ import pytest
 import trio
 from inpod_net import POD_IP, Pair, ip
 
+from nodeagent.contract import MESH_MARK
 from nodeagent.inpod import Netns, NetnsError
 from nodeagent.inpod.sockopt import IP_TRANSPARENT
 
@@ -97,7 +98,7 @@ def test_from_fd(pair: Pair) -> None:
 def test_socket_lives_in_the_pod_with_mark(pair: Pair) -> None:
     s = pair.pod.socket(transparent=True)
     try:
-        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0x539
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == MESH_MARK
         assert s.getsockopt(socket.SOL_IP, IP_TRANSPARENT) == 1
         assert not s.getblocking()
         s.bind((POD_IP, 0))  # only the pod owns this address

@@ -10,8 +10,9 @@ from __future__ import annotations
 import socket
 
 import pytest
-from inpod_net import PEER_IP, POD_IP, PROBE_IP, Pair, in_netns
+from inpod_net import PEER_IP, POD_IP, Pair, in_netns
 
+from nodeagent.contract import MESH_MARK, PROBE_SOURCE
 from nodeagent.inpod import RedirectionError
 from nodeagent.inpod.node_rules import (
     CHAIN_POSTROUTING,
@@ -22,7 +23,6 @@ from nodeagent.inpod.node_rules import (
     read_probe_rules,
     remove_probe_rules,
 )
-from nodeagent.inpod.rules import MESH_MARK
 
 
 def test_build_renders_istio_like_rules() -> None:
@@ -85,7 +85,7 @@ def _seen_source(pair: Pair, port: int, *, mark: int) -> str:
 def test_probe_snat_real_traffic_and_exclusions(pair: Pair) -> None:
     assert _seen_source(pair, 8080, mark=0) == PEER_IP  # control: nothing installed yet
     pair.peer.run(lambda: apply_probe_rules([POD_IP]))
-    assert _seen_source(pair, 8080, mark=0) == PROBE_IP
+    assert _seen_source(pair, 8080, mark=0) == PROBE_SOURCE
     assert _seen_source(pair, 8081, mark=MESH_MARK) == PEER_IP  # the agent's marked sockets
     assert _seen_source(pair, 15008, mark=0) == PEER_IP  # HBONE dials to pods
     pair.peer.run(lambda: remove_probe_rules())

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from nodeagent.contract import CHAIN_PREFIX
 from nodeagent.inpod.errors import AnnotationError
 from nodeagent.inpod.rules import (
-    CHAIN_PREFIX,
     RedirectionSpec,
     Rule,
     RuleSet,

@@ -11,8 +11,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from inpod_net import PEER_IP, PEER_IP2, POD_IP, PROBE_IP, Pair
+from inpod_net import PEER_IP, PEER_IP2, POD_IP, Pair
 
+from nodeagent.contract import (
+    INBOUND_PLAINTEXT_PORT,
+    MESH_MARK,
+    OUTBOUND_CAPTURE_PORT,
+    PROBE_SOURCE,
+    TUNNEL_PORT,
+)
 from nodeagent.inpod import (
     ListenerError,
     Netns,
@@ -96,7 +103,7 @@ async def test_marked_socket_bypasses_capture(captured: tuple[Pair, PodListeners
     pair, ls = captured
     server = _listen(pair.peer, PEER_IP, 8080)
     with server:
-        agent = await _connect(pair.pod, (PEER_IP, 8080), mark=0x539)
+        agent = await _connect(pair.pod, (PEER_IP, 8080), mark=MESH_MARK)
         conn, src = await _accept(server)
         with agent, conn:
             assert src == POD_IP
@@ -117,11 +124,11 @@ async def test_inbound_lands_on_15006_with_original_dst(
 
 async def test_tunnel_port_is_not_redirected(captured: tuple[Pair, PodListeners]) -> None:
     pair, ls = captured
-    peer = await _connect(pair.peer, (POD_IP, 15008))
+    peer = await _connect(pair.peer, (POD_IP, TUNNEL_PORT))
     conn, src = await _accept(ls.tunnel.socket)
     with peer, conn:
         assert src == PEER_IP
-        assert original_dst(conn) == (POD_IP, 15008)  # conntrack saw no NAT
+        assert original_dst(conn) == (POD_IP, TUNNEL_PORT)  # conntrack saw no NAT
     assert not _pending(ls.inbound.socket)
 
 
@@ -129,10 +136,10 @@ async def test_kubelet_probe_is_not_captured(captured: tuple[Pair, PodListeners]
     pair, ls = captured
     app = _listen(pair.pod, "0.0.0.0", 8080)
     with app:
-        probe = await _connect(pair.peer, (POD_IP, 8080), src=PROBE_IP)
+        probe = await _connect(pair.peer, (POD_IP, 8080), src=PROBE_SOURCE)
         conn, src = await _accept(app)
         with probe, conn:
-            assert src == PROBE_IP
+            assert src == PROBE_SOURCE
             await conn.send(b"ok")  # the reply to the probe is not captured either
             assert await probe.recv(8) == b"ok"
     assert not _pending(ls.inbound.socket)
@@ -170,7 +177,9 @@ async def test_transparent_delivery_preserves_source_and_replies_return(
     app = _listen(pair.pod, "0.0.0.0", 8080)
     real_peer = _listen(pair.peer, "0.0.0.0", 8080)
     with app, real_peer:
-        agent = await _connect(pair.pod, (POD_IP, 8080), mark=0x539, src=PEER_IP, transparent=True)
+        agent = await _connect(
+            pair.pod, (POD_IP, 8080), mark=MESH_MARK, src=PEER_IP, transparent=True
+        )
         conn, src = await _accept(app)
         with agent, conn:
             assert src == PEER_IP
@@ -200,13 +209,16 @@ async def test_transparent_delivery_needs_the_routing(pair: Pair) -> None:
 
 
 async def test_bind_listeners_is_all_or_nothing(pair: Pair) -> None:
-    squatter = _listen(pair.pod, "0.0.0.0", 15006)
+    squatter = _listen(pair.pod, "0.0.0.0", INBOUND_PLAINTEXT_PORT)
     with squatter:
         with pytest.raises(ListenerError) as info:
             bind_listeners(pair.pod)
-        assert str(info.value) == f"bind 15006 in netns {pair.pod.name}: address in use"
+        assert (
+            str(info.value)
+            == f"bind {INBOUND_PLAINTEXT_PORT} in netns {pair.pod.name}: address in use"
+        )
         assert info.value.errno == errno.EADDRINUSE
         # 15001, bound before the failure, was released again.
-        _listen(pair.pod, "0.0.0.0", 15001).close()
+        _listen(pair.pod, "0.0.0.0", OUTBOUND_CAPTURE_PORT).close()
     listeners = bind_listeners(pair.pod)
     await listeners.aclose()

@@ -18,6 +18,7 @@ import pytest
 import trio
 from mesh_helpers import admin, sandbox_fixture
 
+from nodeagent.contract import INBOUND_PLAINTEXT_PORT
 from nodeagent.sandbox import Sandbox, SandboxError
 from nodeagent.store import codec, keys, open_store
 
@@ -114,7 +115,7 @@ def test_killed_agent_readopts_pods_and_captures_again(sandbox: Sandbox) -> None
     wait_http(sandbox, client.key, f"http://{server.ip}:8080/")
     assert pod_stats(sandbox, "n2", "server")["connections"]["inbound"]["opened"] >= 1
     # Exactly one copy of the rules after re-adoption repaired them.
-    assert iptables_save(sandbox, server.key).count("--to-ports 15006") == 1
+    assert iptables_save(sandbox, server.key).count(f"--to-ports {INBOUND_PLAINTEXT_PORT}") == 1
 
 
 def test_restart_forgets_pods_that_went_away(sandbox: Sandbox) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from mesh_helpers import admin, apply, client_pods, curl, eventually, meshctl, sandbox_fixture
 
+from nodeagent.contract import DNS_CAPTURE_PORT, TUNNEL_PORT
 from nodeagent.sandbox import Pod, Sandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -253,5 +254,5 @@ def test_pods_resolve_mesh_names_through_the_dns_proxy(
     # the admin socket lists what the agent serves in the pod
     (row,) = [p for p in admin(sandbox, "n1", "/pods") if p["name"] == "sleep"]
     served_here = {(x["role"], x["protocol"], x["address"]) for x in row["listeners"]}
-    assert ("dns", "udp", "127.0.0.1:15053") in served_here
-    assert ("tunnel", "tcp", "0.0.0.0:15008") in served_here
+    assert ("dns", "udp", f"127.0.0.1:{DNS_CAPTURE_PORT}") in served_here
+    assert ("tunnel", "tcp", f"0.0.0.0:{TUNNEL_PORT}") in served_here

@@ -27,6 +27,7 @@ import pytest
 from l7_helpers import service, write_app
 from mesh_helpers import apply
 
+from nodeagent.contract import METRICS_PATH, METRICS_PORT
 from nodeagent.sandbox import Pod, Sandbox
 from nodeagent.sandbox.layout import OUTSIDE_IP
 from nodeagent.telemetry.exposition import samples
@@ -207,7 +208,7 @@ def _curl_loop(sb: Sandbox, pod: Pod | str, url: str, n: int, *headers: str) -> 
 
 
 def _scrape(sb: Sandbox, node: str) -> str:
-    url = f"http://{sb.node(node).underlay_ip}:15020/stats/prometheus"
+    url = f"http://{sb.node(node).underlay_ip}:{METRICS_PORT}{METRICS_PATH}"
     r = sb.exec("outside", ["curl", "-sf", "--max-time", "5", url], timeout=15)
     assert r.returncode == 0, r.stderr
     return str(r.stdout)

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from mesh_helpers import apply_file, client_pods, curl, eventually, sandbox_fixture
 
+from nodeagent.contract import PROBE_SOURCE
 from nodeagent.sandbox import Pod, Sandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 sandbox = sandbox_fixture("pr")
-PROBE_SOURCE = "169.254.7.127"
 
 # HTTP on 8080 answering with the peer address the app saw.
 APP = r"""

@@ -17,6 +17,7 @@ from apiserver import FakeApiServer
 from kube_helpers import TIMEOUT, fixture, memory_client, service
 from kustomize_render import render
 
+from nodeagent.contract import METRICS_PORT, READY_PATH
 from nodeagent.kube.cli import KubeSync
 from nodeagent.kube.leader import LeaderElector
 from nodeagent.kube.resources import ALL
@@ -122,7 +123,7 @@ def test_daemonset_shape() -> None:
     sc = agent["securityContext"]
     assert sc["privileged"] is False
     assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN", "NET_RAW"]}
-    assert agent["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15020}
+    assert agent["readinessProbe"]["httpGet"] == {"path": READY_PATH, "port": METRICS_PORT}
     assert agent["lifecycle"]["preStop"]["exec"]["command"][:3] == ["nodeagent", "admin", "drain"]
     mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
     assert mounts["/run/netns"]["mountPropagation"] == "HostToContainer"

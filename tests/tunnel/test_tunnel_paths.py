@@ -28,6 +28,7 @@ from tunnel_net import (
     settled,
 )
 
+from nodeagent.contract import MESH_MARK, TUNNEL_PORT
 from nodeagent.tunnel import (
     SessionCache,
     SourceInfo,
@@ -85,7 +86,7 @@ async def test_wrong_server_identity_is_refused(namespaces: Namespaces) -> None:
 async def _raw_tls(namespaces: Namespaces, ctx: ssl.SSLContext) -> bytes:
     raw = namespaces.a.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        await connect_socket(raw, (B_IP, 15008), 5)
+        await connect_socket(raw, (B_IP, TUNNEL_PORT), 5)
         from nodeagent.tunnel import TlsStream
 
         stream = TlsStream.wrap(raw, ctx, server_side=False)
@@ -189,7 +190,7 @@ def _mtls(mode: str) -> object:
 async def test_plaintext_client_permissive_accepted_strict_refused(namespaces: Namespaces) -> None:
     async with running_mesh(namespaces) as mesh:
         # The mesh mark lets this socket out of A uncaptured: a plaintext client reaching B.
-        mark = 0x539
+        mark = MESH_MARK
         assert await app_call(namespaces.a, (B_IP, APP_PORT), b"p", mark=mark) == expect(b"p")
         mesh.snap[0] = build_snapshot(_mtls("STRICT"))
         assert await app_call(namespaces.a, (B_IP, APP_PORT), b"p", mark=mark) == b""

@@ -27,14 +27,13 @@ from tunnel_net import (
     settled,
 )
 
+from nodeagent.contract import MESH_MARK
 from nodeagent.inpod import Netns
 from nodeagent.proxy.connector import denied_by_policy
 from nodeagent.tunnel import SourceInfo, TunnelError, TunnelRequest, open_tunnel
 
 pytestmark = pytest.mark.root
 __all__ = ["namespaces"]  # the fixture, imported for pytest
-
-MESH_MARK = 0x539  # lets a socket out of pod A uncaptured: a plaintext client of B
 
 
 @asynccontextmanager
