@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from nodeagent.agent.state import AgentState, PodRecord
+from nodeagent.balance import Registry
 from nodeagent.cni.errors import ErrorCode
 from nodeagent.cni.metadata import PodMetadataSource
 from nodeagent.cni.protocol import CniRequest, EnrollError
@@ -35,7 +36,7 @@ from nodeagent.inpod import (
     bind_listeners,
 )
 from nodeagent.log import get_logger
-from nodeagent.proxy.outbound import BalancedPicker, EndpointPicker, OutboundPolicy
+from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.proxy.pod import PodProxy
 from nodeagent.snapshot import Snapshot, Workload
 from nodeagent.store import codec, keys
@@ -62,9 +63,9 @@ class EnrolledPod:
         """What the agent serves inside this pod's netns, as bound."""
         rows = []
         for role, listener in (
-            ("outbound", self.proxy.listeners.outbound),
-            ("inbound-plaintext", self.proxy.listeners.inbound),
-            ("tunnel", self.proxy.listeners.tunnel),
+            ("outbound", self.proxy.core.listeners.outbound),
+            ("inbound-plaintext", self.proxy.core.listeners.inbound),
+            ("tunnel", self.proxy.core.listeners.tunnel),
         ):
             try:
                 host, port = listener.socket.getsockname()[:2]
@@ -149,7 +150,7 @@ class Enroller:
         identities: IdentityProvider | None = None,
         snapshot: Callable[[], Snapshot] | None = None,
         outbound_policy: OutboundPolicy = "ALLOW_ANY",
-        picker: EndpointPicker | None = None,
+        registry: Registry | None = None,
         dns: bool = True,
         dns_upstreams: Sequence[str] | None = None,
         telemetry: Sinks | None = None,
@@ -163,7 +164,7 @@ class Enroller:
         self.identities = identities
         self.snapshot: Callable[[], Snapshot] = snapshot if snapshot is not None else Snapshot.empty
         self.outbound_policy: OutboundPolicy = outbound_policy
-        self.picker = picker if picker is not None else BalancedPicker()
+        self.registry = registry if registry is not None else Registry()  # the node's balancer
         self.sessions = SessionCache()  # shared by every pod: keyed by source identity
         self.store = store
         self.state = state
@@ -275,7 +276,7 @@ class Enroller:
         """A new snapshot: every pod proxy re-checks its open inbound connections against it
         (only sets an event per pod: safe to call from a snapshot swap listener)."""
         for pod in self.pods.values():
-            pod.proxy.policy_changed()
+            pod.proxy.inbound.policy_changed()
 
     # -- inspection ---------------------------------------------------------------------------
 
@@ -312,7 +313,7 @@ class Enroller:
                 workload=workload,
                 identities=self.identities,
                 snapshot=self.snapshot,
-                picker=self.picker,
+                registry=self.registry,
                 sessions=self.sessions,
                 outbound_policy=self.outbound_policy,
                 telemetry=self.telemetry,
@@ -390,7 +391,7 @@ class Enroller:
         if self.identities is None:
             return
         for pod in self.pods.values():
-            other = pod.proxy.workload
+            other = pod.proxy.core.workload
             if pod.record.uid != leaving_uid and other is not None and other.identity == identity:
                 return
         self.identities.release(identity)
@@ -422,8 +423,9 @@ class Enroller:
             log.info("teardown.netns_gone", pod=pod.record.key, error=str(exc))
         pod.netns.close()
         self.pods.pop(pod.record.uid, None)
-        if pod.proxy.workload is not None:
-            await self._release_identity(pod.proxy.workload.identity, pod.record.uid)
+        workload = pod.proxy.core.workload
+        if workload is not None:
+            await self._release_identity(workload.identity, pod.record.uid)
         await self._forget(pod.record)
         log.info("unenroll.complete", pod=pod.record.key, reason=reason)
 

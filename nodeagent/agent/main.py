@@ -30,7 +30,7 @@ from nodeagent.identity.manager import IdentityManager
 from nodeagent.inpod.errors import RedirectionError
 from nodeagent.inpod.node_rules import aapply_probe_rules, is_probe_target
 from nodeagent.log import get_logger
-from nodeagent.proxy.outbound import BalancedPicker, OutboundPolicy
+from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.snapshot import Snapshot, SnapshotSync
 from nodeagent.store import open_store
 from nodeagent.store.lease import hold_lease
@@ -174,7 +174,7 @@ class Agent:
                     identities=self.identities,
                     snapshot=lambda: snapshot.current,
                     outbound_policy=cfg.outbound_policy,
-                    picker=BalancedPicker(self.balance),
+                    registry=self.balance,
                     dns=cfg.dns,
                     dns_upstreams=list(cfg.dns_upstreams) or None,
                     telemetry=self.telemetry,
@@ -196,7 +196,7 @@ class Agent:
                         sync=self.snapshot,
                         trust_domain=cfg.trust_domain,
                         bind_host=cfg.gateway_bind,
-                        picker=self.enroller.picker,
+                        registry=self.balance,
                         sessions=self.enroller.sessions,
                         telemetry=self.telemetry,
                     )

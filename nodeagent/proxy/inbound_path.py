@@ -3,7 +3,7 @@ tunnel 15008 (the client's SPIFFE id verified, then authorized), both delivering
 inside the netns with the client's own address as source.
 
 Policy also applies to connections already open (ztunnel's connection manager and policy
-watcher): each relayed connection is registered in `PodCore.live` and re-checked when the
+watcher): each relayed connection is registered in `InboundPath.live` and re-checked when the
 snapshot swaps (the agent's swap listener calls `policy_changed()`) or the identity provider
 changes (revocation); one now denied is reset.
 """
@@ -25,6 +25,7 @@ from nodeagent.proxy.inbound import (
     Closed,
     InboundDecision,
     LiveConnection,
+    LiveConnections,
     Peer,
     PeerCheck,
     plaintext_decision,
@@ -48,38 +49,42 @@ from nodeagent.tunnel import (
 
 log = get_logger("proxy")
 
-# While inbound connections are open, how often the snapshot is looked at for a swap (when no
-# `policy_changed()` poke comes first): a policy change reaches open connections within this.
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 
-class InboundPath(PodCore):
-    """Serves 15006 and 15008 connections for `PodProxy`, and re-checks them while open."""
+class InboundPath:
+    """Serves one pod's 15006 and 15008 connections over the pod's core, and re-checks them
+    while open."""
+
+    def __init__(self, core: PodCore) -> None:
+        self.core = core
+        self.live = LiveConnections()  # open inbound connections, re-checked on policy changes
+        self._policy_poke = trio.Event()
 
     # -- inbound plaintext (15006) ----------------------------------------------------------------
 
-    async def _inbound(self, client: trio.SocketStream, conn: ConnLog) -> None:
+    async def serve_plaintext(self, client: trio.SocketStream, conn: ConnLog) -> None:
         src = client.socket.getpeername()
         dst = original_dst(client.socket)
         conn.src, conn.dst = f"{src[0]}:{src[1]}", f"{dst[0]}:{dst[1]}"
-        snap = self.snapshot()
-        me = self._me(snap)
+        snap = self.core.snapshot()
+        me = self.core.me(snap)
         if me is not None:
             conn.dst_identity = me.identity
             decision = plaintext_decision(snap, me, src[0], dst[0], dst[1])
             if not decision.allowed:
                 conn.tel = self._inbound_recorder(snap, me, conn, src[0], dst[1], None, "none")
                 raise Denied("inbound_denied", decision.reason, decision.policy)
-            self._audit(conn, decision.audited)
+            self.core.audit(conn, decision.audited)
         conn.endpoint = conn.dst
         conn.tel = self._inbound_recorder(snap, me, conn, src[0], dst[1], None, "none")
-        upstream = await self._connect(dst, (src[0], 0))
+        upstream = await self.core.connect(dst, (src[0], 0))
         peer = Peer(src[0], dst[0], dst[1], src_port=src[1])
         await self._relay_live(conn, snap, peer, client, upstream, client.socket)
 
     # -- inbound mTLS (15008) ---------------------------------------------------------------------
 
-    async def _tunnel(self, client: trio.SocketStream, conn: ConnLog) -> None:
+    async def serve_tunnel(self, client: trio.SocketStream, conn: ConnLog) -> None:
         raw = detach(client)
         try:
             peer = raw.getpeername()
@@ -88,18 +93,18 @@ class InboundPath(PodCore):
             raw.close()
             raise
         conn.src = f"{peer[0]}:{peer[1]}"
-        snap = self.snapshot()
-        me = self._me(snap)
-        if me is None or self.identities is None:
+        snap = self.core.snapshot()
+        me = self.core.me(snap)
+        if me is None or self.core.identities is None:
             raw.close()
             raise TunnelError("no_identity", "this pod has no mesh identity: tunnel refused")
         conn.dst_identity = me.identity
         try:
-            await self.identities.wait_ready(me.identity, self.identity_wait)
+            await self.core.identities.wait_ready(me.identity, self.core.identity_wait)
         except IdentityUnavailable:
             raw.close()
             raise
-        accepted = await accept_tunnel(raw, identities=self.identities, identity=me.identity)
+        accepted = await accept_tunnel(raw, identities=self.core.identities, identity=me.identity)
         stream = accepted.stream
         try:
             conn.src_identity = accepted.peer_identity
@@ -113,9 +118,9 @@ class InboundPath(PodCore):
             if not decision.allowed:
                 await try_respond(stream, TunnelResponse(403, decision.reason))
                 raise Denied("tunnel_denied", decision.reason, decision.policy)
-            self._audit(conn, decision.audited)
+            self.core.audit(conn, decision.audited)
             try:
-                upstream = await self._connect((local[0], port), (peer[0], 0))
+                upstream = await self.core.connect((local[0], port), (peer[0], 0))
             except (OSError, trio.TooSlowError) as exc:
                 await try_respond(stream, TunnelResponse(502, f"connect {conn.dst}: {exc}"))
                 raise
@@ -164,8 +169,8 @@ class InboundPath(PodCore):
         live = LiveConnection(conn.cid, peer, close)
         self.live.add(live)
         try:
-            current = self.snapshot()
-            me = self._me(current)
+            current = self.core.snapshot()
+            me = self.core.me(current)
             if current is not snap and me is not None:
                 # A swap while this connection was being set up: the watcher may have swept
                 # before it was registered.
@@ -179,31 +184,31 @@ class InboundPath(PodCore):
         if live.closed_by is not None:
             raise Denied("closed_by_policy", live.closed_by.reason, live.closed_by.policy)
 
-    async def _watch_policy(self) -> None:
-        seen = self.snapshot()
+    async def watch_policy(self) -> None:
+        seen = self.core.snapshot()
         while True:
             await self._policy_poke.wait()
             self._policy_poke = trio.Event()
-            snap = self.snapshot()
+            snap = self.core.snapshot()
             if snap is seen:
                 continue
             seen = snap
             if len(self.live):
                 self._sweep(snap, None)
 
-    async def _watch_revocation(self) -> None:
+    async def watch_revocation(self) -> None:
         """Re-check open tunnels' peer certificates whenever the identity provider changes
         (the CRL among others): `peer_identity` refuses a revoked serial."""
-        if self.identities is None:
+        if self.core.identities is None:
             return
-        peer_check = self.identities.peer_identity
+        peer_check = self.core.identities.peer_identity
         while True:
-            await self.identities.wait_changed()
+            await self.core.identities.wait_changed()
             if len(self.live):
-                self._sweep(self.snapshot(), peer_check)
+                self._sweep(self.core.snapshot(), peer_check)
 
     def _sweep(self, snap: Snapshot, peer_check: PeerCheck | None) -> None:
-        me = self._me(snap)
+        me = self.core.me(snap)
         if me is None:
             return
         for closed in self.live.sweep(snap, me, peer_check):
@@ -216,7 +221,7 @@ class InboundPath(PodCore):
         log.warning(
             "connection.closed_by_policy",
             conn=closed.conn.cid,
-            pod=self.pod,
+            pod=self.core.pod,
             src=f"{peer.src_ip}:{peer.src_port}",
             dst=f"{peer.dst_ip}:{peer.port}",
             src_identity=peer.identity,
@@ -237,7 +242,7 @@ class InboundPath(PodCore):
     ) -> TcpRecorder | None:
         """Reporter "destination"; through the tunnel, the verified peer identity is the source
         principal and a trace context in the header becomes a SERVER span."""
-        if self.telemetry is None:
+        if self.core.telemetry is None:
             return None
         src = request.source if request is not None else None
         source = peer_workload(
@@ -250,16 +255,17 @@ class InboundPath(PodCore):
         span = None
         headers = tunnel_headers(request.trace) if request is not None else None
         if headers is not None:
-            span = self.telemetry.tracer.start(
+            tracer = self.core.telemetry.tracer
+            span = tracer.start(
                 headers,
                 kind="SERVER",
                 name=f"inbound|{port}",
-                local=SpanEndpoint(self.telemetry.tracer.service_name, me.address if me else None),
+                local=SpanEndpoint(tracer.service_name, me.address if me else None),
                 remote=SpanEndpoint(None, peer_ip),
                 tags={"peer.principal": conn.src_identity or "-", "component": "proxy"},
             )
         return TcpRecorder(
-            self.telemetry,
+            self.core.telemetry,
             reporter="destination",
             namespace=me.namespace if me is not None else "-",
             source=source,
@@ -269,6 +275,6 @@ class InboundPath(PodCore):
             source_principal=conn.src_identity,
             downstream=conn.src,
             upstream=conn.endpoint or conn.dst,
-            connection_id=f"{self.pod}#{conn.cid}",
+            connection_id=f"{self.core.pod}#{conn.cid}",
             span=span,
         )

@@ -1,32 +1,29 @@
 """The outbound routing decision (pure): where does a captured connection to dst go?
 
-`decide(snap, dst_ip, dst_port, picker=…, policy=…)` reads the snapshot and returns one of
+`decide(snap, dst_ip, dst_port, registry=…, policy=…)` reads the snapshot and returns one of
 `ToWorkload` (through the mTLS tunnel to a meshed workload: always, never plaintext),
 `Passthrough` (straight to an address outside the mesh) or `Refuse`. A service port with
 VirtualService `tcp` routes is first routed by `nodeagent.routing.decide_tcp` (weights, subsets).
 `http_target` says whether a destination is an HTTP/1.1 service port (then the L7 proxy takes the
-connection instead), and `route_picker` adapts an `EndpointPicker` to the L7 proxy's picker.
-`BalancedPicker` is the node's picker on top of one `balance.Registry`: `decide` then returns
-the picked endpoint's live handle (`ToWorkload.handle`) for the L4 proxy to bracket the
-connection with, and the L7 proxy uses the registry itself (feedback, circuit breakers).
-Moving bytes is elsewhere (`outbound_path.py`, `inbound_path.py`); this file sends nothing and
-is tested against hand-made snapshots.
+connection instead). Endpoints are picked by the node's one `balance.Registry` (the
+DestinationRule's policy, outlier ejection): `decide` returns the picked endpoint's live handle
+(`ToWorkload.handle`) for the L4 path to bracket the connection with; the L7 proxy picks through
+the same registry. Moving bytes is elsewhere (`outbound_path.py`, `inbound_path.py`); this file
+sends nothing, imports nothing that does, and is tested against hand-made snapshots.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 from nodeagent.balance import NoHealthyUpstream, PickContext, Registry
 from nodeagent.balance.state import EndpointState
-from nodeagent.http.proxy import BalancedRoutePicker
-from nodeagent.routing import RouteDestination, Source, TcpRequest, decide_tcp
-from nodeagent.snapshot import Endpoint, ServiceTarget, Snapshot, Workload
+from nodeagent.routing import Source, TcpRequest, decide_tcp
+from nodeagent.snapshot import ServiceTarget, Snapshot, Workload
 
 OutboundPolicy = Literal["ALLOW_ANY", "REGISTRY_ONLY"]
 
@@ -40,8 +37,8 @@ class ToWorkload:
     port: int
     service: str | None = None  # namespace/name when reached through a service
     route: str | None = None  # the VirtualService tcp route that chose it (ns/vs.<rule>)
-    # The balancer's live state of the picked endpoint (BalancedPicker only): the L4 proxy calls
-    # start() when it connects and finish() when the connection ends or fails.
+    # The balancer's live state of the picked endpoint (None when a pod IP was addressed): the L4
+    # path calls start() when it connects and finish() when the connection ends or fails.
     handle: EndpointState | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -65,86 +62,6 @@ class Refuse:
 
 
 Decision = ToWorkload | Passthrough | Refuse
-
-
-class EndpointPicker(Protocol):
-    """Chooses one endpoint of a service port; the load-balancing work replaces this."""
-
-    def pick(self, target: ServiceTarget, endpoints: tuple[Endpoint, ...]) -> Endpoint: ...
-
-
-class RoundRobinPicker:
-    """Round robin per service port, in the snapshot's endpoint order."""
-
-    def __init__(self) -> None:
-        self._counters: dict[tuple[str, str, int], itertools.count[int]] = {}
-
-    def pick(self, target: ServiceTarget, endpoints: tuple[Endpoint, ...]) -> Endpoint:
-        key = (target.service.kind, target.service.ref, target.port.port)
-        counter = self._counters.setdefault(key, itertools.count())
-        return endpoints[next(counter) % len(endpoints)]
-
-
-class BalancedPicker:
-    """The node's endpoint picker over one `balance.Registry` (clusters keyed by service,
-    subset and port, with the DestinationRule's policy: top-level, subset, port-level).
-
-    `decide` calls `pick_handle` (the snapshot is at hand there); `pick` serves the plain
-    `EndpointPicker` interface (no feedback: callers that cannot report outcomes).
-    """
-
-    def __init__(self, registry: Registry | None = None) -> None:
-        self.registry = registry if registry is not None else Registry()
-        self._last: Snapshot | None = None
-
-    def pick_handle(
-        self,
-        snap: Snapshot,
-        target: ServiceTarget,
-        *,
-        subset: str | None = None,
-        ctx: PickContext | None = None,
-        from_namespace: str | None = None,
-    ) -> EndpointState:
-        """Raises NoHealthyUpstream when the cluster has nothing to pick."""
-        self._last = snap
-        picker = self.registry.picker_for(
-            snap, target.service, subset, target.port.port, from_namespace=from_namespace
-        )
-        return picker.pick(ctx) if ctx is not None else picker.pick()
-
-    def pick(self, target: ServiceTarget, endpoints: tuple[Endpoint, ...]) -> Endpoint:
-        snap = self._last
-        if snap is not None:
-            try:
-                state = self.pick_handle(snap, target)
-            except NoHealthyUpstream:
-                pass
-            else:
-                if state.endpoint in endpoints:
-                    return state.endpoint
-        return endpoints[0]
-
-
-def route_picker(
-    picker: EndpointPicker,
-) -> Callable[[RouteDestination, Sequence[Endpoint]], Endpoint | None]:
-    """The L7 proxy's picker `(destination, endpoints) -> endpoint` over an `EndpointPicker`,
-    so one balancing implementation serves both the L4 and the HTTP paths. Over a
-    `BalancedPicker` it is a `BalancedRoutePicker`: `HttpProxy` then uses the registry itself."""
-    if isinstance(picker, BalancedPicker):
-        return BalancedRoutePicker(picker.registry)
-
-    def pick(destination: RouteDestination, endpoints: Sequence[Endpoint]) -> Endpoint | None:
-        service = destination.service
-        if not endpoints or service is None or destination.port is None:
-            return None
-        port = service.port(destination.port)
-        if port is None:
-            return endpoints[0]
-        return picker.pick(ServiceTarget(service, port), tuple(endpoints))
-
-    return pick
 
 
 HTTP_PROTOCOLS = frozenset({"http"})  # HTTP/1.1 only: h11 does not speak http2/grpc
@@ -177,14 +94,15 @@ def decide(
     dst_ip: str,
     dst_port: int,
     *,
-    picker: EndpointPicker,
+    registry: Registry,
     policy: OutboundPolicy = "ALLOW_ANY",
     source: Source | None = None,
     rand: Callable[[], float] = random.random,
     source_ip: str | None = None,
 ) -> Decision:
-    """`source` (the calling pod's namespace and labels) is what VirtualService tcp routes match
-    on; `rand` draws the weighted choice; `source_ip` is what consistentHash useSourceIp hashes."""
+    """`registry` picks the endpoint; `source` (the calling pod's namespace and labels) is what
+    VirtualService tcp routes match on; `rand` draws the weighted choice; `source_ip` is what
+    consistentHash useSourceIp hashes."""
     found = snap.find_address(dst_ip, dst_port)
     if isinstance(found, Workload):
         # A pod IP (headless services and services without a VIP end up here too).
@@ -197,7 +115,7 @@ def decide(
             return routed
         if routed is not None:
             target, route = routed
-            decision = _service(snap, target, dst_ip, dst_port, picker, source, source_ip)
+            decision = _service(snap, target, dst_ip, dst_port, registry, source, source_ip)
             if isinstance(decision, ToWorkload):
                 return ToWorkload(
                     decision.workload,
@@ -208,7 +126,7 @@ def decide(
                     decision.handle,
                 )
             return decision
-        return _service(snap, found, dst_ip, dst_port, picker, source, source_ip)
+        return _service(snap, found, dst_ip, dst_port, registry, source, source_ip)
     if policy == "REGISTRY_ONLY":
         return Refuse(f"{dst_ip}:{dst_port} is not in the mesh registry (REGISTRY_ONLY)")
     return Passthrough(dst_ip, dst_port, "unknown destination")
@@ -256,7 +174,7 @@ def _service(
     target: ServiceTarget,
     dst_ip: str,
     dst_port: int,
-    picker: EndpointPicker,
+    registry: Registry,
     source: Source | None = None,
     source_ip: str | None = None,
 ) -> Decision:
@@ -270,23 +188,14 @@ def _service(
             # A ServiceEntry without endpoints names an external host reached by its address.
             return Passthrough(dst_ip, dst_port, "ServiceEntry without endpoints", service.ref)
         return Refuse(f"service {service.ref} port {dst_port} has no endpoints")
-    handle: EndpointState | None = None
-    if isinstance(picker, BalancedPicker):
-        subset_name = target.subset_name if isinstance(target, _SubsetTarget) else None
-        ns = source.namespace if source is not None and source.namespace else None
-        try:
-            handle = picker.pick_handle(
-                snap,
-                target,
-                subset=subset_name,
-                ctx=PickContext(source_ip=source_ip),
-                from_namespace=ns,
-            )
-        except NoHealthyUpstream as exc:
-            return Refuse(str(exc), flag="UH")
-        endpoint = handle.endpoint
-    else:
-        endpoint = picker.pick(target, endpoints)
+    subset_name = target.subset_name if isinstance(target, _SubsetTarget) else None
+    ns = source.namespace if source is not None and source.namespace else None
+    picker = registry.picker_for(snap, service, subset_name, target.port.port, from_namespace=ns)
+    try:
+        handle = picker.pick(PickContext(source_ip=source_ip))
+    except NoHealthyUpstream as exc:
+        return Refuse(str(exc), flag="UH")
+    endpoint = handle.endpoint
     workload = endpoint.workload
     if workload is not None and workload.identity:
         return ToWorkload(workload, endpoint.address, endpoint.port, service.ref, handle=handle)

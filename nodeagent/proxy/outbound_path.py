@@ -27,7 +27,6 @@ from nodeagent.proxy.outbound import (
     ToWorkload,
     decide,
     http_target,
-    route_picker,
 )
 from nodeagent.proxy.pod_core import PodCore
 from nodeagent.proxy.relay import RelayResult, relay
@@ -40,53 +39,61 @@ from nodeagent.tunnel import SourceInfo, TunnelError, TunnelRequest, open_tunnel
 log = get_logger("proxy")
 
 
-class OutboundPath(PodCore):
-    """Serves 15001 connections for `PodProxy` (the L7 hand-off included)."""
+class OutboundPath:
+    """Serves one pod's 15001 connections (the L7 hand-off included), over the pod's core."""
+
+    def __init__(self, core: PodCore) -> None:
+        self.core = core
+        self._http: HttpProxy | None = None  # made on the first HTTP connection
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
 
     def http_proxy(self) -> HttpProxy:
         """This pod's L7 proxy (one per pod, so upstream connections are pooled per source)."""
         if self._http is None:
             connector = MeshConnector(
-                netns=self.netns,
-                identities=self.identities,
+                netns=self.core.netns,
+                identities=self.core.identities,
                 source=self._tunnel_source,
-                sessions=self.sessions,
-                identity_wait=self.identity_wait,
-                stats=self.stats.outbound,
-                label=self.pod,
+                sessions=self.core.sessions,
+                identity_wait=self.core.identity_wait,
+                stats=self.core.stats.outbound,
+                label=self.core.pod,
             )
             self._http = HttpProxy(
-                snapshot=self.snapshot,
+                snapshot=self.core.snapshot,
                 source=self._route_source,
                 connector=connector,
-                picker=route_picker(self.picker),
+                registry=self.core.registry,
                 on_request=self._on_request,
-                name=f"http:{self.pod}",
-                tracer=self.telemetry.tracer if self.telemetry is not None else None,
-                access_logged=self.telemetry is not None,  # record_request writes the line
+                name=f"http:{self.core.pod}",
+                tracer=self.core.telemetry.tracer if self.core.telemetry is not None else None,
+                access_logged=self.core.telemetry is not None,  # record_request writes the line
             )
         return self._http
 
     def _route_source(self, request: Request) -> Source:
-        me = self._me(self.snapshot())
+        me = self.core.me(self.core.snapshot())
         if me is None:
             return Source()
         return Source(namespace=me.namespace, labels=me.labels)
 
     def _tunnel_source(self) -> SourceInfo | None:
-        me = self._me(self.snapshot())
+        me = self.core.me(self.core.snapshot())
         if me is None or not me.identity:
             return None
         return SourceInfo(me.namespace, me.name, me.identity, me.address or "")
 
     def _on_request(self, entry: RequestLog) -> None:
-        self.stats.outbound.bytes_sent += entry.bytes_received
-        self.stats.outbound.bytes_received += entry.bytes_sent
-        if self.telemetry is not None:
-            snap = self.snapshot()
-            me = self._me(snap)
+        self.core.stats.outbound.bytes_sent += entry.bytes_received
+        self.core.stats.outbound.bytes_received += entry.bytes_sent
+        if self.core.telemetry is not None:
+            snap = self.core.snapshot()
+            me = self.core.me(snap)
             record_request(
-                self.telemetry,
+                self.core.telemetry,
                 snap,
                 entry,
                 source=me,
@@ -95,11 +102,11 @@ class OutboundPath(PodCore):
 
     # -- outbound (15001) ------------------------------------------------------------------------
 
-    async def _outbound(self, client: trio.SocketStream, conn: ConnLog) -> None:
+    async def serve(self, client: trio.SocketStream, conn: ConnLog) -> None:
         src = client.socket.getpeername()
         dst = original_dst(client.socket)
         conn.src, conn.dst = f"{src[0]}:{src[1]}", f"{dst[0]}:{dst[1]}"
-        snap = self.snapshot()
+        snap = self.core.snapshot()
         target = http_target(snap, dst[0], dst[1])
         if target is not None:
             # HTTP/1.1 service port: the L7 proxy routes every request (one log line each).
@@ -108,14 +115,14 @@ class OutboundPath(PodCore):
                 client, port=dst[1], host=target.service.hostname, client_address=src[0]
             )
             return
-        me = self._me(snap)
+        me = self.core.me(snap)
         source = Source(me.namespace, me.labels) if me is not None else None
         decision = decide(
             snap,
             dst[0],
             dst[1],
-            picker=self.picker,
-            policy=self.outbound_policy,
+            registry=self.core.registry,
+            policy=self.core.outbound_policy,
             source=source,
             source_ip=src[0],
         )
@@ -147,7 +154,7 @@ class OutboundPath(PodCore):
         if isinstance(decision, Passthrough):
             conn.endpoint, conn.flag = f"{decision.address}:{decision.port}", "passthrough"
             conn.tel = self._outbound_recorder(snap, me, conn, None, decision.service, "none")
-            upstream = await self._connect((decision.address, decision.port), None)
+            upstream = await self.core.connect((decision.address, decision.port), None)
             feedback.connected()
             conn.opened()
             conn.relay = RelayResult()
@@ -161,29 +168,29 @@ class OutboundPath(PodCore):
         )
         if decision.route is not None:
             conn.flag = f"route={decision.route}"
-        if me is None or self.identities is None:
+        if me is None or self.core.identities is None:
             raise TunnelError("no_identity", "this pod has no mesh identity: refusing plaintext")
         conn.src_identity = me.identity
         # A new pod's certificate may still be on its way: wait (bounded), then fail closed.
-        await self.identities.wait_ready(me.identity, self.identity_wait)
+        await self.core.identities.wait_ready(me.identity, self.core.identity_wait)
         request = TunnelRequest(
             port=decision.port,
             source=SourceInfo(me.namespace, me.name, me.identity, src[0]),
-            trace={"conn": f"{self.pod}#{conn.cid}"},
+            trace={"conn": f"{self.core.pod}#{conn.cid}"},
         )
         stream, info = await open_tunnel(
-            netns=self.netns,
-            identities=self.identities,
+            netns=self.core.netns,
+            identities=self.core.identities,
             source_identity=me.identity,
             address=decision.address,
             expected_identity=decision.identity,
             request=request,
-            sessions=self.sessions,
+            sessions=self.core.sessions,
             connect_timeout=CONNECT_TIMEOUT,
         )
         feedback.connected()
         conn.resumed = info.resumed
-        self.stats.outbound.mtls += 1
+        self.core.stats.outbound.mtls += 1
         conn.opened()
         conn.relay = RelayResult()
         await relay(client, stream, idle_timeout=IDLE_TIMEOUT, result=conn.relay)
@@ -197,10 +204,10 @@ class OutboundPath(PodCore):
         service: str | None,
         policy: SecurityPolicy,
     ) -> TcpRecorder | None:
-        if self.telemetry is None:
+        if self.core.telemetry is None:
             return None
         return TcpRecorder(
-            self.telemetry,
+            self.core.telemetry,
             reporter="source",
             namespace=me.namespace if me is not None else "-",
             source=me,
@@ -209,7 +216,7 @@ class OutboundPath(PodCore):
             security_policy=policy,
             downstream=conn.src,
             upstream=conn.endpoint or conn.dst,
-            connection_id=f"{self.pod}#{conn.cid}",
+            connection_id=f"{self.core.pod}#{conn.cid}",
         )
 
 

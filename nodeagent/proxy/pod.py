@@ -1,6 +1,7 @@
 """`PodProxy`: one enrolled pod's proxy, its three listeners and the accept loops that hand each
 connection to its path, the one structured log line per connection, and the counters the admin
-socket shows (`statistics()`).
+socket shows (`statistics()`). It builds the pod's `PodCore` and composes an `OutboundPath` and
+an `InboundPath` over it (explicit objects, no shared `self`).
 
 - Outbound (15001, `outbound_path`): a service port whose protocol is HTTP/1.1 goes to the pod's
   `HttpProxy` (L7 routing, pooled upstreams opened by `connector.MeshConnector`); any other port
@@ -19,22 +20,60 @@ destination, identities, endpoint, bytes, duration, result and, when denied, the
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from nodeagent.identity.api import IdentityUnavailable
+from nodeagent.balance import Registry
+from nodeagent.identity.api import IdentityProvider, IdentityUnavailable
+from nodeagent.inpod import Netns, PodListeners
 from nodeagent.log import get_logger
-from nodeagent.proxy.connection import ConnLog, Denied, DirectionStats
+from nodeagent.proxy.connection import IDENTITY_WAIT, ConnLog, Denied, DirectionStats
 from nodeagent.proxy.inbound_path import InboundPath
+from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.proxy.outbound_path import OutboundPath
-from nodeagent.tunnel import TunnelError
+from nodeagent.proxy.pod_core import PodCore
+from nodeagent.snapshot import Snapshot, Workload
+from nodeagent.telemetry.dataplane import Sinks
+from nodeagent.tunnel import SessionCache, TunnelError
 
 log = get_logger("proxy")
 
 
-class PodProxy(OutboundPath, InboundPath):
+class PodProxy:
     """Serves one pod's three listeners until cancelled."""
+
+    def __init__(
+        self,
+        pod: str,
+        netns: Netns,
+        listeners: PodListeners,
+        *,
+        registry: Registry,
+        workload: Workload | None = None,
+        identities: IdentityProvider | None = None,
+        snapshot: Callable[[], Snapshot] = Snapshot.empty,
+        sessions: SessionCache | None = None,
+        outbound_policy: OutboundPolicy = "ALLOW_ANY",
+        identity_wait: float = IDENTITY_WAIT,
+        telemetry: Sinks | None = None,
+    ) -> None:
+        self.core = PodCore(
+            pod,
+            netns,
+            listeners,
+            registry,
+            workload=workload,
+            identities=identities,
+            snapshot=snapshot,
+            sessions=sessions if sessions is not None else SessionCache(),
+            outbound_policy=outbound_policy,
+            identity_wait=identity_wait,
+            telemetry=telemetry,
+        )
+        self.outbound = OutboundPath(self.core)
+        self.inbound = InboundPath(self.core)
 
     def statistics(self) -> dict[str, Any]:
         def d(s: DirectionStats) -> dict[str, int]:
@@ -48,30 +87,27 @@ class PodProxy(OutboundPath, InboundPath):
                 "bytes_received": s.bytes_received,
             }
 
-        inbound = d(self.stats.inbound)
-        inbound["closed_by_policy"] = self.live.closed_by_policy
-        return {"outbound": d(self.stats.outbound), "inbound": inbound}
+        stats = self.core.stats
+        inbound = d(stats.inbound)
+        inbound["closed_by_policy"] = self.inbound.live.closed_by_policy
+        return {"outbound": d(stats.outbound), "inbound": inbound}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = self.core.listeners
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._accept, self.listeners.outbound, "outbound", nursery)
-                nursery.start_soon(self._accept, self.listeners.inbound, "inbound", nursery)
-                nursery.start_soon(self._accept, self.listeners.tunnel, "tunnel", nursery)
-                nursery.start_soon(self._watch_policy)
-                nursery.start_soon(self._watch_revocation)
+                nursery.start_soon(self._accept, listeners.outbound, "outbound", nursery)
+                nursery.start_soon(self._accept, listeners.inbound, "inbound", nursery)
+                nursery.start_soon(self._accept, listeners.tunnel, "tunnel", nursery)
+                nursery.start_soon(self.inbound.watch_policy)
+                nursery.start_soon(self.inbound.watch_revocation)
                 task_status.started()
         finally:
-            for listener in (
-                self.listeners.outbound,
-                self.listeners.inbound,
-                self.listeners.tunnel,
-            ):
+            for listener in (listeners.outbound, listeners.inbound, listeners.tunnel):
                 with trio.CancelScope(shield=True):
                     await listener.aclose()
-            if self._http is not None:
-                with trio.CancelScope(shield=True):
-                    await self._http.aclose()
+            with trio.CancelScope(shield=True):
+                await self.outbound.aclose()
 
     async def _accept(
         self, listener: trio.SocketListener, kind: str, nursery: trio.Nursery
@@ -80,7 +116,7 @@ class PodProxy(OutboundPath, InboundPath):
             try:
                 stream = await listener.accept()
             except OSError as exc:  # EMFILE and friends: back off rather than spin
-                log.warning("accept.failed", pod=self.pod, listener=kind, error=str(exc))
+                log.warning("accept.failed", pod=self.core.pod, listener=kind, error=str(exc))
                 await trio.sleep(0.1)
                 continue
             nursery.start_soon(self._serve, stream, kind)
@@ -89,17 +125,17 @@ class PodProxy(OutboundPath, InboundPath):
 
     async def _serve(self, client: trio.SocketStream, kind: str) -> None:
         conn = ConnLog(kind)
-        stats = self.stats.outbound if kind == "outbound" else self.stats.inbound
+        stats = self.core.stats.outbound if kind == "outbound" else self.core.stats.inbound
         stats.opened += 1
         if kind == "tunnel":
             stats.mtls += 1
         try:
             if kind == "outbound":
-                await self._outbound(client, conn)
+                await self.outbound.serve(client, conn)
             elif kind == "inbound":
-                await self._inbound(client, conn)
+                await self.inbound.serve_plaintext(client, conn)
             else:
-                await self._tunnel(client, conn)
+                await self.inbound.serve_tunnel(client, conn)
         except Denied as exc:
             stats.denied += 1
             conn.result, conn.flag, conn.policy = "denied", exc.flag, exc.policy
@@ -137,7 +173,7 @@ class PodProxy(OutboundPath, InboundPath):
         r = conn.relay
         fields: dict[str, Any] = {
             "conn": conn.cid,
-            "pod": self.pod,
+            "pod": self.core.pod,
             "src": conn.src,
             "dst": conn.dst,
             "src_identity": conn.src_identity,

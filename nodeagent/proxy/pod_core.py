@@ -1,24 +1,26 @@
-"""`PodCore`: the state one pod's proxy shares between its paths (netns, listeners, identity,
-snapshot, picker, counters, open inbound connections) and the small helpers they all use: who
-this pod is in a snapshot, audit lines, connecting from inside the pod's netns.
+"""`PodCore`: what one pod's proxy paths share (netns, listeners, identity, snapshot, the node's
+balance registry, counters) and the small helpers they all use: who this pod is in a snapshot,
+audit lines, connecting from inside the pod's netns.
 
-`OutboundPath` and `InboundPath` extend it with one direction each; `PodProxy` combines them.
+`OutboundPath` and `InboundPath` each take the one `PodCore` of their pod as a constructor
+argument; `PodProxy` builds the three and runs the accept loops. State a path owns alone (the
+L7 proxy, the open inbound connections) lives in that path, not here.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import trio
 
-from nodeagent.http import HttpProxy
+from nodeagent.balance import Registry
 from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import Netns, PodListeners
 from nodeagent.log import get_logger
 from nodeagent.proxy.connection import CONNECT_TIMEOUT, IDENTITY_WAIT, ConnLog, PodProxyStats
-from nodeagent.proxy.inbound import LiveConnections
-from nodeagent.proxy.outbound import EndpointPicker, OutboundPolicy, RoundRobinPicker
+from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.snapshot import Snapshot, Workload
 from nodeagent.telemetry.dataplane import Sinks
 from nodeagent.tunnel import SessionCache
@@ -26,56 +28,37 @@ from nodeagent.tunnel import SessionCache
 log = get_logger("proxy")
 
 
-def _empty_snapshot() -> Snapshot:
-    return Snapshot.empty()
-
-
+@dataclass(slots=True)
 class PodCore:
-    """The pod proxy's state and the helpers shared by its outbound and inbound paths."""
+    """One pod's proxy state shared by its outbound and inbound paths."""
 
-    def __init__(
-        self,
-        pod: str,
-        netns: Netns,
-        listeners: PodListeners,
-        *,
-        workload: Workload | None = None,
-        identities: IdentityProvider | None = None,
-        snapshot: Callable[[], Snapshot] = _empty_snapshot,
-        picker: EndpointPicker | None = None,
-        sessions: SessionCache | None = None,
-        outbound_policy: OutboundPolicy = "ALLOW_ANY",
-        identity_wait: float = IDENTITY_WAIT,
-        telemetry: Sinks | None = None,
-    ) -> None:
-        self.pod = pod
-        self.telemetry = telemetry
-        self.netns = netns
-        self.listeners = listeners
-        self.workload = workload  # this pod, as enrolled (the snapshot's copy wins when present)
-        self.identities = identities
-        self.snapshot = snapshot
-        self.picker = picker if picker is not None else RoundRobinPicker()
-        self.sessions = sessions if sessions is not None else SessionCache()
-        self.outbound_policy: OutboundPolicy = outbound_policy
-        self.identity_wait = identity_wait
-        self.stats = PodProxyStats()
-        self._http: HttpProxy | None = None  # made on the first HTTP connection
-        self.live = LiveConnections()  # open inbound connections, re-checked on policy changes
-        self._policy_poke = trio.Event()
+    pod: str
+    netns: Netns
+    listeners: PodListeners
+    registry: Registry  # the node's one balancer: L4 picks and the L7 proxy's
+    workload: Workload | None = None  # this pod, as enrolled (the snapshot's copy wins)
+    identities: IdentityProvider | None = None
+    snapshot: Callable[[], Snapshot] = Snapshot.empty
+    sessions: SessionCache = field(default_factory=SessionCache)
+    outbound_policy: OutboundPolicy = "ALLOW_ANY"
+    identity_wait: float = IDENTITY_WAIT
+    telemetry: Sinks | None = None
+    stats: PodProxyStats = field(default_factory=PodProxyStats)
 
-    def _me(self, snap: Snapshot) -> Workload | None:
+    def me(self, snap: Snapshot) -> Workload | None:
         if self.workload is None:
             return None
         return snap.workload(self.workload.uid) or self.workload
 
-    def _audit(self, conn: ConnLog, audited: tuple[str, ...]) -> None:
+    def audit(self, conn: ConnLog, audited: tuple[str, ...]) -> None:
         for policy in audited:
             log.info("authz.audit", conn=conn.cid, pod=self.pod, src=conn.src, policy=policy)
 
-    async def _connect(
+    async def connect(
         self, dst: tuple[str, int], bind_to: tuple[str, int] | None
     ) -> trio.SocketStream:
+        """A TCP connection from inside the pod's netns (marked: it bypasses the capture);
+        `bind_to` makes it transparent, from a peer's address."""
         sock = self.netns.socket(
             socket.AF_INET, socket.SOCK_STREAM, transparent=bind_to is not None
         )

@@ -1,4 +1,4 @@
-"""The node's BalancedPicker on the L4 path: `outbound.decide` returns the picked endpoint's
+"""The node's balance Registry on the L4 path: `outbound.decide` returns the picked endpoint's
 handle (policy from the DestinationRule, subsets of tcp routes), every endpoint ejected without
 panic refuses with UH, and the L4 connection feedback (`outbound_path.L4Feedback`): maxConnections
 refuses with UO, connect failures eject, a policy denial counts nothing. Fake clock, no sockets."""
@@ -13,7 +13,7 @@ from snapshot_docs import snapshot_of
 
 from nodeagent.balance import Registry
 from nodeagent.proxy.connection import Denied
-from nodeagent.proxy.outbound import BalancedPicker, Refuse, ToWorkload, decide, route_picker
+from nodeagent.proxy.outbound import Refuse, ToWorkload, decide
 from nodeagent.proxy.outbound_path import L4Feedback
 from nodeagent.snapshot import Snapshot
 from nodeagent.store import keys
@@ -73,8 +73,8 @@ def _snapshot(traffic_policy: dict[str, Any]) -> Snapshot:
     return snapshot_of(docs)
 
 
-def _pick(snap: Snapshot, picker: BalancedPicker) -> ToWorkload:
-    d = decide(snap, VIP, 5432, picker=picker, source_ip="10.0.9.9")
+def _pick(snap: Snapshot, registry: Registry) -> ToWorkload:
+    d = decide(snap, VIP, 5432, registry=registry, source_ip="10.0.9.9")
     assert isinstance(d, ToWorkload), d
     assert d.handle is not None
     return d
@@ -82,8 +82,8 @@ def _pick(snap: Snapshot, picker: BalancedPicker) -> ToWorkload:
 
 def test_round_robin_policy_applies_to_l4_connections_and_handles_track_in_flight() -> None:
     snap = _snapshot({"loadBalancer": {"simple": "ROUND_ROBIN"}})
-    picker = BalancedPicker(Registry(now=FakeClock(), on_event=None))
-    chosen = [_pick(snap, picker) for _ in range(9)]
+    registry = Registry(now=FakeClock(), on_event=None)
+    chosen = [_pick(snap, registry) for _ in range(9)]
     addresses = [d.address for d in chosen]
     assert sorted(set(addresses)) == ["10.0.1.1", "10.0.1.2", "10.0.1.3"]
     assert all(addresses.count(a) == 3 for a in set(addresses))
@@ -97,20 +97,20 @@ def test_round_robin_policy_applies_to_l4_connections_and_handles_track_in_fligh
 
 def test_consistent_hash_on_source_ip_is_sticky_for_connections() -> None:
     snap = _snapshot({"loadBalancer": {"consistentHash": {"useSourceIp": True}}})
-    picker = BalancedPicker(Registry(now=FakeClock(), on_event=None))
-    assert len({_pick(snap, picker).address for _ in range(50)}) == 1
+    registry = Registry(now=FakeClock(), on_event=None)
+    assert len({_pick(snap, registry).address for _ in range(50)}) == 1
 
 
 def test_max_connections_refuses_with_uo_and_frees_on_close() -> None:
     snap = _snapshot({"connectionPool": {"tcp": {"maxConnections": 2}}})
-    picker = BalancedPicker(Registry(now=FakeClock(), on_event=None))
-    open_ = [L4Feedback(_pick(snap, picker).handle) for _ in range(2)]
+    registry = Registry(now=FakeClock(), on_event=None)
+    open_ = [L4Feedback(_pick(snap, registry).handle) for _ in range(2)]
     with pytest.raises(Denied) as refused:
-        L4Feedback(_pick(snap, picker).handle)
+        L4Feedback(_pick(snap, registry).handle)
     assert refused.value.flag == "UO"
     open_[0].connected()
     open_[0].end()
-    L4Feedback(_pick(snap, picker).handle)  # a slot was freed
+    L4Feedback(_pick(snap, registry).handle)  # a slot was freed
 
 
 def test_connect_failures_eject_and_policy_denials_do_not() -> None:
@@ -121,9 +121,9 @@ def test_connect_failures_eject_and_policy_denials_do_not() -> None:
             "outlierDetection": {"consecutiveGatewayErrors": 2, "maxEjectionPercent": 100},
         }
     )
-    picker = BalancedPicker(Registry(now=clock, on_event=None))
+    registry = Registry(now=clock, on_event=None)
     for _ in range(12):
-        d = _pick(snap, picker)
+        d = _pick(snap, registry)
         f = L4Feedback(d.handle)
         if d.address == "10.0.1.1":
             f.failed(TunnelError("connect_failed", "connect 10.0.1.1:15008: refused"))
@@ -132,7 +132,7 @@ def test_connect_failures_eject_and_policy_denials_do_not() -> None:
         else:
             f.connected()
         f.end()
-    (cluster,) = picker.registry.pickers()
+    (cluster,) = registry.pickers()
     stats = {s["endpoint"]: s for s in cluster.statistics()["endpoints"]}
     assert stats["10.0.1.1:5432"]["ejected"]
     assert not stats["10.0.1.2:5432"]["ejected"]
@@ -149,9 +149,9 @@ def test_all_ejected_without_panic_refuses_with_uh() -> None:
             }
         }
     )
-    picker = BalancedPicker(Registry(now=FakeClock(), on_event=None))
+    registry = Registry(now=FakeClock(), on_event=None)
     for _ in range(20):
-        d = decide(snap, VIP, 5432, picker=picker)
+        d = decide(snap, VIP, 5432, registry=registry)
         if isinstance(d, Refuse):
             break
         assert isinstance(d, ToWorkload)
@@ -160,9 +160,3 @@ def test_all_ejected_without_panic_refuses_with_uh() -> None:
         f.end()
     assert isinstance(d, Refuse)
     assert d.flag == "UH"
-
-
-def test_route_picker_over_a_balanced_picker_hands_the_registry_to_http() -> None:
-    registry = Registry()
-    rp: Any = route_picker(BalancedPicker(registry))
-    assert rp.registry is registry

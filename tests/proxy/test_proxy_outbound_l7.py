@@ -1,21 +1,16 @@
 """The outbound pieces the L7 wiring added: which ports go to the HTTP proxy (`http_target`),
-VirtualService tcp routes with weights and subsets in `decide`, and `route_picker`."""
+and VirtualService tcp routes with weights and subsets in `decide`."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 from proxy_docs import config, snapshot, workload
 
-from nodeagent.proxy.outbound import (
-    Refuse,
-    RoundRobinPicker,
-    ToWorkload,
-    decide,
-    http_target,
-    route_picker,
-)
-from nodeagent.routing import RouteDestination, Source
+from nodeagent.balance import Registry
+from nodeagent.proxy.outbound import Refuse, ToWorkload, decide, http_target
+from nodeagent.routing import Source
 from nodeagent.snapshot import Snapshot
 
 
@@ -71,10 +66,10 @@ def test_http_target_only_for_http1_service_ports() -> None:
 
 def test_tcp_route_sends_every_connection_to_the_weighted_subset() -> None:
     snap = mesh(tcp_route(("v1", 0), ("v2", 100)))
-    picker = RoundRobinPicker()
+    registry = Registry(on_event=None, rng=random.Random(7))
     got = Counter()
     for _ in range(10):
-        d = decide(snap, "10.96.0.10", 5432, picker=picker, source=Source("default"))
+        d = decide(snap, "10.96.0.10", 5432, registry=registry, source=Source("default"))
         assert isinstance(d, ToWorkload)
         assert d.route is not None
         got[d.workload.uid] += 1
@@ -83,44 +78,28 @@ def test_tcp_route_sends_every_connection_to_the_weighted_subset() -> None:
 
 def test_tcp_route_weights_follow_rand() -> None:
     snap = mesh(tcp_route(("v1", 80), ("v2", 20)))
-    picker = RoundRobinPicker()
-    low = decide(snap, "10.96.0.10", 5432, picker=picker, source=Source(), rand=lambda: 0.5)
-    high = decide(snap, "10.96.0.10", 5432, picker=picker, source=Source(), rand=lambda: 0.9)
+    registry = Registry(on_event=None, rng=random.Random(7))
+    low = decide(snap, "10.96.0.10", 5432, registry=registry, source=Source(), rand=lambda: 0.5)
+    high = decide(snap, "10.96.0.10", 5432, registry=registry, source=Source(), rand=lambda: 0.9)
     assert isinstance(low, ToWorkload)
     assert isinstance(high, ToWorkload)
     assert (low.workload.uid, high.workload.uid) == ("v1", "v2")
 
 
-def test_no_tcp_route_keeps_round_robin_over_the_service() -> None:
+def test_no_tcp_route_balances_over_the_whole_service() -> None:
     snap = mesh()
-    picker = RoundRobinPicker()
-    names = []
-    for _ in range(4):
-        d = decide(snap, "10.96.0.10", 5432, picker=picker)
+    registry = Registry(on_event=None, rng=random.Random(7))
+    names = set()
+    for _ in range(20):
+        d = decide(snap, "10.96.0.10", 5432, registry=registry)
         assert isinstance(d, ToWorkload)
         assert d.route is None
-        names.append(d.workload.uid)
-    assert sorted(names) == ["v1", "v1", "v2", "v2"]
+        names.add(d.workload.uid)
+    assert names == {"v1", "v2"}
 
 
 def test_tcp_route_to_an_undefined_subset_is_refused() -> None:
     snap = mesh(tcp_route(("v9", 100)))
-    d = decide(snap, "10.96.0.10", 5432, picker=RoundRobinPicker(), source=Source("default"))
+    d = decide(snap, "10.96.0.10", 5432, registry=Registry(on_event=None), source=Source("default"))
     assert isinstance(d, Refuse)
     assert "v9" in d.reason
-
-
-def test_route_picker_round_robins_over_the_given_endpoints() -> None:
-    snap = mesh()
-    service = snap.service_by_host("web.default.svc.cluster.local")
-    assert service is not None
-    endpoints = snap.endpoints(service, 80)
-    pick = route_picker(RoundRobinPicker())
-    dest = RouteDestination(host=service.hostname, service=service, port=80)
-    got = [pick(dest, endpoints) for _ in range(4)]
-    assert [e.workload.uid for e in got if e and e.workload] == ["v1", "v2", "v1", "v2"]
-    assert pick(dest, ()) is None
-    only_v2 = [e for e in endpoints if e.labels.get("version") == "v2"]
-    picked = pick(dest, only_v2)
-    assert picked is not None
-    assert picked.labels["version"] == "v2"

@@ -55,10 +55,10 @@ async def open_app_conn(
 async def until_registered(mesh: Mesh, count: int) -> None:
     """Bounded wait until B's proxy has `count` open inbound connections registered."""
     for _ in range(500):
-        if len(mesh.b.live) == count:
+        if len(mesh.b.inbound.live) == count:
             return
         await trio.sleep(0.01)
-    raise AssertionError(f"{len(mesh.b.live)} connections registered at B, not {count}")
+    raise AssertionError(f"{len(mesh.b.inbound.live)} connections registered at B, not {count}")
 
 
 async def closed_within(stream: trio.SocketStream, limit: float) -> float:
@@ -98,14 +98,14 @@ async def test_open_tunnel_closed_when_a_deny_policy_arrives(namespaces: Namespa
             await stream.send_all(b"hello")
             await until_registered(mesh, 1)
             mesh.snap[0] = build_snapshot(deny_sleep())
-            mesh.b.policy_changed()  # what the agent's snapshot swap listener does
+            mesh.b.inbound.policy_changed()  # what the agent's snapshot swap listener does
             took = await closed_within(stream, 3)
         assert took < 1
         await settled(mesh.a, mesh.b)
         inbound = mesh.b.statistics()["inbound"]
         assert inbound["closed_by_policy"] == 1
         assert inbound["denied"] == 1
-        assert len(mesh.b.live) == 0
+        assert len(mesh.b.inbound.live) == 0
         # The next connection is refused at accept, as before.
         async with open_app_conn(namespaces.a, (VIP, 80)) as stream:
             await stream.send_all(b"again")
@@ -141,10 +141,10 @@ async def test_open_tunnel_kept_when_an_unrelated_policy_arrives(namespaces: Nam
                 config("PeerAuthentication", "default", "shop", {"mtls": {"mode": "STRICT"}}),
             ]
             mesh.snap[0] = build_snapshot(*unrelated)
-            mesh.b.policy_changed()
+            mesh.b.inbound.policy_changed()
             # Long enough for the re-check to have run (it closes a denied one well within 1 s).
             await trio.sleep(1.0)
-            assert len(mesh.b.live) == 1
+            assert len(mesh.b.inbound.live) == 1
             assert await still_works(stream, b"hello") == expect(b"hello")
         await settled(mesh.a, mesh.b)
         inbound = mesh.b.statistics()["inbound"]
@@ -165,7 +165,7 @@ async def test_open_plaintext_connection_closed_on_switch_to_strict(
             mesh.snap[0] = build_snapshot(
                 config("PeerAuthentication", "default", "shop", {"mtls": {"mode": "STRICT"}})
             )
-            mesh.b.policy_changed()
+            mesh.b.inbound.policy_changed()
             assert await closed_within(plain, 2) < 2
             # The mTLS connection is not affected by STRICT.
             assert await still_works(tunneled, b"mtls") == expect(b"mtls")

@@ -21,6 +21,7 @@ from netns_helpers import ip, veth_pair
 from pki import LocalIdentityProvider, ThrowawayCA, spiffe
 from snapshot_docs import snapshot_of
 
+from nodeagent.balance import Registry
 from nodeagent.inpod import (
     Netns,
     RedirectionSpec,
@@ -149,6 +150,7 @@ async def running_mesh(ns: Namespaces, *, identity_wait: float = 2.0) -> AsyncIt
                 wl.ref,
                 netns,
                 bind_listeners(netns),
+                registry=Registry(on_event=None),
                 workload=wl,
                 identities=identities,
                 snapshot=lambda: holder[0],

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from nodeagent.balance import Registry
 from nodeagent.dns.message import name_from_text
 from nodeagent.dns.resolve import find_service
 from nodeagent.gateway.server import host_matches, servers_by_port
@@ -115,7 +116,7 @@ def _tcp(
     vip: str,
     report: dict[str, Any],
 ) -> None:
-    l4 = outbound.decide(snap, vip, target.port.port, picker=_FirstPicker())
+    l4 = outbound.decide(snap, vip, target.port.port, registry=Registry(on_event=None))
     if isinstance(l4, outbound.Passthrough):
         report["outcome"] = "passthrough"
         report["passthrough"] = {"address": l4.address, "port": l4.port, "reason": l4.reason}
@@ -135,11 +136,6 @@ def _tcp(
     report["destinations"] = [destination_doc(snap, d, caller) for d in decision.destinations]
     report["outcome"] = "route"
     report["summary"] = _route_summary(decision.route_name, report["destinations"])
-
-
-class _FirstPicker:
-    def pick(self, target: ServiceTarget, endpoints: tuple[Endpoint, ...]) -> Endpoint:
-        return endpoints[0]
 
 
 def _direct_workload(
@@ -247,7 +243,7 @@ def explain(
             port=target.port,
             host=found.service.hostname,
         )
-        l4 = outbound.decide(snap, vip, target.port, picker=_FirstPicker())
+        l4 = outbound.decide(snap, vip, target.port, registry=Registry(on_event=None))
         if isinstance(l4, outbound.Passthrough):
             _tcp(snap, caller, src, found, vip, report)
             return report
@@ -317,8 +313,10 @@ def _resolve_name(
 
 
 def _unknown(snap: Snapshot, ip: str, port: int, report: dict[str, Any]) -> None:
-    allow = outbound.decide(snap, ip, port, picker=_FirstPicker(), policy="ALLOW_ANY")
-    strict = outbound.decide(snap, ip, port, picker=_FirstPicker(), policy="REGISTRY_ONLY")
+    allow = outbound.decide(snap, ip, port, registry=Registry(on_event=None), policy="ALLOW_ANY")
+    strict = outbound.decide(
+        snap, ip, port, registry=Registry(on_event=None), policy="REGISTRY_ONLY"
+    )
     allow_reason = allow.reason if isinstance(allow, outbound.Passthrough) else str(allow)
     strict_reason = strict.reason if isinstance(strict, outbound.Refuse) else str(strict)
     report["outcome"] = "unknown"
