@@ -14,7 +14,7 @@ from typing import Any
 from nodeagent import log as logconf
 from nodeagent.contract import METRICS_PATH, READY_PATH
 from nodeagent.httpserver import HttpServerRequest, Response, Route
-from nodeagent.telemetry.metrics import Registry
+from nodeagent.telemetry.metrics import MetricsRegistry
 from nodeagent.telemetry.server import prometheus_route, ready_route
 
 LEVELS = ("debug", "info", "warning", "error")
@@ -33,7 +33,7 @@ class AdminSources:
     workloads: Callable[[], Sequence[Mapping[str, Any]]]
     certs: Callable[[], Sequence[Mapping[str, Any]]]
     drain: Callable[[float], None]
-    registry: Registry | None = None
+    registry: MetricsRegistry | None = None
     log_level: str = "info"
     set_log_level: Callable[[str], None] = logconf.set_level
 

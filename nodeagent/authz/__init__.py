@@ -2,11 +2,11 @@
 
 `authorize(policies, conn)` takes the policies the snapshot selects for the destination workload
 (`snap.authorization_policies_for(workload)`) and the connection's L4 attributes, and returns a
-`Decision`. Semantics follow ztunnel's `rbac.rs`; see docs/dataplane.md.
+`AuthzDecision`. Semantics follow ztunnel's `rbac.rs`; see docs/dataplane.md.
 """
 
 from __future__ import annotations
 
-from nodeagent.authz.evaluate import Connection, Decision, authorize
+from nodeagent.authz.evaluate import AuthzDecision, Connection, authorize
 
-__all__ = ["Connection", "Decision", "authorize"]
+__all__ = ["AuthzDecision", "Connection", "authorize"]

@@ -81,25 +81,25 @@ class Connection:
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
+class AuthzDecision:
     allowed: bool
     policy: str | None  # namespace/name of the policy that decided; None: no policy decided
     reason: str
     audited: tuple[str, ...] = ()  # AUDIT policies that matched
 
 
-def authorize(policies: AuthorizationPolicies, conn: Connection) -> Decision:
+def authorize(policies: AuthorizationPolicies, conn: Connection) -> AuthzDecision:
     audited = tuple(p.ref for p in policies.audit if policy_matches(p, conn))
     for policy in policies.deny:
         if policy_matches(policy, conn):
-            return Decision(False, policy.ref, "denied by DENY policy", audited)
+            return AuthzDecision(False, policy.ref, "denied by DENY policy", audited)
     if not policies.allow:
-        return Decision(True, None, "no ALLOW policy selects the workload", audited)
+        return AuthzDecision(True, None, "no ALLOW policy selects the workload", audited)
     for policy in policies.allow:
         if policy_matches(policy, conn):
-            return Decision(True, policy.ref, "allowed by ALLOW policy", audited)
+            return AuthzDecision(True, policy.ref, "allowed by ALLOW policy", audited)
     names = ",".join(p.ref for p in policies.allow)
-    return Decision(False, names, "no ALLOW policy matched", audited)
+    return AuthzDecision(False, names, "no ALLOW policy matched", audited)
 
 
 def policy_matches(policy: AuthorizationPolicy, conn: Connection) -> bool:

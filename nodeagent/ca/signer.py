@@ -51,7 +51,7 @@ class Rejected(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
+class SigningRequest:
     key: str
     node: str
     ident: certs.SpiffeId
@@ -59,7 +59,7 @@ class Request:
     request_id: str
 
 
-def parse_request(kv: KeyValue, trust_domain: str) -> Request:
+def parse_request(kv: KeyValue, trust_domain: str) -> SigningRequest:
     """Check a request document against its key: the key names node and identity, the document
     must agree, and the CSR must name exactly that identity. Rejected says why."""
     rest = kv.key.removeprefix(keys.CSR)
@@ -85,7 +85,9 @@ def parse_request(kv: KeyValue, trust_domain: str) -> Request:
     except certs.CertError as exc:
         raise Rejected(str(exc)) from None
     request_id = doc.get("request", "")
-    return Request(kv.key, node, ident, csr, request_id if isinstance(request_id, str) else "")
+    return SigningRequest(
+        kv.key, node, ident, csr, request_id if isinstance(request_id, str) else ""
+    )
 
 
 def authorize(node: str, ident: certs.SpiffeId, workloads: Sequence[Any]) -> None:

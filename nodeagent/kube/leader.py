@@ -7,7 +7,7 @@ A leader that cannot renew within `renew_deadline` stops leading (its work is ca
 before the Lease can expire for others; a leader that stops cleanly releases the Lease
 (empty holder), so a successor takes over at its next try instead of after the duration.
 
-`decide` is the pure part: given the Lease as read, what this candidate does.
+`lease_action` is the pure part: given the Lease as read, what this candidate does.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from nodeagent.log import get_logger
 log = get_logger("kube.leader")
 
 Clock = Callable[[], datetime]
-Decision = Literal["create", "renew", "takeover", "wait"]
+LeaseAction = Literal["create", "renew", "takeover", "wait"]
 
 
 def format_time(t: datetime) -> str:
@@ -42,7 +42,7 @@ def parse_time(text: Any) -> datetime | None:
         return None
 
 
-def decide(lease: dict[str, Any] | None, identity: str, now: datetime) -> Decision:
+def lease_action(lease: dict[str, Any] | None, identity: str, now: datetime) -> LeaseAction:
     if lease is None:
         return "create"
     spec = lease.get("spec") if isinstance(lease.get("spec"), dict) else {}
@@ -119,7 +119,7 @@ class LeaderElector:
         """One round: True when this candidate holds the Lease afterwards."""
         now = self.clock()
         lease = await self._get()
-        decision = decide(lease, self.identity, now)
+        decision = lease_action(lease, self.identity, now)
         if decision == "wait":
             return False
         body: dict[str, Any] = {

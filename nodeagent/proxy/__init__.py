@@ -2,6 +2,6 @@
 
 `pod.PodProxy` serves one pod's listeners (15001 outbound in `outbound_path`, 15006 inbound
 plaintext and 15008 mTLS tunnel in `inbound_path`; `connector.MeshConnector` opens the L7
-proxy's upstreams); `outbound.decide` and `inbound.*_decision` are the pure routing and admission
-decisions; `relay` copies bytes. See docs/dataplane.md.
+proxy's upstreams); `outbound.outbound_decision` and `inbound.*_decision` are the pure routing
+and admission decisions; `relay` copies bytes. See docs/dataplane.md.
 """

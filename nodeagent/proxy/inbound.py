@@ -7,7 +7,7 @@ namespace, selector and port-level modes), then L4 authorization with no source 
 
 Policy applies to connections already open, not only to new ones (ztunnel's connection manager
 and policy watcher): `LiveConnections` holds what was verified when each connection was accepted
-(`Peer`), and `sweep` re-runs the same decision (`decide_again`) against a newer snapshot, and
+(`Peer`), and `sweep` re-runs the same decision (`accept_decision`) against a newer snapshot, and
 optionally the peer certificate against the revocation list, closing the ones now denied. The
 registry does no I/O itself: each entry carries the callback that aborts its connection.
 """
@@ -69,7 +69,7 @@ class Peer:
     src_port: int = 0
 
 
-def decide_again(snap: Snapshot, workload: Workload, peer: Peer) -> InboundDecision:
+def accept_decision(snap: Snapshot, workload: Workload, peer: Peer) -> InboundDecision:
     """The accept-time decision for `peer`, against `snap`: the same pure functions."""
     if peer.identity is None:
         return plaintext_decision(snap, workload, peer.src_ip, peer.dst_ip, peer.port)
@@ -153,7 +153,7 @@ def _recheck(
             peer_check(peer.certificate)
         except (PeerRejected, ValueError) as exc:  # revoked, or no longer parses
             return InboundDecision(False, f"peer certificate rejected: {exc}", "revoked"), "revoked"
-    decision = decide_again(snap, workload, peer)
+    decision = accept_decision(snap, workload, peer)
     if decision.allowed:
         return None
     return decision, "policy"

@@ -36,8 +36,7 @@ from nodeagent.proxy.relay import RelayResult, relay
 from nodeagent.snapshot import Snapshot, Workload
 from nodeagent.telemetry.dataplane import TcpRecorder, peer_workload, service_for
 from nodeagent.telemetry.metrics import SecurityPolicy
-from nodeagent.telemetry.tracing import Endpoint as SpanEndpoint
-from nodeagent.telemetry.tracing import tunnel_headers
+from nodeagent.telemetry.tracing import SpanEndpoint, tunnel_headers
 from nodeagent.tunnel import (
     TunnelError,
     TunnelRequest,

@@ -1,12 +1,12 @@
 """The outbound routing decision (pure): where does a captured connection to dst go?
 
-`decide(snap, dst_ip, dst_port, registry=…, policy=…)` reads the snapshot and returns one of
-`ToWorkload` (through the mTLS tunnel to a meshed workload: always, never plaintext),
+`outbound_decision(snap, dst_ip, dst_port, registry=…, policy=…)` reads the snapshot and returns
+one of `ToWorkload` (through the mTLS tunnel to a meshed workload: always, never plaintext),
 `Passthrough` (straight to an address outside the mesh) or `Refuse`. A service port with
 VirtualService `tcp` routes is first routed by `nodeagent.routing.decide_tcp` (weights, subsets).
 `http_target` says whether a destination is an HTTP/1.1 service port (then the L7 proxy takes the
 connection instead). Endpoints are picked by the node's one `balance.Registry` (the
-DestinationRule's policy, outlier ejection): `decide` returns the picked endpoint's live handle
+DestinationRule's policy, outlier ejection): the decision carries the picked endpoint's live handle
 (`ToWorkload.handle`) for the L4 path to bracket the connection with; the L7 proxy picks through
 the same registry. Moving bytes is elsewhere (`outbound_path.py`, `inbound_path.py`); this file
 sends nothing, imports nothing that does, and is tested against hand-made snapshots.
@@ -61,7 +61,7 @@ class Refuse:
     flag: str = "outbound_refused"  # "UH": every endpoint is ejected (panic disabled)
 
 
-Decision = ToWorkload | Passthrough | Refuse
+OutboundDecision = ToWorkload | Passthrough | Refuse
 
 
 HTTP_PROTOCOLS = frozenset({"http"})  # HTTP/1.1 only: h11 does not speak http2/grpc
@@ -89,7 +89,7 @@ def _is_ip(address: str) -> bool:
     return True
 
 
-def decide(
+def outbound_decision(
     snap: Snapshot,
     dst_ip: str,
     dst_port: int,
@@ -99,7 +99,7 @@ def decide(
     source: Source | None = None,
     rand: Callable[[], float] = random.random,
     source_ip: str | None = None,
-) -> Decision:
+) -> OutboundDecision:
     """`registry` picks the endpoint; `source` (the calling pod's namespace and labels) is what
     VirtualService tcp routes match on; `rand` draws the weighted choice; `source_ip` is what
     consistentHash useSourceIp hashes."""
@@ -177,7 +177,7 @@ def _service(
     registry: Registry,
     source: Source | None = None,
     source_ip: str | None = None,
-) -> Decision:
+) -> OutboundDecision:
     service = target.service
     if service.kind == "ServiceEntry" and service.resolution == "NONE":
         return Passthrough(dst_ip, dst_port, "ServiceEntry resolution NONE", service.ref)

@@ -1,6 +1,6 @@
 """The outbound path (15001): an app's captured connection, handed to the pod's L7 proxy for an
-HTTP/1.1 service port, otherwise routed at L4 (`outbound.decide`) and carried through the mTLS
-tunnel to a meshed workload (fail closed without the pod's certificate) or passed through.
+HTTP/1.1 service port, otherwise routed at L4 (`outbound.outbound_decision`) and carried through
+the mTLS tunnel to a meshed workload (fail closed without the pod's certificate) or passed through.
 
 `L4Feedback` brackets an L4 connection for the balancer (connection slot, in-flight count,
 connect latency and outcome for outlier detection).
@@ -25,8 +25,8 @@ from nodeagent.proxy.outbound import (
     Passthrough,
     Refuse,
     ToWorkload,
-    decide,
     http_target,
+    outbound_decision,
 )
 from nodeagent.proxy.pod_core import PodCore
 from nodeagent.proxy.relay import RelayResult, relay
@@ -117,7 +117,7 @@ class OutboundPath:
             return
         me = self.core.me(snap)
         source = Source(me.namespace, me.labels) if me is not None else None
-        decision = decide(
+        decision = outbound_decision(
             snap,
             dst[0],
             dst[1],

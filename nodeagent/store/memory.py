@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from nodeagent.store import ops as checks
+from nodeagent.store import checks
 from nodeagent.store.base import (
     CompactedError,
     Compare,

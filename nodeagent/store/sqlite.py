@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import trio
 
 from nodeagent.log import get_logger
-from nodeagent.store import ops as checks
+from nodeagent.store import checks
 from nodeagent.store.base import (
     CompactedError,
     Compare,

@@ -181,7 +181,7 @@ class AccessLog:
         }
 
     def collector(self) -> Iterable[Metric]:
-        """Registry collector: `registry.add_collector(access_log.collector)`."""
+        """MetricsRegistry collector: `registry.add_collector(access_log.collector)`."""
         dropped = Counter(
             "nodeagent_accesslog_dropped_total", "Access log lines dropped (queue full)."
         )

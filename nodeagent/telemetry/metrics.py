@@ -190,7 +190,7 @@ Collector = Callable[[], Iterable[Metric]]
 _M = TypeVar("_M", bound=Metric)
 
 
-class Registry:
+class MetricsRegistry:
     """Named metrics plus scrape-time collectors; `render()` is the /stats/prometheus body."""
 
     def __init__(self) -> None:
@@ -343,7 +343,7 @@ def peer_labels(
 class IstioMetrics:
     """The standard Istio metrics. Each record call is a few dict updates and never blocks."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: MetricsRegistry) -> None:
         r = registry
         self.requests = r.counter("istio_requests_total", "Requests handled.", REQUEST_LABELS)
         self.duration = r.histogram(

@@ -10,10 +10,10 @@ from collections.abc import Callable, Mapping
 
 from nodeagent.contract import METRICS_PATH, METRICS_PORT, READY_PATH
 from nodeagent.httpserver import HttpServerRequest, Response, Route, TcpHttpServer
-from nodeagent.telemetry.metrics import CONTENT_TYPE, Registry
+from nodeagent.telemetry.metrics import CONTENT_TYPE, MetricsRegistry
 
 
-def prometheus_route(registry: Registry) -> Route:
+def prometheus_route(registry: MetricsRegistry) -> Route:
     def handler(_: HttpServerRequest) -> Response:
         return Response.text(registry.render(), content_type=CONTENT_TYPE)
 
@@ -28,12 +28,12 @@ def ready_route(ready: Callable[[], bool]) -> Route:
     return Route(handler)
 
 
-def telemetry_routes(registry: Registry, ready: Callable[[], bool]) -> Mapping[str, Route]:
+def telemetry_routes(registry: MetricsRegistry, ready: Callable[[], bool]) -> Mapping[str, Route]:
     return {METRICS_PATH: prometheus_route(registry), READY_PATH: ready_route(ready)}
 
 
 def metrics_server(
-    registry: Registry,
+    registry: MetricsRegistry,
     ready: Callable[[], bool],
     *,
     host: str = "0.0.0.0",

@@ -15,7 +15,12 @@ import trio
 
 from nodeagent.contract import METRICS_PORT
 from nodeagent.telemetry.accesslog import AccessLog, Format, TextSink
-from nodeagent.telemetry.metrics import HealthSources, IstioMetrics, Registry, health_collector
+from nodeagent.telemetry.metrics import (
+    HealthSources,
+    IstioMetrics,
+    MetricsRegistry,
+    health_collector,
+)
 from nodeagent.telemetry.server import metrics_server
 from nodeagent.telemetry.tracing import Tracer, ZipkinExporter
 
@@ -42,7 +47,7 @@ class Telemetry:
         access_log_sink: TextSink | None = None,
     ) -> None:
         self.config = config
-        self.registry = Registry()
+        self.registry = MetricsRegistry()
         self.metrics = IstioMetrics(self.registry)
         self.access_log = AccessLog(
             fmt=config.access_log_format,

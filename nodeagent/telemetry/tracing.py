@@ -256,7 +256,7 @@ def ensure_request_id(headers: HeaderSeq) -> tuple[Headers, str]:
 
 
 @dataclass(frozen=True, slots=True)
-class Endpoint:
+class SpanEndpoint:
     service_name: str | None = None
     ip: str | None = None
     port: int | None = None
@@ -281,8 +281,8 @@ class Span:
     kind: Kind
     start_us: int
     duration_us: int = 0
-    local: Endpoint = field(default_factory=Endpoint)
-    remote: Endpoint | None = None
+    local: SpanEndpoint = field(default_factory=SpanEndpoint)
+    remote: SpanEndpoint | None = None
     tags: dict[str, str] = field(default_factory=dict)
     debug: bool = False
 
@@ -368,8 +368,8 @@ class Tracer:
         *,
         kind: Kind,
         name: str,
-        local: Endpoint | None = None,
-        remote: Endpoint | None = None,
+        local: SpanEndpoint | None = None,
+        remote: SpanEndpoint | None = None,
         tags: dict[str, str] | None = None,
     ) -> ActiveSpan:
         parent = extract(headers)
@@ -389,7 +389,7 @@ class Tracer:
             name=name,
             kind=kind,
             start_us=int(self.clock() * 1e6),
-            local=local or Endpoint(self.service_name),
+            local=local or SpanEndpoint(self.service_name),
             remote=remote,
             tags=dict(tags or {}),
             debug=debug,

@@ -14,7 +14,7 @@ import trio
 from nodeagent.admin import cli
 from nodeagent.admin.routes import AdminSources, admin_routes
 from nodeagent.httpserver import UnixSocketHttpServer
-from nodeagent.telemetry.metrics import IstioMetrics, Registry, peer_labels
+from nodeagent.telemetry.metrics import IstioMetrics, MetricsRegistry, peer_labels
 
 WORKLOADS = [
     {
@@ -43,7 +43,7 @@ class Agent:
         self.ready = True
         self.levels: list[str] = []
         self.drains: list[float] = []
-        self.registry = Registry()
+        self.registry = MetricsRegistry()
         metrics = IstioMetrics(self.registry)
         peer = peer_labels(
             reporter="destination", source=None, destination=None, service=None, protocol="http"

@@ -1,4 +1,4 @@
-"""The node's balance Registry on the L4 path: `outbound.decide` returns the picked endpoint's
+"""The node's balance Registry on the L4 path: `outbound_decision` returns the picked endpoint's
 handle (policy from the DestinationRule, subsets of tcp routes), every endpoint ejected without
 panic refuses with UH, and the L4 connection feedback (`outbound_path.L4Feedback`): maxConnections
 refuses with UO, connect failures eject, a policy denial counts nothing. Fake clock, no sockets."""
@@ -13,7 +13,7 @@ from snapshot_docs import snapshot_of
 
 from nodeagent.balance import Registry
 from nodeagent.proxy.connection import Denied
-from nodeagent.proxy.outbound import Refuse, ToWorkload, decide
+from nodeagent.proxy.outbound import Refuse, ToWorkload, outbound_decision
 from nodeagent.proxy.outbound_path import L4Feedback
 from nodeagent.snapshot import Snapshot
 from nodeagent.store import keys
@@ -74,7 +74,7 @@ def _snapshot(traffic_policy: dict[str, Any]) -> Snapshot:
 
 
 def _pick(snap: Snapshot, registry: Registry) -> ToWorkload:
-    d = decide(snap, VIP, 5432, registry=registry, source_ip="10.0.9.9")
+    d = outbound_decision(snap, VIP, 5432, registry=registry, source_ip="10.0.9.9")
     assert isinstance(d, ToWorkload), d
     assert d.handle is not None
     return d
@@ -151,7 +151,7 @@ def test_all_ejected_without_panic_refuses_with_uh() -> None:
     )
     registry = Registry(now=FakeClock(), on_event=None)
     for _ in range(20):
-        d = decide(snap, VIP, 5432, registry=registry)
+        d = outbound_decision(snap, VIP, 5432, registry=registry)
         if isinstance(d, Refuse):
             break
         assert isinstance(d, ToWorkload)

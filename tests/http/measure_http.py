@@ -46,7 +46,7 @@ def proxy_main(listen: int, upstream: int, *, route: bool, telemetry: bool) -> N
     from nodeagent.snapshot.model import Endpoint
     from nodeagent.telemetry.accesslog import AccessLog
     from nodeagent.telemetry.dataplane import record_request
-    from nodeagent.telemetry.metrics import IstioMetrics, Registry
+    from nodeagent.telemetry.metrics import IstioMetrics, MetricsRegistry
     from nodeagent.telemetry.tracing import Tracer
 
     configure("info")
@@ -55,7 +55,7 @@ def proxy_main(listen: int, upstream: int, *, route: bool, telemetry: bool) -> N
 
     class Sinks:
         def __init__(self) -> None:
-            self.metrics = IstioMetrics(Registry())
+            self.metrics = IstioMetrics(MetricsRegistry())
             self.access_log = AccessLog(sink=open(os.devnull, "w"))  # noqa: SIM115
             self.tracer = Tracer("bench", sample_rate=0.01)
 

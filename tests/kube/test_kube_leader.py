@@ -9,7 +9,7 @@ import trio
 from apiserver import FakeApiServer
 from kube_helpers import TIMEOUT, memory_client, until
 
-from nodeagent.kube.leader import LeaderElector, decide, format_time, parse_time
+from nodeagent.kube.leader import LeaderElector, format_time, lease_action, parse_time
 
 EPOCH = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
 
@@ -31,12 +31,12 @@ def lease(holder: str, renewed: datetime, duration: int = 15) -> dict[str, objec
 
 def test_decide() -> None:
     now = EPOCH
-    assert decide(None, "a", now) == "create"
-    assert decide(lease("a", now), "a", now) == "renew"
-    assert decide(lease("b", now - timedelta(seconds=14)), "a", now) == "wait"
-    assert decide(lease("b", now - timedelta(seconds=15)), "a", now) == "takeover"
-    assert decide(lease("", now), "a", now) == "takeover"
-    assert decide({"spec": {"holderIdentity": "b"}}, "a", now) == "takeover"
+    assert lease_action(None, "a", now) == "create"
+    assert lease_action(lease("a", now), "a", now) == "renew"
+    assert lease_action(lease("b", now - timedelta(seconds=14)), "a", now) == "wait"
+    assert lease_action(lease("b", now - timedelta(seconds=15)), "a", now) == "takeover"
+    assert lease_action(lease("", now), "a", now) == "takeover"
+    assert lease_action({"spec": {"holderIdentity": "b"}}, "a", now) == "takeover"
 
 
 def test_time_round_trip() -> None:

@@ -13,7 +13,7 @@ from nodeagent.proxy.inbound import (
     LiveConnection,
     LiveConnections,
     Peer,
-    decide_again,
+    accept_decision,
     plaintext_decision,
     tunnel_decision,
 )
@@ -136,10 +136,10 @@ def tunnel_peer(identity: str = CLIENT, cert: bytes = b"") -> Peer:
 
 def test_decide_again_is_the_accept_decision() -> None:
     snap, me = build(ap("deny", "shop", "DENY", DENY_OTHER_NS), pa("ns", "shop", "STRICT"))
-    t = decide_again(snap, me, tunnel_peer())
+    t = accept_decision(snap, me, tunnel_peer())
     assert t == tunnel_decision(snap, me, "10.0.9.9", "10.0.1.1", 8080, CLIENT)
     assert (t.allowed, t.policy) == (False, "shop/deny")
-    p = decide_again(snap, me, Peer("10.0.9.9", "10.0.1.1", 8080))
+    p = accept_decision(snap, me, Peer("10.0.9.9", "10.0.1.1", 8080))
     assert p == plaintext_decision(snap, me, "10.0.9.9", "10.0.1.1", 8080)
     assert not p.allowed
     assert "STRICT" in p.reason

@@ -8,7 +8,7 @@ import pytest
 from proxy_docs import config, snapshot, workload
 
 from nodeagent.balance import Registry
-from nodeagent.proxy.outbound import Passthrough, Refuse, ToWorkload, decide
+from nodeagent.proxy.outbound import Passthrough, Refuse, ToWorkload, outbound_decision
 from nodeagent.snapshot import Snapshot
 
 SVC = {
@@ -70,7 +70,7 @@ _MESH_DOCS = (
 
 
 def test_service_vip_goes_through_the_tunnel_to_an_endpoint_with_target_port() -> None:
-    d = decide(mesh(), "10.96.0.10", 80, registry=Registry(on_event=None))
+    d = outbound_decision(mesh(), "10.96.0.10", 80, registry=Registry(on_event=None))
     assert isinstance(d, ToWorkload)
     assert d.address in ("10.0.1.1", "10.0.2.1")
     assert d.port == 8080
@@ -87,36 +87,36 @@ def test_the_registry_picks_with_the_destination_rule_policy() -> None:
     snap, registry = snapshot(*_MESH_DOCS, rr), Registry(on_event=None)
     seen = Counter(
         d.address
-        for d in (decide(snap, "10.96.0.10", 80, registry=registry) for _ in range(10))
+        for d in (outbound_decision(snap, "10.96.0.10", 80, registry=registry) for _ in range(10))
         if isinstance(d, ToWorkload)
     )
     assert seen == {"10.0.1.1": 5, "10.0.2.1": 5}
-    picked = decide(snap, "10.96.0.10", 80, registry=registry)
+    picked = outbound_decision(snap, "10.96.0.10", 80, registry=registry)
     assert isinstance(picked, ToWorkload)
     assert picked.handle is not None
     assert picked.handle.endpoint.address == picked.address
 
 
 def test_pod_ip_is_the_workload_path_even_for_headless_services() -> None:
-    d = decide(mesh(), "10.0.2.1", 9000, registry=Registry(on_event=None))
+    d = outbound_decision(mesh(), "10.0.2.1", 9000, registry=Registry(on_event=None))
     assert isinstance(d, ToWorkload)
     assert (d.address, d.port, d.workload.uid) == ("10.0.2.1", 9000, "w2")
     assert d.service is None
 
 
 def test_service_without_endpoints_is_refused_not_passed_through() -> None:
-    d = decide(mesh(), "10.96.0.11", 80, registry=Registry(on_event=None))
+    d = outbound_decision(mesh(), "10.96.0.11", 80, registry=Registry(on_event=None))
     assert isinstance(d, Refuse)
     assert "no endpoints" in d.reason
 
 
 def test_service_entry_static_endpoint_is_passed_through_to_the_endpoint() -> None:
-    d = decide(mesh(), "192.0.2.10", 5432, registry=Registry(on_event=None))
+    d = outbound_decision(mesh(), "192.0.2.10", 5432, registry=Registry(on_event=None))
     assert d == Passthrough("198.51.100.7", 5432, "endpoint outside the mesh", "default/ext-static")
 
 
 def test_service_entry_resolution_none_passes_through_to_original_destination() -> None:
-    d = decide(mesh(), "192.0.2.20", 443, registry=Registry(on_event=None))
+    d = outbound_decision(mesh(), "192.0.2.20", 443, registry=Registry(on_event=None))
     assert isinstance(d, Passthrough)
     assert (d.address, d.port, d.service) == ("192.0.2.20", 443, "default/ext-none")
 
@@ -125,12 +125,14 @@ def test_service_entry_resolution_none_passes_through_to_original_destination() 
     ("policy", "kind"), [("ALLOW_ANY", Passthrough), ("REGISTRY_ONLY", Refuse)]
 )
 def test_unknown_destination_follows_outbound_policy(policy: str, kind: type) -> None:
-    d = decide(mesh(), "203.0.113.5", 443, registry=Registry(on_event=None), policy=policy)
+    d = outbound_decision(
+        mesh(), "203.0.113.5", 443, registry=Registry(on_event=None), policy=policy
+    )
     assert isinstance(d, kind)
 
 
 def test_registry_only_still_allows_registered_service_entries() -> None:
-    d = decide(
+    d = outbound_decision(
         mesh(),
         "192.0.2.10",
         5432,
@@ -141,7 +143,9 @@ def test_registry_only_still_allows_registered_service_entries() -> None:
 
 
 def test_vip_on_an_undeclared_port_is_unknown() -> None:
-    d = decide(mesh(), "10.96.0.10", 81, registry=Registry(on_event=None), policy="REGISTRY_ONLY")
+    d = outbound_decision(
+        mesh(), "10.96.0.10", 81, registry=Registry(on_event=None), policy="REGISTRY_ONLY"
+    )
     assert isinstance(d, Refuse)
 
 

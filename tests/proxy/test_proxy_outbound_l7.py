@@ -1,5 +1,5 @@
 """The outbound pieces the L7 wiring added: which ports go to the HTTP proxy (`http_target`),
-and VirtualService tcp routes with weights and subsets in `decide`."""
+and VirtualService tcp routes with weights and subsets in `outbound_decision`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections import Counter
 from proxy_docs import config, snapshot, workload
 
 from nodeagent.balance import Registry
-from nodeagent.proxy.outbound import Refuse, ToWorkload, decide, http_target
+from nodeagent.proxy.outbound import Refuse, ToWorkload, http_target, outbound_decision
 from nodeagent.routing import Source
 from nodeagent.snapshot import Snapshot
 
@@ -69,7 +69,7 @@ def test_tcp_route_sends_every_connection_to_the_weighted_subset() -> None:
     registry = Registry(on_event=None, rng=random.Random(7))
     got = Counter()
     for _ in range(10):
-        d = decide(snap, "10.96.0.10", 5432, registry=registry, source=Source("default"))
+        d = outbound_decision(snap, "10.96.0.10", 5432, registry=registry, source=Source("default"))
         assert isinstance(d, ToWorkload)
         assert d.route is not None
         got[d.workload.uid] += 1
@@ -79,8 +79,12 @@ def test_tcp_route_sends_every_connection_to_the_weighted_subset() -> None:
 def test_tcp_route_weights_follow_rand() -> None:
     snap = mesh(tcp_route(("v1", 80), ("v2", 20)))
     registry = Registry(on_event=None, rng=random.Random(7))
-    low = decide(snap, "10.96.0.10", 5432, registry=registry, source=Source(), rand=lambda: 0.5)
-    high = decide(snap, "10.96.0.10", 5432, registry=registry, source=Source(), rand=lambda: 0.9)
+    low = outbound_decision(
+        snap, "10.96.0.10", 5432, registry=registry, source=Source(), rand=lambda: 0.5
+    )
+    high = outbound_decision(
+        snap, "10.96.0.10", 5432, registry=registry, source=Source(), rand=lambda: 0.9
+    )
     assert isinstance(low, ToWorkload)
     assert isinstance(high, ToWorkload)
     assert (low.workload.uid, high.workload.uid) == ("v1", "v2")
@@ -91,7 +95,7 @@ def test_no_tcp_route_balances_over_the_whole_service() -> None:
     registry = Registry(on_event=None, rng=random.Random(7))
     names = set()
     for _ in range(20):
-        d = decide(snap, "10.96.0.10", 5432, registry=registry)
+        d = outbound_decision(snap, "10.96.0.10", 5432, registry=registry)
         assert isinstance(d, ToWorkload)
         assert d.route is None
         names.add(d.workload.uid)
@@ -100,6 +104,8 @@ def test_no_tcp_route_balances_over_the_whole_service() -> None:
 
 def test_tcp_route_to_an_undefined_subset_is_refused() -> None:
     snap = mesh(tcp_route(("v9", 100)))
-    d = decide(snap, "10.96.0.10", 5432, registry=Registry(on_event=None), source=Source("default"))
+    d = outbound_decision(
+        snap, "10.96.0.10", 5432, registry=Registry(on_event=None), source=Source("default")
+    )
     assert isinstance(d, Refuse)
     assert "v9" in d.reason

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from nodeagent.telemetry.accesslog import AccessLog, AccessRecord
-from nodeagent.telemetry.metrics import Registry
+from nodeagent.telemetry.metrics import MetricsRegistry
 
 FIELDS = {
     "start_time", "duration_ms", "method", "authority", "path", "protocol", "response_code",
@@ -118,7 +118,7 @@ class _StuckSink:
 async def test_a_stuck_sink_never_blocks_logging_and_drops_are_counted() -> None:
     sink = _StuckSink()
     log = AccessLog(sink=sink, max_queue=4)
-    reg = Registry()
+    reg = MetricsRegistry()
     reg.add_collector(log.collector)
     async with trio.open_nursery() as nursery:
         await nursery.start(log.run)

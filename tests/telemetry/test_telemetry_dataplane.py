@@ -29,7 +29,7 @@ from nodeagent.telemetry.dataplane import (
     service_of,
 )
 from nodeagent.telemetry.exposition import samples
-from nodeagent.telemetry.metrics import IstioMetrics, Registry
+from nodeagent.telemetry.metrics import IstioMetrics, MetricsRegistry
 from nodeagent.telemetry.tracing import (
     CURRENT_TRACE,
     TraceContext,
@@ -92,7 +92,7 @@ class Sinks:
     """The real metrics, access log and tracer, as `Telemetry` holds them."""
 
     def __init__(self, tracer: Tracer | None = None) -> None:
-        self.registry = Registry()
+        self.registry = MetricsRegistry()
         self.metrics = IstioMetrics(self.registry)
         self.access_log = AccessLog()
         self.tracer = tracer or Tracer("node-1", sample_rate=1.0)

@@ -19,7 +19,7 @@ from nodeagent.telemetry.metrics import (
     HealthSources,
     Histogram,
     IstioMetrics,
-    Registry,
+    MetricsRegistry,
     app_label,
     health_collector,
     peer_labels,
@@ -54,7 +54,7 @@ SERVICE = Service(
 
 
 def test_counter_gauge_render_and_parse_back() -> None:
-    reg = Registry()
+    reg = MetricsRegistry()
     c = reg.counter("demo_total", "A counter\nwith a \\ newline.", ("path",))
     g = reg.gauge("demo_gauge", "A gauge.")
     c.inc(('a"b\\c\nd',), 3)
@@ -73,7 +73,7 @@ def test_counter_gauge_render_and_parse_back() -> None:
 
 
 def test_histogram_buckets_are_cumulative_with_inf_sum_and_count() -> None:
-    reg = Registry()
+    reg = MetricsRegistry()
     h = reg.histogram("lat_ms", "Latency.", ("route",), DURATION_BUCKETS_MS)
     for v in (0.3, 0.5, 7, 7, 4000, 10**7):
         h.observe(("r",), v)
@@ -93,7 +93,7 @@ def test_histogram_buckets_are_cumulative_with_inf_sum_and_count() -> None:
 
 
 def test_registry_rejects_bad_names_and_label_counts() -> None:
-    reg = Registry()
+    reg = MetricsRegistry()
     with pytest.raises(ValueError, match="not a valid Prometheus name"):
         reg.counter("1bad", "x")
     with pytest.raises(ValueError, match="label name 'le'"):
@@ -175,7 +175,7 @@ def test_app_and_version_fall_back_like_istio() -> None:
 
 
 def test_istio_request_metrics_have_exactly_istios_labels() -> None:
-    reg = Registry()
+    reg = MetricsRegistry()
     metrics = IstioMetrics(reg)
     client = _workload("client-6b9f8c7d5-abcde", "shop", {"app": "client"}, sa="client")
     v2 = _workload("my-app-v2-7f9c8d6b5f-zzzzz", "shop", {"app": "my-app", "version": "v2"})
@@ -233,7 +233,7 @@ def test_istio_request_metrics_have_exactly_istios_labels() -> None:
 
 
 def test_tcp_metrics_open_close_and_bytes() -> None:
-    reg = Registry()
+    reg = MetricsRegistry()
     metrics = IstioMetrics(reg)
     peer = peer_labels(
         reporter="source", source=None, destination=None, service=None, protocol="tcp",
@@ -263,7 +263,7 @@ def test_tcp_metrics_open_close_and_bytes() -> None:
 
 
 def test_health_collector_reads_callbacks_at_scrape_time() -> None:
-    reg = Registry()
+    reg = MetricsRegistry()
     pods = [1, 2]
     reg.add_collector(
         health_collector(

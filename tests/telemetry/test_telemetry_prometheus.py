@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from nodeagent.snapshot.model import Workload
-from nodeagent.telemetry.metrics import IstioMetrics, Registry, peer_labels
+from nodeagent.telemetry.metrics import IstioMetrics, MetricsRegistry, peer_labels
 from nodeagent.telemetry.server import metrics_server
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ async def test_prometheus_scrapes_and_sums_by_destination_version(tmp_path: Path
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail("needs the Debian package `prometheus` (apt-get install prometheus)")
-    reg = Registry()
+    reg = MetricsRegistry()
     metrics = IstioMetrics(reg)
     sent = {"v1": 90, "v2": 10}
     for version, n in sent.items():

@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from nodeagent.telemetry import exposition
-from nodeagent.telemetry.metrics import CONTENT_TYPE, IstioMetrics, Registry, peer_labels
+from nodeagent.telemetry.metrics import CONTENT_TYPE, IstioMetrics, MetricsRegistry, peer_labels
 from nodeagent.telemetry.server import metrics_server
 
 
@@ -22,7 +22,7 @@ async def curl(url: str, *extra: str) -> tuple[int, str, str]:
 
 
 async def test_serves_prometheus_text_and_readiness_on_tcp() -> None:
-    reg = Registry()
+    reg = MetricsRegistry()
     metrics = IstioMetrics(reg)
     peer = peer_labels(
         reporter="source", source=None, destination=None, service=None, protocol="http"
@@ -54,7 +54,7 @@ async def test_serves_prometheus_text_and_readiness_on_tcp() -> None:
 
 
 async def test_port_in_use_is_a_clear_error_before_started() -> None:
-    reg = Registry()
+    reg = MetricsRegistry()
     first = metrics_server(reg, lambda: True, host="127.0.0.1", port=0)
     async with trio.open_nursery() as nursery:
         await nursery.start(first.run)

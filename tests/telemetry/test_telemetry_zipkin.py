@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from nodeagent.httpserver import HttpServerRequest, Response, Route, TcpHttpServer
-from nodeagent.telemetry.tracing import Endpoint, Tracer, ZipkinExporter
+from nodeagent.telemetry.tracing import SpanEndpoint, Tracer, ZipkinExporter
 
 
 class Collector:
@@ -51,7 +51,7 @@ async def test_spans_of_two_agents_link_parent_and_child() -> None:
             [(b"host", b"my-app")],
             kind="CLIENT",
             name="my-app.shop.svc.cluster.local:80/*",
-            remote=Endpoint("my-app.shop", "10.0.2.7", 15008),
+            remote=SpanEndpoint("my-app.shop", "10.0.2.7", 15008),
         )
         wire = client.downstream_headers([(b"host", b"my-app")])
         server = dst.start(wire, kind="SERVER", name="my-app.shop.svc.cluster.local:80/*")

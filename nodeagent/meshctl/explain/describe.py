@@ -46,7 +46,7 @@ def endpoint_doc(snap: Snapshot, ep: Endpoint, caller: Caller) -> dict[str, Any]
         "labels": dict(ep.labels),
     }
     if wl is None or not wl.identity:
-        # outbound.decide: an endpoint outside the mesh is reached directly, in plaintext.
+        # outbound_decision: an endpoint outside the mesh is reached directly, in plaintext.
         doc.update(tunnel=False, mtls_mode=None, authorization=None)
         doc["note"] = "outside the mesh: passed through in plaintext"
         return doc

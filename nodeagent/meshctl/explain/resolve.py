@@ -116,7 +116,7 @@ def _tcp(
     vip: str,
     report: dict[str, Any],
 ) -> None:
-    l4 = outbound.decide(snap, vip, target.port.port, registry=Registry(on_event=None))
+    l4 = outbound.outbound_decision(snap, vip, target.port.port, registry=Registry(on_event=None))
     if isinstance(l4, outbound.Passthrough):
         report["outcome"] = "passthrough"
         report["passthrough"] = {"address": l4.address, "port": l4.port, "reason": l4.reason}
@@ -243,7 +243,7 @@ def explain(
             port=target.port,
             host=found.service.hostname,
         )
-        l4 = outbound.decide(snap, vip, target.port, registry=Registry(on_event=None))
+        l4 = outbound.outbound_decision(snap, vip, target.port, registry=Registry(on_event=None))
         if isinstance(l4, outbound.Passthrough):
             _tcp(snap, caller, src, found, vip, report)
             return report
@@ -313,10 +313,9 @@ def _resolve_name(
 
 
 def _unknown(snap: Snapshot, ip: str, port: int, report: dict[str, Any]) -> None:
-    allow = outbound.decide(snap, ip, port, registry=Registry(on_event=None), policy="ALLOW_ANY")
-    strict = outbound.decide(
-        snap, ip, port, registry=Registry(on_event=None), policy="REGISTRY_ONLY"
-    )
+    registry = Registry(on_event=None)
+    allow = outbound.outbound_decision(snap, ip, port, registry=registry, policy="ALLOW_ANY")
+    strict = outbound.outbound_decision(snap, ip, port, registry=registry, policy="REGISTRY_ONLY")
     allow_reason = allow.reason if isinstance(allow, outbound.Passthrough) else str(allow)
     strict_reason = strict.reason if isinstance(strict, outbound.Refuse) else str(strict)
     report["outcome"] = "unknown"
