@@ -1,5 +1,6 @@
 """What every path of a pod proxy shares: timeouts, per-direction counters, the record behind a
-connection's one log line (`ConnLog`), the `Denied` outcome and the best-effort tunnel reply.
+connection's one log line (`ConnLog`), the `Denied` and `SelfCall` outcomes and the best-effort
+tunnel reply.
 
 No I/O here beyond `try_respond` (a bounded, error-swallowing status reply on a tunnel).
 """
@@ -14,6 +15,7 @@ from typing import Any
 
 import trio
 
+from nodeagent.proxy import self_call
 from nodeagent.proxy.relay import RelayResult
 from nodeagent.telemetry.dataplane import TcpRecorder
 from nodeagent.tunnel import TunnelResponse, respond
@@ -49,6 +51,15 @@ class Denied(Exception):
         super().__init__(reason)
         self.flag = flag
         self.policy = policy
+
+
+class SelfCall(Denied):
+    """A connection refused because its target is one of the agent's own listeners
+    (`self_call.py`): `port` is the listener port it named."""
+
+    def __init__(self, reason: str, port: int) -> None:
+        super().__init__(self_call.FLAG, reason)
+        self.port = port
 
 
 @dataclass(slots=True)

@@ -20,7 +20,8 @@ import trio
 from nodeagent.identity.api import IdentityUnavailable
 from nodeagent.inpod import original_dst
 from nodeagent.log import get_logger
-from nodeagent.proxy.connection import IDLE_TIMEOUT, ConnLog, Denied, try_respond
+from nodeagent.proxy import self_call
+from nodeagent.proxy.connection import IDLE_TIMEOUT, ConnLog, Denied, SelfCall, try_respond
 from nodeagent.proxy.inbound import (
     Closed,
     InboundDecision,
@@ -45,6 +46,7 @@ from nodeagent.tunnel import (
     detach,
     respond,
 )
+from nodeagent.tunnel.header import BAD_REQUEST
 
 log = get_logger("proxy")
 
@@ -66,6 +68,9 @@ class InboundPath:
         src = client.socket.getpeername()
         dst = original_dst(client.socket)
         conn.src, conn.dst = f"{src[0]}:{src[1]}", f"{dst[0]}:{dst[1]}"
+        loop = self_call.inbound_target(dst)
+        if loop is not None:
+            raise SelfCall(loop, dst[1])
         snap = self.core.snapshot()
         me = self.core.me(snap)
         if me is not None:
@@ -110,6 +115,10 @@ class InboundPath:
             conn.resumed = accepted.resumed
             port = accepted.request.port
             conn.dst = conn.endpoint = f"{local[0]}:{port}"
+            loop = self_call.tunnel_target(port)
+            if loop is not None:
+                await try_respond(stream, TunnelResponse(BAD_REQUEST, f"{self_call.FLAG}: {loop}"))
+                raise SelfCall(loop, port)
             conn.tel = self._inbound_recorder(
                 snap, me, conn, peer[0], port, accepted.request, "mutual_tls"
             )

@@ -22,6 +22,7 @@ from typing import Literal
 
 from nodeagent.balance import NoHealthyUpstream, PickContext, Registry
 from nodeagent.balance.state import EndpointState
+from nodeagent.proxy import self_call
 from nodeagent.routing import Source, TcpRequest, decide_tcp
 from nodeagent.snapshot import ServiceTarget, Snapshot, Workload
 
@@ -58,7 +59,9 @@ class Passthrough:
 @dataclass(frozen=True, slots=True)
 class Refuse:
     reason: str
-    flag: str = "outbound_refused"  # "UH": every endpoint is ejected (panic disabled)
+    # "UH": every endpoint is ejected (panic disabled); "self_call": the target is one of the
+    # agent's own listeners (`self_call.py`)
+    flag: str = "outbound_refused"
 
 
 OutboundDecision = ToWorkload | Passthrough | Refuse
@@ -101,8 +104,38 @@ def outbound_decision(
     source_ip: str | None = None,
 ) -> OutboundDecision:
     """`registry` picks the endpoint; `source` (the calling pod's namespace and labels) is what
-    VirtualService tcp routes match on; `rand` draws the weighted choice; `source_ip` is what
-    consistentHash useSourceIp hashes."""
+    VirtualService tcp routes match on; `rand` draws the weighted choice; `source_ip` (the
+    calling pod's address) is what consistentHash useSourceIp hashes. A target that is one of
+    the agent's own listeners is refused (flag `self_call`): the agent would connect to itself."""
+    decision = _decision(
+        snap,
+        dst_ip,
+        dst_port,
+        registry=registry,
+        policy=policy,
+        source=source,
+        rand=rand,
+        source_ip=source_ip,
+    )
+    if isinstance(decision, ToWorkload | Passthrough):
+        loop = self_call.listener_target(snap, decision.address, decision.port, source_ip=source_ip)
+        if loop is not None:
+            return Refuse(loop, flag=self_call.FLAG)
+    return decision
+
+
+def _decision(
+    snap: Snapshot,
+    dst_ip: str,
+    dst_port: int,
+    *,
+    registry: Registry,
+    policy: OutboundPolicy = "ALLOW_ANY",
+    source: Source | None = None,
+    rand: Callable[[], float] = random.random,
+    source_ip: str | None = None,
+) -> OutboundDecision:
+    """The decision before the self-call check."""
     found = snap.find_address(dst_ip, dst_port)
     if isinstance(found, Workload):
         # A pod IP (headless services and services without a VIP end up here too).

@@ -19,7 +19,8 @@ from nodeagent.balance.state import EndpointState
 from nodeagent.http import HttpProxy, RequestLog
 from nodeagent.inpod import original_dst
 from nodeagent.log import get_logger
-from nodeagent.proxy.connection import CONNECT_TIMEOUT, IDLE_TIMEOUT, ConnLog, Denied
+from nodeagent.proxy import self_call
+from nodeagent.proxy.connection import CONNECT_TIMEOUT, IDLE_TIMEOUT, ConnLog, Denied, SelfCall
 from nodeagent.proxy.connector import MeshConnector, denied_by_policy
 from nodeagent.proxy.outbound import (
     Passthrough,
@@ -106,6 +107,9 @@ class OutboundPath:
         src = client.socket.getpeername()
         dst = original_dst(client.socket)
         conn.src, conn.dst = f"{src[0]}:{src[1]}", f"{dst[0]}:{dst[1]}"
+        loop = self_call.unredirected(dst, client.socket.getsockname())
+        if loop is not None:
+            raise SelfCall(loop, dst[1])
         snap = self.core.snapshot()
         target = http_target(snap, dst[0], dst[1])
         if target is not None:
@@ -128,6 +132,8 @@ class OutboundPath:
         )
         if isinstance(decision, Refuse):
             conn.tel = self._outbound_recorder(snap, me, conn, None, None, "none")
+            if decision.flag == self_call.FLAG:
+                raise SelfCall(decision.reason, dst[1])
             raise Denied(decision.flag, decision.reason)
         # Connection-level balancing: in flight from connect to close, connect failures count
         # for outlier detection; tcp.maxConnections refuses the connection (flag UO).

@@ -29,7 +29,7 @@ from nodeagent.balance import Registry
 from nodeagent.identity.api import IdentityProvider, IdentityUnavailable
 from nodeagent.inpod import Netns, PodListeners
 from nodeagent.log import get_logger
-from nodeagent.proxy.connection import IDENTITY_WAIT, ConnLog, Denied, DirectionStats
+from nodeagent.proxy.connection import IDENTITY_WAIT, ConnLog, Denied, DirectionStats, SelfCall
 from nodeagent.proxy.inbound_path import InboundPath
 from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.proxy.outbound_path import OutboundPath
@@ -138,6 +138,8 @@ class PodProxy:
                 await self.inbound.serve_tunnel(client, conn)
         except Denied as exc:
             stats.denied += 1
+            if isinstance(exc, SelfCall) and self.core.telemetry is not None:
+                self.core.telemetry.metrics.self_call_refused(kind, exc.port)
             conn.result, conn.flag, conn.policy = "denied", exc.flag, exc.policy
             conn.error = str(exc)
         except TunnelError as exc:

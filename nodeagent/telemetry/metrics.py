@@ -372,6 +372,12 @@ class IstioMetrics:
         self.tcp_closed = r.counter(
             "istio_tcp_connections_closed_total", "TCP connections closed.", TCP_LABELS
         )
+        self.self_calls_refused = r.counter(
+            "istio_self_calls_refused_total",
+            "Connections refused because their target is one of the agent's own listeners "
+            "(they would loop through the agent).",
+            ("listener", "destination_port"),
+        )
 
     def record_request(
         self,
@@ -389,6 +395,10 @@ class IstioMetrics:
         self.duration.observe(labels, duration_ms)
         self.request_bytes.observe(labels, request_bytes)
         self.response_bytes.observe(labels, response_bytes)
+
+    def self_call_refused(self, listener: str, port: int) -> None:
+        """A connection on `listener` (outbound, inbound, tunnel) named agent port `port`."""
+        self.self_calls_refused.inc((listener, str(port)))
 
     def connection_opened(
         self, peer: PeerLabels, *, security_policy: SecurityPolicy = "none"
