@@ -1,5 +1,5 @@
 """Shared pieces of the sandbox integration tests: the module-scoped sandbox fixture, meshctl
-and `apply` through the meshctl binary, the agents' admin socket (curl over its unix socket),
+and `apply` through the meshctl binary, the agents' admin socket (`nodeagent.admin.client`),
 `eventually()` polling and curl from a pod, a node or the outside host."""
 
 from __future__ import annotations

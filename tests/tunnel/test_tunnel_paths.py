@@ -28,7 +28,7 @@ from tunnel_net import (
     settled,
 )
 
-from nodeagent.contract import MESH_MARK, TUNNEL_PORT
+from nodeagent.contract import MESH_MARK, POD_LISTENER_PORTS, TUNNEL_PORT
 from nodeagent.tunnel import (
     SessionCache,
     SourceInfo,
@@ -226,3 +226,26 @@ async def test_session_resumption(namespaces: Namespaces) -> None:
         assert [i.resumed for i in infos] == [False, True, True]
         assert all(i.peer_identity == B_ID for i in infos)
         assert len(sessions) == 1
+
+
+@pytest.mark.parametrize("port", sorted(POD_LISTENER_PORTS))
+async def test_tunnel_to_an_agent_listener_port_is_refused(
+    namespaces: Namespaces, port: int
+) -> None:
+    """A real tunnel whose header names one of B's agent ports gets status 400 `self_call` at
+    once (no connection to B's own listener), and the tunnel keeps serving ordinary requests."""
+    async with running_mesh(namespaces) as mesh:
+        with trio.fail_after(5), pytest.raises(TunnelError, match="400 self_call") as e:
+            await open_tunnel(
+                netns=namespaces.a,
+                identities=mesh.identities,
+                source_identity=A_ID,
+                address=B_IP,
+                expected_identity=B_ID,
+                request=TunnelRequest(port, SourceInfo("client", "a", A_ID, A_IP)),
+            )
+        assert e.value.flag == "refused"
+        await settled(mesh.a, mesh.b)
+        inbound = mesh.b.statistics()["inbound"]
+        assert (inbound["opened"], inbound["denied"]) == (1, 1)
+        assert await app_call(namespaces.a, (B_IP, APP_PORT), b"x") == expect(b"x")
