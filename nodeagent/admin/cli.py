@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 from nodeagent.admin.client import AdminClientError, admin_call_sync
-from nodeagent.contract import ADMIN_SOCKET
+from nodeagent.contract import ADMIN_SOCKET, METRICS_PATH
 from nodeagent.telemetry import exposition
 
 
@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace) -> str:
     as_json = args.output == "json"
     cmd = args.command
     if cmd == "stats":
-        text = admin_call_sync(sock, "GET", "/stats/prometheus").decode()
+        text = admin_call_sync(sock, "GET", METRICS_PATH).decode()
         if as_json:
             fams = exposition.parse(text)
             return _dumps(
