@@ -152,7 +152,7 @@ class ConsistentHashBalancer(Balancer):
         return candidates[int(self._random() * len(candidates))]
 
 
-class Passthrough(Balancer):
+class PassthroughBalancer(Balancer):
     """The client's original destination (Envoy's ORIGINAL_DST): that endpoint when it is one of
     the cluster's, else an untracked handle for it; without one, a random pick."""
 
@@ -190,7 +190,7 @@ def make_balancer(
     if lb.kind == "LEAST_REQUEST":
         return LeastRequest(rng)
     if lb.kind == "PASSTHROUGH":
-        return Passthrough(rng, make_state)
+        return PassthroughBalancer(rng, make_state)
     if lb.kind in ("RING_HASH", "MAGLEV"):
         return ConsistentHashBalancer(lb, rng)
     return PeakEwma(rng, decay_s)

@@ -20,7 +20,7 @@ from typing import Any
 from nodeagent.balance.balancers import (
     DEFAULT_DECAY_S,
     DEFAULT_RTT_S,
-    Passthrough,
+    PassthroughBalancer,
     make_balancer,
     observe_rtt,
 )
@@ -97,7 +97,7 @@ class Picker:
             policy.load_balancer, self._rng, decay_s=decay_s, make_state=self._untracked
         )
         self.balancer.rebuild(self.states)
-        self._passthrough = isinstance(self.balancer, Passthrough)
+        self._passthrough = isinstance(self.balancer, PassthroughBalancer)
         self.panic = False
         self._candidates: list[EndpointState] = []
         self._refresh()

@@ -46,7 +46,7 @@ BACKOFF_MAX = 10.0
 DOC_VERSION = 1
 
 
-class Rejected(Exception):
+class SigningRejected(Exception):
     """A request the CA refuses; the message is written into the answer for the agent."""
 
 
@@ -61,29 +61,33 @@ class SigningRequest:
 
 def parse_request(kv: KeyValue, trust_domain: str) -> SigningRequest:
     """Check a request document against its key: the key names node and identity, the document
-    must agree, and the CSR must name exactly that identity. Rejected says why."""
+    must agree, and the CSR must name exactly that identity. SigningRejected says why."""
     rest = kv.key.removeprefix(keys.CSR)
     node, _, ident_key = rest.partition("/")
     if not node or ident_key.count("/") != 1:
-        raise Rejected(f"request key {kv.key!r} is not {keys.CSR}<node>/<namespace>/<sa>")
+        raise SigningRejected(f"request key {kv.key!r} is not {keys.CSR}<node>/<namespace>/<sa>")
     try:
         doc = codec.decode(kv)
     except codec.DecodeError as exc:
-        raise Rejected(str(exc)) from None
+        raise SigningRejected(str(exc)) from None
     if not isinstance(doc, dict) or doc.get("v") != DOC_VERSION:
-        raise Rejected(f"request at {kv.key!r} is not a version {DOC_VERSION} document")
+        raise SigningRejected(f"request at {kv.key!r} is not a version {DOC_VERSION} document")
     if doc.get("node") != node:
-        raise Rejected(f"request names node {doc.get('node')!r} but sits under node {node!r}")
+        raise SigningRejected(
+            f"request names node {doc.get('node')!r} but sits under node {node!r}"
+        )
     try:
         ident = certs.parse_spiffe_id(doc.get("identity"), trust_domain)  # type: ignore[arg-type]
     except certs.SpiffeIdError as exc:
-        raise Rejected(f"requested identity: {exc}") from None
+        raise SigningRejected(f"requested identity: {exc}") from None
     if ident.key != ident_key:
-        raise Rejected(f"requested identity {ident.uri} does not match the key's {ident_key!r}")
+        raise SigningRejected(
+            f"requested identity {ident.uri} does not match the key's {ident_key!r}"
+        )
     try:
         csr = certs.check_csr(doc.get("csr"), ident)  # type: ignore[arg-type]
     except certs.CertError as exc:
-        raise Rejected(str(exc)) from None
+        raise SigningRejected(str(exc)) from None
     request_id = doc.get("request", "")
     return SigningRequest(
         kv.key, node, ident, csr, request_id if isinstance(request_id, str) else ""
@@ -104,7 +108,7 @@ def authorize(node: str, ident: certs.SpiffeId, workloads: Sequence[Any]) -> Non
             and spec.get("node", node) == node
         ):
             return
-    raise Rejected(
+    raise SigningRejected(
         f"node {node!r} runs no workload with namespace {ident.namespace!r} and service "
         f"account {ident.service_account!r}; it may not have {ident.uri}"
     )
@@ -235,7 +239,7 @@ class Signer:
                 except codec.DecodeError as exc:
                     log.warning("ca.bad_workload", key=wkv.key, error=str(exc))
             authorize(req.node, req.ident, docs)
-        except Rejected as exc:
+        except SigningRejected as exc:
             self.stats["rejected"] += 1
             log.warning("ca.rejected", key=kv.key, reason=str(exc))
             return {"v": DOC_VERSION, "error": str(exc), "request": request_id or _rid(kv)}
