@@ -10,23 +10,23 @@ comes from a supplied `rand()` so tests are deterministic.
 from nodeagent.routing.decide import decide, decide_tcp
 from nodeagent.routing.model import (
     Decision,
-    DirectResponse,
     Fault,
-    HeaderOps,
+    MatchedRule,
     Redirect,
     Request,
-    RetryPolicy,
     RouteDestination,
     Source,
     TcpDecision,
     TcpRequest,
 )
+from nodeagent.snapshot.routes import DirectResponse, HeaderOps, RetryPolicy
 
 __all__ = [
     "Decision",
     "DirectResponse",
     "Fault",
     "HeaderOps",
+    "MatchedRule",
     "Redirect",
     "Request",
     "RetryPolicy",

@@ -15,10 +15,12 @@ from nodeagent.meshctl.explain.describe import (
     destination_doc,
     endpoint_doc,
     fault_doc,
-    jsonable,
-    matched_rule,
+    headers_doc,
+    mirror_doc,
     port_doc,
     retries_doc,
+    rewrite_doc,
+    rule_doc,
     service_doc,
 )
 from nodeagent.meshctl.explain.inputs import (
@@ -46,15 +48,16 @@ def _http(
     if request.host is None and source.gateway == hosts.MESH_GATEWAY:
         svc = snap.resolve_host(routing_host, source.namespace)
         routing_host = svc.hostname if svc else routing_host
-    rule_doc, rule, considered = matched_rule(snap, source, request, hosts.normalize(routing_host))
+    considered = [vs.ref for vs in snap.routes_for(hosts.normalize(routing_host), source.gateway)]
     # Weights, faults and mirrors are random: the report lists every destination with its
     # weight and the configured percentages, so one fixed draw is enough for the rest.
     decision: Decision = decide(snap, source, request, rand=lambda: 0.0)
+    matched = decision.matched
     report["virtual_services_considered"] = considered
     report["route"] = {
         "kind": decision.kind,
         "route_name": decision.route_name,
-        "rule": rule_doc,
+        "rule": rule_doc(matched) if matched is not None else None,
         "default": decision.route_name == "default",
     }
     if decision.kind == "no_route":
@@ -83,16 +86,16 @@ def _http(
         report["outcome"] = "direct"
         report["summary"] = f"answered by the proxy: {decision.direct.status}"
         return
-    rule = rule or {}
+    rule = matched.route if matched is not None else None
     route.update(
-        rewrite=jsonable(rule.get("rewrite")) if rule.get("rewrite") else None,
+        rewrite=rewrite_doc(rule.rewrite) if rule is not None else None,
         upstream_path=decision.path,
         upstream_authority=decision.authority,
         timeout=decision.timeout,
-        retries=retries_doc(decision.retries, "retries" in rule),
-        fault=fault_doc(rule),
-        mirror=jsonable(rule.get("mirror")) if rule.get("mirror") else None,
-        request_headers=jsonable(rule.get("headers")) if rule.get("headers") else None,
+        retries=retries_doc(decision.retries, rule is not None and rule.retries_configured),
+        fault=fault_doc(rule.fault) if rule is not None else None,
+        mirror=mirror_doc(rule.mirror) if rule is not None else None,
+        request_headers=headers_doc(rule.headers) if rule is not None else None,
     )
     report["destinations"] = [destination_doc(snap, d, caller) for d in decision.destinations]
     report["outcome"] = "route"
