@@ -3,7 +3,7 @@
 `decide(snap, dst_ip, dst_port, picker=…, policy=…)` reads the snapshot and returns one of
 `ToWorkload` (through the mTLS tunnel to a meshed workload: always, never plaintext),
 `Passthrough` (straight to an address outside the mesh) or `Refuse`. A service port with
-VirtualService `tcp` routes is first routed by `nodeagent.routing.decide_tcp` (weights, subsets).
+VirtualService `tcp` routes is first routed by `nodeagent.routing.route_tcp` (weights, subsets).
 `http_target` says whether a destination is an HTTP/1.1 service port (then the L7 proxy takes the
 connection instead), and `route_picker` adapts an `EndpointPicker` to the L7 proxy's picker.
 `BalancedPicker` is the node's picker on top of one `balance.Registry`: `decide` then returns
@@ -25,7 +25,7 @@ from typing import Literal, Protocol
 from nodeagent.balance import NoHealthyUpstream, PickContext, Registry
 from nodeagent.balance.state import EndpointState
 from nodeagent.http.proxy import BalancedRoutePicker
-from nodeagent.routing import RouteDestination, Source, TcpRequest, decide_tcp
+from nodeagent.routing import RouteDestination, Source, TcpRequest, route_tcp
 from nodeagent.snapshot import Endpoint, ServiceTarget, Snapshot, Workload
 
 OutboundPolicy = Literal["ALLOW_ANY", "REGISTRY_ONLY"]
@@ -227,7 +227,7 @@ def _tcp_route(
     name); None when no tcp rule applies (the addressed service itself)."""
     if not snap.routes_for(target.service.hostname, source.gateway):
         return None
-    decision = decide_tcp(
+    decision = route_tcp(
         snap, source, TcpRequest(target.service.hostname, dst_port, dst_ip), rand=rand
     )
     chosen = decision.chosen

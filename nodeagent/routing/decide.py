@@ -1,4 +1,4 @@
-"""The routing decision: compiled VirtualService rules → one `Decision`, with Istio/Envoy semantics.
+"""The routing decision: compiled VirtualService rules → one `RouteDecision` (Istio semantics).
 
 Rules of every VirtualService that `Snapshot.routes_for(host, gateway)` returns are tried in that
 order, first match wins (`match.route_match`). A host without any VirtualService gets the default
@@ -15,15 +15,15 @@ from collections.abc import Callable
 
 from nodeagent.routing.match import EVERYTHING, route_match, tcp_route_matches
 from nodeagent.routing.model import (
-    Decision,
     Fault,
+    HttpRequest,
     MatchedRule,
     Redirect,
-    Request,
+    RouteDecision,
     RouteDestination,
     Source,
-    TcpDecision,
     TcpRequest,
+    TcpRouteDecision,
 )
 from nodeagent.snapshot import hosts
 from nodeagent.snapshot.model import Service, VirtualService
@@ -106,7 +106,7 @@ def _fault(rule: FaultRule | None, rand: Rand) -> Fault:
     return Fault(delay=delay, abort_status=abort)
 
 
-def _rewrite_path(request: Request, rewrite: Rewrite | None, match: HttpMatch) -> str:
+def _rewrite_path(request: HttpRequest, rewrite: Rewrite | None, match: HttpMatch) -> str:
     """Envoy's rewrite: a prefix match replaces the matched prefix, other matches the whole path.
 
     One deviation from Envoy, as the issue asks: a rewrite ending in "/" joined to a remainder
@@ -134,7 +134,7 @@ def _rewrite_path(request: Request, rewrite: Rewrite | None, match: HttpMatch) -
     return f"{new}?{request.query}" if request.query else new
 
 
-def _redirect(request: Request, rule: RedirectRule) -> Redirect:
+def _redirect(request: HttpRequest, rule: RedirectRule) -> Redirect:
     scheme = rule.scheme or request.scheme
     authority = rule.authority or request.authority
     port = request.port if rule.port_from_request else rule.port
@@ -151,17 +151,17 @@ def _redirect(request: Request, rule: RedirectRule) -> Redirect:
     return Redirect(status=rule.status, location=f"{scheme}://{authority}{path}")
 
 
-def build_decision(
+def _decision_for_rule(
     snapshot: Snapshot,
     source: Source,
-    request: Request,
+    request: HttpRequest,
     matched: MatchedRule,
     rand: Rand,
-) -> Decision:
-    """The Decision for a rule that matched."""
+) -> RouteDecision:
+    """The RouteDecision for a rule that matched."""
     route = matched.route
     if route.redirect is not None:
-        return Decision(
+        return RouteDecision(
             kind="redirect",
             route_name=route.route_name,
             redirect=_redirect(request, route.redirect),
@@ -169,7 +169,7 @@ def build_decision(
             matched=matched,
         )
     if route.direct_response is not None:
-        return Decision(
+        return RouteDecision(
             kind="direct",
             route_name=route.route_name,
             direct=route.direct_response,
@@ -202,7 +202,7 @@ def build_decision(
         response_headers = response_headers.then(chosen.response_headers)
     rewrite = route.rewrite
     authority = (rewrite.authority if rewrite is not None else None) or request.authority
-    return Decision(
+    return RouteDecision(
         kind="route",
         route_name=route.route_name,
         destinations=destinations,
@@ -220,7 +220,7 @@ def build_decision(
 
 
 def _routing_host(
-    snapshot: Snapshot, source: Source, request: Request
+    snapshot: Snapshot, source: Source, request: HttpRequest
 ) -> tuple[str, Service | None]:
     if request.host is not None:
         host = hosts.normalize(request.host)
@@ -235,7 +235,7 @@ def _routing_host(
 
 
 def find_rule(
-    virtual_services: tuple[VirtualService, ...], request: Request, source: Source
+    virtual_services: tuple[VirtualService, ...], request: HttpRequest, source: Source
 ) -> MatchedRule | None:
     """The first rule (in `routes_for` order) one of whose match entries the request meets."""
     for vs in virtual_services:
@@ -246,13 +246,13 @@ def find_rule(
     return None
 
 
-def decide(
+def route_http(
     snapshot: Snapshot,
     source: Source,
-    request: Request,
+    request: HttpRequest,
     *,
     rand: Rand | None = None,
-) -> Decision:
+) -> RouteDecision:
     """Route one HTTP request. `rand` (uniform [0,1)) drives weights, fault and mirror sampling."""
     if rand is None:
         rand = random.random
@@ -260,15 +260,15 @@ def decide(
     virtual_services = snapshot.routes_for(host, source.gateway)
     matched = find_rule(virtual_services, request, source)
     if matched is not None:
-        return build_decision(snapshot, source, request, matched, rand)
+        return _decision_for_rule(snapshot, source, request, matched, rand)
     if virtual_services or service is None or source.gateway != hosts.MESH_GATEWAY:
-        return Decision(kind="no_route", route_name="")
+        return RouteDecision(kind="no_route", route_name="")
     dest = RouteDestination(
         host=service.hostname,
         service=service,
         port=request.port if service.port(request.port) is not None else _single_port(service),
     )
-    return Decision(
+    return RouteDecision(
         kind="route",
         route_name="default",
         destinations=(dest,),
@@ -282,13 +282,13 @@ def _single_port(service: Service) -> int | None:
     return service.ports[0].port if len(service.ports) == 1 else None
 
 
-def decide_tcp(
+def route_tcp(
     snapshot: Snapshot,
     source: Source,
     request: TcpRequest,
     *,
     rand: Rand | None = None,
-) -> TcpDecision:
+) -> TcpRouteDecision:
     """Route one TCP connection by the VirtualServices' `tcp` rules (weights, no L7 matches).
 
     No VirtualService with a matching tcp rule: the default route to the addressed service.
@@ -307,13 +307,13 @@ def decide_tcp(
                 for d in route.destinations
             )
             chosen = _pick(destinations, rand)
-            return TcpDecision(route.route_name, destinations=destinations, chosen=chosen)
+            return TcpRouteDecision(route.route_name, destinations=destinations, chosen=chosen)
     service = snapshot.service_by_host(host)
     if service is None:
-        return TcpDecision(route_name="")
+        return TcpRouteDecision(route_name="")
     dest = RouteDestination(
         host=service.hostname,
         service=service,
         port=request.port if service.port(request.port) is not None else _single_port(service),
     )
-    return TcpDecision(route_name="default", destinations=(dest,), chosen=dest)
+    return TcpRouteDecision(route_name="default", destinations=(dest,), chosen=dest)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 
-from nodeagent.routing.model import Request, Source, TcpRequest
+from nodeagent.routing.model import HttpRequest, Source, TcpRequest
 from nodeagent.snapshot import hosts
 from nodeagent.snapshot.routes import HttpMatch, HttpRoute, StringMatch, TcpMatch, TcpRoute
 
@@ -34,7 +34,7 @@ def string_matches(m: StringMatch, value: str) -> bool:
     return True
 
 
-def _pseudo_header(request: Request, name: str) -> str | None:
+def _pseudo_header(request: HttpRequest, name: str) -> str | None:
     # Envoy lets header matches name pseudo-headers; Istio's docs use `:authority`/`:method`.
     if name == ":authority":
         return request.authority
@@ -66,7 +66,7 @@ def source_matches(
     return gateways is None or source.gateway in gateways
 
 
-def request_matches(m: HttpMatch, request: Request, source: Source) -> bool:
+def request_matches(m: HttpMatch, request: HttpRequest, source: Source) -> bool:
     """Whether one HTTPMatchRequest entry matches (every condition present must hold)."""
     if (uri := m.uri) is not None:
         value = request.target if uri.kind == "prefix" else request.path
@@ -99,7 +99,7 @@ def request_matches(m: HttpMatch, request: Request, source: Source) -> bool:
     return source_matches(source, m.source_labels, m.source_namespace, m.gateways)
 
 
-def route_match(route: HttpRoute, request: Request, source: Source) -> HttpMatch | None:
+def route_match(route: HttpRoute, request: HttpRequest, source: Source) -> HttpMatch | None:
     """The first entry of the rule's `match` list that matches (`EVERYTHING` for a rule
     without entries), else None."""
     if not route.matches:

@@ -38,7 +38,7 @@ class Source:
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
+class HttpRequest:
     """One HTTP request as routing sees it.
 
     `path` excludes the query string, `query` is what follows `?` (without it). Header names are
@@ -84,7 +84,7 @@ class Request:
         target: str,
         headers: Mapping[str, str] | None = None,
         **kw: object,
-    ) -> Request:
+    ) -> HttpRequest:
         path, _, query = target.partition("?")
         return cls(method, authority, path, query, headers or _EMPTY, **kw)  # type: ignore[arg-type]
 
@@ -139,11 +139,11 @@ class MatchedRule:
     match: HttpMatch | None
 
 
-DecisionKind = Literal["route", "redirect", "direct", "no_route"]
+RouteDecisionKind = Literal["route", "redirect", "direct", "no_route"]
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
+class RouteDecision:
     """What to do with one request.
 
     kind "route": forward to `chosen` (one of `destinations`), with the path/authority rewritten
@@ -151,7 +151,7 @@ class Decision:
     `route_name` names the rule for logs and metrics (`ns/vs.rule` or `default`).
     """
 
-    kind: DecisionKind
+    kind: RouteDecisionKind
     route_name: str = ""
     destinations: tuple[RouteDestination, ...] = ()
     chosen: RouteDestination | None = None
@@ -178,7 +178,7 @@ class TcpRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class TcpDecision:
+class TcpRouteDecision:
     route_name: str
     destinations: tuple[RouteDestination, ...] = ()
     chosen: RouteDestination | None = None

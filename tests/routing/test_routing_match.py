@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from nodeagent.routing import Request, Source, TcpRequest
+from nodeagent.routing import HttpRequest, Source, TcpRequest
 from nodeagent.routing.match import (
     EVERYTHING,
     request_matches,
@@ -40,8 +40,8 @@ def _tcp(match: list[dict[str, Any]]) -> TcpRoute:
     return route
 
 
-def req(target: str = "/", headers: dict[str, str] | None = None, **kw: Any) -> Request:
-    return Request.from_target(
+def req(target: str = "/", headers: dict[str, str] | None = None, **kw: Any) -> HttpRequest:
+    return HttpRequest.from_target(
         kw.pop("method", "GET"), kw.pop("authority", "a"), target, headers, **kw
     )
 
@@ -152,7 +152,7 @@ def test_a_rule_without_matches_takes_everything_else_the_first_matching_entry()
     assert route_match(everything, req("/x"), MESH) is EVERYTHING
     assert route_match(listed, req("/a/1"), MESH) is listed.matches[0]
     assert route_match(listed, req("/b"), MESH) is listed.matches[1]
-    assert route_match(listed, Request("GET", "a", "x"), MESH) is None
+    assert route_match(listed, HttpRequest("GET", "a", "x"), MESH) is None
 
 
 def test_tcp_matches_port_subnets_and_source() -> None:

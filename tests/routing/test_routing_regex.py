@@ -13,7 +13,7 @@ import pytest
 from deadline import returns_within
 from routing_helpers import build, service, workload
 
-from nodeagent.routing import Request, Source, decide
+from nodeagent.routing import HttpRequest, Source, route_http
 
 GATEWAY = Source(gateway="default/http-gateway")
 MESH = Source(namespace="default")
@@ -50,8 +50,8 @@ def test_a_hostile_regex_route_decides_promptly(
 ) -> None:
     snap = _snapshot(match, gateways=["http-gateway", "mesh"])
     kw = {"method": "GET", "authority": "my-app", "target": "/", "headers": {}} | request_kw
-    request = Request.from_target(kw["method"], kw["authority"], kw["target"], kw["headers"])
-    decision, took = returns_within(10.0, lambda: decide(snap, source, request))
+    request = HttpRequest.from_target(kw["method"], kw["authority"], kw["target"], kw["headers"])
+    decision, took = returns_within(10.0, lambda: route_http(snap, source, request))
     assert decision.kind == "no_route"  # the regex does not match the hostile input
     assert took < 0.5, f"deciding took {took:.3f} s"
 
@@ -59,18 +59,21 @@ def test_a_hostile_regex_route_decides_promptly(
 def test_without_headers_regex_is_linear_too() -> None:
     snap = _snapshot({"withoutHeaders": {"x-h": {"regex": r"^(\w+\s?)*$"}}})
     hostile = "word " * 1000 + "!"
-    request = Request.from_target("GET", "my-app", "/", {"x-h": hostile})
-    decision, took = returns_within(10.0, lambda: decide(snap, MESH, request))
+    request = HttpRequest.from_target("GET", "my-app", "/", {"x-h": hostile})
+    decision, took = returns_within(10.0, lambda: route_http(snap, MESH, request))
     assert decision.kind == "route"  # the header does not match, so the rule applies
     assert took < 0.5
 
 
 def test_the_regex_still_matches_what_it_should() -> None:
     snap = _snapshot({"uri": {"regex": "/(a+)+"}})
-    hit = decide(snap, MESH, Request.from_target("GET", "my-app", "/" + "a" * 5000))
+    hit = route_http(snap, MESH, HttpRequest.from_target("GET", "my-app", "/" + "a" * 5000))
     assert hit.kind == "route"
     assert hit.route_name == "default/my-app.0"
     digits = _snapshot({"uri": {"regex": r"/item/\d+"}})
-    assert decide(digits, MESH, Request.from_target("GET", "my-app", "/item/42")).kind == "route"
-    arabic = Request.from_target("GET", "my-app", "/item/٣")  # RE2's \d is ASCII, as Istio's
-    assert decide(digits, MESH, arabic).kind == "no_route"
+    assert (
+        route_http(digits, MESH, HttpRequest.from_target("GET", "my-app", "/item/42")).kind
+        == "route"
+    )
+    arabic = HttpRequest.from_target("GET", "my-app", "/item/٣")  # RE2's \d is ASCII, as Istio's
+    assert route_http(digits, MESH, arabic).kind == "no_route"

@@ -3,7 +3,7 @@ mode and authorization verdict the destination would give), route destinations, 
 faults and the matched VirtualService rule. Pure; every value is JSON-able.
 
 The rule parts are described from the compiled routes (`nodeagent.snapshot.routes`) that the
-routing decision matched (`Decision.matched`): the report shows what the proxy runs.
+routing decision matched (`RouteDecision.matched`): the report shows what the proxy runs.
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ from nodeagent.meshctl.explain.inputs import (
     parse_target,
 )
 from nodeagent.proxy import outbound
-from nodeagent.routing import Request, Source, TcpRequest, decide, decide_tcp
-from nodeagent.routing.model import Decision
+from nodeagent.routing import HttpRequest, Source, TcpRequest, route_http, route_tcp
+from nodeagent.routing.model import RouteDecision
 from nodeagent.snapshot import Endpoint, ServiceTarget, Snapshot, Workload, hosts
 
 
@@ -41,7 +41,7 @@ def _http(
     snap: Snapshot,
     caller: Caller,
     source: Source,
-    request: Request,
+    request: HttpRequest,
     report: dict[str, Any],
 ) -> None:
     routing_host = request.host or request.authority_host
@@ -51,7 +51,7 @@ def _http(
     considered = [vs.ref for vs in snap.routes_for(hosts.normalize(routing_host), source.gateway)]
     # Weights, faults and mirrors are random: the report lists every destination with its
     # weight and the configured percentages, so one fixed draw is enough for the rest.
-    decision: Decision = decide(snap, source, request, rand=lambda: 0.0)
+    decision: RouteDecision = route_http(snap, source, request, rand=lambda: 0.0)
     matched = decision.matched
     report["virtual_services_considered"] = considered
     report["route"] = {
@@ -128,7 +128,7 @@ def _tcp(
         report["outcome"] = "refused"
         report["summary"] = f"refused: {l4.reason}"
         return
-    decision = decide_tcp(
+    decision = route_tcp(
         snap,
         source,
         TcpRequest(target.service.hostname, target.port.port, vip),
@@ -246,7 +246,7 @@ def explain(
     )
     if l7 and target.scheme == "http":
         report["protocol"] = "http"
-        request = Request.from_target(
+        request = HttpRequest.from_target(
             method,
             authority,
             target.path + (f"?{target.query}" if target.query else ""),
@@ -372,7 +372,7 @@ def _from_gateway(
         )
         return
     source = Source(namespace=server.namespace, labels=caller.labels, gateway=server.gateway)
-    request = Request.from_target(
+    request = HttpRequest.from_target(
         method,
         authority,
         target.path + (f"?{target.query}" if target.query else ""),
