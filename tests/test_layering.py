@@ -23,7 +23,8 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"log"}),
     frozenset({"httpclient", "httpserver", "inpod"}),
     frozenset({"store"}),
-    frozenset({"config", "cni", "snapshot"}),
+    frozenset({"config", "cni"}),
+    frozenset({"snapshot"}),  # compiles VirtualServices with config's regex and duration rules
     frozenset({"ca", "routing", "balance", "authz", "telemetry"}),
     frozenset({"identity", "dns", "kube"}),
     frozenset({"tunnel", "admin"}),

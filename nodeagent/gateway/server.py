@@ -20,7 +20,7 @@ import trio
 
 from nodeagent.http import Connector, HttpProxy, Limits, Picker, RequestLog, random_picker
 from nodeagent.log import get_logger
-from nodeagent.routing import Request, Source
+from nodeagent.routing import HttpRequest, Source
 from nodeagent.snapshot import hosts
 from nodeagent.snapshot.snapshot import Snapshot
 from nodeagent.telemetry.tracing import Tracer
@@ -134,7 +134,7 @@ class IngressGateway:
             **self.proxy.statistics(),
         }
 
-    def source_for(self, request: Request) -> Source | None:
+    def source_for(self, request: HttpRequest) -> Source | None:
         """The Gateway a request reaches: the first server of its port whose hosts match."""
         servers = servers_by_port(self._snapshot(), self._labels).get(request.port, ())
         for server in servers:

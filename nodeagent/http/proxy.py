@@ -1,7 +1,7 @@
 """The HTTP/1.1 byte mover: read a request with h11, route it, forward it, stream the answer.
 
 One `HttpProxy` serves many client connections (`await proxy.serve(stream, port=…)`), each a
-keep-alive loop: request head → `nodeagent.routing.decide()` → local answer (no route, redirect,
+keep-alive loop: request head → `nodeagent.routing.route_http()` → local answer (no route, redirect,
 direct response, fault abort) or forward with retries through pooled upstream connections.
 
 Memory stays bounded: headers by `Limits.max_header_bytes` (→ 431), bodies move chunk by chunk
@@ -45,13 +45,13 @@ from nodeagent.http.io import FastIO
 from nodeagent.http.pool import ConnectionPool, Connector, UpstreamConnection
 from nodeagent.log import get_logger
 from nodeagent.routing import (
-    Decision,
     DirectResponse,
     HeaderOps,
-    Request,
+    HttpRequest,
+    RouteDecision,
     RouteDestination,
     Source,
-    decide,
+    route_http,
 )
 from nodeagent.snapshot.model import Endpoint
 from nodeagent.snapshot.snapshot import Snapshot
@@ -68,7 +68,7 @@ from nodeagent.telemetry.tracing import (
 log = get_logger("http.proxy")
 
 Picker = Callable[[RouteDestination, Sequence[Endpoint]], Endpoint | None]
-SourceFor = Source | Callable[[Request], Source | None]
+SourceFor = Source | Callable[[HttpRequest], Source | None]
 _conn_ids = itertools.count(1)
 T = TypeVar("T")
 
@@ -427,19 +427,23 @@ class HttpProxy:
             target = slash + path if slash else "/"
         if not entry.request_id:
             entry.request_id = new_request_id()
-        request = Request.from_target(entry.method, authority, target, joined, port=port, host=host)
+        request = HttpRequest.from_target(
+            entry.method, authority, target, joined, port=port, host=host
+        )
         token = self._start_span(req, entry, request) if self._tracer is not None else None
         try:
             source = self._source(request) if callable(self._source) else self._source
             try:
                 decision = (
-                    decide(self._snapshot(), source, request, rand=self._rand)
+                    route_http(self._snapshot(), source, request, rand=self._rand)
                     if source is not None
-                    else Decision(kind="no_route")
+                    else RouteDecision(kind="no_route")
                 )
             except Exception as exc:  # a stored document the validator let through; not fatal
                 log.error("request.route_failed", path=entry.path, error=repr(exc))
-                decision = Decision(kind="direct", direct=DirectResponse(500, b"routing failed"))
+                decision = RouteDecision(
+                    kind="direct", direct=DirectResponse(500, b"routing failed")
+                )
             entry.route_name = decision.route_name
             keep = await self._execute(
                 down,
@@ -462,7 +466,7 @@ class HttpProxy:
         return keep
 
     def _start_span(
-        self, req: h11.Request, entry: RequestLog, request: Request
+        self, req: h11.Request, entry: RequestLog, request: HttpRequest
     ) -> Token[TraceContext | None]:
         """The CLIENT span of this request (continuing the caller's trace); its context goes
         upstream in the headers and, through CURRENT_TRACE, in a new tunnel's header."""
@@ -565,9 +569,9 @@ class HttpProxy:
     async def _execute(
         self,
         down: _Downstream,
-        request: Request,
+        request: HttpRequest,
         headers: list[tuple[str, str]],
-        decision: Decision,
+        decision: RouteDecision,
         entry: RequestLog,
         client_address: str | None,
         mirrors: trio.Nursery,
@@ -615,9 +619,9 @@ class HttpProxy:
 
     def _upstream_head(
         self,
-        request: Request,
+        request: HttpRequest,
         headers: list[tuple[str, str]],
-        decision: Decision,
+        decision: RouteDecision,
         entry: RequestLog,
         client_address: str | None,
         upgrade: bool,
@@ -656,9 +660,9 @@ class HttpProxy:
     async def _forward(
         self,
         down: _Downstream,
-        request: Request,
+        request: HttpRequest,
         headers: list[tuple[str, str]],
-        decision: Decision,
+        decision: RouteDecision,
         dest: RouteDestination,
         entry: RequestLog,
         client_address: str | None,
@@ -900,8 +904,8 @@ class HttpProxy:
     async def _respond(
         self,
         down: _Downstream,
-        request: Request,
-        decision: Decision,
+        request: HttpRequest,
+        decision: RouteDecision,
         entry: RequestLog,
         outcome: _Outcome,
         upgrade: bool,
@@ -1007,7 +1011,9 @@ class HttpProxy:
         finally:
             await self.pool.discard(up)
 
-    async def _mirror(self, decision: Decision, head: h11.Request, chunks: list[bytes]) -> None:
+    async def _mirror(
+        self, decision: RouteDecision, head: h11.Request, chunks: list[bytes]
+    ) -> None:
         """Send a copy of a (fully buffered) request to the mirror; the answer is dropped."""
         dest = decision.mirror
         if dest is None or dest.service is None or dest.port is None or dest.error:

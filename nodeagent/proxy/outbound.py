@@ -3,7 +3,7 @@
 `outbound_decision(snap, dst_ip, dst_port, registry=…, policy=…)` reads the snapshot and returns
 one of `ToWorkload` (through the mTLS tunnel to a meshed workload: always, never plaintext),
 `Passthrough` (straight to an address outside the mesh) or `Refuse`. A service port with
-VirtualService `tcp` routes is first routed by `nodeagent.routing.decide_tcp` (weights, subsets).
+VirtualService `tcp` routes is first routed by `nodeagent.routing.route_tcp` (weights, subsets).
 `http_target` says whether a destination is an HTTP/1.1 service port (then the L7 proxy takes the
 connection instead). Endpoints are picked by the node's one `balance.Registry` (the
 DestinationRule's policy, outlier ejection): the decision carries the picked endpoint's live handle
@@ -23,7 +23,7 @@ from typing import Literal
 from nodeagent.balance import NoHealthyUpstream, PickContext, Registry
 from nodeagent.balance.state import EndpointState
 from nodeagent.proxy import self_call
-from nodeagent.routing import Source, TcpRequest, decide_tcp
+from nodeagent.routing import Source, TcpRequest, route_tcp
 from nodeagent.snapshot import ServiceTarget, Snapshot, Workload
 
 OutboundPolicy = Literal["ALLOW_ANY", "REGISTRY_ONLY"]
@@ -177,7 +177,7 @@ def _tcp_route(
     name); None when no tcp rule applies (the addressed service itself)."""
     if not snap.routes_for(target.service.hostname, source.gateway):
         return None
-    decision = decide_tcp(
+    decision = route_tcp(
         snap, source, TcpRequest(target.service.hostname, dst_port, dst_ip), rand=rand
     )
     chosen = decision.chosen

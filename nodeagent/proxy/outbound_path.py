@@ -31,7 +31,7 @@ from nodeagent.proxy.outbound import (
 )
 from nodeagent.proxy.pod_core import PodCore
 from nodeagent.proxy.relay import RelayResult, relay
-from nodeagent.routing import Request, Source
+from nodeagent.routing import HttpRequest, Source
 from nodeagent.snapshot import Snapshot, Workload
 from nodeagent.telemetry.dataplane import TcpRecorder, record_request, service_of
 from nodeagent.telemetry.metrics import SecurityPolicy
@@ -75,7 +75,7 @@ class OutboundPath:
             )
         return self._http
 
-    def _route_source(self, request: Request) -> Source:
+    def _route_source(self, request: HttpRequest) -> Source:
         me = self.core.me(self.core.snapshot())
         if me is None:
             return Source()

@@ -1,39 +1,41 @@
 """L7 (HTTP) and L4 (TCP) routing decisions: pure functions of (snapshot, source, request).
 
-`decide()` applies the VirtualServices for a request's host (rules in order, first match wins),
-resolves the chosen destination to a service, a DestinationRule subset and a port, and returns a
-`Decision` the byte mover (`nodeagent.http`) executes; `decide_tcp()` does the same for TCP routes.
+`route_http()` applies the VirtualServices for a request's host (rules in order, first match
+wins), resolves the chosen destination to a service, a DestinationRule subset and a port, and
+returns a `RouteDecision` the byte mover (`nodeagent.http`) executes; `route_tcp()` does the same
+for TCP routes. The rules were compiled with the snapshot (`nodeagent.snapshot.routes`); matching
+is `match.py`, the decision `decide.py`.
 Nothing here does I/O, awaits or keeps state; randomness (weights, fault and mirror percentages)
 comes from a supplied `rand()` so tests are deterministic.
 """
 
-from nodeagent.routing.decide import decide, decide_tcp
+from nodeagent.routing.decide import route_http, route_tcp
 from nodeagent.routing.model import (
-    Decision,
-    DirectResponse,
     Fault,
-    HeaderOps,
+    HttpRequest,
+    MatchedRule,
     Redirect,
-    Request,
-    RetryPolicy,
+    RouteDecision,
     RouteDestination,
     Source,
-    TcpDecision,
     TcpRequest,
+    TcpRouteDecision,
 )
+from nodeagent.snapshot.routes import DirectResponse, HeaderOps, RetryPolicy
 
 __all__ = [
-    "Decision",
     "DirectResponse",
     "Fault",
     "HeaderOps",
+    "HttpRequest",
+    "MatchedRule",
     "Redirect",
-    "Request",
     "RetryPolicy",
+    "RouteDecision",
     "RouteDestination",
     "Source",
-    "TcpDecision",
     "TcpRequest",
-    "decide",
-    "decide_tcp",
+    "TcpRouteDecision",
+    "route_http",
+    "route_tcp",
 ]

@@ -1,4 +1,8 @@
-"""The routing inputs (who asks, what is asked) and the decision the byte mover executes."""
+"""The routing inputs (who asks, what is asked) and the decision the byte mover executes.
+
+The configured parts a decision carries (header operations, retry policy, direct response) are
+the VirtualService's compiled route types (`nodeagent.snapshot.routes`), shared, not copied.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,20 @@ from types import MappingProxyType
 from typing import Literal
 from urllib.parse import parse_qsl
 
-from nodeagent.snapshot.model import Service
+from nodeagent.snapshot.model import Service, VirtualService
+from nodeagent.snapshot.routes import (
+    DEFAULT_RETRIES,
+    NO_HEADER_OPS,
+    DirectResponse,
+    HeaderOps,
+    HttpMatch,
+    HttpRoute,
+    RetryPolicy,
+)
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 MESH = "mesh"
-
-# Istio's default retry policy (when a route sets no `retries`): 2 attempts on these conditions,
-# 503 being the retriable status code.
-DEFAULT_RETRY_ON = frozenset(
-    {"connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"}
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +38,7 @@ class Source:
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
+class HttpRequest:
     """One HTTP request as routing sees it.
 
     `path` excludes the query string, `query` is what follows `?` (without it). Header names are
@@ -77,33 +84,9 @@ class Request:
         target: str,
         headers: Mapping[str, str] | None = None,
         **kw: object,
-    ) -> Request:
+    ) -> HttpRequest:
         path, _, query = target.partition("?")
         return cls(method, authority, path, query, headers or _EMPTY, **kw)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderOps:
-    """Header manipulation in Istio's order: remove, then set (replace), then add (append)."""
-
-    set: tuple[tuple[str, str], ...] = ()
-    add: tuple[tuple[str, str], ...] = ()
-    remove: tuple[str, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.set or self.add or self.remove)
-
-    def then(self, other: HeaderOps) -> HeaderOps:
-        """These operations followed by `other` (route-level, then destination-level)."""
-        return HeaderOps(self.set + other.set, self.add + other.add, self.remove + other.remove)
-
-    def apply(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """A new header list (lower-case names) with the operations applied."""
-        drop = {n.lower() for n in self.remove} | {n.lower() for n, _ in self.set}
-        out = [(n, v) for n, v in headers if n.lower() not in drop]
-        out.extend((n.lower(), v) for n, v in self.set)
-        out.extend((n.lower(), v) for n, v in self.add)
-        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,46 +104,14 @@ class RouteDestination:
     weight: int = 100
     subset: str | None = None
     subset_labels: Mapping[str, str] | None = None
-    request_headers: HeaderOps = HeaderOps()
-    response_headers: HeaderOps = HeaderOps()
+    request_headers: HeaderOps = NO_HEADER_OPS
+    response_headers: HeaderOps = NO_HEADER_OPS
     error: str | None = None
 
     @property
     def name(self) -> str:
         """Envoy-like cluster name: outbound|port|subset|host."""
         return f"outbound|{self.port or ''}|{self.subset or ''}|{self.host}"
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    attempts: int  # retries after the first try (Istio's `attempts`); 0 = no retries
-    per_try_timeout: float | None  # seconds; None = only the route timeout applies
-    retry_on: frozenset[str]
-    status_codes: frozenset[int] = frozenset({503})
-
-    def retriable_status(self, status: int) -> bool:
-        on = self.retry_on
-        if "5xx" in on and status >= 500:
-            return True
-        if "gateway-error" in on and status in (502, 503, 504):
-            return True
-        if "retriable-4xx" in on and status == 409:
-            return True
-        return "retriable-status-codes" in on and status in self.status_codes
-
-    def retriable_failure(self, kind: Literal["connect-failure", "reset", "timeout"]) -> bool:
-        on = self.retry_on
-        if "5xx" in on:
-            return True
-        if kind == "timeout":
-            return "gateway-error" in on
-        if kind == "connect-failure":
-            return bool(on & {"connect-failure", "gateway-error", "reset"})
-        return bool(on & {"reset", "gateway-error", "reset-before-request"})
-
-
-DEFAULT_RETRIES = RetryPolicy(attempts=2, per_try_timeout=None, retry_on=DEFAULT_RETRY_ON)
-NO_RETRIES = RetryPolicy(attempts=0, per_try_timeout=None, retry_on=frozenset())
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,16 +129,21 @@ class Redirect:
 
 
 @dataclass(frozen=True, slots=True)
-class DirectResponse:
-    status: int
-    body: bytes = b""
+class MatchedRule:
+    """Which compiled rule a decision came from: the VirtualService, the rule's index, the rule,
+    and the entry of its `match` list that matched (None for a rule without matches)."""
+
+    virtual_service: VirtualService
+    index: int
+    route: HttpRoute
+    match: HttpMatch | None
 
 
-DecisionKind = Literal["route", "redirect", "direct", "no_route"]
+RouteDecisionKind = Literal["route", "redirect", "direct", "no_route"]
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
+class RouteDecision:
     """What to do with one request.
 
     kind "route": forward to `chosen` (one of `destinations`), with the path/authority rewritten
@@ -195,20 +151,21 @@ class Decision:
     `route_name` names the rule for logs and metrics (`ns/vs.rule` or `default`).
     """
 
-    kind: DecisionKind
+    kind: RouteDecisionKind
     route_name: str = ""
     destinations: tuple[RouteDestination, ...] = ()
     chosen: RouteDestination | None = None
     path: str = "/"  # the request target (path + query) to send upstream
     authority: str = ""
-    request_headers: HeaderOps = HeaderOps()
-    response_headers: HeaderOps = HeaderOps()
+    request_headers: HeaderOps = NO_HEADER_OPS
+    response_headers: HeaderOps = NO_HEADER_OPS
     timeout: float | None = None  # seconds; None = no route timeout
     retries: RetryPolicy = DEFAULT_RETRIES
     fault: Fault = Fault()
     mirror: RouteDestination | None = None
     redirect: Redirect | None = None
     direct: DirectResponse | None = None
+    matched: MatchedRule | None = None  # None for the default route and no_route
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +178,7 @@ class TcpRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class TcpDecision:
+class TcpRouteDecision:
     route_name: str
     destinations: tuple[RouteDestination, ...] = ()
     chosen: RouteDestination | None = None

@@ -182,7 +182,8 @@ class SnapshotBuilder:
     def _apply_one(self, event: Event) -> None:
         kv = event.kv
         self._revision = max(self._revision, kv.mod_revision)
-        if parse_key(kv.key) is None:
+        ref = parse_key(kv.key)
+        if ref is None:
             return
         old = self._objects.pop(kv.key, None)
         if old is not None:
@@ -196,7 +197,14 @@ class SnapshotBuilder:
             obj = convert(kv.key, codec.decode(kv), self._ctx)
         except (codec.DecodeError, ConvertError) as exc:
             self._skipped[kv.key] = str(exc)
-            log.warning("snapshot.document_skipped", key=kv.key, error=str(exc))
+            log.warning(
+                "snapshot.document_skipped",
+                key=kv.key,
+                kind=ref.kind,
+                namespace=ref.namespace,
+                name=ref.name,
+                error=str(exc),
+            )
             return
         self._objects[kv.key] = obj
         self._index(kv.key, obj, add=True)

@@ -32,6 +32,7 @@ from nodeagent.snapshot.model import (
     Workload,
     freeze,
 )
+from nodeagent.snapshot.routes_compile import RouteError, compile_routes
 from nodeagent.store import keys
 
 KINDS = frozenset(
@@ -329,15 +330,22 @@ def _virtual_service(d: _Doc, ref: KeyRef, ctx: Context) -> VirtualService:
             for i, g in enumerate(d.seq("spec.gateways"))
         )
     )
-    for section in ("http", "tcp", "tls"):
-        for i, route in enumerate(d.seq(f"spec.{section}")):
-            d.mapping(f"spec.{section}[{i}]", route, required=True)
+    try:
+        http, tcp = compile_routes(
+            d.mapping("spec"),
+            namespace=ref.namespace,
+            name=ref.name,
+            cluster_domain=ctx.cluster_domain,
+        )
+    except RouteError as exc:
+        raise d.fail(exc.path, exc.reason) from None
     return VirtualService(
         namespace=ref.namespace,
         name=ref.name,
         hosts=tuple(dict.fromkeys(vs_hosts)),
         gateways=gateways or (hosts.MESH_GATEWAY,),
-        spec=freeze(d.mapping("spec")),
+        http=http,
+        tcp=tcp,
     )
 
 

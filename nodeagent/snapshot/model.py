@@ -1,9 +1,9 @@
 """The snapshot's typed resources: frozen, converted once from store documents, shared freely.
 
 Every mapping inside is read-only (`types.MappingProxyType`) and every list a tuple, so a resource
-handed to the proxy can never change under it. Raw Istio sub-documents that later issues interpret
-(VirtualService routes, DestinationRule traffic policies, AuthorizationPolicy rules, Gateway
-servers) are kept as frozen mappings in Istio's own shape.
+handed to the proxy can never change under it. A VirtualService's routes are compiled into typed
+routes (`routes.py`); other raw Istio sub-documents (DestinationRule traffic policies,
+AuthorizationPolicy rules, Gateway servers) are kept as frozen mappings in Istio's own shape.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
+
+from nodeagent.snapshot.routes import HttpRoute, TcpRoute
 
 MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
 Action = Literal["ALLOW", "DENY", "AUDIT"]
@@ -156,27 +158,18 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class VirtualService:
+    """A VirtualService with its routes compiled (`snapshot.routes`) when it was converted."""
+
     namespace: str
     name: str
     hosts: tuple[str, ...]  # qualified with the VirtualService's namespace
     gateways: tuple[str, ...]  # "mesh" or "namespace/name"; none given means ("mesh",)
-    spec: Mapping[str, Any]  # the frozen spec: http, tcp, tls routes in Istio's shape
+    http: tuple[HttpRoute, ...] = ()
+    tcp: tuple[TcpRoute, ...] = ()
 
     @property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
-
-    @property
-    def http(self) -> tuple[Mapping[str, Any], ...]:
-        return tuple(self.spec.get("http", ()))
-
-    @property
-    def tcp(self) -> tuple[Mapping[str, Any], ...]:
-        return tuple(self.spec.get("tcp", ()))
-
-    @property
-    def tls(self) -> tuple[Mapping[str, Any], ...]:
-        return tuple(self.spec.get("tls", ()))
 
 
 @dataclass(frozen=True, slots=True)

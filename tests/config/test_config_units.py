@@ -1,4 +1,4 @@
-"""Durations, the RE2-subset regex check and the YAML loader."""
+"""Durations and the YAML loader (regexes: test_config_regex.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 from nodeagent.config.documents import MAX_FILE, load_path, load_text
 from nodeagent.config.duration import DurationError, parse_duration
 from nodeagent.config.errors import LoadError
-from nodeagent.config.regex import check_regex
 
 
 @pytest.mark.parametrize(
@@ -39,39 +38,6 @@ def test_bad_durations_are_rejected(text: str) -> None:
 def test_duration_type_error() -> None:
     with pytest.raises(DurationError, match="duration string"):
         parse_duration(7)  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(
-    "pattern",
-    [".*Chrome.*", "^/api/v[0-9]+/.*$", "(?i)foo", "a{2,5}", "[(?=]x", r"\d+\.\d+", "(?P<x>a)b"],
-)
-def test_re2_compatible_regexes_pass(pattern: str) -> None:
-    assert check_regex(pattern) is None
-
-
-@pytest.mark.parametrize(
-    ("pattern", "problem"),
-    [
-        ("foo(?=bar)", "lookaround"),
-        ("foo(?!bar)", "lookaround"),
-        ("(?<=a)b", "lookaround"),
-        ("(?<!a)b", "lookaround"),
-        (r"(a)\1", "backreference"),
-        ("(?P<x>a)(?P=x)", "backreference"),
-        ("(?>a)", "atomic"),
-        ("a++", "possessive"),
-        ("a{2}+", "possessive"),
-        ("a{1001}", "limit of 1000"),
-        ("(?x)a b", "flag"),
-        (r"a\z", "not supported"),
-        ("(unclosed", "does not compile"),
-        ("x" * 2000, "over the 1024 limit"),
-    ],
-)
-def test_non_re2_regexes_are_rejected(pattern: str, problem: str) -> None:
-    message = check_regex(pattern)
-    assert message is not None
-    assert problem in message
 
 
 def test_loader_keeps_sources_and_skips_empty_documents() -> None:

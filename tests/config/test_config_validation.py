@@ -83,11 +83,43 @@ def test_unknown_fields_are_rejected_not_ignored() -> None:
     assert errors[0].endswith("spec.http[0].rewirte: unknown field")
 
 
-def test_regexes_must_be_re2() -> None:
-    match = [{"headers": {"user-agent": {"regex": "(?=Chrome).*"}}}]
-    errors = _errors(vs([{"match": match, "route": route(None)}]))
-    assert "spec.http[0].match[0].headers[user-agent].regex" in errors[0]
-    assert "lookaround" in errors[0]
+_BAD_RE2 = "(?=Chrome).*"  # a lookahead: Python's `re` has it, RE2 does not
+
+
+@pytest.mark.parametrize(
+    ("rule", "field"),
+    [
+        ({"match": [{"uri": {"regex": _BAD_RE2}}]}, "match[0].uri.regex"),
+        ({"match": [{"authority": {"regex": _BAD_RE2}}]}, "match[0].authority.regex"),
+        ({"match": [{"method": {"regex": _BAD_RE2}}]}, "match[0].method.regex"),
+        ({"match": [{"scheme": {"regex": _BAD_RE2}}]}, "match[0].scheme.regex"),
+        (
+            {"match": [{"headers": {"user-agent": {"regex": _BAD_RE2}}}]},
+            "match[0].headers[user-agent].regex",
+        ),
+        (
+            {"match": [{"withoutHeaders": {"x-debug": {"regex": _BAD_RE2}}}]},
+            "match[0].withoutHeaders[x-debug].regex",
+        ),
+        ({"match": [{"queryParams": {"q": {"regex": _BAD_RE2}}}]}, "match[0].queryParams[q].regex"),
+        (
+            {"rewrite": {"uriRegexRewrite": {"match": _BAD_RE2, "rewrite": "/"}}},
+            "rewrite.uriRegexRewrite.match",
+        ),
+    ],
+)
+def test_regexes_must_be_re2_and_the_error_names_the_field(
+    rule: dict[str, Any], field: str
+) -> None:
+    errors = _errors(vs([{**rule, "route": route(None)}]))
+    assert len(errors) == 1
+    assert f"spec.http[0].{field}" in errors[0]
+    assert "not valid RE2: invalid perl operator: (?=" in errors[0]
+
+
+@pytest.mark.parametrize("pattern", ["(a+)+b", "(a|aa)+$", r"^(\w+\s?)*$", r"/api/\pN+\z"])
+def test_re2_patterns_are_accepted(pattern: str) -> None:
+    _ok(vs([{"match": [{"uri": {"regex": pattern}}], "route": route(None)}]))
 
 
 def test_durations_are_checked() -> None:

@@ -15,7 +15,7 @@ import yaml
 from http_helpers import Backend, build, curl, service, start_tcp_backend, tcp_connector, workload
 
 from nodeagent.gateway import GatewayError, IngressGateway, host_matches, servers_by_port
-from nodeagent.routing import Request
+from nodeagent.routing import HttpRequest
 from nodeagent.snapshot import Snapshot
 
 SEED = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "seed"
@@ -167,7 +167,7 @@ def test_server_selection_by_labels_port_and_host() -> None:
     gw = IngressGateway(
         snapshot=lambda: snap, wait_change=trio.sleep_forever, connector=tcp_connector({})
     )
-    source = gw.source_for(Request.from_target("GET", "anything:80", "/", port=80))
+    source = gw.source_for(HttpRequest.from_target("GET", "anything:80", "/", port=80))
     assert source is not None
     assert source.gateway == "default/http-gateway"
-    assert gw.source_for(Request.from_target("GET", "x", "/", port=81)) is None
+    assert gw.source_for(HttpRequest.from_target("GET", "x", "/", port=81)) is None

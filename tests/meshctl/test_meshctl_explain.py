@@ -272,7 +272,7 @@ def test_fault_delay_and_bookinfo_subset(store: Path, capsys: pytest.CaptureFixt
     route = report["route"]
     assert route["route_name"] == "default/my-app-fault.0"
     assert route["rule"]["match_index"] is None
-    assert route["fault"] == {"delay": {"fixed_delay": "7s", "percent": 100.0}}
+    assert route["fault"] == {"delay": {"seconds": 7.0, "percent": 100.0}}
     assert _dests(report) == [(100, "v2", {"version": "v2"}, ["default/ratings-v2"])]
     assert report["destinations"][0]["port"] == 9080
     out = _table(capsys, "--from", "client", "--to", "http://my-app/")
@@ -403,3 +403,74 @@ def test_parsers() -> None:
     assert parse_headers(["X-A: 1", "x-a: 2", "Host:  h "]) == {"x-a": "1, 2", "host": "h"}
     with pytest.raises(ExplainError):
         parse_target("http://")
+
+
+# -- the compiled rule, as the proxy runs it ---------------------------------------------------
+
+COMPILED_VS = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: my-app-api, namespace: default}
+spec:
+  hosts: [my-app]
+  http:
+  - name: api
+    match:
+    - uri: {regex: "/API/v[0-9]+/.*"}
+      ignoreUriCase: true
+      headers: {x-user: {prefix: "a"}}
+    rewrite:
+      uriRegexRewrite: {match: "/api/v([0-9]+)/(.*)", rewrite: "/v\\\\1/\\\\2"}
+    headers:
+      request: {set: {x-api: "1"}}
+    route:
+    - destination: {host: my-app}
+    timeout: 1500ms
+    retries: {attempts: 1, retryOn: "5xx"}
+    mirror: {host: my-app}
+    mirrorPercentage: {value: 5}
+"""
+
+
+def test_explain_describes_the_compiled_rule_the_proxy_runs(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _apply(store, capsys, text=MY_APP + "---\n" + COMPILED_VS)
+    to = ["--from", "client", "--to", "http://my-app/api/v2/users?q=1", "-H", "X-User: alice"]
+    route = _explain(capsys, *to)["route"]
+    assert route["route_name"] == "default/my-app-api.api"
+    rule = route["rule"]
+    assert rule["rule_name"] == "api"
+    assert rule["match_index"] == 0
+    assert rule["match"] == {
+        "uri": {"regex": "/API/v[0-9]+/.*"},
+        "headers": {"x-user": {"prefix": "a"}},
+        "ignoreUriCase": True,
+    }
+    assert rule["conditions"] == [
+        'uri regex "/API/v[0-9]+/.*"',
+        'headers[x-user] prefix "a"',
+        "ignoreUriCase",
+    ]
+    assert route["upstream_path"] == "/v2/users?q=1"  # RE2's \\1 substitution, query kept
+    assert route["rewrite"] == {
+        "uri": None,
+        "authority": None,
+        "uri_regex_rewrite": {"match": "/api/v([0-9]+)/(.*)", "rewrite": "/v\\1/\\2"},
+    }
+    assert route["timeout"] == 1.5
+    assert route["retries"]["attempts"] == 1
+    assert route["retries"]["retry_on"] == ["5xx"]
+    assert route["retries"]["default"] is False
+    assert route["mirror"] == {
+        "host": "my-app.default.svc.cluster.local",
+        "subset": None,
+        "port": None,
+        "percent": 5.0,
+    }
+    assert route["request_headers"] == {"request": {"set": {"x-api": "1"}, "add": {}, "remove": []}}
+    out = _table(capsys, *to)
+    assert "Timeout:     1.5s" in out
+    assert "Mirror:      my-app.default.svc.cluster.local" in out
+    nomatch = _explain(capsys, "--from", "client", "--to", "http://my-app/api/v2/users")
+    assert nomatch["outcome"] == "no_route"  # without the header, no rule matches

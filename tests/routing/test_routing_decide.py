@@ -1,4 +1,4 @@
-"""decide()/decide_tcp() against hand-made snapshots, the seed examples and Bookinfo's samples."""
+"""route_http()/route_tcp() against hand-made snapshots, the seed examples and Bookinfo's."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from routing_helpers import bookinfo_base, build, corpus, service, workload
 
-from nodeagent.routing import Request, Source, TcpRequest, decide, decide_tcp
+from nodeagent.routing import HttpRequest, Source, TcpRequest, route_http, route_tcp
 from nodeagent.snapshot import Snapshot
 
 GW = Source(gateway="default/http-gateway")
@@ -45,8 +45,8 @@ def req(
     authority: str = "my-app",
     port: int = 80,
     host: str | None = None,
-) -> Request:
-    return Request.from_target(method, authority, target, headers or {}, port=port, host=host)
+) -> HttpRequest:
+    return HttpRequest.from_target(method, authority, target, headers or {}, port=port, host=host)
 
 
 def const(x: float) -> Any:
@@ -69,7 +69,7 @@ def my_app(*extra: dict[str, Any]) -> Snapshot:
 
 def test_seed_canary_splits_90_10_and_rewrites_prefix() -> None:
     snap = my_app(*corpus("seed/01-canary.yaml"))
-    d = decide(snap, GW, req("/my-app/x?q=1", authority="example.com"), rand=const(0.5))
+    d = route_http(snap, GW, req("/my-app/x?q=1", authority="example.com"), rand=const(0.5))
     assert d.kind == "route"
     assert d.path == "/x?q=1"
     assert d.chosen is not None
@@ -79,20 +79,20 @@ def test_seed_canary_splits_90_10_and_rewrites_prefix() -> None:
     assert d.chosen.service is not None
     eps = snap.endpoints(d.chosen.service, 80, subset=d.chosen.subset_labels)
     assert [e.address for e in eps] == ["10.0.0.1"]
-    v2 = decide(snap, GW, req("/my-app"), rand=const(0.95))
+    v2 = route_http(snap, GW, req("/my-app"), rand=const(0.95))
     assert v2.chosen is not None
     assert v2.chosen.subset == "v2"
     assert v2.path == "/"
     rng = random.Random(7)
     counts = Counter(
-        decide(snap, GW, req("/my-app/"), rand=rng.random).chosen.subset for _ in range(10_000)
+        route_http(snap, GW, req("/my-app/"), rand=rng.random).chosen.subset for _ in range(10_000)
     )  # type: ignore[union-attr]
     assert 8_800 < counts["v1"] < 9_200
     assert counts["v1"] + counts["v2"] == 10_000
     # other paths, and mesh traffic (the VirtualService is bound to the gateway only): no route
-    assert decide(snap, GW, req("/other")).kind == "no_route"
+    assert route_http(snap, GW, req("/other")).kind == "no_route"
     assert (
-        decide(snap, MESH, req("/my-app", host="my-app.default.svc.cluster.local")).route_name
+        route_http(snap, MESH, req("/my-app", host="my-app.default.svc.cluster.local")).route_name
         == "default"
     )
 
@@ -104,18 +104,20 @@ def test_seed_ab_user_agent_then_default_route_fixes_404() -> None:
         + corpus("seed/03-ab-user-agent.yaml")
     )
     snap = my_app(*docs)
-    chrome = decide(snap, GW, req("/my-app", headers={"user-agent": "Mozilla/5.0 Chrome/120"}))
+    chrome = route_http(snap, GW, req("/my-app", headers={"user-agent": "Mozilla/5.0 Chrome/120"}))
     assert chrome.chosen is not None
     assert chrome.chosen.subset == "v1"
-    firefox = decide(snap, GW, req("/my-app", headers={"user-agent": "Mozilla/5.0 Firefox/121"}))
+    firefox = route_http(
+        snap, GW, req("/my-app", headers={"user-agent": "Mozilla/5.0 Firefox/121"})
+    )
     assert firefox.chosen is not None
     assert firefox.chosen.subset == "v2"
-    assert decide(snap, GW, req("/my-app", headers={"user-agent": "curl/8"})).kind == "no_route"
-    assert decide(snap, GW, req("/my-app")).kind == "no_route"
+    assert route_http(snap, GW, req("/my-app", headers={"user-agent": "curl/8"})).kind == "no_route"
+    assert route_http(snap, GW, req("/my-app")).kind == "no_route"
     ab = corpus("seed/03-ab-user-agent.yaml")[0]
     ab["spec"]["http"].append({"route": [{"destination": {"host": "my-app", "subset": "v1"}}]})
     fixed = my_app(*docs[:-1], ab)
-    d = decide(fixed, GW, req("/my-app", headers={"user-agent": "curl/8"}))
+    d = route_http(fixed, GW, req("/my-app", headers={"user-agent": "curl/8"}))
     assert d.kind == "route"
     assert d.route_name == "default/my-app.2"
     assert d.chosen is not None
@@ -125,7 +127,7 @@ def test_seed_ab_user_agent_then_default_route_fixes_404() -> None:
 
 def test_seed_fault_delays_every_request_7s() -> None:
     snap = my_app(*corpus("seed/02-fault-delay.yaml"), dr("ratings", v2={"version": "v2"}))
-    d = decide(snap, MESH, req("/", host="my-app.default.svc.cluster.local"), rand=const(0.999))
+    d = route_http(snap, MESH, req("/", host="my-app.default.svc.cluster.local"), rand=const(0.999))
     assert d.fault.delay == 7.0
     assert d.fault.abort_status is None
     assert d.chosen is not None
@@ -142,7 +144,7 @@ def bookinfo(file: str) -> Snapshot:
 
 
 def mesh_to(snap: Snapshot, app: str, headers: dict[str, str] | None = None, r: float = 0.5) -> Any:
-    return decide(
+    return route_http(
         snap,
         MESH,
         req("/", headers=headers, port=9080, host=f"{app}.default.svc.cluster.local"),
@@ -174,7 +176,7 @@ def test_bookinfo_reviews_weights(file: str, expected: dict[str, float]) -> None
     rng = random.Random(1)
     n = 4000
     counts = Counter(
-        decide(
+        route_http(
             snap, MESH, req(port=9080, host="reviews.default.svc.cluster.local"), rand=rng.random
         ).chosen.subset
         for _ in range(n)
@@ -208,13 +210,13 @@ def test_bookinfo_details_v2_and_gateway() -> None:
     snap = bookinfo("bookinfo-gateway.yaml")
     gw = Source(gateway="default/bookinfo-gateway")
     for path in ("/productpage", "/static/css/x.css", "/login", "/logout", "/api/v1/products/1"):
-        d = decide(snap, gw, req(path, authority="1.2.3.4:8080", port=8080))
+        d = route_http(snap, gw, req(path, authority="1.2.3.4:8080", port=8080))
         assert d.kind == "route", path
         assert d.chosen.host == "productpage.default.svc.cluster.local"
         assert d.chosen.port == 9080
         assert d.chosen.subset is None
     for path in ("/productpage/x", "/", "/loginx"):
-        assert decide(snap, gw, req(path, authority="h", port=8080)).kind == "no_route", path
+        assert route_http(snap, gw, req(path, authority="h", port=8080)).kind == "no_route", path
 
 
 # -- matches ------------------------------------------------------------------------------------
@@ -231,10 +233,10 @@ def match_snapshot(*rules: dict[str, Any]) -> Snapshot:
     )
 
 
-def chosen(snap: Snapshot, request: Request, source: Source = MESH) -> str | None:
+def chosen(snap: Snapshot, request: HttpRequest, source: Source = MESH) -> str | None:
     if request.host is None and source.gateway == "mesh":
         request = dataclasses.replace(request, host="my-app.default.svc.cluster.local")
-    d = decide(snap, source, request)
+    d = route_http(snap, source, request)
     return d.chosen.subset if d.chosen else None
 
 
@@ -280,7 +282,7 @@ def chosen(snap: Snapshot, request: Request, source: Source = MESH) -> str | Non
         ({"sourceNamespace": "default"}, req(), req()),  # `no` checked with another source below
     ],
 )
-def test_http_matches(match: dict[str, Any], yes: Request, no: Request) -> None:
+def test_http_matches(match: dict[str, Any], yes: HttpRequest, no: HttpRequest) -> None:
     snap = match_snapshot(route_to("a", match=[match]))
     assert chosen(snap, yes) == "a"
     other = Source(namespace="other") if "sourceNamespace" in match else MESH
@@ -318,16 +320,16 @@ def test_source_labels_and_match_gateways() -> None:
     assert chosen(snap, req()) == "a"
     assert chosen(snap, req(), Source(namespace="default", labels={"app": "other"})) == "fallback"
     assert chosen(snap, req(authority="my-app.default.svc.cluster.local"), GW) == "g"
-    assert decide(snap, GW, req(authority="my-app")).kind == "no_route"  # Host taken literally
-    assert decide(snap, Source(gateway="default/else"), req()).kind == "no_route"
+    assert route_http(snap, GW, req(authority="my-app")).kind == "no_route"  # Host taken literally
+    assert route_http(snap, Source(gateway="default/else"), req()).kind == "no_route"
 
 
 # -- actions ------------------------------------------------------------------------------------
 
 
-def one(rule: dict[str, Any], request: Request | None = None, r: float = 0.5) -> Any:
+def one(rule: dict[str, Any], request: HttpRequest | None = None, r: float = 0.5) -> Any:
     snap = my_app(vs("my-app", [rule]), dr("my-app", a={"version": "v1.0.0"}))
-    return decide(snap, MESH, request or req("/p/q?x=1"), rand=const(r))
+    return route_http(snap, MESH, request or req("/p/q?x=1"), rand=const(r))
 
 
 def test_rewrites() -> None:
@@ -439,14 +441,14 @@ def test_timeout_retries_fault_and_mirror() -> None:
 
 def test_default_route_unknown_host_and_missing_subset() -> None:
     snap = my_app()
-    d = decide(snap, MESH, req("/z", host="my-app.default.svc.cluster.local"))
+    d = route_http(snap, MESH, req("/z", host="my-app.default.svc.cluster.local"))
     assert d.route_name == "default"
     assert d.chosen.service.name == "my-app"
     assert d.path == "/z"
     # the authority resolves with the Kubernetes search path when no service host is known
-    assert decide(snap, MESH, req(authority="my-app:80")).chosen.port == 80
-    assert decide(snap, MESH, req(authority="nowhere.example")).kind == "no_route"
-    assert decide(snap, GW, req(authority="my-app")).kind == "no_route"
+    assert route_http(snap, MESH, req(authority="my-app:80")).chosen.port == 80
+    assert route_http(snap, MESH, req(authority="nowhere.example")).kind == "no_route"
+    assert route_http(snap, GW, req(authority="my-app")).kind == "no_route"
     d = one(route_to("nope"))
     assert d.chosen.error == "NC"
 
@@ -471,12 +473,12 @@ def test_tcp_weights_and_matches() -> None:
     }
     snap = my_app(tcp_vs, dr("my-app", a={"version": "v1.0.0"}, b={"version": "v2.0.0"}))
     host = "my-app.default.svc.cluster.local"
-    assert decide_tcp(snap, MESH, TcpRequest(host, 5432), rand=const(0.1)).chosen.host.startswith(
+    assert route_tcp(snap, MESH, TcpRequest(host, 5432), rand=const(0.1)).chosen.host.startswith(
         "ratings."
     )
-    assert decide_tcp(snap, MESH, TcpRequest(host, 80), rand=const(0.7)).chosen.subset == "a"
-    assert decide_tcp(snap, MESH, TcpRequest(host, 80), rand=const(0.8)).chosen.subset == "b"
-    plain = decide_tcp(my_app(), MESH, TcpRequest(host, 80))
+    assert route_tcp(snap, MESH, TcpRequest(host, 80), rand=const(0.7)).chosen.subset == "a"
+    assert route_tcp(snap, MESH, TcpRequest(host, 80), rand=const(0.8)).chosen.subset == "b"
+    plain = route_tcp(my_app(), MESH, TcpRequest(host, 80))
     assert plain.route_name == "default"
     assert plain.chosen.port == 80
-    assert decide_tcp(snap, MESH, TcpRequest("x.example", 80)).chosen is None
+    assert route_tcp(snap, MESH, TcpRequest("x.example", 80)).chosen is None

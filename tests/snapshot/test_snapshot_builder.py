@@ -247,7 +247,7 @@ def test_seed_canary_binds_to_its_namespace_gateway() -> None:
     snap = build([d.config(doc) for doc in corpus_docs("seed/01-canary.yaml")])
     (vs,) = snap.virtual_services_for_gateway("default/http-gateway")
     assert vs.gateways == ("default/http-gateway",)
-    assert vs.http[0]["route"][0]["weight"] == 90
+    assert vs.http[0].destinations[0].weight == 90
     dr = snap.destination_rule("my-app.default.svc.cluster.local")
     assert dr is not None
     assert dr.subset("v2").labels == {"version": "v2.0.0"}  # type: ignore[union-attr]

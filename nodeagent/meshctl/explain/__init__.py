@@ -3,7 +3,7 @@
 One snapshot is built from the store with the agent's own builder, then the agent's own pure
 decisions are asked, in the order the data path asks them: the pod's DNS (`nodeagent.dns.resolve`)
 turns the URL's host into a service, `find_address` gives the service port and its protocol,
-`routing.decide` (HTTP) or `routing.decide_tcp` (TCP) picks the VirtualService rule and its
+`routing.route_http` (HTTP) or `routing.route_tcp` (TCP) picks the VirtualService rule and its
 weighted destinations, `snapshot.endpoints` lists each destination's endpoints, and for each
 endpoint's workload `peer_authentication_for` and `proxy.inbound.tunnel_decision` give the mTLS
 mode and the authorization verdict. Nothing here re-implements a decision: when explain and the

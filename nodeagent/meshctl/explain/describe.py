@@ -1,19 +1,30 @@
 """How the report describes each piece it shows: services, ports, endpoints (with the mTLS
 mode and authorization verdict the destination would give), route destinations, retries,
 faults and the matched VirtualService rule. Pure; every value is JSON-able.
+
+The rule parts are described from the compiled routes (`nodeagent.snapshot.routes`) that the
+routing decision matched (`RouteDecision.matched`): the report shows what the proxy runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from nodeagent.meshctl.explain.inputs import Caller
 from nodeagent.proxy.inbound import plaintext_decision, tunnel_decision
-from nodeagent.routing import Request, RouteDestination, Source
-from nodeagent.routing.decide import match_request
-from nodeagent.routing.model import DEFAULT_RETRIES, RetryPolicy
+from nodeagent.routing import MatchedRule, RouteDestination
 from nodeagent.snapshot import Endpoint, Service, ServicePort, Snapshot
+from nodeagent.snapshot.routes import (
+    DEFAULT_RETRIES,
+    FaultRule,
+    HeaderOps,
+    Headers,
+    HttpMatch,
+    Mirror,
+    RetryPolicy,
+    Rewrite,
+    StringMatch,
+)
 
 
 def service_doc(service: Service) -> dict[str, Any]:
@@ -108,89 +119,134 @@ def retries_doc(policy: RetryPolicy, configured: bool) -> dict[str, Any]:
     }
 
 
-def _percent(doc: Mapping[str, Any], old_key: str = "percent") -> float:
-    if (p := doc.get("percentage")) is not None:
-        return float(p.get("value", 0.0))
-    if (old := doc.get(old_key)) is not None:
-        return float(old)
-    return 100.0
-
-
-def fault_doc(rule: Mapping[str, Any]) -> dict[str, Any] | None:
+def fault_doc(fault: FaultRule | None) -> dict[str, Any] | None:
     """The configured fault (with its percentages), not one sampled draw."""
-    fault = rule.get("fault")
-    if not fault:
+    if fault is None:
         return None
     out: dict[str, Any] = {}
-    if (d := fault.get("delay")) is not None:
-        out["delay"] = {"fixed_delay": d.get("fixedDelay"), "percent": _percent(d)}
-    if (a := fault.get("abort")) is not None:
-        out["abort"] = {"http_status": a.get("httpStatus"), "percent": _percent(a)}
+    if fault.delay is not None:
+        out["delay"] = {"seconds": fault.delay, "percent": fault.delay_percent}
+    if fault.abort_status is not None:
+        out["abort"] = {"http_status": fault.abort_status, "percent": fault.abort_percent}
     return out
 
 
-def jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    return value
+def rewrite_doc(rewrite: Rewrite | None) -> dict[str, Any] | None:
+    if rewrite is None:
+        return None
+    out: dict[str, Any] = {"uri": rewrite.uri, "authority": rewrite.authority}
+    if rewrite.uri_regex is not None:
+        out["uri_regex_rewrite"] = {
+            "match": rewrite.uri_regex.value,
+            "rewrite": rewrite.uri_regex_rewrite,
+        }
+    return out
 
 
-def describe_match(clause: Mapping[str, Any]) -> list[str]:
-    """Readable conditions of one HTTPMatchRequest, e.g. `uri prefix "/my-app"`."""
-    out: list[str] = []
+def mirror_doc(mirror: Mirror | None) -> dict[str, Any] | None:
+    if mirror is None:
+        return None
+    d = mirror.destination
+    return {"host": d.fqdn, "subset": d.subset, "port": d.port, "percent": mirror.percent}
 
-    def string(m: Mapping[str, Any]) -> str:
-        for kind in ("exact", "prefix", "regex"):
-            if m.get(kind) is not None:
-                return f'{kind} "{m[kind]}"'
+
+def _ops_doc(ops: HeaderOps) -> dict[str, Any]:
+    return {"set": dict(ops.set), "add": dict(ops.add), "remove": list(ops.remove)}
+
+
+def headers_doc(headers: Headers) -> dict[str, Any] | None:
+    """The rule's header operations in Istio's shape (`request`/`response` → set/add/remove)."""
+    out = {
+        side: _ops_doc(ops)
+        for side, ops in (("request", headers.request), ("response", headers.response))
+        if ops
+    }
+    return out or None
+
+
+def _string(m: StringMatch) -> str:
+    if m.kind == "present":
         return "present"
+    return f'{m.kind} "{m.value}"'
 
-    for key in ("uri", "scheme", "method", "authority"):
-        if (m := clause.get(key)) is not None:
-            out.append(f"{key} {string(m)}")
-    for key in ("headers", "withoutHeaders", "queryParams"):
-        for name, m in (clause.get(key) or {}).items():
-            out.append(f"{key}[{name}] {string(m)}")
-    if clause.get("ignoreUriCase"):
-        out.append("ignoreUriCase")
-    if (port := clause.get("port")) is not None:
-        out.append(f"port {port}")
-    if labels := clause.get("sourceLabels"):
-        out.append("sourceLabels " + ",".join(f"{k}={v}" for k, v in labels.items()))
-    if (ns := clause.get("sourceNamespace")) is not None:
-        out.append(f"sourceNamespace {ns}")
-    if gateways := clause.get("gateways"):
-        out.append("gateways " + ",".join(str(g) for g in gateways))
+
+def match_doc(match: HttpMatch) -> dict[str, Any]:
+    """One compiled match entry as JSON: each condition it sets, `{kind: value}` for strings."""
+
+    def string(m: StringMatch) -> dict[str, str]:
+        return {} if m.kind == "present" else {m.kind: m.value}
+
+    out: dict[str, Any] = {}
+    if match.name is not None:
+        out["name"] = match.name
+    for key, m in (
+        ("uri", match.uri),
+        ("scheme", match.scheme),
+        ("method", match.method),
+        ("authority", match.authority),
+    ):
+        if m is not None:
+            out[key] = string(m)
+    for key, named in (
+        ("headers", match.headers),
+        ("withoutHeaders", match.without_headers),
+        ("queryParams", match.query_params),
+    ):
+        if named:
+            out[key] = {name: string(m) for name, m in named}
+    if match.uri is not None and match.uri.ignore_case:
+        out["ignoreUriCase"] = True
+    if match.port is not None:
+        out["port"] = match.port
+    if match.source_labels:
+        out["sourceLabels"] = dict(match.source_labels)
+    if match.source_namespace is not None:
+        out["sourceNamespace"] = match.source_namespace
+    if match.gateways is not None:
+        out["gateways"] = sorted(match.gateways)
     return out
 
 
-def matched_rule(
-    snap: Snapshot, source: Source, request: Request, host: str
-) -> tuple[dict[str, Any] | None, Mapping[str, Any] | None, list[str]]:
-    """Which VirtualService rule and match clause `decide` takes (the same walk, recorded)."""
-    considered = []
-    for vs in snap.routes_for(host, source.gateway):
-        considered.append(vs.ref)
-        for index, rule in enumerate(vs.http):
-            matches = rule.get("match")
-            if not matches:
-                return _rule_doc(vs.ref, index, rule, None, None), rule, considered
-            for ci, clause in enumerate(matches):
-                if match_request(clause, request, source, vs.namespace):
-                    return _rule_doc(vs.ref, index, rule, ci, clause), rule, considered
-    return None, None, considered
+def describe_match(match: HttpMatch) -> list[str]:
+    """Readable conditions of one compiled match entry, e.g. `uri prefix "/my-app"`."""
+    out: list[str] = []
+    for key, m in (
+        ("uri", match.uri),
+        ("scheme", match.scheme),
+        ("method", match.method),
+        ("authority", match.authority),
+    ):
+        if m is not None:
+            out.append(f"{key} {_string(m)}")
+    for key, named in (
+        ("headers", match.headers),
+        ("withoutHeaders", match.without_headers),
+        ("queryParams", match.query_params),
+    ):
+        for name, m in named:
+            out.append(f"{key}[{name}] {_string(m)}")
+    if match.uri is not None and match.uri.ignore_case:
+        out.append("ignoreUriCase")
+    if match.port is not None:
+        out.append(f"port {match.port}")
+    if match.source_labels:
+        out.append("sourceLabels " + ",".join(f"{k}={v}" for k, v in match.source_labels.items()))
+    if match.source_namespace is not None:
+        out.append(f"sourceNamespace {match.source_namespace}")
+    if match.gateways is not None:
+        out.append("gateways " + ",".join(sorted(match.gateways)))
+    return out
 
 
-def _rule_doc(
-    vs: str, index: int, rule: Mapping[str, Any], ci: int | None, clause: Mapping[str, Any] | None
-) -> dict[str, Any]:
+def rule_doc(matched: MatchedRule) -> dict[str, Any]:
+    """The rule (and match entry) the routing decision took."""
+    route = matched.route
+    index = next((i for i, m in enumerate(route.matches) if m is matched.match), None)
     return {
-        "virtual_service": vs,
-        "rule_index": index,
-        "rule_name": rule.get("name"),
-        "match_index": ci,
-        "match": jsonable(clause) if clause is not None else None,
-        "conditions": describe_match(clause) if clause is not None else [],
+        "virtual_service": matched.virtual_service.ref,
+        "rule_index": matched.index,
+        "rule_name": route.name,
+        "match_index": index,
+        "match": match_doc(matched.match) if matched.match is not None else None,
+        "conditions": describe_match(matched.match) if matched.match is not None else [],
     }

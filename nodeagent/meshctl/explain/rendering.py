@@ -100,7 +100,7 @@ def render(report: Mapping[str, Any]) -> str:
                 if "delay" in fault:
                     fd = fault["delay"]
                     lines.append(
-                        f"Fault:       delay {fd['fixed_delay']} for {fd['percent']:g}% of requests"
+                        f"Fault:       delay {fd['seconds']:g}s for {fd['percent']:g}% of requests"
                     )
                 if "abort" in fault:
                     fa = fault["abort"]

@@ -16,10 +16,12 @@ from nodeagent.meshctl.explain.describe import (
     destination_doc,
     endpoint_doc,
     fault_doc,
-    jsonable,
-    matched_rule,
+    headers_doc,
+    mirror_doc,
     port_doc,
     retries_doc,
+    rewrite_doc,
+    rule_doc,
     service_doc,
 )
 from nodeagent.meshctl.explain.inputs import (
@@ -31,8 +33,8 @@ from nodeagent.meshctl.explain.inputs import (
     parse_target,
 )
 from nodeagent.proxy import outbound
-from nodeagent.routing import Request, Source, TcpRequest, decide, decide_tcp
-from nodeagent.routing.model import Decision
+from nodeagent.routing import HttpRequest, Source, TcpRequest, route_http, route_tcp
+from nodeagent.routing.model import RouteDecision
 from nodeagent.snapshot import Endpoint, ServiceTarget, Snapshot, Workload, hosts
 
 
@@ -40,22 +42,23 @@ def _http(
     snap: Snapshot,
     caller: Caller,
     source: Source,
-    request: Request,
+    request: HttpRequest,
     report: dict[str, Any],
 ) -> None:
     routing_host = request.host or request.authority_host
     if request.host is None and source.gateway == hosts.MESH_GATEWAY:
         svc = snap.resolve_host(routing_host, source.namespace)
         routing_host = svc.hostname if svc else routing_host
-    rule_doc, rule, considered = matched_rule(snap, source, request, hosts.normalize(routing_host))
+    considered = [vs.ref for vs in snap.routes_for(hosts.normalize(routing_host), source.gateway)]
     # Weights, faults and mirrors are random: the report lists every destination with its
     # weight and the configured percentages, so one fixed draw is enough for the rest.
-    decision: Decision = decide(snap, source, request, rand=lambda: 0.0)
+    decision: RouteDecision = route_http(snap, source, request, rand=lambda: 0.0)
+    matched = decision.matched
     report["virtual_services_considered"] = considered
     report["route"] = {
         "kind": decision.kind,
         "route_name": decision.route_name,
-        "rule": rule_doc,
+        "rule": rule_doc(matched) if matched is not None else None,
         "default": decision.route_name == "default",
     }
     if decision.kind == "no_route":
@@ -84,16 +87,16 @@ def _http(
         report["outcome"] = "direct"
         report["summary"] = f"answered by the proxy: {decision.direct.status}"
         return
-    rule = rule or {}
+    rule = matched.route if matched is not None else None
     route.update(
-        rewrite=jsonable(rule.get("rewrite")) if rule.get("rewrite") else None,
+        rewrite=rewrite_doc(rule.rewrite) if rule is not None else None,
         upstream_path=decision.path,
         upstream_authority=decision.authority,
         timeout=decision.timeout,
-        retries=retries_doc(decision.retries, "retries" in rule),
-        fault=fault_doc(rule),
-        mirror=jsonable(rule.get("mirror")) if rule.get("mirror") else None,
-        request_headers=jsonable(rule.get("headers")) if rule.get("headers") else None,
+        retries=retries_doc(decision.retries, rule is not None and rule.retries_configured),
+        fault=fault_doc(rule.fault) if rule is not None else None,
+        mirror=mirror_doc(rule.mirror) if rule is not None else None,
+        request_headers=headers_doc(rule.headers) if rule is not None else None,
     )
     report["destinations"] = [destination_doc(snap, d, caller) for d in decision.destinations]
     report["outcome"] = "route"
@@ -126,7 +129,7 @@ def _tcp(
         report["outcome"] = "refused"
         report["summary"] = f"refused: {l4.reason}"
         return
-    decision = decide_tcp(
+    decision = route_tcp(
         snap,
         source,
         TcpRequest(target.service.hostname, target.port.port, vip),
@@ -235,7 +238,7 @@ def explain(
     l7 = outbound.http_target(snap, vip, target.port) is not None
     if l7 and target.scheme == "http":
         report["protocol"] = "http"
-        request = Request.from_target(
+        request = HttpRequest.from_target(
             method,
             authority,
             target.path + (f"?{target.query}" if target.query else ""),
@@ -362,7 +365,7 @@ def _from_gateway(
         )
         return
     source = Source(namespace=server.namespace, labels=caller.labels, gateway=server.gateway)
-    request = Request.from_target(
+    request = HttpRequest.from_target(
         method,
         authority,
         target.path + (f"?{target.query}" if target.query else ""),
