@@ -1,0 +1,62 @@
+"""The demo's two programs, for real on loopback: the backend names its version in every
+answer, and the load generator counts the answers by version."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from nodeagent.demo.steps import BACKEND, LOAD
+
+
+@pytest.fixture
+def backend_port() -> Iterator[int]:
+    # Port 0: the kernel picks a free one; the backend says which once it is bound.
+    proc = subprocess.Popen(
+        [sys.executable, "-I", str(BACKEND), "v9", "0"], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    with proc, proc.stdout:
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith("serving on "), line
+            yield int(line.split()[-1])
+        finally:
+            proc.kill()
+
+
+def test_load_counts_the_versions_the_backend_names(backend_port: int) -> None:
+    done = subprocess.run(
+        [sys.executable, "-I", str(LOAD), "127.0.0.1", str(backend_port), "/x", "300", "6"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    lines = done.stdout.splitlines()
+    assert lines[:1] == ["progress 250"]
+    assert lines[-1].startswith("result ")
+    result = json.loads(lines[-1].removeprefix("result "))
+    assert result == {"versions": {"v9": 300}, "codes": {"200": 300}, "errors": []}
+
+
+def test_load_counts_refused_connections_as_errors() -> None:
+    # A port nothing listens on (the backend's fixture is not running here): every request fails.
+    done = subprocess.run(
+        [sys.executable, "-I", str(LOAD), "127.0.0.1", "1", "/", "4", "2"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout.splitlines()[-1].removeprefix("result "))
+    assert result["versions"] == {"-": 4}
+    assert result["codes"] == {"0": 4}
+    assert "ConnectionRefusedError" in result["errors"][0]
+
+
+@pytest.mark.parametrize("argv", [[], ["v1", "http"], ["v1", "80", "x"]])
+def test_the_backend_rejects_bad_arguments_by_name(argv: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-I", str(BACKEND), *argv], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert "usage: backend.py VERSION [PORT]" in done.stderr
