@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -142,14 +141,15 @@ def test_1gib_arrives_intact_and_the_underlay_shows_only_tls(
 ) -> None:
     client = pods["client"]
     eventually(served(sandbox, client, f"http://{VIP}/", "peer="), "service ready")
-    capture = files / "underlay.txt"
-    with capture.open("w") as out:
+    capture, status = files / "underlay.txt", files / "tcpdump.err"
+    with capture.open("w") as out, status.open("w") as err:
         dump = sandbox.popen(
             "underlay", ["tcpdump", "-i", "any", "-l", "-n", "-A", "-s", "256", "tcp"],
-            stdout=out, stderr=subprocess.DEVNULL, start_new_session=True,
+            stdout=out, stderr=err, start_new_session=True,
         )  # fmt: skip
         try:
-            time.sleep(1.0)  # tcpdump needs a moment before it sees packets
+            # tcpdump says "listening on …" once its capture is open: from then on it sees all.
+            eventually(lambda: "listening on" in status.read_text(), "tcpdump listening", 10)
             marker = "PLAINTEXT-MARKER-0123456789"
             rc, body = curl(sandbox, client, f"http://{VIP}/{marker}")
             assert rc == 0, body
@@ -158,7 +158,9 @@ def test_1gib_arrives_intact_and_the_underlay_shows_only_tls(
                 client, ["python3", str(files / "sender.py"), VIP, "9000"], timeout=240
             )
             elapsed = time.monotonic() - started
-            time.sleep(0.5)
+            # The capture has caught up with the tunnel traffic (-l: one line per packet as it
+            # comes) before tcpdump is stopped; the marker's packets came long before.
+            eventually(lambda: ".15008" in capture.read_text(errors="replace"), "tunnel seen", 10)
         finally:
             os.killpg(dump.pid, signal.SIGTERM)
             dump.wait(timeout=10)

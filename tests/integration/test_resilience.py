@@ -5,13 +5,12 @@ breaking (exact count of immediate 503 UO in a burst), consistent hashing on a h
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from l7_helpers import hey_codes, hits
-from mesh_helpers import apply, eventually, sandbox_fixture
+from mesh_helpers import apply, curl, eventually, sandbox_fixture
 
 from nodeagent.sandbox import Pod, Sandbox
 
@@ -189,7 +188,16 @@ def test_failing_replica_is_ejected_then_readmitted(sandbox: Sandbox, pods: dict
         assert hits(pods["ej-2"]).count("/fail-ejected") == 0
     finally:
         flag.unlink()
-    time.sleep(5.5)  # baseEjectionTime 4 s, then the 1 s sweep
+    # Readmitted after baseEjectionTime (4 s) and the next sweep (1 s): a request reaches ej-2
+    # again. One request per probe, on a path of its own, so the counts below stay exact.
+    eventually(
+        lambda: (
+            curl(sandbox, client, f"http://{EJ}/fail-probe")[0] == 0
+            and "/fail-probe" in hits(pods["ej-2"])
+        ),
+        "ej-2 readmitted",
+        timeout=15,
+    )
     out = hey(sandbox, client, f"http://{EJ}/fail-healed", 60, 1)
     assert hey_codes(out) == {200: 60}, out
     assert hits(pods["ej-2"]).count("/fail-healed") == 20  # round robin again
