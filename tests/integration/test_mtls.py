@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from mesh_helpers import admin, apply, client_pods, curl, eventually, meshctl, sandbox_fixture
+from snapshot_docs import service
 
 from nodeagent.sandbox import Pod, Sandbox
 
@@ -78,24 +79,20 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
         service_account="web", labels={"app": "web"},
     )  # fmt: skip
     client, outsider = client_pods(sandbox)
-    apply(sandbox, files, "service", [service()])
+    apply(sandbox, files, "service", [web_service()])
     return {"server": server, "client": client, "outsider": outsider}
 
 
-def service() -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "web", "namespace": "shop"},
-        "spec": {
-            "clusterIP": VIP,
-            "selector": {"app": "web"},
-            "ports": [
-                {"name": "http", "port": 80, "targetPort": 8080},
-                {"name": "tcp-sink", "port": 9000, "targetPort": 9000},
-            ],
-        },
-    }
+def web_service() -> dict[str, Any]:
+    return service(
+        "web",
+        namespace="shop",
+        cluster_ip=VIP,
+        ports=[
+            {"name": "http", "port": 80, "targetPort": 8080},
+            {"name": "tcp-sink", "port": 9000, "targetPort": 9000},
+        ],
+    )
 
 
 def policy(name: str, action: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
@@ -238,7 +235,7 @@ def test_pods_resolve_mesh_names_through_the_dns_proxy(
     """Port 53 is captured in the pod: service names answer with the VIP, a headless service
     with its pods' IPs, and curl by name reaches the app through the tunnel."""
     client, server = pods["client"], pods["server"]
-    headless = service()
+    headless = web_service()
     headless["metadata"]["name"] = "web-pods"
     headless["spec"]["clusterIP"] = "None"
     apply(sandbox, files, "headless", [headless])

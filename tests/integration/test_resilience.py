@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from l7_helpers import hey_codes, hits
 from mesh_helpers import apply, curl, eventually, sandbox_fixture
+from snapshot_docs import service
 
 from nodeagent.sandbox import Pod, Sandbox
 
@@ -60,19 +61,6 @@ for i in range(n):
 """
 
 
-def svc(name: str, vip: str, selector: dict[str, str]) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "clusterIP": vip,
-            "selector": selector,
-            "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
-        },
-    }
-
-
 def dr(host: str, policy: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "networking.istio.io/v1",
@@ -113,12 +101,12 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
         "maxEjectionPercent": 100,
     }
     docs = [
-        svc("lat", LAT, {"app": "lat"}),
-        svc("lat-rr", LAT_RR, {"app": "lat"}),
-        svc("lat-fast", LAT_FAST, {"app": "lat", "speed": "fast"}),
-        svc("ej", EJ, {"app": "ej"}),
-        svc("cb", CB, {"app": "cb"}),
-        svc("ch", CH, {"app": "ch"}),
+        service("lat", {"app": "lat"}, cluster_ip=LAT),
+        service("lat-rr", {"app": "lat"}, cluster_ip=LAT_RR),
+        service("lat-fast", {"app": "lat", "speed": "fast"}, cluster_ip=LAT_FAST),
+        service("ej", {"app": "ej"}, cluster_ip=EJ),
+        service("cb", {"app": "cb"}, cluster_ip=CB),
+        service("ch", {"app": "ch"}, cluster_ip=CH),
         dr("lat-rr", {"loadBalancer": {"simple": "ROUND_ROBIN"}}),
         dr("ej", {"loadBalancer": {"simple": "ROUND_ROBIN"}, "outlierDetection": od}),
         dr(
