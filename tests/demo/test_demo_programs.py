@@ -7,10 +7,11 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from nodeagent.demo.steps import BACKEND, LOAD
+from nodeagent.demo.steps import BACKEND, LOAD, SEED
 
 
 @pytest.fixture
@@ -60,3 +61,28 @@ def test_the_backend_rejects_bad_arguments_by_name(argv: list[str]) -> None:
     )
     assert done.returncode == 2
     assert "usage: backend.py VERSION [PORT]" in done.stderr
+
+
+def test_the_seed_examples_are_found_beside_the_checkout() -> None:
+    checkout = Path(__file__).resolve().parents[2]
+    assert checkout.parent / "shared" / "corpus" / "seed" == SEED
+    assert {p.name for p in SEED.glob("*.yaml")} >= {
+        "01-canary.yaml",
+        "02-fault-delay.yaml",
+        "03-ab-user-agent.yaml",
+    }
+
+
+def test_a_missing_corpus_is_a_clear_error_before_any_sandbox(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "seed"
+    code = (
+        "import pathlib, sys; import nodeagent.demo.runner as r; "
+        f"r.SEED = pathlib.Path({str(missing)!r}); sys.exit(r.main(['--name', 'nocorpus']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 1
+    assert f"the article's examples are missing at {missing}" in done.stderr
+    assert "../shared/corpus/seed" in done.stderr
+    assert "Traceback" not in done.stderr
