@@ -152,8 +152,18 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(_DELEGATED[cmd])
         result: int = module.main(rest)
         return result
-    from nodeagent.sandbox.cli import main as sandbox_main
-
+    try:
+        from nodeagent.sandbox.cli import main as sandbox_main
+    except ModuleNotFoundError as e:
+        # The runtime install (the DaemonSet image) carries the agent only, not the tooling.
+        if e.name != "nodeagent.sandbox":
+            raise
+        print(
+            "nodeagent sandbox: the sandbox is development tooling, not part of this install; "
+            "run scripts/sandbox from a checkout",
+            file=sys.stderr,
+        )
+        return 2
     return sandbox_main(rest)
 
 

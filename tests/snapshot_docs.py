@@ -1,8 +1,9 @@
-"""Build a real `Snapshot` from test documents, the way the agent does from the store."""
+"""Test documents and a real `Snapshot` built from them, the way the agent does from the store:
+the one place tests make `Service` and `Workload` documents."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from nodeagent.snapshot import Snapshot, SnapshotBuilder
@@ -10,6 +11,65 @@ from nodeagent.store import codec, keys
 from nodeagent.store.base import KeyValue
 
 Doc = dict[str, Any]
+_BY_NAME: Any = object()  # `service`'s default selector: app=<name>
+
+
+def workload(
+    uid: str,
+    ip: str | None,
+    labels: Mapping[str, str] | None = None,
+    *,
+    name: str | None = None,
+    namespace: str = "default",
+    node: str = "node-1",
+    sa: str = "default",
+    ports: list[dict[str, Any]] | None = None,
+) -> Doc:
+    """A Workload (a pod the agent registered) with address `ip` (None: none yet), named
+    `pod-<uid>` unless `name` says otherwise."""
+    doc: Doc = {
+        "apiVersion": "mesh.nodeagent.io/v1alpha1",
+        "kind": "Workload",
+        "metadata": {
+            "name": name or f"pod-{uid}",
+            "namespace": namespace,
+            "uid": uid,
+            "labels": dict(labels or {}),
+            "annotations": {},
+        },
+        "spec": {"node": node, "addresses": [ip] if ip else [], "serviceAccount": sa},
+    }
+    if ports is not None:
+        doc["spec"]["ports"] = ports
+    return doc
+
+
+def service(
+    name: str,
+    selector: Mapping[str, str] | None = _BY_NAME,
+    *,
+    namespace: str = "default",
+    cluster_ip: str | None = None,
+    port: int = 80,
+    target: int = 8080,
+    port_name: str = "http",
+    ports: list[dict[str, Any]] | None = None,
+) -> Doc:
+    """A Service selecting `app=<name>` (or `selector`; None: no selector) with one port
+    (`port_name` `port` → `target`), or `ports`."""
+    spec: Doc = {"ports": ports or [{"name": port_name, "port": port, "targetPort": target}]}
+    if selector is _BY_NAME:
+        selector = {"app": name}
+    if selector is not None:
+        spec["selector"] = dict(selector)
+    if cluster_ip is not None:
+        spec["clusterIP"] = cluster_ip
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
 
 
 def key_of(doc: Doc) -> str:

@@ -79,14 +79,6 @@ def key_function(policy: ConsistentHash) -> Callable[[PickContext], str | None]:
     return source_ip
 
 
-def cookie_value(state: EndpointState) -> str:
-    """A value for a generated hash cookie (when the client sent none and a ttl is set).
-
-    Envoy hashes the upstream address; so do we, so that the same endpoint is chosen again.
-    """
-    return f"{hash64(state.key):016x}"
-
-
 class HashTable:
     """Common interface of the ring and the Maglev table."""
 

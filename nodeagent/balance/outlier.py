@@ -91,9 +91,6 @@ class OutlierDetector:
         until = now + self.ejection_time(s)
         return OutlierEvent(self.cluster, "ejected", s.key, reason, now, s.ejections, until)
 
-    def sweep_due(self, now: float) -> bool:
-        return now >= self.next_sweep
-
     def sweep(self, states: Sequence[EndpointState], now: float) -> list[OutlierEvent]:
         """The interval timer: readmit endpoints whose time is up, relax backoffs."""
         interval = self.policy.interval_s
@@ -128,8 +125,3 @@ class OutlierDetector:
                     )
                 )
         return events
-
-    def forget(self, s: EndpointState) -> None:
-        """An endpoint left the cluster."""
-        if s.ejected:
-            self.ejected_count -= 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from nodeagent.balance.balancers import (
@@ -202,9 +202,6 @@ class Picker:
     @property
     def ejected(self) -> list[EndpointState]:
         return [s for s in self.states if s.ejected]
-
-    def recent_events(self) -> Iterable[OutlierEvent]:
-        return tuple(self.events)
 
     def statistics(self) -> dict[str, Any]:
         return {

@@ -311,10 +311,6 @@ def ipv4(value: str) -> str | None:
     return None
 
 
-def any_value(w: Walker, path: str, value: Any) -> None:
-    """Accept anything (only for fields checked elsewhere)."""
-
-
 def unique(field_name: str, what: str = "Duplicate value") -> Check:
     """A list check: `field_name` of the items must not repeat."""
 

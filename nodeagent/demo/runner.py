@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="nodeagent-demo-"))
     try:
         if not SEED.is_dir():
-            print(f"demo: the article's examples are missing at {SEED}", file=sys.stderr)
+            print(
+                f"demo: the article's examples are missing at {SEED} (the corpus is expected "
+                "beside the checkout, in ../shared/corpus/seed)",
+                file=sys.stderr,
+            )
             return 1
         total = len(STEPS) + 1
         out.heading(1, total, "A 2-node sandbox with the embedded store and an ingress gateway")

@@ -21,8 +21,14 @@ from nodeagent.contract import METRICS_PATH, METRICS_PORT
 from nodeagent.demo import output as out
 from nodeagent.sandbox import Pod, Sandbox
 
-CORPUS = Path("/work/shared/corpus")
-SEED = CORPUS / "seed"
+# The article's examples, beside the checkout: <checkout>/../shared/corpus/seed (runner.py says
+# so when it is missing).
+CHECKOUT = Path(__file__).resolve().parents[2]
+SEED = CHECKOUT.parent / "shared" / "corpus" / "seed"
+# The pods' app and the outside host's load generator: real modules, run by path with -I (no
+# import of the mesh, no script directory on sys.path).
+BACKEND = Path(__file__).with_name("backend.py")
+LOAD = Path(__file__).with_name("load.py")
 MESHCTL = str(Path(sys.prefix) / "bin" / "meshctl")
 MY_APP_VIP = "10.96.0.10"
 RATINGS_VIP = "10.96.0.11"
@@ -34,68 +40,6 @@ SHIFT_REQUESTS = 400
 
 class StepFailed(Exception):
     pass
-
-
-# The backend: `app.py VERSION`, HTTP/1.1 keep-alive on 8080, answers "version=V path=P".
-APP = r"""
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-VERSION = sys.argv[1]
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a):
-        pass
-    def do_GET(self):
-        body = f"version={VERSION} path={self.path}\n".encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-ThreadingHTTPServer.daemon_threads = True
-ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
-"""
-
-# The load: `load.py HOST PORT PATH N CONCURRENCY`, keep-alive connections, counts the version
-# each answer names. Prints "progress K" lines, then "result {json}".
-LOAD = r"""
-import http.client, json, re, signal, sys, threading
-signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C: end quietly, the demo reports it
-host, path = sys.argv[1], sys.argv[3]
-port, n, c = int(sys.argv[2]), int(sys.argv[4]), int(sys.argv[5])
-lock = threading.Lock()
-versions, codes, errors, done = {}, {}, [], [0]
-def worker(k):
-    conn = None
-    for _ in range(k):
-        status, version = 0, "-"
-        try:
-            if conn is None:
-                conn = http.client.HTTPConnection(host, port, timeout=10)
-            conn.request("GET", path)
-            r = conn.getresponse()
-            body = r.read().decode(errors="replace")
-            status = r.status
-            m = re.search(r"version=(\S+)", body)
-            version = m.group(1) if m else "-"
-            if (r.getheader("connection") or "").lower() == "close":
-                conn.close(); conn = None
-        except (OSError, http.client.HTTPException) as e:
-            if conn is not None:
-                conn.close()
-            conn = None
-            errors.append(repr(e))
-        with lock:
-            versions[version] = versions.get(version, 0) + 1
-            codes[str(status)] = codes.get(str(status), 0) + 1
-            done[0] += 1
-            if done[0] % 250 == 0 and done[0] < n:
-                print(f"progress {done[0]}", flush=True)
-threads = [threading.Thread(target=worker, args=(n // c + (i < n % c),)) for i in range(c)]
-for t in threads: t.start()
-for t in threads: t.join()
-res = {"versions": versions, "codes": codes, "errors": errors[:3]}
-print("result " + json.dumps(res), flush=True)
-"""
 
 
 @dataclass
@@ -151,10 +95,8 @@ class Demo:
 
     def load(self, path: str, n: int, concurrency: int = 16) -> dict[str, Any]:
         """n requests from the outside host through the gateway; versions counted by answer."""
-        script = self.work / "load.py"
-        script.write_text(LOAD)
         host = self.sb.gateway_url().removeprefix("http://").split(":")[0]
-        argv = [sys.executable, str(script), host, "80", path, str(n), str(concurrency)]
+        argv = [sys.executable, "-I", str(LOAD), host, "80", path, str(n), str(concurrency)]
         out.command(["(outside)", "load", f"{self.sb.gateway_url()}{path}", f"-n {n}"])
         proc = self.sb.popen("outside", argv, stdout=subprocess.PIPE, text=True)
         result: dict[str, Any] | None = None
@@ -246,20 +188,19 @@ def _deny_client() -> dict[str, Any]:
 
 
 def deploy(d: Demo) -> None:
-    app = d.work / "app.py"
-    app.write_text(APP)
+    app = [sys.executable, "-I", str(BACKEND)]
     sb = d.sb
     out.progress("starting pods through the CNI chain")
     d.pods["v1"] = sb.pod_add(
-        "n1", "default", "my-app-v1", ["python3", str(app), "v1.0.0"],
+        "n1", "default", "my-app-v1", [*app, "v1.0.0"],
         service_account="my-app", labels={"app": "my-app", "version": "v1.0.0"},
     )  # fmt: skip
     d.pods["v2"] = sb.pod_add(
-        "n2", "default", "my-app-v2", ["python3", str(app), "v2.0.0"],
+        "n2", "default", "my-app-v2", [*app, "v2.0.0"],
         service_account="my-app", labels={"app": "my-app", "version": "v2.0.0"},
     )  # fmt: skip
     d.pods["ratings"] = sb.pod_add(
-        "n2", "default", "ratings-v2", ["python3", str(app), "ratings-v2"],
+        "n2", "default", "ratings-v2", [*app, "ratings-v2"],
         service_account="ratings", labels={"app": "ratings", "version": "v2"},
     )  # fmt: skip
     d.pods["client"] = sb.pod_add(

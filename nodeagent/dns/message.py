@@ -314,11 +314,6 @@ def parse_message(data: bytes, *, questions_only: bool = False) -> Message:
     return Message(msg_id, flags, questions, sections[0], sections[1], sections[2])
 
 
-def peek_id(data: bytes) -> int | None:
-    """The message ID, if the bytes are long enough to hold a header."""
-    return int.from_bytes(data[:2], "big") if len(data) >= HEADER_SIZE else None
-
-
 # -- building ----------------------------------------------------------------------------------
 
 

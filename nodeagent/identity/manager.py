@@ -103,6 +103,9 @@ class IdentityManager:
         self._bundle_pem = ""
         self._crl_doc: dict[str, Any] | None = None
         self._revoked: frozenset[int] = frozenset()
+        # Bundle/CRL documents refused (bad version, stranger's signature, garbage): each one
+        # leaves the previous trust state in place, so only this counter shows it arrived.
+        self._rejected_ca_documents = 0
         self._progress = trio.Event()
 
     # -- IdentityProvider ---------------------------------------------------------------------
@@ -195,7 +198,8 @@ class IdentityManager:
         return out
 
     async def wait_changed(self) -> None:
-        """Wait for the next change: a certificate issued, a failure, the bundle or CRL."""
+        """Wait for the next change: a certificate issued, a failure, the bundle or CRL (or a
+        bundle or CRL document refused)."""
         await self._progress.wait()
 
     def statistics(self) -> dict[str, Any]:
@@ -203,6 +207,7 @@ class IdentityManager:
             "trust_domain": self.trust_domain,
             "roots": len(self._roots),
             "revoked": len(self._revoked),
+            "rejected_ca_documents": self._rejected_ca_documents,
             "identities": len(self._identities),
             "ready": sum(1 for i in self._identities if self._unavailable(i) is None),
         }
@@ -446,6 +451,8 @@ class IdentityManager:
                 return
         except (codec.DecodeError, certs.CertError) as exc:
             log.warning("identity.bad_ca_document", key=kv.key, error=str(exc))
+            self._rejected_ca_documents += 1
+            self._bump()
             return
         self._save_cache(BUNDLE_CACHE if kv.key == keys.CA_BUNDLE else CRL_CACHE, doc)
 

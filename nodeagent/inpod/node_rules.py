@@ -155,8 +155,3 @@ async def aapply_probe_rules(pod_ips: Iterable[str]) -> RuleSet:
 
 async def aremove_probe_rules() -> bool:
     return await trio.to_thread.run_sync(lambda: remove_probe_rules())
-
-
-async def acheck_probe_rules(pod_ips: Iterable[str]) -> list[str]:
-    ips = list(pod_ips)
-    return await trio.to_thread.run_sync(lambda: check_probe_rules(ips))

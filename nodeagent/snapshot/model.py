@@ -130,12 +130,6 @@ class Service:
                 return p
         return None
 
-    def port_named(self, name: str) -> ServicePort | None:
-        for p in self.ports:
-            if p.name == name:
-                return p
-        return None
-
 
 @dataclass(frozen=True, slots=True)
 class ServiceTarget:

@@ -112,10 +112,6 @@ class Snapshot:
     def workload_by_ip(self, ip: str) -> Workload | None:
         return self._ix.workloads_by_ip.get(ip)
 
-    def service_targets(self, vip: str) -> Mapping[int, ServiceTarget]:
-        """Every declared port of the service(s) behind a VIP."""
-        return self._ix.targets_by_vip.get(vip, _EMPTY)
-
     # -- workloads ---------------------------------------------------------------------------
 
     def workload(self, uid: str) -> Workload | None:
@@ -238,14 +234,6 @@ class Snapshot:
     def gateway(self, ref: str) -> Gateway | None:
         """A Gateway by `namespace/name`."""
         return self._ix.gateways.get(ref)
-
-    def gateways_for_workload(self, workload: Workload) -> tuple[Gateway, ...]:
-        """Gateways whose selector picks this workload (in any namespace, as Istio's default)."""
-        return tuple(
-            g
-            for g in self._ix.gateways.values()
-            if g.selector and hosts.labels_match(g.selector, workload.labels)
-        )
 
     # -- security ----------------------------------------------------------------------------
 

@@ -116,9 +116,6 @@ class AccessLog:
         self.written = 0
         self.write_errors = 0
 
-    def enabled_for(self, namespace: str) -> bool:
-        return self.namespaces.get(namespace, self.default_enabled)
-
     def set_namespace(self, namespace: str, enabled: bool | None) -> None:
         """Switch one namespace on or off; None returns it to the default."""
         if enabled is None:

@@ -225,10 +225,6 @@ def sampling_only(headers: HeaderSeq) -> bool | None:
         return None
 
 
-def b3_style(headers: HeaderSeq) -> B3Style:
-    return "single" if _get(headers, b"b3") is not None else "multi"
-
-
 def inject(headers: HeaderSeq, ctx: TraceContext, b3: B3Style | None = "multi") -> Headers:
     """`headers` without any tracing header, plus `ctx` as traceparent/tracestate and B3."""
     out = [(k, v) for k, v in headers if k.lower() not in TRACE_HEADERS]

@@ -9,68 +9,28 @@ from typing import Any
 
 import pytest
 from helpers_balance import FakeClock
-from snapshot_docs import snapshot_of
+from snapshot_docs import service, snapshot_of, workload
 
 from nodeagent.balance import Registry
 from nodeagent.proxy.connection import Denied
 from nodeagent.proxy.outbound import Refuse, ToWorkload, outbound_decision
 from nodeagent.proxy.outbound_path import L4Feedback
 from nodeagent.snapshot import Snapshot
-from nodeagent.store import keys
 from nodeagent.tunnel import TunnelError
 
 VIP = "10.96.0.10"
 
 
 def _snapshot(traffic_policy: dict[str, Any]) -> Snapshot:
-    docs: list[tuple[str, dict[str, Any]]] = []
-    for i in (1, 2, 3):
-        uid = f"w{i}"
-        docs.append(
-            (
-                keys.workload("node-1", uid),
-                {
-                    "apiVersion": "mesh.nodeagent.io/v1alpha1",
-                    "kind": "Workload",
-                    "metadata": {
-                        "name": f"pod-{uid}",
-                        "namespace": "default",
-                        "uid": uid,
-                        "labels": {"app": "db"},
-                        "annotations": {},
-                    },
-                    "spec": {
-                        "node": "node-1",
-                        "addresses": [f"10.0.1.{i}"],
-                        "serviceAccount": "db",
-                    },
-                },
-            )
-        )
-    for kind, spec in (
-        (
-            "Service",
-            {
-                "clusterIP": VIP,
-                "selector": {"app": "db"},
-                "ports": [{"name": "tcp-db", "port": 5432, "targetPort": 5432}],
-            },
-        ),
-        ("DestinationRule", {"host": "db", "trafficPolicy": traffic_policy}),
-    ):
-        api = "v1" if kind == "Service" else "networking.istio.io/v1"
-        docs.append(
-            (
-                keys.config(kind, "default", "db"),
-                {
-                    "apiVersion": api,
-                    "kind": kind,
-                    "metadata": {"name": "db", "namespace": "default"},
-                    "spec": spec,
-                },
-            )
-        )
-    return snapshot_of(docs)
+    pods = [workload(f"w{i}", f"10.0.1.{i}", {"app": "db"}, sa="db") for i in (1, 2, 3)]
+    db = service("db", cluster_ip=VIP, port_name="tcp-db", port=5432, target=5432)
+    rule = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "db", "namespace": "default"},
+        "spec": {"host": "db", "trafficPolicy": traffic_policy},
+    }
+    return snapshot_of([*pods, db, rule])
 
 
 def _pick(snap: Snapshot, registry: Registry) -> ToWorkload:

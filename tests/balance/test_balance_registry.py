@@ -6,6 +6,7 @@ import random
 from typing import Any
 
 from helpers_balance import FakeClock
+from snapshot_docs import key_of, service, workload
 from structlog.testing import capture_logs
 
 from nodeagent.balance import Outcome, OutlierEvent, Registry, cluster_name
@@ -34,32 +35,13 @@ class Mesh:
         )
 
     def pod(self, n: int, version: str = "v1") -> Snapshot:
-        doc = {
-            "apiVersion": "mesh.nodeagent.io/v1alpha1",
-            "kind": "Workload",
-            "metadata": {
-                "name": f"web-{n}",
-                "namespace": "default",
-                "uid": f"uid-{n}",
-                "labels": {"app": "web", "version": version},
-                "annotations": {},
-            },
-            "spec": {"node": "node-1", "addresses": [f"10.1.0.{n}"], "serviceAccount": "web"},
-        }
-        return self.put(keys.workload("node-1", f"uid-{n}"), doc)
+        doc = workload(f"uid-{n}", f"10.1.0.{n}", {"app": "web", "version": version},
+                       name=f"web-{n}", sa="web")  # fmt: skip
+        return self.put(key_of(doc), doc)
 
     def service(self) -> Snapshot:
-        doc = {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "web", "namespace": "default"},
-            "spec": {
-                "selector": {"app": "web"},
-                "clusterIP": "10.96.0.10",
-                "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
-            },
-        }
-        return self.put(keys.config("Service", "default", "web"), doc)
+        doc = service("web", cluster_ip="10.96.0.10")
+        return self.put(key_of(doc), doc)
 
     def rule(self, policy: dict[str, Any]) -> Snapshot:
         doc = {

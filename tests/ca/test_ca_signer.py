@@ -7,6 +7,7 @@ from typing import Any
 
 import trio
 from cryptography import x509
+from snapshot_docs import key_of, workload
 
 from nodeagent.ca import certs
 from nodeagent.ca.signer import Signer
@@ -22,12 +23,8 @@ def _authority() -> certs.SigningAuthority:
 
 
 async def _workload(store: Store, node: str, uid: str, ns: str, sa: str) -> None:
-    doc = {
-        "kind": "Workload",
-        "metadata": {"name": uid, "namespace": ns, "uid": uid},
-        "spec": {"node": node, "addresses": ["10.0.0.1"], "serviceAccount": sa},
-    }
-    await store.put(keys.workload(node, uid), codec.encode(doc))
+    doc = workload(uid, "10.0.0.1", name=uid, namespace=ns, node=node, sa=sa)
+    await store.put(key_of(doc), codec.encode(doc))
 
 
 def _request(node: str, ident: certs.SpiffeId, *, csr_for: certs.SpiffeId | None = None) -> bytes:

@@ -7,13 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from corpus import corpus_path
 
 from nodeagent.config.apply import apply_documents
 from nodeagent.config.batch import validate_batch, validate_document
 from nodeagent.config.documents import RawDocument, load_path
 from nodeagent.store import open_store
 
-CORPUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "corpus"
 SUPPORTED = {
     "VirtualService",
     "DestinationRule",
@@ -37,20 +37,13 @@ OUR_WORDS = {
 }
 
 
-def _corpus(*parts: str) -> Path:
-    path = CORPUS.joinpath(*parts)
-    if not path.exists():
-        pytest.fail(f"compatibility corpus missing: {path} (expected at ../shared/corpus)")
-    return path
-
-
 def _docs(path: Path) -> list[RawDocument]:
     return load_path(str(path))
 
 
 def _cases(pattern: str) -> list[tuple[str, RawDocument]]:
     out = []
-    for file in sorted(_corpus("istio", "validation").glob(pattern)):
+    for file in sorted(corpus_path("istio", "validation").glob(pattern)):
         for raw in _docs(file):
             out.append((f"{file.name}#{raw.source.index}", raw))
     return out
@@ -63,7 +56,7 @@ def test_the_corpus_is_there() -> None:
 
 @pytest.mark.parametrize("seed", ["01-canary.yaml", "02-fault-delay.yaml", "03-ab-user-agent.yaml"])
 async def test_seed_examples_apply(seed: str) -> None:
-    docs, errors = validate_batch(_docs(_corpus("seed", seed)))
+    docs, errors = validate_batch(_docs(corpus_path("seed", seed)))
     assert errors == []
     store = await open_store("memory://")
     try:
@@ -74,7 +67,7 @@ async def test_seed_examples_apply(seed: str) -> None:
 
 
 def _bookinfo() -> list[Path]:
-    return sorted(_corpus("istio", "bookinfo-networking").glob("*.yaml"))
+    return sorted(corpus_path("istio", "bookinfo-networking").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", [p.name for p in _bookinfo()])
@@ -82,10 +75,10 @@ async def test_every_bookinfo_document_applies(name: str) -> None:
     # As in the Bookinfo tutorial: the subsets (destination-rule-all) first, then the file.
     # Routes are checked against those subsets (the store holds them).
     base, errors = validate_batch(
-        _docs(_corpus("istio", "bookinfo-networking", "destination-rule-all.yaml"))
+        _docs(corpus_path("istio", "bookinfo-networking", "destination-rule-all.yaml"))
     )
     assert errors == []
-    docs, errors = validate_batch(_docs(_corpus("istio", "bookinfo-networking", name)))
+    docs, errors = validate_batch(_docs(corpus_path("istio", "bookinfo-networking", name)))
     assert errors == [], [str(e) for e in errors]
     store = await open_store("memory://")
     try:

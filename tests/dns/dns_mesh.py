@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from snapshot_docs import snapshot_of
+from snapshot_docs import service, snapshot_of, workload
 
 from nodeagent.snapshot import Snapshot
 from nodeagent.store import keys
@@ -15,28 +15,6 @@ DB_PODS = ("10.1.1.1", "10.1.1.2")
 PENDING_POD = "10.1.2.1"
 API_VIP = "240.0.0.1"
 WILD_VIP = "240.0.0.2"
-
-
-def _workload(uid: str, ip: str, labels: dict[str, str], namespace: str) -> tuple[str, Any]:
-    return keys.workload("node-1", uid), {
-        "apiVersion": "mesh.nodeagent.io/v1alpha1",
-        "kind": "Workload",
-        "metadata": {"name": f"pod-{uid}", "namespace": namespace, "uid": uid,
-                     "labels": labels, "annotations": {}},
-        "spec": {"node": "node-1", "addresses": [ip], "serviceAccount": "default"},
-    }  # fmt: skip
-
-
-def _service(name: str, namespace: str, selector: dict[str, str] | None,
-             cluster_ip: str | None) -> tuple[str, Any]:  # fmt: skip
-    spec: dict[str, Any] = {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
-    if selector is not None:
-        spec["selector"] = selector
-    if cluster_ip is not None:
-        spec["clusterIP"] = cluster_ip
-    doc = {"apiVersion": "v1", "kind": "Service",
-           "metadata": {"name": name, "namespace": namespace}, "spec": spec}  # fmt: skip
-    return keys.config("Service", namespace, name), doc
 
 
 def _entry(name: str, namespace: str, hosts: list[str], addresses: list[str]) -> tuple[str, Any]:
@@ -50,20 +28,20 @@ def _entry(name: str, namespace: str, hosts: list[str], addresses: list[str]) ->
     return keys.config("ServiceEntry", namespace, name), doc
 
 
-def mesh_documents() -> list[tuple[str, Any]]:
+def mesh_documents() -> list[Any]:
     return [
-        _workload("r1", "10.1.0.1", {"app": "reviews"}, "default"),
-        _service("reviews", "default", {"app": "reviews"}, REVIEWS_VIP),
-        _service("reviews", "other", {"app": "reviews"}, OTHER_REVIEWS_VIP),
+        workload("r1", "10.1.0.1", {"app": "reviews"}, namespace="default"),
+        service("reviews", {"app": "reviews"}, namespace="default", cluster_ip=REVIEWS_VIP),
+        service("reviews", {"app": "reviews"}, namespace="other", cluster_ip=OTHER_REVIEWS_VIP),
         # Headless, with two pods.
-        _workload("d1", DB_PODS[0], {"app": "db"}, "data"),
-        _workload("d2", DB_PODS[1], {"app": "db"}, "data"),
-        _service("db", "data", {"app": "db"}, "None"),
+        workload("d1", DB_PODS[0], {"app": "db"}, namespace="data"),
+        workload("d2", DB_PODS[1], {"app": "db"}, namespace="data"),
+        service("db", {"app": "db"}, namespace="data", cluster_ip="None"),
         # A Kubernetes Service without a cluster IP yet: answered with its pods too.
-        _workload("p1", PENDING_POD, {"app": "pending"}, "default"),
-        _service("pending", "default", {"app": "pending"}, None),
+        workload("p1", PENDING_POD, {"app": "pending"}, namespace="default"),
+        service("pending", {"app": "pending"}, namespace="default"),
         # Headless without any pod: the name exists, no addresses.
-        _service("empty", "default", {"app": "nobody"}, "None"),
+        service("empty", {"app": "nobody"}, namespace="default", cluster_ip="None"),
         _entry("api", "default", ["api.example.com"], [API_VIP]),
         _entry("wild", "default", ["*.wild.example.org"], [WILD_VIP]),
         # No address: the real DNS knows this one, forward it.

@@ -9,10 +9,11 @@ from typing import Any
 
 import trio
 from cryptography import x509
+from snapshot_docs import key_of, workload
 
 from nodeagent.ca import certs
 from nodeagent.ca.signer import Signer
-from nodeagent.store import codec, keys
+from nodeagent.store import codec
 from nodeagent.store.base import Store
 
 TD = "cluster.local"
@@ -34,13 +35,8 @@ def spiffe(ns: str, sa: str, td: str = TD) -> str:
 
 
 async def add_workload(store: Store, node: str, uid: str, ns: str, sa: str) -> None:
-    doc = {
-        "apiVersion": "mesh.nodeagent.io/v1alpha1",
-        "kind": "Workload",
-        "metadata": {"name": uid, "namespace": ns, "uid": uid, "labels": {}, "annotations": {}},
-        "spec": {"node": node, "addresses": ["10.0.0.1"], "serviceAccount": sa},
-    }
-    await store.put(keys.workload(node, uid), codec.encode(doc))
+    doc = workload(uid, "10.0.0.1", name=uid, namespace=ns, node=node, sa=sa)
+    await store.put(key_of(doc), codec.encode(doc))
 
 
 class RunningSigner:

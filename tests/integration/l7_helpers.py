@@ -1,16 +1,16 @@
 """Shared pieces of the L7 sandbox tests (test_l7.py, test_gateway.py): the backend app, the
-Service document, counting requests per backend, the binomial interval, `hey`'s status codes.
+corpus paths, counting requests per backend, the binomial interval, `hey`'s status codes.
 (meshctl, apply, eventually and curl live in mesh_helpers.py.)"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+
+from corpus import CORPUS
 
 from nodeagent.sandbox import Pod
 
-CORPUS = Path("/work/shared/corpus")
 SEED = CORPUS / "seed"
 BOOKINFO = CORPUS / "istio" / "bookinfo-networking"
 
@@ -53,19 +53,6 @@ ThreadingHTTPServer(("0.0.0.0", PORT), H).serve_forever()
 def write_app(d: Path) -> list[str]:
     (d / "app.py").write_text(APP)
     return ["python3", str(d / "app.py")]
-
-
-def service(name: str, vip: str, port: int, target: int, app: str | None = None) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "clusterIP": vip,
-            "selector": {"app": app or name},
-            "ports": [{"name": "http", "port": port, "targetPort": target}],
-        },
-    }
 
 
 def hits(pod: Pod) -> list[str]:

@@ -6,10 +6,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from mesh_helpers import eventually
 
 from nodeagent.sandbox import Sandbox
 
@@ -22,16 +22,8 @@ def test_two_nodes_on_etcd_register_and_carry_traffic() -> None:
         assert sb.store_url == "etcd://10.200.0.2:2379"
         srv = sb.pod_add("n2", "default", "srv", ["python3", "-m", "http.server", "8080"])
         cli = sb.pod_add("n1", "default", "cli", ["sleep", "600"])
-        deadline = time.monotonic() + 10
-        while True:
-            r = sb.exec(
-                cli.key,
-                ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://{srv.ip}:8080/"],
-            )
-            if r.stdout == "200" or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert r.stdout == "200", r.stderr
+        curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://{srv.ip}:8080/"]
+        eventually(lambda: sb.exec(cli.key, curl).stdout == "200", "cli → srv answers 200", 10)
         meshctl = str(Path(sys.prefix) / "bin" / "meshctl")
         out = sb.exec(
             "node/n1",

@@ -21,10 +21,10 @@ from l7_helpers import (
     binomial_interval,
     hey_codes,
     hits,
-    service,
     write_app,
 )
 from mesh_helpers import apply, apply_file, eventually, http, meshctl, sandbox_fixture
+from snapshot_docs import service
 
 from nodeagent.sandbox import Pod, Sandbox
 
@@ -63,9 +63,9 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
         files,
         "services",
         [
-            service("my-app", "10.96.80.10", 80, 8080),
-            service("flaky", "10.96.80.11", 80, 8080),
-            service("productpage", "10.96.80.12", 9080, 9080),
+            service("my-app", cluster_ip="10.96.80.10"),
+            service("flaky", cluster_ip="10.96.80.11"),
+            service("productpage", cluster_ip="10.96.80.12", port=9080, target=9080),
         ],
     )
     return out

@@ -20,10 +20,10 @@ from l7_helpers import (
     binomial_interval,
     hey_codes,
     hits,
-    service,
     write_app,
 )
 from mesh_helpers import apply, apply_file, eventually, http, sandbox_fixture
+from snapshot_docs import service
 
 from nodeagent.sandbox import Pod, Sandbox
 
@@ -55,12 +55,12 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
             node, "default", f"reviews-{v}", [*app, f"reviews-{v}", "9080"],
             service_account="bookinfo-reviews", labels={"app": "reviews", "version": v},
         )  # fmt: skip
-    echo = service("echo", ECHO, 9000, 9080, app="reviews")
+    echo = service("echo", {"app": "reviews"}, cluster_ip=ECHO, port=9000, target=9080)
     echo["spec"]["ports"][0]["name"] = "tcp-echo"  # an L4 port: TCP routes, no HTTP parsing
     docs = [
-        service("reviews", REVIEWS, 9080, 9080),
-        service("my-app", MY_APP, 80, 8080),
-        service("ratings", RATINGS, 9080, 9080),
+        service("reviews", cluster_ip=REVIEWS, port=9080, target=9080),
+        service("my-app", cluster_ip=MY_APP),
+        service("ratings", cluster_ip=RATINGS, port=9080, target=9080),
         echo,
         dr("ratings", ["v2"]),
         dr("echo", ["v1", "v2", "v3"]),

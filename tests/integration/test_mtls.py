@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 from mesh_helpers import admin, apply, client_pods, curl, eventually, meshctl, sandbox_fixture
+from snapshot_docs import service
 
 from nodeagent.contract import DNS_CAPTURE_PORT, TUNNEL_PORT
 from nodeagent.sandbox import Pod, Sandbox
@@ -80,24 +80,20 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
         service_account="web", labels={"app": "web"},
     )  # fmt: skip
     client, outsider = client_pods(sandbox)
-    apply(sandbox, files, "service", [service()])
+    apply(sandbox, files, "service", [web_service()])
     return {"server": server, "client": client, "outsider": outsider}
 
 
-def service() -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "web", "namespace": "shop"},
-        "spec": {
-            "clusterIP": VIP,
-            "selector": {"app": "web"},
-            "ports": [
-                {"name": "http", "port": 80, "targetPort": 8080},
-                {"name": "tcp-sink", "port": 9000, "targetPort": 9000},
-            ],
-        },
-    }
+def web_service() -> dict[str, Any]:
+    return service(
+        "web",
+        namespace="shop",
+        cluster_ip=VIP,
+        ports=[
+            {"name": "http", "port": 80, "targetPort": 8080},
+            {"name": "tcp-sink", "port": 9000, "targetPort": 9000},
+        ],
+    )
 
 
 def policy(name: str, action: str, rules: list[dict[str, Any]]) -> dict[str, Any]:
@@ -143,14 +139,15 @@ def test_1gib_arrives_intact_and_the_underlay_shows_only_tls(
 ) -> None:
     client = pods["client"]
     eventually(served(sandbox, client, f"http://{VIP}/", "peer="), "service ready")
-    capture = files / "underlay.txt"
-    with capture.open("w") as out:
+    capture, status = files / "underlay.txt", files / "tcpdump.err"
+    with capture.open("w") as out, status.open("w") as err:
         dump = sandbox.popen(
             "underlay", ["tcpdump", "-i", "any", "-l", "-n", "-A", "-s", "256", "tcp"],
-            stdout=out, stderr=subprocess.DEVNULL, start_new_session=True,
+            stdout=out, stderr=err, start_new_session=True,
         )  # fmt: skip
         try:
-            time.sleep(1.0)  # tcpdump needs a moment before it sees packets
+            # tcpdump says "listening on …" once its capture is open: from then on it sees all.
+            eventually(lambda: "listening on" in status.read_text(), "tcpdump listening", 10)
             marker = "PLAINTEXT-MARKER-0123456789"
             rc, body = curl(sandbox, client, f"http://{VIP}/{marker}")
             assert rc == 0, body
@@ -159,7 +156,9 @@ def test_1gib_arrives_intact_and_the_underlay_shows_only_tls(
                 client, ["python3", str(files / "sender.py"), VIP, "9000"], timeout=240
             )
             elapsed = time.monotonic() - started
-            time.sleep(0.5)
+            # The capture has caught up with the tunnel traffic (-l: one line per packet as it
+            # comes) before tcpdump is stopped; the marker's packets came long before.
+            eventually(lambda: ".15008" in capture.read_text(errors="replace"), "tunnel seen", 10)
         finally:
             os.killpg(dump.pid, signal.SIGTERM)
             dump.wait(timeout=10)
@@ -237,7 +236,7 @@ def test_pods_resolve_mesh_names_through_the_dns_proxy(
     """Port 53 is captured in the pod: service names answer with the VIP, a headless service
     with its pods' IPs, and curl by name reaches the app through the tunnel."""
     client, server = pods["client"], pods["server"]
-    headless = service()
+    headless = web_service()
     headless["metadata"]["name"] = "web-pods"
     headless["spec"]["clusterIP"] = "None"
     apply(sandbox, files, "headless", [headless])

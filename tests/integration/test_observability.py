@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from l7_helpers import service, write_app
+from l7_helpers import write_app
 from mesh_helpers import apply
+from snapshot_docs import service
 
 from nodeagent.contract import METRICS_PATH, METRICS_PORT
 from nodeagent.sandbox import Pod, Sandbox
@@ -145,7 +146,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
             "n2", "default", f"my-app-{v}", [*app, f"my-app-{v}", "8080"],
             service_account="my-app", labels={"app": "my-app", "version": v},
         )  # fmt: skip
-    tcp = service("my-app-tcp", TCP_VIP, 9000, 8080, app="my-app")
+    tcp = service("my-app-tcp", {"app": "my-app"}, cluster_ip=TCP_VIP, port=9000)
     tcp["spec"]["ports"][0]["name"] = "tcp-app"  # an L4 port: no HTTP parsing, TCP metrics
     route = {
         "apiVersion": "networking.istio.io/v1",
@@ -190,7 +191,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
                                                  "port": {"number": 80}}}]}],
         },
     }  # fmt: skip
-    docs = [service("my-app", VIP, 80, 8080), tcp, subsets, route, gateway, from_gateway]
+    docs = [service("my-app", cluster_ip=VIP), tcp, subsets, route, gateway, from_gateway]
     apply(sandbox, files, "my-app", docs)
     return out
 

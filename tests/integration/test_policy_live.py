@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from l7_helpers import write_app
 from mesh_helpers import apply, client_pods, eventually, meshctl, sandbox_fixture
+from snapshot_docs import service
 
 from nodeagent.admin.client import admin_json_sync
 from nodeagent.sandbox import Pod, Sandbox
@@ -64,16 +65,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
         "n2", "shop", "web", [*app, "web", "8080"], service_account="web", labels={"app": "web"}
     )
     client, outsider = client_pods(sandbox)
-    svc = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "web", "namespace": "shop"},
-        "spec": {
-            "clusterIP": VIP,
-            "selector": {"app": "web"},
-            "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
-        },
-    }
+    svc = service("web", namespace="shop", cluster_ip=VIP)
     apply(sandbox, files, "service", [svc])
     return {"server": server, "client": client, "outsider": outsider}
 

@@ -5,13 +5,13 @@ breaking (exact count of immediate 503 UO in a burst), consistent hashing on a h
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from l7_helpers import hey_codes, hits
-from mesh_helpers import apply, eventually, sandbox_fixture
+from mesh_helpers import apply, curl, eventually, sandbox_fixture
+from snapshot_docs import service
 
 from nodeagent.sandbox import Pod, Sandbox
 
@@ -61,19 +61,6 @@ for i in range(n):
 """
 
 
-def svc(name: str, vip: str, selector: dict[str, str]) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "clusterIP": vip,
-            "selector": selector,
-            "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
-        },
-    }
-
-
 def dr(host: str, policy: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "networking.istio.io/v1",
@@ -114,12 +101,12 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
         "maxEjectionPercent": 100,
     }
     docs = [
-        svc("lat", LAT, {"app": "lat"}),
-        svc("lat-rr", LAT_RR, {"app": "lat"}),
-        svc("lat-fast", LAT_FAST, {"app": "lat", "speed": "fast"}),
-        svc("ej", EJ, {"app": "ej"}),
-        svc("cb", CB, {"app": "cb"}),
-        svc("ch", CH, {"app": "ch"}),
+        service("lat", {"app": "lat"}, cluster_ip=LAT),
+        service("lat-rr", {"app": "lat"}, cluster_ip=LAT_RR),
+        service("lat-fast", {"app": "lat", "speed": "fast"}, cluster_ip=LAT_FAST),
+        service("ej", {"app": "ej"}, cluster_ip=EJ),
+        service("cb", {"app": "cb"}, cluster_ip=CB),
+        service("ch", {"app": "ch"}, cluster_ip=CH),
         dr("lat-rr", {"loadBalancer": {"simple": "ROUND_ROBIN"}}),
         dr("ej", {"loadBalancer": {"simple": "ROUND_ROBIN"}, "outlierDetection": od}),
         dr(
@@ -189,7 +176,16 @@ def test_failing_replica_is_ejected_then_readmitted(sandbox: Sandbox, pods: dict
         assert hits(pods["ej-2"]).count("/fail-ejected") == 0
     finally:
         flag.unlink()
-    time.sleep(5.5)  # baseEjectionTime 4 s, then the 1 s sweep
+    # Readmitted after baseEjectionTime (4 s) and the next sweep (1 s): a request reaches ej-2
+    # again. One request per probe, on a path of its own, so the counts below stay exact.
+    eventually(
+        lambda: (
+            curl(sandbox, client, f"http://{EJ}/fail-probe")[0] == 0
+            and "/fail-probe" in hits(pods["ej-2"])
+        ),
+        "ej-2 readmitted",
+        timeout=15,
+    )
     out = hey(sandbox, client, f"http://{EJ}/fail-healed", 60, 1)
     assert hey_codes(out) == {200: 60}, out
     assert hits(pods["ej-2"]).count("/fail-healed") == 20  # round robin again

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mesh_helpers import admin, apply, sandbox_fixture
+from mesh_helpers import admin, apply, eventually, sandbox_fixture
+from snapshot_docs import service
 
 from nodeagent.sandbox import Pod, Sandbox
 
@@ -60,16 +61,8 @@ def pods(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> tuple[Po
         service_account="echo", labels={"app": "echo"},
     )  # fmt: skip
     client = sandbox.pod_add("n1", "shop", "talker", ["sleep", "600"], service_account="talker")
-    svc = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "echo", "namespace": "shop"},
-        "spec": {
-            "clusterIP": VIP,
-            "selector": {"app": "echo"},
-            "ports": [{"name": "tcp-echo", "port": 9000, "targetPort": 9000}],
-        },
-    }
+    svc = service("echo", namespace="shop", cluster_ip=VIP, port_name="tcp-echo", port=9000,
+                  target=9000)  # fmt: skip
     apply(sandbox, d, "svc", [svc])
     return server, client, d
 
@@ -87,14 +80,13 @@ def test_rotation_keeps_established_connections(
     sandbox: Sandbox, pods: tuple[Pod, Pod, Path]
 ) -> None:
     _, client, d = pods
+
     # the service must be reachable before the long connection starts
-    deadline = time.monotonic() + 20
-    while True:
+    def echoes() -> bool:
         probe = sandbox.exec(client, ["python3", str(d / "talker.py"), VIP, "0.1"], timeout=15)
-        if probe.returncode == 0 and probe.stdout.strip() == "1/1":
-            break
-        assert time.monotonic() < deadline, f"echo never answered: {probe.stdout}{probe.stderr}"
-        time.sleep(0.5)
+        return probe.returncode == 0 and probe.stdout.strip() == "1/1"
+
+    eventually(echoes, "echo answers through the mesh", timeout=20)
 
     seen_client = {serial(sandbox, "n1", "talker")}
     seen_server = {serial(sandbox, "n2", "echo")}

@@ -8,18 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from corpus import corpus_path
 
 from nodeagent.meshctl.explain import ExplainError, parse_headers, parse_target
 from nodeagent.meshctl.main import main
-
-CORPUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "corpus"
-
-
-def _corpus(*parts: str) -> str:
-    path = CORPUS.joinpath(*parts)
-    if not path.exists():
-        pytest.fail(f"compatibility corpus missing: {path}")
-    return str(path)
 
 
 def _workload(name: str, ip: str, node: str, labels: str, sa: str = "default") -> str:
@@ -109,14 +101,14 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def _apply(tmp: Path, capsys: pytest.CaptureFixture[str], *files: str, text: str = "") -> None:
+def _apply(tmp: Path, capsys: pytest.CaptureFixture[str], *files: Path, text: str = "") -> None:
     args = ["apply"]
     if text:
         path = tmp / f"extra-{abs(hash(text))}.yaml"
         path.write_text(text)
         args += ["-f", str(path)]
     for f in files:
-        args += ["-f", f]
+        args += ["-f", str(f)]
     assert main(args) == 0, capsys.readouterr().err
     capsys.readouterr()
 
@@ -145,7 +137,7 @@ def _dests(report: dict[str, Any]) -> list[tuple[Any, ...]]:
 def test_canary_through_the_gateway_shows_both_weighted_subsets(
     store: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _apply(store, capsys, _corpus("seed", "01-canary.yaml"), text=MY_APP)
+    _apply(store, capsys, corpus_path("seed", "01-canary.yaml"), text=MY_APP)
     report = _explain(capsys, "--from", "gateway", "--to", "http://my-app/my-app/x?y=1")
     assert report["source"]["kind"] == "gateway"
     assert report["source"]["principal"] == (
@@ -191,7 +183,7 @@ def test_canary_through_the_gateway_shows_both_weighted_subsets(
 def test_canary_table_output_has_the_key_lines(
     store: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _apply(store, capsys, _corpus("seed", "01-canary.yaml"), text=MY_APP)
+    _apply(store, capsys, corpus_path("seed", "01-canary.yaml"), text=MY_APP)
     out = _table(capsys, "--from", "gateway", "--to", "http://my-app/my-app/x")
     assert "Gateway:     default/http-gateway on port 80 for host my-app" in out
     assert "Matched:     VirtualService default/my-app rule 0, route name default/my-app.0" in out
@@ -210,7 +202,7 @@ def test_canary_table_output_has_the_key_lines(
 def test_a_pod_gets_the_default_route_not_the_gateway_rule(
     store: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _apply(store, capsys, _corpus("seed", "01-canary.yaml"), text=MY_APP)
+    _apply(store, capsys, corpus_path("seed", "01-canary.yaml"), text=MY_APP)
     report = _explain(capsys, "--from", "default/client", "--to", "http://my-app/my-app/x")
     res = report["resolved"]
     assert (res["via"], res["port"], res["protocol"], res["target_port"]) == (
@@ -239,8 +231,8 @@ def test_a_pod_gets_the_default_route_not_the_gateway_rule(
 def test_ab_by_user_agent(
     store: Path, capsys: pytest.CaptureFixture[str], agent: str, rule: int, subset: str
 ) -> None:
-    _apply(store, capsys, _corpus("seed", "01-canary.yaml"), text=MY_APP)
-    _apply(store, capsys, _corpus("seed", "03-ab-user-agent.yaml"))
+    _apply(store, capsys, corpus_path("seed", "01-canary.yaml"), text=MY_APP)
+    _apply(store, capsys, corpus_path("seed", "03-ab-user-agent.yaml"))
     args = ["--from", "gateway", "--to", "http://my-app/my-app", "-H", f"User-Agent: {agent}"]
     report = _explain(capsys, *args)
     assert report["request"]["headers"] == {"user-agent": agent}
@@ -255,8 +247,8 @@ def test_ab_by_user_agent(
 def test_ab_without_a_matching_user_agent_is_404_nr(
     store: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _apply(store, capsys, _corpus("seed", "01-canary.yaml"), text=MY_APP)
-    _apply(store, capsys, _corpus("seed", "03-ab-user-agent.yaml"))
+    _apply(store, capsys, corpus_path("seed", "01-canary.yaml"), text=MY_APP)
+    _apply(store, capsys, corpus_path("seed", "03-ab-user-agent.yaml"))
     report = _explain(capsys, "--from", "gateway", "--to", "http://my-app/my-app", "-H", "A: b")
     assert report["outcome"] == "no_route"
     assert report["virtual_services_considered"] == ["default/my-app"]
@@ -266,8 +258,8 @@ def test_ab_without_a_matching_user_agent_is_404_nr(
 
 
 def test_fault_delay_and_bookinfo_subset(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    dr = _corpus("istio", "bookinfo-networking", "destination-rule-all.yaml")
-    _apply(store, capsys, dr, _corpus("seed", "02-fault-delay.yaml"), text=MY_APP + BOOKINFO)
+    dr = corpus_path("istio", "bookinfo-networking", "destination-rule-all.yaml")
+    _apply(store, capsys, dr, corpus_path("seed", "02-fault-delay.yaml"), text=MY_APP + BOOKINFO)
     report = _explain(capsys, "--from", "client", "--to", "http://my-app/")
     route = report["route"]
     assert route["route_name"] == "default/my-app-fault.0"
@@ -286,8 +278,8 @@ def test_bookinfo_reviews_weights_and_header_match(
     _apply(
         store,
         capsys,
-        _corpus(*net, "destination-rule-all.yaml"),
-        _corpus(*net, "virtual-service-reviews-80-20.yaml"),
+        corpus_path(*net, "destination-rule-all.yaml"),
+        corpus_path(*net, "virtual-service-reviews-80-20.yaml"),
         text=BOOKINFO,
     )
     report = _explain(capsys, "--from", "productpage-v1", "--to", "http://reviews:9080/reviews/1")
@@ -296,7 +288,7 @@ def test_bookinfo_reviews_weights_and_header_match(
         (80, "v1", {"version": "v1"}, ["default/reviews-v1"]),
         (20, "v2", {"version": "v2"}, ["default/reviews-v2"]),
     ]
-    _apply(store, capsys, _corpus(*net, "virtual-service-reviews-jason-v2-v3.yaml"))
+    _apply(store, capsys, corpus_path(*net, "virtual-service-reviews-jason-v2-v3.yaml"))
     to = ["--from", "productpage-v1", "--to", "http://reviews.default:9080/"]
     jason = _explain(capsys, *to, "-H", "end-user: jason")
     assert jason["route"]["rule"]["conditions"] == ['headers[end-user] exact "jason"']
@@ -311,7 +303,10 @@ def test_bookinfo_reviews_weights_and_header_match(
 
 def test_strict_mtls_and_a_deny_policy(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _apply(
-        store, capsys, _corpus("seed", "01-canary.yaml"), text=MY_APP + "---\n" + STRICT_AND_DENY
+        store,
+        capsys,
+        corpus_path("seed", "01-canary.yaml"),
+        text=MY_APP + "---\n" + STRICT_AND_DENY,
     )
     report = _explain(capsys, "--from", "client", "--to", "http://my-app/")
     eps = {e["pod"]: e for d in report["destinations"] for e in d["endpoints"]}

@@ -7,17 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from corpus import corpus_path
 
 from nodeagent.meshctl.main import main
-
-SEED = Path(__file__).resolve().parents[2] / ".." / "shared" / "corpus" / "seed"
-
-
-def _seed(name: str) -> Path:
-    path = SEED / name
-    if not path.exists():
-        pytest.fail(f"compatibility corpus missing: {path}")
-    return path
 
 
 @pytest.fixture
@@ -47,7 +39,9 @@ def test_canary_with_weights_90_9_is_rejected_and_nothing_is_written(
     store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bad = tmp_path / "canary.yaml"
-    bad.write_text(_seed("01-canary.yaml").read_text().replace("weight: 10", "weight: 9"))
+    bad.write_text(
+        corpus_path("seed", "01-canary.yaml").read_text().replace("weight: 10", "weight: 9")
+    )
     assert main(["apply", "-f", str(bad)]) == 1
     err = capsys.readouterr().err
     assert (
@@ -60,15 +54,15 @@ def test_canary_with_weights_90_9_is_rejected_and_nothing_is_written(
 
 
 def test_seed_examples_apply_and_show(store: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["apply", "-f", str(_seed("01-canary.yaml"))]) == 0
+    assert main(["apply", "-f", str(corpus_path("seed", "01-canary.yaml"))]) == 0
     out = capsys.readouterr().out
     assert "VirtualService default/my-app created" in out
     assert "DestinationRule default/my-app created" in out
-    assert main(["apply", "-f", str(_seed("02-fault-delay.yaml"))]) == 0
-    assert main(["apply", "-f", str(_seed("01-canary.yaml"))]) == 0
+    assert main(["apply", "-f", str(corpus_path("seed", "02-fault-delay.yaml"))]) == 0
+    assert main(["apply", "-f", str(corpus_path("seed", "01-canary.yaml"))]) == 0
     assert "VirtualService default/my-app unchanged" in capsys.readouterr().out
     # 03 redefines VirtualService default/my-app: applied on its own, it replaces it
-    assert main(["apply", "-f", str(_seed("03-ab-user-agent.yaml"))]) == 0
+    assert main(["apply", "-f", str(corpus_path("seed", "03-ab-user-agent.yaml"))]) == 0
     assert "VirtualService default/my-app configured" in capsys.readouterr().out
     assert main(["get", "virtualservices"]) == 0
     table = capsys.readouterr().out.splitlines()
@@ -156,7 +150,7 @@ def test_validate_needs_no_store_and_reports_every_error(
         f"{f}:6: PeerAuthentication default/p: spec.portLevelMtls: portLevelMtls requires selector"
         in err
     )
-    assert main(["validate", "-f", str(_seed("01-canary.yaml"))]) == 0
+    assert main(["validate", "-f", str(corpus_path("seed", "01-canary.yaml"))]) == 0
     assert "Gateway default/http-gateway valid" in capsys.readouterr().out
 
 
@@ -165,7 +159,9 @@ def test_apply_from_stdin_with_namespace_flag(
 ) -> None:
     import io
 
-    monkeypatch.setattr("sys.stdin", io.StringIO(_seed("02-fault-delay.yaml").read_text()))
+    monkeypatch.setattr(
+        "sys.stdin", io.StringIO(corpus_path("seed", "02-fault-delay.yaml").read_text())
+    )
     assert main(["apply", "-n", "team", "-f", "-"]) == 0
     assert "VirtualService team/my-app-fault created" in capsys.readouterr().out
     assert main(["get", "vs", "-n", "team"]) == 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from helpers_snapshot import Docs, corpus_docs, service, workload
+from corpus import corpus_docs
+from helpers_snapshot import Docs
+from snapshot_docs import key_of, service, workload
 
 from nodeagent.snapshot import ServiceTarget, Snapshot, SnapshotBuilder, Workload
 from nodeagent.store import keys
@@ -22,9 +24,9 @@ def build(kvs: list[KeyValue], **params: str) -> Snapshot:
 def mesh() -> Snapshot:
     d = Docs()
     kvs = [
-        d.kv(*workload("r1", "10.1.0.1", {"app": "reviews", "version": "v1"}, sa="reviews")),
-        d.kv(
-            *workload(
+        d.stored(workload("r1", "10.1.0.1", {"app": "reviews", "version": "v1"}, sa="reviews")),
+        d.stored(
+            workload(
                 "r2",
                 "10.1.0.2",
                 {"app": "reviews", "version": "v2"},
@@ -33,7 +35,7 @@ def mesh() -> Snapshot:
                 ports=[{"name": "http-alt", "containerPort": 9081}],
             )
         ),
-        d.kv(*workload("p1", "10.1.0.3", {"app": "ratings"}, namespace="other", sa="ratings")),
+        d.stored(workload("p1", "10.1.0.3", {"app": "ratings"}, namespace="other", sa="ratings")),
         d.config(
             service(
                 "reviews",
@@ -303,8 +305,8 @@ def policy(kind: str, ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any
 def test_authorization_policies_for() -> None:
     d = Docs()
     kvs = [
-        d.kv(*workload("a", "10.0.0.1", {"app": "httpbin"}, namespace="foo")),
-        d.kv(*workload("b", "10.0.0.2", {"app": "other"}, namespace="foo")),
+        d.stored(workload("a", "10.0.0.1", {"app": "httpbin"}, namespace="foo")),
+        d.stored(workload("b", "10.0.0.2", {"app": "other"}, namespace="foo")),
         d.config(
             policy(
                 "AuthorizationPolicy",
@@ -423,7 +425,7 @@ def test_peer_authentication_precedence(
     expected: str,
 ) -> None:
     d = Docs()
-    kvs = [d.kv(*workload("w", "10.0.0.1", labels, namespace="ns"))]
+    kvs = [d.stored(workload("w", "10.0.0.1", labels, namespace="ns"))]
     for ns, name, selector, mode, ports in policies:
         spec: dict[str, Any] = {"mtls": {"mode": mode}}
         if selector is not None:
@@ -439,11 +441,10 @@ def test_peer_authentication_precedence(
 
 def test_bad_documents_are_skipped_not_fatal() -> None:
     d = Docs()
-    good_key, good = workload("ok", "10.0.0.1", {"app": "a"})
     kvs = [
-        d.kv(good_key, good),
+        d.stored(workload("ok", "10.0.0.1", {"app": "a"})),
         d.kv(keys.workload("node-1", "garbage"), b"\xc1\xc1 not msgpack"),
-        d.kv(keys.workload("node-1", "badip"), workload("badip", "999.1.1.1", {})[1]),
+        d.kv(keys.workload("node-1", "badip"), workload("badip", "999.1.1.1", {})),
         d.kv(keys.config("Service", "default", "s"), {"spec": {"ports": [{"port": 70000}]}}),
         d.kv(keys.config("VirtualService", "default", "v"), ["not", "a", "map"]),
         d.kv(
@@ -467,7 +468,8 @@ def test_bad_documents_are_skipped_not_fatal() -> None:
 
 def test_updates_make_a_new_snapshot_and_leave_the_old_one_alone() -> None:
     d = Docs()
-    key, doc = workload("w1", "10.0.0.1", {"app": "a", "version": "v1"})
+    doc = workload("w1", "10.0.0.1", {"app": "a", "version": "v1"})
+    key = key_of(doc)
     builder = SnapshotBuilder.build(
         [d.kv(key, doc), d.config(service("a", {"app": "a"}, cluster_ip="10.96.0.1"))], d.revision
     )
@@ -497,8 +499,8 @@ def test_updates_make_a_new_snapshot_and_leave_the_old_one_alone() -> None:
 
 def test_most_recent_writer_owns_a_shared_ip() -> None:
     d = Docs()
-    old = d.kv(*workload("old", "10.0.0.1", {}))
-    new = d.kv(*workload("new", "10.0.0.1", {}, node="node-2"))
+    old = d.stored(workload("old", "10.0.0.1", {}))
+    new = d.stored(workload("new", "10.0.0.1", {}, node="node-2"))
     builder = SnapshotBuilder.build([new, old], d.revision)
     assert builder.snapshot.workload_by_ip("10.0.0.1").uid == "new"  # type: ignore[union-attr]
     snap = builder.apply([d.delete(new.key)])

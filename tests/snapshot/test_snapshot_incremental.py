@@ -6,9 +6,10 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from helpers_snapshot import Docs, service, workload
+from helpers_snapshot import Docs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from snapshot_docs import key_of, service, workload
 
 from nodeagent.snapshot import (
     DestinationRule,
@@ -36,7 +37,7 @@ def workload_doc(draw: st.DrawFn) -> tuple[str, Any]:
     node = draw(st.sampled_from(["n0", "n1"]))
     ip = draw(st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3"]))
     ports = draw(st.sampled_from([None, [{"name": "web", "containerPort": 7000}]]))
-    return workload(
+    doc = workload(
         uid,
         ip,
         draw(LABELS),
@@ -45,6 +46,7 @@ def workload_doc(draw: st.DrawFn) -> tuple[str, Any]:
         sa=draw(st.sampled_from(["s1", "s2"])),
         ports=ports,
     )
+    return key_of(doc), doc
 
 
 @st.composite

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers_snapshot import service, workload
+from snapshot_docs import key_of, service, workload
 
 from nodeagent.snapshot import Snapshot, SnapshotSync
 from nodeagent.snapshot import cache as snapshot_cache
@@ -93,8 +93,8 @@ class Outage(ForwardingStore):
 
 
 async def put_workload(store: Store, uid: str, ip: str, labels: dict[str, str]) -> int:
-    key, doc = workload(uid, ip, labels)
-    return await store.put(key, codec.encode(doc))
+    doc = workload(uid, ip, labels)
+    return await store.put(key_of(doc), codec.encode(doc))
 
 
 async def put_service(store: Store, name: str, vip: str) -> int:

@@ -3,7 +3,6 @@ and the trace context carried through the tunnel header (real parser, real Zipki
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -13,7 +12,7 @@ from typing import Any
 import h11
 import trio
 import trio.testing
-from snapshot_docs import snapshot_of
+from snapshot_docs import service, snapshot_of, workload
 
 from nodeagent.http import HttpProxy, RequestLog
 from nodeagent.httpserver import HttpServerRequest, Response, Route, TcpHttpServer
@@ -44,44 +43,21 @@ from nodeagent.tunnel.header import HeaderParser, SourceInfo, TunnelRequest, enc
 HOST = "app.default.svc.cluster.local"
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
-_uids = itertools.count(1)
 
 
 # -- a small mesh snapshot ------------------------------------------------------------------------
 
 
-def _workload(ip: str, labels: dict[str, str], name: str, sa: str = "default") -> dict[str, Any]:
-    uid = f"uid-{next(_uids)}"
-    return {
-        "apiVersion": "mesh.nodeagent.io/v1alpha1",
-        "kind": "Workload",
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "uid": uid,
-            "labels": labels,
-            "annotations": {},
-        },
-        "spec": {"node": "node-1", "addresses": [ip] if ip else [], "serviceAccount": sa},
-    }
-
-
 def _snapshot() -> Snapshot:
-    docs: list[dict[str, Any]] = [
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "app", "namespace": "default"},
-            "spec": {
-                "selector": {"app": "app"},
-                "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
-            },
-        },
-        _workload("10.0.0.1", {"app": "app", "version": "v1"}, "app-v1-5d4f6b7c9-x2x7k", "app"),
-        _workload("10.0.0.2", {"app": "app", "version": "v2"}, "app-v2-5d4f6b7c9-abcde", "app"),
-        _workload("10.0.0.9", {"app": "client"}, "client-6c5f8d9b7-qwert", "client"),
-        _workload("", {"app": "gw"}, "gw", "gw"),
-    ]
+    docs = [
+        service("app"),
+        workload("1", "10.0.0.1", {"app": "app", "version": "v1"}, name="app-v1-5d4f6b7c9-x2x7k",
+                 sa="app"),
+        workload("2", "10.0.0.2", {"app": "app", "version": "v2"}, name="app-v2-5d4f6b7c9-abcde",
+                 sa="app"),
+        workload("3", "10.0.0.9", {"app": "client"}, name="client-6c5f8d9b7-qwert", sa="client"),
+        workload("4", None, {"app": "gw"}, name="gw", sa="gw"),
+    ]  # fmt: skip
     return snapshot_of(docs)
 
 

@@ -117,9 +117,15 @@ async def test_open_tunnel_closed_when_a_deny_policy_arrives(namespaces: Namespa
 
 async def test_open_tunnel_kept_when_an_unrelated_policy_arrives(namespaces: Namespaces) -> None:
     async with running_mesh(namespaces) as mesh:
-        async with open_app_conn(namespaces.a, (VIP, 80)) as stream:
+        async with (
+            open_app_conn(namespaces.a, (VIP, 80)) as stream,
+            # The witness: a plaintext connection the same snapshot does deny (STRICT). Its
+            # close proves the re-check ran over every open connection, the tunnel included.
+            open_app_conn(namespaces.a, (B_IP, APP_PORT), mark=MESH_MARK) as witness,
+        ):
             await stream.send_all(b"hello")
-            await until_registered(mesh, 1)
+            await witness.send_all(b"plain")
+            await until_registered(mesh, 2)
             unrelated = [
                 config(
                     "AuthorizationPolicy",
@@ -142,13 +148,12 @@ async def test_open_tunnel_kept_when_an_unrelated_policy_arrives(namespaces: Nam
             ]
             mesh.snap[0] = build_snapshot(*unrelated)
             mesh.b.inbound.policy_changed()
-            # Long enough for the re-check to have run (it closes a denied one well within 1 s).
-            await trio.sleep(1.0)
+            assert await closed_within(witness, 2) < 2
             assert len(mesh.b.inbound.live) == 1
             assert await still_works(stream, b"hello") == expect(b"hello")
         await settled(mesh.a, mesh.b)
         inbound = mesh.b.statistics()["inbound"]
-        assert (inbound["closed_by_policy"], inbound["denied"]) == (0, 0)
+        assert (inbound["closed_by_policy"], inbound["denied"]) == (1, 1)  # the witness only
 
 
 async def test_open_plaintext_connection_closed_on_switch_to_strict(

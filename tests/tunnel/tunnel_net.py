@@ -19,7 +19,7 @@ import pytest
 import trio
 from netns_helpers import ip, veth_pair
 from pki import LocalIdentityProvider, ThrowawayCA, spiffe
-from snapshot_docs import snapshot_of
+from snapshot_docs import service, snapshot_of, workload
 
 from nodeagent.balance import Registry
 from nodeagent.inpod import (
@@ -30,7 +30,6 @@ from nodeagent.inpod import (
 )
 from nodeagent.proxy.pod import PodProxy
 from nodeagent.snapshot import Snapshot, Workload
-from nodeagent.store import keys
 
 A_IP, B_IP, VIP = "10.124.0.2", "10.124.0.3", "10.96.0.10"
 A_ID, B_ID = spiffe("client", "sleep"), spiffe("shop", "web")
@@ -52,36 +51,17 @@ def namespaces() -> Iterator[Namespaces]:
         yield Namespaces(a, b, names)
 
 
-def _workload_doc(uid: str, ip_: str, ns: str, sa: str, labels: dict[str, str]) -> Any:
-    return keys.workload("node-1", uid), {
-        "apiVersion": "mesh.nodeagent.io/v1alpha1",
-        "kind": "Workload",
-        "metadata": {"name": uid, "namespace": ns, "uid": uid, "labels": labels},
-        "spec": {"node": "node-1", "addresses": [ip_], "serviceAccount": sa},
-    }
-
-
 def config(kind: str, name: str, ns: str, spec: dict[str, Any]) -> Any:
-    api = "security.istio.io/v1" if kind != "Service" else "v1"
+    """A security policy (AuthorizationPolicy, PeerAuthentication) document."""
     meta = {"name": name, "namespace": ns}
-    return keys.config(kind, ns, name), {"apiVersion": api, "kind": kind, "metadata": meta,
-                                         "spec": spec}  # fmt: skip
+    return {"apiVersion": "security.istio.io/v1", "kind": kind, "metadata": meta, "spec": spec}
 
 
 def build_snapshot(*extra: Any, b_sa: str = "web") -> Snapshot:
     docs = [
-        _workload_doc("a", A_IP, "client", "sleep", {"app": "sleep"}),
-        _workload_doc("b", B_IP, "shop", b_sa, {"app": "web"}),
-        config(
-            "Service",
-            "web",
-            "shop",
-            {
-                "clusterIP": VIP,
-                "selector": {"app": "web"},
-                "ports": [{"name": "tcp", "port": 80, "targetPort": APP_PORT}],
-            },
-        ),
+        workload("a", A_IP, {"app": "sleep"}, name="a", namespace="client", sa="sleep"),
+        workload("b", B_IP, {"app": "web"}, name="b", namespace="shop", sa=b_sa),
+        service("web", namespace="shop", cluster_ip=VIP, port_name="tcp", target=APP_PORT),
         *extra,
     ]
     return snapshot_of(docs)
