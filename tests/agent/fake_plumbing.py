@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import trio
 
 from nodeagent.agent.state import AgentState
+from nodeagent.cni.protocol import CniRequest, Command, PodRef
 from nodeagent.dns import DnsProxy
 from nodeagent.dns.errors import ProxyError
 from nodeagent.identity.api import IdentityUnavailable
@@ -32,6 +33,20 @@ from nodeagent.snapshot import Snapshot
 from nodeagent.store import keys
 from nodeagent.store.base import StoreError
 from nodeagent.store.memory import MemoryStore
+
+NODE = "n1"
+
+
+def request(command: Command = Command.ADD, uid: str = "u1", container: str = "c1") -> CniRequest:
+    """A CNI call for pod default/web (uid `uid`), as the plugin forwards it."""
+    return CniRequest(
+        command=command,
+        container_id=container,
+        netns=f"/run/netns/{uid}",
+        ifname="eth0",
+        pod=PodRef("default", "web", uid),
+        prev_result={"ips": [{"address": "10.201.1.5/24"}]},
+    )
 
 
 class Faults:
@@ -112,6 +127,7 @@ class FakePlumbing:
         self.sockets: list[_socket.socket] = []
         self.rules: set[str] = set()  # names of the netns whose redirection is installed
         self.missing: set[str] = set()  # netns paths that do not exist
+        self.apply_time = 0.0  # how long applying rules takes (a real apply: a thread hop)
 
     # -- what is left ---------------------------------------------------------------------
 
@@ -158,7 +174,7 @@ class FakePlumbing:
         return dns
 
     async def apply_redirection(self, netns: Netns, spec: RedirectionSpec) -> None:
-        await trio.lowlevel.checkpoint()
+        await trio.sleep(self.apply_time)
         self.faults.check_raise(
             "apply_redirection", lambda: RedirectionError(f"apply in {netns.name}: boom")
         )

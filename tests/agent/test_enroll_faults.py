@@ -17,21 +17,22 @@ from pathlib import Path
 import pytest
 import trio
 from fake_plumbing import (
+    NODE,
     FakeIdentities,
     FakePlumbing,
     Faults,
     FaultyState,
     FaultyStore,
+    request,
 )
 
 from nodeagent.agent.enroll import Enroller
 from nodeagent.agent.state import AgentState
 from nodeagent.cni.errors import ErrorCode
 from nodeagent.cni.metadata import RuntimeArgsMetadataSource
-from nodeagent.cni.protocol import CniRequest, Command, EnrollError, PodRef
+from nodeagent.cni.protocol import CniRequest, Command, EnrollError
 from nodeagent.store import codec, keys
 
-NODE = "n1"
 IDENTITY = "spiffe://cluster.local/ns/default/sa/default"
 ADD_STEPS = [
     "open_netns",
@@ -92,17 +93,6 @@ class Rig:
         assert set(AgentState.load(self.state_path).pods) == {uid}
         assert self.identities.ensured == {IDENTITY}
         assert pod.listeners()  # served
-
-
-def request(command: Command = Command.ADD, uid: str = "u1", container: str = "c1") -> CniRequest:
-    return CniRequest(
-        command=command,
-        container_id=container,
-        netns=f"/run/netns/{uid}",
-        ifname="eth0",
-        pod=PodRef("default", "web", uid),
-        prev_result={"ips": [{"address": "10.201.1.5/24"}]},
-    )
 
 
 def make_enroller(
