@@ -180,6 +180,7 @@ class Agent:
                     telemetry=self.telemetry,
                 )
                 nursery.start_soon(self._maintain_balance)
+                nursery.start_soon(self.enroller.maintain_status)
                 enroller = self.enroller
                 self.snapshot.add_listener(lambda _: enroller.policy_changed())
                 await self.enroller.adopt_all()

@@ -138,6 +138,11 @@ class IdentityManager:
         log.info("identity.released", identity=identity)
         self._bump()
 
+    def can_serve(self, identity: str) -> bool:
+        """Whether `identity` has a valid certificate and a trust bundle now: the agent can
+        terminate mTLS for its workloads (their Workload status is Healthy)."""
+        return self._unavailable(identity) is None
+
     async def wait_ready(self, identity: str, within: float) -> None:
         with trio.move_on_after(within):
             while self._unavailable(identity) is not None:
@@ -250,7 +255,7 @@ class IdentityManager:
                         serving=self._unavailable(entry.ident.uri) is None,
                     )
                     self._bump()
-                    await self._sleep_or_wake(entry, backoff)
+                    await self._sleep_or_backoff(entry, backoff)
                     backoff = min(backoff * 2, self._backoff_max)
                     continue
                 finally:
@@ -269,6 +274,19 @@ class IdentityManager:
         if self._roots and not self._verifies(entry.chain):
             return "does not chain to the trust bundle"
         return None
+
+    async def _sleep_or_backoff(self, entry: _Identity, delay: float) -> None:
+        """Back off after a failure, but wake when the current certificate expires meanwhile,
+        to say so (`can_serve` turns False: its workloads become Unhealthy) and to retry."""
+        expiry = certs.not_after(entry.leaf) if entry.leaf is not None else 0.0
+        left = expiry - self._clock()
+        if 0 < left < delay:
+            await self._sleep_or_wake(entry, left)
+            if self._clock() >= expiry:
+                log.warning("identity.expired", identity=entry.ident.uri)
+                self._bump()
+            return
+        await self._sleep_or_wake(entry, delay)
 
     async def _sleep_or_wake(self, entry: _Identity, delay: float) -> None:
         if delay > 0:
