@@ -246,8 +246,11 @@ class Enroller:
 
     # -- restart ------------------------------------------------------------------------------
 
-    async def adopt_all(self) -> None:
-        """Re-adopt every recorded pod whose netns still exists; forget the others."""
+    async def adopt_all(self, *, register: bool = True) -> None:
+        """Re-adopt every recorded pod whose netns still exists; forget the others.
+
+        `register=False` serves them without putting their workloads (the store may not answer
+        yet): the caller registers them with `reregister_all` once it holds a lease."""
         for record in list(self.state.pods.values()):
             try:
                 netns = Netns.open(record.netns)
@@ -261,13 +264,13 @@ class Enroller:
                 await self._forget(record)
                 continue
             try:
-                await self._enroll(record, netns)
-                log.info("adopt.complete", pod=record.key)
+                await self._enroll(record, netns, register=register)
+                log.info("adopt.complete", pod=record.key, registered=register)
             except EnrollError as exc:
                 log.error("adopt.failed", pod=record.key, error=exc.msg)
 
     async def reregister_all(self) -> None:
-        """After the lease was lost: put every workload again under the new lease."""
+        """Put every workload (again) under the current lease: after adoption, or a lost lease."""
         for pod in self.pods.values():
             await self._register(pod.record)
 
@@ -293,7 +296,7 @@ class Enroller:
 
     # -- the steps ----------------------------------------------------------------------------
 
-    async def _enroll(self, record: PodRecord, netns: Netns) -> None:
+    async def _enroll(self, record: PodRecord, netns: Netns, *, register: bool = True) -> None:
         undo: list[Callable[[], Awaitable[None]]] = []
         try:
             try:
@@ -350,7 +353,8 @@ class Enroller:
                 raise EnrollError(ErrorCode.ENROLL_FAILED, f"pod {record.key}: {exc}") from None
             undo.append(lambda: aremove_redirection(netns))
             try:
-                await self._register(record)
+                if register:
+                    await self._register(record)
             except StoreError as exc:
                 raise EnrollError(
                     ErrorCode.TRY_AGAIN_LATER, f"pod {record.key}: register workload: {exc}"
