@@ -4,9 +4,9 @@ List the prefix, build, start watching from the listing's revision + 1, and turn
 events into the next snapshot, swapped in with one assignment. A compacted watch re-lists (the
 builder applies only the difference); any other store error keeps the last snapshot and retries
 with exponential backoff, resuming the watch from the last revision seen: a store outage never
-stops traffic. With `cache_path`, the raw documents are written to disk (debounced, atomically)
-and loaded at start, so a restarted agent serves from the cache when the store does not answer
-within `startup_timeout`.
+stops traffic. With `cache_path`, the raw documents are written to disk (debounced, atomically,
+and once more on the way out if a change is not on disk yet) and loaded at start, so a restarted
+agent serves from the cache when the store does not answer within `startup_timeout`.
 
 The deletion of a workload whose node's lease lapsed (its node record went with it) is held for
 `lease_grace` seconds (nodeagent.snapshot.lease_grace): a store stall longer than the lease TTL
@@ -269,19 +269,29 @@ class SnapshotSync:
         return True
 
     async def _cache_writer(self, path: Path) -> None:
-        while True:
-            await self._cache_dirty.wait()
-            await trio.sleep(self._cache_debounce)  # coalesce a burst of changes
-            self._cache_dirty = trio.Event()
-            # The node records too: a restarted agent knows which nodes were live.
-            kvs = self._builder.raw() + self._grace.node_records()
-            revision = self._builder.revision
-            try:
-                data = await trio.to_thread.run_sync(cache.encode, kvs, revision)
-                await trio.to_thread.run_sync(cache.write, path, data)
-            except OSError as exc:
-                log.warning("snapshot.cache_write_failed", path=str(path), error=str(exc))
-                continue
-            self._stats["cache_writes"] += 1
-            self._bump()
-            log.debug("snapshot.cache_written", path=str(path), revision=revision, keys=len(kvs))
+        try:
+            while True:
+                await self._cache_dirty.wait()
+                await trio.sleep(self._cache_debounce)  # coalesce a burst of changes
+                await self._write_cache(path)
+        finally:
+            if self._cache_dirty.is_set():
+                # A change not on disk yet (the agent stops within the debounce): the next
+                # start may have to serve from this cache alone.
+                with trio.CancelScope(shield=True):
+                    await self._write_cache(path)
+
+    async def _write_cache(self, path: Path) -> None:
+        self._cache_dirty = trio.Event()
+        # The node records too: a restarted agent knows which nodes were live.
+        kvs = self._builder.raw() + self._grace.node_records()
+        revision = self._builder.revision
+        try:
+            data = await trio.to_thread.run_sync(cache.encode, kvs, revision)
+            await trio.to_thread.run_sync(cache.write, path, data)
+        except OSError as exc:
+            log.warning("snapshot.cache_write_failed", path=str(path), error=str(exc))
+            return
+        self._stats["cache_writes"] += 1
+        self._bump()
+        log.debug("snapshot.cache_written", path=str(path), revision=revision, keys=len(kvs))

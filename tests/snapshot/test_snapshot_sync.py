@@ -381,3 +381,19 @@ async def test_node_records_go_into_the_disk_cache(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
     kvs, _ = snapshot_cache.decode(path.read_bytes())
     assert keys.node("node-1") in {kv.key for kv in kvs}
+
+
+async def test_a_change_within_the_debounce_reaches_the_disk_cache_on_the_way_out(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "snapshot.cache"
+    store = await open_store("memory://")
+    sync = SnapshotSync(store, cache_path=path, cache_debounce=3600)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(TIMEOUT):
+            await nursery.start(sync.run)
+            await sync.wait_revision(await put_service(store, "web", "10.96.0.1"))
+        assert sync.statistics()["cache_writes"] == 0  # the debounce has not passed
+        nursery.cancel_scope.cancel()  # the agent stops
+    kvs, _ = snapshot_cache.decode(path.read_bytes())
+    assert keys.config("Service", "default", "web") in {kv.key for kv in kvs}
