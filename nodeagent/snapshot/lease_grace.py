@@ -6,11 +6,11 @@ for longer than the TTL and expired every lease at once while every agent was fi
 everything back within a second or so of the store's return). Applying those deletions at once
 turns a slow store into a mesh-wide outage. So, as Istio keeps an auto-registered WorkloadEntry
 for a grace period after its proxy disconnects, and ztunnel keeps serving its last workloads
-without the control plane, a workload deleted together with its node record (or within `grace`
-seconds after it) is held for `grace` seconds: a put of the same key (the agent is back) ends the
-hold, the deadline applies the deletion. A workload deleted while its node record lives is an
-explicit removal (CNI DEL, `nodeagent uninstall`) and goes at once; so is one of a node that
-never had a record (registered by `meshctl apply`).
+without the control plane, a workload deleted in the same revision as its node record (or within
+`grace` seconds after it) is held for `grace` seconds: a put of the same key (the agent is back)
+ends the hold, the deadline applies the deletion. A workload deleted while its node record lives
+is an explicit removal (CNI DEL, `nodeagent uninstall`) and goes at once; so is one of a node
+that never had a record (registered by `meshctl apply`).
 """
 
 from __future__ import annotations
@@ -55,28 +55,39 @@ class LeaseGrace:
         return [self._nodes[n] for n in sorted(self._nodes)]
 
     def filter(self, events: Sequence[Event], now: float) -> list[Event]:
-        """The events to apply now; the deletions of lapsed nodes' workloads are held."""
+        """The events to apply now; the deletions of lapsed nodes' workloads are held.
+
+        A lapse deletes the node record and the workloads in one revision (in any order within
+        it); a workload deleted in an earlier revision of the same batch (uninstall's order:
+        workloads, then the record) was removed on purpose and goes."""
         if self.grace <= 0:
             return list(events)
-        for event in events:  # a node record first, wherever the batch has it
-            node = node_of_record(event.kv.key)
-            if node is None:
-                continue
-            if event.type == "put":
-                self._nodes[node] = event.kv
-                self._lapsed.pop(node, None)
-            elif self._nodes.pop(node, None) is not None:
-                self._lapsed[node] = now
+        lapse_revision = {
+            node: e.kv.mod_revision
+            for e in events
+            if e.type == "delete" and (node := node_of_record(e.kv.key)) is not None
+        }
         out = []
         for event in events:
             key = event.kv.key
+            record_of = node_of_record(key)
+            if record_of is not None:
+                if event.type == "put":
+                    self._nodes[record_of] = event.kv
+                    self._lapsed.pop(record_of, None)
+                elif self._nodes.pop(record_of, None) is not None:
+                    self._lapsed[record_of] = now
+                out.append(event)
+                continue
             node = node_of_workload(key)
             if node is None:
                 out.append(event)
             elif event.type == "put":
                 self._held.pop(key, None)
                 out.append(event)
-            elif self._lapsed_recently(node, now):
+            elif lapse_revision.get(node) == event.kv.mod_revision or self._lapsed_recently(
+                node, now
+            ):
                 self._held.setdefault(key, now + self.grace)
             else:
                 out.append(event)

@@ -53,6 +53,14 @@ def test_deletions_shortly_after_the_record_went_are_held_later_ones_are_not() -
     assert grace.filter([delete(W2, 7)], now=120) == [delete(W2, 7)]
 
 
+def test_workloads_deleted_before_the_record_in_one_batch_go_at_once() -> None:
+    grace = LeaseGrace(10)
+    live(grace, "n1")
+    batch = [delete(W1, 5), delete(W2, 6), delete(keys.node("n1"), 7)]  # uninstall's order
+    assert grace.filter(batch, now=100) == batch
+    assert grace.held == {}
+
+
 def test_explicit_deletes_and_nodes_without_a_record_go_at_once() -> None:
     grace = LeaseGrace(10)
     live(grace, "n1")
