@@ -116,6 +116,8 @@ class Agent:
     _adopted: trio.Event = field(default_factory=trio.Event)
     # Set once the first lease is held and everything is registered under it.
     _registered: trio.Event = field(default_factory=trio.Event)
+    # The lease everything was last registered under (the admin socket's "registered").
+    _registered_lease: int = 0
     _cancel: trio.CancelScope | None = None
 
     def request_drain(self, deadline: float) -> None:
@@ -358,6 +360,7 @@ class Agent:
             "lease": lease,
         }
         await store.put(keys.node(self.config.node), codec.encode(record), lease=lease)
+        self._registered_lease = lease
         self._registered.set()
         log.info("lease.registered", lease=lease, pods=len(self.enroller.pods))
 
@@ -392,7 +395,8 @@ class Agent:
                 "store": self.config.store_url,
                 "ready": self.ready,
                 "lease": self.lease,
-                "registered": self._registered.is_set(),
+                # Every workload and the node record are in the store under the current lease.
+                "registered": bool(self.lease) and self._registered_lease == self.lease,
                 "snapshot": snap.statistics() if snap is not None else None,
                 "identity": self.identities.statistics() if self.identities else None,
                 "gateway": self.gateway.statistics() if self.gateway else None,
