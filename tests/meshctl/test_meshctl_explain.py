@@ -267,7 +267,9 @@ def test_ab_without_a_matching_user_agent_is_404_nr(
 
 def test_fault_delay_and_bookinfo_subset(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dr = _corpus("istio", "bookinfo-networking", "destination-rule-all.yaml")
-    _apply(store, capsys, dr, _corpus("seed", "02-fault-delay.yaml"), text=MY_APP + BOOKINFO)
+    _apply(
+        store, capsys, dr, _corpus("seed", "02-fault-delay.yaml"), text=MY_APP + "---\n" + BOOKINFO
+    )
     report = _explain(capsys, "--from", "client", "--to", "http://my-app/")
     route = report["route"]
     assert route["route_name"] == "default/my-app-fault.0"
