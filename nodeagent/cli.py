@@ -93,6 +93,13 @@ def _run(argv: list[str]) -> int:
         metavar="SECONDS",
         help="keep other nodes' workloads this long after their node's lease lapsed",
     )
+    p.add_argument(
+        "--drain-timeout",
+        type=_positive_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM: hand over to a new agent, and close connections still open after this",
+    )
     args = p.parse_args(argv)
     log.configure(args.log_level, args.log_format)
     cfg = AgentConfig(
@@ -113,6 +120,7 @@ def _run(argv: list[str]) -> int:
         probe_snat=args.probe_snat,
         lease_ttl=args.lease_ttl,
         lease_grace=args.lease_grace,
+        drain_timeout=args.drain_timeout,
     )
     try:
         trio.run(run_until_signalled, cfg)

@@ -11,8 +11,17 @@ new pod is enrolled half-way through re-adoption) and the admin socket, which an
 While no lease is held, writes that need one (a new pod's registration, a CSR) fail with
 LeaseNotHeld, a StoreError their callers retry.
 
-The agent holds `<run-dir>/agent.pid` (nodeagent.agent.pidfile) for its life, and refuses to
-start, or stops instead of registering again, while `nodeagent uninstall` runs.
+The agent holds `<run-dir>/agent.pid` (nodeagent.agent.pidfile) until it drains, and refuses
+to start, or stops instead of registering again, while `nodeagent uninstall` runs.
+
+SIGTERM (or the admin socket's /quitquitquit) hands over to a successor without dropping a
+connection (docs/dataplane.md, "Restarts"): the node-level sockets (CNI, admin, 15020, the
+gateway) close and the pid file is released at once, so a new agent can start; the pods'
+listeners keep accepting until the successor's admin socket answers ready (it has re-bound
+every pod's listeners beside ours, SO_REUSEPORT) or the drain deadline passes; then they close
+(queued connections migrate to the successor's sockets) and open connections get until the
+deadline (`--drain-timeout`, 5 s like ztunnel's) before they are closed. A second SIGTERM,
+SIGINT, or an uninstall under way stops at once.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from typing import Any
 
 import trio
 
+from nodeagent.admin.client import AdminClientError, admin_request
 from nodeagent.admin.routes import AdminSources, admin_routes
 from nodeagent.agent import pidfile
 from nodeagent.agent.enroll import Enroller
@@ -34,7 +44,7 @@ from nodeagent.agent.state import AgentState
 from nodeagent.balance import Registry
 from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
-from nodeagent.contract import ADMIN_SOCKET_NAME, CNI_SOCKET_NAME, METRICS_PORT
+from nodeagent.contract import ADMIN_SOCKET_NAME, CNI_SOCKET_NAME, METRICS_PORT, READY_PATH
 from nodeagent.gateway.node import NodeGateway
 from nodeagent.httpserver import Handler, Response, Route, UnixSocketHttpServer
 from nodeagent.identity.manager import IdentityManager
@@ -53,6 +63,10 @@ log = get_logger("agent")
 # How long start-up waits for the store (its first listing, then the lease) before it serves
 # from disk and goes on without it.
 STORE_WAIT = 2.0
+# ztunnel's drain period: how long a stopping agent lets its open connections finish.
+DRAIN_TIMEOUT = 5.0
+# How often a draining agent asks whether its successor answers ready yet.
+HANDOVER_POLL = 0.05
 NODE_RECORD_VERSION = 1
 
 
@@ -84,6 +98,8 @@ class AgentConfig:
     # Other nodes' workloads stay in this agent's snapshot this long after their node's lease
     # lapsed (a store stall longer than the TTL expires every lease; the agents put them back).
     lease_grace: float = 10.0
+    # SIGTERM: open connections get this long to finish before they are closed.
+    drain_timeout: float = DRAIN_TIMEOUT
 
     @property
     def cni_socket(self) -> Path:
@@ -120,6 +136,12 @@ class Agent:
     # The lease everything was last registered under (the admin socket's "registered").
     _registered_lease: int = 0
     _cancel: trio.CancelScope | None = None
+    # The node-level servers (CNI, admin, gateway): closed first when draining.
+    _front: list[trio.CancelScope] = field(default_factory=list)
+    _front_running: int = 0
+    _pid_file: pidfile.HeldLock | None = None
+    # Set when the pods' listeners are closed (the successor serves new connections).
+    stopped_accepting: trio.Event = field(default_factory=trio.Event)
 
     def request_drain(self, deadline: float) -> None:
         """/quitquitquit: returns at once; run_until_signalled drains and stops the agent."""
@@ -144,7 +166,7 @@ class Agent:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         cfg.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        held = pidfile.take_agent_pid_file(cfg.run_dir)
+        self._pid_file = pidfile.take_agent_pid_file(cfg.run_dir)
         try:
             state = AgentState.load(cfg.state_file)
             store = await open_store(cfg.store_url)
@@ -154,7 +176,53 @@ class Agent:
                 with trio.CancelScope(shield=True):
                     await store.aclose()
         finally:
-            held.release()
+            self._release_pid_file()
+
+    def _release_pid_file(self) -> None:
+        # Once only: after a handover the path is the successor's file.
+        if self._pid_file is not None:
+            self._pid_file.release()
+            self._pid_file = None
+
+    async def drain(self) -> None:
+        """Hand over to a successor and let open connections finish (module docstring);
+        returns at the deadline, or earlier once nothing is open. The caller stops the agent."""
+        cfg = self.config
+        until = trio.current_time() + self.drain_deadline
+        self.ready = False  # /healthz/ready answers 503 from now on
+        for scope in self._front:
+            scope.cancel()
+        if self.telemetry is not None:
+            self.telemetry.stop_serving()
+        # The servers remove their socket files on the way out: done before the successor
+        # may bind its own (after the pid file is released).
+        with trio.move_on_after(1.0):
+            while self._front_running:  # noqa: ASYNC110 (a few checkpoints, once)
+                await trio.sleep(0.01)
+        self._release_pid_file()
+        log.info("agent.draining", deadline=self.drain_deadline, open=self.open_connections())
+        successor = False
+        with trio.move_on_at(until):
+            while not (successor := await _answers_ready(cfg.admin_socket)):
+                if pidfile.uninstall_under_way(cfg.run_dir):
+                    log.warning("agent.uninstalled", note="stopping, not draining")
+                    return
+                await trio.sleep(HANDOVER_POLL)
+        self.stop_accepting()
+        log.info("agent.stopped_accepting", successor=successor, open=self.open_connections())
+        with trio.move_on_at(until):
+            while sum(self.open_connections().values()) > 0:  # noqa: ASYNC110
+                # Polling: connections close inside pod proxies that have no hook to
+                # signal "last one gone", and a drain is rare.
+                await trio.sleep(0.1)
+        log.info("agent.drained", open=self.open_connections())
+
+    def stop_accepting(self) -> None:
+        """Close every pod's listeners; their open connections go on. A pod enrolled later
+        (none: the CNI socket is closed first) would not be covered."""
+        for pod in self.enroller.pods.values() if self.enroller else ():
+            pod.proxy.core.listeners.close()
+        self.stopped_accepting.set()
 
     async def _run(
         self, store: Store, state: AgentState, task_status: trio.TaskStatus[None]
@@ -254,11 +322,12 @@ class Agent:
                     telemetry=self.telemetry,
                 )
                 if self._registered.is_set():
-                    await nursery.start(self.gateway.run)
+                    await nursery.start(self._in_front, self.gateway.run)
                 else:  # it registers itself at start: wait for the lease
                     nursery.start_soon(self._start_gateway_when_registered, nursery, self.gateway)
-            await nursery.start(CniServer(cfg.cni_socket, self.enroller).run)
-            await nursery.start(UnixSocketHttpServer(cfg.admin_socket, self._routes()).run)
+            await nursery.start(self._in_front, CniServer(cfg.cni_socket, self.enroller).run)
+            admin = UnixSocketHttpServer(cfg.admin_socket, self._routes())
+            await nursery.start(self._in_front, admin.run)
             self.ready = True
             log.info(
                 "agent.ready",
@@ -283,7 +352,20 @@ class Agent:
         self, nursery: trio.Nursery, gateway: NodeGateway
     ) -> None:
         await self._registered.wait()
-        await nursery.start(gateway.run)
+        await nursery.start(self._in_front, gateway.run)
+
+    async def _in_front(
+        self, run: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run a node-level server until the agent drains (`_front` is cancelled)."""
+        scope = trio.CancelScope()
+        self._front.append(scope)
+        self._front_running += 1
+        try:
+            with scope:
+                await run(task_status=task_status)
+        finally:
+            self._front_running -= 1
 
     async def _maintain_balance(self) -> None:
         """Readmit ejected endpoints of clusters without traffic (and log it), about once a
@@ -430,6 +512,17 @@ async def _open_pods_nursery(*, task_status: trio.TaskStatus[trio.Nursery]) -> N
         await trio.sleep_forever()
 
 
+async def _answers_ready(admin_socket: Path) -> bool:
+    """Whether an agent (the successor, once ours is closed) answers ready on `admin_socket`."""
+    try:
+        with trio.move_on_after(1.0):
+            status, _ = await admin_request(admin_socket, "GET", READY_PATH)
+            return status == 200
+    except AdminClientError:
+        pass
+    return False
+
+
 async def run_until_signalled(config: AgentConfig) -> None:
     agent = Agent(config)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -438,18 +531,19 @@ async def run_until_signalled(config: AgentConfig) -> None:
 
             async def drain_then_stop() -> None:
                 await agent.drain_requested.wait()
-                log.info("agent.draining", deadline=agent.drain_deadline)
-                agent.ready = False  # /healthz/ready answers 503 from now on
-                with trio.move_on_after(agent.drain_deadline):
-                    while sum(agent.open_connections().values()) > 0:  # noqa: ASYNC110
-                        # Polling: connections close inside pod proxies that have no hook to
-                        # signal "last one gone", and a drain is rare.
-                        await trio.sleep(0.1)
-                log.info("agent.drained", open=agent.open_connections())
+                await agent.drain()
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(drain_then_stop)
             async for signum in signals:
+                graceful = (
+                    signum == signal.SIGTERM
+                    and not agent.drain_requested.is_set()
+                    and not pidfile.uninstall_under_way(config.run_dir)
+                )
+                if graceful:
+                    agent.request_drain(config.drain_timeout)
+                    continue
                 log.info("agent.stopping", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break

@@ -115,6 +115,10 @@ class PodProxy:
         while True:
             try:
                 stream = await listener.accept()
+            except trio.ClosedResourceError:
+                # The agent drains (`PodListeners.close()`): no new connections, the open
+                # ones go on in `nursery` until they end or the agent's drain deadline.
+                return
             except OSError as exc:  # EMFILE and friends: back off rather than spin
                 log.warning("accept.failed", pod=self.core.pod, listener=kind, error=str(exc))
                 await trio.sleep(0.1)

@@ -48,6 +48,7 @@ ETCD_TIMEOUT = 30.0
 CA_TIMEOUT = 30.0
 CA_TRUST_DOMAIN = "cluster.local"
 AGENT_GRACE = 10.0
+DRAIN_TIMEOUT = 5.0  # `nodeagent run --drain-timeout`'s default
 POD_GRACE = 5.0
 # A pod command that dies this fast with an error was a bad command line: undo the pod.
 POD_START_CHECK = 0.3
@@ -130,6 +131,15 @@ def _pod(ps: PodState) -> Pod:
         container_id=ps.container_id,
         log=Path(ps.log),
     )
+
+
+def _pid_file_names(run_dir: Path, pid: int) -> bool:
+    """Whether `<run-dir>/agent.pid` still names `pid` (the agent removes it when it stops
+    being the node's agent; nodeagent.agent.pidfile)."""
+    try:
+        return (run_dir / "agent.pid").read_text().strip() == str(pid)
+    except FileNotFoundError:
+        return False
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -447,27 +457,89 @@ class Sandbox:
 
     # ----- agents ------------------------------------------------------------------------------
 
-    def start_agent(self, node: str, *, wait: bool = True, timeout: float = READY_TIMEOUT) -> None:
+    def start_agent(
+        self,
+        node: str,
+        *,
+        wait: bool = True,
+        timeout: float = READY_TIMEOUT,
+        args: Sequence[str] | None = None,
+    ) -> None:
+        """Start the node's agent; `args` (extra `nodeagent run` arguments, e.g. `--drain-timeout
+        2`) replace the previous ones and are kept for later starts and restarts."""
         with locked(self.state_dir):
             st = load(self.state_dir)
             ns = self._node_state(st, node)
             if ns.agent and ns.agent.alive():
                 raise SandboxError(f"the agent of {node} already runs (pid {ns.agent.pid})")
+            if args is not None:
+                ns.agent_args = list(args)
             self._spawn_agent(st, ns)
             save(st)
         if wait:
             self.wait_agents_ready([node], timeout=timeout)
 
     def stop_agent(self, node: str, *, grace: float = AGENT_GRACE) -> None:
-        """SIGTERM the agent's process group, SIGKILL after `grace` seconds."""
+        """Stop the agent at once (SIGINT to its process group: no drain), SIGKILL after
+        `grace` seconds."""
         with locked(self.state_dir):
             st = load(self.state_dir)
             ns = self._node_state(st, node)
             if ns.agent is not None:
                 self._say(f"stopping agent of {node} (pid {ns.agent.pid})")
-                stop_all([ns.agent], grace=grace, group=True, children=_CHILDREN)
+                stop_all(
+                    [ns.agent], grace=grace, group=True, children=_CHILDREN, first=signal.SIGINT
+                )
                 ns.agent = None
                 save(st)
+
+    def kill_agent(self, node: str) -> None:
+        """kill -9 the agent (an agent crash: its pods' rules stay, nothing serves them)."""
+        with locked(self.state_dir):
+            st = load(self.state_dir)
+            ns = self._node_state(st, node)
+            if ns.agent is not None:
+                self._say(f"killing agent of {node} (pid {ns.agent.pid})")
+                stop_all([ns.agent], grace=0, group=True, children=_CHILDREN, first=signal.SIGKILL)
+                ns.agent = None
+                save(st)
+
+    def restart_agent(
+        self, node: str, *, timeout: float = READY_TIMEOUT, grace: float = AGENT_GRACE
+    ) -> None:
+        """A graceful restart, as a DaemonSet rollout does it: SIGTERM the running agent, start
+        the new one as soon as the old released its pid file (it drains meanwhile), wait for the
+        new one to be ready, then for the old one to finish draining (SIGKILL after its drain
+        deadline plus `grace`)."""
+        with locked(self.state_dir):
+            st = load(self.state_dir)
+            ns = self._node_state(st, node)
+            old = ns.agent
+            if old is None or not old.alive():
+                raise SandboxError(f"the agent of {node} does not run: nothing to restart")
+            run_dir = Path(ns.run_dir)
+            self._say(f"restarting agent of {node} (pid {old.pid} drains)")
+            os.kill(old.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while _pid_file_names(run_dir, old.pid):
+                if time.monotonic() > deadline:
+                    raise SandboxError(f"the agent of {node} kept its pid file after SIGTERM")
+                time.sleep(0.01)
+            self._spawn_agent(st, ns)
+            save(st)
+        self.wait_agents_ready([node], timeout=timeout)
+        deadline = time.monotonic() + self._drain_timeout(ns) + grace
+        while old.alive() and time.monotonic() < deadline:
+            reap(_CHILDREN)
+            time.sleep(0.05)
+        stop_all([old], grace=0, children=_CHILDREN, first=signal.SIGKILL)  # if it hangs
+
+    @staticmethod
+    def _drain_timeout(ns: NodeState) -> float:
+        args = ns.agent_args
+        if "--drain-timeout" in args[:-1]:
+            return float(args[args.index("--drain-timeout") + 1])
+        return DRAIN_TIMEOUT
 
     # ----- the store (etcd) --------------------------------------------------------------------
 
@@ -671,7 +743,8 @@ class Sandbox:
         agents = [n.agent for n in st.nodes.values() if n.agent is not None]
         if agents:
             self._say(f"stopping {len(agents)} agent(s)")
-            stop_all(agents, grace=AGENT_GRACE, group=True, children=_CHILDREN)
+            # SIGINT: stop without draining (nothing will take over).
+            stop_all(agents, grace=AGENT_GRACE, group=True, children=_CHILDREN, first=signal.SIGINT)
         if st.ca is not None:
             stop_all([st.ca], grace=AGENT_GRACE, group=True, children=_CHILDREN)
         if st.etcd is not None:
@@ -876,6 +949,7 @@ class Sandbox:
         ]  # fmt: skip
         if st.gateway == ns.name:
             argv.append("--gateway")
+        argv += ns.agent_args
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._say(f"starting agent of {ns.name} (log {paths.agent_log})")
         proc, ref = spawn(argv, log=paths.agent_log, env=env)
