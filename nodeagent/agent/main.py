@@ -20,8 +20,8 @@ gateway) close and the pid file is released at once, so a new agent can start; t
 listeners keep accepting until the successor's admin socket answers ready (it has re-bound
 every pod's listeners beside ours, SO_REUSEPORT) or the drain deadline passes; then they close
 (queued connections migrate to the successor's sockets) and open connections get until the
-deadline (`--drain-timeout`, 5 s like ztunnel's) before they are closed. A second SIGTERM,
-SIGINT, or an uninstall under way stops at once.
+deadline (`--drain-timeout`, 5 s like ztunnel's) before they are closed. SIGINT, or a
+SIGTERM while an uninstall is under way, stops at once.
 """
 
 from __future__ import annotations
@@ -211,9 +211,12 @@ class Agent:
         self.stop_accepting()
         log.info("agent.stopped_accepting", successor=successor, open=self.open_connections())
         with trio.move_on_at(until):
-            while sum(self.open_connections().values()) > 0:  # noqa: ASYNC110
+            while sum(self.open_connections().values()) > 0:
                 # Polling: connections close inside pod proxies that have no hook to
                 # signal "last one gone", and a drain is rare.
+                if pidfile.uninstall_under_way(cfg.run_dir):
+                    log.warning("agent.uninstalled", note="stopping, not draining")
+                    return
                 await trio.sleep(0.1)
         log.info("agent.drained", open=self.open_connections())
 
@@ -536,11 +539,13 @@ async def run_until_signalled(config: AgentConfig) -> None:
 
             nursery.start_soon(drain_then_stop)
             async for signum in signals:
-                graceful = (
-                    signum == signal.SIGTERM
-                    and not agent.drain_requested.is_set()
-                    and not pidfile.uninstall_under_way(config.run_dir)
+                graceful = signum == signal.SIGTERM and not pidfile.uninstall_under_way(
+                    config.run_dir
                 )
+                if graceful and agent.drain_requested.is_set():
+                    # Kubelet's SIGTERM after a preStop `nodeagent admin drain`: keep draining.
+                    log.info("agent.draining_already", deadline=agent.drain_deadline)
+                    continue
                 if graceful:
                     agent.request_drain(config.drain_timeout)
                     continue
