@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -137,8 +138,9 @@ def test_kill_9_fails_closed_until_the_new_agent_serves(
 ) -> None:
     server, client = pods
     url = f"http://{server.ip}:8080/"
-    killed = time.monotonic()
-    sandbox.kill_agent("n1")
+    cli = [sys.executable, "-m", "nodeagent.sandbox", "--name", sandbox.name, "-q"]
+    subprocess.run([*cli, "agent", "kill", "n1"], check=True, timeout=30)
+    killed = time.monotonic()  # the agent is gone (the CLI waited for it)
     # No agent: the in-pod rules stay, so the connection is refused (RST from the empty 15001),
     # never carried in plaintext around the mesh.
     down = sandbox.exec(client, ["curl", "-s", "--max-time", "2", "-o", "/dev/null", url])
@@ -151,5 +153,5 @@ def test_kill_9_fails_closed_until_the_new_agent_serves(
         assert time.monotonic() < deadline, "the new agent never served the client"
         time.sleep(0.02)
     window = time.monotonic() - killed
-    print(f"kill -9 outage window: {window:.2f}s (kill to the first answered request)")
+    print(f"kill -9 outage window: {window:.2f}s (agent dead to the first answered request)")
     sandbox.wait_agents_ready(["n1"])
