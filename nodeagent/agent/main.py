@@ -18,10 +18,11 @@ SIGTERM (or the admin socket's /quitquitquit) hands over to a successor without 
 connection (docs/dataplane.md, "Restarts"): the node-level sockets (CNI, admin, 15020, the
 gateway) close and the pid file is released at once, so a new agent can start; the pods'
 listeners keep accepting until the successor's admin socket answers ready (it has re-bound
-every pod's listeners beside ours, SO_REUSEPORT) or the drain deadline passes; then they close
-(queued connections migrate to the successor's sockets) and open connections get until the
-deadline (`--drain-timeout`, 5 s like ztunnel's) before they are closed. SIGINT, or a
-SIGTERM while an uninstall is under way, stops at once.
+every pod's listeners beside ours, SO_REUSEPORT); then they close (queued connections migrate
+to the successor's sockets) and open connections get `--drain-timeout` (5 s, ztunnel's) more
+before they are closed. When no successor has started within the drain timeout (a plain
+stop), listeners and connections close at that deadline. SIGINT, or a SIGTERM while an
+uninstall is under way, stops at once.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ STORE_WAIT = 2.0
 DRAIN_TIMEOUT = 5.0
 # How often a draining agent asks whether its successor answers ready yet.
 HANDOVER_POLL = 0.05
+# How long a draining agent keeps accepting for a successor that started but is not ready yet.
+SUCCESSOR_WAIT = 60.0
 NODE_RECORD_VERSION = 1
 
 
@@ -208,7 +211,18 @@ class Agent:
                     log.warning("agent.uninstalled", note="stopping, not draining")
                     return
                 await trio.sleep(HANDOVER_POLL)
+        if not successor and pidfile.running_agent(cfg.run_dir) is not None:
+            # A successor holds the pid file but is still starting (a slow start on a busy
+            # node): keep accepting for it while it lives, within a bound.
+            with trio.move_on_after(SUCCESSOR_WAIT):
+                while pidfile.running_agent(cfg.run_dir) is not None:
+                    if successor := await _answers_ready(cfg.admin_socket):
+                        break
+                    await trio.sleep(HANDOVER_POLL)
         self.stop_accepting()
+        if successor:
+            # Taken over: open connections get the full drain time from here.
+            until = trio.current_time() + self.drain_deadline
         log.info("agent.stopped_accepting", successor=successor, open=self.open_connections())
         with trio.move_on_at(until):
             while sum(self.open_connections().values()) > 0:

@@ -249,12 +249,13 @@ def _run(args: argparse.Namespace, cmd: list[str]) -> int:
         # Extra `nodeagent run` arguments after -- (start only), kept for later restarts.
         if cmd and args.action != "start":
             raise SandboxError("only `agent start` takes `nodeagent run` arguments after --")
-        actions = {
-            "start": lambda: sb.start_agent(args.node, args=cmd or None),
-            "stop": lambda: sb.stop_agent(args.node),
-            "restart": lambda: sb.restart_agent(args.node),
-            "kill": lambda: sb.kill_agent(args.node),
-        }
-        actions[args.action]()
+        if args.action == "start":
+            sb.start_agent(args.node, args=cmd or None)
+        elif args.action == "stop":
+            sb.stop_agent(args.node)
+        elif args.action == "restart":
+            sb.restart_agent(args.node)
+        else:
+            sb.kill_agent(args.node)
         return 0
     raise SandboxError(f"unknown command {args.command!r}")

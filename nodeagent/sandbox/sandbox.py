@@ -133,6 +133,16 @@ def _pod(ps: PodState) -> Pod:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class AgentRestart:
+    """When (time.monotonic(), the same clock in every process) a graceful restart sent the
+    SIGTERM, saw the new agent ready, and saw the old one gone."""
+
+    sigterm_at: float
+    ready_at: float
+    old_exited_at: float
+
+
 def _pid_file_names(run_dir: Path, pid: int) -> bool:
     """Whether `<run-dir>/agent.pid` still names `pid` (the agent removes it when it stops
     being the node's agent; nodeagent.agent.pidfile)."""
@@ -506,7 +516,7 @@ class Sandbox:
 
     def restart_agent(
         self, node: str, *, timeout: float = READY_TIMEOUT, grace: float = AGENT_GRACE
-    ) -> None:
+    ) -> AgentRestart:
         """A graceful restart, as a DaemonSet rollout does it: SIGTERM the running agent, start
         the new one as soon as the old released its pid file (it drains meanwhile), wait for the
         new one to be ready, then for the old one to finish draining (SIGKILL after its drain
@@ -520,6 +530,7 @@ class Sandbox:
             run_dir = Path(ns.run_dir)
             self._say(f"restarting agent of {node} (pid {old.pid} drains)")
             os.kill(old.pid, signal.SIGTERM)
+            sigterm_at = time.monotonic()
             deadline = time.monotonic() + grace
             while _pid_file_names(run_dir, old.pid):
                 if time.monotonic() > deadline:
@@ -528,11 +539,13 @@ class Sandbox:
             self._spawn_agent(st, ns)
             save(st)
         self.wait_agents_ready([node], timeout=timeout)
+        ready_at = time.monotonic()
         deadline = time.monotonic() + self._drain_timeout(ns) + grace
         while old.alive() and time.monotonic() < deadline:
             reap(_CHILDREN)
             time.sleep(0.05)
         stop_all([old], grace=0, children=_CHILDREN, first=signal.SIGKILL)  # if it hangs
+        return AgentRestart(sigterm_at, ready_at, time.monotonic())
 
     @staticmethod
     def _drain_timeout(ns: NodeState) -> float:
