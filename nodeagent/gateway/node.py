@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from nodeagent.balance import Registry
 from nodeagent.config.kinds import WORKLOAD_API
 from nodeagent.gateway.server import DEFAULT_LABELS, IngressGateway
 from nodeagent.http import RequestLog
@@ -22,7 +23,7 @@ from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import Netns
 from nodeagent.log import get_logger
 from nodeagent.proxy.connector import MeshConnector
-from nodeagent.proxy.outbound import BalancedPicker, EndpointPicker, route_picker
+from nodeagent.proxy.outbound import BalancedPicker, EndpointPicker
 from nodeagent.snapshot import SnapshotSync
 from nodeagent.store import codec, keys
 from nodeagent.store.base import Store, StoreError
@@ -100,7 +101,7 @@ class NodeGateway:
             snapshot=lambda: sync.current,
             wait_change=sync.wait_swap,
             connector=self.connector,
-            picker=route_picker(picker if picker is not None else BalancedPicker()),
+            registry=picker.registry if isinstance(picker, BalancedPicker) else Registry(),
             labels=self.labels,
             bind_host=bind_host,
             on_request=self._record if telemetry is not None else on_request,

@@ -5,7 +5,7 @@
 `Passthrough` (straight to an address outside the mesh) or `Refuse`. A service port with
 VirtualService `tcp` routes is first routed by `nodeagent.routing.decide_tcp` (weights, subsets).
 `http_target` says whether a destination is an HTTP/1.1 service port (then the L7 proxy takes the
-connection instead), and `route_picker` adapts an `EndpointPicker` to the L7 proxy's picker.
+connection instead).
 `BalancedPicker` is the node's picker on top of one `balance.Registry`: `decide` then returns
 the picked endpoint's live handle (`ToWorkload.handle`) for the L4 proxy to bracket the
 connection with, and the L7 proxy uses the registry itself (feedback, circuit breakers).
@@ -18,14 +18,13 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from nodeagent.balance import NoHealthyUpstream, PickContext, Registry
 from nodeagent.balance.state import EndpointState
-from nodeagent.http.proxy import BalancedRoutePicker
-from nodeagent.routing import RouteDestination, Source, TcpRequest, decide_tcp
+from nodeagent.routing import Source, TcpRequest, decide_tcp
 from nodeagent.snapshot import Endpoint, ServiceTarget, Snapshot, Workload
 
 OutboundPolicy = Literal["ALLOW_ANY", "REGISTRY_ONLY"]
@@ -125,27 +124,6 @@ class BalancedPicker:
                 if state.endpoint in endpoints:
                     return state.endpoint
         return endpoints[0]
-
-
-def route_picker(
-    picker: EndpointPicker,
-) -> Callable[[RouteDestination, Sequence[Endpoint]], Endpoint | None]:
-    """The L7 proxy's picker `(destination, endpoints) -> endpoint` over an `EndpointPicker`,
-    so one balancing implementation serves both the L4 and the HTTP paths. Over a
-    `BalancedPicker` it is a `BalancedRoutePicker`: `HttpProxy` then uses the registry itself."""
-    if isinstance(picker, BalancedPicker):
-        return BalancedRoutePicker(picker.registry)
-
-    def pick(destination: RouteDestination, endpoints: Sequence[Endpoint]) -> Endpoint | None:
-        service = destination.service
-        if not endpoints or service is None or destination.port is None:
-            return None
-        port = service.port(destination.port)
-        if port is None:
-            return endpoints[0]
-        return picker.pick(ServiceTarget(service, port), tuple(endpoints))
-
-    return pick
 
 
 HTTP_PROTOCOLS = frozenset({"http"})  # HTTP/1.1 only: h11 does not speak http2/grpc

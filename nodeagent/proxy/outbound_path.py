@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from nodeagent.balance import Outcome, Overflow
+from nodeagent.balance import Outcome, Overflow, Registry
 from nodeagent.balance.pool import ConnectionToken
 from nodeagent.balance.state import EndpointState
 from nodeagent.http import HttpProxy, RequestLog
@@ -22,12 +22,12 @@ from nodeagent.log import get_logger
 from nodeagent.proxy.connection import CONNECT_TIMEOUT, IDLE_TIMEOUT, ConnLog, Denied
 from nodeagent.proxy.connector import MeshConnector, denied_by_policy
 from nodeagent.proxy.outbound import (
+    BalancedPicker,
     Passthrough,
     Refuse,
     ToWorkload,
     decide,
     http_target,
-    route_picker,
 )
 from nodeagent.proxy.pod_core import PodCore
 from nodeagent.proxy.relay import RelayResult, relay
@@ -59,7 +59,9 @@ class OutboundPath(PodCore):
                 snapshot=self.snapshot,
                 source=self._route_source,
                 connector=connector,
-                picker=route_picker(self.picker),
+                registry=self.picker.registry
+                if isinstance(self.picker, BalancedPicker)
+                else Registry(),
                 on_request=self._on_request,
                 name=f"http:{self.pod}",
                 tracer=self.telemetry.tracer if self.telemetry is not None else None,

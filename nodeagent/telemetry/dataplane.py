@@ -32,7 +32,7 @@ from nodeagent.telemetry.metrics import (
 from nodeagent.telemetry.tracing import ActiveSpan, Tracer
 
 if TYPE_CHECKING:
-    from nodeagent.http.proxy import RequestLog
+    from nodeagent.http.log import RequestLog
 
 
 class Sinks(Protocol):

@@ -13,7 +13,7 @@ from snapshot_docs import snapshot_of
 
 from nodeagent.balance import Registry
 from nodeagent.proxy.connection import Denied
-from nodeagent.proxy.outbound import BalancedPicker, Refuse, ToWorkload, decide, route_picker
+from nodeagent.proxy.outbound import BalancedPicker, Refuse, ToWorkload, decide
 from nodeagent.proxy.outbound_path import L4Feedback
 from nodeagent.snapshot import Snapshot
 from nodeagent.store import keys
@@ -160,9 +160,3 @@ def test_all_ejected_without_panic_refuses_with_uh() -> None:
         f.end()
     assert isinstance(d, Refuse)
     assert d.flag == "UH"
-
-
-def test_route_picker_over_a_balanced_picker_hands_the_registry_to_http() -> None:
-    registry = Registry()
-    rp: Any = route_picker(BalancedPicker(registry))
-    assert rp.registry is registry

@@ -1,5 +1,5 @@
 """The outbound pieces the L7 wiring added: which ports go to the HTTP proxy (`http_target`),
-VirtualService tcp routes with weights and subsets in `decide`, and `route_picker`."""
+VirtualService tcp routes with weights and subsets in `decide`."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from nodeagent.proxy.outbound import (
     ToWorkload,
     decide,
     http_target,
-    route_picker,
 )
-from nodeagent.routing import RouteDestination, Source
+from nodeagent.routing import Source
 from nodeagent.snapshot import Snapshot
 
 
@@ -108,19 +107,3 @@ def test_tcp_route_to_an_undefined_subset_is_refused() -> None:
     d = decide(snap, "10.96.0.10", 5432, picker=RoundRobinPicker(), source=Source("default"))
     assert isinstance(d, Refuse)
     assert "v9" in d.reason
-
-
-def test_route_picker_round_robins_over_the_given_endpoints() -> None:
-    snap = mesh()
-    service = snap.service_by_host("web.default.svc.cluster.local")
-    assert service is not None
-    endpoints = snap.endpoints(service, 80)
-    pick = route_picker(RoundRobinPicker())
-    dest = RouteDestination(host=service.hostname, service=service, port=80)
-    got = [pick(dest, endpoints) for _ in range(4)]
-    assert [e.workload.uid for e in got if e and e.workload] == ["v1", "v2", "v1", "v2"]
-    assert pick(dest, ()) is None
-    only_v2 = [e for e in endpoints if e.labels.get("version") == "v2"]
-    picked = pick(dest, only_v2)
-    assert picked is not None
-    assert picked.labels["version"] == "v2"

@@ -16,6 +16,7 @@ import trio.testing
 from snapshot_docs import snapshot_of
 
 from nodeagent.admin.server import Request, Response, Route, TcpHttpServer
+from nodeagent.balance import Registry as BalanceRegistry
 from nodeagent.http import HttpProxy, RequestLog
 from nodeagent.routing import Source
 from nodeagent.snapshot import Snapshot
@@ -66,7 +67,7 @@ def _workload(ip: str, labels: dict[str, str], name: str, sa: str = "default") -
     }
 
 
-def _snapshot() -> Snapshot:
+def _snapshot(*, with_v1: bool = True) -> Snapshot:
     docs: list[dict[str, Any]] = [
         {
             "apiVersion": "v1",
@@ -77,15 +78,18 @@ def _snapshot() -> Snapshot:
                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
             },
         },
-        _workload("10.0.0.1", {"app": "app", "version": "v1"}, "app-v1-5d4f6b7c9-x2x7k", "app"),
         _workload("10.0.0.2", {"app": "app", "version": "v2"}, "app-v2-5d4f6b7c9-abcde", "app"),
         _workload("10.0.0.9", {"app": "client"}, "client-6c5f8d9b7-qwert", "client"),
         _workload("", {"app": "gw"}, "gw", "gw"),
     ]
+    if with_v1:
+        v1 = _workload("10.0.0.1", {"app": "app", "version": "v1"}, "app-v1-5d4f6b7c9-x2x7k", "app")
+        docs.insert(1, v1)
     return snapshot_of(docs)
 
 
 SNAP = _snapshot()
+ONLY_V2 = _snapshot(with_v1=False)  # what the proxy sees: one endpoint to pick
 
 
 class Sinks:
@@ -175,10 +179,10 @@ async def _proxy(
                            namespace="default")  # fmt: skip
 
         proxy = HttpProxy(
-            snapshot=lambda: SNAP,
+            snapshot=lambda: ONLY_V2,
             source=Source(namespace="default", labels={"app": "client"}),
             connector=connect,
-            picker=lambda dest, eps: next(e for e in eps if e.address == "10.0.0.2"),
+            registry=BalanceRegistry(),
             on_request=on_request,
             tracer=sinks.tracer,
         )
