@@ -16,11 +16,11 @@ import h11
 import trio
 
 from nodeagent.http.errors import DownstreamError
-from nodeagent.http.io import FastIO
 from nodeagent.http.limits import Limits
 from nodeagent.http.log import RequestLog
 from nodeagent.http.pool import UpstreamConnection
 from nodeagent.routing import HeaderOps
+from nodeagent.sockio import FastIO
 
 T = TypeVar("T")
 
