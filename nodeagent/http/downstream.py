@@ -1,10 +1,12 @@
 """The client side of the HTTP proxy: the h11 server codec, the request body, local answers.
 
-`Downstream` reads events from the client (h11 over `FastIO`); `RequestBody` streams the client's
-body to an upstream and keeps it for a replay while it fits `Limits.retry_buffer_bytes` (past that,
-the request is no longer retried); `answer_locally` writes a response the proxy makes itself (no
-route, fault, error). `Expect: 100-continue` is answered once the proxy decided to forward
-(Envoy's default), so a refused request never makes the client upload.
+`Downstream` reads events from the client: h11 over `FastIO`, every byte checked by
+`framing.RequestFraming` first, so ambiguous framing is refused before h11 sees it.
+`RequestBody` streams the client's body to an upstream and keeps it for a replay while it fits
+`Limits.retry_buffer_bytes` (past that, the request is no longer retried); `answer_locally`
+writes a response the proxy makes itself (no route, fault, error). `Expect: 100-continue` is
+answered once the proxy decided to forward (Envoy's default), so a refused request never makes
+the client upload.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import TypeVar
 import h11
 import trio
 
-from nodeagent.http.errors import DownstreamError
+from nodeagent.http.errors import DownstreamError, DownstreamProtocolError
+from nodeagent.http.framing import RequestFraming
 from nodeagent.http.limits import Limits
 from nodeagent.http.log import RequestLog
 from nodeagent.http.pool import UpstreamConnection
@@ -34,16 +37,24 @@ class Downstream:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.received = 0
         self.io = FastIO(stream)
+        self.framing = RequestFraming(max_head_bytes=limits.max_header_bytes)
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
+        """The next h11 event; raises `h11.RemoteProtocolError` (a `FramingError` included)."""
         while True:
             event = self.conn.next_event()
             if event is h11.NEED_DATA:
-                data = await self.io.receive_some(self.limits.read_size)
-                self.received += len(data)
-                self.conn.receive_data(data)
+                await self.receive()
                 continue
             return event  # type: ignore[return-value]
+
+    async def receive(self) -> bytes:
+        """Read from the client into h11, checked by the framing rules first."""
+        data = await self.io.receive_some(self.limits.read_size)
+        self.received += len(data)
+        self.framing.feed(data)
+        self.conn.receive_data(data)
+        return data
 
     async def send(self, event: h11.Event) -> int:
         data = self.conn.send(event)
@@ -58,7 +69,10 @@ class Downstream:
     def skip_buffered_body(self) -> None:
         """Consume the request's body events h11 already holds (a GET's EndOfMessage), no I/O."""
         while self.conn.their_state is h11.SEND_BODY:
-            event = self.conn.next_event()
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError:
+                return  # a malformed body: the answer closes the connection
             if not isinstance(event, h11.Data):
                 return
 
@@ -92,7 +106,7 @@ class RequestBody:
             try:
                 event = conn.next_event()
             except h11.ProtocolError as exc:
-                raise DownstreamError(f"client failed while sending the body: {exc}") from exc
+                raise DownstreamProtocolError(f"malformed request body: {exc}") from exc
             if event is h11.NEED_DATA:
                 await up.write(b"".join(out))
                 out.clear()
@@ -118,6 +132,10 @@ class RequestBody:
     async def _down(awaitable: Awaitable[T]) -> T:
         try:
             return await awaitable
+        except h11.RemoteProtocolError as exc:
+            raise DownstreamProtocolError(
+                f"malformed request body: {exc}", exc.error_status_hint
+            ) from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
             raise DownstreamError(f"client failed while sending the body: {exc}") from exc
 

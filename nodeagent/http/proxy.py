@@ -14,6 +14,7 @@ whose context replaces the tracing headers upstream (docs/observability.md).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from nodeagent.balance import PickContext, Registry
 from nodeagent.http import flags
 from nodeagent.http.attempt import AttemptOutcome, Attempts
 from nodeagent.http.downstream import Downstream, RequestBody, answer_locally
-from nodeagent.http.errors import DownstreamError
+from nodeagent.http.errors import DownstreamError, DownstreamProtocolError
 from nodeagent.http.headers import (
     decode,
     head_size,
@@ -52,6 +53,11 @@ from nodeagent.snapshot.snapshot import Snapshot
 from nodeagent.telemetry.tracing import CURRENT_TRACE, TraceContext, Tracer
 
 SourceFor = Source | Callable[[Request], Source | None]
+_REASONS = {
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+    505: "HTTP Version Not Supported",
+}
 _conn_ids = itertools.count(1)
 
 
@@ -171,7 +177,7 @@ class HttpProxy:
             entry = RequestLog(method="-", authority="-", path="-", connection_id=conn_id)
             entry.flags.append(flags.DOWNSTREAM_PROTOCOL_ERROR)
             if down.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                reason = "Request Header Fields Too Large" if status == 431 else "Bad Request"
+                reason = _REASONS.get(status, "Bad Request")
                 await answer_locally(down, entry, status, reason.encode(), close=True)
             self._recorder.finish(entry, started)
             return None
@@ -239,6 +245,15 @@ class HttpProxy:
                 mirrors,
                 source_ns=source.namespace if source is not None else None,
             )
+        except DownstreamProtocolError as exc:
+            # A malformed body: the client hears why (never a silent close), nothing more of
+            # it goes upstream (the attempt's connection was discarded).
+            entry.flags.append(flags.DOWNSTREAM_PROTOCOL_ERROR)
+            keep = False
+            if down.conn.our_state is h11.SEND_RESPONSE:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    reason = _REASONS.get(exc.status, "Bad Request")
+                    await answer_locally(down, entry, exc.status, reason.encode(), close=True)
         except DownstreamError:
             entry.flags.append(flags.DOWNSTREAM_TERMINATION)
             keep = False
@@ -247,7 +262,9 @@ class HttpProxy:
                 CURRENT_TRACE.reset(token)
         entry.bytes_received = down.received - received_before
         self._recorder.finish(entry, started)
-        return keep
+        # After an Upgrade or CONNECT request the framing checks stopped: never read another
+        # request on this connection.
+        return keep and not down.framing.passthrough
 
     async def _execute(
         self,
