@@ -33,6 +33,7 @@ from nodeagent.http.pool import ConnectionPool, UpstreamConnection
 from nodeagent.routing import Decision
 
 DENIED_BODY = b"RBAC: access denied"
+_UPSTREAM_FAILED = (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError)
 
 
 @dataclass(slots=True)
@@ -214,31 +215,41 @@ class Attempts:
         try:
             with trio.move_on_after(per_try_timeout) if per_try_timeout else NO_SCOPE:
                 await body.stream_to(up, head)
-                while True:
-                    event = await up.next_event()
-                    if isinstance(event, h11.Response):
-                        timed_out = False
-                        return AttemptOutcome("response", up=up, response=event)
-                    if isinstance(event, h11.InformationalResponse):
-                        if event.status_code == 101:
-                            timed_out = False
-                            return AttemptOutcome("response", up=up, response=event)
-                        continue  # 100 Continue, 103 Early Hints: the client is not told
-                    if isinstance(event, h11.ConnectionClosed):
-                        break
-                    raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}", 502)
+                down = body.down
+                head_event: h11.Response | h11.InformationalResponse | None = None
+                failed: Exception | None = None
+                # While the response head is awaited, a client that closes cancels the attempt
+                # (Envoy: code 0, flag DC) and frees its upstream connection at once.
+                async with trio.open_nursery() as watch:
+                    client_gone = False
+
+                    async def watch_client() -> None:
+                        nonlocal client_gone
+                        await down.wait_closed()
+                        client_gone = True
+                        watch.cancel_scope.cancel()
+
+                    watch.start_soon(watch_client)
+                    try:
+                        head_event = await _response_head(up)
+                    except _UPSTREAM_FAILED as exc:
+                        failed = exc  # raised below, outside the nursery (no exception group)
+                    watch.cancel_scope.cancel()
+                if client_gone:
+                    raise DownstreamError("the client closed while its response was awaited")
+                if failed is not None:
+                    raise failed
+                down.touch()
+                if head_event is not None:
+                    timed_out = False
+                    return AttemptOutcome("response", up=up, response=head_event)
                 timed_out = False
                 await self.pool.discard(up)
                 return AttemptOutcome("reset", stale=up.reused and not up.received_any)
         except DownstreamError:
             await self.pool.discard(up)
             raise
-        except (
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            h11.ProtocolError,
-            OSError,
-        ) as exc:
+        except _UPSTREAM_FAILED as exc:
             timed_out = False
             await self.pool.discard(up)
             return AttemptOutcome("reset", stale=up.reused and not up.received_any, detail=str(exc))
@@ -246,6 +257,23 @@ class Attempts:
             if timed_out:
                 await self.pool.discard(up)
         return AttemptOutcome("timeout")
+
+
+async def _response_head(
+    up: UpstreamConnection,
+) -> h11.Response | h11.InformationalResponse | None:
+    """The response head (a 101 included), None if the upstream closed first."""
+    while True:
+        event = await up.next_event()
+        if isinstance(event, h11.Response):
+            return event
+        if isinstance(event, h11.InformationalResponse):
+            if event.status_code == 101:
+                return event
+            continue  # 100 Continue, 103 Early Hints: the client is not told
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}", 502)
 
 
 def _failure(outcome: AttemptOutcome | None, entry: RequestLog, *, timed_out: bool) -> LocalReply:

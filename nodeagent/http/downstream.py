@@ -28,8 +28,20 @@ from nodeagent.sockio import FastIO
 T = TypeVar("T")
 
 
+class HeadTimeout(Exception):
+    """A request head did not complete in time; `started`: some of it had arrived."""
+
+    def __init__(self, started: bool) -> None:
+        super().__init__("request head timeout")
+        self.started = started
+
+
 class Downstream:
-    """One client connection: its h11 state and how many bytes it sent."""
+    """One client connection: its h11 state and how many bytes it sent.
+
+    `idle` is the current request's stream-idle cancel scope (None between requests): every
+    byte that moves for the request, either way, pushes its deadline (`touch`).
+    """
 
     def __init__(self, stream: trio.abc.Stream, limits: Limits) -> None:
         self.stream = stream
@@ -38,6 +50,45 @@ class Downstream:
         self.received = 0
         self.io = FastIO(stream)
         self.framing = RequestFraming(max_head_bytes=limits.max_header_bytes)
+        self.idle: trio.CancelScope | None = None
+
+    def touch(self) -> None:
+        """Bytes moved for the current request: the stream is not idle."""
+        if self.idle is not None:
+            self.idle.deadline = trio.current_time() + self.limits.stream_idle_timeout
+
+    async def read_head(self) -> h11.Event | type[h11.PAUSED]:
+        """The next request head (or ConnectionClosed): the first byte within
+        `idle_timeout`, the whole head within `request_headers_timeout` of its first byte.
+        Raises HeadTimeout, or `h11.RemoteProtocolError` for a malformed head."""
+        limits = self.limits
+        deadline: float | None = None
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            if deadline is None and self.conn.trailing_data[0]:
+                deadline = trio.current_time() + limits.request_headers_timeout  # pipelined
+            with trio.move_on_at(
+                deadline if deadline is not None else trio.current_time() + limits.idle_timeout
+            ) as scope:
+                data = await self.receive()
+                if deadline is None and data:
+                    deadline = trio.current_time() + limits.request_headers_timeout
+            if scope.cancelled_caught:
+                raise HeadTimeout(started=deadline is not None)
+
+    async def wait_closed(self) -> None:
+        """Return when the client closes (or breaks) its connection while its response is
+        awaited. A byte it sends meanwhile (a pipelined request) goes to h11 and ends the
+        watch without returning: the request it starts is read after this response."""
+        try:
+            data = await self.receive()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            return
+        if not data:
+            return
+        await trio.sleep_forever()
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         """The next h11 event; raises `h11.RemoteProtocolError` (a `FramingError` included)."""
@@ -52,6 +103,8 @@ class Downstream:
         """Read from the client into h11, checked by the framing rules first."""
         data = await self.io.receive_some(self.limits.read_size)
         self.received += len(data)
+        if self.idle is not None:
+            self.touch()
         self.framing.feed(data)
         self.conn.receive_data(data)
         return data

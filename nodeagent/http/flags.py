@@ -13,4 +13,9 @@ UPSTREAM_RETRY_LIMIT = "URX"  # retries exhausted: the last try's result is retu
 DELAY_INJECTED = "DI"
 FAULT_INJECTED = "FI"
 DOWNSTREAM_PROTOCOL_ERROR = "DPE"  # malformed request: 400 (or 431, 505)
-DOWNSTREAM_TERMINATION = "DC"  # the client went away before the response was complete
+DOWNSTREAM_TERMINATION = "DC"  # the client went away before the response was complete: code 0
+STREAM_IDLE_TIMEOUT = "SI"  # no byte either way for stream_idle_timeout: 408 (or a cut response)
+# The request head did not complete within request_headers_timeout: 408. Envoy sets no flag of
+# its own for this; DT ("a stream exceeded its maximum duration", also answered 408) is the
+# nearest one, so logs and metrics still tell the timeout apart from others.
+DURATION_TIMEOUT = "DT"

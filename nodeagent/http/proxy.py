@@ -26,7 +26,7 @@ import trio
 from nodeagent.balance import PickContext, Registry
 from nodeagent.http import flags
 from nodeagent.http.attempt import AttemptOutcome, Attempts
-from nodeagent.http.downstream import Downstream, RequestBody, answer_locally
+from nodeagent.http.downstream import Downstream, HeadTimeout, RequestBody, answer_locally
 from nodeagent.http.errors import DownstreamError, DownstreamProtocolError
 from nodeagent.http.headers import (
     decode,
@@ -151,12 +151,10 @@ class HttpProxy:
     ) -> None:
         try:
             while True:
-                event = None
                 received_before = down.received
-                with trio.move_on_after(self.limits.header_timeout):
-                    event = await self._read_head(down, conn_id)
+                event = await self._read_head(down, conn_id)
                 if not isinstance(event, h11.Request):
-                    return  # closed, malformed (answered), or idle past header_timeout
+                    return  # closed, malformed or timed out (answered), or idle
                 keep = await self._handle(
                     down, event, port, host, client_address, conn_id, mirrors, received_before
                 )
@@ -171,7 +169,15 @@ class HttpProxy:
     ) -> h11.Event | type[h11.PAUSED] | None:
         started = trio.current_time()
         try:
-            event = await down.next_event()
+            event = await down.read_head()
+        except HeadTimeout as exc:
+            if exc.started:  # a head trickle: tell the client, as Envoy does (408)
+                entry = RequestLog(method="-", authority="-", path="-", connection_id=conn_id)
+                entry.flags.append(flags.DURATION_TIMEOUT)
+                entry.bytes_received = down.received
+                await answer_locally(down, entry, 408, b"request header timeout", close=True)
+                self._recorder.finish(entry, started)
+            return None  # else: keep-alive idle, nothing was asked; close quietly
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint if exc.error_status_hint >= 400 else 400
             entry = RequestLog(method="-", authority="-", path="-", connection_id=conn_id)
@@ -235,16 +241,30 @@ class HttpProxy:
                 log.error("request.route_failed", path=entry.path, error=repr(exc))
                 decision = Decision(kind="direct", direct=DirectResponse(500, b"routing failed"))
             entry.route_name = decision.route_name
-            keep = await self._execute(
-                down,
-                request,
-                headers,
-                decision,
-                entry,
-                client_address,
-                mirrors,
-                source_ns=source.namespace if source is not None else None,
-            )
+            keep = False
+            # Stream idle timeout: every byte either way pushes the deadline (`down.touch`).
+            idle = trio.CancelScope(deadline=started + self.limits.stream_idle_timeout)
+            down.idle = idle
+            try:
+                with idle:
+                    keep = await self._execute(
+                        down,
+                        request,
+                        headers,
+                        decision,
+                        entry,
+                        client_address,
+                        mirrors,
+                        source_ns=source.namespace if source is not None else None,
+                    )
+            finally:
+                down.idle = None
+            if idle.cancelled_caught:
+                keep = False
+                entry.flags.append(flags.STREAM_IDLE_TIMEOUT)
+                if down.conn.our_state is h11.SEND_RESPONSE:  # nothing sent yet: 408, as Envoy
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await answer_locally(down, entry, 408, b"stream timeout", close=True)
         except DownstreamProtocolError as exc:
             # A malformed body: the client hears why (never a silent close), nothing more of
             # it goes upstream (the attempt's connection was discarded).
