@@ -24,6 +24,7 @@ import trio
 def _run(argv: list[str]) -> int:
     from nodeagent import log
     from nodeagent.agent.main import AgentConfig, run_until_signalled
+    from nodeagent.http import Limits
     from nodeagent.store import DEFAULT_URL
 
     p = argparse.ArgumentParser(prog="nodeagent run", description="Run the node agent.")
@@ -77,6 +78,22 @@ def _run(argv: list[str]) -> int:
         help="do not SNAT the node's connections to enrolled pods to 169.254.7.127 "
         "(kubelet probes then hit the pods' inbound capture)",
     )
+    p.add_argument(
+        "--http-request-headers-timeout",
+        type=_seconds,
+        default=Limits().request_headers_timeout,
+        metavar="SECONDS",
+        help="HTTP (pods and gateway): a request head must complete within this of its first "
+        "byte, else 408 (flag DT)",
+    )
+    p.add_argument(
+        "--http-stream-idle-timeout",
+        type=_seconds,
+        default=Limits().stream_idle_timeout,
+        metavar="SECONDS",
+        help="HTTP (pods and gateway): a request with no byte either way for this long is "
+        "ended, 408 if no response was started (flag SI); Envoy's default, 300",
+    )
     args = p.parse_args(argv)
     log.configure(args.log_level, args.log_format)
     cfg = AgentConfig(
@@ -95,6 +112,10 @@ def _run(argv: list[str]) -> int:
         gateway=args.gateway,
         gateway_bind=args.gateway_bind,
         probe_snat=args.probe_snat,
+        http_limits=Limits(
+            request_headers_timeout=args.http_request_headers_timeout,
+            stream_idle_timeout=args.http_stream_idle_timeout,
+        ),
     )
     try:
         trio.run(run_until_signalled, cfg)
@@ -104,6 +125,17 @@ def _run(argv: list[str]) -> int:
             raise
         return 1
     return 0
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number of seconds")
+    return value
 
 
 def _describe(exc: BaseException) -> str:

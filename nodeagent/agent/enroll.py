@@ -24,6 +24,7 @@ from nodeagent.cni.errors import ErrorCode
 from nodeagent.cni.metadata import PodMetadataSource
 from nodeagent.cni.protocol import CniRequest, EnrollError
 from nodeagent.dns import DnsError, DnsProxy
+from nodeagent.http import Limits
 from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import (
     InpodError,
@@ -153,8 +154,10 @@ class Enroller:
         dns: bool = True,
         dns_upstreams: Sequence[str] | None = None,
         telemetry: Sinks | None = None,
+        http_limits: Limits | None = None,
     ) -> None:
         self.node = node
+        self.http_limits = http_limits  # every pod's L7 proxy (agent flags)
         self.telemetry = telemetry  # metrics, access log and tracer for every pod's proxy
         # The in-pod DNS proxy (15053) for pods whose spec captures DNS; upstreams default to
         # the node's resolv.conf.
@@ -316,6 +319,7 @@ class Enroller:
                 sessions=self.sessions,
                 outbound_policy=self.outbound_policy,
                 telemetry=self.telemetry,
+                http_limits=self.http_limits,
             )
             dns = (
                 DnsProxy(

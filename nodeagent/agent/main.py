@@ -25,6 +25,7 @@ from nodeagent.balance import Registry
 from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
 from nodeagent.gateway.node import NodeGateway
+from nodeagent.http import Limits
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.inpod.errors import RedirectionError
 from nodeagent.inpod.node_rules import aapply_probe_rules, is_probe_target
@@ -63,6 +64,8 @@ class AgentConfig:
     gateway_bind: str = "0.0.0.0"
     # SNAT the node's own TCP to enrolled pods to 169.254.7.127 (kubelet probes pass STRICT).
     probe_snat: bool = True
+    # The HTTP proxies' timeouts and bounds (every pod's and the gateway's).
+    http_limits: Limits = field(default_factory=Limits)
 
     @property
     def cni_socket(self) -> Path:
@@ -177,6 +180,7 @@ class Agent:
                     dns=cfg.dns,
                     dns_upstreams=list(cfg.dns_upstreams) or None,
                     telemetry=self.telemetry,
+                    http_limits=cfg.http_limits,
                 )
                 nursery.start_soon(self._maintain_balance)
                 enroller = self.enroller
@@ -198,6 +202,7 @@ class Agent:
                         picker=self.enroller.picker,
                         sessions=self.enroller.sessions,
                         telemetry=self.telemetry,
+                        limits=cfg.http_limits,
                     )
                     await nursery.start(self.gateway.run)
                 await nursery.start(CniServer(cfg.cni_socket, self.enroller).run)

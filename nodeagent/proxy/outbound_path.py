@@ -63,6 +63,7 @@ class OutboundPath(PodCore):
                 if isinstance(self.picker, BalancedPicker)
                 else Registry(),
                 on_request=self._on_request,
+                limits=self.http_limits,
                 name=f"http:{self.pod}",
                 tracer=self.telemetry.tracer if self.telemetry is not None else None,
                 access_logged=self.telemetry is not None,  # record_request writes the line

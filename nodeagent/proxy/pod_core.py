@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import trio
 
-from nodeagent.http import HttpProxy
+from nodeagent.http import HttpProxy, Limits
 from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import Netns, PodListeners
 from nodeagent.log import get_logger
@@ -47,8 +47,10 @@ class PodCore:
         outbound_policy: OutboundPolicy = "ALLOW_ANY",
         identity_wait: float = IDENTITY_WAIT,
         telemetry: Sinks | None = None,
+        http_limits: Limits | None = None,
     ) -> None:
         self.pod = pod
+        self.http_limits = http_limits  # the L7 proxy's timeouts and bounds (agent flags)
         self.telemetry = telemetry
         self.netns = netns
         self.listeners = listeners
