@@ -51,6 +51,7 @@ class Downstream:
         self.io = FastIO(stream)
         self.framing = RequestFraming(max_head_bytes=limits.max_header_bytes)
         self.idle: trio.CancelScope | None = None
+        self.address = ""  # the client's "ip:port", for the access log
 
     def touch(self) -> None:
         """Bytes moved for the current request: the stream is not idle."""

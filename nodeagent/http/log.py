@@ -45,6 +45,7 @@ class RequestLog:
     request_id: str = ""
     attempts: int = 0
     connection_id: int = 0
+    downstream_address: str = ""  # the client's "ip:port", when the proxy knows it
     trace_id: str = ""  # set when the proxy has a tracer
     span: ActiveSpan | None = field(default=None, repr=False)
     trace_headers: list[tuple[str, str]] = field(default_factory=list, repr=False)

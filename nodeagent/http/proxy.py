@@ -61,6 +61,17 @@ _REASONS = {
 _conn_ids = itertools.count(1)
 
 
+def _peer_of(client: trio.abc.Stream, fallback: str | None) -> str:
+    """The client's "ip:port" for the access log (a TLS or test stream: `fallback`, the ip)."""
+    if isinstance(client, trio.SocketStream):
+        try:
+            peer = client.socket.getpeername()
+            return f"{peer[0]}:{peer[1]}"
+        except OSError:
+            pass
+    return fallback or ""
+
+
 class HttpProxy:
     """Routes and forwards HTTP/1.1 requests; one instance per source (pod or gateway).
 
@@ -131,6 +142,7 @@ class HttpProxy:
         into x-forwarded-for.
         """
         down = Downstream(client, self.limits)
+        down.address = _peer_of(client, client_address)
         conn_id = next(_conn_ids)
         self._stats["connections"] += 1
         try:
@@ -215,6 +227,7 @@ class HttpProxy:
         # The headers are decoded once, here (h11 already lower-cased the names).
         headers = decode(list(req.headers))
         entry = entry_for(req, conn_id)
+        entry.downstream_address = down.address
         target = entry.path
         authority = entry.authority
         if target.startswith(("http://", "https://")):  # absolute-form (a forward proxy request)
@@ -321,16 +334,20 @@ class HttpProxy:
                 decision.direct.body,
                 response_headers=decision.response_headers,
             )
+        dest = decision.chosen
+        if dest is not None and dest.error is None and dest.service is not None:
+            # Known before any fault applies: an aborted request still names its destination
+            # service in metrics and logs, as Istio's do.
+            entry.upstream_cluster = dest.name
         if decision.fault.abort_status is not None:
             entry.flags.append(flags.FAULT_INJECTED)
             return await answer_locally(
                 down, entry, decision.fault.abort_status, b"fault filter abort"
             )
-        dest = decision.chosen
         if dest is None or dest.error is not None or dest.service is None or dest.port is None:
+            entry.upstream_cluster = None
             entry.flags.append(flags.NO_CLUSTER)
             return await answer_locally(down, entry, 503, b"no cluster for the route's destination")
-        entry.upstream_cluster = dest.name
         return await self._forward(
             down, request, headers, decision, dest, entry, client_address, mirrors, source_ns
         )
