@@ -28,10 +28,14 @@ class FastIO:
         end = self._end
         if end is None:
             return bytes(await self.stream.receive_some(max_bytes))
+        # The fairness checkpoint comes before the read, never after: a cancellation there
+        # (a watch on an idle client being called off) would drop the bytes just read.
+        self._ready += 1
+        if self._ready >= YIELD_EVERY:
+            self._ready = 0
+            await trio.lowlevel.checkpoint()
         if isinstance(end, TlsEnd):
-            data = await end.stream.receive_some(max_bytes)  # waits only on WANT_READ/WRITE
-            await self._fair()
-            return data
+            return await end.stream.receive_some(max_bytes)  # waits only on WANT_READ/WRITE
         if self._drained:
             # A short read emptied the socket: waiting first saves a failing recv per message.
             self._drained = False
@@ -44,7 +48,6 @@ class FastIO:
                 await end.wait(WANT_READ)
                 continue
             self._drained = 0 < len(got) < max_bytes
-            await self._fair()
             return got
 
     async def send_all(self, data: bytes) -> None:
