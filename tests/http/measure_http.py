@@ -104,7 +104,7 @@ def measure(duration: float, extra: list[str]) -> None:
         [sys.executable, __file__, "--proxy", str(listen), str(server_port), *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([*sys.path, str(HERE)])},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([*sys.path, str(HERE), str(HERE.parent)])},
     )
     try:
         url = f"http://127.0.0.1:{listen}/"
