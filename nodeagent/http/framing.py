@@ -83,6 +83,18 @@ class RequestFraming:
                     self._buf.clear()
                     self._state = _CHUNK_LINE
                 continue
+            if state == _HEAD and not self._buf:
+                # Fast path: a whole head in this read is checked without a loop per line.
+                end = data.find(b"\r\n\r\n", i)
+                if end >= 0 and data[i : i + 2] != b"\r\n":
+                    head = data[i : end + 4]
+                    if head.count(b"\n") != head.count(b"\r\n"):
+                        raise FramingError(400, "bare LF in the request (lines end with CRLF)")
+                    if len(head) > self._max_head:
+                        raise FramingError(431, "request head too large")
+                    i = end + 4
+                    self._head_complete(head)
+                    continue
             # A line-oriented state: the head, a chunk line, a trailer line.
             end = data.find(b"\n", i)
             if end < 0:
