@@ -36,6 +36,7 @@ from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
 from nodeagent.contract import ADMIN_SOCKET_NAME, CNI_SOCKET_NAME, METRICS_PORT
 from nodeagent.gateway.node import NodeGateway
+from nodeagent.http import Limits
 from nodeagent.httpserver import Handler, Response, Route, UnixSocketHttpServer
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.inpod.errors import RedirectionError
@@ -84,6 +85,8 @@ class AgentConfig:
     # Other nodes' workloads stay in this agent's snapshot this long after their node's lease
     # lapsed (a store stall longer than the TTL expires every lease; the agents put them back).
     lease_grace: float = 10.0
+    # The HTTP proxies' timeouts and bounds (every pod's and the gateway's).
+    http_limits: Limits = field(default_factory=Limits)
 
     @property
     def cni_socket(self) -> Path:
@@ -224,6 +227,7 @@ class Agent:
                 dns=cfg.dns,
                 dns_upstreams=list(cfg.dns_upstreams) or None,
                 telemetry=self.telemetry,
+                http_limits=cfg.http_limits,
             )
             nursery.start_soon(self._maintain_balance)
             nursery.start_soon(self.enroller.maintain_status)
@@ -252,6 +256,7 @@ class Agent:
                     registry=self.balance,
                     sessions=self.enroller.sessions,
                     telemetry=self.telemetry,
+                    limits=cfg.http_limits,
                 )
                 if self._registered.is_set():
                     await nursery.start(self.gateway.run)
