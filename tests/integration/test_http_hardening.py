@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 from hardening_helpers import CORPUS, json_lines, recorded, write_scripts
-from l7_helpers import service
 from mesh_helpers import apply, client_pods, eventually, http, sandbox_fixture
+from snapshot_docs import service
 
 from nodeagent.sandbox import Pod, Sandbox
 from nodeagent.telemetry.exposition import samples
@@ -89,7 +89,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
             },
         },
     ]
-    apply(sandbox, files, "rec", [service("rec", VIP, 80, 8080), gateway, *routes])
+    apply(sandbox, files, "rec", [service("rec", cluster_ip=VIP), gateway, *routes])
 
     def both_paths_answer() -> bool:
         mesh, _, _ = http(sandbox, client, f"http://{VIP}/ready")

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 from hardening_helpers import json_lines, write_scripts
-from l7_helpers import service
 from mesh_helpers import apply, client_pods, eventually, http, sandbox_fixture
+from snapshot_docs import service
 
 from nodeagent.sandbox import Pod, Sandbox
 
@@ -65,7 +65,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
             "http": [{"route": [{"destination": {"host": FQDN, "port": {"number": 80}}}]}],
         },
     }
-    apply(sandbox, files, "rec", [service("rec", VIP, 80, 8080), gateway, route])
+    apply(sandbox, files, "rec", [service("rec", cluster_ip=VIP), gateway, route])
 
     def both_paths_answer() -> bool:
         mesh, _, _ = http(sandbox, client, f"http://{VIP}/ready")
