@@ -26,6 +26,7 @@ from nodeagent.contract import METRICS_PATH, METRICS_PORT, READY_PATH, RUN_DIR
 def _run(argv: list[str]) -> int:
     from nodeagent import log
     from nodeagent.agent.main import AgentConfig, run_until_signalled
+    from nodeagent.http import Limits
     from nodeagent.store import DEFAULT_URL
 
     p = argparse.ArgumentParser(prog="nodeagent run", description="Run the node agent.")
@@ -100,6 +101,22 @@ def _run(argv: list[str]) -> int:
         metavar="SECONDS",
         help="on SIGTERM: hand over to a new agent, and close connections still open after this",
     )
+    p.add_argument(
+        "--http-request-headers-timeout",
+        type=_positive_seconds,
+        default=Limits().request_headers_timeout,
+        metavar="SECONDS",
+        help="HTTP (pods and gateway): a request head must complete within this of its first "
+        "byte, else 408 (flag DT)",
+    )
+    p.add_argument(
+        "--http-stream-idle-timeout",
+        type=_positive_seconds,
+        default=Limits().stream_idle_timeout,
+        metavar="SECONDS",
+        help="HTTP (pods and gateway): a request with no byte either way for this long is "
+        "ended, 408 if no response was started (flag SI); Envoy's default, 300",
+    )
     args = p.parse_args(argv)
     log.configure(args.log_level, args.log_format)
     cfg = AgentConfig(
@@ -121,6 +138,10 @@ def _run(argv: list[str]) -> int:
         lease_ttl=args.lease_ttl,
         lease_grace=args.lease_grace,
         drain_timeout=args.drain_timeout,
+        http_limits=Limits(
+            request_headers_timeout=args.http_request_headers_timeout,
+            stream_idle_timeout=args.http_stream_idle_timeout,
+        ),
     )
     try:
         trio.run(run_until_signalled, cfg)

@@ -34,6 +34,7 @@ from nodeagent.cni.errors import ErrorCode
 from nodeagent.cni.metadata import PodMetadataSource
 from nodeagent.cni.protocol import CniRequest, EnrollError
 from nodeagent.dns import DnsError, DnsProxy
+from nodeagent.http import Limits
 from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import InpodError, Netns, RedirectionSpec
 from nodeagent.log import get_logger
@@ -175,8 +176,10 @@ class Enroller:
         dns_upstreams: Sequence[str] | None = None,
         telemetry: Sinks | None = None,
         plumbing: PodPlumbing | None = None,
+        http_limits: Limits | None = None,
     ) -> None:
         self.node = node
+        self.http_limits = http_limits  # every pod's L7 proxy (agent flags)
         self.telemetry = telemetry  # metrics, access log and tracer for every pod's proxy
         # The in-pod DNS proxy (15053) for pods whose spec captures DNS; upstreams default to
         # the node's resolv.conf.
@@ -396,6 +399,7 @@ class Enroller:
                 sessions=self.sessions,
                 outbound_policy=self.outbound_policy,
                 telemetry=self.telemetry,
+                http_limits=self.http_limits,
             )
             dns = None
             if self.dns and spec.dns_capture:

@@ -47,6 +47,7 @@ from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
 from nodeagent.contract import ADMIN_SOCKET_NAME, CNI_SOCKET_NAME, METRICS_PORT, READY_PATH
 from nodeagent.gateway.node import NodeGateway
+from nodeagent.http import Limits
 from nodeagent.httpserver import Handler, Response, Route, UnixSocketHttpServer
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.inpod.errors import RedirectionError
@@ -103,6 +104,8 @@ class AgentConfig:
     lease_grace: float = 10.0
     # SIGTERM: open connections get this long to finish before they are closed.
     drain_timeout: float = DRAIN_TIMEOUT
+    # The HTTP proxies' timeouts and bounds (every pod's and the gateway's).
+    http_limits: Limits = field(default_factory=Limits)
 
     @property
     def cni_socket(self) -> Path:
@@ -309,6 +312,7 @@ class Agent:
                 dns=cfg.dns,
                 dns_upstreams=list(cfg.dns_upstreams) or None,
                 telemetry=self.telemetry,
+                http_limits=cfg.http_limits,
             )
             nursery.start_soon(self._maintain_balance)
             nursery.start_soon(self.enroller.maintain_status)
@@ -337,6 +341,7 @@ class Agent:
                     registry=self.balance,
                     sessions=self.enroller.sessions,
                     telemetry=self.telemetry,
+                    limits=cfg.http_limits,
                 )
                 if self._registered.is_set():
                     await nursery.start(self._in_front, self.gateway.run)

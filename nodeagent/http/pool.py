@@ -32,8 +32,8 @@ import trio
 
 from nodeagent.balance.pool import CircuitBreaker, ConnectionToken, Overflow
 from nodeagent.http.errors import UpstreamOverflow
-from nodeagent.http.io import FastIO
 from nodeagent.snapshot.model import Endpoint
+from nodeagent.sockio import FastIO
 
 Connector = Callable[[Endpoint, int], Awaitable[trio.abc.Stream]]
 READ_SIZE = 64 * 1024
