@@ -338,14 +338,15 @@ def apply(conf_dir: Path, plan: Plan) -> None:
 
 
 def plugin_executable(source: Path, interpreter: str) -> bytes:
-    """The plugin with its shebang pointing at our interpreter (which has msgpack)."""
+    """The plugin with its shebang pointing at the node's interpreter (standard library only)."""
     try:
         text = source.read_bytes()
     except OSError as exc:
         raise InstallError(f"read plugin {source}: {exc.strerror}") from None
     body = text.split(b"\n", 1)[1] if text.startswith(b"#!") else text
-    # -I: the runtime's environment (PYTHONPATH, user site) must not change what we import.
-    return f"#!{interpreter} -I\n".encode() + body
+    # -I: the runtime's environment (PYTHONPATH, user site) must not change what we import;
+    # -S: nor what the node has installed (the plugin needs the standard library only).
+    return f"#!{interpreter} -IS\n".encode() + body
 
 
 def install_binary(bin_dir: Path, source: Path, interpreter: str) -> bool:
@@ -469,7 +470,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host-interpreter",
         default=sys.executable,
-        help="the Python (with msgpack) the plugin runs with ON THE NODE (default: this one)",
+        help="the python3 (3.8 or later, standard library only) the plugin runs with ON THE NODE "
+        "(default: this one)",
     )
     p.add_argument(
         "--uninstall-flag",

@@ -6,8 +6,9 @@ length, then that many bytes of a msgpack map carrying `"v": 1`. Frames are at m
 CLOSED) and bounded, so a malformed or oversized frame is a `ProtocolError` for that
 connection only. `CniRequest` / `CniReply` check every field they take off the wire.
 
-The plugin (cni-plugin/mesh-cni) carries its own copy of the framing so that it starts without
-importing the agent; tests run both against each other. Spec of record: docs/cni.md.
+The plugin (cni-plugin/mesh-cni) carries its own copy of the framing and its own msgpack codec
+(it runs on the node's python3, which has no msgpack); tests run both against each other, byte
+for byte. Spec of record: docs/cni.md.
 """
 
 from __future__ import annotations

@@ -32,6 +32,9 @@ import trio
 from nodeagent.contract import INBOUND_PLAINTEXT_PORT, MESH_MARK, OUTBOUND_CAPTURE_PORT, TUNNEL_PORT
 from nodeagent.inpod.errors import ListenerError, NetnsError
 from nodeagent.inpod.netns import Netns
+from nodeagent.log import get_logger
+
+log = get_logger("inpod")
 
 BACKLOG = 1024
 _MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
@@ -43,15 +46,23 @@ def _enable_request_migration() -> None:
         f.write("1")
 
 
-def enable_request_migration(netns: Netns) -> None:
+def enable_request_migration(netns: Netns) -> bool:
     """Let a closing listener's queued connections migrate to another listener of its
-    SO_REUSEPORT group in `netns` (Linux >= 5.14) instead of being reset."""
+    SO_REUSEPORT group in `netns` (Linux >= 5.14) instead of being reset.
+
+    False where /proc/sys is read-only (a container runtime's default, as for the DaemonSet's
+    unprivileged agent): the pod is still served; only connections still queued, not accepted,
+    when an agent hands over to its successor are reset then (docs/dataplane.md, Restarts)."""
     try:
         netns.run(_enable_request_migration)
     except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            log.warning("listeners.no_request_migration", netns=netns.name, error=e.strerror)
+            return False
         raise ListenerError(
             f"set net.ipv4.tcp_migrate_req in netns {netns.name}: {e.strerror}", errno=e.errno
         ) from None
+    return True
 
 
 @dataclass

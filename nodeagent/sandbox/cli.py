@@ -65,6 +65,19 @@ def _parser() -> argparse.ArgumentParser:
         help="run the ingress gateway in this node's agent (e.g. n1)",
     )
     up.add_argument(
+        "--agent-image",
+        metavar="TAG",
+        default=None,
+        help="run each agent as a container of this image, the DaemonSet's way (scripts/image)",
+    )
+    up.add_argument(
+        "--image-store",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="podman storage holding --agent-image (default $MESH_IMAGE_STORE or <repo>/.image)",
+    )
+    up.add_argument(
         "--keep-on-failure",
         action="store_true",
         help="leave a failed sandbox in place for inspection (then run down)",
@@ -204,6 +217,8 @@ def _run(args: argparse.Namespace, cmd: list[str]) -> int:
             progress=progress,
             cleanup_on_failure=not args.keep_on_failure,
             gateway=args.gateway,
+            agent_image=args.agent_image,
+            image_store=args.image_store,
         )
         print(format_status(Sandbox.open(name).status()))
         return 0

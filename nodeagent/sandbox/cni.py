@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,11 +121,10 @@ def find_plugin(kind: str, cni_path: Sequence[str]) -> Path:
 
 
 def plugin_search_path() -> str:
-    """PATH for the plugins: the project's venv first, so `#!/usr/bin/env python3` plugins
-    (mesh-cni) find the project's packages, as they would on a node where the agent's image
-    installed them."""
-    base = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-    return os.pathsep.join([str(Path(sys.prefix) / "bin"), base])
+    """PATH for the plugins: the machine's, without the project's venv, as on a node where the
+    runtime knows nothing of the agent's Python; mesh-cni runs on the node's python3 with the
+    standard library only (`-IS`)."""
+    return os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
 
 
 def _exec(

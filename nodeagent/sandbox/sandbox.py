@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from nodeagent.admin.client import is_ready
-from nodeagent.sandbox import cni, layout
+from nodeagent.sandbox import cni, container, layout
 from nodeagent.sandbox.errors import CniError, SandboxError
 from nodeagent.sandbox.state import NodeState, PodState, State, load, locked, save
 from nodeagent.sandbox.system import (
@@ -188,16 +188,24 @@ class Sandbox:
         cleanup_on_failure: bool = True,
         ca_ttl: str = "24h",
         gateway: str | None = None,
+        agent_image: str | None = None,
+        image_store: Path | None = None,
     ) -> Sandbox:
         """Create and start a sandbox. On failure it is torn down again (unless told not to).
         With agents, the CA's signer runs too (before the agents), issuing certificates of
-        lifetime `ca_ttl`. `gateway="n1"` makes n1's agent serve the ingress gateway too."""
+        lifetime `ca_ttl`. `gateway="n1"` makes n1's agent serve the ingress gateway too.
+        `agent_image` runs each agent as a container of that image (sandbox/container.py),
+        from `image_store` (default: scripts/image's)."""
         sb = cls(name, progress=progress)
         layout.check_node_count(nodes)
         if gateway is not None and gateway not in {f"n{i}" for i in range(1, nodes + 1)}:
             raise SandboxError(f"--gateway {gateway!r}: no such node (n1..n{nodes})")
         layout.store_url(store, sb.state_dir)  # validates the store kind
         sb._check_absent()
+        store_dir = None
+        if agent_image is not None:
+            store_dir = (image_store or container.default_store()).resolve()
+            container.check_image(store_dir, agent_image)
         try:
             sb._build(
                 nodes=nodes,
@@ -209,6 +217,8 @@ class Sandbox:
                 ready_timeout=ready_timeout,
                 ca_ttl=ca_ttl,
                 gateway=gateway,
+                agent_image=agent_image,
+                image_store=None if store_dir is None else str(store_dir),
             )
         except BaseException:
             if cleanup_on_failure:
@@ -502,6 +512,7 @@ class Sandbox:
                 )
                 ns.agent = None
                 save(st)
+            self._remove_agent_container(st, ns)
 
     def kill_agent(self, node: str) -> None:
         """kill -9 the agent (an agent crash: its pods' rules stay, nothing serves them)."""
@@ -513,6 +524,7 @@ class Sandbox:
                 stop_all([ns.agent], grace=0, group=True, children=_CHILDREN, first=signal.SIGKILL)
                 ns.agent = None
                 save(st)
+            self._remove_agent_container(st, ns)
 
     def restart_agent(
         self, node: str, *, timeout: float = READY_TIMEOUT, grace: float = AGENT_GRACE
@@ -527,6 +539,8 @@ class Sandbox:
             old = ns.agent
             if old is None or not old.alive():
                 raise SandboxError(f"the agent of {node} does not run: nothing to restart")
+            if st.agent_image is not None:  # two containers of one node would share its name
+                raise SandboxError("a graceful restart of a containerised agent is not supported")
             run_dir = Path(ns.run_dir)
             self._say(f"restarting agent of {node} (pid {old.pid} drains)")
             os.kill(old.pid, signal.SIGTERM)
@@ -758,6 +772,11 @@ class Sandbox:
             self._say(f"stopping {len(agents)} agent(s)")
             # SIGINT: stop without draining (nothing will take over).
             stop_all(agents, grace=AGENT_GRACE, group=True, children=_CHILDREN, first=signal.SIGINT)
+        for ns in st.nodes.values():
+            try:
+                self._remove_agent_container(st, ns)
+            except SandboxError as e:
+                errors.append(str(e))
         if st.ca is not None:
             stop_all([st.ca], grace=AGENT_GRACE, group=True, children=_CHILDREN)
         if st.etcd is not None:
@@ -813,6 +832,8 @@ class Sandbox:
         ready_timeout: float,
         ca_ttl: str = "24h",
         gateway: str | None = None,
+        agent_image: str | None = None,
+        image_store: str | None = None,
     ) -> None:
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(mode=0o700)
@@ -827,6 +848,8 @@ class Sandbox:
             mesh_cni=mesh_cni,
             outside_ip=layout.OUTSIDE_IP,
             gateway=gateway,
+            agent_image=agent_image,
+            image_store=image_store,
         )
         save(st)
         with locked(self.state_dir):
@@ -955,6 +978,9 @@ class Sandbox:
             time.sleep(0.2)
 
     def _spawn_agent(self, st: State, ns: NodeState) -> None:
+        if st.agent_image is not None:
+            self._spawn_agent_container(st, ns)
+            return
         paths = layout.NodePaths(Path(ns.run_dir))
         argv = [
             "ip", "netns", "exec", ns.netns, *st.agent_cmd,
@@ -968,6 +994,41 @@ class Sandbox:
         proc, ref = spawn(argv, log=paths.agent_log, env=env)
         _CHILDREN[proc.pid] = proc
         ns.agent = ref
+
+    def _spawn_agent_container(self, st: State, ns: NodeState) -> None:
+        """The agent as the DaemonSet runs it; the recorded process is the agent itself (not
+        the podman client), so signals and `agent_pid` mean what they mean for a process."""
+        assert st.agent_image is not None
+        assert st.image_store is not None
+        paths = layout.NodePaths(Path(ns.run_dir))
+        store = Path(st.image_store)
+        args = ["--node", ns.name, "--store", st.store_url]
+        if st.gateway == ns.name:
+            args.append("--gateway")
+        argv = container.agent_run_argv(
+            store,
+            st.agent_image,
+            sandbox=st.name,
+            node=ns.name,
+            node_netns=ns.netns,
+            run_dir=ns.run_dir,
+            # The sqlite store's directory, as the embedded overlay mounts /var/lib/nodeagent.
+            extra_mounts=[st.state_dir] if st.store == "sqlite" else [],
+            agent_args=args,
+        )
+        self._say(f"starting agent of {ns.name} in {st.agent_image} (log {paths.agent_log})")
+        client, _ = spawn(argv, log=paths.agent_log)
+        _CHILDREN[client.pid] = client
+        name = container.container_name(st.name, ns.name)
+        ns.agent = ProcessRef.of(container.wait_container_pid(store, name, client, paths.agent_log))
+
+    @staticmethod
+    def _remove_agent_container(st: State, ns: NodeState) -> None:
+        if st.agent_image is not None and st.image_store is not None:
+            container.remove_container(
+                Path(st.image_store), container.container_name(st.name, ns.name)
+            )
+            reap(_CHILDREN)
 
     @staticmethod
     def _node_state(st: State, node: str) -> NodeState:

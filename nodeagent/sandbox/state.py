@@ -81,6 +81,9 @@ class State:
     ca: ProcessRef | None = None
     # The node whose agent also serves the ingress gateway (`nodeagent run --gateway`), if any.
     gateway: str | None = None
+    # `up --agent-image`: agents run as containers of this image, from this podman store.
+    agent_image: str | None = None
+    image_store: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

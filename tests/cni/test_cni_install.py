@@ -73,7 +73,7 @@ def test_insert_last_and_install_binary(dirs: Options) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert listing(dirs) == [STATE_FILE, "10-bridge.conflist"]
     binary = dirs.bin_dir / "mesh-cni"
-    assert binary.read_bytes().startswith(f"#!{sys.executable} -I\n".encode())
+    assert binary.read_bytes().startswith(f"#!{sys.executable} -IS\n".encode())
     assert os.access(binary, os.X_OK)
     out = subprocess.run(
         [str(binary)], env={"CNI_COMMAND": "VERSION"}, capture_output=True, check=True, timeout=20
@@ -355,4 +355,4 @@ def test_watch_process_uninstalls_on_sigterm_only_when_flagged(
             assert not (dirs.bin_dir / "mesh-cni").exists()
         else:
             assert b"mesh-cni" in path.read_bytes()
-            assert (dirs.bin_dir / "mesh-cni").read_bytes().startswith(b"#!/usr/bin/python3 -I\n")
+            assert (dirs.bin_dir / "mesh-cni").read_bytes().startswith(b"#!/usr/bin/python3 -IS\n")

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,15 @@ def sock_of(server: CniServer) -> str:
 
 
 # --- ADD ----------------------------------------------------------------------------------------
+
+
+def test_plugin_interpreter_cannot_import_msgpack(plugin: Path) -> None:
+    """What the tests below run is what a node runs: python3 with the standard library only."""
+    interpreter, flags = plugin.read_text().splitlines()[0].removeprefix("#!").split()
+    assert flags == "-IS"
+    probe = subprocess.run([interpreter, flags, "-c", "import msgpack"], capture_output=True)
+    assert probe.returncode != 0
+    assert b"No module named 'msgpack'" in probe.stderr
 
 
 @pytest.mark.parametrize("version", ["1.1.0", "1.0.0", "0.4.0"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import importlib.machinery
 import importlib.util
 import struct
@@ -32,6 +34,7 @@ from nodeagent.cni.protocol import (
 PLUGIN = Path(__file__).resolve().parents[2] / "cni-plugin" / "mesh-cni"
 
 
+@functools.cache
 def load_plugin() -> ModuleType:
     loader = importlib.machinery.SourceFileLoader("mesh_cni_plugin", str(PLUGIN))
     spec = importlib.util.spec_from_loader("mesh_cni_plugin", loader)
@@ -225,7 +228,7 @@ def test_plugin_reply_check_accepts_our_replies() -> None:
     for reply in (CniReply.success(), CniReply.failure(100, "no", "details")):
         raw = encode_frame(reply.to_message())
         (length,) = struct.unpack(">I", raw[:4])
-        decoded = msgpack.unpackb(raw[4 : 4 + length], raw=False)
+        decoded = plugin.msgpack_unpack(raw[4 : 4 + length])
         assert plugin.check_reply(decoded)["ok"] is reply.ok
     with pytest.raises(plugin.AgentProtocolError, match="version"):
         plugin.check_reply({"v": 2, "ok": True})
@@ -247,3 +250,100 @@ def test_plugin_cni_args_parser() -> None:
     with pytest.raises(plugin.CniError) as info:
         plugin.parse_cni_args("novalue")
     assert info.value.code == 4
+
+
+# --- the plugin's own msgpack codec against the msgpack package ----------------------------------
+
+wire_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40)
+    | st.binary(max_size=40),
+    lambda inner: (
+        st.lists(inner, max_size=20)
+        | st.dictionaries(st.text(max_size=8) | st.binary(max_size=4), inner, max_size=20)
+    ),
+    max_leaves=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=wire_values)
+def test_plugin_codec_is_byte_identical_to_msgpack(value: Any) -> None:
+    plugin = load_plugin()
+    packed = msgpack.packb(value, use_bin_type=True)
+    assert plugin.msgpack_pack(value) == packed
+    assert plugin.msgpack_unpack(packed) == msgpack.unpackb(packed, raw=False)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "x" * 31,
+        "x" * 32,
+        "é" * 200,
+        "x" * 70000,
+        b"b" * 256,
+        b"b" * 70000,
+        list(range(16)),
+        list(range(70000)),
+        {str(i): i for i in range(16)},
+        {str(i): i for i in range(70000)},
+        [-33, -129, -32769, -(2**31) - 1, 128, 256, 65536, 2**32],
+        [1.5, -0.0, 1e300],
+    ],
+    ids=lambda v: f"{type(v).__name__}-{len(v)}",
+)
+def test_plugin_codec_length_boundaries(value: Any) -> None:
+    plugin = load_plugin()
+    packed = msgpack.packb(value, use_bin_type=True)
+    assert plugin.msgpack_pack(value) == packed
+    assert plugin.msgpack_unpack(packed) == value
+
+
+def test_plugin_codec_reads_float32() -> None:
+    plugin = load_plugin()
+    assert plugin.msgpack_unpack(msgpack.packb(0.5, use_single_float=True)) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"", "truncated"),
+        (b"\xa3ab", "truncated"),
+        (b"\xdb\xff\xff\xff\xff", "truncated"),
+        (b"\xc0\xc0", "1 bytes after"),
+        (b"\xa2\xff\xfe", "not UTF-8"),
+        (b"\x81\x01\x02", "map key is a int"),
+        (b"\xc7\x01\x00\x00", "type byte 0xc7"),
+        (b"\xc1", "type byte 0xc1"),
+        (b"\x91" * 40 + b"\xc0", "nested deeper"),
+    ],
+)
+def test_plugin_codec_refuses_bad_bytes(data: bytes, match: str) -> None:
+    plugin = load_plugin()
+    with pytest.raises(plugin.MsgpackError, match=match):
+        plugin.msgpack_unpack(data)
+
+
+def test_plugin_codec_refuses_what_msgpack_cannot_carry() -> None:
+    plugin = load_plugin()
+    with pytest.raises(plugin.MsgpackError, match="64 bits"):
+        plugin.msgpack_pack({"n": 2**64})
+    with pytest.raises(plugin.MsgpackError, match="cannot encode a set"):
+        plugin.msgpack_pack({"s": {1}})
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.binary(max_size=64))
+def test_fuzz_plugin_codec_only_raises_its_error(data: bytes) -> None:
+    plugin = load_plugin()
+    with contextlib.suppress(plugin.MsgpackError):
+        plugin.msgpack_unpack(data)
+
+
+def test_plugin_parses_as_python_3_8() -> None:
+    """The documented host requirement: the node's python3, 3.8 or later (grammar checked)."""
+    ast.parse(PLUGIN.read_text(), feature_version=(3, 8))

@@ -23,11 +23,15 @@ MESHCTL = str(Path(sys.prefix) / "bin" / "meshctl")
 
 def sandbox_fixture(prefix: str, **options: Any) -> Any:
     """A module-scoped `sandbox` fixture: a 2-node sqlite sandbox unless `options` say otherwise,
-    named after `prefix` and the pid (so parallel runs do not collide), always torn down."""
+    named after `prefix` and the pid (so parallel runs do not collide), always torn down.
+    With $MESH_AGENT_IMAGE set (scripts/test's containerised pass), the agents run as
+    containers of that image."""
 
     @pytest.fixture(scope="module")
     def sandbox() -> Iterator[Sandbox]:
         kw: dict[str, Any] = {"nodes": 2, "store": "sqlite", "progress": False, **options}
+        if os.environ.get("MESH_AGENT_IMAGE"):
+            kw["agent_image"] = os.environ["MESH_AGENT_IMAGE"]
         sb = Sandbox.up(f"{prefix}{os.getpid() % 100000}", **kw)
         try:
             yield sb

@@ -102,9 +102,12 @@ def test_the_dev_install_has_the_tooling_from_any_directory(tmp_path: Path) -> N
 
 def test_the_image_builds_its_wheel_from_what_this_test_builds_from() -> None:
     """The wheel above stands for the image's: the Containerfile's build stage copies the same
-    files and installs that one wheel."""
+    files (besides the pins) and builds that one wheel; scripts/image copies the same ones."""
     build_stage = (ROOT / "daemonset" / "Containerfile").read_text().split("\nFROM ")[1]
     copied = [w for line in build_stage.splitlines() if line.startswith("COPY ") for w in
-              line.split()[1:-1]]  # fmt: skip
+              line.split()[1:-1] if not w.startswith("daemonset/image/")]  # fmt: skip
     assert sorted(copied) == ["README.md", "nodeagent", "pyproject.toml"]
-    assert "pip wheel --no-cache-dir --wheel-dir /wheels .\n" in build_stage
+    assert "--no-deps --no-build-isolation --wheel-dir /wheels" in build_stage
+    script = (ROOT / "scripts" / "image").read_text()
+    assert 'cp "$here/pyproject.toml" "$here/README.md" "$work/src/"' in script
+    assert "tar --exclude=__pycache__ -cf - nodeagent" in script
