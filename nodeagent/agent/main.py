@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from nodeagent.admin.routes import AdminSources, admin_routes
+from nodeagent.agent.advertise import advertise
 from nodeagent.agent.enroll import Enroller
 from nodeagent.agent.state import AgentState
 from nodeagent.balance import Registry
@@ -64,6 +65,9 @@ class AgentConfig:
     gateway_bind: str = "0.0.0.0"
     # SNAT the node's own TCP to enrolled pods to 169.254.7.127 (kubelet probes pass STRICT).
     probe_snat: bool = True
+    # The node address the agent's metrics port is reachable on, published in the store for
+    # the console (`agent.advertise`); None publishes nothing.
+    advertise_address: str | None = None
 
     @property
     def cni_socket(self) -> Path:
@@ -180,6 +184,15 @@ class Agent:
                     telemetry=self.telemetry,
                 )
                 nursery.start_soon(self._maintain_balance)
+                if cfg.advertise_address:
+                    nursery.start_soon(
+                        advertise,
+                        store,
+                        cfg.node,
+                        cfg.advertise_address,
+                        cfg.metrics_port,
+                        lambda: self.lease,
+                    )
                 enroller = self.enroller
                 self.snapshot.add_listener(lambda _: enroller.policy_changed())
                 await self.enroller.adopt_all()

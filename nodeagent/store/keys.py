@@ -10,6 +10,8 @@ CERTS = ROOT + "certs/"
 CA_BUNDLE = ROOT + "ca/bundle"
 CA_CRL = ROOT + "ca/crl"
 VIPS = ROOT + "vips/"
+# One record per node agent, under its lease: where its metrics port is (for the console).
+NODES = ROOT + "nodes/"
 
 
 def config(kind: str, namespace: str, name: str) -> str:
@@ -34,3 +36,7 @@ def cert(node: str, ident: str) -> str:
 
 def vip(address: str) -> str:
     return f"{VIPS}{address}"
+
+
+def node(name: str) -> str:
+    return f"{NODES}{name}"
