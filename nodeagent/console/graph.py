@@ -169,6 +169,19 @@ def build_graph(
                 add(dst_svc, dst_wl, key.protocol, c)
         elif dst_wl is not None:
             add(src, dst_wl, key.protocol, c)
+    # HTTP through the tunnel is also a TCP connection at the destination's end: one edge,
+    # the HTTP one, carries both (Kiali draws the request protocol).
+    for (source, target, protocol), edge in list(edges.items()):
+        if protocol != "tcp":
+            continue
+        l7 = next(
+            (e for (s, t, p), e in edges.items() if (s, t) == (source, target) and p != "tcp"), None
+        )
+        if l7 is not None and edge.counters.requests == 0:
+            l7.counters.connections += edge.counters.connections
+            l7.counters.bytes += edge.counters.bytes
+            l7.counters.mtls = l7.counters.mtls or edge.counters.mtls
+            del edges[(source, target, protocol)]
     edge_docs = [
         edge_doc(f"{e.source}>{e.target}:{e.protocol}", e.source, e.target, e.protocol, e.counters)
         for e in sorted(edges.values(), key=lambda e: (e.source, e.target, e.protocol))

@@ -27,13 +27,16 @@ def state() -> ConsoleState:
     snap = mesh()
     st = ConsoleState(snapshot=snap, clock=lambda: NOW)
     before = exposition(snap, [])
-    after = exposition(snap, [
-        Calls("c1", "a1", "my-app", {200: 600}),
-        Calls("c1", "a2", "my-app", {200: 149, 500: 1}),  # 0.67 %: degraded
-        Calls("c1", "a3", "my-app", {500: 30}),  # failing
-        Calls("gw", "a1", "my-app", {200: 60}),
-        Calls("a1", "d1", "db", {0: 30}, tcp=True),
-    ])  # fmt: skip
+    after = exposition(
+        snap,
+        [
+            Calls("c1", "a1", "my-app", {200: 600}),
+            Calls("c1", "a2", "my-app", {200: 149, 500: 1}),  # 0.67 %: degraded
+            Calls("c1", "a3", "my-app", {500: 30}),  # failing
+            Calls("gw", "a1", "my-app", {200: 60}),
+            Calls("a1", "d1", "db", {0: 30}, tcp=True),
+        ],
+    )
     st.traffic.record("node-1", NOW - 60, parse_scrape(before))
     st.traffic.record("node-1", NOW, parse_scrape(after))
     st.certs = [
@@ -134,14 +137,21 @@ def test_a_route_to_a_defined_subset_without_pods_is_a_finding() -> None:
 
 def test_rollouts_are_read_from_their_records_and_a_bad_one_is_an_error_row() -> None:
     record = {
-        "phase": "Progressing", "host": "my-app", "stable": "v1", "canary": "v2", "weight": 30,
-        "failedChecks": 1, "iteration": 3,
+        "phase": "Progressing",
+        "host": "my-app",
+        "stable": "v1",
+        "canary": "v2",
+        "weight": 30,
+        "failedChecks": 1,
+        "iteration": 3,
         "lastAnalysis": {"success-rate": 0.99, "latency-p99": None},
         "events": [{"time": NOW - 5, "message": "weight 30"}],
-        "history": [{"time": NOW - 60, "weight": 10, "analysis": {"success-rate": 1.0}},
-                    {"time": NOW - 5, "weight": 30, "analysis": {"success-rate": 0.99}}],
+        "history": [
+            {"time": NOW - 60, "weight": 10, "analysis": {"success-rate": 1.0}},
+            {"time": NOW - 5, "weight": 30, "analysis": {"success-rate": 0.99}},
+        ],
         "updated": NOW,
-    }  # fmt: skip
+    }
     kvs = [
         KeyValue(PREFIX + "default/my-app", encode(record), 1, 1, 1),
         KeyValue(PREFIX + "default/broken", b"\xc1", 2, 2, 1),
@@ -199,3 +209,15 @@ def test_the_page_is_served_from_package_data() -> None:
     script = server.dispatch("GET", b"/graph.js")
     assert script.content_type.startswith("text/javascript")
     assert server.dispatch("POST", b"/api/graph").status == 405
+
+
+def test_http_carried_through_the_tunnel_is_one_http_edge_not_a_second_tcp_one() -> None:
+    st = state()
+    snap = st.snapshot
+    both = [Calls("c1", "a1", "my-app", {200: 60}), Calls("c1", "a1", "my-app", {0: 6}, tcp=True)]
+    st.traffic.record("node-9", NOW - 60, parse_scrape(exposition(snap, [])))
+    st.traffic.record("node-9", NOW, parse_scrape(exposition(snap, both)))
+    _, doc = get(st, "/api/graph")
+    pair = [e for e in doc["edges"] if e["source"] == "wl:default/client"]
+    assert [e["protocol"] for e in pair] == ["http"]
+    assert pair[0]["connection_rate"] == pytest.approx(0.1)

@@ -9,15 +9,25 @@ from nodeagent.console.traffic import EdgeKey, TrafficHistory, parse_scrape, qua
 
 
 def key(version: str) -> EdgeKey:
-    return EdgeKey("default", "client", "client", "default", "my-app", "default",
-                   f"my-app-{version}", version, "http")  # fmt: skip
+    return EdgeKey(
+        "default",
+        "client",
+        "client",
+        "default",
+        "my-app",
+        "default",
+        f"my-app-{version}",
+        version,
+        "http",
+    )
 
 
 def test_rates_come_from_the_increase_between_scrapes() -> None:
     snap = mesh()
     history = TrafficHistory()
-    history.record("node-1", 100.0, parse_scrape(exposition(snap, [
-        Calls("c1", "a1", "my-app", {200: 10})])))  # fmt: skip
+    history.record(
+        "node-1", 100.0, parse_scrape(exposition(snap, [Calls("c1", "a1", "my-app", {200: 10})]))
+    )
     later = [Calls("c1", "a1", "my-app", {200: 60}), Calls("c1", "a2", "my-app", {200: 18, 503: 2})]
     history.record("node-1", 110.0, parse_scrape(exposition(snap, later)))
     edges = {e.key: e for e in history.traffic(now=110.0, seconds=60)}

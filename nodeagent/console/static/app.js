@@ -47,7 +47,7 @@ function draw() {
 
 function edgeRows(edges) {
   return table(["edge", "protocol", "rate", "5xx", "p99"], edges.map((e) => [
-    `${e.source} → ${e.target}`, `${e.protocol}${e.mtls ? " 🔒" : ""}`, rate(e),
+    `${e.source} → ${e.target}`, `${e.protocol}${e.mtls ? " (mTLS)" : ""}`, rate(e),
     e.protocol === "tcp" ? "-" : pct(e.error_ratio), e.p99_ms === null ? "-" : `${e.p99_ms} ms`,
   ]));
 }
@@ -67,10 +67,10 @@ function renderDetails(doc) {
   if (doc.edge) {
     const e = doc.edge;
     box.replaceChildren(h("h2", {}, `${e.source} → ${e.target}`),
-      table(["", ""], [["protocol", e.protocol], ["mTLS", e.mtls ? "🔒 mutual TLS" : "no"],
+      table(["", ""], [["protocol", e.protocol], ["mTLS", e.mtls ? "mutual TLS" : "no"],
         ["rate", rate(e)], ["5xx", `${e.error_rate.toFixed(2)}/s (${pct(e.error_ratio)})`],
         ["p99", e.p99_ms === null ? "-" : `${e.p99_ms} ms`], ["health", e.health]]),
-      doc.routes ? [h("h3", {}, "Routes that apply"), routesBlock(doc.routes)] : null);
+      doc.routes ? [h("h3", {}, "Routes that apply"), ...routesBlock(doc.routes)] : null);
     return;
   }
   const n = doc.node;
@@ -81,7 +81,7 @@ function renderDetails(doc) {
       table(["workload", "version", "rate", "share"], (doc.versions || []).map((v) => [
         v.workload, v.version || "-", v.rate.toFixed(2),
         h("span", {}, h("span", { class: "bar", style: `width:${Math.round(v.share * 80)}px` }), ` ${pct(v.share)}`)])));
-    parts.push(h("h3", {}, "Routes that apply (meshctl explain)"), routesBlock(doc.routes || []));
+    parts.push(h("h3", {}, "Routes that apply (meshctl explain)"), ...routesBlock(doc.routes || []));
   } else if (doc.versions) {
     parts.push(h("p", {}, `versions: ${doc.versions.join(", ") || "-"}`));
   }

@@ -69,9 +69,18 @@ function edgeLabel(e) {
   const parts = [rate(e)];
   if (e.protocol !== "tcp") {
     parts.push(`${(e.error_ratio * 100).toFixed(1)}% 5xx`);
-    if (e.p99_ms !== null) parts.push(`p99 ${e.p99_ms.toFixed(0)}ms`);
+    if (e.p99_ms !== null) parts.push(`p99 ${e.p99_ms.toFixed(0)} ms`);
   }
-  return (e.mtls ? "🔒 " : "") + parts.join(" · ");
+  if (e.protocol === "grpc") parts.unshift("gRPC");
+  return parts.join(" · ");
+}
+
+// A padlock, drawn (no emoji font needed): shackle and body, centred on (x, y).
+export function lock(parent, x, y) {
+  const g = el("g", { class: "lock", transform: `translate(${x},${y})` }, parent);
+  el("path", { d: "M -3 -1 V -4 A 3 3 0 0 1 3 -4 V -1", fill: "none", stroke: "#333", "stroke-width": 1.4 }, g);
+  el("rect", { x: -4.5, y: -1, width: 9, height: 7, rx: 1, fill: "#333" }, g);
+  return g;
 }
 
 function shape(g, node) {
@@ -89,7 +98,10 @@ function shape(g, node) {
 
 function nodeLabel(node) {
   if (node.kind === "service") return [node.name, (node.versions || []).join(", ")];
-  if (node.kind === "workload") return [node.app || node.name, node.version || ""];
+  if (node.kind === "workload") {
+    return [node.app && node.app !== "unknown" ? node.app : node.name,
+      node.version && node.version !== "unknown" ? node.version : ""];
+  }
   if (node.kind === "gateway") return ["ingress gateway", ""];
   return [node.name || node.id, ""];
 }
@@ -120,8 +132,11 @@ export function renderGraph(svg, doc, selected, onSelect) {
     el("path", { class: "hit", d }, g);
     const marker = e.protocol === "tcp" ? "tcp" : e.health;
     el("path", { class: "line", d, "marker-end": `url(#arrow-${marker})` }, g);
-    const t = el("text", { x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 - 6, "text-anchor": "middle" }, g);
+    const mx = (a.x + b.x) / 2;
+    const my = (a.y + b.y) / 2 - 7;
+    const t = el("text", { x: mx + (e.mtls ? 6 : 0), y: my, "text-anchor": "middle" }, g);
     t.textContent = edgeLabel(e);
+    if (e.mtls) lock(g, mx - t.getComputedTextLength() / 2 - 6, my - 4);
     g.addEventListener("click", (ev) => { ev.stopPropagation(); onSelect(`edge:${e.id}`); });
   }
   const nodes = el("g", { class: "nodes" }, svg);
