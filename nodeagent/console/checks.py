@@ -15,9 +15,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from nodeagent.snapshot import Snapshot, VirtualService, Workload
+from nodeagent.console.selection import backends
+from nodeagent.snapshot import Snapshot, VirtualService
 from nodeagent.snapshot.hosts import labels_match
-from nodeagent.snapshot.model import DestinationRule, Service
+from nodeagent.snapshot.model import DestinationRule
 from nodeagent.snapshot.routes import HttpRoute, TcpRoute
 
 CERT_WARNING = 6 * 3600.0
@@ -63,19 +64,6 @@ def destination_rules(snap: Snapshot) -> list[DestinationRule]:
     return [seen[k] for k in sorted(seen)]
 
 
-def pods_of(snap: Snapshot, service: Service | None, labels: Mapping[str, str]) -> list[Workload]:
-    """The workloads behind `service` that also carry `labels` (a subset's)."""
-    if service is None or service.selector is None:
-        return []
-    return [
-        w
-        for w in snap.workloads()
-        if w.namespace == service.namespace
-        and labels_match(service.selector, w.labels)
-        and labels_match(labels, w.labels)
-    ]
-
-
 def _labels(labels: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "(none)"
 
@@ -92,18 +80,19 @@ def _virtual_service_findings(snap: Snapshot) -> Iterator[Finding]:
                 dr = snap.destination_rule(dest.fqdn, vs.namespace)
                 subset = dr.subset(dest.subset) if dr is not None else None
                 if subset is None:
-                    where = f"DestinationRule {dr.ref}" if dr else "no DestinationRule"
+                    problem = (
+                        f"DestinationRule {dr.ref} does not define it"
+                        if dr is not None
+                        else "no DestinationRule exists for that host"
+                    )
                     yield Finding(
                         "error", "VirtualService", vs.ref, "undefined-subset",
-                        f"routes to subset {dest.subset!r} of {dest.fqdn}, which {where} "
-                        "does not define" if dr else
-                        f"routes to subset {dest.subset!r} of {dest.fqdn}, but no "
-                        "DestinationRule exists for that host",
+                        f"routes to subset {dest.subset!r} of {dest.fqdn}, but {problem}",
                         f"add subset {dest.subset!r} to a DestinationRule for {dest.host}, "
                         "or route to a defined subset",
                     )  # fmt: skip
                     continue
-                if not pods_of(snap, snap.service_by_host(dest.fqdn), subset.labels):
+                if not backends(snap, snap.service_by_host(dest.fqdn), subset.labels):
                     yield Finding(
                         "warning", "VirtualService", vs.ref, "subset-without-pods",
                         f"routes to subset {dest.subset!r} of {dest.fqdn} "
@@ -117,7 +106,7 @@ def _destination_rule_findings(snap: Snapshot) -> Iterator[Finding]:
     for dr in destination_rules(snap):
         service = snap.service_by_host(dr.host)
         for name, subset in sorted(dr.subsets.items()):
-            if not pods_of(snap, service, subset.labels):
+            if not backends(snap, service, subset.labels):
                 yield Finding(
                     "warning", "DestinationRule", dr.ref, "subset-without-pods",
                     f"subset {name!r} ({_labels(subset.labels)}) of {dr.host} matches no pod",

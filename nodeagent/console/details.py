@@ -10,6 +10,7 @@ from typing import Any
 
 from nodeagent.console.checks import IssuedCert
 from nodeagent.console.graph import GATEWAY, is_gateway, node_of_workload
+from nodeagent.console.selection import backends
 from nodeagent.meshctl.explain import ExplainError, explain
 from nodeagent.snapshot import Snapshot, Workload
 from nodeagent.snapshot.model import AuthorizationPolicy, Service
@@ -61,21 +62,6 @@ def _pod_doc(w: Workload) -> dict[str, Any]:
         "version": version_label(w.labels),
         "identity": w.identity,
     }
-
-
-def backends(snap: Snapshot, service: Service) -> list[Workload]:
-    if service.selector is None:
-        return []
-    selector = service.selector
-    return sorted(
-        (
-            w
-            for w in snap.workloads()
-            if w.namespace == service.namespace
-            and all(w.labels.get(k) == v for k, v in selector.items())
-        ),
-        key=lambda w: w.ref,
-    )
 
 
 def _caller(snap: Snapshot, graph: Mapping[str, Any], node_id: str, avoid: set[str]) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from nodeagent.console.selection import backends
 from nodeagent.console.traffic import Counters, EdgeKey, quantile
 from nodeagent.snapshot import Snapshot, Workload
 from nodeagent.telemetry.metrics import UNKNOWN, app_label, version_label, workload_name
@@ -24,6 +25,7 @@ GATEWAY = "gateway"
 OUTSIDE = "unknown"
 GATEWAY_APP = "istio-ingressgateway"
 GATEWAY_NAMESPACE = "istio-system"
+GRPC = frozenset({"grpc", "grpc-web"})
 
 
 def health(requests: float, errors: float, connections: float = 0.0) -> Health:
@@ -59,6 +61,17 @@ def _source_id(key: EdgeKey) -> str:
     if key.source_workload == UNKNOWN:
         return OUTSIDE
     return workload_id(key.source_namespace, key.source_workload)
+
+
+def _protocol(snap: Snapshot, key: EdgeKey) -> str:
+    """The edge's protocol: the metrics' `request_protocol`, except that requests to a service
+    whose ports are all gRPC by Istio's naming rules (`grpc-…`, appProtocol) are gRPC."""
+    if key.protocol != "http":
+        return key.protocol
+    svc = snap.service(key.service_namespace, key.service_name)
+    if svc is not None and svc.ports and all(p.protocol_hint in GRPC for p in svc.ports):
+        return "grpc"
+    return "http"
 
 
 @dataclass(slots=True)
@@ -112,13 +125,7 @@ def build_graph(
         if svc.kind != "Service":
             continue
         sid = service_id(svc.namespace, svc.name)
-        backends = [
-            w
-            for w in snap.workloads()
-            if svc.selector is not None
-            and w.namespace == svc.namespace
-            and all(w.labels.get(k) == v for k, v in svc.selector.items())
-        ]
+        pods = backends(snap, svc)
         nodes[sid] = {
             "id": sid,
             "kind": "service",
@@ -127,8 +134,8 @@ def build_graph(
             "host": svc.hostname,
             "app": svc.name,
             "version": None,
-            "versions": sorted({version_label(w.labels) for w in backends}),
-            "workloads": sorted({node_of_workload(w) for w in backends}),
+            "versions": sorted({version_label(w.labels) for w in pods}),
+            "workloads": sorted({node_of_workload(w) for w in pods}),
         }
     edges: dict[tuple[str, str, str], _Edge] = {}
 
@@ -163,12 +170,13 @@ def build_graph(
             if found is not None and found not in nodes:  # traffic to something gone since
                 nodes[found] = {"id": found, "kind": kind, "namespace": ns, "name": name,
                               "app": name, "version": key.destination_version}  # fmt: skip
+        protocol = _protocol(snap, key)
         if dst_svc is not None:
-            add(src, dst_svc, key.protocol, c)
+            add(src, dst_svc, protocol, c)
             if dst_wl is not None:
-                add(dst_svc, dst_wl, key.protocol, c)
+                add(dst_svc, dst_wl, protocol, c)
         elif dst_wl is not None:
-            add(src, dst_wl, key.protocol, c)
+            add(src, dst_wl, protocol, c)
     # HTTP through the tunnel is also a TCP connection at the destination's end: one edge,
     # the HTTP one, carries both (Kiali draws the request protocol).
     for (source, target, protocol), edge in list(edges.items()):

@@ -221,3 +221,22 @@ def test_http_carried_through_the_tunnel_is_one_http_edge_not_a_second_tcp_one()
     pair = [e for e in doc["edges"] if e["source"] == "wl:default/client"]
     assert [e["protocol"] for e in pair] == ["http"]
     assert pair[0]["connection_rate"] == pytest.approx(0.1)
+
+
+def test_requests_to_a_grpc_service_are_a_grpc_edge() -> None:
+    from console_fixtures import mesh_docs
+    from snapshot_docs import service, snapshot_of, workload
+
+    docs = [
+        *mesh_docs(),
+        service("greeter", port=50051, target=50051, port_name="grpc-api"),
+        workload("g1", "10.1.0.20", {"app": "greeter", "version": "v1"}, name="greeter-v1"),
+    ]
+    st = ConsoleState(snapshot=snapshot_of(docs), clock=lambda: NOW)
+    st.traffic.record("n", NOW - 10, parse_scrape(exposition(st.snapshot, [])))
+    calls = [Calls("c1", "g1", "greeter", {200: 10}), Calls("c1", "a1", "my-app", {200: 10})]
+    st.traffic.record("n", NOW, parse_scrape(exposition(st.snapshot, calls)))
+    _, doc = get(st, "/api/graph")
+    protocols = {e["target"]: e["protocol"] for e in doc["edges"]}
+    assert protocols["svc:default/greeter"] == "grpc"
+    assert protocols["svc:default/my-app"] == "http"

@@ -78,8 +78,8 @@ function renderDetails(doc) {
     h("p", {}, `health: ${n.health} · ${(n.request_rate || 0).toFixed(2)} rps · 5xx ${pct(n.error_ratio || 0)}`)];
   if (n.kind === "service") {
     parts.push(h("h3", {}, "Versions and traffic share"),
-      table(["workload", "version", "rate", "share"], (doc.versions || []).map((v) => [
-        v.workload, v.version || "-", v.rate.toFixed(2),
+      table(["version", "workload", "rps", "share"], (doc.versions || []).map((v) => [
+        v.version || "-", v.workload.replace(/^wl:[^/]*\//, ""), v.rate.toFixed(2),
         h("span", {}, h("span", { class: "bar", style: `width:${Math.round(v.share * 80)}px` }), ` ${pct(v.share)}`)])));
     parts.push(h("h3", {}, "Routes that apply (meshctl explain)"), ...routesBlock(doc.routes || []));
   } else if (doc.versions) {

@@ -1,7 +1,7 @@
 // The service graph as SVG, laid out in columns: callers on the left, then services, then
 // the workloads (versions) behind them. Written by hand: no library, no network access.
 const NS = "http://www.w3.org/2000/svg";
-const COLUMN = 230;
+const COLUMN = 300;
 const ROW = 90;
 const MARGIN = 70;
 
@@ -132,11 +132,16 @@ export function renderGraph(svg, doc, selected, onSelect) {
     el("path", { class: "hit", d }, g);
     const marker = e.protocol === "tcp" ? "tcp" : e.health;
     el("path", { class: "line", d, "marker-end": `url(#arrow-${marker})` }, g);
-    const mx = (a.x + b.x) / 2;
-    const my = (a.y + b.y) / 2 - 7;
-    const t = el("text", { x: mx + (e.mtls ? 6 : 0), y: my, "text-anchor": "middle" }, g);
-    t.textContent = edgeLabel(e);
-    if (e.mtls) lock(g, mx - t.getComputedTextLength() / 2 - 6, my - 4);
+    // The label sits on the curve past its middle, so labels of a fan of edges from one
+    // source spread apart and stay next to their own line.
+    const t = 0.62;
+    const bez = (p0, p1, p2, p3) =>
+      (1 - t) ** 3 * p0 + 3 * (1 - t) ** 2 * t * p1 + 3 * (1 - t) * t ** 2 * p2 + t ** 3 * p3;
+    const mx = bez(a.x + 20, a.x + dx, b.x - dx, b.x - 22);
+    const my = bez(a.y, a.y, b.y, b.y) - 7;
+    const label = el("text", { x: mx + (e.mtls ? 6 : 0), y: my, "text-anchor": "middle" }, g);
+    label.textContent = edgeLabel(e);
+    if (e.mtls) lock(g, mx - label.getComputedTextLength() / 2 - 6, my - 4);
     g.addEventListener("click", (ev) => { ev.stopPropagation(); onSelect(`edge:${e.id}`); });
   }
   const nodes = el("g", { class: "nodes" }, svg);
