@@ -416,6 +416,9 @@ def test_the_service_details_show_versions_and_routes(page: Browser) -> None:
     )
     assert "my-app-v3" in text
     assert "routed by default/my-app" in text  # explain's summary of the rule
+    # the backends' certificate, from the CA's record in the store, with its expiry
+    assert "spiffe://cluster.local/ns/default/sa/my-app" in text
+    assert "in 2" in text  # the sandbox CA's 24 h certificates: "in 23.9 h" / "in 24.0 h"
     page.run(lambda: page.driver.save_screenshot(str(DOCS / "console-graph.png")))
 
 
