@@ -10,7 +10,8 @@ CERTS = ROOT + "certs/"
 CA_BUNDLE = ROOT + "ca/bundle"
 CA_CRL = ROOT + "ca/crl"
 VIPS = ROOT + "vips/"
-# One record per node agent, under its lease: where its metrics port is (for the console).
+# One record per running agent, under the node's lease next to its workloads: its deletion says
+# the lease lapsed (the snapshot then holds the node's workloads for a grace period).
 NODES = ROOT + "nodes/"
 
 

@@ -33,8 +33,8 @@ from nodeagent.console.rollouts import PREFIX as ROLLOUTS
 from nodeagent.demo import backend
 from nodeagent.inpod.netns import Netns
 from nodeagent.sandbox import Pod, Sandbox
-from nodeagent.store import open_store
-from nodeagent.store.codec import encode
+from nodeagent.store import keys, open_store
+from nodeagent.store.codec import decode, encode
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 NAME = f"co{os.getpid() % 100000}"
@@ -370,6 +370,26 @@ def test_the_graph_shows_the_services_versions_and_rated_edges(page: Browser) ->
     assert nodes["wl:default/my-app-v3"] == "idle"  # no route sends it anything yet
     edges = page.script(EDGES)
     assert all(mtls == "true" for *_, mtls in edges)  # every hop is a mesh tunnel
+
+
+def test_agents_publish_where_their_metrics_are(sandbox: Sandbox, page: Browser) -> None:
+    async def records() -> dict[str, str]:
+        store = await open_store(sandbox.store_url)
+        try:
+            return {
+                n.name: decode(kv)["metrics"]
+                for n in sandbox.nodes()
+                if (kv := await store.get(keys.node(n.name))) is not None
+            }
+        finally:
+            await store.aclose()
+
+    assert trio.run(records) == {n.name: f"{n.underlay_ip}:15020" for n in sandbox.nodes()}
+    agents = page.script(
+        "return [...document.querySelectorAll('#tab-agents tr')].slice(1)"
+        ".map(r => r.children[0].textContent + ' ' + r.children[3].textContent)"
+    )
+    assert sorted(agents) == ["n1 ", "n2 "]  # both scraped, no scrape error
 
 
 def test_a_version_answering_500_turns_failing_within_the_refresh(
