@@ -7,6 +7,7 @@ sandbox      a multi-node cluster of network namespaces on this machine
 ca           the certificate authority: `ca init`, `ca serve`, `ca revoke`
 admin        talk to a running agent over its admin socket (tables, or JSON with -o json)
 kube-sync    mirror Kubernetes Services, EndpointSlices, Pods and Istio config into the store
+console      the read-only web console: service graph, traffic, config health, rollouts
 """
 
 from __future__ import annotations
@@ -81,6 +82,13 @@ def _run(argv: list[str]) -> int:
         "(kubelet probes then hit the pods' inbound capture)",
     )
     p.add_argument(
+        "--advertise-address",
+        default=os.environ.get("NODE_IP") or None,
+        metavar="IP",
+        help="the node address its metrics port is reachable on, published in the store "
+        "for the console (default $NODE_IP; none: not published)",
+    )
+    p.add_argument(
         "--lease-ttl",
         type=_positive_seconds,
         default=15.0,
@@ -135,6 +143,7 @@ def _run(argv: list[str]) -> int:
         gateway=args.gateway,
         gateway_bind=args.gateway_bind,
         probe_snat=args.probe_snat,
+        advertise_address=args.advertise_address,
         lease_ttl=args.lease_ttl,
         lease_grace=args.lease_grace,
         drain_timeout=args.drain_timeout,
@@ -238,6 +247,7 @@ _DELEGATED = {
     "ca": "nodeagent.ca.cli",
     "admin": "nodeagent.admin.cli",
     "kube-sync": "nodeagent.kube.cli",
+    "console": "nodeagent.console.cli",
 }
 
 

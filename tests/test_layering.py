@@ -33,6 +33,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"proxy"}),
     frozenset({"gateway"}),
     frozenset({"agent", "meshctl", "bench", "demo"}),
+    frozenset({"console"}),  # asks meshctl's explain for the routes it shows
     frozenset({"cli"}),
 )
 

@@ -74,6 +74,11 @@ SUCCESSOR_WAIT = 60.0
 NODE_RECORD_VERSION = 1
 
 
+def metrics_address(host: str, port: int) -> str:
+    """`host:port` of the node's metrics port as the node record says it (IPv6 in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(slots=True)
 class AgentConfig:
     node: str
@@ -106,6 +111,9 @@ class AgentConfig:
     drain_timeout: float = DRAIN_TIMEOUT
     # The HTTP proxies' timeouts and bounds (every pod's and the gateway's).
     http_limits: Limits = field(default_factory=Limits)
+    # The node address its metrics port is reachable on, put in the node record for the
+    # console (`metrics: "host:port"`); None leaves it out.
+    advertise_address: str | None = None
 
     @property
     def cni_socket(self) -> Path:
@@ -459,12 +467,16 @@ class Agent:
         if replaced:
             log.warning("lease.replaced", lease=lease, pods=len(self.enroller.pods))
         await self.enroller.reregister_all()
-        record = {
+        record: dict[str, object] = {
             "v": NODE_RECORD_VERSION,
             "node": self.config.node,
             "pid": os.getpid(),
             "lease": lease,
         }
+        if self.config.advertise_address:
+            record["metrics"] = metrics_address(
+                self.config.advertise_address, self.config.metrics_port
+            )
         await store.put(keys.node(self.config.node), codec.encode(record), lease=lease)
         self._registered_lease = lease
         self._registered.set()

@@ -12,7 +12,7 @@ import errno
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -49,6 +49,8 @@ class HttpServerRequest:
     path: str
     query: Mapping[str, list[str]]
     body: bytes = b""
+    # Lower-case names; a repeated header's values joined with ", " (RFC 9110).
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     def param(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -110,7 +112,7 @@ class HttpServer:
                         )
                         return
             response = self.dispatch(
-                event.method.decode("ascii", "replace"), event.target, bytes(body)
+                event.method.decode("ascii", "replace"), event.target, bytes(body), event.headers
             )
             await self._send(stream, conn, event, response)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -149,7 +151,13 @@ class HttpServer:
                 return None
             return event
 
-    def dispatch(self, method: str, target: bytes, body: bytes = b"") -> Response:
+    def dispatch(
+        self,
+        method: str,
+        target: bytes,
+        body: bytes = b"",
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> Response:
         """The response for one request (sync: handlers never block)."""
         url = urlsplit(target.decode("ascii", "replace"))
         route = self.routes.get(url.path)
@@ -170,7 +178,12 @@ class HttpServer:
                         + b"\n",
                         headers=(("allow", allowed),),
                     )
-                return route.handler(HttpServerRequest(method, url.path, query, body))
+                joined: dict[str, str] = {}
+                for name, value in headers:
+                    key = name.decode("ascii", "replace").lower()
+                    text = value.decode("latin-1")
+                    joined[key] = f"{joined[key]}, {text}" if key in joined else text
+                return route.handler(HttpServerRequest(method, url.path, query, body, joined))
             return route(query)
         except ValueError as exc:
             return Response.json({"error": str(exc)}, 400)

@@ -117,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     named(gw, ("--name", "--sandbox"))
     gw.add_argument("--port", type=int, default=80, help="the Gateway server's port")
 
+    cu = sub.add_parser(
+        "console-url", help="the mesh console's URL (with its token) as the outside host opens it"
+    )
+    named(cu, ("--name", "--sandbox"))
+
     env = sub.add_parser("env", help="print `export MESH_STORE=…` for meshctl")
     named(env, ("--name", "--sandbox"))
 
@@ -159,6 +164,8 @@ def format_status(doc: dict[str, Any]) -> str:
         ])  # fmt: skip
     out += ["", _table(rows)]
     out.append(f"\noutside {doc['outside']['netns']} {doc['outside']['ip']}")
+    if doc.get("console"):
+        out.append(f"console {doc['console']} (scripts/sandbox console-url)")
     if doc.get("gateway"):
         out.append(f"gateway on {doc['gateway']} (scripts/sandbox gateway-url)")
     if doc["etcd"]:
@@ -256,6 +263,9 @@ def _run(args: argparse.Namespace, cmd: list[str]) -> int:
         return 0
     if args.command == "gateway-url":
         print(sb.gateway_url(args.port))
+        return 0
+    if args.command == "console-url":
+        print(sb.console_url())
         return 0
     if args.command == "env":
         print(sb.env())

@@ -40,6 +40,9 @@ UNDERLAY_PREFIXLEN = 24
 ETCD_IP = f"{UNDERLAY_PREFIX}.2"
 ETCD_CLIENT_PORT = 2379
 OUTSIDE_IP = f"{UNDERLAY_PREFIX}.100"
+# The mesh console (`nodeagent console`) in a control-plane namespace of its own.
+CONSOLE_IP = f"{UNDERLAY_PREFIX}.3"
+CONSOLE_PORT = 20001
 MAX_NODES = 50
 # Long enough to stay readable, short enough for any tool that prints it in a column.
 MAX_NETNS_LEN = 64
@@ -103,6 +106,10 @@ def etcd_netns(sandbox: str) -> str:
     return f"{sandbox}-etcd"
 
 
+def console_netns(sandbox: str) -> str:
+    return f"{sandbox}-cp"
+
+
 def node_netns(sandbox: str, node: str) -> str:
     return f"{sandbox}-{node}"
 
@@ -134,7 +141,8 @@ def pod_netns(sandbox: str, node: str, namespace: str, pod: str) -> str:
 
 def is_own_netns(sandbox: str, netns: str) -> bool:
     """Whether `netns` has one of the names this sandbox gives (used when its state is lost)."""
-    if netns in (underlay_netns(sandbox), outside_netns(sandbox), etcd_netns(sandbox)):
+    own = (underlay_netns(sandbox), outside_netns(sandbox), etcd_netns(sandbox))
+    if netns in (*own, console_netns(sandbox)):
         return True
     rest = netns.removeprefix(f"{sandbox}-")
     if rest == netns:

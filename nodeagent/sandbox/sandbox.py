@@ -286,6 +286,23 @@ class Sandbox:
             raise SandboxError(f"sandbox {st.name!r} has no gateway (up --gateway NODE)")
         return f"http://{self._node_state(st, st.gateway).underlay_ip}:{port}"
 
+    def console_url(self) -> str:
+        """The console's URL as the outside host (or any sandbox namespace) opens it, with the
+        token that sets the console's cookie."""
+        st = self.state()
+        if st.console is None:
+            raise SandboxError(f"sandbox {st.name!r} runs no console (up without --no-agents)")
+        token = self.console_token_file.read_text().strip()
+        return f"http://{layout.CONSOLE_IP}:{layout.CONSOLE_PORT}/?token={token}"
+
+    @property
+    def console_token_file(self) -> Path:
+        return self.state_dir / "console.token"
+
+    @property
+    def console_log(self) -> Path:
+        return self.state_dir / "console.log"
+
     def agent_ready(self, node: str) -> bool:
         return is_ready(self.node(node).admin_socket)
 
@@ -326,6 +343,9 @@ class Sandbox:
             "store_url": st.store_url,
             "outside": {"netns": layout.outside_netns(st.name), "ip": st.outside_ip},
             "gateway": st.gateway,
+            "console": None
+            if st.console is None
+            else f"{layout.console_netns(st.name)} {layout.CONSOLE_IP}:{layout.CONSOLE_PORT}",
             "etcd": None
             if st.etcd is None
             else {
@@ -666,6 +686,56 @@ class Sandbox:
         _CHILDREN[proc.pid] = proc
         st.ca = ref
 
+    def _start_console(self, st: State) -> None:
+        """`nodeagent console` in a namespace of its own on the underlay, guarded by a token
+        (it listens beyond loopback); nothing listens in the machine's own namespace."""
+        netns = layout.console_netns(self.name)
+        self._say(f"starting the console in {netns} ({layout.CONSOLE_IP}:{layout.CONSOLE_PORT})")
+        self._attach(st, netns, layout.CONSOLE_IP, "v-cp")
+        ip("link", "set", "lo", "up", netns=netns)
+        old = os.umask(0o077)
+        try:
+            self.console_token_file.write_text(secrets.token_urlsafe(24) + "\n")
+        finally:
+            os.umask(old)
+        argv = [
+            "ip", "netns", "exec", netns,
+            str(Path(sys.prefix) / "bin" / "nodeagent"), "console",
+            "--listen", f"{layout.CONSOLE_IP}:{layout.CONSOLE_PORT}", "--store", st.store_url,
+            "--token-file", str(self.console_token_file), "--refresh", "1",
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc, ref = spawn(argv, log=self.console_log, env=env)
+        _CHILDREN[proc.pid] = proc
+        st.console = ref
+        save(st)
+
+    def _wait_console(self) -> None:
+        """Until the console has bound its port (its `console.ready` log line)."""
+        st = self.state()
+        if st.console is None:
+            return
+        deadline = time.monotonic() + CA_TIMEOUT
+        while True:
+            try:
+                text = self.console_log.read_text(errors="replace")
+            except FileNotFoundError:
+                text = ""
+            if '"console.ready"' in text or " console.ready " in text:
+                self._say("console ready (scripts/sandbox console-url)")
+                return
+            if not st.console.alive():
+                raise SandboxError(
+                    f"the console exited at start; last lines of {self.console_log}:\n"
+                    + _tail(self.console_log)
+                )
+            if time.monotonic() > deadline:
+                raise SandboxError(
+                    f"the console not ready after {CA_TIMEOUT:.0f}s; see {self.console_log}"
+                )
+            reap(_CHILDREN)
+            time.sleep(0.1)
+
     def _wait_ca(self, st: State) -> None:
         """Until the signer has published the trust bundle (its `ca.ready` log line)."""
         assert st.ca is not None
@@ -779,6 +849,8 @@ class Sandbox:
                 errors.append(str(e))
         if st.ca is not None:
             stop_all([st.ca], grace=AGENT_GRACE, group=True, children=_CHILDREN)
+        if st.console is not None:
+            stop_all([st.console], grace=AGENT_GRACE, group=True, children=_CHILDREN)
         if st.etcd is not None:
             stop_all([st.etcd], grace=AGENT_GRACE, group=True, children=_CHILDREN)
         return pod_ns + list(reversed(st.netns))
@@ -869,11 +941,13 @@ class Sandbox:
                 self._spawn_ca(st, ca_ttl)
                 save(st)
                 self._wait_ca(st)
+                self._start_console(st)
                 for ns in st.nodes.values():
                     self._spawn_agent(st, ns)
                 save(st)
         if agents:
             self.wait_agents_ready(timeout=ready_timeout)
+            self._wait_console()
         self._say(f"up: {nodes} node(s), store {st.store_url}")
 
     def _netns_add(self, st: State, name: str) -> None:
@@ -985,6 +1059,7 @@ class Sandbox:
         argv = [
             "ip", "netns", "exec", ns.netns, *st.agent_cmd,
             "--node", ns.name, "--store", st.store_url, "--run-dir", ns.run_dir,
+            "--advertise-address", ns.underlay_ip,
         ]  # fmt: skip
         if st.gateway == ns.name:
             argv.append("--gateway")

@@ -102,6 +102,7 @@ def test_store_url_per_overlay() -> None:
         ("DaemonSet", "nodeagent"),
         ("Deployment", "kube-sync"),
         ("Deployment", "mesh-ca"),
+        ("Deployment", "mesh-console"),
     ):
         pod = by_kind(embedded, kind, name)["spec"]["template"]["spec"]
         mounts = {m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
@@ -141,6 +142,28 @@ def test_daemonset_shape() -> None:
     ]
     crds = {d["metadata"]["name"] for d in docs if d["kind"] == "CustomResourceDefinition"}
     assert crds == {f"{r.plural}.{r.group}" for r in ALL if r.group.endswith("istio.io")}
+
+
+def test_console_is_a_token_guarded_cluster_service_and_agents_publish_their_address() -> None:
+    docs = render(DAEMONSET)
+    pod = by_kind(docs, "Deployment", "mesh-console")["spec"]["template"]["spec"]
+    (console,) = pod["containers"]
+    args = console["args"]
+    assert args[:3] == ["console", "--listen", "0.0.0.0:20001"]
+    assert args[args.index("--token-file") + 1] == "/etc/mesh-console/token"
+    assert pod["automountServiceAccountToken"] is False
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["token"]["secret"]["secretName"] == "mesh-console-token"
+    svc = by_kind(docs, "Service", "mesh-console")["spec"]
+    assert svc["type"] == "ClusterIP"
+    assert svc["ports"][0]["port"] == 20001
+    agent = next(
+        c
+        for c in by_kind(docs, "DaemonSet", "nodeagent")["spec"]["template"]["spec"]["containers"]
+        if c["name"] == "agent"
+    )
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
 
 
 def granted(docs: list[dict[str, Any]], account: str) -> set[tuple[str, str, str]]:

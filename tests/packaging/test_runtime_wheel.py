@@ -70,6 +70,18 @@ def test_the_runtime_wheel_has_the_agent_and_no_tooling(wheel: Path) -> None:
     assert tooling == []
 
 
+def test_the_runtime_wheel_carries_the_console_page(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+    page = {
+        f"nodeagent/console/static/{n}" for n in ("index.html", "app.js", "graph.js", "style.css")
+    }
+    assert page <= names
+    # package data is the console's page only: no other data file came back
+    data = {n for n in names if n.startswith("nodeagent/") and not n.endswith(".py")}
+    assert data == page
+
+
 def test_every_runtime_module_and_the_run_path_import_without_the_tooling(
     wheel: Path, site: Path
 ) -> None:

@@ -56,9 +56,18 @@ def test_pod_netns_is_ours_and_bounded(ns: str, pod: str) -> None:
 
 
 def test_is_own_netns() -> None:
-    for own in ("mesh-ul", "mesh-out", "mesh-etcd", "mesh-n1", "mesh-n12-default-web"):
+    for own in ("mesh-ul", "mesh-out", "mesh-etcd", "mesh-cp", "mesh-n1", "mesh-n12-default-web"):
         assert layout.is_own_netns("mesh", own)
-    for other in ("mesh", "meshx-n1", "mesh-n0", "mesh-x", "other-n1", "mesh-ulx", "scratch"):
+    for other in (
+        "mesh",
+        "meshx-n1",
+        "mesh-n0",
+        "mesh-x",
+        "other-n1",
+        "mesh-ulx",
+        "mesh-cpx",
+        "scratch",
+    ):
         assert not layout.is_own_netns("mesh", other)
 
 
