@@ -7,6 +7,7 @@ sandbox      a multi-node cluster of network namespaces on this machine
 ca           the certificate authority: `ca init`, `ca serve`, `ca revoke`
 admin        talk to a running agent over its admin socket (tables, or JSON with -o json)
 kube-sync    mirror Kubernetes Services, EndpointSlices, Pods and Istio config into the store
+controller   drive Rollouts: canary weights or A/B matches, metric analysis, promotion, rollback
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ def _run(argv: list[str]) -> int:
         help="do not SNAT the node's connections to enrolled pods to 169.254.7.127 "
         "(kubelet probes then hit the pods' inbound capture)",
     )
+    p.add_argument(
+        "--node-ip",
+        default=os.environ.get("NODE_IP", ""),
+        help="the node's address, announced in the store for the rollout controller's scrapes",
+    )
     args = p.parse_args(argv)
     log.configure(args.log_level, args.log_format)
     cfg = AgentConfig(
@@ -97,6 +103,7 @@ def _run(argv: list[str]) -> int:
         gateway=args.gateway,
         gateway_bind=args.gateway_bind,
         probe_snat=args.probe_snat,
+        node_ip=args.node_ip,
     )
     try:
         trio.run(run_until_signalled, cfg)
@@ -172,6 +179,7 @@ _DELEGATED = {
     "ca": "nodeagent.ca.cli",
     "admin": "nodeagent.admin.cli",
     "kube-sync": "nodeagent.kube.cli",
+    "controller": "nodeagent.rollout.cli",
 }
 
 

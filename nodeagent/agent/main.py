@@ -32,7 +32,9 @@ from nodeagent.inpod.node_rules import aapply_probe_rules, is_probe_target
 from nodeagent.log import get_logger
 from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.snapshot import Snapshot, SnapshotSync
-from nodeagent.store import open_store
+from nodeagent.store import keys, open_store
+from nodeagent.store.base import Store
+from nodeagent.store.codec import encode
 from nodeagent.store.lease import hold_lease
 from nodeagent.telemetry.metrics import HealthSources
 from nodeagent.telemetry.service import Telemetry, TelemetryConfig
@@ -64,6 +66,9 @@ class AgentConfig:
     gateway_bind: str = "0.0.0.0"
     # SNAT the node's own TCP to enrolled pods to 169.254.7.127 (kubelet probes pass STRICT).
     probe_snat: bool = True
+    # The node's address others reach its metrics port on; announced in the store (under the
+    # lease) so the rollout controller finds every agent. "": not announced.
+    node_ip: str = ""
 
     @property
     def cni_socket(self) -> Path:
@@ -133,6 +138,7 @@ class Agent:
                         revoke=False,
                     )
                 )
+                await self._announce(store)
                 self.snapshot = SnapshotSync(
                     store, cache_path=cfg.run_dir / "snapshot.cache", trust_domain=cfg.trust_domain
                 )
@@ -275,6 +281,14 @@ class Agent:
         if self.enroller is not None:
             log.warning("lease.replaced", lease=lease, pods=len(self.enroller.pods))
             await self.enroller.reregister_all()
+            await self._announce(self.enroller.store)
+
+    async def _announce(self, store: Store) -> None:
+        """Publish this node's metrics address (`keys.node`) under the lease, when known."""
+        cfg = self.config
+        if cfg.node_ip:
+            record = {"version": 1, "metrics": f"{cfg.node_ip}:{cfg.metrics_port}"}
+            await store.put(keys.node(cfg.node), encode(record), lease=self.lease)
 
     def _follow_node_identities(self, sync: SnapshotSync, identities: IdentityManager) -> None:
         """Keep a certificate for every identity of a workload registered on this node.

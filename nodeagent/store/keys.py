@@ -10,6 +10,7 @@ CERTS = ROOT + "certs/"
 CA_BUNDLE = ROOT + "ca/bundle"
 CA_CRL = ROOT + "ca/crl"
 VIPS = ROOT + "vips/"
+NODES = ROOT + "nodes/"  # each agent's announcement (metrics address), under its lease
 
 
 def config(kind: str, namespace: str, name: str) -> str:
@@ -34,3 +35,7 @@ def cert(node: str, ident: str) -> str:
 
 def vip(address: str) -> str:
     return f"{VIPS}{address}"
+
+
+def node(name: str) -> str:
+    return f"{NODES}{name}"
