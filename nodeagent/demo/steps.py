@@ -29,6 +29,7 @@ SEED = CHECKOUT.parent / "shared" / "corpus" / "seed"
 # import of the mesh, no script directory on sys.path).
 BACKEND = Path(__file__).with_name("backend.py")
 LOAD = Path(__file__).with_name("load.py")
+STEADY = Path(__file__).with_name("steady.py")  # constant load, for the rollout step
 MESHCTL = str(Path(sys.prefix) / "bin" / "meshctl")
 MY_APP_VIP = "10.96.0.10"
 RATINGS_VIP = "10.96.0.11"

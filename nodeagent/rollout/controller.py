@@ -24,9 +24,9 @@ from nodeagent.rollout.metrics import Counters, Figures, select, window
 from nodeagent.rollout.model import Rollout, Webhook, WebhookType
 from nodeagent.rollout.routes import RouteError, check, subset_labels
 from nodeagent.rollout.sources import Reading, Source, SourceError, http_call
-from nodeagent.rollout.status import TERMINAL, Status
-from nodeagent.rollout.windows import Window
-from nodeagent.store.base import Store, StoreError
+from nodeagent.rollout.status import ROLLOUTS, TERMINAL, Status
+from nodeagent.rollout.windows import Window, windows_key
+from nodeagent.store.base import Compare, Delete, Store, StoreError
 from nodeagent.store.codec import DecodeError
 from nodeagent.telemetry.metrics import version_label
 
@@ -107,6 +107,21 @@ class Controller:
             reading = await self.reconcile(loaded, reading)
         for ref in set(self.baselines) - seen:
             del self.baselines[ref]
+        await self._forget_deleted(seen)
+
+    async def _forget_deleted(self, existing: set[str]) -> None:
+        """The status and windows of a deleted Rollout go with it (one transaction each)."""
+        kvs, _ = await self.store.range(ROLLOUTS)
+        for kv in kvs:
+            ref = kv.key.removeprefix(ROLLOUTS)
+            if ref in existing:
+                continue
+            namespace, _, name = ref.partition("/")
+            await self.store.txn(
+                [Compare(kv.key, kv.mod_revision)],
+                [Delete(kv.key), Delete(windows_key(namespace, name))],
+            )
+            log.info("rollout.forgotten", rollout=ref)
 
     async def _read(self, reading: Reading | None) -> Reading:
         return reading if reading is not None else await self.source.read()

@@ -77,6 +77,8 @@ class State:
     etcd_url: str | None = None
     # The CA's signer (`nodeagent ca serve`), run in node n1's namespace; its dir is <state>/ca.
     ca: ProcessRef | None = None
+    # The rollout controller (`nodeagent controller`), run in node n1's namespace like the CA.
+    controller: ProcessRef | None = None
     # The node whose agent also serves the ingress gateway (`nodeagent run --gateway`), if any.
     gateway: str | None = None
 
@@ -98,13 +100,18 @@ class State:
                 k: PodState(**{**v, "process": ProcessRef.from_json(v.get("process"))})
                 for k, v in doc["pods"].items()
             }
-            rest = {k: v for k, v in doc.items() if k not in ("nodes", "pods", "etcd", "ca")}
+            rest = {
+                k: v
+                for k, v in doc.items()
+                if k not in ("nodes", "pods", "etcd", "ca", "controller")
+            }
             return State(
                 **rest,
                 nodes=nodes,
                 pods=pods,
                 etcd=ProcessRef.from_json(doc.get("etcd")),
                 ca=ProcessRef.from_json(doc.get("ca")),
+                controller=ProcessRef.from_json(doc.get("controller")),
             )
         except (AttributeError, KeyError, TypeError) as e:
             raise SandboxError(f"{where}: malformed sandbox state ({e})") from e

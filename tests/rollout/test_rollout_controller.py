@@ -175,3 +175,16 @@ async def test_unreadable_metrics_count_as_a_failed_check(store: Store) -> None:
     assert status is not None
     assert status.failed_checks == 1
     assert "metrics: agent n1: connect: refused" in status.reason
+
+
+async def test_a_deleted_rollouts_status_and_windows_go_with_it(store: Store) -> None:
+    clock, traffic = Clock(), Traffic()
+    c = Controller(store, Scripted(traffic), clock=clock)
+    await c.reconcile_all()
+    await c.reconcile_all()
+    await interval(c, clock, traffic, 20)
+    assert await read_status(store, "default", "my-app") is not None
+    await store.delete(keys.config("Rollout", "default", "my-app"))
+    await c.reconcile_all()
+    assert await read_status(store, "default", "my-app") is None
+    assert (await read_windows(store, "default", "my-app", "my-app")).windows == ()

@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--node", required=True)
     p.add_argument("--store", required=True)
     p.add_argument("--run-dir", required=True, type=Path)
+    p.add_argument("--node-ip")
     args = p.parse_args()
     sock = args.run_dir / "admin.sock"
     sock.unlink(missing_ok=True)
