@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     period = connections / rate
     out: list[list[object]] = []
     lock = threading.Lock()
-    print(f"started {time.time():.3f}", flush=True)
+    print(f"started {time.time()!r}", flush=True)
     threads = [
         threading.Thread(target=worker, args=(host, port, path, period, agents, k, stop, out, lock))
         for k in range(connections)
