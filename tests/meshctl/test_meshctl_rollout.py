@@ -177,3 +177,31 @@ def test_ab_report_per_variant_with_the_significance_test(
     assert main(["ab", "report", "other"]) == 1
     assert "no Rollout of host other.default.svc.cluster.local" in capsys.readouterr().err
     assert main(["ab", "report", "my-app", "--since", "soon"]) == 2
+
+
+def test_watch_follows_until_the_rollout_ends(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started(store)
+
+    seen: list[str] = []
+
+    async def abort_soon() -> None:
+        with trio.fail_after(10):
+            while '"Progressing"' not in "".join(seen):  # the watch printed the running state
+                await trio.sleep(0.05)
+                seen.append(capsys.readouterr().out)
+        await trio.to_thread.run_sync(main, ["rollout", "abort", "my-app"])
+
+    async def both() -> int:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(abort_soon)
+            code: int = await trio.to_thread.run_sync(
+                main, ["rollout", "status", "my-app", "-w", "-o", "json"]
+            )
+        return code
+
+    assert trio.run(both) == 0
+    seen.append(capsys.readouterr().out)
+    lines = [json.loads(x) for x in "".join(seen).splitlines() if x.startswith("{")]
+    assert [x["phase"] for x in lines] == ["Progressing", "Failed"]
