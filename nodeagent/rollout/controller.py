@@ -144,6 +144,8 @@ class Controller:
                 await self._commit(loaded, analysis.abort(r, status, now, str(exc)))
             return reading
         if status.phase == "Initializing":
+            if status.failed_checks and now < status.step_started + r.interval:
+                return reading  # a failed pre-rollout gate is tried again an interval later
             gates = await call_webhooks(r.webhooks_of("pre-rollout"), r, status.phase)
             if gates:
                 move = analysis.step(r, status, analysis.Check(False, {}, gates), now)

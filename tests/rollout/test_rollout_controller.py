@@ -188,3 +188,27 @@ async def test_a_deleted_rollouts_status_and_windows_go_with_it(store: Store) ->
     await c.reconcile_all()
     assert await read_status(store, "default", "my-app") is None
     assert (await read_windows(store, "default", "my-app", "my-app")).windows == ()
+
+
+async def test_a_failing_pre_rollout_gate_is_retried_each_interval_then_rolls_back() -> None:
+    store = await open_store("memory://")
+    try:
+        gate = "    webhooks:\n    - {name: smoke, type: pre-rollout, url: 'http://127.0.0.1:1/'}\n"
+        await apply_documents(store, documents(MESH + "---\n" + rollout_yaml(CANARY + gate)))
+        clock, traffic = Clock(), Traffic()
+        c = Controller(store, Scripted(traffic), clock=clock)
+        await c.reconcile_all()  # Initializing
+        await c.reconcile_all()  # the gate fails: check 1 of 2
+        await c.reconcile_all()  # not again within the interval
+        status = await read_status(store, "default", "my-app")
+        assert status is not None
+        assert (status.phase, status.failed_checks) == ("Initializing", 1)
+        assert "webhook smoke: POST http://127.0.0.1:1/" in status.reason
+        clock.now += 2.0
+        await c.reconcile_all()
+        status = await read_status(store, "default", "my-app")
+        assert status is not None
+        assert (status.phase, status.failed_checks) == ("Failed", 2)
+        assert await route(store) == [("v1", None)]
+    finally:
+        await store.aclose()
