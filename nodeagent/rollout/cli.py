@@ -58,10 +58,10 @@ def main(argv: list[str]) -> int:
                 if args.prometheus_url
                 else AgentScraper(store)
             )
-            controller = Controller(store, source, tick=args.tick)
             election = StoreElection(
                 store, name=LEADER_NAME, identity=args.identity, ttl=args.lease_ttl
             )
+            controller = Controller(store, source, tick=args.tick, fence=lambda: election.fence)
             log.get_logger("rollout").info(
                 "controller.started",
                 store=store.url,

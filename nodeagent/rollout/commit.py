@@ -93,13 +93,22 @@ async def load(store: Store, namespace: str, name: str) -> Loaded:
     return await load_kv(store, kv)
 
 
-async def commit(store: Store, loaded: Loaded, move: Move, window: Window | None = None) -> bool:
+async def commit(
+    store: Store,
+    loaded: Loaded,
+    move: Move,
+    window: Window | None = None,
+    *,
+    fence: Compare | None = None,
+) -> bool:
     """Write `move` (status + route change [+ window]) in one transaction; False on a conflict.
 
-    Raises RouteError when the documents cannot take the change (nothing is written then)."""
-    compares = [
-        Compare(status_key(loaded.rollout.namespace, loaded.rollout.name), loaded.status_revision)
-    ]
+    `fence`: one more compare (the controller's leader key). Raises RouteError when the
+    documents cannot take the change (nothing is written then)."""
+    r = loaded.rollout
+    compares = [Compare(status_key(r.namespace, r.name), loaded.status_revision)]
+    if fence is not None:
+        compares.append(fence)
     ops: list[Op] = []
     if move.route != "none":
         vs, dr = loaded.vs_body(), loaded.dr_body()

@@ -75,8 +75,10 @@ class Controller:
         *,
         tick: float = TICK,
         clock: Callable[[], float] = time.time,
+        fence: Callable[[], Compare | None] = lambda: None,
     ) -> None:
         self.store = store
+        self.fence = fence
         self.source = source
         self.tick = tick
         self.clock = clock
@@ -117,8 +119,9 @@ class Controller:
             if ref in existing:
                 continue
             namespace, _, name = ref.partition("/")
+            fence = self.fence()
             await self.store.txn(
-                [Compare(kv.key, kv.mod_revision)],
+                [*([fence] if fence is not None else []), Compare(kv.key, kv.mod_revision)],
                 [Delete(kv.key), Delete(windows_key(namespace, name))],
             )
             log.info("rollout.forgotten", rollout=ref)
@@ -205,11 +208,11 @@ class Controller:
     ) -> bool:
         r = loaded.rollout
         try:
-            done = await commit(self.store, loaded, move, measured)
+            done = await commit(self.store, loaded, move, measured, fence=self.fence())
         except RouteError as exc:
             failed = analysis.abort(r, _base_status(loaded, move), self.clock(), str(exc))
             failed = replace(failed, route="none")
-            done = await commit(self.store, loaded, failed)
+            done = await commit(self.store, loaded, failed, fence=self.fence())
             move = failed
         if not done:
             log.info("rollout.conflict", rollout=r.ref, phase=move.status.phase)

@@ -6,7 +6,9 @@ goes with it. A candidate creates the key with a compare on "absent"; one that f
 identity there (a restart faster than the TTL) takes it over with a compare on the key's mod
 revision, as client-go's election does for its own Lease (`nodeagent.kube.leader`'s rule:
 same holder → renew). Leading ends when the lease is lost (`hold_lease` raises): the work is
-cancelled before another candidate can win, since the key vanishes only with the lease.
+cancelled before another candidate can win, since the key vanishes only with the lease; and
+every transaction of the leader compares the key's mod revision (`fence`), so a write a deposed
+leader was still sending cannot land after a successor took over.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class StoreElection:
         self.retry = retry
         self.leading = False
         self.attempts = 0  # acquisition attempts, for tests and logs
+        # While leading: the leader key as this leader wrote it. The controller adds it to every
+        # transaction, so a deposed leader's late write fails instead of landing.
+        self.fence: Compare | None = None
 
     async def holder(self) -> tuple[str, int]:
         """(identity, mod revision) of the key; ("", 0) when nobody leads."""
@@ -62,6 +67,8 @@ class StoreElection:
         result = await self.store.txn(
             [Compare(self.key, revision)], [Put(self.key, value, lease=lease)]
         )
+        if result.succeeded:
+            self.fence = Compare(self.key, result.revision)
         return result.succeeded
 
     async def run(self, lead: Callable[[], Awaitable[None]]) -> None:
@@ -72,6 +79,7 @@ class StoreElection:
             except* (LeaseNotFound, StoreError) as group:
                 log.warning("rollout.leader.lost", me=self.identity, error=str(group.exceptions[0]))
             self.leading = False
+            self.fence = None
             await trio.sleep(self.retry)
 
     async def _one_term(self, lead: Callable[[], Awaitable[None]]) -> None:

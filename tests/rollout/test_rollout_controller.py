@@ -14,6 +14,7 @@ from rollout_docs import CANARY, MESH, Traffic, documents, rollout_yaml
 
 from nodeagent.config.apply import apply_documents
 from nodeagent.rollout.controller import Controller
+from nodeagent.rollout.leader import StoreElection
 from nodeagent.rollout.sources import Reading, SourceError
 from nodeagent.rollout.status import list_statuses, read_status
 from nodeagent.rollout.windows import read_windows
@@ -212,3 +213,21 @@ async def test_a_failing_pre_rollout_gate_is_retried_each_interval_then_rolls_ba
         assert await route(store) == [("v1", None)]
     finally:
         await store.aclose()
+
+
+async def test_a_deposed_leaders_writes_do_not_land(store: Store) -> None:
+    election = StoreElection(store, name="rollout-controller", identity="old")
+    assert await election.try_acquire(await store.grant_lease(30.0))
+    assert election.fence is not None
+    clock, traffic = Clock(), Traffic()
+    c = Controller(store, Scripted(traffic), clock=clock, fence=lambda: election.fence)
+    await c.reconcile_all()
+    assert await read_status(store, "default", "my-app") is not None  # leading: it writes
+    # Another leader took the key over (the old one's lease expired meanwhile).
+    successor = StoreElection(store, name="rollout-controller", identity="new")
+    await store.delete(election.key)
+    assert await successor.try_acquire(await store.grant_lease(30.0))
+    before = (await store.range(keys.ROOT))[1]
+    await c.reconcile_all()  # the old one's next move
+    assert (await store.range(keys.ROOT))[1] == before
+    assert c.moves == 1
