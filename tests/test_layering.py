@@ -28,6 +28,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"ca", "routing", "balance", "authz", "telemetry"}),
     frozenset({"identity", "dns", "kube", "rollout"}),  # rollout reads telemetry's exposition
     frozenset({"tunnel", "admin"}),
+    frozenset({"sockio"}),  # socket I/O without scheduler round trips, over tunnel's TLS
     frozenset({"http", "sandbox"}),
     frozenset({"proxy"}),
     frozenset({"gateway"}),

@@ -1,9 +1,17 @@
 """Enrollment: the agent's side of each CNI call, and re-adoption after a restart.
 
-For every pod: bind the agent's listeners inside the pod's netns and start serving them, then
-install the redirection rules, then register the pod as a Workload under the agent's lease, then
-persist the record. Any failure undoes what was done, in reverse, so a pod is either fully meshed
-or untouched. DEL undoes it all and never fails for a pod that is already gone.
+For every pod, in this order: open its netns, bind the agent's listeners there and start
+serving them, install the redirection rules, register the pod as a Workload under the agent's
+lease, start obtaining its identity's certificate (after the registration, so the CA's first
+answer is a certificate, not a refusal), then record it in the agent's maps and on disk. Each
+step's undo is registered before the step runs (every undo is a no-op for a step that did not
+happen), and any failure or cancellation runs them in reverse, shielded: a pod is either fully
+meshed or untouched. DEL undoes it all, shielded, and never fails for a pod that is already gone.
+
+The Workload carries a status (ztunnel's HEALTHY/UNHEALTHY): Unhealthy until the identity
+manager holds a valid certificate for its identity, so peers do not pick a pod whose agent cannot
+terminate mTLS for it yet; `maintain_status` keeps it current (a certificate issued, expired).
+Everything enrollment does to the pod's netns goes through `PodPlumbing` (`plumbing.py`).
 
 Each pod's proxy gets what the data plane needs: the pod as a Workload (its SPIFFE identity),
 the identity provider (`ensure` on enroll, `release` when the last pod of an identity leaves),
@@ -13,32 +21,26 @@ the snapshot, and the node-wide endpoint picker and TLS session cache.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
+from nodeagent.agent.plumbing import InpodPlumbing, PodPlumbing
 from nodeagent.agent.state import AgentState, PodRecord
 from nodeagent.balance import Registry
 from nodeagent.cni.errors import ErrorCode
 from nodeagent.cni.metadata import PodMetadataSource
 from nodeagent.cni.protocol import CniRequest, EnrollError
 from nodeagent.dns import DnsError, DnsProxy
+from nodeagent.http import Limits
 from nodeagent.identity.api import IdentityProvider
-from nodeagent.inpod import (
-    InpodError,
-    Netns,
-    RedirectionSpec,
-    aapply_redirection,
-    acheck_redirection,
-    aremove_redirection,
-    bind_listeners,
-)
+from nodeagent.inpod import InpodError, Netns, RedirectionSpec
 from nodeagent.log import get_logger
 from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.proxy.pod import PodProxy
-from nodeagent.snapshot import Snapshot, Workload
+from nodeagent.snapshot import HEALTHY, UNHEALTHY, Snapshot, Workload, WorkloadStatus
 from nodeagent.store import codec, keys
 from nodeagent.store.base import Store, StoreError
 from nodeagent.telemetry.dataplane import Sinks
@@ -48,6 +50,17 @@ log = get_logger("agent.enroll")
 
 OPT_OUT_LABEL = "istio.io/dataplane-mode"
 WORKLOAD_API = "mesh.nodeagent.io/v1alpha1"
+# How often `maintain_status` re-checks without being woken (a missed wake-up costs this much).
+STATUS_POLL = 1.0
+STATUS_RETRY = 1.0
+STOP_TIMEOUT = 5.0
+Undo = Callable[[], Awaitable[None]]
+
+
+class NodeIdentities(IdentityProvider, Protocol):
+    def can_serve(self, identity: str) -> bool:
+        """Whether a valid certificate (and the trust bundle) for `identity` is held now, i.e.
+        whether the agent can terminate mTLS for a workload with it."""
 
 
 @dataclass(slots=True)
@@ -56,8 +69,12 @@ class EnrolledPod:
     netns: Netns
     proxy: PodProxy
     dns: DnsProxy | None = None
+    identity: str = ""  # the pod's SPIFFE id
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    serving: bool = False  # the serving task has started (and will set `stopped`)
+    stopped: trio.Event = field(default_factory=trio.Event)  # set when serving has ended
     state: str = "enrolled"
+    registered: WorkloadStatus | None = None  # the status last written to the store
 
     def listeners(self) -> list[dict[str, Any]]:
         """What the agent serves inside this pod's netns, as bound."""
@@ -92,12 +109,15 @@ class EnrolledPod:
             "service_account": r.service_account,
             "labels": r.labels,
             "state": self.state,
+            "status": self.registered,
             "listeners": self.listeners(),
             "connections": self.proxy.statistics(),
         }
 
 
-def workload_document(node: str, record: PodRecord) -> dict[str, Any]:
+def workload_document(
+    node: str, record: PodRecord, status: WorkloadStatus = HEALTHY
+) -> dict[str, Any]:
     return {
         "apiVersion": WORKLOAD_API,
         "kind": "Workload",
@@ -113,6 +133,7 @@ def workload_document(node: str, record: PodRecord) -> dict[str, Any]:
             "addresses": list(record.addresses),
             "serviceAccount": record.service_account,
         },
+        "status": {"health": status},
     }
 
 
@@ -147,15 +168,18 @@ class Enroller:
         metadata: PodMetadataSource,
         pods_nursery: trio.Nursery,
         lease: Callable[[], int],
-        identities: IdentityProvider | None = None,
+        identities: NodeIdentities | None = None,
         snapshot: Callable[[], Snapshot] | None = None,
         outbound_policy: OutboundPolicy = "ALLOW_ANY",
         registry: Registry | None = None,
         dns: bool = True,
         dns_upstreams: Sequence[str] | None = None,
         telemetry: Sinks | None = None,
+        plumbing: PodPlumbing | None = None,
+        http_limits: Limits | None = None,
     ) -> None:
         self.node = node
+        self.http_limits = http_limits  # every pod's L7 proxy (agent flags)
         self.telemetry = telemetry  # metrics, access log and tracer for every pod's proxy
         # The in-pod DNS proxy (15053) for pods whose spec captures DNS; upstreams default to
         # the node's resolv.conf.
@@ -169,6 +193,7 @@ class Enroller:
         self.store = store
         self.state = state
         self.metadata = metadata
+        self.plumbing: PodPlumbing = plumbing if plumbing is not None else InpodPlumbing()
         self._nursery = pods_nursery
         self._lease = lease
         self.pods: dict[str, EnrolledPod] = {}
@@ -191,8 +216,9 @@ class Enroller:
                     reason=OPT_OUT_LABEL,
                 )
                 return False
+            addresses = pod_addresses(req.prev_result)  # before opening anything
             try:
-                netns = Netns.open(req.netns)
+                netns = self.plumbing.open_netns(req.netns)
             except InpodError as exc:
                 raise EnrollError(ErrorCode.CONTAINER_UNKNOWN, str(exc)) from None
             record = PodRecord(
@@ -202,7 +228,7 @@ class Enroller:
                 container_id=req.container_id,
                 netns=req.netns,
                 netns_id=netns.identity,
-                addresses=pod_addresses(req.prev_result),
+                addresses=addresses,
                 service_account=meta.service_account,
                 labels=dict(meta.labels),
                 annotations=dict(meta.annotations),
@@ -221,7 +247,8 @@ class Enroller:
             if pod is not None:
                 await self._teardown(pod, reason="CNI DEL")
             elif req.pod.uid in self.state.pods:  # known on disk but not live: clean the record
-                await self._forget(self.state.pods[req.pod.uid])
+                with trio.CancelScope(shield=True):
+                    await self._forget(self.state.pods[req.pod.uid])
 
     async def check(self, req: CniRequest) -> None:
         pod = self.pods.get(req.pod.uid)
@@ -247,11 +274,17 @@ class Enroller:
 
     # -- restart ------------------------------------------------------------------------------
 
-    async def adopt_all(self) -> None:
-        """Re-adopt every recorded pod whose netns still exists; forget the others."""
+    async def adopt_all(self, *, register: bool = True) -> None:
+        """Re-adopt every recorded pod whose netns still exists; forget the others.
+
+        A pod that cannot be re-adopted is left un-meshed and forgotten (its old rules and
+        registration are removed with the rest). A store that does not answer is no reason to
+        stop serving a pod: its registration is left to `maintain_status`. `register=False`
+        serves them without putting their workloads (the store may not answer yet): the caller
+        registers them with `reregister_all` once it holds a lease."""
         for record in list(self.state.pods.values()):
             try:
-                netns = Netns.open(record.netns)
+                netns = self.plumbing.open_netns(record.netns)
             except InpodError:
                 log.info("adopt.gone", pod=record.key, netns=record.netns)
                 await self._forget(record)
@@ -262,15 +295,44 @@ class Enroller:
                 await self._forget(record)
                 continue
             try:
-                await self._enroll(record, netns)
-                log.info("adopt.complete", pod=record.key)
+                await self._enroll(record, netns, adopting=True, register=register)
+                log.info("adopt.complete", pod=record.key, registered=register)
             except EnrollError as exc:
-                log.error("adopt.failed", pod=record.key, error=exc.msg)
+                log.error("adopt.failed", pod=record.key, error=exc.msg, forgotten=True)
+                await self._forget(record)
 
     async def reregister_all(self) -> None:
-        """After the lease was lost: put every workload again under the new lease."""
-        for pod in self.pods.values():
-            await self._register(pod.record)
+        """Put every workload (again) under the current lease: after adoption, or a lost lease."""
+        for pod in list(self.pods.values()):
+            status = self._health(pod.identity)
+            await self._register(pod.record, status)
+            pod.registered = status
+
+    async def maintain_status(self) -> None:
+        """Keep every enrolled pod's Workload status what the identity manager can serve now
+        (Healthy once it holds a valid certificate, Unhealthy when that expired unrenewed), and
+        register pods whose registration was deferred. Runs until cancelled."""
+        while True:
+            retry = False
+            for pod in list(self.pods.values()):
+                want = self._health(pod.identity)
+                if want == pod.registered:
+                    continue
+                async with self._lock(pod.record.uid):
+                    if self.pods.get(pod.record.uid) is not pod:
+                        continue  # torn down meanwhile
+                    try:
+                        await self._register(pod.record, want)
+                    except StoreError as exc:
+                        log.warning("workload.status_failed", pod=pod.record.key, error=str(exc))
+                        retry = True
+                        continue
+                    log.info("workload.status", pod=pod.record.key, status=want)
+                    pod.registered = want
+            with trio.move_on_after(STATUS_RETRY if retry else STATUS_POLL):
+                if self.identities is None:
+                    await trio.sleep_forever()
+                await self.identities.wait_changed()
 
     def policy_changed(self) -> None:
         """A new snapshot: every pod proxy re-checks its open inbound connections against it
@@ -287,24 +349,44 @@ class Enroller:
         if not pod.netns.path_matches():
             return [f"netns {pod.record.netns} is gone or was replaced"]
         spec = RedirectionSpec.from_annotations(pod.record.annotations)
-        problems = await acheck_redirection(pod.netns, spec)
+        problems = await self.plumbing.check_redirection(pod.netns, spec)
         if pod.scope.cancel_called:
             problems.append("listeners are not being served")
         return problems
 
     # -- the steps ----------------------------------------------------------------------------
 
-    async def _enroll(self, record: PodRecord, netns: Netns) -> None:
-        undo: list[Callable[[], Awaitable[None]]] = []
+    async def _enroll(
+        self, record: PodRecord, netns: Netns, *, adopting: bool = False, register: bool = True
+    ) -> None:
+        """Every step, all or nothing. Each undo is pushed *before* its step runs: a step
+        that fails or is cancelled half-way (a put that reached the store, rules applied in a
+        worker thread while the caller was cancelled) is undone too. Undoing a step that did
+        not happen is a no-op."""
+        undo: list[Undo] = []
+
+        async def close_netns() -> None:
+            netns.close()
+
+        undo.append(close_netns)
+        # Rules and a Workload may be there before their steps run (a re-adopted pod has the
+        # previous run's): a failure anywhere removes them.
+        undo.append(lambda: self.plumbing.remove_redirection(netns))
+        undo.append(lambda: self._unregister(record))
         try:
             try:
                 spec = RedirectionSpec.from_annotations(record.annotations)
             except ValueError as exc:
                 raise EnrollError(ErrorCode.INVALID_CONFIG, f"pod {record.key}: {exc}") from None
             try:
-                listeners = bind_listeners(netns)
+                listeners = self.plumbing.bind_listeners(netns)
             except InpodError as exc:
                 raise EnrollError(ErrorCode.ENROLL_FAILED, f"pod {record.key}: {exc}") from None
+
+            async def close_listeners() -> None:
+                listeners.close()
+
+            undo.append(close_listeners)
             workload = self.workload_of(record)
             proxy = PodProxy(
                 record.key,
@@ -317,19 +399,24 @@ class Enroller:
                 sessions=self.sessions,
                 outbound_policy=self.outbound_policy,
                 telemetry=self.telemetry,
+                http_limits=self.http_limits,
             )
-            dns = (
-                DnsProxy(
-                    netns,
-                    namespace=record.namespace,
-                    snapshot=self.snapshot,
-                    upstreams=self.dns_upstreams,
-                    pod=record.key,
-                )
-                if self.dns and spec.dns_capture
-                else None
-            )
-            pod = EnrolledPod(record, netns, proxy, dns)
+            dns = None
+            if self.dns and spec.dns_capture:
+                try:
+                    dns = self.plumbing.dns_proxy(
+                        netns,
+                        namespace=record.namespace,
+                        snapshot=self.snapshot,
+                        upstreams=self.dns_upstreams,
+                        pod=record.key,
+                    )
+                except ValueError as exc:  # unusable upstream servers
+                    raise EnrollError(
+                        ErrorCode.ENROLL_FAILED, f"pod {record.key}: DNS proxy: {exc}"
+                    ) from None
+            pod = EnrolledPod(record, netns, proxy, dns, identity=workload.identity)
+            undo.append(lambda: self._stop_pod(pod))
             try:
                 await self._nursery.start(self._serve_pod, pod)
             except BaseExceptionGroup as group:  # the pod's nursery wraps a failed bind
@@ -340,35 +427,56 @@ class Enroller:
                 while isinstance(first, BaseExceptionGroup):
                     first = first.exceptions[0]
                 raise EnrollError(ErrorCode.ENROLL_FAILED, f"pod {record.key}: {first}") from None
-            undo.append(lambda: self._stop_pod(pod))
-            if self.identities is not None:
-                # Start fetching the certificate now; the proxy waits (bounded) for it.
-                self.identities.ensure(workload.identity)
-                undo.append(lambda: self._release_identity(workload.identity, record.uid))
             try:
-                await aapply_redirection(netns, spec)
+                await self.plumbing.apply_redirection(netns, spec)
             except InpodError as exc:
                 raise EnrollError(ErrorCode.ENROLL_FAILED, f"pod {record.key}: {exc}") from None
-            undo.append(lambda: aremove_redirection(netns))
+            # Registered before the identity is ensured: the CA signs only for service accounts
+            # with a Workload on the requesting node, so the first request then succeeds.
+            status = self._health(workload.identity)
             try:
-                await self._register(record)
+                if register:
+                    await self._register(record, status)
+                    pod.registered = status
             except StoreError as exc:
+                if not adopting:
+                    raise EnrollError(
+                        ErrorCode.TRY_AGAIN_LATER, f"pod {record.key}: register workload: {exc}"
+                    ) from None
+                log.warning("adopt.register_deferred", pod=record.key, error=str(exc))
+            if self.identities is not None:
+                undo.append(lambda: self._release_identity(workload.identity, record.uid))
+                # Start fetching the certificate now; the proxy waits (bounded) for it.
+                self.identities.ensure(workload.identity)
+            undo.append(lambda: self._unrecord(record))
+            self.state.pods[record.uid] = record
+            try:
+                self.state.save()
+            except OSError as exc:
                 raise EnrollError(
-                    ErrorCode.TRY_AGAIN_LATER, f"pod {record.key}: register workload: {exc}"
+                    ErrorCode.ENROLL_FAILED, f"pod {record.key}: persist {self.state.path}: {exc}"
                 ) from None
             self.pods[record.uid] = pod
-            self.state.pods[record.uid] = record
-            self.state.save()
-            log.info("enroll.complete", pod=record.key, ip=record.addresses[0], netns=record.netns)
-        except BaseException:
+            log.info(
+                "enroll.complete",
+                pod=record.key,
+                ip=record.addresses[0],
+                netns=record.netns,
+                status=pod.registered,
+            )
+        except BaseException as exc:
+            log.warning("enroll.failed", pod=record.key, error=str(exc) or type(exc).__name__)
             with trio.CancelScope(shield=True):
-                for step in reversed(undo):
-                    try:
-                        await step()
-                    except Exception as exc:  # keep undoing; report the first failure
-                        log.warning("enroll.undo_failed", pod=record.key, error=str(exc))
-                netns.close()
+                await self._undo(record, reversed(undo))
             raise
+
+    async def _undo(self, record: PodRecord, steps: Iterable[Undo]) -> None:
+        """Run every step, whatever the others do; each failure is logged."""
+        for step in steps:
+            try:
+                await step()
+            except Exception as exc:
+                log.warning("enroll.undo_failed", pod=record.key, error=str(exc))
 
     def workload_of(self, record: PodRecord) -> Workload:
         """The pod as the snapshot will show it once registered (the proxy prefers that copy)."""
@@ -386,56 +494,92 @@ class Enroller:
             identity=f"spiffe://{td}/ns/{record.namespace}/sa/{sa}",
         )
 
+    def _health(self, identity: str) -> WorkloadStatus:
+        if self.identities is None or self.identities.can_serve(identity):
+            return HEALTHY
+        return UNHEALTHY
+
     async def _release_identity(self, identity: str, leaving_uid: str) -> None:
         """Release `identity` unless another enrolled pod of this node still has it."""
         if self.identities is None:
             return
         for pod in self.pods.values():
-            other = pod.proxy.core.workload
-            if pod.record.uid != leaving_uid and other is not None and other.identity == identity:
+            if pod.record.uid != leaving_uid and pod.identity == identity:
                 return
         self.identities.release(identity)
         log.info("identity.released", identity=identity)
 
     async def _serve_pod(self, pod: EnrolledPod, *, task_status: trio.TaskStatus[None]) -> None:
-        with pod.scope:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(pod.proxy.run)
-                if pod.dns is not None:
-                    await nursery.start(pod.dns.run)
-                task_status.started()
+        pod.serving = True
+        try:
+            with pod.scope:
+                async with trio.open_nursery() as nursery:
+                    # DNS first: a failed bind then leaves the capture listeners to the undo.
+                    if pod.dns is not None:
+                        await nursery.start(pod.dns.run)
+                    await nursery.start(pod.proxy.run)
+                    task_status.started()
+        finally:
+            pod.stopped.set()
 
     async def _stop_pod(self, pod: EnrolledPod) -> None:
+        """Stop serving the pod and wait (bounded) until its sockets are closed."""
         pod.scope.cancel()
         pod.state = "stopped"
+        if pod.serving:
+            with trio.move_on_after(STOP_TIMEOUT):
+                await pod.stopped.wait()
+        pod.proxy.core.listeners.close()
 
-    async def _register(self, record: PodRecord) -> None:
-        doc = workload_document(self.node, record)
+    async def _register(self, record: PodRecord, status: WorkloadStatus) -> None:
+        doc = workload_document(self.node, record, status)
         await self.store.put(
             keys.workload(self.node, record.uid), codec.encode(doc), lease=self._lease()
         )
 
-    async def _teardown(self, pod: EnrolledPod, *, reason: str) -> None:
-        await self._stop_pod(pod)
-        try:
-            await aremove_redirection(pod.netns)
-        except InpodError as exc:  # the netns may already be gone; its rules went with it
-            log.info("teardown.netns_gone", pod=pod.record.key, error=str(exc))
-        pod.netns.close()
-        self.pods.pop(pod.record.uid, None)
-        workload = pod.proxy.core.workload
-        if workload is not None:
-            await self._release_identity(workload.identity, pod.record.uid)
-        await self._forget(pod.record)
-        log.info("unenroll.complete", pod=pod.record.key, reason=reason)
-
-    async def _forget(self, record: PodRecord) -> None:
+    async def _unregister(self, record: PodRecord) -> None:
         try:
             await self.store.delete(keys.workload(self.node, record.uid))
-        except StoreError as exc:  # the lease will reap it
+        except StoreError as exc:  # the lease reaps it if this agent dies
             log.warning("unregister.failed", pod=record.key, error=str(exc))
-        self.state.pods.pop(record.uid, None)
-        self.state.save()
+
+    async def _unrecord(self, record: PodRecord) -> None:
+        self.pods.pop(record.uid, None)
+        if self.state.pods.pop(record.uid, None) is not None:
+            self.state.save()
+
+    async def _teardown(self, pod: EnrolledPod, *, reason: str) -> None:
+        """Undo every step of `_enroll`, in reverse; shielded, so a cancelled DEL still leaves
+        nothing behind, and a failing step does not stop the others."""
+        record, netns = pod.record, pod.netns
+
+        async def remove_rules() -> None:
+            try:
+                await self.plumbing.remove_redirection(netns)
+            except InpodError as exc:  # the netns may already be gone; its rules went with it
+                log.info("teardown.netns_gone", pod=record.key, error=str(exc))
+
+        async def close_netns() -> None:
+            netns.close()
+
+        with trio.CancelScope(shield=True):
+            self.pods.pop(record.uid, None)
+            await self._undo(
+                record,
+                (
+                    lambda: self._release_identity(pod.identity, record.uid),
+                    lambda: self._unregister(record),
+                    remove_rules,
+                    lambda: self._stop_pod(pod),
+                    close_netns,
+                    lambda: self._unrecord(record),
+                ),
+            )
+        log.info("unenroll.complete", pod=record.key, reason=reason)
+
+    async def _forget(self, record: PodRecord) -> None:
+        await self._unregister(record)
+        await self._unrecord(record)
 
     def _lock(self, uid: str) -> trio.Lock:
         return self._locks.setdefault(uid, trio.Lock())

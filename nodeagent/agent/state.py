@@ -1,6 +1,7 @@
 """What the agent has enrolled, persisted so a restarted agent can re-adopt every pod.
 
-One msgpack file in the run dir, written atomically (tmp + rename) after every change. Records are
+One msgpack file in the run dir, written atomically (tmp + rename) after every change; a failed
+write leaves the previous file as it was and no temporary file. Records are
 plain data: enough to reopen the pod's netns, verify it is the same namespace, and rebuild its
 rules, listeners and registration.
 """
@@ -92,9 +93,14 @@ class AgentState:
         }
         tmp = self.path.with_suffix(".tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(msgpack.packb(data, use_bin_type=True))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(msgpack.packb(data, use_bin_type=True))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            # The previous file is intact; leave no half-written copy beside it.
+            tmp.unlink(missing_ok=True)
+            raise

@@ -13,6 +13,8 @@ from __future__ import annotations
 from nodeagent.snapshot.builder import SnapshotBuilder
 from nodeagent.snapshot.errors import CacheError, ConvertError, SnapshotError
 from nodeagent.snapshot.model import (
+    HEALTHY,
+    UNHEALTHY,
     AuthorizationPolicies,
     AuthorizationPolicy,
     DestinationRule,
@@ -27,11 +29,14 @@ from nodeagent.snapshot.model import (
     Subset,
     VirtualService,
     Workload,
+    WorkloadStatus,
 )
 from nodeagent.snapshot.snapshot import Indexes, Snapshot
 from nodeagent.snapshot.sync import SnapshotSync
 
 __all__ = [
+    "HEALTHY",
+    "UNHEALTHY",
     "AuthorizationPolicies",
     "AuthorizationPolicy",
     "CacheError",
@@ -53,4 +58,5 @@ __all__ = [
     "Subset",
     "VirtualService",
     "Workload",
+    "WorkloadStatus",
 ]

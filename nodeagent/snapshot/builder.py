@@ -403,7 +403,10 @@ class SnapshotBuilder:
             )
             members = groups[0].intersection(*groups[1:]) if groups[0] else set()
             found: list[Workload] = [self._objects[m] for m in members]  # type: ignore[misc]
-            workloads = sorted((w for w in found if w.addresses), key=lambda w: (w.uid, w.node))
+            # An Unhealthy workload (its agent cannot terminate mTLS for it yet) is no endpoint.
+            workloads = sorted(
+                (w for w in found if w.addresses and w.healthy), key=lambda w: (w.uid, w.node)
+            )
         out: dict[int, tuple[Endpoint, ...]] = {}
         for port in svc.ports:
             eps = []

@@ -18,6 +18,8 @@ from nodeagent.snapshot import hosts
 from nodeagent.snapshot.errors import ConvertError
 from nodeagent.snapshot.model import (
     EMPTY,
+    HEALTHY,
+    UNHEALTHY,
     AuthorizationPolicy,
     DestinationRule,
     Gateway,
@@ -185,6 +187,10 @@ def _workload(d: _Doc, ref: KeyRef, ctx: Context) -> Workload:
             ports[d.text(f"spec.ports[{i}].name", entry["name"])] = d.port(
                 f"spec.ports[{i}].containerPort", entry.get("containerPort")
             )
+    # No status (meshctl apply drops it; agents before it wrote none): Healthy, as before.
+    status = d.text("status.health", default=HEALTHY)
+    if status not in (HEALTHY, UNHEALTHY):
+        raise d.fail("status.health", f"{status!r} is not {HEALTHY} or {UNHEALTHY}")
     return Workload(
         uid=ref.name,
         name=d.text("metadata.name"),
@@ -196,6 +202,7 @@ def _workload(d: _Doc, ref: KeyRef, ctx: Context) -> Workload:
         service_account=sa,
         identity=f"spiffe://{ctx.trust_domain}/ns/{namespace}/sa/{sa}",
         ports=freeze(ports) if ports else EMPTY,
+        status=HEALTHY if status == HEALTHY else UNHEALTHY,
     )
 
 

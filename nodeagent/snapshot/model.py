@@ -17,6 +17,11 @@ from nodeagent.snapshot.routes import HttpRoute, TcpRoute
 
 MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
 Action = Literal["ALLOW", "DENY", "AUDIT"]
+# ztunnel's workload health: only a Healthy workload is a service endpoint (its agent can
+# terminate mTLS for it); an Unhealthy one is still known by address, uid and node.
+WorkloadStatus = Literal["Healthy", "Unhealthy"]
+HEALTHY: WorkloadStatus = "Healthy"
+UNHEALTHY: WorkloadStatus = "Unhealthy"
 
 EMPTY: Mapping[Any, Any] = MappingProxyType({})
 
@@ -46,6 +51,11 @@ class Workload:
     # Named container ports (`spec.ports: [{name, containerPort}]`) when the registrar knows
     # them; a named targetPort without an entry here falls back to the service port number.
     ports: Mapping[str, int] = field(default_factory=lambda: EMPTY)
+    status: WorkloadStatus = HEALTHY
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == HEALTHY
 
     @property
     def address(self) -> str | None:

@@ -178,6 +178,25 @@ class Snapshot:
             return tuple(e for e in found if hosts.labels_match(subset, e.labels))
         return found
 
+    def unhealthy_members(self, service: Service) -> tuple[Workload, ...]:
+        """The workloads `service` selects that are no endpoints because they are Unhealthy
+        (for explain and the admin socket; a scan, not an index: not for the data path)."""
+        if not service.selector:
+            return ()
+        selector = service.selector
+        return tuple(
+            sorted(
+                (
+                    w
+                    for w in self._ix.workloads_by_uid.values()
+                    if not w.healthy
+                    and w.namespace == service.namespace
+                    and hosts.labels_match(selector, w.labels)
+                ),
+                key=lambda w: w.uid,
+            )
+        )
+
     def dns_addresses(self, service: Service) -> tuple[str, ...]:
         """What DNS answers for a service: its VIPs, or (headless) its endpoints' addresses."""
         if service.addresses:

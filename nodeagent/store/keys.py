@@ -10,7 +10,9 @@ CERTS = ROOT + "certs/"
 CA_BUNDLE = ROOT + "ca/bundle"
 CA_CRL = ROOT + "ca/crl"
 VIPS = ROOT + "vips/"
-NODES = ROOT + "nodes/"  # each agent's announcement (metrics address), under its lease
+# One record per running agent, under the node's lease next to its workloads: its deletion says
+# the lease lapsed (the snapshot then holds the node's workloads for a grace period).
+NODES = ROOT + "nodes/"
 
 
 def config(kind: str, namespace: str, name: str) -> str:

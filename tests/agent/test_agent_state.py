@@ -62,3 +62,14 @@ def test_workload_document_shape() -> None:
     assert doc["kind"] == "Workload"
     assert doc["metadata"]["uid"] == "u1"
     assert doc["spec"] == {"node": "n1", "addresses": ["10.201.1.5"], "serviceAccount": "web-sa"}
+
+
+def test_failed_save_leaves_the_previous_file_and_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "s.msgpack"
+    path.mkdir()  # the rename onto it fails, after the temporary file was written
+    (path / "keep").write_text("x")
+    state = AgentState(path, {"u1": _record()})
+    with pytest.raises(IsADirectoryError):
+        state.save()
+    assert not (tmp_path / "s.tmp").exists()
+    assert (path / "keep").read_text() == "x"

@@ -104,6 +104,11 @@ def destination_doc(snap: Snapshot, dest: RouteDestination, caller: Caller) -> d
         return doc
     endpoints = snap.endpoints(dest.service, dest.port, subset=dest.subset_labels)
     doc["endpoints"] = [endpoint_doc(snap, ep, caller) for ep in endpoints]
+    # Selected but no endpoint: their agent cannot terminate mTLS for them yet.
+    doc["unhealthy"] = [
+        {"workload": w.ref, "address": w.address, "node": w.node, "status": w.status}
+        for w in snap.unhealthy_members(dest.service)
+    ]
     if not endpoints:
         doc["error"] = "no endpoints (503 UH)"
     return doc

@@ -133,6 +133,8 @@ def render(report: Mapping[str, Any]) -> str:
         lines.append(f"Endpoints of {d['host']}{subset}:")
         if d["error"]:
             lines.append(f"  {d['error']}")
+        for w in d.get("unhealthy", ()):
+            lines.append(f"  not an endpoint: {w['workload']} ({w['address']}) is {w['status']}")
         if not d["endpoints"]:
             continue
         rows = []
