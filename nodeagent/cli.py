@@ -8,6 +8,7 @@ ca           the certificate authority: `ca init`, `ca serve`, `ca revoke`
 admin        talk to a running agent over its admin socket (tables, or JSON with -o json)
 kube-sync    mirror Kubernetes Services, EndpointSlices, Pods and Istio config into the store
 console      the read-only web console: service graph, traffic, config health, rollouts
+controller   drive Rollouts: canary weights or A/B matches, metric analysis, promotion, rollback
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _run(argv: list[str]) -> int:
         default=os.environ.get("NODE_IP") or None,
         metavar="IP",
         help="the node address its metrics port is reachable on, published in the store "
-        "for the console (default $NODE_IP; none: not published)",
+        "for the console and the rollout controller (default $NODE_IP; none: not published)",
     )
     p.add_argument(
         "--lease-ttl",
@@ -248,6 +249,7 @@ _DELEGATED = {
     "admin": "nodeagent.admin.cli",
     "kube-sync": "nodeagent.kube.cli",
     "console": "nodeagent.console.cli",
+    "controller": "nodeagent.rollout.cli",
 }
 
 

@@ -26,7 +26,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"config", "cni"}),
     frozenset({"snapshot"}),  # compiles VirtualServices with config's regex and duration rules
     frozenset({"ca", "routing", "balance", "authz", "telemetry"}),
-    frozenset({"identity", "dns", "kube"}),
+    frozenset({"identity", "dns", "kube", "rollout"}),  # rollout reads telemetry's exposition
     frozenset({"tunnel", "admin"}),
     frozenset({"sockio"}),  # socket I/O without scheduler round trips, over tunnel's TLS
     frozenset({"http", "sandbox"}),

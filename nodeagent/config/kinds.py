@@ -10,6 +10,7 @@ from nodeagent.config.schema import Validator
 from nodeagent.config.validate import (
     destinationrule,
     gateway,
+    rollout,
     security,
     service,
     serviceentry,
@@ -85,6 +86,7 @@ KINDS: dict[str, Kind] = {
             security.peer_authentication_spec,
             security.normalize_peer_authentication,
         ),
+        Kind("Rollout", (WORKLOAD_API,), ("ro", "rollout", "rollouts"), rollout.spec),
     )
 }
 

@@ -1,11 +1,17 @@
-"""The demo's backend app, run in each pod: `python -I backend.py VERSION [PORT]` serves HTTP/1.1
-(keep-alive) on 0.0.0.0:PORT (default 8080), says "serving on PORT" once bound, and answers every
-GET with "version=VERSION path=PATH". Standard library only, run by path (not `-m`), so a pod
-starts it without importing the mesh."""
+"""The demo's backend app, run in each pod: `python -I backend.py VERSION [PORT] [--fail-every N]
+[--delay-ms MS]` serves HTTP/1.1 (keep-alive) on 0.0.0.0:PORT (default 8080), says "serving on
+PORT" once bound, and answers every GET with "version=VERSION path=PATH". A bad release for the
+rollout demo and tests: `--fail-every 10` answers every 10th request 500 (exactly 10%),
+`--delay-ms 300` answers each request 300 ms late. Standard library only, run by path (not
+`-m`), so a pod starts it without importing the mesh."""
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import sys
+import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PORT = 8080
@@ -16,7 +22,10 @@ def answer(version: str, path: str) -> bytes:
     return f"version={version} path={path}\n".encode()
 
 
-def handler(version: str) -> type[BaseHTTPRequestHandler]:
+def handler(version: str, fail_every: int = 0, delay_ms: int = 0) -> type[BaseHTTPRequestHandler]:
+    served = itertools.count(1)
+    lock = threading.Lock()
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -24,8 +33,12 @@ def handler(version: str) -> type[BaseHTTPRequestHandler]:
             pass  # one line per request would drown the pod's log
 
         def do_GET(self) -> None:
+            with lock:
+                n = next(served)
+            if delay_ms:
+                time.sleep(delay_ms / 1000)
             body = answer(version, self.path)
-            self.send_response(200)
+            self.send_response(500 if fail_every and n % fail_every == 0 else 200)
             self.send_header("content-length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -34,11 +47,19 @@ def handler(version: str) -> type[BaseHTTPRequestHandler]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) not in (1, 2) or not (argv[1:] or ["0"])[0].isdigit():
-        print("usage: backend.py VERSION [PORT]", file=sys.stderr)
-        return 2
-    port = int(argv[1]) if len(argv) == 2 else PORT
-    server = ThreadingHTTPServer(("0.0.0.0", port), handler(argv[0]))
+    p = argparse.ArgumentParser(
+        prog="backend.py", usage="backend.py VERSION [PORT] [--fail-every N] [--delay-ms MS]"
+    )
+    p.add_argument("version")
+    p.add_argument("port", nargs="?", type=int, default=PORT)
+    p.add_argument("--fail-every", type=int, default=0, metavar="N")
+    p.add_argument("--delay-ms", type=int, default=0, metavar="MS")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    app = handler(args.version, args.fail_every, args.delay_ms)
+    server = ThreadingHTTPServer(("0.0.0.0", args.port), app)
     server.daemon_threads = True
     print(f"serving on {server.server_address[1]}", flush=True)
     server.serve_forever()

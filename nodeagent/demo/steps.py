@@ -29,6 +29,7 @@ SEED = CHECKOUT.parent / "shared" / "corpus" / "seed"
 # import of the mesh, no script directory on sys.path).
 BACKEND = Path(__file__).with_name("backend.py")
 LOAD = Path(__file__).with_name("load.py")
+STEADY = Path(__file__).with_name("steady.py")  # constant load, for the rollout step
 MESHCTL = str(Path(sys.prefix) / "bin" / "meshctl")
 MY_APP_VIP = "10.96.0.10"
 RATINGS_VIP = "10.96.0.11"
@@ -318,6 +319,127 @@ def ab_test(d: Demo) -> None:
         raise StepFailed("; ".join(problems))
 
 
+def _rollout_docs(stable: str, canary: str) -> list[dict[str, Any]]:
+    """The seed canary's VirtualService at 100% `stable`, the DestinationRule with v3, and a
+    Rollout of `canary` in 1 s intervals (seconds, for the demo; minutes in production)."""
+    seed = {d["kind"]: d for d in _seed("01-canary.yaml")}
+    vs = copy.deepcopy(seed["VirtualService"])
+    route = vs["spec"]["http"][0]["route"]
+    vs["spec"]["http"][0]["route"] = [
+        {"destination": {**route[0]["destination"], "subset": stable}}
+    ]
+    dr = copy.deepcopy(seed["DestinationRule"])
+    dr["spec"]["subsets"].append({"name": "v3", "labels": {"version": "v3.0.0"}})
+    rollout = {
+        "apiVersion": "mesh.nodeagent.io/v1alpha1",
+        "kind": "Rollout",
+        "metadata": {"name": "my-app", "namespace": "default"},
+        "spec": {
+            "host": "my-app",
+            "virtualService": {"name": "my-app"},
+            "destinationRule": {"name": "my-app"},
+            "stable": stable,
+            "canary": canary,
+            "analysis": {
+                "interval": "1s",
+                "threshold": 2,
+                "stepWeight": 25,
+                "maxWeight": 75,
+                "metrics": [
+                    {"name": "request-success-rate", "thresholdRange": {"min": 99}},
+                    {"name": "request-duration", "thresholdRange": {"max": 500}},
+                ],
+            },
+        },
+    }
+    return [vs, dr, rollout]
+
+
+def _follow_rollout(d: Demo, timeout: float = 20.0) -> dict[str, Any]:
+    """Print each step of the rollout as the controller records it; the final status."""
+    deadline = time.monotonic() + timeout
+    shown, began = 0, None
+    while True:
+        text = d.meshctl("rollout", "get", "my-app", "-o", "json", show=False)
+        status: dict[str, Any] = json.loads(text) if text.startswith("{") else {}
+        history = status.get("history") or []
+        for step in history[shown:]:
+            began = began if began is not None else step["time"]
+            a = step.get("analysis") or {}
+            rate, p99 = a.get("request-success-rate"), a.get("request-duration")
+            checked = f"  checked: success {rate:.2f}%, p99 {p99:.0f}ms" if rate is not None else ""
+            out.evidence(
+                f"+{step['time'] - began:4.1f}s  canary weight {step['weight']:>3}%{checked}"
+            )
+        shown = len(history)
+        if status.get("phase") in ("Succeeded", "Failed"):
+            return status
+        if time.monotonic() > deadline:
+            raise StepFailed(f"the rollout did not end within {timeout:g}s: {status.get('phase')}")
+        time.sleep(0.3)
+
+
+def _gateway_load(d: Demo) -> subprocess.Popen[str]:
+    host = d.sb.gateway_url().removeprefix("http://").split(":")[0]
+    argv = [sys.executable, "-I", str(STEADY), host, "80", "/my-app/", "60", "60"]
+    out.command(["(outside)", "steady load", f"{d.sb.gateway_url()}/my-app/", "60/s"])
+    proc = d.sb.popen("outside", argv, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    proc.stdout.readline()  # "started …"
+    return proc
+
+
+def _stop_load(proc: subprocess.Popen[str]) -> list[list[Any]]:
+    proc.terminate()
+    try:
+        stdout, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    lines = [x for x in stdout.splitlines() if x.startswith("result ")]
+    if not lines:
+        raise StepFailed("the load generator gave no result")
+    requests: list[list[Any]] = json.loads(lines[0].removeprefix("result "))["requests"]
+    return requests
+
+
+def rollout(d: Demo) -> None:
+    d.sb.pod_add(
+        "n2", "default", "my-app-v3", [sys.executable, "-I", str(BACKEND), "v3.0.0",
+                                       "--fail-every", "10"],
+        service_account="my-app", labels={"app": "my-app", "version": "v3.0.0"},
+    )  # fmt: skip
+    load = _gateway_load(d)
+    try:
+        d.apply("rollout-v2", _rollout_docs("v1", "v2"))
+        good = _follow_rollout(d)
+        out.evidence(f"{good['phase']}: {good['events'][-1]['message']}")
+        if good["phase"] != "Succeeded":
+            raise StepFailed(f"the healthy canary was not promoted: {good['events'][-1]}")
+        print()
+        out.explain("Now v2 is stable and v3 (every 10th answer is a 500) is the canary:")
+        d.apply("rollout-v3", _rollout_docs("v2", "v3"))
+        failed = _follow_rollout(d)
+        out.evidence(f"{failed['phase']}: {failed['events'][-1]['message']}")
+        if failed["phase"] != "Failed" or failed["weight"] != 0:
+            raise StepFailed(f"the bad canary was not rolled back: {failed['events'][-1]}")
+        ended = failed["history"][-1]["time"]
+        time.sleep(0.7)  # traffic after the rollback, to show where it goes
+    finally:
+        requests = _stop_load(load)
+        d.meshctl("delete", "rollout", "my-app", show=False)
+        d.sb.pod_del("my-app-v3", "default")
+    late = {r[2] for r in requests if r[0] > ended + 0.5}
+    codes = {r[1] for r in requests if r[0] < ended and r[2] != "v3.0.0"}
+    out.evidence(
+        f"{len(requests)} requests through the gateway; after the rollback every answer "
+        f"came from {', '.join(sorted(late)) or 'nobody'}"
+    )
+    if late != {"v2.0.0"} or codes != {200}:
+        raise StepFailed(f"after the rollback: versions {late}, other codes {codes}")
+
+
 def fault(d: Demo) -> None:
     path = SEED / "02-fault-delay.yaml"
     d.meshctl("apply", "-f", str(path))
@@ -510,6 +632,14 @@ STEPS: list[tuple[str, str, Callable[[Demo], None]]] = [
         "Rules are tried in order: Chrome gets v1, any other Mozilla gets v2; a request matching "
         "neither gets no route (404) until a default route is added.",
         ab_test,
+    ),
+    (
+        "Releases that drive themselves: a canary promoted, a bad one rolled back",
+        "The article's 'roll back if the metrics go wrong', automated: a Rollout names the "
+        "stable and canary subsets; the controller moves the weights every interval while "
+        "the agents' metrics say the canary is healthy (success rate, p99), and rolls back "
+        "when they do not. Constant load through the gateway meanwhile.",
+        rollout,
     ),
     (
         "Fault injection: a 7 s delay (the article's second example)",

@@ -1,6 +1,6 @@
 """The Kubernetes resources kube-sync mirrors, with their API paths, and where they land.
 
-Istio kinds and Services become the same documents `meshctl apply` writes
+Istio kinds, the mesh's Rollouts and Services become the same documents `meshctl apply` writes
 (`/mesh/v1/config/<Kind>/<ns>/<name>`); EndpointSlices and Pods are not mesh config and get
 their own prefix, `/mesh/v1/kube/`, owned by kube-sync alone (the agent's pod metadata source
 reads Pods there).
@@ -62,7 +62,9 @@ ISTIO = (
     ResourceType("AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies"),
     ResourceType("PeerAuthentication", "security.istio.io", "v1", "peerauthentications"),
 )
-ALL = (SERVICE, ENDPOINT_SLICE, POD, *ISTIO)
+# The mesh's own kinds (mesh.nodeagent.io); the Workload kind is the agents' own, not mirrored.
+MESH = (ResourceType("Rollout", "mesh.nodeagent.io", "v1alpha1", "rollouts"),)
+ALL = (SERVICE, ENDPOINT_SLICE, POD, *ISTIO, *MESH)
 BY_KIND = {r.kind: r for r in ALL}
 
 LEASE = ResourceType("Lease", "coordination.k8s.io", "v1", "leases")

@@ -5,6 +5,8 @@
     meshctl delete (-f FILE|DIR|- | KIND NAME...) [-n NS] [--ignore-not-found]
     meshctl validate -f FILE|DIR|- [-n NS]
     meshctl explain --from POD|gateway --to URL [-H 'Name: value']... [-X METHOD] [-o json]
+    meshctl rollout status|get|pause|resume|promote|abort NAME [-n NS] [-w] [-o json]
+    meshctl ab report HOST [-n NS] [--since 10m] [-o json]
 
 The store URL comes from --store, else $MESH_STORE, else nodeagent.store.DEFAULT_URL; the VIP
 range from --vip-range, else $MESH_VIP_RANGE, else 10.96.0.0/16. Every error is printed (file,
@@ -37,7 +39,7 @@ from nodeagent.config.batch import check_references, dedupe, validate_batch
 from nodeagent.config.documents import load_paths
 from nodeagent.config.errors import ConfigError, ConfigInvalid, LoadError
 from nodeagent.config.kinds import KINDS, UnknownKind, resolve
-from nodeagent.meshctl import explain, output
+from nodeagent.meshctl import explain, output, rollout
 from nodeagent.store import DEFAULT_URL, ENV_VAR, StoreError, open_store
 
 
@@ -77,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("-f", "--filename", action="append", required=True, metavar="FILE")
 
     explain.add_parser(sub, common)
+    rollout.add_parsers(sub, common)
     return parser
 
 
@@ -225,6 +228,8 @@ _COMMANDS = {
     "delete": _delete,
     "validate": _validate,
     "explain": explain.run,
+    "rollout": rollout.run_rollout,
+    "ab": rollout.run_ab,
 }
 
 

@@ -80,6 +80,11 @@ _COLUMNS: dict[str, list[Column]] = {
         ("RULES", lambda r: str(len(_spec(r).get("rules") or []))),
     ],
     "PeerAuthentication": [("MODE", _pa_mode)],
+    "Rollout": [
+        ("HOST", lambda r: str(_spec(r).get("host", ""))),
+        ("STABLE", lambda r: str(_spec(r).get("stable", ""))),
+        ("CANARY", lambda r: str(_spec(r).get("canary", ""))),
+    ],
 }
 
 _WIDE: dict[str, list[Column]] = {

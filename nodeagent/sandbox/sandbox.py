@@ -757,6 +757,81 @@ class Sandbox:
             reap(_CHILDREN)
             time.sleep(0.1)
 
+    # ----- the rollout controller ---------------------------------------------------------------
+
+    @property
+    def controller_log(self) -> Path:
+        return self.state_dir / "controller.log"
+
+    def start_controller(self, *, wait: bool = True) -> None:
+        """Start the rollout controller again (after `stop_controller`)."""
+        with locked(self.state_dir):
+            st = load(self.state_dir)
+            if st.controller is not None and st.controller.alive():
+                raise SandboxError(f"the controller already runs (pid {st.controller.pid})")
+            offset = self._spawn_controller(st)
+            save(st)
+        if wait:
+            self._wait_controller(self.state(), offset)
+
+    def stop_controller(self, *, grace: float = AGENT_GRACE, kill: bool = False) -> None:
+        """SIGTERM the controller's process group (SIGKILL after `grace`, or at once with
+        `kill`: a crash, its leader lease left to expire)."""
+        with locked(self.state_dir):
+            st = load(self.state_dir)
+            if st.controller is not None:
+                self._say(f"stopping the controller (pid {st.controller.pid})")
+                if kill and st.controller.alive():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(st.controller.pid, signal.SIGKILL)
+                stop_all([st.controller], grace=grace, group=True, children=_CHILDREN)
+                st.controller = None
+                save(st)
+
+    def _spawn_controller(self, st: State) -> int:
+        """Start it; returns where its log ends now (`_wait_controller` reads from there)."""
+        offset = self.controller_log.stat().st_size if self.controller_log.exists() else 0
+        first = next(iter(st.nodes.values()))  # reaches every node's 15020 over the underlay
+        argv = [
+            "ip", "netns", "exec", first.netns,
+            str(Path(sys.prefix) / "bin" / "nodeagent"), "controller", "--store", st.store_url,
+            # one name across restarts: a restarted controller takes its own lease key at once
+            "--identity", f"sandbox-{st.name}", "--lease-ttl", "3", "--tick", "0.1",
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._say(f"starting the rollout controller in {first.netns} (log {self.controller_log})")
+        proc, ref = spawn(argv, log=self.controller_log, env=env)
+        _CHILDREN[proc.pid] = proc
+        st.controller = ref
+        return offset
+
+    def _wait_controller(self, st: State, start: int) -> None:
+        """Until the controller leads (its `rollout.controller.leading` log line after `start`)."""
+        assert st.controller is not None
+        deadline = time.monotonic() + CA_TIMEOUT
+        while True:
+            try:
+                with self.controller_log.open(errors="replace") as f:
+                    f.seek(start)
+                    text = f.read()
+            except FileNotFoundError:
+                text = ""
+            if "rollout.controller.leading" in text:
+                self._say("rollout controller leading")
+                return
+            if not st.controller.alive():
+                raise SandboxError(
+                    f"the controller exited at start; last lines of {self.controller_log}:\n"
+                    + _tail(self.controller_log)
+                )
+            if time.monotonic() > deadline:
+                raise SandboxError(
+                    f"the controller does not lead after {CA_TIMEOUT:.0f}s; "
+                    f"see {self.controller_log}"
+                )
+            reap(_CHILDREN)
+            time.sleep(0.1)
+
     def wait_agents_ready(
         self, nodes: Sequence[str] | None = None, *, timeout: float = READY_TIMEOUT
     ) -> None:
@@ -847,6 +922,8 @@ class Sandbox:
                 self._remove_agent_container(st, ns)
             except SandboxError as e:
                 errors.append(str(e))
+        if st.controller is not None:
+            stop_all([st.controller], grace=AGENT_GRACE, group=True, children=_CHILDREN)
         if st.ca is not None:
             stop_all([st.ca], grace=AGENT_GRACE, group=True, children=_CHILDREN)
         if st.console is not None:
@@ -944,10 +1021,12 @@ class Sandbox:
                 self._start_console(st)
                 for ns in st.nodes.values():
                     self._spawn_agent(st, ns)
+                controller_log = self._spawn_controller(st)
                 save(st)
         if agents:
             self.wait_agents_ready(timeout=ready_timeout)
             self._wait_console()
+            self._wait_controller(self.state(), controller_log)
         self._say(f"up: {nodes} node(s), store {st.store_url}")
 
     def _netns_add(self, st: State, name: str) -> None:

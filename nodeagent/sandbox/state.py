@@ -81,6 +81,8 @@ class State:
     ca: ProcessRef | None = None
     # The mesh console (`nodeagent console`), in its own namespace; token in <state>/console.token.
     console: ProcessRef | None = None
+    # The rollout controller (`nodeagent controller`), run in node n1's namespace like the CA.
+    controller: ProcessRef | None = None
     # The node whose agent also serves the ingress gateway (`nodeagent run --gateway`), if any.
     gateway: str | None = None
     # `up --agent-image`: agents run as containers of this image, from this podman store.
@@ -106,7 +108,9 @@ class State:
                 for k, v in doc["pods"].items()
             }
             rest = {
-                k: v for k, v in doc.items() if k not in ("nodes", "pods", "etcd", "ca", "console")
+                k: v
+                for k, v in doc.items()
+                if k not in ("nodes", "pods", "etcd", "ca", "console", "controller")
             }
             return State(
                 **rest,
@@ -115,6 +119,7 @@ class State:
                 etcd=ProcessRef.from_json(doc.get("etcd")),
                 ca=ProcessRef.from_json(doc.get("ca")),
                 console=ProcessRef.from_json(doc.get("console")),
+                controller=ProcessRef.from_json(doc.get("controller")),
             )
         except (AttributeError, KeyError, TypeError) as e:
             raise SandboxError(f"{where}: malformed sandbox state ({e})") from e

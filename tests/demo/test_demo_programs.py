@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nodeagent.demo.steps import BACKEND, LOAD, SEED
+from nodeagent.demo.steps import BACKEND, LOAD, SEED, STEADY
 
 
 @pytest.fixture
@@ -86,3 +87,43 @@ def test_a_missing_corpus_is_a_clear_error_before_any_sandbox(tmp_path: Path) ->
     assert f"the article's examples are missing at {missing}" in done.stderr
     assert "../shared/corpus/seed" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_backend_fails_every_nth_request_when_asked() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-I", str(BACKEND), "bad", "0", "--fail-every", "10"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    with proc, proc.stdout:
+        try:
+            port = int(proc.stdout.readline().split()[-1])
+            done = subprocess.run(
+                [sys.executable, "-I", str(LOAD), "127.0.0.1", str(port), "/", "100", "4"],
+                capture_output=True, text=True, timeout=60, check=True,
+            )  # fmt: skip
+        finally:
+            proc.kill()
+    result = json.loads(done.stdout.splitlines()[-1].removeprefix("result "))
+    assert result["codes"] == {"200": 90, "500": 10}
+
+
+def test_steady_load_paces_and_stops_on_sigterm(backend_port: int) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-I", str(STEADY), "127.0.0.1", str(backend_port), "/", "40", "30",
+         "ua-a", "ua-b"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    with proc, proc.stdout:
+        started = float(proc.stdout.readline().split()[1])
+        time.sleep(1.0)  # the load runs for a measured second; the stop is the signal's
+        proc.terminate()
+        result = json.loads(proc.stdout.readline().removeprefix("result "))
+    requests = result["requests"]
+    assert 20 <= len(requests) <= 60  # ~40/s for ~1 s
+    assert {r[1] for r in requests} == {200}
+    assert {r[2] for r in requests} == {"v9"}
+    assert {r[3] for r in requests} == {0, 1}
+    assert all(r[0] >= started for r in requests)

@@ -56,6 +56,8 @@ def test_demo_tells_the_story_and_exits_0() -> None:
         "within the 99.9% binomial interval of the configured weights: yes",
         "Moving the canary: 50/50, then 100/0",
         "A/B test by User-Agent",
+        "Succeeded: promoted: all traffic to v2",
+        "Failed: rolled back to v2: 2 failed check(s)",
         "STRICT: plaintext refused",
         "mutual_tls",
         "destination_version",

@@ -41,6 +41,7 @@ KINDS = {
     ("networking.istio.io", "serviceentries"): "ServiceEntry",
     ("security.istio.io", "authorizationpolicies"): "AuthorizationPolicy",
     ("security.istio.io", "peerauthentications"): "PeerAuthentication",
+    ("mesh.nodeagent.io", "rollouts"): "Rollout",
 }
 
 

@@ -103,6 +103,7 @@ def test_store_url_per_overlay() -> None:
         ("Deployment", "kube-sync"),
         ("Deployment", "mesh-ca"),
         ("Deployment", "mesh-console"),
+        ("Deployment", "mesh-controller"),
     ):
         pod = by_kind(embedded, kind, name)["spec"]["template"]["spec"]
         mounts = {m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
@@ -141,7 +142,12 @@ def test_daemonset_shape() -> None:
         "volumes"
     ]
     crds = {d["metadata"]["name"] for d in docs if d["kind"] == "CustomResourceDefinition"}
-    assert crds == {f"{r.plural}.{r.group}" for r in ALL if r.group.endswith("istio.io")}
+    mirrored_crds = {
+        f"{r.plural}.{r.group}"
+        for r in ALL
+        if r.group.endswith("istio.io") or r.group == "mesh.nodeagent.io"
+    }
+    assert crds == mirrored_crds
 
 
 def test_console_is_a_token_guarded_cluster_service_and_agents_publish_their_address() -> None:

@@ -288,3 +288,39 @@ async def test_list_is_paged_with_continue_tokens(autojump_clock: object) -> Non
             nursery.cancel_scope.cancel()
     finally:
         await store.aclose()
+
+
+async def test_rollouts_are_mirrored_and_validated_like_istio_kinds(autojump_clock: object) -> None:
+    rollout = {
+        "apiVersion": "mesh.nodeagent.io/v1alpha1",
+        "kind": "Rollout",
+        "metadata": {"name": "reviews", "namespace": "bookinfo", "uid": "u-1"},
+        "spec": {
+            "host": "reviews",
+            "virtualService": {"name": "reviews"},
+            "destinationRule": {"name": "reviews"},
+            "stable": "v1",
+            "canary": "v2",
+            "analysis": {"interval": "30s", "threshold": 3, "stepWeight": 10, "maxWeight": 50},
+        },
+    }
+    bad = copy.deepcopy(rollout)
+    bad["metadata"]["name"] = "bad"
+    bad["spec"]["analysis"]["stepWeights"] = [50, 10]
+    api = FakeApiServer()
+    api.apply(rollout)
+    api.apply(bad)
+    store = await open_store("memory://")
+    try:
+        async with trio.open_nursery() as nursery:
+            sync = KubeSync(memory_client(api, nursery), store, ALL)
+            with structlog.testing.capture_logs() as logs, trio.fail_after(TIMEOUT):
+                await nursery.start(sync.run)
+            doc = body(await store.get(keys.config("Rollout", "bookinfo", "reviews")))
+            assert doc["spec"]["canary"] == "v2"
+            assert await store.get(keys.config("Rollout", "bookinfo", "bad")) is None
+            (rejected,) = [e for e in logs if e["event"] == "kube.object.rejected"]
+            assert rejected["object"] == "bookinfo/bad"
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
