@@ -15,6 +15,7 @@ from types import ModuleType
 
 from nodeagent.bench import Result
 from nodeagent.bench import enroll as enroll_bench
+from nodeagent.bench import fanout as fanout_bench
 from nodeagent.bench import mesh as mesh_bench
 from nodeagent.bench import report as report_cmd
 from nodeagent.bench import snapshot as snapshot_bench
@@ -22,6 +23,7 @@ from nodeagent.bench import snapshot as snapshot_bench
 BENCHES: dict[str, ModuleType] = {
     snapshot_bench.NAME: snapshot_bench,
     enroll_bench.NAME: enroll_bench,
+    fanout_bench.NAME: fanout_bench,
     mesh_bench.NAME: mesh_bench,
 }
 # Another engineer's micro-benchmark, registered when it is there.
