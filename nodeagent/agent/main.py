@@ -1,13 +1,33 @@
 """`nodeagent run`: start every component under one nursery and report ready when all are up.
 
-Start order matters: the store and the lease first (registrations need them), then the snapshot,
-then re-adoption of pods enrolled before a restart, the node's probe SNAT rules (kubelet probes
-pass STRICT; kept across restarts), and only then the CNI endpoint (so no new pod is
-enrolled half-way through re-adoption) and the admin socket, which answers ready last.
+Start order matters. Nothing before the pods are served needs the store to answer: the
+snapshot comes from the store or, when it does not answer within a few seconds, from the disk
+cache; certificates from disk are served while still valid; pods enrolled before a restart are
+re-adopted (listeners, rules) without registering. The lease is taken in the background
+(`hold_lease` is patient): once held, every workload is registered under it and then the node's
+record (`/mesh/v1/nodes/<node>`); a lost lease is replaced and all of it put again. Then the
+node's probe SNAT rules (kubelet probes pass STRICT; kept across restarts), the CNI endpoint (so no
+new pod is enrolled half-way through re-adoption) and the admin socket, which answers ready last.
+While no lease is held, writes that need one (a new pod's registration, a CSR) fail with
+LeaseNotHeld, a StoreError their callers retry.
+
+The agent holds `<run-dir>/agent.pid` (nodeagent.agent.pidfile) until it drains, and refuses
+to start, or stops instead of registering again, while `nodeagent uninstall` runs.
+
+SIGTERM (or the admin socket's /quitquitquit) hands over to a successor without dropping a
+connection (docs/dataplane.md, "Restarts"): the node-level sockets (CNI, admin, 15020, the
+gateway) close and the pid file is released at once, so a new agent can start; the pods'
+listeners keep accepting until the successor's admin socket answers ready (it has re-bound
+every pod's listeners beside ours, SO_REUSEPORT); then they close (queued connections migrate
+to the successor's sockets) and open connections get `--drain-timeout` (5 s, ztunnel's) more
+before they are closed. When no successor has started within the drain timeout (a plain
+stop), listeners and connections close at that deadline. SIGINT, or a SIGTERM while an
+uninstall is under way, stops at once.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,14 +37,17 @@ from typing import Any
 
 import trio
 
+from nodeagent.admin.client import AdminClientError, admin_request
 from nodeagent.admin.routes import AdminSources, admin_routes
+from nodeagent.agent import pidfile
 from nodeagent.agent.enroll import Enroller
 from nodeagent.agent.state import AgentState
 from nodeagent.balance import Registry
 from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
-from nodeagent.contract import ADMIN_SOCKET_NAME, CNI_SOCKET_NAME, METRICS_PORT
+from nodeagent.contract import ADMIN_SOCKET_NAME, CNI_SOCKET_NAME, METRICS_PORT, READY_PATH
 from nodeagent.gateway.node import NodeGateway
+from nodeagent.http import Limits
 from nodeagent.httpserver import Handler, Response, Route, UnixSocketHttpServer
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.inpod.errors import RedirectionError
@@ -32,13 +55,23 @@ from nodeagent.inpod.node_rules import aapply_probe_rules, is_probe_target
 from nodeagent.log import get_logger
 from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.snapshot import Snapshot, SnapshotSync
-from nodeagent.store import open_store
-from nodeagent.store.lease import hold_lease
+from nodeagent.store import codec, keys, open_store
+from nodeagent.store.base import Store
+from nodeagent.store.lease import LeaseNotHeld, hold_lease
 from nodeagent.telemetry.metrics import HealthSources
 from nodeagent.telemetry.service import Telemetry, TelemetryConfig
 
 log = get_logger("agent")
-LEASE_TTL = 15.0
+# How long start-up waits for the store (its first listing, then the lease) before it serves
+# from disk and goes on without it.
+STORE_WAIT = 2.0
+# ztunnel's drain period: how long a stopping agent lets its open connections finish.
+DRAIN_TIMEOUT = 5.0
+# How often a draining agent asks whether its successor answers ready yet.
+HANDOVER_POLL = 0.05
+# How long a draining agent keeps accepting for a successor that started but is not ready yet.
+SUCCESSOR_WAIT = 60.0
+NODE_RECORD_VERSION = 1
 
 
 @dataclass(slots=True)
@@ -64,6 +97,15 @@ class AgentConfig:
     gateway_bind: str = "0.0.0.0"
     # SNAT the node's own TCP to enrolled pods to 169.254.7.127 (kubelet probes pass STRICT).
     probe_snat: bool = True
+    # The node's lease: its registrations vanish this long after the agent stops renewing.
+    lease_ttl: float = 15.0
+    # Other nodes' workloads stay in this agent's snapshot this long after their node's lease
+    # lapsed (a store stall longer than the TTL expires every lease; the agents put them back).
+    lease_grace: float = 10.0
+    # SIGTERM: open connections get this long to finish before they are closed.
+    drain_timeout: float = DRAIN_TIMEOUT
+    # The HTTP proxies' timeouts and bounds (every pod's and the gateway's).
+    http_limits: Limits = field(default_factory=Limits)
 
     @property
     def cni_socket(self) -> Path:
@@ -93,7 +135,19 @@ class Agent:
     balance: Registry = field(default_factory=Registry)
     drain_deadline: float = 0.0
     drain_requested: trio.Event = field(default_factory=trio.Event)
-    _lease_lost: trio.Event = field(default_factory=trio.Event)
+    # Set once adoption is over: registering under a lease waits for it (every pod is known).
+    _adopted: trio.Event = field(default_factory=trio.Event)
+    # Set once the first lease is held and everything is registered under it.
+    _registered: trio.Event = field(default_factory=trio.Event)
+    # The lease everything was last registered under (the admin socket's "registered").
+    _registered_lease: int = 0
+    _cancel: trio.CancelScope | None = None
+    # The node-level servers (CNI, admin, gateway): closed first when draining.
+    _front: list[trio.CancelScope] = field(default_factory=list)
+    _front_running: int = 0
+    _pid_file: pidfile.HeldLock | None = None
+    # Set when the pods' listeners are closed (the successor serves new connections).
+    stopped_accepting: trio.Event = field(default_factory=trio.Event)
 
     def request_drain(self, deadline: float) -> None:
         """/quitquitquit: returns at once; run_until_signalled drains and stops the agent."""
@@ -118,104 +172,222 @@ class Agent:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         cfg.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        state = AgentState.load(cfg.state_file)
-        store = await open_store(cfg.store_url)
+        self._pid_file = pidfile.take_agent_pid_file(cfg.run_dir)
         try:
-            async with trio.open_nursery() as nursery:
-                # Not revoked on exit: a restarted agent keeps its pods' registrations.
-                self.lease = await nursery.start(
-                    partial(
-                        hold_lease,
-                        store,
-                        LEASE_TTL,
-                        reuse=state.lease,
-                        on_new_lease=partial(self._on_new_lease, state),
-                        revoke=False,
-                    )
-                )
-                self.snapshot = SnapshotSync(
-                    store, cache_path=cfg.run_dir / "snapshot.cache", trust_domain=cfg.trust_domain
-                )
-                await nursery.start(self.snapshot.run)
-                snapshot = self.snapshot
-                self.telemetry = Telemetry(
-                    TelemetryConfig(
-                        cfg.node,
-                        metrics_port=cfg.metrics_port,
-                        zipkin_url=cfg.zipkin_url,
-                        sample_rate=cfg.sample_rate,
-                    ),
-                    ready=lambda: self.ready,
-                    health=HealthSources(
-                        enrolled_pods=lambda: len(self.enroller.pods) if self.enroller else 0,
-                        certificate_expiry=self._cert_expiry,
-                        store_revision=lambda: snapshot.current.revision,
-                        open_connections=self.open_connections,
-                    ),
-                )
-                await nursery.start(self.telemetry.run)
-                self.identities = IdentityManager(
+            state = AgentState.load(cfg.state_file)
+            store = await open_store(cfg.store_url)
+            try:
+                await self._run(store, state, task_status)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await store.aclose()
+        finally:
+            self._release_pid_file()
+
+    def _release_pid_file(self) -> None:
+        # Once only: after a handover the path is the successor's file.
+        if self._pid_file is not None:
+            self._pid_file.release()
+            self._pid_file = None
+
+    async def drain(self) -> None:
+        """Hand over to a successor and let open connections finish (module docstring);
+        returns at the deadline, or earlier once nothing is open. The caller stops the agent."""
+        cfg = self.config
+        until = trio.current_time() + self.drain_deadline
+        self.ready = False  # /healthz/ready answers 503 from now on
+        for scope in self._front:
+            scope.cancel()
+        if self.telemetry is not None:
+            self.telemetry.stop_serving()
+        # The servers remove their socket files on the way out: done before the successor
+        # may bind its own (after the pid file is released).
+        with trio.move_on_after(1.0):
+            while self._front_running:  # noqa: ASYNC110 (a few checkpoints, once)
+                await trio.sleep(0.01)
+        self._release_pid_file()
+        log.info("agent.draining", deadline=self.drain_deadline, open=self.open_connections())
+        successor = False
+        with trio.move_on_at(until):
+            while not (successor := await _answers_ready(cfg.admin_socket)):
+                if pidfile.uninstall_under_way(cfg.run_dir):
+                    log.warning("agent.uninstalled", note="stopping, not draining")
+                    return
+                await trio.sleep(HANDOVER_POLL)
+        if not successor and pidfile.running_agent(cfg.run_dir) is not None:
+            # A successor holds the pid file but is still starting (a slow start on a busy
+            # node): keep accepting for it while it lives, within a bound.
+            with trio.move_on_after(SUCCESSOR_WAIT):
+                while pidfile.running_agent(cfg.run_dir) is not None:
+                    if successor := await _answers_ready(cfg.admin_socket):
+                        break
+                    await trio.sleep(HANDOVER_POLL)
+        self.stop_accepting()
+        if successor:
+            # Taken over: open connections get the full drain time from here.
+            until = trio.current_time() + self.drain_deadline
+        log.info("agent.stopped_accepting", successor=successor, open=self.open_connections())
+        with trio.move_on_at(until):
+            while sum(self.open_connections().values()) > 0:
+                # Polling: connections close inside pod proxies that have no hook to
+                # signal "last one gone", and a drain is rare.
+                if pidfile.uninstall_under_way(cfg.run_dir):
+                    log.warning("agent.uninstalled", note="stopping, not draining")
+                    return
+                await trio.sleep(0.1)
+        log.info("agent.drained", open=self.open_connections())
+
+    def stop_accepting(self) -> None:
+        """Close every pod's listeners; their open connections go on. A pod enrolled later
+        (none: the CNI socket is closed first) would not be covered."""
+        for pod in self.enroller.pods.values() if self.enroller else ():
+            pod.proxy.core.listeners.close()
+        self.stopped_accepting.set()
+
+    async def _run(
+        self, store: Store, state: AgentState, task_status: trio.TaskStatus[None]
+    ) -> None:
+        cfg = self.config
+        async with trio.open_nursery() as nursery:
+            self._cancel = nursery.cancel_scope
+            # Patient: waits for a store that does not answer, registers under every lease it
+            # holds (after adoption), replaces a lost one. Not revoked on exit: a restarted
+            # agent keeps its pods' registrations.
+            nursery.start_soon(
+                partial(
+                    hold_lease,
                     store,
-                    cfg.node,
-                    cfg.trust_domain,
-                    lease=lambda: self.lease,
-                    state_dir=cfg.run_dir / "identity",
+                    cfg.lease_ttl,
+                    reuse=state.lease,
+                    on_lease=partial(self._on_lease, store, state),
+                    revoke=False,
                 )
-                await nursery.start(self.identities.run)
-                self._follow_node_identities(self.snapshot, self.identities)
-                pods_nursery = await nursery.start(_open_pods_nursery)
-                self.enroller = Enroller(
+            )
+            self.snapshot = SnapshotSync(
+                store,
+                cache_path=cfg.run_dir / "snapshot.cache",
+                trust_domain=cfg.trust_domain,
+                startup_timeout=STORE_WAIT,
+                lease_grace=cfg.lease_grace,
+            )
+            await nursery.start(self.snapshot.run)
+            snapshot = self.snapshot
+            self.telemetry = Telemetry(
+                TelemetryConfig(
+                    cfg.node,
+                    metrics_port=cfg.metrics_port,
+                    zipkin_url=cfg.zipkin_url,
+                    sample_rate=cfg.sample_rate,
+                ),
+                ready=lambda: self.ready,
+                health=HealthSources(
+                    enrolled_pods=lambda: len(self.enroller.pods) if self.enroller else 0,
+                    certificate_expiry=self._cert_expiry,
+                    store_revision=lambda: snapshot.current.revision,
+                    open_connections=self.open_connections,
+                ),
+            )
+            await nursery.start(self.telemetry.run)
+            self.identities = IdentityManager(
+                store,
+                cfg.node,
+                cfg.trust_domain,
+                lease=self._held_lease,
+                state_dir=cfg.run_dir / "identity",
+            )
+            await nursery.start(self.identities.run)
+            self._follow_node_identities(self.snapshot, self.identities)
+            pods_nursery = await nursery.start(_open_pods_nursery)
+            self.enroller = Enroller(
+                node=cfg.node,
+                store=store,
+                state=state,
+                metadata=metadata_source(cfg.pod_metadata, store),
+                pods_nursery=pods_nursery,
+                lease=self._held_lease,
+                identities=self.identities,
+                snapshot=lambda: snapshot.current,
+                outbound_policy=cfg.outbound_policy,
+                registry=self.balance,
+                dns=cfg.dns,
+                dns_upstreams=list(cfg.dns_upstreams) or None,
+                telemetry=self.telemetry,
+                http_limits=cfg.http_limits,
+            )
+            nursery.start_soon(self._maintain_balance)
+            nursery.start_soon(self.enroller.maintain_status)
+            enroller = self.enroller
+            self.snapshot.add_listener(lambda _: enroller.policy_changed())
+            # Registration waits for the lease (`_on_lease`): the pods are served meanwhile.
+            await self.enroller.adopt_all(register=False)
+            self._adopted.set()
+            if not self.snapshot.statistics()["serving_from_cache"]:
+                # The store answers: keep the order of a normal start (registered, then ready).
+                with trio.move_on_after(STORE_WAIT):
+                    await self._registered.wait()
+            if cfg.probe_snat:
+                # Installed before the CNI socket opens and never removed on exit: probes
+                # keep working while the agent restarts; `nodeagent uninstall` removes it.
+                await nursery.start(self._maintain_probe_snat, self.snapshot)
+            if cfg.gateway:
+                self.gateway = NodeGateway(
                     node=cfg.node,
                     store=store,
-                    state=state,
-                    metadata=metadata_source(cfg.pod_metadata, store),
-                    pods_nursery=pods_nursery,
-                    lease=lambda: self.lease,
+                    lease=self._held_lease,
                     identities=self.identities,
-                    snapshot=lambda: snapshot.current,
-                    outbound_policy=cfg.outbound_policy,
+                    sync=self.snapshot,
+                    trust_domain=cfg.trust_domain,
+                    bind_host=cfg.gateway_bind,
                     registry=self.balance,
-                    dns=cfg.dns,
-                    dns_upstreams=list(cfg.dns_upstreams) or None,
+                    sessions=self.enroller.sessions,
                     telemetry=self.telemetry,
+                    limits=cfg.http_limits,
                 )
-                nursery.start_soon(self._maintain_balance)
-                nursery.start_soon(self.enroller.maintain_status)
-                enroller = self.enroller
-                self.snapshot.add_listener(lambda _: enroller.policy_changed())
-                await self.enroller.adopt_all()
-                if cfg.probe_snat:
-                    # Installed before the CNI socket opens and never removed on exit: probes
-                    # keep working while the agent restarts; `nodeagent uninstall` removes it.
-                    await nursery.start(self._maintain_probe_snat, self.snapshot)
-                if cfg.gateway:
-                    self.gateway = NodeGateway(
-                        node=cfg.node,
-                        store=store,
-                        lease=lambda: self.lease,
-                        identities=self.identities,
-                        sync=self.snapshot,
-                        trust_domain=cfg.trust_domain,
-                        bind_host=cfg.gateway_bind,
-                        registry=self.balance,
-                        sessions=self.enroller.sessions,
-                        telemetry=self.telemetry,
-                    )
-                    await nursery.start(self.gateway.run)
-                await nursery.start(CniServer(cfg.cni_socket, self.enroller).run)
-                await nursery.start(UnixSocketHttpServer(cfg.admin_socket, self._routes()).run)
-                self.ready = True
-                log.info(
-                    "agent.ready",
-                    node=cfg.node,
-                    store=cfg.store_url,
-                    pods=len(self.enroller.pods),
-                    run_dir=str(cfg.run_dir),
-                )
-                task_status.started()
+                if self._registered.is_set():
+                    await nursery.start(self._in_front, self.gateway.run)
+                else:  # it registers itself at start: wait for the lease
+                    nursery.start_soon(self._start_gateway_when_registered, nursery, self.gateway)
+            await nursery.start(self._in_front, CniServer(cfg.cni_socket, self.enroller).run)
+            admin = UnixSocketHttpServer(cfg.admin_socket, self._routes())
+            await nursery.start(self._in_front, admin.run)
+            self.ready = True
+            log.info(
+                "agent.ready",
+                node=cfg.node,
+                store=cfg.store_url,
+                pods=len(self.enroller.pods),
+                run_dir=str(cfg.run_dir),
+                lease=self.lease or None,
+                snapshot_from=(
+                    "cache" if self.snapshot.statistics()["serving_from_cache"] else "store"
+                ),
+            )
+            task_status.started()
+
+    def _held_lease(self) -> int:
+        """The lease for writes that must vanish with the agent; LeaseNotHeld before the first."""
+        if not self.lease:
+            raise LeaseNotHeld(f"{self.config.store_url}: no lease yet (the store did not answer)")
+        return self.lease
+
+    async def _start_gateway_when_registered(
+        self, nursery: trio.Nursery, gateway: NodeGateway
+    ) -> None:
+        await self._registered.wait()
+        await nursery.start(self._in_front, gateway.run)
+
+    async def _in_front(
+        self, run: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run a node-level server until the agent drains (`_front` is cancelled)."""
+        scope = trio.CancelScope()
+        self._front.append(scope)
+        self._front_running += 1
+        try:
+            with scope:
+                await run(task_status=task_status)
         finally:
-            with trio.CancelScope(shield=True):
-                await store.aclose()
+            self._front_running -= 1
 
     async def _maintain_balance(self) -> None:
         """Readmit ejected endpoints of clusters without traffic (and log it), about once a
@@ -266,16 +438,37 @@ class Agent:
             installed = target
             log.info("probe_snat.applied", pods=len(installed))
 
-    async def _on_new_lease(self, state: AgentState, lease: int) -> None:
-        """hold_lease granted `lease`: remember it for the next run and, when the store forgot the
-        previous one (an outage longer than the TTL), register every workload again (the gateway
-        follows `self.lease` by itself)."""
+    async def _on_lease(self, store: Store, state: AgentState, lease: int) -> None:
+        """hold_lease holds `lease` (reused from the last run, new, or replacing a lost one):
+        remember it for the next run, register every workload under it once adoption is over,
+        then the node's record (its deletion tells other agents the lease lapsed; it goes last
+        so it never says "live" before the workloads are back). During an uninstall the agent
+        stops instead: re-registering would undo it."""
+        if pidfile.uninstall_under_way(self.config.run_dir):
+            log.warning("agent.uninstalled", lease=lease, note="stopping, not registering")
+            if self._cancel is not None:
+                self._cancel.cancel()
+            await trio.sleep_forever()  # cancelled with the agent
+        replaced = bool(self.lease) and self.lease != lease
         self.lease = lease
-        state.lease = lease
-        state.save()
-        if self.enroller is not None:
+        if state.lease != lease:
+            state.lease = lease
+            state.save()
+        await self._adopted.wait()
+        assert self.enroller is not None  # adoption is over
+        if replaced:
             log.warning("lease.replaced", lease=lease, pods=len(self.enroller.pods))
-            await self.enroller.reregister_all()
+        await self.enroller.reregister_all()
+        record = {
+            "v": NODE_RECORD_VERSION,
+            "node": self.config.node,
+            "pid": os.getpid(),
+            "lease": lease,
+        }
+        await store.put(keys.node(self.config.node), codec.encode(record), lease=lease)
+        self._registered_lease = lease
+        self._registered.set()
+        log.info("lease.registered", lease=lease, pods=len(self.enroller.pods))
 
     def _follow_node_identities(self, sync: SnapshotSync, identities: IdentityManager) -> None:
         """Keep a certificate for every identity of a workload registered on this node.
@@ -308,6 +501,8 @@ class Agent:
                 "store": self.config.store_url,
                 "ready": self.ready,
                 "lease": self.lease,
+                # Every workload and the node record are in the store under the current lease.
+                "registered": bool(self.lease) and self._registered_lease == self.lease,
                 "snapshot": snap.statistics() if snap is not None else None,
                 "identity": self.identities.statistics() if self.identities else None,
                 "gateway": self.gateway.statistics() if self.gateway else None,
@@ -339,6 +534,17 @@ async def _open_pods_nursery(*, task_status: trio.TaskStatus[trio.Nursery]) -> N
         await trio.sleep_forever()
 
 
+async def _answers_ready(admin_socket: Path) -> bool:
+    """Whether an agent (the successor, once ours is closed) answers ready on `admin_socket`."""
+    try:
+        with trio.move_on_after(1.0):
+            status, _ = await admin_request(admin_socket, "GET", READY_PATH)
+            return status == 200
+    except AdminClientError:
+        pass
+    return False
+
+
 async def run_until_signalled(config: AgentConfig) -> None:
     agent = Agent(config)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -347,18 +553,21 @@ async def run_until_signalled(config: AgentConfig) -> None:
 
             async def drain_then_stop() -> None:
                 await agent.drain_requested.wait()
-                log.info("agent.draining", deadline=agent.drain_deadline)
-                agent.ready = False  # /healthz/ready answers 503 from now on
-                with trio.move_on_after(agent.drain_deadline):
-                    while sum(agent.open_connections().values()) > 0:  # noqa: ASYNC110
-                        # Polling: connections close inside pod proxies that have no hook to
-                        # signal "last one gone", and a drain is rare.
-                        await trio.sleep(0.1)
-                log.info("agent.drained", open=agent.open_connections())
+                await agent.drain()
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(drain_then_stop)
             async for signum in signals:
+                graceful = signum == signal.SIGTERM and not pidfile.uninstall_under_way(
+                    config.run_dir
+                )
+                if graceful and agent.drain_requested.is_set():
+                    # Kubelet's SIGTERM after a preStop `nodeagent admin drain`: keep draining.
+                    log.info("agent.draining_already", deadline=agent.drain_deadline)
+                    continue
+                if graceful:
+                    agent.request_drain(config.drain_timeout)
+                    continue
                 log.info("agent.stopping", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break

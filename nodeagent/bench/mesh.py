@@ -18,6 +18,12 @@ rates with coordinated-omission correction (`loadgen`), and a max-rate run (load
 for L4, wrk for HTTP). Around every measurement both agents' CPU time and RSS are read from /proc.
 Then config propagation (apply → every agent's snapshot at that revision, via `/config_dump`) and
 enrollment latency (the `enroll` bench) are measured.
+
+`--restart` adds agent restarts under constant load (last, since the agents' pids change): HTTP
+at `--restart-rate` (500/s; half keep-alive, half a new connection per request, `hey`) from the
+meshed client to the Service while each node's agent is restarted gracefully
+(`Sandbox.restart_agent`: SIGTERM, the new agent binds beside the draining old one), then killed
+with -9 and started again; failed requests and p99 for each.
 """
 
 from __future__ import annotations
@@ -79,6 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bulk-transfers", type=int, default=3)
     parser.add_argument("--propagation-samples", type=int, default=20)
     parser.add_argument("--enroll-pods", type=int, default=20, help="0 skips the enroll bench")
+    parser.add_argument(
+        "--restart", action="store_true", help="also: agent restarts under constant load"
+    )
+    parser.add_argument("--restart-rate", type=float, default=500.0, help="requests/s")
     parser.add_argument("--name", default="", help="sandbox name (default: mb<pid>)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file ('' for none)")
     parser.add_argument(
@@ -406,7 +416,15 @@ def run(args: argparse.Namespace) -> Result:
     runner: Runner | None = None
     try:
         runner = Runner(sb, args)
-        _run_scenarios(sb, runner, args, scenarios, rates, result)
+        client, mesh_ip = _run_scenarios(sb, runner, args, scenarios, rates, result)
+        if args.restart:
+            for kind in ("graceful", "kill -9"):
+                for node in ("n1", "n2"):
+                    row = restart_under_load(sb, args, client, mesh_ip, node, kind)
+                    result.rows.append(row)
+                    result.add(f"restart {row['load']} failed", row["errors"], "requests")
+                    if row["p99_ms"] is not None:
+                        result.add(f"restart {row['load']} p99", row["p99_ms"], "ms")
         if args.propagation_samples > 0:
             say(f"config propagation: {args.propagation_samples} applies")
             samples = trio.run(measure_propagation, sb, args.propagation_samples)
@@ -439,7 +457,8 @@ def _run_scenarios(
     scenarios: list[str],
     rates: list[float],
     result: Result,
-) -> None:
+) -> tuple[Pod, str]:
+    """Runs `scenarios`; returns the meshed client and the address the mesh set-up targets."""
     server_cmd = [sys.executable, "-m", "nodeagent.bench.server"]
     for pod in sb.pods():
         if pod.namespace == NS:
@@ -508,6 +527,83 @@ def _run_scenarios(
                     argv = loadgen_argv(lg_mode, target, args, rate)
                 result.rows.append(runner.measure(setup, scenario, label, client, argv, timeout))
     figures(result)
+    return cli_mesh, mesh_ip
+
+
+def restart_under_load(
+    sb: Sandbox, args: argparse.Namespace, client: Pod, ip: str, node: str, kind: str
+) -> dict[str, Any]:
+    """HTTP through both agents at `--restart-rate` (half on keep-alive connections, half on a
+    new connection per request; `hey`, 10 workers each) while `node`'s agent restarts (`kind`:
+    "graceful" or "kill -9"); the row sums failed requests and takes the worse p99 over the
+    whole run, the restart included. `hey`, not `loadgen`: loadgen stops at the first closed
+    persistent connection, hey reconnects as a client would."""
+    duration, lead = 8.0, 1.5  # the restart starts `lead` s into the run
+    url = f"http://{ip}:{PORTS['http']}/"
+    per_worker = f"{args.restart_rate / 20:g}"  # hey's -q is per worker: 2 x 10 workers
+    base = ["hey", "-z", f"{duration:g}s", "-c", "10", "-q", per_worker, "-t", "10", "-host", HOST]
+    gens = [
+        sb.popen(client, [*base, *flags, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                 text=True)
+        for flags in ([], ["-disable-keepalive"])
+    ]  # fmt: skip
+    outs: list[str] = []
+    try:
+        time.sleep(lead)
+        t0 = time.perf_counter()
+        if kind == "graceful":
+            sb.restart_agent(node)
+        else:
+            sb.kill_agent(node)
+            sb.start_agent(node)
+        restart_s = time.perf_counter() - t0
+        for gen in gens:
+            out, err = gen.communicate(timeout=duration + 60)
+            if gen.returncode != 0:
+                raise RuntimeError(f"hey (restart {kind} {node}) exited {gen.returncode}: {err}")
+            outs.append(out)
+    finally:
+        for gen in gens:
+            if gen.poll() is None:
+                gen.kill()
+                gen.wait()
+    parsed = [parse_hey(o) for o in outs]
+    p99s = [h["p99_ms"] for h in parsed if h["p99_ms"] is not None]
+    row: dict[str, Any] = {
+        "scenario": "restart",
+        "load": f"{args.restart_rate:g}/s {kind} {node}",
+        "setup": "mesh",
+        "requests": sum(h["requests"] for h in parsed),
+        "errors": sum(h["errors"] for h in parsed),
+        "rate": round(sum(h["rate"] for h in parsed), 1),
+        "p99_ms": max(p99s) if p99s else None,
+        "restart_s": round(restart_s, 2),
+        "first_error": next((h["first_error"] for h in parsed if h["first_error"]), None),
+    }
+    say(
+        f"restart  {row['load']:>22} {row['rate']:>7.0f} req/s  p99 {_ms(row['p99_ms'])}  "
+        f"errors {row['errors']}  (restart {restart_s:.1f}s)"
+        + (f"  first error: {row['first_error']}" if row["first_error"] else "")
+    )
+    return row
+
+
+def parse_hey(text: str) -> dict[str, Any]:
+    """hey's summary: requests, failed (non-200 responses and errors), rate, p99."""
+    codes = {int(c): int(n) for c, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", text)}
+    bad = sorted(c for c in codes if c != 200)
+    errors: list[tuple[str, str]] = []
+    if "Error distribution:" in text:
+        errors = re.findall(r"\[(\d+)\]\s+(.+)", text.split("Error distribution:")[-1])
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    p99 = re.search(r"99%+ in ([\d.]+) secs", text)
+    return {
+        "requests": sum(codes.values()),
+        "errors": sum(n for c, n in codes.items() if c != 200) + sum(int(n) for n, _ in errors),
+        "rate": float(rate.group(1)) if rate else 0.0,
+        "p99_ms": float(p99.group(1)) * 1000 if p99 else None,
+        "first_error": errors[0][1].strip() if errors else (f"HTTP {bad[0]}" if bad else None),
+    }
 
 
 def _probe(sb: Sandbox, client: Pod, ip: str, port: int = PORTS["echo"]) -> bool:

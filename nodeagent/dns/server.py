@@ -166,6 +166,8 @@ class DnsProxy:
             if kind == socket.SOCK_STREAM:
                 # A restarted agent must re-bind while old connections sit in TIME_WAIT.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # ...and beside the agent it replaces while that one drains (inpod.listeners).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((self.host, self.port))
             if kind == socket.SOCK_STREAM:
                 sock.listen(128)

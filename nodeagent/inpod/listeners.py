@@ -11,6 +11,13 @@
 REDIRECT delivers to a local address, so none of them needs IP_TRANSPARENT (that is only for the
 agent's own sockets that bind a peer's address as source, `Netns.socket(transparent=True)`).
 Every socket carries the mesh mark, like everything the agent opens in a pod.
+
+Restarts that drop nothing: every listener has SO_REUSEPORT, so a new agent binds beside a
+draining old one (the kernel spreads new connections over both until the old closes its
+sockets), and binding turns on `net.ipv4.tcp_migrate_req` in the pod's netns, so connections
+that sit in the old socket's accept queue when it closes move to the new one instead of being
+reset. Linux lets only sockets of the same effective uid share a port, so the reuse group is
+the agent's (root in the pod could already rewrite the pod's rules).
 """
 
 from __future__ import annotations
@@ -27,6 +34,24 @@ from nodeagent.inpod.errors import ListenerError, NetnsError
 from nodeagent.inpod.netns import Netns
 
 BACKLOG = 1024
+_MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def _enable_request_migration() -> None:
+    """Run inside the pod's netns (/proc/sys/net follows the opening thread's netns)."""
+    with open(_MIGRATE_REQ, "w") as f:
+        f.write("1")
+
+
+def enable_request_migration(netns: Netns) -> None:
+    """Let a closing listener's queued connections migrate to another listener of its
+    SO_REUSEPORT group in `netns` (Linux >= 5.14) instead of being reset."""
+    try:
+        netns.run(_enable_request_migration)
+    except OSError as e:
+        raise ListenerError(
+            f"set net.ipv4.tcp_migrate_req in netns {netns.name}: {e.strerror}", errno=e.errno
+        ) from None
 
 
 @dataclass
@@ -62,8 +87,10 @@ def _listen(netns: Netns, port: int, host: str, mark: int) -> socket.socket:
     except NetnsError as e:
         raise ListenerError(f"bind {port} in netns {netns.name}: {e}", errno=e.errno) from None
     try:
-        # A restarted agent must be able to re-bind while old connections sit in TIME_WAIT.
+        # A restarted agent must be able to re-bind while old connections sit in TIME_WAIT,
+        # and while the agent it replaces still drains (module docstring).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(BACKLOG)
     except OSError as e:
@@ -85,6 +112,7 @@ def bind_listeners(
 
     Does not block (bind/listen only); call it from the trio thread. `ports` exists for tests.
     """
+    enable_request_migration(netns)
     socks: list[socket.socket] = []
     try:
         for port in ports:

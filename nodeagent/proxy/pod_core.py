@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import trio
 
 from nodeagent.balance import Registry
+from nodeagent.http import Limits
 from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import Netns, PodListeners
 from nodeagent.log import get_logger
@@ -44,6 +45,7 @@ class PodCore:
     identity_wait: float = IDENTITY_WAIT
     telemetry: Sinks | None = None
     stats: PodProxyStats = field(default_factory=PodProxyStats)
+    http_limits: Limits | None = None  # the L7 proxy's timeouts and bounds (agent flags)
 
     def me(self, snap: Snapshot) -> Workload | None:
         if self.workload is None:

@@ -4,9 +4,10 @@ Each direction owns one fixed-size read, so a slow reader back-pressures the wri
 making the agent buffer without limit. An error on either side ends both directions.
 
 The fast path (both ends a `trio.SocketStream` or a tunnel `TlsStream`, i.e. every path of the
-agent) drives the sockets itself, because trio's stream methods yield to the scheduler at least
-once per call and allocate a `bytes` per read, and `SSL_read` hands out one 16 KiB record per
-call (loopback A/B in tests/tunnel/measure_relay.py: bulk 200 → 325 MiB/s, CPU per MiB -38%):
+agent) drives the sockets through `nodeagent.sockio`'s ends, because trio's stream methods yield
+to the scheduler at least once per call and allocate a `bytes` per read, and `SSL_read` hands
+out one 16 KiB record per call (loopback A/B in tests/tunnel/measure_relay.py: bulk 200 → 325
+MiB/s, CPU per MiB -38%):
 
 - reads go into a pooled `bytearray` with `recv_into` (no `bytes` allocated per chunk), and a
   connection holds a buffer only while a chunk is in flight: idle connections cost no buffer;
@@ -23,15 +24,14 @@ Any other stream type (tests, L7 wrappers) takes the generic `receive_some`/`sen
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import trio
 
-from nodeagent.tunnel.tls import WANT_READ, TlsStream
+from nodeagent.sockio import YIELD_EVERY, End, end_of
+from nodeagent.sockio.ends import WANT_READ
 
 CHUNK = 64 * 1024
-YIELD_EVERY = 16  # chunks moved without waiting before the pump lets other tasks run
 POOL_SIZE = 64  # idle buffers kept for reuse (64 of 64 KiB); more in flight are just allocated
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _pool: list[bytearray] = []
@@ -42,80 +42,6 @@ class RelayResult:
     sent: int = 0  # client → upstream bytes
     received: int = 0  # upstream → client bytes
     error: str = ""  # why the relay ended early, "" on a clean close
-
-
-class _SockEnd:
-    """A `trio.SocketStream` driven through its file descriptor (non-blocking already)."""
-
-    __slots__ = ("fd", "sock", "stream")
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.sock = stream.socket
-        self.fd = stream.socket.fileno()
-
-    def try_read(self, view: memoryview) -> int:
-        try:
-            return os.readv(self.fd, (view,))
-        except BlockingIOError:
-            return WANT_READ
-
-    def drained(self, n: int, size: int) -> bool:
-        # A short read emptied the socket buffer (almost always): waiting first saves the
-        # failing recv (a syscall and an exception) on every small message.
-        return n < size
-
-    async def wait(self, want: int) -> None:
-        await trio.lowlevel.wait_readable(self.sock)
-
-    async def write(self, view: memoryview) -> None:
-        fd = self.fd
-        while view:
-            try:
-                sent = os.write(fd, view)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
-                continue
-            view = view[sent:]
-
-    async def send_eof(self) -> None:
-        await self.stream.send_eof()
-
-
-class _TlsEnd:
-    __slots__ = ("stream",)
-
-    def __init__(self, stream: TlsStream) -> None:
-        self.stream = stream
-
-    def try_read(self, view: memoryview) -> int:
-        return self.stream.try_receive_into(view)
-
-    def drained(self, n: int, size: int) -> bool:
-        return self.stream.drained
-
-    async def wait(self, want: int) -> None:
-        if want == WANT_READ:
-            await trio.lowlevel.wait_readable(self.stream.socket)
-        else:
-            await trio.lowlevel.wait_writable(self.stream.socket)
-
-    async def write(self, view: memoryview) -> None:
-        await self.stream.send_all_nowait(view)
-
-    async def send_eof(self) -> None:
-        await self.stream.send_eof()
-
-
-_End = _SockEnd | _TlsEnd
-
-
-def _end(stream: trio.abc.HalfCloseableStream) -> _End | None:
-    if type(stream) is trio.SocketStream:
-        return _SockEnd(stream)
-    if isinstance(stream, TlsStream):
-        return _TlsEnd(stream)
-    return None
 
 
 async def relay(
@@ -133,7 +59,7 @@ async def relay(
     """
     result = result if result is not None else RelayResult()
     deadline = [trio.current_time() + idle_timeout]
-    ends = (_end(client), _end(upstream)) if fast else (None, None)
+    ends = (end_of(client), end_of(upstream)) if fast else (None, None)
 
     def fail(exc: BaseException) -> None:
         result.error = result.error or f"{type(exc).__name__}: {exc}"
@@ -158,7 +84,7 @@ async def relay(
         except _BROKEN as exc:
             fail(exc)
 
-    async def fast_pump(src: _End, dst: _End, upstream_dir: bool) -> None:
+    async def fast_pump(src: End, dst: End, upstream_dir: bool) -> None:
         unyielded = 0
         buf: bytearray | None = None
         view = memoryview(b"")

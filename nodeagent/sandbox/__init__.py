@@ -13,6 +13,6 @@ the demo:
 """
 
 from nodeagent.sandbox.errors import CniError, SandboxError
-from nodeagent.sandbox.sandbox import Node, Pod, Sandbox, sandbox
+from nodeagent.sandbox.sandbox import AgentRestart, Node, Pod, Sandbox, sandbox
 
-__all__ = ["CniError", "Node", "Pod", "Sandbox", "SandboxError", "sandbox"]
+__all__ = ["AgentRestart", "CniError", "Node", "Pod", "Sandbox", "SandboxError", "sandbox"]

@@ -107,6 +107,16 @@ def _parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="print `export MESH_STORE=…` for meshctl")
     named(env, ("--name", "--sandbox"))
 
+    agent = sub.add_parser("agent", help="start, stop, restart or kill a node's agent")
+    named(agent, ("--name", "--sandbox"))
+    agent.add_argument(
+        "action",
+        choices=["start", "stop", "restart", "kill"],
+        help="stop: at once (no drain); restart: graceful (SIGTERM, the new agent binds beside "
+        "the draining old one); kill: kill -9",
+    )
+    agent.add_argument("node", metavar="NODE")
+
     down = sub.add_parser("down", help="remove everything the sandbox created")
     named(down, ("--name", "--sandbox"))
     down.add_argument(
@@ -234,5 +244,18 @@ def _run(args: argparse.Namespace, cmd: list[str]) -> int:
         return 0
     if args.command == "env":
         print(sb.env())
+        return 0
+    if args.command == "agent":
+        # Extra `nodeagent run` arguments after -- (start only), kept for later restarts.
+        if cmd and args.action != "start":
+            raise SandboxError("only `agent start` takes `nodeagent run` arguments after --")
+        if args.action == "start":
+            sb.start_agent(args.node, args=cmd or None)
+        elif args.action == "stop":
+            sb.stop_agent(args.node)
+        elif args.action == "restart":
+            sb.restart_agent(args.node)
+        else:
+            sb.kill_agent(args.node)
         return 0
     raise SandboxError(f"unknown command {args.command!r}")

@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from nodeagent.sandbox import cni, layout
 from nodeagent.sandbox.errors import CniError, SandboxError
 from nodeagent.sandbox.state import NodeState, PodState, State, load, locked, save
 from nodeagent.sandbox.system import (
+    ProcessRef,
     ip,
     netns_add,
     netns_delete,
@@ -46,6 +48,7 @@ ETCD_TIMEOUT = 30.0
 CA_TIMEOUT = 30.0
 CA_TRUST_DOMAIN = "cluster.local"
 AGENT_GRACE = 10.0
+DRAIN_TIMEOUT = 5.0  # `nodeagent run --drain-timeout`'s default
 POD_GRACE = 5.0
 # A pod command that dies this fast with an error was a bad command line: undo the pod.
 POD_START_CHECK = 0.3
@@ -128,6 +131,25 @@ def _pod(ps: PodState) -> Pod:
         container_id=ps.container_id,
         log=Path(ps.log),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRestart:
+    """When (time.monotonic(), the same clock in every process) a graceful restart sent the
+    SIGTERM, saw the new agent ready, and saw the old one gone."""
+
+    sigterm_at: float
+    ready_at: float
+    old_exited_at: float
+
+
+def _pid_file_names(run_dir: Path, pid: int) -> bool:
+    """Whether `<run-dir>/agent.pid` still names `pid` (the agent removes it when it stops
+    being the node's agent; nodeagent.agent.pidfile)."""
+    try:
+        return (run_dir / "agent.pid").read_text().strip() == str(pid)
+    except FileNotFoundError:
+        return False
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -445,27 +467,135 @@ class Sandbox:
 
     # ----- agents ------------------------------------------------------------------------------
 
-    def start_agent(self, node: str, *, wait: bool = True, timeout: float = READY_TIMEOUT) -> None:
+    def start_agent(
+        self,
+        node: str,
+        *,
+        wait: bool = True,
+        timeout: float = READY_TIMEOUT,
+        args: Sequence[str] | None = None,
+    ) -> None:
+        """Start the node's agent; `args` (extra `nodeagent run` arguments, e.g. `--drain-timeout
+        2`) replace the previous ones and are kept for later starts and restarts."""
         with locked(self.state_dir):
             st = load(self.state_dir)
             ns = self._node_state(st, node)
             if ns.agent and ns.agent.alive():
                 raise SandboxError(f"the agent of {node} already runs (pid {ns.agent.pid})")
+            if args is not None:
+                ns.agent_args = list(args)
             self._spawn_agent(st, ns)
             save(st)
         if wait:
             self.wait_agents_ready([node], timeout=timeout)
 
     def stop_agent(self, node: str, *, grace: float = AGENT_GRACE) -> None:
-        """SIGTERM the agent's process group, SIGKILL after `grace` seconds."""
+        """Stop the agent at once (SIGINT to its process group: no drain), SIGKILL after
+        `grace` seconds."""
         with locked(self.state_dir):
             st = load(self.state_dir)
             ns = self._node_state(st, node)
             if ns.agent is not None:
                 self._say(f"stopping agent of {node} (pid {ns.agent.pid})")
-                stop_all([ns.agent], grace=grace, group=True, children=_CHILDREN)
+                stop_all(
+                    [ns.agent], grace=grace, group=True, children=_CHILDREN, first=signal.SIGINT
+                )
                 ns.agent = None
                 save(st)
+
+    def kill_agent(self, node: str) -> None:
+        """kill -9 the agent (an agent crash: its pods' rules stay, nothing serves them)."""
+        with locked(self.state_dir):
+            st = load(self.state_dir)
+            ns = self._node_state(st, node)
+            if ns.agent is not None:
+                self._say(f"killing agent of {node} (pid {ns.agent.pid})")
+                stop_all([ns.agent], grace=0, group=True, children=_CHILDREN, first=signal.SIGKILL)
+                ns.agent = None
+                save(st)
+
+    def restart_agent(
+        self, node: str, *, timeout: float = READY_TIMEOUT, grace: float = AGENT_GRACE
+    ) -> AgentRestart:
+        """A graceful restart, as a DaemonSet rollout does it: SIGTERM the running agent, start
+        the new one as soon as the old released its pid file (it drains meanwhile), wait for the
+        new one to be ready, then for the old one to finish draining (SIGKILL after its drain
+        deadline plus `grace`)."""
+        with locked(self.state_dir):
+            st = load(self.state_dir)
+            ns = self._node_state(st, node)
+            old = ns.agent
+            if old is None or not old.alive():
+                raise SandboxError(f"the agent of {node} does not run: nothing to restart")
+            run_dir = Path(ns.run_dir)
+            self._say(f"restarting agent of {node} (pid {old.pid} drains)")
+            os.kill(old.pid, signal.SIGTERM)
+            sigterm_at = time.monotonic()
+            deadline = time.monotonic() + grace
+            while _pid_file_names(run_dir, old.pid):
+                if time.monotonic() > deadline:
+                    raise SandboxError(f"the agent of {node} kept its pid file after SIGTERM")
+                time.sleep(0.01)
+            self._spawn_agent(st, ns)
+            save(st)
+        self.wait_agents_ready([node], timeout=timeout)
+        ready_at = time.monotonic()
+        deadline = time.monotonic() + self._drain_timeout(ns) + grace
+        while old.alive() and time.monotonic() < deadline:
+            reap(_CHILDREN)
+            time.sleep(0.05)
+        stop_all([old], grace=0, children=_CHILDREN, first=signal.SIGKILL)  # if it hangs
+        return AgentRestart(sigterm_at, ready_at, time.monotonic())
+
+    @staticmethod
+    def _drain_timeout(ns: NodeState) -> float:
+        args = ns.agent_args
+        if "--drain-timeout" in args[:-1]:
+            return float(args[args.index("--drain-timeout") + 1])
+        return DRAIN_TIMEOUT
+
+    # ----- the store (etcd) --------------------------------------------------------------------
+
+    def pause_store(self) -> None:
+        """SIGSTOP etcd: a stalled store (connections stay open, nothing answers, leases age)."""
+        self._signal_etcd(signal.SIGSTOP)
+
+    def resume_store(self) -> None:
+        """SIGCONT etcd after `pause_store`."""
+        self._signal_etcd(signal.SIGCONT)
+
+    def stop_store(self, *, grace: float = AGENT_GRACE) -> None:
+        """Stop etcd (its data dir stays): connections are refused until `start_store`."""
+        with locked(self.state_dir):
+            st = load(self.state_dir)
+            ref = self._etcd_ref(st)
+            self._say(f"stopping etcd (pid {ref.pid})")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(ref.pid, signal.SIGCONT)  # a paused etcd cannot act on SIGTERM
+            stop_all([ref], grace=grace, group=True, children=_CHILDREN)
+            st.etcd = None
+            save(st)
+
+    def start_store(self) -> None:
+        """Start etcd again after `stop_store`, on the same data (leases, keys), and wait for it."""
+        with locked(self.state_dir):
+            st = load(self.state_dir)
+            if st.store != "etcd":
+                raise SandboxError(f"sandbox {self.name!r} runs no etcd (store {st.store})")
+            if st.etcd is not None and st.etcd.alive():
+                raise SandboxError(f"etcd already runs (pid {st.etcd.pid})")
+            self._say("starting etcd again")
+            self._spawn_etcd(st)
+
+    def _signal_etcd(self, sig: signal.Signals) -> None:
+        ref = self._etcd_ref(self.state())
+        self._say(f"{sig.name} to etcd (pid {ref.pid})")
+        os.killpg(ref.pid, sig)
+
+    def _etcd_ref(self, st: State) -> ProcessRef:
+        if st.etcd is None or not st.etcd.alive():
+            raise SandboxError(f"sandbox {self.name!r} has no running etcd (store {st.store})")
+        return st.etcd
 
     # ----- the CA -------------------------------------------------------------------------------
 
@@ -626,7 +756,8 @@ class Sandbox:
         agents = [n.agent for n in st.nodes.values() if n.agent is not None]
         if agents:
             self._say(f"stopping {len(agents)} agent(s)")
-            stop_all(agents, grace=AGENT_GRACE, group=True, children=_CHILDREN)
+            # SIGINT: stop without draining (nothing will take over).
+            stop_all(agents, grace=AGENT_GRACE, group=True, children=_CHILDREN, first=signal.SIGINT)
         if st.ca is not None:
             stop_all([st.ca], grace=AGENT_GRACE, group=True, children=_CHILDREN)
         if st.etcd is not None:
@@ -777,6 +908,11 @@ class Sandbox:
         netns = layout.etcd_netns(self.name)
         self._say(f"starting etcd in {netns} ({layout.ETCD_IP}:{layout.ETCD_CLIENT_PORT})")
         self._attach(st, netns, layout.ETCD_IP, "v-etcd")
+        self._spawn_etcd(st)
+
+    def _spawn_etcd(self, st: State) -> None:
+        """Start etcd on its data dir in its (existing) namespace and wait for its /health."""
+        netns = layout.etcd_netns(self.name)
         client = f"http://{layout.ETCD_IP}:{layout.ETCD_CLIENT_PORT}"
         peer = "http://127.0.0.1:2380"
         argv = [
@@ -826,6 +962,7 @@ class Sandbox:
         ]  # fmt: skip
         if st.gateway == ns.name:
             argv.append("--gateway")
+        argv += ns.agent_args
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._say(f"starting agent of {ns.name} (log {paths.agent_log})")
         proc, ref = spawn(argv, log=paths.agent_log, env=env)

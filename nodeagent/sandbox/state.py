@@ -33,6 +33,8 @@ class NodeState:
     gateway: str
     run_dir: str
     agent: ProcessRef | None = None
+    # Extra `nodeagent run` arguments (`--drain-timeout 2`…), kept for restarts.
+    agent_args: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -183,11 +183,13 @@ def stop_all(
     grace: float = 10.0,
     group: bool = False,
     children: dict[int, subprocess.Popen[bytes]] | None = None,
+    first: signal.Signals = signal.SIGTERM,
 ) -> None:
-    """SIGTERM, wait up to `grace` seconds, then SIGKILL what is left; reap our own children."""
+    """`first` (SIGTERM), wait up to `grace` seconds, then SIGKILL what is left; reap our own
+    children."""
     refs = list(refs)
     for r in refs:
-        _signal(r, signal.SIGTERM, group)
+        _signal(r, first, group)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         reap(children)

@@ -65,10 +65,20 @@ class Telemetry:
         self.server = metrics_server(
             self.registry, ready, host=config.metrics_host, port=config.metrics_port
         )
+        self._serving = trio.CancelScope()
+
+    def stop_serving(self) -> None:
+        """Close the 15020 port (a draining agent hands it to its successor); the registry,
+        the access log and the exporter go on for the connections still open."""
+        self._serving.cancel()
+
+    async def _serve(self, *, task_status: trio.TaskStatus[None]) -> None:
+        with self._serving:
+            await self.server.run(task_status=task_status)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.server.run)
+            await nursery.start(self._serve)
             await nursery.start(self.access_log.run)
             if self.exporter is not None:
                 await nursery.start(self.exporter.run)

@@ -2,7 +2,8 @@
 
 `open_tunnel` (client: source pod netns, source workload certificate, checks the server's SPIFFE
 id) and `accept_tunnel` (server: destination workload certificate, verifies the client, reads
-the header); `header.py` is the sans-IO wire format (docs/protocol.md); `tls.py` the TLS stream.
+the header); `header.py` is the sans-IO wire format (docs/protocol.md); `tls.py` the TLS stream;
+`credentials.py` says how long a client tunnel may carry new requests (its certificates).
 """
 
 from __future__ import annotations

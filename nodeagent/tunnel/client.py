@@ -22,6 +22,7 @@ import trio
 from nodeagent.contract import TUNNEL_PORT
 from nodeagent.identity.api import IdentityProvider, PeerRejected
 from nodeagent.inpod import Netns
+from nodeagent.tunnel.credentials import TunnelCredentials
 from nodeagent.tunnel.errors import DENIED, TunnelError
 from nodeagent.tunnel.header import (
     FORBIDDEN,
@@ -130,7 +131,8 @@ async def open_tunnel(
             raise TunnelError("tls_timeout", f"tls handshake with {address}:{port}: timed out")
         handshake_ms = (trio.current_time() - started) * 1000
         try:
-            peer = identities.peer_identity(stream.peer_certificate())
+            peer_der = stream.peer_certificate()
+            peer = identities.peer_identity(peer_der)
         except (PeerRejected, ssl.SSLError) as exc:
             raise TunnelError("peer_rejected", f"server {address}:{port}: {exc}") from None
         if peer != expected_identity:
@@ -154,6 +156,7 @@ async def open_tunnel(
             fresh = stream.session
             if fresh is not None:
                 sessions.put(key, context, fresh)
+        stream.credentials = TunnelCredentials(identities, source_identity, context, peer_der)
         info = TunnelInfo(peer, stream.session_reused, round(handshake_ms, 3))
         return stream, info
     except BaseException:

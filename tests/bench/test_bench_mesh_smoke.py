@@ -30,7 +30,7 @@ def test_l4_fixed_rate_through_all_three_setups(tmp_path: Path) -> None:
     args = argparse.Namespace(
         duration=2.0, warmup=0.3, rates="1000", no_max=True, scenarios="l4", connections=8,
         size=64, bulk_mib=1, bulk_transfers=1, propagation_samples=3, enroll_pods=0,
-        name=name, out=str(out), argv=["mesh", "--scenarios", "l4"],
+        name=name, out=str(out), argv=["mesh", "--scenarios", "l4"], restart=False,
     )  # fmt: skip
     result = mesh.run(args)
 

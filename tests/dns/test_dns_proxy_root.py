@@ -272,14 +272,28 @@ async def test_malformed_queries_get_formerr_and_the_proxy_survives(
     assert proxy.statistics()["malformed"] == 2
 
 
-async def test_bind_conflict_is_a_clear_error(running: tuple[Net, DnsProxy, FakeUpstream]) -> None:
-    net, _, _ = running
-    second = DnsProxy(net.pod, namespace="default", snapshot=mesh_snapshot, upstreams=[])
-    with pytest.raises(ProxyError) as info:
-        await second.run()
+async def test_bind_conflict_is_a_clear_error(net: Net) -> None:
+    # A socket without SO_REUSEPORT holds the port: the agent's cannot join it.
+    squatter = net.pod.socket(socket.AF_INET, socket.SOCK_DGRAM, mark=0)
+    with squatter:
+        squatter.bind(("127.0.0.1", DNS_CAPTURE_PORT))
+        proxy = DnsProxy(net.pod, namespace="default", snapshot=mesh_snapshot, upstreams=[])
+        with pytest.raises(ProxyError) as info:
+            await proxy.run()
     assert str(info.value) == (
         f"bind 127.0.0.1:15053/udp in netns /run/netns/{net.pod_name}: address in use"
     )
+
+
+async def test_a_second_proxy_binds_beside_a_running_one(
+    running: tuple[Net, DnsProxy, FakeUpstream],
+) -> None:
+    """A restarted agent binds its DNS proxy while the old one still drains (SO_REUSEPORT)."""
+    net, _, _ = running
+    second = DnsProxy(net.pod, namespace="default", snapshot=mesh_snapshot, upstreams=[])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.run)
+        nursery.cancel_scope.cancel()
 
 
 async def test_forwards_in_flight_are_bounded(net: Net) -> None:

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from nodeagent.http.io import YIELD_EVERY, FastIO
+from nodeagent.sockio import YIELD_EVERY, FastIO, SockEnd, TlsEnd
 
 TUNNEL_TESTS = str(Path(__file__).resolve().parent.parent / "tunnel")  # pki.py: test TLS identities
 
@@ -45,7 +45,7 @@ async def round_trip(fa: FastIO, fb: FastIO, close_b: Any, payload: bytes) -> No
 async def test_socket_stream_moves_bytes_both_ways_and_sees_eof() -> None:
     a, b = socket_pair()
     fa, fb = FastIO(a), FastIO(b)
-    assert fa._kind == 1  # the fast path, not the stream's own methods
+    assert isinstance(fa._end, SockEnd)  # the fast path, not the stream's own methods
     # 2 MiB: more than the socket buffers, so send waits
     await round_trip(fa, fb, b.aclose, bytes(range(256)) * 8192)
     await a.aclose()
@@ -93,7 +93,7 @@ async def test_a_stream_that_is_always_ready_still_lets_others_run() -> None:
 async def test_other_streams_use_their_own_methods() -> None:
     a, b = trio.testing.memory_stream_pair()
     fa, fb = FastIO(a), FastIO(b)
-    assert fa._kind == 0
+    assert fa._end is None
     await fa.send_all(b"hello")
     assert await fb.receive_some(100) == b"hello"
 
@@ -122,7 +122,7 @@ async def test_tls_stream_moves_bytes_both_ways_and_sees_eof() -> None:
             nursery.start_soon(a.do_handshake)
             nursery.start_soon(b.do_handshake)
         fa, fb = FastIO(a), FastIO(b)
-        assert fa._kind == 2
+        assert isinstance(fa._end, TlsEnd)
         await round_trip(fa, fb, b.aclose, os.urandom(1 << 20))
         await a.aclose()
     finally:
