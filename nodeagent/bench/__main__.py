@@ -15,6 +15,7 @@ from types import ModuleType
 
 from nodeagent.bench import Result
 from nodeagent.bench import enroll as enroll_bench
+from nodeagent.bench import fanout as fanout_bench
 from nodeagent.bench import mesh as mesh_bench
 from nodeagent.bench import report as report_cmd
 from nodeagent.bench import snapshot as snapshot_bench
@@ -22,6 +23,7 @@ from nodeagent.bench import snapshot as snapshot_bench
 BENCHES: dict[str, ModuleType] = {
     snapshot_bench.NAME: snapshot_bench,
     enroll_bench.NAME: enroll_bench,
+    fanout_bench.NAME: fanout_bench,
     mesh_bench.NAME: mesh_bench,
 }
 # Another engineer's micro-benchmark, registered when it is there.
@@ -45,13 +47,48 @@ def _value(v: float) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.3f}"
 
 
+def _grid(rows: list[dict[str, object]]) -> str:
+    """Free-form rows (one dict per row, the first row's keys as columns) as a text grid."""
+    heads = list(rows[0])
+    body = [
+        [_value(v) if isinstance(v, float) else str(r.get(h, "")) for h, v in _cells(r, heads)]
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(heads)]
+    out = [
+        "  "
+        + "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(heads, widths, strict=True))
+        )
+    ]
+    for b in body:
+        out.append(
+            "  "
+            + "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(b, widths, strict=True))
+            )
+        )
+    return "\n".join(out)
+
+
+def _cells(row: dict[str, object], heads: list[str]) -> list[tuple[str, object]]:
+    return [(h, row.get(h, "")) for h in heads]
+
+
 def _table(result: Result) -> str:
     params = " ".join(f"{k}={v}" for k, v in result.parameters.items())
     lines = [f"== {result.bench}  {params}".rstrip()]
-    if result.rows:
+    if result.rows and "scenario" in result.rows[0]:
         lines.append(report_cmd.rows_table(result.rows))
-    width = max((len(f.metric) for f in result.figures), default=10)
-    for f in result.figures:
+    elif result.rows:
+        lines.append(_grid(result.rows))
+    # Figures the rows already show (a side-by-side table) are not printed twice.
+    in_rows = {r.get("metric") for r in result.rows}
+    figures = [f for f in result.figures if f.metric not in in_rows]
+    width = max((len(f.metric) for f in figures), default=10)
+    for f in figures:
         lines.append(f"  {f.metric:<{width}}  {_value(f.value):>14} {f.unit}")
     lines.extend(f"  note: {n}" for n in result.notes)
     return "\n".join(lines)

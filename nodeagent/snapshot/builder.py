@@ -1,12 +1,14 @@
 """SnapshotBuilder: store documents in, the next immutable Snapshot out, incrementally.
 
 Pure and sans-IO. The builder holds every raw document (key → KeyValue), its converted resource,
-and private membership maps (index key → set of document keys: ip → workloads, host → services,
-(ns, label, value) → workloads…). Applying a batch of store events only updates those maps and
-records which index entries became dirty; publishing then recomputes exactly the dirty entries,
-copying only the index dicts that changed (copy-on-write), so the new Snapshot shares everything
-else with the previous one. A full build is the same path from an empty builder, which is what
-makes "incremental == full rebuild" hold by construction (and tests check it).
+and private membership maps (`members.py`: index key → the document keys filed under it: ip →
+workloads, host → services, (ns, label, value) → workloads…). Applying a batch of store events
+only updates those maps and records which index entries became dirty; publishing then
+recomputes exactly the dirty entries in the snapshot's persistent maps (`immutables.Map`:
+O(log n) per entry, every untouched entry shared with the previous snapshot). One workload
+event therefore costs its own index entries plus the endpoint lists of the services selecting
+it, whatever the size of the mesh. A full build is the same path from an empty builder, which is
+what makes "incremental == full rebuild" hold by construction (and tests check it).
 
 A document that fails to decode or convert is logged with its key and left out, as if absent: the
 snapshot is always a function of the current documents, never of their history.
@@ -14,16 +16,23 @@ snapshot is always a function of the current documents, never of their history.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import dataclasses
+import gc
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from immutables import Map, MapMutation
+
 from nodeagent.log import get_logger
 from nodeagent.snapshot import hosts
+from nodeagent.snapshot import members as membership
 from nodeagent.snapshot.convert import Context, convert, parse_key
 from nodeagent.snapshot.errors import ConvertError
+from nodeagent.snapshot.members import Members, as_set, each
 from nodeagent.snapshot.model import (
     AuthorizationPolicy,
     DestinationRule,
@@ -56,20 +65,26 @@ _COUNT_NAMES = {
 }
 
 
-def _add(multi: dict[K, set[str]], k: K, key: str) -> None:
-    members = multi.get(k)
-    if members is None:
-        multi[k] = {key}
-    else:
-        members.add(key)
+# A batch at least this large pauses the cyclic garbage collector (`_collector_paused`).
+BULK_EVENTS = 512
 
 
-def _discard(multi: dict[K, set[str]], k: K, key: str) -> None:
-    members = multi.get(k)
-    if members is not None:
-        members.discard(key)
-        if not members:
-            del multi[k]
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """A bulk load allocates ~10^6 long-lived, acyclic objects (resources, index entries); the
+    cyclic collector would traverse the growing heap again and again meanwhile (~40% of a full
+    build). Reference counting still frees everything while it is paused."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _uid_node(wl: Workload) -> tuple[str, str]:
+    return (wl.uid, wl.node)
 
 
 def _service_rank(svc: Service) -> tuple[int, str, str]:
@@ -105,23 +120,29 @@ class SnapshotBuilder:
         self._counts: Counter[str] = Counter()
         self._endpoint_total = 0
         # membership maps: index key → document keys
-        self._m_uid: dict[str, set[str]] = {}
-        self._m_ip: dict[str, set[str]] = {}
-        self._m_node: dict[str, set[str]] = {}
-        self._m_identity: dict[str, set[str]] = {}
-        self._m_labels: dict[tuple[str, str, str], set[str]] = {}  # (ns, k, v) → workloads
+        self._m_uid: dict[str, Members] = {}
+        self._m_ip: dict[str, Members] = {}
+        self._m_node: dict[str, Members] = {}
+        self._m_identity: dict[str, Members] = {}
+        self._m_labels: dict[tuple[str, str, str], Members] = {}  # (ns, k, v) → workloads
         # Each selecting service is filed under ONE of its selector pairs: a workload matching
         # the whole selector carries that pair, so its labels find every candidate service.
-        self._m_selector: dict[tuple[str, str, str], set[str]] = {}
-        self._m_host: dict[str, set[str]] = {}
-        self._m_vip: dict[str, set[str]] = {}
-        self._m_route: dict[tuple[str, str], set[str]] = {}
-        self._m_gateway_vs: dict[str, set[str]] = {}
-        self._m_dr: dict[str, set[str]] = {}
-        self._m_gateway: dict[str, set[str]] = {}
-        self._m_ap: dict[str, set[str]] = {}
-        self._m_pa: dict[str, set[str]] = {}
+        self._m_selector: dict[tuple[str, str, str], Members] = {}
+        self._m_host: dict[str, Members] = {}
+        self._m_vip: dict[str, Members] = {}
+        self._m_route: dict[tuple[str, str], Members] = {}
+        self._m_gateway_vs: dict[str, Members] = {}
+        self._m_dr: dict[str, Members] = {}
+        self._m_gateway: dict[str, Members] = {}
+        self._m_ap: dict[str, Members] = {}
+        self._m_pa: dict[str, Members] = {}
         self._dirty: dict[str, set[Any]] = {}
+        # For the sorted workload groups (by node, by identity): per group key, the workloads
+        # filed (True) and unfiled (False) in this batch, in order, to edit the old tuple.
+        self._group_ops: dict[str, dict[str, list[tuple[bool, Workload]]]] = {
+            "node": {},
+            "identity": {},
+        }
         self._ix = Indexes()
         self._snapshot = self._make_snapshot()
 
@@ -146,10 +167,12 @@ class SnapshotBuilder:
 
     def apply(self, events: Iterable[Event], *, revision: int = 0) -> Snapshot:
         """Apply a batch of store events (in revision order) and publish the next snapshot."""
-        for event in events:
-            self._apply_one(event)
-        self._revision = max(self._revision, revision)
-        return self._publish()
+        batch = list(events)
+        with _collector_paused() if len(batch) >= BULK_EVENTS else contextlib.nullcontext():
+            for event in batch:
+                self._apply_one(event)
+            self._revision = max(self._revision, revision)
+            return self._publish()
 
     def reset(self, kvs: Iterable[KeyValue], revision: int) -> Snapshot:
         """Make the documents exactly `kvs` (a fresh listing read at `revision`), applying only
@@ -157,18 +180,17 @@ class SnapshotBuilder:
         events = []
         seen = set()
         for kv in kvs:
-            if parse_key(kv.key) is None:
-                continue
-            seen.add(kv.key)
+            seen.add(kv.key)  # keys the snapshot does not read are ignored by _apply_one
             old = self._raw.get(kv.key)
             if old is None or old.mod_revision != kv.mod_revision or old.value != kv.value:
                 events.append(Event("put", kv))
         for key in self._raw.keys() - seen:
             events.append(Event("delete", KeyValue(key, b"", 0, revision, 0)))
-        for event in events:
-            self._apply_one(event)
-        self._revision = revision
-        return self._publish()
+        with _collector_paused():
+            for event in events:
+                self._apply_one(event)
+            self._revision = revision
+            return self._publish()
 
     @classmethod
     def build(cls, kvs: Iterable[KeyValue], revision: int, **params: str) -> SnapshotBuilder:
@@ -194,7 +216,7 @@ class SnapshotBuilder:
             return
         self._raw[kv.key] = kv
         try:
-            obj = convert(kv.key, codec.decode(kv), self._ctx)
+            obj = convert(kv.key, codec.decode(kv), self._ctx, ref)
         except (codec.DecodeError, ConvertError) as exc:
             self._skipped[kv.key] = str(exc)
             log.warning(
@@ -217,11 +239,11 @@ class SnapshotBuilder:
 
     def _index(self, key: str, obj: Resource, *, add: bool) -> None:
         """File (or unfile) one resource in the membership maps and mark what it dirties."""
-        op = _add if add else _discard
+        op = membership.add if add else membership.discard
         kind = type(obj).__name__ if not isinstance(obj, Service) else obj.kind
         self._counts[_COUNT_NAMES[kind]] += 1 if add else -1
         if isinstance(obj, Workload):
-            self._index_workload(key, obj, op)
+            self._index_workload(key, obj, op, add)
         elif isinstance(obj, Service):
             self._dirt("service").add(key)
             self._dirt("endpoints").add(key)
@@ -235,8 +257,11 @@ class SnapshotBuilder:
                 op(self._m_selector, (obj.namespace, *min(obj.selector.items())), key)
         elif isinstance(obj, VirtualService):
             for gw in obj.gateways:
-                op(self._m_gateway_vs, gw, key)
-                self._dirt("gateway_vs").add(gw)
+                # Per Gateway only: the mesh's own VirtualServices are found by host (`routes`),
+                # and one tuple of all of them would be rebuilt on every VirtualService event.
+                if gw != hosts.MESH_GATEWAY:
+                    op(self._m_gateway_vs, gw, key)
+                    self._dirt("gateway_vs").add(gw)
                 for h in obj.hosts:
                     op(self._m_route, (gw, h), key)
                     self._dirt("route").add((gw, h))
@@ -254,7 +279,11 @@ class SnapshotBuilder:
             self._dirt("pa").add(obj.namespace)
 
     def _index_workload(
-        self, key: str, wl: Workload, op: Callable[[dict[Any, set[str]], Any, str], None]
+        self,
+        key: str,
+        wl: Workload,
+        op: Callable[[dict[Any, Members], Any, str], None],
+        add: bool,
     ) -> None:
         op(self._m_uid, wl.uid, key)
         self._dirt("uid").add(wl.uid)
@@ -262,13 +291,13 @@ class SnapshotBuilder:
             op(self._m_ip, ip, key)
             self._dirt("ip").add(ip)
         op(self._m_node, wl.node, key)
-        self._dirt("node").add(wl.node)
+        self._group_ops["node"].setdefault(wl.node, []).append((add, wl))
         op(self._m_identity, wl.identity, key)
-        self._dirt("identity").add(wl.identity)
+        self._group_ops["identity"].setdefault(wl.identity, []).append((add, wl))
         dirty_endpoints = self._dirt("endpoints")
         for k, v in wl.labels.items():
             op(self._m_labels, (wl.namespace, k, v), key)
-            for svc_key in self._m_selector.get((wl.namespace, k, v), ()):
+            for svc_key in each(self._m_selector.get((wl.namespace, k, v))):
                 svc = self._objects[svc_key]
                 assert isinstance(svc, Service)
                 assert svc.selector is not None
@@ -277,25 +306,27 @@ class SnapshotBuilder:
 
     # -- publishing --------------------------------------------------------------------------
 
-    def _best(self, members: set[str]) -> Any:
+    def _best(self, members: Members) -> Any:
         """Of several documents claiming one unique index key, the most recently written."""
-        if len(members) == 1:
-            return self._objects[next(iter(members))]
+        if isinstance(members, str):
+            return self._objects[members]
         return self._objects[max(members, key=lambda k: (self._raw[k].mod_revision, k))]
 
     def _publish(self) -> Snapshot:
         dirty, self._dirty = self._dirty, {}
         ix = self._ix
         changes: dict[str, Any] = {}
+        mutations: dict[str, MapMutation[Any, Any]] = {}
 
-        def cow(name: str) -> dict[Any, Any]:
-            found = changes.get(name)
+        def cow(name: str) -> MapMutation[Any, Any]:
+            found = mutations.get(name)
             if found is None:
-                found = changes[name] = dict(getattr(ix, name))
+                index: Map[Any, Any] = getattr(ix, name)
+                found = mutations[name] = index.mutate()
             return found
 
         def refresh(
-            name: str, dirty_name: str, multi: dict[Any, set[str]], make: Callable[[set[str]], Any]
+            name: str, dirty_name: str, multi: dict[Any, Members], make: Callable[[Members], Any]
         ) -> None:
             if not dirty.get(dirty_name):
                 return
@@ -307,15 +338,16 @@ class SnapshotBuilder:
                 else:
                     target.pop(k, None)
 
-        def sorted_objs(key: Callable[[Any], Any]) -> Callable[[set[str]], tuple[Any, ...]]:
-            return lambda members: tuple(sorted((self._objects[m] for m in members), key=key))
+        def sorted_objs(key: Callable[[Any], Any]) -> Callable[[Members], tuple[Any, ...]]:
+            return lambda members: tuple(sorted((self._objects[m] for m in each(members)), key=key))
 
-        by_uid = sorted_objs(lambda w: (w.uid, w.node))
         by_name = sorted_objs(_ns_name)
         refresh("workloads_by_uid", "uid", self._m_uid, self._best)
         refresh("workloads_by_ip", "ip", self._m_ip, self._best)
-        refresh("workloads_by_node", "node", self._m_node, by_uid)
-        refresh("workloads_by_identity", "identity", self._m_identity, by_uid)
+        for name, group in (("workloads_by_node", "node"), ("workloads_by_identity", "identity")):
+            ops, self._group_ops[group] = self._group_ops[group], {}
+            if ops:
+                self._regroup(cow(name), ops)
         if dirty.get("service"):
             services = cow("services")
             for key in dirty["service"]:
@@ -323,7 +355,8 @@ class SnapshotBuilder:
                 if obj is None:
                     services.pop(_service_key(key), None)
                 else:
-                    services[_service_key(key)] = obj
+                    assert isinstance(obj, Service)
+                    services[(obj.kind, obj.namespace, obj.name)] = obj
         refresh("services_by_host", "host", self._m_host, sorted_objs(_service_rank))
         refresh("targets_by_vip", "vip", self._m_vip, self._vip_targets)
         refresh("routes", "route", self._m_route, by_name)
@@ -367,10 +400,35 @@ class SnapshotBuilder:
         counts["skipped"] = len(self._skipped)
         if counts != ix.counts:
             changes["counts"] = MappingProxyType(counts)
+        for name, mutation in mutations.items():
+            changes[name] = mutation.finish()
         if changes:
             self._ix = dataclasses.replace(ix, **changes)
         self._snapshot = self._make_snapshot()
         return self._snapshot
+
+    @staticmethod
+    def _regroup(
+        target: MapMutation[str, tuple[Workload, ...]],
+        ops: dict[str, list[tuple[bool, Workload]]],
+    ) -> None:
+        """Edit each changed group's sorted tuple by its few filings and unfilings (bisect),
+        rather than re-sorting the node's 100s of pods: O(group) memory moves, O(ops log group)
+        comparisons. (uid, node) is unique per document, so the order is the full sort's."""
+        for k, changes in ops.items():
+            group = list(target.get(k, ()))
+            for add, wl in changes:
+                if add:
+                    bisect.insort(group, wl, key=_uid_node)
+                else:
+                    at = bisect.bisect_left(group, _uid_node(wl), key=_uid_node)
+                    while group[at] is not wl:  # several versions of one key within a batch
+                        at += 1
+                    del group[at]
+            if group:
+                target[k] = tuple(group)
+            else:
+                target.pop(k, None)
 
     def _make_snapshot(self) -> Snapshot:
         return Snapshot(
@@ -382,13 +440,13 @@ class SnapshotBuilder:
         )
 
     @staticmethod
-    def _wildcards(multi: Mapping[str, set[str]]) -> tuple[str, ...]:
+    def _wildcards(multi: Mapping[str, Members]) -> tuple[str, ...]:
         # A scan of every host, but only when a wildcard host came or went in this batch.
         return tuple(sorted((h for h in multi if h.startswith("*")), key=hosts.specificity))
 
-    def _vip_targets(self, members: set[str]) -> Mapping[int, ServiceTarget]:
+    def _vip_targets(self, members: Members) -> Mapping[int, ServiceTarget]:
         targets: dict[int, ServiceTarget] = {}
-        services: list[Service] = [self._objects[m] for m in members]  # type: ignore[misc]
+        services: list[Service] = [self._objects[m] for m in each(members)]  # type: ignore[misc]
         for svc in sorted(services, key=_service_rank):
             for port in svc.ports:
                 targets.setdefault(port.port, ServiceTarget(svc, port))
@@ -398,7 +456,10 @@ class SnapshotBuilder:
         workloads: list[Workload] = []
         if svc.selector:
             groups = sorted(
-                (self._m_labels.get((svc.namespace, k, v), set()) for k, v in svc.selector.items()),
+                (
+                    as_set(self._m_labels.get((svc.namespace, k, v)))
+                    for k, v in svc.selector.items()
+                ),
                 key=len,
             )
             members = groups[0].intersection(*groups[1:]) if groups[0] else set()

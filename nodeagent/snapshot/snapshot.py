@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from immutables import Map
+
 from nodeagent.snapshot import hosts
 from nodeagent.snapshot.model import (
     AuthorizationPolicies,
@@ -36,25 +38,31 @@ _EMPTY: Mapping[Any, Any] = MappingProxyType({})
 
 @dataclass(frozen=True, slots=True)
 class Indexes:
-    """The snapshot's stores and explicit indexes. Never mutated once a Snapshot holds them."""
+    """The snapshot's stores and explicit indexes. Never mutated once a Snapshot holds them.
 
-    workloads_by_uid: dict[str, Workload] = field(default_factory=dict)
-    workloads_by_ip: dict[str, Workload] = field(default_factory=dict)
-    workloads_by_node: dict[str, tuple[Workload, ...]] = field(default_factory=dict)
-    workloads_by_identity: dict[str, tuple[Workload, ...]] = field(default_factory=dict)
-    services: dict[ServiceKey, Service] = field(default_factory=dict)
-    services_by_host: dict[str, tuple[Service, ...]] = field(default_factory=dict)
+    Each index is a persistent map (`immutables.Map`, a hash array mapped trie): the builder
+    derives the next version of an index by changing a few entries, in O(log n), and the new
+    version shares every other node with the old. That is what makes one workload event cost
+    O(what it touches) rather than a copy of every index it appears in (see docs/snapshot.md).
+    """
+
+    workloads_by_uid: Map[str, Workload] = field(default_factory=Map)
+    workloads_by_ip: Map[str, Workload] = field(default_factory=Map)
+    workloads_by_node: Map[str, tuple[Workload, ...]] = field(default_factory=Map)
+    workloads_by_identity: Map[str, tuple[Workload, ...]] = field(default_factory=Map)
+    services: Map[ServiceKey, Service] = field(default_factory=Map)
+    services_by_host: Map[str, tuple[Service, ...]] = field(default_factory=Map)
     service_wildcards: tuple[str, ...] = ()  # wildcard ServiceEntry hosts, most specific first
-    targets_by_vip: dict[str, Mapping[int, ServiceTarget]] = field(default_factory=dict)
-    endpoints: dict[ServiceKey, Mapping[int, tuple[Endpoint, ...]]] = field(default_factory=dict)
-    routes: dict[tuple[str, str], tuple[VirtualService, ...]] = field(default_factory=dict)
-    route_wildcards: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per gateway
-    virtual_services_by_gateway: dict[str, tuple[VirtualService, ...]] = field(default_factory=dict)
-    destination_rules: dict[str, tuple[DestinationRule, ...]] = field(default_factory=dict)
+    targets_by_vip: Map[str, Mapping[int, ServiceTarget]] = field(default_factory=Map)
+    endpoints: Map[ServiceKey, Mapping[int, tuple[Endpoint, ...]]] = field(default_factory=Map)
+    routes: Map[tuple[str, str], tuple[VirtualService, ...]] = field(default_factory=Map)
+    route_wildcards: Map[str, tuple[str, ...]] = field(default_factory=Map)  # per gateway
+    virtual_services_by_gateway: Map[str, tuple[VirtualService, ...]] = field(default_factory=Map)
+    destination_rules: Map[str, tuple[DestinationRule, ...]] = field(default_factory=Map)
     destination_rule_wildcards: tuple[str, ...] = ()
-    gateways: dict[str, Gateway] = field(default_factory=dict)
-    authorization_policies: dict[str, tuple[AuthorizationPolicy, ...]] = field(default_factory=dict)
-    peer_authentications: dict[str, tuple[PeerAuthentication, ...]] = field(default_factory=dict)
+    gateways: Map[str, Gateway] = field(default_factory=Map)
+    authorization_policies: Map[str, tuple[AuthorizationPolicy, ...]] = field(default_factory=Map)
+    peer_authentications: Map[str, tuple[PeerAuthentication, ...]] = field(default_factory=Map)
     counts: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
 
 
@@ -224,6 +232,7 @@ class Snapshot:
         return tuple(out)
 
     def virtual_services_for_gateway(self, gateway: str) -> tuple[VirtualService, ...]:
+        """The VirtualServices bound to Gateway `gateway` ("ns/name"); not kept for "mesh"."""
         return self._ix.virtual_services_by_gateway.get(gateway, ())
 
     def destination_rule(

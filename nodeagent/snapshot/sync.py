@@ -1,7 +1,10 @@
 """SnapshotSync: keeps `current` (the Snapshot the proxy reads) in step with the store.
 
 List the prefix, build, start watching from the listing's revision + 1, and turn each batch of
-events into the next snapshot, swapped in with one assignment. A compacted watch re-lists (the
+events into the next snapshot, swapped in with one assignment. Events are coalesced: after a
+batch arrives, whatever else the store sends within `coalesce_delay` (up to `coalesce_max`
+events) is applied with it, so a burst (a node pool's 1,000 registrations) costs one rebuild
+and one swap, and no event waits longer than `coalesce_delay`. A compacted watch re-lists (the
 builder applies only the difference); any other store error keeps the last snapshot and retries
 with exponential backoff, resuming the watch from the last revision seen: a store outage never
 stops traffic. With `cache_path`, the raw documents are written to disk (debounced, atomically,
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ from nodeagent.store.base import CompactedError, Event, KeyValue, Store, StoreEr
 log = get_logger("snapshot.sync")
 
 Listener = Callable[[Snapshot], None]
+_NOTHING: Any = object()  # no further batch within the coalescing window
 
 
 class SnapshotSync:
@@ -52,6 +56,8 @@ class SnapshotSync:
         cache_debounce: float = 1.0,
         backoff_initial: float = 0.1,
         backoff_max: float = 10.0,
+        coalesce_delay: float = 0.05,
+        coalesce_max: int = 5000,
         lease_grace: float = 10.0,
     ) -> None:
         self._store = store
@@ -62,6 +68,8 @@ class SnapshotSync:
         self._cache_debounce = cache_debounce
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
+        self._coalesce_delay = coalesce_delay
+        self._coalesce_max = coalesce_max
         self.current: Snapshot = self._builder.snapshot
         self._swapped = trio.Event()
         self._progress = trio.Event()
@@ -71,6 +79,7 @@ class SnapshotSync:
         self._grace_changed = trio.Event()
         self._stats: dict[str, Any] = {
             "swaps": 0,
+            "watch_batches": 0,  # batches the store's watch delivered (swaps count fewer)
             "relists": 0,
             "store_errors": 0,
             "cache_writes": 0,
@@ -195,30 +204,78 @@ class SnapshotSync:
         )
 
     async def _watch(self, start_revision: int) -> None:
-        async with self._store.watch(self._prefix, start_revision=start_revision) as batches:
-            async for batch in batches:
-                t0 = time.perf_counter()
-                events = self._grace.filter(batch, trio.current_time())
-                if len(events) < len(batch):
-                    self._grace_changed.set()
-                    log.warning(
-                        "snapshot.deletions_held",
-                        keys=len(batch) - len(events),
-                        held=len(self._grace.held),
-                        grace=self._grace.grace,
-                    )
-                # The batch's own revision: a held deletion is never asked for again.
-                revision = max((e.kv.mod_revision for e in batch), default=0)
-                snap = self._builder.apply(events, revision=revision)
-                self._swap(snap)
-                if any(parse_key(e.kv.key) is not None for e in batch):
-                    self._cache_dirty.set()
-                    log.info(
-                        "snapshot.applied",
-                        revision=snap.revision,
-                        events=len(batch),
-                        ms=round((time.perf_counter() - t0) * 1000, 2),
-                    )
+        # A reader task moves the store's batches into a channel, so that waiting for more of a
+        # burst can time out without cancelling the watch itself; a store error travels the
+        # channel and is raised here, where `_sync` handles it. Bounded: a slow apply pushes
+        # back on the watch rather than queueing without end.
+        send, receive = trio.open_memory_channel[Sequence[Event] | StoreError | None](64)
+
+        async def read(batches: AsyncIterator[Sequence[Event]]) -> None:
+            async with send:
+                try:
+                    async for batch in batches:
+                        await send.send(batch)
+                except StoreError as exc:
+                    await send.send(exc)
+                    return
+                await send.send(None)  # the watch ended
+
+        async with (
+            self._store.watch(self._prefix, start_revision=start_revision) as batches,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(read, batches)
+            async with receive:
+                failure = await self._apply_coalesced(receive)
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure  # out here, not wrapped in the nursery's exception group
+
+    async def _apply_coalesced(
+        self, receive: trio.MemoryReceiveChannel[Sequence[Event] | StoreError | None]
+    ) -> StoreError | None:
+        """Apply batches, each with what follows it within the window, until the watch ends
+        (None) or fails (the error)."""
+        while True:
+            item = await receive.receive()
+            events: list[Event] = []
+            deadline = trio.current_time() + self._coalesce_delay
+            while isinstance(item, Sequence):
+                events.extend(item)
+                self._stats["watch_batches"] += 1
+                if len(events) >= self._coalesce_max:
+                    break
+                item = _NOTHING
+                with trio.move_on_at(deadline):
+                    item = await receive.receive()
+            if events:
+                self._apply(events)
+            if item is None or isinstance(item, StoreError):
+                return item
+
+    def _apply(self, events: list[Event]) -> None:
+        t0 = time.perf_counter()
+        kept = self._grace.filter(events, trio.current_time())
+        if len(kept) < len(events):
+            self._grace_changed.set()
+            log.warning(
+                "snapshot.deletions_held",
+                keys=len(events) - len(kept),
+                held=len(self._grace.held),
+                grace=self._grace.grace,
+            )
+        # The batches' own revision: a held deletion is never asked for again.
+        revision = max((e.kv.mod_revision for e in events), default=0)
+        snap = self._builder.apply(kept, revision=revision)
+        self._swap(snap)
+        if any(parse_key(e.kv.key) is not None for e in events):
+            self._cache_dirty.set()
+            log.info(
+                "snapshot.applied",
+                revision=snap.revision,
+                events=len(events),
+                ms=round((time.perf_counter() - t0) * 1000, 2),
+            )
 
     async def _release_held(self) -> None:
         """Apply each held deletion when its grace is over (unless a put ended the hold)."""

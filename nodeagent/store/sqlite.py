@@ -13,9 +13,15 @@ The log keeps the last `retention` revisions (10,000 by default); older ones are
 watch from before them raises CompactedError. Expired leases are reaped by whichever process
 next writes, reads or polls: their keys are deleted as delete events of one revision.
 
-Watches poll the log (one indexed range read per poll, every `POLL_INTERVAL`), and wake at once
-on this process's own commits, so a write by another process is seen within ~25 ms. All SQLite
-calls run in worker threads (`trio.to_thread`), one connection per store, one call at a time.
+Watches wake at once on this process's own commits. Other processes' commits wake them through
+inotify on the write-ahead log (`wal_watch.py`: every commit writes it), watched by one idle
+watch on behalf of all of a store's watches; `PRAGMA data_version` (a read of SQLite's
+shared-memory WAL index: no transaction, no I/O, no worker thread) is the check behind it, every
+`SAFETY_INTERVAL` with inotify and every `POLL_INTERVAL` without. Only when something changed (or
+a lease falls due, so that a dead process's keys are still reaped) do watches read the log (one
+indexed range read). An idle agent's watches sleep in the kernel; a write by another process is
+seen within milliseconds (~25 ms without inotify). Every other SQLite call runs in a worker
+thread (`trio.to_thread`), one connection per store, one call at a time.
 """
 
 from __future__ import annotations
@@ -47,12 +53,14 @@ from nodeagent.store.base import (
     TxnResult,
 )
 from nodeagent.store.url import StoreURL
+from nodeagent.store.wal_watch import WalWatch
 
 log = get_logger("store.sqlite")
 
 SCHEMA_VERSION = 1
 DEFAULT_RETENTION = 10_000
-POLL_INTERVAL = 0.025
+POLL_INTERVAL = 0.025  # without inotify: how often an idle store looks for others' commits
+SAFETY_INTERVAL = 1.0  # with inotify: a look anyway, in case the WAL file was replaced
 BUSY_TIMEOUT = 10.0
 WATCH_WINDOW = 1000  # revisions read per poll, bounding one batch
 
@@ -124,6 +132,7 @@ class _Db:
     def __init__(self, path: str, label: str, retention: int) -> None:
         self.label = label
         self.retention = retention
+        self.next_expiry = float("inf")  # the earliest lease expiry as of the last read
         parent = os.path.dirname(path)
         os.makedirs(parent, mode=0o700, exist_ok=True)
         # create it 0600 ourselves: SQLite gives its -wal and -shm files the same mode
@@ -162,8 +171,10 @@ class _Db:
 
     def _read(self, fn: Callable[[], T]) -> T:
         # another process may have granted a lease and died: look (one index probe), not cache
-        if time.time() >= self._next_expiry():
+        self.next_expiry = self._next_expiry()
+        if time.time() >= self.next_expiry:
             self._write(lambda rev: (None, 0))  # reaps as a side effect
+            self.next_expiry = self._next_expiry()
         self.conn.execute("BEGIN")
         try:
             return fn()
@@ -399,12 +410,37 @@ class _Db:
         self.conn.close()
 
 
+class _Look:
+    """Whether another connection committed since the last look: `PRAGMA data_version` on a
+    connection used only for this, from the trio thread (it reads the shared-memory WAL index:
+    microseconds, no transaction, no disk I/O)."""
+
+    def __init__(self, path: str) -> None:
+        # busy timeout 0: if the index is locked for a moment, say "changed" rather than block
+        self._conn = sqlite3.connect(path, timeout=0, isolation_level=None)
+        self._version = -1
+
+    def changed(self) -> bool:
+        try:
+            version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error:
+            return True
+        changed, self._version = version != self._version, version
+        return changed
+
+    def close(self) -> None:
+        self._conn.close()
+
+
 class SqliteStore(Store):
     """A `Store` in one SQLite file, shared with other processes of this machine."""
 
-    def __init__(self, url: str, db: _Db) -> None:
+    def __init__(self, url: str, db: _Db, look: _Look, wal: WalWatch | None) -> None:
         self.url = url
         self._db = db
+        self._look = look
+        self._wal = wal
+        self._looking = False  # one idle watch looks for other processes' commits
         self._lock = trio.Lock()
         self._changed = trio.Event()
         self._closed = False
@@ -414,12 +450,15 @@ class SqliteStore(Store):
         retention = int(url.number("retention", DEFAULT_RETENTION, minimum=1))
         try:
             db = await trio.to_thread.run_sync(_Db, url.path, url.redacted, retention)
+            look = _Look(url.path)
+            # the -wal file exists once the schema step above has run in WAL mode
+            wal = WalWatch.open(url.path + "-wal")
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"{url.redacted}: open {url.path}: {exc}") from None
         except OSError as exc:
             raise StoreUnavailable(f"{url.redacted}: open {url.path}: {exc.strerror}") from None
         log.debug("store.opened", store=url.redacted)
-        return cls(url.redacted, db)
+        return cls(url.redacted, db, look, wal)
 
     async def _call(self, op: str, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
@@ -505,15 +544,45 @@ class SqliteStore(Store):
             if events:
                 yield events
                 continue
-            with trio.move_on_after(POLL_INTERVAL):
-                await changed.wait()
+            await self._wait_for_commit(changed)
             if self._closed:
                 raise StoreError(f"{self.url}: watch on {prefix!r} ended: store closed")
+
+    async def _wait_for_commit(self, changed: trio.Event) -> None:
+        """Until this process commits (`changed`), another one does, or a lease falls due.
+
+        One idle watch at a time looks (wakes every POLL_INTERVAL); the others only wait for
+        `changed`, which the looker sets when it sees a change, and also when it stops looking
+        for any reason, so that one of them takes over."""
+        if self._looking:
+            await changed.wait()
+            return
+        self._looking = True
+        try:
+            while not self._closed:
+                interval = POLL_INTERVAL if self._wal is None else SAFETY_INTERVAL
+                due = self._db.next_expiry - time.time()
+                with trio.move_on_after(max(0.0, min(interval, due))):
+                    if self._wal is None:
+                        await changed.wait()
+                    else:
+                        await self._wal.wait_written()  # this process's commits write it too
+                    return
+                if time.time() >= self._db.next_expiry or self._look.changed():
+                    return
+        except trio.ClosedResourceError:
+            return  # aclose() closed the inotify descriptor under us
+        finally:
+            self._looking = False
+            self._notify()
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._notify()
+        if self._wal is not None:
+            self._wal.close()
         async with self._lock:
             await trio.to_thread.run_sync(self._db.close)
+        self._look.close()

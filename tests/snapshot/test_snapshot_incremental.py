@@ -200,3 +200,37 @@ def check_against_brute_force(snap: Snapshot, current: dict[str, KeyValue]) -> N
         owner = snap.workload_by_ip(w.addresses[0])
         assert owner is not None
         assert owner.addresses[0] == w.addresses[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 39), st.sampled_from(["put", "delete", "relabel"]))
+def test_one_workload_event_touches_only_its_own_entries(n: int, op: str) -> None:
+    """Proportional to the change: every index entry the event has no business with is the very
+    object the previous snapshot held (shared, not rebuilt)."""
+    d = Docs()
+    kvs = []
+    for i in range(20):
+        kvs.append(d.config(service(f"s{i}", {"app": f"s{i}"}, cluster_ip=f"10.96.0.{i + 1}")))
+    for i in range(40):
+        kvs.append(d.stored(workload(f"w{i}", f"10.0.0.{i + 1}", {"app": f"s{i % 20}"})))
+    builder = SnapshotBuilder.build(kvs, d.revision)
+    before = builder.snapshot.indexes
+    doc = workload(f"w{n}", f"10.0.0.{n + 1}", {"app": f"s{n % 20}"})
+    if op == "delete":
+        event = d.delete(key_of(doc))
+    else:
+        if op == "relabel":
+            doc["metadata"]["labels"] = {"app": f"s{(n + 1) % 20}"}
+        else:
+            doc["metadata"]["annotations"] = {"touched": "yes"}
+        event = d.put(key_of(doc), doc)
+    after = builder.apply([event]).indexes
+    selecting = {f"s{n % 20}", f"s{(n + 1) % 20}"} if op == "relabel" else {f"s{n % 20}"}
+    for key, endpoints in after.endpoints.items():
+        if key[2] not in selecting:
+            assert endpoints is before.endpoints[key], key
+    for uid, wl in after.workloads_by_uid.items():
+        if uid != f"w{n}":
+            assert wl is before.workloads_by_uid[uid]
+    for name in ("services", "services_by_host", "targets_by_vip", "routes"):
+        assert getattr(after, name) is getattr(before, name), name

@@ -136,6 +136,42 @@ async def test_sync_follows_the_store() -> None:
         await store.aclose()
 
 
+async def test_a_burst_of_events_costs_one_swap(autojump_clock: object) -> None:
+    store = await open_store("memory://burst")
+    try:
+        await put_service(store, "web", "10.96.0.1")
+        sync = SnapshotSync(store, coalesce_delay=1.0, coalesce_max=60)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(TIMEOUT):
+                await nursery.start(sync.run)
+            swaps, batches = sync.statistics()["swaps"], sync.statistics()["watch_batches"]
+            # 100 registrations, one store revision each, all within the coalescing window
+            # (the clock only moves when every task is blocked): 60 at once, then the other 40
+            revs = [
+                await put_workload(store, f"w{n}", f"10.0.1.{n}", {"app": "web"})
+                for n in range(100)
+            ]
+            with trio.fail_after(TIMEOUT):
+                snap = await sync.wait_revision(revs[-1])
+            stats = sync.statistics()
+            assert stats["swaps"] - swaps == 2  # not one per batch the watch delivered
+            assert stats["watch_batches"] - batches > 2
+            svc = snap.resolve_host("web", "default")
+            assert svc is not None
+            assert len(snap.endpoints(svc, 80)) == 100
+
+            # a lone event still arrives, one window later at most
+            start = trio.current_time()
+            rev = await put_workload(store, "late", "10.0.2.1", {"app": "web"})
+            with trio.fail_after(TIMEOUT):
+                await sync.wait_revision(rev)
+            assert trio.current_time() - start <= 1.0
+            assert sync.statistics()["swaps"] - swaps == 3
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+
+
 async def test_outage_keeps_the_snapshot_and_compaction_relists(autojump_clock: object) -> None:
     inner = MemoryStore("memory://outage")
     store = Outage(inner)

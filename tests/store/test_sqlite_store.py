@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from nodeagent.store import CompactedError, Store, StoreError, open_store
+from nodeagent.store import CompactedError, Store, StoreError, open_store, sqlite
 from nodeagent.store.sqlite import prefix_end
+from nodeagent.store.wal_watch import WalWatch
 
 WRITER = textwrap.dedent(
     """
@@ -65,7 +66,19 @@ async def wait_proc(proc: subprocess.Popen[bytes]) -> None:
     assert rc == 0, err
 
 
-async def test_watcher_sees_other_process_writes_quickly(tmp_path: Path) -> None:
+@pytest.fixture(params=["inotify", "polling"])
+def wake(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How idle watches learn of other processes' commits. "inotify": only through the WAL
+    file's inotify watch (the periodic look is pushed out of reach); "polling": as on a system
+    without inotify, by `PRAGMA data_version` every POLL_INTERVAL."""
+    if request.param == "inotify":
+        monkeypatch.setattr(sqlite, "SAFETY_INTERVAL", 3600.0)
+    else:
+        monkeypatch.setattr(WalWatch, "open", classmethod(lambda cls, path: None))
+    return str(request.param)
+
+
+async def test_watcher_sees_other_process_writes_quickly(tmp_path: Path, wake: str) -> None:
     url = f"sqlite://{tmp_path}/mesh.db"
     store = await open_store(url)
     try:
@@ -185,7 +198,7 @@ LEASE_HOLDER = textwrap.dedent(
 )
 
 
-async def test_dead_process_lease_is_reaped_by_a_reader(tmp_path: Path) -> None:
+async def test_dead_process_lease_is_reaped_by_a_reader(tmp_path: Path, wake: str) -> None:
     url = f"sqlite://{tmp_path}/mesh.db"
     store = await open_store(url)
     try:
