@@ -85,39 +85,53 @@ class HttpServer:
     async def _serve(self, stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
         try:
-            with trio.move_on_after(REQUEST_TIMEOUT):
-                await self._one_connection(stream, conn)
+            await self._one_connection(stream, conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
             await stream.aclose()
 
     async def _one_connection(self, stream: trio.abc.Stream, conn: h11.Connection) -> None:
+        """Requests one after another on a keep-alive connection. Each request (its head and
+        body) must arrive within REQUEST_TIMEOUT of the previous answer, and each answer must be
+        taken within REQUEST_TIMEOUT; a client that polls for longer keeps its connection (a
+        bound on the whole connection would cut an answer mid-body)."""
         while True:
-            event = await self._next_event(stream, conn)
-            if not isinstance(event, h11.Request):
+            with trio.move_on_after(REQUEST_TIMEOUT):
+                request = await self._read_request(stream, conn)
+            if request is None:
                 return
-            body = bytearray()
-            while True:
-                part = await self._next_event(stream, conn)
-                if part is None:
-                    return
-                if isinstance(part, h11.EndOfMessage):
-                    break
-                if isinstance(part, h11.Data):
-                    body += part.data
-                    if len(body) > MAX_REQUEST:
-                        await self._send(
-                            stream, conn, event, Response.text("body too large\n", 413)
-                        )
-                        return
-            response = self.dispatch(
-                event.method.decode("ascii", "replace"), event.target, bytes(body), event.headers
-            )
-            await self._send(stream, conn, event, response)
+            event, body = request
+            if len(body) > MAX_REQUEST:
+                response = Response.text("body too large\n", 413)
+            else:
+                response = self.dispatch(
+                    event.method.decode("ascii", "replace"), event.target, body, event.headers
+                )
+            with trio.move_on_after(REQUEST_TIMEOUT):
+                await self._send(stream, conn, event, response)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
+
+    async def _read_request(
+        self, stream: trio.abc.Stream, conn: h11.Connection
+    ) -> tuple[h11.Request, bytes] | None:
+        """The next request and its body (cut short past MAX_REQUEST); None on a close."""
+        event = await self._next_event(stream, conn)
+        if not isinstance(event, h11.Request):
+            return None
+        body = bytearray()
+        while True:
+            part = await self._next_event(stream, conn)
+            if part is None:
+                return None
+            if isinstance(part, h11.EndOfMessage):
+                return event, bytes(body)
+            if isinstance(part, h11.Data):
+                body += part.data
+                if len(body) > MAX_REQUEST:
+                    return event, bytes(body)
 
     @staticmethod
     async def _send(
