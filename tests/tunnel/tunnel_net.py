@@ -30,6 +30,7 @@ from nodeagent.inpod import (
 )
 from nodeagent.proxy.pod import PodProxy
 from nodeagent.snapshot import Snapshot, Workload
+from nodeagent.tunnel import ConnectRequest, HboneStream, SourceInfo, TunnelInfo, TunnelPool
 
 A_IP, B_IP, VIP = "10.124.0.2", "10.124.0.3", "10.96.0.10"
 A_ID, B_ID = spiffe("client", "sleep"), spiffe("shop", "web")
@@ -182,3 +183,15 @@ async def app_call(
             return b""
         finally:
             await stream.aclose()
+
+
+async def open_stream(
+    mesh: Mesh, port: int, *, expected: str = B_ID, pool: TunnelPool | None = None
+) -> tuple[HboneStream, TunnelInfo]:
+    """A CONNECT stream from pod A to B's `port` (on A's own pool unless `pool` is given)."""
+    pool = pool if pool is not None else mesh.a.core.pool
+    return await pool.open_stream(
+        source_identity=A_ID,
+        expected_identity=expected,
+        request=ConnectRequest(B_IP, port, source=SourceInfo("client", "a", A_ID, A_IP)),
+    )
