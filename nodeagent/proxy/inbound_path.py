@@ -65,6 +65,7 @@ class InboundPath:
         self.core = core
         self.live = LiveConnections()  # open inbound connections, re-checked on policy changes
         self.tunnels: set[HboneConnection] = set()  # open 15008 connections (revocation)
+        self.tunnels_accepted = 0  # TLS connections accepted on 15008 (each carries streams)
         self._policy_poke = trio.Event()
 
     # -- inbound plaintext (15006) ----------------------------------------------------------------
@@ -126,6 +127,7 @@ class InboundPath:
         it its own log line and counters) until it closes; registered so that a revoked peer
         certificate closes the whole connection."""
         self.tunnels.add(hconn)
+        self.tunnels_accepted += 1
         try:
             await hconn.run(run_stream)
         finally:

@@ -90,6 +90,7 @@ class PodProxy:
         stats = self.core.stats
         inbound = d(stats.inbound)
         inbound["closed_by_policy"] = self.inbound.live.closed_by_policy
+        inbound["tunnel_connections"] = self.inbound.tunnels_accepted
         return {"outbound": d(stats.outbound), "inbound": inbound}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -112,14 +112,17 @@ def me(uid: str, ns: str, sa: str, ip_: str, labels: dict[str, str]) -> Workload
 
 
 @asynccontextmanager
-async def running_mesh(ns: Namespaces, *, identity_wait: float = 2.0) -> AsyncIterator[Mesh]:
+async def running_mesh(
+    ns: Namespaces, *, identity_wait: float = 2.0, redirect_a: bool = True
+) -> AsyncIterator[Mesh]:
     ca = ThrowawayCA()
     identities = LocalIdentityProvider(ca)
     identities.ensure(A_ID)
     identities.ensure(B_ID)
     holder = [build_snapshot()]
     spec = RedirectionSpec.from_annotations({})
-    await aapply_redirection(ns.a, spec)
+    if redirect_a:  # off: pod A's netns is a plain client (the interop test's Node process)
+        await aapply_redirection(ns.a, spec)
     await aapply_redirection(ns.b, spec)
     proxies = []
     for netns, wl in (
