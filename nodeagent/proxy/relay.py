@@ -28,9 +28,11 @@ from dataclasses import dataclass
 
 import trio
 
+from nodeagent.tunnel.h2conn import HboneStream
 from nodeagent.tunnel.tls import WANT_READ, TlsStream
 
 CHUNK = 64 * 1024
+HBONE_CHUNK = 256 * 1024
 YIELD_EVERY = 16  # chunks moved without waiting before the pump lets other tasks run
 POOL_SIZE = 64  # idle buffers kept for reuse (64 of 64 KiB); more in flight are just allocated
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -142,9 +144,12 @@ async def relay(
     async def pump(
         src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream, upstream_dir: bool
     ) -> None:
+        # Into an HBONE stream, read more at once: each read becomes one DATA frame, and the
+        # cost of the HTTP/2 layer is per frame.
+        size = HBONE_CHUNK if isinstance(dst, HboneStream) else CHUNK
         try:
             while True:
-                data = await src.receive_some(CHUNK)
+                data = await src.receive_some(size)
                 deadline[0] = trio.current_time() + idle_timeout
                 if not data:
                     # Half-close: pass the FIN on and keep the other direction flowing.

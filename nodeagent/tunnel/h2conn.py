@@ -9,7 +9,7 @@ holding streams that would only time out). `HboneStream` is one CONNECT stream a
 half-closeable stream: `send_eof` is END_STREAM, EOF from the peer is its END_STREAM, `reset`
 is RST_STREAM, and flow control follows the windows of `hbone.py`.
 
-Bulk cost is per frame, not per byte: frames are up to 1 MiB, the reader hands `h2` up to 1 MiB
+Bulk cost is per frame, not per byte: frames are up to 1 MiB, the reader hands `h2` up to 256 KiB
 of TLS plaintext per call, and DATA payloads are passed on as the `bytes` h2 made of them.
 """
 
@@ -34,11 +34,13 @@ from nodeagent.tunnel import hbone
 from nodeagent.tunnel.errors import TunnelError
 from nodeagent.tunnel.tls import WANT_READ, WANT_WRITE, TlsStream
 
-READ_BUFFER = 1024 * 1024
+# h2's frame buffer re-slices its bytearray per frame, so a read much larger than a few frames
+# costs copies; 256 KiB keeps that small while still taking many TLS records per call.
+READ_BUFFER = 256 * 1024
 PING_INTERVAL = 10.0  # without a frame from the peer, ask with a PING
 PING_TIMEOUT = 5.0  # no answer: the peer is gone
 RESPONSE_TIMEOUT = 10.0  # a CONNECT's status
-SEND_WAIT = 64 * 1024  # a send at least this large waits until the socket took it (back-pressure)
+SEND_WAIT = 256 * 1024  # a send at least this large waits until the socket took it (back-pressure)
 _ids = itertools.count(1)
 
 StreamHandler = Callable[["HboneStream"], Awaitable[None]]

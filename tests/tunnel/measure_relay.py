@@ -1,6 +1,7 @@
 """Measure the relay's CPU cost on loopback (not a test): `python tests/tunnel/measure_relay.py`.
 
-One child process plays both agents (plaintext → relay → TLS 1.3 → relay → plaintext), the parent
+One child process plays both agents (plaintext → relay → HBONE: an HTTP/2 CONNECT stream over a
+pooled TLS 1.3 connection → relay → plaintext), the parent
 plays the app: an echo server and a client doing 64-byte round trips on one connection, then a
 bulk transfer echoed back. The figures are the child's CPU (utime + stime from /proc) per round
 trip and per MiB, for the fast relay path and the generic one (`relay(..., fast=False)`), so a
@@ -26,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from pki import LocalIdentityProvider, ThrowawayCA, spiffe
 
 from nodeagent.proxy.relay import relay
-from nodeagent.tunnel.server import detach
-from nodeagent.tunnel.tls import TlsStream
+from nodeagent.tunnel import ConnectRequest, HboneStream, TunnelPool, accept_hbone, detach
 
 A, B = spiffe("a", "client"), spiffe("b", "server")
 ROUND_TRIPS = 20000
@@ -51,24 +51,38 @@ async def child(echo_port: int, fast: bool) -> None:
     plain = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     tls = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     tls_port = tls.socket.getsockname()[1]
+    pool = TunnelPool(netns=_Loopback(), identities=ids, port=tls_port)  # type: ignore[arg-type]
 
     async def outbound(client: trio.SocketStream) -> None:
-        raw = socket.create_connection(("127.0.0.1", tls_port))
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        stream = TlsStream.wrap(raw, ids.client_context(A), server_side=False)
-        await stream.do_handshake()
+        stream, _ = await pool.open_stream(
+            source_identity=A,
+            expected_identity=B,
+            request=ConnectRequest("127.0.0.1", echo_port),
+        )
         await relay(client, stream, fast=fast)
 
     async def inbound(accepted: trio.SocketStream) -> None:
-        stream = TlsStream.wrap(detach(accepted), ids.server_context(B), server_side=True)
-        await stream.do_handshake()
-        upstream = await trio.open_tcp_stream("127.0.0.1", echo_port)
-        await relay(stream, upstream, fast=fast)
+        conn, _ = await accept_hbone(detach(accepted), identities=ids, identity=B)
+
+        async def one(stream: HboneStream) -> None:
+            upstream = await trio.open_tcp_stream("127.0.0.1", echo_port)
+            await stream.respond(200)
+            await relay(stream, upstream, fast=fast)
+
+        await conn.run(one)
 
     async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
         nursery.start_soon(trio.serve_listeners, outbound, [plain])
         nursery.start_soon(trio.serve_listeners, inbound, [tls])
         print(plain.socket.getsockname()[1], flush=True)
+
+
+class _Loopback:
+    """The pool's `Netns` for this measurement: plain sockets in the current namespace."""
+
+    def socket(self, family: int, kind: int) -> socket.socket:
+        return socket.socket(family, kind)
 
 
 def cpu(pid: int) -> float:
