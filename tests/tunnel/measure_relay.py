@@ -44,7 +44,7 @@ async def child(echo_port: int, fast: bool) -> None:
         from nodeagent.proxy import relay as relay_module
 
         relay_module._SockEnd.drained = lambda self, n, size: False  # type: ignore[method-assign]
-        relay_module._TlsEnd.drained = lambda self, n, size: False  # type: ignore[method-assign]
+        relay_module._HboneEnd.drained = lambda self, n, size: False  # type: ignore[method-assign]
     ids = LocalIdentityProvider(ThrowawayCA())
     ids.ensure(A)
     ids.ensure(B)
