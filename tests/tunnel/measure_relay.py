@@ -1,14 +1,14 @@
 """Measure the relay's CPU cost on loopback (not a test): `python tests/tunnel/measure_relay.py`.
 
 One child process plays both agents (plaintext → relay → HBONE: an HTTP/2 CONNECT stream over a
-pooled TLS 1.3 connection → relay → plaintext), the parent
-plays the app: an echo server and a client doing 64-byte round trips on one connection, then a
-bulk transfer echoed back. The figures are the child's CPU (utime + stime from /proc) per round
-trip and per MiB, for the fast relay path and the generic one (`relay(..., fast=False)`), so a
-change to `nodeagent/proxy/relay.py` or `nodeagent/tunnel/tls.py` can be compared on one machine
-under one load. Knobs (environment): MEASURE_RR_ONLY=1 skips the bulk part; MEASURE_CHUNK=N
-sets the relay's buffer size; MEASURE_NO_DRAIN=1 turns off the "wait first after a short read"
-rule (for A/B runs).
+pooled TLS 1.3 connection → relay → plaintext), the parent plays the app: an echo server and a
+client doing 64-byte round trips on one connection, then 1000 new connections in a row (one
+round trip each), then a bulk transfer echoed back. The figures are the child's CPU (utime +
+stime from /proc) per round trip, per connection and per MiB, for the fast relay path and the
+generic one (`relay(..., fast=False)`), so a change to `nodeagent/proxy/relay.py` or
+`nodeagent/tunnel/` can be compared on one machine under one load. Knobs (environment):
+MEASURE_RR_ONLY=1 skips the bulk part; MEASURE_CHUNK=N sets the relay's buffer size;
+MEASURE_NO_DRAIN=1 turns off the "wait first after a short read" rule (for A/B runs).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from nodeagent.tunnel import ConnectRequest, HboneStream, TunnelPool, accept_hbo
 
 A, B = spiffe("a", "client"), spiffe("b", "server")
 ROUND_TRIPS = 20000
+CONNECTIONS = 1000
 BULK = 256 * 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -104,6 +105,25 @@ def echo_server(listener: socket.socket) -> None:
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
+def churn(port: int, pid: int) -> dict[str, float]:
+    """New connections, one after another, each one 64-byte round trip: the rate and the
+    child's CPU per connection (a new app connection costs a CONNECT stream, not a handshake,
+    while its pooled connection lives)."""
+    msg = b"y" * 64
+    c0, t0 = cpu(pid), time.perf_counter()
+    for _ in range(CONNECTIONS):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(msg)
+            got = b""
+            while len(got) < 64:
+                got += s.recv(64)
+    c1, t1 = cpu(pid), time.perf_counter()
+    return {
+        "conns_per_s": CONNECTIONS / (t1 - t0),
+        "conn_cpu_us": (c1 - c0) / CONNECTIONS * 1e6,
+    }
+
+
 def measure(echo_port: int, fast: bool) -> dict[str, float]:
     proc = subprocess.Popen(
         [sys.executable, __file__, "--child", str(echo_port), "fast" if fast else "generic"],
@@ -129,6 +149,7 @@ def measure(echo_port: int, fast: bool) -> dict[str, float]:
             c1, t1 = cpu(proc.pid), time.perf_counter()
             out["rr_cpu_us"] = (c1 - c0) / ROUND_TRIPS * 1e6
             out["rr_wall_us"] = (t1 - t0) / ROUND_TRIPS * 1e6
+        out.update(churn(port, proc.pid))
         if os.environ.get("MEASURE_RR_ONLY"):
             return out
         with socket.create_connection(("127.0.0.1", port)) as s:
