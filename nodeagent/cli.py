@@ -1,7 +1,7 @@
 """`nodeagent`: the node agent and its subcommands.
 
 run          the agent (CNI endpoint, redirection, proxy, store sync, admin socket)
-uninstall    remove every rule the agent installed on this node
+uninstall    stop the agent and remove every rule it installed on this node
 install-cni  put the mesh-cni plugin into the node's CNI chain (and take it out)
 sandbox      a multi-node cluster of network namespaces on this machine
 ca           the certificate authority: `ca init`, `ca serve`, `ca revoke`
@@ -26,6 +26,7 @@ from nodeagent.contract import METRICS_PATH, METRICS_PORT, READY_PATH, RUN_DIR
 def _run(argv: list[str]) -> int:
     from nodeagent import log
     from nodeagent.agent.main import AgentConfig, run_until_signalled
+    from nodeagent.http import Limits
     from nodeagent.store import DEFAULT_URL
 
     p = argparse.ArgumentParser(prog="nodeagent run", description="Run the node agent.")
@@ -79,6 +80,36 @@ def _run(argv: list[str]) -> int:
         help="do not SNAT the node's connections to enrolled pods to 169.254.7.127 "
         "(kubelet probes then hit the pods' inbound capture)",
     )
+    p.add_argument(
+        "--lease-ttl",
+        type=_positive_seconds,
+        default=15.0,
+        metavar="SECONDS",
+        help="the node's lease: its registrations vanish this long after the agent stops",
+    )
+    p.add_argument(
+        "--lease-grace",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="keep other nodes' workloads this long after their node's lease lapsed",
+    )
+    p.add_argument(
+        "--http-request-headers-timeout",
+        type=_positive_seconds,
+        default=Limits().request_headers_timeout,
+        metavar="SECONDS",
+        help="HTTP (pods and gateway): a request head must complete within this of its first "
+        "byte, else 408 (flag DT)",
+    )
+    p.add_argument(
+        "--http-stream-idle-timeout",
+        type=_positive_seconds,
+        default=Limits().stream_idle_timeout,
+        metavar="SECONDS",
+        help="HTTP (pods and gateway): a request with no byte either way for this long is "
+        "ended, 408 if no response was started (flag SI); Envoy's default, 300",
+    )
     args = p.parse_args(argv)
     log.configure(args.log_level, args.log_format)
     cfg = AgentConfig(
@@ -97,6 +128,12 @@ def _run(argv: list[str]) -> int:
         gateway=args.gateway,
         gateway_bind=args.gateway_bind,
         probe_snat=args.probe_snat,
+        lease_ttl=args.lease_ttl,
+        lease_grace=args.lease_grace,
+        http_limits=Limits(
+            request_headers_timeout=args.http_request_headers_timeout,
+            stream_idle_timeout=args.http_stream_idle_timeout,
+        ),
     )
     try:
         trio.run(run_until_signalled, cfg)
@@ -106,6 +143,16 @@ def _run(argv: list[str]) -> int:
             raise
         return 1
     return 0
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be positive and finite")
+    return value
 
 
 def _describe(exc: BaseException) -> str:
@@ -124,11 +171,22 @@ def _uninstall(argv: list[str]) -> int:
     p.add_argument("--node", default=os.environ.get("NODE_NAME") or socket.gethostname())
     p.add_argument("--store", default=os.environ.get("MESH_STORE", DEFAULT_URL))
     p.add_argument("--run-dir", type=Path, default=RUN_DIR)
+    p.add_argument(
+        "--stop-timeout",
+        type=_positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for a running agent to exit after SIGTERM (then give up, "
+        "removing nothing)",
+    )
     args = p.parse_args(argv)
     log.configure("info", "console")
     return trio.run(
         lambda: uninstall(
-            node=args.node, store_url=args.store, state_file=args.run_dir / "enrolled.msgpack"
+            node=args.node,
+            store_url=args.store,
+            run_dir=args.run_dir,
+            stop_timeout=args.stop_timeout,
         )
     )
 

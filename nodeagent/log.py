@@ -2,12 +2,17 @@
 
 Every component takes a named logger (`get_logger("proxy.outbound")`) and emits one event per
 connection or request, named `<op>.started|complete|failed` where that helps.
+
+The process has one writer of its log stream, `STDERR`: structlog's events and the access log's
+batches (written from a worker thread) both go through it, each as whole lines in one write
+under one lock, so concurrent writers never split or merge lines.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import Any, Literal
 
 import structlog
@@ -20,14 +25,28 @@ _LEVELS = {
 }
 
 
-class _Stderr:
-    """Looks sys.stderr up at every write, so a replaced stderr (tests, daemons) is honoured."""
+class LineWriter:
+    """Whole lines to sys.stderr, one writer at a time.
 
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+    `write(text)` takes complete lines (each ending in a newline) and writes them with one call
+    and a flush under a lock shared by every thread. sys.stderr is looked up at each write, so a
+    replaced stderr (tests, daemons) is honoured.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def write(self, text: str, /) -> int:
+        with self._lock:
+            written = sys.stderr.write(text)
+            sys.stderr.flush()
+        return written
 
     def flush(self) -> None:
-        sys.stderr.flush()
+        """Nothing left to do: `write` flushes before it lets the next writer in."""
+
+
+STDERR = LineWriter()
 
 
 def configure(level: str = "info", fmt: Literal["json", "console"] = "json") -> None:
@@ -45,7 +64,9 @@ def configure(level: str = "info", fmt: Literal["json", "console"] = "json") -> 
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(_Stderr()),  # type: ignore[arg-type]
+        # WriteLogger writes message + newline in one call (PrintLogger's print() makes two,
+        # which another thread's write could land between).
+        logger_factory=structlog.WriteLoggerFactory(STDERR),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 

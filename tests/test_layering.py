@@ -28,6 +28,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"ca", "routing", "balance", "authz", "telemetry"}),
     frozenset({"identity", "dns", "kube"}),
     frozenset({"tunnel", "admin"}),
+    frozenset({"sockio"}),  # socket I/O without scheduler round trips, over tunnel's TLS
     frozenset({"http", "sandbox"}),
     frozenset({"proxy"}),
     frozenset({"gateway"}),

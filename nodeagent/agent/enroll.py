@@ -34,6 +34,7 @@ from nodeagent.cni.errors import ErrorCode
 from nodeagent.cni.metadata import PodMetadataSource
 from nodeagent.cni.protocol import CniRequest, EnrollError
 from nodeagent.dns import DnsError, DnsProxy
+from nodeagent.http import Limits
 from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import InpodError, Netns, RedirectionSpec
 from nodeagent.log import get_logger
@@ -175,8 +176,10 @@ class Enroller:
         dns_upstreams: Sequence[str] | None = None,
         telemetry: Sinks | None = None,
         plumbing: PodPlumbing | None = None,
+        http_limits: Limits | None = None,
     ) -> None:
         self.node = node
+        self.http_limits = http_limits  # every pod's L7 proxy (agent flags)
         self.telemetry = telemetry  # metrics, access log and tracer for every pod's proxy
         # The in-pod DNS proxy (15053) for pods whose spec captures DNS; upstreams default to
         # the node's resolv.conf.
@@ -271,12 +274,14 @@ class Enroller:
 
     # -- restart ------------------------------------------------------------------------------
 
-    async def adopt_all(self) -> None:
+    async def adopt_all(self, *, register: bool = True) -> None:
         """Re-adopt every recorded pod whose netns still exists; forget the others.
 
         A pod that cannot be re-adopted is left un-meshed and forgotten (its old rules and
         registration are removed with the rest). A store that does not answer is no reason to
-        stop serving a pod: its registration is left to `maintain_status`."""
+        stop serving a pod: its registration is left to `maintain_status`. `register=False`
+        serves them without putting their workloads (the store may not answer yet): the caller
+        registers them with `reregister_all` once it holds a lease."""
         for record in list(self.state.pods.values()):
             try:
                 netns = self.plumbing.open_netns(record.netns)
@@ -290,14 +295,14 @@ class Enroller:
                 await self._forget(record)
                 continue
             try:
-                await self._enroll(record, netns, adopting=True)
-                log.info("adopt.complete", pod=record.key)
+                await self._enroll(record, netns, adopting=True, register=register)
+                log.info("adopt.complete", pod=record.key, registered=register)
             except EnrollError as exc:
                 log.error("adopt.failed", pod=record.key, error=exc.msg, forgotten=True)
                 await self._forget(record)
 
     async def reregister_all(self) -> None:
-        """After the lease was lost: put every workload again under the new lease."""
+        """Put every workload (again) under the current lease: after adoption, or a lost lease."""
         for pod in list(self.pods.values()):
             status = self._health(pod.identity)
             await self._register(pod.record, status)
@@ -351,7 +356,9 @@ class Enroller:
 
     # -- the steps ----------------------------------------------------------------------------
 
-    async def _enroll(self, record: PodRecord, netns: Netns, *, adopting: bool = False) -> None:
+    async def _enroll(
+        self, record: PodRecord, netns: Netns, *, adopting: bool = False, register: bool = True
+    ) -> None:
         """Every step, all or nothing. Each undo is pushed *before* its step runs: a step
         that fails or is cancelled half-way (a put that reached the store, rules applied in a
         worker thread while the caller was cancelled) is undone too. Undoing a step that did
@@ -392,6 +399,7 @@ class Enroller:
                 sessions=self.sessions,
                 outbound_policy=self.outbound_policy,
                 telemetry=self.telemetry,
+                http_limits=self.http_limits,
             )
             dns = None
             if self.dns and spec.dns_capture:
@@ -427,8 +435,9 @@ class Enroller:
             # with a Workload on the requesting node, so the first request then succeeds.
             status = self._health(workload.identity)
             try:
-                await self._register(record, status)
-                pod.registered = status
+                if register:
+                    await self._register(record, status)
+                    pod.registered = status
             except StoreError as exc:
                 if not adopting:
                     raise EnrollError(

@@ -1,13 +1,23 @@
 """`nodeagent run`: start every component under one nursery and report ready when all are up.
 
-Start order matters: the store and the lease first (registrations need them), then the snapshot,
-then re-adoption of pods enrolled before a restart, the node's probe SNAT rules (kubelet probes
-pass STRICT; kept across restarts), and only then the CNI endpoint (so no new pod is
-enrolled half-way through re-adoption) and the admin socket, which answers ready last.
+Start order matters. Nothing before the pods are served needs the store to answer: the
+snapshot comes from the store or, when it does not answer within a few seconds, from the disk
+cache; certificates from disk are served while still valid; pods enrolled before a restart are
+re-adopted (listeners, rules) without registering. The lease is taken in the background
+(`hold_lease` is patient): once held, every workload is registered under it and then the node's
+record (`/mesh/v1/nodes/<node>`); a lost lease is replaced and all of it put again. Then the
+node's probe SNAT rules (kubelet probes pass STRICT; kept across restarts), the CNI endpoint (so no
+new pod is enrolled half-way through re-adoption) and the admin socket, which answers ready last.
+While no lease is held, writes that need one (a new pod's registration, a CSR) fail with
+LeaseNotHeld, a StoreError their callers retry.
+
+The agent holds `<run-dir>/agent.pid` (nodeagent.agent.pidfile) for its life, and refuses to
+start, or stops instead of registering again, while `nodeagent uninstall` runs.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +28,7 @@ from typing import Any
 import trio
 
 from nodeagent.admin.routes import AdminSources, admin_routes
+from nodeagent.agent import pidfile
 from nodeagent.agent.enroll import Enroller
 from nodeagent.agent.state import AgentState
 from nodeagent.balance import Registry
@@ -25,6 +36,7 @@ from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
 from nodeagent.contract import ADMIN_SOCKET_NAME, CNI_SOCKET_NAME, METRICS_PORT
 from nodeagent.gateway.node import NodeGateway
+from nodeagent.http import Limits
 from nodeagent.httpserver import Handler, Response, Route, UnixSocketHttpServer
 from nodeagent.identity.manager import IdentityManager
 from nodeagent.inpod.errors import RedirectionError
@@ -32,13 +44,17 @@ from nodeagent.inpod.node_rules import aapply_probe_rules, is_probe_target
 from nodeagent.log import get_logger
 from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.snapshot import Snapshot, SnapshotSync
-from nodeagent.store import open_store
-from nodeagent.store.lease import hold_lease
+from nodeagent.store import codec, keys, open_store
+from nodeagent.store.base import Store
+from nodeagent.store.lease import LeaseNotHeld, hold_lease
 from nodeagent.telemetry.metrics import HealthSources
 from nodeagent.telemetry.service import Telemetry, TelemetryConfig
 
 log = get_logger("agent")
-LEASE_TTL = 15.0
+# How long start-up waits for the store (its first listing, then the lease) before it serves
+# from disk and goes on without it.
+STORE_WAIT = 2.0
+NODE_RECORD_VERSION = 1
 
 
 @dataclass(slots=True)
@@ -64,6 +80,13 @@ class AgentConfig:
     gateway_bind: str = "0.0.0.0"
     # SNAT the node's own TCP to enrolled pods to 169.254.7.127 (kubelet probes pass STRICT).
     probe_snat: bool = True
+    # The node's lease: its registrations vanish this long after the agent stops renewing.
+    lease_ttl: float = 15.0
+    # Other nodes' workloads stay in this agent's snapshot this long after their node's lease
+    # lapsed (a store stall longer than the TTL expires every lease; the agents put them back).
+    lease_grace: float = 10.0
+    # The HTTP proxies' timeouts and bounds (every pod's and the gateway's).
+    http_limits: Limits = field(default_factory=Limits)
 
     @property
     def cni_socket(self) -> Path:
@@ -93,7 +116,13 @@ class Agent:
     balance: Registry = field(default_factory=Registry)
     drain_deadline: float = 0.0
     drain_requested: trio.Event = field(default_factory=trio.Event)
-    _lease_lost: trio.Event = field(default_factory=trio.Event)
+    # Set once adoption is over: registering under a lease waits for it (every pod is known).
+    _adopted: trio.Event = field(default_factory=trio.Event)
+    # Set once the first lease is held and everything is registered under it.
+    _registered: trio.Event = field(default_factory=trio.Event)
+    # The lease everything was last registered under (the admin socket's "registered").
+    _registered_lease: int = 0
+    _cancel: trio.CancelScope | None = None
 
     def request_drain(self, deadline: float) -> None:
         """/quitquitquit: returns at once; run_until_signalled drains and stops the agent."""
@@ -118,104 +147,148 @@ class Agent:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         cfg.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        state = AgentState.load(cfg.state_file)
-        store = await open_store(cfg.store_url)
+        held = pidfile.take_agent_pid_file(cfg.run_dir)
         try:
-            async with trio.open_nursery() as nursery:
-                # Not revoked on exit: a restarted agent keeps its pods' registrations.
-                self.lease = await nursery.start(
-                    partial(
-                        hold_lease,
-                        store,
-                        LEASE_TTL,
-                        reuse=state.lease,
-                        on_new_lease=partial(self._on_new_lease, state),
-                        revoke=False,
-                    )
-                )
-                self.snapshot = SnapshotSync(
-                    store, cache_path=cfg.run_dir / "snapshot.cache", trust_domain=cfg.trust_domain
-                )
-                await nursery.start(self.snapshot.run)
-                snapshot = self.snapshot
-                self.telemetry = Telemetry(
-                    TelemetryConfig(
-                        cfg.node,
-                        metrics_port=cfg.metrics_port,
-                        zipkin_url=cfg.zipkin_url,
-                        sample_rate=cfg.sample_rate,
-                    ),
-                    ready=lambda: self.ready,
-                    health=HealthSources(
-                        enrolled_pods=lambda: len(self.enroller.pods) if self.enroller else 0,
-                        certificate_expiry=self._cert_expiry,
-                        store_revision=lambda: snapshot.current.revision,
-                        open_connections=self.open_connections,
-                    ),
-                )
-                await nursery.start(self.telemetry.run)
-                self.identities = IdentityManager(
+            state = AgentState.load(cfg.state_file)
+            store = await open_store(cfg.store_url)
+            try:
+                await self._run(store, state, task_status)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await store.aclose()
+        finally:
+            held.release()
+
+    async def _run(
+        self, store: Store, state: AgentState, task_status: trio.TaskStatus[None]
+    ) -> None:
+        cfg = self.config
+        async with trio.open_nursery() as nursery:
+            self._cancel = nursery.cancel_scope
+            # Patient: waits for a store that does not answer, registers under every lease it
+            # holds (after adoption), replaces a lost one. Not revoked on exit: a restarted
+            # agent keeps its pods' registrations.
+            nursery.start_soon(
+                partial(
+                    hold_lease,
                     store,
-                    cfg.node,
-                    cfg.trust_domain,
-                    lease=lambda: self.lease,
-                    state_dir=cfg.run_dir / "identity",
+                    cfg.lease_ttl,
+                    reuse=state.lease,
+                    on_lease=partial(self._on_lease, store, state),
+                    revoke=False,
                 )
-                await nursery.start(self.identities.run)
-                self._follow_node_identities(self.snapshot, self.identities)
-                pods_nursery = await nursery.start(_open_pods_nursery)
-                self.enroller = Enroller(
+            )
+            self.snapshot = SnapshotSync(
+                store,
+                cache_path=cfg.run_dir / "snapshot.cache",
+                trust_domain=cfg.trust_domain,
+                startup_timeout=STORE_WAIT,
+                lease_grace=cfg.lease_grace,
+            )
+            await nursery.start(self.snapshot.run)
+            snapshot = self.snapshot
+            self.telemetry = Telemetry(
+                TelemetryConfig(
+                    cfg.node,
+                    metrics_port=cfg.metrics_port,
+                    zipkin_url=cfg.zipkin_url,
+                    sample_rate=cfg.sample_rate,
+                ),
+                ready=lambda: self.ready,
+                health=HealthSources(
+                    enrolled_pods=lambda: len(self.enroller.pods) if self.enroller else 0,
+                    certificate_expiry=self._cert_expiry,
+                    store_revision=lambda: snapshot.current.revision,
+                    open_connections=self.open_connections,
+                ),
+            )
+            await nursery.start(self.telemetry.run)
+            self.identities = IdentityManager(
+                store,
+                cfg.node,
+                cfg.trust_domain,
+                lease=self._held_lease,
+                state_dir=cfg.run_dir / "identity",
+            )
+            await nursery.start(self.identities.run)
+            self._follow_node_identities(self.snapshot, self.identities)
+            pods_nursery = await nursery.start(_open_pods_nursery)
+            self.enroller = Enroller(
+                node=cfg.node,
+                store=store,
+                state=state,
+                metadata=metadata_source(cfg.pod_metadata, store),
+                pods_nursery=pods_nursery,
+                lease=self._held_lease,
+                identities=self.identities,
+                snapshot=lambda: snapshot.current,
+                outbound_policy=cfg.outbound_policy,
+                registry=self.balance,
+                dns=cfg.dns,
+                dns_upstreams=list(cfg.dns_upstreams) or None,
+                telemetry=self.telemetry,
+                http_limits=cfg.http_limits,
+            )
+            nursery.start_soon(self._maintain_balance)
+            nursery.start_soon(self.enroller.maintain_status)
+            enroller = self.enroller
+            self.snapshot.add_listener(lambda _: enroller.policy_changed())
+            # Registration waits for the lease (`_on_lease`): the pods are served meanwhile.
+            await self.enroller.adopt_all(register=False)
+            self._adopted.set()
+            if not self.snapshot.statistics()["serving_from_cache"]:
+                # The store answers: keep the order of a normal start (registered, then ready).
+                with trio.move_on_after(STORE_WAIT):
+                    await self._registered.wait()
+            if cfg.probe_snat:
+                # Installed before the CNI socket opens and never removed on exit: probes
+                # keep working while the agent restarts; `nodeagent uninstall` removes it.
+                await nursery.start(self._maintain_probe_snat, self.snapshot)
+            if cfg.gateway:
+                self.gateway = NodeGateway(
                     node=cfg.node,
                     store=store,
-                    state=state,
-                    metadata=metadata_source(cfg.pod_metadata, store),
-                    pods_nursery=pods_nursery,
-                    lease=lambda: self.lease,
+                    lease=self._held_lease,
                     identities=self.identities,
-                    snapshot=lambda: snapshot.current,
-                    outbound_policy=cfg.outbound_policy,
+                    sync=self.snapshot,
+                    trust_domain=cfg.trust_domain,
+                    bind_host=cfg.gateway_bind,
                     registry=self.balance,
-                    dns=cfg.dns,
-                    dns_upstreams=list(cfg.dns_upstreams) or None,
+                    sessions=self.enroller.sessions,
                     telemetry=self.telemetry,
+                    limits=cfg.http_limits,
                 )
-                nursery.start_soon(self._maintain_balance)
-                nursery.start_soon(self.enroller.maintain_status)
-                enroller = self.enroller
-                self.snapshot.add_listener(lambda _: enroller.policy_changed())
-                await self.enroller.adopt_all()
-                if cfg.probe_snat:
-                    # Installed before the CNI socket opens and never removed on exit: probes
-                    # keep working while the agent restarts; `nodeagent uninstall` removes it.
-                    await nursery.start(self._maintain_probe_snat, self.snapshot)
-                if cfg.gateway:
-                    self.gateway = NodeGateway(
-                        node=cfg.node,
-                        store=store,
-                        lease=lambda: self.lease,
-                        identities=self.identities,
-                        sync=self.snapshot,
-                        trust_domain=cfg.trust_domain,
-                        bind_host=cfg.gateway_bind,
-                        registry=self.balance,
-                        sessions=self.enroller.sessions,
-                        telemetry=self.telemetry,
-                    )
+                if self._registered.is_set():
                     await nursery.start(self.gateway.run)
-                await nursery.start(CniServer(cfg.cni_socket, self.enroller).run)
-                await nursery.start(UnixSocketHttpServer(cfg.admin_socket, self._routes()).run)
-                self.ready = True
-                log.info(
-                    "agent.ready",
-                    node=cfg.node,
-                    store=cfg.store_url,
-                    pods=len(self.enroller.pods),
-                    run_dir=str(cfg.run_dir),
-                )
-                task_status.started()
-        finally:
-            with trio.CancelScope(shield=True):
-                await store.aclose()
+                else:  # it registers itself at start: wait for the lease
+                    nursery.start_soon(self._start_gateway_when_registered, nursery, self.gateway)
+            await nursery.start(CniServer(cfg.cni_socket, self.enroller).run)
+            await nursery.start(UnixSocketHttpServer(cfg.admin_socket, self._routes()).run)
+            self.ready = True
+            log.info(
+                "agent.ready",
+                node=cfg.node,
+                store=cfg.store_url,
+                pods=len(self.enroller.pods),
+                run_dir=str(cfg.run_dir),
+                lease=self.lease or None,
+                snapshot_from=(
+                    "cache" if self.snapshot.statistics()["serving_from_cache"] else "store"
+                ),
+            )
+            task_status.started()
+
+    def _held_lease(self) -> int:
+        """The lease for writes that must vanish with the agent; LeaseNotHeld before the first."""
+        if not self.lease:
+            raise LeaseNotHeld(f"{self.config.store_url}: no lease yet (the store did not answer)")
+        return self.lease
+
+    async def _start_gateway_when_registered(
+        self, nursery: trio.Nursery, gateway: NodeGateway
+    ) -> None:
+        await self._registered.wait()
+        await nursery.start(gateway.run)
 
     async def _maintain_balance(self) -> None:
         """Readmit ejected endpoints of clusters without traffic (and log it), about once a
@@ -266,16 +339,37 @@ class Agent:
             installed = target
             log.info("probe_snat.applied", pods=len(installed))
 
-    async def _on_new_lease(self, state: AgentState, lease: int) -> None:
-        """hold_lease granted `lease`: remember it for the next run and, when the store forgot the
-        previous one (an outage longer than the TTL), register every workload again (the gateway
-        follows `self.lease` by itself)."""
+    async def _on_lease(self, store: Store, state: AgentState, lease: int) -> None:
+        """hold_lease holds `lease` (reused from the last run, new, or replacing a lost one):
+        remember it for the next run, register every workload under it once adoption is over,
+        then the node's record (its deletion tells other agents the lease lapsed; it goes last
+        so it never says "live" before the workloads are back). During an uninstall the agent
+        stops instead: re-registering would undo it."""
+        if pidfile.uninstall_under_way(self.config.run_dir):
+            log.warning("agent.uninstalled", lease=lease, note="stopping, not registering")
+            if self._cancel is not None:
+                self._cancel.cancel()
+            await trio.sleep_forever()  # cancelled with the agent
+        replaced = bool(self.lease) and self.lease != lease
         self.lease = lease
-        state.lease = lease
-        state.save()
-        if self.enroller is not None:
+        if state.lease != lease:
+            state.lease = lease
+            state.save()
+        await self._adopted.wait()
+        assert self.enroller is not None  # adoption is over
+        if replaced:
             log.warning("lease.replaced", lease=lease, pods=len(self.enroller.pods))
-            await self.enroller.reregister_all()
+        await self.enroller.reregister_all()
+        record = {
+            "v": NODE_RECORD_VERSION,
+            "node": self.config.node,
+            "pid": os.getpid(),
+            "lease": lease,
+        }
+        await store.put(keys.node(self.config.node), codec.encode(record), lease=lease)
+        self._registered_lease = lease
+        self._registered.set()
+        log.info("lease.registered", lease=lease, pods=len(self.enroller.pods))
 
     def _follow_node_identities(self, sync: SnapshotSync, identities: IdentityManager) -> None:
         """Keep a certificate for every identity of a workload registered on this node.
@@ -308,6 +402,8 @@ class Agent:
                 "store": self.config.store_url,
                 "ready": self.ready,
                 "lease": self.lease,
+                # Every workload and the node record are in the store under the current lease.
+                "registered": bool(self.lease) and self._registered_lease == self.lease,
                 "snapshot": snap.statistics() if snap is not None else None,
                 "identity": self.identities.statistics() if self.identities else None,
                 "gateway": self.gateway.statistics() if self.gateway else None,

@@ -20,6 +20,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import (
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
 # Accepting a certificate a little before its notBefore tolerates clocks that are a bit apart.
 CLOCK_SKEW = datetime.timedelta(minutes=5)
@@ -186,14 +192,14 @@ def create_root(
         .not_valid_before(_utc(now) - CLOCK_SKEW)
         .not_valid_after(_utc(now + validity))
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-        .add_extension(_key_usage(key_cert_sign=True), critical=True)
+        .add_extension(key_usage(key_cert_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     return key, cert
 
 
-def _key_usage(*, key_cert_sign: bool = False, leaf: bool = False) -> x509.KeyUsage:
+def key_usage(*, key_cert_sign: bool = False, leaf: bool = False) -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=leaf,
         content_commitment=False,
@@ -223,19 +229,22 @@ class SigningAuthority:
         return () if is_self_signed(self.cert) else (self.cert, *self.intermediates)
 
 
-def load_authority(key_pem_data: bytes, chain_pem: bytes, where: str) -> SigningAuthority:
+def load_authority(
+    key_pem_data: bytes, chain_pem: bytes, where: str, *, now: float
+) -> SigningAuthority:
     """A signing key and its chain: the key's certificate first, then intermediates, then the
-    self-signed root last (for a self-created root, the chain is just the root)."""
+    self-signed root last (for a self-created root, the chain is just the root). The chain must
+    validate at `now`: a CA that starts with an expired intermediate would sign SVIDs no peer
+    accepts."""
     key = load_key(key_pem_data, f"{where} key")
     chain = load_certs(chain_pem, f"{where} chain")
     cert = chain[0]
     if cert.public_key() != key.public_key():
         raise CertError(f"{where}: the key does not match the first certificate of the chain")
-    _check_ca(cert, where)
     roots = tuple(c for c in chain if is_self_signed(c))
     if not roots or not is_self_signed(chain[-1]):
         raise CertError(f"{where}: the chain must end with a self-signed root certificate")
-    verify_chain(chain, roots, where=f"{where} chain")
+    verify_issuer_chain(chain, roots, now=now, where=f"{where} chain")
     intermediates = tuple(c for c in chain[1:] if not is_self_signed(c))
     return SigningAuthority(key, cert, intermediates, roots)
 
@@ -255,30 +264,87 @@ def _check_ca(cert: x509.Certificate, where: str) -> None:
         raise CertError(f"{where}: the CA certificate lacks keyCertSign/cRLSign key usage")
 
 
-def verify_chain(
-    chain: Sequence[x509.Certificate], roots: Iterable[x509.Certificate], *, where: str
-) -> None:
-    """Each certificate is signed by the next, and the last is signed by (or is) a root."""
-    roots = list(roots)
-    for i, cert in enumerate(chain[:-1]):
-        _verify_issued(cert, chain[i + 1], f"{where}[{i}]")
-    last = chain[-1]
-    for root in roots:
-        if last == root:
-            return
-        try:
-            last.verify_directly_issued_by(root)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        return
-    raise CertError(f"{where}: does not chain to any root of the trust bundle")
+def verify_svid(
+    chain: Sequence[x509.Certificate],
+    roots: Iterable[x509.Certificate],
+    *,
+    trust_domain: str,
+    now: float,
+    where: str,
+) -> SpiffeId:
+    """Full RFC 5280 path validation of an SVID chain (the leaf first, then intermediates) at
+    `now`, and the leaf's one SPIFFE id of `trust_domain`, which is returned.
 
-
-def _verify_issued(cert: x509.Certificate, issuer: x509.Certificate, where: str) -> None:
+    Validation is cryptography's webpki verifier as a *client* verifier: the server verifier
+    insists on matching a DNS name or IP address, and an SVID carries only its URI SAN. The
+    client verifier checks what matters here: every certificate's validity window, the CA flag,
+    path length and keyCertSign on each issuer, no CA flag and a well-formed SAN on the leaf,
+    and the clientAuth extended key usage (our SVIDs carry serverAuth and clientAuth)."""
+    _validate(chain, roots, now=now, where=where, ee_policy=ExtensionPolicy.webpki_defaults_ee())
     try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature) as exc:
-        raise CertError(f"{where}: not signed by the next certificate ({exc})") from None
+        return spiffe_id_of(chain[0], trust_domain)
+    except CertError as exc:
+        raise CertError(f"{where}: {exc}") from None
+
+
+def verify_issuer_chain(
+    chain: Sequence[x509.Certificate], roots: Iterable[x509.Certificate], *, now: float, where: str
+) -> None:
+    """Path validation at `now` of a chain whose first certificate is itself a CA (a signing
+    authority, a CRL's issuer): the same checks as `verify_svid`, with CA rules for the first."""
+    _check_ca(chain[0], f"{where}[0]")
+    _validate(chain, roots, now=now, where=where, ee_policy=ExtensionPolicy.webpki_defaults_ca())
+
+
+def _validate(
+    chain: Sequence[x509.Certificate],
+    roots: Iterable[x509.Certificate],
+    *,
+    now: float,
+    where: str,
+    ee_policy: ExtensionPolicy,
+) -> None:
+    roots = list(roots)
+    if not chain:
+        raise CertError(f"{where}: no certificate")
+    if not roots:
+        raise CertError(f"{where}: the trust bundle is empty")
+    # The verifier's own message for a validity failure does not say which certificate or
+    # when; check the windows of what was presented first, so the error names them.
+    for i, cert in enumerate(chain):
+        _check_window(cert, now, f"{where}[{i}]")
+    leaf = chain[0]
+    if len(chain) == 1 and leaf in roots:
+        return  # a root used as the signing authority itself: it is its own trust anchor
+    builder = (
+        PolicyBuilder()
+        .store(Store(roots))
+        .time(_utc(now))
+        .max_chain_depth(MAX_CHAIN)
+        .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ee_policy)
+    )
+    try:
+        builder.build_client_verifier().verify(leaf, list(chain[1:]))
+    except VerificationError as exc:
+        raise CertError(f"{where}: {_reason(str(exc))}") from None
+
+
+def _check_window(cert: x509.Certificate, now: float, where: str) -> None:
+    if now < not_before(cert):
+        raise CertError(
+            f"{where}: not valid before {cert.not_valid_before_utc.isoformat()} "
+            f"(now is {_utc(now).isoformat()})"
+        )
+    if now > not_after(cert):
+        raise CertError(f"{where}: expired at {cert.not_valid_after_utc.isoformat()}")
+
+
+def _reason(message: str) -> str:
+    """The verifier's message, made readable: no prefix, and the bare 'no path' case named."""
+    message = message.removeprefix("validation failed: ")
+    if "all candidates exhausted with no interior errors" in message:
+        return "does not chain to any root of the trust bundle"
+    return message.removeprefix("candidates exhausted: ")
 
 
 # -- CSRs and SVIDs --------------------------------------------------------------------------------
@@ -352,7 +418,7 @@ def sign_svid(
         .not_valid_before(_utc(now) - skew)
         .not_valid_after(_utc(end))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(leaf=True), critical=True)
+        .add_extension(key_usage(leaf=True), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -418,9 +484,12 @@ def verify_crl(
     der: bytes,
     issuer_chain: Sequence[x509.Certificate],
     roots: Sequence[x509.Certificate],
+    *,
+    now: float,
 ) -> frozenset[int]:
     """The revoked serials of a DER CRL, after checking that its issuer (the first of
-    `issuer_chain`, or a root when the chain is empty) signed it and chains to a root."""
+    `issuer_chain`, or a root when the chain is empty) signed it and that the issuer chain
+    validates at `now`."""
     if not isinstance(der, bytes) or len(der) > MAX_PEM:
         raise CertError(f"the CRL must be DER bytes of at most {MAX_PEM} bytes")
     try:
@@ -429,7 +498,7 @@ def verify_crl(
         raise CertError(f"the CRL is not DER X.509 ({exc})") from None
     candidates = [issuer_chain[0]] if issuer_chain else list(roots)
     if issuer_chain:
-        verify_chain(issuer_chain, roots, where="the CRL's issuer chain")
+        verify_issuer_chain(issuer_chain, roots, now=now, where="the CRL's issuer chain")
     for issuer in candidates:
         if crl.issuer == issuer.subject and crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
             return frozenset(r.serial_number for r in crl)

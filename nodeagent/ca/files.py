@@ -71,7 +71,12 @@ def init(
             key_data, chain_data = intermediate_key.read_bytes(), intermediate_chain.read_bytes()
         except OSError as exc:
             raise CaDirError(f"reading the intermediate CA: {exc}") from None
-        authority = certs.load_authority(key_data, chain_data, f"intermediate {intermediate_key}")
+        authority = certs.load_authority(
+            key_data,
+            chain_data,
+            f"intermediate {intermediate_key}",
+            now=time.time() if now is None else now,
+        )
         key_pem = certs.key_pem(authority.key)
         chain_pem = chain_data
     else:
@@ -90,8 +95,9 @@ def init(
     return d, authority
 
 
-def load(path: Path) -> tuple[certs.SigningAuthority, str]:
-    """The signing authority and trust domain of a CA directory."""
+def load(path: Path, *, now: float | None = None) -> tuple[certs.SigningAuthority, str]:
+    """The signing authority and trust domain of a CA directory, valid at `now` (default: the
+    current time)."""
     d = CaDir(path)
     try:
         key_data, chain_data = d.key_file.read_bytes(), d.chain_file.read_bytes()
@@ -103,7 +109,8 @@ def load(path: Path) -> tuple[certs.SigningAuthority, str]:
     if not isinstance(meta, dict) or meta.get("v") != 1:
         raise CaDirError(f"{d.meta_file}: not a version 1 CA description")
     td = certs.check_trust_domain(meta.get("trust_domain"))  # type: ignore[arg-type]
-    return certs.load_authority(key_data, chain_data, str(path)), td
+    when = time.time() if now is None else now
+    return certs.load_authority(key_data, chain_data, str(path), now=when), td
 
 
 def load_revoked(path: Path) -> set[int]:

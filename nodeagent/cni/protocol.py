@@ -12,6 +12,7 @@ importing the agent; tests run both against each other. Spec of record: docs/cni
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -134,6 +135,9 @@ class FrameDecoder:
 def _decode_message(payload: bytes) -> dict[str, Any]:
     try:
         message = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except msgpack.StackError:
+        # msgpack's own bound on nesting (its message is empty): name the problem.
+        raise ProtocolError("undecodable msgpack: nested too deeply") from None
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise ProtocolError(f"undecodable msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(message, dict):
@@ -164,7 +168,12 @@ def _str(msg: Mapping[str, Any], name: str) -> str:
 def _json_like(value: object, where: str, depth: int = 0) -> None:
     if depth > _MAX_DEPTH:
         raise ProtocolError(f"{where} nested deeper than {_MAX_DEPTH} levels")
-    if value is None or isinstance(value, (str, bool, int, float)):
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            # msgpack carries NaN and Infinity; JSON (the runtime's side) cannot.
+            raise ProtocolError(f"{where} holds {value!r}, which JSON cannot carry")
         return
     if isinstance(value, list):
         for item in value:

@@ -18,8 +18,7 @@ import trio
 from nodeagent.balance import Registry
 from nodeagent.config.kinds import WORKLOAD_API
 from nodeagent.gateway.server import DEFAULT_LABELS, IngressGateway
-from nodeagent.http import RequestLog
-from nodeagent.http.proxy import BalancedRoutePicker
+from nodeagent.http import Limits, RequestLog
 from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import Netns
 from nodeagent.log import get_logger
@@ -75,6 +74,7 @@ class NodeGateway:
         sessions: SessionCache | None = None,
         on_request: Callable[[RequestLog], None] | None = None,
         telemetry: Sinks | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.node = node
         self.telemetry = telemetry
@@ -106,10 +106,11 @@ class NodeGateway:
             snapshot=lambda: sync.current,
             wait_change=sync.wait_swap,
             connector=self.connector,
-            picker=BalancedRoutePicker(registry if registry is not None else Registry()),
+            registry=registry if registry is not None else Registry(),
             labels=self.labels,
             bind_host=bind_host,
             on_request=self._record if telemetry is not None else on_request,
+            limits=limits,
             tracer=telemetry.tracer if telemetry is not None else None,
             access_logged=telemetry is not None,  # its access-log line replaces the proxy's own
         )

@@ -18,7 +18,8 @@ from typing import Any
 
 import trio
 
-from nodeagent.http import Connector, HttpProxy, Limits, Picker, RequestLog, random_picker
+from nodeagent.balance import Registry
+from nodeagent.http import Connector, HttpProxy, Limits, RequestLog
 from nodeagent.log import get_logger
 from nodeagent.routing import HttpRequest, Source
 from nodeagent.snapshot import hosts
@@ -95,7 +96,7 @@ class IngressGateway:
         snapshot: Callable[[], Snapshot],
         wait_change: Callable[[], Awaitable[object]],
         connector: Connector,
-        picker: Picker = random_picker,
+        registry: Registry,
         labels: Mapping[str, str] = DEFAULT_LABELS,
         bind_host: str = "0.0.0.0",
         port_map: Callable[[int], int] | None = None,
@@ -115,7 +116,7 @@ class IngressGateway:
             snapshot=snapshot,
             source=self.source_for,
             connector=connector,
-            picker=picker,
+            registry=registry,
             on_request=on_request,
             limits=limits,
             name="gateway",

@@ -1,28 +1,23 @@
-"""Errors the HTTP proxy maps to responses, and Envoy's response flags."""
+"""Errors the HTTP proxy maps to responses."""
 
 from __future__ import annotations
 
-# Envoy response flags (access log %RESPONSE_FLAGS%) this proxy sets.
-NO_ROUTE = "NR"  # no route for the request: 404
-NO_CLUSTER = "NC"  # the route's destination (host or subset) does not exist: 503
-NO_HEALTHY_UPSTREAM = "UH"  # no endpoint to send to: 503
-UPSTREAM_CONNECT_FAILURE = "UF"  # connecting failed: 503
-UPSTREAM_OVERFLOW = "UO"  # a circuit breaker refused the request: 503
-UPSTREAM_RESET = "UR"  # the upstream reset/closed before a complete response: 503
-UPSTREAM_TIMEOUT = "UT"  # route or per-try timeout: 504
-UPSTREAM_RETRY_LIMIT = "URX"  # retries exhausted: the last try's result is returned
-DELAY_INJECTED = "DI"
-FAULT_INJECTED = "FI"
-DOWNSTREAM_PROTOCOL_ERROR = "DPE"  # malformed request: 400 (or 431)
-DOWNSTREAM_TERMINATION = "DC"  # the client went away before the response was complete
-
 
 class UpstreamOverflow(Exception):
-    """Raised by a picker or connector when a circuit breaker refuses a new request (→ 503 UO)."""
+    """Raised by the pool or a connector when a circuit breaker refuses a new request (→ 503 UO)."""
 
 
 class DownstreamError(Exception):
     """The client's side failed (disconnect, malformed body) while the proxy was reading it."""
+
+
+class DownstreamProtocolError(DownstreamError):
+    """The client's request body was malformed (framing): answered with `status` and a closed
+    connection when no response was started, never forwarded further."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class UpstreamDenied(Exception):

@@ -12,6 +12,12 @@ included. A request that finds no idle connection and may not open one waits in 
 queue (http1MaxPendingRequests) for one to be freed, at most the connect timeout; a full queue
 or the timeout raise `UpstreamOverflow` (503 UO) at once. A connection is closed after
 maxRequestsPerConnection requests, and an idle one older than the idle timeout is not reused.
+
+Certificate lifetime: a stream that carries `credentials` (a client tunnel's
+`TunnelCredentials`) is asked before every reuse and at release whether it may carry another
+request; once either end's certificate expired, ours rotated or the peer's was revoked, it is
+closed instead (`PoolStats.retired`). Requests under way are not cut: a request that started
+while both certificates held finishes on its connection.
 """
 
 from __future__ import annotations
@@ -19,17 +25,26 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import h11
 import trio
 
 from nodeagent.balance.pool import CircuitBreaker, ConnectionToken, Overflow
 from nodeagent.http.errors import UpstreamOverflow
-from nodeagent.http.io import FastIO
 from nodeagent.snapshot.model import Endpoint
+from nodeagent.sockio import FastIO
 
 Connector = Callable[[Endpoint, int], Awaitable[trio.abc.Stream]]
 READ_SIZE = 64 * 1024
+
+
+class Credentials(Protocol):
+    """What authenticated a stream at its handshake (`tunnel.TunnelCredentials`)."""
+
+    def problem(self) -> str | None:
+        """Why the stream may not carry another request, or None while it may."""
+        ...
 
 
 class UpstreamConnection:
@@ -47,6 +62,11 @@ class UpstreamConnection:
         self.token: ConnectionToken | None = None  # the cluster's connection slot, if limited
         self.cluster: str | None = None
         self.idle_since = 0.0
+        self.credentials: Credentials | None = getattr(stream, "credentials", None)
+
+    def retired(self) -> str | None:
+        """Why this connection may carry no further request (its certificates), or None."""
+        return None if self.credentials is None else self.credentials.problem()
 
     async def send(self, event: h11.Event) -> None:
         data = self.conn.send(event)
@@ -91,6 +111,7 @@ class PoolStats:
     connect_failures: int = 0
     closed: int = 0
     pending_waits: int = 0  # requests that waited in the pending queue for a connection
+    retired: int = 0  # closed: a certificate expired, rotated or was revoked since the handshake
 
 
 class ConnectionPool:
@@ -175,6 +196,10 @@ class ConnectionPool:
             if idle_timeout is not None and now - up.idle_since > idle_timeout:
                 await self.discard(up)  # idle past http idleTimeout: not worth the risk
                 continue
+            if up.retired() is not None:
+                self.stats.retired += 1
+                await self.discard(up)
+                continue
             up.reused = True
             self.stats.reuses += 1
             return up
@@ -240,6 +265,9 @@ class ConnectionPool:
     async def release(self, up: UpstreamConnection) -> None:
         """Return a finished connection for reuse, or close it if it cannot be reused."""
         exhausted = up.token is not None and up.token.note_request()
+        if up.reusable and not exhausted and up.retired() is not None:
+            self.stats.retired += 1
+            exhausted = True
         if up.reusable and not exhausted:
             idle = self._idle.setdefault(up.key, [])
             if len(idle) < self._max_idle:

@@ -271,8 +271,8 @@ class IdentityManager:
             return "half its lifetime passed"
         if leaf.serial_number in self._revoked:
             return "revoked"
-        if self._roots and not self._verifies(entry.chain):
-            return "does not chain to the trust bundle"
+        if self._roots:
+            return self._chain_problem(entry.chain)
         return None
 
     async def _sleep_or_backoff(self, entry: _Identity, delay: float) -> None:
@@ -365,18 +365,23 @@ class IdentityManager:
             got = certs.spiffe_id_of(leaf, self.trust_domain)
             if got != ident:
                 raise certs.CertError(f"the certificate names {got.uri}, not {ident.uri}")
+            if self._roots:
+                certs.verify_svid(
+                    chain, self._roots, trust_domain=self.trust_domain, now=self._clock(), where=at
+                )
         except certs.CertError as exc:
             raise RequestFailed(f"unusable answer at {at}: {exc}") from None
-        if self._roots and not self._verifies(chain):
-            raise RequestFailed(f"the certificate at {at} does not chain to the trust bundle")
         return chain
 
-    def _verifies(self, chain: list[x509.Certificate]) -> bool:
+    def _chain_problem(self, chain: list[x509.Certificate]) -> str | None:
+        """Why `chain` does not validate against the bundle now (expired, foreign root, …)."""
         try:
-            certs.verify_chain(chain, self._roots, where="chain")
-        except certs.CertError:
-            return False
-        return True
+            certs.verify_svid(
+                chain, self._roots, trust_domain=self.trust_domain, now=self._clock(), where="chain"
+            )
+        except certs.CertError as exc:
+            return str(exc)
+        return None
 
     # -- readiness and contexts ---------------------------------------------------------------
 
@@ -489,7 +494,7 @@ class IdentityManager:
         self._bundle_pem = certs.cert_pem(roots).decode()
         for entry in self._identities.values():
             entry.server_ctx = entry.client_ctx = None
-            if entry.chain and not self._verifies(entry.chain):
+            if entry.chain and self._chain_problem(entry.chain) is not None:
                 entry.wake.set()
         self._recompute_revoked()
         log.info("identity.bundle", roots=len(roots))
@@ -506,7 +511,12 @@ class IdentityManager:
         try:
             chain_pem = str(doc.get("issuer_chain") or "")
             chain = certs.load_certs(chain_pem.encode(), keys.CA_CRL) if chain_pem else []
-            revoked = certs.verify_crl(doc.get("crl"), chain, self._roots)  # type: ignore[arg-type]
+            revoked = certs.verify_crl(
+                doc.get("crl"),  # type: ignore[arg-type]
+                chain,
+                self._roots,
+                now=self._clock(),
+            )
         except certs.CertError as exc:
             if strict:
                 raise

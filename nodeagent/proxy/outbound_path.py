@@ -69,6 +69,7 @@ class OutboundPath:
                 connector=connector,
                 registry=self.core.registry,
                 on_request=self._on_request,
+                limits=self.core.http_limits,
                 name=f"http:{self.core.pod}",
                 tracer=self.core.telemetry.tracer if self.core.telemetry is not None else None,
                 access_logged=self.core.telemetry is not None,  # record_request writes the line

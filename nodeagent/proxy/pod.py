@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from nodeagent.balance import Registry
+from nodeagent.http import Limits
 from nodeagent.identity.api import IdentityProvider, IdentityUnavailable
 from nodeagent.inpod import Netns, PodListeners
 from nodeagent.log import get_logger
@@ -58,6 +59,7 @@ class PodProxy:
         outbound_policy: OutboundPolicy = "ALLOW_ANY",
         identity_wait: float = IDENTITY_WAIT,
         telemetry: Sinks | None = None,
+        http_limits: Limits | None = None,
     ) -> None:
         self.core = PodCore(
             pod,
@@ -71,6 +73,7 @@ class PodProxy:
             outbound_policy=outbound_policy,
             identity_wait=identity_wait,
             telemetry=telemetry,
+            http_limits=http_limits,
         )
         self.outbound = OutboundPath(self.core)
         self.inbound = InboundPath(self.core)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import trio
 
 from nodeagent.balance import Registry
+from nodeagent.http import Limits
 from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import Netns, PodListeners
 from nodeagent.log import get_logger
@@ -45,6 +46,7 @@ class PodCore:
     identity_wait: float = IDENTITY_WAIT
     telemetry: Sinks | None = None
     stats: PodProxyStats = field(default_factory=PodProxyStats)
+    http_limits: Limits | None = None  # the L7 proxy's timeouts and bounds (agent flags)
     # This pod's HBONE connections (per source pod: they are opened from its netns, so the
     # destination sees this pod's IP); `sessions` is the node's TLS session cache behind them.
     pool: TunnelPool = field(init=False)

@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from nodeagent.sandbox import cni, layout
 from nodeagent.sandbox.errors import CniError, SandboxError
 from nodeagent.sandbox.state import NodeState, PodState, State, load, locked, save
 from nodeagent.sandbox.system import (
+    ProcessRef,
     ip,
     netns_add,
     netns_delete,
@@ -467,6 +469,49 @@ class Sandbox:
                 ns.agent = None
                 save(st)
 
+    # ----- the store (etcd) --------------------------------------------------------------------
+
+    def pause_store(self) -> None:
+        """SIGSTOP etcd: a stalled store (connections stay open, nothing answers, leases age)."""
+        self._signal_etcd(signal.SIGSTOP)
+
+    def resume_store(self) -> None:
+        """SIGCONT etcd after `pause_store`."""
+        self._signal_etcd(signal.SIGCONT)
+
+    def stop_store(self, *, grace: float = AGENT_GRACE) -> None:
+        """Stop etcd (its data dir stays): connections are refused until `start_store`."""
+        with locked(self.state_dir):
+            st = load(self.state_dir)
+            ref = self._etcd_ref(st)
+            self._say(f"stopping etcd (pid {ref.pid})")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(ref.pid, signal.SIGCONT)  # a paused etcd cannot act on SIGTERM
+            stop_all([ref], grace=grace, group=True, children=_CHILDREN)
+            st.etcd = None
+            save(st)
+
+    def start_store(self) -> None:
+        """Start etcd again after `stop_store`, on the same data (leases, keys), and wait for it."""
+        with locked(self.state_dir):
+            st = load(self.state_dir)
+            if st.store != "etcd":
+                raise SandboxError(f"sandbox {self.name!r} runs no etcd (store {st.store})")
+            if st.etcd is not None and st.etcd.alive():
+                raise SandboxError(f"etcd already runs (pid {st.etcd.pid})")
+            self._say("starting etcd again")
+            self._spawn_etcd(st)
+
+    def _signal_etcd(self, sig: signal.Signals) -> None:
+        ref = self._etcd_ref(self.state())
+        self._say(f"{sig.name} to etcd (pid {ref.pid})")
+        os.killpg(ref.pid, sig)
+
+    def _etcd_ref(self, st: State) -> ProcessRef:
+        if st.etcd is None or not st.etcd.alive():
+            raise SandboxError(f"sandbox {self.name!r} has no running etcd (store {st.store})")
+        return st.etcd
+
     # ----- the CA -------------------------------------------------------------------------------
 
     @property
@@ -777,6 +822,11 @@ class Sandbox:
         netns = layout.etcd_netns(self.name)
         self._say(f"starting etcd in {netns} ({layout.ETCD_IP}:{layout.ETCD_CLIENT_PORT})")
         self._attach(st, netns, layout.ETCD_IP, "v-etcd")
+        self._spawn_etcd(st)
+
+    def _spawn_etcd(self, st: State) -> None:
+        """Start etcd on its data dir in its (existing) namespace and wait for its /health."""
+        netns = layout.etcd_netns(self.name)
         client = f"http://{layout.ETCD_IP}:{layout.ETCD_CLIENT_PORT}"
         peer = "http://127.0.0.1:2380"
         argv = [

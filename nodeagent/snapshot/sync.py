@@ -4,9 +4,14 @@ List the prefix, build, start watching from the listing's revision + 1, and turn
 events into the next snapshot, swapped in with one assignment. A compacted watch re-lists (the
 builder applies only the difference); any other store error keeps the last snapshot and retries
 with exponential backoff, resuming the watch from the last revision seen: a store outage never
-stops traffic. With `cache_path`, the raw documents are written to disk (debounced, atomically)
-and loaded at start, so a restarted agent serves from the cache when the store does not answer
-within `startup_timeout`.
+stops traffic. With `cache_path`, the raw documents are written to disk (debounced, atomically,
+and once more on the way out if a change is not on disk yet) and loaded at start, so a restarted
+agent serves from the cache when the store does not answer within `startup_timeout`.
+
+The deletion of a workload whose node's lease lapsed (its node record went with it) is held for
+`lease_grace` seconds (nodeagent.snapshot.lease_grace): a store stall longer than the lease TTL
+expires every lease at once, and the agents, still running, put everything back within a second
+or so; the endpoints must not vanish meanwhile.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from nodeagent.snapshot import cache
 from nodeagent.snapshot.builder import SnapshotBuilder
 from nodeagent.snapshot.convert import parse_key
 from nodeagent.snapshot.errors import CacheError
+from nodeagent.snapshot.lease_grace import LeaseGrace
 from nodeagent.snapshot.snapshot import Snapshot
 from nodeagent.store import keys
-from nodeagent.store.base import CompactedError, Store, StoreError
+from nodeagent.store.base import CompactedError, Event, KeyValue, Store, StoreError
 
 log = get_logger("snapshot.sync")
 
@@ -46,6 +52,7 @@ class SnapshotSync:
         cache_debounce: float = 1.0,
         backoff_initial: float = 0.1,
         backoff_max: float = 10.0,
+        lease_grace: float = 10.0,
     ) -> None:
         self._store = store
         self._cache_path = None if cache_path is None else Path(cache_path)
@@ -60,6 +67,8 @@ class SnapshotSync:
         self._progress = trio.Event()
         self._listeners: list[Listener] = []
         self._cache_dirty = trio.Event()
+        self._grace = LeaseGrace(lease_grace)
+        self._grace_changed = trio.Event()
         self._stats: dict[str, Any] = {
             "swaps": 0,
             "relists": 0,
@@ -99,7 +108,11 @@ class SnapshotSync:
         progress.set()
 
     def statistics(self) -> dict[str, Any]:
-        return {**self._stats, **self.current.statistics()}
+        return {
+            **self._stats,
+            "held_workloads": len(self._grace.held),
+            **self.current.statistics(),
+        }
 
     # -- the component -----------------------------------------------------------------------
 
@@ -107,6 +120,7 @@ class SnapshotSync:
         async with trio.open_nursery() as nursery:
             if self._cache_path is not None:
                 nursery.start_soon(self._cache_writer, self._cache_path)
+            nursery.start_soon(self._release_held)
             await self._sync(task_status)
 
     async def _sync(self, task_status: trio.TaskStatus[None]) -> None:
@@ -164,7 +178,10 @@ class SnapshotSync:
 
     async def _relist(self) -> None:
         t0 = time.perf_counter()
-        kvs, revision = await self._store.range(self._prefix)
+        listed, revision = await self._store.range(self._prefix)
+        before = {kv.key: kv for kv in self._builder.raw()}
+        kvs = self._grace.relist(listed, before, trio.current_time())
+        self._grace_changed.set()
         snap = self._builder.reset(kvs, revision)
         self._stats["relists"] += 1
         self._stats["serving_from_cache"] = False
@@ -181,7 +198,18 @@ class SnapshotSync:
         async with self._store.watch(self._prefix, start_revision=start_revision) as batches:
             async for batch in batches:
                 t0 = time.perf_counter()
-                snap = self._builder.apply(batch)
+                events = self._grace.filter(batch, trio.current_time())
+                if len(events) < len(batch):
+                    self._grace_changed.set()
+                    log.warning(
+                        "snapshot.deletions_held",
+                        keys=len(batch) - len(events),
+                        held=len(self._grace.held),
+                        grace=self._grace.grace,
+                    )
+                # The batch's own revision: a held deletion is never asked for again.
+                revision = max((e.kv.mod_revision for e in batch), default=0)
+                snap = self._builder.apply(events, revision=revision)
                 self._swap(snap)
                 if any(parse_key(e.kv.key) is not None for e in batch):
                     self._cache_dirty.set()
@@ -191,6 +219,23 @@ class SnapshotSync:
                         events=len(batch),
                         ms=round((time.perf_counter() - t0) * 1000, 2),
                     )
+
+    async def _release_held(self) -> None:
+        """Apply each held deletion when its grace is over (unless a put ended the hold)."""
+        while True:
+            deadline = self._grace.next_deadline()
+            self._grace_changed = trio.Event()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._grace_changed.wait()
+                continue
+            keys_ = self._grace.expired(trio.current_time())
+            if not keys_:
+                continue
+            revision = self._builder.revision
+            deletions = [Event("delete", KeyValue(k, b"", 0, revision, 0)) for k in keys_]
+            self._swap(self._builder.apply(deletions))
+            self._cache_dirty.set()
+            log.warning("snapshot.held_deletions_applied", keys=len(keys_), revision=revision)
 
     def _swap(self, snap: Snapshot) -> None:
         self.current = snap
@@ -219,21 +264,34 @@ class SnapshotSync:
             log.warning("snapshot.cache_unusable", path=str(path), error=str(exc))
             return False
         self._builder.reset(kvs, revision)
+        self._grace.load_nodes(kvs)
         log.info("snapshot.cache_loaded", path=str(path), revision=revision, keys=len(kvs))
         return True
 
     async def _cache_writer(self, path: Path) -> None:
-        while True:
-            await self._cache_dirty.wait()
-            await trio.sleep(self._cache_debounce)  # coalesce a burst of changes
-            self._cache_dirty = trio.Event()
-            kvs, revision = self._builder.raw(), self._builder.revision
-            try:
-                data = await trio.to_thread.run_sync(cache.encode, kvs, revision)
-                await trio.to_thread.run_sync(cache.write, path, data)
-            except OSError as exc:
-                log.warning("snapshot.cache_write_failed", path=str(path), error=str(exc))
-                continue
-            self._stats["cache_writes"] += 1
-            self._bump()
-            log.debug("snapshot.cache_written", path=str(path), revision=revision, keys=len(kvs))
+        try:
+            while True:
+                await self._cache_dirty.wait()
+                await trio.sleep(self._cache_debounce)  # coalesce a burst of changes
+                await self._write_cache(path)
+        finally:
+            if self._cache_dirty.is_set():
+                # A change not on disk yet (the agent stops within the debounce): the next
+                # start may have to serve from this cache alone.
+                with trio.CancelScope(shield=True):
+                    await self._write_cache(path)
+
+    async def _write_cache(self, path: Path) -> None:
+        self._cache_dirty = trio.Event()
+        # The node records too: a restarted agent knows which nodes were live.
+        kvs = self._builder.raw() + self._grace.node_records()
+        revision = self._builder.revision
+        try:
+            data = await trio.to_thread.run_sync(cache.encode, kvs, revision)
+            await trio.to_thread.run_sync(cache.write, path, data)
+        except OSError as exc:
+            log.warning("snapshot.cache_write_failed", path=str(path), error=str(exc))
+            return
+        self._stats["cache_writes"] += 1
+        self._bump()
+        log.debug("snapshot.cache_written", path=str(path), revision=revision, keys=len(kvs))

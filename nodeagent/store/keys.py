@@ -10,6 +10,9 @@ CERTS = ROOT + "certs/"
 CA_BUNDLE = ROOT + "ca/bundle"
 CA_CRL = ROOT + "ca/crl"
 VIPS = ROOT + "vips/"
+# One record per running agent, under the node's lease next to its workloads: its deletion says
+# the lease lapsed (the snapshot then holds the node's workloads for a grace period).
+NODES = ROOT + "nodes/"
 
 
 def config(kind: str, namespace: str, name: str) -> str:
@@ -34,3 +37,7 @@ def cert(node: str, ident: str) -> str:
 
 def vip(address: str) -> str:
     return f"{VIPS}{address}"
+
+
+def node(name: str) -> str:
+    return f"{NODES}{name}"

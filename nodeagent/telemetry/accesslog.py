@@ -5,14 +5,14 @@ queue (and counts it as dropped when the queue is full); the `run()` task wakes 
 `BATCH_WINDOW` seconds, renders what has queued up (JSON by default, with the fields in a fixed,
 precomputed order; structlog's console format on request) and writes the batch from a worker
 thread, so a slow or stuck stderr never stalls a request and a busy proxy pays one task wake-up
-and one thread hand-off per batch, not per line. Logging is switchable per namespace (the
+and one thread hand-off per batch, not per line. The batch goes through `nodeagent.log.STDERR`, the
+process's one log writer, as whole lines. Logging is switchable per namespace (the
 namespace of the workload whose proxy reports).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 import structlog
 import trio
 
+from nodeagent.log import STDERR
 from nodeagent.telemetry.metrics import Counter, Metric
 
 Format = Literal["json", "console"]
@@ -34,16 +35,6 @@ BATCH_WINDOW = 0.02
 class TextSink(Protocol):
     def write(self, text: str, /) -> int: ...
     def flush(self) -> None: ...
-
-
-class _Stderr:
-    """sys.stderr looked up at each write, so a replaced stderr (tests, daemons) is honoured."""
-
-    def write(self, text: str, /) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +98,9 @@ class AccessLog:
             if fmt == "json"
             else structlog.dev.ConsoleRenderer(colors=False)
         )
-        self._sink: TextSink = sink if sink is not None else _Stderr()
+        # The process's one log writer by default: a batch of whole lines never interleaves
+        # with structlog's events.
+        self._sink: TextSink = sink if sink is not None else STDERR
         self.default_enabled = enabled
         self.namespaces: dict[str, bool] = dict(namespaces or {})
         self._send, self._receive = trio.open_memory_channel[AccessRecord](max_queue)

@@ -32,7 +32,7 @@ from nodeagent.telemetry.metrics import (
 from nodeagent.telemetry.tracing import ActiveSpan, Tracer
 
 if TYPE_CHECKING:
-    from nodeagent.http.proxy import RequestLog
+    from nodeagent.http.log import RequestLog
 
 
 class Sinks(Protocol):
@@ -211,12 +211,12 @@ def record_request(
     source: Workload | None,
     namespace: str,
     source_principal: str | None = None,
-    downstream: str = "-",
     tunneled: bool = True,
 ) -> None:
     """Metrics and the access-log line of one request an `HttpProxy` completed (reporter
     "source": the proxy is the client's side). `entry.upstream` names the endpoint tried last,
-    `entry.upstream_cluster` (`outbound|port|subset|host`) the service."""
+    `entry.upstream_cluster` (`outbound|port|subset|host`) the service (set for a fault abort
+    too), `entry.downstream_address` the client."""
     destination: Workload | None = None
     address = (entry.upstream or "").rpartition(":")[0]
     if address:
@@ -261,7 +261,7 @@ def record_request(
             bytes_received=entry.bytes_received,
             bytes_sent=entry.bytes_sent,
             upstream_host=entry.upstream or "-",
-            downstream_address=downstream,
+            downstream_address=entry.downstream_address or "-",
             source_principal=values[_SOURCE_PRINCIPAL],
             destination_principal=values[_DESTINATION_PRINCIPAL],
             request_id=entry.request_id or "-",

@@ -5,12 +5,14 @@ workload's certificate, the server's SPIFFE id checked) hands out `HboneStream`s
 application connection; `accept_hbone` (server: destination workload certificate, client
 verified) returns the `HboneConnection` the inbound path runs with a per-stream handler.
 `hbone.py` is the sans-IO wire (headers, statuses, SETTINGS; docs/protocol.md), `h2conn.py`
-drives the `h2` state machine over `tls.py`'s TLS stream, `pool.py` is the client pool.
+drives the `h2` state machine over `tls.py`'s TLS stream, `pool.py` is the client pool;
+`credentials.py` says how long a client connection may carry new streams (its certificates).
 """
 
 from __future__ import annotations
 
 from nodeagent.tunnel.client import SessionCache, TunnelInfo, connect_hbone
+from nodeagent.tunnel.credentials import TunnelCredentials
 from nodeagent.tunnel.errors import TunnelError
 from nodeagent.tunnel.h2conn import HboneConnection, HboneStream
 from nodeagent.tunnel.hbone import ConnectRequest, HboneError, SourceInfo
@@ -27,6 +29,7 @@ __all__ = [
     "SessionCache",
     "SourceInfo",
     "TlsStream",
+    "TunnelCredentials",
     "TunnelError",
     "TunnelInfo",
     "TunnelPool",

@@ -23,6 +23,7 @@ from cryptography import x509
 from nodeagent.contract import TUNNEL_PORT
 from nodeagent.identity.api import IdentityProvider, PeerRejected
 from nodeagent.inpod import Netns
+from nodeagent.tunnel.credentials import TunnelCredentials
 from nodeagent.tunnel.errors import TunnelError
 from nodeagent.tunnel.h2conn import PING_INTERVAL, PING_TIMEOUT, HboneConnection
 from nodeagent.tunnel.hbone import ALPN
@@ -149,6 +150,7 @@ async def connect_hbone(
             peer_certificate=cert,
             peer_not_after=not_after(cert),
             context=context,
+            credentials=TunnelCredentials(identities, source_identity, context, cert),
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
         )

@@ -33,6 +33,7 @@ import hyperframe.frame
 import trio
 
 from nodeagent.tunnel import hbone
+from nodeagent.tunnel.credentials import TunnelCredentials
 from nodeagent.tunnel.errors import TunnelError
 from nodeagent.tunnel.tls import WANT_READ, WANT_WRITE, TlsStream
 
@@ -70,6 +71,7 @@ class HboneConnection:
         peer_certificate: bytes,
         peer_not_after: float | None = None,
         context: Any = None,
+        credentials: TunnelCredentials | None = None,
         ping_interval: float = PING_INTERVAL,
         ping_timeout: float = PING_TIMEOUT,
     ) -> None:
@@ -82,6 +84,9 @@ class HboneConnection:
         # connection lifetime by it); None when unknown.
         self.peer_not_after = peer_not_after
         self.context = context  # the TLS context that made it (a rotation retires the connection)
+        # Client side: whether the certificates still allow new streams (the tunnel pool and
+        # the HTTP pool above it ask before each reuse).
+        self.credentials = credentials
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         config = h2.config.H2Configuration(
@@ -428,6 +433,11 @@ class HboneStream(trio.abc.HalfCloseableStream):
     @property
     def peer_not_after(self) -> float | None:
         return self.conn.peer_not_after
+
+    @property
+    def credentials(self) -> TunnelCredentials | None:
+        """The connection's certificates (client side): the HTTP pool asks before reusing."""
+        return self.conn.credentials
 
     # -- events from the connection's reader -------------------------------------------------
 

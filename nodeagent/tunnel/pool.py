@@ -17,7 +17,6 @@ connections in its own nursery (`run`).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -134,7 +133,8 @@ def _usable(context: Any) -> Callable[[HboneConnection], bool]:
     def usable(conn: HboneConnection) -> bool:
         if not conn.accepts_streams() or conn.context is not context:
             return False
-        return conn.peer_not_after is None or time.time() < conn.peer_not_after
+        # Both certificates still valid, ours not rotated, the peer not revoked.
+        return conn.credentials is None or conn.credentials.problem() is None
 
     return usable
 

@@ -64,7 +64,7 @@ def test_sign_and_verify_round_trip() -> None:
     csr = certs.check_csr(certs.build_csr(key, WEB), WEB)
     leaf = certs.sign_svid(auth, csr, WEB, now=now, ttl=3600)
     leaf.verify_directly_issued_by(auth.cert)
-    certs.verify_chain([leaf], auth.roots, where="leaf")
+    assert certs.verify_svid([leaf], auth.roots, trust_domain=TD, now=now, where="leaf") == WEB
     assert leaf.public_key() == key.public_key()
     assert certs.spiffe_id_of(leaf, TD) == WEB
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -81,7 +81,7 @@ def test_sign_and_verify_round_trip() -> None:
     other = certs.sign_svid(auth, csr, WEB, now=now, ttl=3600)
     assert other.serial_number != leaf.serial_number  # random serials
     with pytest.raises(certs.CertError, match="does not chain"):
-        certs.verify_chain([leaf], _authority().roots, where="leaf")
+        certs.verify_svid([leaf], _authority().roots, trust_domain=TD, now=now, where="leaf")
 
 
 @pytest.mark.parametrize("ttl", [10, 60, 3600, 86400])
@@ -118,6 +118,7 @@ def test_intermediate_chain(tmp_path: Path) -> None:
         .not_valid_before(root.cert.not_valid_before_utc)
         .not_valid_after(root.cert.not_valid_after_utc)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(certs.key_usage(key_cert_sign=True), critical=True)
     )
     from cryptography.hazmat.primitives import hashes
 
@@ -139,10 +140,13 @@ def test_intermediate_chain(tmp_path: Path) -> None:
     leaf = certs.sign_svid(
         loaded, certs.check_csr(certs.build_csr(key, WEB), WEB), WEB, now=time.time(), ttl=60
     )
-    certs.verify_chain([leaf, *loaded.issuer_chain], loaded.roots, where="svid")
+    now = time.time()
+    chain = [leaf, *loaded.issuer_chain]
+    assert certs.verify_svid(chain, loaded.roots, trust_domain=TD, now=now, where="svid") == WEB
     # a CRL signed by the intermediate verifies through its chain
-    crl = certs.build_crl(loaded, {leaf.serial_number}, now=time.time())
-    assert certs.verify_crl(crl, loaded.issuer_chain, loaded.roots) == {leaf.serial_number}
+    crl = certs.build_crl(loaded, {leaf.serial_number}, now=now)
+    revoked = certs.verify_crl(crl, loaded.issuer_chain, loaded.roots, now=now)
+    assert revoked == {leaf.serial_number}
     # the wrong key for the chain is refused
     (tmp_path / "x.key").write_bytes(certs.key_pem(certs.new_key()))
     with pytest.raises(certs.CertError, match="does not match"):
@@ -156,12 +160,13 @@ def test_intermediate_chain(tmp_path: Path) -> None:
 
 def test_crl_lists_serials_and_needs_the_right_signer() -> None:
     auth, other = _authority(), _authority()
-    crl = certs.build_crl(auth, {5, 7}, now=time.time())
-    assert certs.verify_crl(crl, (), auth.roots) == {5, 7}
+    now = time.time()
+    crl = certs.build_crl(auth, {5, 7}, now=now)
+    assert certs.verify_crl(crl, (), auth.roots, now=now) == {5, 7}
     with pytest.raises(certs.CertError, match="not signed"):
-        certs.verify_crl(crl, (), other.roots)
+        certs.verify_crl(crl, (), other.roots, now=now)
     with pytest.raises(certs.CertError, match="not DER"):
-        certs.verify_crl(b"junk", (), auth.roots)
+        certs.verify_crl(b"junk", (), auth.roots, now=now)
 
 
 def test_ca_dir_init_refuses_to_overwrite(tmp_path: Path) -> None:

@@ -404,3 +404,55 @@ async def test_log_file(plugin: Path, server: CniServer, sock_dir: Path) -> None
     ]
     assert lines[0]["pod"] == "default/web-0"
     assert lines[1]["code"] == 11
+
+
+def _strict_json(text: str) -> Any:
+    """JSON as the runtime's Go decoder reads it: NaN and Infinity are not JSON."""
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"the plugin printed {name}, which is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested deeper than 32 levels"),
+        (b'{"a": ' * 40 + b"1" + b"}" * 40, "nested deeper than 32 levels"),
+    ],
+)
+async def test_deeply_nested_stdin_is_a_decoding_error(
+    plugin: Path, server: CniServer, body: bytes, detail: str
+) -> None:
+    rc, out, _ = await run_plugin(plugin, "ADD", body)
+    assert rc == 1
+    assert out is not None
+    assert (out["code"], out["msg"]) == (6, "failed to decode network configuration")
+    assert detail in out["details"]
+
+
+@pytest.mark.parametrize(
+    ("number", "detail"),
+    [
+        ("NaN", "NaN is not JSON"),
+        ("Infinity", "Infinity is not JSON"),
+        ("-Infinity", "-Infinity is not JSON"),
+        ("1e999", "overflows a double"),
+    ],
+)
+async def test_non_standard_json_numbers_are_a_decoding_error(
+    plugin: Path, server: CniServer, handler: RecordingHandler, number: str, detail: str
+) -> None:
+    text = json.dumps(conf(sock_of(server))).replace('"dns": {}', f'"dns": {{"x": {number}}}')
+    assert number in text
+    data = text.encode()
+    with trio.fail_after(20):
+        proc = await trio.run_process(
+            [str(plugin)], stdin=data, capture_stdout=True, check=False, env=env("ADD")
+        )
+    out = _strict_json(proc.stdout.decode())
+    assert proc.returncode == 1
+    assert out["code"] == 6
+    assert detail in out["details"]
+    assert handler.calls == []  # refused before the agent is asked

@@ -128,6 +128,7 @@ def test_encode_refuses_oversized() -> None:
         (frame(msgpack.packb({"cmd": "ADD"})), "version None", ErrorCode.INCOMPATIBLE_VERSION),
         (frame(msgpack.packb({1: 2})), "undecodable", ErrorCode.DECODE),
         (frame(msgpack.packb({"v": 1}) + b"x"), "undecodable", ErrorCode.DECODE),
+        (frame(b"\x91" * 100_000 + b"\xc0"), "nested too deeply", ErrorCode.DECODE),
     ],
 )
 def test_bad_frames(data: bytes, match: str, code: int) -> None:
@@ -158,6 +159,8 @@ def test_eof_inside_frame() -> None:
         ({"args": {"A": 1}}, "'args'"),
         ({"prevResult": [1]}, "'prevResult' must be a map"),
         ({"prevResult": {"b": b"\x00"}}, "JSON cannot carry"),
+        ({"prevResult": {"mtu": float("nan")}}, "holds nan, which JSON cannot carry"),
+        ({"config": {"x": [float("-inf")]}}, "holds -inf, which JSON cannot carry"),
         ({"config": {"a": {1: 2}}}, "must be a map|non-string key"),
         ({"validAttachments": [{"ifname": "eth0"}]}, "validAttachments"),
     ],

@@ -12,7 +12,16 @@ import pytest
 import trio
 import trio.testing
 import yaml
-from http_helpers import Backend, build, curl, service, start_tcp_backend, tcp_connector, workload
+from http_helpers import (
+    Backend,
+    build,
+    curl,
+    first_endpoint_registry,
+    service,
+    start_tcp_backend,
+    tcp_connector,
+    workload,
+)
 
 from nodeagent.gateway import GatewayError, IngressGateway, host_matches, servers_by_port
 from nodeagent.routing import HttpRequest
@@ -64,6 +73,7 @@ async def gateway(holder: Holder, backends: dict[str, Backend]) -> AsyncIterator
             connector=tcp_connector(ports),
             bind_host="127.0.0.1",
             port_map=lambda port: 0,
+            registry=first_endpoint_registry(),
         )
         await nursery.start(gw.run)
         try:
@@ -150,6 +160,7 @@ async def test_bind_conflict_at_start_fails_fast() -> None:
             connector=tcp_connector({}),
             bind_host="127.0.0.1",
             port_map=lambda port: taken,
+            registry=first_endpoint_registry(),
         )
         async with trio.open_nursery() as nursery:
             with pytest.raises(GatewayError, match=f"bind gateway port 80 .*:{taken}"):
@@ -165,7 +176,10 @@ def test_server_selection_by_labels_port_and_host() -> None:
     assert not host_matches("*.example.com", "example.org")
     assert host_matches("./Shop.Example.com", "shop.example.com")
     gw = IngressGateway(
-        snapshot=lambda: snap, wait_change=trio.sleep_forever, connector=tcp_connector({})
+        snapshot=lambda: snap,
+        wait_change=trio.sleep_forever,
+        connector=tcp_connector({}),
+        registry=first_endpoint_registry(),
     )
     source = gw.source_for(HttpRequest.from_target("GET", "anything:80", "/", port=80))
     assert source is not None

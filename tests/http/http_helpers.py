@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -13,6 +14,7 @@ import trio
 import trio.testing
 from snapshot_docs import snapshot_of
 
+from nodeagent.balance import Registry
 from nodeagent.snapshot import Snapshot
 from nodeagent.snapshot.model import Endpoint
 
@@ -130,6 +132,24 @@ def memory_connector(
     return connect
 
 
+class _FirstDraw(random.Random):
+    """Every draw is the lowest: a RANDOM balancer takes the first candidate (and a retry that
+    must avoid it, the second), ROUND_ROBIN starts there."""
+
+    def random(self) -> float:
+        return 0.0
+
+    def randrange(self, *args: Any, **kw: Any) -> int:
+        return 0
+
+
+def first_endpoint_registry(**kw: Any) -> Registry:
+    """A balance registry whose RANDOM clusters pick the first endpoint (a retry: the next
+    one), so a test knows which backend a request reaches; any balancer picks a one-endpoint
+    cluster's endpoint."""
+    return Registry(rng=_FirstDraw(), on_event=None, **kw)
+
+
 def service(name: str, *, port: int = 80, target: int = 8080) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -167,12 +187,18 @@ def vs(name: str, http: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
     }
 
 
-def dr(host: str, **subsets: dict[str, str]) -> dict[str, Any]:
+def dr(host: str, *, lb: str | None = None, **subsets: dict[str, str]) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "host": host,
+        "subsets": [{"name": k, "labels": v} for k, v in subsets.items()],
+    }
+    if lb is not None:
+        spec["trafficPolicy"] = {"loadBalancer": {"simple": lb}}
     return {
         "apiVersion": "networking.istio.io/v1",
         "kind": "DestinationRule",
         "metadata": {"name": host},
-        "spec": {"host": host, "subsets": [{"name": k, "labels": v} for k, v in subsets.items()]},
+        "spec": spec,
     }
 
 
@@ -181,12 +207,14 @@ def build(*docs: dict[str, Any]) -> Snapshot:
 
 
 def app_snapshot(*extra: dict[str, Any]) -> Snapshot:
-    """Service `app` (port 80) with endpoints 10.0.0.1 (v1) and 10.0.0.2 (v2), + `extra`."""
+    """Service `app` (port 80) with endpoints 10.0.0.1 (v1) and 10.0.0.2 (v2), + `extra`.
+    Balanced RANDOM: with `first_endpoint_registry` a request goes to 10.0.0.1, a retry to
+    10.0.0.2."""
     return build(
         service("app"),
         workload("10.0.0.1", {"app": "app", "version": "v1"}),
         workload("10.0.0.2", {"app": "app", "version": "v2"}),
-        dr("app", v1={"version": "v1"}, v2={"version": "v2"}),
+        dr("app", lb="RANDOM", v1={"version": "v1"}, v2={"version": "v2"}),
         *extra,
     )
 

@@ -38,7 +38,7 @@ def _cpu_s(pid: int) -> float:
 def proxy_main(listen: int, upstream: int, *, route: bool, telemetry: bool) -> None:
     """The proxy process: `app` routed to 10.0.0.1, connected to 127.0.0.1:upstream."""
     import trio
-    from http_helpers import app_snapshot, vs
+    from http_helpers import app_snapshot, first_endpoint_registry, vs
 
     from nodeagent.http import HttpProxy, RequestLog
     from nodeagent.log import configure
@@ -72,7 +72,7 @@ def proxy_main(listen: int, upstream: int, *, route: bool, telemetry: bool) -> N
             snapshot=lambda: snapshot,
             source=Source(namespace="default", labels={"app": "client"}),
             connector=connect,
-            picker=lambda dest, endpoints: endpoints[0],
+            registry=first_endpoint_registry(),
             access_logged=True,  # as in the agent: the access log writes the request's line
             on_request=on_request if telemetry else None,
             tracer=sinks.tracer if telemetry else None,
@@ -104,7 +104,7 @@ def measure(duration: float, extra: list[str]) -> None:
         [sys.executable, __file__, "--proxy", str(listen), str(server_port), *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([*sys.path, str(HERE)])},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([*sys.path, str(HERE), str(HERE.parent)])},
     )
     try:
         url = f"http://127.0.0.1:{listen}/"

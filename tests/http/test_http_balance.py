@@ -17,7 +17,6 @@ from http_helpers import Backend, RawClient, Reply, Seen, build, memory_connecto
 from nodeagent.balance import Registry
 from nodeagent.http import HttpProxy, RequestLog
 from nodeagent.http.errors import UpstreamDenied
-from nodeagent.http.proxy import BalancedRoutePicker
 from nodeagent.routing import Source
 from nodeagent.snapshot import Snapshot
 from nodeagent.snapshot.model import Endpoint
@@ -81,7 +80,7 @@ async def env(
             snapshot=lambda: snapshot,
             source=MESH,
             connector=connector or memory_connector(nursery, backends),
-            picker=BalancedRoutePicker(registry),
+            registry=registry,
             on_request=logs.append,
         )
         yield Env(proxy, registry, logs, nursery)

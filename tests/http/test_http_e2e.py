@@ -15,6 +15,7 @@ from http_helpers import (
     Seen,
     app_snapshot,
     curl,
+    first_endpoint_registry,
     start_tcp_backend,
     tcp_connector,
     vs,
@@ -39,7 +40,7 @@ async def running(
             source=Source(namespace="default", labels={"app": "client"}),
             connector=tcp_connector(ports),
             on_request=logs.append,
-            **kw,
+            **{"registry": first_endpoint_registry(), **kw},
         )
 
         async def handle(stream: trio.SocketStream) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -17,6 +17,7 @@ from http_helpers import (
     app_snapshot,
     build,
     dr,
+    first_endpoint_registry,
     memory_connector,
     service,
     vs,
@@ -24,16 +25,11 @@ from http_helpers import (
 )
 
 from nodeagent.http import HttpProxy, Limits, RequestLog
-from nodeagent.routing import RouteDestination, Source
+from nodeagent.routing import Source
 from nodeagent.snapshot import Snapshot
-from nodeagent.snapshot.model import Endpoint
 
 MESH = Source(namespace="default", labels={"app": "client"})
 HOST = "app.default.svc.cluster.local"
-
-
-def first(dest: RouteDestination, endpoints: Sequence[Endpoint]) -> Endpoint | None:
-    return endpoints[0] if endpoints else None
 
 
 class Harness:
@@ -56,7 +52,7 @@ async def harness(
 ) -> AsyncIterator[Harness]:
     async with trio.open_nursery() as nursery:
         logs: list[RequestLog] = []
-        kw.setdefault("picker", first)
+        kw.setdefault("registry", first_endpoint_registry())
         proxy = HttpProxy(
             snapshot=lambda: snapshot,
             source=MESH,

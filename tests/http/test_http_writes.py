@@ -11,10 +11,10 @@ from functools import partial
 import h11
 import trio
 import trio.testing
-from http_helpers import RawClient, app_snapshot
+from http_helpers import RawClient, app_snapshot, first_endpoint_registry
 
 from nodeagent.http import HttpProxy
-from nodeagent.http.proxy import new_request_id
+from nodeagent.http.headers import new_request_id
 from nodeagent.routing import Source
 from nodeagent.snapshot.model import Endpoint
 
@@ -100,7 +100,7 @@ async def proxied(serve: Serve) -> AsyncIterator[tuple[RawClient, Recording, lis
             snapshot=app_snapshot,
             source=MESH,
             connector=connect,
-            picker=lambda dest, endpoints: endpoints[0],
+            registry=first_endpoint_registry(),
         )
         client, server = trio.testing.memory_stream_pair()
         down = Recording(server)

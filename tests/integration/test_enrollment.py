@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import trio
-from mesh_helpers import admin, sandbox_fixture
+from mesh_helpers import admin, eventually, sandbox_fixture
 
 from nodeagent.contract import INBOUND_PLAINTEXT_PORT
 from nodeagent.sandbox import Sandbox, SandboxError
@@ -69,11 +69,15 @@ def test_cross_node_connection_is_captured_by_both_agents(sandbox: Sandbox) -> N
     body = wait_http(sandbox, client.key, f"http://{server.ip}:8080/")
     assert "Directory listing" in body
 
+    # Bytes are counted when the relay of a connection ends, a moment after curl has its body.
+    eventually(
+        lambda: pod_stats(sandbox, "n1", "client")["connections"]["outbound"]["bytes_received"] > 0,
+        "n1's outbound connection counted the bytes it relayed",
+    )
     out = pod_stats(sandbox, "n1", "client")["connections"]["outbound"]
     inb = pod_stats(sandbox, "n2", "server")["connections"]["inbound"]
     assert out["opened"] > before_out, out
     assert inb["opened"] > before_in, inb
-    assert out["bytes_received"] > 0
     # The application saw the client pod's own address (IP_TRANSPARENT delivery).
     assert f"{client.ip} - -" in server.log.read_text()
     # Both pods carry the mesh's own chains and are registered with their identity.

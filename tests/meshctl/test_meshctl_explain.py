@@ -259,7 +259,13 @@ def test_ab_without_a_matching_user_agent_is_404_nr(
 
 def test_fault_delay_and_bookinfo_subset(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dr = corpus_path("istio", "bookinfo-networking", "destination-rule-all.yaml")
-    _apply(store, capsys, dr, corpus_path("seed", "02-fault-delay.yaml"), text=MY_APP + BOOKINFO)
+    _apply(
+        store,
+        capsys,
+        dr,
+        corpus_path("seed", "02-fault-delay.yaml"),
+        text=MY_APP + "---\n" + BOOKINFO,
+    )
     report = _explain(capsys, "--from", "client", "--to", "http://my-app/")
     route = report["route"]
     assert route["route_name"] == "default/my-app-fault.0"

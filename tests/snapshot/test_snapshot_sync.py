@@ -257,3 +257,145 @@ async def test_sync_against_sqlite(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
     finally:
         await store.aclose()
+
+
+# -- a node's lease lapsing: its workloads are held for the grace, explicit deletes go at once --
+
+
+async def _node_with_workload(store: Store, node: str, uid: str, ip: str, ttl: float) -> int:
+    """What an agent registers: a workload and its node record under the node's lease."""
+    lease = await store.grant_lease(ttl)
+    doc = workload(uid, ip, {"app": "web"}, node=node)
+    key = key_of(doc)
+    await store.put(key, codec.encode(doc), lease=lease)
+    await store.put(keys.node(node), codec.encode({"v": 1, "node": node}), lease=lease)
+    return lease
+
+
+def _addresses(sync: SnapshotSync) -> list[str]:
+    svc = sync.current.resolve_host("web", "default")
+    assert svc is not None
+    return [e.address for e in sync.current.endpoints(svc, 80)]
+
+
+async def test_lapsed_lease_holds_the_nodes_workloads_until_they_are_put_again(
+    autojump_clock: object,
+) -> None:
+    store = await open_store("memory://")
+    await put_service(store, "web", "10.96.0.1")
+    await _node_with_workload(store, "node-1", "w1", "10.0.0.1", ttl=3)
+    sync = SnapshotSync(store, lease_grace=10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sync.run)
+        assert _addresses(sync) == ["10.0.0.1"]
+        await trio.sleep(5)  # nobody renews: the lease expires (the store reaps it on access)
+        rev = await store.put(keys.CA_BUNDLE, b"tick")
+        await sync.wait_revision(rev)
+        assert await store.get(keys.workload("node-1", "w1")) is None
+        assert sync.statistics()["held_workloads"] == 1
+        assert _addresses(sync) == ["10.0.0.1"]  # still an endpoint
+        # The agent is back: a new lease, the same records.
+        await trio.sleep(4)
+        await _node_with_workload(store, "node-1", "w1", "10.0.0.1", ttl=60)
+        rev = await store.put(keys.CA_BUNDLE, b"tick 2")
+        await sync.wait_revision(rev)
+        assert sync.statistics()["held_workloads"] == 0
+        await trio.sleep(30)  # past the grace: nothing is deleted later
+        assert _addresses(sync) == ["10.0.0.1"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_held_deletion_applies_when_the_grace_is_over(autojump_clock: object) -> None:
+    store = await open_store("memory://")
+    await put_service(store, "web", "10.96.0.1")
+    await _node_with_workload(store, "node-1", "w1", "10.0.0.1", ttl=3)
+    expiry = trio.current_time() + 3
+    sync = SnapshotSync(store, lease_grace=10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sync.run)
+        await trio.sleep(5)
+        await sync.wait_revision(await store.put(keys.CA_BUNDLE, b"tick"))
+        assert _addresses(sync) == ["10.0.0.1"]
+        await sync.wait_until(lambda s: s["held_workloads"] == 0)
+        # the memory store reaps within a second of the expiry; the grace counts from there
+        assert trio.current_time() - expiry == pytest.approx(10, abs=1)
+        assert _addresses(sync) == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_explicit_delete_of_a_live_nodes_workload_goes_at_once(
+    autojump_clock: object,
+) -> None:
+    store = await open_store("memory://")
+    await put_service(store, "web", "10.96.0.1")
+    lease = await _node_with_workload(store, "node-1", "w1", "10.0.0.1", ttl=60)
+    sync = SnapshotSync(store, lease_grace=10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sync.run)
+        await store.delete(keys.workload("node-1", "w1"))
+        await sync.wait_revision(await store.put(keys.CA_BUNDLE, b"tick"))
+        assert _addresses(sync) == []
+        assert sync.statistics()["held_workloads"] == 0
+        # uninstall's order: workloads, then the node record, then the lease: nothing held
+        doc = workload("w2", "10.0.0.2", {"app": "web"}, node="node-1")
+        key = key_of(doc)
+        await store.put(key, codec.encode(doc), lease=lease)
+        await store.delete(key)
+        await store.delete(keys.node("node-1"))
+        await store.revoke_lease(lease)
+        await sync.wait_revision(await store.put(keys.CA_BUNDLE, b"tick 2"))
+        assert _addresses(sync) == []
+        assert sync.statistics()["held_workloads"] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_relist_during_a_hold_keeps_the_held_workloads(autojump_clock: object) -> None:
+    inner = MemoryStore("memory://grace-relist", retention=2)
+    store = Outage(inner)
+    await put_service(inner, "web", "10.96.0.1")
+    await _node_with_workload(inner, "node-1", "w1", "10.0.0.1", ttl=3)
+    sync = SnapshotSync(store, lease_grace=10, backoff_initial=0.1, backoff_max=0.1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sync.run)
+        relists = sync.statistics()["relists"]
+        store.set_down(True)  # the watch breaks; meanwhile the lease lapses and history compacts
+        await trio.sleep(5)
+        for i in range(5):
+            await inner.put(keys.CA_BUNDLE, f"{i}".encode())
+        store.set_down(False)
+        await sync.wait_until(lambda s: s["relists"] > relists)
+        assert sync.statistics()["held_workloads"] == 1
+        assert _addresses(sync) == ["10.0.0.1"]
+        await sync.wait_until(lambda s: s["held_workloads"] == 0)
+        assert _addresses(sync) == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_node_records_go_into_the_disk_cache(tmp_path: Path) -> None:
+    path = tmp_path / "snapshot.cache"
+    store = await open_store("memory://")
+    await _node_with_workload(store, "node-1", "w1", "10.0.0.1", ttl=60)
+    sync = SnapshotSync(store, cache_path=path, cache_debounce=0)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(TIMEOUT):
+            await nursery.start(sync.run)
+            await sync.wait_until(lambda s: s["cache_writes"] >= 1)
+        nursery.cancel_scope.cancel()
+    kvs, _ = snapshot_cache.decode(path.read_bytes())
+    assert keys.node("node-1") in {kv.key for kv in kvs}
+
+
+async def test_a_change_within_the_debounce_reaches_the_disk_cache_on_the_way_out(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "snapshot.cache"
+    store = await open_store("memory://")
+    sync = SnapshotSync(store, cache_path=path, cache_debounce=3600)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(TIMEOUT):
+            await nursery.start(sync.run)
+            await sync.wait_revision(await put_service(store, "web", "10.96.0.1"))
+        assert sync.statistics()["cache_writes"] == 0  # the debounce has not passed
+        nursery.cancel_scope.cancel()  # the agent stops
+    kvs, _ = snapshot_cache.decode(path.read_bytes())
+    assert keys.config("Service", "default", "web") in {kv.key for kv in kvs}

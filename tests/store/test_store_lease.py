@@ -1,5 +1,6 @@
 """hold_lease: renews at ttl/3, revokes on cancel, raises when the lease is lost; and the
-agent's options: reuse an earlier lease, replace a lost one calling back, leave it on exit."""
+agent's options: reuse an earlier lease, be patient with the store (wait for the first lease,
+call back for every lease held, replace a lost one at once), leave it on exit."""
 
 from __future__ import annotations
 
@@ -72,10 +73,10 @@ async def test_outage_longer_than_ttl_loses_the_lease(
             await trio.sleep(100)
 
 
-# -- the options the agent uses: reuse, on_new_lease, revoke=False ------------------------------
+# -- the options the agent uses: reuse, on_lease, revoke=False ------------------------------
 
 
-async def test_reuses_a_live_lease_without_calling_back(
+async def test_reuses_a_live_lease_and_calls_back_with_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = await open_store("memory://")
@@ -87,12 +88,13 @@ async def test_reuses_a_live_lease_without_calling_back(
         granted.append(lease)
 
     async with trio.open_nursery() as n:
-        lease = await n.start(partial(hold_lease, store, 9.0, reuse=old, on_new_lease=on_new))
+        lease = await n.start(partial(hold_lease, store, 9.0, reuse=old, on_lease=on_new))
         assert lease == old
+        assert granted == [old]  # the caller puts its keys again under the same lease
         await trio.sleep(100)
         assert await store.get("/node") is not None
         n.cancel_scope.cancel()
-    assert granted == []
+    assert granted == [old]
 
 
 async def test_expired_reuse_grants_and_calls_back_before_started(
@@ -107,7 +109,7 @@ async def test_expired_reuse_grants_and_calls_back_before_started(
         granted.append(lease)
 
     async with trio.open_nursery() as n:
-        lease = await n.start(partial(hold_lease, store, 9.0, reuse=gone, on_new_lease=on_new))
+        lease = await n.start(partial(hold_lease, store, 9.0, reuse=gone, on_lease=on_new))
         assert granted == [lease]  # already called when started() returned
         assert lease != gone
         n.cancel_scope.cancel()
@@ -124,7 +126,7 @@ async def test_lost_lease_is_replaced_and_keys_put_again(
         await store.put("/node", str(lease).encode(), lease=lease)
 
     async with trio.open_nursery() as n:
-        first = await n.start(partial(hold_lease, store, 9.0, on_new_lease=on_new))
+        first = await n.start(partial(hold_lease, store, 9.0, on_lease=on_new))
         await store.revoke_lease(first)  # the store forgets us: no LeaseNotFound raised now
         assert await store.get("/node") is None
         await trio.sleep(100)
@@ -148,13 +150,16 @@ async def test_outage_longer_than_ttl_replaces_the_lease_once_back(
         granted.append(lease)
 
     async with trio.open_nursery() as n:
-        first = await n.start(partial(hold_lease, store, 9.0, on_new_lease=on_new))
+        first = await n.start(partial(hold_lease, store, 9.0, on_lease=on_new))
         store.down = True
         await trio.sleep(100)  # keep-alives and grants fail, nothing raises
         assert granted == [first]
         store.down = False
-        await trio.sleep(10)
-        assert len(granted) == 2
+        back = trio.current_time()
+        while len(granted) < 2:  # noqa: ASYNC110 (the fake store has no change event)
+            await trio.sleep(0.01)
+        # Asked again about once a second while the store did not answer: keys are back soon.
+        assert trio.current_time() - back <= 1.5
         assert granted[1] != first
         await trio.sleep(100)  # and the new lease is renewed
         await store.keep_alive(granted[1])
@@ -171,7 +176,7 @@ async def test_outage_keeps_a_lease_the_store_still_has(
         granted.append(lease)
 
     async with trio.open_nursery() as n:
-        lease = await n.start(partial(hold_lease, store, 9.0, on_new_lease=on_new))
+        lease = await n.start(partial(hold_lease, store, 9.0, on_lease=on_new))
         await store.put("/node", b"", lease=lease)
         store.down = True
         for _ in range(20):  # the store keeps the lease alive meanwhile (etcd does on restart)
@@ -196,7 +201,7 @@ async def test_failed_callback_is_retried_while_the_lease_is_renewed(
             raise StoreUnavailable("fake: put failed")
 
     async with trio.open_nursery() as n:
-        first = await n.start(partial(hold_lease, store, 9.0, on_new_lease=on_new))
+        first = await n.start(partial(hold_lease, store, 9.0, on_lease=on_new))
         await store.revoke_lease(first)
         await trio.sleep(200)
         assert len(calls) == 200
@@ -207,17 +212,69 @@ async def test_failed_callback_is_retried_while_the_lease_is_renewed(
         n.cancel_scope.cancel()
 
 
-async def test_callback_error_on_the_first_lease_fails_the_start(
+async def test_store_error_in_the_first_callback_is_retried_before_started(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = await open_store("memory://")
+    calls: list[int] = []
+
+    async def on_new(lease: int) -> None:
+        calls.append(lease)
+        if len(calls) < 5:
+            raise StoreUnavailable("fake: cannot save")
+
+    async with trio.open_nursery() as n:
+        lease = await n.start(partial(hold_lease, store, 9.0, on_lease=on_new))
+        assert calls == [lease] * 5
+        n.cancel_scope.cancel()
+
+
+async def test_other_errors_in_the_first_callback_fail_the_start(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = await open_store("memory://")
 
     async def on_new(lease: int) -> None:
-        raise StoreUnavailable("fake: cannot save")
+        raise ValueError("a bug, not the store")
 
+    with pytest.RaisesGroup(ValueError):
+        async with trio.open_nursery() as n:
+            await n.start(partial(hold_lease, store, 9.0, on_lease=on_new))
+
+
+async def test_patient_holder_waits_for_a_store_that_does_not_answer_at_start(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = FlakyGrantStore()
+    old = await store.grant_lease(9.0)
+    store.down = True
+    granted: list[int] = []
+    started: list[int] = []
+
+    async def on_new(lease: int) -> None:
+        granted.append(lease)
+
+    async def holder() -> None:
+        started.append(await n.start(partial(hold_lease, store, 9.0, reuse=old, on_lease=on_new)))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(holder)
+        await trio.sleep(6)  # within the old lease's TTL (the memory store ages it on this clock)
+        assert started == granted == []  # still asking, not failed
+        store.down = False
+        await trio.sleep(1.5)
+        assert started == granted == [old]  # reused, and called back with it
+        n.cancel_scope.cancel()
+
+
+async def test_plain_holder_fails_at_once_when_the_store_does_not_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = FlakyGrantStore()
+    store.down = True
     with pytest.RaisesGroup(StoreUnavailable):
         async with trio.open_nursery() as n:
-            await n.start(partial(hold_lease, store, 9.0, on_new_lease=on_new))
+            await n.start(hold_lease, store, 9.0)
 
 
 async def test_revoke_false_leaves_the_lease_for_the_next_run(

@@ -14,6 +14,7 @@ import trio
 import trio.testing
 from snapshot_docs import service, snapshot_of, workload
 
+from nodeagent.balance import Registry as BalanceRegistry
 from nodeagent.http import HttpProxy, RequestLog
 from nodeagent.httpserver import HttpServerRequest, Response, Route, TcpHttpServer
 from nodeagent.routing import Source
@@ -48,20 +49,26 @@ PARENT = "00f067aa0ba902b7"
 # -- a small mesh snapshot ------------------------------------------------------------------------
 
 
-def _snapshot() -> Snapshot:
+def _snapshot(*, with_v1: bool = True) -> Snapshot:
+    return snapshot_of(_snapshot_docs(with_v1=with_v1))
+
+
+def _snapshot_docs(*, with_v1: bool = True) -> list[dict[str, Any]]:
     docs = [
         service("app"),
-        workload("1", "10.0.0.1", {"app": "app", "version": "v1"}, name="app-v1-5d4f6b7c9-x2x7k",
-                 sa="app"),
         workload("2", "10.0.0.2", {"app": "app", "version": "v2"}, name="app-v2-5d4f6b7c9-abcde",
                  sa="app"),
         workload("3", "10.0.0.9", {"app": "client"}, name="client-6c5f8d9b7-qwert", sa="client"),
         workload("4", None, {"app": "gw"}, name="gw", sa="gw"),
     ]  # fmt: skip
-    return snapshot_of(docs)
+    if with_v1:
+        docs.insert(1, workload("1", "10.0.0.1", {"app": "app", "version": "v1"},
+                                name="app-v1-5d4f6b7c9-x2x7k", sa="app"))  # fmt: skip
+    return docs
 
 
 SNAP = _snapshot()
+ONLY_V2 = _snapshot(with_v1=False)  # what the proxy sees: one endpoint to pick
 
 
 class Sinks:
@@ -151,10 +158,10 @@ async def _proxy(
                            namespace="default")  # fmt: skip
 
         proxy = HttpProxy(
-            snapshot=lambda: SNAP,
+            snapshot=lambda: ONLY_V2,
             source=Source(namespace="default", labels={"app": "client"}),
             connector=connect,
-            picker=lambda dest, eps: next(e for e in eps if e.address == "10.0.0.2"),
+            registry=BalanceRegistry(),
             on_request=on_request,
             tracer=sinks.tracer,
         )
@@ -396,3 +403,58 @@ def test_tunnel_trace_round_trip_and_rejects() -> None:
     assert tunnel_trace(None) == {}
     assert tunnel_headers({"conn": "p#1"}) is None
     assert tunnel_headers({"traceparent": "00-zz-11-01"}) is None
+
+
+async def test_fault_abort_names_the_destination_and_logs_the_client_address() -> None:
+    """Istio labels a fault-aborted request with the routed service (not "unknown"), and an
+    HTTP access record carries the client's ip:port (over a real TCP connection)."""
+    abort = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "app", "namespace": "default"},
+        "spec": {
+            "hosts": ["app"],
+            "http": [
+                {
+                    "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}},
+                    "route": [{"destination": {"host": "app"}}],
+                }
+            ],
+        },
+    }
+    snap = snapshot_of([*_snapshot_docs(), abort])
+    sinks = Sinks()
+
+    async def never(endpoint: Endpoint, port: int) -> trio.abc.Stream:
+        raise AssertionError("an aborted request opens no upstream connection")
+
+    def on_request(entry: RequestLog) -> None:
+        record_request(sinks, snap, entry, source=snap.workload_by_ip("10.0.0.9"),
+                       namespace="default")  # fmt: skip
+
+    proxy = HttpProxy(
+        snapshot=lambda: snap,
+        source=Source(namespace="default", labels={"app": "client"}),
+        connector=never,
+        registry=BalanceRegistry(),
+        on_request=on_request,
+    )
+    async with trio.open_nursery() as nursery:
+
+        async def handle(stream: trio.SocketStream) -> None:
+            await proxy.serve(stream, port=80, host=HOST, client_address="127.0.0.1")
+
+        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        client_port = stream.socket.getsockname()[1]
+        assert await _get(h11.Connection(h11.CLIENT), stream, []) == 418
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    (labels, value), *_ = sinks.series("istio_requests_total")
+    assert (labels["response_code"], labels["response_flags"], value) == ("418", "FI", 1)
+    assert labels["destination_service"] == HOST
+    assert labels["destination_service_name"] == "app"
+    (record,) = sinks.records()
+    assert record.downstream_address == f"127.0.0.1:{client_port}"
+    assert record.response_flags == "FI"

@@ -42,10 +42,10 @@ async def child(echo_port: int, fast: bool) -> None:
 
         relay_module.CHUNK = int(os.environ["MEASURE_CHUNK"])
     if os.environ.get("MEASURE_NO_DRAIN"):  # A/B of the "wait first after a short read" rule
-        from nodeagent.proxy import relay as relay_module
+        from nodeagent.sockio import HboneEnd, SockEnd
 
-        relay_module._SockEnd.drained = lambda self, n, size: False  # type: ignore[method-assign]
-        relay_module._HboneEnd.drained = lambda self, n, size: False  # type: ignore[method-assign]
+        SockEnd.drained = lambda self, n, size: False  # type: ignore[method-assign]
+        HboneEnd.drained = lambda self, n, size: False  # type: ignore[method-assign]
     ids = LocalIdentityProvider(ThrowawayCA())
     ids.ensure(A)
     ids.ensure(B)

@@ -64,7 +64,9 @@ class ThrowawayCA:
     def pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, *uris: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    def issue(
+        self, *uris: str, ttl: float = 3600.0
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         builder = (
@@ -74,7 +76,7 @@ class ThrowawayCA:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(seconds=ttl))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         )
         if uris:
@@ -92,6 +94,7 @@ class LocalIdentityProvider:
         self.ca = ca
         self.trust_domain = trust_domain
         self.hold: set[str] = set()  # identities that never become ready
+        self.ttl = 3600.0  # lifetime of the certificates `ensure` issues from now on
         self.revoked: set[int] = set()
         self.ensured: list[str] = []
         self.released: list[str] = []
@@ -120,7 +123,7 @@ class LocalIdentityProvider:
         self.ensured.append(identity)
         if identity in self._files or identity in self.hold:
             return
-        cert, key = self.ca.issue(identity)
+        cert, key = self.ca.issue(identity, ttl=self.ttl)
         self.serials[identity] = cert.serial_number
         path = Path(self._dir.name) / f"{len(self.ensured)}.pem"
         path.write_bytes(

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from nodeagent.http.io import YIELD_EVERY, FastIO
+from nodeagent.sockio import YIELD_EVERY, FastIO, HboneEnd, SockEnd
 
 TUNNEL_TESTS = str(Path(__file__).resolve().parent.parent / "tunnel")  # pki.py: test TLS identities
 
@@ -45,7 +45,7 @@ async def round_trip(fa: FastIO, fb: FastIO, close_b: Any, payload: bytes) -> No
 async def test_socket_stream_moves_bytes_both_ways_and_sees_eof() -> None:
     a, b = socket_pair()
     fa, fb = FastIO(a), FastIO(b)
-    assert fa._kind == 1  # the fast path, not the stream's own methods
+    assert isinstance(fa._end, SockEnd)  # the fast path, not the stream's own methods
     # 2 MiB: more than the socket buffers, so send waits
     await round_trip(fa, fb, b.aclose, bytes(range(256)) * 8192)
     await a.aclose()
@@ -93,16 +93,18 @@ async def test_a_stream_that_is_always_ready_still_lets_others_run() -> None:
 async def test_other_streams_use_their_own_methods() -> None:
     a, b = trio.testing.memory_stream_pair()
     fa, fb = FastIO(a), FastIO(b)
-    assert fa._kind == 0
+    assert fa._end is None
     await fa.send_all(b"hello")
     assert await fb.receive_some(100) == b"hello"
 
 
-async def test_tls_stream_moves_bytes_both_ways_and_sees_eof() -> None:
-    # The tunnel's TLS pair, as the agent's upstream connections are (tests/tunnel helpers).
+async def test_hbone_stream_moves_bytes_both_ways_and_sees_eof() -> None:
+    # One CONNECT stream over the tunnel's TLS, as the agent's upstream connections are
+    # (tests/tunnel helpers); END_STREAM is the EOF.
     sys.path.insert(0, TUNNEL_TESTS)
     from pki import LocalIdentityProvider, ThrowawayCA, spiffe
 
+    from nodeagent.tunnel import ConnectRequest, HboneConnection, HboneStream
     from nodeagent.tunnel.server import detach
     from nodeagent.tunnel.tls import TlsStream
 
@@ -121,9 +123,24 @@ async def test_tls_stream_moves_bytes_both_ways_and_sees_eof() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(a.do_handshake)
             nursery.start_soon(b.do_handshake)
-        fa, fb = FastIO(a), FastIO(b)
-        assert fa._kind == 2
-        await round_trip(fa, fb, b.aclose, os.urandom(1 << 20))
-        await a.aclose()
+        ca = HboneConnection(a, client=True, peer_identity=b_id, peer_certificate=b"")
+        cb = HboneConnection(b, client=False, peer_identity=a_id, peer_certificate=b"")
+        accepted: list[HboneStream] = []
+        done = trio.Event()
+
+        async def handler(stream: HboneStream) -> None:
+            accepted.append(stream)  # before the 200: the client may run on at once
+            await stream.respond(200)
+            await done.wait()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ca.run)
+            nursery.start_soon(cb.run, handler)
+            sa = await ca.open_stream(ConnectRequest("127.0.0.1", 9))
+            fa, fb = FastIO(sa), FastIO(accepted[0])
+            assert isinstance(fa._end, HboneEnd)
+            await round_trip(fa, fb, accepted[0].send_eof, os.urandom(1 << 20))
+            done.set()
+            nursery.cancel_scope.cancel()
     finally:
         ids.close()

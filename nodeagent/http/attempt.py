@@ -1,0 +1,312 @@
+"""Where a retry is decided: pick an endpoint, respect the circuit breaker, try, retry.
+
+`Attempts.run` tries a request on the endpoints the cluster's balancer picks until one answers
+with a response the route does not retry, the retry policy (VirtualService `retries`) or the
+breaker's retry budget (`maxRetries`) says stop, or the route timeout passes. Each attempt is
+bracketed for the balancer (`handle.start()` / `handle.finish(latency, outcome)`: peak-EWMA
+latencies, outlier detection); a retry avoids the endpoint that just failed; an idle pooled
+connection the server had closed meanwhile is retried once on a fresh one, not counted.
+
+The result is either the `Outcome` holding the upstream response to stream to the client, or a
+`LocalReply` (503 UH/UO/UF/UR, 504 UT, 403 denied) with the response flags set on the entry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import h11
+import trio
+
+from nodeagent.balance import NoHealthyUpstream, Outcome, Overflow, PickContext
+from nodeagent.balance import Picker as Cluster
+from nodeagent.balance.pool import Token as BreakerToken
+from nodeagent.balance.state import EndpointState
+from nodeagent.http import flags
+from nodeagent.http.downstream import RequestBody
+from nodeagent.http.errors import DownstreamError, UpstreamDenied, UpstreamOverflow
+from nodeagent.http.limits import Limits
+from nodeagent.http.log import RequestLog
+from nodeagent.http.pool import ConnectionPool, UpstreamConnection
+from nodeagent.routing import RouteDecision
+
+DENIED_BODY = b"RBAC: access denied"
+WATCH_AFTER = 0.05  # seconds without a response head before the client is watched for a close
+_UPSTREAM_FAILED = (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError)
+
+
+@dataclass(slots=True)
+class AttemptOutcome:
+    """How one attempt ended."""
+
+    kind: Literal["response", "connect-failure", "reset", "timeout", "overflow", "denied"]
+    up: UpstreamConnection | None = None
+    response: h11.Response | h11.InformationalResponse | None = None
+    stale: bool = False
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalReply:
+    """The request failed upstream: answer the client with this."""
+
+    status: int
+    body: bytes
+    close: bool = False
+
+
+class _NoScope:
+    """Stands in for a cancel scope when there is no deadline (enter/exit do nothing); typed
+    like one (`__exit__ -> bool`) so that code after the `with` stays reachable for mypy."""
+
+    def __enter__(self) -> None:
+        return None
+
+    cancelled_caught = False  # as a CancelScope's: never, there is no deadline
+
+    def __exit__(self, *exc: object) -> bool:
+        return self.cancelled_caught
+
+
+NO_SCOPE = _NoScope()
+
+
+class Attempts:
+    """The attempt loop of one proxy, over its upstream connection pool."""
+
+    def __init__(self, pool: ConnectionPool, limits: Limits) -> None:
+        self.pool = pool
+        self.limits = limits
+
+    async def run(
+        self,
+        cluster: Cluster,
+        ctx: PickContext,
+        head: h11.Request,
+        body: RequestBody,
+        decision: RouteDecision,
+        entry: RequestLog,
+        *,
+        service_port: int,
+        upgrade: bool,
+    ) -> AttemptOutcome | LocalReply:
+        policy = decision.retries
+        tries = 1 + (0 if upgrade else policy.attempts)
+        deadline = (
+            trio.current_time() + decision.timeout if decision.timeout is not None else math.inf
+        )
+        outcome: AttemptOutcome | None = None
+        stale_retried = False
+        held: list[BreakerToken] = []  # retry tokens (maxRetries), released when the request ends
+        handle: EndpointState | None = None
+
+        def may_retry() -> bool:
+            token = cluster.breaker.try_acquire_retry()
+            if isinstance(token, Overflow):
+                return False  # retry budget spent: the last answer goes back as it is
+            held.append(token)
+            return True
+
+        try:
+            # A cancel scope costs an enter/exit per request: only when there is a deadline.
+            overall = trio.CancelScope(deadline=deadline) if deadline != math.inf else None
+            with overall if overall is not None else NO_SCOPE:
+                attempt = 0
+                while attempt < tries:
+                    try:
+                        handle = cluster.pick(ctx, avoid=handle)
+                    except NoHealthyUpstream:
+                        entry.flags.append(flags.NO_HEALTHY_UPSTREAM)
+                        return LocalReply(503, b"no healthy upstream")
+                    endpoint = handle.endpoint
+                    entry.upstream = f"{endpoint.address}:{endpoint.port}"
+                    entry.attempts += 1
+                    outcome = await self._measured(
+                        cluster, handle, service_port, head, body, policy.per_try_timeout
+                    )
+                    last = attempt + 1 >= tries or not body.replayable
+                    if outcome.stale and not stale_retried and body.replayable:
+                        stale_retried = True  # an idle pooled connection the server had closed
+                        entry.attempts -= 1
+                        continue
+                    if outcome.kind == "response":
+                        assert outcome.response is not None
+                        assert outcome.up is not None
+                        status = outcome.response.status_code
+                        if (
+                            not last
+                            and policy.retriable_status(status)
+                            and not upgrade
+                            and may_retry()
+                        ):
+                            await self.pool.discard(outcome.up)
+                            attempt += 1
+                            continue
+                        if attempt > 0 and policy.retriable_status(status):
+                            entry.flags.append(flags.UPSTREAM_RETRY_LIMIT)
+                        return outcome
+                    kind = outcome.kind
+                    if kind == "overflow" or kind == "denied" or last:
+                        break
+                    if not policy.retriable_failure(kind) or not may_retry():
+                        break
+                    attempt += 1
+        finally:
+            for token in held:
+                token.release()
+        return _failure(outcome, entry, timed_out=overall is not None and overall.cancelled_caught)
+
+    async def _measured(
+        self,
+        cluster: Cluster,
+        handle: EndpointState,
+        service_port: int,
+        head: h11.Request,
+        body: RequestBody,
+        per_try_timeout: float | None,
+    ) -> AttemptOutcome:
+        """One attempt, bracketed for the balancer: in flight from pick to response head; the
+        latency and how it ended feed peak-EWMA and outlier detection."""
+        request_token = cluster.breaker.try_acquire_request()
+        if isinstance(request_token, Overflow):
+            return AttemptOutcome("overflow", detail=str(request_token))
+        handle.start()
+        started = trio.current_time()
+        result = Outcome.TIMEOUT  # a cancellation (route timeout) ends the attempt here
+        try:
+            outcome = await self._attempt(
+                cluster, handle, service_port, head, body, per_try_timeout
+            )
+            result = _balance_outcome(outcome)
+            return outcome
+        except DownstreamError:
+            result = Outcome.CANCELLED
+            raise
+        finally:
+            handle.finish(trio.current_time() - started, result)
+            request_token.release()
+
+    async def _attempt(
+        self,
+        cluster: Cluster,
+        handle: EndpointState,
+        service_port: int,
+        head: h11.Request,
+        body: RequestBody,
+        per_try_timeout: float | None,
+    ) -> AttemptOutcome:
+        pool_limits = cluster.policy.pool
+        try:
+            up = await self.pool.acquire(
+                handle.endpoint,
+                service_port,
+                breaker=cluster.breaker,
+                connect_timeout=min(pool_limits.connect_timeout_s, self.limits.connect_timeout),
+                idle_timeout=pool_limits.http_idle_timeout_s,
+            )
+        except UpstreamOverflow as exc:
+            return AttemptOutcome("overflow", detail=str(exc))
+        except UpstreamDenied as exc:
+            return AttemptOutcome("denied", detail=str(exc))
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            return AttemptOutcome("connect-failure", detail=str(exc))
+        timed_out = True
+        try:
+            with trio.move_on_after(per_try_timeout) if per_try_timeout else NO_SCOPE:
+                await body.stream_to(up, head)
+                down = body.down
+                head_event: h11.Response | h11.InformationalResponse | None = None
+                # Most answers come at once: only one still awaited after WATCH_AFTER gets a
+                # watch on the client (a task per request cost ~25% more CPU per request).
+                # A client that closes meanwhile cancels the attempt (Envoy: code 0, flag DC)
+                # and frees its upstream connection at once.
+                with trio.move_on_after(WATCH_AFTER) as grace:
+                    head_event = await _response_head(up)
+                if grace.cancelled_caught:  # cancelled while waiting: nothing was lost
+                    waiting = trio.CancelScope()
+                    watch = down.watch_close(waiting.cancel)
+                    try:
+                        with waiting:
+                            head_event = await _response_head(up)
+                    finally:
+                        watch.cancel()
+                    if waiting.cancelled_caught:
+                        raise DownstreamError("the client closed while its response was awaited")
+                down.touch()
+                if head_event is not None:
+                    timed_out = False
+                    return AttemptOutcome("response", up=up, response=head_event)
+                timed_out = False
+                await self.pool.discard(up)
+                return AttemptOutcome("reset", stale=up.reused and not up.received_any)
+        except DownstreamError:
+            await self.pool.discard(up)
+            raise
+        except _UPSTREAM_FAILED as exc:
+            timed_out = False
+            await self.pool.discard(up)
+            return AttemptOutcome("reset", stale=up.reused and not up.received_any, detail=str(exc))
+        finally:
+            if timed_out:
+                await self.pool.discard(up)
+        return AttemptOutcome("timeout")
+
+
+async def _response_head(
+    up: UpstreamConnection,
+) -> h11.Response | h11.InformationalResponse | None:
+    """The response head (a 101 included), None if the upstream closed first."""
+    while True:
+        event = await up.next_event()
+        if isinstance(event, h11.Response):
+            return event
+        if isinstance(event, h11.InformationalResponse):
+            if event.status_code == 101:
+                return event
+            continue  # 100 Continue, 103 Early Hints: the client is not told
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}", 502)
+
+
+def _failure(outcome: AttemptOutcome | None, entry: RequestLog, *, timed_out: bool) -> LocalReply:
+    """What the client gets when no attempt produced a response to pass on."""
+    if outcome is not None and outcome.kind == "denied":
+        # The destination's authorization policy refused the tunnel: what Istio clients see.
+        return LocalReply(403, DENIED_BODY)
+    if timed_out or (outcome is not None and outcome.kind == "timeout"):
+        entry.flags.append(flags.UPSTREAM_TIMEOUT)
+        if entry.attempts > 1:
+            entry.flags.append(flags.UPSTREAM_RETRY_LIMIT)
+        return LocalReply(504, b"upstream request timeout", close=True)
+    assert outcome is not None
+    if entry.attempts > 1:
+        entry.flags.append(flags.UPSTREAM_RETRY_LIMIT)
+    if outcome.kind == "overflow":
+        entry.flags.insert(0, flags.UPSTREAM_OVERFLOW)
+        return LocalReply(503, b"upstream overflow")
+    if outcome.kind == "connect-failure":
+        entry.flags.insert(0, flags.UPSTREAM_CONNECT_FAILURE)
+        reason = "connection failure"
+    else:
+        entry.flags.insert(0, flags.UPSTREAM_RESET)
+        reason = "connection termination"
+    msg = f"upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+    return LocalReply(503, msg.encode())
+
+
+def _balance_outcome(outcome: AttemptOutcome) -> Outcome:
+    """How an attempt counts for outlier detection (Envoy: local-origin failures are 503s)."""
+    if outcome.kind == "response":
+        assert outcome.response is not None
+        return Outcome.from_status(outcome.response.status_code)
+    if outcome.kind == "connect-failure":
+        return Outcome.CONNECT_FAILURE
+    if outcome.kind == "timeout":
+        return Outcome.TIMEOUT
+    if outcome.kind == "reset" and not outcome.stale:
+        return Outcome.GATEWAY_ERROR
+    # overflow (a local limit), denied (policy, not health), stale (our idle connection)
+    return Outcome.CANCELLED

@@ -1,0 +1,122 @@
+"""Header rewriting, pure (no I/O): the upstream request head, the response's headers, request ids.
+
+What goes upstream is always re-serialised from the parsed request: hop-by-hop headers (RFC 9110
+§7.6.1) and those the `connection` header names are dropped, `x-forwarded-for`/`-proto` and
+`x-request-id` are set by this hop, the route's header operations apply, and the framing is the
+one `downstream.py` validated (one `content-length`, or `transfer-encoding: chunked`), never a copy
+of what the client sent.
+"""
+
+from __future__ import annotations
+
+import random
+
+import h11
+
+from nodeagent.routing import HeaderOps, HttpRequest, RouteDecision
+from nodeagent.telemetry.tracing import TRACE_HEADERS
+
+# Hop-by-hop headers are never forwarded; h11 writes framing itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+    }
+)
+_SET_BY_THIS_HOP = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-request-id"})
+
+
+def decode(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """h11's (already lower-cased) header pairs as text."""
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
+
+
+def joined(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """Name → value, repeated names joined with ", " (RFC 9110 §5.3)."""
+    out: dict[str, str] = {}
+    for k, v in headers:
+        out[k] = f"{out[k]}, {v}" if k in out else v
+    return out
+
+
+def is_upgrade(request: HttpRequest) -> bool:
+    """An Upgrade (WebSocket) request: `upgrade` named by `connection`."""
+    return (
+        "upgrade" in request.headers and "upgrade" in request.headers.get("connection", "").lower()
+    )
+
+
+def upstream_head(
+    request: HttpRequest,
+    headers: list[tuple[str, str]],
+    decision: RouteDecision,
+    *,
+    request_id: str,
+    trace_headers: list[tuple[str, str]],
+    client_address: str | None,
+    upgrade: bool,
+) -> h11.Request:
+    """The request head this hop sends upstream (`headers`: the client's, in order)."""
+    joined_ = request.headers
+    named_by_connection = {
+        n.strip().lower() for n in joined_.get("connection", "").split(",") if n.strip()
+    }
+    out: list[tuple[str, str]] = [("host", decision.authority or request.authority)]
+    for k, v in headers:
+        if k == "host" or k in HOP_BY_HOP or k in named_by_connection:
+            continue
+        if k in _SET_BY_THIS_HOP or k == "content-length":
+            continue
+        if trace_headers and k.encode("latin-1") in TRACE_HEADERS:
+            continue  # replaced by this hop's span context below
+        out.append((k, v))
+    out.extend(trace_headers)
+    xff = joined_.get("x-forwarded-for")
+    if client_address:
+        xff = f"{xff}, {client_address}" if xff else client_address
+    if xff:
+        out.append(("x-forwarded-for", xff))
+    out.append(("x-forwarded-proto", joined_.get("x-forwarded-proto", request.scheme)))
+    out.append(("x-request-id", request_id))
+    out = decision.request_headers.apply(out)
+    if "content-length" in joined_:
+        out.append(("content-length", joined_["content-length"]))
+    elif "chunked" in joined_.get("transfer-encoding", "").lower():
+        out.append(("transfer-encoding", "chunked"))
+    if upgrade:
+        out.append(("connection", "upgrade"))
+        out.append(("upgrade", joined_.get("upgrade", "")))
+    return h11.Request(method=request.method, target=decision.path, headers=out)
+
+
+def response_headers(
+    response: h11.Response | h11.InformationalResponse, ops: HeaderOps
+) -> list[tuple[str, str]]:
+    """The upstream response's headers as the client gets them (hop-by-hop dropped, the
+    route's response header operations applied)."""
+    hdrs = [(k, v) for k, v in decode(list(response.headers)) if k not in HOP_BY_HOP]
+    return ops.apply(hdrs)
+
+
+def head_size(req: h11.Request) -> int:
+    """A parsed head's size, about as it came on the wire (h11 bounds only an incomplete head;
+    one that arrived whole in a read is measured with this)."""
+    return len(req.target) + sum(len(k) + len(v) + 4 for k, v in req.headers)
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID for x-request-id, as Envoy makes one. From `random`, not
+    `os.urandom` as `uuid.uuid4()` (a syscall per request): an id must be unique, not secret."""
+    n = (
+        (random.getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48))
+        | (0x4000 << 64)
+        | (0x8000 << 48)
+    )
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

@@ -1,0 +1,145 @@
+"""One record per request (`RequestLog`), and finishing it: the span, the counters, the log line
+and the `on_request` hook (metrics and the access log live behind that hook)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from contextvars import Token
+from dataclasses import dataclass, field
+
+import h11
+import trio
+
+from nodeagent.log import get_logger
+from nodeagent.routing import HttpRequest
+from nodeagent.telemetry.tracing import (
+    CURRENT_TRACE,
+    ActiveSpan,
+    TraceContext,
+    Tracer,
+    incoming_b3,
+    inject,
+)
+
+log = get_logger("http.proxy")
+
+_CODE_KEYS = {n: f"code_{n}xx" for n in range(6)}
+
+
+@dataclass(slots=True)
+class RequestLog:
+    """One completed request, for access logs and metrics."""
+
+    method: str
+    authority: str
+    path: str
+    code: int = 0
+    flags: list[str] = field(default_factory=list)
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    duration: float = 0.0
+    upstream: str | None = None  # "address:port" of the last endpoint tried
+    upstream_cluster: str | None = None  # outbound|port|subset|host
+    route_name: str = ""
+    request_id: str = ""
+    attempts: int = 0
+    connection_id: int = 0
+    downstream_address: str = ""  # the client's "ip:port", when the proxy knows it
+    trace_id: str = ""  # set when the proxy has a tracer
+    span: ActiveSpan | None = field(default=None, repr=False)
+    trace_headers: list[tuple[str, str]] = field(default_factory=list, repr=False)
+
+    @property
+    def response_flags(self) -> str:
+        return ",".join(self.flags) if self.flags else "-"
+
+
+def entry_for(req: h11.Request, conn_id: int) -> RequestLog:
+    """The record of a request whose head h11 parsed."""
+    last = {k.decode("latin-1"): v.decode("latin-1") for k, v in req.headers}
+    return RequestLog(
+        method=req.method.decode("latin-1"),
+        authority=last.get("host", ""),
+        path=req.target.decode("latin-1"),
+        request_id=last.get("x-request-id", ""),
+        connection_id=conn_id,
+    )
+
+
+def start_span(
+    tracer: Tracer, req: h11.Request, entry: RequestLog, request: HttpRequest
+) -> Token[TraceContext | None]:
+    """The CLIENT span of this request (continuing the caller's trace); its context goes
+    upstream in the headers and, through CURRENT_TRACE, in a new tunnel's header."""
+    span = tracer.start(
+        req.headers,
+        kind="CLIENT",
+        name=f"{request.authority_host}:{request.port}/*",
+        tags={
+            "http.method": entry.method,
+            "http.url": f"http://{request.authority}{entry.path}",
+            "guid:x-request-id": entry.request_id,
+            "component": "proxy",
+        },
+    )
+    entry.span, entry.trace_id = span, span.trace_id
+    entry.trace_headers = [
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, v in inject([], span.context, incoming_b3(req.headers))
+    ]
+    return CURRENT_TRACE.set(span.context)
+
+
+class RequestRecorder:
+    """Finishes every request of one proxy: span, counters, one log line, the hook.
+
+    `quiet`: the hook writes the access-log line, so the proxy's own `request.complete` line
+    drops to debug (one line per request, not two).
+    """
+
+    def __init__(
+        self, name: str, on_request: Callable[[RequestLog], None] | None, *, quiet: bool
+    ) -> None:
+        self.name = name
+        self.stats: Counter[str] = Counter()
+        self._on_request = on_request
+        self._quiet = quiet
+
+    def finish(self, entry: RequestLog, started: float) -> None:
+        entry.duration = trio.current_time() - started
+        if entry.span is not None:
+            tags = {"response_flags": entry.response_flags}
+            if entry.upstream_cluster:
+                tags["upstream_cluster"] = entry.upstream_cluster
+            if entry.upstream:
+                tags["upstream_host"] = entry.upstream
+            entry.span.finish(status_code=entry.code, tags=tags)
+        stats = self.stats
+        stats["requests"] += 1
+        stats[_CODE_KEYS.get(entry.code // 100) or f"code_{entry.code // 100}xx"] += 1
+        for f in entry.flags:
+            stats[f"flag_{f}"] += 1
+        (log.debug if self._quiet else log.info)(
+            "request.complete",
+            proxy=self.name,
+            conn=entry.connection_id,
+            method=entry.method,
+            authority=entry.authority,
+            path=entry.path,
+            code=entry.code,
+            flags=entry.response_flags,
+            upstream=entry.upstream,
+            cluster=entry.upstream_cluster,
+            route=entry.route_name,
+            attempts=entry.attempts,
+            bytes_received=entry.bytes_received,
+            bytes_sent=entry.bytes_sent,
+            ms=round(entry.duration * 1000, 3),
+            request_id=entry.request_id,
+        )
+        if self._on_request is not None:
+            try:
+                self._on_request(entry)
+            except Exception as exc:  # a broken metrics hook must not break traffic
+                log.warning("request.hook_failed", error=repr(exc))

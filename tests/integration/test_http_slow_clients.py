@@ -1,0 +1,143 @@
+"""Slow requests on a 2-node sandbox (issue 21 item 4), with real trickling clients: the agents
+run with `--http-request-headers-timeout 3 --http-stream-idle-timeout 0.9`.
+
+Through the mesh (a meshed pod on n1 calling `rec` on n2) and through n1's gateway (from the
+outside host): a request head trickled one header line a second is answered 408 and closed
+after ~3 s (flag DT); a body trickled one byte a second is answered 408 and closed (flag SI);
+an upstream that never answers gets the client a 408 (SI), one that stops mid-body a cut
+response. The access log has each flag.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hardening_helpers import json_lines, write_scripts
+from mesh_helpers import apply, client_pods, eventually, http, sandbox_fixture
+from snapshot_docs import service
+
+from nodeagent.sandbox import Pod, Sandbox
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+NODEAGENT = str(Path(sys.prefix) / "bin" / "nodeagent")
+AGENT = [NODEAGENT, "run", "--http-request-headers-timeout", "3", "--http-stream-idle-timeout",
+         "0.9"]  # fmt: skip
+sandbox = sandbox_fixture("sc", gateway="n1", agent_cmd=AGENT)
+VIP = "10.96.92.10"
+GW_HOST = "rec.example.com"
+FQDN = "rec.default.svc.cluster.local"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("slow")
+
+
+@pytest.fixture(scope="module")
+def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
+    scripts = write_scripts(files)
+    rec = sandbox.pod_add(
+        "n2", "default", "rec", ["python3", str(scripts["recorder"]), "8080"],
+        service_account="rec", labels={"app": "rec"},
+    )  # fmt: skip
+    client, _ = client_pods(sandbox)
+    gateway = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": "sc-gateway", "namespace": "default"},
+        "spec": {
+            "selector": {"istio": "ingressgateway"},
+            "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"},
+                         "hosts": ["*"]}],
+        },
+    }  # fmt: skip
+    route = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "rec-gw", "namespace": "default"},
+        "spec": {
+            "hosts": [GW_HOST],
+            "gateways": ["sc-gateway"],
+            "http": [{"route": [{"destination": {"host": FQDN, "port": {"number": 80}}}]}],
+        },
+    }
+    apply(sandbox, files, "rec", [service("rec", cluster_ip=VIP), gateway, route])
+
+    def both_paths_answer() -> bool:
+        mesh, _, _ = http(sandbox, client, f"http://{VIP}/ready")
+        edge, _, _ = http(sandbox, "outside", f"{sandbox.gateway_url()}/ready", f"Host: {GW_HOST}")
+        return mesh == 200 and edge == 200
+
+    eventually(both_paths_answer, "rec answers through the mesh and the gateway", timeout=40)
+    return {"rec": rec, "client": client}
+
+
+def _trickle(sb: Sandbox, target: str | Pod, files: Path, mode: str) -> dict[str, Any]:
+    if isinstance(target, Pod):
+        host, authority = VIP, "rec"
+    else:
+        host, authority = sb.gateway_url().split("//")[1].rsplit(":", 1)[0], GW_HOST
+    r = sb.exec(
+        target, ["python3", str(files / "trickle.py"), host, "80", mode, authority], timeout=90
+    )
+    assert r.returncode == 0, r.stderr
+    result: dict[str, Any] = json.loads(str(r.stdout).strip().splitlines()[-1])
+    return result
+
+
+def _flags(sb: Sandbox, path: str) -> list[tuple[int, str]]:
+    lines = json_lines(sb.node("n1").agent_log, "access.request")
+    return [(x["response_code"], x["response_flags"]) for x in lines if x["path"] == path]
+
+
+@pytest.mark.parametrize("where", ["mesh", "gateway"])
+def test_header_trickle_is_cut_by_the_request_headers_timeout(
+    sandbox: Sandbox, pods: dict[str, Pod], files: Path, where: str
+) -> None:
+    target: str | Pod = pods["client"] if where == "mesh" else "outside"
+    got = _trickle(sandbox, target, files, "head")
+    assert got["received"].startswith("HTTP/1.1 408 "), got
+    assert got["closed"], got
+    assert 2.5 <= got["seconds"] < 8, got  # 3 s from the first byte, not the trickle's 30 s
+
+
+@pytest.mark.parametrize("where", ["mesh", "gateway"])
+def test_body_trickle_is_cut_by_the_stream_idle_timeout(
+    sandbox: Sandbox, pods: dict[str, Pod], files: Path, where: str
+) -> None:
+    target: str | Pod = pods["client"] if where == "mesh" else "outside"
+    before = len(_flags(sandbox, "/trickle"))
+    got = _trickle(sandbox, target, files, "body")
+    assert got["received"].startswith("HTTP/1.1 408 "), got
+    assert got["closed"], got
+    assert got["seconds"] < 8, got
+
+    def logged() -> bool:
+        return (408, "SI") in _flags(sandbox, "/trickle")[before:]
+
+    eventually(logged, "an access line for the body trickle: 408 SI")
+
+
+def test_header_trickle_is_logged_408_dt(sandbox: Sandbox, pods: dict[str, Pod]) -> None:
+    # The trickled heads above never completed, so their records have no path ("-").
+    eventually(lambda: (408, "DT") in _flags(sandbox, "-"), "an access line: 408 DT")
+
+
+def test_stalled_upstream_is_cut_by_the_stream_idle_timeout(
+    sandbox: Sandbox, pods: dict[str, Pod]
+) -> None:
+    code, _, waited = http(sandbox, pods["client"], f"http://{VIP}/stall", timeout=20)
+    assert code == 408
+    assert waited < 10
+    code, body, waited = http(sandbox, pods["client"], f"http://{VIP}/stall-body", timeout=20)
+    assert code == 200  # the head had gone out: the cut shows as a short body
+    assert body == "half."
+    assert waited < 10
+    eventually(lambda: (408, "SI") in _flags(sandbox, "/stall"), "an access line: /stall 408 SI")
+    eventually(
+        lambda: (200, "SI") in _flags(sandbox, "/stall-body"), "an access line: /stall-body SI"
+    )
