@@ -27,7 +27,7 @@ from nodeagent.snapshot import SnapshotSync
 from nodeagent.store import codec, keys
 from nodeagent.store.base import Store, StoreError
 from nodeagent.telemetry.dataplane import Sinks, record_request
-from nodeagent.tunnel import SessionCache, SourceInfo
+from nodeagent.tunnel import SessionCache, SourceInfo, TunnelPool
 
 log = get_logger("gateway.node")
 
@@ -90,11 +90,16 @@ class NodeGateway:
         source = SourceInfo(NAMESPACE, str(self.document["metadata"]["name"]), self.identity)
         # The agent's own netns is the node's: a plain socket there, no pod namespace involved.
         self._netns = Netns.open("/proc/self/ns/net")
+        self.pool = TunnelPool(
+            netns=self._netns,
+            identities=identities,
+            sessions=sessions if sessions is not None else SessionCache(),
+        )
         self.connector = MeshConnector(
             netns=self._netns,
             identities=identities,
             source=lambda: source,
-            sessions=sessions if sessions is not None else SessionCache(),
+            pool=self.pool,
             label=f"gateway:{node}",
         )
         self.gateway = IngressGateway(
@@ -135,6 +140,7 @@ class NodeGateway:
             await self._register()
             self.identities.ensure(self.identity)
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.pool.run)
                 await nursery.start(self.gateway.run)
                 nursery.start_soon(self._keep_registered)
                 log.info(

@@ -1,24 +1,17 @@
 """What every path of a pod proxy shares: timeouts, per-direction counters, the record behind a
-connection's one log line (`ConnLog`), the `Denied` and `SelfCall` outcomes and the best-effort
-tunnel reply.
-
-No I/O here beyond `try_respond` (a bounded, error-swallowing status reply on a tunnel).
+connection's one log line (`ConnLog`; a tunnel stream is a connection of its own), the `Denied`
+and `SelfCall` outcomes. No I/O here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-import trio
 
 from nodeagent.proxy import self_call
 from nodeagent.proxy.relay import RelayResult
 from nodeagent.telemetry.dataplane import TcpRecorder
-from nodeagent.tunnel import TunnelResponse, respond
 
 CONNECT_TIMEOUT = 10.0
 IDLE_TIMEOUT = 3600.0
@@ -78,6 +71,7 @@ class ConnLog:
     policy: str | None = None
     error: str | None = None
     resumed: bool | None = None
+    pooled: bool | None = None  # outbound tunnel: the stream went on an already open connection
     relay: RelayResult | None = None
     tel: TcpRecorder | None = None  # Istio metrics + access log, once both peers are known
     cid: int = field(default_factory=lambda: next(_conn_ids))
@@ -87,11 +81,3 @@ class ConnLog:
         """Bytes can flow now: count the connection as opened."""
         if self.tel is not None:
             self.tel.opened()
-
-
-async def try_respond(stream: Any, response: TunnelResponse) -> None:
-    with (
-        trio.move_on_after(1),
-        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-    ):
-        await respond(stream, response)

@@ -1,6 +1,7 @@
 """`MeshConnector`: how the L7 proxy (a pod's, or the ingress gateway's) opens upstream streams,
-through the mTLS tunnel to meshed endpoints and plain TCP to the rest; `denied_by_policy` says
-whether a tunnel failure was the destination's authorization refusing it.
+one HBONE CONNECT stream (on the source's pooled mTLS connections) per pooled HTTP upstream
+connection to a meshed endpoint, plain TCP to the rest; `denied_by_policy` says whether a tunnel
+failure was the destination's authorization refusing it (status 401).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from nodeagent.inpod import Netns
 from nodeagent.proxy.connection import CONNECT_TIMEOUT, IDENTITY_WAIT, DirectionStats
 from nodeagent.snapshot import Endpoint
 from nodeagent.telemetry.tracing import CURRENT_TRACE, tunnel_trace
-from nodeagent.tunnel import SessionCache, SourceInfo, TunnelError, TunnelRequest, open_tunnel
+from nodeagent.tunnel import ConnectRequest, SourceInfo, TunnelError, TunnelPool
 
 
 class MeshConnector:
-    """Opens the L7 proxy's upstream streams: the mTLS tunnel to a meshed endpoint (from `netns`,
-    with the source identity's certificate, the endpoint workload's identity required), a plain
+    """Opens the L7 proxy's upstream streams: a CONNECT stream through `pool` to a meshed endpoint
+    (with the source identity's certificate, the endpoint workload's identity required), a plain
     TCP connection from `netns` to an endpoint outside the mesh.
 
     `source()` is who connects (None: no mesh identity, so meshed endpoints are refused rather
@@ -35,7 +36,7 @@ class MeshConnector:
         netns: Netns,
         identities: IdentityProvider | None,
         source: Callable[[], SourceInfo | None],
-        sessions: SessionCache,
+        pool: TunnelPool,
         identity_wait: float = IDENTITY_WAIT,
         stats: DirectionStats | None = None,
         label: str = "",
@@ -44,7 +45,7 @@ class MeshConnector:
         self.netns = netns
         self.identities = identities
         self.source = source
-        self.sessions = sessions
+        self.pool = pool
         self.identity_wait = identity_wait
         self.stats = stats
         self.label = label
@@ -60,21 +61,17 @@ class MeshConnector:
             raise OSError(f"connect {where}: {self.label} has no mesh identity: no plaintext")
         try:
             await self.identities.wait_ready(me.identity, self.identity_wait)
-            stream, _ = await open_tunnel(
-                netns=self.netns,
-                identities=self.identities,
+            stream, _ = await self.pool.open_stream(
                 source_identity=me.identity,
-                address=endpoint.address,
                 expected_identity=workload.identity,
-                request=TunnelRequest(
-                    port=endpoint.port,
+                request=ConnectRequest(
+                    endpoint.address,
+                    endpoint.port,
                     source=me,
                     # The request that opens this connection: its CLIENT span is the parent of
                     # the destination agent's SERVER span.
-                    trace={"conn": f"{self.label}#http", **tunnel_trace(CURRENT_TRACE.get())},
+                    trace=tuple(tunnel_trace(CURRENT_TRACE.get()).items()),
                 ),
-                sessions=self.sessions,
-                connect_timeout=CONNECT_TIMEOUT,
             )
         except TunnelError as exc:
             if denied_by_policy(exc):
@@ -104,5 +101,5 @@ class MeshConnector:
 
 
 def denied_by_policy(exc: TunnelError) -> bool:
-    """The destination's authorization policy refused the tunnel (its 403 status reply)."""
+    """The destination's authorization policy refused the stream (its 401 status)."""
     return exc.denied

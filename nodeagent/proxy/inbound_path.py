@@ -1,11 +1,13 @@
-"""The inbound paths: plaintext 15006 (PeerAuthentication, then L4 authorization) and the mTLS
-tunnel 15008 (the client's SPIFFE id verified, then authorized), both delivering to the app from
-inside the netns with the client's own address as source.
+"""The inbound paths: plaintext 15006 (PeerAuthentication, then L4 authorization) and HBONE on
+15008 (the client's SPIFFE id verified once per TLS connection, then every CONNECT stream
+authorized on its own), both delivering to the app from inside the netns with the client's own
+address as source.
 
 Policy also applies to connections already open (ztunnel's connection manager and policy
 watcher): each relayed connection is registered in `InboundPath.live` and re-checked when the
 snapshot swaps (the agent's swap listener calls `policy_changed()`) or the identity provider
-changes (revocation); one now denied is reset.
+changes (revocation); one now denied is reset (RST_STREAM for a tunnel stream), and a tunnel
+connection whose peer certificate is revoked is closed whole.
 """
 
 from __future__ import annotations
@@ -13,15 +15,16 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from nodeagent.identity.api import IdentityUnavailable
+from nodeagent.identity.api import IdentityUnavailable, PeerRejected
 from nodeagent.inpod import original_dst
 from nodeagent.log import get_logger
 from nodeagent.proxy import self_call
-from nodeagent.proxy.connection import IDLE_TIMEOUT, ConnLog, Denied, SelfCall, try_respond
+from nodeagent.proxy.connection import IDLE_TIMEOUT, ConnLog, Denied, SelfCall
 from nodeagent.proxy.inbound import (
     Closed,
     InboundDecision,
@@ -39,14 +42,15 @@ from nodeagent.telemetry.dataplane import TcpRecorder, peer_workload, service_fo
 from nodeagent.telemetry.metrics import SecurityPolicy
 from nodeagent.telemetry.tracing import SpanEndpoint, tunnel_headers
 from nodeagent.tunnel import (
+    ConnectRequest,
+    HboneConnection,
+    HboneStream,
     TunnelError,
-    TunnelRequest,
-    TunnelResponse,
-    accept_tunnel,
+    accept_hbone,
     detach,
-    respond,
+    hbone,
 )
-from nodeagent.tunnel.header import BAD_REQUEST
+from nodeagent.tunnel.h2conn import StreamHandler
 
 log = get_logger("proxy")
 
@@ -60,6 +64,8 @@ class InboundPath:
     def __init__(self, core: PodCore) -> None:
         self.core = core
         self.live = LiveConnections()  # open inbound connections, re-checked on policy changes
+        self.tunnels: set[HboneConnection] = set()  # open 15008 connections (revocation)
+        self.tunnels_accepted = 0  # TLS connections accepted on 15008 (each carries streams)
         self._policy_poke = trio.Event()
 
     # -- inbound plaintext (15006) ----------------------------------------------------------------
@@ -84,21 +90,23 @@ class InboundPath:
         conn.tel = self._inbound_recorder(snap, me, conn, src[0], dst[1], None, "none")
         upstream = await self.core.connect(dst, (src[0], 0))
         peer = Peer(src[0], dst[0], dst[1], src_port=src[1])
-        await self._relay_live(conn, snap, peer, client, upstream, client.socket)
+        await self._relay_live(conn, snap, peer, client, upstream, _linger_reset(client.socket))
 
-    # -- inbound mTLS (15008) ---------------------------------------------------------------------
+    # -- inbound HBONE (15008) ------------------------------------------------------------------
 
-    async def serve_tunnel(self, client: trio.SocketStream, conn: ConnLog) -> None:
+    async def accept_tunnel(
+        self, client: trio.SocketStream, conn: ConnLog
+    ) -> tuple[HboneConnection, bool]:
+        """The TLS handshake of one 15008 connection, the client's certificate verified: the
+        connection (not yet serving) and whether its session resumed. Raises on refusal."""
         raw = detach(client)
         try:
             peer = raw.getpeername()
-            local = raw.getsockname()
         except OSError:
             raw.close()
             raise
         conn.src = f"{peer[0]}:{peer[1]}"
-        snap = self.core.snapshot()
-        me = self.core.me(snap)
+        me = self.core.me(self.core.snapshot())
         if me is None or self.core.identities is None:
             raw.close()
             raise TunnelError("no_identity", "this pod has no mesh identity: tunnel refused")
@@ -108,46 +116,73 @@ class InboundPath:
         except IdentityUnavailable:
             raw.close()
             raise
-        accepted = await accept_tunnel(raw, identities=self.core.identities, identity=me.identity)
-        stream = accepted.stream
+        hconn, resumed = await accept_hbone(
+            raw, identities=self.core.identities, identity=me.identity
+        )
+        conn.src_identity = hconn.peer_identity
+        return hconn, resumed
+
+    async def serve_tunnel(self, hconn: HboneConnection, run_stream: StreamHandler) -> None:
+        """Serve an accepted connection's CONNECT streams (each through `run_stream`, which gives
+        it its own log line and counters) until it closes; registered so that a revoked peer
+        certificate closes the whole connection."""
+        self.tunnels.add(hconn)
+        self.tunnels_accepted += 1
         try:
-            conn.src_identity = accepted.peer_identity
-            conn.resumed = accepted.resumed
-            port = accepted.request.port
-            conn.dst = conn.endpoint = f"{local[0]}:{port}"
-            loop = self_call.tunnel_target(port)
-            if loop is not None:
-                await try_respond(stream, TunnelResponse(BAD_REQUEST, f"{self_call.FLAG}: {loop}"))
-                raise SelfCall(loop, port)
-            conn.tel = self._inbound_recorder(
-                snap, me, conn, peer[0], port, accepted.request, "mutual_tls"
-            )
-            decision = tunnel_decision(snap, me, peer[0], local[0], port, accepted.peer_identity)
-            if not decision.allowed:
-                await try_respond(stream, TunnelResponse(403, decision.reason))
-                raise Denied("tunnel_denied", decision.reason, decision.policy)
-            self.core.audit(conn, decision.audited)
-            try:
-                upstream = await self.core.connect((local[0], port), (peer[0], 0))
-            except (OSError, trio.TooSlowError) as exc:
-                await try_respond(stream, TunnelResponse(502, f"connect {conn.dst}: {exc}"))
-                raise
-            try:
-                await respond(stream, TunnelResponse(200))
-                if accepted.early_data:
-                    await upstream.send_all(accepted.early_data)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await upstream.aclose()
-                raise
+            await hconn.run(run_stream)
+        finally:
+            self.tunnels.discard(hconn)
+
+    async def serve_stream(
+        self, hconn: HboneConnection, stream: HboneStream, conn: ConnLog, resumed: bool
+    ) -> None:
+        """One CONNECT: parse, refuse a self call (400), authorize (401), connect to the app
+        from the client's address (503 when it fails), answer 200 and relay."""
+        tls = hconn.tls.socket
+        peer, local = tls.getpeername(), tls.getsockname()
+        conn.src = f"{peer[0]}:{peer[1]}"
+        conn.src_identity = hconn.peer_identity
+        conn.resumed = resumed
+        snap = self.core.snapshot()
+        me = self.core.me(snap)
+        if me is None:
+            await _try_status(stream, hbone.UNAVAILABLE)
+            raise TunnelError("no_identity", "this pod has no mesh identity: tunnel refused")
+        conn.dst_identity = me.identity
+        try:
+            request = hbone.parse_connect(stream.request_headers)
+            if request.address != local[0]:
+                raise hbone.HboneError(f":authority {request.authority} is not this pod")
+        except hbone.HboneError as exc:
+            await _try_status(stream, hbone.BAD_REQUEST)
+            raise TunnelError("bad_request", f"CONNECT from {conn.src}: {exc}") from None
+        port = request.port
+        conn.dst = conn.endpoint = f"{local[0]}:{port}"
+        loop = self_call.tunnel_target(port)
+        if loop is not None:
+            await _try_status(stream, hbone.BAD_REQUEST)
+            raise SelfCall(loop, port)
+        conn.tel = self._inbound_recorder(snap, me, conn, peer[0], port, request, "mutual_tls")
+        decision = tunnel_decision(snap, me, peer[0], local[0], port, hconn.peer_identity)
+        if not decision.allowed:
+            await _try_status(stream, hbone.DENIED)
+            raise Denied("tunnel_denied", decision.reason, decision.policy)
+        self.core.audit(conn, decision.audited)
+        try:
+            upstream = await self.core.connect((local[0], port), (peer[0], 0))
+        except (OSError, trio.TooSlowError):
+            await _try_status(stream, hbone.UNAVAILABLE)
+            raise
+        try:
+            await stream.respond(hbone.OK)
         except BaseException:
             with trio.CancelScope(shield=True):
-                await stream.aclose()
+                await upstream.aclose()
             raise
         verified = Peer(
-            peer[0], local[0], port, accepted.peer_identity, accepted.peer_certificate, peer[1]
+            peer[0], local[0], port, hconn.peer_identity, hconn.peer_certificate, peer[1]
         )
-        await self._relay_live(conn, snap, verified, stream, upstream, stream.socket)
+        await self._relay_live(conn, snap, verified, stream, upstream, stream.reset)
 
     # -- policy on open inbound connections (ztunnel's connection manager + policy watcher) ----
 
@@ -163,15 +198,15 @@ class InboundPath:
         peer: Peer,
         downstream: trio.abc.HalfCloseableStream,
         upstream: trio.abc.HalfCloseableStream,
-        sock: Any,
+        reset: Callable[[], None],
     ) -> None:
-        """Relay while registered: a policy change that denies the connection aborts it."""
+        """Relay while registered: a policy change that denies the connection aborts it with
+        `reset` (a TCP RST on 15006, RST_STREAM on 15008: the client, maybe an upstream pool,
+        sees a reset, not a clean end)."""
         scope = trio.CancelScope()
 
         def close(decision: InboundDecision) -> None:
-            # RST rather than FIN: the client (an upstream pool) sees a reset, not a clean end.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            reset()
             scope.cancel()
 
         live = LiveConnection(conn.cid, peer, close)
@@ -214,6 +249,12 @@ class InboundPath:
             await self.core.identities.wait_changed()
             if len(self.live):
                 self._sweep(self.core.snapshot(), peer_check)
+            for hconn in list(self.tunnels):
+                # Its streams were closed (and logged) by the sweep; no new one may come.
+                try:
+                    peer_check(hconn.peer_certificate)
+                except (PeerRejected, ValueError) as exc:
+                    hconn.fail(f"peer certificate rejected: {exc}")
 
     def _sweep(self, snap: Snapshot, peer_check: PeerCheck | None) -> None:
         me = self.core.me(snap)
@@ -245,7 +286,7 @@ class InboundPath:
         conn: ConnLog,
         peer_ip: str,
         port: int,
-        request: TunnelRequest | None,
+        request: ConnectRequest | None,
         policy: SecurityPolicy,
     ) -> TcpRecorder | None:
         """Reporter "destination"; through the tunnel, the verified peer identity is the source
@@ -261,7 +302,7 @@ class InboundPath:
             namespace=src.namespace if src else "",
         )
         span = None
-        headers = tunnel_headers(request.trace) if request is not None else None
+        headers = tunnel_headers(request.trace_map()) if request is not None else None
         if headers is not None:
             tracer = self.core.telemetry.tracer
             span = tracer.start(
@@ -286,3 +327,17 @@ class InboundPath:
             connection_id=f"{self.core.pod}#{conn.cid}",
             span=span,
         )
+
+
+def _linger_reset(sock: Any) -> Callable[[], None]:
+    def reset() -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+    return reset
+
+
+async def _try_status(stream: HboneStream, status: int) -> None:
+    """A refusal status, best effort: the client may already be gone."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.respond(status)

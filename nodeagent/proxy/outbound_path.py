@@ -20,7 +20,7 @@ from nodeagent.http import HttpProxy, RequestLog
 from nodeagent.inpod import original_dst
 from nodeagent.log import get_logger
 from nodeagent.proxy import self_call
-from nodeagent.proxy.connection import CONNECT_TIMEOUT, IDLE_TIMEOUT, ConnLog, Denied, SelfCall
+from nodeagent.proxy.connection import IDLE_TIMEOUT, ConnLog, Denied, SelfCall
 from nodeagent.proxy.connector import MeshConnector, denied_by_policy
 from nodeagent.proxy.outbound import (
     Passthrough,
@@ -35,7 +35,7 @@ from nodeagent.routing import HttpRequest, Source
 from nodeagent.snapshot import Snapshot, Workload
 from nodeagent.telemetry.dataplane import TcpRecorder, record_request, service_of
 from nodeagent.telemetry.metrics import SecurityPolicy
-from nodeagent.tunnel import SourceInfo, TunnelError, TunnelRequest, open_tunnel
+from nodeagent.tunnel import ConnectRequest, SourceInfo, TunnelError
 
 log = get_logger("proxy")
 
@@ -58,7 +58,7 @@ class OutboundPath:
                 netns=self.core.netns,
                 identities=self.core.identities,
                 source=self._tunnel_source,
-                sessions=self.core.sessions,
+                pool=self.core.pool,
                 identity_wait=self.core.identity_wait,
                 stats=self.core.stats.outbound,
                 label=self.core.pod,
@@ -180,23 +180,18 @@ class OutboundPath:
         conn.src_identity = me.identity
         # A new pod's certificate may still be on its way: wait (bounded), then fail closed.
         await self.core.identities.wait_ready(me.identity, self.core.identity_wait)
-        request = TunnelRequest(
-            port=decision.port,
+        request = ConnectRequest(
+            decision.address,
+            decision.port,
             source=SourceInfo(me.namespace, me.name, me.identity, src[0]),
-            trace={"conn": f"{self.core.pod}#{conn.cid}"},
+            client=f"{src[0]}:{src[1]}",
         )
-        stream, info = await open_tunnel(
-            netns=self.core.netns,
-            identities=self.core.identities,
-            source_identity=me.identity,
-            address=decision.address,
-            expected_identity=decision.identity,
-            request=request,
-            sessions=self.core.sessions,
-            connect_timeout=CONNECT_TIMEOUT,
+        stream, info = await self.core.pool.open_stream(
+            source_identity=me.identity, expected_identity=decision.identity, request=request
         )
         feedback.connected()
         conn.resumed = info.resumed
+        conn.pooled = info.reused
         self.core.stats.outbound.mtls += 1
         conn.opened()
         conn.relay = RelayResult()

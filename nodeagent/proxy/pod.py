@@ -20,7 +20,7 @@ destination, identities, endpoint, bytes, duration, result and, when denied, the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -37,7 +37,7 @@ from nodeagent.proxy.outbound_path import OutboundPath
 from nodeagent.proxy.pod_core import PodCore
 from nodeagent.snapshot import Snapshot, Workload
 from nodeagent.telemetry.dataplane import Sinks
-from nodeagent.tunnel import SessionCache, TunnelError
+from nodeagent.tunnel import HboneStream, SessionCache, TunnelError
 
 log = get_logger("proxy")
 
@@ -93,6 +93,7 @@ class PodProxy:
         stats = self.core.stats
         inbound = d(stats.inbound)
         inbound["closed_by_policy"] = self.inbound.live.closed_by_policy
+        inbound["tunnel_connections"] = self.inbound.tunnels_accepted
         return {"outbound": d(stats.outbound), "inbound": inbound}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -104,6 +105,7 @@ class PodProxy:
                 nursery.start_soon(self._accept, listeners.tunnel, "tunnel", nursery)
                 nursery.start_soon(self.inbound.watch_policy)
                 nursery.start_soon(self.inbound.watch_revocation)
+                await nursery.start(self.core.pool.run)
                 task_status.started()
         finally:
             for listener in (listeners.outbound, listeners.inbound, listeners.tunnel):
@@ -111,6 +113,7 @@ class PodProxy:
                     await listener.aclose()
             with trio.CancelScope(shield=True):
                 await self.outbound.aclose()
+                await self.core.pool.aclose()
 
     async def _accept(
         self, listener: trio.SocketListener, kind: str, nursery: trio.Nursery
@@ -131,18 +134,51 @@ class PodProxy:
     # -- one connection ------------------------------------------------------------------------
 
     async def _serve(self, client: trio.SocketStream, kind: str) -> None:
+        if kind == "tunnel":
+            await self._serve_tunnel(client)
+            return
         conn = ConnLog(kind)
+        if kind == "outbound":
+            work = self.outbound.serve(client, conn)
+        else:
+            work = self.inbound.serve_plaintext(client, conn)
+        await self._run(conn, work, client)
+
+    async def _serve_tunnel(self, client: trio.SocketStream) -> None:
+        """A 15008 connection: a refused handshake is one failed connection (one log line);
+        an accepted one is only a carrier, each of its CONNECT streams is a connection."""
+        conn = ConnLog("tunnel")
+        stats = self.core.stats.inbound
+        # Counted while the handshake runs (so `opened == closed` means nothing is in flight).
+        stats.opened += 1
+        try:
+            hconn, resumed = await self.inbound.accept_tunnel(client, conn)
+        except Exception as exc:
+            stats.opened -= 1  # `_run` counts it again, as a failed connection
+            await self._run(conn, _raise(exc), client)
+            return
+        except BaseException:
+            stats.opened -= 1
+            raise
+        stats.opened -= 1
+
+        async def run_stream(stream: HboneStream) -> None:
+            sconn = ConnLog("tunnel")
+            await self._run(sconn, self.inbound.serve_stream(hconn, stream, sconn, resumed), stream)
+
+        await self.inbound.serve_tunnel(hconn, run_stream)
+
+    async def _run(
+        self, conn: ConnLog, work: Awaitable[None], client: trio.abc.AsyncResource
+    ) -> None:
+        """Run one connection's `work`: its counters, its outcome, its one log line."""
+        kind = conn.kind
         stats = self.core.stats.outbound if kind == "outbound" else self.core.stats.inbound
         stats.opened += 1
         if kind == "tunnel":
             stats.mtls += 1
         try:
-            if kind == "outbound":
-                await self.outbound.serve(client, conn)
-            elif kind == "inbound":
-                await self.inbound.serve_plaintext(client, conn)
-            else:
-                await self.inbound.serve_tunnel(client, conn)
+            await work
         except Denied as exc:
             stats.denied += 1
             if isinstance(exc, SelfCall) and self.core.telemetry is not None:
@@ -194,7 +230,7 @@ class PodProxy:
             "duration_ms": round((time.monotonic() - conn.started) * 1000, 3),
             "result": conn.result,
         }
-        for key in ("flag", "policy", "error", "resumed"):
+        for key in ("flag", "policy", "error", "resumed", "pooled"):
             value = getattr(conn, key)
             if value is not None:
                 fields[key] = value
@@ -202,3 +238,7 @@ class PodProxy:
             log.info(f"{conn.kind}.complete", **fields)
         else:
             log.warning(f"{conn.kind}.complete", **fields)
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc

@@ -4,7 +4,8 @@ audit lines, connecting from inside the pod's netns.
 
 `OutboundPath` and `InboundPath` each take the one `PodCore` of their pod as a constructor
 argument; `PodProxy` builds the three and runs the accept loops. State a path owns alone (the
-L7 proxy, the open inbound connections) lives in that path, not here.
+L7 proxy, the open inbound connections) lives in that path, not here; the HBONE pool is here
+because the L4 path and the L7 proxy's upstreams share it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from nodeagent.proxy.connection import CONNECT_TIMEOUT, IDENTITY_WAIT, ConnLog, 
 from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.snapshot import Snapshot, Workload
 from nodeagent.telemetry.dataplane import Sinks
-from nodeagent.tunnel import SessionCache
+from nodeagent.tunnel import SessionCache, TunnelPool
 
 log = get_logger("proxy")
 
@@ -46,6 +47,12 @@ class PodCore:
     telemetry: Sinks | None = None
     stats: PodProxyStats = field(default_factory=PodProxyStats)
     http_limits: Limits | None = None  # the L7 proxy's timeouts and bounds (agent flags)
+    # This pod's HBONE connections (per source pod: they are opened from its netns, so the
+    # destination sees this pod's IP); `sessions` is the node's TLS session cache behind them.
+    pool: TunnelPool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pool = TunnelPool(netns=self.netns, identities=self.identities, sessions=self.sessions)
 
     def me(self, snap: Snapshot) -> Workload | None:
         if self.workload is None:

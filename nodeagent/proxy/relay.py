@@ -3,8 +3,8 @@
 Each direction owns one fixed-size read, so a slow reader back-pressures the writer instead of
 making the agent buffer without limit. An error on either side ends both directions.
 
-The fast path (both ends a `trio.SocketStream` or a tunnel `TlsStream`, i.e. every path of the
-agent) drives the sockets through `nodeagent.sockio`'s ends, because trio's stream methods yield
+The fast path (both ends a `trio.SocketStream` or a tunnel `HboneStream`, i.e. every path of
+the agent) drives the sockets through `nodeagent.sockio`'s ends, because trio's stream methods yield
 to the scheduler at least once per call and allocate a `bytes` per read, and `SSL_read` hands
 out one 16 KiB record per call (loopback A/B in tests/tunnel/measure_relay.py: bulk 200 → 325
 MiB/s, CPU per MiB -38%):
@@ -15,8 +15,9 @@ MiB/s, CPU per MiB -38%):
   only on EAGAIN / WANT_READ / WANT_WRITE or after a short read (the socket is then empty:
   waiting first saves a failing recv), and checkpoints every `YIELD_EVERY` chunks so a busy
   connection cannot starve the others;
-- the TLS side decrypts every ready record into one buffer (`SSL_read` returns one 16 KiB
-  record per call), so the plaintext side sees 64 KiB writes in bulk.
+- into an HBONE stream the reads are 256 KiB (`HBONE_CHUNK`): each becomes one DATA frame, and
+  the HTTP/2 layer's cost is per frame; out of one, the DATA frames that arrived are copied
+  into the buffer without waiting.
 
 Any other stream type (tests, L7 wrappers) takes the generic `receive_some`/`send_all` path.
 """
@@ -28,13 +29,16 @@ from dataclasses import dataclass
 
 import trio
 
-from nodeagent.sockio import YIELD_EVERY, End, end_of
+from nodeagent.sockio import YIELD_EVERY, End, HboneEnd, end_of
 from nodeagent.sockio.ends import WANT_READ
+from nodeagent.tunnel.h2conn import HboneStream
 
 CHUNK = 64 * 1024
+HBONE_CHUNK = 256 * 1024
 POOL_SIZE = 64  # idle buffers kept for reuse (64 of 64 KiB); more in flight are just allocated
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _pool: list[bytearray] = []
+_big_pool: list[bytearray] = []  # HBONE_CHUNK buffers
 
 
 @dataclass(slots=True)
@@ -68,9 +72,11 @@ async def relay(
     async def pump(
         src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream, upstream_dir: bool
     ) -> None:
+        # Into an HBONE stream, read more at once (one DATA frame per read).
+        size = HBONE_CHUNK if isinstance(dst, HboneStream) else CHUNK
         try:
             while True:
-                data = await src.receive_some(CHUNK)
+                data = await src.receive_some(size)
                 deadline[0] = trio.current_time() + idle_timeout
                 if not data:
                     # Half-close: pass the FIN on and keep the other direction flowing.
@@ -86,18 +92,23 @@ async def relay(
 
     async def fast_pump(src: End, dst: End, upstream_dir: bool) -> None:
         unyielded = 0
+        # Into an HBONE stream, read more at once: each read becomes one DATA frame, and the
+        # HTTP/2 layer costs per frame.
+        big = isinstance(dst, HboneEnd)
+        size = HBONE_CHUNK if big else CHUNK
+        pool = _big_pool if big else _pool
         buf: bytearray | None = None
         view = memoryview(b"")
         try:
             while True:
                 if buf is None:
-                    buf = _pool.pop() if _pool else bytearray(CHUNK)
+                    buf = pool.pop() if pool else bytearray(size)
                     view = memoryview(buf)
                 n = src.try_read(view)
                 if n < 0:
                     # Nothing ready: give the buffer back while this connection waits.
-                    if len(_pool) < POOL_SIZE:
-                        _pool.append(buf)
+                    if len(pool) < POOL_SIZE:
+                        pool.append(buf)
                     buf = None
                     await src.wait(n)
                     unyielded = 0
@@ -114,8 +125,8 @@ async def relay(
                     result.received += n
                 unyielded += 1
                 if src.drained(n, len(view)):
-                    if len(_pool) < POOL_SIZE:
-                        _pool.append(buf)
+                    if len(pool) < POOL_SIZE:
+                        pool.append(buf)
                     buf = None
                     await src.wait(WANT_READ)
                     unyielded = 0
@@ -125,8 +136,8 @@ async def relay(
         except _BROKEN as exc:
             fail(exc)
         finally:
-            if buf is not None and len(_pool) < POOL_SIZE:
-                _pool.append(buf)
+            if buf is not None and len(pool) < POOL_SIZE:
+                pool.append(buf)
 
     async def watchdog() -> None:
         while True:

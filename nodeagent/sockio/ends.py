@@ -12,11 +12,12 @@ import os
 
 import trio
 
-from nodeagent.tunnel.tls import WANT_READ, WANT_WRITE, TlsStream
+from nodeagent.tunnel.h2conn import HboneStream
+from nodeagent.tunnel.tls import WANT_READ, WANT_WRITE
 
 YIELD_EVERY = 16  # operations completed without waiting before a mover lets other tasks run
 
-__all__ = ["WANT_READ", "WANT_WRITE", "YIELD_EVERY", "End", "SockEnd", "TlsEnd", "end_of"]
+__all__ = ["WANT_READ", "WANT_WRITE", "YIELD_EVERY", "End", "HboneEnd", "SockEnd", "end_of"]
 
 
 class SockEnd:
@@ -82,12 +83,13 @@ class SockEnd:
         await self.stream.send_eof()
 
 
-class TlsEnd:
-    """A tunnel `TlsStream` (non-blocking `ssl.SSLSocket` underneath)."""
+class HboneEnd:
+    """A tunnel `HboneStream` (one HTTP/2 CONNECT stream): reads copy the DATA frames that
+    arrived, writes become DATA frames."""
 
     __slots__ = ("stream",)
 
-    def __init__(self, stream: TlsStream) -> None:
+    def __init__(self, stream: HboneStream) -> None:
         self.stream = stream
 
     def try_read(self, view: memoryview) -> int:
@@ -97,10 +99,8 @@ class TlsEnd:
         return self.stream.drained
 
     async def wait(self, want: int) -> None:
-        if want == WANT_READ:
-            await trio.lowlevel.wait_readable(self.stream.socket)
-        else:
-            await trio.lowlevel.wait_writable(self.stream.socket)
+        # Reading waits for frames; writing waits inside `write` (flow control, the socket).
+        await self.stream.wait_readable()
 
     async def write(self, view: memoryview) -> None:
         await self.stream.send_all_nowait(view)
@@ -109,7 +109,7 @@ class TlsEnd:
         await self.stream.send_eof()
 
 
-End = SockEnd | TlsEnd
+End = SockEnd | HboneEnd
 
 
 def end_of(stream: trio.abc.Stream) -> End | None:
@@ -117,6 +117,6 @@ def end_of(stream: trio.abc.Stream) -> End | None:
     through the stream's own methods."""
     if type(stream) is trio.SocketStream:
         return SockEnd(stream)
-    if isinstance(stream, TlsStream):
-        return TlsEnd(stream)
+    if isinstance(stream, HboneStream):
+        return HboneEnd(stream)
     return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from nodeagent.sockio.ends import WANT_READ, YIELD_EVERY, TlsEnd, end_of
+from nodeagent.sockio.ends import WANT_READ, YIELD_EVERY, HboneEnd, end_of
 
 
 class FastIO:
@@ -34,8 +34,8 @@ class FastIO:
         if self._ready >= YIELD_EVERY:
             self._ready = 0
             await trio.lowlevel.checkpoint()
-        if isinstance(end, TlsEnd):
-            return await end.stream.receive_some(max_bytes)  # waits only on WANT_READ/WRITE
+        if isinstance(end, HboneEnd):
+            return await end.stream.receive_some(max_bytes)  # waits only for a frame
         if self._drained:
             # A short read emptied the socket: waiting first saves a failing recv per message.
             self._drained = False

@@ -1,38 +1,39 @@
-"""The mesh tunnel (port 15008): mutual TLS 1.3 between agents, one header, then raw bytes.
+"""The mesh tunnel (port 15008): HBONE, i.e. HTTP/2 CONNECT streams over pooled mutual TLS 1.3.
 
-`open_tunnel` (client: source pod netns, source workload certificate, checks the server's SPIFFE
-id) and `accept_tunnel` (server: destination workload certificate, verifies the client, reads
-the header); `header.py` is the sans-IO wire format (docs/protocol.md); `tls.py` the TLS stream;
-`credentials.py` says how long a client tunnel may carry new requests (its certificates).
+`TunnelPool` (client: one per source pod, connections opened from its netns with the source
+workload's certificate, the server's SPIFFE id checked) hands out `HboneStream`s, one per
+application connection; `accept_hbone` (server: destination workload certificate, client
+verified) returns the `HboneConnection` the inbound path runs with a per-stream handler.
+`hbone.py` is the sans-IO wire (headers, statuses, SETTINGS; docs/protocol.md), `h2conn.py`
+drives the `h2` state machine over `tls.py`'s TLS stream, `pool.py` is the client pool;
+`credentials.py` says how long a client connection may carry new streams (its certificates).
 """
 
 from __future__ import annotations
 
-from nodeagent.tunnel.client import SessionCache, TunnelInfo, open_tunnel
+from nodeagent.tunnel.client import SessionCache, TunnelInfo, connect_hbone
+from nodeagent.tunnel.credentials import TunnelCredentials
 from nodeagent.tunnel.errors import TunnelError
-from nodeagent.tunnel.header import (
-    HeaderError,
-    HeaderParser,
-    SourceInfo,
-    TunnelRequest,
-    TunnelResponse,
-)
-from nodeagent.tunnel.server import Accepted, accept_tunnel, detach, respond
+from nodeagent.tunnel.h2conn import HboneConnection, HboneStream
+from nodeagent.tunnel.hbone import ConnectRequest, HboneError, SourceInfo
+from nodeagent.tunnel.pool import PoolBook, TunnelPool
+from nodeagent.tunnel.server import accept_hbone, detach
 from nodeagent.tunnel.tls import TlsStream
 
 __all__ = [
-    "Accepted",
-    "HeaderError",
-    "HeaderParser",
+    "ConnectRequest",
+    "HboneConnection",
+    "HboneError",
+    "HboneStream",
+    "PoolBook",
     "SessionCache",
     "SourceInfo",
     "TlsStream",
+    "TunnelCredentials",
     "TunnelError",
     "TunnelInfo",
-    "TunnelRequest",
-    "TunnelResponse",
-    "accept_tunnel",
+    "TunnelPool",
+    "accept_hbone",
+    "connect_hbone",
     "detach",
-    "open_tunnel",
-    "respond",
 ]

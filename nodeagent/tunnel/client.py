@@ -1,11 +1,11 @@
-"""The tunnel's client side: open an mTLS connection to a destination pod's port 15008.
+"""The tunnel's client side: open an HBONE connection (mTLS, ALPN h2) to a pod's port 15008.
 
-The socket is created in the source pod's netns with the mesh mark (so the capture rules let it
-through), the client presents the source workload's certificate, and the server must present
-exactly the SPIFFE id the destination workload has: anything else is refused before one byte
-of the application's stream is sent. TLS sessions are cached per (source identity, destination
-address, destination identity) so the next connection resumes instead of paying a full
-handshake.
+`connect_hbone` makes one connection for the pool (`pool.py`). The socket is created in the
+source pod's netns with the mesh mark (so the capture rules let it through), the client presents
+the source workload's certificate, and the server must present exactly the SPIFFE id the
+destination workload has: anything else is refused before one byte of the application's stream
+is sent, and a pooled connection serves only that identity. TLS sessions are cached per (source
+identity, destination address, destination identity) so a new connection resumes.
 """
 
 from __future__ import annotations
@@ -18,21 +18,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import trio
+from cryptography import x509
 
 from nodeagent.contract import TUNNEL_PORT
 from nodeagent.identity.api import IdentityProvider, PeerRejected
 from nodeagent.inpod import Netns
 from nodeagent.tunnel.credentials import TunnelCredentials
-from nodeagent.tunnel.errors import DENIED, TunnelError
-from nodeagent.tunnel.header import (
-    FORBIDDEN,
-    NEED_DATA,
-    HeaderError,
-    HeaderParser,
-    TunnelRequest,
-    TunnelResponse,
-    encode_request,
-)
+from nodeagent.tunnel.errors import TunnelError
+from nodeagent.tunnel.h2conn import PING_INTERVAL, PING_TIMEOUT, HboneConnection
+from nodeagent.tunnel.hbone import ALPN
 from nodeagent.tunnel.tls import TlsStream
 
 CONNECT_TIMEOUT = 10.0
@@ -74,8 +68,9 @@ class SessionCache:
 @dataclass(slots=True)
 class TunnelInfo:
     peer_identity: str
-    resumed: bool
+    resumed: bool  # the TLS handshake resumed a session
     handshake_ms: float
+    reused: bool = False  # the stream went on a pooled connection (no handshake at all)
 
 
 async def connect_socket(sock: socket.socket, address: tuple[str, int], limit: float) -> None:
@@ -94,26 +89,29 @@ async def connect_socket(sock: socket.socket, address: tuple[str, int], limit: f
         raise TunnelError("connect_failed", f"connect {where}: {os.strerror(code)}")
 
 
-async def open_tunnel(
+async def connect_hbone(
     *,
     netns: Netns,
     identities: IdentityProvider,
     source_identity: str,
     address: str,
     expected_identity: str,
-    request: TunnelRequest,
     sessions: SessionCache | None = None,
     port: int = TUNNEL_PORT,
     connect_timeout: float = CONNECT_TIMEOUT,
-) -> tuple[TlsStream, TunnelInfo]:
-    """Connect, handshake, verify the server, send the header, read an OK status. The caller
-    owns the returned stream. TunnelError (with a flag for logs) on any failure."""
+    ping_interval: float = PING_INTERVAL,
+    ping_timeout: float = PING_TIMEOUT,
+) -> tuple[HboneConnection, TunnelInfo]:
+    """Connect from `netns`, handshake (TLS 1.3, ALPN h2), verify the server is exactly
+    `expected_identity`: the connection, not yet running. TunnelError (with a flag) on failure."""
     context = identities.client_context(source_identity)
+    context.set_alpn_protocols([ALPN])
     key = (source_identity, address, expected_identity)
     session = sessions.get(key, context) if sessions is not None else None
     raw = netns.socket(socket.AF_INET, socket.SOCK_STREAM)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     stream: TlsStream | None = None
+    where = f"{address}:{port}"
     try:
         await connect_socket(raw, (address, port), connect_timeout)
         stream = TlsStream.wrap(raw, context, server_side=False, session=session)
@@ -124,41 +122,39 @@ async def open_tunnel(
             except (ssl.SSLError, OSError) as exc:
                 if sessions is not None:
                     sessions.discard(key)
-                raise TunnelError(
-                    "tls_failed", f"tls handshake with {address}:{port}: {exc}"
-                ) from None
+                raise TunnelError("tls_failed", f"tls handshake with {where}: {exc}") from None
         if scope.cancelled_caught:
-            raise TunnelError("tls_timeout", f"tls handshake with {address}:{port}: timed out")
+            raise TunnelError("tls_timeout", f"tls handshake with {where}: timed out")
         handshake_ms = (trio.current_time() - started) * 1000
+        if stream.socket.selected_alpn_protocol() != ALPN:
+            raise TunnelError("alpn", f"server {where} did not agree to ALPN {ALPN!r}")
         try:
-            peer_der = stream.peer_certificate()
-            peer = identities.peer_identity(peer_der)
+            cert = stream.peer_certificate()
+            peer = identities.peer_identity(cert)
         except (PeerRejected, ssl.SSLError) as exc:
-            raise TunnelError("peer_rejected", f"server {address}:{port}: {exc}") from None
+            raise TunnelError("peer_rejected", f"server {where}: {exc}") from None
         if peer != expected_identity:
             raise TunnelError(
-                "identity_mismatch",
-                f"server {address}:{port} is {peer}, expected {expected_identity}",
-            )
-        await stream.send_all(encode_request(request))
-        response = await _read_response(stream, f"{address}:{port}", connect_timeout)
-        if not response.ok:
-            # 403 is the destination's authorization policy: a distinct flag, so callers answer
-            # "access denied" and do not count the endpoint as failing.
-            flag = DENIED if response.code == FORBIDDEN else "refused"
-            raise TunnelError(
-                flag, f"server {address}:{port} refused: {response.code} {response.reason}"
+                "identity_mismatch", f"server {where} is {peer}, expected {expected_identity}"
             )
         if sessions is not None and not stream.session_reused:
             # Only a new session is worth caching, and `SSLSocket.session` is costly (CPython
-            # copies the session through i2d/d2i, parsing the peer's certificate again): the
-            # profile at 1000 connections/s had 17% of the client agent in this getter.
+            # copies the session through i2d/d2i, parsing the peer's certificate again).
             fresh = stream.session
             if fresh is not None:
                 sessions.put(key, context, fresh)
-        stream.credentials = TunnelCredentials(identities, source_identity, context, peer_der)
-        info = TunnelInfo(peer, stream.session_reused, round(handshake_ms, 3))
-        return stream, info
+        conn = HboneConnection(
+            stream,
+            client=True,
+            peer_identity=peer,
+            peer_certificate=cert,
+            peer_not_after=not_after(cert),
+            context=context,
+            credentials=TunnelCredentials(identities, source_identity, context, cert),
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+        )
+        return conn, TunnelInfo(peer, stream.session_reused, round(handshake_ms, 3))
     except BaseException:
         with trio.CancelScope(shield=True):
             if stream is not None:
@@ -168,28 +164,9 @@ async def open_tunnel(
         raise
 
 
-async def _read_response(stream: TlsStream, where: str, limit: float) -> TunnelResponse:
-    parser = HeaderParser("response")
-    with trio.move_on_after(limit):
-        while True:
-            try:
-                event = parser.next_event()
-            except HeaderError as exc:
-                raise TunnelError("bad_response", f"server {where}: {exc}") from None
-            if event is not NEED_DATA:
-                assert isinstance(event, TunnelResponse)
-                if parser.trailing_data:
-                    # The server speaks only after our first bytes: data before it is a bug.
-                    raise TunnelError("bad_response", f"server {where}: data before status")
-                return event
-            try:
-                data = await stream.receive_some(4096)
-            except trio.BrokenResourceError as exc:
-                raise TunnelError("tls_failed", f"server {where}: {exc}") from None
-            if not data:
-                raise TunnelError("refused", f"server {where} closed before a status reply")
-            try:
-                parser.receive_data(data)
-            except HeaderError as exc:
-                raise TunnelError("bad_response", f"server {where}: {exc}") from None
-    raise TunnelError("status_timeout", f"server {where}: no status within {limit:g}s")
+def not_after(der: bytes) -> float | None:
+    """The certificate's notAfter as Unix time (None when it does not parse)."""
+    try:
+        return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
+    except ValueError:
+        return None

@@ -18,8 +18,6 @@ from typing import Any
 
 import trio
 
-from nodeagent.tunnel.credentials import TunnelCredentials
-
 _WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 WANT_READ = -1  # try_receive_into: nothing ready, wait until the socket is readable
 WANT_WRITE = -2  # try_receive_into: OpenSSL must write first (e.g. a key update)
@@ -37,8 +35,6 @@ class TlsStream(trio.abc.HalfCloseableStream):
         # Set by try_receive_into when it stopped on WANT_READ: the socket was empty then, so
         # the next read should wait for readability first instead of failing once more.
         self.drained = False
-        # Set by open_tunnel on client tunnels: the pool asks it before reusing the stream.
-        self.credentials: TunnelCredentials | None = None
 
     # -- set-up ------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from nodeagent.sockio import YIELD_EVERY, FastIO, SockEnd, TlsEnd
+from nodeagent.sockio import YIELD_EVERY, FastIO, HboneEnd, SockEnd
 
 TUNNEL_TESTS = str(Path(__file__).resolve().parent.parent / "tunnel")  # pki.py: test TLS identities
 
@@ -98,11 +98,13 @@ async def test_other_streams_use_their_own_methods() -> None:
     assert await fb.receive_some(100) == b"hello"
 
 
-async def test_tls_stream_moves_bytes_both_ways_and_sees_eof() -> None:
-    # The tunnel's TLS pair, as the agent's upstream connections are (tests/tunnel helpers).
+async def test_hbone_stream_moves_bytes_both_ways_and_sees_eof() -> None:
+    # One CONNECT stream over the tunnel's TLS, as the agent's upstream connections are
+    # (tests/tunnel helpers); END_STREAM is the EOF.
     sys.path.insert(0, TUNNEL_TESTS)
     from pki import LocalIdentityProvider, ThrowawayCA, spiffe
 
+    from nodeagent.tunnel import ConnectRequest, HboneConnection, HboneStream
     from nodeagent.tunnel.server import detach
     from nodeagent.tunnel.tls import TlsStream
 
@@ -121,9 +123,24 @@ async def test_tls_stream_moves_bytes_both_ways_and_sees_eof() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(a.do_handshake)
             nursery.start_soon(b.do_handshake)
-        fa, fb = FastIO(a), FastIO(b)
-        assert isinstance(fa._end, TlsEnd)
-        await round_trip(fa, fb, b.aclose, os.urandom(1 << 20))
-        await a.aclose()
+        ca = HboneConnection(a, client=True, peer_identity=b_id, peer_certificate=b"")
+        cb = HboneConnection(b, client=False, peer_identity=a_id, peer_certificate=b"")
+        accepted: list[HboneStream] = []
+        done = trio.Event()
+
+        async def handler(stream: HboneStream) -> None:
+            accepted.append(stream)  # before the 200: the client may run on at once
+            await stream.respond(200)
+            await done.wait()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ca.run)
+            nursery.start_soon(cb.run, handler)
+            sa = await ca.open_stream(ConnectRequest("127.0.0.1", 9))
+            fa, fb = FastIO(sa), FastIO(accepted[0])
+            assert isinstance(fa._end, HboneEnd)
+            await round_trip(fa, fb, accepted[0].send_eof, os.urandom(1 << 20))
+            done.set()
+            nursery.cancel_scope.cancel()
     finally:
         ids.close()

@@ -1,5 +1,5 @@
 """Data-plane recording: HttpProxy spans and trace headers, request/TCP metrics, access lines,
-and the trace context carried through the tunnel header (real parser, real Zipkin export)."""
+and the trace context carried through the CONNECT's headers (real parser, real Zipkin export)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from nodeagent.telemetry.tracing import (
     tunnel_headers,
     tunnel_trace,
 )
-from nodeagent.tunnel.header import HeaderParser, SourceInfo, TunnelRequest, encode_request
+from nodeagent.tunnel.hbone import ConnectRequest, SourceInfo, connect_headers, parse_connect
 
 HOST = "app.default.svc.cluster.local"
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -296,15 +296,12 @@ async def test_tunnel_header_carries_the_client_span_to_a_server_span() -> None:
         sinks_src = Sinks(Tracer("n1", sample_rate=1.0, exporter=exporter))
         sinks_dst = Sinks(Tracer("n2", sample_rate=0.0, exporter=exporter))  # follows the flag
         client = sinks_src.tracer.start([], kind="CLIENT", name="app:80/*")
-        frame = encode_request(
-            TunnelRequest(port=8080, source=SourceInfo("default", "gw"),
-                          trace={"conn": "p#1", **tunnel_trace(client.context)})
+        block = connect_headers(
+            ConnectRequest("10.0.0.2", 8080, source=SourceInfo("default", "gw"),
+                           trace=tuple(tunnel_trace(client.context).items()))
         )  # fmt: skip
-        parser = HeaderParser("request")
-        parser.receive_data(frame)
-        request = parser.next_event()
-        assert isinstance(request, TunnelRequest)
-        headers = tunnel_headers(request.trace)
+        request = parse_connect((n.encode(), v.encode()) for n, v in block)
+        headers = tunnel_headers(request.trace_map())
         assert headers is not None
         server = sinks_dst.tracer.start(headers, kind="SERVER", name="inbound|8080")
         me = SNAP.workload_by_ip("10.0.0.2")

@@ -24,18 +24,13 @@ from tunnel_net import (
     build_snapshot,
     config,
     namespaces,
+    open_stream,
     running_mesh,
     settled,
 )
 
 from nodeagent.contract import MESH_MARK, POD_LISTENER_PORTS, TUNNEL_PORT
-from nodeagent.tunnel import (
-    SessionCache,
-    SourceInfo,
-    TunnelError,
-    TunnelRequest,
-    open_tunnel,
-)
+from nodeagent.tunnel import TunnelError
 from nodeagent.tunnel.client import connect_socket
 
 pytestmark = pytest.mark.root
@@ -66,14 +61,7 @@ async def test_wrong_server_identity_is_refused(namespaces: Namespaces) -> None:
         with pytest.raises(
             TunnelError, match=r"expected spiffe://cluster\.local/ns/shop/sa/db"
         ) as e:
-            await open_tunnel(
-                netns=namespaces.a,
-                identities=mesh.identities,
-                source_identity=A_ID,
-                address=B_IP,
-                expected_identity=spiffe("shop", "db"),
-                request=TunnelRequest(APP_PORT),
-            )
+            await open_stream(mesh, APP_PORT, expected=spiffe("shop", "db"))
         assert e.value.flag == "identity_mismatch"
         # The proxy checks the same thing: the snapshot says B runs as sa "db".
         mesh.snap[0] = build_snapshot(b_sa="db")
@@ -203,48 +191,40 @@ async def test_plaintext_client_permissive_accepted_strict_refused(namespaces: N
         assert stats["inbound"]["denied"] == 1
 
 
-async def test_session_resumption(namespaces: Namespaces) -> None:
+async def test_streams_share_one_connection_and_half_close(namespaces: Namespaces) -> None:
+    """Three CONNECT streams in a row: one TLS connection (one handshake), each stream's
+    END_STREAM reaches the app as EOF and the app's answer comes back after it."""
     async with running_mesh(namespaces) as mesh:
-        sessions = SessionCache()
         infos = []
         for _ in range(3):
-            stream, info = await open_tunnel(
-                netns=namespaces.a,
-                identities=mesh.identities,
-                source_identity=A_ID,
-                address=B_IP,
-                expected_identity=B_ID,
-                request=TunnelRequest(APP_PORT, SourceInfo("client", "a", A_ID, A_IP)),
-                sessions=sessions,
-            )
+            stream, info = await open_stream(mesh, APP_PORT)
             infos.append(info)
+            await stream.send_all(b"abc")
             await stream.send_eof()
-            assert (
-                await stream.receive_some(100) == f"{A_IP} {hashlib.sha256().hexdigest()}".encode()
-            )
+            want = f"{A_IP} {hashlib.sha256(b'abc').hexdigest()}".encode()
+            got = b""
+            while chunk := await stream.receive_some(100):
+                got += chunk
+            assert got == want
             await stream.aclose()
-        assert [i.resumed for i in infos] == [False, True, True]
+        assert [i.reused for i in infos] == [False, True, True]
         assert all(i.peer_identity == B_ID for i in infos)
-        assert len(sessions) == 1
+        stats = mesh.a.core.pool.statistics()
+        assert (stats["connections_opened"], stats["streams_opened"]) == (1, 3)
+        await settled(mesh.a, mesh.b)
+        assert mesh.b.statistics()["inbound"]["opened"] == 3
 
 
 @pytest.mark.parametrize("port", sorted(POD_LISTENER_PORTS))
 async def test_tunnel_to_an_agent_listener_port_is_refused(
     namespaces: Namespaces, port: int
 ) -> None:
-    """A real tunnel whose header names one of B's agent ports gets status 400 `self_call` at
+    """A real CONNECT whose :authority names one of B's agent ports gets status 400 at
     once (no connection to B's own listener), and the tunnel keeps serving ordinary requests."""
     async with running_mesh(namespaces) as mesh:
-        with trio.fail_after(5), pytest.raises(TunnelError, match="400 self_call") as e:
-            await open_tunnel(
-                netns=namespaces.a,
-                identities=mesh.identities,
-                source_identity=A_ID,
-                address=B_IP,
-                expected_identity=B_ID,
-                request=TunnelRequest(port, SourceInfo("client", "a", A_ID, A_IP)),
-            )
-        assert e.value.flag == "refused"
+        with trio.fail_after(5), pytest.raises(TunnelError, match="refused: 400") as e:
+            await open_stream(mesh, port)
+        assert e.value.flag == "bad_request"
         await settled(mesh.a, mesh.b)
         inbound = mesh.b.statistics()["inbound"]
         assert (inbound["opened"], inbound["denied"]) == (1, 1)

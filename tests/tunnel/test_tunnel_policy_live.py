@@ -15,7 +15,6 @@ from tunnel_net import (
     A_ID,
     A_IP,
     APP_PORT,
-    B_ID,
     B_IP,
     VIP,
     Mesh,
@@ -23,6 +22,7 @@ from tunnel_net import (
     build_snapshot,
     config,
     namespaces,
+    open_stream,
     running_mesh,
     settled,
 )
@@ -30,7 +30,7 @@ from tunnel_net import (
 from nodeagent.contract import MESH_MARK
 from nodeagent.inpod import Netns
 from nodeagent.proxy.connector import denied_by_policy
-from nodeagent.tunnel import SourceInfo, TunnelError, TunnelRequest, open_tunnel
+from nodeagent.tunnel import TunnelError
 
 pytestmark = pytest.mark.root
 __all__ = ["namespaces"]  # the fixture, imported for pytest
@@ -193,28 +193,21 @@ async def test_open_tunnel_closed_when_the_client_certificate_is_revoked(
         assert mesh.b.statistics()["inbound"]["closed_by_policy"] == 1
 
 
-async def test_a_403_is_flagged_denied_and_other_refusals_are_not(namespaces: Namespaces) -> None:
+async def test_a_401_is_flagged_denied_and_other_refusals_are_not(namespaces: Namespaces) -> None:
     async with running_mesh(namespaces) as mesh:
 
         async def tunnel(port: int) -> TunnelError:
             with pytest.raises(TunnelError) as e:
-                await open_tunnel(
-                    netns=namespaces.a,
-                    identities=mesh.identities,
-                    source_identity=A_ID,
-                    address=B_IP,
-                    expected_identity=B_ID,
-                    request=TunnelRequest(port, SourceInfo("client", "a", A_ID, A_IP)),
-                )
+                await open_stream(mesh, port)
             return e.value
 
-        # Nothing listens on 9999 in B: the server answers 502, a refusal but not a denial.
+        # Nothing listens on 9999 in B: the server answers 503, a refusal but not a denial.
         unreachable = await tunnel(9999)
-        assert (unreachable.flag, unreachable.denied) == ("refused", False)
-        assert ": 502" in unreachable.msg
+        assert (unreachable.flag, unreachable.denied) == ("unavailable", False)
+        assert ": 503" in unreachable.msg
         assert not denied_by_policy(unreachable)
         mesh.snap[0] = build_snapshot(deny_sleep())
         denied = await tunnel(APP_PORT)
         assert (denied.flag, denied.denied) == ("denied", True)
-        assert ": 403" in denied.msg
+        assert ": 401" in denied.msg
         assert denied_by_policy(denied)

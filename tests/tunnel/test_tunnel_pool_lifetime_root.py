@@ -1,9 +1,10 @@
-"""The HTTP pool over real tunnels (open_tunnel / accept_tunnel, real TLS 1.3 on loopback) with a
+"""The HTTP pool over real tunnels (HBONE streams from a `TunnelPool`, `accept_hbone` serving
+them, real TLS 1.3 on loopback) with a
 short-lived server certificate: a pooled tunnel is reused while both certificates hold and is
 replaced once the server's expired, long before the pool's idle timeout; a rotation of the
 client's certificate retires it too. Trio's MockClock stands for the passing of time.
 
-Root: open_tunnel creates its socket through a Netns (here this process's own namespace, to
+Root: the tunnel pool creates its sockets through a Netns (here this process's own namespace, to
 127.0.0.1 only).
 """
 
@@ -21,8 +22,7 @@ from pki import LocalIdentityProvider, ThrowawayCA, spiffe
 from nodeagent.http.pool import ConnectionPool, UpstreamConnection
 from nodeagent.inpod import Netns
 from nodeagent.snapshot.model import Endpoint
-from nodeagent.tunnel import TunnelRequest, accept_tunnel, open_tunnel, respond
-from nodeagent.tunnel.header import TunnelResponse
+from nodeagent.tunnel import ConnectRequest, HboneStream, TunnelPool, accept_hbone
 
 pytestmark = pytest.mark.root
 
@@ -41,9 +41,12 @@ def ids() -> Iterator[LocalIdentityProvider]:
 
 
 async def _serve_http(ids: LocalIdentityProvider, raw: socket.socket) -> None:
-    accepted = await accept_tunnel(raw, identities=ids, identity=SERVER)
-    stream = accepted.stream
-    await respond(stream, TunnelResponse(200))
+    hconn, _ = await accept_hbone(raw, identities=ids, identity=SERVER)
+    await hconn.run(_serve_stream)
+
+
+async def _serve_stream(stream: HboneStream) -> None:
+    await stream.respond(200)
     conn = h11.Connection(h11.SERVER)
     with trio.CancelScope() as scope:
         while True:
@@ -97,19 +100,20 @@ async def _get(pool: ConnectionPool, endpoint: Endpoint) -> UpstreamConnection:
 
 
 async def test_pooled_tunnels_end_with_the_certificates(
-    ids: LocalIdentityProvider, server: int, mock_clock: trio.testing.MockClock
+    ids: LocalIdentityProvider,
+    server: int,
+    mock_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
 ) -> None:
     netns = Netns.open("/proc/self/ns/net")
+    tunnels = TunnelPool(netns=netns, identities=ids, port=server)
+    await nursery.start(tunnels.run)
 
     async def connector(endpoint: Endpoint, service_port: int) -> trio.abc.Stream:
-        stream, _ = await open_tunnel(
-            netns=netns,
-            identities=ids,
+        stream, _ = await tunnels.open_stream(
             source_identity=CLIENT,
-            address=endpoint.address,
             expected_identity=SERVER,
-            request=TunnelRequest(port=endpoint.port),
-            port=server,
+            request=ConnectRequest(endpoint.address, endpoint.port),
         )
         return stream
 
@@ -131,6 +135,9 @@ async def test_pooled_tunnels_end_with_the_certificates(
         third = await _get(pool, endpoint)
         assert third is not second
         assert (pool.stats.connects, pool.stats.retired) == (3, 2)
+        # The tunnel pool retired the HBONE connections the same way (a new one each time).
+        assert tunnels.statistics()["connections_opened"] == 3
     finally:
         await pool.aclose()
+        await tunnels.aclose()
         netns.close()

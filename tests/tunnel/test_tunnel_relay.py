@@ -1,8 +1,9 @@
-"""The relay's fast path across a real TLS leg (no root): app ↔ relay ↔ TLS ↔ relay ↔ server.
+"""The relay's fast path across a real HBONE leg (no root): app ↔ relay ↔ CONNECT stream over
+TLS ↔ relay ↔ server.
 
 Both agents' relays run in this process over loopback TCP, each between a `trio.SocketStream`
-and a `TlsStream`, exactly the pairs the agent relays; the generic path (`fast=False`) must give
-the same bytes, counts and half-close behaviour.
+and an `HboneStream`, exactly the pairs the agent relays; the generic path (`fast=False`) must
+give the same bytes, counts and half-close behaviour (END_STREAM passed on as EOF).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -18,6 +20,7 @@ from pki import LocalIdentityProvider, ThrowawayCA, spiffe
 
 from nodeagent.proxy import relay as relay_module
 from nodeagent.proxy.relay import RelayResult, relay
+from nodeagent.tunnel import ConnectRequest, HboneConnection, HboneStream
 from nodeagent.tunnel.server import detach
 from nodeagent.tunnel.tls import TlsStream
 
@@ -58,12 +61,41 @@ async def tls_pair(ids: LocalIdentityProvider) -> tuple[TlsStream, TlsStream]:
     return cs, ss
 
 
+@asynccontextmanager
+async def hbone_pair(
+    ids: LocalIdentityProvider,
+) -> AsyncIterator[tuple[HboneStream, HboneStream, HboneConnection]]:
+    """One CONNECT stream: (client side, server side, the server's connection)."""
+    cs, ss = await tls_pair(ids)
+    client = HboneConnection(cs, client=True, peer_identity=B, peer_certificate=b"")
+    server = HboneConnection(ss, client=False, peer_identity=A, peer_certificate=b"")
+    send, receive = trio.open_memory_channel[HboneStream](1)
+    done = trio.Event()
+
+    async def handler(stream: HboneStream) -> None:
+        await stream.respond(200)
+        await send.send(stream)
+        await done.wait()  # the stream's owner (the relay) closes it
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.run)
+        nursery.start_soon(server.run, handler)
+        out = await client.open_stream(ConnectRequest("127.0.0.1", 9))
+        yield out, await receive.receive(), server
+        done.set()
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("fast", [True, False])
 async def test_two_relays_over_tls_bulk_both_ways_and_half_close(
     ids: LocalIdentityProvider, fast: bool
 ) -> None:
+    async with hbone_pair(ids) as (tunnel_out, tunnel_in, _):  # agent 1 → agent 2
+        await _bulk(tunnel_out, tunnel_in, fast)
+
+
+async def _bulk(tunnel_out: HboneStream, tunnel_in: HboneStream, fast: bool) -> None:
     app, agent1_down = await tcp_pair()  # the app's connection, captured by agent 1
-    tunnel_out, tunnel_in = await tls_pair(ids)  # agent 1 → agent 2
     agent2_up, server = await tcp_pair()  # agent 2 → the destination app
     upload = os.urandom(5 * 1024 * 1024 + 7)
     download = os.urandom(3 * 1024 * 1024 + 3)
@@ -105,6 +137,7 @@ async def test_two_relays_over_tls_bulk_both_ways_and_half_close(
         assert (results[name].sent, results[name].received) == (len(upload), len(download))
         assert results[name].error == ""
     assert len(relay_module._pool) <= relay_module.POOL_SIZE
+    assert len(relay_module._big_pool) <= relay_module.POOL_SIZE
 
 
 async def test_request_response_keeps_message_boundaries_latency_path(
@@ -112,8 +145,12 @@ async def test_request_response_keeps_message_boundaries_latency_path(
 ) -> None:
     """Small messages on a persistent connection, the L4 bench's pattern: every reply arrives
     before the next request (a relay that waited for a full buffer would hang here)."""
+    async with hbone_pair(ids) as (tunnel_out, tunnel_in, _):
+        await _round_trips(tunnel_out, tunnel_in)
+
+
+async def _round_trips(tunnel_out: HboneStream, tunnel_in: HboneStream) -> None:
     app, agent1_down = await tcp_pair()
-    tunnel_out, tunnel_in = await tls_pair(ids)
     agent2_up, server = await tcp_pair()
 
     async def echo() -> None:
@@ -138,27 +175,28 @@ async def test_request_response_keeps_message_boundaries_latency_path(
 
 async def test_reset_on_the_tls_leg_ends_both_relays(ids: LocalIdentityProvider) -> None:
     app, agent1_down = await tcp_pair()
-    tunnel_out, tunnel_in = await tls_pair(ids)
     results: list[RelayResult] = []
+    async with hbone_pair(ids) as (tunnel_out, tunnel_in, server_conn):
 
-    async def agent1() -> None:
-        results.append(await relay(agent1_down, tunnel_out, idle_timeout=30))
+        async def agent1() -> None:
+            results.append(await relay(agent1_down, tunnel_out, idle_timeout=30))
 
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(agent1)
-            await app.send_all(b"hello")
-            assert await tunnel_in.receive_some(5) == b"hello"
-            tunnel_in.socket.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-            )
-            await tunnel_in.aclose()  # RST under the TLS leg
-            # The app sees its connection end (EOF or reset), not a hang.
-            try:
-                rest = await app.receive_some(10)
-            except trio.BrokenResourceError:
-                rest = b""
-            assert rest == b""
-            await app.aclose()  # the relay's other direction ends on this EOF (or the reset)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(agent1)
+                await app.send_all(b"hello")
+                assert await tunnel_in.receive_some(5) == b"hello"
+                server_conn.tls.socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
+                server_conn.fail("test: reset")  # RST under the TLS leg
+                # The app sees its connection end (EOF or reset), not a hang.
+                try:
+                    rest = await app.receive_some(10)
+                except trio.BrokenResourceError:
+                    rest = b""
+                assert rest == b""
+                await app.aclose()
     assert results[0].sent == 5
     assert results[0].received == 0
+    assert results[0].error  # a reset, not a clean end

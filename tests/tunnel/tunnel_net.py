@@ -30,6 +30,7 @@ from nodeagent.inpod import (
 )
 from nodeagent.proxy.pod import PodProxy
 from nodeagent.snapshot import Snapshot, Workload
+from nodeagent.tunnel import ConnectRequest, HboneStream, SourceInfo, TunnelInfo, TunnelPool
 
 A_IP, B_IP, VIP = "10.124.0.2", "10.124.0.3", "10.96.0.10"
 A_ID, B_ID = spiffe("client", "sleep"), spiffe("shop", "web")
@@ -111,14 +112,17 @@ def me(uid: str, ns: str, sa: str, ip_: str, labels: dict[str, str]) -> Workload
 
 
 @asynccontextmanager
-async def running_mesh(ns: Namespaces, *, identity_wait: float = 2.0) -> AsyncIterator[Mesh]:
+async def running_mesh(
+    ns: Namespaces, *, identity_wait: float = 2.0, redirect_a: bool = True
+) -> AsyncIterator[Mesh]:
     ca = ThrowawayCA()
     identities = LocalIdentityProvider(ca)
     identities.ensure(A_ID)
     identities.ensure(B_ID)
     holder = [build_snapshot()]
     spec = RedirectionSpec.from_annotations({})
-    await aapply_redirection(ns.a, spec)
+    if redirect_a:  # off: pod A's netns is a plain client (the interop test's Node process)
+        await aapply_redirection(ns.a, spec)
     await aapply_redirection(ns.b, spec)
     proxies = []
     for netns, wl in (
@@ -182,3 +186,15 @@ async def app_call(
             return b""
         finally:
             await stream.aclose()
+
+
+async def open_stream(
+    mesh: Mesh, port: int, *, expected: str = B_ID, pool: TunnelPool | None = None
+) -> tuple[HboneStream, TunnelInfo]:
+    """A CONNECT stream from pod A to B's `port` (on A's own pool unless `pool` is given)."""
+    pool = pool if pool is not None else mesh.a.core.pool
+    return await pool.open_stream(
+        source_identity=A_ID,
+        expected_identity=expected,
+        request=ConnectRequest(B_IP, port, source=SourceInfo("client", "a", A_ID, A_IP)),
+    )
