@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from nodeagent.snapshot.model import Service, Workload
 from nodeagent.snapshot.snapshot import Snapshot
@@ -31,8 +31,27 @@ from nodeagent.telemetry.metrics import (
 )
 from nodeagent.telemetry.tracing import ActiveSpan, Tracer
 
-if TYPE_CHECKING:
-    from nodeagent.http.log import RequestLog
+
+class RequestRecord(Protocol):
+    """What `record_request` reads of one finished HTTP request (the HTTP proxy's
+    `nodeagent.http.log.RequestLog` is one): telemetry stays below the proxy that feeds it."""
+
+    method: str
+    authority: str
+    path: str
+    code: int
+    bytes_received: int
+    bytes_sent: int
+    duration: float
+    upstream: str | None
+    upstream_cluster: str | None
+    request_id: str
+    connection_id: int
+    downstream_address: str
+    trace_id: str
+
+    @property
+    def response_flags(self) -> str: ...
 
 
 class Sinks(Protocol):
@@ -206,7 +225,7 @@ class TcpRecorder:
 def record_request(
     sinks: Sinks,
     snap: Snapshot,
-    entry: RequestLog,
+    entry: RequestRecord,
     *,
     source: Workload | None,
     namespace: str,
