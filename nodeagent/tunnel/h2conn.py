@@ -11,6 +11,10 @@ is RST_STREAM, and flow control follows the windows of `hbone.py`.
 
 Bulk cost is per frame, not per byte: frames are up to 1 MiB, the reader hands `h2` up to 256 KiB
 of TLS plaintext per call, and DATA payloads are passed on as the `bytes` h2 made of them.
+
+Why one module of ~650 lines: the connection, its reader, its single writer and its streams share
+one `h2` state machine and the invariants around it (who may write the socket, when a window
+opens); split across files they would still be one unit, read less easily.
 """
 
 from __future__ import annotations
