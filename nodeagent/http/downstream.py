@@ -26,6 +26,7 @@ from nodeagent.routing import HeaderOps
 from nodeagent.sockio import FastIO
 
 T = TypeVar("T")
+TOUCH_SLACK = 0.01  # of the stream idle timeout: how stale its deadline may get before it moves
 
 
 class HeadTimeout(Exception):
@@ -55,9 +56,18 @@ class Downstream:
         self.tasks: trio.Nursery | None = None  # the connection's nursery (client watches)
 
     def touch(self) -> None:
-        """Bytes moved for the current request: the stream is not idle."""
-        if self.idle is not None:
-            self.idle.deadline = trio.current_time() + self.limits.stream_idle_timeout
+        """Bytes moved for the current request: the stream is not idle.
+
+        The deadline moves only once it lags by more than `TOUCH_SLACK` of the timeout: every
+        move re-files the scope in trio's deadline heap, and a request moves bytes several times
+        (that churn was a measurable share of the CPU per request). The timeout fires at most 1%
+        early (3 s of Envoy's 300 s default)."""
+        idle = self.idle
+        if idle is not None:
+            timeout = self.limits.stream_idle_timeout
+            deadline = trio.current_time() + timeout
+            if deadline - idle.deadline > timeout * TOUCH_SLACK:
+                idle.deadline = deadline
 
     async def read_head(self) -> h11.Event | type[h11.PAUSED]:
         """The next request head (or ConnectionClosed): the first byte within
@@ -118,8 +128,7 @@ class Downstream:
         """Read from the client into h11, checked by the framing rules first."""
         data = await self.io.receive_some(self.limits.read_size)
         self.received += len(data)
-        if self.idle is not None:
-            self.touch()
+        self.touch()
         self.framing.feed(data)
         self.conn.receive_data(data)
         return data
