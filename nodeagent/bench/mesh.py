@@ -13,9 +13,13 @@ three set-ups, measured back to back for every scenario and load so they share t
   opted-out server (`nodeagent.bench.haproxy`).
 
 Scenarios: `l4` (64-byte request/response on persistent connections), `connect` (a new connection
-per request), `http` (HTTP/1.1 keep-alive GET through a routing rule), `bulk` (MB/s). Loads: fixed
+per request), `http` (HTTP/1.1 keep-alive GET through a routing rule), `bulk` (MB/s). The HTTP
+server is the anchors' workload by default (`--server nginx`: Debian's nginx serving a 1 KB
+static file, `nginx.py`), or the built-in 2-byte responder (`--server builtin`). Loads: fixed
 rates with coordinated-omission correction (`loadgen`), and a max-rate run (loadgen closed-loop
-for L4, wrk for HTTP). Around every measurement both agents' CPU time and RSS are read from /proc.
+for L4, wrk for HTTP). Around every measurement both agents' and both HAProxies' CPU time (and
+the agents' RSS) are read from /proc, so CPU per 1,000 requests is a mesh/HAProxy ratio from one
+run, beside ztunnel's and the waypoint's published vCPU per 1,000 req/s (`REFERENCE_VCPU_PER_1K`).
 Then config propagation (apply → every agent's snapshot at that revision, via `/config_dump`) and
 enrollment latency (the `enroll` bench) are measured.
 
@@ -46,7 +50,7 @@ from typing import Any
 import trio
 
 from nodeagent.admin.client import admin_json
-from nodeagent.bench import Result
+from nodeagent.bench import Result, nginx
 from nodeagent.bench import enroll as enroll_bench
 from nodeagent.bench.haproxy import HAProxyPipeline, Hop
 from nodeagent.bench.stats import percentile
@@ -69,6 +73,10 @@ PORTS = {"echo": 7000, "http": 8080, "bulk": 7001}
 HAPROXY_PORTS = {"echo": 17000, "http": 18080, "bulk": 17001}
 OPT_OUT = {"istio.io/dataplane-mode": "none"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+SERVERS = ("nginx", "builtin")
+# Istio's published figures (istio.io "Performance and Scalability", 1 KB HTTP/1.1 through nginx):
+# vCPU per 1,000 requests/s of one ztunnel (L4) and of one waypoint (HTTP).
+REFERENCE_VCPU_PER_1K = {"ztunnel": 0.06, "waypoint": 0.25}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-max", action="store_true", help="skip the max-rate runs")
     parser.add_argument(
         "--scenarios", default=",".join(SCENARIOS), help="subset of " + ",".join(SCENARIOS)
+    )
+    parser.add_argument(
+        "--server",
+        choices=SERVERS,
+        default="nginx",
+        help="HTTP server in the server pods: nginx with a 1 KB file (the anchors' workload), "
+        "or the built-in 2-byte responder",
     )
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--size", type=int, default=64, help="request/response bytes")
@@ -402,6 +417,7 @@ def run(args: argparse.Namespace) -> Result:
             "connections": args.connections,
             "size": args.size,
             "scenarios": ",".join(scenarios),
+            "server": getattr(args, "server", "nginx"),
         },
     )
     result.meta = {
@@ -459,13 +475,19 @@ def _run_scenarios(
     result: Result,
 ) -> tuple[Pod, str]:
     """Runs `scenarios`; returns the meshed client and the address the mesh set-up targets."""
-    server_cmd = [sys.executable, "-m", "nodeagent.bench.server"]
     for pod in sb.pods():
         if pod.namespace == NS:
             raise RuntimeError(f"sandbox already has bench pods ({pod.key})")
-    srv_direct = sb.pod_add("n2", NS, "server-direct", server_cmd, labels=OPT_OUT)
+    srv_direct = sb.pod_add(
+        "n2", NS, "server-direct", _server_cmd(sb, args, "direct"), labels=OPT_OUT
+    )
     srv_mesh = sb.pod_add(
-        "n2", NS, "server-mesh", server_cmd, labels={"app": SERVICE}, service_account=SERVICE
+        "n2",
+        NS,
+        "server-mesh",
+        _server_cmd(sb, args, "mesh"),
+        labels={"app": SERVICE},
+        service_account=SERVICE,
     )
     cli_direct = sb.pod_add("n1", NS, "client-direct", ["sleep", "infinity"], labels=OPT_OUT)
     cli_mesh = sb.pod_add("n1", NS, "client-mesh", ["sleep", "infinity"], service_account="client")
@@ -606,6 +628,14 @@ def parse_hey(text: str) -> dict[str, Any]:
     }
 
 
+def _server_cmd(sb: Sandbox, args: argparse.Namespace, which: str) -> list[str]:
+    """A server pod's command; nginx's files go under the sandbox's state dir (removed by
+    `down`)."""
+    if getattr(args, "server", "nginx") == "builtin":
+        return [sys.executable, "-m", "nodeagent.bench.server"]
+    return nginx.server_argv(sb.state_dir / f"nginx-{which}", PORTS)
+
+
 def _probe(sb: Sandbox, client: Pod, ip: str, port: int = PORTS["echo"]) -> bool:
     argv = [sys.executable, "-m", "nodeagent.bench.loadgen", "probe", f"{ip}:{port}"]
     return sb.exec(client, argv, timeout=20).returncode == 0
@@ -681,6 +711,38 @@ def figures(result: Result) -> None:
             add(f"{scenario} {load} agent CPU per 1000 req", per_1k, "s")
             add(f"{scenario} {load} agent vCPU", per_1k * rate / 1000.0, "vCPU")
             add(f"{scenario} {load} agent idle vCPU", idle / wall, "vCPU")
+        _cpu_figures(add, str(scenario), str(load), m, index.get((scenario, load, "haproxy")))
         rss = m.get("agent_rss_mib") if m else None
         if isinstance(rss, dict) and rss:
             add(f"{scenario} {load} agent RSS max", max(float(v) for v in rss.values()), "MiB")
+
+
+def _cpu_figures(
+    add: Callable[[str, float, str], None],
+    scenario: str,
+    load: str,
+    mesh_row: dict[str, Any] | None,
+    haproxy_row: dict[str, Any] | None,
+) -> None:
+    """CPU per 1,000 requests of the mesh (per agent too) and of HAProxy (both processes) from
+    the same run, their ratio, and the per-agent vCPU at 1,000 req/s beside Istio's published
+    figures (ztunnel for L4, the waypoint for HTTP). Raw process CPU on both sides (no idle
+    subtracted), so the ratio compares like with like."""
+    mesh_ms = (mesh_row or {}).get("agent_cpu_ms_per_req")
+    hap_ms = (haproxy_row or {}).get("haproxy_cpu_ms_per_req")
+    if isinstance(mesh_ms, int | float):
+        add(f"{scenario} {load} mesh CPU per 1000 req", mesh_ms, "s")
+        per_agent = mesh_ms / 2  # two agents: the client's node and the server's
+        add(f"{scenario} {load} CPU per 1000 req per agent", per_agent, "vCPU per 1000 req/s")
+        reference = {"l4": "ztunnel", "http": "waypoint"}.get(scenario)
+        if reference is not None:
+            ref = REFERENCE_VCPU_PER_1K[reference]
+            add(
+                f"{scenario} {load} per agent / {reference} published {ref:g}",
+                per_agent / ref,
+                "ratio",
+            )
+    if isinstance(hap_ms, int | float):
+        add(f"{scenario} {load} haproxy CPU per 1000 req", hap_ms, "s")
+        if isinstance(mesh_ms, int | float) and hap_ms > 0:
+            add(f"{scenario} {load} CPU per 1000 req mesh/haproxy", mesh_ms / hap_ms, "ratio")

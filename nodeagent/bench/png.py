@@ -8,6 +8,7 @@ PNG (filter 0 on every row). `bar_chart(panels)` lays out one panel per (scenari
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from collections.abc import Sequence
@@ -126,9 +127,30 @@ class Panel:
     series: Sequence[str]  # e.g. direct, mesh, haproxy
     values: Sequence[Sequence[float | None]]  # values[group][series]
     unit: str = "ms"
+    log: bool | None = None  # None: a log axis when the values span more than LOG_SPAN
 
 
 PANEL_W, PANEL_H = 420, 230
+LOG_SPAN = 20.0  # largest/smallest positive value past which a panel's axis is logarithmic
+
+
+def log_axis(p: Panel) -> bool:
+    """Whether `p` is drawn on a log axis: asked for, or its values span orders of magnitude
+    (the mesh's ms beside direct's µs would otherwise leave the small bars one pixel high)."""
+    if p.log is not None:
+        return p.log
+    positive = [v for g in p.values for v in g if v is not None and v > 0]
+    return bool(positive) and max(positive) / min(positive) > LOG_SPAN
+
+
+def bar_height(value: float, low: float, peak: float, span: int, log: bool) -> int:
+    """Pixels of a bar of `value` in an axis of `span` pixels from `low` (log) or 0 to `peak`."""
+    if log:
+        if value <= 0:
+            return 1
+        floor = low / 2  # the smallest bar still shows
+        return max(1, round(span * math.log(value / floor) / math.log(peak / floor)))
+    return max(1, round(span * value / peak))
 
 
 def bar_chart(panels: Sequence[Panel], columns: int = 2) -> bytes:
@@ -154,6 +176,8 @@ def _panel(c: Canvas, p: Panel, ox: int, oy: int) -> None:
     top, bottom, left, right = oy + 40, oy + PANEL_H - 24, ox + 10, ox + PANEL_W - 10
     c.rect(left, bottom, right - left, 1, BLACK)
     peak = max((v for g in p.values for v in g if v is not None), default=0.0) or 1.0
+    log = log_axis(p)
+    low = min((v for g in p.values for v in g if v is not None and v > 0), default=peak)
     group_w = (right - left) // max(1, len(p.groups))
     bar_w = max(4, (group_w - 20) // max(1, len(p.series)))
     for gi, group in enumerate(p.groups):
@@ -162,9 +186,10 @@ def _panel(c: Canvas, p: Panel, ox: int, oy: int) -> None:
         for si, value in enumerate(p.values[gi]):
             if value is None:
                 continue
-            h = max(1, round((bottom - top - 12) * value / peak))
+            h = bar_height(value, low, peak, bottom - top - 12, log)
             bx = gx + si * bar_w
             c.rect(bx, bottom - h, bar_w - 3, h, SERIES_COLORS[si % len(SERIES_COLORS)])
             label = f"{value:.2f}" if value < 100 else f"{value:.0f}"
             c.text(bx, bottom - h - 9, label)
-    c.text(right - Canvas.text_width(p.unit), oy + 10, p.unit, GREY)
+    unit = f"{p.unit}, log" if log else p.unit
+    c.text(right - Canvas.text_width(unit), oy + 10, unit, GREY)

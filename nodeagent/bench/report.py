@@ -105,6 +105,45 @@ def chart_panels(doc: dict[str, Any]) -> list[Panel]:
     return panels
 
 
+def cpu_section(doc: dict[str, Any]) -> list[str]:
+    """CPU per 1,000 requests per fixed-rate load: the mesh (both agents, and per agent beside
+    Istio's published vCPU per 1,000 req/s), HAProxy (both processes), their ratio; with the CPU
+    model, since these figures move with the machine more than any other."""
+    figures = {f["metric"]: float(f["value"]) for f in doc.get("figures") or []}
+    cpu = ((doc.get("meta") or {}).get("machine") or {}).get("cpu", "?")
+    body = []
+    for r in doc.get("rows") or []:
+        scenario, load = r["scenario"], r["load"]
+        if r["setup"] != "mesh" or load in ("max", "-"):
+            continue
+        key = f"{scenario} {load}"
+        mesh = figures.get(f"{key} mesh CPU per 1000 req")
+        if mesh is None:
+            continue
+        reference = {"l4": "ztunnel 0.06", "http": "waypoint 0.25"}.get(scenario, "-")
+        body.append(
+            [
+                key,
+                _fmt(mesh),
+                _fmt(figures.get(f"{key} CPU per 1000 req per agent")),
+                _fmt(figures.get(f"{key} haproxy CPU per 1000 req")),
+                _fmt(figures.get(f"{key} CPU per 1000 req mesh/haproxy")),
+                reference,
+            ]
+        )
+    if not body:
+        return []
+    heads = ["load", "mesh (2 agents)", "per agent", "haproxy (2)", "mesh/haproxy", "published"]
+    return [
+        "",
+        "## CPU per 1,000 requests (s, i.e. vCPU at 1,000 req/s)",
+        "",
+        f"On {cpu}; process CPU from /proc around each run, warm-up included in the count.",
+        "",
+        *_md_table(heads, body),
+    ]
+
+
 def render_markdown(doc: dict[str, Any], png_name: str | None = PNG_NAME) -> str:
     meta = doc.get("meta") or {}
     m = meta.get("machine") or {}
@@ -152,6 +191,7 @@ def render_markdown(doc: dict[str, Any], png_name: str | None = PNG_NAME) -> str
             ]
         )
     lines += _md_table(["target", "limit", "measured", ""], target_rows)
+    lines += cpu_section(doc)
     lines += [
         "",
         "Where the agents' CPU goes (py-spy profiles: `scripts/bench mesh --profile DIR`), what",

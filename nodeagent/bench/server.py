@@ -159,13 +159,14 @@ class Server:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nodeagent.bench.server", description=__doc__)
     parser.add_argument("--echo", type=int, default=7000)
-    parser.add_argument("--http", type=int, default=8080)
+    parser.add_argument("--http", type=int, default=8080, help="0: no HTTP listener (nginx serves)")
     parser.add_argument("--bulk", type=int, default=7001)
     parser.add_argument("--host", default="0.0.0.0")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        server = Server({"echo": args.echo, "http": args.http, "bulk": args.bulk}, args.host)
+        ports = {"echo": args.echo, "http": args.http, "bulk": args.bulk}
+        server = Server({kind: port for kind, port in ports.items() if port}, args.host)
     except OSError as exc:
         print(exc, file=sys.stderr)
         return 1

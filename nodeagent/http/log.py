@@ -73,16 +73,17 @@ def start_span(
     """The CLIENT span of this request (continuing the caller's trace); its context goes
     upstream in the headers and, through CURRENT_TRACE, in a new tunnel's header."""
     span = tracer.start(
-        req.headers,
-        kind="CLIENT",
-        name=f"{request.authority_host}:{request.port}/*",
-        tags={
-            "http.method": entry.method,
-            "http.url": f"http://{request.authority}{entry.path}",
-            "guid:x-request-id": entry.request_id,
-            "component": "proxy",
-        },
+        req.headers, kind="CLIENT", name=f"{request.authority_host}:{request.port}/*"
     )
+    if span.sampled:  # tags only for a span that is exported (1% by default): less per request
+        span.span.tags.update(
+            {
+                "http.method": entry.method,
+                "http.url": f"http://{request.authority}{entry.path}",
+                "guid:x-request-id": entry.request_id,
+                "component": "proxy",
+            }
+        )
     entry.span, entry.trace_id = span, span.trace_id
     entry.trace_headers = [
         (k.decode("latin-1"), v.decode("latin-1"))
@@ -108,13 +109,16 @@ class RequestRecorder:
 
     def finish(self, entry: RequestLog, started: float) -> None:
         entry.duration = trio.current_time() - started
-        if entry.span is not None:
-            tags = {"response_flags": entry.response_flags}
-            if entry.upstream_cluster:
-                tags["upstream_cluster"] = entry.upstream_cluster
-            if entry.upstream:
-                tags["upstream_host"] = entry.upstream
-            entry.span.finish(status_code=entry.code, tags=tags)
+        span = entry.span
+        if span is not None:
+            tags = None
+            if span.sampled:  # an unsampled span is dropped: its tags would be work for nothing
+                tags = {"response_flags": entry.response_flags}
+                if entry.upstream_cluster:
+                    tags["upstream_cluster"] = entry.upstream_cluster
+                if entry.upstream:
+                    tags["upstream_host"] = entry.upstream
+            span.finish(status_code=entry.code, tags=tags)
         stats = self.stats
         stats["requests"] += 1
         stats[_CODE_KEYS.get(entry.code // 100) or f"code_{entry.code // 100}xx"] += 1

@@ -26,7 +26,7 @@ import trio
 from nodeagent.balance import PickContext, Registry
 from nodeagent.http import flags
 from nodeagent.http.attempt import AttemptOutcome, Attempts
-from nodeagent.http.downstream import Downstream, HeadTimeout, RequestBody, answer_locally
+from nodeagent.http.downstream import Downstream, RequestBody, answer_locally
 from nodeagent.http.errors import DownstreamError, DownstreamProtocolError
 from nodeagent.http.headers import (
     decode,
@@ -164,34 +164,34 @@ class HttpProxy:
         mirrors: trio.Nursery,
     ) -> None:
         try:
-            while True:
-                received_before = down.received
-                event = await self._read_head(down, conn_id)
-                if not isinstance(event, h11.Request):
-                    return  # closed, malformed or timed out (answered), or idle
-                keep = await self._handle(
-                    down, event, port, host, client_address, conn_id, mirrors, received_before
-                )
-                if not keep:
-                    return
-                down.conn.start_next_cycle()
+            with down.head_timer:  # the head timeouts (`Downstream.read_head`)
+                while True:
+                    received_before = down.received
+                    event = await self._read_head(down, conn_id)
+                    if not isinstance(event, h11.Request):
+                        return  # closed, malformed (answered), or idle
+                    keep = await self._handle(
+                        down, event, port, host, client_address, conn_id, mirrors, received_before
+                    )
+                    if not keep:
+                        return
+                    down.conn.start_next_cycle()
+            if down.head_timer.cancelled_caught and down.head_started:
+                # A head trickle: tell the client, as Envoy does (408). Keep-alive idle (nothing
+                # was asked) closes quietly.
+                entry = RequestLog(method="-", authority="-", path="-", connection_id=conn_id)
+                entry.flags.append(flags.DURATION_TIMEOUT)
+                entry.bytes_received = down.received
+                await answer_locally(down, entry, 408, b"request header timeout", close=True)
+                self._recorder.finish(entry, down.head_began)
         except (trio.BrokenResourceError, trio.ClosedResourceError, DownstreamError):
             pass
 
     async def _read_head(
         self, down: Downstream, conn_id: int
     ) -> h11.Event | type[h11.PAUSED] | None:
-        started = trio.current_time()
         try:
             event = await down.read_head()
-        except HeadTimeout as exc:
-            if exc.started:  # a head trickle: tell the client, as Envoy does (408)
-                entry = RequestLog(method="-", authority="-", path="-", connection_id=conn_id)
-                entry.flags.append(flags.DURATION_TIMEOUT)
-                entry.bytes_received = down.received
-                await answer_locally(down, entry, 408, b"request header timeout", close=True)
-                self._recorder.finish(entry, started)
-            return None  # else: keep-alive idle, nothing was asked; close quietly
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint if exc.error_status_hint >= 400 else 400
             entry = RequestLog(method="-", authority="-", path="-", connection_id=conn_id)
@@ -199,7 +199,7 @@ class HttpProxy:
             if down.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 reason = _REASONS.get(status, "Bad Request")
                 await answer_locally(down, entry, status, reason.encode(), close=True)
-            self._recorder.finish(entry, started)
+            self._recorder.finish(entry, down.head_began)
             return None
         if isinstance(event, h11.Request) and (
             len(event.headers) > self.limits.max_headers
@@ -208,7 +208,7 @@ class HttpProxy:
             entry = entry_for(event, conn_id)
             entry.flags.append(flags.DOWNSTREAM_PROTOCOL_ERROR)
             await answer_locally(down, entry, 431, b"request headers too large", close=True)
-            self._recorder.finish(entry, started)
+            self._recorder.finish(entry, down.head_began)
             return None
         return event
 

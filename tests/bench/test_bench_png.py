@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 
-from nodeagent.bench.png import SERIES_COLORS, Canvas, Panel, bar_chart
+from nodeagent.bench.png import SERIES_COLORS, Canvas, Panel, bar_chart, bar_height, log_axis
 
 
 def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
@@ -83,3 +83,19 @@ def test_bar_chart_refuses_no_panels_and_canvas_bad_size() -> None:
         bar_chart([])
     with pytest.raises(ValueError, match="out of range"):
         Canvas(0, 5)
+
+
+def test_values_spanning_orders_of_magnitude_get_a_log_axis() -> None:
+    wide = Panel("http", ("p50",), ("direct", "mesh"), [[0.05, 40.0]])
+    narrow = Panel("l4", ("p50",), ("direct", "mesh"), [[0.1, 0.3]])
+    assert log_axis(wide)
+    assert not log_axis(narrow)
+    assert not log_axis(Panel("forced", ("p50",), ("direct",), [[0.05, 40.0]], log=False))
+    # On the log axis the smallest bar stays readable; linear, it would be one pixel.
+    assert bar_height(0.05, 0.05, 40.0, 150, log=True) > 10
+    assert bar_height(0.05, 0.05, 40.0, 150, log=False) == 1
+    assert bar_height(40.0, 0.05, 40.0, 150, log=True) == 150
+    # Larger values stay taller.
+    assert bar_height(1.0, 0.05, 40.0, 150, log=True) < bar_height(4.0, 0.05, 40.0, 150, log=True)
+    data = bar_chart([wide, narrow])
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"

@@ -30,8 +30,8 @@ def sample_result() -> Result:
     r = Result("mesh", {"duration_s": 3.0, "mesh_target": "vip"})
     r.rows = [
         row("direct"),
-        row("mesh", p50_ms=0.3, p90_ms=0.6, p99_ms=1.0, agent_cpu_s=0.74),
-        row("haproxy", p50_ms=0.2, p90_ms=0.3, p99_ms=0.5),
+        row("mesh", p50_ms=0.3, p90_ms=0.6, p99_ms=1.0, agent_cpu_s=0.74, agent_cpu_ms_per_req=0.2),
+        row("haproxy", p50_ms=0.2, p90_ms=0.3, p99_ms=0.5, haproxy_cpu_ms_per_req=0.05),
         row("direct", "http", "max", rate=40000.0),
         row("mesh", "http", "max", rate=6000.0),
         row("haproxy", "http", "max", rate=20000.0),
@@ -65,6 +65,19 @@ def test_figures_added_latency_ratios_cpu_and_throughput() -> None:
     assert f["l4 1000/s agent RSS max"] == 70.0
     assert f["http max rate mesh/direct"] == pytest.approx(0.15)
     assert f["bulk mesh/direct"] == pytest.approx(0.3)
+
+
+def test_cpu_per_1000_requests_mesh_per_agent_haproxy_and_published() -> None:
+    f = fig(sample_result())
+    assert f["l4 1000/s mesh CPU per 1000 req"] == pytest.approx(0.2)
+    assert f["l4 1000/s CPU per 1000 req per agent"] == pytest.approx(0.1)
+    assert f["l4 1000/s haproxy CPU per 1000 req"] == pytest.approx(0.05)
+    assert f["l4 1000/s CPU per 1000 req mesh/haproxy"] == pytest.approx(4.0)
+    assert f["l4 1000/s per agent / ztunnel published 0.06"] == pytest.approx(0.1 / 0.06)
+    md = render_markdown(sample_result().to_json())
+    assert "## CPU per 1,000 requests" in md
+    assert "On Test CPU;" in md
+    assert "| l4 1000/s | 0.200 | 0.100 | 0.050 | 4.000 | ztunnel 0.06 |" in md
 
 
 def test_markdown_has_machine_command_targets_and_rows() -> None:

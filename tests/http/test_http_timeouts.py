@@ -23,6 +23,7 @@ from http_helpers import (
 )
 
 from nodeagent.http import HttpProxy, Limits, RequestLog
+from nodeagent.http.downstream import Downstream
 from nodeagent.routing import Source
 from nodeagent.snapshot import Snapshot
 
@@ -178,3 +179,18 @@ async def test_client_that_gives_up_cancels_the_attempt_and_frees_the_connection
         assert trio.current_time() - started < 0.5  # not the slow request's remaining 4 s
         first = e.logs[0]
         assert (first.path, first.code, first.response_flags) == ("/slow", 0, "DC")
+
+
+async def test_touch_moves_the_idle_deadline_only_once_it_lags_by_the_slack(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    a, _b = trio.testing.memory_stream_pair()
+    down = Downstream(a, Limits(stream_idle_timeout=100.0))
+    down.idle = trio.CancelScope(deadline=trio.current_time() + 100.0)
+    first = down.idle.deadline
+    await trio.sleep(0.5)  # under 1% of 100 s: the deadline stays where it was
+    down.touch()
+    assert down.idle.deadline == first
+    await trio.sleep(1.0)  # 1.5 s stale: it moves to a full timeout from now
+    down.touch()
+    assert down.idle.deadline == trio.current_time() + 100.0

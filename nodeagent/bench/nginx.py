@@ -1,0 +1,76 @@
+"""The server pod's HTTP server for the anchors' workload: nginx (Debian's `nginx-light`)
+serving a 1 KB static file, as Istio's published benchmarks do.
+
+`server_argv(...)` is the pod's command: nginx in the foreground on the HTTP port, beside the
+built-in server (`nodeagent.bench.server`) for the echo and bulk ports, in one process group
+(the sandbox stops pods by their group, so nginx goes with the pod). Everything nginx writes
+(config, the file, pid, temp dirs) lives under one directory of the run.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+RESPONSE_BYTES = 1024
+
+
+def nginx_binary() -> str:
+    """nginx's path; a clear error when it is missing (scripts/bootstrap installs it)."""
+    path = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "")
+    if not path:
+        raise RuntimeError(
+            "the nginx workload needs nginx (Debian nginx-light): run scripts/bootstrap"
+        )
+    return path
+
+
+def config(root: Path, port: int) -> str:
+    """One worker, no access log, keep-alive without a request limit (wrk/loadgen connections
+    stay up for the whole run), the 1 KB file from `root`."""
+    return f"""daemon off;
+master_process off;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    default_type text/plain;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    server {{
+        listen {port} reuseport;
+        root {root}/www;
+        index index.html;
+    }}
+}}
+"""
+
+
+def prepare(root: Path, port: int) -> Path:
+    """Write the config and the 1 KB file under `root`; returns the config's path."""
+    (root / "www").mkdir(parents=True, exist_ok=True)
+    (root / "www" / "index.html").write_bytes(b"x" * (RESPONSE_BYTES - 1) + b"\n")
+    conf = root / "nginx.conf"
+    conf.write_text(config(root, port))
+    return conf
+
+
+def server_argv(root: Path, ports: dict[str, int]) -> list[str]:
+    """The server pod's command: nginx on ports["http"], the built-in server on the others."""
+    conf = prepare(root, ports["http"])
+    builtin = [
+        sys.executable, "-m", "nodeagent.bench.server",
+        "--echo", str(ports["echo"]), "--bulk", str(ports["bulk"]), "--http", "0",
+    ]  # fmt: skip
+    nginx = [nginx_binary(), "-c", str(conf), "-e", "stderr"]
+    return ["sh", "-c", f"{shlex.join(nginx)} & exec {shlex.join(builtin)}"]
