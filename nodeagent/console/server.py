@@ -23,13 +23,13 @@ from nodeagent.console.rollouts import PREFIX as ROLLOUTS
 from nodeagent.console.rollouts import read_rollouts
 from nodeagent.console.traffic import parse_scrape
 from nodeagent.contract import METRICS_PATH
-from nodeagent.httpclient import HttpClientError, HttpConnection
 from nodeagent.httpserver import TcpHttpServer
 from nodeagent.log import get_logger
+from nodeagent.rollout.sources import SourceError, addresses_of, http_get
 from nodeagent.snapshot import SnapshotBuilder
 from nodeagent.store import KeyValue, Store, StoreError, open_store
 from nodeagent.store.codec import decode
-from nodeagent.store.keys import CERTS, NODES, ROOT
+from nodeagent.store.keys import CERTS, ROOT
 
 log = get_logger("console")
 SCRAPE_TIMEOUT = 2.0
@@ -67,18 +67,7 @@ def certs_of(kvs: Sequence[KeyValue]) -> list[IssuedCert]:
 def agents_of(kvs: Sequence[KeyValue], known: dict[str, Agent]) -> dict[str, Agent]:
     """The agents' node records → agents to scrape (keeping what is known of each)."""
     out: dict[str, Agent] = {}
-    for kv in kvs:
-        if not kv.key.startswith(NODES):
-            continue
-        try:
-            doc = decode(kv)
-        except StoreError as exc:
-            log.warning("console.bad_node_record", key=kv.key, error=str(exc))
-            continue
-        metrics = doc.get("metrics") if isinstance(doc, dict) else None
-        if not isinstance(metrics, str) or ":" not in metrics:
-            continue
-        node = kv.key.removeprefix(NODES)
+    for node, metrics in addresses_of(kvs).items():
         old = known.get(node)
         out[node] = old if old is not None and old.metrics == metrics else Agent(node, metrics)
     return out
@@ -139,32 +128,19 @@ class Console:
                 nursery.start_soon(self._scrape, agent)
 
     async def _scrape(self, agent: Agent) -> None:
-        host, _, port = agent.metrics.rpartition(":")
+        url = f"http://{agent.metrics}{METRICS_PATH}"
         try:
-            with trio.fail_after(SCRAPE_TIMEOUT):
-                text = await fetch(host.strip("[]"), int(port), METRICS_PATH)
-            scrape = parse_scrape(text)
-        except (HttpClientError, OSError, ValueError, trio.TooSlowError) as exc:
+            status, body = await http_get(url, within=SCRAPE_TIMEOUT, limit=MAX_SCRAPE)
+            if status != 200:
+                raise SourceError(f"GET {url}: HTTP {status}")
+            scrape = parse_scrape(body.decode("utf-8", "replace"))
+        except (SourceError, ValueError) as exc:
             agent.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             return
         now = time.time()
         agent.error = None
         agent.last_scrape = now
         self.state.traffic.record(agent.node, now, scrape)
-
-
-async def fetch(host: str, port: int, path: str) -> str:
-    """One GET over a fresh connection; ValueError on a non-200 answer."""
-    conn = await HttpConnection.open(host, port, host_header=f"{host}:{port}", peer="agent")
-    try:
-        await conn.send("GET", path)
-        status = await conn.read_head()
-        body = await conn.read_body(MAX_SCRAPE)
-    finally:
-        await conn.aclose()
-    if status != 200:
-        raise ValueError(f"{path} answered {status}")
-    return body.decode("utf-8", "replace")
 
 
 async def serve(config: ConsoleConfig) -> None:

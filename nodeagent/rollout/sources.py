@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import quote, urlsplit
 
 import trio
@@ -22,7 +22,7 @@ from nodeagent.contract import METRICS_PATH
 from nodeagent.httpclient import HttpClientError, HttpConnection
 from nodeagent.rollout.metrics import WANTED
 from nodeagent.store import keys
-from nodeagent.store.base import Store
+from nodeagent.store.base import KeyValue, Store
 from nodeagent.store.codec import DecodeError, decode
 from nodeagent.telemetry.exposition import ExpositionError, Family, Sample, parse
 
@@ -72,14 +72,23 @@ async def http_call(
 async def agent_addresses(store: Store) -> dict[str, str]:
     """node → "ip:port" of its metrics endpoint, as the agents announced them."""
     kvs, _ = await store.range(keys.NODES)
+    return addresses_of(kvs)
+
+
+def addresses_of(kvs: Iterable[KeyValue]) -> dict[str, str]:
+    """node → "ip:port" of its metrics endpoint, from the agents' node records among `kvs`
+    (the one reader of the record's `metrics` field: the controller and the console)."""
     out = {}
     for kv in kvs:
+        if not kv.key.startswith(keys.NODES):
+            continue
         try:
             record = decode(kv)
         except DecodeError:
             continue
-        if isinstance(record, dict) and isinstance(record.get("metrics"), str):
-            out[kv.key.removeprefix(keys.NODES)] = record["metrics"]
+        metrics = record.get("metrics") if isinstance(record, dict) else None
+        if isinstance(metrics, str) and ":" in metrics:
+            out[kv.key.removeprefix(keys.NODES)] = metrics
     return out
 
 
