@@ -8,7 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nodeagent.sandbox import Pod
+from mesh_helpers import apply, client_pods, eventually, http
+from snapshot_docs import service
+
+from nodeagent.sandbox import Pod, Sandbox
 
 HTTP_TESTS = Path(__file__).resolve().parent.parent / "http"
 CORPUS = HTTP_TESTS / "smuggling_corpus.json"
@@ -199,3 +202,51 @@ def json_lines(path: Path, event: str) -> list[dict[str, Any]]:
         if doc.get("event") == event:
             out.append(doc)
     return out
+
+
+GW_HOST = "rec.example.com"
+FQDN = "rec.default.svc.cluster.local"
+TO_REC = [{"destination": {"host": FQDN, "port": {"number": 80}}}]
+
+
+def recorder_behind_gateway(
+    sb: Sandbox, files: Path, *, prefix: str, vip: str, routes: list[dict[str, Any]]
+) -> dict[str, Pod]:
+    """The recording backend `rec` on n2 behind Service `rec` (at `vip`) and the gateway
+    (`Host: rec.example.com`), a meshed client on n1, and `routes` applied beside them; returns
+    once both the mesh path and the gateway path answer."""
+    scripts = write_scripts(files)
+    rec = sb.pod_add(
+        "n2", "default", "rec", ["python3", str(scripts["recorder"]), "8080"],
+        service_account="rec", labels={"app": "rec"},
+    )  # fmt: skip
+    client, _ = client_pods(sb)
+    gateway = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": f"{prefix}-gateway", "namespace": "default"},
+        "spec": {
+            "selector": {"istio": "ingressgateway"},
+            "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"},
+                         "hosts": ["*"]}],
+        },
+    }  # fmt: skip
+    gateway_route = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "rec-gw", "namespace": "default"},
+        "spec": {
+            "hosts": [GW_HOST],
+            "gateways": [f"{prefix}-gateway"],
+            "http": [{"route": TO_REC}],
+        },
+    }
+    apply(sb, files, "rec", [service("rec", cluster_ip=vip), gateway, gateway_route, *routes])
+
+    def both_paths_answer() -> bool:
+        mesh, _, _ = http(sb, client, f"http://{vip}/ready")
+        edge, _, _ = http(sb, "outside", f"{sb.gateway_url()}/ready", f"Host: {GW_HOST}")
+        return mesh == 200 and edge == 200
+
+    eventually(both_paths_answer, "rec answers through the mesh and the gateway", timeout=40)
+    return {"rec": rec, "client": client}

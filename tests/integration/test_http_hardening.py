@@ -18,9 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hardening_helpers import CORPUS, json_lines, recorded, write_scripts
-from mesh_helpers import apply, client_pods, eventually, http, sandbox_fixture
-from snapshot_docs import service
+from hardening_helpers import (
+    CORPUS,
+    FQDN,
+    GW_HOST,
+    TO_REC,
+    json_lines,
+    recorded,
+    recorder_behind_gateway,
+)
+from mesh_helpers import eventually, http, sandbox_fixture
 
 from nodeagent.sandbox import Pod, Sandbox
 from nodeagent.telemetry.exposition import samples
@@ -28,8 +35,6 @@ from nodeagent.telemetry.exposition import samples
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 sandbox = sandbox_fixture("hh", gateway="n1")
 VIP = "10.96.91.10"
-GW_HOST = "rec.example.com"
-FQDN = "rec.default.svc.cluster.local"
 
 
 @pytest.fixture(scope="module")
@@ -39,30 +44,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
-    scripts = write_scripts(files)
-    rec = sandbox.pod_add(
-        "n2", "default", "rec", ["python3", str(scripts["recorder"]), "8080"],
-        service_account="rec", labels={"app": "rec"},
-    )  # fmt: skip
-    client, _ = client_pods(sandbox)
-    gateway = {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "Gateway",
-        "metadata": {"name": "hh-gateway", "namespace": "default"},
-        "spec": {
-            "selector": {"istio": "ingressgateway"},
-            "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"},
-                         "hosts": ["*"]}],
-        },
-    }  # fmt: skip
-    to_rec = [{"destination": {"host": FQDN, "port": {"number": 80}}}]
     routes = [
-        {
-            "apiVersion": "networking.istio.io/v1",
-            "kind": "VirtualService",
-            "metadata": {"name": "rec-gw", "namespace": "default"},
-            "spec": {"hosts": [GW_HOST], "gateways": ["hh-gateway"], "http": [{"route": to_rec}]},
-        },
         {
             "apiVersion": "networking.istio.io/v1",
             "kind": "VirtualService",
@@ -73,9 +55,9 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
                     {
                         "match": [{"headers": {"x-abort": {"exact": "1"}}}],
                         "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}},
-                        "route": to_rec,
+                        "route": TO_REC,
                     },
-                    {"route": to_rec},
+                    {"route": TO_REC},
                 ],
             },
         },
@@ -89,15 +71,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
             },
         },
     ]
-    apply(sandbox, files, "rec", [service("rec", cluster_ip=VIP), gateway, *routes])
-
-    def both_paths_answer() -> bool:
-        mesh, _, _ = http(sandbox, client, f"http://{VIP}/ready")
-        edge, _, _ = http(sandbox, "outside", f"{sandbox.gateway_url()}/ready", f"Host: {GW_HOST}")
-        return mesh == 200 and edge == 200
-
-    eventually(both_paths_answer, "rec answers through the mesh and the gateway", timeout=40)
-    return {"rec": rec, "client": client}
+    return recorder_behind_gateway(sandbox, files, prefix="hh", vip=VIP, routes=routes)
 
 
 def _run_corpus(

@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hardening_helpers import json_lines, write_scripts
-from mesh_helpers import apply, client_pods, eventually, http, sandbox_fixture
-from snapshot_docs import service
+from hardening_helpers import (
+    GW_HOST,
+    json_lines,
+    recorder_behind_gateway,
+)
+from mesh_helpers import eventually, http, sandbox_fixture
 
 from nodeagent.sandbox import Pod, Sandbox
 
@@ -28,8 +31,6 @@ AGENT = [NODEAGENT, "run", "--http-request-headers-timeout", "3", "--http-stream
          "0.9"]  # fmt: skip
 sandbox = sandbox_fixture("sc", gateway="n1", agent_cmd=AGENT)
 VIP = "10.96.92.10"
-GW_HOST = "rec.example.com"
-FQDN = "rec.default.svc.cluster.local"
 
 
 @pytest.fixture(scope="module")
@@ -39,41 +40,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
-    scripts = write_scripts(files)
-    rec = sandbox.pod_add(
-        "n2", "default", "rec", ["python3", str(scripts["recorder"]), "8080"],
-        service_account="rec", labels={"app": "rec"},
-    )  # fmt: skip
-    client, _ = client_pods(sandbox)
-    gateway = {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "Gateway",
-        "metadata": {"name": "sc-gateway", "namespace": "default"},
-        "spec": {
-            "selector": {"istio": "ingressgateway"},
-            "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"},
-                         "hosts": ["*"]}],
-        },
-    }  # fmt: skip
-    route = {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "VirtualService",
-        "metadata": {"name": "rec-gw", "namespace": "default"},
-        "spec": {
-            "hosts": [GW_HOST],
-            "gateways": ["sc-gateway"],
-            "http": [{"route": [{"destination": {"host": FQDN, "port": {"number": 80}}}]}],
-        },
-    }
-    apply(sandbox, files, "rec", [service("rec", cluster_ip=VIP), gateway, route])
-
-    def both_paths_answer() -> bool:
-        mesh, _, _ = http(sandbox, client, f"http://{VIP}/ready")
-        edge, _, _ = http(sandbox, "outside", f"{sandbox.gateway_url()}/ready", f"Host: {GW_HOST}")
-        return mesh == 200 and edge == 200
-
-    eventually(both_paths_answer, "rec answers through the mesh and the gateway", timeout=40)
-    return {"rec": rec, "client": client}
+    return recorder_behind_gateway(sandbox, files, prefix="sc", vip=VIP, routes=[])
 
 
 def _trickle(sb: Sandbox, target: str | Pod, files: Path, mode: str) -> dict[str, Any]:
