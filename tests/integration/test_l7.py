@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from l7_helpers import (
     BOOKINFO,
     SEED,
@@ -22,10 +23,11 @@ from l7_helpers import (
     hits,
     write_app,
 )
-from mesh_helpers import apply, apply_file, eventually, http, sandbox_fixture
+from mesh_helpers import admin, apply, apply_file, eventually, http, sandbox_fixture
 from snapshot_docs import service
 
 from nodeagent.sandbox import Pod, Sandbox
+from nodeagent.store import keys, open_store
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 sandbox = sandbox_fixture("l7")
@@ -92,14 +94,24 @@ def answers(sb: Sandbox, pod: Pod, url: str, expect: str, *headers: str) -> bool
     return code == 200 and expect in body
 
 
+async def _store_revision(url: str) -> int:
+    store = await open_store(url)
+    try:
+        _, revision = await store.range(keys.ROOT)
+    finally:
+        await store.aclose()
+    return revision
+
+
 def test_header_route_bookinfo_jason(sandbox: Sandbox, pods: dict[str, Pod]) -> None:
     apply_file(sandbox, BOOKINFO / "virtual-service-reviews-jason-v2-v3.yaml")
     client, url = pods["client"], f"http://{REVIEWS}:9080/reviews/0"
-    # Wait on what only this VirtualService does (an earlier test's weights may already send
-    # some requests to v3, so "default → v3" alone does not prove it arrived).
+    # Wait until n1's agent (the client's) holds the VirtualService: before it, the Service
+    # balances over every version, so an answer from v3 (or v2) alone proves nothing.
+    revision = trio.run(_store_revision, sandbox.store_url)
     eventually(
-        lambda: answers(sandbox, client, url, "version=reviews-v2", "end-user: jason"),
-        "jason → v2",
+        lambda: admin(sandbox, "n1", "/config_dump")["snapshot"]["revision"] >= revision,
+        "n1's snapshot has the VirtualService",
     )
     for _ in range(5):
         assert answers(sandbox, client, url, "version=reviews-v2", "end-user: jason")
