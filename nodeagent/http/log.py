@@ -47,6 +47,9 @@ class RequestLog:
     connection_id: int = 0
     downstream_address: str = ""  # the client's "ip:port", when the proxy knows it
     trace_id: str = ""  # set when the proxy has a tracer
+    response_code_details: str = ""  # why a local answer (e.g. the RBAC policy that denied)
+    policy: str = ""  # the AuthorizationPolicy that denied the request (ns/name)
+    request_principal: str = ""  # <iss>/<sub> of the request's verified JWT
     span: ActiveSpan | None = field(default=None, repr=False)
     trace_headers: list[tuple[str, str]] = field(default_factory=list, repr=False)
 

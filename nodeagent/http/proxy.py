@@ -26,11 +26,17 @@ import trio
 from nodeagent.balance import PickContext, Registry
 from nodeagent.http import flags
 from nodeagent.http.attempt import AttemptOutcome, Attempts
-from nodeagent.http.downstream import Downstream, RequestBody, answer_locally
+from nodeagent.http.downstream import (
+    REASONS,
+    Downstream,
+    RequestBody,
+    answer_head_timeout,
+    answer_locally,
+    read_request,
+)
 from nodeagent.http.errors import DownstreamError, DownstreamProtocolError
 from nodeagent.http.headers import (
     decode,
-    head_size,
     is_upgrade,
     joined,
     new_request_id,
@@ -53,11 +59,6 @@ from nodeagent.snapshot.snapshot import Snapshot
 from nodeagent.telemetry.tracing import CURRENT_TRACE, TraceContext, Tracer
 
 SourceFor = Source | Callable[[HttpRequest], Source | None]
-_REASONS = {
-    431: "Request Header Fields Too Large",
-    501: "Not Implemented",
-    505: "HTTP Version Not Supported",
-}
 _conn_ids = itertools.count(1)
 
 
@@ -167,7 +168,7 @@ class HttpProxy:
             with down.head_timer:  # the head timeouts (`Downstream.read_head`)
                 while True:
                     received_before = down.received
-                    event = await self._read_head(down, conn_id)
+                    event = await read_request(down, self.limits, self._recorder, conn_id)
                     if not isinstance(event, h11.Request):
                         return  # closed, malformed (answered), or idle
                     keep = await self._handle(
@@ -177,40 +178,9 @@ class HttpProxy:
                         return
                     down.conn.start_next_cycle()
             if down.head_timer.cancelled_caught and down.head_started:
-                # A head trickle: tell the client, as Envoy does (408). Keep-alive idle (nothing
-                # was asked) closes quietly.
-                entry = RequestLog(method="-", authority="-", path="-", connection_id=conn_id)
-                entry.flags.append(flags.DURATION_TIMEOUT)
-                entry.bytes_received = down.received
-                await answer_locally(down, entry, 408, b"request header timeout", close=True)
-                self._recorder.finish(entry, down.head_began)
+                await answer_head_timeout(down, self._recorder, conn_id)
         except (trio.BrokenResourceError, trio.ClosedResourceError, DownstreamError):
             pass
-
-    async def _read_head(
-        self, down: Downstream, conn_id: int
-    ) -> h11.Event | type[h11.PAUSED] | None:
-        try:
-            event = await down.read_head()
-        except h11.RemoteProtocolError as exc:
-            status = exc.error_status_hint if exc.error_status_hint >= 400 else 400
-            entry = RequestLog(method="-", authority="-", path="-", connection_id=conn_id)
-            entry.flags.append(flags.DOWNSTREAM_PROTOCOL_ERROR)
-            if down.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                reason = _REASONS.get(status, "Bad Request")
-                await answer_locally(down, entry, status, reason.encode(), close=True)
-            self._recorder.finish(entry, down.head_began)
-            return None
-        if isinstance(event, h11.Request) and (
-            len(event.headers) > self.limits.max_headers
-            or head_size(event) > self.limits.max_header_bytes
-        ):
-            entry = entry_for(event, conn_id)
-            entry.flags.append(flags.DOWNSTREAM_PROTOCOL_ERROR)
-            await answer_locally(down, entry, 431, b"request headers too large", close=True)
-            self._recorder.finish(entry, down.head_began)
-            return None
-        return event
 
     # -- one request -------------------------------------------------------------------------
 
@@ -289,7 +259,7 @@ class HttpProxy:
             keep = False
             if down.conn.our_state is h11.SEND_RESPONSE:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    reason = _REASONS.get(exc.status, "Bad Request")
+                    reason = REASONS.get(exc.status, "Bad Request")
                     await answer_locally(down, entry, exc.status, reason.encode(), close=True)
         except DownstreamError:
             entry.flags.append(flags.DOWNSTREAM_TERMINATION)
