@@ -23,7 +23,8 @@ from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import Netns
 from nodeagent.log import get_logger
 from nodeagent.proxy.connector import MeshConnector
-from nodeagent.snapshot import SnapshotSync
+from nodeagent.proxy.l7_guard import workload_guard
+from nodeagent.snapshot import Snapshot, SnapshotSync, Workload
 from nodeagent.store import codec, keys
 from nodeagent.store.base import Store, StoreError
 from nodeagent.telemetry.dataplane import Sinks, record_request
@@ -113,7 +114,12 @@ class NodeGateway:
             limits=limits,
             tracer=telemetry.tracer if telemetry is not None else None,
             access_logged=telemetry is not None,  # its access-log line replaces the proxy's own
+            # RequestAuthentication and AuthorizationPolicy selecting the gateway's workload.
+            guard=workload_guard(lambda: sync.current, self._workload),
         )
+
+    def _workload(self, snap: Snapshot) -> Workload | None:
+        return snap.workload(str(self.document["metadata"]["uid"]))
 
     def _record(self, entry: RequestLog) -> None:
         """Istio metrics and the access log of one gateway request (reporter "source", as

@@ -35,12 +35,14 @@ from nodeagent.http.downstream import (
     read_request,
 )
 from nodeagent.http.errors import DownstreamError, DownstreamProtocolError
+from nodeagent.http.guard import Guard, RequestFacts
 from nodeagent.http.headers import (
     decode,
     is_upgrade,
     joined,
     new_request_id,
     upstream_head,
+    without_params,
 )
 from nodeagent.http.limits import Limits
 from nodeagent.http.log import RequestLog, RequestRecorder, entry_for, log, start_span
@@ -60,6 +62,16 @@ from nodeagent.telemetry.tracing import CURRENT_TRACE, TraceContext, Tracer
 
 SourceFor = Source | Callable[[HttpRequest], Source | None]
 _conn_ids = itertools.count(1)
+
+
+def _local_of(client: trio.abc.Stream) -> str:
+    """The address the client connected to (the guard's destination.ip), "" when unknown."""
+    if isinstance(client, trio.SocketStream):
+        try:
+            return str(client.socket.getsockname()[0])
+        except OSError:
+            pass
+    return ""
 
 
 def _peer_of(client: trio.abc.Stream, fallback: str | None) -> str:
@@ -82,6 +94,8 @@ class HttpProxy:
     clusters' balancers and circuit breakers (shared by every proxy of the agent). `on_request`
     is called once per completed request; `access_logged` says it writes the access-log line, so
     the proxy's own `request.complete` line drops to debug (one line per request, not two).
+    `guard` (the ingress gateway's authentication and authorization, `guard.py`) sees every
+    request before it is routed.
     """
 
     def __init__(
@@ -97,8 +111,10 @@ class HttpProxy:
         name: str = "http",
         tracer: Tracer | None = None,
         access_logged: bool = False,
+        guard: Guard | None = None,
     ) -> None:
         self._snapshot = snapshot
+        self._guard = guard
         self.registry = registry
         self._tracer = tracer
         self._source = source
@@ -215,13 +231,17 @@ class HttpProxy:
         if self._tracer is not None:
             token = start_span(self._tracer, req, entry, request)
         try:
+            refusal = None
+            if self._guard is not None:
+                request, headers, refusal = await self._check(down, request, headers, entry, port)
             source = self._source(request) if callable(self._source) else self._source
             try:
-                decision = (
-                    route_http(self._snapshot(), source, request, rand=self._rand)
-                    if source is not None
-                    else RouteDecision(kind="no_route")
-                )
+                if refusal is not None:
+                    decision = refusal
+                elif source is not None:
+                    decision = route_http(self._snapshot(), source, request, rand=self._rand)
+                else:
+                    decision = RouteDecision(kind="no_route")
             except Exception as exc:  # a stored document the validator let through; not fatal
                 log.error("request.route_failed", path=entry.path, error=repr(exc))
                 decision = RouteDecision(
@@ -272,6 +292,60 @@ class HttpProxy:
         # After an Upgrade or CONNECT request the framing checks stopped: never read another
         # request on this connection.
         return keep and not down.framing.passthrough
+
+    async def _check(
+        self,
+        down: Downstream,
+        request: HttpRequest,
+        headers: list[tuple[str, str]],
+        entry: RequestLog,
+        port: int,
+    ) -> tuple[HttpRequest, list[tuple[str, str]], RouteDecision | None]:
+        """The guard's verdict (authentication, L7 authorization) before routing: a refusal
+        is a direct answer (flag UAEX); an allowed request goes on with authentication's
+        header and query changes (routes may match the claims it copied to headers)."""
+        assert self._guard is not None
+        client_ip = down.address.rpartition(":")[0]
+        local = _local_of(down.stream)
+        verdict = await self._guard(
+            RequestFacts(
+                method=request.method,
+                target=request.target,
+                host=request.authority,
+                headers=headers,
+                port=port,
+                source_ip=client_ip,
+                destination_ip=local,
+                source_identity=None,
+                mtls=False,
+            )
+        )
+        entry.request_principal = verdict.request_principal or ""
+        if not verdict.allowed:
+            entry.flags.append(flags.UNAUTHORIZED)
+            entry.response_code_details = verdict.details
+            entry.policy = verdict.policy or ""
+            return (
+                request,
+                headers,
+                RouteDecision(kind="direct", direct=DirectResponse(verdict.status, verdict.body)),
+            )
+        if not (verdict.remove_headers or verdict.add_headers or verdict.strip_params):
+            return request, headers, None
+        headers = [(k, v) for k, v in headers if k not in verdict.remove_headers]
+        headers += verdict.add_headers
+        target = request.target
+        if verdict.strip_params:
+            target = without_params(target, verdict.strip_params)
+        changed = HttpRequest.from_target(
+            request.method,
+            request.authority,
+            target,
+            joined(headers),
+            port=request.port,
+            host=request.host,
+        )
+        return changed, headers, None
 
     async def _execute(
         self,
