@@ -12,6 +12,7 @@ from __future__ import annotations
 import binascii
 import enum
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,7 +104,12 @@ class ParsedJwt:
         return tuple(aud) if isinstance(aud, list) else ()
 
 
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}\Z")
+
+
 def _b64decode(segment: str, status: Status) -> bytes:
+    if not _BASE64URL.match(segment):
+        raise JwtError(status)
     try:
         return jwt.utils.base64url_decode(segment.encode("ascii"))
     except (binascii.Error, ValueError, UnicodeEncodeError):
