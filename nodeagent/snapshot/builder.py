@@ -45,6 +45,7 @@ from nodeagent.snapshot.model import (
     VirtualService,
     Workload,
 )
+from nodeagent.snapshot.request_authn import RequestAuthentication
 from nodeagent.snapshot.snapshot import Indexes, ServiceKey, Snapshot
 from nodeagent.store import codec
 from nodeagent.store.base import Event, KeyValue
@@ -62,6 +63,7 @@ _COUNT_NAMES = {
     "Gateway": "gateways",
     "AuthorizationPolicy": "authorization_policies",
     "PeerAuthentication": "peer_authentications",
+    "RequestAuthentication": "request_authentications",
 }
 
 
@@ -136,6 +138,7 @@ class SnapshotBuilder:
         self._m_gateway: dict[str, Members] = {}
         self._m_ap: dict[str, Members] = {}
         self._m_pa: dict[str, Members] = {}
+        self._m_ra: dict[str, Members] = {}
         self._dirty: dict[str, set[Any]] = {}
         # For the sorted workload groups (by node, by identity): per group key, the workloads
         # filed (True) and unfiled (False) in this batch, in order, to edit the old tuple.
@@ -277,6 +280,9 @@ class SnapshotBuilder:
         elif isinstance(obj, PeerAuthentication):
             op(self._m_pa, obj.namespace, key)
             self._dirt("pa").add(obj.namespace)
+        elif isinstance(obj, RequestAuthentication):
+            op(self._m_ra, obj.namespace, key)
+            self._dirt("ra").add(obj.namespace)
 
     def _index_workload(
         self,
@@ -365,6 +371,7 @@ class SnapshotBuilder:
         refresh("gateways", "gateway", self._m_gateway, self._best)
         refresh("authorization_policies", "ap", self._m_ap, sorted_objs(lambda p: p.name))
         refresh("peer_authentications", "pa", self._m_pa, sorted_objs(lambda p: p.name))
+        refresh("request_authentications", "ra", self._m_ra, sorted_objs(lambda p: p.name))
         if dirty.get("endpoints"):
             endpoints = cow("endpoints")
             for key in dirty["endpoints"]:
