@@ -42,6 +42,7 @@ from nodeagent.admin.routes import AdminSources, admin_routes
 from nodeagent.agent import pidfile
 from nodeagent.agent.enroll import Enroller
 from nodeagent.agent.state import AgentState
+from nodeagent.authn import Authenticator
 from nodeagent.balance import Registry
 from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
@@ -141,6 +142,9 @@ class Agent:
     # One balancer registry per agent: every pod's proxy and the gateway share the clusters'
     # latency estimates, ejections and circuit breakers.
     balance: Registry = field(default_factory=Registry)
+    # One JWT verifier per agent (RequestAuthentication): every pod's inbound HTTP and the
+    # gateway share its JWKS cache.
+    authenticator: Authenticator = field(default_factory=Authenticator)
     drain_deadline: float = 0.0
     drain_requested: trio.Event = field(default_factory=trio.Event)
     # Set once adoption is over: registering under a lease waits for it (every pod is known).
@@ -305,6 +309,9 @@ class Agent:
             )
             await nursery.start(self.identities.run)
             self._follow_node_identities(self.snapshot, self.identities)
+            # One JWT verifier for the node (every pod's inbound HTTP and the gateway): one
+            # JWKS cache, its remote key sets refreshed in the background.
+            await nursery.start(self.authenticator.run)
             pods_nursery = await nursery.start(_open_pods_nursery)
             self.enroller = Enroller(
                 node=cfg.node,
@@ -321,6 +328,7 @@ class Agent:
                 dns_upstreams=list(cfg.dns_upstreams) or None,
                 telemetry=self.telemetry,
                 http_limits=cfg.http_limits,
+                authenticator=self.authenticator,
             )
             nursery.start_soon(self._maintain_balance)
             nursery.start_soon(self.enroller.maintain_status)
@@ -350,6 +358,7 @@ class Agent:
                     sessions=self.enroller.sessions,
                     telemetry=self.telemetry,
                     limits=cfg.http_limits,
+                    authenticator=self.authenticator,
                 )
                 if self._registered.is_set():
                     await nursery.start(self._in_front, self.gateway.run)

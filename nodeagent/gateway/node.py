@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from nodeagent.authn import Authenticator
 from nodeagent.balance import Registry
 from nodeagent.config.kinds import WORKLOAD_API
 from nodeagent.gateway.server import DEFAULT_LABELS, IngressGateway
@@ -76,6 +77,7 @@ class NodeGateway:
         on_request: Callable[[RequestLog], None] | None = None,
         telemetry: Sinks | None = None,
         limits: Limits | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.node = node
         self.telemetry = telemetry
@@ -115,7 +117,9 @@ class NodeGateway:
             tracer=telemetry.tracer if telemetry is not None else None,
             access_logged=telemetry is not None,  # its access-log line replaces the proxy's own
             # RequestAuthentication and AuthorizationPolicy selecting the gateway's workload.
-            guard=workload_guard(lambda: sync.current, self._workload),
+            guard=workload_guard(
+                lambda: sync.current, self._workload, authenticator or Authenticator()
+            ),
         )
 
     def _workload(self, snap: Snapshot) -> Workload | None:

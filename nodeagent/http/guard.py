@@ -13,11 +13,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-# Istio's access-log detail for a request no rule allowed, or one a DENY matched:
-# `rbac_access_denied_matched_policy[ns[<ns>]-policy[<name>]-rule[<i>]]`, `[none]` when no
-# ALLOW policy matched. The body is Envoy's RBAC filter's, fixed.
-RBAC_DENIED_BODY = b"RBAC: access denied"
-
 
 @dataclass(frozen=True, slots=True)
 class RequestFacts:

@@ -80,7 +80,7 @@ class InboundPath:
         telemetry = core.telemetry
         # The pod's HTTP ports (destination mode): requests parsed, authorized, forwarded.
         self.http = InboundHttp(
-            guard=workload_guard(core.snapshot, core.me),
+            guard=workload_guard(core.snapshot, core.me, core.authenticator),
             limits=core.http_limits,
             tracer=telemetry.tracer if telemetry is not None else None,
             name=f"inbound:{core.pod}",

@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from nodeagent.authn import Authenticator
 from nodeagent.balance import Registry
 from nodeagent.http import Limits
 from nodeagent.identity.api import IdentityProvider, IdentityUnavailable
@@ -60,6 +61,7 @@ class PodProxy:
         identity_wait: float = IDENTITY_WAIT,
         telemetry: Sinks | None = None,
         http_limits: Limits | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.core = PodCore(
             pod,
@@ -74,6 +76,7 @@ class PodProxy:
             identity_wait=identity_wait,
             telemetry=telemetry,
             http_limits=http_limits,
+            authenticator=authenticator if authenticator is not None else Authenticator(),
         )
         self.outbound = OutboundPath(self.core)
         self.inbound = InboundPath(self.core)

@@ -13,8 +13,9 @@ import trio
 import trio.testing
 from http_helpers import Backend, RawClient
 
+from nodeagent.authz import DENIED_BODY
 from nodeagent.http import RequestLog
-from nodeagent.http.guard import RBAC_DENIED_BODY, RequestFacts, Verdict
+from nodeagent.http.guard import RequestFacts, Verdict
 from nodeagent.http.headers import destination_head, without_params, xfcc_value
 from nodeagent.http.inbound import InboundConnection, InboundHttp
 from nodeagent.telemetry.tracing import Tracer
@@ -36,7 +37,9 @@ async def policy(facts: RequestFacts) -> Verdict:
             add_headers=(("x-jwt-group", "dev"),),
             strip_params=frozenset({"access_token"}),
         )
-    return Verdict(False, 403, RBAC_DENIED_BODY, details="rbac_access_denied_matched_policy[none]")
+    return Verdict(
+        False, 403, DENIED_BODY.encode(), details="rbac_access_denied_matched_policy[none]"
+    )
 
 
 async def answer_once_then_close(stream: trio.abc.Stream) -> None:
@@ -131,7 +134,7 @@ async def test_refusals_are_answered_here_and_never_reach_the_app() -> None:
     app = Backend("app")
     async with serving(app) as (client, logs, _):
         status, _, body = await client.request("POST", "/admin")
-        assert (status, body) == (403, RBAC_DENIED_BODY)
+        assert (status, body) == (403, DENIED_BODY.encode())
         status, _, body = await client.request(
             target="/public/a", headers=[("host", "web"), ("authorization", "Bearer bad")]
         )

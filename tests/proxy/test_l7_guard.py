@@ -9,8 +9,11 @@ import pytest
 import trio
 from proxy_docs import config, snapshot, workload
 
-from nodeagent.http.guard import RBAC_DENIED_BODY, RequestFacts
-from nodeagent.proxy.l7_guard import check_request, workload_guard
+from nodeagent.authn import Authenticator
+from nodeagent.authz import DENIED_BODY
+from nodeagent.http.guard import RequestFacts, Verdict
+from nodeagent.proxy.l7_guard import check_request as check_async
+from nodeagent.proxy.l7_guard import workload_guard
 from nodeagent.proxy.outbound import inbound_http_port
 from nodeagent.snapshot import Snapshot, Workload
 
@@ -27,6 +30,11 @@ def build(*extra: Any) -> tuple[Snapshot, Workload]:
     me = snap.workload("web")
     assert me is not None
     return snap, me
+
+
+def check_request(snap: Snapshot, me: Workload, request: RequestFacts) -> Verdict:
+    """The verdict, run to completion (no RequestAuthentication here: nothing to fetch)."""
+    return trio.run(check_async, snap, me, request, Authenticator())
 
 
 def facts(method: str, target: str, identity: str | None = USER, **kw: Any) -> RequestFacts:
@@ -77,7 +85,7 @@ def test_paths_methods_and_principals(
     verdict = check_request(snap, me, facts(method, target, identity))
     assert verdict.allowed is allowed
     if not allowed:
-        assert (verdict.status, verdict.body) == (403, RBAC_DENIED_BODY)
+        assert (verdict.status, verdict.body) == (403, DENIED_BODY.encode())
         assert verdict.details == "rbac_access_denied_matched_policy[none]"
 
 
@@ -118,11 +126,11 @@ def test_request_principals_need_a_token() -> None:
 async def test_workload_guard_reads_the_snapshot_per_request() -> None:
     snap, _ = build(*PUBLIC_AND_ADMIN)
     current = [snap]
-    guard = workload_guard(lambda: current[0], lambda s: s.workload("web"))
+    guard = workload_guard(lambda: current[0], lambda s: s.workload("web"), Authenticator())
     assert not (await guard(facts("POST", "/other"))).allowed
     current[0], _ = build()  # the policies are gone
     assert (await guard(facts("POST", "/other"))).allowed
-    gone = workload_guard(lambda: current[0], lambda s: None)
+    gone = workload_guard(lambda: current[0], lambda s: None, Authenticator())
     refused = await gone(facts("GET", "/"))
     assert (refused.allowed, refused.status) == (False, 503)
     await trio.lowlevel.checkpoint()
