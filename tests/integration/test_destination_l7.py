@@ -435,8 +435,12 @@ def test_destination_metrics_count_exactly_what_was_sent(
         total = sum(s.value for s in samples(text, name)
                     if s.labels.get("reporter") == "destination")  # fmt: skip
         assert total >= sum(sent.values()), name
-    lines = [x for x in access_lines(sandbox, "n2") if x["path"] == "/private"]
-    assert len(lines) >= 4
+
+    def private_lines() -> list[dict[str, Any]]:
+        return [x for x in access_lines(sandbox, "n2") if x["path"] == "/private"]
+
+    eventually(lambda: len(private_lines()) >= 5, "n2's access-log lines")  # 4 + the fixture's
+    lines = private_lines()
     line = lines[-1]
     assert line["reporter"] == "destination"
     assert (line["response_code"], line["response_flags"]) == (403, "UAEX")
@@ -464,12 +468,20 @@ def test_through_the_gateway(sandbox: Sandbox, pods: dict[str, Pod], policies: N
     code, body, _ = http(sandbox, "outside", f"{url}/internal/x")
     assert (code, body) == (403, "RBAC: access denied")
     assert not any(h.endswith("/internal/x") for h in hits(pods["web"]))
-    edge = [x for x in access_lines(sandbox, "n1") if x["path"] == "/internal/x"]
-    assert edge
+
+    def edge_lines() -> list[dict[str, Any]]:
+        return [x for x in access_lines(sandbox, "n1") if x["path"] == "/internal/x"]
+
+    eventually(lambda: bool(edge_lines()), "the gateway's access-log line")  # queued, then written
+    edge = edge_lines()
     assert edge[-1]["response_flags"] == "UAEX"
-    dest = [x for x in access_lines(sandbox, "n2")
-            if x["path"] == "/admin" and x["source_principal"] == GATEWAY]  # fmt: skip
-    assert dest
+
+    def dest_lines() -> list[dict[str, Any]]:
+        return [x for x in access_lines(sandbox, "n2")
+                if x["path"] == "/admin" and x["source_principal"] == GATEWAY]  # fmt: skip
+
+    eventually(lambda: bool(dest_lines()), "n2's access-log line of the gateway's request")
+    dest = dest_lines()
     assert dest[-1]["response_code"] == 403
 
 
@@ -493,7 +505,12 @@ def test_jwt_valid_token_and_claims_header(
     seen = echoed(body)["headers"]
     assert seen["x-jwt-sub"] == "alice"
     assert "authorization" not in seen  # forwardOriginalToken defaults to false
-    lines = [x for x in access_lines(sandbox, "n2") if x["path"] == "/secure/me"]
+
+    def me_lines() -> list[dict[str, Any]]:
+        return [x for x in access_lines(sandbox, "n2") if x["path"] == "/secure/me"]
+
+    eventually(lambda: bool(me_lines()), "n2's access-log line")
+    lines = me_lines()
     assert lines[-1]["request_principal"] == f"{ISSUER}/alice"
     assert lines[-1]["source_principal"] == SLEEP
     # A forged claims header from the client is not what the app sees.
