@@ -70,6 +70,14 @@ class InboundConnection:
     span_name: str = ""  # the SERVER span's name (`<service host>:<port>/*`)
 
 
+@dataclass(slots=True)
+class Totals:
+    """One client connection's bytes: `received` from the client, `sent` to it."""
+
+    received: int = 0
+    sent: int = 0
+
+
 class InboundHttp:
     """Serves the HTTP connections of one pod's HTTP ports (destination mode)."""
 
@@ -90,8 +98,12 @@ class InboundHttp:
     def statistics(self) -> dict[str, int]:
         return dict(self._recorder.stats)
 
-    async def serve(self, client: trio.abc.Stream, inbound: InboundConnection) -> None:
-        """Serve `client` until it closes (keep-alive); closes it and its app connection."""
+    async def serve(
+        self, client: trio.abc.Stream, inbound: InboundConnection, totals: Totals | None = None
+    ) -> None:
+        """Serve `client` until it closes (keep-alive); closes it and its app connection.
+        `totals` counts the connection's bytes either way (its TCP metrics)."""
+        totals = totals if totals is not None else Totals()
         limits = self.limits
         down = Downstream(client, limits)
         down.address = f"{inbound.source_ip}:{inbound.source_port}"
@@ -110,15 +122,21 @@ class InboundHttp:
         try:
             async with trio.open_nursery() as tasks:
                 down.tasks = tasks
-                await self._serve_loop(down, pool, inbound, conn_id)
+                await self._serve_loop(down, pool, inbound, conn_id, totals)
                 tasks.cancel_scope.cancel()
         finally:
+            totals.received = down.received
             with trio.CancelScope(shield=True):
                 await pool.aclose()
                 await client.aclose()
 
     async def _serve_loop(
-        self, down: Downstream, pool: ConnectionPool, inbound: InboundConnection, conn_id: int
+        self,
+        down: Downstream,
+        pool: ConnectionPool,
+        inbound: InboundConnection,
+        conn_id: int,
+        totals: Totals,
     ) -> None:
         try:
             with down.head_timer:
@@ -131,6 +149,7 @@ class InboundHttp:
                     entry = entry_for(event, conn_id)
                     keep = await self._handle(down, pool, inbound, event, entry, started)
                     entry.bytes_received = down.received - received_before
+                    totals.sent += entry.bytes_sent
                     self._finish(entry, started, inbound)
                     if not keep or down.framing.passthrough:
                         return

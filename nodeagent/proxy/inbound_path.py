@@ -22,7 +22,7 @@ import trio
 
 from nodeagent.http import RequestLog
 from nodeagent.http.headers import xfcc_value
-from nodeagent.http.inbound import InboundConnection, InboundHttp
+from nodeagent.http.inbound import InboundConnection, InboundHttp, Totals
 from nodeagent.identity.api import IdentityUnavailable, PeerRejected
 from nodeagent.inpod import original_dst
 from nodeagent.log import get_logger
@@ -266,9 +266,11 @@ class InboundPath:
             span_name=f"{span_host}:{peer.port}/*",
         )
         conn.opened()
+        totals = Totals()
         try:
-            await self.http.serve(client, inbound)
+            await self.http.serve(client, inbound, totals)
         finally:
+            conn.relay = RelayResult(sent=totals.received, received=totals.sent)
             for unused in first:
                 with trio.CancelScope(shield=True):
                     await unused.aclose()

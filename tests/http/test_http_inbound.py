@@ -17,7 +17,7 @@ from nodeagent.authz import DENIED_BODY
 from nodeagent.http import RequestLog
 from nodeagent.http.guard import RequestFacts, Verdict
 from nodeagent.http.headers import destination_head, without_params, xfcc_value
-from nodeagent.http.inbound import InboundConnection, InboundHttp
+from nodeagent.http.inbound import InboundConnection, InboundHttp, Totals
 from nodeagent.telemetry.tracing import Tracer
 
 PEER = "spiffe://cluster.local/ns/client/sa/sleep"
@@ -69,7 +69,7 @@ async def answer_once_then_close(stream: trio.abc.Stream) -> None:
 async def serving(
     backend: Backend, *, first: Callable[[trio.abc.Stream], Awaitable[None]] | None = None,
     **kw: object,
-) -> AsyncIterator[tuple[RawClient, list[RequestLog], list[RequestFacts]]]:  # fmt: skip
+) -> AsyncIterator[tuple[RawClient, list[RequestLog], list[RequestFacts], Totals]]:  # fmt: skip
     logs: list[RequestLog] = []
     seen: list[RequestFacts] = []
 
@@ -98,8 +98,9 @@ async def serving(
             span_name="web.shop.svc.cluster.local:8080/*",
         )
         client, theirs = trio.testing.memory_stream_pair()
-        nursery.start_soon(partial(server.serve, theirs, inbound))
-        yield RawClient(client), logs, seen
+        totals = Totals()
+        nursery.start_soon(partial(server.serve, theirs, inbound, totals))
+        yield RawClient(client), logs, seen, totals
         await client.aclose()
         nursery.cancel_scope.cancel()
 
@@ -108,13 +109,15 @@ async def test_allowed_requests_reach_the_app_kept_alive_with_trusted_headers() 
     app = Backend("app")
     forged = [("host", "web"), ("x-forwarded-client-cert", "By=evil;URI=spiffe://x/ns/a/sa/b"),
               ("authorization", "Bearer good")]  # fmt: skip
-    async with serving(app) as (client, logs, seen):
+    async with serving(app) as (client, logs, seen, totals):
         for i in range(3):
             status, _, body = await client.request(
                 target=f"/public/{i}?access_token=t&q=1", headers=forged
             )
             assert (status, body) == (200, f"app /public/{i}?q=1".encode())
     assert app.connections == 1  # one app connection for the client's keep-alive connection
+    assert totals.received == sum(e.bytes_received for e in logs)
+    assert totals.sent == sum(e.bytes_sent for e in logs)
     got = app.seen[0].headers
     assert got["x-forwarded-client-cert"].startswith(f"By={ME};Hash=")
     assert got["x-forwarded-client-cert"].endswith(f'Subject="";URI={PEER}')
@@ -132,7 +135,7 @@ async def test_allowed_requests_reach_the_app_kept_alive_with_trusted_headers() 
 
 async def test_refusals_are_answered_here_and_never_reach_the_app() -> None:
     app = Backend("app")
-    async with serving(app) as (client, logs, _):
+    async with serving(app) as (client, logs, _, _):
         status, _, body = await client.request("POST", "/admin")
         assert (status, body) == (403, DENIED_BODY.encode())
         status, _, body = await client.request(
@@ -148,7 +151,7 @@ async def test_refusals_are_answered_here_and_never_reach_the_app() -> None:
 
 async def test_an_app_that_closed_its_idle_connection_gets_a_fresh_one() -> None:
     app = Backend("app")
-    async with serving(app, first=answer_once_then_close) as (client, logs, _):
+    async with serving(app, first=answer_once_then_close) as (client, logs, _, _):
         assert await client.request(target="/public/1") == (200, {"content-length": "5"}, b"first")
         assert (await client.request(target="/public/2"))[2] == b"app /public/2"
     assert [e.code for e in logs] == [200, 200]
@@ -158,7 +161,7 @@ async def test_an_app_that_closed_its_idle_connection_gets_a_fresh_one() -> None
 async def test_server_span_continues_the_source_span() -> None:
     app = Backend("app")
     parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    async with serving(app, tracer=Tracer("n2")) as (client, logs, _):
+    async with serving(app, tracer=Tracer("n2")) as (client, logs, _, _):
         await client.request(target="/public/t", headers=[("host", "web"), ("traceparent", parent)])
     span = logs[0].span
     assert span is not None
