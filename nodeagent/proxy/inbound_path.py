@@ -106,8 +106,9 @@ class InboundPath:
             conn.endpoint = conn.dst
             conn.tel = self._inbound_recorder(snap, me, conn, src[0], dst[1], None, "none")
             upstream = await self.core.connect(dst, (src[0], 0))
-            peer = Peer(src[0], dst[0], dst[1], src_port=src[1])
-            await self._serve_http(conn, snap, me, peer, client, upstream, None)
+            peer = Peer(src[0], dst[0], dst[1], src_port=src[1], http=True)
+            reset = _linger_reset(client.socket)
+            await self._serve_http(conn, snap, me, peer, client, upstream, None, reset)
             return
         if me is not None:
             conn.dst_identity = me.identity
@@ -217,10 +218,12 @@ class InboundPath:
                 await upstream.aclose()
             raise
         verified = Peer(
-            peer[0], local[0], port, hconn.peer_identity, hconn.peer_certificate, peer[1]
+            peer[0], local[0], port, hconn.peer_identity, hconn.peer_certificate, peer[1], http
         )
         if http:
-            await self._serve_http(conn, snap, me, verified, stream, upstream, request)
+            await self._serve_http(
+                conn, snap, me, verified, stream, upstream, request, stream.reset
+            )
             return
         await self._relay_live(conn, snap, verified, stream, upstream, stream.reset)
 
@@ -235,10 +238,13 @@ class InboundPath:
         client: trio.abc.Stream,
         upstream: trio.SocketStream,
         request: ConnectRequest | None,
+        reset: Callable[[], None],
     ) -> None:
         """Parse the connection's requests (`nodeagent.http.inbound`): each authenticated and
         authorized on its own (`l7_guard`), then forwarded to the app over `upstream` (kept
-        alive; a new one from the client's address when the app closed it)."""
+        alive; a new one from the client's address when the app closed it). Registered while
+        open: PeerAuthentication turning STRICT, or the peer's certificate revoked, aborts it
+        with `reset` (authorization needs no re-check: it runs per request)."""
         first = [upstream]
 
         async def connect() -> trio.abc.Stream:
@@ -265,15 +271,31 @@ class InboundPath:
             xfcc=xfcc,
             span_name=f"{span_host}:{peer.port}/*",
         )
+        scope = trio.CancelScope()
+
+        def close(decision: InboundDecision) -> None:
+            reset()
+            scope.cancel()
+
+        live = LiveConnection(conn.cid, peer, close)
+        self.live.add(live)
         conn.opened()
         totals = Totals()
         try:
-            await self.http.serve(client, inbound, totals)
+            current = self.core.snapshot()
+            now = self.core.me(current)
+            if current is not snap and now is not None:
+                self._report_closed(self.live.check(live, current, now))
+            with scope:
+                await self.http.serve(client, inbound, totals)
         finally:
+            self.live.remove(live)
             conn.relay = RelayResult(sent=totals.received, received=totals.sent)
             for unused in first:
                 with trio.CancelScope(shield=True):
                     await unused.aclose()
+        if live.closed_by is not None:
+            raise Denied("closed_by_policy", live.closed_by.reason, live.closed_by.policy)
 
     def _request_recorder(
         self,

@@ -12,6 +12,7 @@ from proxy_docs import config, snapshot, workload
 from nodeagent.authn import Authenticator
 from nodeagent.authz import DENIED_BODY
 from nodeagent.http.guard import RequestFacts, Verdict
+from nodeagent.proxy.inbound import Peer, accept_decision
 from nodeagent.proxy.l7_guard import check_request as check_async
 from nodeagent.proxy.l7_guard import workload_guard
 from nodeagent.proxy.outbound import inbound_http_port
@@ -160,3 +161,24 @@ def test_inbound_http_port_needs_a_selecting_service() -> None:
     )  # fmt: skip
     snap, me = build(other)
     assert inbound_http_port(snap, me, 8080) is None
+
+
+def test_an_http_connection_is_held_only_to_peer_authentication() -> None:
+    """An open HTTP-port connection is re-checked against PeerAuthentication (STRICT closes a
+    plaintext one), not against authorization: its requests are authorized one by one, so an
+    L7-only rule must not close it (at L4 a DENY with `paths` would match everything)."""
+    deny_paths = ap("no-admin", "DENY", [op_paths("/admin")])
+    snap, me = build(deny_paths)
+    tunnel = Peer("10.0.2.2", "10.0.1.1", 8080, USER, http=True)
+    plain = Peer("10.0.2.2", "10.0.1.1", 8080, None, http=True)
+    assert accept_decision(snap, me, tunnel).allowed
+    assert accept_decision(snap, me, plain).allowed
+    assert not accept_decision(snap, me, Peer("10.0.2.2", "10.0.1.1", 8080, USER)).allowed
+    strict = config("PeerAuthentication", "strict", {"mtls": {"mode": "STRICT"}}, "shop")
+    snap, me = build(deny_paths, strict)
+    assert not accept_decision(snap, me, plain).allowed
+    assert accept_decision(snap, me, tunnel).allowed
+
+
+def op_paths(*paths: str) -> dict[str, Any]:
+    return {"to": [{"operation": {"paths": list(paths)}}]}
