@@ -556,3 +556,41 @@ def test_bad_jwt_options_are_refused(store: Path, capsys: pytest.CaptureFixture[
     assert "--jwt-claim needs --jwt-principal" in capsys.readouterr().err
     assert main(["explain", *to, "--jwt-principal", "nobody"]) == 1
     assert "expected ISSUER/SUBJECT" in capsys.readouterr().err
+
+
+EDGE_JWT = """\
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: edge, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  jwtRules: [{issuer: "https://issuer.example.com", jwksUri: "https://issuer.example.com/jwks"}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: edge-requires-jwt, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  rules: [{from: [{source: {requestPrincipals: ["*"]}}]}]
+"""
+
+
+def test_the_gateways_own_jwt_requirement(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _apply(store, capsys, corpus_path("seed", "01-canary.yaml"), text=MY_APP + "---\n" + EDGE_JWT)
+    to = ["--from", "gateway", "--to", "http://my-app/my-app/x"]
+    anonymous = _explain(capsys, *to)
+    checks = anonymous["gateway_checks"]
+    assert checks["authorization"]["decision"] == "DENY"
+    assert checks["jwt"]["required"] is True
+    assert checks["jwt"]["rules"] == [
+        {"policy": "istio-system/edge", "issuer": "https://issuer.example.com"}
+    ]
+    assert anonymous["outcome"] == "denied"
+    assert anonymous["summary"] == "denied at the gateway (403 RBAC: access denied)"
+    with_jwt = _explain(capsys, *to, "--jwt-principal", "https://issuer.example.com/alice")
+    assert with_jwt["gateway_checks"]["authorization"]["decision"] == "ALLOW"
+    assert with_jwt["gateway_checks"]["authorization"]["policy"] == "istio-system/edge-requires-jwt"
+    assert with_jwt["outcome"] == "route"
+    out = _table(capsys, *to)
+    assert "At the gateway: DENY: gateway; http; no ALLOW policy matched" in out
+    assert "JWT required; accepted issuers https://issuer.example.com (istio-system/edge)" in out

@@ -17,7 +17,7 @@ from nodeagent.authz import Connection, HttpAttributes, evaluate_http, uses_jwt
 from nodeagent.meshctl.explain.inputs import Caller
 from nodeagent.proxy.inbound import plaintext_decision, tunnel_decision
 from nodeagent.routing import MatchedRule, RouteDestination
-from nodeagent.snapshot import Endpoint, Service, ServicePort, Snapshot
+from nodeagent.snapshot import Endpoint, Service, ServicePort, Snapshot, Workload
 from nodeagent.snapshot.routes import (
     DEFAULT_RETRIES,
     FaultRule,
@@ -99,34 +99,43 @@ def endpoint_doc(
     if http is not None and (caller.identity or mode != "STRICT"):
         # an HTTP port: the destination agent authorizes each request with every field
         conn = Connection(src_ip, ep.address, ep.port, caller.identity or None)
-        attrs = HttpAttributes(
-            conn,
-            host=http.authority,
-            method=http.method,
-            path=http.path,
-            headers=http.headers,
-            auth=http.auth,
-        )
-        policies = snap.authorization_policies_for(wl)
-        decided = evaluate_http(policies, attrs)
-        doc["authorization"] = {
-            "decision": "ALLOW" if decided.allowed else "DENY",
-            "policy": decided.policy,
-            "reason": f"{'mtls' if caller.identity else f'mtls={mode}'}; http; {decided.reason}",
-            "audited": list(decided.audited),
-            "layer": "http",
-        }
-        without = evaluate_http(policies, dataclasses.replace(attrs, auth=RequestAuth.empty()))
-        rules = snap.request_authentication_for(wl)
-        doc["jwt"] = {
-            "rules": [{"policy": r.policy, "issuer": r.issuer} for r in rules],
-            "token": "assumed" if http.auth.principal else "none",
-            # required: a policy reads the JWT and the request is denied without one
-            "required": any(uses_jwt(p) for p in (*policies.allow, *policies.deny))
-            and not without.allowed,
-            "without_token": "ALLOW" if without.allowed else "DENY",
-        }
+        prefix = "mtls" if caller.identity else f"mtls={mode}"
+        doc["authorization"], doc["jwt"] = http_checks(snap, wl, conn, http, prefix)
     return doc
+
+
+def http_checks(
+    snap: Snapshot, wl: Workload, conn: Connection, http: HttpView, prefix: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The L7 authorization verdict of `http` at workload `wl`, and its JWT requirement."""
+    attrs = HttpAttributes(
+        conn,
+        host=http.authority,
+        method=http.method,
+        path=http.path,
+        headers=http.headers,
+        auth=http.auth,
+    )
+    policies = snap.authorization_policies_for(wl)
+    decided = evaluate_http(policies, attrs)
+    authorization = {
+        "decision": "ALLOW" if decided.allowed else "DENY",
+        "policy": decided.policy,
+        "reason": f"{prefix}; http; {decided.reason}",
+        "audited": list(decided.audited),
+        "layer": "http",
+    }
+    without = evaluate_http(policies, dataclasses.replace(attrs, auth=RequestAuth.empty()))
+    rules = snap.request_authentication_for(wl)
+    jwt = {
+        "rules": [{"policy": r.policy, "issuer": r.issuer} for r in rules],
+        "token": "assumed" if http.auth.principal else "none",
+        # required: a policy reads the JWT and the request is denied without one
+        "required": any(uses_jwt(p) for p in (*policies.allow, *policies.deny))
+        and not without.allowed,
+        "without_token": "ALLOW" if without.allowed else "DENY",
+    }
+    return authorization, jwt
 
 
 def destination_doc(

@@ -176,6 +176,13 @@ def render(report: Mapping[str, Any]) -> str:
                 lines.append(f"  {ep['pod']}: {authz['decision']}: {authz['reason']}")
             if ep.get("jwt"):
                 lines.append(f"  {ep['pod']}: {_jwt_line(ep['jwt'])}")
+    checks = report.get("gateway_checks")
+    if checks:
+        authz = checks["authorization"]
+        by = f" by {authz['policy']}" if authz["policy"] else ""
+        lines.append("")
+        lines.append(f"At the gateway: {authz['decision']}{by}: {authz['reason']}")
+        lines.append(f"                {_jwt_line(checks['jwt'])}")
     if report.get("passthrough"):
         p = report["passthrough"]
         lines.append(f"Passthrough: {p['address']}:{p['port']} ({p['reason']})")

@@ -10,6 +10,7 @@ from typing import Any
 
 from nodeagent.authn import RequestAuth
 from nodeagent.authn.authenticator import request_auth
+from nodeagent.authz import Connection
 from nodeagent.balance import Registry
 from nodeagent.dns.message import name_from_text
 from nodeagent.dns.resolve import find_service
@@ -20,6 +21,7 @@ from nodeagent.meshctl.explain.describe import (
     endpoint_doc,
     fault_doc,
     headers_doc,
+    http_checks,
     mirror_doc,
     port_doc,
     retries_doc,
@@ -413,3 +415,38 @@ def _from_gateway(
         host=None,
     )
     _http(snap, caller, source, request, report, auth)
+    _gateway_checks(snap, caller, target, report, auth)
+
+
+def _gateway_checks(
+    snap: Snapshot, caller: Caller, target: Target, report: dict[str, Any], auth: RequestAuth
+) -> None:
+    """The gateway's own RequestAuthentication and AuthorizationPolicies (JWT at the edge),
+    for a client from outside the mesh: no identity, address unknown."""
+    namespace, _, name = caller.ref.partition("/")
+    gateway = Workload(
+        uid="",
+        name=name,
+        namespace=namespace,
+        node=caller.node or "",
+        addresses=(caller.ip,) if caller.ip else (),
+        labels=caller.labels,
+        annotations={},
+        service_account=caller.identity.rpartition("/")[2],
+        identity=caller.identity,
+    )
+    req = report["request"]
+    view = HttpView(
+        method=req["method"] or "GET",
+        authority=req["authority"],
+        path=req["path"] + (f"?{req['query']}" if req["query"] else ""),
+        headers=tuple(req["headers"].items()),
+        auth=auth,
+    )
+    conn = Connection("0.0.0.0", caller.ip or "0.0.0.0", target.port, None)
+    authorization, jwt = http_checks(snap, gateway, conn, view, "gateway")
+    report["gateway_checks"] = {"authorization": authorization, "jwt": jwt}
+    if authorization["decision"] == "DENY":
+        by = f" by {authorization['policy']}" if authorization["policy"] else ""
+        report["outcome"] = "denied"
+        report["summary"] = f"denied at the gateway (403 RBAC: access denied){by}"
