@@ -62,6 +62,10 @@ class Authenticator:
         )
         self._now = now
 
+    def statistics(self) -> dict[str, dict[str, object]]:
+        """Per JWKS URI: keys held, fetches, failures, the last error (for the admin socket)."""
+        return self.jwks.statistics()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Refresh the remote key sets in use, until cancelled."""
         await self.jwks.run(task_status=task_status)
@@ -84,7 +88,8 @@ class Authenticator:
             try:
                 rule, parsed = await self._verify(token)
             except JwtError as exc:
-                log.info(
+                # the data path logs the request with this body; this says which rules
+                log.debug(
                     "authn.rejected",
                     method=method,
                     reason=exc.status.value,

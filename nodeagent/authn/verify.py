@@ -67,7 +67,7 @@ class Status(enum.Enum):
     VERIFICATION_FAIL = "Jwt verification fails"
     KID_ALG_MISMATCH = "Jwks doesn't have key to match kid or alg from Jwt"
     JWKS_FETCH_FAIL = "Jwks remote fetch is failed"
-    JWKS_NO_VALID_KEYS = "Jwks doesn't have valid keys"
+    JWKS_NO_VALID_KEYS = "Jwks doesn't have any valid public key"
 
     @property
     def http_status(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from nodeagent.authz.attributes import Connection, HttpFacts
 from nodeagent.authz.evaluate import AuthzDecision, authorize
+from nodeagent.authz.fields import l7_only_fields, tcp_warning, uses_jwt
 from nodeagent.authz.http import (
     DENIED_BODY,
     DENIED_STATUS,
@@ -19,7 +20,6 @@ from nodeagent.authz.http import (
     HttpAuthzDecision,
     evaluate_http,
 )
-from nodeagent.authz.tcp import l7_only_fields, tcp_warning
 
 __all__ = [
     "DENIED_BODY",
@@ -33,4 +33,5 @@ __all__ = [
     "evaluate_http",
     "l7_only_fields",
     "tcp_warning",
+    "uses_jwt",
 ]

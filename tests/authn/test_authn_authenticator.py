@@ -179,7 +179,7 @@ async def test_every_token_must_verify() -> None:
 
 async def test_a_bad_inline_jwks_fails_requests_with_a_token() -> None:
     result = await _auth([rule(jwks='{"keys": []}')], headers=_bearer(token(KEY)))
-    assert (result.status, result.body) == (401, "Jwks doesn't have valid keys")
+    assert (result.status, result.body) == (401, "Jwks doesn't have any valid public key")
 
 
 def test_extraction_finds_one_token_once_and_remembers_its_rules() -> None:

@@ -1,4 +1,4 @@
-"""Which fields of an AuthorizationPolicy need HTTP, for Istio's TCP rule and its warning.
+"""Which fields of an AuthorizationPolicy need HTTP (Istio's TCP rule and its warning) or a JWT.
 
 On a TCP port (one the Service does not declare as HTTP) the agent only has L4 attributes: an
 ALLOW or AUDIT rule using one of these fields matches nothing there, and a DENY rule using one
@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nodeagent.authz.evaluate import L4_CONDITION_KEYS, L7_OPERATION_FIELDS, L7_SOURCE_FIELDS
+from nodeagent.snapshot.model import AuthorizationPolicy
 
 
 def l7_only_fields(spec: Mapping[str, Any]) -> list[str]:
@@ -44,3 +45,16 @@ def tcp_warning(action: str, field: str) -> str:
     else:
         effect = f"the {action} rule matches nothing there"
     return f"{field} needs HTTP: on TCP ports {effect}"
+
+
+def uses_jwt(policy: AuthorizationPolicy) -> bool:
+    """Whether a rule of `policy` reads the request's JWT (request principals, request.auth.*)."""
+    for rule in policy.rules:
+        for entry in rule.get("from") or ():
+            src = entry.get("source") or {}
+            if any(src.get(name) for name in L7_SOURCE_FIELDS):
+                return True
+        for cond in rule.get("when") or ():
+            if str(cond.get("key", "")).startswith("request.auth."):
+                return True
+    return False
