@@ -49,5 +49,8 @@ class Verdict:
 
 
 ALLOW_ALL = Verdict(True)
+# A guard that raised (a bug, a policy the validator let through): the request is refused,
+# never let through unchecked, and the connection survives.
+GUARD_FAILED = Verdict(False, 500, b"authorization failed", details="authz_failed")
 
 Guard = Callable[[RequestFacts], Awaitable[Verdict]]

@@ -34,7 +34,7 @@ from nodeagent.http.downstream import (
     read_request,
 )
 from nodeagent.http.errors import DownstreamError, DownstreamProtocolError
-from nodeagent.http.guard import Guard, RequestFacts, Verdict
+from nodeagent.http.guard import GUARD_FAILED, Guard, RequestFacts, Verdict
 from nodeagent.http.headers import decode, destination_head, joined
 from nodeagent.http.limits import Limits
 from nodeagent.http.log import RequestLog, RequestRecorder, entry_for, log
@@ -199,7 +199,11 @@ class InboundHttp:
                     source_identity=inbound.source_identity,
                     mtls=inbound.source_identity is not None,
                 )
-                verdict = await self._guard(facts)
+                try:
+                    verdict = await self._guard(facts)
+                except Exception as exc:
+                    log.error("request.guard_failed", path=entry.path, error=repr(exc))
+                    verdict = GUARD_FAILED
                 entry.request_principal = verdict.request_principal or ""
                 if not verdict.allowed:
                     entry.flags.append(flags.UNAUTHORIZED)

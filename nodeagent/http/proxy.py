@@ -35,7 +35,7 @@ from nodeagent.http.downstream import (
     read_request,
 )
 from nodeagent.http.errors import DownstreamError, DownstreamProtocolError
-from nodeagent.http.guard import Guard, RequestFacts
+from nodeagent.http.guard import GUARD_FAILED, Guard, RequestFacts
 from nodeagent.http.headers import (
     decode,
     is_upgrade,
@@ -307,19 +307,22 @@ class HttpProxy:
         assert self._guard is not None
         client_ip = down.address.rpartition(":")[0]
         local = _local_of(down.stream)
-        verdict = await self._guard(
-            RequestFacts(
-                method=request.method,
-                target=request.target,
-                host=request.authority,
-                headers=headers,
-                port=port,
-                source_ip=client_ip,
-                destination_ip=local,
-                source_identity=None,
-                mtls=False,
-            )
+        facts = RequestFacts(
+            method=request.method,
+            target=request.target,
+            host=request.authority,
+            headers=headers,
+            port=port,
+            source_ip=client_ip,
+            destination_ip=local,
+            source_identity=None,
+            mtls=False,
         )
+        try:
+            verdict = await self._guard(facts)
+        except Exception as exc:  # refused, never let through unchecked
+            log.error("request.guard_failed", path=entry.path, error=repr(exc))
+            verdict = GUARD_FAILED
         entry.request_principal = verdict.request_principal or ""
         if not verdict.allowed:
             entry.flags.append(flags.UNAUTHORIZED)

@@ -98,7 +98,8 @@ class InboundPath:
             raise SelfCall(loop, dst[1])
         snap = self.core.snapshot()
         me = self.core.me(snap)
-        if me is not None and inbound_http_port(snap, me, dst[1]) is not None:
+        http_port = inbound_http_port(snap, me, dst[1]) if me is not None else None
+        if me is not None and http_port is not None:
             conn.dst_identity = me.identity
             if snap.peer_authentication_for(me, dst[1]) == "STRICT":
                 conn.tel = self._inbound_recorder(snap, me, conn, src[0], dst[1], None, "none")
@@ -108,7 +109,9 @@ class InboundPath:
             upstream = await self.core.connect(dst, (src[0], 0))
             peer = Peer(src[0], dst[0], dst[1], src_port=src[1], http=True)
             reset = _linger_reset(client.socket)
-            await self._serve_http(conn, snap, me, peer, client, upstream, None, reset)
+            await self._serve_http(
+                conn, snap, me, peer, client, upstream, None, reset, http_port.port
+            )
             return
         if me is not None:
             conn.dst_identity = me.identity
@@ -193,7 +196,8 @@ class InboundPath:
         if loop is not None:
             await _try_status(stream, hbone.BAD_REQUEST)
             raise SelfCall(loop, port)
-        http = inbound_http_port(snap, me, port) is not None
+        http_port = inbound_http_port(snap, me, port)
+        http = http_port is not None
         # An HTTP port's requests get SERVER spans of their own: the stream gets none.
         traced = None if http else request
         conn.tel = self._inbound_recorder(snap, me, conn, peer[0], port, traced, "mutual_tls")
@@ -220,9 +224,9 @@ class InboundPath:
         verified = Peer(
             peer[0], local[0], port, hconn.peer_identity, hconn.peer_certificate, peer[1], http
         )
-        if http:
+        if http_port is not None:
             await self._serve_http(
-                conn, snap, me, verified, stream, upstream, request, stream.reset
+                conn, snap, me, verified, stream, upstream, request, stream.reset, http_port.port
             )
             return
         await self._relay_live(conn, snap, verified, stream, upstream, stream.reset)
@@ -239,6 +243,7 @@ class InboundPath:
         upstream: trio.SocketStream,
         request: ConnectRequest | None,
         reset: Callable[[], None],
+        service_port: int,
     ) -> None:
         """Parse the connection's requests (`nodeagent.http.inbound`): each authenticated and
         authorized on its own (`l7_guard`), then forwarded to the app over `upstream` (kept
@@ -269,7 +274,7 @@ class InboundPath:
             connect=connect,
             on_request=on_request,
             xfcc=xfcc,
-            span_name=f"{span_host}:{peer.port}/*",
+            span_name=f"{span_host}:{service_port}/*",  # Envoy's inbound decorator
         )
         scope = trio.CancelScope()
 

@@ -287,6 +287,8 @@ def record_request(
             downstream_address=entry.downstream_address or "-",
             source_principal=values[_SOURCE_PRINCIPAL],
             destination_principal=values[_DESTINATION_PRINCIPAL],
+            request_principal=entry.request_principal or "-",  # the gateway's JWT check
+            response_code_details=entry.response_code_details or "-",
             request_id=entry.request_id or "-",
             trace_id=entry.trace_id or "-",
             connection_id=str(entry.connection_id),

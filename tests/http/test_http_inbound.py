@@ -206,3 +206,29 @@ def test_without_params() -> None:
     assert without_params("/p?token=a", names) == "/p"
     assert without_params("/p?a=1&token=b&c", names) == "/p?a=1&c"
     assert without_params("/p", names) == "/p"
+
+
+async def test_a_failing_guard_refuses_and_the_connection_goes_on() -> None:
+    app = Backend("app")
+
+    async def broken(facts: RequestFacts) -> Verdict:
+        if facts.target == "/boom":
+            raise RuntimeError("a policy the validator let through")
+        return Verdict(True)
+
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> trio.abc.Stream:
+            ours, theirs = trio.testing.memory_stream_pair()
+            nursery.start_soon(app.serve, theirs)
+            return ours
+
+        server = InboundHttp(guard=broken)
+        inbound = InboundConnection("10.0.2.2", 1, "10.0.1.1", 8080, PEER, connect)
+        client, theirs = trio.testing.memory_stream_pair()
+        nursery.start_soon(server.serve, theirs, inbound)
+        raw = RawClient(client)
+        assert (await raw.request(target="/boom"))[::2] == (500, b"authorization failed")
+        assert (await raw.request(target="/ok"))[0] == 200
+        await client.aclose()
+    assert [s.target for s in app.seen] == ["/ok"]

@@ -245,6 +245,35 @@ def policies(sandbox: Sandbox, files: Path, pods: dict[str, Pod]) -> None:
             [op(paths=["/internal/*"])],
             {"istio": "ingressgateway"},
         ),
+        # JWT at the edge: /public/jwt/* needs a verified token at the gateway.
+        ap(
+            "gw-jwt-required",
+            "istio-system",
+            "DENY",
+            [
+                {
+                    "from": [{"source": {"notRequestPrincipals": ["*"]}}],
+                    **op(paths=["/public/jwt/*"]),
+                }
+            ],
+            {"istio": "ingressgateway"},
+        ),
+        {
+            "apiVersion": "security.istio.io/v1",
+            "kind": "RequestAuthentication",
+            "metadata": {"name": "gw-jwt", "namespace": "istio-system"},
+            "spec": {
+                "selector": {"matchLabels": {"istio": "ingressgateway"}},
+                "jwtRules": [
+                    {
+                        "issuer": ISSUER,
+                        "jwksUri": jwks_uri,
+                        "audiences": ["api"],
+                        "outputClaimToHeaders": [{"header": "x-gw-sub", "claim": "sub"}],
+                    }
+                ],
+            },
+        },
         {
             "apiVersion": "security.istio.io/v1",
             "kind": "RequestAuthentication",
@@ -550,6 +579,31 @@ def test_jwt_claims_select_one_group(
     assert api(sandbox, sleep, "/group/x", admins)[0] == 200
     assert api(sandbox, sleep, "/group/x", devs) == (403, "RBAC: access denied")
     assert api(sandbox, sleep, "/group/x") == (403, "RBAC: access denied")
+
+
+def test_jwt_at_the_gateway(
+    sandbox: Sandbox, pods: dict[str, Pod], issuer: Issuer, policies: None
+) -> None:
+    url = f"{sandbox.gateway_url()}/public/jwt/a"
+    token = issuer.token("k1", sub="edge-user")
+    bearer = f"authorization: Bearer {token}"
+    eventually(lambda: http(sandbox, "outside", url, bearer)[0] == 200, "the gateway takes it")
+    code, body, _ = http(sandbox, "outside", url, bearer)
+    assert code == 200
+    seen = echoed(body)["headers"]
+    assert seen["x-gw-sub"] == "edge-user"  # outputClaimToHeaders at the gateway
+    assert "authorization" not in seen  # the token stops at the edge
+    assert http(sandbox, "outside", url)[:2] == (403, "RBAC: access denied")  # no token
+    expired = f"authorization: Bearer {issuer.token('k1', exp_in=-600)}"
+    assert http(sandbox, "outside", url, expired)[:2] == (401, "Jwt is expired")
+    assert not any("/public/jwt/" in h and h != "GET /public/jwt/a" for h in hits(pods["web"]))
+
+    def edge_lines() -> list[dict[str, Any]]:
+        return [x for x in access_lines(sandbox, "n1")
+                if x["path"] == "/public/jwt/a" and x["response_code"] == 200]  # fmt: skip
+
+    eventually(lambda: bool(edge_lines()), "the gateway's access-log line")
+    assert edge_lines()[-1]["request_principal"] == f"{ISSUER}/edge-user"
 
 
 def test_jwks_rotation_is_picked_up_without_a_restart(
