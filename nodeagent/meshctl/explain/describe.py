@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nodeagent.authn import RequestAuth
+from nodeagent.authn.verify import Status
 from nodeagent.authz import Connection, HttpAttributes, evaluate_http, uses_jwt
 from nodeagent.meshctl.explain.inputs import Caller
 from nodeagent.proxy.inbound import plaintext_decision, tunnel_decision
@@ -107,14 +108,26 @@ def endpoint_doc(
 def http_checks(
     snap: Snapshot, wl: Workload, conn: Connection, http: HttpView, prefix: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The L7 authorization verdict of `http` at workload `wl`, and its JWT requirement."""
+    """The L7 authorization verdict of `http` at workload `wl`, and its JWT requirement. An
+    assumed token counts only where a RequestAuthentication accepts its issuer: with none, the
+    data path ignores it; with rules but not its issuer, it answers 401 before authorization."""
+    rules = snap.request_authentication_for(wl)
+    auth, token = http.auth, "none"
+    if auth.principal:
+        issuer = auth.claims.get("iss")
+        if not rules:
+            auth, token = RequestAuth.empty(), "ignored (no RequestAuthentication applies)"
+        elif issuer not in {r.issuer for r in rules}:
+            token = f"rejected: 401 {Status.UNKNOWN_ISSUER.value}"
+        else:
+            token = "assumed"
     attrs = HttpAttributes(
         conn,
         host=http.authority,
         method=http.method,
         path=http.path,
         headers=http.headers,
-        auth=http.auth,
+        auth=auth,
     )
     policies = snap.authorization_policies_for(wl)
     decided = evaluate_http(policies, attrs)
@@ -125,11 +138,14 @@ def http_checks(
         "audited": list(decided.audited),
         "layer": "http",
     }
+    if token.startswith("rejected"):
+        authorization.update(
+            decision="DENY", policy=None, reason=f"{prefix}; http; {token}", audited=[]
+        )
     without = evaluate_http(policies, dataclasses.replace(attrs, auth=RequestAuth.empty()))
-    rules = snap.request_authentication_for(wl)
     jwt = {
         "rules": [{"policy": r.policy, "issuer": r.issuer} for r in rules],
-        "token": "assumed" if http.auth.principal else "none",
+        "token": token,
         # required: a policy reads the JWT and the request is denied without one
         "required": any(uses_jwt(p) for p in (*policies.allow, *policies.deny))
         and not without.allowed,
