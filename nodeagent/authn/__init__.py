@@ -12,7 +12,9 @@ the rules that apply (`snap.request_authentication_for(workload)`, a tuple of `J
         and hand result.auth (a RequestAuth) to authorization and telemetry.
 
 `Authenticator` (one per agent) owns the JWKS cache; start `run()` in a nursery
-(`await nursery.start(authenticator.run)`) to refresh remote key sets on an interval.
+(`await nursery.start(authenticator.run)`) to refresh remote key sets on an interval
+(`http_timeout` bounds each refresh; a request waits at most its rule's `timeout`).
+`statistics()` tells, per JWKS URI, the keys held, fetches, failures and the last error.
 `authenticate` awaits only to fetch keys (bounded by the rule's `timeout`), otherwise it is a
 pure decision. With no rules every request passes with `RequestAuth.empty()`.
 

@@ -155,12 +155,14 @@ class JwksCache:
             await self._wait(entry, max_wait)
             return
         entry.in_flight = event = trio.Event()
-        entry.attempted_at = trio.current_time()
+        attempted, entry.attempted_at = entry.attempted_at, trio.current_time()
         entry.fetches += 1
+        finished = False
         try:
             with trio.fail_after(max_wait):
                 keys = await self._fetch(entry.uri)
         except (FetchError, trio.TooSlowError) as exc:
+            finished = True
             entry.failures += 1
             why = str(exc) if isinstance(exc, FetchError) else f"no answer within {max_wait:g}s"
             entry.last_error = why
@@ -171,10 +173,13 @@ class JwksCache:
                 keeping=len(entry.keys or ()),
             )
         else:
+            finished = True
             kids = sorted(k.kid or "" for k in keys)
             log.info("jwks.fetch.complete", uri=entry.uri, keys=len(keys), kids=kids)
             entry.keys, entry.fetched_at, entry.last_error = keys, trio.current_time(), None
         finally:
+            if not finished:  # cancelled (the requester left): not an attempt that failed
+                entry.attempted_at = attempted
             entry.in_flight = None
             event.set()
 

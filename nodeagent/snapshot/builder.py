@@ -62,8 +62,8 @@ _COUNT_NAMES = {
     "DestinationRule": "destination_rules",
     "Gateway": "gateways",
     "AuthorizationPolicy": "authorization_policies",
-    "PeerAuthentication": "peer_authentications",
     "RequestAuthentication": "request_authentications",
+    "PeerAuthentication": "peer_authentications",
 }
 
 
@@ -137,8 +137,8 @@ class SnapshotBuilder:
         self._m_dr: dict[str, Members] = {}
         self._m_gateway: dict[str, Members] = {}
         self._m_ap: dict[str, Members] = {}
-        self._m_pa: dict[str, Members] = {}
         self._m_ra: dict[str, Members] = {}
+        self._m_pa: dict[str, Members] = {}
         self._dirty: dict[str, set[Any]] = {}
         # For the sorted workload groups (by node, by identity): per group key, the workloads
         # filed (True) and unfiled (False) in this batch, in order, to edit the old tuple.
@@ -277,12 +277,12 @@ class SnapshotBuilder:
         elif isinstance(obj, AuthorizationPolicy):
             op(self._m_ap, obj.namespace, key)
             self._dirt("ap").add(obj.namespace)
-        elif isinstance(obj, PeerAuthentication):
-            op(self._m_pa, obj.namespace, key)
-            self._dirt("pa").add(obj.namespace)
         elif isinstance(obj, RequestAuthentication):
             op(self._m_ra, obj.namespace, key)
             self._dirt("ra").add(obj.namespace)
+        elif isinstance(obj, PeerAuthentication):
+            op(self._m_pa, obj.namespace, key)
+            self._dirt("pa").add(obj.namespace)
 
     def _index_workload(
         self,

@@ -257,6 +257,6 @@ Resource = (
     | DestinationRule
     | Gateway
     | AuthorizationPolicy
-    | PeerAuthentication
     | RequestAuthentication
+    | PeerAuthentication
 )

@@ -134,3 +134,39 @@ async def test_jwks_over_https(nursery: trio.Nursery, tmp_path: Path) -> None:
         [rule(jwks_uri=server.uri)], "GET", "/", _bearer(token(K1))
     )
     assert (result.status, result.body) == (401, "Jwks remote fetch is failed")
+
+
+async def test_a_connect_hook_reaches_a_jwks_uri_the_node_cannot_resolve(
+    nursery: trio.Nursery,
+) -> None:
+    server = JwksServer(body=jwks([K1]))
+    await nursery.start(server.run)
+    dialled: list[tuple[str, int]] = []
+
+    async def connect(host: str, port: int) -> trio.abc.Stream:
+        dialled.append((host, port))  # e.g. a mesh Service, reached through the agent's pod
+        return await trio.open_tcp_stream("127.0.0.1", server.port)
+
+    authn = Authenticator(connect=connect)
+    uri = "http://jwks.auth.svc.cluster.local:8080/keys"
+    result = await authn.authenticate([rule(jwks_uri=uri)], "GET", "/", _bearer(token(K1)))
+    assert result.status == 200
+    assert dialled == [("jwks.auth.svc.cluster.local", 8080)]
+    assert authn.statistics()[uri]["keys"] == 1
+
+
+async def test_a_requester_leaving_mid_fetch_does_not_count_as_a_failed_fetch(
+    nursery: trio.Nursery,
+) -> None:
+    server = JwksServer(body=jwks([K1]), hang=True)
+    await nursery.start(server.run)
+    authn = Authenticator()
+    r = rule(jwks_uri=server.uri, timeout=30)
+    with trio.move_on_after(0.3):  # the client goes away while the fetch hangs
+        await authn.authenticate([r], "GET", "/", _bearer(token(K1)))
+    assert authn.statistics()[server.uri]["failures"] == 0
+    server.hang = False
+    # at once (no 1 s retry pause): the next request fetches again and succeeds
+    result = await authn.authenticate([r], "GET", "/", _bearer(token(K1)))
+    assert result.status == 200
+    assert server.requests == 2

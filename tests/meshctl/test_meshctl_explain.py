@@ -547,6 +547,12 @@ def test_l7_verdict_per_endpoint_and_whether_a_jwt_is_required(
     assert db["authorization"]["layer"] == "tcp"
     assert db["authorization"]["decision"] == "DENY"
     assert "jwt" not in db
+    # a token of an issuer no rule accepts is refused before authorization
+    stranger = ["--jwt-principal", "https://evil.example.com/mallory"]
+    refused = _endpoint(_explain(capsys, *admin, *stranger), "default/my-app-v1")
+    assert refused["jwt"]["token"] == "rejected: 401 Jwt issuer is not configured"
+    assert refused["authorization"]["decision"] == "DENY"
+    assert refused["authorization"]["reason"].endswith("401 Jwt issuer is not configured")
 
 
 def test_bad_jwt_options_are_refused(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -554,6 +560,10 @@ def test_bad_jwt_options_are_refused(store: Path, capsys: pytest.CaptureFixture[
     to = ["--from", "client", "--to", "http://my-app/"]
     assert main(["explain", *to, "--jwt-claim", "a=b"]) == 1
     assert "--jwt-claim needs --jwt-principal" in capsys.readouterr().err
+    # no RequestAuthentication applies: the data path ignores the token
+    ignored = _explain(capsys, *to, "--jwt-principal", "https://issuer.example.com/alice")
+    ep = _endpoint(ignored, "default/my-app-v1")
+    assert ep["jwt"]["token"] == "ignored (no RequestAuthentication applies)"
     assert main(["explain", *to, "--jwt-principal", "nobody"]) == 1
     assert "expected ISSUER/SUBJECT" in capsys.readouterr().err
 

@@ -8,16 +8,12 @@ routing decision matched (`RouteDecision.matched`): the report shows what the pr
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
-from nodeagent.authn import RequestAuth
-from nodeagent.authz import Connection, HttpAttributes, evaluate_http, uses_jwt
 from nodeagent.meshctl.explain.inputs import Caller
 from nodeagent.proxy.inbound import plaintext_decision, tunnel_decision
 from nodeagent.routing import MatchedRule, RouteDestination
-from nodeagent.snapshot import Endpoint, Service, ServicePort, Snapshot, Workload
+from nodeagent.snapshot import Endpoint, Service, ServicePort, Snapshot
 from nodeagent.snapshot.routes import (
     DEFAULT_RETRIES,
     FaultRule,
@@ -50,21 +46,7 @@ def port_doc(port: ServicePort) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True, slots=True)
-class HttpView:
-    """The request as the destination's agent parses it: after the source's rewrites, with the
-    end user `auth` assumed verified (`--jwt-principal`, `--jwt-claim`)."""
-
-    method: str
-    authority: str
-    path: str
-    headers: tuple[tuple[str, str], ...]
-    auth: RequestAuth
-
-
-def endpoint_doc(
-    snap: Snapshot, ep: Endpoint, caller: Caller, http: HttpView | None = None
-) -> dict[str, Any]:
+def endpoint_doc(snap: Snapshot, ep: Endpoint, caller: Caller) -> dict[str, Any]:
     wl = ep.workload
     doc: dict[str, Any] = {
         "pod": wl.ref if wl else None,
@@ -93,54 +75,13 @@ def endpoint_doc(
             "policy": verdict.policy,
             "reason": verdict.reason,
             "audited": list(verdict.audited),
-            "layer": "tcp",
+            "layer": "tcp",  # HTTP ports: replaced by the request's verdict (l7.py)
         },
     )
-    if http is not None and (caller.identity or mode != "STRICT"):
-        # an HTTP port: the destination agent authorizes each request with every field
-        conn = Connection(src_ip, ep.address, ep.port, caller.identity or None)
-        prefix = "mtls" if caller.identity else f"mtls={mode}"
-        doc["authorization"], doc["jwt"] = http_checks(snap, wl, conn, http, prefix)
     return doc
 
 
-def http_checks(
-    snap: Snapshot, wl: Workload, conn: Connection, http: HttpView, prefix: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The L7 authorization verdict of `http` at workload `wl`, and its JWT requirement."""
-    attrs = HttpAttributes(
-        conn,
-        host=http.authority,
-        method=http.method,
-        path=http.path,
-        headers=http.headers,
-        auth=http.auth,
-    )
-    policies = snap.authorization_policies_for(wl)
-    decided = evaluate_http(policies, attrs)
-    authorization = {
-        "decision": "ALLOW" if decided.allowed else "DENY",
-        "policy": decided.policy,
-        "reason": f"{prefix}; http; {decided.reason}",
-        "audited": list(decided.audited),
-        "layer": "http",
-    }
-    without = evaluate_http(policies, dataclasses.replace(attrs, auth=RequestAuth.empty()))
-    rules = snap.request_authentication_for(wl)
-    jwt = {
-        "rules": [{"policy": r.policy, "issuer": r.issuer} for r in rules],
-        "token": "assumed" if http.auth.principal else "none",
-        # required: a policy reads the JWT and the request is denied without one
-        "required": any(uses_jwt(p) for p in (*policies.allow, *policies.deny))
-        and not without.allowed,
-        "without_token": "ALLOW" if without.allowed else "DENY",
-    }
-    return authorization, jwt
-
-
-def destination_doc(
-    snap: Snapshot, dest: RouteDestination, caller: Caller, http: HttpView | None = None
-) -> dict[str, Any]:
+def destination_doc(snap: Snapshot, dest: RouteDestination, caller: Caller) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "host": dest.host,
         "service": dest.service.ref if dest.service else None,
@@ -163,7 +104,7 @@ def destination_doc(
         doc["error"] = f"no port: {dest.service.ref} has several ports and none was named (503)"
         return doc
     endpoints = snap.endpoints(dest.service, dest.port, subset=dest.subset_labels)
-    doc["endpoints"] = [endpoint_doc(snap, ep, caller, http) for ep in endpoints]
+    doc["endpoints"] = [endpoint_doc(snap, ep, caller) for ep in endpoints]
     # Selected but no endpoint: their agent cannot terminate mTLS for them yet.
     doc["unhealthy"] = [
         {"workload": w.ref, "address": w.address, "node": w.node, "status": w.status}

@@ -16,12 +16,10 @@ from nodeagent.dns.message import name_from_text
 from nodeagent.dns.resolve import find_service
 from nodeagent.gateway.server import host_matches, servers_by_port
 from nodeagent.meshctl.explain.describe import (
-    HttpView,
     destination_doc,
     endpoint_doc,
     fault_doc,
     headers_doc,
-    http_checks,
     mirror_doc,
     port_doc,
     retries_doc,
@@ -37,6 +35,7 @@ from nodeagent.meshctl.explain.inputs import (
     parse_headers,
     parse_target,
 )
+from nodeagent.meshctl.explain.l7 import HttpView, add_http_checks, http_checks
 from nodeagent.proxy import outbound
 from nodeagent.routing import HttpRequest, Source, TcpRequest, route_http, route_tcp
 from nodeagent.routing.model import RouteDecision
@@ -112,7 +111,8 @@ def _http(
         headers=tuple(req["headers"].items()),
         auth=auth,
     )
-    report["destinations"] = [destination_doc(snap, d, caller, view) for d in decision.destinations]
+    report["destinations"] = [destination_doc(snap, d, caller) for d in decision.destinations]
+    add_http_checks(snap, report["destinations"], caller, view)
     report["outcome"] = "route"
     report["summary"] = _route_summary(decision.route_name, report["destinations"])
 
