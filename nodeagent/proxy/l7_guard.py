@@ -33,6 +33,7 @@ from nodeagent.log import get_logger
 from nodeagent.snapshot import Snapshot, Workload
 
 log = get_logger("proxy.l7")
+_NONE: frozenset[str] = frozenset()
 
 
 async def check_request(
@@ -45,6 +46,11 @@ async def check_request(
         return Verdict(
             False, authn.status, authn.body.encode(), details=_jwt_details(authn), policy=None
         )
+    principal = authn.auth.principal
+    policies = snap.authorization_policies_for(workload)
+    if not (policies.allow or policies.deny or policies.audit):
+        # Nothing selects the workload: allowed, without building the request's attributes.
+        return _allowed(authn, None, principal, ())
     headers = facts.headers
     if authn.remove_headers or authn.add_headers:
         removed = frozenset(authn.remove_headers)
@@ -58,11 +64,9 @@ async def check_request(
         headers=tuple(headers),
         auth=authn.auth,
     )
-    policies = snap.authorization_policies_for(workload)
     decision = evaluate_http(policies, attrs)
     for policy in decision.audited:
         log.info("authz.audit", src=facts.source_ip, path=facts.target, policy=policy)
-    principal = authn.auth.principal
     if not decision.allowed:
         return Verdict(
             False,
@@ -73,14 +77,21 @@ async def check_request(
             request_principal=principal,
             audited=decision.audited,
         )
+    return _allowed(authn, decision.policy, principal, decision.audited)
+
+
+def _allowed(
+    authn: AuthnResult, policy: str | None, principal: str | None, audited: tuple[str, ...]
+) -> Verdict:
+    """Forward, with authentication's header and query edits."""
     return Verdict(
         True,
-        policy=decision.policy,
+        policy=policy,
         request_principal=principal,
-        remove_headers=frozenset(authn.remove_headers),
+        remove_headers=frozenset(authn.remove_headers) if authn.remove_headers else _NONE,
         add_headers=authn.add_headers,
-        strip_params=frozenset(authn.strip_params),
-        audited=decision.audited,
+        strip_params=frozenset(authn.strip_params) if authn.strip_params else _NONE,
+        audited=audited,
     )
 
 
