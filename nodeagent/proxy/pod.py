@@ -97,6 +97,10 @@ class PodProxy:
         inbound = d(stats.inbound)
         inbound["closed_by_policy"] = self.inbound.live.closed_by_policy
         inbound["tunnel_connections"] = self.inbound.tunnels_accepted
+        # Requests parsed on the pod's HTTP ports (destination mode), and those it refused.
+        http = self.inbound.http.statistics()
+        inbound["http_requests"] = http.get("requests", 0)
+        inbound["http_refused"] = http.get("flag_UAEX", 0)
         return {"outbound": d(stats.outbound), "inbound": inbound}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
