@@ -143,6 +143,16 @@ class AgentRestart:
     old_exited_at: float
 
 
+def _logged_since(path: Path, offset: int, event: str) -> bool:
+    """Whether `event` (a log record's event name) appears in `path` after byte `offset`."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f'"{event}"'.encode() in f.read()
+    except OSError:
+        return False
+
+
 def _pid_file_names(run_dir: Path, pid: int) -> bool:
     """Whether `<run-dir>/agent.pid` still names `pid` (the agent removes it when it stops
     being the node's agent; nodeagent.agent.pidfile)."""
@@ -547,12 +557,23 @@ class Sandbox:
             self._remove_agent_container(st, ns)
 
     def restart_agent(
-        self, node: str, *, timeout: float = READY_TIMEOUT, grace: float = AGENT_GRACE
+        self,
+        node: str,
+        *,
+        timeout: float = READY_TIMEOUT,
+        grace: float = AGENT_GRACE,
+        takeover: bool = False,
     ) -> AgentRestart:
         """A graceful restart, as a DaemonSet rollout does it: SIGTERM the running agent, start
         the new one as soon as the old released its pid file (it drains meanwhile), wait for the
         new one to be ready, then for the old one to finish draining (SIGKILL after its drain
-        deadline plus `grace`)."""
+        deadline plus `grace`).
+
+        With `takeover`, as a rollout with `maxSurge: 1` does it: the new agent starts beside
+        the old one with `--takeover` (it asks the old one to hand over); the old one must then
+        drain and park (alive, serving nothing) until its own SIGTERM, sent once its drain time
+        is over, as the DaemonSet controller deletes the old pod. `sigterm_at` is then when the
+        new agent was started."""
         with locked(self.state_dir):
             st = load(self.state_dir)
             ns = self._node_state(st, node)
@@ -562,22 +583,40 @@ class Sandbox:
             if st.agent_image is not None:  # two containers of one node would share its name
                 raise SandboxError("a graceful restart of a containerised agent is not supported")
             run_dir = Path(ns.run_dir)
-            self._say(f"restarting agent of {node} (pid {old.pid} drains)")
-            os.kill(old.pid, signal.SIGTERM)
             sigterm_at = time.monotonic()
-            deadline = time.monotonic() + grace
-            while _pid_file_names(run_dir, old.pid):
-                if time.monotonic() > deadline:
-                    raise SandboxError(f"the agent of {node} kept its pid file after SIGTERM")
-                time.sleep(0.01)
-            self._spawn_agent(st, ns)
+            if takeover:
+                self._say(f"taking over from the agent of {node} (pid {old.pid} hands over)")
+            else:
+                self._say(f"restarting agent of {node} (pid {old.pid} drains)")
+                os.kill(old.pid, signal.SIGTERM)
+                deadline = time.monotonic() + grace
+                while _pid_file_names(run_dir, old.pid):
+                    if time.monotonic() > deadline:
+                        raise SandboxError(f"the agent of {node} kept its pid file after SIGTERM")
+                    time.sleep(0.01)
+            log_path = layout.NodePaths(run_dir).agent_log
+            log_start = log_path.stat().st_size if log_path.exists() else 0
+            self._spawn_agent(st, ns, extra=["--takeover"] if takeover else [])
             save(st)
         self.wait_agents_ready([node], timeout=timeout)
         ready_at = time.monotonic()
         deadline = time.monotonic() + self._drain_timeout(ns) + grace
+        if takeover:
+            # The old agent drains, then logs `agent.parked` and idles (both write this log).
+            while not _logged_since(log_path, log_start, "agent.parked"):
+                if not old.alive():
+                    raise SandboxError(f"the old agent of {node} exited instead of parking")
+                if time.monotonic() > deadline:
+                    raise SandboxError(f"the old agent of {node} did not park after the handover")
+                time.sleep(0.05)
+            os.kill(old.pid, signal.SIGTERM)  # the old pod's deletion
+            deadline = time.monotonic() + grace
         while old.alive() and time.monotonic() < deadline:
             reap(_CHILDREN)
             time.sleep(0.05)
+        if takeover and old.alive():
+            stop_all([old], grace=0, children=_CHILDREN, first=signal.SIGKILL)
+            raise SandboxError(f"the parked agent of {node} ignored its SIGTERM ({grace} s)")
         stop_all([old], grace=0, children=_CHILDREN, first=signal.SIGKILL)  # if it hangs
         return AgentRestart(sigterm_at, ready_at, time.monotonic())
 
@@ -1130,7 +1169,7 @@ class Sandbox:
                 )
             time.sleep(0.2)
 
-    def _spawn_agent(self, st: State, ns: NodeState) -> None:
+    def _spawn_agent(self, st: State, ns: NodeState, extra: Sequence[str] = ()) -> None:
         if st.agent_image is not None:
             self._spawn_agent_container(st, ns)
             return
@@ -1142,7 +1181,7 @@ class Sandbox:
         ]  # fmt: skip
         if st.gateway == ns.name:
             argv.append("--gateway")
-        argv += ns.agent_args
+        argv += [*ns.agent_args, *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._say(f"starting agent of {ns.name} (log {paths.agent_log})")
         proc, ref = spawn(argv, log=paths.agent_log, env=env)
