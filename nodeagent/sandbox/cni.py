@@ -3,8 +3,9 @@
 ADD runs each plugin in order with the list's `name` and `cniVersion` injected into its config
 and the previous plugin's result as `prevResult`; the last result is the list's result. DEL runs
 the plugins in reverse, each with the cached ADD result as `prevResult` (none when ADD never
-completed). A plugin's error is its JSON `{"code", "msg", "details"}` on stdout and a non-zero
-exit; the message is reported verbatim.
+completed), and stops at the first that fails. A plugin's error is its JSON `{"code", "msg",
+"details"}` on stdout and a non-zero exit; the message is reported verbatim. docs/cni.md compares
+this with what containerd's libcni does.
 
 The plugins run with the NODE's network namespace as their current one (the bridge plugin makes
 its bridge there) via `ip netns exec <node-ns>`; CNI_NETNS points at the pod's.
@@ -186,16 +187,15 @@ def delete(
     netconf: Mapping[str, Any],
     inv: Invocation,
     cached_result: Mapping[str, Any] | None,
-) -> list[CniError]:
-    """DEL the whole list in reverse. Keeps going past a failing plugin (so the others still free
-    what they hold) and returns the failures."""
+) -> None:
+    """DEL the whole list in reverse, as libcni's DelNetworkList: the first plugin that fails
+    ends it (the plugins before it in the list are not called) and is raised; the runtime
+    retries the DEL until it succeeds."""
     plugins = check_netconf(netconf, "network list")
-    errors: list[CniError] = []
     for plugin in reversed(plugins):
         try:
             _exec(node_netns, "DEL", plugin, plugin_config(netconf, plugin, cached_result), inv)
-        except CniError as e:
-            errors.append(e)
+        except CniError:
+            raise
         except SandboxError as e:
-            errors.append(CniError(plugin["type"], "DEL", str(e)))
-    return errors
+            raise CniError(plugin["type"], "DEL", str(e)) from e

@@ -1253,20 +1253,21 @@ class Sandbox:
             )
 
     def _pod_teardown(self, st: State, ps: PodState) -> None:
-        """Processes, then the CNI chain's DEL (reverse order, with the cached result), then the
-        namespace. Raises (after doing all it can) when a plugin's DEL failed."""
+        """Processes, then the CNI chain's DEL (reverse order, with the cached result, stopping
+        at the first plugin that fails, as libcni does), then the namespace. Raises (after
+        deleting the namespace) when a plugin's DEL failed: the pod stays recorded, so the next
+        `pod del` (or `down`) runs the DEL again, as a kubelet retries it."""
         if ps.process is not None:
             stop_all([ps.process], grace=POD_GRACE, group=True, children=_CHILDREN)
-        errors: list[CniError] = []
+        error: CniError | None = None
         if ps.netconf is not None and ps.node in st.nodes and netns_exists(st.nodes[ps.node].netns):
-            errors = cni.delete(
-                st.nodes[ps.node].netns, ps.netconf, self._invocation(st, ps), ps.result
-            )
+            try:
+                cni.delete(st.nodes[ps.node].netns, ps.netconf, self._invocation(st, ps), ps.result)
+            except CniError as e:
+                error = e
         netns_delete(ps.netns)
-        if errors:
-            raise SandboxError(
-                f"pod {ps.key}: CNI DEL failed: " + "; ".join(str(e) for e in errors)
-            )
+        if error is not None:
+            raise SandboxError(f"pod {ps.key}: CNI DEL failed: {error}")
 
 
 @contextlib.contextmanager
