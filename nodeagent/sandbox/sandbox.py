@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from nodeagent.admin.client import is_ready
-from nodeagent.sandbox import cni, container, layout
+from nodeagent.sandbox import cni, container, containerd, layout
 from nodeagent.sandbox.errors import CniError, SandboxError
 from nodeagent.sandbox.state import NodeState, PodState, State, load, locked, save
 from nodeagent.sandbox.system import (
@@ -495,6 +495,14 @@ class Sandbox:
             self._say(f"pod {ps.key} deleted")
             return True
 
+    def containerd(self, node: str) -> containerd.Containerd:
+        """The node's containerd (`start()` it): pods made by `ctr run --cni`, see
+        nodeagent/sandbox/containerd.py. `down` stops it and removes what it made."""
+        ns = self._node_state(self.state(), node)
+        return containerd.Containerd(
+            self.name, ns.netns, ns.index, layout.NodePaths(Path(ns.run_dir))
+        )
+
     # ----- agents ------------------------------------------------------------------------------
 
     def start_agent(
@@ -901,8 +909,15 @@ class Sandbox:
             raise SandboxError("down finished with errors:\n  " + "\n  ".join(errors))
 
     def _down_recorded(self, st: State, errors: list[str]) -> list[str]:
-        """Pods (their DEL needs the agents), then agents, then etcd; returns namespaces to drop,
-        pods first, then in reverse creation order."""
+        """containerd's pods and the sandbox's (their DEL needs the agents), then agents, then
+        etcd; returns namespaces to drop, pods first, then in reverse creation order."""
+        for ns in st.nodes.values():
+            try:
+                containerd.stop_leftover(
+                    st.name, ns.netns, ns.index, layout.NodePaths(Path(ns.run_dir))
+                )
+            except SandboxError as e:
+                errors.append(f"containerd of {ns.name}: {e}")
         pod_ns = []
         for ps in list(st.pods.values()):
             pod_ns.append(ps.netns)
