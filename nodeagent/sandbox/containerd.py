@@ -52,6 +52,9 @@ APPLETS = ("sh", "sleep", "wget", "httpd", "ip", "cat", "echo", "nc", "ls")
 START_TIMEOUT = 20.0
 CTR_TIMEOUT = 30.0
 GRACE = 10.0
+# Our child processes (containerd, the foreground `ctr run`s) of every Containerd object, so the
+# one `down` makes reaps what another started.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,16 +151,15 @@ def launch_script(paths: ContainerdPaths) -> str:
     return "\n".join(lines)
 
 
-def node_conflist(
-    index: int, node_paths: layout.NodePaths, paths: ContainerdPaths
-) -> dict[str, Any]:
-    """The sandbox's chain for the node (same bridge, same host-local pool) with mesh-cni told
-    to enroll the pods ctr does not name (`unnamedPods`) and to log its calls."""
-    doc = layout.conflist(index, node_paths)
-    mesh = doc["plugins"][-1]
-    assert mesh["type"] == layout.MESH_CNI_TYPE
-    mesh["unnamedPods"] = {"namespace": POD_NAMESPACE}
-    mesh["logFile"] = str(paths.mesh_cni_log)
+def node_conflist(sandbox_chain: dict[str, Any], paths: ContainerdPaths) -> dict[str, Any]:
+    """The node's own chain (same bridge, same host-local pool: one node, one address pool),
+    with mesh-cni, when it is there, told to enroll the pods ctr does not name (`unnamedPods`)
+    and to log its calls."""
+    doc: dict[str, Any] = json.loads(json.dumps(sandbox_chain))
+    for plugin in cni.check_netconf(doc, "the node's CNI network list"):
+        if plugin["type"] == layout.MESH_CNI_TYPE:
+            plugin["unnamedPods"] = {"namespace": POD_NAMESPACE}
+            plugin["logFile"] = str(paths.mesh_cni_log)
     return doc
 
 
@@ -189,16 +191,12 @@ class CtrPod:
 class Containerd:
     """One node's containerd. `start` it, run pods with `run_pod`, `stop` it (idempotent)."""
 
-    def __init__(
-        self, namespace: str, node_netns: str, index: int, node_paths: layout.NodePaths
-    ) -> None:
+    def __init__(self, namespace: str, node_netns: str, node_paths: layout.NodePaths) -> None:
         self.namespace = namespace  # containerd's (ctr -n): the sandbox's name
         self.node_netns = node_netns
-        self.index = index
         self.node_paths = node_paths
         self.paths = containerd_paths(node_paths)
         self.process: ProcessRef | None = _read_process(self.paths)
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -220,8 +218,12 @@ class Containerd:
         for _, target in p.binds():
             Path(target).mkdir(parents=True, exist_ok=True)  # an empty mount point, never written
         p.config.write_text(config_toml(p))
+        try:
+            chain = json.loads(self.node_paths.conflist.read_text())
+        except (OSError, ValueError) as e:
+            raise SandboxError(f"cannot read the node's CNI config: {e}") from e
         conflist = p.conf_dir / layout.CONFLIST_NAME
-        conflist.write_text(json.dumps(node_conflist(self.index, self.node_paths, p), indent=2))
+        conflist.write_text(json.dumps(node_conflist(chain, p), indent=2))
         install_binary(p.bin_dir, DEFAULT_PLUGIN_SOURCE, "/usr/bin/python3")
         make_rootfs(p.rootfs)
         argv = [
@@ -236,7 +238,7 @@ class Containerd:
             launch_script(p),
         ]
         proc, ref = spawn(argv, log=p.log)
-        self._children[proc.pid] = proc
+        _CHILDREN[proc.pid] = proc
         self.process = ref
         p.process_file.write_text(json.dumps(ref.to_json()))
         deadline = time.monotonic() + START_TIMEOUT
@@ -254,7 +256,7 @@ class Containerd:
     def kill(self) -> None:
         """kill -9 containerd (its shims and their tasks live on, as on a node)."""
         if self.process is not None:
-            stop_all([self.process], grace=0, children=self._children, first=signal.SIGKILL)
+            stop_all([self.process], grace=0, children=_CHILDREN, first=signal.SIGKILL)
 
     def stop(self) -> None:
         """Every container removed through containerd (started again if it was killed), then
@@ -267,10 +269,11 @@ class Containerd:
         if self.process is not None and self.process.alive():
             with contextlib.suppress(SandboxError):
                 self._remove_containers()
-            stop_all([self.process], grace=GRACE, children=self._children)
+            stop_all([self.process], grace=GRACE, children=_CHILDREN)
         for c in self._ctr_runs():
             c.kill()
             c.wait()
+            _CHILDREN.pop(c.pid, None)
         for pid in _processes_naming(str(self.paths.socket)):
             for child in _descendants(pid):
                 _kill(child)
@@ -289,11 +292,8 @@ class Containerd:
             self.delete_network(name)
 
     def _ctr_runs(self) -> list[subprocess.Popen[bytes]]:
-        return [
-            c
-            for pid, c in self._children.items()
-            if self.process is None or pid != self.process.pid
-        ]
+        ours = f"--address={self.paths.socket}"
+        return [c for c in _CHILDREN.values() if isinstance(c.args, list) and ours in c.args]
 
     def container_id(self, name: str) -> str:
         """CNI_CONTAINERID of ctr's container `name` (go-cni is given `<namespace>-<id>`)."""
@@ -350,7 +350,7 @@ class Containerd:
             ),
             log=log,
         )
-        self._children[proc.pid] = proc
+        _CHILDREN[proc.pid] = proc
         return proc
 
     def run_pod(self, name: str, argv: Sequence[str], *, timeout: float = CTR_TIMEOUT) -> CtrPod:
@@ -382,7 +382,7 @@ class Containerd:
         except subprocess.TimeoutExpired as e:
             raise SandboxError(f"ctr run {pod.name} did not end within {timeout:g}s") from e
         finally:
-            self._children.pop(pod.proc.pid, None)
+            _CHILDREN.pop(pod.proc.pid, None)
 
     def delete_network(self, name: str) -> None:
         """The DEL a runtime repeats for a container whose own DEL never happened: libcni's
@@ -401,12 +401,10 @@ class Containerd:
         self.paths.cached_result(cid).unlink(missing_ok=True)
 
 
-def stop_leftover(
-    namespace: str, node_netns: str, index: int, node_paths: layout.NodePaths
-) -> None:
+def stop_leftover(namespace: str, node_netns: str, node_paths: layout.NodePaths) -> None:
     """`down`'s part: stop a node's containerd if one was started there."""
     if containerd_paths(node_paths).root.exists():
-        Containerd(namespace, node_netns, index, node_paths).stop()
+        Containerd(namespace, node_netns, node_paths).stop()
 
 
 def _cached_result(path: Path) -> dict[str, Any] | None:

@@ -499,9 +499,7 @@ class Sandbox:
         """The node's containerd (`start()` it): pods made by `ctr run --cni`, see
         nodeagent/sandbox/containerd.py. `down` stops it and removes what it made."""
         ns = self._node_state(self.state(), node)
-        return containerd.Containerd(
-            self.name, ns.netns, ns.index, layout.NodePaths(Path(ns.run_dir))
-        )
+        return containerd.Containerd(self.name, ns.netns, layout.NodePaths(Path(ns.run_dir)))
 
     # ----- agents ------------------------------------------------------------------------------
 
@@ -913,9 +911,7 @@ class Sandbox:
         etcd; returns namespaces to drop, pods first, then in reverse creation order."""
         for ns in st.nodes.values():
             try:
-                containerd.stop_leftover(
-                    st.name, ns.netns, ns.index, layout.NodePaths(Path(ns.run_dir))
-                )
+                containerd.stop_leftover(st.name, ns.netns, layout.NodePaths(Path(ns.run_dir)))
             except SandboxError as e:
                 errors.append(f"containerd of {ns.name}: {e}")
         pod_ns = []
