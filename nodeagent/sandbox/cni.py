@@ -3,9 +3,9 @@
 ADD runs each plugin in order with the list's `name` and `cniVersion` injected into its config
 and the previous plugin's result as `prevResult`; the last result is the list's result. DEL runs
 the plugins in reverse, each with the cached ADD result as `prevResult` (none when ADD never
-completed), and stops at the first that fails. A plugin's error is its JSON `{"code", "msg",
-"details"}` on stdout and a non-zero exit; the message is reported verbatim. docs/cni.md compares
-this with what containerd's libcni does.
+completed), and stops at the first that fails; CHECK runs them in order with that result. A
+plugin's error is its JSON `{"code", "msg", "details"}` on stdout and a non-zero exit; the
+message is reported verbatim. docs/cni.md compares this with containerd's libcni.
 
 The plugins run with the NODE's network namespace as their current one (the bridge plugin makes
 its bridge there) via `ip netns exec <node-ns>`; CNI_NETNS points at the pod's.
@@ -180,6 +180,38 @@ def add(node_netns: str, netconf: Mapping[str, Any], inv: Invocation) -> dict[st
         prev = result
     assert prev is not None
     return prev
+
+
+def check(
+    node_netns: str,
+    netconf: Mapping[str, Any],
+    inv: Invocation,
+    cached_result: Mapping[str, Any] | None,
+) -> None:
+    """CHECK the list as libcni's CheckNetworkList: refused for a list older than 0.4.0, nothing
+    at all when the list says `disableCheck`, otherwise every plugin IN ORDER with the cached ADD
+    result as `prevResult`; the first failure is raised."""
+    plugins = check_netconf(netconf, "network list")
+    if _version(netconf["cniVersion"]) < (0, 4, 0):
+        raise SandboxError(
+            f"configuration version {netconf['cniVersion']!r} does not support the CHECK command"
+        )
+    if netconf.get("disableCheck") is True:
+        return
+    for plugin in plugins:
+        try:
+            _exec(node_netns, "CHECK", plugin, plugin_config(netconf, plugin, cached_result), inv)
+        except CniError:
+            raise
+        except SandboxError as e:
+            raise CniError(plugin["type"], "CHECK", str(e)) from e
+
+
+def _version(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split("."))
+    except ValueError:
+        raise SandboxError(f"invalid cniVersion {text!r}") from None
 
 
 def delete(

@@ -501,6 +501,14 @@ class Sandbox:
         ns = self._node_state(self.state(), node)
         return containerd.Containerd(self.name, ns.netns, layout.NodePaths(Path(ns.run_dir)))
 
+    def pod_check(self, name: str, namespace: str | None = None) -> None:
+        """CNI CHECK of the pod's cached chain (in order, with the cached result), as libcni's
+        CheckNetworkList; raises CniError naming the first plugin that found a problem."""
+        st = self.state()
+        ps = self._find_pod(st, name, namespace)
+        assert ps.netconf is not None
+        cni.check(st.nodes[ps.node].netns, ps.netconf, self._invocation(st, ps), ps.result)
+
     # ----- agents ------------------------------------------------------------------------------
 
     def start_agent(

@@ -97,6 +97,8 @@ def test_pod_made_by_containerd_is_meshed_and_deleted_cleanly(
     [add] = [c for c in mesh_cni_calls(runtime, cid) if c["event"] == "cni.complete"]
     assert add["cmd"] == "ADD"
 
+    # The sandbox's own pod passes the whole chain's CHECK (mesh-cni's asks n2's agent).
+    sandbox.pod_check("server")
     before = enrolled(sandbox, "n2")["server"]["connections"]["inbound"]["mtls"]
     deadline = time.monotonic() + 20
     attempt = 0

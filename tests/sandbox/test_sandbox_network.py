@@ -236,6 +236,44 @@ def test_del_stops_at_the_first_failing_plugin_and_is_retried(name: str, tmp_pat
     sb.down()
 
 
+def test_check_runs_the_chain_in_order_with_the_cached_result(name: str, tmp_path: Path) -> None:
+    """As libcni's CheckNetworkList: in order (the real loopback, bridge and host-local check the
+    pod too), each with the cached ADD result as prevResult."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _write_recorder(bin_dir, "first")
+    _write_recorder(bin_dir, "second")
+    record = tmp_path / "calls.jsonl"
+    sb = Sandbox.up(
+        name,
+        nodes=1,
+        agents=False,
+        mesh_cni=False,
+        cni_path=[layout.CNI_BIN_DIR, str(bin_dir)],
+        progress=False,
+    )
+    node = sb.node("n1")
+    conf = json.loads(node.conflist.read_text())
+    conf["plugins"] += [
+        {"type": "first", "record": str(record)},
+        {"type": "second", "record": str(record)},
+    ]
+    node.conflist.write_text(json.dumps(conf))
+    pod = sb.pod_add("n1", "default", "web", None)
+    sb.pod_check("web")
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [(c["command"], c["conf"]["type"]) for c in calls] == [
+        ("ADD", "first"),
+        ("ADD", "second"),
+        ("CHECK", "first"),
+        ("CHECK", "second"),
+    ]
+    for check in calls[2:]:
+        assert check["conf"]["prevResult"]["ips"][0]["address"] == f"{pod.ip}/24"
+        assert check["env"]["CNI_NETNS"] == f"/run/netns/{pod.netns}"
+    sb.down()
+
+
 def test_bad_pod_command_is_undone(name: str) -> None:
     sb = Sandbox.up(name, nodes=1, agents=False, mesh_cni=False, progress=False)
     with pytest.raises(SandboxError, match="exited with status"):
