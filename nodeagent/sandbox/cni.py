@@ -121,11 +121,23 @@ def find_plugin(kind: str, cni_path: Sequence[str]) -> Path:
     raise SandboxError(f'failed to find plugin "{kind}" in path {list(cni_path)}')
 
 
-def plugin_search_path() -> str:
-    """PATH for the plugins: the machine's, without the project's venv, as on a node where the
-    runtime knows nothing of the agent's Python; mesh-cni runs on the node's python3 with the
-    standard library only (`-IS`)."""
-    return os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+def plugin_environment(command: str, inv: Invocation) -> dict[str, str]:
+    """As libcni's `invoke.Args.AsEnv`: the runtime's whole environment, then the CNI_* variables
+    (which win over inherited ones). mesh-cni runs as `python3 -IS` on whatever python3 PATH
+    names, with the standard library only, as on a node."""
+    env = dict(os.environ)
+    env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    env.update(
+        {
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": inv.container_id,
+            "CNI_NETNS": inv.netns_path,
+            "CNI_ARGS": inv.args,
+            "CNI_IFNAME": inv.ifname,
+            "CNI_PATH": os.pathsep.join(inv.cni_path),
+        }
+    )
+    return env
 
 
 def _exec(
@@ -137,15 +149,7 @@ def _exec(
 ) -> bytes:
     kind = plugin["type"]
     binary = find_plugin(kind, inv.cni_path)
-    env = {
-        "PATH": plugin_search_path(),
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": inv.container_id,
-        "CNI_NETNS": inv.netns_path,
-        "CNI_IFNAME": inv.ifname,
-        "CNI_ARGS": inv.args,
-        "CNI_PATH": os.pathsep.join(inv.cni_path),
-    }
+    env = plugin_environment(command, inv)
     argv = ["ip", "netns", "exec", node_netns, str(binary)]
     try:
         proc = subprocess.run(

@@ -236,9 +236,14 @@ def test_del_stops_at_the_first_failing_plugin_and_is_retried(name: str, tmp_pat
     sb.down()
 
 
-def test_check_runs_the_chain_in_order_with_the_cached_result(name: str, tmp_path: Path) -> None:
+def test_check_runs_the_chain_in_order_with_the_cached_result(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """As libcni's CheckNetworkList: in order (the real loopback, bridge and host-local check the
-    pod too), each with the cached ADD result as prevResult."""
+    pod too), each with the cached ADD result as prevResult. Plugins inherit the runtime's
+    environment, as libcni's do, with the CNI_* variables winning."""
+    monkeypatch.setenv("CNI_RUNTIME_PROBE", "inherited")
+    monkeypatch.setenv("CNI_IFNAME", "not-this")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _write_recorder(bin_dir, "first")
@@ -271,6 +276,8 @@ def test_check_runs_the_chain_in_order_with_the_cached_result(name: str, tmp_pat
     for check in calls[2:]:
         assert check["conf"]["prevResult"]["ips"][0]["address"] == f"{pod.ip}/24"
         assert check["env"]["CNI_NETNS"] == f"/run/netns/{pod.netns}"
+        assert check["env"]["CNI_RUNTIME_PROBE"] == "inherited"
+        assert check["env"]["CNI_IFNAME"] == "eth0"
     sb.down()
 
 
