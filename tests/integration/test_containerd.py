@@ -1,7 +1,9 @@
 """Pods made by a real runtime: containerd in n1's network namespace runs `ctr run --cni`, whose
 libcni (go-cni) calls the node's chain with mesh-cni last; the pod is meshed like the sandbox's
 own, its DEL removes everything, and a runtime killed in the middle of the ADD leaves nothing
-once the next DEL ran. Fails (never skips) when containerd cannot run."""
+once the next DEL ran. Fails (never skips) when containerd cannot run. Plain-process agents
+only: ctr's netns path `/proc/<pid>/ns/net` means nothing in an agent container's own PID
+namespace (docs/kubernetes.md)."""
 
 from __future__ import annotations
 
