@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from mesh_helpers import admin, eventually, sandbox_fixture
 
 from nodeagent.sandbox import Pod, Sandbox
 from nodeagent.sandbox.containerd import POD_NAMESPACE, Containerd, CtrPod
+from nodeagent.store import keys, open_store
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 sandbox = sandbox_fixture("ctrd")
@@ -44,6 +46,20 @@ def server(sandbox: Sandbox) -> Pod:
 
 def enrolled(sb: Sandbox, node: str) -> dict[str, dict[str, Any]]:
     return {p["name"]: p for p in admin(sb, node, "/pods")}
+
+
+def workload_registered(sb: Sandbox, node: str, uid: str) -> bool:
+    """Whether the agent's Workload for the pod (keyed by its uid) is in the store."""
+
+    async def read() -> bool:
+        store = await open_store(sb.store_url)
+        try:
+            kvs, _ = await store.range(keys.workload(node, uid))
+            return bool(kvs)
+        finally:
+            await store.aclose()
+
+    return trio.run(read)
 
 
 def ipam_holders(sb: Sandbox, node: str) -> list[str]:
@@ -96,6 +112,7 @@ def test_pod_made_by_containerd_is_meshed_and_deleted_cleanly(
     assert row["service_account"] == "default"
     assert row["netns"] == f"/proc/{row['netns'].split('/')[2]}/ns/net"
     assert row["addresses"] == [pod.ip]
+    assert workload_registered(sandbox, "n1", cid)
     [add] = [c for c in mesh_cni_calls(runtime, cid) if c["event"] == "cni.complete"]
     assert add["cmd"] == "ADD"
 
@@ -124,6 +141,7 @@ def test_pod_made_by_containerd_is_meshed_and_deleted_cleanly(
     dels = [c for c in mesh_cni_calls(runtime, cid) if c["cmd"] == "DEL"]
     assert [c["event"] for c in dels] == ["cni.complete"]
     assert cid not in enrolled(sandbox, "n1")
+    assert not workload_registered(sandbox, "n1", cid)
     assert cid not in ipam_holders(sandbox, "n1")
     assert not runtime.paths.cached_result(cid).exists()
     assert runtime.containers() == []
@@ -178,6 +196,7 @@ def test_containerd_killed_mid_add_leaves_nothing_after_the_next_del(
     # is gone, its veth is on the node, its address allocated, and no runtime knows of it.
     eventually(lambda: not Path(f"/proc/{plugin}").exists(), "the orphaned mesh-cni ended", 40)
     assert cid in enrolled(sandbox, "n1")
+    assert workload_registered(sandbox, "n1", cid)
     assert "veth" in node_links(sandbox, "n1")
 
     # containerd again (its shim kept the created task), the container removed, then the DEL a
@@ -189,6 +208,7 @@ def test_containerd_killed_mid_add_leaves_nothing_after_the_next_del(
     runtime.delete_network("crash")
 
     assert cid not in enrolled(sandbox, "n1")
+    assert not workload_registered(sandbox, "n1", cid)
     assert cid not in ipam_holders(sandbox, "n1")
     assert runtime.containers() == []
     eventually(lambda: "veth" not in node_links(sandbox, "n1"), "the pod's veth is gone", 10)
