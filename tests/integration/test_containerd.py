@@ -168,21 +168,44 @@ def _descendant_running(root: int, word: str) -> int | None:
     return None
 
 
-def test_containerd_killed_mid_add_leaves_nothing_after_the_next_del(
+def _stall_add_at_mesh_cni(sandbox: Sandbox, runtime: Containerd, name: str) -> tuple[Any, int]:
+    """Start `ctr run` with n1's agent stopped (SIGSTOP), so the ADD waits at mesh-cni, the
+    last plugin (bridge and host-local are done); returns (ctr's Popen, mesh-cni's pid)."""
+    ctr = runtime.spawn_pod(name, ["sleep", "3600"])
+    deadline = time.monotonic() + 20
+    while (plugin := _descendant_running(ctr.pid, "mesh-cni")) is None:
+        assert ctr.poll() is None, "ctr run ended before its ADD reached mesh-cni"
+        assert time.monotonic() < deadline, "mesh-cni never ran"
+        time.sleep(0.05)
+    return ctr, plugin
+
+
+def _assert_nothing_left(sandbox: Sandbox, runtime: Containerd, name: str) -> None:
+    cid = runtime.container_id(name)
+    assert cid not in enrolled(sandbox, "n1")
+    assert not workload_registered(sandbox, "n1", cid)
+    assert cid not in ipam_holders(sandbox, "n1")
+    assert not runtime.paths.cached_result(cid).exists()
+    assert runtime.containers() == []
+    eventually(lambda: "veth" not in node_links(sandbox, "n1"), "the pod's veth is gone", 10)
+    ours = str(runtime.paths.socket).encode()
+    shims = [
+        p
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and {name.encode(), ours} <= set(_cmdline(p).split(b"\0"))
+    ]
+    assert shims == [], f"the shim of {name} is still running"
+
+
+def test_runtime_killed_mid_add_leaves_nothing_after_the_next_del(
     sandbox: Sandbox, runtime: Containerd
 ) -> None:
     agent = sandbox.node("n1").agent_pid
     assert agent is not None
     cid = runtime.container_id("crash")
-    # A stalled agent holds the ADD at mesh-cni, the last plugin: bridge and host-local are done.
     os.kill(agent, signal.SIGSTOP)
     try:
-        ctr = runtime.spawn_pod("crash", ["sleep", "3600"])
-        deadline = time.monotonic() + 20
-        while (plugin := _descendant_running(ctr.pid, "mesh-cni")) is None:
-            assert ctr.poll() is None, "ctr run ended before its ADD reached mesh-cni"
-            assert time.monotonic() < deadline, "mesh-cni never ran"
-            time.sleep(0.05)
+        ctr, plugin = _stall_add_at_mesh_cni(sandbox, runtime, "crash")
         # The whole runtime dies mid-ADD: containerd, and ctr, which runs libcni (so no ADD
         # result is cached, and no deferred DEL happens).
         runtime.kill()
@@ -206,19 +229,31 @@ def test_containerd_killed_mid_add_leaves_nothing_after_the_next_del(
     runtime.ctr("task", "delete", "--force", "crash")
     runtime.ctr("container", "delete", "crash")
     runtime.delete_network("crash")
+    _assert_nothing_left(sandbox, runtime, "crash")
 
-    assert cid not in enrolled(sandbox, "n1")
-    assert not workload_registered(sandbox, "n1", cid)
-    assert cid not in ipam_holders(sandbox, "n1")
-    assert runtime.containers() == []
-    eventually(lambda: "veth" not in node_links(sandbox, "n1"), "the pod's veth is gone", 10)
-    ours = str(runtime.paths.socket).encode()
-    shims = [
-        p
-        for p in Path("/proc").iterdir()
-        if p.name.isdigit() and {b"crash", ours} <= set(_cmdline(p).split(b"\0"))
-    ]
-    assert shims == [], "the crashed container's shim is still running"
+
+def test_containerd_killed_mid_add_leaves_nothing_after_ctrs_own_del(
+    sandbox: Sandbox, runtime: Containerd
+) -> None:
+    """Only containerd dies: ctr finishes the ADD, fails to start the task, and its deferred
+    DEL undoes the chain; what is left is containerd's, removed once it is back."""
+    agent = sandbox.node("n1").agent_pid
+    assert agent is not None
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        ctr, _ = _stall_add_at_mesh_cni(sandbox, runtime, "crash2")
+        runtime.kill()
+    finally:
+        os.kill(agent, signal.SIGCONT)
+    rc = ctr.wait(timeout=60)
+    assert rc != 0
+    calls = [c["cmd"] for c in mesh_cni_calls(runtime, runtime.container_id("crash2"))]
+    assert calls[-1] == "DEL", calls
+    runtime.start()
+    for name in runtime.containers():
+        runtime.ctr("task", "delete", "--force", name, check=False)
+        runtime.ctr("container", "delete", name)
+    _assert_nothing_left(sandbox, runtime, "crash2")
 
 
 def _cmdline(proc: Path) -> bytes:
