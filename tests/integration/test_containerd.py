@@ -20,7 +20,8 @@ import trio
 from mesh_helpers import admin, eventually, sandbox_fixture
 
 from nodeagent.sandbox import Pod, Sandbox
-from nodeagent.sandbox.containerd import POD_NAMESPACE, Containerd, CtrPod
+from nodeagent.sandbox.containerd import Containerd, CtrPod
+from nodeagent.sandbox.containerd_config import POD_NAMESPACE
 from nodeagent.store import keys, open_store
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]

@@ -12,14 +12,12 @@ from pathlib import Path
 import pytest
 
 from nodeagent.sandbox import Sandbox, SandboxError, layout
-from nodeagent.sandbox.containerd import (
-    APPLETS,
-    Containerd,
+from nodeagent.sandbox.containerd import APPLETS, Containerd, make_rootfs
+from nodeagent.sandbox.containerd_config import (
     ContainerdPaths,
     config_toml,
     containerd_paths,
     launch_script,
-    make_rootfs,
     node_conflist,
 )
 from nodeagent.sandbox.system import netns_list
