@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from nodeagent.admin.client import is_ready
-from nodeagent.sandbox import cni, container, layout
+from nodeagent.sandbox import cni, container, containerd, layout
 from nodeagent.sandbox.errors import CniError, SandboxError
 from nodeagent.sandbox.state import NodeState, PodState, State, load, locked, save
 from nodeagent.sandbox.system import (
@@ -505,6 +505,20 @@ class Sandbox:
             self._say(f"pod {ps.key} deleted")
             return True
 
+    def containerd(self, node: str) -> containerd.Containerd:
+        """The node's containerd (`start()` it): pods made by `ctr run --cni`, see
+        nodeagent/sandbox/containerd.py. `down` stops it and removes what it made."""
+        ns = self._node_state(self.state(), node)
+        return containerd.Containerd(self.name, ns.netns, layout.NodePaths(Path(ns.run_dir)))
+
+    def pod_check(self, name: str, namespace: str | None = None) -> None:
+        """CNI CHECK of the pod's cached chain (in order, with the cached result), as libcni's
+        CheckNetworkList; raises CniError naming the first plugin that found a problem."""
+        st = self.state()
+        ps = self._find_pod(st, name, namespace)
+        assert ps.netconf is not None
+        cni.check(st.nodes[ps.node].netns, ps.netconf, self._invocation(st, ps), ps.result)
+
     # ----- agents ------------------------------------------------------------------------------
 
     def start_agent(
@@ -940,8 +954,13 @@ class Sandbox:
             raise SandboxError("down finished with errors:\n  " + "\n  ".join(errors))
 
     def _down_recorded(self, st: State, errors: list[str]) -> list[str]:
-        """Pods (their DEL needs the agents), then agents, then etcd; returns namespaces to drop,
-        pods first, then in reverse creation order."""
+        """containerd's pods and the sandbox's (their DEL needs the agents), then agents, then
+        etcd; returns namespaces to drop, pods first, then in reverse creation order."""
+        for ns in st.nodes.values():
+            try:
+                containerd.stop_leftover(st.name, ns.netns, layout.NodePaths(Path(ns.run_dir)))
+            except SandboxError as e:
+                errors.append(f"containerd of {ns.name}: {e}")
         pod_ns = []
         for ps in list(st.pods.values()):
             pod_ns.append(ps.netns)
@@ -1292,20 +1311,21 @@ class Sandbox:
             )
 
     def _pod_teardown(self, st: State, ps: PodState) -> None:
-        """Processes, then the CNI chain's DEL (reverse order, with the cached result), then the
-        namespace. Raises (after doing all it can) when a plugin's DEL failed."""
+        """Processes, then the CNI chain's DEL (reverse order, with the cached result, stopping
+        at the first plugin that fails, as libcni does), then the namespace. Raises (after
+        deleting the namespace) when a plugin's DEL failed: the pod stays recorded, so the next
+        `pod del` (or `down`) runs the DEL again, as a kubelet retries it."""
         if ps.process is not None:
             stop_all([ps.process], grace=POD_GRACE, group=True, children=_CHILDREN)
-        errors: list[CniError] = []
+        error: CniError | None = None
         if ps.netconf is not None and ps.node in st.nodes and netns_exists(st.nodes[ps.node].netns):
-            errors = cni.delete(
-                st.nodes[ps.node].netns, ps.netconf, self._invocation(st, ps), ps.result
-            )
+            try:
+                cni.delete(st.nodes[ps.node].netns, ps.netconf, self._invocation(st, ps), ps.result)
+            except CniError as e:
+                error = e
         netns_delete(ps.netns)
-        if errors:
-            raise SandboxError(
-                f"pod {ps.key}: CNI DEL failed: " + "; ".join(str(e) for e in errors)
-            )
+        if error is not None:
+            raise SandboxError(f"pod {ps.key}: CNI DEL failed: {error}")
 
 
 @contextlib.contextmanager
