@@ -13,9 +13,10 @@ to select: whoever manages the Service writes its EndpointSlices, labelled
 - `SliceIndex.endpoints`: a selector-less Service's endpoints, by kube-proxy's rules: a Service
   port takes the slice port of the same name (and protocol), whose number is the endpoint's port
   (the Service's `targetPort` is not used); ready endpoints, else (none ready) those serving and
-  terminating; one per address:port across slices. An address that is a meshed workload is
-  that workload's endpoint (mTLS through the tunnel, its identity; none while Unhealthy); any
-  other address is an endpoint outside the mesh (plaintext passthrough, like a ServiceEntry's).
+  terminating; one per address:port across slices, with the best condition it is listed with.
+  An address that is a meshed workload is that workload's endpoint (mTLS through the tunnel, its
+  identity; none while Unhealthy); any other address is an endpoint outside the mesh (plaintext
+  passthrough, like a ServiceEntry's).
 
 Services with a selector ignore their slices: their endpoints are the workloads they select,
 never counted twice.
@@ -177,18 +178,17 @@ class SliceIndex:
         )
         out: dict[int, tuple[Endpoint, ...]] = {}
         for port in svc.ports:
-            found: dict[tuple[str, int], SliceEndpoint] = {}
+            found: dict[tuple[str, int], int] = {}  # address:port → its best rank
             for es in slices:
                 number = _number_for(es, port.name, port.protocol)
                 if number is None:
                     continue
                 for ep in es.endpoints:
-                    seen = found.get((ep.address, number))
-                    if seen is None or (ep.ready and not seen.ready):
-                        found[(ep.address, number)] = ep
-            chosen = [k for k, ep in found.items() if ep.ready]
+                    k = (ep.address, number)
+                    found[k] = max(found.get(k, _UNUSABLE), _rank(ep))
+            chosen = [k for k, rank in found.items() if rank == _READY]
             if not chosen:  # kube-proxy: no ready endpoint, then the serving terminating ones
-                chosen = [k for k, ep in found.items() if ep.serving and ep.terminating]
+                chosen = [k for k, rank in found.items() if rank == _DRAINING]
             eps = []
             for address, number in chosen:
                 wl = workload_at(address)
@@ -198,6 +198,15 @@ class SliceIndex:
                     eps.append(Endpoint(address, number, wl, wl.labels))
             out[port.port] = tuple(eps)
         return MappingProxyType(out)
+
+
+_UNUSABLE, _DRAINING, _READY = 0, 1, 2
+
+
+def _rank(ep: SliceEndpoint) -> int:
+    if ep.ready:
+        return _READY
+    return _DRAINING if ep.serving and ep.terminating else _UNUSABLE
 
 
 def _number_for(es: EndpointSlice, name: str, protocol: str) -> int | None:
