@@ -31,7 +31,11 @@ from nodeagent.log import get_logger
 from nodeagent.snapshot import hosts
 from nodeagent.snapshot import members as membership
 from nodeagent.snapshot.convert import Context, convert, parse_key
-from nodeagent.snapshot.endpointslices import SliceIndex, service_document_key
+from nodeagent.snapshot.endpointslices import (
+    SliceIndex,
+    service_document_key,
+    uses_endpoint_slices,
+)
 from nodeagent.snapshot.errors import ConvertError
 from nodeagent.snapshot.members import Members, as_set, each
 from nodeagent.snapshot.model import (
@@ -467,7 +471,7 @@ class SnapshotBuilder:
         return None if members is None else self._best(members)
 
     def _compute_endpoints(self, svc: Service) -> Mapping[int, tuple[Endpoint, ...]]:
-        if svc.kind == "Service" and svc.selector is None:
+        if uses_endpoint_slices(svc):
             return self._slices.endpoints(svc, self._workload_at)
         workloads: list[Workload] = []
         if svc.selector:

@@ -130,6 +130,12 @@ def _seq(value: Any, path: str, bound: int, fail: Callable[[str, str], ConvertEr
     return value
 
 
+def uses_endpoint_slices(svc: Service) -> bool:
+    """Whether a service's endpoints come from its EndpointSlices: a Kubernetes Service without
+    a selector (an empty one is none, as in Kubernetes)."""
+    return svc.kind == "Service" and svc.selector is None
+
+
 def service_document_key(ref: ServiceRef) -> str:
     """The store key of the Service a slice belongs to (what the builder marks dirty)."""
     return keys.config("Service", *ref)
