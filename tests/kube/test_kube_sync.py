@@ -62,9 +62,13 @@ async def test_round_trip_over_tcp_into_store_and_snapshot() -> None:
             assert codec.decode(claim) == {"namespace": "bookinfo", "name": "reviews"}  # type: ignore[arg-type]
             slice_doc = body(await store.get(keys.endpoint_slice("bookinfo", "reviews-x7k2p")))
             assert slice_doc["service"] == "reviews"
-            assert [(e["addresses"], e["ready"]) for e in slice_doc["endpoints"]] == [
-                (["10.244.1.12"], True),
-                (["10.244.2.7"], False),
+            conditions = [
+                (e["addresses"], e["ready"], e["serving"], e["terminating"])
+                for e in slice_doc["endpoints"]
+            ]
+            assert conditions == [
+                (["10.244.1.12"], True, True, False),
+                (["10.244.2.7"], False, False, True),
             ]
 
             # The agent enrolls the pod: metadata from kube-sync's Pod, then its Workload.
