@@ -80,6 +80,11 @@ async def test_round_trip_over_tcp_into_store_and_snapshot() -> None:
                 pod=PodRef(
                     "bookinfo", "reviews-v1-5b9c7f9d6-abcde", fixture("pod")["metadata"]["uid"]
                 ),
+                # As a CRI runtime names the pod (a call without them gets defaults at once).
+                args={
+                    "K8S_POD_NAMESPACE": "bookinfo",
+                    "K8S_POD_NAME": "reviews-v1-5b9c7f9d6-abcde",
+                },
             )
             meta = await StoreMetadataSource(store, wait=1.0).lookup(req)
             assert meta.service_account == "bookinfo-reviews"
