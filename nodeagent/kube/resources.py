@@ -49,6 +49,7 @@ ISTIO = (
     ResourceType("ServiceEntry", "networking.istio.io", "v1", "serviceentries"),
     ResourceType("AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies"),
     ResourceType("PeerAuthentication", "security.istio.io", "v1", "peerauthentications"),
+    ResourceType("RequestAuthentication", "security.istio.io", "v1", "requestauthentications"),
 )
 # The mesh's own kinds (mesh.nodeagent.io); the Workload kind is the agents' own, not mirrored.
 MESH = (ResourceType("Rollout", "mesh.nodeagent.io", "v1alpha1", "rollouts"),)

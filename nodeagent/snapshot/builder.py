@@ -51,6 +51,7 @@ from nodeagent.snapshot.model import (
     VirtualService,
     Workload,
 )
+from nodeagent.snapshot.request_authn import RequestAuthentication
 from nodeagent.snapshot.snapshot import Indexes, ServiceKey, Snapshot
 from nodeagent.store import codec
 from nodeagent.store.base import Event, KeyValue
@@ -67,6 +68,7 @@ _COUNT_NAMES = {
     "DestinationRule": "destination_rules",
     "Gateway": "gateways",
     "AuthorizationPolicy": "authorization_policies",
+    "RequestAuthentication": "request_authentications",
     "PeerAuthentication": "peer_authentications",
     "EndpointSlice": "endpoint_slices",
 }
@@ -142,6 +144,7 @@ class SnapshotBuilder:
         self._m_dr: dict[str, Members] = {}
         self._m_gateway: dict[str, Members] = {}
         self._m_ap: dict[str, Members] = {}
+        self._m_ra: dict[str, Members] = {}
         self._m_pa: dict[str, Members] = {}
         self._slices = SliceIndex()  # EndpointSlices, by service and by address
         self._dirty: dict[str, set[Any]] = {}
@@ -282,6 +285,9 @@ class SnapshotBuilder:
         elif isinstance(obj, AuthorizationPolicy):
             op(self._m_ap, obj.namespace, key)
             self._dirt("ap").add(obj.namespace)
+        elif isinstance(obj, RequestAuthentication):
+            op(self._m_ra, obj.namespace, key)
+            self._dirt("ra").add(obj.namespace)
         elif isinstance(obj, PeerAuthentication):
             op(self._m_pa, obj.namespace, key)
             self._dirt("pa").add(obj.namespace)
@@ -379,6 +385,7 @@ class SnapshotBuilder:
         refresh("gateways", "gateway", self._m_gateway, self._best)
         refresh("authorization_policies", "ap", self._m_ap, sorted_objs(lambda p: p.name))
         refresh("peer_authentications", "pa", self._m_pa, sorted_objs(lambda p: p.name))
+        refresh("request_authentications", "ra", self._m_ra, sorted_objs(lambda p: p.name))
         if dirty.get("endpoints"):
             endpoints = cow("endpoints")
             for key in dirty["endpoints"]:

@@ -43,6 +43,11 @@ from nodeagent.snapshot.model import (
     Workload,
     freeze,
 )
+from nodeagent.snapshot.request_authn import (
+    RequestAuthentication,
+    RequestAuthnError,
+    compile_request_authentication,
+)
 from nodeagent.snapshot.routes_compile import RouteError, compile_routes
 from nodeagent.store import keys
 
@@ -55,6 +60,7 @@ KINDS = frozenset(
         "Gateway",
         "AuthorizationPolicy",
         "PeerAuthentication",
+        "RequestAuthentication",
     ]
 )
 MTLS_MODES = frozenset(["UNSET", "DISABLE", "PERMISSIVE", "STRICT"])
@@ -484,6 +490,15 @@ def _peer_authentication(d: _Doc, ref: KeyRef, ctx: Context) -> PeerAuthenticati
     )
 
 
+def _request_authentication(d: _Doc, ref: KeyRef, ctx: Context) -> RequestAuthentication:
+    try:
+        return compile_request_authentication(
+            ref.namespace, ref.name, d.mapping("spec"), d.selector("spec.selector")
+        )
+    except RequestAuthnError as exc:
+        raise d.fail(exc.path, exc.reason) from None
+
+
 _CONVERTERS: dict[str, Any] = {
     "Workload": _workload,
     "Service": _service,
@@ -493,4 +508,5 @@ _CONVERTERS: dict[str, Any] = {
     "Gateway": _gateway,
     "AuthorizationPolicy": _authorization_policy,
     "PeerAuthentication": _peer_authentication,
+    "RequestAuthentication": _request_authentication,
 }

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from nodeagent.snapshot.request_authn import RequestAuthentication
 from nodeagent.snapshot.routes import HttpRoute, TcpRoute
 
 MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
@@ -293,6 +294,7 @@ Resource = (
     | DestinationRule
     | Gateway
     | AuthorizationPolicy
+    | RequestAuthentication
     | PeerAuthentication
     | EndpointSlice
 )

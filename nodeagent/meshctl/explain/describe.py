@@ -76,6 +76,7 @@ def endpoint_doc(snap: Snapshot, ep: Endpoint, caller: Caller) -> dict[str, Any]
             "policy": verdict.policy,
             "reason": verdict.reason,
             "audited": list(verdict.audited),
+            "layer": "tcp",  # HTTP ports: replaced by the request's verdict (l7.py)
         },
     )
     return doc
