@@ -31,12 +31,18 @@ from nodeagent.log import get_logger
 from nodeagent.snapshot import hosts
 from nodeagent.snapshot import members as membership
 from nodeagent.snapshot.convert import Context, convert, parse_key
+from nodeagent.snapshot.endpointslices import (
+    SliceIndex,
+    service_document_key,
+    uses_endpoint_slices,
+)
 from nodeagent.snapshot.errors import ConvertError
 from nodeagent.snapshot.members import Members, as_set, each
 from nodeagent.snapshot.model import (
     AuthorizationPolicy,
     DestinationRule,
     Endpoint,
+    EndpointSlice,
     Gateway,
     PeerAuthentication,
     Resource,
@@ -64,6 +70,7 @@ _COUNT_NAMES = {
     "AuthorizationPolicy": "authorization_policies",
     "RequestAuthentication": "request_authentications",
     "PeerAuthentication": "peer_authentications",
+    "EndpointSlice": "endpoint_slices",
 }
 
 
@@ -139,6 +146,7 @@ class SnapshotBuilder:
         self._m_ap: dict[str, Members] = {}
         self._m_ra: dict[str, Members] = {}
         self._m_pa: dict[str, Members] = {}
+        self._slices = SliceIndex()  # EndpointSlices, by service and by address
         self._dirty: dict[str, set[Any]] = {}
         # For the sorted workload groups (by node, by identity): per group key, the workloads
         # filed (True) and unfiled (False) in this batch, in order, to edit the old tuple.
@@ -283,6 +291,10 @@ class SnapshotBuilder:
         elif isinstance(obj, PeerAuthentication):
             op(self._m_pa, obj.namespace, key)
             self._dirt("pa").add(obj.namespace)
+        elif isinstance(obj, EndpointSlice):
+            service = self._slices.file(key, obj, add=add)
+            if service is not None:
+                self._dirt("endpoints").add(service_document_key(service))
 
     def _index_workload(
         self,
@@ -293,14 +305,16 @@ class SnapshotBuilder:
     ) -> None:
         op(self._m_uid, wl.uid, key)
         self._dirt("uid").add(wl.uid)
+        dirty_endpoints = self._dirt("endpoints")
         for ip in wl.addresses:
             op(self._m_ip, ip, key)
             self._dirt("ip").add(ip)
+            for service in self._slices.services_at(ip):  # selector-less: by address
+                dirty_endpoints.add(service_document_key(service))
         op(self._m_node, wl.node, key)
         self._group_ops["node"].setdefault(wl.node, []).append((add, wl))
         op(self._m_identity, wl.identity, key)
         self._group_ops["identity"].setdefault(wl.identity, []).append((add, wl))
-        dirty_endpoints = self._dirt("endpoints")
         for k, v in wl.labels.items():
             op(self._m_labels, (wl.namespace, k, v), key)
             for svc_key in each(self._m_selector.get((wl.namespace, k, v))):
@@ -459,7 +473,13 @@ class SnapshotBuilder:
                 targets.setdefault(port.port, ServiceTarget(svc, port))
         return MappingProxyType(targets)
 
+    def _workload_at(self, ip: str) -> Workload | None:
+        members = self._m_ip.get(ip)
+        return None if members is None else self._best(members)
+
     def _compute_endpoints(self, svc: Service) -> Mapping[int, tuple[Endpoint, ...]]:
+        if uses_endpoint_slices(svc):
+            return self._slices.endpoints(svc, self._workload_at)
         workloads: list[Workload] = []
         if svc.selector:
             groups = sorted(

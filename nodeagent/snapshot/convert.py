@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import Any, Literal, cast
 
 from nodeagent.snapshot import hosts
+from nodeagent.snapshot.endpointslices import convert_slice, parse_slice_key
 from nodeagent.snapshot.errors import ConvertError
 from nodeagent.snapshot.model import (
     EMPTY,
@@ -65,6 +66,7 @@ KINDS = frozenset(
 MTLS_MODES = frozenset(["UNSET", "DISABLE", "PERMISSIVE", "STRICT"])
 ACTIONS = frozenset(["ALLOW", "DENY", "AUDIT"])
 RESOLUTIONS = frozenset(["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"])
+ENDPOINT_SLICE = "EndpointSlice"  # kube-sync's mirror, not a config kind (endpointslices.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +79,10 @@ class Context:
 
 @dataclass(frozen=True, slots=True)
 class KeyRef:
-    """What a store key names: a config document (kind/ns/name) or a workload (node/uid)."""
+    """What a store key names: a config document (kind/ns/name), a workload (node/uid) or a
+    mirrored EndpointSlice (ns/name)."""
 
-    kind: str  # a config kind, or "Workload"
+    kind: str  # a config kind, "Workload" or "EndpointSlice"
     namespace: str  # for a workload: its node
     name: str  # for a workload: its uid
 
@@ -95,7 +98,9 @@ def parse_key(key: str) -> KeyRef | None:
         parts = key[len(keys.WORKLOADS) :].split("/")
         if len(parts) == 2 and all(parts):
             return KeyRef("Workload", sys.intern(parts[0]), parts[1])
-    return None
+        return None
+    found = parse_slice_key(key)
+    return None if found is None else KeyRef(ENDPOINT_SLICE, *found)
 
 
 _UNSET: Any = object()
@@ -216,7 +221,9 @@ def convert(key: str, doc: Any, ctx: Context, ref: KeyRef | None = None) -> Reso
     it already); ConvertError when it does not convert."""
     ref = ref or parse_key(key)
     if ref is None:
-        raise ConvertError(key, "", "not a config or workload key")
+        raise ConvertError(key, "", "not a config, workload or EndpointSlice key")
+    if ref.kind == ENDPOINT_SLICE:
+        return convert_slice(key, doc, ref.namespace, ref.name)
     d = _Doc(key, doc)
     resource: Resource = _CONVERTERS[ref.kind](d, ref, ctx)
     return resource

@@ -250,6 +250,43 @@ class PeerAuthentication:
         return f"{self.namespace}/{self.name}"
 
 
+@dataclass(frozen=True, slots=True)
+class SlicePort:
+    """An EndpointSlice `ports[]` entry: the number behind the Service port of the same name."""
+
+    name: str  # "" for a Service's one unnamed port
+    port: int
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True, slots=True)
+class SliceEndpoint:
+    """An EndpointSlice `endpoints[]` entry, at its first address (kube-proxy uses only that),
+    with its conditions as Kubernetes means them (unset ready/serving: true; terminating:
+    false)."""
+
+    address: str
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSlice:
+    """One EndpointSlice kube-sync mirrored: the endpoints of Service `service` (its
+    `kubernetes.io/service-name` label; "" when it has none) in `namespace`."""
+
+    namespace: str
+    name: str
+    service: str
+    ports: tuple[SlicePort, ...]
+    endpoints: tuple[SliceEndpoint, ...]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
 Resource = (
     Workload
     | Service
@@ -259,4 +296,5 @@ Resource = (
     | AuthorizationPolicy
     | RequestAuthentication
     | PeerAuthentication
+    | EndpointSlice
 )

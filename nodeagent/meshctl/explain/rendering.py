@@ -143,6 +143,10 @@ def render(report: Mapping[str, Any]) -> str:
         lines.append("")
         subset = f" subset {d['subset']}" if d["subset"] else ""
         lines.append(f"Endpoints of {d['host']}{subset}:")
+        if d.get("endpoint_slices"):
+            lines.append(
+                f"  from the EndpointSlices of {d['service']} (a Service without selector)"
+            )
         if d["error"]:
             lines.append(f"  {d['error']}")
         for w in d.get("unhealthy", ()):

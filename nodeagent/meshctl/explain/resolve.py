@@ -287,7 +287,9 @@ def explain(
             host=found.service.hostname,
         )
         l4 = outbound.outbound_decision(snap, vip, target.port, registry=Registry(on_event=None))
-        if isinstance(l4, outbound.Passthrough):
+        # The whole service passed through (no endpoint picked: a ServiceEntry without
+        # endpoints); one picked endpoint outside the mesh (handle set) is still routed at L7.
+        if isinstance(l4, outbound.Passthrough) and l4.handle is None:
             _tcp(snap, caller, src, found, vip, report)
             return report
         _http(snap, caller, src, request, report, auth)
