@@ -1,7 +1,8 @@
 """SnapshotBuilder: store documents in, the next immutable Snapshot out, incrementally.
 
-Pure and sans-IO. The builder holds every raw document (key → KeyValue), its converted resource,
-and private membership maps (`members.py`: index key → the document keys filed under it: ip →
+Pure and sans-IO. The builder holds, per document, its converted resource and a stamp (mod
+revision and checksum: what a re-list compares, not the document's bytes), and private membership
+maps (`members.py`: index key → the document keys filed under it: ip →
 workloads, host → services, (ns, label, value) → workloads…). Applying a batch of store events
 only updates those maps and records which index entries became dirty; publishing then
 recomputes exactly the dirty entries in the snapshot's persistent maps (`immutables.Map`:
@@ -20,8 +21,9 @@ import bisect
 import contextlib
 import dataclasses
 import gc
+import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -95,6 +97,12 @@ def _ns_name(obj: Any) -> tuple[str, str]:
     return (obj.namespace, obj.name)
 
 
+def _stamp(kv: KeyValue) -> int:
+    """One version of a document: its mod revision and a checksum of its bytes (a store
+    recreated from scratch reuses revisions). 8 bytes of int instead of the document."""
+    return kv.mod_revision << 32 | zlib.crc32(kv.value)
+
+
 def _service_key(key: str) -> ServiceKey:
     ref = parse_key(key)
     assert ref is not None  # only service document keys are ever marked dirty here
@@ -102,7 +110,10 @@ def _service_key(key: str) -> ServiceKey:
 
 
 class SnapshotBuilder:
-    """Holds the raw documents and produces the next Snapshot from each batch of events."""
+    """Holds the converted documents and produces the next Snapshot from each batch of events.
+
+    The raw documents are not kept (the disk cache is a journal of the events, written by
+    SnapshotSync): a document costs its converted resource, its index entries and a stamp."""
 
     def __init__(
         self,
@@ -114,7 +125,7 @@ class SnapshotBuilder:
         self._ctx = Context(trust_domain=trust_domain, cluster_domain=cluster_domain)
         self._root_namespace = root_namespace
         self._revision = 0
-        self._raw: dict[str, KeyValue] = {}
+        self._stamps: dict[str, int] = {}  # every document held (decodable or not) → _stamp
         self._objects: dict[str, Resource] = {}
         self._skipped: dict[str, str] = {}
         self._counts: Counter[str] = Counter()
@@ -122,8 +133,6 @@ class SnapshotBuilder:
         # membership maps: index key → document keys
         self._m_uid: dict[str, Members] = {}
         self._m_ip: dict[str, Members] = {}
-        self._m_node: dict[str, Members] = {}
-        self._m_identity: dict[str, Members] = {}
         self._m_labels: dict[tuple[str, str, str], Members] = {}  # (ns, k, v) → workloads
         # Each selecting service is filed under ONE of its selector pairs: a workload matching
         # the whole selector carries that pair, so its labels find every candidate service.
@@ -157,9 +166,9 @@ class SnapshotBuilder:
     def revision(self) -> int:
         return self._revision
 
-    def raw(self) -> list[KeyValue]:
-        """Every document the builder holds (decodable or not), sorted by key: the disk cache."""
-        return [self._raw[k] for k in sorted(self._raw)]
+    def documents(self) -> Collection[str]:
+        """The keys of every document the builder holds, decodable or not (a live view)."""
+        return self._stamps.keys()
 
     def skipped(self) -> Mapping[str, str]:
         """Documents left out of the snapshot: key → why."""
@@ -174,18 +183,21 @@ class SnapshotBuilder:
             self._revision = max(self._revision, revision)
             return self._publish()
 
-    def reset(self, kvs: Iterable[KeyValue], revision: int) -> Snapshot:
-        """Make the documents exactly `kvs` (a fresh listing read at `revision`), applying only
-        the difference from what the builder holds: a re-list after compaction or a cache load."""
+    def reset(
+        self, kvs: Iterable[KeyValue], revision: int, *, keep: Collection[str] = ()
+    ) -> Snapshot:
+        """Make the documents exactly `kvs` (a fresh listing read at `revision`), plus those
+        held now whose keys are in `keep` (held deletions), applying only the difference from
+        what the builder holds: a re-list after compaction or a cache load."""
         events = []
         seen = set()
         for kv in kvs:
             seen.add(kv.key)  # keys the snapshot does not read are ignored by _apply_one
-            old = self._raw.get(kv.key)
-            if old is None or old.mod_revision != kv.mod_revision or old.value != kv.value:
+            if self._stamps.get(kv.key) != _stamp(kv):
                 events.append(Event("put", kv))
-        for key in self._raw.keys() - seen:
-            events.append(Event("delete", KeyValue(key, b"", 0, revision, 0)))
+        for key in self._stamps.keys() - seen:
+            if key not in keep:
+                events.append(Event("delete", KeyValue(key, b"", 0, revision, 0)))
         with _collector_paused():
             for event in events:
                 self._apply_one(event)
@@ -212,9 +224,9 @@ class SnapshotBuilder:
             self._index(kv.key, old, add=False)
         self._skipped.pop(kv.key, None)
         if event.type == "delete":
-            self._raw.pop(kv.key, None)
+            self._stamps.pop(kv.key, None)
             return
-        self._raw[kv.key] = kv
+        self._stamps[kv.key] = _stamp(kv)
         try:
             obj = convert(kv.key, codec.decode(kv), self._ctx, ref)
         except (codec.DecodeError, ConvertError) as exc:
@@ -290,9 +302,7 @@ class SnapshotBuilder:
         for ip in wl.addresses:
             op(self._m_ip, ip, key)
             self._dirt("ip").add(ip)
-        op(self._m_node, wl.node, key)
         self._group_ops["node"].setdefault(wl.node, []).append((add, wl))
-        op(self._m_identity, wl.identity, key)
         self._group_ops["identity"].setdefault(wl.identity, []).append((add, wl))
         dirty_endpoints = self._dirt("endpoints")
         for k, v in wl.labels.items():
@@ -310,7 +320,7 @@ class SnapshotBuilder:
         """Of several documents claiming one unique index key, the most recently written."""
         if isinstance(members, str):
             return self._objects[members]
-        return self._objects[max(members, key=lambda k: (self._raw[k].mod_revision, k))]
+        return self._objects[max(members, key=lambda k: (self._stamps[k] >> 32, k))]
 
     def _publish(self) -> Snapshot:
         dirty, self._dirty = self._dirty, {}

@@ -226,9 +226,9 @@ async def test_disk_cache_serves_a_restart_while_the_store_is_away(tmp_path: Pat
                 await first.wait_until(lambda s: s["cache_writes"] >= 1)
             nursery.cancel_scope.cancel()
         assert path.stat().st_mode & 0o777 == 0o600
-        kvs, cached_rev = snapshot_cache.decode(path.read_bytes())
-        assert cached_rev == rev
-        assert {kv.key for kv in kvs} == {
+        cached = snapshot_cache.decode(path.read_bytes())
+        assert cached.revision == rev
+        assert {kv.key for kv in cached.kvs} == {
             keys.config("Service", "default", "web"),
             keys.workload("node-1", "w1"),
         }
@@ -259,7 +259,9 @@ async def test_disk_cache_serves_a_restart_while_the_store_is_away(tmp_path: Pat
 
 def test_cache_decode_rejects_bad_files() -> None:
     good = snapshot_cache.encode([KeyValue("/mesh/v1/ca/bundle", b"x", 1, 2, 1)], 2)
-    assert snapshot_cache.decode(good) == ([KeyValue("/mesh/v1/ca/bundle", b"x", 1, 2, 1)], 2)
+    found = snapshot_cache.decode(good)
+    assert (found.kvs, found.revision) == ([KeyValue("/mesh/v1/ca/bundle", b"x", 1, 2, 1)], 2)
+    header = codec.encode({"format": snapshot_cache.FORMAT, "version": 2})
     for bad, why in [
         (b"\xc1", "not msgpack"),
         (codec.encode({"format": "other"}), "not a snapshot cache"),
@@ -270,6 +272,8 @@ def test_cache_decode_rejects_bad_files() -> None:
             ),
             "entry 0",
         ),
+        (header, "no complete commit"),
+        (header + codec.encode(["k", b"v", 1, 1, 1]), "no complete commit"),
     ]:
         with pytest.raises(CacheError, match=why):
             snapshot_cache.decode(bad, "f.msgpack")
@@ -417,7 +421,7 @@ async def test_node_records_go_into_the_disk_cache(tmp_path: Path) -> None:
             await nursery.start(sync.run)
             await sync.wait_until(lambda s: s["cache_writes"] >= 1)
         nursery.cancel_scope.cancel()
-    kvs, _ = snapshot_cache.decode(path.read_bytes())
+    kvs = snapshot_cache.decode(path.read_bytes()).kvs
     assert keys.node("node-1") in {kv.key for kv in kvs}
 
 
@@ -433,5 +437,5 @@ async def test_a_change_within_the_debounce_reaches_the_disk_cache_on_the_way_ou
             await sync.wait_revision(await put_service(store, "web", "10.96.0.1"))
         assert sync.statistics()["cache_writes"] == 0  # the debounce has not passed
         nursery.cancel_scope.cancel()  # the agent stops
-    kvs, _ = snapshot_cache.decode(path.read_bytes())
+    kvs = snapshot_cache.decode(path.read_bytes()).kvs
     assert keys.config("Service", "default", "web") in {kv.key for kv in kvs}
