@@ -33,9 +33,12 @@ from nodeagent.log import get_logger
 from nodeagent.snapshot import hosts
 from nodeagent.snapshot import members as membership
 from nodeagent.snapshot.convert import Context, convert, parse_key
+from nodeagent.snapshot.endpoints import ServiceEndpoints
 from nodeagent.snapshot.errors import ConvertError
+from nodeagent.snapshot.frozen import PortMap, share
 from nodeagent.snapshot.members import Members, as_set, each
 from nodeagent.snapshot.model import (
+    EMPTY,
     AuthorizationPolicy,
     DestinationRule,
     Endpoint,
@@ -378,15 +381,20 @@ class SnapshotBuilder:
         if dirty.get("endpoints"):
             endpoints = cow("endpoints")
             for key in dirty["endpoints"]:
-                svc_key = _service_key(key)
+                obj = self._objects.get(key)
+                # The service's own name string, not a second one parsed from the key.
+                svc_key = (
+                    (obj.kind, obj.namespace, obj.name)
+                    if isinstance(obj, Service)
+                    else _service_key(key)
+                )
                 old = endpoints.pop(svc_key, None)
                 if old is not None:
-                    self._endpoint_total -= sum(len(v) for v in old.values())
-                obj = self._objects.get(key)
+                    self._endpoint_total -= old.total()
                 if isinstance(obj, Service):
                     computed = self._compute_endpoints(obj)
                     endpoints[svc_key] = computed
-                    self._endpoint_total += sum(len(v) for v in computed.values())
+                    self._endpoint_total += computed.total()
         if any(h.startswith("*") for h in dirty.get("host", ())):
             changes["service_wildcards"] = self._wildcards(self._m_host)
         if any(h.startswith("*") for h in dirty.get("dr", ())):
@@ -460,9 +468,9 @@ class SnapshotBuilder:
         for svc in sorted(services, key=_service_rank):
             for port in svc.ports:
                 targets.setdefault(port.port, ServiceTarget(svc, port))
-        return MappingProxyType(targets)
+        return PortMap(share(tuple(targets)), tuple(targets.values()))
 
-    def _compute_endpoints(self, svc: Service) -> Mapping[int, tuple[Endpoint, ...]]:
+    def _compute_endpoints(self, svc: Service) -> ServiceEndpoints:
         workloads: list[Workload] = []
         if svc.selector:
             groups = sorted(
@@ -478,19 +486,16 @@ class SnapshotBuilder:
             workloads = sorted(
                 (w for w in found if w.addresses and w.healthy), key=lambda w: (w.uid, w.node)
             )
+        # The workloads' endpoint records are made on first use (endpoints.py); the others now.
         out: dict[int, tuple[Endpoint, ...]] = {}
         for port in svc.ports:
             eps = []
-            for wl in workloads:
-                target = port.target_port
-                if isinstance(target, str):
-                    # Without the workload's named container ports, the service port number.
-                    target = wl.ports.get(target, port.port)
-                eps.append(Endpoint(wl.addresses[0], target, wl, wl.labels))
             for se in svc.static_endpoints:
                 number = se.ports.get(port.name)
                 if number is None:
                     number = port.target_port if isinstance(port.target_port, int) else port.port
                 eps.append(Endpoint(se.address, number, None, se.labels, se.weight))
-            out[port.port] = tuple(eps)
-        return MappingProxyType(out)
+            if eps:
+                out[port.port] = tuple(eps)
+        extra = PortMap(share(tuple(out)), tuple(out.values())) if out else EMPTY
+        return ServiceEndpoints(svc.ports, tuple(workloads), extra)

@@ -16,6 +16,7 @@ from typing import Any
 from immutables import Map
 
 from nodeagent.snapshot import hosts
+from nodeagent.snapshot.endpoints import ServiceEndpoints
 from nodeagent.snapshot.model import (
     AuthorizationPolicies,
     AuthorizationPolicy,
@@ -54,7 +55,8 @@ class Indexes:
     services_by_host: Map[str, tuple[Service, ...]] = field(default_factory=Map)
     service_wildcards: tuple[str, ...] = ()  # wildcard ServiceEntry hosts, most specific first
     targets_by_vip: Map[str, Mapping[int, ServiceTarget]] = field(default_factory=Map)
-    endpoints: Map[ServiceKey, Mapping[int, tuple[Endpoint, ...]]] = field(default_factory=Map)
+    # per service: port → endpoints, each list made on first lookup (endpoints.py)
+    endpoints: Map[ServiceKey, ServiceEndpoints] = field(default_factory=Map)
     routes: Map[tuple[str, str], tuple[VirtualService, ...]] = field(default_factory=Map)
     route_wildcards: Map[str, tuple[str, ...]] = field(default_factory=Map)  # per gateway
     virtual_services_by_gateway: Map[str, tuple[VirtualService, ...]] = field(default_factory=Map)
