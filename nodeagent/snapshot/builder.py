@@ -46,12 +46,11 @@ from nodeagent.snapshot.model import (
     PeerAuthentication,
     Resource,
     Service,
-    ServiceTarget,
     VirtualService,
     Workload,
 )
 from nodeagent.snapshot.snapshot import Indexes, ServiceKey, Snapshot
-from nodeagent.store import codec
+from nodeagent.store import codec, keys
 from nodeagent.store.base import Event, KeyValue
 
 log = get_logger("snapshot.builder")
@@ -133,9 +132,15 @@ class SnapshotBuilder:
         self._skipped: dict[str, str] = {}
         self._counts: Counter[str] = Counter()
         self._endpoint_total = 0
+        # Unique keys (uid, IP) are claimed straight in the batch's persistent-map mutation;
+        # only a key claimed by several documents gets a membership entry (its claimants, for
+        # `_best`). One document per uid and per IP, the usual case, costs its map entry alone.
+        self._contested: dict[str, dict[str, Members]] = {
+            "workloads_by_uid": {},
+            "workloads_by_ip": {},
+        }
+        self._mutations: dict[str, MapMutation[Any, Any]] = {}  # this batch's, until publish
         # membership maps: index key → document keys
-        self._m_uid: dict[str, Members] = {}
-        self._m_ip: dict[str, Members] = {}
         self._m_labels: dict[tuple[str, str, str], Members] = {}  # (ns, k, v) → workloads
         # Each selecting service is filed under ONE of its selector pairs: a workload matching
         # the whole selector carries that pair, so its labels find every candidate service.
@@ -300,11 +305,9 @@ class SnapshotBuilder:
         op: Callable[[dict[Any, Members], Any, str], None],
         add: bool,
     ) -> None:
-        op(self._m_uid, wl.uid, key)
-        self._dirt("uid").add(wl.uid)
+        self._claim("workloads_by_uid", wl.uid, key, wl, add)
         for ip in wl.addresses:
-            op(self._m_ip, ip, key)
-            self._dirt("ip").add(ip)
+            self._claim("workloads_by_ip", ip, key, wl, add)
         self._group_ops["node"].setdefault(wl.node, []).append((add, wl))
         self._group_ops["identity"].setdefault(wl.identity, []).append((add, wl))
         dirty_endpoints = self._dirt("endpoints")
@@ -316,6 +319,36 @@ class SnapshotBuilder:
                 assert svc.selector is not None
                 if hosts.labels_match(svc.selector, wl.labels):
                     dirty_endpoints.add(svc_key)
+
+    def _mutation(self, name: str) -> MapMutation[Any, Any]:
+        """The batch's mutation of index `name` (copy on write; finished by `_publish`)."""
+        found = self._mutations.get(name)
+        if found is None:
+            index: Map[Any, Any] = getattr(self._ix, name)
+            found = self._mutations[name] = index.mutate()
+        return found
+
+    def _claim(self, name: str, k: str, key: str, wl: Workload, add: bool) -> None:
+        """File (or unfile) workload `wl`, document `key`, as a claimant of `k` in the unique
+        index `name`: the index holds the best claimant (`_best`)."""
+        index = self._mutation(name)
+        contested = self._contested[name]
+        if k in contested:
+            (membership.add if add else membership.discard)(contested, k, key)
+            members = contested[k]
+            if isinstance(members, str):  # one claimant left: uncontested again
+                del contested[k]
+            index[k] = self._best(members)
+            return
+        holder = index.get(k)
+        if not add:
+            if holder is wl:
+                del index[k]
+        elif holder is None or holder is wl:
+            index[k] = wl
+        else:  # a second claimant; a workload's key is a function of its node and uid
+            contested[k] = (keys.workload(holder.node, holder.uid), key)
+            index[k] = self._best(contested[k])
 
     # -- publishing --------------------------------------------------------------------------
 
@@ -329,14 +362,7 @@ class SnapshotBuilder:
         dirty, self._dirty = self._dirty, {}
         ix = self._ix
         changes: dict[str, Any] = {}
-        mutations: dict[str, MapMutation[Any, Any]] = {}
-
-        def cow(name: str) -> MapMutation[Any, Any]:
-            found = mutations.get(name)
-            if found is None:
-                index: Map[Any, Any] = getattr(ix, name)
-                found = mutations[name] = index.mutate()
-            return found
+        cow = self._mutation
 
         def refresh(
             name: str, dirty_name: str, multi: dict[Any, Members], make: Callable[[Members], Any]
@@ -355,8 +381,6 @@ class SnapshotBuilder:
             return lambda members: tuple(sorted((self._objects[m] for m in each(members)), key=key))
 
         by_name = sorted_objs(_ns_name)
-        refresh("workloads_by_uid", "uid", self._m_uid, self._best)
-        refresh("workloads_by_ip", "ip", self._m_ip, self._best)
         for name, group in (("workloads_by_node", "node"), ("workloads_by_identity", "identity")):
             ops, self._group_ops[group] = self._group_ops[group], {}
             if ops:
@@ -371,7 +395,7 @@ class SnapshotBuilder:
                     assert isinstance(obj, Service)
                     services[(obj.kind, obj.namespace, obj.name)] = obj
         refresh("services_by_host", "host", self._m_host, sorted_objs(_service_rank))
-        refresh("targets_by_vip", "vip", self._m_vip, self._vip_targets)
+        refresh("services_by_vip", "vip", self._m_vip, sorted_objs(_service_rank))
         refresh("routes", "route", self._m_route, by_name)
         refresh("virtual_services_by_gateway", "gateway_vs", self._m_gateway_vs, by_name)
         refresh("destination_rules", "dr", self._m_dr, by_name)
@@ -418,6 +442,7 @@ class SnapshotBuilder:
         counts["skipped"] = len(self._skipped)
         if counts != ix.counts:
             changes["counts"] = MappingProxyType(counts)
+        mutations, self._mutations = self._mutations, {}
         for name, mutation in mutations.items():
             changes[name] = mutation.finish()
         if changes:
@@ -461,14 +486,6 @@ class SnapshotBuilder:
     def _wildcards(multi: Mapping[str, Members]) -> tuple[str, ...]:
         # A scan of every host, but only when a wildcard host came or went in this batch.
         return tuple(sorted((h for h in multi if h.startswith("*")), key=hosts.specificity))
-
-    def _vip_targets(self, members: Members) -> Mapping[int, ServiceTarget]:
-        targets: dict[int, ServiceTarget] = {}
-        services: list[Service] = [self._objects[m] for m in each(members)]  # type: ignore[misc]
-        for svc in sorted(services, key=_service_rank):
-            for port in svc.ports:
-                targets.setdefault(port.port, ServiceTarget(svc, port))
-        return PortMap(share(tuple(targets)), tuple(targets.values()))
 
     def _compute_endpoints(self, svc: Service) -> ServiceEndpoints:
         workloads: list[Workload] = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from nodeagent.snapshot.frozen import share
 from nodeagent.snapshot.model import EMPTY, Endpoint, ServicePort, Workload
 
 
@@ -30,10 +31,10 @@ class ServiceEndpoints(Mapping[int, tuple[Endpoint, ...]]):
         workloads: tuple[Workload, ...],
         extra: Mapping[int, tuple[Endpoint, ...]] = EMPTY,
     ) -> None:
-        numbers = tuple(p.port for p in ports)
+        numbers = share(tuple(p.port for p in ports))
         if len(set(numbers)) != len(numbers):  # one list per number: the last port declared
             last = {p.port: p for p in ports}
-            ports, numbers = tuple(last.values()), tuple(last)
+            ports, numbers = tuple(last.values()), share(tuple(last))
         self._ports = ports
         self._numbers = numbers
         self._workloads = workloads
