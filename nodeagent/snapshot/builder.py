@@ -377,8 +377,18 @@ class SnapshotBuilder:
                 else:
                     target.pop(k, None)
 
+        single: dict[str, tuple[Any, ...]] = {}  # one 1-tuple per document (host and VIP…)
+
         def sorted_objs(key: Callable[[Any], Any]) -> Callable[[Members], tuple[Any, ...]]:
-            return lambda members: tuple(sorted((self._objects[m] for m in each(members)), key=key))
+            def make(members: Members) -> tuple[Any, ...]:
+                if isinstance(members, str):
+                    found = single.get(members)
+                    if found is None:
+                        found = single[members] = (self._objects[members],)
+                    return found
+                return tuple(sorted((self._objects[m] for m in members), key=key))
+
+            return make
 
         by_name = sorted_objs(_ns_name)
         for name, group in (("workloads_by_node", "node"), ("workloads_by_identity", "identity")):
