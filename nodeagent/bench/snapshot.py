@@ -190,7 +190,7 @@ def _ms(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-def _retained(
+def retained_bytes(
     services: int,
     per_service: int,
     namespaces: int,
@@ -240,15 +240,15 @@ def measure(args: argparse.Namespace) -> Result:
     result = Result(NAME, _parameters(args))
     stats = _timings(args, result)  # returns before memory is measured: its mesh is freed
     mesh = (args.services, args.per_service, args.namespaces, args.nodes, True)
-    result.add(RETAINED, _retained(*mesh) / 2**20, "MiB")
-    result.add(RETAINED_IN_USE, _retained(*mesh, looked_up=True) / 2**20, "MiB")
+    result.add(RETAINED, retained_bytes(*mesh) / 2**20, "MiB")
+    result.add(RETAINED_IN_USE, retained_bytes(*mesh, looked_up=True) / 2**20, "MiB")
     # Bytes per resource, by difference on a mesh a tenth the size (no policies unless said).
     s = max(10, args.services // 10)
     per_ns = max(1, args.namespaces // 10)
-    empty = _retained(0, 0, per_ns, args.nodes, False)
-    services = _retained(s, 0, per_ns, args.nodes, False)
-    with_workloads = _retained(s, args.per_service, per_ns, args.nodes, False)
-    with_policies = _retained(s, 0, per_ns, args.nodes, True)
+    empty = retained_bytes(0, 0, per_ns, args.nodes, False)
+    services = retained_bytes(s, 0, per_ns, args.nodes, False)
+    with_workloads = retained_bytes(s, args.per_service, per_ns, args.nodes, False)
+    with_policies = retained_bytes(s, 0, per_ns, args.nodes, True)
     result.add("bytes per Service (no endpoints)", (services - empty) / s, "B")
     result.add(
         "bytes per workload (with its 2 endpoint records)",

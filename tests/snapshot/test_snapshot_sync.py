@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from structlog.testing import capture_logs
 from snapshot_docs import key_of, service, workload
 
 from nodeagent.snapshot import Snapshot, SnapshotSync
@@ -253,6 +254,78 @@ async def test_disk_cache_serves_a_restart_while_the_store_is_away(tmp_path: Pat
                 await nursery.start(third.run)
             assert third.current.workload_by_ip("10.0.0.1") is not None
             nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+
+
+async def test_watched_changes_reach_the_cache_journal_and_a_restart_serves_them(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "snapshot.cache"
+    store = Outage(MemoryStore("memory://journal"))
+    try:
+        await put_service(store, "web", "10.96.0.1")
+        await put_workload(store, "w1", "10.0.0.1", {"app": "web"})
+        first = SnapshotSync(store, cache_path=path, cache_debounce=0)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(TIMEOUT):
+                await nursery.start(first.run)
+                await first.wait_until(lambda s: s["cache_writes"] >= 1)  # the listing
+                listed = path.stat().st_size
+                await store.delete(keys.workload("node-1", "w1"))
+                rev = await put_workload(store, "w2", "10.0.0.2", {"app": "web"})
+                await first.wait_until(lambda s: s["cache_writes"] >= 2)  # the batch(es)
+                await first.wait_revision(rev)
+            nursery.cancel_scope.cancel()
+        assert path.stat().st_size > listed  # appended, not rewritten
+        cached = snapshot_cache.decode(path.read_bytes())
+        assert cached.revision == rev
+
+        store.hang = True
+        second = SnapshotSync(store, cache_path=path, startup_timeout=0.2)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(TIMEOUT):
+                await nursery.start(second.run)
+            assert second.statistics()["serving_from_cache"] is True
+            assert second.current.workload_by_ip("10.0.0.2") is not None
+            assert second.current.workload_by_ip("10.0.0.1") is None  # deleted after listing
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+
+
+async def test_a_version_1_cache_file_is_served_and_an_unknown_one_ignored(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "snapshot.cache"
+    doc = service("web", {"app": "web"}, cluster_ip="10.96.0.1")
+    entry = [key_of(doc), codec.encode(doc), 1, 1, 1]
+    path.write_bytes(
+        codec.encode(
+            {"format": snapshot_cache.FORMAT, "version": 1, "revision": 1, "entries": [entry]}
+        )
+    )
+    store = Outage(MemoryStore("memory://v1"))
+    store.hang = True
+    try:
+        sync = SnapshotSync(store, cache_path=path, startup_timeout=0.2)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(TIMEOUT):
+                await nursery.start(sync.run)
+            assert sync.current.find_address("10.96.0.1", 80) is not None
+            nursery.cancel_scope.cancel()
+
+        path.write_bytes(codec.encode({"format": snapshot_cache.FORMAT, "version": 3}))
+        store.hang = False
+        sync = SnapshotSync(store, cache_path=path)
+        with capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(TIMEOUT):
+                    await nursery.start(sync.run)  # starts from the store, without the cache
+                assert sync.statistics()["serving_from_cache"] is False
+                nursery.cancel_scope.cancel()
+        (unusable,) = [e for e in logs if e["event"] == "snapshot.cache_unusable"]
+        assert "cache version 3, expected 2" in unusable["error"]
     finally:
         await store.aclose()
 
