@@ -35,8 +35,11 @@ def test_frozen_dict_is_a_read_only_hashable_dict() -> None:
 
 def test_port_map_is_a_mapping() -> None:
     ports = PortMap((80, 9090), ("a", "b"))
-    assert ports == {80: "a", 9090: "b"} and dict(ports) == {80: "a", 9090: "b"}
-    assert ports.get(80) == "a" and ports.get(81) is None and ports[9090] == "b"
+    assert ports == {80: "a", 9090: "b"}
+    assert dict(ports) == {80: "a", 9090: "b"}
+    assert ports.get(80) == "a"
+    assert ports.get(81) is None
+    assert ports[9090] == "b"
     with pytest.raises(KeyError):
         ports[81]
     assert PortMap((9090, 80), ("b", "a")) == ports  # order does not matter
@@ -50,7 +53,8 @@ def test_endpoint_lists_are_built_on_first_lookup_and_kept() -> None:
     svc = snap.service("default", "web")
     assert svc is not None
     entry = snap.indexes.endpoints[("Service", "default", "web")]
-    assert isinstance(entry, ServiceEndpoints) and entry.total() == 3
+    assert isinstance(entry, ServiceEndpoints)
+    assert entry.total() == 3
     assert entry._built is None  # nothing made before a lookup
     first = snap.endpoints(svc, 80)
     assert [(e.address, e.port) for e in first] == [(f"10.0.0.{i}", 8080) for i in (1, 2, 3)]

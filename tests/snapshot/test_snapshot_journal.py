@@ -62,7 +62,8 @@ def test_appends_past_the_whole_write_compact_the_file(tmp_path: Path) -> None:
     for rev in range(2, 40):
         journal.record([put("a", rev)], rev)
         done.append(write_pending(journal))
-    assert "compacted" in done and "appended" in done
+    assert "compacted" in done
+    assert "appended" in done
     # compacted: one document, not 38 versions of it
     assert path.stat().st_size < 3 * len(cache.encode([kv("a", 39)], 39))
     assert on_disk(path) == ({"a": kv("a", 39)}, 39)
@@ -149,7 +150,7 @@ def test_a_failed_append_is_cut_back_and_retried_with_the_next_write(
     work = journal.take()
     assert work is not None
     monkeypatch.setattr(cache, "_write_all", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left"):
         journal.write(work)
     monkeypatch.setattr(cache, "_write_all", real)
     assert path.stat().st_size == size  # cut back: no torn record left in the file
@@ -166,11 +167,13 @@ def test_restore_gives_up_past_the_bound(tmp_path: Path) -> None:
     assert work is not None
     journal.record([put("c", 3), put("d", 4)], 4)
     assert not journal.restore(work)
-    assert journal.orphaned and not journal.pending()
+    assert journal.orphaned
+    assert not journal.pending()
     journal.record([put("e", 5)], 5)  # dropped until a listing
     assert not journal.pending()
     journal.rebase([kv("a", 6)], 6)
-    assert not journal.orphaned and journal.pending()
+    assert not journal.orphaned
+    assert journal.pending()
 
 
 def test_a_vanished_file_orphans_the_journal_until_the_next_listing(tmp_path: Path) -> None:

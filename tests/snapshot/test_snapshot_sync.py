@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from structlog.testing import capture_logs
 from snapshot_docs import key_of, service, workload
+from structlog.testing import capture_logs
 
 from nodeagent.snapshot import Snapshot, SnapshotSync
 from nodeagent.snapshot import cache as snapshot_cache
