@@ -395,6 +395,9 @@ class SnapshotBuilder:
             ops, self._group_ops[group] = self._group_ops[group], {}
             if ops:
                 self._regroup(cow(name), ops)
+        # One (kind, namespace, name) tuple per service for both maps (a map keeps the key it
+        # has when an entry is replaced), made of the service's own strings.
+        service_keys: dict[str, ServiceKey] = {}
         if dirty.get("service"):
             services = cow("services")
             for key in dirty["service"]:
@@ -403,7 +406,9 @@ class SnapshotBuilder:
                     services.pop(_service_key(key), None)
                 else:
                     assert isinstance(obj, Service)
-                    services[(obj.kind, obj.namespace, obj.name)] = obj
+                    shared: ServiceKey = (obj.kind, obj.namespace, obj.name)
+                    service_keys[key] = shared
+                    services[shared] = obj
         refresh("services_by_host", "host", self._m_host, sorted_objs(_service_rank))
         refresh("services_by_vip", "vip", self._m_vip, sorted_objs(_service_rank))
         refresh("routes", "route", self._m_route, by_name)
@@ -416,19 +421,18 @@ class SnapshotBuilder:
             endpoints = cow("endpoints")
             for key in dirty["endpoints"]:
                 obj = self._objects.get(key)
-                # The service's own name string, not a second one parsed from the key.
-                svc_key = (
-                    (obj.kind, obj.namespace, obj.name)
-                    if isinstance(obj, Service)
-                    else _service_key(key)
-                )
-                old = endpoints.pop(svc_key, None)
+                if not isinstance(obj, Service):
+                    old = endpoints.pop(_service_key(key), None)
+                    if old is not None:
+                        self._endpoint_total -= old.total()
+                    continue
+                svc_key = service_keys.get(key) or (obj.kind, obj.namespace, obj.name)
+                old = endpoints.get(svc_key)
                 if old is not None:
                     self._endpoint_total -= old.total()
-                if isinstance(obj, Service):
-                    computed = self._compute_endpoints(obj)
-                    endpoints[svc_key] = computed
-                    self._endpoint_total += computed.total()
+                computed = self._compute_endpoints(obj)
+                endpoints[svc_key] = computed
+                self._endpoint_total += computed.total()
         if any(h.startswith("*") for h in dirty.get("host", ())):
             changes["service_wildcards"] = self._wildcards(self._m_host)
         if any(h.startswith("*") for h in dirty.get("dr", ())):
