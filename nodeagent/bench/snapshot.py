@@ -251,7 +251,7 @@ def measure(args: argparse.Namespace) -> Result:
     with_policies = retained_bytes(s, 0, per_ns, args.nodes, True)
     result.add("bytes per Service (no endpoints)", (services - empty) / s, "B")
     result.add(
-        "bytes per workload (with its 2 endpoint records)",
+        "bytes per workload (before endpoint lookups)",
         (with_workloads - services) / (s * args.per_service),
         "B",
     )
