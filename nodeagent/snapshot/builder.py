@@ -2,11 +2,12 @@
 
 Pure and sans-IO. The builder holds, per document, its converted resource and a stamp (mod
 revision and checksum: what a re-list compares, not the document's bytes), and private membership
-maps (`members.py`: index key → the document keys filed under it: ip →
-workloads, host → services, (ns, label, value) → workloads…). Applying a batch of store events
-only updates those maps and records which index entries became dirty; publishing then
-recomputes exactly the dirty entries in the snapshot's persistent maps (`immutables.Map`:
-O(log n) per entry, every untouched entry shared with the previous snapshot). One workload
+maps (`members.py`: index key → the document keys filed under it: (ns, label, value) →
+workloads, host → services…; uid and IP are claimed in the index itself, see `_claim`).
+Applying a batch of store events only updates those maps and records which index entries
+became dirty; publishing then recomputes exactly the dirty entries in the snapshot's persistent
+maps (`immutables.Map`: O(log n) per entry, every untouched entry shared with the previous
+snapshot). One workload
 event therefore costs its own index entries plus the endpoint lists of the services selecting
 it, whatever the size of the mesh. A full build is the same path from an empty builder, which is
 what makes "incremental == full rebuild" hold by construction (and tests check it).
@@ -101,8 +102,14 @@ def _ns_name(obj: Any) -> tuple[str, str]:
 
 def _stamp(kv: KeyValue) -> int:
     """One version of a document: its mod revision and a checksum of its bytes (a store
-    recreated from scratch reuses revisions). 8 bytes of int instead of the document."""
+    recreated from scratch reuses revisions). One int instead of the document."""
     return kv.mod_revision << 32 | zlib.crc32(kv.value)
+
+
+def _endpoint_count(per_port: Mapping[int, tuple[Endpoint, ...]]) -> int:
+    if isinstance(per_port, ServiceEndpoints):
+        return per_port.total()  # without building the lists
+    return sum(len(v) for v in per_port.values())
 
 
 def _service_key(key: str) -> ServiceKey:
@@ -424,15 +431,15 @@ class SnapshotBuilder:
                 if not isinstance(obj, Service):
                     old = endpoints.pop(_service_key(key), None)
                     if old is not None:
-                        self._endpoint_total -= old.total()
+                        self._endpoint_total -= _endpoint_count(old)
                     continue
                 svc_key = service_keys.get(key) or (obj.kind, obj.namespace, obj.name)
                 old = endpoints.get(svc_key)
                 if old is not None:
-                    self._endpoint_total -= old.total()
+                    self._endpoint_total -= _endpoint_count(old)
                 computed = self._compute_endpoints(obj)
                 endpoints[svc_key] = computed
-                self._endpoint_total += computed.total()
+                self._endpoint_total += _endpoint_count(computed)
         if any(h.startswith("*") for h in dirty.get("host", ())):
             changes["service_wildcards"] = self._wildcards(self._m_host)
         if any(h.startswith("*") for h in dirty.get("dr", ())):
@@ -501,7 +508,7 @@ class SnapshotBuilder:
         # A scan of every host, but only when a wildcard host came or went in this batch.
         return tuple(sorted((h for h in multi if h.startswith("*")), key=hosts.specificity))
 
-    def _compute_endpoints(self, svc: Service) -> ServiceEndpoints:
+    def _compute_endpoints(self, svc: Service) -> Mapping[int, tuple[Endpoint, ...]]:
         workloads: list[Workload] = []
         if svc.selector:
             groups = sorted(

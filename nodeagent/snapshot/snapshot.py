@@ -16,7 +16,6 @@ from typing import Any
 from immutables import Map
 
 from nodeagent.snapshot import hosts
-from nodeagent.snapshot.endpoints import ServiceEndpoints
 from nodeagent.snapshot.model import (
     AuthorizationPolicies,
     AuthorizationPolicy,
@@ -56,8 +55,8 @@ class Indexes:
     service_wildcards: tuple[str, ...] = ()  # wildcard ServiceEntry hosts, most specific first
     # VIP → the services holding it, best first (a ServiceTarget is made per lookup)
     services_by_vip: Map[str, tuple[Service, ...]] = field(default_factory=Map)
-    # per service: port → endpoints, each list made on first lookup (endpoints.py)
-    endpoints: Map[ServiceKey, ServiceEndpoints] = field(default_factory=Map)
+    # per service: port → endpoints (a ServiceEndpoints: each list made on its first lookup)
+    endpoints: Map[ServiceKey, Mapping[int, tuple[Endpoint, ...]]] = field(default_factory=Map)
     routes: Map[tuple[str, str], tuple[VirtualService, ...]] = field(default_factory=Map)
     route_wildcards: Map[str, tuple[str, ...]] = field(default_factory=Map)  # per gateway
     virtual_services_by_gateway: Map[str, tuple[VirtualService, ...]] = field(default_factory=Map)
