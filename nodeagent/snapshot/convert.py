@@ -8,8 +8,9 @@ name (a workload's node and uid too); the document's own metadata is not consult
 Strings that repeat across many resources (namespaces, nodes, label keys and values, service
 accounts, identities) are interned (`sys.intern`), so 50,000 workloads of 100 namespaces hold
 100 namespace strings, not 50,000; interned strings are freed with their last user. Equal
-label sets and named-port maps (every pod of one Deployment has the same) share one frozen
-mapping through a bounded cache (`_shared`).
+label sets and named-port maps (every pod of one Deployment has the same) share one
+`FrozenDict`, and equal service ports (and port lists) one ServicePort, through a bounded cache
+(`frozen.share`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Literal, cast
 from nodeagent.snapshot import hosts
 from nodeagent.snapshot.endpointslices import convert_slice, parse_slice_key
 from nodeagent.snapshot.errors import ConvertError
+from nodeagent.snapshot.frozen import FrozenDict, share
 from nodeagent.snapshot.model import (
     EMPTY,
     HEALTHY,
@@ -104,21 +106,11 @@ def parse_key(key: str) -> KeyRef | None:
 
 
 _UNSET: Any = object()
-# Frozen label and port mappings by content. Bounded: when full it is simply emptied (sharing is
-# only lost for mappings converted before that, never correctness), so churn cannot grow it.
-_SHARED: dict[tuple[Any, ...], Mapping[Any, Any]] = {}
-SHARED_MAX = 1 << 16
 
 
 def _shared(items: dict[Any, Any]) -> Mapping[Any, Any]:
     """One read-only mapping per distinct content (`items` is the caller's fresh dict)."""
-    k = tuple(x for pair in items.items() for x in pair)  # flat: (k1, v1, k2, v2…)
-    found = _SHARED.get(k)
-    if found is None:
-        if len(_SHARED) >= SHARED_MAX:
-            _SHARED.clear()
-        found = _SHARED[k] = MappingProxyType(items)
-    return found
+    return share(FrozenDict(items))
 
 
 # Dotted field paths, split once: conversion reads the same few dozen paths from every document.
@@ -273,18 +265,20 @@ def _service(d: _Doc, ref: KeyRef, ctx: Context) -> Service:
                 target = int(target)
             elif not target:
                 raise d.fail(f"{path}.targetPort", "is empty")
+            else:
+                target = sys.intern(target)
         if isinstance(target, int):
             target = d.port(f"{path}.targetPort", target)
         app = entry.get("appProtocol")
-        ports.append(
-            ServicePort(
-                name=d.text(f"{path}.name", entry.get("name"), default=""),
-                port=number,
-                target_port=target,
-                protocol=d.text(f"{path}.protocol", entry.get("protocol"), default="TCP").upper(),
-                app_protocol=None if app is None else d.text(f"{path}.appProtocol", app),
-            )
+        protocol = d.text(f"{path}.protocol", entry.get("protocol"), default="TCP").upper()
+        port = ServicePort(
+            name=sys.intern(d.text(f"{path}.name", entry.get("name"), default="")),
+            port=number,
+            target_port=target,
+            protocol=sys.intern(protocol),
+            app_protocol=None if app is None else sys.intern(d.text(f"{path}.appProtocol", app)),
         )
+        ports.append(share(port))
     cluster_ip = d.get("spec.clusterIP")
     headless = cluster_ip == "None"
     addresses: tuple[str, ...] = ()
@@ -298,7 +292,7 @@ def _service(d: _Doc, ref: KeyRef, ctx: Context) -> Service:
         name=ref.name,
         hosts=(f"{ref.name}.{ref.namespace}.svc.{ctx.cluster_domain}",),
         addresses=addresses,
-        ports=tuple(ports),
+        ports=share(tuple(ports)),
         selector=selector,
         headless=headless,
     )

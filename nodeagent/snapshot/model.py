@@ -1,6 +1,7 @@
 """The snapshot's typed resources: frozen, converted once from store documents, shared freely.
 
-Every mapping inside is read-only (`types.MappingProxyType`) and every list a tuple, so a resource
+Every mapping inside is read-only (`frozen.FrozenDict` for labels, selectors and named ports,
+shared by content; `types.MappingProxyType` otherwise) and every list a tuple, so a resource
 handed to the proxy can never change under it. A VirtualService's routes are compiled into typed
 routes (`routes.py`); other raw Istio sub-documents (DestinationRule traffic policies,
 AuthorizationPolicy rules, Gateway servers) are kept as frozen mappings in Istio's own shape.

@@ -54,7 +54,9 @@ class Indexes:
     services: Map[ServiceKey, Service] = field(default_factory=Map)
     services_by_host: Map[str, tuple[Service, ...]] = field(default_factory=Map)
     service_wildcards: tuple[str, ...] = ()  # wildcard ServiceEntry hosts, most specific first
-    targets_by_vip: Map[str, Mapping[int, ServiceTarget]] = field(default_factory=Map)
+    # VIP → the services holding it, best first (a ServiceTarget is made per lookup)
+    services_by_vip: Map[str, tuple[Service, ...]] = field(default_factory=Map)
+    # per service: port → endpoints (a ServiceEndpoints: each list made on its first lookup)
     endpoints: Map[ServiceKey, Mapping[int, tuple[Endpoint, ...]]] = field(default_factory=Map)
     routes: Map[tuple[str, str], tuple[VirtualService, ...]] = field(default_factory=Map)
     route_wildcards: Map[str, tuple[str, ...]] = field(default_factory=Map)  # per gateway
@@ -112,9 +114,13 @@ class Snapshot:
 
         A VIP with no such declared port is None (like kube-proxy, which rejects it).
         """
-        targets = self._ix.targets_by_vip.get(ip)
-        if targets is not None:
-            return targets.get(port)
+        services = self._ix.services_by_vip.get(ip)
+        if services is not None:
+            for svc in services:  # the best service declaring the port
+                for declared in svc.ports:
+                    if declared.port == port:
+                        return ServiceTarget(svc, declared)
+            return None
         workload = self._ix.workloads_by_ip.get(ip)
         if workload is None and ":" in ip and _canonical(ip) != ip:
             # IPv6 has many spellings; the indexes hold the canonical (compressed) one.

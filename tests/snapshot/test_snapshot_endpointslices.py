@@ -253,7 +253,7 @@ def test_a_bad_slice_is_skipped_alone_by_name_with_a_log_line() -> None:
     (line,) = [entry for entry in logs if entry["event"] == "snapshot.document_skipped"]
     assert (line["kind"], line["namespace"], line["name"]) == ("EndpointSlice", "default", "bad")
     assert builder.snapshot.statistics()["skipped"] == 1
-    assert bad_key in {kv.key for kv in builder.raw()}  # the disk cache keeps it, like any
+    assert bad_key in builder.documents()  # the disk cache keeps it, like any
 
 
 # -- incremental -----------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def test_one_slice_event_touches_only_its_own_services_endpoints() -> None:
     for key, per_port in after.endpoints.items():
         if key[2] != "ext2":
             assert per_port is before.endpoints[key], key
-    for name in ("services", "services_by_host", "targets_by_vip", "workloads_by_ip", "routes"):
+    for name in ("services", "services_by_host", "services_by_vip", "workloads_by_ip", "routes"):
         assert getattr(after, name) is getattr(before, name), name
     assert [e.address for e in after.endpoints[("Service", "default", "ext2")][80]] == [
         "10.9.0.3",

@@ -49,6 +49,9 @@ def workload_doc(draw: st.DrawFn) -> tuple[str, Any]:
         sa=draw(st.sampled_from(["s1", "s2"])),
         ports=ports,
     )
+    # sometimes more addresses, a repeated one too: each is claimed on its own
+    more = draw(st.lists(st.sampled_from(["10.0.0.1", "10.0.0.3", "fd00::1"]), max_size=2))
+    doc["spec"]["addresses"] += more
     return key_of(doc), doc
 
 
@@ -301,7 +304,7 @@ def check_against_brute_force(snap: Snapshot, current: dict[str, KeyValue]) -> N
     for w in workloads:
         owner = snap.workload_by_ip(w.addresses[0])
         assert owner is not None
-        assert owner.addresses[0] == w.addresses[0]
+        assert w.addresses[0] in owner.addresses
 
 
 @settings(max_examples=40, deadline=None)
@@ -334,5 +337,5 @@ def test_one_workload_event_touches_only_its_own_entries(n: int, op: str) -> Non
     for uid, wl in after.workloads_by_uid.items():
         if uid != f"w{n}":
             assert wl is before.workloads_by_uid[uid]
-    for name in ("services", "services_by_host", "targets_by_vip", "routes"):
+    for name in ("services", "services_by_host", "services_by_vip", "routes"):
         assert getattr(after, name) is getattr(before, name), name
