@@ -66,3 +66,54 @@ def write_pki(d: Path) -> dict[str, str]:
         )
         Path(out[f"{leaf}-key"]).write_bytes(key_bytes)
     return out
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+class DnsCa:
+    """A CA that issues leaves for DNS names (gateway and origination tests): `issue(dir, cn,
+    dns)` writes `dir/tls.crt` and `dir/tls.key` (a Kubernetes TLS Secret's file names) and
+    returns the certificate; `write(path)` writes the CA certificate."""
+
+    def __init__(self, name: str = "test-ca") -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.cert = _cert(name, self.key, None)
+
+    def pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.pem())
+        return path
+
+    def issue(self, d: Path, cn: str, dns: list[str] | None = None) -> x509.Certificate:
+        d.mkdir(parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        names: list[x509.GeneralName] = [x509.DNSName(n) for n in (dns or [cn])]
+        usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        # The key first, then the certificate: a reader that sees the new certificate sees
+        # its key too (a rotation in the order a Secret volume's atomic swap gives).
+        (d / "tls.key.new").write_bytes(_pem_key(key))
+        (d / "tls.crt.new").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (d / "tls.key.new").rename(d / "tls.key")
+        (d / "tls.crt.new").rename(d / "tls.crt")
+        return cert

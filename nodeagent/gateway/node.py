@@ -17,6 +17,7 @@ import trio
 
 from nodeagent.balance import Registry
 from nodeagent.config.kinds import WORKLOAD_API
+from nodeagent.gateway.credentials import CredentialSource
 from nodeagent.gateway.server import DEFAULT_LABELS, IngressGateway
 from nodeagent.http import Limits, RequestLog
 from nodeagent.identity.api import IdentityProvider
@@ -75,6 +76,7 @@ class NodeGateway:
         on_request: Callable[[RequestLog], None] | None = None,
         telemetry: Sinks | None = None,
         limits: Limits | None = None,
+        credentials: CredentialSource | None = None,
     ) -> None:
         self.node = node
         self.telemetry = telemetry
@@ -113,6 +115,7 @@ class NodeGateway:
             limits=limits,
             tracer=telemetry.tracer if telemetry is not None else None,
             access_logged=telemetry is not None,  # its access-log line replaces the proxy's own
+            credentials=credentials,
         )
 
     def _record(self, entry: RequestLog) -> None:

@@ -256,6 +256,10 @@ def route_http(
     """Route one HTTP request. `rand` (uniform [0,1)) drives weights, fault and mirror sampling."""
     if rand is None:
         rand = random.random
+    if source.require_tls:
+        # Envoy's `require_tls: ALL` virtual host: https on the default port, before any route.
+        location = f"https://{request.authority_host}{request.target}"
+        return RouteDecision(kind="redirect", route_name="", redirect=Redirect(301, location))
     host, service = _routing_host(snapshot, source, request)
     virtual_services = snapshot.routes_for(host, source.gateway)
     matched = find_rule(virtual_services, request, source)
