@@ -482,3 +482,12 @@ def test_tcp_weights_and_matches() -> None:
     assert plain.route_name == "default"
     assert plain.chosen.port == 80
     assert route_tcp(snap, MESH, TcpRequest("x.example", 80)).chosen is None
+
+
+def test_a_server_requiring_tls_redirects_every_request_to_https() -> None:
+    snap = my_app(vs("my-app", [route_to("a")]), dr("my-app", a={"version": "v1.0.0"}))
+    gateway = Source(namespace="default", gateway="default/g", require_tls=True)
+    request = HttpRequest.from_target("GET", "shop.example.com:8080", "/cart?id=3")
+    d = route_http(snap, gateway, request)
+    assert d.kind == "redirect"
+    assert (d.redirect.status, d.redirect.location) == (301, "https://shop.example.com/cart?id=3")
