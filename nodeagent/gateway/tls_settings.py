@@ -12,36 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from nodeagent.config.ciphers import openssl_cipher
+
 TERMINATING = frozenset({"SIMPLE", "MUTUAL"})
 SERVED_MODES = TERMINATING | {"PASSTHROUGH"}
 
-# Istio's accepted TLS 1.2 cipher suites (security.ValidCipherSuites) that OpenSSL 3 serves,
-# by IANA name → OpenSSL name. The OpenSSL names are Istio's own spelling.
-CIPHER_SUITES: Mapping[str, str] = {
-    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
-    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
-    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
-    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
-    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
-    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
-    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
-    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
-    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
-    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
-    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
-}
-_OPENSSL_NAMES = frozenset(CIPHER_SUITES.values())
 VERSIONS = ("TLSV1_2", "TLSV1_3")  # TLS_AUTO: Envoy's gateway default, 1.2 to 1.3
-
-
-def openssl_cipher(name: str) -> str | None:
-    """The OpenSSL name of an Istio/Envoy or IANA cipher suite name, None if not served."""
-    if name in _OPENSSL_NAMES:
-        return name
-    return CIPHER_SUITES.get(name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -314,6 +314,78 @@ def test_gateway() -> None:
     assert any("spec.servers[1].bind is not supported" in e for e in _errors(gw))
 
 
+def _gateway(*servers: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.istio.io/v1beta1",
+        "kind": "Gateway",
+        "metadata": {"name": "gw"},
+        "spec": {"selector": {"istio": "ingressgateway"}, "servers": list(servers)},
+    }
+
+
+def _server(protocol: str, **tls: Any) -> dict[str, Any]:
+    return {
+        "port": {"number": 443, "name": "p", "protocol": protocol},
+        "hosts": ["a.example.com"],
+        **({"tls": tls} if tls else {}),
+    }
+
+
+def test_gateway_tls_settings_that_are_served() -> None:
+    _ok(
+        _gateway(
+            _server(
+                "HTTPS",
+                mode="MUTUAL",
+                credentialName="a",
+                subjectAltNames=["client.example.com"],
+                minProtocolVersion="TLSV1_2",
+                maxProtocolVersion="TLSV1_3",
+                cipherSuites=["ECDHE-ECDSA-AES256-GCM-SHA384", "TLS_RSA_WITH_AES_128_GCM_SHA256"],
+            )
+        )
+    )
+    _ok(_gateway(_server("TLS", mode="PASSTHROUGH")))
+
+
+@pytest.mark.parametrize(
+    ("server", "problem"),
+    [
+        (_server("HTTPS", mode="MUTUAL", serverCertificate="/c", privateKey="/k"),
+         "spec.servers[0].tls: MUTUAL TLS requires caCertificates"),
+        (_server("HTTPS", mode="SIMPLE"),
+         "spec.servers[0].tls: SIMPLE TLS requires credentialName"),
+        (_server("HTTPS", mode="ISTIO_MUTUAL"),
+         'spec.servers[0].tls.mode: value "ISTIO_MUTUAL" is not supported'),
+        (_server("TLS", mode="PASSTHROUGH", credentialName="a"),
+         "spec.servers[0].tls.credentialName: PASSTHROUGH does not use certificates"),
+        (_server("HTTPS", mode="PASSTHROUGH"),
+         "spec.servers[0].tls.mode: PASSTHROUGH is served on"),
+        (_server("TLS", mode="SIMPLE", credentialName="a"),
+         "spec.servers[0].tls.mode: SIMPLE on a TLS server"),
+        (_server("HTTPS", mode="SIMPLE", credentialName="a", cipherSuites=["RC4-MD5"]),
+         "spec.servers[0].tls.cipherSuites[0]: cipher suite 'RC4-MD5' is not supported"),
+        (_server("HTTPS", mode="SIMPLE", credentialName="a",
+                 cipherSuites=["AES128-SHA", "TLS_RSA_WITH_AES_128_CBC_SHA"]),
+         "spec.servers[0].tls.cipherSuites[1]: Duplicate value"),
+        (_server("HTTPS", mode="SIMPLE", credentialName="a", minProtocolVersion="TLSV1_3",
+                 maxProtocolVersion="TLSV1_2"),
+         "spec.servers[0].tls.maxProtocolVersion: maxProtocolVersion TLSV1_2 is lower"),
+        (_server("HTTPS", mode="SIMPLE", credentialName="a", subjectAltNames=["x"]),
+         "spec.servers[0].tls.subjectAltNames: only MUTUAL"),
+        (_server("HTTPS", mode="SIMPLE", credentialName="a", minProtocolVersion="TLSV1_1"),
+         'spec.servers[0].tls.minProtocolVersion: value "TLSV1_1" is not supported'),
+        (_server("GRPC"), 'spec.servers[0].port.protocol: value "GRPC" is not supported'),
+        (_server("TCP"), 'spec.servers[0].port.protocol: value "TCP" is not supported'),
+        (_server("HTTPS", mode="SIMPLE", credentialName="a", httpsRedirect=True),
+         "spec.servers[0].tls.httpsRedirect: httpsRedirect applies to HTTP servers only"),
+    ],
+)  # fmt: skip
+def test_gateway_tls_settings_rejected_by_field_path(server: dict[str, Any], problem: str) -> None:
+    errors = _errors(_gateway(server))
+    assert any(problem in e for e in errors), errors
+
+
 def test_authorization_policy() -> None:
     ap = {
         "apiVersion": "security.istio.io/v1beta1",
