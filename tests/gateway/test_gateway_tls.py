@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import trio
-from certs_helpers import DnsCa
 from cryptography import x509
 from http_helpers import (
     Backend,
@@ -30,6 +29,7 @@ from http_helpers import (
 )
 
 from nodeagent.gateway import CredentialSource, IngressGateway
+from nodeagent.sandbox.certs import FileCa
 from nodeagent.snapshot import Snapshot
 
 HOSTS = ("a.example.com", "b.example.com")
@@ -75,16 +75,18 @@ def mesh(*docs: dict[str, Any]) -> Snapshot:
 
 @pytest.fixture
 def pki(tmp_path: Path) -> dict[str, Any]:
-    ca, other = DnsCa("gateway-ca"), DnsCa("other-ca")
+    ca, other = FileCa(tmp_path / "ca"), FileCa(tmp_path / "other-ca")
     creds = tmp_path / "credentials"
     for host in HOSTS:
         ca.issue(creds / host.split(".")[0], host)
-    ca.write(creds / "a-cacert" / "ca.crt")  # MUTUAL's CA, in the `<name>-cacert` Secret
+    (creds / "a" / "ca.crt").unlink()  # MUTUAL's CA, in the `<name>-cacert` Secret instead
+    (creds / "a-cacert").mkdir()
+    (creds / "a-cacert" / "ca.crt").write_bytes(ca.pem())
     ca.issue(tmp_path / "client", "client.example.com")
     other.issue(tmp_path / "stranger", "client.example.com")
     return {
         "ca": ca,
-        "ca_file": str(ca.write(tmp_path / "ca.pem")),
+        "ca_file": str(ca.cert_file),
         "creds": creds,
         "client": tmp_path / "client",
         "stranger": tmp_path / "stranger",
