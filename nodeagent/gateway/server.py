@@ -24,6 +24,7 @@ import trio
 from nodeagent.balance import Registry
 from nodeagent.gateway.clienthello import ClientHelloError
 from nodeagent.gateway.credentials import CredentialSource
+from nodeagent.gateway.passthrough import pass_through
 from nodeagent.gateway.servers import (
     ServerBinding,
     host_matches,
@@ -43,6 +44,7 @@ from nodeagent.log import get_logger
 from nodeagent.routing import HttpRequest, Source
 from nodeagent.snapshot.snapshot import Snapshot
 from nodeagent.telemetry.tracing import Tracer
+from nodeagent.tunnel import TlsStream
 
 log = get_logger("gateway")
 
@@ -101,10 +103,12 @@ class IngressGateway:
         credentials: CredentialSource | None = None,
     ) -> None:
         self._snapshot = snapshot
+        self._connector = connector
+        self._registry = registry
         self.credentials = credentials if credentials is not None else CredentialSource()
         self._servers_of: Snapshot | None = None
         self._servers: dict[int, tuple[ServerBinding, ...]] = {}
-        self._tls_stats = {"tls_accepted": 0, "tls_refused": 0}
+        self._tls_stats = {"tls_accepted": 0, "tls_refused": 0, "passthrough": 0}
         self._wait_change = wait_change
         self._labels = labels
         self._bind_host = bind_host
@@ -257,9 +261,11 @@ class IngressGateway:
         bindings: tuple[ServerBinding, ...],
         peer: str | None,
     ) -> None:
-        """One connection of a TLS port: SNI → server → terminate, then HTTP/1.1 inside."""
+        """One connection of a TLS port: SNI → server → pass through, or terminate and serve
+        HTTP/1.1 inside."""
         sni: str | None = None
         binding: ServerBinding | None = None
+        tls: TlsStream | None = None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 hello = await peek_client_hello(stream.socket)
@@ -267,25 +273,29 @@ class IngressGateway:
                 binding = server_for_sni(bindings, sni)
                 if binding is None:
                     raise TlsRefused("no_server", f"no server on port {port} for this SNI")
-                tls = await terminate(stream, binding, self.credentials)
+                if binding.passthrough and sni is None:
+                    raise TlsRefused("no_sni", "PASSTHROUGH routes on SNI; none was sent")
+                if not binding.passthrough:
+                    tls = await terminate(stream, binding, self.credentials)
         except (TlsRefused, ClientHelloError, trio.TooSlowError) as exc:
-            reason = (
-                exc.reason
-                if isinstance(exc, TlsRefused)
-                else ("timeout" if isinstance(exc, trio.TooSlowError) else "not_tls")
-            )
-            self._tls_stats["tls_refused"] += 1
-            log.info(
-                "gateway.tls_refused",
-                port=port,
-                peer=peer,
-                sni=sni,
-                server=binding.name if binding else None,
-                reason=reason,
-                error=str(exc) or reason,
-            )
+            self._refused(exc, port, peer, sni, binding)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 await stream.aclose()
+            return
+        if tls is None:
+            assert sni is not None
+            self._tls_stats["passthrough"] += 1
+            await pass_through(
+                stream,
+                binding=binding,
+                sni=sni,
+                port=port,
+                peer=peer,
+                snapshot=self._snapshot,
+                registry=self._registry,
+                connector=self._connector,
+                labels=dict(self._labels),
+            )
             return
         self._tls_stats["tls_accepted"] += 1
         log.debug(
@@ -301,3 +311,28 @@ class IngressGateway:
             await self.proxy.serve(tls, port=port, client_address=peer)
         finally:
             _CONNECTION_SERVER.reset(token)
+
+    def _refused(
+        self,
+        exc: Exception,
+        port: int,
+        peer: str | None,
+        sni: str | None,
+        binding: ServerBinding | None,
+    ) -> None:
+        if isinstance(exc, TlsRefused):
+            reason = exc.reason
+        elif isinstance(exc, trio.TooSlowError):
+            reason = "timeout"
+        else:
+            reason = "not_tls"
+        self._tls_stats["tls_refused"] += 1
+        log.info(
+            "gateway.tls_refused",
+            port=port,
+            peer=peer,
+            sni=sni,
+            server=binding.name if binding else None,
+            reason=reason,
+            error=str(exc) or reason,
+        )

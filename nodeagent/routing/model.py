@@ -180,6 +180,14 @@ class TcpRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsRequest:
+    """A TLS connection routed without terminating it: its SNI and the port it arrived on."""
+
+    sni: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
 class TcpRouteDecision:
     route_name: str
     destinations: tuple[RouteDestination, ...] = ()

@@ -74,8 +74,8 @@ def test_unsupported_fields_are_rejected_by_path() -> None:
     assert errors == [
         "t.yaml:1: VirtualService default/reviews: spec.http[0].corsPolicy is not supported"
     ]
-    errors = _errors(vs(tls=[{"match": []}]))
-    assert any("spec.tls is not supported" in e for e in errors)
+    errors = _errors(vs(tls=[{"match": [{"sniHosts": ["a"], "sourceSubnet": "10.0.0.0/8"}]}]))
+    assert any("spec.tls[0].match[0].sourceSubnet is not supported" in e for e in errors)
 
 
 def test_unknown_fields_are_rejected_not_ignored() -> None:
@@ -329,6 +329,21 @@ def _server(protocol: str, **tls: Any) -> dict[str, Any]:
         "hosts": ["a.example.com"],
         **({"tls": tls} if tls else {}),
     }
+
+
+def test_tls_routes_need_sni_hosts_within_the_virtual_service_hosts() -> None:
+    dest = [{"destination": {"host": "db", "port": {"number": 443}}}]
+    spec = {"hosts": ["*.example.com"], "gateways": ["gw"]}
+    _ok(vs(**spec, tls=[{"match": [{"sniHosts": ["db.example.com"]}], "route": dest}]))
+    errors = _errors(vs(**spec, tls=[{"match": [{"sniHosts": ["db.other.org"]}], "route": dest}]))
+    assert any(
+        "spec.tls[0].match[0].sniHosts[0]: sniHost db.other.org is not a compatible subset" in e
+        for e in errors
+    ), errors
+    errors = _errors(vs(**spec, tls=[{"match": [{"port": 443}], "route": dest}]))
+    assert any("spec.tls[0].match[0].sniHosts" in e for e in errors), errors
+    errors = _errors(vs(**spec, tls=[{"route": dest}]))
+    assert any("spec.tls[0].match" in e for e in errors), errors
 
 
 def test_gateway_tls_settings_that_are_served() -> None:

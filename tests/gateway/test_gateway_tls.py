@@ -9,9 +9,12 @@ a half-written rotation keeps the old one; no key byte in the statistics.
 
 from __future__ import annotations
 
+import contextlib
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +96,41 @@ def pki(tmp_path: Path) -> dict[str, Any]:
     }
 
 
+async def start_tls_backend(nursery: trio.Nursery, cert_dir: Path) -> int:
+    """A backend that terminates TLS itself (its own certificate) and answers "pod-tls"."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_dir / "tls.crt", cert_dir / "tls.key")
+
+    async def serve(raw: trio.SocketStream) -> None:
+        stream = trio.SSLStream(raw, context, server_side=True)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            got = b""
+            while b"\r\n\r\n" not in got:
+                data = await stream.receive_some(4096)
+                if not data:
+                    return
+                got += data
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\nconnection: close\r\n\r\npod-tls"
+            )
+            await stream.aclose()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    return int(listeners[0].socket.getsockname()[1])
+
+
 @asynccontextmanager
-async def gateway(snap: Snapshot, creds: Path) -> AsyncIterator[IngressGateway]:
+async def gateway(
+    snap: Snapshot, creds: Path, pod_cert: Path | None = None
+) -> AsyncIterator[IngressGateway]:
     async with trio.open_nursery() as nursery:
-        port = await start_tcp_backend(nursery, Backend("v1"))
+        ports = {"10.0.0.1": await start_tcp_backend(nursery, Backend("v1"))}
+        if pod_cert is not None:
+            ports["10.0.0.2"] = await start_tls_backend(nursery, pod_cert)
         gw = IngressGateway(
             snapshot=lambda: snap,
             wait_change=trio.sleep_forever,
-            connector=tcp_connector({"10.0.0.1": port}),
+            connector=tcp_connector(ports),
             bind_host="127.0.0.1",
             port_map=lambda port: 0,
             registry=first_endpoint_registry(),
@@ -282,3 +312,47 @@ async def test_a_rotated_certificate_is_served_without_restart(pki: dict[str, An
         rc, out, err = await curl(port, "a.example.com", "--cacert", pki["ca_file"])
         assert (rc, out) == (0, "v1 / 200"), err
         assert gw.statistics()["credentials"]["a"]["loads"] == 2
+
+
+async def test_passthrough_reaches_a_backend_terminating_tls_itself(
+    pki: dict[str, Any], tmp_path: Path
+) -> None:
+    pod_cert = tmp_path / "pod"
+    pki["ca"].issue(pod_cert, "pod-tls.example.com", ["p.example.com"])
+    passthrough = {
+        "port": {"number": 443, "name": "tls-p", "protocol": "TLS"},
+        "hosts": ["p.example.com"],
+        "tls": {"mode": "PASSTHROUGH"},
+    }
+    tls_vs = {
+        "apiVersion": "networking.istio.io/v1beta1",
+        "kind": "VirtualService",
+        "metadata": {"name": "p", "namespace": "default"},
+        "spec": {
+            "hosts": ["p.example.com"],
+            "gateways": ["tls-gw"],
+            "tls": [
+                {
+                    "match": [{"sniHosts": ["p.example.com"]}],
+                    "route": [{"destination": {"host": "pt", "port": {"number": 443}}}],
+                }
+            ],
+        },
+    }
+    snap = mesh(
+        service("pt", port=443, target=8443),
+        workload("10.0.0.2", {"app": "pt"}),
+        gateway_doc([https("https-a", ["a.example.com"], mode="SIMPLE", credentialName="a"),
+                     passthrough]),
+        routes("a.example.com"),
+        tls_vs,
+    )  # fmt: skip
+    async with gateway(snap, pki["creds"], pod_cert) as gw:
+        port = gw.listening()[443]
+        # The backend's own certificate, not one of the gateway's.
+        assert cn(await served_certificate(port, "p.example.com")) == "pod-tls.example.com"
+        rc, out, err = await curl(port, "p.example.com", "--cacert", pki["ca_file"])
+        assert (rc, out) == (0, "pod-tls 200"), err
+        # The terminated server on the same port still answers with the gateway's certificate.
+        assert cn(await served_certificate(port, "a.example.com")) == "a.example.com"
+        assert gw.statistics()["passthrough"] >= 2

@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 from routing_helpers import bookinfo_base, build, corpus, service, workload
 
-from nodeagent.routing import HttpRequest, Source, TcpRequest, route_http, route_tcp
+from nodeagent.routing import (
+    HttpRequest,
+    Source,
+    TcpRequest,
+    TlsRequest,
+    route_http,
+    route_tcp,
+    route_tls,
+)
 from nodeagent.snapshot import Snapshot
 
 GW = Source(gateway="default/http-gateway")
@@ -491,3 +499,37 @@ def test_a_server_requiring_tls_redirects_every_request_to_https() -> None:
     d = route_http(snap, gateway, request)
     assert d.kind == "redirect"
     assert (d.redirect.status, d.redirect.location) == (301, "https://shop.example.com/cart?id=3")
+
+
+def test_tls_routes_pick_by_sni_and_gateway() -> None:
+    tls_vs = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "passthrough"},
+        "spec": {
+            "hosts": ["*.example.com"],
+            "gateways": ["g"],
+            "tls": [
+                {
+                    "match": [{"sniHosts": ["db.example.com"], "port": 443}],
+                    "route": [{"destination": {"host": "ratings", "port": {"number": 9080}}}],
+                },
+                {
+                    "match": [{"sniHosts": ["*.example.com"]}],
+                    "route": [{"destination": {"host": "my-app"}}],
+                },
+            ],
+        },
+    }
+    snap = my_app(tls_vs)
+    gateway = Source(namespace="default", gateway="default/g")
+    d = route_tls(snap, gateway, TlsRequest("DB.example.com", 443))
+    assert d.route_name == "default/passthrough.0"
+    assert d.chosen is not None
+    assert d.chosen.service is not None
+    assert (d.chosen.service.name, d.chosen.port) == ("ratings", 9080)
+    d = route_tls(snap, gateway, TlsRequest("db.example.com", 8443))  # port 443 only
+    assert d.chosen is not None
+    assert d.route_name == "default/passthrough.1"
+    assert route_tls(snap, gateway, TlsRequest("db.other.org", 443)).chosen is None
+    assert route_tls(snap, MESH, TlsRequest("db.example.com", 443)).chosen is None
