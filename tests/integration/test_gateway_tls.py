@@ -29,6 +29,27 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 sandbox = sandbox_fixture("gwtls", gateway="n1")
 
 HOST, OTHER, MTLS = "my-app.example.com", "other.example.com", "mtls.example.com"
+PASS = "pass.example.com"
+
+# A pod that terminates TLS itself: `tls_server.py CERT_DIR PORT`, answers "pod-tls PATH".
+TLS_SERVER = r"""
+import ssl, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"pod-tls {self.path}".encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+server = ThreadingHTTPServer(("0.0.0.0", int(sys.argv[2])), H)
+ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+ctx.load_cert_chain(sys.argv[1] + "/tls.crt", sys.argv[1] + "/tls.key")
+server.socket = ctx.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"""
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +82,11 @@ def https_gateway() -> dict[str, Any]:
                 server(443, "https-my-app", HOST, mode="SIMPLE", credentialName="my-app"),
                 server(443, "https-other", OTHER, mode="SIMPLE", credentialName="other"),
                 server(8443, "https-mtls", MTLS, mode="MUTUAL", credentialName="mtls"),
+                {
+                    "port": {"number": 443, "name": "tls-pass", "protocol": "TLS"},
+                    "hosts": [PASS],
+                    "tls": {"mode": "PASSTHROUGH"},
+                },
             ],
         },
     }
@@ -79,6 +105,13 @@ def deployed(sandbox: Sandbox, files: Path) -> dict[str, Any]:
             service_account="my-app", labels={"app": "my-app", "version": "v2.0.0"},
         ),
     }  # fmt: skip
+    (files / "tls_server.py").write_text(TLS_SERVER)
+    FileCa(sandbox.state_dir / "edge-ca").issue(files / "pod-cert", "pod-tls.example.com", [PASS])
+    pods["pass"] = sandbox.pod_add(
+        "n2", "default", "pass-v1",
+        ["python3", str(files / "tls_server.py"), str(files / "pod-cert"), "8443"],
+        service_account="pass", labels={"app": "pass"},
+    )  # fmt: skip
     ca_file = sandbox.gateway_cert(HOST, "my-app")
     sandbox.gateway_cert(OTHER, "other")
     sandbox.gateway_cert(MTLS, "mtls")  # its ca.crt (the edge CA) verifies clients
@@ -87,7 +120,29 @@ def deployed(sandbox: Sandbox, files: Path) -> dict[str, Any]:
     FileCa(files / "stranger-ca").issue(files / "stranger", "client.example.com")
     seed = [d for d in yaml.safe_load_all((SEED / "01-canary.yaml").read_text()) if d]
     routes = [d for d in seed if d["kind"] != "Gateway"]  # the VirtualService and DR, unchanged
-    apply(sandbox, files, "https", [service("my-app"), https_gateway(), *routes])
+    passthrough = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "pass", "namespace": "default"},
+        "spec": {
+            "hosts": [PASS],
+            "gateways": ["http-gateway"],
+            "tls": [
+                {
+                    "match": [{"sniHosts": [PASS]}],
+                    "route": [{"destination": {"host": "pass", "port": {"number": 443}}}],
+                }
+            ],
+        },
+    }
+    docs = [
+        service("my-app"),
+        service("pass", port=443, target=8443, port_name="tls"),
+        https_gateway(),
+        *routes,
+        passthrough,
+    ]
+    apply(sandbox, files, "https", docs)
     gw_ip = sandbox.gateway_url().removeprefix("http://").rsplit(":", 1)[0]
     out = {"pods": pods, "ca": str(ca_file), "ip": gw_ip, "client": client, "files": files}
     eventually(lambda: curl(sandbox, out, HOST, "/my-app/x")[1].endswith(" 200"), "HTTPS route")
@@ -234,3 +289,16 @@ def test_private_keys_appear_in_no_dump_metric_or_log(
         for where, text in (("config_dump", dump), ("metrics", metrics)):
             assert key not in text, f"a private key line is in {where}"
         assert key not in log, "a private key line is in the agent log"
+
+
+def test_passthrough_reaches_a_pod_that_terminates_tls_itself(
+    sandbox: Sandbox, deployed: dict[str, Any]
+) -> None:
+    eventually(
+        lambda: curl(sandbox, deployed, PASS, "/hello")[1] == "pod-tls /hello 200",
+        "the passthrough route to the pod",
+    )
+    assert cn(served(sandbox, deployed, PASS)) == "pod-tls.example.com"  # the pod's own
+    assert cn(served(sandbox, deployed, HOST)) == HOST  # same port, terminated by the gateway
+    log = sandbox.node("n1").paths.agent_log.read_text()
+    assert "gateway.passthrough" in log
