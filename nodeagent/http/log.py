@@ -46,6 +46,7 @@ class RequestLog:
     attempts: int = 0
     connection_id: int = 0
     downstream_address: str = ""  # the client's "ip:port", when the proxy knows it
+    upstream_transport_failure_reason: str = ""  # why TLS origination failed (Envoy's name)
     trace_id: str = ""  # set when the proxy has a tracer
     span: ActiveSpan | None = field(default=None, repr=False)
     trace_headers: list[tuple[str, str]] = field(default_factory=list, repr=False)
@@ -135,6 +136,7 @@ class RequestRecorder:
             flags=entry.response_flags,
             upstream=entry.upstream,
             cluster=entry.upstream_cluster,
+            upstream_transport_failure_reason=entry.upstream_transport_failure_reason or None,
             route=entry.route_name,
             attempts=entry.attempts,
             bytes_received=entry.bytes_received,

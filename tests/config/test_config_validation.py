@@ -261,7 +261,16 @@ def test_destination_rule_traffic_policy() -> None:
         ),
         ({"loadBalancer": {"consistentHash": {"maglev": {"tableSize": 1000}}}}, "prime"),
         ({"loadBalancer": {"localityLbSetting": {}}}, "localityLbSetting is not supported"),
-        ({"tls": {"mode": "MUTUAL"}}, '"MUTUAL" is not supported'),
+        ({"tls": {"mode": "MUTUAL"}}, "MUTUAL TLS requires clientCertificate and privateKey"),
+        (
+            {"tls": {"mode": "SIMPLE", "clientCertificate": "/c.pem"}},
+            "tls.clientCertificate is only meaningful with mode MUTUAL",
+        ),
+        (
+            {"tls": {"mode": "SIMPLE", "insecureSkipVerify": True, "caCertificates": "/ca.pem"}},
+            "tls.insecureSkipVerify: insecureSkipVerify skips verification",
+        ),
+        ({"tls": {"mode": "SIMPLE", "credentialName": "x"}}, "credentialName is not supported"),
         ({"outlierDetection": {"maxEjectionPercent": 150}}, "between 0 and 100"),
         (
             {"portLevelSettings": [{"port": {"number": 80}}, {"port": {"number": 80}}]},
