@@ -21,6 +21,7 @@ from cryptography import x509
 from l7_helpers import SEED, write_app
 from mesh_helpers import admin, apply, eventually, sandbox_fixture
 from snapshot_docs import service
+from tls_helpers import TLS_SERVER, cn, served_certificate
 
 from nodeagent.sandbox import Sandbox
 from nodeagent.sandbox.certs import FileCa
@@ -30,26 +31,6 @@ sandbox = sandbox_fixture("gwtls", gateway="n1")
 
 HOST, OTHER, MTLS = "my-app.example.com", "other.example.com", "mtls.example.com"
 PASS = "pass.example.com"
-
-# A pod that terminates TLS itself: `tls_server.py CERT_DIR PORT`, answers "pod-tls PATH".
-TLS_SERVER = r"""
-import ssl, sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class H(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = f"pod-tls {self.path}".encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-server = ThreadingHTTPServer(("0.0.0.0", int(sys.argv[2])), H)
-ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-ctx.load_cert_chain(sys.argv[1] + "/tls.crt", sys.argv[1] + "/tls.key")
-server.socket = ctx.wrap_socket(server.socket, server_side=True)
-server.serve_forever()
-"""
 
 
 @pytest.fixture(scope="module")
@@ -168,28 +149,6 @@ def curl(
     return r.returncode, str(r.stdout).strip()
 
 
-def served(sb: Sandbox, d: dict[str, Any], sni: str, port: int = 443) -> x509.Certificate | None:
-    """The certificate `openssl s_client -servername` sees from the outside host."""
-    r = sb.exec(
-        "outside",
-        ["openssl", "s_client", "-connect", f"{d['ip']}:{port}", "-servername", sni],
-        timeout=20,
-        input="",
-    )
-    out = str(r.stdout)
-    if "-----BEGIN CERTIFICATE-----" not in out:
-        return None
-    begin = out.index("-----BEGIN CERTIFICATE-----")
-    end = out.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")
-    return x509.load_pem_x509_certificate(out[begin:end].encode())
-
-
-def cn(cert: x509.Certificate | None) -> str | None:
-    if cert is None:
-        return None
-    return str(cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value)
-
-
 def test_https_serves_the_seed_canary_with_the_sni_certificate(
     sandbox: Sandbox, deployed: dict[str, Any]
 ) -> None:
@@ -202,9 +161,9 @@ def test_https_serves_the_seed_canary_with_the_sni_certificate(
         versions.add(out.split("version=")[1].split()[0])
     assert versions <= {"v1.0.0", "v2.0.0"}
     assert "v1.0.0" in versions
-    assert cn(served(sandbox, deployed, HOST)) == HOST
-    assert cn(served(sandbox, deployed, OTHER)) == OTHER
-    assert served(sandbox, deployed, "unknown.example.com") is None
+    assert cn(served_certificate(sandbox, deployed["ip"], HOST)) == HOST
+    assert cn(served_certificate(sandbox, deployed["ip"], OTHER)) == OTHER
+    assert served_certificate(sandbox, deployed["ip"], "unknown.example.com") is None
     rc, out = curl(sandbox, deployed, HOST, "/my-app/x", ca=False)
     assert rc == 60, out  # the client cannot verify the gateway without the CA
 
@@ -247,7 +206,7 @@ def test_a_rotated_certificate_is_served_without_restart(
     sandbox: Sandbox, deployed: dict[str, Any]
 ) -> None:
     pid = sandbox.node("n1").agent_pid
-    before = served(sandbox, deployed, HOST)
+    before = served_certificate(sandbox, deployed["ip"], HOST)
     assert before is not None
     sandbox.gateway_cert(HOST, "my-app")
     new = x509.load_pem_x509_certificate(
@@ -256,7 +215,7 @@ def test_a_rotated_certificate_is_served_without_restart(
     assert new.serial_number != before.serial_number
     deadline = time.monotonic() + 15
     while True:
-        seen = served(sandbox, deployed, HOST)
+        seen = served_certificate(sandbox, deployed["ip"], HOST)
         if seen is not None and seen.serial_number == new.serial_number:
             break
         assert time.monotonic() < deadline, "the rotated certificate was not served in 15 s"
@@ -298,7 +257,8 @@ def test_passthrough_reaches_a_pod_that_terminates_tls_itself(
         lambda: curl(sandbox, deployed, PASS, "/hello")[1] == "pod-tls /hello 200",
         "the passthrough route to the pod",
     )
-    assert cn(served(sandbox, deployed, PASS)) == "pod-tls.example.com"  # the pod's own
-    assert cn(served(sandbox, deployed, HOST)) == HOST  # same port, terminated by the gateway
+    ip = deployed["ip"]
+    assert cn(served_certificate(sandbox, ip, PASS)) == "pod-tls.example.com"  # the pod's own
+    assert cn(served_certificate(sandbox, ip, HOST)) == HOST  # same port, the gateway's
     log = sandbox.node("n1").paths.agent_log.read_text()
     assert "gateway.passthrough" in log
