@@ -1,10 +1,11 @@
-"""VirtualService (networking.istio.io): HTTP and TCP routing with Istio's validation rules.
+"""VirtualService (networking.istio.io): HTTP, TCP and TLS routing with Istio's validation rules.
 
 Supported: hosts, gateways, exportTo; http routes with match (uri, scheme, method, authority,
 headers, withoutHeaders, queryParams, port, sourceLabels, sourceNamespace, gateways,
 ignoreUriCase, name), route (weighted destinations with headers), redirect, directResponse,
-rewrite, headers, timeout, retries, fault (delay/abort), mirror/mirrorPercentage; tcp routes.
-Not supported (rejected by path): tls routes, delegate, corsPolicy, mirrors, statPrefix, grpc
+rewrite, headers, timeout, retries, fault (delay/abort), mirror/mirrorPercentage; tcp routes;
+tls routes (sniHosts within the hosts; served by PASSTHROUGH gateway servers).
+Not supported (rejected by path): delegate, corsPolicy, mirrors, statPrefix, grpc
 and http2 aborts, exponential delays.
 """
 
