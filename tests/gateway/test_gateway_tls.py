@@ -121,10 +121,10 @@ async def start_tls_backend(nursery: trio.Nursery, cert_dir: Path) -> int:
 
 @asynccontextmanager
 async def gateway(
-    snap: Snapshot, creds: Path, pod_cert: Path | None = None
+    snap: Snapshot, creds: Path, pod_cert: Path | None = None, backend: Backend | None = None
 ) -> AsyncIterator[IngressGateway]:
     async with trio.open_nursery() as nursery:
-        ports = {"10.0.0.1": await start_tcp_backend(nursery, Backend("v1"))}
+        ports = {"10.0.0.1": await start_tcp_backend(nursery, backend or Backend("v1"))}
         if pod_cert is not None:
             ports["10.0.0.2"] = await start_tls_backend(nursery, pod_cert)
         gw = IngressGateway(
@@ -187,12 +187,14 @@ async def test_simple_serves_each_sni_its_certificate_and_routes(pki: dict[str, 
         ),
         routes(*HOSTS),
     )
-    async with gateway(snap, pki["creds"]) as gw:
+    backend = Backend("v1")
+    async with gateway(snap, pki["creds"], backend=backend) as gw:
         port = gw.listening()[443]
         for host in HOSTS:
             rc, out, err = await curl(port, host, "--cacert", pki["ca_file"], path="/x")
             assert (rc, out) == (0, "v1 /x 200"), err
             assert cn(await served_certificate(port, host)) == host
+        assert backend.seen[0].headers["x-forwarded-proto"] == "https"
         # No CA: the client cannot verify the gateway's certificate (curl 60).
         rc, _, err = await curl(port, "a.example.com")
         assert rc == 60, err
