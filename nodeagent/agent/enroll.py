@@ -112,6 +112,7 @@ class EnrolledPod:
             "status": self.registered,
             "listeners": self.listeners(),
             "connections": self.proxy.statistics(),
+            "tunnel_pool": self.proxy.core.pool.statistics(),
         }
 
 
