@@ -358,3 +358,39 @@ async def test_passthrough_reaches_a_backend_terminating_tls_itself(
         # The terminated server on the same port still answers with the gateway's certificate.
         assert cn(await served_certificate(port, "a.example.com")) == "a.example.com"
         assert gw.statistics()["passthrough"] >= 2
+
+
+async def test_a_secret_volume_swap_rotates_the_certificate(pki: dict[str, Any]) -> None:
+    """The kubelet's atomic writer: files are symlinks into `..data`, itself a symlink to a
+    timestamped directory that a rotation replaces in one rename."""
+    creds: Path = pki["creds"]
+    volume = creds / "kube"
+    volume.mkdir()
+
+    def publish(generation: str) -> x509.Certificate:
+        new = volume / f"..{generation}"
+        cert = pki["ca"].issue(new, "a.example.com")
+        tmp = volume / "..data_tmp"
+        tmp.symlink_to(new.name)
+        tmp.rename(volume / "..data")
+        for name in ("tls.crt", "tls.key"):
+            if not (volume / name).is_symlink():
+                (volume / name).symlink_to(f"..data/{name}")
+        return cert
+
+    first = publish("2026_01")
+    server = https("https-a", ["a.example.com"], mode="SIMPLE", credentialName="kube")
+    snap = mesh(gateway_doc([server]), routes("a.example.com"))
+    async with gateway(snap, creds) as gw:
+        port = gw.listening()[443]
+        seen = await served_certificate(port, "a.example.com")
+        assert seen is not None
+        assert seen.serial_number == first.serial_number
+        second = publish("2026_02")
+        deadline = time.monotonic() + 10
+        while True:
+            seen = await served_certificate(port, "a.example.com")
+            if seen is not None and seen.serial_number == second.serial_number:
+                break
+            assert time.monotonic() < deadline, "the swapped Secret volume was never served"
+            await trio.sleep(0.2)
