@@ -78,7 +78,7 @@ class CredentialSource:
     directory: Path | None = None
     recheck: float = RECHECK
     clock: Callable[[], float] = time.monotonic
-    _cache: dict[ServerTls, _Entry] = field(default_factory=dict)
+    _cache: dict[ServerTls, _Entry] = field(default_factory=dict, init=False, repr=False)
 
     def files_for(self, tls: ServerTls) -> CredentialFiles:
         """The files of `tls`'s certificate, key and (MUTUAL) CA; CredentialError if missing."""
