@@ -93,6 +93,12 @@ def start_span(
     return CURRENT_TRACE.set(span.context)
 
 
+def _transport_failure(entry: RequestLog) -> dict[str, str]:
+    """The TLS origination failure reason, only on the lines that have one."""
+    reason = entry.upstream_transport_failure_reason
+    return {"upstream_transport_failure_reason": reason} if reason else {}
+
+
 class RequestRecorder:
     """Finishes every request of one proxy: span, counters, one log line, the hook.
 
@@ -136,13 +142,13 @@ class RequestRecorder:
             flags=entry.response_flags,
             upstream=entry.upstream,
             cluster=entry.upstream_cluster,
-            upstream_transport_failure_reason=entry.upstream_transport_failure_reason or None,
             route=entry.route_name,
             attempts=entry.attempts,
             bytes_received=entry.bytes_received,
             bytes_sent=entry.bytes_sent,
             ms=round(entry.duration * 1000, 3),
             request_id=entry.request_id,
+            **_transport_failure(entry),
         )
         if self._on_request is not None:
             try:

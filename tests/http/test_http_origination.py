@@ -19,7 +19,18 @@ from typing import Any
 
 import pytest
 import trio
-from http_helpers import Backend, build, curl, first_endpoint_registry, service, workload
+from http_helpers import (
+    Backend,
+    Handler,
+    Reply,
+    Seen,
+    build,
+    curl,
+    first_endpoint_registry,
+    ok,
+    service,
+    workload,
+)
 
 from nodeagent.http import HttpProxy, RequestLog
 from nodeagent.routing import Source
@@ -29,14 +40,16 @@ from nodeagent.snapshot import Snapshot
 HOST = "api.default.svc.cluster.local"
 
 
-def snapshot(tls: dict[str, Any] | None) -> Snapshot:
+def snapshot(tls: dict[str, Any] | None, *extra: dict[str, Any]) -> Snapshot:
     rule = {
         "apiVersion": "networking.istio.io/v1",
         "kind": "DestinationRule",
         "metadata": {"name": "api"},
         "spec": {"host": "api", **({"trafficPolicy": {"tls": tls}} if tls else {})},
     }
-    return build(service("api", port=80, target=8443), workload("10.0.0.1", {"app": "api"}), rule)
+    return build(
+        service("api", port=80, target=8443), workload("10.0.0.1", {"app": "api"}), rule, *extra
+    )
 
 
 @pytest.fixture
@@ -49,7 +62,11 @@ def pki(tmp_path: Path) -> dict[str, Any]:
 
 @asynccontextmanager
 async def running(
-    pki: dict[str, Any], holder: list[Snapshot], *, require_client: bool = False
+    pki: dict[str, Any],
+    holder: list[Snapshot],
+    *,
+    require_client: bool = False,
+    handler: Handler = ok,
 ) -> AsyncIterator[tuple[str, list[RequestLog], list[str | None]]]:
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(pki["dir"] / "server" / "tls.crt", pki["dir"] / "server" / "tls.key")
@@ -58,7 +75,7 @@ async def running(
         server.verify_mode = ssl.CERT_REQUIRED
     snis: list[str | None] = []
     server.sni_callback = lambda sock, name, ctx: snis.append(name)  # type: ignore[assignment]
-    backend = Backend("api")
+    backend = Backend("api", handler)
 
     async def serve_tls(raw: trio.SocketStream) -> None:
         stream = trio.SSLStream(raw, server, server_side=True)
@@ -161,3 +178,31 @@ async def test_mutual_presents_the_client_certificate(pki: dict[str, Any]) -> No
         holder[0] = snapshot({"mode": "SIMPLE", "caCertificates": pki["ca"]})
         out = await status(f"{url}/n")  # no client certificate: the backend refuses
         assert not out.endswith(" 200"), out
+
+
+async def test_a_mirrored_copy_is_originated_too(pki: dict[str, Any]) -> None:
+    mirror_vs = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "api"},
+        "spec": {
+            "hosts": ["api"],
+            "http": [{"route": [{"destination": {"host": "api"}}], "mirror": {"host": "api"}}],
+        },
+    }
+    holder = [snapshot({"mode": "SIMPLE", "caCertificates": pki["ca"]}, mirror_vs)]
+    both = trio.Event()
+    targets: list[str] = []
+
+    async def counting(seen: Seen) -> Reply:
+        targets.append(seen.target)
+        if len(targets) == 2:
+            both.set()
+        return await ok(seen)
+
+    async with running(pki, holder, handler=counting) as (url, _, snis):
+        assert await status(f"{url}/copy") == "api /copy 200"
+        with trio.fail_after(10):
+            await both.wait()
+    assert targets == ["/copy", "/copy"]
+    assert len(snis) == 2  # the copy on a fresh TLS connection, never in plaintext
