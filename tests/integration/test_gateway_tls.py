@@ -6,7 +6,8 @@ laid out as Kubernetes mounts TLS Secrets); certificates come from the sandbox's
 unchanged behind a Gateway whose servers are HTTPS (and HTTP with httpsRedirect). Checked: the
 right certificate per SNI, verification fails without the CA, Host outside the SNI server gets
 404, httpsRedirect 301, MUTUAL refuses no client certificate and one from another CA,
-rotation without restart, and no private key byte in the admin socket, metrics or log.
+rotation without restart, PASSTHROUGH to a pod terminating TLS itself, no private key byte in
+the admin socket, metrics or log, and the seed A/B test unchanged behind HTTPS.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 import yaml
 from cryptography import x509
 from l7_helpers import SEED, write_app
-from mesh_helpers import admin, apply, eventually, sandbox_fixture
+from mesh_helpers import admin, apply, apply_file, eventually, sandbox_fixture
 from snapshot_docs import service
 from tls_helpers import TLS_SERVER, cn, served_certificate
 
@@ -262,3 +263,23 @@ def test_passthrough_reaches_a_pod_that_terminates_tls_itself(
     assert cn(served_certificate(sandbox, ip, HOST)) == HOST  # same port, the gateway's
     log = sandbox.node("n1").paths.agent_log.read_text()
     assert "gateway.passthrough" in log
+
+
+def test_the_seed_ab_test_works_unchanged_behind_https(
+    sandbox: Sandbox, deployed: dict[str, Any]
+) -> None:
+    apply_file(sandbox, SEED / "03-ab-user-agent.yaml")  # replaces the canary's my-app VS
+    chrome = ("-A", "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0 Safari/537.36")
+    firefox = ("-A", "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0")
+    eventually(
+        lambda: (
+            "version=v1.0.0" in curl(sandbox, deployed, HOST, "/my-app", *chrome)[1]
+            and "version=v2.0.0" in curl(sandbox, deployed, HOST, "/my-app", *firefox)[1]
+        ),
+        "the A/B routes over HTTPS",
+    )
+    for _ in range(5):
+        assert "version=v1.0.0" in curl(sandbox, deployed, HOST, "/my-app", *chrome)[1]
+        assert "version=v2.0.0" in curl(sandbox, deployed, HOST, "/my-app", *firefox)[1]
+    rc, out = curl(sandbox, deployed, HOST, "/my-app", "-A", "curl/8")
+    assert (rc, out) == (0, "404")
