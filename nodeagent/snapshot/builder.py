@@ -31,12 +31,18 @@ from nodeagent.log import get_logger
 from nodeagent.snapshot import hosts
 from nodeagent.snapshot import members as membership
 from nodeagent.snapshot.convert import Context, convert, parse_key
+from nodeagent.snapshot.endpointslices import (
+    SliceIndex,
+    service_document_key,
+    uses_endpoint_slices,
+)
 from nodeagent.snapshot.errors import ConvertError
 from nodeagent.snapshot.members import Members, as_set, each
 from nodeagent.snapshot.model import (
     AuthorizationPolicy,
     DestinationRule,
     Endpoint,
+    EndpointSlice,
     Gateway,
     PeerAuthentication,
     Resource,
@@ -45,6 +51,7 @@ from nodeagent.snapshot.model import (
     VirtualService,
     Workload,
 )
+from nodeagent.snapshot.request_authn import RequestAuthentication
 from nodeagent.snapshot.snapshot import Indexes, ServiceKey, Snapshot
 from nodeagent.store import codec
 from nodeagent.store.base import Event, KeyValue
@@ -61,7 +68,9 @@ _COUNT_NAMES = {
     "DestinationRule": "destination_rules",
     "Gateway": "gateways",
     "AuthorizationPolicy": "authorization_policies",
+    "RequestAuthentication": "request_authentications",
     "PeerAuthentication": "peer_authentications",
+    "EndpointSlice": "endpoint_slices",
 }
 
 
@@ -135,7 +144,9 @@ class SnapshotBuilder:
         self._m_dr: dict[str, Members] = {}
         self._m_gateway: dict[str, Members] = {}
         self._m_ap: dict[str, Members] = {}
+        self._m_ra: dict[str, Members] = {}
         self._m_pa: dict[str, Members] = {}
+        self._slices = SliceIndex()  # EndpointSlices, by service and by address
         self._dirty: dict[str, set[Any]] = {}
         # For the sorted workload groups (by node, by identity): per group key, the workloads
         # filed (True) and unfiled (False) in this batch, in order, to edit the old tuple.
@@ -274,9 +285,16 @@ class SnapshotBuilder:
         elif isinstance(obj, AuthorizationPolicy):
             op(self._m_ap, obj.namespace, key)
             self._dirt("ap").add(obj.namespace)
+        elif isinstance(obj, RequestAuthentication):
+            op(self._m_ra, obj.namespace, key)
+            self._dirt("ra").add(obj.namespace)
         elif isinstance(obj, PeerAuthentication):
             op(self._m_pa, obj.namespace, key)
             self._dirt("pa").add(obj.namespace)
+        elif isinstance(obj, EndpointSlice):
+            service = self._slices.file(key, obj, add=add)
+            if service is not None:
+                self._dirt("endpoints").add(service_document_key(service))
 
     def _index_workload(
         self,
@@ -287,14 +305,16 @@ class SnapshotBuilder:
     ) -> None:
         op(self._m_uid, wl.uid, key)
         self._dirt("uid").add(wl.uid)
+        dirty_endpoints = self._dirt("endpoints")
         for ip in wl.addresses:
             op(self._m_ip, ip, key)
             self._dirt("ip").add(ip)
+            for service in self._slices.services_at(ip):  # selector-less: by address
+                dirty_endpoints.add(service_document_key(service))
         op(self._m_node, wl.node, key)
         self._group_ops["node"].setdefault(wl.node, []).append((add, wl))
         op(self._m_identity, wl.identity, key)
         self._group_ops["identity"].setdefault(wl.identity, []).append((add, wl))
-        dirty_endpoints = self._dirt("endpoints")
         for k, v in wl.labels.items():
             op(self._m_labels, (wl.namespace, k, v), key)
             for svc_key in each(self._m_selector.get((wl.namespace, k, v))):
@@ -365,6 +385,7 @@ class SnapshotBuilder:
         refresh("gateways", "gateway", self._m_gateway, self._best)
         refresh("authorization_policies", "ap", self._m_ap, sorted_objs(lambda p: p.name))
         refresh("peer_authentications", "pa", self._m_pa, sorted_objs(lambda p: p.name))
+        refresh("request_authentications", "ra", self._m_ra, sorted_objs(lambda p: p.name))
         if dirty.get("endpoints"):
             endpoints = cow("endpoints")
             for key in dirty["endpoints"]:
@@ -452,7 +473,13 @@ class SnapshotBuilder:
                 targets.setdefault(port.port, ServiceTarget(svc, port))
         return MappingProxyType(targets)
 
+    def _workload_at(self, ip: str) -> Workload | None:
+        members = self._m_ip.get(ip)
+        return None if members is None else self._best(members)
+
     def _compute_endpoints(self, svc: Service) -> Mapping[int, tuple[Endpoint, ...]]:
+        if uses_endpoint_slices(svc):
+            return self._slices.endpoints(svc, self._workload_at)
         workloads: list[Workload] = []
         if svc.selector:
             groups = sorted(

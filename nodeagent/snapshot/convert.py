@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import Any, Literal, cast
 
 from nodeagent.snapshot import hosts
+from nodeagent.snapshot.endpointslices import convert_slice, parse_slice_key
 from nodeagent.snapshot.errors import ConvertError
 from nodeagent.snapshot.model import (
     EMPTY,
@@ -42,6 +43,11 @@ from nodeagent.snapshot.model import (
     Workload,
     freeze,
 )
+from nodeagent.snapshot.request_authn import (
+    RequestAuthentication,
+    RequestAuthnError,
+    compile_request_authentication,
+)
 from nodeagent.snapshot.routes_compile import RouteError, compile_routes
 from nodeagent.store import keys
 
@@ -54,11 +60,13 @@ KINDS = frozenset(
         "Gateway",
         "AuthorizationPolicy",
         "PeerAuthentication",
+        "RequestAuthentication",
     ]
 )
 MTLS_MODES = frozenset(["UNSET", "DISABLE", "PERMISSIVE", "STRICT"])
 ACTIONS = frozenset(["ALLOW", "DENY", "AUDIT"])
 RESOLUTIONS = frozenset(["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"])
+ENDPOINT_SLICE = "EndpointSlice"  # kube-sync's mirror, not a config kind (endpointslices.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +79,10 @@ class Context:
 
 @dataclass(frozen=True, slots=True)
 class KeyRef:
-    """What a store key names: a config document (kind/ns/name) or a workload (node/uid)."""
+    """What a store key names: a config document (kind/ns/name), a workload (node/uid) or a
+    mirrored EndpointSlice (ns/name)."""
 
-    kind: str  # a config kind, or "Workload"
+    kind: str  # a config kind, "Workload" or "EndpointSlice"
     namespace: str  # for a workload: its node
     name: str  # for a workload: its uid
 
@@ -89,7 +98,9 @@ def parse_key(key: str) -> KeyRef | None:
         parts = key[len(keys.WORKLOADS) :].split("/")
         if len(parts) == 2 and all(parts):
             return KeyRef("Workload", sys.intern(parts[0]), parts[1])
-    return None
+        return None
+    found = parse_slice_key(key)
+    return None if found is None else KeyRef(ENDPOINT_SLICE, *found)
 
 
 _UNSET: Any = object()
@@ -210,7 +221,9 @@ def convert(key: str, doc: Any, ctx: Context, ref: KeyRef | None = None) -> Reso
     it already); ConvertError when it does not convert."""
     ref = ref or parse_key(key)
     if ref is None:
-        raise ConvertError(key, "", "not a config or workload key")
+        raise ConvertError(key, "", "not a config, workload or EndpointSlice key")
+    if ref.kind == ENDPOINT_SLICE:
+        return convert_slice(key, doc, ref.namespace, ref.name)
     d = _Doc(key, doc)
     resource: Resource = _CONVERTERS[ref.kind](d, ref, ctx)
     return resource
@@ -478,6 +491,15 @@ def _peer_authentication(d: _Doc, ref: KeyRef, ctx: Context) -> PeerAuthenticati
     )
 
 
+def _request_authentication(d: _Doc, ref: KeyRef, ctx: Context) -> RequestAuthentication:
+    try:
+        return compile_request_authentication(
+            ref.namespace, ref.name, d.mapping("spec"), d.selector("spec.selector")
+        )
+    except RequestAuthnError as exc:
+        raise d.fail(exc.path, exc.reason) from None
+
+
 _CONVERTERS: dict[str, Any] = {
     "Workload": _workload,
     "Service": _service,
@@ -487,4 +509,5 @@ _CONVERTERS: dict[str, Any] = {
     "Gateway": _gateway,
     "AuthorizationPolicy": _authorization_policy,
     "PeerAuthentication": _peer_authentication,
+    "RequestAuthentication": _request_authentication,
 }

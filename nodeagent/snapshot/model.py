@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from nodeagent.snapshot.request_authn import RequestAuthentication
 from nodeagent.snapshot.routes import HttpRoute, TcpRoute
 
 MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
@@ -250,6 +251,43 @@ class PeerAuthentication:
         return f"{self.namespace}/{self.name}"
 
 
+@dataclass(frozen=True, slots=True)
+class SlicePort:
+    """An EndpointSlice `ports[]` entry: the number behind the Service port of the same name."""
+
+    name: str  # "" for a Service's one unnamed port
+    port: int
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True, slots=True)
+class SliceEndpoint:
+    """An EndpointSlice `endpoints[]` entry, at its first address (kube-proxy uses only that),
+    with its conditions as Kubernetes means them (unset ready/serving: true; terminating:
+    false)."""
+
+    address: str
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSlice:
+    """One EndpointSlice kube-sync mirrored: the endpoints of Service `service` (its
+    `kubernetes.io/service-name` label; "" when it has none) in `namespace`."""
+
+    namespace: str
+    name: str
+    service: str
+    ports: tuple[SlicePort, ...]
+    endpoints: tuple[SliceEndpoint, ...]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
 Resource = (
     Workload
     | Service
@@ -257,5 +295,7 @@ Resource = (
     | DestinationRule
     | Gateway
     | AuthorizationPolicy
+    | RequestAuthentication
     | PeerAuthentication
+    | EndpointSlice
 )

@@ -30,6 +30,7 @@ from nodeagent.snapshot.model import (
     VirtualService,
     Workload,
 )
+from nodeagent.snapshot.request_authn import JwtRule, RequestAuthentication
 
 ServiceKey = tuple[str, str, str]  # (kind, namespace, name)
 
@@ -63,6 +64,9 @@ class Indexes:
     gateways: Map[str, Gateway] = field(default_factory=Map)
     authorization_policies: Map[str, tuple[AuthorizationPolicy, ...]] = field(default_factory=Map)
     peer_authentications: Map[str, tuple[PeerAuthentication, ...]] = field(default_factory=Map)
+    request_authentications: Map[str, tuple[RequestAuthentication, ...]] = field(
+        default_factory=Map
+    )
     counts: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
 
 
@@ -308,6 +312,42 @@ class Snapshot:
             if port_mode != "UNSET":
                 return port_mode
         return mode
+
+    def request_authentication_for(self, workload: Workload) -> tuple[JwtRule, ...]:
+        """The JWT rules that apply to requests to `workload` (see `request_authentication_for_
+        labels`)."""
+        return self.request_authentication_for_labels(workload.namespace, workload.labels)
+
+    def request_authentication_for_labels(
+        self, namespace: str, labels: Mapping[str, str]
+    ) -> tuple[JwtRule, ...]:
+        """The JWT rules of every RequestAuthentication selecting a workload of `namespace`
+        with `labels` (the ingress gateway's too), in Istio's order: the workload namespace's
+        policies, then the root namespace's; within one namespace by name. A policy selects by
+        `selector` (in the root namespace: workloads of any namespace), by `targetRef(s)` (the
+        workloads a Service of its namespace selects), or, with neither, every workload of its
+        namespace (the root namespace: the whole mesh)."""
+        out: list[JwtRule] = []
+        for ns in dict.fromkeys((namespace, self.root_namespace)):
+            for policy in self._ix.request_authentications.get(ns, ()):
+                if self._selects(policy, namespace, labels):
+                    out.extend(policy.rules)
+        return tuple(out)
+
+    def _selects(
+        self, policy: RequestAuthentication, namespace: str, labels: Mapping[str, str]
+    ) -> bool:
+        if policy.target_services:
+            if policy.namespace != namespace:
+                return False
+            for name in policy.target_services:
+                svc = self.service(policy.namespace, name)
+                if svc is not None and svc.selector and hosts.labels_match(svc.selector, labels):
+                    return True
+            return False
+        if policy.selector is not None:
+            return hosts.labels_match(policy.selector, labels)
+        return True
 
     # -- operations --------------------------------------------------------------------------
 
