@@ -53,6 +53,7 @@ from nodeagent.balance import Registry
 from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
 from nodeagent.contract import ADMIN_SOCKET_NAME, CNI_SOCKET_NAME, METRICS_PORT, READY_PATH
+from nodeagent.gateway import CredentialSource
 from nodeagent.gateway.node import NodeGateway
 from nodeagent.http import Limits
 from nodeagent.httpserver import Handler, Response, Route, UnixSocketHttpServer
@@ -109,6 +110,8 @@ class AgentConfig:
     # Serve the ingress gateway on this node (Gateways selecting `istio: ingressgateway`).
     gateway: bool = False
     gateway_bind: str = "0.0.0.0"
+    # The gateway's credentialName source: DIR/<name>/tls.crt, tls.key, ca.crt (docs/gateway.md).
+    gateway_credentials: Path | None = None
     # SNAT the node's own TCP to enrolled pods to 169.254.7.127 (kubelet probes pass STRICT).
     probe_snat: bool = True
     # The node's lease: its registrations vanish this long after the agent stops renewing.
@@ -410,6 +413,7 @@ class Agent:
                     telemetry=self.telemetry,
                     limits=cfg.http_limits,
                     authenticator=self.authenticator,
+                    credentials=CredentialSource(cfg.gateway_credentials),
                 )
                 if self._registered.is_set():
                     await nursery.start(self._in_front, self.gateway.run)
