@@ -79,8 +79,10 @@ DRAIN_TIMEOUT = 5.0
 HANDOVER_POLL = 0.05
 # How long a draining agent keeps accepting for a successor that started but is not ready yet.
 SUCCESSOR_WAIT = 60.0
-# --takeover: how long the new agent waits for the old one to release the pid file.
+# --takeover: how long the new agent waits for the old one to release the pid file (and when
+# its handover request got no answer: it may have been taken as the old socket closed).
 TAKEOVER_WAIT = 10.0
+TAKEOVER_UNANSWERED_WAIT = 3.0
 NODE_RECORD_VERSION = 1
 
 
@@ -224,26 +226,31 @@ class Agent:
         cfg = self.config
         old = pidfile.running_agent(cfg.run_dir)
         path = f"/quitquitquit?deadline={cfg.drain_timeout:g}&then=park"
+        failure = ""
         try:
             with trio.fail_after(5):
                 status, body = await admin_request(cfg.admin_socket, "POST", path)
+            if status != 200:
+                raise pidfile.RunDirBusy(
+                    f"the agent (pid {old}) refused the handover: {status} {body!r}", old
+                )
         except (AdminClientError, trio.TooSlowError) as exc:
-            raise pidfile.RunDirBusy(
-                f"an agent (pid {old}) holds {cfg.run_dir} and its admin socket does not take "
-                f"the handover: {exc or 'no answer in 5 s'}",
-                old,
-            ) from None
-        if status != 200:
-            raise pidfile.RunDirBusy(
-                f"the agent (pid {old}) refused the handover: {status} {body!r}", old
-            )
-        log.info("agent.taking_over", old_pid=old)
-        with trio.move_on_after(TAKEOVER_WAIT):
+            # The old agent closes its admin socket as it starts to drain, possibly before
+            # its answer is out: a failed request may still have been taken. Wait a little.
+            failure = str(exc) or "no answer in 5 s"
+        log.info("agent.taking_over", old_pid=old, request_failed=failure or None)
+        with trio.move_on_after(TAKEOVER_UNANSWERED_WAIT if failure else TAKEOVER_WAIT):
             while True:
                 try:
                     return pidfile.take_agent_pid_file(cfg.run_dir)
                 except pidfile.RunDirBusy:
                     await trio.sleep(HANDOVER_POLL)
+        if failure:
+            raise pidfile.RunDirBusy(
+                f"an agent (pid {old}) holds {cfg.run_dir} and its admin socket does not take "
+                f"the handover: {failure}",
+                old,
+            )
         raise pidfile.RunDirBusy(
             f"the agent (pid {old}) accepted the handover but kept {cfg.run_dir} for "
             f"{TAKEOVER_WAIT:g} s",
