@@ -41,7 +41,7 @@ from nodeagent.admin.client import AdminClientError, admin_request
 from nodeagent.admin.routes import AdminSources, admin_routes
 from nodeagent.agent import pidfile
 from nodeagent.agent.enroll import Enroller
-from nodeagent.agent.state import AgentState
+from nodeagent.agent.state import AgentState, PodRecord
 from nodeagent.balance import Registry
 from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
@@ -50,16 +50,20 @@ from nodeagent.gateway.node import NodeGateway
 from nodeagent.http import Limits
 from nodeagent.httpserver import Handler, Response, Route, UnixSocketHttpServer
 from nodeagent.identity.manager import IdentityManager
+from nodeagent.inpod import Netns, PodListeners
 from nodeagent.inpod.errors import RedirectionError
 from nodeagent.inpod.node_rules import aapply_probe_rules, is_probe_target
 from nodeagent.log import get_logger
 from nodeagent.proxy.outbound import OutboundPolicy
-from nodeagent.snapshot import Snapshot, SnapshotSync
+from nodeagent.snapshot import Snapshot, SnapshotSync, Workload
 from nodeagent.store import codec, keys, open_store
 from nodeagent.store.base import Store
 from nodeagent.store.lease import LeaseNotHeld, hold_lease
 from nodeagent.telemetry.metrics import HealthSources
 from nodeagent.telemetry.service import Telemetry, TelemetryConfig
+from nodeagent.workers.config import WorkerConfig
+from nodeagent.workers.remote_pod import RemotePod
+from nodeagent.workers.supervisor import WorkerPool
 
 log = get_logger("agent")
 # How long start-up waits for the store (its first listing, then the lease) before it serves
@@ -114,6 +118,10 @@ class AgentConfig:
     # The node address its metrics port is reachable on, put in the node record for the
     # console (`metrics: "host:port"`); None leaves it out.
     advertise_address: str | None = None
+    # Data-plane processes (nodeagent.workers): 1 serves the pods in this process, as before;
+    # N > 1 spawns N worker processes that all serve every pod (docs/dataplane.md, Processes).
+    workers: int = 1
+    log_format: str = "json"  # the workers log like the agent
 
     @property
     def cni_socket(self) -> Path:
@@ -138,6 +146,8 @@ class Agent:
     identities: IdentityManager | None = None
     telemetry: Telemetry | None = None
     gateway: NodeGateway | None = None
+    # `--workers N > 1`: the worker processes serving every pod's listeners.
+    workers: WorkerPool | None = None
     # One balancer registry per agent: every pod's proxy and the gateway share the clusters'
     # latency estimates, ejections and circuit breakers.
     balance: Registry = field(default_factory=Registry)
@@ -249,7 +259,9 @@ class Agent:
         """Close every pod's listeners; their open connections go on. A pod enrolled later
         (none: the CNI socket is closed first) would not be covered."""
         for pod in self.enroller.pods.values() if self.enroller else ():
-            pod.proxy.core.listeners.close()
+            pod.proxy.close_listeners()
+        if self.workers is not None:
+            self.workers.stop_accepting()
         self.stopped_accepting.set()
 
     async def _run(
@@ -305,6 +317,26 @@ class Agent:
             )
             await nursery.start(self.identities.run)
             self._follow_node_identities(self.snapshot, self.identities)
+            pod_server = None
+            if cfg.workers > 1:
+                self.workers = WorkerPool(
+                    cfg.workers,
+                    WorkerConfig(
+                        node=cfg.node,
+                        trust_domain=cfg.trust_domain,
+                        outbound_policy=cfg.outbound_policy,
+                        http_limits=cfg.http_limits,
+                        zipkin_url=cfg.zipkin_url,
+                        sample_rate=cfg.sample_rate,
+                        log_level=cfg.log_level,
+                        log_format=cfg.log_format,
+                    ),
+                    self.snapshot,
+                    self.identities,
+                )
+                await nursery.start(self.workers.run)
+                self.telemetry.registry.add_peers(self.workers.metric_states)
+                pod_server = partial(_remote_pod, self.workers)
             pods_nursery = await nursery.start(_open_pods_nursery)
             self.enroller = Enroller(
                 node=cfg.node,
@@ -321,6 +353,7 @@ class Agent:
                 dns_upstreams=list(cfg.dns_upstreams) or None,
                 telemetry=self.telemetry,
                 http_limits=cfg.http_limits,
+                pod_server=pod_server,
             )
             nursery.start_soon(self._maintain_balance)
             nursery.start_soon(self.enroller.maintain_status)
@@ -521,8 +554,16 @@ class Agent:
                 "balance": self.balance.statistics(),
             }
 
+        def workers(_: Any) -> Response:
+            return Response.json(
+                {
+                    "workers": self.config.workers,
+                    "processes": self.workers.statistics() if self.workers else [],
+                }
+            )
+
         # /config_dump adds "workloads" (the enrolled pods and their state) and "certificates".
-        routes: dict[str, Handler | Route] = {"/pods": pods}
+        routes: dict[str, Handler | Route] = {"/pods": pods, "/workers": workers}
         routes.update(
             admin_routes(
                 AdminSources(
@@ -537,6 +578,14 @@ class Agent:
             )
         )
         return routes
+
+
+def _remote_pod(
+    pool: WorkerPool, record: PodRecord, netns: Netns, listeners: PodListeners, workload: Workload
+) -> RemotePod:
+    return RemotePod(
+        pool, uid=record.uid, key=record.key, netns=netns, listeners=listeners, workload=workload
+    )
 
 
 async def _open_pods_nursery(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:

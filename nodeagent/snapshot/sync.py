@@ -116,6 +116,11 @@ class SnapshotSync:
         progress, self._progress = self._progress, trio.Event()
         progress.set()
 
+    def documents(self) -> list[KeyValue]:
+        """Every document `current` is built from (held deletions included), sorted by key:
+        what `nodeagent run --workers N` streams to its worker processes."""
+        return self._builder.raw()
+
     def statistics(self) -> dict[str, Any]:
         return {
             **self._stats,
