@@ -132,7 +132,7 @@ class WorkerIdentities:
             "revoked": len(self._revoked),
             "updates": self.updates,
             "serials": {
-                i: format(x509.load_pem_x509_certificate(h.chain_pem.encode()).serial_number, "x")
+                i: certs.serial_hex(x509.load_pem_x509_certificate(h.chain_pem.encode()).serial_number)
                 for i, h in self._held.items()
             },
         }

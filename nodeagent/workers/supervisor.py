@@ -347,7 +347,7 @@ class WorkerPool:
                 "uid": pod.uid,
                 "key": pod.key,
                 "netns": pod.netns.name,
-                "workload": pickle.dumps(pod.workload),
+                "workload": workload_fields(pod.workload),
             }
             await self._request(slot, body, fds)
             slot.given.add(pod.uid)
@@ -417,6 +417,21 @@ class WorkerPool:
                             with contextlib.suppress(ChannelClosed):
                                 await slot.channel.send({"t": "identities", "material": material})
             await identities.wait_changed()
+
+
+def workload_fields(w: Workload) -> dict[str, Any]:
+    """The enrolled pod as the enroller made it (`Enroller.workload_of`), as plain data."""
+    return {
+        "uid": w.uid,
+        "name": w.name,
+        "namespace": w.namespace,
+        "node": w.node,
+        "addresses": list(w.addresses),
+        "labels": dict(w.labels),
+        "annotations": dict(w.annotations),
+        "service_account": w.service_account,
+        "identity": w.identity,
+    }
 
 
 def _worker_command(fd: int) -> list[str]:

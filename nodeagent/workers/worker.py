@@ -150,7 +150,8 @@ class Worker:
             return trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
 
         listeners = PodListeners(netns, listener(out_fd), listener(in_fd), listener(tun_fd))
-        workload: Workload = pickle.loads(body["workload"])
+        w = dict(body["workload"])
+        workload = Workload(**{**w, "addresses": tuple(w["addresses"])})
         proxy = PodProxy(
             str(body["key"]),
             netns,
