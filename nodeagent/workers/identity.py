@@ -29,6 +29,7 @@ class _Held:
     chain_pem: str
     key_pem: str
     not_after: float
+    serial: str  # the leaf's, as the admin socket shows it
     server_ctx: ssl.SSLContext | None = None
     client_ctx: ssl.SSLContext | None = None
 
@@ -59,7 +60,9 @@ class WorkerIdentities:
                 leaf = x509.load_pem_x509_certificate(chain_pem.encode())
             except ValueError as exc:
                 raise ValueError(f"identity {identity}: chain: {exc}") from None
-            held[identity] = _Held(chain_pem, key_pem, certs.not_after(leaf))
+            held[identity] = _Held(
+                chain_pem, key_pem, certs.not_after(leaf), certs.serial_hex(leaf.serial_number)
+            )
         self._bundle, self._revoked, self._held = bundle, revoked, held
         self.updates += 1
         changed, self._changed = self._changed, trio.Event()
@@ -131,10 +134,7 @@ class WorkerIdentities:
             "identities": len(self._held),
             "revoked": len(self._revoked),
             "updates": self.updates,
-            "serials": {
-                i: certs.serial_hex(x509.load_pem_x509_certificate(h.chain_pem.encode()).serial_number)
-                for i, h in self._held.items()
-            },
+            "serials": {i: h.serial for i, h in self._held.items()},
         }
 
     def _context(self, h: _Held, *, server: bool) -> ssl.SSLContext:
