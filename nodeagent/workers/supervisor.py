@@ -163,6 +163,8 @@ class WorkerPool:
                     slot.given.discard(uid)
                     try:
                         await self._request(slot, {"t": "pod_remove", "uid": uid})
+                    except WorkerGone:
+                        pass  # its sockets went with it
                     except WorkerError as exc:
                         log.warning(
                             "workers.remove_failed", slot=slot.index, pod=uid, error=str(exc)

@@ -13,7 +13,6 @@ died: the node then fails closed, like a crashed single-process agent).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pickle
 import signal
@@ -41,7 +40,6 @@ from nodeagent.workers.identity import WorkerIdentities
 from nodeagent.workers.protocol import Message, ProtocolError
 
 log = get_logger("worker")
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(slots=True)
@@ -218,16 +216,6 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
 
 
-def _die_with_parent() -> None:
-    """SIGKILL this worker when the control process dies (a kill -9 of the agent must not leave
-    workers serving a stale snapshot)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
 async def _main(fd: int) -> None:
     channel = Channel(socket.socket(fileno=fd))
     hello = await channel.receive()
@@ -243,9 +231,9 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1 or not argv[0].isdigit():
         print("usage: python -m nodeagent.workers.worker FD", file=sys.stderr)
         return 2
-    _die_with_parent()
-    if os.getppid() == 1:  # the control died before prctl took effect
-        return 1
+    # No PR_SET_PDEATHSIG: it fires when the parent *thread* exits, and trio spawns from a
+    # cached worker thread. The channel's EOF is the signal instead: the kernel closes the
+    # control's end when the control process dies, however it dies.
     # SIGINT/SIGTERM go to the whole process group in a terminal or sandbox: the control
     # decides when a worker stops (it closes the channel), so ignore them here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
