@@ -174,11 +174,18 @@ class WorkerPool:
     def stop_accepting(self) -> None:
         """Every worker closes every pod's listeners (the agent drains); no more respawns."""
         self.draining = True
-        if self._nursery is None:
-            return
+        if self._nursery is not None:
+            self._nursery.start_soon(self._stop_accepting_one_by_one)
+
+    async def _stop_accepting_one_by_one(self) -> None:
+        """One worker at a time, each after the previous one answered: a closing listener's
+        queued connections migrate (tcp_migrate_req) to another socket of its reuse group, and
+        one that migrates to a socket closing at the same moment can be reset."""
         for slot in self.slots:
-            if slot.channel is not None:
-                self._nursery.start_soon(self._send_quietly, slot, {"t": "stop_accepting"})
+            try:
+                await self._request(slot, {"t": "stop_accepting"})
+            except WorkerError as exc:
+                log.warning("workers.stop_accepting_failed", slot=slot.index, error=str(exc))
 
     # -- what the agent shows -------------------------------------------------------------------
 
@@ -381,13 +388,6 @@ class WorkerPool:
             raise WorkerGone(f"worker {slot.index} died")
         if pending.error is not None:
             raise WorkerError(f"worker {slot.index}: {body['t']}: {pending.error}")
-
-    async def _send_quietly(self, slot: Slot, body: dict[str, Any]) -> None:
-        channel = slot.channel
-        if channel is None:
-            return
-        with contextlib.suppress(ChannelClosed):
-            await channel.send(body)
 
     # -- the streams ----------------------------------------------------------------------------
 

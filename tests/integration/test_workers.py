@@ -242,3 +242,32 @@ def test_a_virtual_service_reaches_every_worker(
     finally:
         meshctl(sandbox, "delete", "-f", str(path))
     eventually(lambda: hey(sandbox, client, "-n", "20", "-c", "2") == {200: 20}, "route removed")
+
+
+def test_graceful_restart_with_workers_fails_no_request(
+    sandbox: Sandbox, pods: tuple[Pod, Pod, Path]
+) -> None:
+    """The handover of docs/dataplane.md "Restarts" with two workers on each side: the old
+    agent's workers keep accepting until the new agent (and its workers) serve every pod."""
+    _, client, _ = pods
+    load = sandbox.popen(
+        client,
+        ["hey", "-z", "7s", "-c", "10", "-q", "20", "-t", "10", "-disable-keepalive", URL],
+        stdout=-1,
+        stderr=-1,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)
+        sandbox.restart_agent("n1")
+        out, err = load.communicate(timeout=60)
+    finally:
+        load.kill()
+        load.wait()
+    assert load.returncode == 0, err
+    codes = hey_codes(out)
+    assert "Error distribution" not in out, out
+    assert set(codes) == {200}, codes
+    assert codes[200] >= 500, codes
+    rows = processes(sandbox, "n1")
+    assert all(p["up"] and p["pods"] == 1 for p in rows)
