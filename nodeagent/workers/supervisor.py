@@ -224,7 +224,14 @@ class WorkerPool:
         first = True
         while True:
             started = time.monotonic()
-            await self._incarnation(slot, task_status if first else trio.TASK_STATUS_IGNORED)
+            served = await self._incarnation(
+                slot, task_status if first else trio.TASK_STATUS_IGNORED
+            )
+            if first and not served:  # start-up fails loudly rather than retrying blind
+                raise WorkerError(
+                    f"worker {slot.index} (pid {slot.pid}) exited with {slot.last_exit} "
+                    "before it served (its log lines are in the agent's stderr)"
+                )
             first = False
             if self.draining:
                 return
@@ -234,7 +241,8 @@ class WorkerPool:
             backoff = min(backoff * 2, RESPAWN_MAX)
             slot.restarts += 1
 
-    async def _incarnation(self, slot: Slot, task_status: trio.TaskStatus[None]) -> None:
+    async def _incarnation(self, slot: Slot, task_status: trio.TaskStatus[None]) -> bool:
+        """One worker process from spawn to burial; whether it got to serve."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = await trio.lowlevel.open_process(
@@ -249,6 +257,7 @@ class WorkerPool:
         slot.incarnation += 1
         slot.pid, slot.channel, slot.started_at = proc.pid, channel, time.monotonic()
         slot.given = set()
+        served = False
         try:
             async with trio.open_nursery() as nursery:
 
@@ -270,10 +279,12 @@ class WorkerPool:
                     incarnation=slot.incarnation,
                     pods=len(slot.given),
                 )
+                served = True
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
                 await self._bury(slot, channel, proc)
+        return served
 
     async def _configure(self, slot: Slot, channel: Channel) -> None:
         await channel.send({"t": "hello", "slot": slot.index, "config": pickle.dumps(self.config)})
