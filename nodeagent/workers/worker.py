@@ -122,7 +122,7 @@ class Worker:
             else:
                 raise ValueError(f"unknown message type {t!r}")
         except Exception as exc:
-            for fd in msg.fds:  # not adopted by a pod
+            for fd in msg.fds:  # not taken over by a pod
                 _close_quietly(fd)
             log.error("worker.message_failed", slot=self.slot, type=t, error=str(exc))
             if rid is not None:
@@ -136,36 +136,47 @@ class Worker:
         uid = str(body["uid"])
         if len(msg.fds) != 4:
             raise ValueError(f"pod_add for {uid}: {len(msg.fds)} descriptors, 4 expected")
-        netns_fd, out_fd, in_fd, tun_fd = msg.fds
-        if uid in self.pods:
-            await self._remove_pod(uid)
+        # From here on the descriptors are owned below (closed exactly once, whatever fails).
+        netns_fd, *listener_fds = msg.fds
+        msg.fds = []
+        socks = [socket.socket(fileno=fd) for fd in listener_fds]
         try:
             netns = Netns.from_fd(netns_fd, name=str(body["netns"]))
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
         finally:
             os.close(netns_fd)
-
-        def listener(fd: int) -> trio.SocketListener:
-            return trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
-
-        listeners = PodListeners(netns, listener(out_fd), listener(in_fd), listener(tun_fd))
-        w = dict(body["workload"])
-        workload = Workload(**{**w, "addresses": tuple(w["addresses"])})
-        proxy = PodProxy(
-            str(body["key"]),
-            netns,
-            listeners,
-            registry=self.registry,
-            workload=workload,
-            identities=self.identities,
-            snapshot=lambda: self.snapshot,
-            sessions=self.sessions,
-            outbound_policy=self.cfg.outbound_policy,
-            telemetry=self.sinks,
-            http_limits=self.cfg.http_limits,
-        )
-        pod = _Pod(proxy)
-        assert self._pods_nursery is not None
-        await self._pods_nursery.start(self._serve, pod, netns)
+        try:
+            if uid in self.pods:
+                await self._remove_pod(uid)
+            out, inb, tun = (
+                trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in socks
+            )
+            w = dict(body["workload"])
+            workload = Workload(**{**w, "addresses": tuple(w["addresses"])})
+            proxy = PodProxy(
+                str(body["key"]),
+                netns,
+                PodListeners(netns, out, inb, tun),
+                registry=self.registry,
+                workload=workload,
+                identities=self.identities,
+                snapshot=lambda: self.snapshot,
+                sessions=self.sessions,
+                outbound_policy=self.cfg.outbound_policy,
+                telemetry=self.sinks,
+                http_limits=self.cfg.http_limits,
+            )
+            pod = _Pod(proxy)
+            assert self._pods_nursery is not None
+            await self._pods_nursery.start(self._serve, pod, netns)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            netns.close()
+            raise
         self.pods[uid] = pod
 
     async def _serve(self, pod: _Pod, netns: Netns, *, task_status: trio.TaskStatus[None]) -> None:
