@@ -45,6 +45,7 @@ from nodeagent.store import codec, keys
 from nodeagent.store.base import Store, StoreError
 from nodeagent.telemetry.dataplane import Sinks
 from nodeagent.tunnel import SessionCache
+from nodeagent.workers.supervisor import WorkerError
 
 log = get_logger("agent.enroll")
 
@@ -441,7 +442,8 @@ class Enroller:
             try:
                 await self._nursery.start(self._serve_pod, pod)
             except BaseExceptionGroup as group:  # the pod's nursery wraps a failed bind
-                bind_errors, others = group.split(DnsError)
+                # (or a worker process's refusal, with --workers N)
+                bind_errors, others = group.split((DnsError, WorkerError))
                 if bind_errors is None or others is not None:
                     raise
                 first: BaseException = bind_errors
