@@ -4,8 +4,10 @@ fields are our own frozen types (`http.Limits`)."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from nodeagent.http import Limits
 from nodeagent.proxy.outbound import OutboundPolicy
@@ -17,11 +19,36 @@ MAX_DEFAULT_WORKERS = 8
 REPORT_INTERVAL = 0.25
 
 
-def default_workers() -> int:
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cgroup_cpu_limit(text: str) -> int | None:
+    """Whole cores a cgroup v2 `cpu.max` ("QUOTA PERIOD", or "max PERIOD") allows, rounded up."""
+    parts = text.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, math.ceil(quota / period))
+
+
+def default_workers(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The cores this process may run on (its affinity, and its cgroup's CPU quota: a
+    container's limit), at most MAX_DEFAULT_WORKERS."""
     try:
         cores = len(os.sched_getaffinity(0))
     except OSError:
         cores = os.cpu_count() or 1
+    try:
+        limit = cgroup_cpu_limit(cpu_max.read_text())
+    except OSError:
+        limit = None
+    if limit is not None:
+        cores = min(cores, limit)
     return max(1, min(cores, MAX_DEFAULT_WORKERS))
 
 
