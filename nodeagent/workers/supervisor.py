@@ -88,6 +88,7 @@ class Slot:
     pending: dict[int, _Pending] = field(default_factory=dict)
     revision: int = 0
     identity: dict[str, Any] = field(default_factory=dict)
+    reports: int = 0  # received from this incarnation
     last_exit: int | None = None
 
 
@@ -209,6 +210,7 @@ class WorkerPool:
                     "last_exit": slot.last_exit,
                     "pods": len(slot.given),
                     "connections": report.connections() if report else 0,
+                    "reports": slot.reports,
                     "snapshot_revision": slot.revision,
                     "identity": slot.identity,
                 }
@@ -257,6 +259,7 @@ class WorkerPool:
         slot.incarnation += 1
         slot.pid, slot.channel, slot.started_at = proc.pid, channel, time.monotonic()
         slot.given = set()
+        slot.reports = 0
         served = False
         try:
             async with trio.open_nursery() as nursery:
@@ -337,6 +340,7 @@ class WorkerPool:
                 msg = await channel.receive()
                 if msg.type == "report":
                     self.book.report(slot.index, WorkerReport.from_message(msg.body))
+                    slot.reports += 1
                     slot.revision = int(msg.body.get("revision") or 0)
                     slot.identity = dict(msg.body.get("identity") or {})
                 elif msg.type == "reply":

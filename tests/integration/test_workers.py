@@ -75,6 +75,17 @@ def requests_total(sb: Sandbox) -> float:
     )
 
 
+def wait_fresh_reports(sb: Sandbox) -> None:
+    """Until every n1 worker has reported twice more: what they counted before is on 15020."""
+    seen = {p["pid"]: p["reports"] for p in processes(sb, "n1")}
+    eventually(
+        lambda: all(
+            p["pid"] in seen and p["reports"] >= seen[p["pid"]] + 2 for p in processes(sb, "n1")
+        ),
+        "fresh reports from every worker",
+    )
+
+
 def hey(sb: Sandbox, client: Pod, *flags: str, timeout: float = 120) -> dict[int, int]:
     r = sb.exec(client, ["hey", "-t", "10", *flags, URL], timeout=timeout)
     assert r.returncode == 0, r.stderr
@@ -106,13 +117,11 @@ def test_metrics_count_every_request_exactly_once(
     sandbox: Sandbox, pods: tuple[Pod, Pod, Path]
 ) -> None:
     _, client, _ = pods
-    eventually(lambda: requests_total(sandbox) == requests_total(sandbox), "counters settle")
-    time.sleep(0.6)  # past two report intervals: every earlier request is in the sum
+    wait_fresh_reports(sandbox)  # every earlier request is in the sum
     before = requests_total(sandbox)
     assert hey(sandbox, client, "-n", "300", "-c", "10", "-disable-keepalive") == {200: 300}
-    eventually(lambda: requests_total(sandbox) >= before + 300, "the 300 requests are counted")
-    time.sleep(0.6)
-    assert requests_total(sandbox) == before + 300  # not one more: no worker counted twice
+    wait_fresh_reports(sandbox)
+    assert requests_total(sandbox) == before + 300  # each counted once, none lost
 
 
 def test_certificate_rotation_reaches_every_worker(
