@@ -67,6 +67,9 @@ class PodServer(Protocol):
 
     def statistics(self) -> dict[str, Any]: ...
 
+    def pool_statistics(self) -> dict[str, int]:
+        """The pod's HBONE pool (`TunnelPool.statistics()`; summed over the workers)."""
+
     def listener_addresses(self) -> list[tuple[str, str]]: ...
 
     def close_listeners(self) -> None: ...
@@ -127,6 +130,7 @@ class EnrolledPod:
             "status": self.registered,
             "listeners": self.listeners(),
             "connections": self.proxy.statistics(),
+            "tunnel_pool": self.proxy.pool_statistics(),
         }
 
 

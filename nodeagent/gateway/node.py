@@ -133,7 +133,12 @@ class NodeGateway:
             self._on_request(entry)
 
     def statistics(self) -> dict[str, Any]:
-        return {"identity": self.identity, "node": self.node, **self.gateway.statistics()}
+        return {
+            "identity": self.identity,
+            "node": self.node,
+            **self.gateway.statistics(),
+            "tunnel_pool": self.pool.statistics(),
+        }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:

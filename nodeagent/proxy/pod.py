@@ -96,6 +96,9 @@ class PodProxy:
         inbound["tunnel_connections"] = self.inbound.tunnels_accepted
         return {"outbound": d(stats.outbound), "inbound": inbound}
 
+    def pool_statistics(self) -> dict[str, int]:
+        return self.core.pool.statistics()
+
     def listener_addresses(self) -> list[tuple[str, str]]:
         """(role, "host:port") of each listener still open."""
         rows = []

@@ -30,10 +30,15 @@ def add_pod_stats(into: PodStats, stats: PodStats) -> None:
 class WorkerReport:
     metrics: list[FamilyState] = field(default_factory=list)
     pods: dict[str, PodStats] = field(default_factory=dict)  # pod uid → statistics
+    pools: dict[str, dict[str, int]] = field(default_factory=dict)  # pod uid → its HBONE pool
 
     @classmethod
     def from_message(cls, msg: dict[str, Any]) -> WorkerReport:
-        return cls(list(msg.get("metrics") or []), dict(msg.get("pods") or {}))
+        return cls(
+            list(msg.get("metrics") or []),
+            dict(msg.get("pods") or {}),
+            dict(msg.get("pools") or {}),
+        )
 
     def connections(self) -> int:
         return sum(s.get("opened", 0) for p in self.pods.values() for s in p.values())
@@ -74,6 +79,15 @@ class WorkerBook:
         add_pod_stats(total, self.retired_pods.get(uid, {}))
         for report in self.live.values():
             add_pod_stats(total, report.pods.get(uid, {}))
+        return total
+
+    def pool_statistics(self, uid: str) -> dict[str, int]:
+        """The pod's HBONE pools in the live workers, summed (live state: a dead worker's
+        connections went with it)."""
+        total: dict[str, int] = {}
+        for report in self.live.values():
+            for name, value in report.pools.get(uid, {}).items():
+                total[name] = total.get(name, 0) + int(value)
         return total
 
     def forget_pod(self, uid: str) -> None:

@@ -52,6 +52,9 @@ class RemotePod:
             stats.setdefault(direction, {"opened": 0, "closed": 0})
         return stats
 
+    def pool_statistics(self) -> dict[str, int]:
+        return self.pool.pool_statistics(self.handle.uid)
+
     def listener_addresses(self) -> list[tuple[str, str]]:
         return [] if self._closed else list(self._addresses)
 

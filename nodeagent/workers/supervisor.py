@@ -193,6 +193,9 @@ class WorkerPool:
     def pod_statistics(self, uid: str) -> PodStats:
         return self.book.pod_statistics(uid)
 
+    def pool_statistics(self, uid: str) -> dict[str, int]:
+        return self.book.pool_statistics(uid)
+
     def metric_states(self) -> list[list[FamilyState]]:
         return self.book.metric_states()
 

@@ -205,6 +205,7 @@ class Worker:
             "t": "report",
             "metrics": self.sinks.registry.state(),
             "pods": {uid: p.proxy.statistics() for uid, p in self.pods.items()},
+            "pools": {uid: p.proxy.pool_statistics() for uid, p in self.pods.items()},
             "revision": self.builder.revision,
             "identity": self.identities.statistics(),
         }

@@ -50,6 +50,9 @@ class FakeServer:
     def statistics(self) -> dict[str, Any]:
         return {"outbound": {"opened": 7, "closed": 7}, "inbound": {"opened": 0, "closed": 0}}
 
+    def pool_statistics(self) -> dict[str, int]:
+        return {"connections": 1}
+
     def listener_addresses(self) -> list[tuple[str, str]]:
         return [("outbound", "0.0.0.0:15001")]
 
