@@ -44,6 +44,9 @@ RESPAWN_MAX = 5.0
 # A worker that lived this long before dying is respawned at once.
 HEALTHY_AGE = 10.0
 STOP_TIMEOUT = 2.0
+# A worker that has not taken a stream message within this is stuck: killed (and respawned)
+# rather than holding the snapshot and identity streams of every worker back.
+SEND_TIMEOUT = 10.0
 
 
 class WorkerError(Exception):
@@ -80,6 +83,7 @@ class Slot:
     incarnation: int = 0
     restarts: int = 0
     pid: int | None = None
+    process: trio.Process | None = None
     channel: Channel | None = None
     up: bool = False  # configured: receives the snapshot and identity streams
     started_at: float = 0.0
@@ -261,6 +265,7 @@ class WorkerPool:
         channel = Channel(parent)
         slot.incarnation += 1
         slot.pid, slot.channel, slot.started_at = proc.pid, channel, time.monotonic()
+        slot.process = proc
         slot.given = set()
         slot.reports = 0
         served = False
@@ -315,6 +320,7 @@ class WorkerPool:
     async def _bury(self, slot: Slot, channel: Channel, proc: trio.Process) -> None:
         slot.up = False
         slot.channel = None
+        slot.process = None
         channel.close()  # a live worker exits on EOF
         with trio.move_on_after(STOP_TIMEOUT):
             await proc.wait()
@@ -409,15 +415,26 @@ class WorkerPool:
 
     # -- the streams ----------------------------------------------------------------------------
 
+    async def _stream(self, slot: Slot, msg: dict[str, Any]) -> None:
+        """Send a stream message to `slot` if it is up; a stuck worker is killed (its
+        replacement gets a reset), a dead one skipped."""
+        channel, proc = slot.channel, slot.process
+        if not slot.up or channel is None:
+            return
+        with trio.move_on_after(SEND_TIMEOUT) as stuck:
+            with contextlib.suppress(ChannelClosed):
+                await channel.send(msg)
+        if stuck.cancelled_caught and proc is not None and proc.returncode is None:
+            log.error("worker.stuck", slot=slot.index, pid=proc.pid, type=msg.get("t"))
+            proc.kill()
+
     async def _flush_snapshot(self) -> None:
         """Under `_feed_lock`: send what changed since the last message to every worker up."""
         msg = self._feed.delta(self.sync.documents(), self.sync.current.revision)
         if msg is None:
             return
         for slot in self.slots:
-            if slot.up and slot.channel is not None:
-                with contextlib.suppress(ChannelClosed):  # its replacement gets a reset
-                    await slot.channel.send(msg)
+            await self._stream(slot, msg)
 
     async def _stream_snapshots(self) -> None:
         while True:
@@ -433,9 +450,7 @@ class WorkerPool:
                 async with self._feed_lock:
                     self._material = material
                     for slot in self.slots:
-                        if slot.up and slot.channel is not None:
-                            with contextlib.suppress(ChannelClosed):
-                                await slot.channel.send({"t": "identities", "material": material})
+                        await self._stream(slot, {"t": "identities", "material": material})
             await identities.wait_changed()
 
 

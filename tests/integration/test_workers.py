@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ BACKEND = ["python3", "-I", str(Path(nodeagent.demo.backend.__file__)), "v1", "8
 VIP = "10.96.79.10"
 URL = f"http://{VIP}/"
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
+NODEAGENT = str(Path(sys.prefix) / "bin" / "nodeagent")
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,11 @@ def test_connections_are_served_by_every_worker(
     assert all(p["up"] and p["pods"] == 1 for p in rows)
     # n2 serves its pod in both workers too (each has the pod's listeners).
     assert all(p["up"] and p["pods"] == 1 for p in processes(sandbox, "n2"))
+    # The operator's view of the same: one row per process.
+    argv = [NODEAGENT, "admin", "--socket", str(sandbox.node("n1").admin_socket), "workers"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=15, check=True).stdout
+    assert out.splitlines()[0] == "workers: 2"
+    assert {line.split()[1] for line in out.splitlines()[2:]} == {str(p["pid"]) for p in rows}
 
 
 def test_metrics_count_every_request_exactly_once(
@@ -234,6 +241,11 @@ def test_a_virtual_service_reaches_every_worker(
     }
     path = apply(sandbox, d, "teapot", [route])
     try:
+        # One 418 proves the control process holds the route (a worker's snapshot is the
+        # control's); then every worker must reach the control's revision.
+        eventually(
+            lambda: hey(sandbox, client, "-n", "1", "-c", "1") == {418: 1}, "the route applies"
+        )
         revision = admin(sandbox, "n1", "/config_dump")["snapshot"]["revision"]
         eventually(
             lambda: all(p["snapshot_revision"] >= revision for p in processes(sandbox, "n1")),
