@@ -160,7 +160,7 @@ def test_a_killed_worker_is_respawned_while_the_other_serves(
     sandbox: Sandbox, pods: tuple[Pod, Pod, Path]
 ) -> None:
     _, client, _ = pods
-    victim = processes(sandbox, "n1")[0]
+    victim, other = processes(sandbox, "n1")
     totals: list[float] = []
     respawned_at: list[float] = []
     stop = threading.Event()
@@ -211,6 +211,9 @@ def test_a_killed_worker_is_respawned_while_the_other_serves(
     if respawned_at:  # seen by the sampler, during the load (±0.2 s)
         print(f"respawned and serving {respawned_at[0] - killed_at:.2f}s after the kill")
     assert all(a <= b for a, b in itertools.pairwise(totals)), totals
+    # The other worker was not disturbed: same process, never restarted.
+    survivor = processes(sandbox, "n1")[1]
+    assert (survivor["pid"], survivor["incarnation"]) == (other["pid"], other["incarnation"])
     # The respawned worker serves again, with the pod and the config of the others.
     before = processes(sandbox, "n1")[0]["connections"]
     assert hey(sandbox, client, "-n", "200", "-c", "10", "-disable-keepalive") == {200: 200}
