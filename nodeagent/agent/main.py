@@ -297,13 +297,22 @@ class Agent:
             until = trio.current_time() + self.drain_deadline
         log.info("agent.stopped_accepting", successor=successor, open=self.open_connections())
         with trio.move_on_at(until):
-            while sum(self.open_connections().values()) > 0:
-                # Polling: connections close inside pod proxies that have no hook to
-                # signal "last one gone", and a drain is rare.
-                if pidfile.uninstall_under_way(cfg.run_dir):
-                    log.warning("agent.uninstalled", note="stopping, not draining")
-                    return
-                await trio.sleep(0.1)
+            while True:
+                while sum(self.open_connections().values()) > 0:
+                    # Polling: connections close inside pod proxies that have no hook to
+                    # signal "last one gone", and a drain is rare.
+                    if pidfile.uninstall_under_way(cfg.run_dir):
+                        log.warning("agent.uninstalled", note="stopping, not draining")
+                        return
+                    await trio.sleep(0.1)
+                if self.workers is None:
+                    break
+                # The workers' counters are their last reports: believe "nothing open" only
+                # from reports sent after every worker closed its listeners.
+                with trio.move_on_after(2.0):
+                    await self.workers.wait_fresh_reports()
+                if sum(self.open_connections().values()) == 0:
+                    break
         log.info("agent.drained", open=self.open_connections())
 
     def stop_accepting(self) -> None:

@@ -122,6 +122,8 @@ class WorkerPool:
         self._snapshot_changed = trio.Event()
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
+        self._stopped_accepting = trio.Event()  # every worker answered stop_accepting
+        self._reported = trio.Event()  # set (and replaced) at every report
 
     # -- the component --------------------------------------------------------------------------
 
@@ -191,6 +193,21 @@ class WorkerPool:
                 await self._request(slot, {"t": "stop_accepting"})
             except WorkerError as exc:
                 log.warning("workers.stop_accepting_failed", slot=slot.index, error=str(exc))
+        self._stopped_accepting.set()
+
+    async def wait_fresh_reports(self) -> None:
+        """Return once every live worker has reported after now (and, when draining, after it
+        stopped accepting): its counters then include every connection it accepted. The
+        caller bounds the wait (a stuck worker would never report)."""
+        if self.draining:
+            await self._stopped_accepting.wait()
+        seen = {s.index: (s.incarnation, s.reports) for s in self.slots if s.up}
+        while any(
+            s.up and (s.incarnation, s.reports) <= seen[s.index]
+            for s in self.slots
+            if s.index in seen
+        ):
+            await self._reported.wait()
 
     # -- what the agent shows -------------------------------------------------------------------
 
@@ -350,6 +367,8 @@ class WorkerPool:
                 if msg.type == "report":
                     self.book.report(slot.index, WorkerReport.from_message(msg.body))
                     slot.reports += 1
+                    reported, self._reported = self._reported, trio.Event()
+                    reported.set()
                     slot.revision = int(msg.body.get("revision") or 0)
                     slot.identity = dict(msg.body.get("identity") or {})
                 elif msg.type == "reply":

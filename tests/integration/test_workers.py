@@ -268,8 +268,9 @@ def test_a_virtual_service_reaches_every_worker(
     eventually(lambda: hey(sandbox, client, "-n", "20", "-c", "2") == {200: 20}, "route removed")
 
 
+@pytest.mark.parametrize("takeover", [False, True], ids=["sigterm-first", "takeover"])
 def test_graceful_restart_with_workers_fails_no_request(
-    sandbox: Sandbox, pods: tuple[Pod, Pod, Path]
+    sandbox: Sandbox, pods: tuple[Pod, Pod, Path], takeover: bool
 ) -> None:
     """The handover of docs/dataplane.md "Restarts" with two workers on each side: the old
     agent's workers keep accepting until the new agent (and its workers) serve every pod."""
@@ -283,7 +284,7 @@ def test_graceful_restart_with_workers_fails_no_request(
     )
     try:
         time.sleep(1.5)
-        sandbox.restart_agent("n1")
+        sandbox.restart_agent("n1", takeover=takeover)
         out, err = load.communicate(timeout=60)
     finally:
         load.kill()
