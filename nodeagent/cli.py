@@ -77,6 +77,14 @@ def _run(argv: list[str]) -> int:
         "--gateway-bind", default="0.0.0.0", metavar="IP", help="address the gateway binds"
     )
     p.add_argument(
+        "--gateway-credentials",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where the gateway's credentialName certificates are: DIR/<name>/tls.crt, "
+        "tls.key, ca.crt (a Kubernetes TLS Secret's mount layout); re-read when they change",
+    )
+    p.add_argument(
         "--no-probe-snat",
         dest="probe_snat",
         action="store_false",
@@ -161,6 +169,7 @@ def _run(argv: list[str]) -> int:
         dns_upstreams=tuple(args.dns_upstream),
         gateway=args.gateway,
         gateway_bind=args.gateway_bind,
+        gateway_credentials=args.gateway_credentials,
         probe_snat=args.probe_snat,
         advertise_address=args.advertise_address,
         lease_ttl=args.lease_ttl,

@@ -29,6 +29,7 @@ import trio
 
 from nodeagent.agent.plumbing import InpodPlumbing, PodPlumbing
 from nodeagent.agent.state import AgentState, PodRecord
+from nodeagent.authn import Authenticator
 from nodeagent.balance import Registry
 from nodeagent.cni.errors import ErrorCode
 from nodeagent.cni.metadata import PodMetadataSource
@@ -196,9 +197,12 @@ class Enroller:
         telemetry: Sinks | None = None,
         plumbing: PodPlumbing | None = None,
         http_limits: Limits | None = None,
+        authenticator: Authenticator | None = None,
         pod_server: PodServerFactory | None = None,
     ) -> None:
         self.node = node
+        # The node's one JWT verifier (one JWKS cache) for every pod's inbound HTTP.
+        self.authenticator = authenticator if authenticator is not None else Authenticator()
         # None: each pod's PodProxy runs in this process.
         self.pod_server = pod_server
         self.http_limits = http_limits  # every pod's L7 proxy (agent flags)
@@ -426,6 +430,7 @@ class Enroller:
                     outbound_policy=self.outbound_policy,
                     telemetry=self.telemetry,
                     http_limits=self.http_limits,
+                    authenticator=self.authenticator,
                 )
             dns = None
             if self.dns and spec.dns_capture:

@@ -48,10 +48,12 @@ from nodeagent.admin.routes import AdminSources, admin_routes
 from nodeagent.agent import pidfile
 from nodeagent.agent.enroll import Enroller
 from nodeagent.agent.state import AgentState, PodRecord
+from nodeagent.authn import Authenticator
 from nodeagent.balance import Registry
 from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
 from nodeagent.contract import ADMIN_SOCKET_NAME, CNI_SOCKET_NAME, METRICS_PORT, READY_PATH
+from nodeagent.gateway import CredentialSource
 from nodeagent.gateway.node import NodeGateway
 from nodeagent.http import Limits
 from nodeagent.httpserver import Handler, Response, Route, UnixSocketHttpServer
@@ -68,6 +70,7 @@ from nodeagent.store.lease import LeaseNotHeld, hold_lease
 from nodeagent.telemetry.metrics import HealthSources
 from nodeagent.telemetry.service import Telemetry, TelemetryConfig
 from nodeagent.workers.config import WorkerConfig
+from nodeagent.workers.feed import DocumentMirror
 from nodeagent.workers.remote_pod import RemotePod
 from nodeagent.workers.supervisor import WorkerPool
 
@@ -112,6 +115,8 @@ class AgentConfig:
     # Serve the ingress gateway on this node (Gateways selecting `istio: ingressgateway`).
     gateway: bool = False
     gateway_bind: str = "0.0.0.0"
+    # The gateway's credentialName source: DIR/<name>/tls.crt, tls.key, ca.crt (docs/gateway.md).
+    gateway_credentials: Path | None = None
     # SNAT the node's own TCP to enrolled pods to 169.254.7.127 (kubelet probes pass STRICT).
     probe_snat: bool = True
     # The node's lease: its registrations vanish this long after the agent stops renewing.
@@ -161,6 +166,9 @@ class Agent:
     # One balancer registry per agent: every pod's proxy and the gateway share the clusters'
     # latency estimates, ejections and circuit breakers.
     balance: Registry = field(default_factory=Registry)
+    # One JWT verifier per agent (RequestAuthentication): every pod's inbound HTTP and the
+    # gateway share its JWKS cache.
+    authenticator: Authenticator = field(default_factory=Authenticator)
     drain_deadline: float = 0.0
     drain_requested: trio.Event = field(default_factory=trio.Event)
     # After the drain: stay idle until a SIGTERM instead of exiting (taken over by --takeover).
@@ -350,6 +358,10 @@ class Agent:
                 startup_timeout=STORE_WAIT,
                 lease_grace=cfg.lease_grace,
             )
+            mirror = None
+            if cfg.workers > 1:  # the worker processes get the documents as the sync applies them
+                mirror = DocumentMirror()
+                self.snapshot.add_document_observer(mirror)
             await nursery.start(self.snapshot.run)
             snapshot = self.snapshot
             self.telemetry = Telemetry(
@@ -377,8 +389,11 @@ class Agent:
             )
             await nursery.start(self.identities.run)
             self._follow_node_identities(self.snapshot, self.identities)
+            # One JWT verifier for the node (every pod's inbound HTTP and the gateway): one
+            # JWKS cache, its remote key sets refreshed in the background.
+            await nursery.start(self.authenticator.run)
             pod_server = None
-            if cfg.workers > 1:
+            if mirror is not None:
                 self.workers = WorkerPool(
                     cfg.workers,
                     WorkerConfig(
@@ -392,6 +407,7 @@ class Agent:
                         log_format=cfg.log_format,
                     ),
                     self.snapshot,
+                    mirror,
                     self.identities,
                 )
                 await nursery.start(self.workers.run)
@@ -413,6 +429,7 @@ class Agent:
                 dns_upstreams=list(cfg.dns_upstreams) or None,
                 telemetry=self.telemetry,
                 http_limits=cfg.http_limits,
+                authenticator=self.authenticator,
                 pod_server=pod_server,
             )
             nursery.start_soon(self._maintain_balance)
@@ -443,6 +460,8 @@ class Agent:
                     sessions=self.enroller.sessions,
                     telemetry=self.telemetry,
                     limits=cfg.http_limits,
+                    authenticator=self.authenticator,
+                    credentials=CredentialSource(cfg.gateway_credentials),
                 )
                 if self._registered.is_set():
                     await nursery.start(self._in_front, self.gateway.run)

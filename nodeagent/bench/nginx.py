@@ -27,9 +27,10 @@ def nginx_binary() -> str:
     return path
 
 
-def config(root: Path, port: int) -> str:
+def config(root: Path, port: int, *more: int) -> str:
     """One worker, no access log, keep-alive without a request limit (wrk/loadgen connections
-    stay up for the whole run), the 1 KB file from `root`."""
+    stay up for the whole run), the 1 KB file from `root`, on `port` and `more` ports."""
+    listen = "\n".join(f"        listen {p} reuseport;" for p in (port, *more))
     return f"""daemon off;
 master_process off;
 worker_processes 1;
@@ -48,7 +49,7 @@ http {{
     uwsgi_temp_path {root}/uwsgi;
     scgi_temp_path {root}/scgi;
     server {{
-        listen {port} reuseport;
+{listen}
         root {root}/www;
         index index.html;
     }}
@@ -56,18 +57,20 @@ http {{
 """
 
 
-def prepare(root: Path, port: int) -> Path:
+def prepare(root: Path, port: int, *more: int) -> Path:
     """Write the config and the 1 KB file under `root`; returns the config's path."""
     (root / "www").mkdir(parents=True, exist_ok=True)
     (root / "www" / "index.html").write_bytes(b"x" * (RESPONSE_BYTES - 1) + b"\n")
     conf = root / "nginx.conf"
-    conf.write_text(config(root, port))
+    conf.write_text(config(root, port, *more))
     return conf
 
 
 def server_argv(root: Path, ports: dict[str, int]) -> list[str]:
-    """The server pod's command: nginx on ports["http"], the built-in server on the others."""
-    conf = prepare(root, ports["http"])
+    """The server pod's command: nginx on ports["http"] (and ports["http-l4"]), the built-in
+    server on the others."""
+    more = (ports["http-l4"],) if "http-l4" in ports else ()
+    conf = prepare(root, ports["http"], *more)
     builtin = [
         sys.executable, "-m", "nodeagent.bench.server",
         "--echo", str(ports["echo"]), "--bulk", str(ports["bulk"]), "--http", "0",

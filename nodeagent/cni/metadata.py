@@ -106,9 +106,6 @@ class RuntimeArgsMetadataSource:
         return parse_pod_meta(raw)
 
 
-# kube-sync's prefix for Pods (nodeagent.kube.resources.PODS; spelled here so the agent does
-# not import the Kubernetes package).
-KUBE_PODS = keys.ROOT + "kube/pods/"
 ENV_SOURCE = "MESH_POD_METADATA"
 DEFAULT_WAIT = 10.0
 
@@ -157,7 +154,7 @@ class StoreMetadataSource:
         ns, name, uid = req.pod.namespace, req.pod.name, req.pod.uid
         if not ns or not name or "/" in ns or "/" in name:
             raise EnrollError(ErrorCode.INVALID_ENV, f"no usable pod name in CNI_ARGS: {ns}/{name}")
-        key = f"{KUBE_PODS}{ns}/{name}"
+        key = keys.kube_pod(ns, name)
         with trio.move_on_after(self.wait):
             try:
                 return await self._wait_for(key, uid)

@@ -30,7 +30,6 @@ UNSUPPORTED_KINDS = (
     "WorkloadGroup",
     "Sidecar",
     "EnvoyFilter",
-    "RequestAuthentication",
     "Telemetry",
     "ProxyConfig",
     "WasmPlugin",
@@ -175,6 +174,8 @@ def validate_document(raw: RawDocument, default_namespace: str) -> Document | li
         w.required("spec")
     else:
         kind.spec(w, "spec", spec)
+        if kind.namespaced is not None and isinstance(spec, dict):
+            kind.namespaced(w, spec, meta.get("namespace", default_namespace))
     if w.errors:
         return fail(w.errors)
     spec = _strip_nulls(spec)
@@ -221,9 +222,10 @@ def _destinations(spec: dict[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
             yield f"spec.http[{i}].route[{j}].destination", dest["destination"]
         if route.get("mirror") is not None:
             yield f"spec.http[{i}].mirror", route["mirror"]
-    for i, route in enumerate(spec.get("tcp") or []):
-        for j, dest in enumerate(route.get("route") or []):
-            yield f"spec.tcp[{i}].route[{j}].destination", dest["destination"]
+    for kind in ("tcp", "tls"):
+        for i, route in enumerate(spec.get(kind) or []):
+            for j, dest in enumerate(route.get("route") or []):
+                yield f"spec.{kind}[{i}].route[{j}].destination", dest["destination"]
 
 
 def check_references(

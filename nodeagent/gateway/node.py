@@ -15,15 +15,18 @@ from typing import Any
 
 import trio
 
+from nodeagent.authn import Authenticator
 from nodeagent.balance import Registry
 from nodeagent.config.kinds import WORKLOAD_API
+from nodeagent.gateway.credentials import CredentialSource
 from nodeagent.gateway.server import DEFAULT_LABELS, IngressGateway
 from nodeagent.http import Limits, RequestLog
 from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import Netns
 from nodeagent.log import get_logger
 from nodeagent.proxy.connector import MeshConnector
-from nodeagent.snapshot import SnapshotSync
+from nodeagent.proxy.l7_guard import workload_guard
+from nodeagent.snapshot import Snapshot, SnapshotSync, Workload
 from nodeagent.store import codec, keys
 from nodeagent.store.base import Store, StoreError
 from nodeagent.telemetry.dataplane import Sinks, record_request
@@ -75,6 +78,8 @@ class NodeGateway:
         on_request: Callable[[RequestLog], None] | None = None,
         telemetry: Sinks | None = None,
         limits: Limits | None = None,
+        authenticator: Authenticator | None = None,
+        credentials: CredentialSource | None = None,
     ) -> None:
         self.node = node
         self.telemetry = telemetry
@@ -113,7 +118,15 @@ class NodeGateway:
             limits=limits,
             tracer=telemetry.tracer if telemetry is not None else None,
             access_logged=telemetry is not None,  # its access-log line replaces the proxy's own
+            # RequestAuthentication and AuthorizationPolicy selecting the gateway's workload.
+            guard=workload_guard(
+                lambda: sync.current, self._workload, authenticator or Authenticator()
+            ),
+            credentials=credentials,
         )
+
+    def _workload(self, snap: Snapshot) -> Workload | None:
+        return snap.workload(str(self.document["metadata"]["uid"]))
 
     def _record(self, entry: RequestLog) -> None:
         """Istio metrics and the access log of one gateway request (reporter "source", as

@@ -24,7 +24,7 @@ from nodeagent.balance import NoHealthyUpstream, PickContext, Registry
 from nodeagent.balance.state import EndpointState
 from nodeagent.proxy import self_call
 from nodeagent.routing import Source, TcpRequest, route_tcp
-from nodeagent.snapshot import ServiceTarget, Snapshot, Workload
+from nodeagent.snapshot import ServicePort, ServiceTarget, Snapshot, Workload
 
 OutboundPolicy = Literal["ALLOW_ANY", "REGISTRY_ONLY"]
 
@@ -70,6 +70,31 @@ OutboundDecision = ToWorkload | Passthrough | Refuse
 HTTP_PROTOCOLS = frozenset({"http"})  # HTTP/1.1 only: h11 does not speak http2/grpc
 
 
+def is_http(port: ServicePort) -> bool:
+    """Istio's protocol rule for a Service port that the L7 (HTTP/1.1) proxy takes: `http`,
+    `http-*` or `appProtocol: http`. One rule for both ends: the source agent routes such a
+    port, the destination agent authorizes its requests (`inbound_http_port`)."""
+    return port.protocol_hint in HTTP_PROTOCOLS
+
+
+def inbound_http_port(snap: Snapshot, workload: Workload, port: int) -> ServicePort | None:
+    """The HTTP service port (`is_http`) of a Service selecting `workload` in its namespace
+    whose target is the workload's `port`: the destination agent parses such a connection.
+    A port no HTTP service port targets stays L4."""
+    for svc in snap.services():
+        if svc.kind != "Service" or svc.namespace != workload.namespace or not svc.selector:
+            continue
+        if not all(workload.labels.get(k) == v for k, v in svc.selector.items()):
+            continue
+        for p in svc.ports:
+            target = p.target_port
+            if isinstance(target, str):
+                target = workload.ports.get(target, p.port)
+            if target == port and is_http(p):
+                return p
+    return None
+
+
 def http_target(snap: Snapshot, dst_ip: str, dst_port: int) -> ServiceTarget | None:
     """The service port `dst_ip:dst_port` addresses when the L7 (HTTP/1.1) proxy should take it:
     a service VIP whose port is HTTP by Istio's protocol rules, with endpoints reachable by IP
@@ -77,7 +102,7 @@ def http_target(snap: Snapshot, dst_ip: str, dst_port: int) -> ServiceTarget | N
     found = snap.find_address(dst_ip, dst_port)
     if not isinstance(found, ServiceTarget):
         return None
-    if found.port.protocol_hint not in HTTP_PROTOCOLS:
+    if not is_http(found.port):
         return None
     if found.service.kind == "ServiceEntry" and found.service.resolution != "STATIC":
         return None

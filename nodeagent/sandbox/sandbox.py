@@ -27,6 +27,7 @@ from typing import Any
 
 from nodeagent.admin.client import is_ready
 from nodeagent.sandbox import cni, container, containerd, layout
+from nodeagent.sandbox.certs import FileCa
 from nodeagent.sandbox.errors import CniError, SandboxError
 from nodeagent.sandbox.state import NodeState, PodState, State, load, locked, save
 from nodeagent.sandbox.system import (
@@ -298,6 +299,22 @@ class Sandbox:
         if st.gateway is None:
             raise SandboxError(f"sandbox {st.name!r} has no gateway (up --gateway NODE)")
         return f"http://{self._node_state(st, st.gateway).underlay_ip}:{port}"
+
+    @property
+    def gateway_credentials_dir(self) -> Path:
+        """The gateway agent's `--gateway-credentials` directory: put a TLS Secret's files in
+        `<dir>/<credentialName>/` (tls.crt, tls.key, ca.crt); the gateway re-reads them."""
+        d = self.state_dir / "gateway-credentials"
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return d
+
+    def gateway_cert(self, host: str, credential: str | None = None) -> Path:
+        """Issue a certificate for `host` into the gateway's credentials as `credential`
+        (default: the host with dashes); the edge CA's certificate file, for clients."""
+        ca = FileCa(self.state_dir / "edge-ca")
+        name = credential or host.replace(".", "-")
+        ca.issue(self.gateway_credentials_dir / name, host)
+        return ca.cert_file
 
     def console_url(self) -> str:
         """The console's URL as the outside host (or any sandbox namespace) opens it, with the
@@ -1205,7 +1222,7 @@ class Sandbox:
             "--advertise-address", ns.underlay_ip,
         ]  # fmt: skip
         if st.gateway == ns.name:
-            argv.append("--gateway")
+            argv += ["--gateway", "--gateway-credentials", str(self.gateway_credentials_dir)]
         argv += [*_with_workers(ns.agent_args), *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._say(f"starting agent of {ns.name} (log {paths.agent_log})")
@@ -1221,8 +1238,10 @@ class Sandbox:
         paths = layout.NodePaths(Path(ns.run_dir))
         store = Path(st.image_store)
         args = ["--node", ns.name, "--store", st.store_url, *_workers_args(ns.agent_args)]
+        mounts = [st.state_dir] if st.store == "sqlite" else []
         if st.gateway == ns.name:
-            args.append("--gateway")
+            args += ["--gateway", "--gateway-credentials", str(self.gateway_credentials_dir)]
+            mounts.append(str(self.gateway_credentials_dir))
         argv = container.agent_run_argv(
             store,
             st.agent_image,
@@ -1231,7 +1250,7 @@ class Sandbox:
             node_netns=ns.netns,
             run_dir=ns.run_dir,
             # The sqlite store's directory, as the embedded overlay mounts /var/lib/nodeagent.
-            extra_mounts=[st.state_dir] if st.store == "sqlite" else [],
+            extra_mounts=mounts,
             agent_args=args,
         )
         self._say(f"starting agent of {ns.name} in {st.agent_image} (log {paths.agent_log})")

@@ -59,9 +59,12 @@ class AccessRecord:
     bytes_received: int = 0
     bytes_sent: int = 0
     upstream_host: str = "-"
+    upstream_transport_failure_reason: str = "-"  # a failed TLS origination's reason
     downstream_address: str = "-"
     source_principal: str = "-"
     destination_principal: str = "-"
+    request_principal: str = "-"  # <iss>/<sub> of a verified JWT (destination, gateway)
+    response_code_details: str = "-"  # Envoy's: e.g. the RBAC policy that denied the request
     request_id: str = "-"
     trace_id: str = "-"
     connection_id: str = "-"

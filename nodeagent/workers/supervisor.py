@@ -32,7 +32,7 @@ from nodeagent.snapshot import SnapshotSync, Workload
 from nodeagent.telemetry.merge import FamilyState
 from nodeagent.workers.channel import Channel, ChannelClosed
 from nodeagent.workers.config import WorkerConfig
-from nodeagent.workers.feed import SnapshotFeed
+from nodeagent.workers.feed import DocumentMirror
 from nodeagent.workers.metrics import PodStats, WorkerBook, WorkerReport
 from nodeagent.workers.protocol import ProtocolError
 
@@ -102,6 +102,7 @@ class WorkerPool:
         count: int,
         config: WorkerConfig,
         sync: SnapshotSync,
+        mirror: DocumentMirror,
         identities: IdentitySource | None,
         *,
         command: Callable[[int], list[str]] | None = None,
@@ -116,7 +117,7 @@ class WorkerPool:
         self.pods: dict[str, PodHandle] = {}
         self.draining = False
         self._command = command or _worker_command
-        self._feed = SnapshotFeed()
+        self._mirror = mirror  # observes `sync`: added before the sync ran
         self._feed_lock = trio.Lock()
         self._material: dict[str, Any] | None = None
         self._snapshot_changed = trio.Event()
@@ -318,7 +319,7 @@ class WorkerPool:
         await channel.send({"t": "hello", "slot": slot.index, "config": pickle.dumps(self.config)})
         async with self._feed_lock:
             await self._flush_snapshot()  # the others are up to date: then this one starts
-            await channel.send(self._feed.reset())
+            await channel.send(self._mirror.full())
             if self.identities is not None:
                 self._material = self.identities.material()
                 await channel.send({"t": "identities", "material": self._material})
@@ -449,11 +450,9 @@ class WorkerPool:
 
     async def _flush_snapshot(self) -> None:
         """Under `_feed_lock`: send what changed since the last message to every worker up."""
-        msg = self._feed.delta(self.sync.documents(), self.sync.current.revision)
-        if msg is None:
-            return
-        for slot in self.slots:
-            await self._stream(slot, msg)
+        for msg in self._mirror.take():
+            for slot in self.slots:
+                await self._stream(slot, msg)
 
     async def _stream_snapshots(self) -> None:
         while True:

@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from nodeagent import log as logging_setup
+from nodeagent.authn import Authenticator
 from nodeagent.balance import Registry
 from nodeagent.inpod import Netns, PodListeners
 from nodeagent.log import get_logger
@@ -83,6 +84,8 @@ class Worker:
         self.sinks = WorkerSinks.build(cfg)
         self.registry = Registry()
         self.sessions = SessionCache()
+        # This worker's JWT verifier (its own JWKS cache: each worker fetches remote key sets).
+        self.authenticator = Authenticator()
         self.pods: dict[str, _Pod] = {}
         self._pods_nursery: trio.Nursery | None = None
 
@@ -90,6 +93,7 @@ class Worker:
         async with trio.open_nursery() as nursery:
             self._pods_nursery = await nursery.start(_open_nursery)
             await nursery.start(self.sinks.access_log.run)
+            await nursery.start(self.authenticator.run)
             if self.sinks.exporter is not None:
                 await nursery.start(self.sinks.exporter.run)
             nursery.start_soon(self._report_loop)
@@ -168,6 +172,7 @@ class Worker:
                 outbound_policy=self.cfg.outbound_policy,
                 telemetry=self.sinks,
                 http_limits=self.cfg.http_limits,
+                authenticator=self.authenticator,
             )
             pod = _Pod(proxy)
             assert self._pods_nursery is not None
