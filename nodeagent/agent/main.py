@@ -78,6 +78,8 @@ log = get_logger("agent")
 # How long start-up waits for the store (its first listing, then the lease) before it serves
 # from disk and goes on without it.
 STORE_WAIT = 2.0
+# How long a drain waits before closing the admin socket: the /quitquitquit answer leaves first.
+DRAIN_ANSWER_GRACE = 0.1
 # ztunnel's drain period: how long a stopping agent lets its open connections finish.
 DRAIN_TIMEOUT = 5.0
 # How often a draining agent asks whether its successor answers ready yet.
@@ -273,6 +275,10 @@ class Agent:
         cfg = self.config
         until = trio.current_time() + self.drain_deadline
         self.ready = False  # /healthz/ready answers 503 from now on
+        # A drain asked on the admin socket (/quitquitquit, a successor's --takeover) must get
+        # its answer out before the admin server closes: cut mid-response, the successor took
+        # it for a refusal and exited.
+        await trio.sleep(DRAIN_ANSWER_GRACE)
         for scope in self._front:
             scope.cancel()
         if self.telemetry is not None:
