@@ -30,7 +30,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"sockio"}),  # socket I/O without scheduler round trips, over tunnel's TLS
     frozenset({"http", "sandbox"}),
     frozenset({"proxy"}),
-    frozenset({"gateway"}),
+    frozenset({"gateway", "workers"}),  # workers run proxy's PodProxy in other processes
     frozenset({"agent", "meshctl", "bench", "demo"}),
     frozenset({"console"}),  # asks meshctl's explain for the routes it shows
     frozenset({"cli"}),

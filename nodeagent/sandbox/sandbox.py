@@ -201,12 +201,14 @@ class Sandbox:
         gateway: str | None = None,
         agent_image: str | None = None,
         image_store: Path | None = None,
+        workers: int | None = None,
     ) -> Sandbox:
         """Create and start a sandbox. On failure it is torn down again (unless told not to).
         With agents, the CA's signer runs too (before the agents), issuing certificates of
         lifetime `ca_ttl`. `gateway="n1"` makes n1's agent serve the ingress gateway too.
         `agent_image` runs each agent as a container of that image (sandbox/container.py),
-        from `image_store` (default: scripts/image's)."""
+        from `image_store` (default: scripts/image's). `workers` is every agent's
+        `--workers` (default `SANDBOX_WORKERS`: one process)."""
         sb = cls(name, progress=progress)
         layout.check_node_count(nodes)
         if gateway is not None and gateway not in {f"n{i}" for i in range(1, nodes + 1)}:
@@ -230,6 +232,7 @@ class Sandbox:
                 gateway=gateway,
                 agent_image=agent_image,
                 image_store=None if store_dir is None else str(store_dir),
+                workers=workers,
             )
         except BaseException:
             if cleanup_on_failure:
@@ -1058,6 +1061,7 @@ class Sandbox:
         gateway: str | None = None,
         agent_image: str | None = None,
         image_store: str | None = None,
+        workers: int | None = None,
     ) -> None:
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(mode=0o700)
@@ -1095,6 +1099,8 @@ class Sandbox:
                 self._wait_ca(st)
                 self._start_console(st)
                 for ns in st.nodes.values():
+                    if workers is not None:
+                        ns.agent_args = ["--workers", str(workers)]
                     self._spawn_agent(st, ns)
                 controller_log = self._spawn_controller(st)
                 save(st)
@@ -1217,7 +1223,7 @@ class Sandbox:
         ]  # fmt: skip
         if st.gateway == ns.name:
             argv += ["--gateway", "--gateway-credentials", str(self.gateway_credentials_dir)]
-        argv += [*ns.agent_args, *extra]
+        argv += [*_with_workers(ns.agent_args), *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._say(f"starting agent of {ns.name} (log {paths.agent_log})")
         proc, ref = spawn(argv, log=paths.agent_log, env=env)
@@ -1231,7 +1237,7 @@ class Sandbox:
         assert st.image_store is not None
         paths = layout.NodePaths(Path(ns.run_dir))
         store = Path(st.image_store)
-        args = ["--node", ns.name, "--store", st.store_url]
+        args = ["--node", ns.name, "--store", st.store_url, *_workers_args(ns.agent_args)]
         mounts = [st.state_dir] if st.store == "sqlite" else []
         if st.gateway == ns.name:
             args += ["--gateway", "--gateway-credentials", str(self.gateway_credentials_dir)]
@@ -1361,3 +1367,20 @@ def sandbox(
         yield sb
     finally:
         sb.down()
+
+
+# Agents in the sandbox serve in one process unless a test asks for more (`start_agent(node,
+# args=["--workers", "2"])`): several agents, the load and the servers share a few cores here.
+SANDBOX_WORKERS = 1
+
+
+def _workers_args(args: Sequence[str]) -> list[str]:
+    """The `--workers` pair of `args`, or the sandbox's default."""
+    if "--workers" in args[:-1]:
+        i = list(args).index("--workers")
+        return ["--workers", args[i + 1]]
+    return ["--workers", str(SANDBOX_WORKERS)]
+
+
+def _with_workers(args: Sequence[str]) -> list[str]:
+    return list(args) if "--workers" in args else [*_workers_args(args), *args]
