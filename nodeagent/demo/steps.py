@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import trio
 import yaml
 
-from nodeagent.admin.client import AdminClientError, admin_call_sync
+from nodeagent.admin.client import AdminClientError, admin_call_sync, admin_json_sync
 from nodeagent.contract import METRICS_PATH, METRICS_PORT
 from nodeagent.demo import output as out
 from nodeagent.sandbox import Pod, Sandbox
+from nodeagent.store import keys, open_store
 
 # The article's examples, beside the checkout: <checkout>/../shared/corpus/seed (runner.py says
 # so when it is missing).
@@ -67,6 +69,19 @@ class Demo:
         if show and text:
             out.evidence(*text.splitlines()[:8])
         return text
+
+    def wait_config(self, node: str, timeout: float = 15) -> None:
+        """Until `node`'s agent serves a snapshot holding everything applied so far (its
+        revision reaches the store's): a request sent before would show the old routes."""
+        revision = trio.run(_store_revision, self.sb.store_url)
+        deadline = time.monotonic() + timeout
+        while True:
+            dump = admin_json_sync(self.sb.node(node).admin_socket, "/config_dump", timeout=5)
+            if (dump.get("snapshot") or {}).get("revision", 0) >= revision:
+                return
+            if time.monotonic() > deadline:
+                raise StepFailed(f"{node}'s agent did not get the configuration in {timeout:g} s")
+            time.sleep(0.05)
 
     def apply(self, name: str, docs: list[dict[str, Any]], show: bool = True) -> Path:
         path = self.work / f"{name}.yaml"
@@ -444,11 +459,10 @@ def fault(d: Demo) -> None:
     path = SEED / "02-fault-delay.yaml"
     d.meshctl("apply", "-f", str(path))
     try:
+        d.wait_config(d.pods["client"].node)
         url = f"http://{MY_APP_VIP}/rate"
         out.command(["(client)", "curl", f"{url}  # my-app's VIP"])
         code, body, elapsed = _timed(d, d.pods["client"], url)
-        if elapsed < 6.0:  # the config may not have reached the agent yet: once more
-            code, body, elapsed = _timed(d, d.pods["client"], url)
         out.evidence(f"HTTP {code} after {elapsed:.2f}s: {body}")
         if code != 200 or out.version_of(body) != "ratings-v2":
             raise StepFailed(f"expected 200 from ratings-v2, got {code} {body!r}")
@@ -456,6 +470,15 @@ def fault(d: Demo) -> None:
             raise StepFailed(f"the request took {elapsed:.2f}s, expected 7.0..8.5")
     finally:
         d.meshctl("delete", "-f", str(path), show=False)
+
+
+async def _store_revision(url: str) -> int:
+    store = await open_store(url)
+    try:
+        _, revision = await store.range(keys.ROOT)
+    finally:
+        await store.aclose()
+    return revision
 
 
 def _timed(d: Demo, pod: Pod, url: str, timeout: float = 15) -> tuple[int, str, float]:
