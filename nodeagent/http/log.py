@@ -47,6 +47,8 @@ class RequestLog:
     connection_id: int = 0
     downstream_address: str = ""  # the client's "ip:port", when the proxy knows it
     trace_id: str = ""  # set when the proxy has a tracer
+    protocol: str = "http"  # request_protocol: "grpc" for a gRPC request (HTTP/2 proxy)
+    grpc_status: int | None = None  # a gRPC request's grpc-status
     span: ActiveSpan | None = field(default=None, repr=False)
     trace_headers: list[tuple[str, str]] = field(default_factory=list, repr=False)
 

@@ -17,6 +17,8 @@ from nodeagent.balance import Outcome, Overflow
 from nodeagent.balance.pool import ConnectionToken
 from nodeagent.balance.state import EndpointState
 from nodeagent.http import HttpProxy, RequestLog
+from nodeagent.http2.proxy import H2Proxy
+from nodeagent.http2.sniff import sniff
 from nodeagent.inpod import original_dst
 from nodeagent.log import get_logger
 from nodeagent.proxy import self_call
@@ -32,12 +34,15 @@ from nodeagent.proxy.outbound import (
 from nodeagent.proxy.pod_core import PodCore
 from nodeagent.proxy.relay import RelayResult, relay
 from nodeagent.routing import HttpRequest, Source
-from nodeagent.snapshot import Snapshot, Workload
+from nodeagent.snapshot import L7Protocol, Snapshot, Workload
 from nodeagent.telemetry.dataplane import TcpRecorder, record_request, service_of
 from nodeagent.telemetry.metrics import SecurityPolicy
 from nodeagent.tunnel import ConnectRequest, SourceInfo, TunnelError
 
 log = get_logger("proxy")
+# On a declared HTTP/2 port: how long the client's first bytes may take to say h2 or HTTP/1.1
+# (then HTTP/1.1, whose own head timeouts apply).
+H2_SNIFF_TIMEOUT = 10.0
 
 
 class OutboundPath:
@@ -46,23 +51,41 @@ class OutboundPath:
     def __init__(self, core: PodCore) -> None:
         self.core = core
         self._http: HttpProxy | None = None  # made on the first HTTP connection
+        self.http2 = H2Proxy(
+            snapshot=core.snapshot,
+            source=self._route_source,
+            connector=self._connector(),
+            registry=core.registry,
+            on_request=self._on_request,
+            limits=core.http_limits,
+            name=f"http2:{core.pod}",
+            access_logged=core.telemetry is not None,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The HTTP/2 proxy's pooled upstream connections live here (the pod's nursery)."""
+        await self.http2.run(task_status=task_status)
 
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.aclose()
+        await self.http2.aclose()
+
+    def _connector(self) -> MeshConnector:
+        return MeshConnector(
+            netns=self.core.netns,
+            identities=self.core.identities,
+            source=self._tunnel_source,
+            pool=self.core.pool,
+            identity_wait=self.core.identity_wait,
+            stats=self.core.stats.outbound,
+            label=self.core.pod,
+        )
 
     def http_proxy(self) -> HttpProxy:
         """This pod's L7 proxy (one per pod, so upstream connections are pooled per source)."""
         if self._http is None:
-            connector = MeshConnector(
-                netns=self.core.netns,
-                identities=self.core.identities,
-                source=self._tunnel_source,
-                pool=self.core.pool,
-                identity_wait=self.core.identity_wait,
-                stats=self.core.stats.outbound,
-                label=self.core.pod,
-            )
+            connector = self._connector()
             self._http = HttpProxy(
                 snapshot=self.core.snapshot,
                 source=self._route_source,
@@ -114,8 +137,19 @@ class OutboundPath:
         snap = self.core.snapshot()
         target = http_target(snap, dst[0], dst[1])
         if target is not None:
-            # HTTP/1.1 service port: the L7 proxy routes every request (one log line each).
+            # HTTP service port: an L7 proxy routes every request (one log line each). On an
+            # HTTP/2 port the client may still speak HTTP/1.1 (Envoy's codec AUTO): the first
+            # bytes say which (a client-first protocol: the wait is for its request).
             conn.service, conn.flag = target.service.ref, "http"
+            h2 = False
+            if target.port.l7_protocol is L7Protocol.HTTP2:
+                h2 = await sniff(client.socket, H2_SNIFF_TIMEOUT) == "h2"
+            if h2:
+                conn.flag = "http2"
+                await self.http2.serve(
+                    client, port=dst[1], host=target.service.hostname, client_address=src[0]
+                )
+                return
             await self.http_proxy().serve(
                 client, port=dst[1], host=target.service.hostname, client_address=src[0]
             )

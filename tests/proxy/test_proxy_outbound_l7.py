@@ -52,14 +52,14 @@ def tcp_route(*weights: tuple[str, int]) -> tuple[str, object]:
     return config("VirtualService", "web", {"hosts": ["web"], "tcp": [{"route": route}]})
 
 
-def test_http_target_only_for_http1_service_ports() -> None:
+def test_http_target_only_for_http_and_http2_service_ports() -> None:
     snap = mesh()
     found = http_target(snap, "10.96.0.10", 80)
     assert found is not None
     assert found.service.name == "web"
     assert http_target(snap, "10.96.0.10", 81) is not None  # appProtocol: http
     assert http_target(snap, "10.96.0.10", 5432) is None  # tcp- prefix: L4
-    assert http_target(snap, "10.96.0.10", 9090) is None  # grpc is HTTP/2: L4 for now
+    assert http_target(snap, "10.96.0.10", 9090) is not None  # grpc: the HTTP/2 proxy
     assert http_target(snap, "10.0.1.1", 8080) is None  # a pod IP: not a service port
     assert http_target(snap, "203.0.113.9", 80) is None
 

@@ -1,0 +1,153 @@
+"""H2Proxy on loopback: real sockets, in-process HTTP/2 backends, the real curl
+(--http2-prior-knowledge) and this package's own client connection as clients."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import trio
+from h2_helpers import HOST, H2Backend, app_snapshot, curl_h2, dr, running, vs
+
+from nodeagent.http2.conn import H2Connection
+
+GRPC = [("content-type", "application/grpc"), ("te", "trailers")]
+
+
+async def h2_requests(
+    port: int, n: int, headers: list[tuple[str, str]] = (), path: str = "/pkg.Svc/Call"
+) -> list[tuple[dict[str, str], bytes, dict[str, str]]]:
+    """`n` requests, all on one client HTTP/2 connection (as one gRPC channel): per request
+    (response head, body, trailers)."""
+    out = []
+    transport = await trio.open_tcp_stream("127.0.0.1", port)
+    conn = H2Connection(transport, client=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.run)
+        for _ in range(n):
+            head = [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":authority", HOST.encode()),
+                (b":path", path.encode()),
+                *((k.encode(), v.encode()) for k, v in headers),
+            ]
+            stream = conn.open_stream(head)
+            await stream.send_data(b"hello", end_stream=True)
+            got = {k.decode(): v.decode() for k, v in await stream.wait_headers()}
+            body = b""
+            while chunk := await stream.receive_data():
+                body += chunk
+            trailers = {k.decode(): v.decode() for k, v in stream.trailers or []}
+            stream.close()
+            out.append((got, body, trailers))
+        nursery.cancel_scope.cancel()
+    return out
+
+
+async def test_one_client_connection_is_spread_over_the_replicas() -> None:
+    # Round robin, so that the count is exact (peak EWMA follows the in-process backends'
+    # latency noise; the sandbox test measures it across pods).
+    backends = [H2Backend("a"), H2Backend("b"), H2Backend("c")]
+    rr = dr({"trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBIN"}}})
+    async with running(app_snapshot(rr), backends) as r:
+        got = await h2_requests(r.port, 300, GRPC)
+    by = Counter(h["x-backend"] for h, _, _ in got)
+    assert by == {"a": 100, "b": 100, "c": 100}
+    assert all(b == b"hello" and t.get("x-trailer") == "yes" for _, b, t in got)
+    # pooled: one upstream connection per replica for all 300 requests
+    assert [b.connections for b in backends] == [1, 1, 1]
+    assert all(e.protocol == "grpc" and e.grpc_status == 0 for e in r.logs)
+
+
+async def test_curl_prior_knowledge_gets_the_answer_and_trailers() -> None:
+    async with running(app_snapshot(replicas=1), [H2Backend("a")]) as r:
+        code, out, err = await curl_h2(r.port, "/hello", "-i")
+    assert code == 0, err
+    assert out.startswith("HTTP/2 200")
+    assert "x-backend: a" in out
+    assert "a /hello" in out
+    assert r.logs[-1].code == 200
+    assert r.logs[-1].protocol == "http"
+
+
+async def test_unavailable_is_retried_on_another_replica() -> None:
+    async def flaky(backend: H2Backend, stream, headers, body) -> None:  # type: ignore[no-untyped-def]
+        status = b"14" if backend.name == "bad" else b"0"
+        stream.send_headers(
+            [(b":status", b"200"), (b"content-type", b"application/grpc"),
+             (b"grpc-status", status), (b"x-backend", backend.name.encode())],
+            end_stream=True,
+        )  # fmt: skip
+
+    backends = [H2Backend("bad", flaky), H2Backend("good", flaky)]
+    async with running(app_snapshot(replicas=2), backends) as r:
+        got = await h2_requests(r.port, 40, GRPC)
+    assert all(h["grpc-status"] == "0" for h, _, _ in got)
+    retried = [e for e in r.logs if e.attempts > 1]
+    assert retried, "some first attempts went to the UNAVAILABLE replica"
+    assert all(e.grpc_status == 0 for e in r.logs)
+
+
+async def test_header_match_on_a_grpc_method_routes_to_a_subset() -> None:
+    route = vs(
+        [
+            {
+                "match": [
+                    {"uri": {"exact": "/pkg.Svc/Call"}, "headers": {"x-user": {"exact": "j"}}}
+                ],
+                "route": [{"destination": {"host": "app", "subset": "v2"}}],
+            },
+            {"route": [{"destination": {"host": "app", "subset": "v1"}}]},
+        ]
+    )
+    rule = dr({"subsets": [{"name": "v1", "labels": {"version": "v1"}},
+                           {"name": "v2", "labels": {"version": "v2"}}]})  # fmt: skip
+    async with running(
+        app_snapshot(route, rule, replicas=2), [H2Backend("a"), H2Backend("b")]
+    ) as r:
+        jason = await h2_requests(r.port, 20, [*GRPC, ("x-user", "j")])
+        other = await h2_requests(r.port, 20, GRPC)
+        other_method = await h2_requests(r.port, 5, [*GRPC, ("x-user", "j")], path="/pkg.Svc/Other")
+    assert {h["x-backend"] for h, _, _ in jason} == {"b"}
+    assert {h["x-backend"] for h, _, _ in other} == {"a"}
+    assert {h["x-backend"] for h, _, _ in other_method} == {"a"}
+
+
+async def test_grpc_abort_fault_is_a_trailers_only_grpc_error() -> None:
+    route = vs([{"fault": {"abort": {"grpcStatus": "UNAVAILABLE", "percentage": {"value": 50}}},
+                 "route": [{"destination": {"host": "app"}}]}])  # fmt: skip
+    async with running(app_snapshot(route, replicas=1), [H2Backend("a")]) as r:
+        got = await h2_requests(r.port, 400, GRPC)
+    aborted = [h for h, _, _ in got if h.get("grpc-status") == "14"]
+    assert all(h[":status"] == "200" for h, _, _ in got)
+    # binomial(400, 0.5): mean 200, sd 10; ±5 sd
+    assert 150 <= len(aborted) <= 250, len(aborted)
+    assert sum("FI" in e.flags for e in r.logs) == len(aborted)
+
+
+async def test_route_timeout_gives_deadline_exceeded_to_a_grpc_client() -> None:
+    route = vs([{"timeout": "0.5s", "route": [{"destination": {"host": "app"}}]}])
+    async with running(app_snapshot(route, replicas=1), [H2Backend("a")]) as r:
+        (got,) = await h2_requests(r.port, 1, [*GRPC, ("x-sleep", "3")])
+    head, _, _ = got
+    assert head[":status"] == "200"
+    assert head["grpc-status"] == "4"
+    assert "UT" in r.logs[-1].flags
+    assert r.logs[-1].grpc_status == 4
+
+
+async def test_grpc_timeout_header_bounds_the_request() -> None:
+    async with running(app_snapshot(replicas=1), [H2Backend("a")]) as r:
+        (got,) = await h2_requests(r.port, 1, [*GRPC, ("x-sleep", "3"), ("grpc-timeout", "300m")])
+    assert got[0]["grpc-status"] == "4"
+
+
+async def test_no_route_for_a_grpc_request_is_unimplemented() -> None:
+    route = vs(
+        [{"match": [{"uri": {"prefix": "/only"}}], "route": [{"destination": {"host": "app"}}]}]
+    )
+    async with running(app_snapshot(route, replicas=1), [H2Backend("a")]) as r:
+        (got,) = await h2_requests(r.port, 1, GRPC)
+    assert got[0][":status"] == "200"
+    assert got[0]["grpc-status"] == "12"
+    assert r.logs[-1].flags == ["NR"]
