@@ -51,6 +51,9 @@ class AttemptOutcome:
     detail: str = ""
     status: int = 0  # a response's status code
     grpc_status: int | None = None  # a gRPC response's status, when its head carries it
+    # Seconds of the attempt spent opening a new upstream connection: not the endpoint's
+    # response time, so not its latency sample (tower's balancer sees only ready connections).
+    setup_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,15 +282,17 @@ async def _measured(
     handle.start()
     started = trio.current_time()
     result = Outcome.TIMEOUT  # a cancellation (route timeout) ends the attempt here
+    setup = 0.0
     try:
         outcome = await attempt(handle, per_try_timeout)
         result = _balance_outcome(outcome)
+        setup = outcome.setup_s
         return outcome
     except DownstreamError:
         result = Outcome.CANCELLED
         raise
     finally:
-        handle.finish(trio.current_time() - started, result)
+        handle.finish(trio.current_time() - started - setup, result)
         request_token.release()
 
 

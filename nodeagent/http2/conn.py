@@ -75,6 +75,9 @@ class H2Connection:
             },
         )
         self.h2.initiate_connection()
+        # h2 checks inbound frame sizes against the acknowledged setting, per `receive_data`
+        # call: the peer's first large frame can share a read with its ACK of our SETTINGS.
+        self.h2.max_inbound_frame_size = MAX_FRAME
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.streams: dict[int, H2Stream] = {}
         self.error = ""

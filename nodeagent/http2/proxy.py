@@ -357,6 +357,7 @@ class _Exchange:
     async def attempt(self, handle: EndpointState, per_try_timeout: float | None) -> AttemptOutcome:
         pool_limits = self.cluster.policy.pool
         max_streams = pool_limits.max_concurrent_streams or MAX_STREAMS
+        began = trio.current_time()
         try:
             conn, reused = await self.proxy.pool.acquire(
                 handle.endpoint,
@@ -368,10 +369,11 @@ class _Exchange:
             return AttemptOutcome("denied", detail=str(exc))
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             return AttemptOutcome("connect-failure", detail=str(exc))
+        setup = 0.0 if reused else trio.current_time() - began
         try:
             up = conn.open_stream(self.headers)
         except StreamReset as exc:
-            return AttemptOutcome("reset", stale=reused, detail=str(exc))
+            return AttemptOutcome("reset", stale=reused, detail=str(exc), setup_s=setup)
         self.up = up
         self.pump_scope = scope = trio.CancelScope()
         self.pumps.start_soon(self._pump, up, scope)
@@ -380,12 +382,13 @@ class _Exchange:
                 raw = await up.wait_headers()
             except StreamReset as exc:
                 self.drop()
-                return AttemptOutcome("reset", stale=exc.refused, detail=str(exc))
+                return AttemptOutcome("reset", stale=exc.refused, detail=str(exc), setup_s=setup)
         if per_try.cancelled_caught:
             self.drop()
-            return AttemptOutcome("timeout")
+            return AttemptOutcome("timeout", setup_s=setup)
         status = next((int(v) for k, v in raw if k == b":status" and v.isdigit()), 0)
-        return AttemptOutcome("response", status=status, grpc_status=grpc_status_of(raw))
+        grpc_status = grpc_status_of(raw)
+        return AttemptOutcome("response", status=status, grpc_status=grpc_status, setup_s=setup)
 
     async def _pump(self, up: H2Stream, scope: trio.CancelScope) -> None:
         with scope:
