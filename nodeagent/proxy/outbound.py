@@ -69,6 +69,7 @@ OutboundDecision = ToWorkload | Passthrough | Refuse
 
 # The L7 proxies: HTTP/1.1 (`nodeagent.http`) and HTTP/2 + gRPC (`nodeagent.http2`).
 HTTP_PROTOCOLS = frozenset({L7Protocol.HTTP1, L7Protocol.HTTP2})
+L7_PROTOCOLS = HTTP_PROTOCOLS | {L7Protocol.SNIFF}
 
 
 def http_target(snap: Snapshot, dst_ip: str, dst_port: int) -> ServiceTarget | None:
@@ -76,10 +77,19 @@ def http_target(snap: Snapshot, dst_ip: str, dst_port: int) -> ServiceTarget | N
     VIP whose port is HTTP or HTTP/2 (gRPC) by Istio's protocol rules (`ServicePort.l7_protocol`:
     the one place that says so), with endpoints reachable by IP (a ServiceEntry with resolution
     NONE or DNS stays L4: the app already chose the address)."""
+    found = l7_target(snap, dst_ip, dst_port)
+    if found is None or found.port.l7_protocol not in HTTP_PROTOCOLS:
+        return None
+    return found
+
+
+def l7_target(snap: Snapshot, dst_ip: str, dst_port: int) -> ServiceTarget | None:
+    """`http_target`, or a service port whose protocol is not declared (`L7Protocol.SNIFF`):
+    the client's first bytes decide between the L7 proxies and L4 (`http2/sniff.py`)."""
     found = snap.find_address(dst_ip, dst_port)
     if not isinstance(found, ServiceTarget):
         return None
-    if found.port.l7_protocol not in HTTP_PROTOCOLS:
+    if found.port.l7_protocol not in L7_PROTOCOLS:
         return None
     if found.service.kind == "ServiceEntry" and found.service.resolution != "STATIC":
         return None

@@ -18,7 +18,7 @@ from nodeagent.balance.pool import ConnectionToken
 from nodeagent.balance.state import EndpointState
 from nodeagent.http import HttpProxy, RequestLog
 from nodeagent.http2.proxy import H2Proxy
-from nodeagent.http2.sniff import sniff
+from nodeagent.http2.sniff import Sniffed, sniff
 from nodeagent.inpod import original_dst
 from nodeagent.log import get_logger
 from nodeagent.proxy import self_call
@@ -28,7 +28,7 @@ from nodeagent.proxy.outbound import (
     Passthrough,
     Refuse,
     ToWorkload,
-    http_target,
+    l7_target,
     outbound_decision,
 )
 from nodeagent.proxy.pod_core import PodCore
@@ -43,6 +43,21 @@ log = get_logger("proxy")
 # On a declared HTTP/2 port: how long the client's first bytes may take to say h2 or HTTP/1.1
 # (then HTTP/1.1, whose own head timeouts apply).
 H2_SNIFF_TIMEOUT = 10.0
+# On a port whose protocol is not declared: how long to wait for the client's first bytes
+# before treating the connection as opaque TCP (a server-first protocol, where the client waits
+# for the server's greeting, is delayed by this once per connection).
+SNIFF_TIMEOUT = 0.1
+
+
+async def _speaks(client: trio.SocketStream, declared: L7Protocol) -> Sniffed:
+    """What the connection speaks: declared HTTP is HTTP/1.1; declared HTTP/2 is h2, or
+    HTTP/1.1 from a client that does not send the preface (Envoy's codec AUTO); undeclared:
+    sniffed (h2, HTTP/1.x or TCP)."""
+    if declared is L7Protocol.HTTP1:
+        return "http1"
+    if declared is L7Protocol.HTTP2:
+        return "h2" if await sniff(client.socket, H2_SNIFF_TIMEOUT) == "h2" else "http1"
+    return await sniff(client.socket, SNIFF_TIMEOUT)
 
 
 class OutboundPath:
@@ -135,22 +150,14 @@ class OutboundPath:
         if loop is not None:
             raise SelfCall(loop, dst[1])
         snap = self.core.snapshot()
-        target = http_target(snap, dst[0], dst[1])
-        if target is not None:
-            # HTTP service port: an L7 proxy routes every request (one log line each). On an
-            # HTTP/2 port the client may still speak HTTP/1.1 (Envoy's codec AUTO): the first
-            # bytes say which (a client-first protocol: the wait is for its request).
-            conn.service, conn.flag = target.service.ref, "http"
-            h2 = False
-            if target.port.l7_protocol is L7Protocol.HTTP2:
-                h2 = await sniff(client.socket, H2_SNIFF_TIMEOUT) == "h2"
-            if h2:
-                conn.flag = "http2"
-                await self.http2.serve(
-                    client, port=dst[1], host=target.service.hostname, client_address=src[0]
-                )
-                return
-            await self.http_proxy().serve(
+        target = l7_target(snap, dst[0], dst[1])
+        speaks = "tcp" if target is None else await _speaks(client, target.port.l7_protocol)
+        if target is not None and speaks != "tcp":
+            # An HTTP service port (or an undeclared one whose client spoke HTTP): an L7 proxy
+            # routes every request (one log line each).
+            conn.service, conn.flag = target.service.ref, "http" if speaks == "http1" else "http2"
+            proxy = self.http2 if speaks == "h2" else self.http_proxy()
+            await proxy.serve(
                 client, port=dst[1], host=target.service.hostname, client_address=src[0]
             )
             return

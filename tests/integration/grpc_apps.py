@@ -13,6 +13,8 @@ Client `grpc_client.py TARGET MODE …` prints one JSON line:
   stream N                      {"count": c, "ordered": bool}
   bidi MIB                      MIB MiB echoed in 64 KiB messages: {"sent": n, "same": bool}
 
+`banner.py` / `banner_client.py`: a server-first protocol (see below).
+
 h2 server `h2_server.py NAME`, port 8080: HTTP/2 prior knowledge, answers 200 "NAME PATH"
 (`/status/<code>`: that status).
 """
@@ -131,9 +133,42 @@ trio.run(lambda: trio.serve_tcp(serve, 8080, host="0.0.0.0"))
 """
 
 
+# A server-first protocol (the client waits for a greeting): `banner.py`, port 8080, says
+# "HELLO\n" on connect, then echoes. `banner_client.py HOST` prints {"greeting_s": …, "echo": …}.
+BANNER = r"""
+import socket, threading
+def serve(conn):
+    with conn:
+        conn.sendall(b"HELLO\n")
+        while data := conn.recv(65536):
+            conn.sendall(data)
+s = socket.create_server(("0.0.0.0", 8080), reuse_port=True)
+while True:
+    conn, _ = s.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+BANNER_CLIENT = r"""
+import json, socket, sys, time
+started = time.monotonic()
+c = socket.create_connection((sys.argv[1], 80), timeout=10)
+greeting = c.recv(100)
+took = time.monotonic() - started
+c.sendall(b"ping")
+echo = c.recv(100)
+print(json.dumps({"greeting": greeting.decode(), "greeting_s": took, "echo": echo.decode()}))
+"""
+
+
 def write_apps(d: Path) -> dict[str, Path]:
     out = {}
-    for name, text in (("grpc_server", SERVER), ("grpc_client", CLIENT), ("h2_server", H2_SERVER)):
+    for name, text in (
+        ("grpc_server", SERVER),
+        ("grpc_client", CLIENT),
+        ("h2_server", H2_SERVER),
+        ("banner", BANNER),
+        ("banner_client", BANNER_CLIENT),
+    ):
         path = d / f"{name}.py"
         path.write_text(text)
         out[name] = path

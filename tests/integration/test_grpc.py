@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from grpc_apps import write_apps
-from l7_helpers import binomial_interval
+from l7_helpers import binomial_interval, write_app
 from mesh_helpers import apply, eventually, sandbox_fixture
 from snapshot_docs import service
 
@@ -23,7 +23,7 @@ from nodeagent.telemetry.exposition import samples
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 sandbox = sandbox_fixture("gr")
-ECHO, LAT, EJ, FAULT, WEB, ECHO_RR = (f"10.96.83.{i}" for i in range(10, 16))
+ECHO, LAT, EJ, FAULT, WEB, ECHO_RR, S_H1, S_H2, S_TCP = (f"10.96.83.{i}" for i in range(10, 19))
 PY = sys.executable  # the venv's Python: grpcio and nodeagent importable in the pods
 
 
@@ -72,6 +72,12 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
     add("lat-2", {"app": "lat"})
     add("lat-3", {"app": "lat"}, delay_ms=25)
     add("fault-1", {"app": "fault"})
+    for name, cmd in (
+        ("s-h1", [*write_app(files), "s-h1"]),
+        ("s-h2", [PY, str(apps["h2_server"]), "s-h2"]),
+        ("s-tcp", [PY, str(apps["banner"])]),
+    ):
+        out[name] = sandbox.pod_add("n2", "default", name, cmd, labels={"app": name})
     for i in (1, 2):
         out[f"web-{i}"] = sandbox.pod_add(
             "n2",
@@ -95,6 +101,10 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
         grpc_service("web", WEB, port_name="http2"),
         service("echo-rr", {"app": "echo"}, cluster_ip=ECHO_RR, port_name="grpc"),
         dr("echo-rr", {"trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBIN"}}}),
+        # undeclared protocol ("web" is no protocol prefix): sniffed
+        service("s-h1", cluster_ip=S_H1, port_name="web"),
+        service("s-h2", cluster_ip=S_H2, port_name="web"),
+        service("s-tcp", cluster_ip=S_TCP, port_name="web"),
         dr("echo", {"subsets": subsets}),
         dr(
             "ej",
@@ -288,3 +298,46 @@ def test_grpc_metrics_carry_protocol_and_grpc_status(
     eventually(both_counted, "grpc_response_status 0 and 14 for fault")
     assert {s.labels["request_protocol"] for s in fault} == {"grpc"}
     assert all(s.labels["response_code"] == "200" for s in fault)
+
+
+def _metric(sb: Sandbox, name: str, service_host: str) -> list[Any]:
+    url = f"http://{sb.node('n1').underlay_ip}:15020/stats/prometheus"
+    r = sb.exec("outside", ["curl", "-sf", "--max-time", "5", url], timeout=15)
+    fqdn = f"{service_host}.default.svc.cluster.local"
+    return [
+        s
+        for s in samples(str(r.stdout), name)
+        if s.labels.get("destination_service") == fqdn and s.labels["reporter"] == "source"
+    ]
+
+
+def test_undeclared_ports_are_sniffed(sandbox: Sandbox, pods: dict[str, Pod], files: Path) -> None:
+    c = pods["client"]
+
+    def answers(*argv: str) -> str:
+        return str(sandbox.exec(c, ["curl", "-sS", "-m", "5", *argv]).stdout)
+
+    # HTTP/1.1 → the HTTP/1.1 proxy (a request metric); h2 prior knowledge → the HTTP/2 proxy
+    eventually(
+        lambda: "version=s-h1 path=/one" in answers(f"http://{S_H1}/one"), "s-h1 over HTTP/1.1"
+    )
+    eventually(
+        lambda: "s-h2 /two" in answers("--http2-prior-knowledge", f"http://{S_H2}/two"),
+        "s-h2 over h2c",
+    )
+    # a server-first protocol: relayed at L4 once the sniff timeout (0.1 s) passed
+    r = sandbox.exec(c, [PY, str(files / "banner_client.py"), S_TCP])
+    got = json.loads(str(r.stdout))
+    assert got["greeting"] == "HELLO\n", got
+    assert got["echo"] == "ping", got
+    assert got["greeting_s"] < 1.0, got  # delayed by the sniff timeout, not stalled
+    eventually(lambda: bool(_metric(sandbox, "istio_requests_total", "s-h1")), "s-h1 requests")
+    eventually(lambda: bool(_metric(sandbox, "istio_requests_total", "s-h2")), "s-h2 requests")
+    assert {
+        s.labels["request_protocol"] for s in _metric(sandbox, "istio_requests_total", "s-h1")
+    } == {"http"}
+    eventually(
+        lambda: bool(_metric(sandbox, "istio_tcp_connections_opened_total", "s-tcp")),
+        "s-tcp counted as a TCP connection",
+    )
+    assert not _metric(sandbox, "istio_requests_total", "s-tcp")
