@@ -151,3 +151,50 @@ async def test_no_route_for_a_grpc_request_is_unimplemented() -> None:
     assert got[0][":status"] == "200"
     assert got[0]["grpc-status"] == "12"
     assert r.logs[-1].flags == ["NR"]
+
+
+async def drip(backend: H2Backend, stream, headers, body) -> None:  # type: ignore[no-untyped-def]
+    """A server stream: 10 messages 0.2 s apart, then OK in the trailers."""
+    stream.send_headers([(b":status", b"200"), (b"content-type", b"application/grpc")])
+    for i in range(10):
+        await stream.send_data(f"m{i}".encode())
+        await trio.sleep(0.2)
+    stream.send_trailers([(b"grpc-status", b"0")])
+
+
+async def test_a_stream_without_a_route_timeout_is_not_cut() -> None:
+    async with running(app_snapshot(replicas=1), [H2Backend("a", drip)]) as r:
+        ((_head, body, trailers),) = await h2_requests(r.port, 1, GRPC)
+    assert body == b"".join(f"m{i}".encode() for i in range(10))
+    assert trailers == {"grpc-status": "0"}
+    assert r.logs[-1].grpc_status == 0
+
+
+async def test_a_route_timeout_bounds_the_whole_stream() -> None:
+    # Envoy's route timeout covers the response to its end: a stream that outlives it is ended
+    # with DEADLINE_EXCEEDED in the trailers (its head and first messages already went out).
+    route = vs([{"timeout": "0.7s", "route": [{"destination": {"host": "app"}}]}])
+    async with running(app_snapshot(route, replicas=1), [H2Backend("a", drip)]) as r:
+        ((head, body, trailers),) = await h2_requests(r.port, 1, GRPC)
+    assert head[":status"] == "200"
+    assert body.startswith(b"m0m1")
+    assert len(body) < 20
+    assert trailers["grpc-status"] == "4"
+    assert "UT" in r.logs[-1].flags
+
+
+async def test_http2_max_requests_overflow_is_a_grpc_unavailable() -> None:
+    limit = dr({"trafficPolicy": {"connectionPool": {"http": {"http2MaxRequests": 1}}}})
+    async with running(app_snapshot(limit, replicas=1), [H2Backend("a")]) as r:
+        results: list[dict[str, str]] = []
+
+        async def one() -> None:
+            ((head, _, _),) = await h2_requests(r.port, 1, [*GRPC, ("x-sleep", "0.5")])
+            results.append(head)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(one)
+    statuses = sorted(h.get("grpc-status", "") for h in results)
+    assert statuses == ["", "14", "14"], results  # one served (status in its trailers)
+    assert sum("UO" in e.flags for e in r.logs) == 2
