@@ -27,9 +27,20 @@ def nginx_binary() -> str:
     return path
 
 
-def config(root: Path, port: int) -> str:
+def config(root: Path, port: int, h2_port: int = 0) -> str:
     """One worker, no access log, keep-alive without a request limit (wrk/loadgen connections
-    stay up for the whole run), the 1 KB file from `root`."""
+    stay up for the whole run), the 1 KB file from `root`; with `h2_port`, the same file over
+    HTTP/2 in the clear (h2c, prior knowledge) there."""
+    h2 = (
+        f"""    server {{
+        listen {h2_port} http2 reuseport;
+        root {root}/www;
+        index index.html;
+    }}
+"""
+        if h2_port
+        else ""
+    )
     return f"""daemon off;
 master_process off;
 worker_processes 1;
@@ -52,25 +63,30 @@ http {{
         root {root}/www;
         index index.html;
     }}
-}}
+{h2}}}
 """
 
 
-def prepare(root: Path, port: int) -> Path:
+def prepare(root: Path, port: int, h2_port: int = 0) -> Path:
     """Write the config and the 1 KB file under `root`; returns the config's path."""
     (root / "www").mkdir(parents=True, exist_ok=True)
     (root / "www" / "index.html").write_bytes(b"x" * (RESPONSE_BYTES - 1) + b"\n")
     conf = root / "nginx.conf"
-    conf.write_text(config(root, port))
+    conf.write_text(config(root, port, h2_port))
     return conf
 
 
 def server_argv(root: Path, ports: dict[str, int]) -> list[str]:
-    """The server pod's command: nginx on ports["http"], the built-in server on the others."""
-    conf = prepare(root, ports["http"])
+    """The server pod's command: nginx on ports["http"] (and h2c on ports["h2"]), the gRPC
+    server (`grpc_server.py`) on ports["grpc"], the built-in server on the others."""
+    conf = prepare(root, ports["http"], ports.get("h2", 0))
     builtin = [
         sys.executable, "-m", "nodeagent.bench.server",
         "--echo", str(ports["echo"]), "--bulk", str(ports["bulk"]), "--http", "0",
     ]  # fmt: skip
     nginx = [nginx_binary(), "-c", str(conf), "-e", "stderr"]
-    return ["sh", "-c", f"{shlex.join(nginx)} & exec {shlex.join(builtin)}"]
+    side = shlex.join(nginx)
+    if "grpc" in ports:
+        grpc = [sys.executable, "-m", "nodeagent.bench.grpc_server", "--port", str(ports["grpc"])]
+        side += f" & {shlex.join(grpc)}"
+    return ["sh", "-c", f"{side} & exec {shlex.join(builtin)}"]

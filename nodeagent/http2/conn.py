@@ -350,10 +350,12 @@ class H2Stream:
         """The next DATA payload; b"" once the peer ended the stream. Taking it gives its
         window back to the peer (flow control end to end)."""
         while not self._chunks:
+            if self._eof:
+                # Complete: a reset after END_STREAM (a server's RST_STREAM NO_ERROR once it
+                # answered, RFC 9113 §8.1) loses nothing.
+                return b""
             if self.error:
                 raise StreamReset(self.error, refused=self.refused)
-            if self._eof:
-                return b""
             await self._wait()
         data, flow = self._chunks.popleft()
         self.received_bytes += len(data)

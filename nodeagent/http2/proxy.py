@@ -371,12 +371,19 @@ class _Exchange:
             return AttemptOutcome("connect-failure", detail=str(exc))
         setup = 0.0 if reused else trio.current_time() - began
         try:
-            up = conn.open_stream(self.headers)
+            # A request without a body (a GET, all of its head on one frame) goes out whole:
+            # END_STREAM on the head, no pump.
+            body = self.body
+            bodiless = (
+                not body.kept and (body.complete or body.down.ended) and not body.down.trailers
+            )
+            up = conn.open_stream(self.headers, end_stream=bodiless)
         except StreamReset as exc:
             return AttemptOutcome("reset", stale=reused, detail=str(exc), setup_s=setup)
         self.up = up
-        self.pump_scope = scope = trio.CancelScope()
-        self.pumps.start_soon(self._pump, up, scope)
+        if not bodiless:
+            self.pump_scope = scope = trio.CancelScope()
+            self.pumps.start_soon(self._pump, up, scope)
         with trio.move_on_after(per_try_timeout or math.inf) as per_try:
             try:
                 raw = await up.wait_headers()

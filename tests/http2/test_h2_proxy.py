@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import h2.errors
 import trio
 from h2_helpers import HOST, H2Backend, app_snapshot, curl_h2, dr, running, vs
 
@@ -198,3 +199,32 @@ async def test_http2_max_requests_overflow_is_a_grpc_unavailable() -> None:
     statuses = sorted(h.get("grpc-status", "") for h in results)
     assert statuses == ["", "14", "14"], results  # one served (status in its trailers)
     assert sum("UO" in e.flags for e in r.logs) == 2
+
+
+async def answer_then_reset(backend: H2Backend, stream, headers, body) -> None:  # type: ignore[no-untyped-def]
+    """As nginx: the whole answer before reading the request, then RST_STREAM(NO_ERROR)."""
+    stream.send_headers([(b":status", b"200"), (b"x-backend", backend.name.encode())])
+    # no checkpoint in between: head, body, END_STREAM and the reset leave in one write
+    stream.conn.h2.send_data(stream.id, b"early", end_stream=True)
+    stream.reset(h2.errors.ErrorCodes.NO_ERROR)
+    await trio.lowlevel.checkpoint()
+
+
+async def test_a_complete_answer_survives_the_servers_no_error_reset() -> None:
+    async with running(app_snapshot(replicas=1), [H2Backend("a", answer_then_reset)]) as r:
+        transport = await trio.open_tcp_stream("127.0.0.1", r.port)
+        conn = H2Connection(transport, client=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.run)
+            head = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", HOST.encode()),
+                    (b":path", b"/upload"), (b"x-stream", b"1")]  # fmt: skip
+            stream = conn.open_stream(head)  # the request body stays open
+            await stream.send_data(b"part")
+            got = await stream.wait_headers()
+            body = b""
+            while chunk := await stream.receive_data():
+                body += chunk
+            nursery.cancel_scope.cancel()
+    assert (dict(got)[b":status"], body) == (b"200", b"early")
+    assert r.logs[-1].code == 200
+    assert "UR" not in r.logs[-1].flags
