@@ -172,9 +172,15 @@ spec:
   hosts: [{SERVICE}]
   http:
   - name: bench
-    match: [{{uri: {{prefix: /}}}}]
+    match: [{{uri: {{prefix: /}}, port: {PORTS["http"]}}}]
     headers: {{response: {{set: {{x-bench-sample: "{sample}"}}}}}}
     route: [{{destination: {{host: {SERVICE}, port: {{number: {PORTS["http"]}}}}}}}]
+  - name: bench-h2
+    match: [{{port: {PORTS["h2"]}}}]
+    route: [{{destination: {{host: {SERVICE}, port: {{number: {PORTS["h2"]}}}}}}}]
+  - name: bench-grpc
+    match: [{{port: {PORTS["grpc"]}}}]
+    route: [{{destination: {{host: {SERVICE}, port: {{number: {PORTS["grpc"]}}}}}}}]
 """
 
 
@@ -588,6 +594,16 @@ def _run_scenarios(
     if set(scenarios) & set(H2_SCENARIOS) and getattr(args, "server", "nginx") != "nginx":
         raise SystemExit("scripts/bench mesh: the h2 and grpc scenarios need --server nginx")
     grpc_request = grpc_server.request_file(sb.state_dir / "bench-grpc-request.bin")
+    if "grpc" in scenarios:
+        # h2load sees HTTP statuses only, and a gRPC error is HTTP 200: one real gRPC call per
+        # set-up first proves the calls are answered by the server, not by a proxy's error.
+        for setup in SETUPS:
+            client, ip, ports = targets[setup]
+            probe = [sys.executable, "-m", "nodeagent.bench.grpc_server", "--probe",
+                     f"{ip}:{ports['grpc']}"]  # fmt: skip
+            r = sb.exec(client, probe, timeout=30)
+            if r.returncode != 0:
+                raise RuntimeError(f"gRPC probe ({setup}) failed: {r.stdout} {r.stderr}")
     for scenario in scenarios:
         if scenario in H2_SCENARIOS:
             h2_loads = [(f"{r:g}/s", r) for r in rates] + ([] if args.no_max else [("max", 0.0)])

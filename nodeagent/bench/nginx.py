@@ -34,6 +34,9 @@ def config(root: Path, port: int, h2_port: int = 0) -> str:
     h2 = (
         f"""    server {{
         listen {h2_port} http2 reuseport;
+        # sendfile splits HTTP/2's DATA frame from its header write: ~45 ms per request
+        # (a delayed ACK) at a fixed rate, measured with h2load on loopback; off: 0.1 ms.
+        sendfile off;
         root {root}/www;
         index index.html;
     }}

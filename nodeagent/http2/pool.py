@@ -18,9 +18,11 @@ import trio
 
 from nodeagent.http.pool import Credentials
 from nodeagent.http2.conn import H2Connection
+from nodeagent.log import get_logger
 from nodeagent.snapshot import Endpoint
 
 Connector = Callable[[Endpoint, int], Awaitable[trio.abc.Stream]]
+log = get_logger("http2.pool")
 MAX_STREAMS = 100  # per upstream connection (Envoy's default for HTTP/2 upstreams is 2^31-1)
 IDLE_TIMEOUT = 3600.0  # DestinationRule http.idleTimeout's default
 
@@ -95,10 +97,14 @@ class H2Pool:
         return conn
 
     async def _serve(self, conn: H2Connection, idle: float) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._reap_idle, conn, idle, nursery.cancel_scope)
-            await conn.run()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reap_idle, conn, idle, nursery.cancel_scope)
+                await conn.run()
+                nursery.cancel_scope.cancel()
+        except Exception as exc:  # one upstream connection ends; the pool (and the pod) go on
+            conn.fail(repr(exc))
+            log.error("upstream.failed", conn=conn.id, error=repr(exc))
 
     async def _reap_idle(self, conn: H2Connection, idle: float, scope: trio.CancelScope) -> None:
         while conn.alive:

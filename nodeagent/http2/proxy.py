@@ -131,7 +131,10 @@ class H2Proxy:
         async def handle(stream: H2Stream) -> None:
             await self._request(stream, port, host, client_address, conn_id, peer)
 
-        await conn.run(handle)
+        try:
+            await conn.run(handle)
+        except Exception as exc:  # the connection ends; the pod's proxy goes on
+            log.error("connection.failed", proxy=self.name, conn=conn_id, error=repr(exc))
 
     # -- one request (stream) ----------------------------------------------------------------
 
@@ -174,7 +177,19 @@ class H2Proxy:
             entry.flags.append(flags.DOWNSTREAM_TERMINATION)
             if not reply.head_sent:
                 entry.code = 0
+        except Exception as exc:
+            # One request's bug (or an error from a nursery, as an ExceptionGroup) ends that
+            # stream, never the client's connection or the pod's proxy.
+            if down.error:
+                entry.flags.append(flags.DOWNSTREAM_TERMINATION)
+            else:
+                log.error("request.failed", path=entry.path, error=repr(exc), exc_info=exc)
+            down.reset()
+            if not reply.head_sent:
+                entry.code = 0
         finally:
+            if down.error and flags.DOWNSTREAM_TERMINATION not in entry.flags:
+                entry.flags.append(flags.DOWNSTREAM_TERMINATION)  # the client's connection went
             entry.bytes_received = down.received_bytes
             entry.bytes_sent = down.sent_bytes
             self._recorder.finish(entry, started)
@@ -269,24 +284,30 @@ class H2Proxy:
         ctx = PickContext(headers=request.headers, source_ip=client_address, path=request.target)
         body = RequestBody(down, limit=self.limits.retry_buffer_bytes)
         local: LocalReply | None = None
+        reset: StreamReset | None = None
         async with trio.open_nursery() as pumps:
             exchange = _Exchange(self, cluster, dest.port, headers, body, pumps)
             with trio.CancelScope(deadline=deadline) as overall:
-                result = await run_attempts(
-                    cluster,
-                    ctx,
-                    decision,
-                    entry,
-                    attempt=exchange.attempt,
-                    replayable=lambda: body.replayable,
-                    discard=exchange.discard,
-                    grpc_timeout=grpc_timeout,
-                )
-                if isinstance(result, LocalReply):
-                    local = result
-                else:
-                    await exchange.respond(down, reply, decision.response_headers, entry)
+                try:
+                    result = await run_attempts(
+                        cluster,
+                        ctx,
+                        decision,
+                        entry,
+                        attempt=exchange.attempt,
+                        replayable=lambda: body.replayable,
+                        discard=exchange.discard,
+                        grpc_timeout=grpc_timeout,
+                    )
+                    if isinstance(result, LocalReply):
+                        local = result
+                    else:
+                        await exchange.respond(down, reply, decision.response_headers, entry)
+                except StreamReset as exc:
+                    reset = exc  # the client's side failed: raised below, not in a group
             exchange.drop()
+        if reset is not None:
+            raise reset
         if local is not None:
             timed_out = flags.UPSTREAM_TIMEOUT in entry.flags
             await reply.local(local.status, local.body, timed_out=timed_out)

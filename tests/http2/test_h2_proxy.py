@@ -7,7 +7,8 @@ from collections import Counter
 
 import h2.errors
 import trio
-from h2_helpers import HOST, H2Backend, app_snapshot, curl_h2, dr, running, vs
+import trio.testing
+from h2_helpers import HOST, H2Backend, app_snapshot, curl_h2, dr, echo, running, vs
 
 from nodeagent.http2.conn import H2Connection
 
@@ -228,3 +229,37 @@ async def test_a_complete_answer_survives_the_servers_no_error_reset() -> None:
     assert (dict(got)[b":status"], body) == (b"200", b"early")
     assert r.logs[-1].code == 200
     assert "UR" not in r.logs[-1].flags
+
+
+async def flood(backend: H2Backend, stream, headers, body) -> None:  # type: ignore[no-untyped-def]
+    """A server stream that sends as fast as the windows let it."""
+    stream.send_headers([(b":status", b"200"), (b"content-type", b"application/grpc")])
+    for _ in range(2000):
+        await stream.send_data(b"x" * 16384)
+    stream.send_trailers([(b"grpc-status", b"0")])
+
+
+async def test_a_client_reset_mid_stream_ends_only_that_request() -> None:
+    async with running(app_snapshot(replicas=1), [H2Backend("a", flood)]) as r:
+        for _ in range(5):
+            transport = await trio.open_tcp_stream("127.0.0.1", r.port)
+            conn = H2Connection(transport, client=True)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn.run)
+                head = [(b":method", b"POST"), (b":scheme", b"http"),
+                        (b":authority", HOST.encode()), (b":path", b"/pkg.Svc/Flood"),
+                        (b"content-type", b"application/grpc")]  # fmt: skip
+                stream = conn.open_stream(head, end_stream=True)
+                await stream.wait_headers()
+                assert await stream.receive_data()
+                stream.reset()  # the client gives up mid-stream…
+                await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()  # …and its connection goes too
+        with trio.fail_after(5):
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert len(r.logs) == 5
+        assert all("DC" in e.flags for e in r.logs), r.logs
+        # the proxy still serves: a reset ends one stream, never the proxy
+        r.backends["10.0.0.1"].handler = echo
+        got = await h2_requests(r.port, 1, GRPC)
+    assert got[0][0][":status"] == "200"
