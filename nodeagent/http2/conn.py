@@ -293,6 +293,7 @@ class H2Stream:
         self._event = trio.Event()  # something arrived (headers, data, end, error)
         self._send_event: trio.Event | None = None
         self.on_fail: Callable[[], None] | None = None
+        self.on_activity: Callable[[], None] | None = None  # a DATA payload moved either way
 
     # -- from the reader ----------------------------------------------------------------------
 
@@ -359,6 +360,8 @@ class H2Stream:
             await self._wait()
         data, flow = self._chunks.popleft()
         self.received_bytes += len(data)
+        if self.on_activity is not None:
+            self.on_activity()
         if flow and not self.error:
             with contextlib.suppress(h2.exceptions.H2Error):
                 self.conn.h2.acknowledge_received_data(flow, self.id)
@@ -403,6 +406,8 @@ class H2Stream:
             self.sent_bytes += n
             view = view[n:]
             self.conn.kick()
+            if self.on_activity is not None:
+                self.on_activity()
         if end_stream:
             self.end()
         await trio.lowlevel.checkpoint()

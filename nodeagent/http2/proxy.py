@@ -154,8 +154,21 @@ class H2Proxy:
         cancel = trio.CancelScope()
         down.on_fail = cancel.cancel  # the client reset the stream (or left): stop everything
         reply = _Replier(down, entry, grpc=False)
+        # Stream idle timeout (Envoy's, 5 min): no DATA either way for that long ends the
+        # request; every payload moved (both sides' streams) pushes the deadline.
+        idle_s = self.limits.stream_idle_timeout
+        idle = trio.CancelScope(deadline=started + idle_s)
+        pushed = [started]
+
+        def touch() -> None:
+            now = trio.current_time()
+            if now - pushed[0] > idle_s / 100:  # moving a deadline costs: only when it lags
+                pushed[0] = now
+                idle.deadline = now + idle_s
+
+        down.on_activity = reply.touch = touch
         try:
-            with cancel:
+            with cancel, idle:
                 assert down.headers is not None
                 try:
                     head = parse_request(down.headers)
@@ -169,7 +182,10 @@ class H2Proxy:
                 if head.grpc:
                     entry.protocol = "grpc"
                 await self._route(down, head, reply, entry, port, host, client_address)
-            if cancel.cancelled_caught or down.error:
+            if idle.cancelled_caught:
+                entry.flags.append(flags.STREAM_IDLE_TIMEOUT)
+                await reply.local(408, b"stream timeout")  # or a reset once a head went out
+            elif cancel.cancelled_caught or (down.error and down.on_fail is not None):
                 entry.flags.append(flags.DOWNSTREAM_TERMINATION)
                 if not reply.head_sent:
                     entry.code = 0
@@ -180,7 +196,7 @@ class H2Proxy:
         except Exception as exc:
             # One request's bug (or an error from a nursery, as an ExceptionGroup) ends that
             # stream, never the client's connection or the pod's proxy.
-            if down.error:
+            if down.error and down.on_fail is not None:
                 entry.flags.append(flags.DOWNSTREAM_TERMINATION)
             else:
                 log.error("request.failed", path=entry.path, error=repr(exc), exc_info=exc)
@@ -188,8 +204,10 @@ class H2Proxy:
             if not reply.head_sent:
                 entry.code = 0
         finally:
-            if down.error and flags.DOWNSTREAM_TERMINATION not in entry.flags:
-                entry.flags.append(flags.DOWNSTREAM_TERMINATION)  # the client's connection went
+            # The client's reset or its connection's end (our own reset clears `on_fail`).
+            gone = down.error and down.on_fail is not None
+            if gone and flags.DOWNSTREAM_TERMINATION not in entry.flags:
+                entry.flags.append(flags.DOWNSTREAM_TERMINATION)
             entry.bytes_received = down.received_bytes
             entry.bytes_sent = down.sent_bytes
             self._recorder.finish(entry, started)
@@ -286,7 +304,7 @@ class H2Proxy:
         local: LocalReply | None = None
         reset: StreamReset | None = None
         async with trio.open_nursery() as pumps:
-            exchange = _Exchange(self, cluster, dest.port, headers, body, pumps)
+            exchange = _Exchange(self, cluster, dest.port, headers, body, pumps, reply.touch)
             with trio.CancelScope(deadline=deadline) as overall:
                 try:
                     result = await run_attempts(
@@ -365,7 +383,9 @@ class _Exchange:
         headers: Headers,
         body: RequestBody,
         pumps: trio.Nursery,
+        touch: Callable[[], None] | None,
     ) -> None:
+        self.touch = touch
         self.proxy = proxy
         self.cluster = cluster
         self.service_port = service_port
@@ -402,6 +422,7 @@ class _Exchange:
         except StreamReset as exc:
             return AttemptOutcome("reset", stale=reused, detail=str(exc), setup_s=setup)
         self.up = up
+        up.on_activity = self.touch
         if not bodiless:
             self.pump_scope = scope = trio.CancelScope()
             self.pumps.start_soon(self._pump, up, scope)
@@ -476,6 +497,7 @@ class _Replier:
         self.entry = entry
         self.grpc = grpc
         self.head_sent = False
+        self.touch: Callable[[], None] | None = None  # pushes the request's idle deadline
 
     def send_head(self, head: Headers, *, end_stream: bool) -> None:
         self.down.send_headers(head, end_stream=end_stream)

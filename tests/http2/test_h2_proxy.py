@@ -10,6 +10,7 @@ import trio
 import trio.testing
 from h2_helpers import HOST, H2Backend, app_snapshot, curl_h2, dr, echo, running, vs
 
+from nodeagent.http.limits import Limits
 from nodeagent.http2.conn import H2Connection
 
 GRPC = [("content-type", "application/grpc"), ("te", "trailers")]
@@ -263,3 +264,17 @@ async def test_a_client_reset_mid_stream_ends_only_that_request() -> None:
         r.backends["10.0.0.1"].handler = echo
         got = await h2_requests(r.port, 1, GRPC)
     assert got[0][0][":status"] == "200"
+
+
+async def test_stream_idle_timeout_cuts_silence_not_a_slow_stream() -> None:
+    limits = Limits(stream_idle_timeout=0.5)
+    backends = [H2Backend("a", drip)]
+    async with running(app_snapshot(replicas=1), backends, limits=limits) as r:
+        ((_, body, trailers),) = await h2_requests(r.port, 1, GRPC)  # a message every 0.2 s
+        assert trailers == {"grpc-status": "0"}
+        assert len(body) == 20
+        r.backends["10.0.0.1"].handler = echo
+        ((head, _, _),) = await h2_requests(r.port, 1, [*GRPC, ("x-sleep", "3")])  # silence
+    assert head[":status"] == "200"
+    assert head["grpc-status"] == "2"  # Envoy's 408 → UNKNOWN
+    assert r.logs[-1].flags == ["SI"]
