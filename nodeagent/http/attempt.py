@@ -54,6 +54,12 @@ class AttemptOutcome:
     # Seconds of the attempt spent opening a new upstream connection: not the endpoint's
     # response time, so not its latency sample (tower's balancer sees only ready connections).
     setup_s: float = 0.0
+    # A response whose outcome is known only at its end (gRPC: `grpc-status` in the trailers):
+    # the attempt asks for it with `defer_finish`; `_measured` then leaves the endpoint's
+    # bracket open (in flight, the request slot held) and `finish(outcome or None)` closes it,
+    # once, with the latency sample of the head. Whoever takes the outcome must call it.
+    defer_finish: bool = False
+    finish: Callable[[Outcome | None], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +250,8 @@ async def run_attempts(
                 if outcome.kind == "response":
                     retriable = _retriable_response(policy, outcome)
                     if not last and retriable and not upgrade and may_retry():
+                        if outcome.finish is not None:
+                            outcome.finish(None)
                         await discard(outcome)
                         tried += 1
                         continue
@@ -283,17 +291,32 @@ async def _measured(
     started = trio.current_time()
     result = Outcome.TIMEOUT  # a cancellation (route timeout) ends the attempt here
     setup = 0.0
+    deferred = False
     try:
         outcome = await attempt(handle, per_try_timeout)
         result = _balance_outcome(outcome)
         setup = outcome.setup_s
+        if outcome.kind == "response" and outcome.defer_finish:
+            latency = trio.current_time() - started - setup
+            done = [False]
+            head_result = result
+
+            def finish(final: Outcome | None) -> None:
+                if not done[0]:
+                    done[0] = True
+                    handle.finish(latency, final or head_result)
+                    request_token.release()
+
+            outcome.finish = finish
+            deferred = True
         return outcome
     except DownstreamError:
         result = Outcome.CANCELLED
         raise
     finally:
-        handle.finish(trio.current_time() - started - setup, result)
-        request_token.release()
+        if not deferred:
+            handle.finish(trio.current_time() - started - setup, result)
+            request_token.release()
 
 
 async def _response_head(

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import trio
 
-from nodeagent.balance import PickContext, Registry
+from nodeagent.balance import Outcome, PickContext, Registry
 from nodeagent.balance import Picker as Cluster
 from nodeagent.balance.state import EndpointState
 from nodeagent.http import flags
@@ -55,7 +55,12 @@ from nodeagent.routing import (
     Source,
     route_http,
 )
-from nodeagent.routing.grpc import GrpcStatus, http_to_grpc_status, parse_grpc_timeout
+from nodeagent.routing.grpc import (
+    GrpcStatus,
+    grpc_to_http_status,
+    http_to_grpc_status,
+    parse_grpc_timeout,
+)
 from nodeagent.snapshot.snapshot import Snapshot
 
 SourceFor = Source | Callable[[HttpRequest], Source | None]
@@ -305,6 +310,7 @@ class H2Proxy:
         reset: StreamReset | None = None
         async with trio.open_nursery() as pumps:
             exchange = _Exchange(self, cluster, dest.port, headers, body, pumps, reply.touch)
+            exchange.grpc = reply.grpc
             with trio.CancelScope(deadline=deadline) as overall:
                 try:
                     result = await run_attempts(
@@ -320,7 +326,11 @@ class H2Proxy:
                     if isinstance(result, LocalReply):
                         local = result
                     else:
-                        await exchange.respond(down, reply, decision.response_headers, entry)
+                        try:
+                            await exchange.respond(down, reply, decision.response_headers, entry)
+                        finally:
+                            if result.finish is not None:
+                                result.finish(_stream_outcome(entry))
                 except StreamReset as exc:
                     reset = exc  # the client's side failed: raised below, not in a group
             exchange.drop()
@@ -332,6 +342,17 @@ class H2Proxy:
         elif overall.cancelled_caught:  # the route timeout (or grpc-timeout) cut the stream
             entry.flags.append(flags.UPSTREAM_TIMEOUT)
             await reply.timed_out()
+
+
+def _stream_outcome(entry: RequestLog) -> Outcome | None:
+    """How a streamed gRPC answer counts for outlier detection, once it ended: its trailers'
+    `grpc-status` (Envoy's grpcToHttpStatus), a reset of the upstream's as a gateway error,
+    else (the client left, the route timeout) what its head said."""
+    if flags.UPSTREAM_RESET in entry.flags:
+        return Outcome.GATEWAY_ERROR
+    if entry.grpc_status is not None and flags.UPSTREAM_TIMEOUT not in entry.flags:
+        return Outcome.from_status(grpc_to_http_status(entry.grpc_status))
+    return None
 
 
 class RequestBody:
@@ -386,6 +407,7 @@ class _Exchange:
         touch: Callable[[], None] | None,
     ) -> None:
         self.touch = touch
+        self.grpc = False
         self.proxy = proxy
         self.cluster = cluster
         self.service_port = service_port
@@ -437,7 +459,14 @@ class _Exchange:
             return AttemptOutcome("timeout", setup_s=setup)
         status = next((int(v) for k, v in raw if k == b":status" and v.isdigit()), 0)
         grpc_status = grpc_status_of(raw)
-        return AttemptOutcome("response", status=status, grpc_status=grpc_status, setup_s=setup)
+        return AttemptOutcome(
+            "response",
+            status=status,
+            grpc_status=grpc_status,
+            setup_s=setup,
+            # a gRPC answer with a body: its status comes in the trailers (`_forward`)
+            defer_finish=self.grpc and grpc_status is None and not up.ended,
+        )
 
     async def _pump(self, up: H2Stream, scope: trio.CancelScope) -> None:
         with scope:

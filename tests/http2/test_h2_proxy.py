@@ -278,3 +278,25 @@ async def test_stream_idle_timeout_cuts_silence_not_a_slow_stream() -> None:
     assert head[":status"] == "200"
     assert head["grpc-status"] == "2"  # Envoy's 408 → UNKNOWN
     assert r.logs[-1].flags == ["SI"]
+
+
+async def test_grpc_status_in_trailers_counts_for_outlier_detection() -> None:
+    async def late_failure(backend: H2Backend, stream, headers, body) -> None:  # type: ignore[no-untyped-def]
+        # a message first, then the status: nothing to retry, but the replica is failing
+        stream.send_headers([(b":status", b"200"), (b"content-type", b"application/grpc"),
+                             (b"x-backend", backend.name.encode())])  # fmt: skip
+        await stream.send_data(b"partial")
+        status = b"14" if backend.name == "bad" else b"0"
+        stream.send_trailers([(b"grpc-status", status)])
+
+    od = {"consecutive5xxErrors": 3, "interval": "1s", "baseEjectionTime": "60s",
+          "maxEjectionPercent": 100}  # fmt: skip
+    rule = dr(
+        {"trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBIN"}, "outlierDetection": od}}
+    )
+    backends = [H2Backend("bad", late_failure), H2Backend("good", late_failure)]
+    async with running(app_snapshot(rule, replicas=2), backends) as r:
+        got = await h2_requests(r.port, 30, GRPC)
+    by = Counter(h["x-backend"] for h, _, _ in got)
+    assert by["bad"] == 3, by  # ejected at its third consecutive UNAVAILABLE
+    assert sum(t["grpc-status"] == "14" for _, _, t in got) == 3
