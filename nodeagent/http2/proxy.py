@@ -21,6 +21,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable
+from contextvars import Token
 
 import trio
 
@@ -32,7 +33,7 @@ from nodeagent.http.attempt import AttemptOutcome, LocalReply, run_attempts
 from nodeagent.http.errors import UpstreamDenied
 from nodeagent.http.headers import HOP_BY_HOP, new_request_id
 from nodeagent.http.limits import Limits
-from nodeagent.http.log import RequestLog, RequestRecorder, log
+from nodeagent.http.log import RequestLog, RequestRecorder, log, start_span_for
 from nodeagent.http2.conn import H2Connection, H2Stream, Headers, StreamReset
 from nodeagent.http2.messages import (
     BadRequest,
@@ -62,6 +63,7 @@ from nodeagent.routing.grpc import (
     parse_grpc_timeout,
 )
 from nodeagent.snapshot.snapshot import Snapshot
+from nodeagent.telemetry.tracing import CURRENT_TRACE, TraceContext, Tracer
 
 SourceFor = Source | Callable[[HttpRequest], Source | None]
 _conn_ids = itertools.count(1)
@@ -94,7 +96,9 @@ class H2Proxy:
         rand: Callable[[], float] = random.random,
         name: str = "http2",
         access_logged: bool = False,
+        tracer: Tracer | None = None,
     ) -> None:
+        self._tracer = tracer
         self._snapshot = snapshot
         self._source = source
         self.registry = registry
@@ -228,6 +232,25 @@ class H2Proxy:
         client_address: str | None,
     ) -> None:
         request = routing_request(head, port=port, host=host)
+        token: Token[TraceContext | None] | None = None
+        if self._tracer is not None:
+            raw = [(k, v) for k, v in down.headers or [] if not k.startswith(b":")]
+            token = start_span_for(self._tracer, raw, entry, request)
+        try:
+            await self._route_request(down, head, request, reply, entry, client_address)
+        finally:
+            if token is not None:
+                CURRENT_TRACE.reset(token)
+
+    async def _route_request(
+        self,
+        down: H2Stream,
+        head: RequestHead,
+        request: HttpRequest,
+        reply: _Replier,
+        entry: RequestLog,
+        client_address: str | None,
+    ) -> None:
         source = self._source(request) if callable(self._source) else self._source
         try:
             decision = (
@@ -298,7 +321,7 @@ class H2Proxy:
             request,
             decision,
             request_id=entry.request_id,
-            trace_headers=[],
+            trace_headers=entry.trace_headers,
             client_address=client_address,
         )
         grpc_timeout = parse_grpc_timeout(head.header("grpc-timeout")) if reply.grpc else None

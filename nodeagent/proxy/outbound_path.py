@@ -75,6 +75,7 @@ class OutboundPath:
             limits=core.http_limits,
             name=f"http2:{core.pod}",
             access_logged=core.telemetry is not None,
+            tracer=core.telemetry.tracer if core.telemetry is not None else None,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -12,6 +12,7 @@ from h2_helpers import HOST, H2Backend, app_snapshot, curl_h2, dr, echo, running
 
 from nodeagent.http.limits import Limits
 from nodeagent.http2.conn import H2Connection
+from nodeagent.telemetry.tracing import Tracer
 
 GRPC = [("content-type", "application/grpc"), ("te", "trailers")]
 
@@ -300,3 +301,16 @@ async def test_grpc_status_in_trailers_counts_for_outlier_detection() -> None:
     by = Counter(h["x-backend"] for h, _, _ in got)
     assert by["bad"] == 3, by  # ejected at its third consecutive UNAVAILABLE
     assert sum(t["grpc-status"] == "14" for _, _, t in got) == 3
+
+
+async def test_a_traced_request_continues_the_callers_trace_upstream() -> None:
+    tracer = Tracer("node-1", sample_rate=1.0)
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    backends = [H2Backend("a")]
+    async with running(app_snapshot(replicas=1), backends, tracer=tracer) as r:
+        await h2_requests(r.port, 1, [*GRPC, ("traceparent", parent)])
+    seen = backends[0].seen[-1]
+    sent = seen["traceparent"].split("-")
+    assert sent[1] == "0af7651916cd43dd8448eb211c80319c"  # the same trace
+    assert sent[2] != "b7ad6b7169203331"  # a new span: this hop's
+    assert r.logs[-1].trace_id == "0af7651916cd43dd8448eb211c80319c"
