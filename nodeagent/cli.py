@@ -126,6 +126,12 @@ def _run(argv: list[str]) -> int:
         help="HTTP (pods and gateway): a request with no byte either way for this long is "
         "ended, 408 if no response was started (flag SI); Envoy's default, 300",
     )
+    p.add_argument(
+        "--takeover",
+        action="store_true",
+        help="if an agent runs in the run dir, ask it to hand over (it drains, then idles "
+        "until its SIGTERM) and start: a DaemonSet rollout with maxSurge 1",
+    )
     args = p.parse_args(argv)
     log.configure(args.log_level, args.log_format)
     cfg = AgentConfig(
@@ -148,6 +154,7 @@ def _run(argv: list[str]) -> int:
         lease_ttl=args.lease_ttl,
         lease_grace=args.lease_grace,
         drain_timeout=args.drain_timeout,
+        takeover=args.takeover,
         http_limits=Limits(
             request_headers_timeout=args.http_request_headers_timeout,
             stream_idle_timeout=args.http_stream_idle_timeout,

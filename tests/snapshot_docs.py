@@ -1,11 +1,13 @@
 """Test documents and a real `Snapshot` built from them, the way the agent does from the store:
-the one place tests make `Service` and `Workload` documents."""
+the one place tests make `Service`, `Workload` and `EndpointSlice` documents."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from nodeagent.kube.mirror import convert
+from nodeagent.kube.resources import ENDPOINT_SLICE
 from nodeagent.snapshot import Snapshot, SnapshotBuilder
 from nodeagent.store import codec, keys
 from nodeagent.store.base import KeyValue
@@ -70,6 +72,41 @@ def service(
         "metadata": {"name": name, "namespace": namespace},
         "spec": spec,
     }
+
+
+def endpoint_slice(
+    name: str,
+    service: str | None,
+    endpoints: Iterable[str | tuple[str, Mapping[str, bool]]],
+    *,
+    namespace: str = "default",
+    ports: list[dict[str, Any]] | None = None,
+    address_type: str = "IPv4",
+) -> Doc:
+    """A Kubernetes EndpointSlice (discovery.k8s.io/v1) labelled for `service` (None: no
+    label), one endpoint per address (or (address, conditions); none given: Kubernetes' unset
+    conditions), with `ports` (default one `http` port 8080)."""
+    labels = {} if service is None else {"kubernetes.io/service-name": service}
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "addressType": address_type,
+        "endpoints": [
+            {"addresses": [e]}
+            if isinstance(e, str)
+            else {"addresses": [e[0]], "conditions": dict(e[1])}
+            for e in endpoints
+        ],
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}] if ports is None else ports,
+    }
+
+
+def mirrored(obj: Doc) -> tuple[str, Doc]:
+    """(store key, document) of a Kubernetes EndpointSlice as kube-sync writes it (its own
+    conversion, `nodeagent.kube.mirror.convert`)."""
+    m = convert(ENDPOINT_SLICE, obj)
+    return m.key, m.body
 
 
 def key_of(doc: Doc) -> str:

@@ -23,6 +23,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"store"}),
     frozenset({"config", "cni"}),
     frozenset({"snapshot"}),  # compiles VirtualServices with config's regex and duration rules
+    frozenset({"authn"}),  # verifies JWTs against snapshot's rules; authz reads its RequestAuth
     frozenset({"ca", "routing", "balance", "authz", "telemetry"}),
     frozenset({"identity", "dns", "kube", "rollout"}),  # rollout reads telemetry's exposition
     frozenset({"tunnel", "admin"}),

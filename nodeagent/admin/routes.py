@@ -25,14 +25,15 @@ _SECRET_WORDS = ("private", "secret", "key_pem", "password", "token")
 
 @dataclass(slots=True)
 class AdminSources:
-    """What the agent exposes. `drain(deadline_s)` must not block: it starts the drain (stop
-    accepting, let open connections finish for at most `deadline_s`, then exit) and returns."""
+    """What the agent exposes. `drain(deadline_s, park)` must not block: it starts the drain
+    (stop accepting, let open connections finish for at most `deadline_s`, then exit; with
+    `park`, stay idle until a SIGTERM instead of exiting) and returns."""
 
     ready: Callable[[], bool]
     config_dump: Callable[[], Mapping[str, Any]]
     workloads: Callable[[], Sequence[Mapping[str, Any]]]
     certs: Callable[[], Sequence[Mapping[str, Any]]]
-    drain: Callable[[float], None]
+    drain: Callable[[float, bool], None]
     registry: MetricsRegistry | None = None
     log_level: str = "info"
     set_log_level: Callable[[str], None] = logconf.set_level
@@ -87,8 +88,11 @@ def admin_routes(src: AdminSources) -> dict[str, Route]:
             raise ValueError(f"deadline {raw!r} is not a number of seconds") from None
         if not 0 <= deadline <= MAX_DRAIN_DEADLINE:
             raise ValueError(f"deadline {deadline} s is outside 0..{MAX_DRAIN_DEADLINE:g}")
-        src.drain(deadline)
-        return Response.json({"draining": True, "deadline_seconds": deadline})
+        then = req.param("then") or "exit"
+        if then not in ("exit", "park"):
+            raise ValueError(f"then={then!r}: after the drain the agent can only exit or park")
+        src.drain(deadline, then == "park")
+        return Response.json({"draining": True, "deadline_seconds": deadline, "then": then})
 
     routes = {
         "/config_dump": Route(config_dump),

@@ -29,6 +29,7 @@ import trio
 
 from nodeagent.agent.plumbing import InpodPlumbing, PodPlumbing
 from nodeagent.agent.state import AgentState, PodRecord
+from nodeagent.authn import Authenticator
 from nodeagent.balance import Registry
 from nodeagent.cni.errors import ErrorCode
 from nodeagent.cni.metadata import PodMetadataSource
@@ -112,6 +113,7 @@ class EnrolledPod:
             "status": self.registered,
             "listeners": self.listeners(),
             "connections": self.proxy.statistics(),
+            "tunnel_pool": self.proxy.core.pool.statistics(),
         }
 
 
@@ -177,8 +179,11 @@ class Enroller:
         telemetry: Sinks | None = None,
         plumbing: PodPlumbing | None = None,
         http_limits: Limits | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.node = node
+        # The node's one JWT verifier (one JWKS cache) for every pod's inbound HTTP.
+        self.authenticator = authenticator if authenticator is not None else Authenticator()
         self.http_limits = http_limits  # every pod's L7 proxy (agent flags)
         self.telemetry = telemetry  # metrics, access log and tracer for every pod's proxy
         # The in-pod DNS proxy (15053) for pods whose spec captures DNS; upstreams default to
@@ -400,6 +405,7 @@ class Enroller:
                 outbound_policy=self.outbound_policy,
                 telemetry=self.telemetry,
                 http_limits=self.http_limits,
+                authenticator=self.authenticator,
             )
             dns = None
             if self.dns and spec.dns_capture:

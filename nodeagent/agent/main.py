@@ -23,6 +23,12 @@ to the successor's sockets) and open connections get `--drain-timeout` (5 s, ztu
 before they are closed. When no successor has started within the drain timeout (a plain
 stop), listeners and connections close at that deadline. SIGINT, or a SIGTERM while an
 uninstall is under way, stops at once.
+
+`--takeover` (a DaemonSet rollout with `maxSurge: 1`, where both pods run at once): a new agent
+that finds the run dir held asks the running agent to drain over its admin socket
+(`/quitquitquit?then=park`), takes the pid file once it is released, and starts as above. The
+old agent hands over, drains, and then parks (serves nothing, holds nothing) until its own
+SIGTERM, because an exited container would be restarted by its kubelet and take the node back.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from nodeagent.admin.routes import AdminSources, admin_routes
 from nodeagent.agent import pidfile
 from nodeagent.agent.enroll import Enroller
 from nodeagent.agent.state import AgentState
+from nodeagent.authn import Authenticator
 from nodeagent.balance import Registry
 from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
@@ -71,6 +78,8 @@ DRAIN_TIMEOUT = 5.0
 HANDOVER_POLL = 0.05
 # How long a draining agent keeps accepting for a successor that started but is not ready yet.
 SUCCESSOR_WAIT = 60.0
+# --takeover: how long the new agent waits for the old one to release the pid file.
+TAKEOVER_WAIT = 10.0
 NODE_RECORD_VERSION = 1
 
 
@@ -114,6 +123,8 @@ class AgentConfig:
     # The node address its metrics port is reachable on, put in the node record for the
     # console (`metrics: "host:port"`); None leaves it out.
     advertise_address: str | None = None
+    # An agent already runs in the run dir: ask it to hand over (drain, then park) and start.
+    takeover: bool = False
 
     @property
     def cni_socket(self) -> Path:
@@ -141,8 +152,13 @@ class Agent:
     # One balancer registry per agent: every pod's proxy and the gateway share the clusters'
     # latency estimates, ejections and circuit breakers.
     balance: Registry = field(default_factory=Registry)
+    # One JWT verifier per agent (RequestAuthentication): every pod's inbound HTTP and the
+    # gateway share its JWKS cache.
+    authenticator: Authenticator = field(default_factory=Authenticator)
     drain_deadline: float = 0.0
     drain_requested: trio.Event = field(default_factory=trio.Event)
+    # After the drain: stay idle until a SIGTERM instead of exiting (taken over by --takeover).
+    park_after_drain: bool = False
     # Set once adoption is over: registering under a lease waits for it (every pod is known).
     _adopted: trio.Event = field(default_factory=trio.Event)
     # Set once the first lease is held and everything is registered under it.
@@ -157,9 +173,11 @@ class Agent:
     # Set when the pods' listeners are closed (the successor serves new connections).
     stopped_accepting: trio.Event = field(default_factory=trio.Event)
 
-    def request_drain(self, deadline: float) -> None:
-        """/quitquitquit: returns at once; run_until_signalled drains and stops the agent."""
+    def request_drain(self, deadline: float, park: bool = False) -> None:
+        """/quitquitquit: returns at once; run_until_signalled drains and stops the agent (and
+        with `park`, then waits for a SIGTERM before the process exits)."""
         self.drain_deadline = deadline
+        self.park_after_drain = park
         self.drain_requested.set()
 
     def open_connections(self) -> dict[str, int]:
@@ -180,7 +198,12 @@ class Agent:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         cfg.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._pid_file = pidfile.take_agent_pid_file(cfg.run_dir)
+        try:
+            self._pid_file = pidfile.take_agent_pid_file(cfg.run_dir)
+        except pidfile.RunDirBusy:
+            if not cfg.takeover or pidfile.uninstall_under_way(cfg.run_dir):
+                raise
+            self._pid_file = await self._take_over()
         try:
             state = AgentState.load(cfg.state_file)
             store = await open_store(cfg.store_url)
@@ -191,6 +214,38 @@ class Agent:
                     await store.aclose()
         finally:
             self._release_pid_file()
+
+    async def _take_over(self) -> pidfile.HeldLock:
+        """Ask the agent holding the run dir to hand over to us (drain, then park), and take
+        its pid file once released. RunDirBusy saying why when it does not let go."""
+        cfg = self.config
+        old = pidfile.running_agent(cfg.run_dir)
+        path = f"/quitquitquit?deadline={cfg.drain_timeout:g}&then=park"
+        try:
+            with trio.fail_after(5):
+                status, body = await admin_request(cfg.admin_socket, "POST", path)
+        except (AdminClientError, trio.TooSlowError) as exc:
+            raise pidfile.RunDirBusy(
+                f"an agent (pid {old}) holds {cfg.run_dir} and its admin socket does not take "
+                f"the handover: {exc or 'no answer in 5 s'}",
+                old,
+            ) from None
+        if status != 200:
+            raise pidfile.RunDirBusy(
+                f"the agent (pid {old}) refused the handover: {status} {body!r}", old
+            )
+        log.info("agent.taking_over", old_pid=old)
+        with trio.move_on_after(TAKEOVER_WAIT):
+            while True:
+                try:
+                    return pidfile.take_agent_pid_file(cfg.run_dir)
+                except pidfile.RunDirBusy:
+                    await trio.sleep(HANDOVER_POLL)
+        raise pidfile.RunDirBusy(
+            f"the agent (pid {old}) accepted the handover but kept {cfg.run_dir} for "
+            f"{TAKEOVER_WAIT:g} s",
+            old,
+        )
 
     def _release_pid_file(self) -> None:
         # Once only: after a handover the path is the successor's file.
@@ -305,6 +360,9 @@ class Agent:
             )
             await nursery.start(self.identities.run)
             self._follow_node_identities(self.snapshot, self.identities)
+            # One JWT verifier for the node (every pod's inbound HTTP and the gateway): one
+            # JWKS cache, its remote key sets refreshed in the background.
+            await nursery.start(self.authenticator.run)
             pods_nursery = await nursery.start(_open_pods_nursery)
             self.enroller = Enroller(
                 node=cfg.node,
@@ -321,6 +379,7 @@ class Agent:
                 dns_upstreams=list(cfg.dns_upstreams) or None,
                 telemetry=self.telemetry,
                 http_limits=cfg.http_limits,
+                authenticator=self.authenticator,
             )
             nursery.start_soon(self._maintain_balance)
             nursery.start_soon(self.enroller.maintain_status)
@@ -350,6 +409,7 @@ class Agent:
                     sessions=self.enroller.sessions,
                     telemetry=self.telemetry,
                     limits=cfg.http_limits,
+                    authenticator=self.authenticator,
                 )
                 if self._registered.is_set():
                     await nursery.start(self._in_front, self.gateway.run)
@@ -574,12 +634,22 @@ async def run_until_signalled(config: AgentConfig) -> None:
                     config.run_dir
                 )
                 if graceful and agent.drain_requested.is_set():
-                    # Kubelet's SIGTERM after a preStop `nodeagent admin drain`: keep draining.
+                    # Kubelet's SIGTERM after a preStop `nodeagent admin drain`, or to a pod
+                    # taken over: keep draining, then exit (do not park).
                     log.info("agent.draining_already", deadline=agent.drain_deadline)
+                    agent.park_after_drain = False
                     continue
                 if graceful:
                     agent.request_drain(config.drain_timeout)
                     continue
                 log.info("agent.stopping", signal=signal.Signals(signum).name)
+                agent.park_after_drain = False
                 nursery.cancel_scope.cancel()
+                break
+        if agent.park_after_drain:
+            # Taken over (--takeover): everything is closed and released; an exit now would
+            # have the kubelet restart this container, which would take the node back.
+            log.info("agent.parked", note="handed over; idle until SIGTERM")
+            async for signum in signals:
+                log.info("agent.stopping", signal=signal.Signals(signum).name, parked=True)
                 break

@@ -1,4 +1,4 @@
-"""Evaluate Istio AuthorizationPolicies against one L4 connection, as ztunnel does.
+"""Evaluate Istio AuthorizationPolicies against one connection (L4) or one HTTP request.
 
 Order: any matching DENY policy denies; AUDIT policies that match are only reported; with no
 ALLOW policy selecting the workload the connection is allowed, otherwise one ALLOW policy must
@@ -8,24 +8,37 @@ list matches anything); inside one entry every field set must match (the `not*` 
 not). An ALLOW policy without rules matches nothing (so it denies everything); a DENY policy
 without rules matches nothing.
 
-Only L4 attributes exist here (source identity, source IP, destination IP and port). A field
-that needs L7 (methods, paths, hosts, request principals, headers, JWT claims, SNI) cannot be
-checked, so it fails closed: it never matches in an ALLOW or AUDIT rule and always matches in a
-DENY rule, which makes the DENY broader (istiod and ztunnel treat L7-only rules the same way).
+`authorize(policies, conn)` has only L4 attributes (source identity, source IP, destination IP
+and port): it is what TCP ports get, with Istio's TCP rule for fields that need HTTP (methods,
+paths, hosts, request principals, headers, JWT claims): in an ALLOW or AUDIT rule such a field
+never matches, so the rule matches nothing; in a DENY rule it always matches, which widens the
+DENY to the rule's remaining fields (istiod and ztunnel do the same). `policy_matches(policy,
+conn, request)` with the request's `HttpFacts` evaluates every field (`authz.http`).
 """
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nodeagent.authz.attributes import Connection, HttpFacts
+from nodeagent.authz.match import (
+    any_negative,
+    any_positive,
+    host_match,
+    ip_match,
+    negative,
+    path_match,
+    positive,
+    qualify,
+    string_match,
+)
 from nodeagent.snapshot.model import AuthorizationPolicies, AuthorizationPolicy
 
-_L7_SOURCE_FIELDS = ("requestPrincipals", "notRequestPrincipals")
-_L7_OPERATION_FIELDS = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
-_L4_CONDITION_KEYS = frozenset(
+L7_SOURCE_FIELDS = ("requestPrincipals", "notRequestPrincipals")
+L7_OPERATION_FIELDS = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
+L4_CONDITION_KEYS = frozenset(
     [
         "source.ip",
         "remote.ip",
@@ -37,47 +50,6 @@ _L4_CONDITION_KEYS = frozenset(
         "destination.port",
     ]
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Connection:
-    """The L4 facts of one connection. `source_identity` is the verified SPIFFE id, None for a
-    plaintext client."""
-
-    source_ip: str
-    destination_ip: str
-    destination_port: int
-    source_identity: str | None = None
-
-    @property
-    def principal(self) -> str | None:
-        """Istio's principal: the SPIFFE id without `spiffe://`."""
-        if not self.source_identity:
-            return None
-        return self.source_identity.removeprefix("spiffe://")
-
-    def _path_part(self, key: str) -> str | None:
-        principal = self.principal
-        if principal is None:
-            return None
-        parts = principal.split("/")
-        # <trust-domain>/ns/<ns>/sa/<sa>
-        if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa":
-            return {"td": parts[0], "ns": parts[2], "sa": parts[4]}[key]
-        return None
-
-    @property
-    def namespace(self) -> str | None:
-        return self._path_part("ns")
-
-    @property
-    def service_account(self) -> str | None:
-        ns, sa = self._path_part("ns"), self._path_part("sa")
-        return f"{ns}/{sa}" if ns is not None and sa is not None else None
-
-    @property
-    def trust_domain(self) -> str | None:
-        return self._path_part("td")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,64 +74,101 @@ def authorize(policies: AuthorizationPolicies, conn: Connection) -> AuthzDecisio
     return AuthzDecision(False, names, "no ALLOW policy matched", audited)
 
 
-def policy_matches(policy: AuthorizationPolicy, conn: Connection) -> bool:
-    unknown = policy.action == "DENY"  # what an L7-only field evaluates to
-    return any(_rule(rule, conn, policy.namespace, unknown) for rule in policy.rules)
+def policy_matches(
+    policy: AuthorizationPolicy, conn: Connection, request: HttpFacts | None = None
+) -> bool:
+    """Whether `policy` has a rule matching the connection (and, when given, its request)."""
+    unknown = policy.action == "DENY"  # what an L7-only field evaluates to without a request
+    return any(_rule(rule, conn, request, policy.namespace, unknown) for rule in policy.rules)
 
 
-def _rule(rule: Mapping[str, Any], conn: Connection, ns: str, unknown: bool) -> bool:
+def _rule(
+    rule: Mapping[str, Any], conn: Connection, req: HttpFacts | None, ns: str, unknown: bool
+) -> bool:
     froms: Sequence[Mapping[str, Any]] | None = rule.get("from")
     tos: Sequence[Mapping[str, Any]] | None = rule.get("to")
     whens: Sequence[Mapping[str, Any]] | None = rule.get("when")
-    if froms and not any(_source(f.get("source") or {}, conn, ns, unknown) for f in froms):
+    if froms and not any(_source(f.get("source") or {}, conn, req, ns, unknown) for f in froms):
         return False
-    if tos and not any(_operation(t.get("operation") or {}, conn, unknown) for t in tos):
+    if tos and not any(_operation(t.get("operation") or {}, conn, req, unknown) for t in tos):
         return False
-    return all(_condition(c, conn, unknown) for c in whens or ())
+    return all(_condition(c, conn, req, unknown) for c in whens or ())
 
 
-def _source(src: Mapping[str, Any], conn: Connection, ns: str, unknown: bool) -> bool:
-    if any(src.get(f) for f in _L7_SOURCE_FIELDS) and not unknown:
+def _both(field: str, src: Mapping[str, Any], value: str | None, match: Any) -> bool:
+    """`field` (if set) matches and `notField` (if set) does not."""
+    if not positive(src.get(field), value, match):
         return False
-    principal, namespace = conn.principal, conn.namespace
+    return not negative(src.get("not" + field[0].upper() + field[1:]), value, match)
+
+
+def _source(
+    src: Mapping[str, Any], conn: Connection, req: HttpFacts | None, ns: str, unknown: bool
+) -> bool:
+    if req is None:
+        if any(src.get(f) for f in L7_SOURCE_FIELDS) and not unknown:
+            return False
+    elif not _both("requestPrincipals", src, req.auth.principal, string_match):
+        return False
+    remote = conn.source_ip if req is None or req.remote_ip is None else req.remote_ip
     checks = (
-        ("principals", principal, _string_match),
-        ("namespaces", namespace, _string_match),
-        ("ipBlocks", conn.source_ip, _ip_match),
-        ("remoteIpBlocks", conn.source_ip, _ip_match),  # no XFF at L4: remote = source
-        ("trustDomains", conn.trust_domain, _string_match),
+        ("principals", conn.principal, string_match),
+        ("namespaces", conn.namespace, string_match),
+        ("ipBlocks", conn.source_ip, ip_match),
+        ("remoteIpBlocks", remote, ip_match),  # no XFF at L4: remote = source
+        ("trustDomains", conn.trust_domain, string_match),
     )
     for name, value, match in checks:
-        if not _positive(src.get(name), value, match):
+        if not _both(name, src, value, match):
             return False
-        if _negative(src.get("not" + name[0].upper() + name[1:]), value, match):
-            return False
-    accounts = [_qualify(a, ns) for a in src.get("serviceAccounts") or ()]
+    accounts = [qualify(a, ns) for a in src.get("serviceAccounts") or ()]
     if accounts and conn.service_account not in accounts:
         return False
-    not_accounts = [_qualify(a, ns) for a in src.get("notServiceAccounts") or ()]
+    not_accounts = [qualify(a, ns) for a in src.get("notServiceAccounts") or ()]
     return not (not_accounts and conn.service_account in not_accounts)
 
 
-def _operation(op: Mapping[str, Any], conn: Connection, unknown: bool) -> bool:
-    if any(op.get(f) for f in _L7_OPERATION_FIELDS) and not unknown:
-        return False
+def _operation(
+    op: Mapping[str, Any], conn: Connection, req: HttpFacts | None, unknown: bool
+) -> bool:
+    if req is None:
+        if any(op.get(f) for f in L7_OPERATION_FIELDS) and not unknown:
+            return False
+    else:
+        if not _both("hosts", op, req.host, host_match):
+            return False
+        if not _both("methods", op, req.method, string_match):
+            return False
+        if not _both("paths", op, req.normalized_path, path_match):
+            return False
     port = str(conn.destination_port)
     if op.get("ports") and port not in op["ports"]:
         return False
     return not (op.get("notPorts") and port in op["notPorts"])
 
 
-def _condition(cond: Mapping[str, Any], conn: Connection, unknown: bool) -> bool:
+def _condition(
+    cond: Mapping[str, Any], conn: Connection, req: HttpFacts | None, unknown: bool
+) -> bool:
     key = cond.get("key", "")
-    if key not in _L4_CONDITION_KEYS:
-        return unknown
+    values, not_values = cond.get("values"), cond.get("notValues")
+    if key not in L4_CONDITION_KEYS:
+        if req is None:
+            return unknown
+        found = req.condition_values(key)
+        if found is None:  # a key this mesh does not know (experimental.envoy.*)
+            return unknown
+        return any_positive(values, found, string_match) and not any_negative(
+            not_values, found, string_match
+        )
     value: str | None
-    match = _string_match
+    match = string_match
     if key in ("source.ip", "remote.ip"):
-        value, match = conn.source_ip, _ip_match
+        value, match = conn.source_ip, ip_match
+        if key == "remote.ip" and req is not None and req.remote_ip is not None:
+            value = req.remote_ip
     elif key == "destination.ip":
-        value, match = conn.destination_ip, _ip_match
+        value, match = conn.destination_ip, ip_match
     elif key == "destination.port":
         value = str(conn.destination_port)
     elif key == "source.namespace":
@@ -170,42 +179,4 @@ def _condition(cond: Mapping[str, Any], conn: Connection, unknown: bool) -> bool
         value = conn.service_account
     else:  # source.trustDomain
         value = conn.trust_domain
-    return _positive(cond.get("values"), value, match) and not _negative(
-        cond.get("notValues"), value, match
-    )
-
-
-def _positive(patterns: Iterable[str] | None, value: str | None, match: Any) -> bool:
-    """An unset/empty list matches anything; otherwise one pattern must match."""
-    if not patterns:
-        return True
-    return value is not None and any(match(p, value) for p in patterns)
-
-
-def _negative(patterns: Iterable[str] | None, value: str | None, match: Any) -> bool:
-    """Whether one `not*` pattern matches; a missing value (no identity) matches none."""
-    if not patterns or value is None:
-        return False
-    return any(match(p, value) for p in patterns)
-
-
-def _string_match(pattern: str, value: str) -> bool:
-    """Istio's string match: exact, `prefix*`, `*suffix`, or `*` (present, non-empty)."""
-    if pattern == "*":
-        return bool(value)
-    if pattern.endswith("*"):
-        return value.startswith(pattern[:-1])
-    if pattern.startswith("*"):
-        return value.endswith(pattern[1:])
-    return value == pattern
-
-
-def _ip_match(pattern: str, value: str) -> bool:
-    try:
-        return ipaddress.ip_address(value) in ipaddress.ip_network(pattern, strict=False)
-    except ValueError:  # validation rejects bad CIDRs; an odd peer address matches nothing
-        return False
-
-
-def _qualify(account: str, namespace: str) -> str:
-    return account if "/" in account else f"{namespace}/{account}"
+    return positive(values, value, match) and not negative(not_values, value, match)

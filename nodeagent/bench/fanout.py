@@ -23,36 +23,28 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
 
 from nodeagent import log
 from nodeagent.bench import Result
 from nodeagent.bench.snapshot import virtual_service_doc, workload_doc
+from nodeagent.sandbox.etcd import EtcdCluster, EtcdError, start_cluster
 from nodeagent.store import codec, keys, open_store
 from nodeagent.store.base import Store
 from nodeagent.store.etcd import range_end
 
 NAME = "fanout"
 HELP = "watch fan-out of one etcd cluster to 100-1,000 lightweight watchers"
-START_TIMEOUT = 20.0
 PHASE_TIMEOUT = 120.0  # any one phase; the bench fails rather than hang
 MARKER = b'"mod_revision"'  # once per event in a watch response
 WRITERS = 20
+# A generous timeout: on a loaded machine a commit can take seconds, a figure, not an error.
+CLIENT_QUERY = "timeout=30"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,114 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--members", type=int, default=3)
     parser.add_argument("--idle", type=float, default=3.0, help="seconds of idle CPU sampling")
     parser.add_argument("--extrapolate", type=int, default=5000, help="nodes to extrapolate to")
-
-
-# -- etcd processes ---------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class _Member:
-    name: str
-    client_port: int
-    peer_port: int
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
-
-
-@dataclass
-class _Cluster:
-    members: list[_Member]
-    root: Path
-    pids: list[int] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return "etcd://" + ",".join(m.endpoint for m in self.members) + "?timeout=30"
-
-    def url_from(self, first: int) -> str:
-        """The URL with member `first` first: a client talks to it until it fails. A generous
-        timeout: on a loaded machine a commit can take seconds, and that is a figure, not an
-        error."""
-        order = self.members[first:] + self.members[:first]
-        return "etcd://" + ",".join(m.endpoint for m in order) + "?timeout=30"
-
-    def cpu_seconds(self) -> float:
-        tick = os.sysconf("SC_CLK_TCK")
-        total = 0.0
-        for pid in self.pids:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-        return total
-
-    def rss_mib(self) -> float:
-        total = 0
-        for pid in self.pids:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        return total / 1024
-
-
-@contextmanager
-def etcd_cluster(size: int) -> Iterator[_Cluster]:
-    """A fresh `size`-member etcd cluster on loopback, killed and removed on exit."""
-    if shutil.which("etcd") is None:
-        raise SystemExit("the fanout bench needs the `etcd` binary (Debian etcd-server)")
-    # On tmpfs where there is one: a shared machine's disk makes fsync latency, not fan-out, the
-    # figure (a real member has its own SSD); the notes say so.
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    root = Path(tempfile.mkdtemp(prefix="bench-fanout-etcd-", dir=shm))
-    members = [_Member(f"m{i}", _free_port(), _free_port()) for i in range(size)]
-    cluster = _Cluster(members, root)
-    initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in members)
-    try:
-        for m in members:
-            argv = [
-                "etcd", "--name", m.name, "--data-dir", str(root / m.name),
-                "--listen-client-urls", f"http://{m.endpoint}",
-                "--advertise-client-urls", f"http://{m.endpoint}",
-                "--listen-peer-urls", f"http://127.0.0.1:{m.peer_port}",
-                "--initial-advertise-peer-urls", f"http://127.0.0.1:{m.peer_port}",
-                "--initial-cluster", initial, "--initial-cluster-state", "new",
-                "--initial-cluster-token", root.name,
-                "--logger", "zap", "--log-outputs", str(root / f"{m.name}.log"),
-            ]  # fmt: skip
-            m.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-            cluster.pids.append(m.proc.pid)
-        deadline = time.monotonic() + START_TIMEOUT
-        for m in members:
-            while not _healthy(m):
-                if m.proc is not None and m.proc.poll() is not None:
-                    raise SystemExit(f"etcd {m.name} exited with {m.proc.returncode}")
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"etcd {m.name} not healthy within {START_TIMEOUT} s")
-                time.sleep(0.05)
-        yield cluster
-    finally:
-        for m in members:
-            if m.proc is not None and m.proc.poll() is None:
-                m.proc.send_signal(signal.SIGKILL)
-                m.proc.wait(timeout=10)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _healthy(m: _Member) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{m.endpoint}/health", timeout=1) as resp:  # loopback
-            return bool(json.loads(resp.read()).get("health") == "true")
-    except (OSError, ValueError):
-        return False
 
 
 # -- lightweight watchers ---------------------------------------------------------------------
@@ -288,9 +172,9 @@ def _quantile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _measure(cluster: _Cluster, n: int, args: argparse.Namespace) -> dict[str, float]:
+async def _measure(cluster: EtcdCluster, n: int, args: argparse.Namespace) -> dict[str, float]:
     stores: list[Store] = [
-        await open_store(cluster.url_from(i)) for i in range(len(cluster.members))
+        await open_store(cluster.url_from(i, CLIENT_QUERY)) for i in range(len(cluster.members))
     ]
     writer = stores[0]
     watchers = [_Watcher(cluster.members[i % len(cluster.members)].endpoint) for i in range(n)]
@@ -359,9 +243,9 @@ async def _measure(cluster: _Cluster, n: int, args: argparse.Namespace) -> dict[
     return row
 
 
-async def writer_cleanup(cluster: _Cluster) -> None:
+async def writer_cleanup(cluster: EtcdCluster) -> None:
     """Drop this round's keys so the next round starts from the same store size."""
-    store = await open_store(cluster.url)
+    store = await open_store(cluster.url_from(0, CLIENT_QUERY))
     try:
         await store.delete(keys.WORKLOADS, prefix=True)
     finally:
@@ -408,10 +292,17 @@ def run(args: argparse.Namespace) -> Result:
         {"watchers": counts, "members": args.members, "burst": args.burst, "changes": args.changes},
     )
     rows: list[dict[str, float]] = []
-    with etcd_cluster(args.members) as cluster:
-        for n in counts:
-            print(f"fanout: {n} watchers…", file=sys.stderr, flush=True)
-            rows.append(trio.run(_measure, cluster, n, args))
+    try:
+        cluster = start_cluster(args.members, tmpfs=True, prefix="bench-fanout-etcd-")
+        try:
+            cluster.wait_ready()
+            for n in counts:
+                print(f"fanout: {n} watchers…", file=sys.stderr, flush=True)
+                rows.append(trio.run(_measure, cluster, n, args))
+        finally:
+            cluster.stop()
+    except EtcdError as exc:
+        raise SystemExit(f"fanout: {exc}") from None
     for row in rows:
         result.rows.append({k: round(v, 3) for k, v in row.items()})
         for metric, value in row.items():

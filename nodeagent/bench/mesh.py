@@ -13,11 +13,15 @@ three set-ups, measured back to back for every scenario and load so they share t
   opted-out server (`nodeagent.bench.haproxy`).
 
 Scenarios: `l4` (64-byte request/response on persistent connections), `connect` (a new connection
-per request), `http` (HTTP/1.1 keep-alive GET through a routing rule), `h2` (HTTP/2 GETs of
-nginx's 1 KB file, h2c with prior knowledge, `h2load` with 10 streams per connection), `grpc`
-(gRPC unary calls of 64 bytes to a grpcio server, `h2load` posting a framed message), `bulk`
-(MB/s). For `h2` and `grpc` the HAProxy hops speak HTTP/2 (mode http, ALPN h2 between them),
-and h2load reports a mean latency, no percentiles. The HTTP
+per request), `http` (HTTP/1.1 keep-alive GET through a routing rule; both agents parse it: the
+source routes, the destination authenticates and authorizes), `http-l4` (the same requests to the
+same server on a Service port named `tcp-web`: both agents relay at L4; mesh set-up only, so
+`http` minus `http-l4` is what L7 costs, and the server's agent's CPU difference is the
+destination's share), `h2` (HTTP/2 GETs of nginx's 1 KB file, h2c with prior knowledge,
+`h2load` with 10 streams per connection), `grpc` (gRPC unary calls of 64 bytes to a grpcio
+server, `h2load` posting a framed message), `bulk` (MB/s). For `h2` and `grpc` the HAProxy hops
+speak HTTP/2 (mode http, ALPN h2 between them), and h2load reports a mean latency, no
+percentiles. The HTTP
 server is the anchors' workload by default (`--server nginx`: Debian's nginx serving a 1 KB
 static file, `nginx.py`), or the built-in 2-byte responder (`--server builtin`). Loads: fixed
 rates with coordinated-omission correction (`loadgen`), and a max-rate run (loadgen closed-loop
@@ -68,12 +72,14 @@ NAME = "mesh"
 HELP = "latency, max rate, throughput, agent CPU/RSS: direct vs this mesh vs HAProxy (sandbox)"
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "docs" / "benchmarks.json"
-SCENARIOS = ("l4", "connect", "http", "h2", "grpc", "bulk")
+SCENARIOS = ("l4", "connect", "http", "http-l4", "h2", "grpc", "bulk")
 SETUPS = ("direct", "mesh", "haproxy")
 NS = "bench"
 SERVICE = "bench-server"
 HOST = f"{SERVICE}.{NS}.svc.cluster.local"
-PORTS = {"echo": 7000, "http": 8080, "bulk": 7001, "h2": 8082, "grpc": 8083}
+# "http-l4": the same HTTP server behind a Service port named `tcp-web`: neither agent parses it
+# (the `http-l4` scenario, the L7-off half of the destination L7 comparison).
+PORTS = {"echo": 7000, "http": 8080, "bulk": 7001, "http-l4": 8081, "h2": 8082, "grpc": 8083}
 HAPROXY_PORTS = {"echo": 17000, "http": 18080, "bulk": 17001, "h2": 18082, "grpc": 18083}
 H2_SCENARIOS = ("h2", "grpc")  # h2load: HTTP/2 GETs of nginx's 1 KB file; gRPC unary calls
 H2_STREAMS = 10  # concurrent streams per h2load connection
@@ -162,6 +168,7 @@ spec:
   - {{name: tcp-echo, port: {PORTS["echo"]}}}
   - {{name: http, port: {PORTS["http"]}}}
   - {{name: tcp-bulk, port: {PORTS["bulk"]}}}
+  - {{name: tcp-web, port: {PORTS["http-l4"]}}}
   - {{name: http2, port: {PORTS["h2"]}}}
   - {{name: grpc, port: {PORTS["grpc"]}}}
 ---
@@ -357,6 +364,12 @@ class Runner:
             "mb_per_s": out.get("mb_per_s"),
             "wall_s": round(wall, 2),
             "agent_cpu_s": round(agent_cpu, 3),
+            # Per node: n1 is the client's (source) agent, n2 the server's (destination).
+            "agent_cpu_s_by_node": {
+                k.removeprefix("agent_"): round(v, 3)
+                for k, v in delta.items()
+                if k.startswith("agent_")
+            },
             "agent_sys_s": round(sum(v for k, v in delta.items() if k.startswith("agentsys_")), 3),
             "haproxy_cpu_s": round(haproxy_cpu, 3) if setup == "haproxy" else None,
             "agent_rss_mib": {n: round(rss_mib(pid), 1) for n, pid in self.agents.items() if pid},
@@ -590,7 +603,12 @@ def _run_scenarios(
         "haproxy": (cli_direct, hp_ip, HAPROXY_PORTS),
     }
     timeout = args.duration + args.warmup + 60
-    mode = {"l4": ("rr", "echo"), "connect": ("connect", "echo"), "http": ("http", "http")}
+    mode = {
+        "l4": ("rr", "echo"),
+        "connect": ("connect", "echo"),
+        "http": ("http", "http"),
+        "http-l4": ("http", "http-l4"),
+    }
     if set(scenarios) & set(H2_SCENARIOS) and getattr(args, "server", "nginx") != "nginx":
         raise SystemExit("scripts/bench mesh: the h2 and grpc scenarios need --server nginx")
     grpc_request = grpc_server.request_file(sb.state_dir / "bench-grpc-request.bin")
@@ -630,11 +648,13 @@ def _run_scenarios(
         loads: list[tuple[str, float]] = [(f"{r:g}/s", r) for r in rates]
         if not args.no_max:
             loads.append(("max", 0.0))
+        # http-l4 differs from http only inside the mesh: direct and HAProxy would repeat http.
+        setups = ("mesh",) if scenario == "http-l4" else SETUPS
         for label, rate in loads:
-            for setup in SETUPS:
+            for setup in setups:
                 client, ip, ports = targets[setup]
                 target = f"{ip}:{ports[port_name]}"
-                if scenario == "http" and rate == 0.0:
+                if scenario.startswith("http") and rate == 0.0:
                     argv = [
                         "wrk", "-t1", f"-c{args.connections}", f"-d{args.duration:g}s",
                         "--latency", "-H", f"Host: {HOST}", f"http://{target}/",
@@ -726,7 +746,7 @@ def _server_cmd(sb: Sandbox, args: argparse.Namespace, which: str) -> list[str]:
     """A server pod's command; nginx's files go under the sandbox's state dir (removed by
     `down`)."""
     if getattr(args, "server", "nginx") == "builtin":
-        return [sys.executable, "-m", "nodeagent.bench.server"]
+        return [sys.executable, "-m", "nodeagent.bench.server", "--http-l4", str(PORTS["http-l4"])]
     return nginx.server_argv(sb.state_dir / f"nginx-{which}", PORTS)
 
 
@@ -758,6 +778,7 @@ def figures(result: Result) -> None:
         v = row.get(key) if row else None
         return float(v) if isinstance(v, int | float) else None
 
+    _destination_l7_figures(add, index)
     for scenario, load, _ in sorted({k for k in index if k[2] == "direct"}):
         d = index.get((scenario, load, "direct"))
         if scenario == "bulk":
@@ -809,6 +830,38 @@ def figures(result: Result) -> None:
         rss = m.get("agent_rss_mib") if m else None
         if isinstance(rss, dict) and rss:
             add(f"{scenario} {load} agent RSS max", max(float(v) for v in rss.values()), "MiB")
+
+
+def _destination_l7_figures(
+    add: Callable[[str, float, str], None], index: dict[tuple[Any, Any, Any], dict[str, Any]]
+) -> None:
+    """L7 on (`http`: both agents parse) vs off (`http-l4`: both relay) at each load, mesh
+    set-up: the added latency, the rate at max, and CPU per 1,000 requests of each agent; the
+    server's agent (n2) difference is what the destination's parsing, authorization and
+    telemetry cost."""
+    for scenario, load, setup in sorted(k for k in index if k[0] == "http-l4"):
+        on, off = index.get(("http", load, "mesh")), index[(scenario, load, setup)]
+        if on is None:
+            continue
+        for q in ("p50", "p90", "p99"):
+            a, b = on.get(f"{q}_ms"), off.get(f"{q}_ms")
+            if isinstance(a, int | float) and isinstance(b, int | float):
+                add(f"http L7 on-off {load} {q}", a - b, "ms")
+        if load == "max":
+            add("http L7 off max rate", float(off.get("rate") or 0.0), "req/s")
+        for node in ("n1", "n2"):
+            cpu_on = (on.get("agent_cpu_s_by_node") or {}).get(node)
+            cpu_off = (off.get("agent_cpu_s_by_node") or {}).get(node)
+            n_on, n_off = on.get("requests_covered"), off.get("requests_covered")
+            if not (isinstance(cpu_on, int | float) and isinstance(cpu_off, int | float)):
+                continue
+            if not (n_on and n_off):
+                continue
+            side = "source" if node == "n1" else "destination"
+            per_on, per_off = cpu_on / n_on * 1000, cpu_off / n_off * 1000
+            add(f"http {load} {side} agent CPU per 1000 req L7 on", per_on, "s")
+            add(f"http {load} {side} agent CPU per 1000 req L7 off", per_off, "s")
+            add(f"http {load} {side} agent CPU per 1000 req L7 added", per_on - per_off, "s")
 
 
 def _cpu_figures(

@@ -27,10 +27,11 @@ def nginx_binary() -> str:
     return path
 
 
-def config(root: Path, port: int, h2_port: int = 0) -> str:
+def config(root: Path, port: int, *more: int, h2_port: int = 0) -> str:
     """One worker, no access log, keep-alive without a request limit (wrk/loadgen connections
-    stay up for the whole run), the 1 KB file from `root`; with `h2_port`, the same file over
-    HTTP/2 in the clear (h2c, prior knowledge) there."""
+    stay up for the whole run), the 1 KB file from `root`, on `port` and `more` ports; with
+    `h2_port`, the same file over HTTP/2 in the clear (h2c, prior knowledge) there."""
+    listen = "\n".join(f"        listen {p} reuseport;" for p in (port, *more))
     h2 = (
         f"""    server {{
         listen {h2_port} http2 reuseport;
@@ -62,7 +63,7 @@ http {{
     uwsgi_temp_path {root}/uwsgi;
     scgi_temp_path {root}/scgi;
     server {{
-        listen {port} reuseport;
+{listen}
         root {root}/www;
         index index.html;
     }}
@@ -70,19 +71,21 @@ http {{
 """
 
 
-def prepare(root: Path, port: int, h2_port: int = 0) -> Path:
+def prepare(root: Path, port: int, *more: int, h2_port: int = 0) -> Path:
     """Write the config and the 1 KB file under `root`; returns the config's path."""
     (root / "www").mkdir(parents=True, exist_ok=True)
     (root / "www" / "index.html").write_bytes(b"x" * (RESPONSE_BYTES - 1) + b"\n")
     conf = root / "nginx.conf"
-    conf.write_text(config(root, port, h2_port))
+    conf.write_text(config(root, port, *more, h2_port=h2_port))
     return conf
 
 
 def server_argv(root: Path, ports: dict[str, int]) -> list[str]:
-    """The server pod's command: nginx on ports["http"] (and h2c on ports["h2"]), the gRPC
-    server (`grpc_server.py`) on ports["grpc"], the built-in server on the others."""
-    conf = prepare(root, ports["http"], ports.get("h2", 0))
+    """The server pod's command: nginx on ports["http"] (and ports["http-l4"]; h2c on
+    ports["h2"]), the gRPC server (`grpc_server.py`) on ports["grpc"], the built-in server on
+    the others."""
+    more = (ports["http-l4"],) if "http-l4" in ports else ()
+    conf = prepare(root, ports["http"], *more, h2_port=ports.get("h2", 0))
     builtin = [
         sys.executable, "-m", "nodeagent.bench.server",
         "--echo", str(ports["echo"]), "--bulk", str(ports["bulk"]), "--http", "0",

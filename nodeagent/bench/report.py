@@ -144,6 +144,41 @@ def cpu_section(doc: dict[str, Any]) -> list[str]:
     ]
 
 
+def l7_section(doc: dict[str, Any]) -> list[str]:
+    """HTTP with both agents parsing (`http`) vs both relaying at L4 (`http-l4`, the same server
+    behind a `tcp-` port), per load: the added latency and each agent's CPU per 1,000 requests;
+    the server's agent's (n2) difference is what the destination's L7 costs."""
+    figures = {f["metric"]: float(f["value"]) for f in doc.get("figures") or []}
+    loads = [r["load"] for r in doc.get("rows") or [] if r["scenario"] == "http-l4"]
+    body = []
+    for load in loads:
+        row = [load]
+        row += [_fmt(figures.get(f"http L7 on-off {load} {q}")) for q in ("p50", "p90", "p99")]
+        for side in ("destination", "source"):
+            key = f"http {load} {side} agent CPU per 1000 req L7"
+            row += [_fmt(figures.get(f"{key} off")), _fmt(figures.get(f"{key} on"))]
+            row.append(_fmt(figures.get(f"{key} added")))
+        body.append(row)
+    if not body:
+        return []
+    heads = ["load", "p50 added ms", "p90 added ms", "p99 added ms",
+             "dest CPU off", "dest CPU on", "dest added", "src CPU off", "src CPU on",
+             "src added"]  # fmt: skip
+    off_max = figures.get("http L7 off max rate")
+    return [
+        "",
+        "## Destination L7: on vs off",
+        "",
+        "`http` (port named `http`: the source routes, the destination parses, authenticates,",
+        "authorizes and records every request) minus `http-l4` (the same server and load on a",
+        "port named `tcp-web`: both agents relay at L4). CPU: s per 1,000 requests per agent,",
+        "n2 (destination) and n1 (source), raw process CPU (idle not subtracted)."
+        + (f" Max rate with L7 off: {off_max:,.0f} req/s." if off_max else ""),
+        "",
+        *_md_table(heads, body),
+    ]
+
+
 def render_markdown(doc: dict[str, Any], png_name: str | None = PNG_NAME) -> str:
     meta = doc.get("meta") or {}
     m = meta.get("machine") or {}
@@ -192,6 +227,7 @@ def render_markdown(doc: dict[str, Any], png_name: str | None = PNG_NAME) -> str
         )
     lines += _md_table(["target", "limit", "measured", ""], target_rows)
     lines += cpu_section(doc)
+    lines += l7_section(doc)
     lines += [
         "",
         "Where the agents' CPU goes (py-spy profiles: `scripts/bench mesh --profile DIR`), what",

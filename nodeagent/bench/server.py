@@ -113,7 +113,7 @@ class Server:
             if data:
                 if c.kind == "echo":
                     c.outbuf += data
-                elif c.kind == "http":
+                elif c.kind in ("http", "http-l4"):
                     c.inbuf += data
                     self._http(c)
                     if len(c.inbuf) > MAX_HEAD:
@@ -161,11 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--echo", type=int, default=7000)
     parser.add_argument("--http", type=int, default=8080, help="0: no HTTP listener (nginx serves)")
     parser.add_argument("--bulk", type=int, default=7001)
+    parser.add_argument(
+        "--http-l4", type=int, default=0, help="a second HTTP listener (a Service `tcp-` port)"
+    )
     parser.add_argument("--host", default="0.0.0.0")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        ports = {"echo": args.echo, "http": args.http, "bulk": args.bulk}
+        ports = {"echo": args.echo, "http": args.http, "bulk": args.bulk, "http-l4": args.http_l4}
         server = Server({kind: port for kind, port in ports.items() if port}, args.host)
     except OSError as exc:
         print(exc, file=sys.stderr)

@@ -5,7 +5,10 @@ passes in CNI_ARGS (`MESH_POD_META`). `StoreMetadataSource` is the Kubernetes on
 Pod that `nodeagent kube-sync` mirrored into the store (`/mesh/v1/kube/pods/<ns>/<name>`) and,
 when the CNI ADD races ahead of kube-sync, watches for it with a bounded wait. A mirrored Pod
 whose uid differs from the CNI call's `K8S_POD_UID` is an older pod of the same name: it is
-waited past, never used. `metadata_source(kind, store)` picks one by name (`MESH_POD_METADATA`).
+waited past, never used. A pod the runtime did not name (no `K8S_POD_NAME` in CNI_ARGS: mesh-cni's
+`unnamedPods`, e.g. `ctr run --cni`) has no Pod object to wait for: it gets the defaults (no
+labels, service account `default`). `metadata_source(kind, store)` picks one by name
+(`MESH_POD_METADATA`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from nodeagent.store.base import CompactedError, KeyValue, Store, StoreError
 log = get_logger("cni.metadata")
 
 META_ARG = "MESH_POD_META"
+# Set by Kubernetes runtimes (CRI); absent when mesh-cni named the pod itself (`unnamedPods`).
+POD_NAME_ARG = "K8S_POD_NAME"
 DEFAULT_SERVICE_ACCOUNT = "default"
 # A Kubernetes object's labels + annotations are limited to 256 KiB; allow the encoding's growth.
 _MAX_META_ARG = 512 * 1024
@@ -101,9 +106,6 @@ class RuntimeArgsMetadataSource:
         return parse_pod_meta(raw)
 
 
-# kube-sync's prefix for Pods (nodeagent.kube.resources.PODS; spelled here so the agent does
-# not import the Kubernetes package).
-KUBE_PODS = keys.ROOT + "kube/pods/"
 ENV_SOURCE = "MESH_POD_METADATA"
 DEFAULT_WAIT = 10.0
 
@@ -147,10 +149,12 @@ class StoreMetadataSource:
         return _pod_metadata(kv.key, doc)
 
     async def lookup(self, req: CniRequest) -> PodMetadata:
+        if not req.args.get(POD_NAME_ARG):
+            return PodMetadata()  # not a Kubernetes pod: kube-sync has nothing to mirror
         ns, name, uid = req.pod.namespace, req.pod.name, req.pod.uid
         if not ns or not name or "/" in ns or "/" in name:
             raise EnrollError(ErrorCode.INVALID_ENV, f"no usable pod name in CNI_ARGS: {ns}/{name}")
-        key = f"{KUBE_PODS}{ns}/{name}"
+        key = keys.kube_pod(ns, name)
         with trio.move_on_after(self.wait):
             try:
                 return await self._wait_for(key, uid)

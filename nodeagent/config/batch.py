@@ -30,7 +30,6 @@ UNSUPPORTED_KINDS = (
     "WorkloadGroup",
     "Sidecar",
     "EnvoyFilter",
-    "RequestAuthentication",
     "Telemetry",
     "ProxyConfig",
     "WasmPlugin",
@@ -175,6 +174,8 @@ def validate_document(raw: RawDocument, default_namespace: str) -> Document | li
         w.required("spec")
     else:
         kind.spec(w, "spec", spec)
+        if kind.namespaced is not None and isinstance(spec, dict):
+            kind.namespaced(w, spec, meta.get("namespace", default_namespace))
     if w.errors:
         return fail(w.errors)
     spec = _strip_nulls(spec)

@@ -6,10 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nodeagent.config.schema import Validator
+from nodeagent.config.schema import Validator, Walker
 from nodeagent.config.validate import (
     destinationrule,
     gateway,
+    reqauth,
     rollout,
     security,
     service,
@@ -34,6 +35,8 @@ class Kind:
     aliases: tuple[str, ...]
     spec: Validator
     normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # cross-field rules that need the document's namespace: (walker, spec, namespace)
+    namespaced: Callable[[Walker, Any, str], None] | None = None
 
     @property
     def config_prefix(self) -> str:
@@ -85,6 +88,13 @@ KINDS: dict[str, Kind] = {
             ("pa", "peerauthentication", "peerauthentications"),
             security.peer_authentication_spec,
             security.normalize_peer_authentication,
+        ),
+        Kind(
+            "RequestAuthentication",
+            SECURITY,
+            ("ra", "requestauthentication", "requestauthentications"),
+            reqauth.request_authentication_spec,
+            namespaced=reqauth.check_target_namespaces,
         ),
         Kind("Rollout", (WORKLOAD_API,), ("ro", "rollout", "rollouts"), rollout.spec),
     )

@@ -35,19 +35,18 @@ class Regex(Protocol):
     def sub(self, repl: str, text: str) -> str: ...
 
 
-def _options(ignore_case: bool) -> Any:
+def _options() -> Any:
     options = re2.Options()
     options.log_errors = False  # RE2 would print every rejected pattern on stderr
-    options.case_sensitive = not ignore_case
     return options
 
 
-def compile_regex(pattern: str, *, ignore_case: bool = False) -> Regex:
+def compile_regex(pattern: str) -> Regex:
     """`pattern` compiled by RE2; RegexError saying what is wrong when RE2 refuses it."""
     if len(pattern) > MAX_LEN:
         raise RegexError(f"regex is {len(pattern)} characters, over the {MAX_LEN} limit")
     try:
-        compiled = re2.compile(pattern, _options(ignore_case))
+        compiled = re2.compile(pattern, _options())
     except re2.error as exc:
         reason = exc.args[0] if exc.args else exc
         if isinstance(reason, bytes):

@@ -1,10 +1,8 @@
-"""The progressive-delivery status records, read for the rollouts panel.
+"""The rollouts panel: rows built from the status records through their one reader,
+`nodeagent.rollout.status` (the record's contract lives there, docs/rollouts.md).
 
-The status of rollout <ns>/<name> is a msgpack map at `/mesh/v1/rollouts/<ns>/<name>` (issue
-18's contract): phase, host, stable, canary, weight, failedChecks, iteration, lastAnalysis
-(metric → float|None), events [{time, message}], history [{time, weight, analysis}], updated.
-A record that does not decode or has the wrong shape is shown as an error row, never dropped
-silently and never fatal.
+A record that does not decode or has the wrong shape is shown as an error row naming the
+problem, never dropped silently and never fatal.
 """
 
 from __future__ import annotations
@@ -12,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from nodeagent.rollout.status import ROLLOUTS as PREFIX
+from nodeagent.rollout.status import Status, StatusError, from_kv
 from nodeagent.store import KeyValue
-from nodeagent.store.codec import DecodeError, decode
-from nodeagent.store.keys import ROOT
 
-PREFIX = ROOT + "rollouts/"
-PHASES = frozenset({"Initializing", "Progressing", "Promoting", "Succeeded", "Failed", "Paused"})
+__all__ = ["MAX_ROWS", "PREFIX", "read_rollouts", "rollout_doc"]
+
 MAX_ROWS = 200  # events and history entries shown per rollout (the newest)
 
 
@@ -25,46 +23,42 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def rollout_doc(kv: KeyValue) -> dict[str, Any]:
-    ref = kv.key.removeprefix(PREFIX)
-    try:
-        raw = decode(kv)
-    except DecodeError as exc:
-        return {"ref": ref, "error": str(exc)}
-    if not isinstance(raw, dict):
-        return {"ref": ref, "error": f"{kv.key}: a {type(raw).__name__}, not a map"}
-    phase = raw.get("phase")
-    last = raw.get("lastAnalysis")
-    analysis: dict[Any, Any] = last if isinstance(last, dict) else {}
-    events = [e for e in raw.get("events") or () if isinstance(e, dict)][-MAX_ROWS:]
-    history = [h for h in raw.get("history") or () if isinstance(h, dict)][-MAX_ROWS:]
+def _analysis(value: Any) -> dict[str, float | None]:
+    return {str(k): _number(v) for k, v in sorted(value.items())} if isinstance(value, dict) else {}
+
+
+def _row(status: Status) -> dict[str, Any]:
     return {
-        "ref": ref,
-        "phase": phase if phase in PHASES else f"unknown ({phase!r})",
-        "host": str(raw.get("host", "")),
-        "stable": str(raw.get("stable", "")),
-        "canary": str(raw.get("canary", "")),
-        "weight": _number(raw.get("weight")),
-        "failed_checks": _number(raw.get("failedChecks")),
-        "iteration": _number(raw.get("iteration")),
-        "analysis": {str(k): _number(v) for k, v in sorted(analysis.items())},
+        "ref": status.ref,
+        "phase": status.phase,
+        "host": status.host,
+        "stable": status.stable,
+        "canary": status.canary,
+        "weight": status.weight,
+        "failed_checks": status.failed_checks,
+        "iteration": status.iteration,
+        "analysis": _analysis(status.last_analysis),
         "events": [
-            {"time": _number(e.get("time")), "message": str(e.get("message", ""))} for e in events
+            {"time": _number(e.get("time")), "message": str(e.get("message", ""))}
+            for e in status.events[-MAX_ROWS:]
         ],
         "history": [
             {
                 "time": _number(h.get("time")),
                 "weight": _number(h.get("weight")),
-                "analysis": {
-                    str(k): _number(v) for k, v in sorted((h.get("analysis") or {}).items())
-                }
-                if isinstance(h.get("analysis"), dict)
-                else {},
+                "analysis": _analysis(h.get("analysis")),
             }
-            for h in history
+            for h in status.history[-MAX_ROWS:]
         ],
-        "updated": _number(raw.get("updated")),
+        "updated": status.updated,
     }
+
+
+def rollout_doc(kv: KeyValue) -> dict[str, Any]:
+    try:
+        return _row(from_kv(kv))
+    except StatusError as exc:
+        return {"ref": kv.key.removeprefix(PREFIX), "error": str(exc)}
 
 
 def read_rollouts(kvs: Iterable[KeyValue]) -> list[dict[str, Any]]:

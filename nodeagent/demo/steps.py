@@ -547,8 +547,8 @@ def deny(d: Demo) -> None:
         out.evidence(f"meanwhile the gateway (another identity) → my-app: HTTP {gw} {gbody}")
         if gw != 200:
             raise StepFailed(f"the DENY for the client also refused the gateway ({gw})")
-        # The client's HTTP proxy holds keep-alive tunnels opened before the policy: the
-        # destination agent re-checks open connections when policy changes and closes them.
+        # The client's HTTP proxy holds keep-alive tunnels opened before the policy: on the
+        # HTTP port the destination agent authorizes every request on them.
         d.eventually(lambda: d.curl(client, vip, timeout=3)[0] == 403, "the DENY reaches the VIP")
         code, body, _ = d.curl(client, vip, timeout=3)
         out.evidence(f"under DENY: client → my-app (VIP, HTTP): HTTP {code} {body}".rstrip())
@@ -569,7 +569,8 @@ def _denials(log: Path, policy: str) -> list[str]:
         except ValueError:
             continue
         if isinstance(rec, dict):
-            keys = ("event", "result", "flag", "policy", "src_identity", "dst_identity")
+            keys = ("event", "result", "flag", "policy", "src_identity", "dst_identity",
+                    "response_code", "response_code_details", "source_principal")  # fmt: skip
             found.append(" ".join(f"{k}={rec[k]}" for k in keys if rec.get(k)))
     return found
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from nodeagent.authn import Authenticator
 from nodeagent.balance import Registry
 from nodeagent.config.kinds import WORKLOAD_API
 from nodeagent.gateway.server import DEFAULT_LABELS, IngressGateway
@@ -23,7 +24,8 @@ from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import Netns
 from nodeagent.log import get_logger
 from nodeagent.proxy.connector import MeshConnector
-from nodeagent.snapshot import SnapshotSync
+from nodeagent.proxy.l7_guard import workload_guard
+from nodeagent.snapshot import Snapshot, SnapshotSync, Workload
 from nodeagent.store import codec, keys
 from nodeagent.store.base import Store, StoreError
 from nodeagent.telemetry.dataplane import Sinks, record_request
@@ -75,6 +77,7 @@ class NodeGateway:
         on_request: Callable[[RequestLog], None] | None = None,
         telemetry: Sinks | None = None,
         limits: Limits | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.node = node
         self.telemetry = telemetry
@@ -113,7 +116,14 @@ class NodeGateway:
             limits=limits,
             tracer=telemetry.tracer if telemetry is not None else None,
             access_logged=telemetry is not None,  # its access-log line replaces the proxy's own
+            # RequestAuthentication and AuthorizationPolicy selecting the gateway's workload.
+            guard=workload_guard(
+                lambda: sync.current, self._workload, authenticator or Authenticator()
+            ),
         )
+
+    def _workload(self, snap: Snapshot) -> Workload | None:
+        return snap.workload(str(self.document["metadata"]["uid"]))
 
     def _record(self, entry: RequestLog) -> None:
         """Istio metrics and the access log of one gateway request (reporter "source", as
@@ -133,7 +143,12 @@ class NodeGateway:
             self._on_request(entry)
 
     def statistics(self) -> dict[str, Any]:
-        return {"identity": self.identity, "node": self.node, **self.gateway.statistics()}
+        return {
+            "identity": self.identity,
+            "node": self.node,
+            **self.gateway.statistics(),
+            "tunnel_pool": self.pool.statistics(),
+        }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:

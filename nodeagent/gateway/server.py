@@ -6,7 +6,9 @@ is matched to a server of its port by Host (`hosts`: `*`, `*.suffix`, exact; a `
 accepted and its namespace not enforced), routed with the VirtualServices bound to that Gateway
 (`gateways: [name]`), and forwarded through the injected connector like any mesh request.
 Listeners follow the snapshot: a port that appears is bound, one that disappears is closed;
-requests read the current snapshot, so route and host changes need no rebind.
+requests read the current snapshot, so route and host changes need no rebind. An injected
+`guard` (authentication and L7 authorization for the gateway's workload) sees every request
+before it is routed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import trio
 
 from nodeagent.balance import Registry
 from nodeagent.http import Connector, HttpProxy, Limits, RequestLog
+from nodeagent.http.guard import Guard
 from nodeagent.log import get_logger
 from nodeagent.routing import HttpRequest, Source
 from nodeagent.snapshot import hosts
@@ -104,6 +107,7 @@ class IngressGateway:
         limits: Limits | None = None,
         tracer: Tracer | None = None,
         access_logged: bool = False,
+        guard: Guard | None = None,
     ) -> None:
         self._snapshot = snapshot
         self._wait_change = wait_change
@@ -122,6 +126,7 @@ class IngressGateway:
             name="gateway",
             tracer=tracer,
             access_logged=access_logged,
+            guard=guard,
         )
 
     def listening(self) -> dict[int, int]:

@@ -18,15 +18,22 @@ from typing import TypeVar
 import h11
 import trio
 
+from nodeagent.http import flags
 from nodeagent.http.errors import DownstreamError, DownstreamProtocolError
 from nodeagent.http.framing import RequestFraming
+from nodeagent.http.headers import head_size
 from nodeagent.http.limits import Limits
-from nodeagent.http.log import RequestLog
+from nodeagent.http.log import RequestLog, RequestRecorder, entry_for
 from nodeagent.http.pool import UpstreamConnection
 from nodeagent.routing import HeaderOps
 from nodeagent.sockio import FastIO
 
 T = TypeVar("T")
+REASONS = {
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+    505: "HTTP Version Not Supported",
+}
 TOUCH_SLACK = 0.01  # of the stream idle timeout: how stale its deadline may get before it moves
 
 
@@ -258,3 +265,42 @@ async def answer_locally(
     await down.io.send_all(data)
     entry.bytes_sent += len(data)
     return keep and down.conn.our_state is h11.DONE
+
+
+async def read_request(
+    down: Downstream, limits: Limits, recorder: RequestRecorder, conn_id: int
+) -> h11.Event | type[h11.PAUSED] | None:
+    """The next event of a keep-alive loop (`Downstream.read_head`): a malformed head is
+    answered (400, or h11's hint) and an oversized one 431, each finished as its own request
+    record, and both give None (the connection ends). Used by both proxies (source and
+    destination), so every hop refuses the same heads."""
+    try:
+        event = await down.read_head()
+    except h11.RemoteProtocolError as exc:
+        status = exc.error_status_hint if exc.error_status_hint >= 400 else 400
+        entry = RequestLog(method="-", authority="-", path="-", connection_id=conn_id)
+        entry.flags.append(flags.DOWNSTREAM_PROTOCOL_ERROR)
+        if down.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            reason = REASONS.get(status, "Bad Request")
+            await answer_locally(down, entry, status, reason.encode(), close=True)
+        recorder.finish(entry, down.head_began)
+        return None
+    if isinstance(event, h11.Request) and (
+        len(event.headers) > limits.max_headers or head_size(event) > limits.max_header_bytes
+    ):
+        entry = entry_for(event, conn_id)
+        entry.flags.append(flags.DOWNSTREAM_PROTOCOL_ERROR)
+        await answer_locally(down, entry, 431, b"request headers too large", close=True)
+        recorder.finish(entry, down.head_began)
+        return None
+    return event
+
+
+async def answer_head_timeout(down: Downstream, recorder: RequestRecorder, conn_id: int) -> None:
+    """A head that trickled past its timeout: tell the client, as Envoy does (408). (Keep-alive
+    idle, nothing asked, closes quietly: the caller checks `down.head_started`.)"""
+    entry = RequestLog(method="-", authority="-", path="-", connection_id=conn_id)
+    entry.flags.append(flags.DURATION_TIMEOUT)
+    entry.bytes_received = down.received
+    await answer_locally(down, entry, 408, b"request header timeout", close=True)
+    recorder.finish(entry, down.head_began)

@@ -10,6 +10,11 @@ UPSTREAM_OVERFLOW = "UO"  # a circuit breaker refused the request: 503
 UPSTREAM_RESET = "UR"  # the upstream reset/closed before a complete response: 503
 UPSTREAM_TIMEOUT = "UT"  # route or per-try timeout: 504
 UPSTREAM_RETRY_LIMIT = "URX"  # retries exhausted: the last try's result is returned
+# Refused by authorization (L7 AuthorizationPolicy) or authentication (an invalid JWT). Envoy's
+# RBAC filter sets no flag of its own (only response_code_details names the policy); this
+# project marks every authorization refusal UAEX, as its L4 path already does, so a metric tells
+# a refusal from an app's own 403/401.
+UNAUTHORIZED = "UAEX"
 DELAY_INJECTED = "DI"
 FAULT_INJECTED = "FI"
 DOWNSTREAM_PROTOCOL_ERROR = "DPE"  # malformed request: 400 (or 431, 505)

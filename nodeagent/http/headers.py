@@ -9,7 +9,9 @@ of what the client sent.
 
 from __future__ import annotations
 
+import hashlib
 import random
+from collections.abc import Sequence
 
 import h11
 
@@ -143,3 +145,71 @@ def new_request_id() -> str:
     )
     h = f"{n:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# Set only by the destination agent from the tunnel's verified certificates: a client's own copy
+# is dropped (Envoy's SANITIZE_SET), so the app can trust the one it sees.
+XFCC = "x-forwarded-client-cert"
+
+
+def destination_head(
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    *,
+    xfcc: str | None,
+    remove: frozenset[str] = frozenset(),
+    add: Sequence[tuple[str, str]] = (),
+    strip_params: frozenset[str] = frozenset(),
+    trace_headers: Sequence[tuple[str, str]] = (),
+    upgrade: bool = False,
+) -> h11.Request:
+    """The head the destination agent sends to its own app: the request as the source agent
+    sent it (routing, rewrites and forwarding headers already applied there), hop-by-hop
+    headers dropped, the client's `x-forwarded-client-cert` replaced by `xfcc` (None: none),
+    the authentication's header changes (`remove`, `add`) and query-parameter removals
+    applied, the trace headers replaced by this hop's SERVER span context, and the framing
+    `downstream.py` validated."""
+    joined_ = joined(headers)
+    named_by_connection = {
+        n.strip().lower() for n in joined_.get("connection", "").split(",") if n.strip()
+    }
+    out: list[tuple[str, str]] = []
+    for k, v in headers:
+        if k in HOP_BY_HOP or k in named_by_connection or k == "content-length" or k == XFCC:
+            continue
+        if k in remove:
+            continue
+        if trace_headers and k.encode("latin-1") in TRACE_HEADERS:
+            continue
+        out.append((k, v))
+    out.extend(trace_headers)
+    out.extend(add)
+    if xfcc is not None:
+        out.append((XFCC, xfcc))
+    if "content-length" in joined_:
+        out.append(("content-length", joined_["content-length"]))
+    elif "chunked" in joined_.get("transfer-encoding", "").lower():
+        out.append(("transfer-encoding", "chunked"))
+    if upgrade:
+        out.append(("connection", "upgrade"))
+        out.append(("upgrade", joined_.get("upgrade", "")))
+    if strip_params:
+        target = without_params(target, strip_params)
+    return h11.Request(method=method, target=target, headers=out)
+
+
+def without_params(target: str, names: frozenset[str]) -> str:
+    """`target` without the query parameters `names` (a token passed in `?access_token=`)."""
+    path, sep, query = target.partition("?")
+    if not sep:
+        return target
+    kept = [p for p in query.split("&") if p and p.partition("=")[0] not in names]
+    return f"{path}?{'&'.join(kept)}" if kept else path
+
+
+def xfcc_value(by: str, uri: str, certificate: bytes) -> str:
+    """Istio's `x-forwarded-client-cert` for a request that arrived over mTLS: this workload
+    (`By`), the hash of the client's certificate (DER, SHA-256, hex) and its SPIFFE id."""
+    digest = hashlib.sha256(certificate).hexdigest()
+    return f'By={by};Hash={digest};Subject="";URI={uri}'

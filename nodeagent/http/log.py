@@ -48,6 +48,9 @@ class RequestLog:
     connection_id: int = 0
     downstream_address: str = ""  # the client's "ip:port", when the proxy knows it
     trace_id: str = ""  # set when the proxy has a tracer
+    response_code_details: str = ""  # why a local answer (e.g. the RBAC policy that denied)
+    policy: str = ""  # the AuthorizationPolicy that denied the request (ns/name)
+    request_principal: str = ""  # <iss>/<sub> of the request's verified JWT
     protocol: str = "http"  # request_protocol: "grpc" for a gRPC request (HTTP/2 proxy)
     grpc_status: int | None = None  # a gRPC request's grpc-status
     span: ActiveSpan | None = field(default=None, repr=False)

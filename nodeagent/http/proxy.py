@@ -26,15 +26,23 @@ import trio
 from nodeagent.balance import PickContext, Registry
 from nodeagent.http import flags
 from nodeagent.http.attempt import AttemptOutcome, Attempts
-from nodeagent.http.downstream import Downstream, RequestBody, answer_locally
+from nodeagent.http.downstream import (
+    REASONS,
+    Downstream,
+    RequestBody,
+    answer_head_timeout,
+    answer_locally,
+    read_request,
+)
 from nodeagent.http.errors import DownstreamError, DownstreamProtocolError
+from nodeagent.http.guard import GUARD_FAILED, Guard, RequestFacts
 from nodeagent.http.headers import (
     decode,
-    head_size,
     is_upgrade,
     joined,
     new_request_id,
     upstream_head,
+    without_params,
 )
 from nodeagent.http.limits import Limits
 from nodeagent.http.log import RequestLog, RequestRecorder, entry_for, log, start_span
@@ -53,12 +61,17 @@ from nodeagent.snapshot.snapshot import Snapshot
 from nodeagent.telemetry.tracing import CURRENT_TRACE, TraceContext, Tracer
 
 SourceFor = Source | Callable[[HttpRequest], Source | None]
-_REASONS = {
-    431: "Request Header Fields Too Large",
-    501: "Not Implemented",
-    505: "HTTP Version Not Supported",
-}
 _conn_ids = itertools.count(1)
+
+
+def _local_of(client: trio.abc.Stream) -> str:
+    """The address the client connected to (the guard's destination.ip), "" when unknown."""
+    if isinstance(client, trio.SocketStream):
+        try:
+            return str(client.socket.getsockname()[0])
+        except OSError:
+            pass
+    return ""
 
 
 def _peer_of(client: trio.abc.Stream, fallback: str | None) -> str:
@@ -81,6 +94,8 @@ class HttpProxy:
     clusters' balancers and circuit breakers (shared by every proxy of the agent). `on_request`
     is called once per completed request; `access_logged` says it writes the access-log line, so
     the proxy's own `request.complete` line drops to debug (one line per request, not two).
+    `guard` (the ingress gateway's authentication and authorization, `guard.py`) sees every
+    request before it is routed.
     """
 
     def __init__(
@@ -96,8 +111,10 @@ class HttpProxy:
         name: str = "http",
         tracer: Tracer | None = None,
         access_logged: bool = False,
+        guard: Guard | None = None,
     ) -> None:
         self._snapshot = snapshot
+        self._guard = guard
         self.registry = registry
         self._tracer = tracer
         self._source = source
@@ -167,7 +184,7 @@ class HttpProxy:
             with down.head_timer:  # the head timeouts (`Downstream.read_head`)
                 while True:
                     received_before = down.received
-                    event = await self._read_head(down, conn_id)
+                    event = await read_request(down, self.limits, self._recorder, conn_id)
                     if not isinstance(event, h11.Request):
                         return  # closed, malformed (answered), or idle
                     keep = await self._handle(
@@ -177,40 +194,9 @@ class HttpProxy:
                         return
                     down.conn.start_next_cycle()
             if down.head_timer.cancelled_caught and down.head_started:
-                # A head trickle: tell the client, as Envoy does (408). Keep-alive idle (nothing
-                # was asked) closes quietly.
-                entry = RequestLog(method="-", authority="-", path="-", connection_id=conn_id)
-                entry.flags.append(flags.DURATION_TIMEOUT)
-                entry.bytes_received = down.received
-                await answer_locally(down, entry, 408, b"request header timeout", close=True)
-                self._recorder.finish(entry, down.head_began)
+                await answer_head_timeout(down, self._recorder, conn_id)
         except (trio.BrokenResourceError, trio.ClosedResourceError, DownstreamError):
             pass
-
-    async def _read_head(
-        self, down: Downstream, conn_id: int
-    ) -> h11.Event | type[h11.PAUSED] | None:
-        try:
-            event = await down.read_head()
-        except h11.RemoteProtocolError as exc:
-            status = exc.error_status_hint if exc.error_status_hint >= 400 else 400
-            entry = RequestLog(method="-", authority="-", path="-", connection_id=conn_id)
-            entry.flags.append(flags.DOWNSTREAM_PROTOCOL_ERROR)
-            if down.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                reason = _REASONS.get(status, "Bad Request")
-                await answer_locally(down, entry, status, reason.encode(), close=True)
-            self._recorder.finish(entry, down.head_began)
-            return None
-        if isinstance(event, h11.Request) and (
-            len(event.headers) > self.limits.max_headers
-            or head_size(event) > self.limits.max_header_bytes
-        ):
-            entry = entry_for(event, conn_id)
-            entry.flags.append(flags.DOWNSTREAM_PROTOCOL_ERROR)
-            await answer_locally(down, entry, 431, b"request headers too large", close=True)
-            self._recorder.finish(entry, down.head_began)
-            return None
-        return event
 
     # -- one request -------------------------------------------------------------------------
 
@@ -245,13 +231,17 @@ class HttpProxy:
         if self._tracer is not None:
             token = start_span(self._tracer, req, entry, request)
         try:
+            refusal = None
+            if self._guard is not None:
+                request, headers, refusal = await self._check(down, request, headers, entry, port)
             source = self._source(request) if callable(self._source) else self._source
             try:
-                decision = (
-                    route_http(self._snapshot(), source, request, rand=self._rand)
-                    if source is not None
-                    else RouteDecision(kind="no_route")
-                )
+                if refusal is not None:
+                    decision = refusal
+                elif source is not None:
+                    decision = route_http(self._snapshot(), source, request, rand=self._rand)
+                else:
+                    decision = RouteDecision(kind="no_route")
             except Exception as exc:  # a stored document the validator let through; not fatal
                 log.error("request.route_failed", path=entry.path, error=repr(exc))
                 decision = RouteDecision(
@@ -289,7 +279,7 @@ class HttpProxy:
             keep = False
             if down.conn.our_state is h11.SEND_RESPONSE:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    reason = _REASONS.get(exc.status, "Bad Request")
+                    reason = REASONS.get(exc.status, "Bad Request")
                     await answer_locally(down, entry, exc.status, reason.encode(), close=True)
         except DownstreamError:
             entry.flags.append(flags.DOWNSTREAM_TERMINATION)
@@ -302,6 +292,63 @@ class HttpProxy:
         # After an Upgrade or CONNECT request the framing checks stopped: never read another
         # request on this connection.
         return keep and not down.framing.passthrough
+
+    async def _check(
+        self,
+        down: Downstream,
+        request: HttpRequest,
+        headers: list[tuple[str, str]],
+        entry: RequestLog,
+        port: int,
+    ) -> tuple[HttpRequest, list[tuple[str, str]], RouteDecision | None]:
+        """The guard's verdict (authentication, L7 authorization) before routing: a refusal
+        is a direct answer (flag UAEX); an allowed request goes on with authentication's
+        header and query changes (routes may match the claims it copied to headers)."""
+        assert self._guard is not None
+        client_ip = down.address.rpartition(":")[0]
+        local = _local_of(down.stream)
+        facts = RequestFacts(
+            method=request.method,
+            target=request.target,
+            host=request.authority,
+            headers=headers,
+            port=port,
+            source_ip=client_ip,
+            destination_ip=local,
+            source_identity=None,
+            mtls=False,
+        )
+        try:
+            verdict = await self._guard(facts)
+        except Exception as exc:  # refused, never let through unchecked
+            log.error("request.guard_failed", path=entry.path, error=repr(exc))
+            verdict = GUARD_FAILED
+        entry.request_principal = verdict.request_principal or ""
+        if not verdict.allowed:
+            entry.flags.append(flags.UNAUTHORIZED)
+            entry.response_code_details = verdict.details
+            entry.policy = verdict.policy or ""
+            return (
+                request,
+                headers,
+                RouteDecision(kind="direct", direct=DirectResponse(verdict.status, verdict.body)),
+            )
+        if not (verdict.remove_headers or verdict.add_headers or verdict.strip_params):
+            return request, headers, None
+        headers = [(k, v) for k, v in headers if k not in verdict.remove_headers]
+        headers += verdict.add_headers
+        target = request.target
+        if verdict.strip_params:
+            target = without_params(target, verdict.strip_params)
+        changed = HttpRequest.from_target(
+            request.method,
+            request.authority,
+            target,
+            joined(headers),
+            port=request.port,
+            host=request.host,
+        )
+        return changed, headers, None
 
     async def _execute(
         self,

@@ -23,7 +23,7 @@ from nodeagent.config.batch import validate_document
 from nodeagent.config.documents import RawDocument
 from nodeagent.config.errors import Source
 from nodeagent.config.validate.common import dns1123_label, dns1123_subdomain
-from nodeagent.kube.resources import ResourceType, endpoint_slice_key, pod_key
+from nodeagent.kube.resources import ResourceType
 from nodeagent.log import get_logger
 from nodeagent.store import keys
 from nodeagent.store.base import Compare, Delete, KeyValue, Op, Put, Store
@@ -83,9 +83,9 @@ def key_of(rtype: ResourceType, obj: Mapping[str, Any]) -> str | None:
     if "/" in ns or "/" in name:
         return None
     if rtype.kind == "Pod":
-        return pod_key(ns, name)
+        return keys.kube_pod(ns, name)
     if rtype.kind == "EndpointSlice":
-        return endpoint_slice_key(ns, name)
+        return keys.endpoint_slice(ns, name)
     return keys.config(rtype.kind, ns, name)
 
 
@@ -198,7 +198,7 @@ def _pod(rtype: ResourceType, obj: Mapping[str, Any]) -> Mirrored:
         "podIPs": ips,
         "hostNetwork": bool(spec.get("hostNetwork")),
     }
-    return Mirrored(pod_key(ns, name), body)
+    return Mirrored(keys.kube_pod(ns, name), body)
 
 
 def _endpoint_slice(rtype: ResourceType, obj: Mapping[str, Any]) -> Mirrored:
@@ -247,8 +247,11 @@ def _endpoint_slice(rtype: ResourceType, obj: Mapping[str, Any]) -> Mirrored:
         endpoints.append(
             {
                 "addresses": addresses,
-                # An unset condition means ready (discovery.k8s.io/v1 semantics).
+                # discovery.k8s.io/v1: an unset ready or serving means true, an unset
+                # terminating false (kube-proxy reads them so).
                 "ready": conditions.get("ready") is not False,
+                "serving": conditions.get("serving") is not False,
+                "terminating": conditions.get("terminating") is True,
                 "node": e.get("nodeName") or "",
                 "targetRef": {
                     k: target[k]
@@ -267,7 +270,7 @@ def _endpoint_slice(rtype: ResourceType, obj: Mapping[str, Any]) -> Mirrored:
         "ports": ports,
         "endpoints": endpoints,
     }
-    return Mirrored(endpoint_slice_key(ns, name), body)
+    return Mirrored(keys.endpoint_slice(ns, name), body)
 
 
 # --- writing ------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 Istio kinds, the mesh's Rollouts and Services become the same documents `meshctl apply` writes
 (`/mesh/v1/config/<Kind>/<ns>/<name>`); EndpointSlices and Pods are not mesh config and get
-their own prefix, `/mesh/v1/kube/`, owned by kube-sync alone (the agent's pod metadata source
-reads Pods there).
+their own prefix, `/mesh/v1/kube/` (`store.keys.KUBE`), owned by kube-sync alone (the agent's pod
+metadata source reads Pods there, the snapshot EndpointSlices).
 """
 
 from __future__ import annotations
@@ -11,18 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nodeagent.store import keys
-
-KUBE = keys.ROOT + "kube/"
-PODS = KUBE + "pods/"
-ENDPOINT_SLICES = KUBE + "endpointslices/"
-
-
-def pod_key(namespace: str, name: str) -> str:
-    return f"{PODS}{namespace}/{name}"
-
-
-def endpoint_slice_key(namespace: str, name: str) -> str:
-    return f"{ENDPOINT_SLICES}{namespace}/{name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +33,9 @@ class ResourceType:
     @property
     def store_prefix(self) -> str:
         if self.kind == "Pod":
-            return PODS
+            return keys.KUBE_PODS
         if self.kind == "EndpointSlice":
-            return ENDPOINT_SLICES
+            return keys.KUBE_ENDPOINT_SLICES
         return f"{keys.CONFIG}{self.kind}/"
 
 
@@ -61,6 +49,7 @@ ISTIO = (
     ResourceType("ServiceEntry", "networking.istio.io", "v1", "serviceentries"),
     ResourceType("AuthorizationPolicy", "security.istio.io", "v1", "authorizationpolicies"),
     ResourceType("PeerAuthentication", "security.istio.io", "v1", "peerauthentications"),
+    ResourceType("RequestAuthentication", "security.istio.io", "v1", "requestauthentications"),
 )
 # The mesh's own kinds (mesh.nodeagent.io); the Workload kind is the agents' own, not mirrored.
 MESH = (ResourceType("Rollout", "mesh.nodeagent.io", "v1alpha1", "rollouts"),)

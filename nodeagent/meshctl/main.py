@@ -26,6 +26,7 @@ import structlog
 import trio
 
 from nodeagent import log as mesh_log
+from nodeagent.authz import l7_only_fields, tcp_warning
 from nodeagent.config.apply import (
     DEFAULT_VIP_RANGE,
     VIP_RANGE_ENV,
@@ -35,7 +36,7 @@ from nodeagent.config.apply import (
     find,
     parse_vip_range,
 )
-from nodeagent.config.batch import check_references, dedupe, validate_batch
+from nodeagent.config.batch import Document, check_references, dedupe, validate_batch
 from nodeagent.config.documents import load_paths
 from nodeagent.config.errors import ConfigError, ConfigInvalid, LoadError
 from nodeagent.config.kinds import KINDS, UnknownKind, resolve
@@ -104,6 +105,17 @@ def _print_errors(errors: Sequence[ConfigError | str], err: TextIO) -> None:
         print(f"error: {e}", file=err)
 
 
+def _print_warnings(docs: Sequence[Document], err: TextIO) -> None:
+    """What is valid but will not do everything it says: today AuthorizationPolicy fields that
+    need HTTP, which Istio's TCP rule drops or widens on TCP ports."""
+    for doc in docs:
+        if doc.kind != "AuthorizationPolicy":
+            continue
+        action = doc.body["spec"].get("action", "ALLOW")
+        for field in l7_only_fields(doc.body["spec"]):
+            print(f"warning: {doc.source}: {doc.ref}: {tcp_warning(action, field)}", file=err)
+
+
 async def _apply(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     vip_range = _vip_range(args)
     raws = load_paths(args.filename)
@@ -115,6 +127,7 @@ async def _apply(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if not docs:
         print("error: no documents found", file=err)
         return 1
+    _print_warnings(docs, err)
     store = await open_store(_store_url(args))
     try:
         result = await apply_documents(store, docs, vip_range=vip_range)
@@ -137,6 +150,7 @@ async def _validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         _print_errors(errors, err)
         print(f"{len(errors)} error(s) in {len(raws)} document(s)", file=err)
         return 1
+    _print_warnings(docs, err)
     for doc in docs:
         print(f"{doc.ref} valid", file=out)
     return 0

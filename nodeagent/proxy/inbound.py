@@ -67,10 +67,17 @@ class Peer:
     identity: str | None = None  # the verified SPIFFE id (15008); None for plaintext (15006)
     certificate: bytes = b""  # the client's certificate (DER), 15008 only
     src_port: int = 0
+    # An HTTP port (the destination parses it): each request is authorized on its own, so the
+    # connection itself is held only to PeerAuthentication (and its certificate).
+    http: bool = False
 
 
 def accept_decision(snap: Snapshot, workload: Workload, peer: Peer) -> InboundDecision:
     """The accept-time decision for `peer`, against `snap`: the same pure functions."""
+    if peer.http:
+        if peer.identity is None and snap.peer_authentication_for(workload, peer.port) == "STRICT":
+            return InboundDecision(False, "PeerAuthentication STRICT: plaintext refused")
+        return InboundDecision(True, "HTTP port: every request is authorized")
     if peer.identity is None:
         return plaintext_decision(snap, workload, peer.src_ip, peer.dst_ip, peer.port)
     return tunnel_decision(snap, workload, peer.src_ip, peer.dst_ip, peer.port, peer.identity)

@@ -20,6 +20,9 @@ from typing import Any
 
 import trio
 
+from nodeagent.http import RequestLog
+from nodeagent.http.headers import xfcc_value
+from nodeagent.http.inbound import InboundConnection, InboundHttp, Totals
 from nodeagent.identity.api import IdentityUnavailable, PeerRejected
 from nodeagent.inpod import original_dst
 from nodeagent.log import get_logger
@@ -35,10 +38,17 @@ from nodeagent.proxy.inbound import (
     plaintext_decision,
     tunnel_decision,
 )
+from nodeagent.proxy.l7_guard import workload_guard
+from nodeagent.proxy.outbound import inbound_http_port
 from nodeagent.proxy.pod_core import PodCore
 from nodeagent.proxy.relay import RelayResult, relay
-from nodeagent.snapshot import Snapshot, Workload
-from nodeagent.telemetry.dataplane import TcpRecorder, peer_workload, service_for
+from nodeagent.snapshot import Service, Snapshot, Workload
+from nodeagent.telemetry.dataplane import (
+    TcpRecorder,
+    peer_workload,
+    record_inbound_request,
+    service_for,
+)
 from nodeagent.telemetry.metrics import SecurityPolicy
 from nodeagent.telemetry.tracing import SpanEndpoint, tunnel_headers
 from nodeagent.tunnel import (
@@ -67,6 +77,15 @@ class InboundPath:
         self.tunnels: set[HboneConnection] = set()  # open 15008 connections (revocation)
         self.tunnels_accepted = 0  # TLS connections accepted on 15008 (each carries streams)
         self._policy_poke = trio.Event()
+        telemetry = core.telemetry
+        # The pod's HTTP ports (destination mode): requests parsed, authorized, forwarded.
+        self.http = InboundHttp(
+            guard=workload_guard(core.snapshot, core.me, core.authenticator),
+            limits=core.http_limits,
+            tracer=telemetry.tracer if telemetry is not None else None,
+            name=f"inbound:{core.pod}",
+            access_logged=telemetry is not None,
+        )
 
     # -- inbound plaintext (15006) ----------------------------------------------------------------
 
@@ -79,6 +98,21 @@ class InboundPath:
             raise SelfCall(loop, dst[1])
         snap = self.core.snapshot()
         me = self.core.me(snap)
+        http_port = inbound_http_port(snap, me, dst[1]) if me is not None else None
+        if me is not None and http_port is not None:
+            conn.dst_identity = me.identity
+            if snap.peer_authentication_for(me, dst[1]) == "STRICT":
+                conn.tel = self._inbound_recorder(snap, me, conn, src[0], dst[1], None, "none")
+                raise Denied("inbound_denied", "PeerAuthentication STRICT: plaintext refused")
+            conn.endpoint = conn.dst
+            conn.tel = self._inbound_recorder(snap, me, conn, src[0], dst[1], None, "none")
+            upstream = await self.core.connect(dst, (src[0], 0))
+            peer = Peer(src[0], dst[0], dst[1], src_port=src[1], http=True)
+            reset = _linger_reset(client.socket)
+            await self._serve_http(
+                conn, snap, me, peer, client, upstream, None, reset, http_port.port
+            )
+            return
         if me is not None:
             conn.dst_identity = me.identity
             decision = plaintext_decision(snap, me, src[0], dst[0], dst[1])
@@ -162,12 +196,20 @@ class InboundPath:
         if loop is not None:
             await _try_status(stream, hbone.BAD_REQUEST)
             raise SelfCall(loop, port)
-        conn.tel = self._inbound_recorder(snap, me, conn, peer[0], port, request, "mutual_tls")
-        decision = tunnel_decision(snap, me, peer[0], local[0], port, hconn.peer_identity)
-        if not decision.allowed:
-            await _try_status(stream, hbone.DENIED)
-            raise Denied("tunnel_denied", decision.reason, decision.policy)
-        self.core.audit(conn, decision.audited)
+        http_port = inbound_http_port(snap, me, port)
+        http = http_port is not None
+        # An HTTP port's requests get SERVER spans of their own: the stream gets none.
+        traced = None if http else request
+        conn.tel = self._inbound_recorder(snap, me, conn, peer[0], port, traced, "mutual_tls")
+        if not http:
+            # On an HTTP port every request is authorized (L4 and L7 fields alike) when it is
+            # parsed; here, at stream open, only L4 policy can be checked (L7 fields fail
+            # closed).
+            decision = tunnel_decision(snap, me, peer[0], local[0], port, hconn.peer_identity)
+            if not decision.allowed:
+                await _try_status(stream, hbone.DENIED)
+                raise Denied("tunnel_denied", decision.reason, decision.policy)
+            self.core.audit(conn, decision.audited)
         try:
             upstream = await self.core.connect((local[0], port), (peer[0], 0))
         except (OSError, trio.TooSlowError):
@@ -180,9 +222,120 @@ class InboundPath:
                 await upstream.aclose()
             raise
         verified = Peer(
-            peer[0], local[0], port, hconn.peer_identity, hconn.peer_certificate, peer[1]
+            peer[0], local[0], port, hconn.peer_identity, hconn.peer_certificate, peer[1], http
         )
+        if http_port is not None:
+            await self._serve_http(
+                conn, snap, me, verified, stream, upstream, request, stream.reset, http_port.port
+            )
+            return
         await self._relay_live(conn, snap, verified, stream, upstream, stream.reset)
+
+    # -- inbound HTTP (an HTTP service port, after the tunnel or on 15006) -----------------------
+
+    async def _serve_http(
+        self,
+        conn: ConnLog,
+        snap: Snapshot,
+        me: Workload,
+        peer: Peer,
+        client: trio.abc.Stream,
+        upstream: trio.SocketStream,
+        request: ConnectRequest | None,
+        reset: Callable[[], None],
+        service_port: int,
+    ) -> None:
+        """Parse the connection's requests (`nodeagent.http.inbound`): each authenticated and
+        authorized on its own (`l7_guard`), then forwarded to the app over `upstream` (kept
+        alive; a new one from the client's address when the app closed it). Registered while
+        open: PeerAuthentication turning STRICT, or the peer's certificate revoked, aborts it
+        with `reset` (authorization needs no re-check: it runs per request)."""
+        first = [upstream]
+
+        async def connect() -> trio.abc.Stream:
+            if first:
+                return first.pop()
+            return await self.core.connect((peer.dst_ip, peer.port), (peer.src_ip, 0))
+
+        xfcc = None
+        if peer.identity is not None:
+            xfcc = xfcc_value(me.identity, peer.identity, peer.certificate)
+        service = service_for(snap, me, peer.port)
+        on_request = None
+        if self.core.telemetry is not None:
+            on_request = self._request_recorder(snap, me, service, peer, request)
+        span_host = service.hostname if service is not None else me.address
+        inbound = InboundConnection(
+            source_ip=peer.src_ip,
+            source_port=peer.src_port,
+            destination_ip=peer.dst_ip,
+            port=peer.port,
+            source_identity=peer.identity,
+            connect=connect,
+            on_request=on_request,
+            xfcc=xfcc,
+            span_name=f"{span_host}:{service_port}/*",  # Envoy's inbound decorator
+        )
+        scope = trio.CancelScope()
+
+        def close(decision: InboundDecision) -> None:
+            reset()
+            scope.cancel()
+
+        live = LiveConnection(conn.cid, peer, close)
+        self.live.add(live)
+        conn.opened()
+        totals = Totals()
+        try:
+            current = self.core.snapshot()
+            now = self.core.me(current)
+            if current is not snap and now is not None:
+                self._report_closed(self.live.check(live, current, now))
+            with scope:
+                await self.http.serve(client, inbound, totals)
+        finally:
+            self.live.remove(live)
+            conn.relay = RelayResult(sent=totals.received, received=totals.sent)
+            for unused in first:
+                with trio.CancelScope(shield=True):
+                    await unused.aclose()
+        if live.closed_by is not None:
+            raise Denied("closed_by_policy", live.closed_by.reason, live.closed_by.policy)
+
+    def _request_recorder(
+        self,
+        snap: Snapshot,
+        me: Workload,
+        service: Service | None,
+        peer: Peer,
+        request: ConnectRequest | None,
+    ) -> Callable[[RequestLog], None]:
+        """The reporter "destination" metrics and access log of each request on one
+        connection (its peers known once, at accept)."""
+        telemetry = self.core.telemetry
+        assert telemetry is not None
+        src = request.source if request is not None else None
+        source = peer_workload(
+            snap,
+            peer.src_ip,
+            identity=peer.identity or "",
+            name=src.name if src else "",
+            namespace=src.namespace if src else "",
+        )
+        policy: SecurityPolicy = "mutual_tls" if peer.identity is not None else "none"
+
+        def record(entry: RequestLog) -> None:
+            record_inbound_request(
+                telemetry,
+                entry,
+                source=source,
+                destination=me,
+                service=service,
+                source_principal=peer.identity,
+                security_policy=policy,
+            )
+
+        return record
 
     # -- policy on open inbound connections (ztunnel's connection manager + policy watcher) ----
 

@@ -24,7 +24,7 @@ from nodeagent.balance import NoHealthyUpstream, PickContext, Registry
 from nodeagent.balance.state import EndpointState
 from nodeagent.proxy import self_call
 from nodeagent.routing import Source, TcpRequest, route_tcp
-from nodeagent.snapshot import L7Protocol, ServiceTarget, Snapshot, Workload
+from nodeagent.snapshot import L7Protocol, ServicePort, ServiceTarget, Snapshot, Workload
 
 OutboundPolicy = Literal["ALLOW_ANY", "REGISTRY_ONLY"]
 
@@ -70,6 +70,33 @@ OutboundDecision = ToWorkload | Passthrough | Refuse
 # The L7 proxies: HTTP/1.1 (`nodeagent.http`) and HTTP/2 + gRPC (`nodeagent.http2`).
 HTTP_PROTOCOLS = frozenset({L7Protocol.HTTP1, L7Protocol.HTTP2})
 L7_PROTOCOLS = HTTP_PROTOCOLS | {L7Protocol.SNIFF}
+
+
+def is_http(port: ServicePort) -> bool:
+    """Istio's protocol rule for a Service port that the L7 HTTP/1.1 proxy takes: `http`,
+    `http-*` or `appProtocol: http` (`L7Protocol.HTTP1`). One rule for both ends: the source
+    agent routes such a port, the destination agent authorizes its requests
+    (`inbound_http_port`). HTTP/2 and gRPC ports are routed at the source (`nodeagent.http2`)
+    and relayed as bytes at the destination."""
+    return port.l7_protocol is L7Protocol.HTTP1
+
+
+def inbound_http_port(snap: Snapshot, workload: Workload, port: int) -> ServicePort | None:
+    """The HTTP service port (`is_http`) of a Service selecting `workload` in its namespace
+    whose target is the workload's `port`: the destination agent parses such a connection.
+    A port no HTTP service port targets stays L4."""
+    for svc in snap.services():
+        if svc.kind != "Service" or svc.namespace != workload.namespace or not svc.selector:
+            continue
+        if not all(workload.labels.get(k) == v for k, v in svc.selector.items()):
+            continue
+        for p in svc.ports:
+            target = p.target_port
+            if isinstance(target, str):
+                target = workload.ports.get(target, p.port)
+            if target == port and is_http(p):
+                return p
+    return None
 
 
 def http_target(snap: Snapshot, dst_ip: str, dst_port: int) -> ServiceTarget | None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from nodeagent.authn import Authenticator
 from nodeagent.balance import Registry
 from nodeagent.http import Limits
 from nodeagent.identity.api import IdentityProvider, IdentityUnavailable
@@ -60,6 +61,7 @@ class PodProxy:
         identity_wait: float = IDENTITY_WAIT,
         telemetry: Sinks | None = None,
         http_limits: Limits | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.core = PodCore(
             pod,
@@ -74,6 +76,7 @@ class PodProxy:
             identity_wait=identity_wait,
             telemetry=telemetry,
             http_limits=http_limits,
+            authenticator=authenticator if authenticator is not None else Authenticator(),
         )
         self.outbound = OutboundPath(self.core)
         self.inbound = InboundPath(self.core)
@@ -94,6 +97,10 @@ class PodProxy:
         inbound = d(stats.inbound)
         inbound["closed_by_policy"] = self.inbound.live.closed_by_policy
         inbound["tunnel_connections"] = self.inbound.tunnels_accepted
+        # Requests parsed on the pod's HTTP ports (destination mode), and those it refused.
+        http = self.inbound.http.statistics()
+        inbound["http_requests"] = http.get("requests", 0)
+        inbound["http_refused"] = http.get("flag_UAEX", 0)
         return {"outbound": d(stats.outbound), "inbound": inbound}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

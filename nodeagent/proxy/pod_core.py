@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from nodeagent.authn import Authenticator
 from nodeagent.balance import Registry
 from nodeagent.http import Limits
 from nodeagent.identity.api import IdentityProvider
@@ -47,6 +48,8 @@ class PodCore:
     telemetry: Sinks | None = None
     stats: PodProxyStats = field(default_factory=PodProxyStats)
     http_limits: Limits | None = None  # the L7 proxy's timeouts and bounds (agent flags)
+    # The node's JWT verifier (its JWKS cache) for this pod's inbound HTTP requests.
+    authenticator: Authenticator = field(default_factory=Authenticator)
     # This pod's HBONE connections (per source pod: they are opened from its netns, so the
     # destination sees this pod's IP); `sessions` is the node's TLS session cache behind them.
     pool: TunnelPool = field(init=False)

@@ -134,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
         "the draining old one); kill: kill -9",
     )
     agent.add_argument("node", metavar="NODE")
+    agent.add_argument(
+        "--takeover",
+        action="store_true",
+        help="restart as a maxSurge 1 rollout: the new agent starts beside the old one with "
+        "--takeover, the old one hands over, parks, and gets its SIGTERM after",
+    )
 
     down = sub.add_parser("down", help="remove everything the sandbox created")
     named(down, ("--name", "--sandbox"))
@@ -274,12 +280,14 @@ def _run(args: argparse.Namespace, cmd: list[str]) -> int:
         # Extra `nodeagent run` arguments after -- (start only), kept for later restarts.
         if cmd and args.action != "start":
             raise SandboxError("only `agent start` takes `nodeagent run` arguments after --")
+        if args.takeover and args.action != "restart":
+            raise SandboxError("--takeover is a way to restart: `agent restart NODE --takeover`")
         if args.action == "start":
             sb.start_agent(args.node, args=cmd or None)
         elif args.action == "stop":
             sb.stop_agent(args.node)
         elif args.action == "restart":
-            sb.restart_agent(args.node)
+            sb.restart_agent(args.node, takeover=args.takeover)
         else:
             sb.kill_agent(args.node)
         return 0

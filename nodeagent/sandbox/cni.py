@@ -3,8 +3,9 @@
 ADD runs each plugin in order with the list's `name` and `cniVersion` injected into its config
 and the previous plugin's result as `prevResult`; the last result is the list's result. DEL runs
 the plugins in reverse, each with the cached ADD result as `prevResult` (none when ADD never
-completed). A plugin's error is its JSON `{"code", "msg", "details"}` on stdout and a non-zero
-exit; the message is reported verbatim.
+completed), and stops at the first that fails; CHECK runs them in order with that result. A
+plugin's error is its JSON `{"code", "msg", "details"}` on stdout and a non-zero exit; the
+message is reported verbatim. docs/cni.md compares this with containerd's libcni.
 
 The plugins run with the NODE's network namespace as their current one (the bridge plugin makes
 its bridge there) via `ip netns exec <node-ns>`; CNI_NETNS points at the pod's.
@@ -120,11 +121,23 @@ def find_plugin(kind: str, cni_path: Sequence[str]) -> Path:
     raise SandboxError(f'failed to find plugin "{kind}" in path {list(cni_path)}')
 
 
-def plugin_search_path() -> str:
-    """PATH for the plugins: the machine's, without the project's venv, as on a node where the
-    runtime knows nothing of the agent's Python; mesh-cni runs on the node's python3 with the
-    standard library only (`-IS`)."""
-    return os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+def plugin_environment(command: str, inv: Invocation) -> dict[str, str]:
+    """As libcni's `invoke.Args.AsEnv`: the runtime's whole environment, then the CNI_* variables
+    (which win over inherited ones). mesh-cni runs as `python3 -IS` on whatever python3 PATH
+    names, with the standard library only, as on a node."""
+    env = dict(os.environ)
+    env.setdefault("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    env.update(
+        {
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": inv.container_id,
+            "CNI_NETNS": inv.netns_path,
+            "CNI_ARGS": inv.args,
+            "CNI_IFNAME": inv.ifname,
+            "CNI_PATH": os.pathsep.join(inv.cni_path),
+        }
+    )
+    return env
 
 
 def _exec(
@@ -136,15 +149,7 @@ def _exec(
 ) -> bytes:
     kind = plugin["type"]
     binary = find_plugin(kind, inv.cni_path)
-    env = {
-        "PATH": plugin_search_path(),
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": inv.container_id,
-        "CNI_NETNS": inv.netns_path,
-        "CNI_IFNAME": inv.ifname,
-        "CNI_ARGS": inv.args,
-        "CNI_PATH": os.pathsep.join(inv.cni_path),
-    }
+    env = plugin_environment(command, inv)
     argv = ["ip", "netns", "exec", node_netns, str(binary)]
     try:
         proc = subprocess.run(
@@ -181,21 +186,52 @@ def add(node_netns: str, netconf: Mapping[str, Any], inv: Invocation) -> dict[st
     return prev
 
 
+def check(
+    node_netns: str,
+    netconf: Mapping[str, Any],
+    inv: Invocation,
+    cached_result: Mapping[str, Any] | None,
+) -> None:
+    """CHECK the list as libcni's CheckNetworkList: refused for a list older than 0.4.0, nothing
+    at all when the list says `disableCheck`, otherwise every plugin IN ORDER with the cached ADD
+    result as `prevResult`; the first failure is raised."""
+    plugins = check_netconf(netconf, "network list")
+    if _version(netconf["cniVersion"]) < (0, 4, 0):
+        raise SandboxError(
+            f"configuration version {netconf['cniVersion']!r} does not support the CHECK command"
+        )
+    if netconf.get("disableCheck") is True:
+        return
+    for plugin in plugins:
+        try:
+            _exec(node_netns, "CHECK", plugin, plugin_config(netconf, plugin, cached_result), inv)
+        except CniError:
+            raise
+        except SandboxError as e:
+            raise CniError(plugin["type"], "CHECK", str(e)) from e
+
+
+def _version(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split("."))
+    except ValueError:
+        raise SandboxError(f"invalid cniVersion {text!r}") from None
+
+
 def delete(
     node_netns: str,
     netconf: Mapping[str, Any],
     inv: Invocation,
     cached_result: Mapping[str, Any] | None,
-) -> list[CniError]:
-    """DEL the whole list in reverse. Keeps going past a failing plugin (so the others still free
-    what they hold) and returns the failures."""
+) -> None:
+    """DEL the whole list in reverse, as libcni's DelNetworkList: the first plugin that fails
+    ends it (the plugins before it in the list are not called) and is raised; the runtime
+    retries the DEL until it succeeds."""
     plugins = check_netconf(netconf, "network list")
-    errors: list[CniError] = []
     for plugin in reversed(plugins):
         try:
             _exec(node_netns, "DEL", plugin, plugin_config(netconf, plugin, cached_result), inv)
-        except CniError as e:
-            errors.append(e)
+        except CniError:
+            raise
         except SandboxError as e:
-            errors.append(CniError(plugin["type"], "DEL", str(e)))
-    return errors
+            raise CniError(plugin["type"], "DEL", str(e)) from e

@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from nodeagent.admin.client import is_ready
-from nodeagent.sandbox import cni, container, layout
+from nodeagent.sandbox import cni, container, containerd, layout
 from nodeagent.sandbox.errors import CniError, SandboxError
 from nodeagent.sandbox.state import NodeState, PodState, State, load, locked, save
 from nodeagent.sandbox.system import (
@@ -141,6 +141,16 @@ class AgentRestart:
     sigterm_at: float
     ready_at: float
     old_exited_at: float
+
+
+def _logged_since(path: Path, offset: int, event: str) -> bool:
+    """Whether `event` (a log record's event name) appears in `path` after byte `offset`."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f'"{event}"'.encode() in f.read()
+    except OSError:
+        return False
 
 
 def _pid_file_names(run_dir: Path, pid: int) -> bool:
@@ -495,6 +505,20 @@ class Sandbox:
             self._say(f"pod {ps.key} deleted")
             return True
 
+    def containerd(self, node: str) -> containerd.Containerd:
+        """The node's containerd (`start()` it): pods made by `ctr run --cni`, see
+        nodeagent/sandbox/containerd.py. `down` stops it and removes what it made."""
+        ns = self._node_state(self.state(), node)
+        return containerd.Containerd(self.name, ns.netns, layout.NodePaths(Path(ns.run_dir)))
+
+    def pod_check(self, name: str, namespace: str | None = None) -> None:
+        """CNI CHECK of the pod's cached chain (in order, with the cached result), as libcni's
+        CheckNetworkList; raises CniError naming the first plugin that found a problem."""
+        st = self.state()
+        ps = self._find_pod(st, name, namespace)
+        assert ps.netconf is not None
+        cni.check(st.nodes[ps.node].netns, ps.netconf, self._invocation(st, ps), ps.result)
+
     # ----- agents ------------------------------------------------------------------------------
 
     def start_agent(
@@ -547,12 +571,23 @@ class Sandbox:
             self._remove_agent_container(st, ns)
 
     def restart_agent(
-        self, node: str, *, timeout: float = READY_TIMEOUT, grace: float = AGENT_GRACE
+        self,
+        node: str,
+        *,
+        timeout: float = READY_TIMEOUT,
+        grace: float = AGENT_GRACE,
+        takeover: bool = False,
     ) -> AgentRestart:
         """A graceful restart, as a DaemonSet rollout does it: SIGTERM the running agent, start
         the new one as soon as the old released its pid file (it drains meanwhile), wait for the
         new one to be ready, then for the old one to finish draining (SIGKILL after its drain
-        deadline plus `grace`)."""
+        deadline plus `grace`).
+
+        With `takeover`, as a rollout with `maxSurge: 1` does it: the new agent starts beside
+        the old one with `--takeover` (it asks the old one to hand over); the old one must then
+        drain and park (alive, serving nothing) until its own SIGTERM, sent once its drain time
+        is over, as the DaemonSet controller deletes the old pod. `sigterm_at` is then when the
+        new agent was started."""
         with locked(self.state_dir):
             st = load(self.state_dir)
             ns = self._node_state(st, node)
@@ -562,22 +597,40 @@ class Sandbox:
             if st.agent_image is not None:  # two containers of one node would share its name
                 raise SandboxError("a graceful restart of a containerised agent is not supported")
             run_dir = Path(ns.run_dir)
-            self._say(f"restarting agent of {node} (pid {old.pid} drains)")
-            os.kill(old.pid, signal.SIGTERM)
             sigterm_at = time.monotonic()
-            deadline = time.monotonic() + grace
-            while _pid_file_names(run_dir, old.pid):
-                if time.monotonic() > deadline:
-                    raise SandboxError(f"the agent of {node} kept its pid file after SIGTERM")
-                time.sleep(0.01)
-            self._spawn_agent(st, ns)
+            if takeover:
+                self._say(f"taking over from the agent of {node} (pid {old.pid} hands over)")
+            else:
+                self._say(f"restarting agent of {node} (pid {old.pid} drains)")
+                os.kill(old.pid, signal.SIGTERM)
+                deadline = time.monotonic() + grace
+                while _pid_file_names(run_dir, old.pid):
+                    if time.monotonic() > deadline:
+                        raise SandboxError(f"the agent of {node} kept its pid file after SIGTERM")
+                    time.sleep(0.01)
+            log_path = layout.NodePaths(run_dir).agent_log
+            log_start = log_path.stat().st_size if log_path.exists() else 0
+            self._spawn_agent(st, ns, extra=["--takeover"] if takeover else [])
             save(st)
         self.wait_agents_ready([node], timeout=timeout)
         ready_at = time.monotonic()
         deadline = time.monotonic() + self._drain_timeout(ns) + grace
+        if takeover:
+            # The old agent drains, then logs `agent.parked` and idles (both write this log).
+            while not _logged_since(log_path, log_start, "agent.parked"):
+                if not old.alive():
+                    raise SandboxError(f"the old agent of {node} exited instead of parking")
+                if time.monotonic() > deadline:
+                    raise SandboxError(f"the old agent of {node} did not park after the handover")
+                time.sleep(0.05)
+            os.kill(old.pid, signal.SIGTERM)  # the old pod's deletion
+            deadline = time.monotonic() + grace
         while old.alive() and time.monotonic() < deadline:
             reap(_CHILDREN)
             time.sleep(0.05)
+        if takeover and old.alive():
+            stop_all([old], grace=0, children=_CHILDREN, first=signal.SIGKILL)
+            raise SandboxError(f"the parked agent of {node} ignored its SIGTERM ({grace} s)")
         stop_all([old], grace=0, children=_CHILDREN, first=signal.SIGKILL)  # if it hangs
         return AgentRestart(sigterm_at, ready_at, time.monotonic())
 
@@ -901,8 +954,13 @@ class Sandbox:
             raise SandboxError("down finished with errors:\n  " + "\n  ".join(errors))
 
     def _down_recorded(self, st: State, errors: list[str]) -> list[str]:
-        """Pods (their DEL needs the agents), then agents, then etcd; returns namespaces to drop,
-        pods first, then in reverse creation order."""
+        """containerd's pods and the sandbox's (their DEL needs the agents), then agents, then
+        etcd; returns namespaces to drop, pods first, then in reverse creation order."""
+        for ns in st.nodes.values():
+            try:
+                containerd.stop_leftover(st.name, ns.netns, layout.NodePaths(Path(ns.run_dir)))
+            except SandboxError as e:
+                errors.append(f"containerd of {ns.name}: {e}")
         pod_ns = []
         for ps in list(st.pods.values()):
             pod_ns.append(ps.netns)
@@ -1130,7 +1188,7 @@ class Sandbox:
                 )
             time.sleep(0.2)
 
-    def _spawn_agent(self, st: State, ns: NodeState) -> None:
+    def _spawn_agent(self, st: State, ns: NodeState, extra: Sequence[str] = ()) -> None:
         if st.agent_image is not None:
             self._spawn_agent_container(st, ns)
             return
@@ -1142,7 +1200,7 @@ class Sandbox:
         ]  # fmt: skip
         if st.gateway == ns.name:
             argv.append("--gateway")
-        argv += ns.agent_args
+        argv += [*ns.agent_args, *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._say(f"starting agent of {ns.name} (log {paths.agent_log})")
         proc, ref = spawn(argv, log=paths.agent_log, env=env)
@@ -1253,20 +1311,21 @@ class Sandbox:
             )
 
     def _pod_teardown(self, st: State, ps: PodState) -> None:
-        """Processes, then the CNI chain's DEL (reverse order, with the cached result), then the
-        namespace. Raises (after doing all it can) when a plugin's DEL failed."""
+        """Processes, then the CNI chain's DEL (reverse order, with the cached result, stopping
+        at the first plugin that fails, as libcni does), then the namespace. Raises (after
+        deleting the namespace) when a plugin's DEL failed: the pod stays recorded, so the next
+        `pod del` (or `down`) runs the DEL again, as a kubelet retries it."""
         if ps.process is not None:
             stop_all([ps.process], grace=POD_GRACE, group=True, children=_CHILDREN)
-        errors: list[CniError] = []
+        error: CniError | None = None
         if ps.netconf is not None and ps.node in st.nodes and netns_exists(st.nodes[ps.node].netns):
-            errors = cni.delete(
-                st.nodes[ps.node].netns, ps.netconf, self._invocation(st, ps), ps.result
-            )
+            try:
+                cni.delete(st.nodes[ps.node].netns, ps.netconf, self._invocation(st, ps), ps.result)
+            except CniError as e:
+                error = e
         netns_delete(ps.netns)
-        if errors:
-            raise SandboxError(
-                f"pod {ps.key}: CNI DEL failed: " + "; ".join(str(e) for e in errors)
-            )
+        if error is not None:
+            raise SandboxError(f"pod {ps.key}: CNI DEL failed: {error}")
 
 
 @contextlib.contextmanager

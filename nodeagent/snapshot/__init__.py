@@ -4,7 +4,8 @@
 `SnapshotSync` (trio) feeds it from the store's watch and swaps `sync.current`, which the proxy,
 DNS, routing and authorization read synchronously: `snap.find_address(ip, port)`,
 `snap.resolve_host(name, ns)`, `snap.routes_for(host)`, `snap.destination_rule(host)`,
-`snap.authorization_policies_for(workload)`, `snap.peer_authentication_for(workload, port)`.
+`snap.authorization_policies_for(workload)`, `snap.peer_authentication_for(workload, port)`,
+`snap.request_authentication_for(workload)`.
 See docs/snapshot.md.
 """
 

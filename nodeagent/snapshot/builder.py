@@ -1,11 +1,13 @@
 """SnapshotBuilder: store documents in, the next immutable Snapshot out, incrementally.
 
-Pure and sans-IO. The builder holds every raw document (key → KeyValue), its converted resource,
-and private membership maps (`members.py`: index key → the document keys filed under it: ip →
-workloads, host → services, (ns, label, value) → workloads…). Applying a batch of store events
-only updates those maps and records which index entries became dirty; publishing then
-recomputes exactly the dirty entries in the snapshot's persistent maps (`immutables.Map`:
-O(log n) per entry, every untouched entry shared with the previous snapshot). One workload
+Pure and sans-IO. The builder holds, per document, its converted resource and a stamp (mod
+revision and checksum: what a re-list compares, not the document's bytes), and private membership
+maps (`members.py`: index key → the document keys filed under it: (ns, label, value) →
+workloads, host → services…; uid and IP are claimed in the index itself, see `_claim`).
+Applying a batch of store events only updates those maps and records which index entries
+became dirty; publishing then recomputes exactly the dirty entries in the snapshot's persistent
+maps (`immutables.Map`: O(log n) per entry, every untouched entry shared with the previous
+snapshot). One workload
 event therefore costs its own index entries plus the endpoint lists of the services selecting
 it, whatever the size of the mesh. A full build is the same path from an empty builder, which is
 what makes "incremental == full rebuild" hold by construction (and tests check it).
@@ -20,8 +22,9 @@ import bisect
 import contextlib
 import dataclasses
 import gc
+import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -31,22 +34,31 @@ from nodeagent.log import get_logger
 from nodeagent.snapshot import hosts
 from nodeagent.snapshot import members as membership
 from nodeagent.snapshot.convert import Context, convert, parse_key
+from nodeagent.snapshot.endpoints import ServiceEndpoints
+from nodeagent.snapshot.endpointslices import (
+    SliceIndex,
+    service_document_key,
+    uses_endpoint_slices,
+)
 from nodeagent.snapshot.errors import ConvertError
+from nodeagent.snapshot.frozen import PortMap, share
 from nodeagent.snapshot.members import Members, as_set, each
 from nodeagent.snapshot.model import (
+    EMPTY,
     AuthorizationPolicy,
     DestinationRule,
     Endpoint,
+    EndpointSlice,
     Gateway,
     PeerAuthentication,
     Resource,
     Service,
-    ServiceTarget,
     VirtualService,
     Workload,
 )
+from nodeagent.snapshot.request_authn import RequestAuthentication
 from nodeagent.snapshot.snapshot import Indexes, ServiceKey, Snapshot
-from nodeagent.store import codec
+from nodeagent.store import codec, keys
 from nodeagent.store.base import Event, KeyValue
 
 log = get_logger("snapshot.builder")
@@ -61,7 +73,9 @@ _COUNT_NAMES = {
     "DestinationRule": "destination_rules",
     "Gateway": "gateways",
     "AuthorizationPolicy": "authorization_policies",
+    "RequestAuthentication": "request_authentications",
     "PeerAuthentication": "peer_authentications",
+    "EndpointSlice": "endpoint_slices",
 }
 
 
@@ -95,6 +109,18 @@ def _ns_name(obj: Any) -> tuple[str, str]:
     return (obj.namespace, obj.name)
 
 
+def _stamp(kv: KeyValue) -> int:
+    """One version of a document: its mod revision and a checksum of its bytes (a store
+    recreated from scratch reuses revisions). One int instead of the document."""
+    return kv.mod_revision << 32 | zlib.crc32(kv.value)
+
+
+def _endpoint_count(per_port: Mapping[int, tuple[Endpoint, ...]]) -> int:
+    if isinstance(per_port, ServiceEndpoints):
+        return per_port.total()  # without building the lists
+    return sum(len(v) for v in per_port.values())
+
+
 def _service_key(key: str) -> ServiceKey:
     ref = parse_key(key)
     assert ref is not None  # only service document keys are ever marked dirty here
@@ -102,7 +128,10 @@ def _service_key(key: str) -> ServiceKey:
 
 
 class SnapshotBuilder:
-    """Holds the raw documents and produces the next Snapshot from each batch of events."""
+    """Holds the converted documents and produces the next Snapshot from each batch of events.
+
+    The raw documents are not kept (the disk cache is a journal of the events, written by
+    SnapshotSync): a document costs its converted resource, its index entries and a stamp."""
 
     def __init__(
         self,
@@ -114,16 +143,20 @@ class SnapshotBuilder:
         self._ctx = Context(trust_domain=trust_domain, cluster_domain=cluster_domain)
         self._root_namespace = root_namespace
         self._revision = 0
-        self._raw: dict[str, KeyValue] = {}
+        self._stamps: dict[str, int] = {}  # every document held (decodable or not) → _stamp
         self._objects: dict[str, Resource] = {}
         self._skipped: dict[str, str] = {}
         self._counts: Counter[str] = Counter()
         self._endpoint_total = 0
+        # Unique keys (uid, IP) are claimed straight in the batch's persistent-map mutation;
+        # only a key claimed by several documents gets a membership entry (its claimants, for
+        # `_best`). One document per uid and per IP, the usual case, costs its map entry alone.
+        self._contested: dict[str, dict[str, Members]] = {
+            "workloads_by_uid": {},
+            "workloads_by_ip": {},
+        }
+        self._mutations: dict[str, MapMutation[Any, Any]] = {}  # this batch's, until publish
         # membership maps: index key → document keys
-        self._m_uid: dict[str, Members] = {}
-        self._m_ip: dict[str, Members] = {}
-        self._m_node: dict[str, Members] = {}
-        self._m_identity: dict[str, Members] = {}
         self._m_labels: dict[tuple[str, str, str], Members] = {}  # (ns, k, v) → workloads
         # Each selecting service is filed under ONE of its selector pairs: a workload matching
         # the whole selector carries that pair, so its labels find every candidate service.
@@ -135,7 +168,9 @@ class SnapshotBuilder:
         self._m_dr: dict[str, Members] = {}
         self._m_gateway: dict[str, Members] = {}
         self._m_ap: dict[str, Members] = {}
+        self._m_ra: dict[str, Members] = {}
         self._m_pa: dict[str, Members] = {}
+        self._slices = SliceIndex()  # EndpointSlices, by service and by address
         self._dirty: dict[str, set[Any]] = {}
         # For the sorted workload groups (by node, by identity): per group key, the workloads
         # filed (True) and unfiled (False) in this batch, in order, to edit the old tuple.
@@ -157,9 +192,9 @@ class SnapshotBuilder:
     def revision(self) -> int:
         return self._revision
 
-    def raw(self) -> list[KeyValue]:
-        """Every document the builder holds (decodable or not), sorted by key: the disk cache."""
-        return [self._raw[k] for k in sorted(self._raw)]
+    def documents(self) -> Collection[str]:
+        """The keys of every document the builder holds, decodable or not (a live view)."""
+        return self._stamps.keys()
 
     def skipped(self) -> Mapping[str, str]:
         """Documents left out of the snapshot: key → why."""
@@ -174,18 +209,21 @@ class SnapshotBuilder:
             self._revision = max(self._revision, revision)
             return self._publish()
 
-    def reset(self, kvs: Iterable[KeyValue], revision: int) -> Snapshot:
-        """Make the documents exactly `kvs` (a fresh listing read at `revision`), applying only
-        the difference from what the builder holds: a re-list after compaction or a cache load."""
+    def reset(
+        self, kvs: Iterable[KeyValue], revision: int, *, keep: Collection[str] = ()
+    ) -> Snapshot:
+        """Make the documents exactly `kvs` (a fresh listing read at `revision`), plus those
+        held now whose keys are in `keep` (held deletions), applying only the difference from
+        what the builder holds: a re-list after compaction or a cache load."""
         events = []
         seen = set()
         for kv in kvs:
             seen.add(kv.key)  # keys the snapshot does not read are ignored by _apply_one
-            old = self._raw.get(kv.key)
-            if old is None or old.mod_revision != kv.mod_revision or old.value != kv.value:
+            if self._stamps.get(kv.key) != _stamp(kv):
                 events.append(Event("put", kv))
-        for key in self._raw.keys() - seen:
-            events.append(Event("delete", KeyValue(key, b"", 0, revision, 0)))
+        for key in self._stamps.keys() - seen:
+            if key not in keep:
+                events.append(Event("delete", KeyValue(key, b"", 0, revision, 0)))
         with _collector_paused():
             for event in events:
                 self._apply_one(event)
@@ -212,9 +250,9 @@ class SnapshotBuilder:
             self._index(kv.key, old, add=False)
         self._skipped.pop(kv.key, None)
         if event.type == "delete":
-            self._raw.pop(kv.key, None)
+            self._stamps.pop(kv.key, None)
             return
-        self._raw[kv.key] = kv
+        self._stamps[kv.key] = _stamp(kv)
         try:
             obj = convert(kv.key, codec.decode(kv), self._ctx, ref)
         except (codec.DecodeError, ConvertError) as exc:
@@ -274,9 +312,16 @@ class SnapshotBuilder:
         elif isinstance(obj, AuthorizationPolicy):
             op(self._m_ap, obj.namespace, key)
             self._dirt("ap").add(obj.namespace)
+        elif isinstance(obj, RequestAuthentication):
+            op(self._m_ra, obj.namespace, key)
+            self._dirt("ra").add(obj.namespace)
         elif isinstance(obj, PeerAuthentication):
             op(self._m_pa, obj.namespace, key)
             self._dirt("pa").add(obj.namespace)
+        elif isinstance(obj, EndpointSlice):
+            service = self._slices.file(key, obj, add=add)
+            if service is not None:
+                self._dirt("endpoints").add(service_document_key(service))
 
     def _index_workload(
         self,
@@ -285,16 +330,14 @@ class SnapshotBuilder:
         op: Callable[[dict[Any, Members], Any, str], None],
         add: bool,
     ) -> None:
-        op(self._m_uid, wl.uid, key)
-        self._dirt("uid").add(wl.uid)
-        for ip in wl.addresses:
-            op(self._m_ip, ip, key)
-            self._dirt("ip").add(ip)
-        op(self._m_node, wl.node, key)
-        self._group_ops["node"].setdefault(wl.node, []).append((add, wl))
-        op(self._m_identity, wl.identity, key)
-        self._group_ops["identity"].setdefault(wl.identity, []).append((add, wl))
+        self._claim("workloads_by_uid", wl.uid, key, wl, add)
         dirty_endpoints = self._dirt("endpoints")
+        for ip in wl.addresses:
+            self._claim("workloads_by_ip", ip, key, wl, add)
+            for service in self._slices.services_at(ip):  # selector-less: by address
+                dirty_endpoints.add(service_document_key(service))
+        self._group_ops["node"].setdefault(wl.node, []).append((add, wl))
+        self._group_ops["identity"].setdefault(wl.identity, []).append((add, wl))
         for k, v in wl.labels.items():
             op(self._m_labels, (wl.namespace, k, v), key)
             for svc_key in each(self._m_selector.get((wl.namespace, k, v))):
@@ -304,26 +347,49 @@ class SnapshotBuilder:
                 if hosts.labels_match(svc.selector, wl.labels):
                     dirty_endpoints.add(svc_key)
 
+    def _mutation(self, name: str) -> MapMutation[Any, Any]:
+        """The batch's mutation of index `name` (copy on write; finished by `_publish`)."""
+        found = self._mutations.get(name)
+        if found is None:
+            index: Map[Any, Any] = getattr(self._ix, name)
+            found = self._mutations[name] = index.mutate()
+        return found
+
+    def _claim(self, name: str, k: str, key: str, wl: Workload, add: bool) -> None:
+        """File (or unfile) workload `wl`, document `key`, as a claimant of `k` in the unique
+        index `name`: the index holds the best claimant (`_best`)."""
+        index = self._mutation(name)
+        contested = self._contested[name]
+        if k in contested:
+            (membership.add if add else membership.discard)(contested, k, key)
+            members = contested[k]
+            if isinstance(members, str):  # one claimant left: uncontested again
+                del contested[k]
+            index[k] = self._best(members)
+            return
+        holder = index.get(k)
+        if not add:
+            if holder is wl:
+                del index[k]
+        elif holder is None or holder is wl:
+            index[k] = wl
+        else:  # a second claimant; a workload's key is a function of its node and uid
+            contested[k] = (keys.workload(holder.node, holder.uid), key)
+            index[k] = self._best(contested[k])
+
     # -- publishing --------------------------------------------------------------------------
 
     def _best(self, members: Members) -> Any:
         """Of several documents claiming one unique index key, the most recently written."""
         if isinstance(members, str):
             return self._objects[members]
-        return self._objects[max(members, key=lambda k: (self._raw[k].mod_revision, k))]
+        return self._objects[max(members, key=lambda k: (self._stamps[k] >> 32, k))]
 
     def _publish(self) -> Snapshot:
         dirty, self._dirty = self._dirty, {}
         ix = self._ix
         changes: dict[str, Any] = {}
-        mutations: dict[str, MapMutation[Any, Any]] = {}
-
-        def cow(name: str) -> MapMutation[Any, Any]:
-            found = mutations.get(name)
-            if found is None:
-                index: Map[Any, Any] = getattr(ix, name)
-                found = mutations[name] = index.mutate()
-            return found
+        cow = self._mutation
 
         def refresh(
             name: str, dirty_name: str, multi: dict[Any, Members], make: Callable[[Members], Any]
@@ -338,16 +404,27 @@ class SnapshotBuilder:
                 else:
                     target.pop(k, None)
 
+        single: dict[str, tuple[Any, ...]] = {}  # one 1-tuple per document (host and VIP…)
+
         def sorted_objs(key: Callable[[Any], Any]) -> Callable[[Members], tuple[Any, ...]]:
-            return lambda members: tuple(sorted((self._objects[m] for m in each(members)), key=key))
+            def make(members: Members) -> tuple[Any, ...]:
+                if isinstance(members, str):
+                    found = single.get(members)
+                    if found is None:
+                        found = single[members] = (self._objects[members],)
+                    return found
+                return tuple(sorted((self._objects[m] for m in members), key=key))
+
+            return make
 
         by_name = sorted_objs(_ns_name)
-        refresh("workloads_by_uid", "uid", self._m_uid, self._best)
-        refresh("workloads_by_ip", "ip", self._m_ip, self._best)
         for name, group in (("workloads_by_node", "node"), ("workloads_by_identity", "identity")):
             ops, self._group_ops[group] = self._group_ops[group], {}
             if ops:
                 self._regroup(cow(name), ops)
+        # One (kind, namespace, name) tuple per service for both maps (a map keeps the key it
+        # has when an entry is replaced), made of the service's own strings.
+        service_keys: dict[str, ServiceKey] = {}
         if dirty.get("service"):
             services = cow("services")
             for key in dirty["service"]:
@@ -356,27 +433,34 @@ class SnapshotBuilder:
                     services.pop(_service_key(key), None)
                 else:
                     assert isinstance(obj, Service)
-                    services[(obj.kind, obj.namespace, obj.name)] = obj
+                    shared: ServiceKey = (obj.kind, obj.namespace, obj.name)
+                    service_keys[key] = shared
+                    services[shared] = obj
         refresh("services_by_host", "host", self._m_host, sorted_objs(_service_rank))
-        refresh("targets_by_vip", "vip", self._m_vip, self._vip_targets)
+        refresh("services_by_vip", "vip", self._m_vip, sorted_objs(_service_rank))
         refresh("routes", "route", self._m_route, by_name)
         refresh("virtual_services_by_gateway", "gateway_vs", self._m_gateway_vs, by_name)
         refresh("destination_rules", "dr", self._m_dr, by_name)
         refresh("gateways", "gateway", self._m_gateway, self._best)
         refresh("authorization_policies", "ap", self._m_ap, sorted_objs(lambda p: p.name))
         refresh("peer_authentications", "pa", self._m_pa, sorted_objs(lambda p: p.name))
+        refresh("request_authentications", "ra", self._m_ra, sorted_objs(lambda p: p.name))
         if dirty.get("endpoints"):
             endpoints = cow("endpoints")
             for key in dirty["endpoints"]:
-                svc_key = _service_key(key)
-                old = endpoints.pop(svc_key, None)
-                if old is not None:
-                    self._endpoint_total -= sum(len(v) for v in old.values())
                 obj = self._objects.get(key)
-                if isinstance(obj, Service):
-                    computed = self._compute_endpoints(obj)
-                    endpoints[svc_key] = computed
-                    self._endpoint_total += sum(len(v) for v in computed.values())
+                if not isinstance(obj, Service):
+                    old = endpoints.pop(_service_key(key), None)
+                    if old is not None:
+                        self._endpoint_total -= _endpoint_count(old)
+                    continue
+                svc_key = service_keys.get(key) or (obj.kind, obj.namespace, obj.name)
+                old = endpoints.get(svc_key)
+                if old is not None:
+                    self._endpoint_total -= _endpoint_count(old)
+                computed = self._compute_endpoints(obj)
+                endpoints[svc_key] = computed
+                self._endpoint_total += _endpoint_count(computed)
         if any(h.startswith("*") for h in dirty.get("host", ())):
             changes["service_wildcards"] = self._wildcards(self._m_host)
         if any(h.startswith("*") for h in dirty.get("dr", ())):
@@ -400,6 +484,7 @@ class SnapshotBuilder:
         counts["skipped"] = len(self._skipped)
         if counts != ix.counts:
             changes["counts"] = MappingProxyType(counts)
+        mutations, self._mutations = self._mutations, {}
         for name, mutation in mutations.items():
             changes[name] = mutation.finish()
         if changes:
@@ -444,15 +529,15 @@ class SnapshotBuilder:
         # A scan of every host, but only when a wildcard host came or went in this batch.
         return tuple(sorted((h for h in multi if h.startswith("*")), key=hosts.specificity))
 
-    def _vip_targets(self, members: Members) -> Mapping[int, ServiceTarget]:
-        targets: dict[int, ServiceTarget] = {}
-        services: list[Service] = [self._objects[m] for m in each(members)]  # type: ignore[misc]
-        for svc in sorted(services, key=_service_rank):
-            for port in svc.ports:
-                targets.setdefault(port.port, ServiceTarget(svc, port))
-        return MappingProxyType(targets)
+    def _workload_at(self, ip: str) -> Workload | None:
+        """The workload at `ip` as this batch has it (an EndpointSlice address's owner)."""
+        index = self._mutations.get("workloads_by_ip")
+        found = (index if index is not None else self._ix.workloads_by_ip).get(ip)
+        return found if isinstance(found, Workload) else None
 
     def _compute_endpoints(self, svc: Service) -> Mapping[int, tuple[Endpoint, ...]]:
+        if uses_endpoint_slices(svc):
+            return self._slices.endpoints(svc, self._workload_at)
         workloads: list[Workload] = []
         if svc.selector:
             groups = sorted(
@@ -468,19 +553,16 @@ class SnapshotBuilder:
             workloads = sorted(
                 (w for w in found if w.addresses and w.healthy), key=lambda w: (w.uid, w.node)
             )
+        # The workloads' endpoint records are made on first use (endpoints.py); the others now.
         out: dict[int, tuple[Endpoint, ...]] = {}
         for port in svc.ports:
             eps = []
-            for wl in workloads:
-                target = port.target_port
-                if isinstance(target, str):
-                    # Without the workload's named container ports, the service port number.
-                    target = wl.ports.get(target, port.port)
-                eps.append(Endpoint(wl.addresses[0], target, wl, wl.labels))
             for se in svc.static_endpoints:
                 number = se.ports.get(port.name)
                 if number is None:
                     number = port.target_port if isinstance(port.target_port, int) else port.port
                 eps.append(Endpoint(se.address, number, None, se.labels, se.weight))
-            out[port.port] = tuple(eps)
-        return MappingProxyType(out)
+            if eps:
+                out[port.port] = tuple(eps)
+        extra = PortMap(share(tuple(out)), tuple(out.values())) if out else EMPTY
+        return ServiceEndpoints(svc.ports, tuple(workloads), extra)

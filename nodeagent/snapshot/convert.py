@@ -8,8 +8,9 @@ name (a workload's node and uid too); the document's own metadata is not consult
 Strings that repeat across many resources (namespaces, nodes, label keys and values, service
 accounts, identities) are interned (`sys.intern`), so 50,000 workloads of 100 namespaces hold
 100 namespace strings, not 50,000; interned strings are freed with their last user. Equal
-label sets and named-port maps (every pod of one Deployment has the same) share one frozen
-mapping through a bounded cache (`_shared`).
+label sets and named-port maps (every pod of one Deployment has the same) share one
+`FrozenDict`, and equal service ports (and port lists) one ServicePort, through a bounded cache
+(`frozen.share`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from types import MappingProxyType
 from typing import Any, Literal, cast
 
 from nodeagent.snapshot import hosts
+from nodeagent.snapshot.endpointslices import convert_slice, parse_slice_key
 from nodeagent.snapshot.errors import ConvertError
+from nodeagent.snapshot.frozen import FrozenDict, share
 from nodeagent.snapshot.model import (
     EMPTY,
     HEALTHY,
@@ -42,6 +45,11 @@ from nodeagent.snapshot.model import (
     Workload,
     freeze,
 )
+from nodeagent.snapshot.request_authn import (
+    RequestAuthentication,
+    RequestAuthnError,
+    compile_request_authentication,
+)
 from nodeagent.snapshot.routes_compile import RouteError, compile_routes
 from nodeagent.store import keys
 
@@ -54,11 +62,13 @@ KINDS = frozenset(
         "Gateway",
         "AuthorizationPolicy",
         "PeerAuthentication",
+        "RequestAuthentication",
     ]
 )
 MTLS_MODES = frozenset(["UNSET", "DISABLE", "PERMISSIVE", "STRICT"])
 ACTIONS = frozenset(["ALLOW", "DENY", "AUDIT"])
 RESOLUTIONS = frozenset(["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"])
+ENDPOINT_SLICE = "EndpointSlice"  # kube-sync's mirror, not a config kind (endpointslices.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +81,10 @@ class Context:
 
 @dataclass(frozen=True, slots=True)
 class KeyRef:
-    """What a store key names: a config document (kind/ns/name) or a workload (node/uid)."""
+    """What a store key names: a config document (kind/ns/name), a workload (node/uid) or a
+    mirrored EndpointSlice (ns/name)."""
 
-    kind: str  # a config kind, or "Workload"
+    kind: str  # a config kind, "Workload" or "EndpointSlice"
     namespace: str  # for a workload: its node
     name: str  # for a workload: its uid
 
@@ -89,25 +100,17 @@ def parse_key(key: str) -> KeyRef | None:
         parts = key[len(keys.WORKLOADS) :].split("/")
         if len(parts) == 2 and all(parts):
             return KeyRef("Workload", sys.intern(parts[0]), parts[1])
-    return None
+        return None
+    found = parse_slice_key(key)
+    return None if found is None else KeyRef(ENDPOINT_SLICE, *found)
 
 
 _UNSET: Any = object()
-# Frozen label and port mappings by content. Bounded: when full it is simply emptied (sharing is
-# only lost for mappings converted before that, never correctness), so churn cannot grow it.
-_SHARED: dict[tuple[Any, ...], Mapping[Any, Any]] = {}
-SHARED_MAX = 1 << 16
 
 
 def _shared(items: dict[Any, Any]) -> Mapping[Any, Any]:
     """One read-only mapping per distinct content (`items` is the caller's fresh dict)."""
-    k = tuple(x for pair in items.items() for x in pair)  # flat: (k1, v1, k2, v2…)
-    found = _SHARED.get(k)
-    if found is None:
-        if len(_SHARED) >= SHARED_MAX:
-            _SHARED.clear()
-        found = _SHARED[k] = MappingProxyType(items)
-    return found
+    return share(FrozenDict(items))
 
 
 # Dotted field paths, split once: conversion reads the same few dozen paths from every document.
@@ -210,7 +213,9 @@ def convert(key: str, doc: Any, ctx: Context, ref: KeyRef | None = None) -> Reso
     it already); ConvertError when it does not convert."""
     ref = ref or parse_key(key)
     if ref is None:
-        raise ConvertError(key, "", "not a config or workload key")
+        raise ConvertError(key, "", "not a config, workload or EndpointSlice key")
+    if ref.kind == ENDPOINT_SLICE:
+        return convert_slice(key, doc, ref.namespace, ref.name)
     d = _Doc(key, doc)
     resource: Resource = _CONVERTERS[ref.kind](d, ref, ctx)
     return resource
@@ -260,18 +265,20 @@ def _service(d: _Doc, ref: KeyRef, ctx: Context) -> Service:
                 target = int(target)
             elif not target:
                 raise d.fail(f"{path}.targetPort", "is empty")
+            else:
+                target = sys.intern(target)
         if isinstance(target, int):
             target = d.port(f"{path}.targetPort", target)
         app = entry.get("appProtocol")
-        ports.append(
-            ServicePort(
-                name=d.text(f"{path}.name", entry.get("name"), default=""),
-                port=number,
-                target_port=target,
-                protocol=d.text(f"{path}.protocol", entry.get("protocol"), default="TCP").upper(),
-                app_protocol=None if app is None else d.text(f"{path}.appProtocol", app),
-            )
+        protocol = d.text(f"{path}.protocol", entry.get("protocol"), default="TCP").upper()
+        port = ServicePort(
+            name=sys.intern(d.text(f"{path}.name", entry.get("name"), default="")),
+            port=number,
+            target_port=target,
+            protocol=sys.intern(protocol),
+            app_protocol=None if app is None else sys.intern(d.text(f"{path}.appProtocol", app)),
         )
+        ports.append(share(port))
     cluster_ip = d.get("spec.clusterIP")
     headless = cluster_ip == "None"
     addresses: tuple[str, ...] = ()
@@ -285,7 +292,7 @@ def _service(d: _Doc, ref: KeyRef, ctx: Context) -> Service:
         name=ref.name,
         hosts=(f"{ref.name}.{ref.namespace}.svc.{ctx.cluster_domain}",),
         addresses=addresses,
-        ports=tuple(ports),
+        ports=share(tuple(ports)),
         selector=selector,
         headless=headless,
     )
@@ -477,6 +484,15 @@ def _peer_authentication(d: _Doc, ref: KeyRef, ctx: Context) -> PeerAuthenticati
     )
 
 
+def _request_authentication(d: _Doc, ref: KeyRef, ctx: Context) -> RequestAuthentication:
+    try:
+        return compile_request_authentication(
+            ref.namespace, ref.name, d.mapping("spec"), d.selector("spec.selector")
+        )
+    except RequestAuthnError as exc:
+        raise d.fail(exc.path, exc.reason) from None
+
+
 _CONVERTERS: dict[str, Any] = {
     "Workload": _workload,
     "Service": _service,
@@ -486,4 +502,5 @@ _CONVERTERS: dict[str, Any] = {
     "Gateway": _gateway,
     "AuthorizationPolicy": _authorization_policy,
     "PeerAuthentication": _peer_authentication,
+    "RequestAuthentication": _request_authentication,
 }

@@ -42,17 +42,13 @@ def node_of_workload(key: str) -> str | None:
 class LeaseGrace:
     def __init__(self, grace: float) -> None:
         self.grace = grace
-        self._nodes: dict[str, KeyValue] = {}  # node → its live record
+        self._nodes: set[str] = set()  # the nodes whose record lives
         self._lapsed: dict[str, float] = {}  # node → when its record was deleted
         self._held: dict[str, float] = {}  # workload key → when its deletion is applied
 
     @property
     def held(self) -> Mapping[str, float]:
         return self._held
-
-    def node_records(self) -> list[KeyValue]:
-        """The live node records (kept in the disk cache with the documents)."""
-        return [self._nodes[n] for n in sorted(self._nodes)]
 
     def filter(self, events: Sequence[Event], now: float) -> list[Event]:
         """The events to apply now; the deletions of lapsed nodes' workloads are held.
@@ -73,9 +69,10 @@ class LeaseGrace:
             record_of = node_of_record(key)
             if record_of is not None:
                 if event.type == "put":
-                    self._nodes[record_of] = event.kv
+                    self._nodes.add(record_of)
                     self._lapsed.pop(record_of, None)
-                elif self._nodes.pop(record_of, None) is not None:
+                elif record_of in self._nodes:
+                    self._nodes.discard(record_of)
                     self._lapsed[record_of] = now
                 out.append(event)
                 continue
@@ -94,34 +91,36 @@ class LeaseGrace:
         return out
 
     def relist(
-        self, listed: Iterable[KeyValue], before: Mapping[str, KeyValue], now: float
-    ) -> list[KeyValue]:
-        """A fresh listing, plus the held workloads (and those of nodes that lapsed since the
-        last view) that `before` (the documents held until now) has and the listing lacks."""
+        self, listed: Iterable[KeyValue], before: Iterable[str], now: float
+    ) -> tuple[list[KeyValue], set[str]]:
+        """A fresh listing, and of `before` (the keys of the documents held until now) those
+        the listing lacks but that stay: the held workloads and those of nodes that lapsed
+        since the last view."""
         kvs = list(listed)
         if self.grace <= 0:
-            return kvs
+            return kvs, set()
         listed_keys = {kv.key for kv in kvs}
-        nodes = {n: kv for kv in kvs if (n := node_of_record(kv.key)) is not None}
-        for node in self._nodes.keys() - nodes.keys():
+        nodes = {n for kv in kvs if (n := node_of_record(kv.key)) is not None}
+        for node in self._nodes - nodes:
             self._lapsed[node] = now
         for node in nodes:
             self._lapsed.pop(node, None)
         self._nodes = nodes
         for key in listed_keys & self._held.keys():
             del self._held[key]
-        for key, kv in before.items():
+        keep = set()
+        for key in before:
             owner = node_of_workload(key)
             if key in listed_keys or owner is None:
                 continue
             if key in self._held or self._lapsed_recently(owner, now):
                 self._held.setdefault(key, now + self.grace)
-                kvs.append(kv)
-        return kvs
+                keep.add(key)
+        return kvs, keep
 
     def load_nodes(self, kvs: Iterable[KeyValue]) -> None:
         """The node records of a disk cache: the nodes that were live when it was written."""
-        self._nodes = {n: kv for kv in kvs if (n := node_of_record(kv.key)) is not None}
+        self._nodes = {n for kv in kvs if (n := node_of_record(kv.key)) is not None}
 
     def next_deadline(self) -> float | None:
         return min(self._held.values(), default=None)

@@ -1,6 +1,7 @@
 """The snapshot's typed resources: frozen, converted once from store documents, shared freely.
 
-Every mapping inside is read-only (`types.MappingProxyType`) and every list a tuple, so a resource
+Every mapping inside is read-only (`frozen.FrozenDict` for labels, selectors and named ports,
+shared by content; `types.MappingProxyType` otherwise) and every list a tuple, so a resource
 handed to the proxy can never change under it. A VirtualService's routes are compiled into typed
 routes (`routes.py`); other raw Istio sub-documents (DestinationRule traffic policies,
 AuthorizationPolicy rules, Gateway servers) are kept as frozen mappings in Istio's own shape.
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from nodeagent.snapshot.request_authn import RequestAuthentication
 from nodeagent.snapshot.routes import HttpRoute, TcpRoute
 
 MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
@@ -284,6 +286,43 @@ class PeerAuthentication:
         return f"{self.namespace}/{self.name}"
 
 
+@dataclass(frozen=True, slots=True)
+class SlicePort:
+    """An EndpointSlice `ports[]` entry: the number behind the Service port of the same name."""
+
+    name: str  # "" for a Service's one unnamed port
+    port: int
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True, slots=True)
+class SliceEndpoint:
+    """An EndpointSlice `endpoints[]` entry, at its first address (kube-proxy uses only that),
+    with its conditions as Kubernetes means them (unset ready/serving: true; terminating:
+    false)."""
+
+    address: str
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSlice:
+    """One EndpointSlice kube-sync mirrored: the endpoints of Service `service` (its
+    `kubernetes.io/service-name` label; "" when it has none) in `namespace`."""
+
+    namespace: str
+    name: str
+    service: str
+    ports: tuple[SlicePort, ...]
+    endpoints: tuple[SliceEndpoint, ...]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
 Resource = (
     Workload
     | Service
@@ -291,5 +330,7 @@ Resource = (
     | DestinationRule
     | Gateway
     | AuthorizationPolicy
+    | RequestAuthentication
     | PeerAuthentication
+    | EndpointSlice
 )

@@ -157,7 +157,9 @@ def _gateways(scope: _Scope, path: str, value: Any) -> frozenset[str] | None:
 
 
 def string_match(path: str, value: Any, *, ignore_case: bool = False) -> StringMatch:
-    """An Istio StringMatch; exact beats prefix beats regex, none of them is "present"."""
+    """An Istio StringMatch; exact beats prefix beats regex, none of them is "present".
+    `ignore_case` (a uri's `ignoreUriCase`) folds exact and prefix only: Envoy's
+    `case_sensitive` does not apply to regex matches, so neither does Istio's flag."""
     doc = _map(path, value)
     if (exact := doc.get("exact")) is not None:
         text = _text(f"{path}.exact", exact)
@@ -166,17 +168,17 @@ def string_match(path: str, value: Any, *, ignore_case: bool = False) -> StringM
         text = _text(f"{path}.prefix", prefix)
         return StringMatch("prefix", text.lower() if ignore_case else text, ignore_case)
     if (regex := doc.get("regex")) is not None:
-        return _regex(f"{path}.regex", regex, ignore_case=ignore_case)
+        return _regex(f"{path}.regex", regex)
     return PRESENT
 
 
-def _regex(path: str, value: Any, *, ignore_case: bool = False) -> StringMatch:
+def _regex(path: str, value: Any) -> StringMatch:
     pattern = _text(path, value)
     try:
-        compiled = compile_regex(pattern, ignore_case=ignore_case)
+        compiled = compile_regex(pattern)
     except RegexError as exc:
         raise RouteError(path, str(exc)) from None
-    return StringMatch("regex", pattern, ignore_case, compiled)
+    return StringMatch("regex", pattern, False, compiled)
 
 
 def _named_matches(

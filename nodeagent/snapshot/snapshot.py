@@ -30,6 +30,7 @@ from nodeagent.snapshot.model import (
     VirtualService,
     Workload,
 )
+from nodeagent.snapshot.request_authn import JwtRule, RequestAuthentication
 
 ServiceKey = tuple[str, str, str]  # (kind, namespace, name)
 
@@ -53,7 +54,9 @@ class Indexes:
     services: Map[ServiceKey, Service] = field(default_factory=Map)
     services_by_host: Map[str, tuple[Service, ...]] = field(default_factory=Map)
     service_wildcards: tuple[str, ...] = ()  # wildcard ServiceEntry hosts, most specific first
-    targets_by_vip: Map[str, Mapping[int, ServiceTarget]] = field(default_factory=Map)
+    # VIP → the services holding it, best first (a ServiceTarget is made per lookup)
+    services_by_vip: Map[str, tuple[Service, ...]] = field(default_factory=Map)
+    # per service: port → endpoints (a ServiceEndpoints: each list made on its first lookup)
     endpoints: Map[ServiceKey, Mapping[int, tuple[Endpoint, ...]]] = field(default_factory=Map)
     routes: Map[tuple[str, str], tuple[VirtualService, ...]] = field(default_factory=Map)
     route_wildcards: Map[str, tuple[str, ...]] = field(default_factory=Map)  # per gateway
@@ -63,6 +66,9 @@ class Indexes:
     gateways: Map[str, Gateway] = field(default_factory=Map)
     authorization_policies: Map[str, tuple[AuthorizationPolicy, ...]] = field(default_factory=Map)
     peer_authentications: Map[str, tuple[PeerAuthentication, ...]] = field(default_factory=Map)
+    request_authentications: Map[str, tuple[RequestAuthentication, ...]] = field(
+        default_factory=Map
+    )
     counts: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
 
 
@@ -108,9 +114,13 @@ class Snapshot:
 
         A VIP with no such declared port is None (like kube-proxy, which rejects it).
         """
-        targets = self._ix.targets_by_vip.get(ip)
-        if targets is not None:
-            return targets.get(port)
+        services = self._ix.services_by_vip.get(ip)
+        if services is not None:
+            for svc in services:  # the best service declaring the port
+                for declared in svc.ports:
+                    if declared.port == port:
+                        return ServiceTarget(svc, declared)
+            return None
         workload = self._ix.workloads_by_ip.get(ip)
         if workload is None and ":" in ip and _canonical(ip) != ip:
             # IPv6 has many spellings; the indexes hold the canonical (compressed) one.
@@ -308,6 +318,42 @@ class Snapshot:
             if port_mode != "UNSET":
                 return port_mode
         return mode
+
+    def request_authentication_for(self, workload: Workload) -> tuple[JwtRule, ...]:
+        """The JWT rules that apply to requests to `workload` (see `request_authentication_for_
+        labels`)."""
+        return self.request_authentication_for_labels(workload.namespace, workload.labels)
+
+    def request_authentication_for_labels(
+        self, namespace: str, labels: Mapping[str, str]
+    ) -> tuple[JwtRule, ...]:
+        """The JWT rules of every RequestAuthentication selecting a workload of `namespace`
+        with `labels` (the ingress gateway's too), in Istio's order: the workload namespace's
+        policies, then the root namespace's; within one namespace by name. A policy selects by
+        `selector` (in the root namespace: workloads of any namespace), by `targetRef(s)` (the
+        workloads a Service of its namespace selects), or, with neither, every workload of its
+        namespace (the root namespace: the whole mesh)."""
+        out: list[JwtRule] = []
+        for ns in dict.fromkeys((namespace, self.root_namespace)):
+            for policy in self._ix.request_authentications.get(ns, ()):
+                if self._selects(policy, namespace, labels):
+                    out.extend(policy.rules)
+        return tuple(out)
+
+    def _selects(
+        self, policy: RequestAuthentication, namespace: str, labels: Mapping[str, str]
+    ) -> bool:
+        if policy.target_services:
+            if policy.namespace != namespace:
+                return False
+            for name in policy.target_services:
+                svc = self.service(policy.namespace, name)
+                if svc is not None and svc.selector and hosts.labels_match(svc.selector, labels):
+                    return True
+            return False
+        if policy.selector is not None:
+            return hosts.labels_match(policy.selector, labels)
+        return True
 
     # -- operations --------------------------------------------------------------------------
 

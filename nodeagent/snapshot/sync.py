@@ -7,9 +7,11 @@ events) is applied with it, so a burst (a node pool's 1,000 registrations) costs
 and one swap, and no event waits longer than `coalesce_delay`. A compacted watch re-lists (the
 builder applies only the difference); any other store error keeps the last snapshot and retries
 with exponential backoff, resuming the watch from the last revision seen: a store outage never
-stops traffic. With `cache_path`, the raw documents are written to disk (debounced, atomically,
-and once more on the way out if a change is not on disk yet) and loaded at start, so a restarted
-agent serves from the cache when the store does not answer within `startup_timeout`.
+stops traffic. With `cache_path`, the documents are journaled to disk (`journal.py`: each listing
+written whole, each applied batch appended; debounced, and once more on the way out if a change
+is not on disk yet) and loaded at start, so a restarted agent serves from the cache when the
+store does not answer within `startup_timeout`. Neither the builder nor the journal keeps the raw
+documents in memory.
 
 The deletion of a workload whose node's lease lapsed (its node record went with it) is held for
 `lease_grace` seconds (nodeagent.snapshot.lease_grace): a store stall longer than the lease TTL
@@ -28,11 +30,11 @@ from typing import Any
 import trio
 
 from nodeagent.log import get_logger
-from nodeagent.snapshot import cache
 from nodeagent.snapshot.builder import SnapshotBuilder
 from nodeagent.snapshot.convert import parse_key
 from nodeagent.snapshot.errors import CacheError
-from nodeagent.snapshot.lease_grace import LeaseGrace
+from nodeagent.snapshot.journal import CacheJournal
+from nodeagent.snapshot.lease_grace import LeaseGrace, node_of_record
 from nodeagent.snapshot.snapshot import Snapshot
 from nodeagent.store import keys
 from nodeagent.store.base import CompactedError, Event, KeyValue, Store, StoreError
@@ -41,6 +43,11 @@ log = get_logger("snapshot.sync")
 
 Listener = Callable[[Snapshot], None]
 _NOTHING: Any = object()  # no further batch within the coalescing window
+
+
+def _cached(key: str) -> bool:
+    """What the disk cache keeps: the documents the snapshot reads, and the node records."""
+    return parse_key(key) is not None or node_of_record(key) is not None
 
 
 class SnapshotSync:
@@ -61,7 +68,7 @@ class SnapshotSync:
         lease_grace: float = 10.0,
     ) -> None:
         self._store = store
-        self._cache_path = None if cache_path is None else Path(cache_path)
+        self._journal = None if cache_path is None else CacheJournal(Path(cache_path))
         self._prefix = prefix
         self._builder = SnapshotBuilder(trust_domain=trust_domain, root_namespace=root_namespace)
         self._startup_timeout = startup_timeout
@@ -127,8 +134,8 @@ class SnapshotSync:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            if self._cache_path is not None:
-                nursery.start_soon(self._cache_writer, self._cache_path)
+            if self._journal is not None:
+                nursery.start_soon(self._cache_writer, self._journal)
             nursery.start_soon(self._release_held)
             await self._sync(task_status)
 
@@ -188,14 +195,15 @@ class SnapshotSync:
     async def _relist(self) -> None:
         t0 = time.perf_counter()
         listed, revision = await self._store.range(self._prefix)
-        before = {kv.key: kv for kv in self._builder.raw()}
-        kvs = self._grace.relist(listed, before, trio.current_time())
+        kvs, keep = self._grace.relist(listed, self._builder.documents(), trio.current_time())
         self._grace_changed.set()
-        snap = self._builder.reset(kvs, revision)
+        snap = self._builder.reset(kvs, revision, keep=keep)
         self._stats["relists"] += 1
         self._stats["serving_from_cache"] = False
         self._swap(snap)
-        self._cache_dirty.set()
+        if self._journal is not None:
+            self._journal.rebase([kv for kv in kvs if _cached(kv.key)], revision, keep)
+            self._cache_dirty.set()
         log.info(
             "snapshot.listed",
             keys=len(kvs),
@@ -268,8 +276,11 @@ class SnapshotSync:
         revision = max((e.kv.mod_revision for e in events), default=0)
         snap = self._builder.apply(kept, revision=revision)
         self._swap(snap)
+        if self._journal is not None:
+            self._journal.record([e for e in kept if _cached(e.kv.key)], snap.revision)
+            if self._journal.pending():
+                self._cache_dirty.set()
         if any(parse_key(e.kv.key) is not None for e in events):
-            self._cache_dirty.set()
             log.info(
                 "snapshot.applied",
                 revision=snap.revision,
@@ -291,7 +302,9 @@ class SnapshotSync:
             revision = self._builder.revision
             deletions = [Event("delete", KeyValue(k, b"", 0, revision, 0)) for k in keys_]
             self._swap(self._builder.apply(deletions))
-            self._cache_dirty.set()
+            if self._journal is not None:
+                self._journal.record(deletions, self._builder.revision)
+                self._cache_dirty.set()
             log.warning("snapshot.held_deletions_applied", keys=len(keys_), revision=revision)
 
     def _swap(self, snap: Snapshot) -> None:
@@ -309,46 +322,68 @@ class SnapshotSync:
     # -- disk cache --------------------------------------------------------------------------
 
     async def _load_cache(self) -> bool:
-        if self._cache_path is None:
+        if self._journal is None:
             return False
-        path = self._cache_path
+        path = str(self._journal.path)
         try:
-            data = await trio.to_thread.run_sync(cache.read, path)
-            if data is None:
-                return False
-            kvs, revision = await trio.to_thread.run_sync(cache.decode, data, str(path))
+            found = await trio.to_thread.run_sync(self._journal.load)
         except CacheError as exc:
-            log.warning("snapshot.cache_unusable", path=str(path), error=str(exc))
+            log.warning("snapshot.cache_unusable", path=path, error=str(exc))
             return False
-        self._builder.reset(kvs, revision)
-        self._grace.load_nodes(kvs)
-        log.info("snapshot.cache_loaded", path=str(path), revision=revision, keys=len(kvs))
+        if found is None:
+            return False
+        if found.dropped is not None:
+            # A torn append (a crash mid-write): the documents as of the last complete batch.
+            log.warning("snapshot.cache_tail_dropped", path=path, at=found.end, why=found.dropped)
+        self._builder.reset(found.kvs, found.revision)
+        self._grace.load_nodes(found.kvs)
+        log.info(
+            "snapshot.cache_loaded",
+            path=path,
+            revision=found.revision,
+            keys=len(found.kvs),
+            format_version=found.version,
+        )
         return True
 
-    async def _cache_writer(self, path: Path) -> None:
+    async def _cache_writer(self, journal: CacheJournal) -> None:
         try:
             while True:
                 await self._cache_dirty.wait()
                 await trio.sleep(self._cache_debounce)  # coalesce a burst of changes
-                await self._write_cache(path)
+                await self._write_cache(journal)
         finally:
-            if self._cache_dirty.is_set():
+            if journal.pending():
                 # A change not on disk yet (the agent stops within the debounce): the next
                 # start may have to serve from this cache alone.
                 with trio.CancelScope(shield=True):
-                    await self._write_cache(path)
+                    await self._write_cache(journal)
 
-    async def _write_cache(self, path: Path) -> None:
+    async def _write_cache(self, journal: CacheJournal) -> None:
         self._cache_dirty = trio.Event()
-        # The node records too: a restarted agent knows which nodes were live.
-        kvs = self._builder.raw() + self._grace.node_records()
-        revision = self._builder.revision
+        work = journal.take()
+        if work is None:
+            return
         try:
-            data = await trio.to_thread.run_sync(cache.encode, kvs, revision)
-            await trio.to_thread.run_sync(cache.write, path, data)
+            done = await trio.to_thread.run_sync(journal.write, work)
         except OSError as exc:
-            log.warning("snapshot.cache_write_failed", path=str(path), error=str(exc))
+            retried = journal.restore(work)  # written with the next change
+            log.warning(
+                "snapshot.cache_write_failed",
+                path=str(journal.path),
+                error=str(exc),
+                then="retry with the next change" if retried else "rewrite at the next re-list",
+            )
+            return
+        except CacheError as exc:
+            journal.abandon()
+            log.warning(
+                "snapshot.cache_write_failed",
+                path=str(journal.path),
+                error=str(exc),
+                then="rewrite at the next re-list",
+            )
             return
         self._stats["cache_writes"] += 1
         self._bump()
-        log.debug("snapshot.cache_written", path=str(path), revision=revision, keys=len(kvs))
+        log.debug("snapshot.cache_written", path=str(journal.path), how=done, events=work.events())

@@ -13,6 +13,11 @@ VIPS = ROOT + "vips/"
 # One record per running agent, under the node's lease next to its workloads: its deletion says
 # the lease lapsed (the snapshot then holds the node's workloads for a grace period).
 NODES = ROOT + "nodes/"
+# Kubernetes objects that are not mesh config, mirrored by kube-sync alone (docs/kubernetes.md):
+# the agent's pod metadata source reads the Pods, the snapshot the EndpointSlices.
+KUBE = ROOT + "kube/"
+KUBE_PODS = KUBE + "pods/"
+KUBE_ENDPOINT_SLICES = KUBE + "endpointslices/"
 
 
 def config(kind: str, namespace: str, name: str) -> str:
@@ -41,3 +46,11 @@ def vip(address: str) -> str:
 
 def node(name: str) -> str:
     return f"{NODES}{name}"
+
+
+def kube_pod(namespace: str, name: str) -> str:
+    return f"{KUBE_PODS}{namespace}/{name}"
+
+
+def endpoint_slice(namespace: str, name: str) -> str:
+    return f"{KUBE_ENDPOINT_SLICES}{namespace}/{name}"

@@ -62,6 +62,8 @@ class AccessRecord:
     downstream_address: str = "-"
     source_principal: str = "-"
     destination_principal: str = "-"
+    request_principal: str = "-"  # <iss>/<sub> of a verified JWT (destination, gateway)
+    response_code_details: str = "-"  # Envoy's: e.g. the RBAC policy that denied the request
     request_id: str = "-"
     trace_id: str = "-"
     connection_id: str = "-"

@@ -10,6 +10,8 @@ access log and the Zipkin exporter only queue.
   destination agent): `opened()` once bytes can flow, `closed(...)` at the end (opening first if
   the connection never got that far, so opened and closed counters always pair up).
 - `record_request`: one HTTP request through an `HttpProxy` (reporter "source").
+- `record_inbound_request`: one HTTP request the destination agent parsed for its pod
+  (reporter "destination"), with the authenticated principals and the refusal's details.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class RequestRecord(Protocol):
     connection_id: int
     downstream_address: str
     trace_id: str
+    response_code_details: str
+    request_principal: str
     protocol: str  # the metrics' request_protocol: "http" or "grpc"
     grpc_status: int | None  # a gRPC request's status (trailers or trailers-only head)
 
@@ -286,6 +290,69 @@ def record_request(
             downstream_address=entry.downstream_address or "-",
             source_principal=values[_SOURCE_PRINCIPAL],
             destination_principal=values[_DESTINATION_PRINCIPAL],
+            request_principal=entry.request_principal or "-",  # the gateway's JWT check
+            response_code_details=entry.response_code_details or "-",
+            request_id=entry.request_id or "-",
+            trace_id=entry.trace_id or "-",
+            connection_id=str(entry.connection_id),
+        )
+    )
+
+
+def record_inbound_request(
+    sinks: Sinks,
+    entry: RequestRecord,
+    *,
+    source: Workload | None,
+    destination: Workload,
+    service: Service | None,
+    source_principal: str | None,
+    security_policy: SecurityPolicy,
+) -> None:
+    """Metrics and the access-log line of one request the destination agent parsed (reporter
+    "destination", Istio's labels as on the source side: the verified peer is the source
+    principal). The line carries the client's address and both principals: the peer's
+    (mTLS) and the request's (JWT)."""
+    peer = peer_labels(
+        reporter="destination",
+        source=source,
+        destination=destination,
+        service=service,
+        protocol="http",
+        source_principal=source_principal,
+    )
+    flags = entry.response_flags
+    sinks.metrics.record_request(
+        peer,
+        response_code=entry.code,
+        duration_ms=entry.duration * 1000,
+        request_bytes=entry.bytes_received,
+        response_bytes=entry.bytes_sent,
+        response_flags=flags,
+        security_policy=security_policy,
+    )
+    values = peer.values
+    sinks.access_log.log(
+        AccessRecord(
+            kind="request",
+            namespace=destination.namespace,
+            start_time=time.time() - entry.duration,
+            duration_ms=entry.duration * 1000,
+            reporter="destination",
+            protocol="http",
+            method=entry.method,
+            authority=entry.authority or "-",
+            path=entry.path,
+            response_code=entry.code,
+            response_flags=flags,
+            bytes_received=entry.bytes_received,
+            bytes_sent=entry.bytes_sent,
+            upstream_host=entry.upstream or "-",
+            downstream_address=entry.downstream_address or "-",
+            source_principal=values[_SOURCE_PRINCIPAL],
+            destination_principal=values[_DESTINATION_PRINCIPAL],
+            request_principal=entry.request_principal or "-",
+            response_code_details=entry.response_code_details or "via_upstream",
             request_id=entry.request_id or "-",
             trace_id=entry.trace_id or "-",
             connection_id=str(entry.connection_id),

@@ -128,6 +128,9 @@ class PoolBook(Generic[C]):
     def entries(self) -> list[PoolEntry[C]]:
         return [e for entries in self._by_key.values() for e in entries]
 
+    def has(self, key: PoolKey) -> bool:
+        return key in self._by_key
+
 
 def _usable(context: Any) -> Callable[[HboneConnection], bool]:
     def usable(conn: HboneConnection) -> bool:
@@ -180,6 +183,7 @@ class TunnelPool:
             "streams_reused": s.streams_reused,
             "idle_closed": s.idle_closed,
             "replaced": s.replaced,
+            "opener_locks": len(self._locks),
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -198,6 +202,7 @@ class TunnelPool:
             self._changed = trio.Event()
             for entry in self.book.expired(trio.current_time()):
                 self.book.remove(entry)
+                self._prune(entry.key)
                 if not entry.retired:
                     self.book.stats.idle_closed += 1
                 await entry.conn.close()
@@ -242,6 +247,24 @@ class TunnelPool:
         assert self._nursery is not None
         context = self.identities.client_context(source_identity)
         lock = self._locks.setdefault(key, trio.Lock())
+        try:
+            return await self._pick_or_connect(key, lock, context, source_identity, fresh=fresh)
+        finally:
+            self._prune(key)
+
+    def _prune(self, key: PoolKey) -> None:
+        """Forget a key's opener lock once nothing holds, awaits or needs it (pod IPs churn:
+        the map must not grow with every address ever dialled)."""
+        lock = self._locks.get(key)
+        unused = lock is not None and not lock.locked() and not lock.statistics().tasks_waiting
+        if unused and not self.book.has(key):
+            del self._locks[key]
+
+    async def _pick_or_connect(
+        self, key: PoolKey, lock: trio.Lock, context: Any, source_identity: str, *, fresh: bool
+    ) -> tuple[PoolEntry[HboneConnection], TunnelInfo]:
+        assert self.identities is not None
+        assert self._nursery is not None
         # One opener per key: concurrent first streams share the connection it makes.
         async with lock:
             entry = None if fresh else self.book.pick(key, _usable(context))
@@ -279,6 +302,7 @@ class TunnelPool:
             await entry.conn.run()
         finally:
             self.book.remove(entry)
+            self._prune(entry.key)
             self._changed.set()
 
     async def aclose(self) -> None:

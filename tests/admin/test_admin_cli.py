@@ -42,7 +42,7 @@ class Agent:
     def __init__(self) -> None:
         self.ready = True
         self.levels: list[str] = []
-        self.drains: list[float] = []
+        self.drains: list[tuple[float, bool]] = []
         self.registry = MetricsRegistry()
         metrics = IstioMetrics(self.registry)
         peer = peer_labels(
@@ -63,7 +63,7 @@ class Agent:
             },
             workloads=lambda: WORKLOADS,
             certs=lambda: CERTS,
-            drain=self.drains.append,
+            drain=lambda deadline, park: self.drains.append((deadline, park)),
             registry=self.registry,
             set_log_level=self.levels.append,
         )
@@ -219,14 +219,21 @@ async def test_drain_calls_the_agent_with_the_deadline(
     sock, agent = admin
     code, out, _ = await run_cli(capsys, "--socket", str(sock), "drain", "--deadline", "2.5")
     assert (code, out) == (0, "draining: the agent exits within 2.5 s\n")
-    assert agent.drains == [2.5]
+    assert agent.drains == [(2.5, False)]
     code, _ = await curl(sock, "/quitquitquit")
     assert code == 405  # GET must not stop the agent
     code, _ = await curl(sock, "/quitquitquit?deadline=-1", "-X", "POST")
     assert code == 400
     code, _ = await curl(sock, "/quitquitquit", "-X", "POST")
     assert code == 200
-    assert agent.drains == [2.5, 5.0]
+    # A successor's --takeover: drain, then park until SIGTERM.
+    code, body = await curl(sock, "/quitquitquit?deadline=3&then=park", "-X", "POST")
+    assert code == 200
+    assert '"then": "park"' in body
+    code, body = await curl(sock, "/quitquitquit?then=sleep", "-X", "POST")
+    assert code == 400
+    assert "only exit or park" in body
+    assert agent.drains == [(2.5, False), (5.0, False), (3.0, True)]
 
 
 async def test_readiness_over_curl(admin: tuple[Path, Agent]) -> None:

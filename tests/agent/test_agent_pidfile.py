@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 
 from nodeagent.agent import pidfile
+from nodeagent.agent.main import Agent, AgentConfig
 
 # A process that takes a lock and says so, then sleeps until killed (optionally deaf to SIGTERM).
 HOLDER = """
 import signal, sys, time
 from pathlib import Path
 from nodeagent.agent import pidfile
+from nodeagent.agent.main import Agent, AgentConfig
 if sys.argv[3] == "deaf":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 take = pidfile.take_agent_pid_file if sys.argv[2] == "agent" else pidfile.take_uninstall_lock
@@ -101,3 +103,13 @@ def test_stop_and_wait_gives_up_on_a_process_that_ignores_sigterm(
     assert not pidfile.stop_and_wait(pid, 0.3)
     assert holders[0].poll() is None
     assert pidfile.running_agent(tmp_path) == pid
+
+
+async def test_takeover_without_an_admin_socket_to_ask_is_refused_naming_the_holder(
+    tmp_path: Path, holders: list[subprocess.Popen[str]]
+) -> None:
+    pid = hold(tmp_path, "agent", holders)
+    agent = Agent(AgentConfig(node="n", store_url="memory://", run_dir=tmp_path, takeover=True))
+    with pytest.raises(pidfile.RunDirBusy, match=f"pid {pid}.*does not take the handover"):
+        await agent.run()
+    assert pidfile.running_agent(tmp_path) == pid  # the holder keeps its run dir

@@ -149,3 +149,32 @@ def test_parse_wrk() -> None:
     assert out["latency_ms"] == pytest.approx({"p50": 0.34, "p90": 0.52, "p99": 1.2})
     with pytest.raises(ValueError, match="no Requests/sec"):
         parse_wrk("garbage")
+
+
+def test_destination_l7_on_vs_off_figures_and_section() -> None:
+    r = Result("mesh", {"duration_s": 3.0})
+    on_cpu = {"n1": 1.2, "n2": 1.0}
+    off_cpu = {"n1": 0.4, "n2": 0.3}
+    r.rows = [
+        row("mesh", "http", "100/s", p50_ms=3.0, p90_ms=5.0, p99_ms=9.0,
+            agent_cpu_s_by_node=on_cpu, requests_covered=1000),
+        row("mesh", "http-l4", "100/s", p50_ms=1.0, p90_ms=2.0, p99_ms=4.0,
+            agent_cpu_s_by_node=off_cpu, requests_covered=1000),
+        row("mesh", "http", "max", rate=500.0, agent_cpu_s_by_node=on_cpu, requests_covered=2000),
+        row("mesh", "http-l4", "max", rate=1800.0, agent_cpu_s_by_node=off_cpu,
+            requests_covered=4000),
+    ]  # fmt: skip
+    figures(r)
+    f = fig(r)
+    assert f["http L7 on-off 100/s p50"] == pytest.approx(2.0)
+    assert f["http L7 on-off 100/s p99"] == pytest.approx(5.0)
+    assert f["http 100/s destination agent CPU per 1000 req L7 added"] == pytest.approx(0.7)
+    assert f["http 100/s source agent CPU per 1000 req L7 on"] == pytest.approx(1.2)
+    assert f["http max destination agent CPU per 1000 req L7 on"] == pytest.approx(0.5)
+    assert f["http max destination agent CPU per 1000 req L7 off"] == pytest.approx(0.075)
+    assert f["http L7 off max rate"] == 1800.0
+    md = render_markdown(json.loads(json.dumps(r.to_json())), png_name=None)
+    assert "## Destination L7: on vs off" in md
+    assert "Max rate with L7 off: 1,800 req/s." in md
+    (line,) = [x for x in md.splitlines() if x.startswith("| 100/s |") and "0.700" in x]
+    assert line.split(" | ")[1:4] == ["2.000", "3.000", "5.000"]

@@ -207,6 +207,69 @@ async def test_not_a_kubernetes_pod_passes_through(plugin: Path, sock_dir: Path)
     assert (rc, out) == (0, PREV)
 
 
+async def test_unnamed_pod_is_named_after_the_container_id(
+    plugin: Path, server: CniServer, handler: RecordingHandler
+) -> None:
+    """`ctr run --cni` sends no CNI_ARGS; with `unnamedPods` the pod is <namespace>/<id>."""
+    doc = conf(sock_of(server), unnamedPods={"namespace": "runtime"})
+    # As ctr calls the chain: the task's /proc netns on ADD, none on DEL.
+    for command, netns in (("ADD", "/proc/42/ns/net"), ("CHECK", "/proc/42/ns/net"), ("DEL", None)):
+        rc, _, _ = await run_plugin(
+            plugin, command, doc, CNI_ARGS="", CNI_CONTAINERID="mesh-web1", CNI_NETNS=netns
+        )
+        assert rc == 0, command
+    assert [name for name, _ in handler.calls] == ["add", "check", "delete"]
+    for _, req in handler.calls:
+        assert (req.pod.namespace, req.pod.name, req.pod.uid) == (
+            "runtime",
+            "mesh-web1",
+            "mesh-web1",
+        )
+        assert req.args == {}
+    assert handler.calls[0][1].netns == "/proc/42/ns/net"
+    assert handler.calls[2][1].netns == ""
+    # K8S_POD_* still win when a runtime sends them.
+    rc, _, _ = await run_plugin(plugin, "ADD", doc)
+    assert rc == 0
+    assert (handler.calls[-1][1].pod.namespace, handler.calls[-1][1].pod.name) == (
+        "default",
+        "web-0",
+    )
+
+
+async def test_unnamed_pod_with_an_id_that_is_no_name_fails_add_not_del(
+    plugin: Path, server: CniServer, handler: RecordingHandler
+) -> None:
+    doc = conf(sock_of(server), unnamedPods={})
+    rc, out, _ = await run_plugin(plugin, "ADD", doc, CNI_ARGS="", CNI_CONTAINERID="Web_1")
+    assert rc != 0
+    assert out is not None
+    assert out["code"] == 4
+    assert "CNI_CONTAINERID 'Web_1' cannot name a pod" in out["msg"]
+    rc, out, _ = await run_plugin(plugin, "DEL", doc, CNI_ARGS="", CNI_CONTAINERID="Web_1")
+    assert (rc, out) == (0, None)
+    assert handler.calls == []
+
+
+async def test_unnamed_pod_in_an_excluded_namespace_passes_through(
+    plugin: Path, sock_dir: Path
+) -> None:
+    doc = conf(sock_dir / "x.sock", unnamedPods={"namespace": "kube-system"})
+    rc, out, _ = await run_plugin(plugin, "ADD", doc, CNI_ARGS="", CNI_CONTAINERID="c1")
+    assert (rc, out) == (0, PREV)
+
+
+@pytest.mark.parametrize(
+    "value", ["enroll", {"namespace": "Bad_NS"}, {"namespace": 3}, ["default"]]
+)
+async def test_bad_unnamed_pods_is_code_7(plugin: Path, sock_dir: Path, value: Any) -> None:
+    rc, out, _ = await run_plugin(plugin, "ADD", conf(sock_dir / "x.sock", unnamedPods=value))
+    assert rc != 0
+    assert out is not None
+    assert out["code"] == 7
+    assert "unnamedPods" in out["msg"]
+
+
 async def test_add_agent_times_out_is_code_11(plugin: Path, sock_dir: Path) -> None:
     # A server that accepts and never answers.
     path = sock_dir / "mute.sock"

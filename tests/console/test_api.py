@@ -155,12 +155,14 @@ def test_rollouts_are_read_from_their_records_and_a_bad_one_is_an_error_row() ->
     kvs = [
         KeyValue(PREFIX + "default/my-app", encode(record), 1, 1, 1),
         KeyValue(PREFIX + "default/broken", b"\xc1", 2, 2, 1),
+        KeyValue(PREFIX + "default/wrong", encode({**record, "phase": "Sideways"}), 3, 3, 1),
     ]
     st = state()
     st.rollouts = read_rollouts(kvs)
     _, doc = get(st, "/api/rollouts")
-    broken, good = doc["rollouts"]
+    broken, good, wrong = doc["rollouts"]
     assert "does not decode" in broken["error"]
+    assert "phase 'Sideways'" in wrong["error"]
     assert good["ref"] == "default/my-app"
     assert good["phase"] == "Progressing"
     assert good["weight"] == 30

@@ -4,7 +4,10 @@ wrk -t1 -c16 → `HttpProxy` (its own process, one trio thread, plain TCP both s
 route to one endpoint; `--route`: a `uri: prefix` VirtualService as `scripts/bench mesh` has;
 `--telemetry`: metrics, tracer and access log (to /dev/null) as in the agent) →
 `nodeagent.bench.server`. Prints requests/s and the proxy process's CPU
-per 1000 requests (from /proc). How docs/l7.md "Performance" compares two versions of the proxy:
+per 1000 requests (from /proc). `--destination`: the destination agent's `InboundHttp` instead
+(no routing; the per-request guard over the snapshot's workload, no policy; with `--telemetry`
+its reporter="destination" recording and a SERVER span). How docs/l7.md "Performance" compares
+two versions of the proxy:
 run it once per version (PYTHONPATH=<checkout>), back to back on a quiet machine.
 """
 
@@ -19,6 +22,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,7 +39,9 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def proxy_main(listen: int, upstream: int, *, route: bool, telemetry: bool) -> None:
+def proxy_main(
+    listen: int, upstream: int, *, route: bool, telemetry: bool, destination: bool = False
+) -> None:
     """The proxy process: `app` routed to 10.0.0.1, connected to 127.0.0.1:upstream."""
     import trio
     from http_helpers import app_snapshot, first_endpoint_registry, vs
@@ -60,6 +66,9 @@ def proxy_main(listen: int, upstream: int, *, route: bool, telemetry: bool) -> N
             self.tracer = Tracer("bench", sample_rate=0.01)
 
     sinks = Sinks()
+    if destination:
+        destination_main(listen, upstream, snapshot, sinks, telemetry)
+        return
 
     def on_request(entry: RequestLog) -> None:
         record_request(sinks, snapshot, entry, source=None, namespace="default")
@@ -81,6 +90,51 @@ def proxy_main(listen: int, upstream: int, *, route: bool, telemetry: bool) -> N
         async def handler(stream: trio.SocketStream) -> None:
             await proxy.serve(stream, port=80, host="app.default.svc.cluster.local")
 
+        async with trio.open_nursery() as nursery:
+            if telemetry:
+                await nursery.start(sinks.access_log.run)
+            await nursery.start(partial(trio.serve_tcp, handler, listen, host="127.0.0.1"))
+
+    trio.run(main)
+
+
+def destination_main(
+    listen: int, upstream: int, snapshot: Any, sinks: Any, telemetry: bool
+) -> None:
+    """`InboundHttp` as the destination agent runs it for workload 10.0.0.1's HTTP port."""
+    import trio
+
+    from nodeagent.authn import Authenticator
+    from nodeagent.http import RequestLog
+    from nodeagent.http.inbound import InboundConnection, InboundHttp
+    from nodeagent.proxy.l7_guard import workload_guard
+    from nodeagent.telemetry.dataplane import record_inbound_request
+
+    me = snapshot.workload_by_ip("10.0.0.1")
+    server = InboundHttp(
+        guard=workload_guard(lambda: snapshot, lambda s: me, Authenticator()),
+        tracer=sinks.tracer if telemetry else None,
+        access_logged=True,
+    )
+
+    def on_request(entry: RequestLog) -> None:
+        record_inbound_request(sinks, entry, source=None, destination=me, service=None,
+                               source_principal="spiffe://cluster.local/ns/default/sa/client",
+                               security_policy="mutual_tls")  # fmt: skip
+
+    async def connect() -> trio.abc.Stream:
+        return await trio.open_tcp_stream("127.0.0.1", upstream)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        peer = stream.socket.getpeername()
+        inbound = InboundConnection(
+            source_ip=peer[0], source_port=peer[1], destination_ip="10.0.0.1", port=8080,
+            source_identity="spiffe://cluster.local/ns/default/sa/client", connect=connect,
+            on_request=on_request if telemetry else None, xfcc="By=x;Hash=y;Subject=\"\";URI=z",
+        )  # fmt: skip
+        await server.serve(stream, inbound)
+
+    async def main() -> None:
         async with trio.open_nursery() as nursery:
             if telemetry:
                 await nursery.start(sinks.access_log.run)
@@ -146,9 +200,13 @@ if __name__ == "__main__":
     parser.add_argument("--proxy", nargs=2, type=int, metavar=("LISTEN", "UPSTREAM"))
     parser.add_argument("--route", action="store_true", help="a uri-prefix VirtualService")
     parser.add_argument("--telemetry", action="store_true", help="metrics, tracer, access log")
+    parser.add_argument("--destination", action="store_true", help="the destination's server")
     args = parser.parse_args()
     if args.proxy:
-        proxy_main(*args.proxy, route=args.route, telemetry=args.telemetry)
+        proxy_main(
+            *args.proxy, route=args.route, telemetry=args.telemetry, destination=args.destination
+        )
     else:
         flags = ["--route"] * args.route + ["--telemetry"] * args.telemetry
+        flags += ["--destination"] * args.destination
         measure(args.duration, flags)

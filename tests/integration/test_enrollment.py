@@ -78,6 +78,10 @@ def test_cross_node_connection_is_captured_by_both_agents(sandbox: Sandbox) -> N
     inb = pod_stats(sandbox, "n2", "server")["connections"]["inbound"]
     assert out["opened"] > before_out, out
     assert inb["opened"] > before_in, inb
+    # The admin socket shows the pod's HBONE pool: the connection rode a pooled stream.
+    pool = pod_stats(sandbox, "n1", "client")["tunnel_pool"]
+    assert pool["streams_opened"] >= 1, pool
+    assert pool["connections_opened"] >= 1, pool
     # The application saw the client pod's own address (IP_TRANSPARENT delivery).
     assert f"{client.ip} - -" in server.log.read_text()
     # Both pods carry the mesh's own chains and are registered with their identity.

@@ -22,6 +22,7 @@ from hardening_helpers import (
     CORPUS,
     FQDN,
     GW_HOST,
+    PROGRAMS,
     TO_REC,
     json_lines,
     recorded,
@@ -79,7 +80,7 @@ def _run_corpus(
 ) -> list[dict[str, Any]]:
     r = sb.exec(
         target,
-        ["python3", str(files / "smuggle.py"), host, "80", str(CORPUS), authority],
+        ["python3", str(PROGRAMS / "smuggle.py"), host, "80", str(CORPUS), authority],
         timeout=300,
     )
     assert r.returncode == 0, r.stderr

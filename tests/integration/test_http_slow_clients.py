@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from hardening_helpers import (
     GW_HOST,
+    PROGRAMS,
     json_lines,
     recorder_behind_gateway,
 )
@@ -49,7 +50,7 @@ def _trickle(sb: Sandbox, target: str | Pod, files: Path, mode: str) -> dict[str
     else:
         host, authority = sb.gateway_url().split("//")[1].rsplit(":", 1)[0], GW_HOST
     r = sb.exec(
-        target, ["python3", str(files / "trickle.py"), host, "80", mode, authority], timeout=90
+        target, ["python3", str(PROGRAMS / "trickle.py"), host, "80", mode, authority], timeout=90
     )
     assert r.returncode == 0, r.stderr
     result: dict[str, Any] = json.loads(str(r.stdout).strip().splitlines()[-1])

@@ -3,12 +3,14 @@
 A client pod on n1 keeps ONE HTTP/1.1 connection to a service VIP (its agent's L7 proxy pools
 the mTLS tunnel to the backend on n2): 200, then a DENY AuthorizationPolicy is applied and the
 next requests on that same client connection get 403 `RBAC: access denied` within a couple of
-seconds (the destination agent closed the pooled tunnel; the new one is refused). A pod outside
-the mesh keeps a plaintext keep-alive connection to the backend; a switch to STRICT closes it.
+seconds (the port is HTTP: the destination agent authorizes every request against its current
+snapshot, on the same pooled tunnel). A pod outside the mesh keeps a plaintext keep-alive
+connection to the backend's HTTP port; a switch to STRICT closes it.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -110,6 +112,23 @@ def curl_code(sb: Sandbox, pod: Pod, url: str) -> str:
     return str(r.stdout)
 
 
+def wait_refusal(sb: Sandbox, path: str) -> str:
+    """The `response_code_details` of n2's access-log line for a refused `path` (written by a
+    queue: polled)."""
+    found: list[str] = []
+
+    def seen() -> bool:
+        for line in sb.node("n2").agent_log.read_text(errors="replace").splitlines():
+            if '"access.request"' in line and '"UAEX"' in line:
+                doc = json.loads(line[line.index("{") :])
+                if doc.get("path") == path and doc.get("reporter") == "destination":
+                    found.append(str(doc["response_code_details"]))
+        return bool(found)
+
+    eventually(seen, f"n2's access-log line for {path}")
+    return found[-1]
+
+
 def admin_pod_stats(sb: Sandbox, node: str, name: str) -> dict[str, Any]:
     found = {p["name"]: p for p in admin_json_sync(sb.node(node).admin_socket, "/pods", timeout=5)}
     return dict(found[name]["connections"])
@@ -152,8 +171,10 @@ def test_deny_reaches_a_pooled_l7_connection(
         assert took < 2.5, (took, answers)
         # Same client connection, still denied.
         assert conn.get("again") == "403 RBAC: access denied"
-        n2 = admin_pod_stats(sandbox, "n2", "web")["inbound"]
-        assert n2["closed_by_policy"] >= 1, n2
+        # Refused by n2's per-request authorization, naming the DENY policy.
+        assert wait_refusal(sandbox, "/again") == (
+            "rbac_access_denied_matched_policy[ns[shop]-policy[deny-sleep]-rule[0]]"
+        )
     finally:
         conn.close()
         if path is not None:

@@ -73,9 +73,13 @@ def _outcome(out: str) -> tuple[int, int, str]:
     return codes.get(200, 0), failed, "; ".join(f"{n}x {e}" for n, e in errors)
 
 
+@pytest.mark.parametrize("takeover", [False, True], ids=["sigterm-first", "takeover"])
 def test_graceful_restart_under_load_fails_no_request(
-    sandbox: Sandbox, pods: tuple[Pod, Pod]
+    sandbox: Sandbox, pods: tuple[Pod, Pod], takeover: bool
 ) -> None:
+    """sigterm-first: the old agent is stopped, then the new one starts (maxSurge 0).
+    takeover: the new one starts beside it with --takeover (maxSurge 1); the old one hands
+    over, drains, parks until its SIGTERM (restart_agent fails if it does not)."""
     server, client = pods
     url = f"http://{server.ip}:8080/"
     keepalive = _hey(sandbox, client, url)
@@ -83,7 +87,7 @@ def test_graceful_restart_under_load_fails_no_request(
     try:
         time.sleep(1.5)  # let the load run against the old agent first
         started = time.monotonic()
-        sandbox.restart_agent("n1")
+        sandbox.restart_agent("n1", takeover=takeover)
         restart_s = time.monotonic() - started
         results = {}
         for name, proc in (("keep-alive", keepalive), ("new connections", fresh)):

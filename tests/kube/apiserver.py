@@ -41,6 +41,7 @@ KINDS = {
     ("networking.istio.io", "serviceentries"): "ServiceEntry",
     ("security.istio.io", "authorizationpolicies"): "AuthorizationPolicy",
     ("security.istio.io", "peerauthentications"): "PeerAuthentication",
+    ("security.istio.io", "requestauthentications"): "RequestAuthentication",
     ("mesh.nodeagent.io", "rollouts"): "Rollout",
 }
 

@@ -116,7 +116,7 @@ def test_daemonset_shape() -> None:
     spec = ds["spec"]
     assert spec["updateStrategy"] == {
         "type": "RollingUpdate",
-        "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0},
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
     }
     pod = spec["template"]["spec"]
     assert pod["hostNetwork"] is True
@@ -126,7 +126,11 @@ def test_daemonset_shape() -> None:
     assert sc["privileged"] is False
     assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN", "NET_RAW"]}
     assert agent["readinessProbe"]["httpGet"] == {"path": READY_PATH, "port": METRICS_PORT}
-    assert agent["lifecycle"]["preStop"]["exec"]["command"][:3] == ["nodeagent", "admin", "drain"]
+    # A surge pod beside the old one: it takes over, declares no host port (the scheduler would
+    # refuse it), and no preStop drains through the run dir's admin socket (the new agent's).
+    assert "--takeover" in agent["args"]
+    assert "ports" not in agent
+    assert "lifecycle" not in agent
     mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
     assert mounts["/run/netns"]["mountPropagation"] == "HostToContainer"
     assert "/run/nodeagent" in mounts

@@ -28,6 +28,7 @@ def _req(
         netns="/run/netns/p",
         ifname="eth0",
         pod=PodRef(ns, name, uid or fixture("pod")["metadata"]["uid"]),
+        args={"K8S_POD_NAMESPACE": ns, "K8S_POD_NAME": name},
     )
 
 
@@ -96,3 +97,24 @@ def test_source_by_name() -> None:
         metadata_source("kubernetes")
     with pytest.raises(ValueError, match="expected 'runtime-args' or 'kubernetes'"):
         metadata_source("api")
+
+
+async def test_pod_the_runtime_did_not_name_gets_defaults_at_once(autojump_clock: object) -> None:
+    """mesh-cni's `unnamedPods` (e.g. `ctr run --cni`): no K8S_POD_* in CNI_ARGS, so no Pod for
+    kube-sync to mirror; the lookup does not wait for one."""
+    store = await open_store("memory://")
+    try:
+        req = CniRequest(
+            command="ADD",
+            container_id="mesh-web",
+            netns="/proc/42/ns/net",
+            ifname="eth0",
+            pod=PodRef("default", "mesh-web", "mesh-web"),
+            args={},
+        )
+        start = trio.current_time()
+        meta = await StoreMetadataSource(store, wait=5).lookup(req)
+        assert trio.current_time() == start
+        assert (dict(meta.labels), meta.service_account) == ({}, "default")
+    finally:
+        await store.aclose()

@@ -28,7 +28,7 @@ from nodeagent.kube.cli import KubeSync
 from nodeagent.kube.client import KubeClient, KubeConfig
 from nodeagent.kube.mirror import OWNER_ANNOTATION
 from nodeagent.kube.reflector import Reflector
-from nodeagent.kube.resources import ALL, SERVICE, endpoint_slice_key, pod_key
+from nodeagent.kube.resources import ALL, SERVICE
 from nodeagent.snapshot import SnapshotSync
 from nodeagent.store import codec, keys, open_store
 
@@ -60,11 +60,15 @@ async def test_round_trip_over_tcp_into_store_and_snapshot() -> None:
             assert "managedFields" not in svc_doc["metadata"]
             claim = await store.get(keys.vip("10.96.44.7"))
             assert codec.decode(claim) == {"namespace": "bookinfo", "name": "reviews"}  # type: ignore[arg-type]
-            slice_doc = body(await store.get(endpoint_slice_key("bookinfo", "reviews-x7k2p")))
+            slice_doc = body(await store.get(keys.endpoint_slice("bookinfo", "reviews-x7k2p")))
             assert slice_doc["service"] == "reviews"
-            assert [(e["addresses"], e["ready"]) for e in slice_doc["endpoints"]] == [
-                (["10.244.1.12"], True),
-                (["10.244.2.7"], False),
+            conditions = [
+                (e["addresses"], e["ready"], e["serving"], e["terminating"])
+                for e in slice_doc["endpoints"]
+            ]
+            assert conditions == [
+                (["10.244.1.12"], True, True, False),
+                (["10.244.2.7"], False, False, True),
             ]
 
             # The agent enrolls the pod: metadata from kube-sync's Pod, then its Workload.
@@ -76,6 +80,11 @@ async def test_round_trip_over_tcp_into_store_and_snapshot() -> None:
                 pod=PodRef(
                     "bookinfo", "reviews-v1-5b9c7f9d6-abcde", fixture("pod")["metadata"]["uid"]
                 ),
+                # As a CRI runtime names the pod (a call without them gets defaults at once).
+                args={
+                    "K8S_POD_NAMESPACE": "bookinfo",
+                    "K8S_POD_NAME": "reviews-v1-5b9c7f9d6-abcde",
+                },
             )
             meta = await StoreMetadataSource(store, wait=1.0).lookup(req)
             assert meta.service_account == "bookinfo-reviews"
@@ -248,7 +257,7 @@ async def test_relist_keeps_documents_applied_with_meshctl(autojump_clock: objec
     try:
         manual = keys.config("Service", "default", "manual")
         await store.put(manual, codec.encode(body_of_manual()))
-        stale_pod = pod_key("bookinfo", "gone")
+        stale_pod = keys.kube_pod("bookinfo", "gone")
         await store.put(stale_pod, codec.encode({"uid": "u"}))
         async with trio.open_nursery() as nursery:
             with trio.fail_after(TIMEOUT):

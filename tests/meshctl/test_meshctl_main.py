@@ -177,3 +177,58 @@ def test_usage_and_load_errors(store: str, capsys: pytest.CaptureFixture[str]) -
     assert "/nonexistent/x.yaml: no such file or directory" in capsys.readouterr().err
     assert main(["--store", "bogus://x", "get", "svc"]) == 1
     assert "bogus://x" in capsys.readouterr().err
+
+
+HTTP_ONLY_POLICIES = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: get-only}
+spec:
+  rules: [{to: [{operation: {methods: [GET], ports: ["8080"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {requestPrincipals: ["*"]}}]
+    when: [{key: "request.auth.claims[groups]", values: [guests]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l4-only}
+spec:
+  rules: [{from: [{source: {namespaces: [default]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt}
+spec:
+  jwtRules: [{issuer: https://issuer.example.com, jwksUri: https://issuer.example.com/jwks}]
+"""
+
+
+def test_validate_and_apply_warn_about_http_only_fields_on_tcp_ports(
+    store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "policies.yaml"
+    f.write_text(HTTP_ONLY_POLICIES)
+    for command in ("validate", "apply"):
+        assert main([command, "-f", str(f)]) == 0
+        err = capsys.readouterr().err
+        assert (
+            f"warning: {f}:1: AuthorizationPolicy default/get-only: "
+            "spec.rules[0].to[0].operation.methods needs HTTP: on TCP ports the ALLOW rule "
+            "matches nothing there" in err
+        )
+        assert (
+            f"warning: {f}:7: AuthorizationPolicy default/no-admin: "
+            "spec.rules[0].from[0].source.requestPrincipals needs HTTP: on TCP ports the DENY "
+            "rule is widened" in err
+        )
+        assert "spec.rules[0].when[0].key (request.auth.claims[groups]) needs HTTP" in err
+        assert "l4-only" not in err
+        assert "RequestAuthentication" not in err
+    assert main(["get", "requestauthentication"]) == 0
+    assert "jwt" in capsys.readouterr().out

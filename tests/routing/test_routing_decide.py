@@ -247,6 +247,8 @@ def chosen(snap: Snapshot, request: HttpRequest, source: Source = MESH) -> str |
         ({"uri": {"prefix": "/a"}}, req("/ab"), req("/b/a")),
         ({"uri": {"regex": "/a/[0-9]+"}}, req("/a/12?z"), req("/a/12x")),
         ({"uri": {"exact": "/A"}, "ignoreUriCase": True}, req("/a"), req("/b")),
+        ({"uri": {"prefix": "/A"}, "ignoreUriCase": True}, req("/ab"), req("/b")),
+        ({"uri": {"regex": "/a/[0-9]+"}, "ignoreUriCase": True}, req("/a/1"), req("/A/1")),
         ({"method": {"exact": "POST"}}, req(method="POST"), req(method="GET")),
         (
             {"authority": {"exact": "my-app:80"}},

@@ -66,11 +66,15 @@ def test_string_match_kinds(doc: dict[str, str], value: str, expected: bool) -> 
     assert string_matches(string_match("m", doc), value) is expected
 
 
-def test_ignore_case_folds_exact_prefix_and_regex() -> None:
-    for doc in ({"exact": "/API"}, {"prefix": "/AP"}, {"regex": "/A[P]I"}):
+def test_ignore_case_folds_exact_and_prefix_but_not_regex() -> None:
+    for doc in ({"exact": "/API"}, {"prefix": "/AP"}):
         m = string_match("m", doc, ignore_case=True)
         assert string_matches(m, "/api")
         assert not string_matches(string_match("m", doc), "/api")
+    regex = string_match("m", {"regex": "/A[P]I"}, ignore_case=True)  # Envoy: regex keeps case
+    assert string_matches(regex, "/API")
+    assert not string_matches(regex, "/api")
+    assert string_matches(string_match("m", {"regex": "(?i)/A[P]I"}), "/api")
 
 
 def test_uri_exact_and_regex_ignore_the_query_prefix_sees_it() -> None:

@@ -2,7 +2,8 @@
 
 Each call appends one JSON line (command, CNI_* env, stdin config) to $RECORD_FILE's path, read
 from the `record` field of its config; ADD prints prevResult as its result, DEL prints nothing.
-With `"fail": "<message>"` in its config, ADD fails with that message (code 999).
+With `"fail": "<message>"` in its config, ADD fails with that message (code 999); with
+`"failDelWhile": "<path>"`, DEL fails (code 999) while that file exists.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def main() -> int:
             )
             return 1
         json.dump(conf.get("prevResult", {"cniVersion": conf["cniVersion"]}), sys.stdout)
+    if command == "DEL" and conf.get("failDelWhile") and os.path.exists(conf["failDelWhile"]):
+        json.dump({"cniVersion": conf["cniVersion"], "code": 999, "msg": "DEL refused"}, sys.stdout)
+        return 1
     return 0
 
 

@@ -299,3 +299,14 @@ def test_format_status() -> None:
     text = format_status(doc)
     assert "n1    m-n1   10.200.0.11  10.201.1.0/24  7          yes    no" in text
     assert "d/p" in text
+
+
+def test_check_refuses_a_list_older_than_0_4_0_before_running_anything() -> None:
+    inv = cni.Invocation("c", "/run/netns/p", "eth0", "", ["/nonexistent"])
+    old = {"name": "n", "cniVersion": "0.3.1", "plugins": [{"type": "bridge"}]}
+    with pytest.raises(SandboxError, match=r"'0\.3\.1' does not support the CHECK command"):
+        cni.check("no-such-netns", old, inv, None)
+    # disableCheck: libcni calls no plugin at all (none exists in this CNI_PATH).
+    cni.check("no-such-netns", {**old, "cniVersion": "1.0.0", "disableCheck": True}, inv, None)
+    with pytest.raises(SandboxError, match='failed to find plugin "bridge"'):
+        cni.check("no-such-netns", {**old, "cniVersion": "1.0.0"}, inv, None)

@@ -190,6 +190,97 @@ def test_failing_plugin_mid_chain_leaves_nothing(name: str, tmp_path: Path) -> N
     assert _own_netns(name) == []
 
 
+def test_del_stops_at_the_first_failing_plugin_and_is_retried(name: str, tmp_path: Path) -> None:
+    """As libcni's DelNetworkList: DEL runs the list in reverse and the first failure ends it
+    (the plugins before it are not called); the pod stays, and the next `pod del` retries."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _write_recorder(bin_dir, "recorder")
+    _write_recorder(bin_dir, "refuser")
+    record, refusing = tmp_path / "calls.jsonl", tmp_path / "refusing"
+    sb = Sandbox.up(
+        name,
+        nodes=1,
+        agents=False,
+        mesh_cni=False,
+        cni_path=[layout.CNI_BIN_DIR, str(bin_dir)],
+        progress=False,
+    )
+    node = sb.node("n1")
+    conf = json.loads(node.conflist.read_text())
+    conf["plugins"] += [
+        {"type": "recorder", "record": str(record)},
+        {"type": "refuser", "record": str(record), "failDelWhile": str(refusing)},
+    ]
+    node.conflist.write_text(json.dumps(conf))
+    sb.pod_add("n1", "default", "web", None)
+    refusing.touch()
+    with pytest.raises(SandboxError, match=r"CNI DEL failed: .*DEL refused"):
+        sb.pod_del("web")
+    calls = [
+        (c["command"], c["conf"]["type"]) for c in map(json.loads, record.read_text().splitlines())
+    ]
+    assert calls == [("ADD", "recorder"), ("ADD", "refuser"), ("DEL", "refuser")]
+    # bridge's DEL never ran: its address is still allocated, and the pod still recorded.
+    assert len(_ipam_allocations(node.paths.ipam_dir)) == 1
+    assert [p["name"] for p in sb.status()["pods"]] == ["web"]
+
+    refusing.unlink()
+    assert sb.pod_del("web") is True
+    calls = [
+        (c["command"], c["conf"]["type"]) for c in map(json.loads, record.read_text().splitlines())
+    ]
+    assert calls[3:] == [("DEL", "refuser"), ("DEL", "recorder")]
+    assert _ipam_allocations(node.paths.ipam_dir) == []
+    assert sb.status()["pods"] == []
+    sb.down()
+
+
+def test_check_runs_the_chain_in_order_with_the_cached_result(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As libcni's CheckNetworkList: in order (the real loopback, bridge and host-local check the
+    pod too), each with the cached ADD result as prevResult. Plugins inherit the runtime's
+    environment, as libcni's do, with the CNI_* variables winning."""
+    monkeypatch.setenv("CNI_RUNTIME_PROBE", "inherited")
+    monkeypatch.setenv("CNI_IFNAME", "not-this")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _write_recorder(bin_dir, "first")
+    _write_recorder(bin_dir, "second")
+    record = tmp_path / "calls.jsonl"
+    sb = Sandbox.up(
+        name,
+        nodes=1,
+        agents=False,
+        mesh_cni=False,
+        cni_path=[layout.CNI_BIN_DIR, str(bin_dir)],
+        progress=False,
+    )
+    node = sb.node("n1")
+    conf = json.loads(node.conflist.read_text())
+    conf["plugins"] += [
+        {"type": "first", "record": str(record)},
+        {"type": "second", "record": str(record)},
+    ]
+    node.conflist.write_text(json.dumps(conf))
+    pod = sb.pod_add("n1", "default", "web", None)
+    sb.pod_check("web")
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [(c["command"], c["conf"]["type"]) for c in calls] == [
+        ("ADD", "first"),
+        ("ADD", "second"),
+        ("CHECK", "first"),
+        ("CHECK", "second"),
+    ]
+    for check in calls[2:]:
+        assert check["conf"]["prevResult"]["ips"][0]["address"] == f"{pod.ip}/24"
+        assert check["env"]["CNI_NETNS"] == f"/run/netns/{pod.netns}"
+        assert check["env"]["CNI_RUNTIME_PROBE"] == "inherited"
+        assert check["env"]["CNI_IFNAME"] == "eth0"
+    sb.down()
+
+
 def test_bad_pod_command_is_undone(name: str) -> None:
     sb = Sandbox.up(name, nodes=1, agents=False, mesh_cni=False, progress=False)
     with pytest.raises(SandboxError, match="exited with status"):

@@ -72,16 +72,15 @@ def test_explicit_deletes_and_nodes_without_a_record_go_at_once() -> None:
 def test_relist_keeps_held_and_newly_lapsed_workloads() -> None:
     grace = LeaseGrace(10)
     live(grace, "n1", "n2")
-    before = {k: put(k, 3).kv for k in (W1, W2, OTHER)}
     listed = [put(keys.node("n2"), 9).kv, put(OTHER, 3).kv]  # n1's lease lapsed meanwhile
-    kvs = grace.relist(listed, before, now=100)
-    assert {kv.key for kv in kvs} == {keys.node("n2"), OTHER, W1, W2}
+    kvs, keep = grace.relist(listed, [W1, W2, OTHER], now=100)
+    assert kvs == listed
+    assert keep == {W1, W2}
     assert dict(grace.held) == {W1: 110, W2: 110}
-    assert grace.node_records() == [listed[0]]
 
 
 def test_zero_grace_holds_nothing() -> None:
     grace = LeaseGrace(0)
     batch = [put(keys.node("n1"), 1), delete(keys.node("n1"), 2), delete(W1, 2)]
     assert grace.filter(batch, now=0) == batch
-    assert grace.relist([], {W1: put(W1, 1).kv}, now=0) == []
+    assert grace.relist([], [W1], now=0) == ([], set())

@@ -57,9 +57,10 @@ def test_an_http_route_compiles_to_typed_fields() -> None:
     (m,) = route.matches
     assert m.uri is not None
     assert m.uri.kind == "regex"
-    assert m.uri.ignore_case
+    assert not m.uri.ignore_case  # ignoreUriCase folds exact and prefix only, as Envoy does
     assert m.uri.regex is not None
-    assert m.uri.regex.fullmatch("/V2/x") is not None
+    assert m.uri.regex.fullmatch("/v2/x") is not None
+    assert m.uri.regex.fullmatch("/V2/x") is None
     assert [(d.fqdn, d.subset, d.port, d.weight) for d in route.destinations] == [
         ("a.web.svc.cluster.local", "v1", None, 90),
         ("b.other", None, 9080, 10),  # dotted: resolved per request

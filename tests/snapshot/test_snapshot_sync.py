@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 from snapshot_docs import key_of, service, workload
+from structlog.testing import capture_logs
 
 from nodeagent.snapshot import Snapshot, SnapshotSync
 from nodeagent.snapshot import cache as snapshot_cache
@@ -226,9 +227,9 @@ async def test_disk_cache_serves_a_restart_while_the_store_is_away(tmp_path: Pat
                 await first.wait_until(lambda s: s["cache_writes"] >= 1)
             nursery.cancel_scope.cancel()
         assert path.stat().st_mode & 0o777 == 0o600
-        kvs, cached_rev = snapshot_cache.decode(path.read_bytes())
-        assert cached_rev == rev
-        assert {kv.key for kv in kvs} == {
+        cached = snapshot_cache.decode(path.read_bytes())
+        assert cached.revision == rev
+        assert {kv.key for kv in cached.kvs} == {
             keys.config("Service", "default", "web"),
             keys.workload("node-1", "w1"),
         }
@@ -257,9 +258,83 @@ async def test_disk_cache_serves_a_restart_while_the_store_is_away(tmp_path: Pat
         await store.aclose()
 
 
+async def test_watched_changes_reach_the_cache_journal_and_a_restart_serves_them(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "snapshot.cache"
+    store = Outage(MemoryStore("memory://journal"))
+    try:
+        await put_service(store, "web", "10.96.0.1")
+        await put_workload(store, "w1", "10.0.0.1", {"app": "web"})
+        first = SnapshotSync(store, cache_path=path, cache_debounce=0)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(TIMEOUT):
+                await nursery.start(first.run)
+                await first.wait_until(lambda s: s["cache_writes"] >= 1)  # the listing
+                listed = path.stat().st_size
+                await store.delete(keys.workload("node-1", "w1"))
+                rev = await put_workload(store, "w2", "10.0.0.2", {"app": "web"})
+                await first.wait_until(lambda s: s["cache_writes"] >= 2)  # the batch(es)
+                await first.wait_revision(rev)
+            nursery.cancel_scope.cancel()
+        assert path.stat().st_size > listed  # appended, not rewritten
+        cached = snapshot_cache.decode(path.read_bytes())
+        assert cached.revision == rev
+
+        store.hang = True
+        second = SnapshotSync(store, cache_path=path, startup_timeout=0.2)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(TIMEOUT):
+                await nursery.start(second.run)
+            assert second.statistics()["serving_from_cache"] is True
+            assert second.current.workload_by_ip("10.0.0.2") is not None
+            assert second.current.workload_by_ip("10.0.0.1") is None  # deleted after listing
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+
+
+async def test_a_version_1_cache_file_is_served_and_an_unknown_one_ignored(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "snapshot.cache"
+    doc = service("web", {"app": "web"}, cluster_ip="10.96.0.1")
+    entry = [key_of(doc), codec.encode(doc), 1, 1, 1]
+    path.write_bytes(
+        codec.encode(
+            {"format": snapshot_cache.FORMAT, "version": 1, "revision": 1, "entries": [entry]}
+        )
+    )
+    store = Outage(MemoryStore("memory://v1"))
+    store.hang = True
+    try:
+        sync = SnapshotSync(store, cache_path=path, startup_timeout=0.2)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(TIMEOUT):
+                await nursery.start(sync.run)
+            assert sync.current.find_address("10.96.0.1", 80) is not None
+            nursery.cancel_scope.cancel()
+
+        path.write_bytes(codec.encode({"format": snapshot_cache.FORMAT, "version": 3}))
+        store.hang = False
+        sync = SnapshotSync(store, cache_path=path)
+        with capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(TIMEOUT):
+                    await nursery.start(sync.run)  # starts from the store, without the cache
+                assert sync.statistics()["serving_from_cache"] is False
+                nursery.cancel_scope.cancel()
+        (unusable,) = [e for e in logs if e["event"] == "snapshot.cache_unusable"]
+        assert "cache version 3, expected 2" in unusable["error"]
+    finally:
+        await store.aclose()
+
+
 def test_cache_decode_rejects_bad_files() -> None:
     good = snapshot_cache.encode([KeyValue("/mesh/v1/ca/bundle", b"x", 1, 2, 1)], 2)
-    assert snapshot_cache.decode(good) == ([KeyValue("/mesh/v1/ca/bundle", b"x", 1, 2, 1)], 2)
+    found = snapshot_cache.decode(good)
+    assert (found.kvs, found.revision) == ([KeyValue("/mesh/v1/ca/bundle", b"x", 1, 2, 1)], 2)
+    header = codec.encode({"format": snapshot_cache.FORMAT, "version": 2})
     for bad, why in [
         (b"\xc1", "not msgpack"),
         (codec.encode({"format": "other"}), "not a snapshot cache"),
@@ -270,6 +345,8 @@ def test_cache_decode_rejects_bad_files() -> None:
             ),
             "entry 0",
         ),
+        (header, "no complete commit"),
+        (header + codec.encode(["k", b"v", 1, 1, 1]), "no complete commit"),
     ]:
         with pytest.raises(CacheError, match=why):
             snapshot_cache.decode(bad, "f.msgpack")
@@ -417,7 +494,7 @@ async def test_node_records_go_into_the_disk_cache(tmp_path: Path) -> None:
             await nursery.start(sync.run)
             await sync.wait_until(lambda s: s["cache_writes"] >= 1)
         nursery.cancel_scope.cancel()
-    kvs, _ = snapshot_cache.decode(path.read_bytes())
+    kvs = snapshot_cache.decode(path.read_bytes()).kvs
     assert keys.node("node-1") in {kv.key for kv in kvs}
 
 
@@ -433,5 +510,5 @@ async def test_a_change_within_the_debounce_reaches_the_disk_cache_on_the_way_ou
             await sync.wait_revision(await put_service(store, "web", "10.96.0.1"))
         assert sync.statistics()["cache_writes"] == 0  # the debounce has not passed
         nursery.cancel_scope.cancel()  # the agent stops
-    kvs, _ = snapshot_cache.decode(path.read_bytes())
+    kvs = snapshot_cache.decode(path.read_bytes()).kvs
     assert keys.config("Service", "default", "web") in {kv.key for kv in kvs}

@@ -105,6 +105,7 @@ async def test_an_idle_connection_is_released(namespaces: Namespaces) -> None:
             assert pool.statistics()["connections"] == 1
             await _wait(lambda: pool.statistics()["connections"] == 0, "idle connection closed")
             assert pool.statistics()["idle_closed"] == 1
+            assert pool.statistics()["opener_locks"] == 0  # forgotten with the connection
             # The next stream opens a fresh connection.
             stream, info = await open_stream(mesh, APP_PORT, pool=pool)
             assert not info.reused

@@ -1,10 +1,9 @@
 """AuthorizationPolicy and PeerAuthentication (security.istio.io) with Istio's rules.
 
 AuthorizationPolicy: selector, action ALLOW/DENY/AUDIT, rules of from.source, to.operation and
-when conditions, every field Istio defines for them. JWT-based fields (requestPrincipals,
-request.auth.*) are accepted with Istio's meaning: without RequestAuthentication (which the mesh
-does not implement) a request has no request principal, so they never match. Not supported:
-CUSTOM action and provider, targetRef(s), matchExpressions.
+when conditions, every field Istio defines for them (JWT-based ones read what RequestAuthentication
+verified, `validate/reqauth.py`). Not supported: CUSTOM action and provider, targetRef(s),
+matchExpressions.
 
 PeerAuthentication: selector, mtls.mode, portLevelMtls (needs a selector).
 """

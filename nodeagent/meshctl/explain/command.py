@@ -27,6 +27,18 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--to", dest="url", required=True, metavar="URL", help="http://host[:port]/…")
     p.add_argument("-H", "--header", action="append", default=[], metavar="'Name: value'")
     p.add_argument("-X", "--request", dest="method", default="GET", metavar="METHOD")
+    p.add_argument(
+        "--jwt-principal",
+        metavar="ISS/SUB",
+        help="the request carries a verified JWT of this issuer and subject",
+    )
+    p.add_argument(
+        "--jwt-claim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a claim of that JWT (repeat a name for a list)",
+    )
     p.add_argument("-o", "--output", choices=["json"], default=None)
     p.add_argument("--trust-domain", default="cluster.local")
 
@@ -55,6 +67,8 @@ async def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             headers=args.header,
             method=args.method,
             namespace=namespace,
+            jwt_principal=args.jwt_principal,
+            jwt_claims=args.jwt_claim,
         )
     except ExplainError as exc:
         print(f"error: {exc}", file=err)

@@ -14,6 +14,7 @@ from nodeagent.meshctl.explain.inputs import Caller
 from nodeagent.proxy.inbound import plaintext_decision, tunnel_decision
 from nodeagent.routing import MatchedRule, RouteDestination
 from nodeagent.snapshot import Endpoint, Service, ServicePort, Snapshot
+from nodeagent.snapshot.endpointslices import uses_endpoint_slices
 from nodeagent.snapshot.routes import (
     DEFAULT_RETRIES,
     FaultRule,
@@ -75,6 +76,7 @@ def endpoint_doc(snap: Snapshot, ep: Endpoint, caller: Caller) -> dict[str, Any]
             "policy": verdict.policy,
             "reason": verdict.reason,
             "audited": list(verdict.audited),
+            "layer": "tcp",  # HTTP ports: replaced by the request's verdict (l7.py)
         },
     )
     return doc
@@ -104,6 +106,8 @@ def destination_doc(snap: Snapshot, dest: RouteDestination, caller: Caller) -> d
         return doc
     endpoints = snap.endpoints(dest.service, dest.port, subset=dest.subset_labels)
     doc["endpoints"] = [endpoint_doc(snap, ep, caller) for ep in endpoints]
+    # A Service without a selector: its endpoints are its EndpointSlices' addresses.
+    doc["endpoint_slices"] = uses_endpoint_slices(dest.service)
     # Selected but no endpoint: their agent cannot terminate mTLS for them yet.
     doc["unhealthy"] = [
         {"workload": w.ref, "address": w.address, "node": w.node, "status": w.status}

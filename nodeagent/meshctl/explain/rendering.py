@@ -19,6 +19,18 @@ def _labels(labels: Mapping[str, Any] | None) -> str:
     return ",".join(f"{k}={v}" for k, v in labels.items()) if labels else "-"
 
 
+def _jwt_line(jwt: dict[str, Any]) -> str:
+    issuers = ", ".join(f"{r['issuer']} ({r['policy']})" for r in jwt["rules"])
+    accepted = f"accepted issuers {issuers}" if issuers else "no RequestAuthentication"
+    if jwt["required"]:
+        need = "JWT required"
+    elif jwt["rules"]:
+        need = "JWT optional (a bad one is refused with 401)"
+    else:
+        need = "JWT not checked"
+    return f"{need}; {accepted}; without a token: {jwt['without_token']}"
+
+
 def render(report: Mapping[str, Any]) -> str:
     """The report for people: plain sentences and small tables."""
     lines: list[str] = []
@@ -131,6 +143,10 @@ def render(report: Mapping[str, Any]) -> str:
         lines.append("")
         subset = f" subset {d['subset']}" if d["subset"] else ""
         lines.append(f"Endpoints of {d['host']}{subset}:")
+        if d.get("endpoint_slices"):
+            lines.append(
+                f"  from the EndpointSlices of {d['service']} (a Service without selector)"
+            )
         if d["error"]:
             lines.append(f"  {d['error']}")
         for w in d.get("unhealthy", ()):
@@ -162,6 +178,15 @@ def render(report: Mapping[str, Any]) -> str:
             authz = ep["authorization"]
             if authz:
                 lines.append(f"  {ep['pod']}: {authz['decision']}: {authz['reason']}")
+            if ep.get("jwt"):
+                lines.append(f"  {ep['pod']}: {_jwt_line(ep['jwt'])}")
+    checks = report.get("gateway_checks")
+    if checks:
+        authz = checks["authorization"]
+        by = f" by {authz['policy']}" if authz["policy"] else ""
+        lines.append("")
+        lines.append(f"At the gateway: {authz['decision']}{by}: {authz['reason']}")
+        lines.append(f"                {_jwt_line(checks['jwt'])}")
     if report.get("passthrough"):
         p = report["passthrough"]
         lines.append(f"Passthrough: {p['address']}:{p['port']} ({p['reason']})")

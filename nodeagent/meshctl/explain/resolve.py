@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from nodeagent.authn import RequestAuth
+from nodeagent.authn.authenticator import request_auth
+from nodeagent.authz import Connection
 from nodeagent.balance import Registry
 from nodeagent.dns.message import name_from_text
 from nodeagent.dns.resolve import find_service
@@ -32,6 +35,7 @@ from nodeagent.meshctl.explain.inputs import (
     parse_headers,
     parse_target,
 )
+from nodeagent.meshctl.explain.l7 import HttpView, add_http_checks, http_checks
 from nodeagent.proxy import outbound
 from nodeagent.routing import HttpRequest, Source, TcpRequest, route_http, route_tcp
 from nodeagent.routing.model import RouteDecision
@@ -44,6 +48,7 @@ def _http(
     source: Source,
     request: HttpRequest,
     report: dict[str, Any],
+    auth: RequestAuth,
 ) -> None:
     routing_host = request.host or request.authority_host
     if request.host is None and source.gateway == hosts.MESH_GATEWAY:
@@ -98,9 +103,41 @@ def _http(
         mirror=mirror_doc(rule.mirror) if rule is not None else None,
         request_headers=headers_doc(rule.headers) if rule is not None else None,
     )
+    req = report["request"]
+    view = HttpView(
+        method=req["method"] or "GET",
+        authority=decision.authority or req["authority"],
+        path=decision.path or (req["path"] + (f"?{req['query']}" if req["query"] else "")),
+        headers=tuple(req["headers"].items()),
+        auth=auth,
+    )
     report["destinations"] = [destination_doc(snap, d, caller) for d in decision.destinations]
+    add_http_checks(snap, report["destinations"], caller, view)
     report["outcome"] = "route"
     report["summary"] = _route_summary(decision.route_name, report["destinations"])
+
+
+def end_user(principal: str | None, claims: Sequence[str]) -> RequestAuth:
+    """The end user `--jwt-principal ISS/SUB` and `--jwt-claim NAME=VALUE` describe, as if a
+    token with those claims had verified (a repeated claim is a list)."""
+    if principal is None:
+        if claims:
+            raise ExplainError("--jwt-claim needs --jwt-principal (the token's iss/sub)")
+        return RequestAuth.empty()
+    iss, sep, sub = principal.rpartition("/")
+    if not sep or not iss or not sub:
+        raise ExplainError(f"--jwt-principal {principal!r}: expected ISSUER/SUBJECT")
+    payload: dict[str, Any] = {"iss": iss, "sub": sub}
+    for item in claims:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise ExplainError(f"--jwt-claim {item!r}: expected NAME=VALUE")
+        if name in payload and name not in ("iss", "sub"):
+            previous = payload[name]
+            payload[name] = [*previous, value] if isinstance(previous, list) else [previous, value]
+        else:
+            payload[name] = value
+    return request_auth(payload)
 
 
 def _route_summary(name: str, dests: list[dict[str, Any]]) -> str:
@@ -172,9 +209,12 @@ def explain(
     headers: Sequence[str] = (),
     method: str = "GET",
     namespace: str = "default",
+    jwt_principal: str | None = None,
+    jwt_claims: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The report for one request from `source` to `url`. Raises ExplainError on bad input."""
     target = parse_target(url)
+    auth = end_user(jwt_principal, jwt_claims)
     header_map = parse_headers(headers)
     caller = find_caller(snap, source, namespace)
     method = method.upper()
@@ -213,7 +253,7 @@ def explain(
         "passthrough": None,
     }
     if caller.kind == "gateway":
-        _from_gateway(snap, caller, target, method, authority, header_map, report)
+        _from_gateway(snap, caller, target, method, authority, header_map, report, auth)
         return report
     src = Source(namespace=caller.namespace, labels=caller.labels)
     if target.is_ip:
@@ -264,10 +304,12 @@ def explain(
             host=found.service.hostname,
         )
         l4 = outbound.outbound_decision(snap, vip, target.port, registry=Registry(on_event=None))
-        if isinstance(l4, outbound.Passthrough):
+        # The whole service passed through (no endpoint picked: a ServiceEntry without
+        # endpoints); one picked endpoint outside the mesh (handle set) is still routed at L7.
+        if isinstance(l4, outbound.Passthrough) and l4.handle is None:
             _tcp(snap, caller, src, found, vip, report)
             return report
-        _http(snap, caller, src, request, report)
+        _http(snap, caller, src, request, report, auth)
     else:
         report["protocol"] = "tcp"
         if l7:
@@ -359,6 +401,7 @@ def _from_gateway(
     authority: str,
     header_map: dict[str, str],
     report: dict[str, Any],
+    auth: RequestAuth,
 ) -> None:
     """The ingress gateway's path: server by port and Host, then its bound VirtualServices."""
     report["protocol"] = "http"
@@ -390,4 +433,39 @@ def _from_gateway(
         port=target.port,
         host=None,
     )
-    _http(snap, caller, source, request, report)
+    _http(snap, caller, source, request, report, auth)
+    _gateway_checks(snap, caller, target, report, auth)
+
+
+def _gateway_checks(
+    snap: Snapshot, caller: Caller, target: Target, report: dict[str, Any], auth: RequestAuth
+) -> None:
+    """The gateway's own RequestAuthentication and AuthorizationPolicies (JWT at the edge),
+    for a client from outside the mesh: no identity, address unknown."""
+    namespace, _, name = caller.ref.partition("/")
+    gateway = Workload(
+        uid="",
+        name=name,
+        namespace=namespace,
+        node=caller.node or "",
+        addresses=(caller.ip,) if caller.ip else (),
+        labels=caller.labels,
+        annotations={},
+        service_account=caller.identity.rpartition("/")[2],
+        identity=caller.identity,
+    )
+    req = report["request"]
+    view = HttpView(
+        method=req["method"] or "GET",
+        authority=req["authority"],
+        path=req["path"] + (f"?{req['query']}" if req["query"] else ""),
+        headers=tuple(req["headers"].items()),
+        auth=auth,
+    )
+    conn = Connection("0.0.0.0", caller.ip or "0.0.0.0", target.port, None)
+    authorization, jwt = http_checks(snap, gateway, conn, view, "gateway")
+    report["gateway_checks"] = {"authorization": authorization, "jwt": jwt}
+    if authorization["decision"] == "DENY":
+        by = f" by {authorization['policy']}" if authorization["policy"] else ""
+        report["outcome"] = "denied"
+        report["summary"] = f"denied at the gateway (403 RBAC: access denied){by}"
