@@ -52,6 +52,12 @@ class H2Pool:
         finally:
             self._nursery = None
 
+    def spawn(self, task: Callable[[], Awaitable[None]]) -> None:
+        """Run `task` beside the connections (a mirrored copy: outlives its request); dropped
+        when the pool is not running."""
+        if self._nursery is not None:
+            self._nursery.start_soon(task)
+
     def connection_count(self) -> int:
         return sum(len(v) for v in self._conns.values())
 

@@ -22,6 +22,7 @@ import math
 import random
 from collections.abc import Callable
 from contextvars import Token
+from functools import partial
 
 import trio
 
@@ -46,6 +47,7 @@ from nodeagent.http2.messages import (
     routing_request,
     upstream_headers,
 )
+from nodeagent.http2.mirror import mirror
 from nodeagent.http2.pool import MAX_STREAMS, Connector, H2Pool
 from nodeagent.routing import (
     DirectResponse,
@@ -313,8 +315,9 @@ class H2Proxy:
     ) -> None:
         assert dest.service is not None
         assert dest.port is not None
+        snapshot = self._snapshot()
         cluster = self.registry.picker_for(
-            self._snapshot(), dest.service, dest.subset, dest.port, from_namespace=source_ns or None
+            snapshot, dest.service, dest.subset, dest.port, from_namespace=source_ns or None
         )
         headers = upstream_headers(
             head,
@@ -365,6 +368,19 @@ class H2Proxy:
         elif overall.cancelled_caught:  # the route timeout (or grpc-timeout) cut the stream
             entry.flags.append(flags.UPSTREAM_TIMEOUT)
             await reply.timed_out()
+        elif decision.mirror is not None and body.whole:
+            # the answered request's copy, sent beside (never before) the client's answer
+            copy = partial(self._mirror, snapshot, decision.mirror, headers, list(body.kept))
+            self.pool.spawn(copy)
+
+    async def _mirror(
+        self, snapshot: Snapshot, dest: RouteDestination, headers: Headers, chunks: list[bytes]
+    ) -> None:
+        sent = None
+        with trio.move_on_after(self.limits.mirror_timeout):
+            sent = await mirror(self.pool, self.registry, snapshot, dest, headers, chunks)
+        if sent is not False:  # sent, or timed out after sending
+            self._stats["mirrored"] += 1
 
 
 def _stream_outcome(entry: RequestLog) -> Outcome | None:
@@ -389,6 +405,11 @@ class RequestBody:
         self.size = 0
         self.replayable = True
         self.complete = False
+
+    @property
+    def whole(self) -> bool:
+        """All of the body was read and is kept (a mirror can send the same request)."""
+        return self.replayable and (self.complete or self.down.ended)
 
     async def pump(self, up: H2Stream) -> None:
         """Send what is kept, then the rest as it comes; END_STREAM (or trailers) at its end."""

@@ -314,3 +314,18 @@ async def test_a_traced_request_continues_the_callers_trace_upstream() -> None:
     assert sent[1] == "0af7651916cd43dd8448eb211c80319c"  # the same trace
     assert sent[2] != "b7ad6b7169203331"  # a new span: this hop's
     assert r.logs[-1].trace_id == "0af7651916cd43dd8448eb211c80319c"
+
+
+async def test_a_mirrored_copy_goes_to_the_shadow_host() -> None:
+    route = vs([{"route": [{"destination": {"host": "app", "subset": "v1"}}],
+                 "mirror": {"host": "app", "subset": "v2"}}])  # fmt: skip
+    rule = dr({"subsets": [{"name": "v1", "labels": {"version": "v1"}},
+                           {"name": "v2", "labels": {"version": "v2"}}]})  # fmt: skip
+    backends = [H2Backend("a"), H2Backend("b")]
+    async with running(app_snapshot(route, rule, replicas=2), backends) as r:
+        got = await h2_requests(r.port, 3, GRPC)
+        with trio.fail_after(5):  # the copies are sent beside the answers
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+    assert {h["x-backend"] for h, _, _ in got} == {"a"}
+    assert {s[":authority"] for s in backends[1].seen} == {"app.default.svc.cluster.local-shadow"}
+    assert r.proxy.statistics()["mirrored"] == 3
