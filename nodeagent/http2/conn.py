@@ -84,6 +84,7 @@ class H2Connection:
         self.goaway = False
         self.streams_opened = 0
         self.last_active = trio.current_time()
+        self.streams_changed_at = self.last_active  # a stream opened or closed (idle timeout)
         self._kick_event = trio.Event()
         self._closed = trio.Event()
         self._scope: trio.CancelScope | None = None
@@ -239,6 +240,7 @@ class H2Connection:
         stream._headers(list(event.headers or []))
         self.streams[sid] = stream
         self.streams_opened += 1
+        self.streams_changed_at = trio.current_time()
         if self._handler is None or self._handlers is None or self.client or self.goaway:
             stream.reset(h2.errors.ErrorCodes.REFUSED_STREAM)
             return
@@ -452,7 +454,7 @@ class H2Stream:
             with contextlib.suppress(h2.exceptions.H2Error):
                 self.conn.h2.acknowledge_received_data(unread, self.id)
         self.conn.streams.pop(self.id, None)
-        self.conn.last_active = trio.current_time()
+        self.conn.last_active = self.conn.streams_changed_at = trio.current_time()
         self.conn.kick()
 
 

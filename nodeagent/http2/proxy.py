@@ -143,9 +143,22 @@ class H2Proxy:
             await self._request(stream, port, host, client_address, conn_id, peer)
 
         try:
-            await conn.run(handle)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._close_when_idle, conn)
+                await conn.run(handle)
+                nursery.cancel_scope.cancel()
         except Exception as exc:  # the connection ends; the pod's proxy goes on
             log.error("connection.failed", proxy=self.name, conn=conn_id, error=repr(exc))
+
+    async def _close_when_idle(self, conn: H2Connection) -> None:
+        """A client connection without a stream for `Limits.idle_timeout` gets a GOAWAY (as
+        HTTP/1.1's keep-alive close; a gRPC client reconnects when it needs to)."""
+        idle = self.limits.idle_timeout
+        while conn.alive:
+            await trio.sleep_until(conn.streams_changed_at + idle)
+            if not conn.streams and trio.current_time() >= conn.streams_changed_at + idle:
+                conn.close()
+                return
 
     # -- one request (stream) ----------------------------------------------------------------
 

@@ -329,3 +329,14 @@ async def test_a_mirrored_copy_goes_to_the_shadow_host() -> None:
     assert {h["x-backend"] for h, _, _ in got} == {"a"}
     assert {s[":authority"] for s in backends[1].seen} == {"app.default.svc.cluster.local-shadow"}
     assert r.proxy.statistics()["mirrored"] == 3
+
+
+async def test_an_idle_client_connection_gets_a_goaway() -> None:
+    async with running(
+        app_snapshot(replicas=1), [H2Backend("a")], limits=Limits(idle_timeout=0.3)
+    ) as r:
+        transport = await trio.open_tcp_stream("127.0.0.1", r.port)
+        conn = H2Connection(transport, client=True)
+        with trio.fail_after(5):
+            await conn.run()  # returns once the proxy said GOAWAY and closed
+        assert conn.goaway
