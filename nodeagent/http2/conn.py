@@ -150,9 +150,6 @@ class H2Connection:
             self.h2.close_connection()
         self.kick()
 
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
     def kick(self) -> None:
         self._kick_event.set()
 

@@ -1,6 +1,7 @@
 """gRPC's protocol facts the L7 proxies decide with (pure): status codes and their names, the
 mappings between gRPC and HTTP statuses Envoy uses, the `grpc-timeout` header, and which
-requests are gRPC at all (`content-type: application/grpc…`)."""
+requests are gRPC at all (`content-type: application/grpc…`). Which statuses `retryOn` names is
+the compiled route's rule (`snapshot.routes.RetryPolicy.retriable_grpc`)."""
 
 from __future__ import annotations
 
@@ -26,15 +27,6 @@ class GrpcStatus(enum.IntEnum):
     DATA_LOSS = 15
     UNAUTHENTICATED = 16
 
-
-# VirtualService `retryOn` conditions that name a gRPC status (Envoy's x-envoy-retry-grpc-on).
-RETRY_ON_GRPC: dict[str, int] = {
-    "cancelled": GrpcStatus.CANCELLED,
-    "deadline-exceeded": GrpcStatus.DEADLINE_EXCEEDED,
-    "internal": GrpcStatus.INTERNAL,
-    "resource-exhausted": GrpcStatus.RESOURCE_EXHAUSTED,
-    "unavailable": GrpcStatus.UNAVAILABLE,
-}
 
 # Envoy's Grpc::Utility::grpcToHttpStatus: what a gRPC status counts as for outlier detection
 # and the `response_code` of a gRPC answer that carries no HTTP error of its own.

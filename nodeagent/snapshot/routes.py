@@ -23,8 +23,8 @@ DEFAULT_RETRY_ON = frozenset(
     {"connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"}
 )
 
-# gRPC status code → the `retryOn` condition naming it (routing/grpc.py's RETRY_ON_GRPC; kept
-# here as numbers: the snapshot layer sits below routing).
+# gRPC status code → the `retryOn` condition naming it (Envoy's x-envoy-retry-grpc-on; the codes
+# as numbers: `routing/grpc.py`'s GrpcStatus sits above this layer).
 _GRPC_RETRY_ON = {
     1: "cancelled",
     4: "deadline-exceeded",
