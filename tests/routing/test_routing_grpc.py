@@ -112,3 +112,10 @@ def test_abort_grpc_status_compiles_to_its_number() -> None:
     assert rule.abort_percent == 50.0
     with pytest.raises(RouteError):
         _fault("f", {"abort": {"grpcStatus": "NOPE"}})
+
+
+def test_the_config_names_and_the_status_enum_agree() -> None:
+    from nodeagent.config.validate.virtualservice import GRPC_STATUS_NAMES
+
+    assert [s.name for s in GrpcStatus] == list(GRPC_STATUS_NAMES)
+    assert [int(s) for s in GrpcStatus] == list(range(len(GRPC_STATUS_NAMES)))
