@@ -144,10 +144,9 @@ class H2Connection:
             self._closed.set()
 
     def close(self) -> None:
-        """GOAWAY: no new streams; the connection ends once the writer flushed it."""
+        """No new streams; once the streams under way ended, GOAWAY and the connection ends
+        (h2 stops taking frames once it sent a GOAWAY, so it is sent last)."""
         self.goaway = True
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.h2.close_connection()
         self.kick()
 
     def kick(self) -> None:
@@ -161,7 +160,13 @@ class H2Connection:
                     await self.transport.send_all(data)
                     continue
                 if self.goaway and not self.streams:
-                    self.fail("closed")  # GOAWAY either way and nothing left to answer
+                    # GOAWAY either way and nothing left to answer: say so, then close.
+                    with contextlib.suppress(h2.exceptions.ProtocolError):
+                        self.h2.close_connection()
+                    if data := self.h2.data_to_send():
+                        with trio.move_on_after(1):
+                            await self.transport.send_all(data)
+                    self.fail("closed")
                     return
                 await self._kick_event.wait()
                 self._kick_event = trio.Event()

@@ -45,6 +45,7 @@ async def mirror(
     try:
         conn, _ = await pool.acquire(endpoint, dest.port)
         up = conn.open_stream(shadow_headers(headers), end_stream=not chunks)
+        pool.stream_opened(conn)
     except (OSError, trio.TooSlowError, trio.BrokenResourceError, UpstreamDenied, StreamReset):
         return False
     try:

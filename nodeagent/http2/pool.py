@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import trio
 
+from nodeagent.balance import Overflow
+from nodeagent.balance.pool import CircuitBreaker, ConnectionToken
+from nodeagent.http.errors import UpstreamOverflow
 from nodeagent.http.pool import Credentials
 from nodeagent.http2.conn import H2Connection
 from nodeagent.log import get_logger
@@ -41,6 +44,7 @@ class H2Pool:
         self._conns: dict[tuple[str, int], list[H2Connection]] = {}
         self._nursery: trio.Nursery | None = None
         self._opening: dict[tuple[str, int], trio.Event] = {}
+        self._tokens: dict[int, ConnectionToken] = {}  # connection id → its maxConnections slot
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the connections' tasks until cancelled (then every connection closes)."""
@@ -68,9 +72,12 @@ class H2Pool:
         *,
         max_streams: int = MAX_STREAMS,
         idle_timeout: float = IDLE_TIMEOUT,
+        breaker: CircuitBreaker | None = None,
     ) -> tuple[H2Connection, bool]:
         """A connection to `endpoint` with room for one more stream, and whether it was reused.
-        Raises OSError (or the connector's error) when a new one cannot be opened."""
+        Raises OSError (or the connector's error) when a new one cannot be opened, and
+        UpstreamOverflow when the cluster's `tcp.maxConnections` forbids a new one. Each stream
+        opened on it is counted with `stream_opened`."""
         key = (endpoint.address, endpoint.port)
         while True:
             conns = self._conns.setdefault(key, [])
@@ -83,22 +90,43 @@ class H2Pool:
             if opening is None:
                 break
             await opening.wait()  # one connect at a time per endpoint; then look again
+        token: ConnectionToken | None = None
+        if breaker is not None:
+            got = breaker.try_acquire_connection()
+            if isinstance(got, Overflow):
+                raise UpstreamOverflow(str(got))
+            token = got
         done = self._opening[key] = trio.Event()
         try:
-            conn = await self._open(endpoint, service_port, idle_timeout)
+            conn = await self._open(endpoint, service_port, idle_timeout, token)
+        except BaseException:
+            if token is not None:
+                token.release()
+            raise
         finally:
             del self._opening[key]
             done.set()
         self._conns.setdefault(key, []).append(conn)
         return conn, False
 
-    async def _open(self, endpoint: Endpoint, service_port: int, idle: float) -> H2Connection:
+    def stream_opened(self, conn: H2Connection) -> None:
+        """Count a stream opened on `conn` (from `acquire`): after maxRequestsPerConnection of
+        them it takes no new one (GOAWAY; the streams under way finish)."""
+        token = self._tokens.get(conn.id)
+        if token is not None and token.note_request():
+            conn.close()
+
+    async def _open(
+        self, endpoint: Endpoint, service_port: int, idle: float, token: ConnectionToken | None
+    ) -> H2Connection:
         if self._nursery is None:
             raise OSError("the HTTP/2 upstream pool is not running")
         with trio.fail_after(self.connect_timeout):
             transport = await self.connector(endpoint, service_port)
         conn = H2Connection(transport, client=True)
         self.stats.connects += 1
+        if token is not None:
+            self._tokens[conn.id] = token
         self._nursery.start_soon(self._serve, conn, idle)
         return conn
 
@@ -111,6 +139,10 @@ class H2Pool:
         except Exception as exc:  # one upstream connection ends; the pool (and the pod) go on
             conn.fail(repr(exc))
             log.error("upstream.failed", conn=conn.id, error=repr(exc))
+        finally:
+            token = self._tokens.pop(conn.id, None)
+            if token is not None:
+                token.release()  # its tcp.maxConnections slot
 
     async def _reap_idle(self, conn: H2Connection, idle: float, scope: trio.CancelScope) -> None:
         while conn.alive:

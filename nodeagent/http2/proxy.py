@@ -31,7 +31,7 @@ from nodeagent.balance import Picker as Cluster
 from nodeagent.balance.state import EndpointState
 from nodeagent.http import flags
 from nodeagent.http.attempt import AttemptOutcome, LocalReply, run_attempts
-from nodeagent.http.errors import UpstreamDenied
+from nodeagent.http.errors import UpstreamDenied, UpstreamOverflow
 from nodeagent.http.headers import HOP_BY_HOP, new_request_id
 from nodeagent.http.limits import Limits
 from nodeagent.http.log import RequestLog, RequestRecorder, log, start_span_for
@@ -484,7 +484,10 @@ class _Exchange:
                 self.service_port,
                 max_streams=max_streams,
                 idle_timeout=pool_limits.http_idle_timeout_s,
+                breaker=self.cluster.breaker,
             )
+        except UpstreamOverflow as exc:
+            return AttemptOutcome("overflow", detail=str(exc))
         except UpstreamDenied as exc:
             return AttemptOutcome("denied", detail=str(exc))
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
@@ -498,6 +501,7 @@ class _Exchange:
                 not body.kept and (body.complete or body.down.ended) and not body.down.trailers
             )
             up = conn.open_stream(self.headers, end_stream=bodiless)
+            self.proxy.pool.stream_opened(conn)
         except StreamReset as exc:
             return AttemptOutcome("reset", stale=reused, detail=str(exc), setup_s=setup)
         self.up = up

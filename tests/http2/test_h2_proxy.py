@@ -340,3 +340,28 @@ async def test_an_idle_client_connection_gets_a_goaway() -> None:
         with trio.fail_after(5):
             await conn.run()  # returns once the proxy said GOAWAY and closed
         assert conn.goaway
+
+
+async def test_max_requests_per_connection_and_max_connections() -> None:
+    per_conn = dr({"trafficPolicy": {"connectionPool": {"http": {"maxRequestsPerConnection": 2}}}})
+    backends = [H2Backend("a")]
+    async with running(app_snapshot(per_conn, replicas=1), backends) as r:
+        got = await h2_requests(r.port, 5, GRPC)
+    assert all(h[":status"] == "200" for h, _, _ in got)
+    assert backends[0].connections == 3  # 2 + 2 + 1 requests
+
+    pool = {"tcp": {"maxConnections": 1}, "http": {"maxConcurrentStreams": 1}}
+    one = dr({"trafficPolicy": {"connectionPool": pool}})
+    async with running(app_snapshot(one, replicas=1), [H2Backend("a")]) as r:
+        results: list[dict[str, str]] = []
+
+        async def slow_call() -> None:
+            ((head, _, _),) = await h2_requests(r.port, 1, [*GRPC, ("x-sleep", "0.5")])
+            results.append(head)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_call)
+            await trio.sleep(0.1)  # the first call holds the one connection's one stream
+            nursery.start_soon(slow_call)
+    assert sorted(h.get("grpc-status", "") for h in results) == ["", "14"], results
+    assert sum("UO" in e.flags for e in r.logs) == 1
