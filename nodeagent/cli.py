@@ -30,6 +30,7 @@ def _run(argv: list[str]) -> int:
     from nodeagent.agent.main import AgentConfig, run_until_signalled
     from nodeagent.http import Limits
     from nodeagent.store import DEFAULT_URL
+    from nodeagent.workers.config import MAX_DEFAULT_WORKERS, default_workers
 
     p = argparse.ArgumentParser(prog="nodeagent run", description="Run the node agent.")
     p.add_argument("--node", default=os.environ.get("NODE_NAME") or socket.gethostname())
@@ -74,6 +75,14 @@ def _run(argv: list[str]) -> int:
     )
     p.add_argument(
         "--gateway-bind", default="0.0.0.0", metavar="IP", help="address the gateway binds"
+    )
+    p.add_argument(
+        "--gateway-credentials",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where the gateway's credentialName certificates are: DIR/<name>/tls.crt, "
+        "tls.key, ca.crt (a Kubernetes TLS Secret's mount layout); re-read when they change",
     )
     p.add_argument(
         "--no-probe-snat",
@@ -127,6 +136,15 @@ def _run(argv: list[str]) -> int:
         "ended, 408 if no response was started (flag SI); Envoy's default, 300",
     )
     p.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=default_workers(),
+        metavar="N",
+        help="data-plane processes serving every pod (SO_REUSEPORT: the kernel spreads "
+        "connections); 1 serves in the agent's own process (default: usable cores, "
+        f"at most {MAX_DEFAULT_WORKERS})",
+    )
+    p.add_argument(
         "--takeover",
         action="store_true",
         help="if an agent runs in the run dir, ask it to hand over (it drains, then idles "
@@ -135,6 +153,8 @@ def _run(argv: list[str]) -> int:
     args = p.parse_args(argv)
     log.configure(args.log_level, args.log_format)
     cfg = AgentConfig(
+        workers=args.workers,
+        log_format=args.log_format,
         node=args.node,
         store_url=args.store,
         run_dir=args.run_dir,
@@ -149,6 +169,7 @@ def _run(argv: list[str]) -> int:
         dns_upstreams=tuple(args.dns_upstream),
         gateway=args.gateway,
         gateway_bind=args.gateway_bind,
+        gateway_credentials=args.gateway_credentials,
         probe_snat=args.probe_snat,
         advertise_address=args.advertise_address,
         lease_ttl=args.lease_ttl,
@@ -168,6 +189,19 @@ def _run(argv: list[str]) -> int:
             raise
         return 1
     return 0
+
+
+MAX_WORKERS = 64
+
+
+def _worker_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers") from None
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{text!r}: workers must be between 1 and {MAX_WORKERS}")
+    return value
 
 
 def _positive_seconds(text: str) -> float:

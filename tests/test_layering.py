@@ -31,7 +31,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"http", "sandbox"}),
     frozenset({"http2"}),  # the HTTP/2 + gRPC proxy, over http's attempt loop and records
     frozenset({"proxy"}),
-    frozenset({"gateway"}),
+    frozenset({"gateway", "workers"}),  # workers run proxy's PodProxy in other processes
     frozenset({"agent", "meshctl", "bench", "demo"}),
     frozenset({"console"}),  # asks meshctl's explain for the routes it shows
     frozenset({"cli"}),

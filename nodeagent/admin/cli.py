@@ -59,6 +59,28 @@ def workloads_table(items: Sequence[Mapping[str, Any]]) -> str:
     return table(rows, ["NAMESPACE", "NAME", "ADDRESSES", "SERVICE ACCOUNT", "STATE", "UID"])
 
 
+def workers_table(value: Mapping[str, Any]) -> str:
+    """`/workers`: one row per data-plane process (none when the agent serves in-process)."""
+    rows = [
+        [
+            _get(w, "slot"),
+            _get(w, "pid"),
+            "yes" if w.get("up") else "no",
+            _get(w, "incarnation"),
+            w.get("restarts", 0),
+            w.get("pods", 0),
+            w.get("connections", 0),
+            _get(w, "snapshot_revision"),
+        ]
+        for w in value.get("processes") or []
+    ]
+    head = f"workers: {value.get('workers')}"
+    if not rows:
+        return head + " (the pods are served in the agent's own process)\n"
+    header = ["SLOT", "PID", "UP", "INCARNATION", "RESTARTS", "PODS", "CONNECTIONS", "REVISION"]
+    return head + "\n" + table(rows, header)
+
+
 def _expires_in(cert: Mapping[str, Any], now: float) -> Any:
     given = _get(cert, "expires_in_seconds")
     if given is not None:
@@ -126,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("workloads", help="pods enrolled on this node")
     sub.add_parser("certs", help="workload certificates (serial, expiry)")
     sub.add_parser("stats", help="metrics")
+    sub.add_parser("workers", help="the data-plane worker processes (--workers)")
     lv = sub.add_parser("log-level", help="show or change the agent's log level")
     lv.add_argument("level", nargs="?", choices=["debug", "info", "warning", "error"])
     dr = sub.add_parser("drain", help="drain connections, then exit the agent")
@@ -179,7 +202,12 @@ def _run(args: argparse.Namespace) -> str:
         if as_json:
             return _dumps(value)
         return f"draining: the agent exits within {value['deadline_seconds']:g} s\n"
-    path = {"config-dump": "/config_dump", "workloads": "/workloads", "certs": "/certs"}[cmd]
+    path = {
+        "config-dump": "/config_dump",
+        "workloads": "/workloads",
+        "certs": "/certs",
+        "workers": "/workers",
+    }[cmd]
     value = json.loads(admin_call_sync(sock, "GET", path))
     if as_json:
         return _dumps(value)
@@ -187,6 +215,8 @@ def _run(args: argparse.Namespace) -> str:
         return workloads_table(value)
     if cmd == "certs":
         return certs_table(value)
+    if cmd == "workers":
+        return workers_table(value)
     return config_dump_text(value)
 
 

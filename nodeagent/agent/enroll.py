@@ -37,7 +37,7 @@ from nodeagent.cni.protocol import CniRequest, EnrollError
 from nodeagent.dns import DnsError, DnsProxy
 from nodeagent.http import Limits
 from nodeagent.identity.api import IdentityProvider
-from nodeagent.inpod import InpodError, Netns, RedirectionSpec
+from nodeagent.inpod import InpodError, Netns, PodListeners, RedirectionSpec
 from nodeagent.log import get_logger
 from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.proxy.pod import PodProxy
@@ -46,6 +46,7 @@ from nodeagent.store import codec, keys
 from nodeagent.store.base import Store, StoreError
 from nodeagent.telemetry.dataplane import Sinks
 from nodeagent.tunnel import SessionCache
+from nodeagent.workers.supervisor import WorkerError
 
 log = get_logger("agent.enroll")
 
@@ -58,6 +59,30 @@ STOP_TIMEOUT = 5.0
 Undo = Callable[[], Awaitable[None]]
 
 
+class PodServer(Protocol):
+    """What serves one enrolled pod's capture listeners: a `PodProxy` in this process, or a
+    `workers.RemotePod` whose worker processes do (`nodeagent run --workers N`)."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; `started` once the pod is served."""
+
+    def statistics(self) -> dict[str, Any]: ...
+
+    def pool_statistics(self) -> dict[str, int]:
+        """The pod's HBONE pool (`TunnelPool.statistics()`; summed over the workers)."""
+
+    def listener_addresses(self) -> list[tuple[str, str]]: ...
+
+    def close_listeners(self) -> None: ...
+
+    def policy_changed(self) -> None: ...
+
+
+# Builds the PodServer of a pod whose listeners were just bound (replaces the in-process
+# PodProxy): (record, netns, listeners, workload) → server.
+PodServerFactory = Callable[[PodRecord, Netns, PodListeners, Workload], PodServer]
+
+
 class NodeIdentities(IdentityProvider, Protocol):
     def can_serve(self, identity: str) -> bool:
         """Whether a valid certificate (and the trust bundle) for `identity` is held now, i.e.
@@ -68,7 +93,7 @@ class NodeIdentities(IdentityProvider, Protocol):
 class EnrolledPod:
     record: PodRecord
     netns: Netns
-    proxy: PodProxy
+    proxy: PodServer
     dns: DnsProxy | None = None
     identity: str = ""  # the pod's SPIFFE id
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -79,17 +104,10 @@ class EnrolledPod:
 
     def listeners(self) -> list[dict[str, Any]]:
         """What the agent serves inside this pod's netns, as bound."""
-        rows = []
-        for role, listener in (
-            ("outbound", self.proxy.core.listeners.outbound),
-            ("inbound-plaintext", self.proxy.core.listeners.inbound),
-            ("tunnel", self.proxy.core.listeners.tunnel),
-        ):
-            try:
-                host, port = listener.socket.getsockname()[:2]
-            except OSError:  # closed while the pod is being removed
-                continue
-            rows.append({"role": role, "protocol": "tcp", "address": f"{host}:{port}"})
+        rows = [
+            {"role": role, "protocol": "tcp", "address": address}
+            for role, address in self.proxy.listener_addresses()
+        ]
         if self.dns is not None:
             for proto, addr in (("udp", self.dns.udp_address), ("tcp", self.dns.tcp_address)):
                 if addr is not None:
@@ -113,7 +131,7 @@ class EnrolledPod:
             "status": self.registered,
             "listeners": self.listeners(),
             "connections": self.proxy.statistics(),
-            "tunnel_pool": self.proxy.core.pool.statistics(),
+            "tunnel_pool": self.proxy.pool_statistics(),
         }
 
 
@@ -180,10 +198,13 @@ class Enroller:
         plumbing: PodPlumbing | None = None,
         http_limits: Limits | None = None,
         authenticator: Authenticator | None = None,
+        pod_server: PodServerFactory | None = None,
     ) -> None:
         self.node = node
         # The node's one JWT verifier (one JWKS cache) for every pod's inbound HTTP.
         self.authenticator = authenticator if authenticator is not None else Authenticator()
+        # None: each pod's PodProxy runs in this process.
+        self.pod_server = pod_server
         self.http_limits = http_limits  # every pod's L7 proxy (agent flags)
         self.telemetry = telemetry  # metrics, access log and tracer for every pod's proxy
         # The in-pod DNS proxy (15053) for pods whose spec captures DNS; upstreams default to
@@ -343,7 +364,7 @@ class Enroller:
         """A new snapshot: every pod proxy re-checks its open inbound connections against it
         (only sets an event per pod: safe to call from a snapshot swap listener)."""
         for pod in self.pods.values():
-            pod.proxy.inbound.policy_changed()
+            pod.proxy.policy_changed()
 
     # -- inspection ---------------------------------------------------------------------------
 
@@ -393,20 +414,24 @@ class Enroller:
 
             undo.append(close_listeners)
             workload = self.workload_of(record)
-            proxy = PodProxy(
-                record.key,
-                netns,
-                listeners,
-                workload=workload,
-                identities=self.identities,
-                snapshot=self.snapshot,
-                registry=self.registry,
-                sessions=self.sessions,
-                outbound_policy=self.outbound_policy,
-                telemetry=self.telemetry,
-                http_limits=self.http_limits,
-                authenticator=self.authenticator,
-            )
+            proxy: PodServer
+            if self.pod_server is not None:
+                proxy = self.pod_server(record, netns, listeners, workload)
+            else:
+                proxy = PodProxy(
+                    record.key,
+                    netns,
+                    listeners,
+                    workload=workload,
+                    identities=self.identities,
+                    snapshot=self.snapshot,
+                    registry=self.registry,
+                    sessions=self.sessions,
+                    outbound_policy=self.outbound_policy,
+                    telemetry=self.telemetry,
+                    http_limits=self.http_limits,
+                    authenticator=self.authenticator,
+                )
             dns = None
             if self.dns and spec.dns_capture:
                 try:
@@ -426,7 +451,8 @@ class Enroller:
             try:
                 await self._nursery.start(self._serve_pod, pod)
             except BaseExceptionGroup as group:  # the pod's nursery wraps a failed bind
-                bind_errors, others = group.split(DnsError)
+                # (or a worker process's refusal, with --workers N)
+                bind_errors, others = group.split((DnsError, WorkerError))
                 if bind_errors is None or others is not None:
                     raise
                 first: BaseException = bind_errors
@@ -535,7 +561,7 @@ class Enroller:
         if pod.serving:
             with trio.move_on_after(STOP_TIMEOUT):
                 await pod.stopped.wait()
-        pod.proxy.core.listeners.close()
+        pod.proxy.close_listeners()
 
     async def _register(self, record: PodRecord, status: WorkloadStatus) -> None:
         doc = workload_document(self.node, record, status)

@@ -47,39 +47,49 @@ from nodeagent.admin.client import AdminClientError, admin_request
 from nodeagent.admin.routes import AdminSources, admin_routes
 from nodeagent.agent import pidfile
 from nodeagent.agent.enroll import Enroller
-from nodeagent.agent.state import AgentState
+from nodeagent.agent.state import AgentState, PodRecord
 from nodeagent.authn import Authenticator
 from nodeagent.balance import Registry
 from nodeagent.cni.metadata import metadata_source
 from nodeagent.cni.server import CniServer
 from nodeagent.contract import ADMIN_SOCKET_NAME, CNI_SOCKET_NAME, METRICS_PORT, READY_PATH
+from nodeagent.gateway import CredentialSource
 from nodeagent.gateway.node import NodeGateway
 from nodeagent.http import Limits
 from nodeagent.httpserver import Handler, Response, Route, UnixSocketHttpServer
 from nodeagent.identity.manager import IdentityManager
+from nodeagent.inpod import Netns, PodListeners
 from nodeagent.inpod.errors import RedirectionError
 from nodeagent.inpod.node_rules import aapply_probe_rules, is_probe_target
 from nodeagent.log import get_logger
 from nodeagent.proxy.outbound import OutboundPolicy
-from nodeagent.snapshot import Snapshot, SnapshotSync
+from nodeagent.snapshot import Snapshot, SnapshotSync, Workload
 from nodeagent.store import codec, keys, open_store
 from nodeagent.store.base import Store
 from nodeagent.store.lease import LeaseNotHeld, hold_lease
 from nodeagent.telemetry.metrics import HealthSources
 from nodeagent.telemetry.service import Telemetry, TelemetryConfig
+from nodeagent.workers.config import WorkerConfig
+from nodeagent.workers.feed import DocumentMirror
+from nodeagent.workers.remote_pod import RemotePod
+from nodeagent.workers.supervisor import WorkerPool
 
 log = get_logger("agent")
 # How long start-up waits for the store (its first listing, then the lease) before it serves
 # from disk and goes on without it.
 STORE_WAIT = 2.0
+# How long a drain waits before closing the admin socket: the /quitquitquit answer leaves first.
+DRAIN_ANSWER_GRACE = 0.1
 # ztunnel's drain period: how long a stopping agent lets its open connections finish.
 DRAIN_TIMEOUT = 5.0
 # How often a draining agent asks whether its successor answers ready yet.
 HANDOVER_POLL = 0.05
 # How long a draining agent keeps accepting for a successor that started but is not ready yet.
 SUCCESSOR_WAIT = 60.0
-# --takeover: how long the new agent waits for the old one to release the pid file.
+# --takeover: how long the new agent waits for the old one to release the pid file (and when
+# its handover request got no answer: it may have been taken as the old socket closed).
 TAKEOVER_WAIT = 10.0
+TAKEOVER_UNANSWERED_WAIT = 3.0
 NODE_RECORD_VERSION = 1
 
 
@@ -109,6 +119,8 @@ class AgentConfig:
     # Serve the ingress gateway on this node (Gateways selecting `istio: ingressgateway`).
     gateway: bool = False
     gateway_bind: str = "0.0.0.0"
+    # The gateway's credentialName source: DIR/<name>/tls.crt, tls.key, ca.crt (docs/gateway.md).
+    gateway_credentials: Path | None = None
     # SNAT the node's own TCP to enrolled pods to 169.254.7.127 (kubelet probes pass STRICT).
     probe_snat: bool = True
     # The node's lease: its registrations vanish this long after the agent stops renewing.
@@ -123,6 +135,10 @@ class AgentConfig:
     # The node address its metrics port is reachable on, put in the node record for the
     # console (`metrics: "host:port"`); None leaves it out.
     advertise_address: str | None = None
+    # Data-plane processes (nodeagent.workers): 1 serves the pods in this process, as before;
+    # N > 1 spawns N worker processes that all serve every pod (docs/dataplane.md, Processes).
+    workers: int = 1
+    log_format: str = "json"  # the workers log like the agent
     # An agent already runs in the run dir: ask it to hand over (drain, then park) and start.
     takeover: bool = False
 
@@ -149,6 +165,8 @@ class Agent:
     identities: IdentityManager | None = None
     telemetry: Telemetry | None = None
     gateway: NodeGateway | None = None
+    # `--workers N > 1`: the worker processes serving every pod's listeners.
+    workers: WorkerPool | None = None
     # One balancer registry per agent: every pod's proxy and the gateway share the clusters'
     # latency estimates, ejections and circuit breakers.
     balance: Registry = field(default_factory=Registry)
@@ -221,26 +239,31 @@ class Agent:
         cfg = self.config
         old = pidfile.running_agent(cfg.run_dir)
         path = f"/quitquitquit?deadline={cfg.drain_timeout:g}&then=park"
+        failure = ""
         try:
             with trio.fail_after(5):
                 status, body = await admin_request(cfg.admin_socket, "POST", path)
+            if status != 200:
+                raise pidfile.RunDirBusy(
+                    f"the agent (pid {old}) refused the handover: {status} {body!r}", old
+                )
         except (AdminClientError, trio.TooSlowError) as exc:
-            raise pidfile.RunDirBusy(
-                f"an agent (pid {old}) holds {cfg.run_dir} and its admin socket does not take "
-                f"the handover: {exc or 'no answer in 5 s'}",
-                old,
-            ) from None
-        if status != 200:
-            raise pidfile.RunDirBusy(
-                f"the agent (pid {old}) refused the handover: {status} {body!r}", old
-            )
-        log.info("agent.taking_over", old_pid=old)
-        with trio.move_on_after(TAKEOVER_WAIT):
+            # The old agent closes its admin socket as it starts to drain, possibly before
+            # its answer is out: a failed request may still have been taken. Wait a little.
+            failure = str(exc) or "no answer in 5 s"
+        log.info("agent.taking_over", old_pid=old, request_failed=failure or None)
+        with trio.move_on_after(TAKEOVER_UNANSWERED_WAIT if failure else TAKEOVER_WAIT):
             while True:
                 try:
                     return pidfile.take_agent_pid_file(cfg.run_dir)
                 except pidfile.RunDirBusy:
                     await trio.sleep(HANDOVER_POLL)
+        if failure:
+            raise pidfile.RunDirBusy(
+                f"an agent (pid {old}) holds {cfg.run_dir} and its admin socket does not take "
+                f"the handover: {failure}",
+                old,
+            )
         raise pidfile.RunDirBusy(
             f"the agent (pid {old}) accepted the handover but kept {cfg.run_dir} for "
             f"{TAKEOVER_WAIT:g} s",
@@ -259,6 +282,10 @@ class Agent:
         cfg = self.config
         until = trio.current_time() + self.drain_deadline
         self.ready = False  # /healthz/ready answers 503 from now on
+        # A drain asked on the admin socket (/quitquitquit, a successor's --takeover) must get
+        # its answer out before the admin server closes: cut mid-response, the successor took
+        # it for a refusal and exited.
+        await trio.sleep(DRAIN_ANSWER_GRACE)
         for scope in self._front:
             scope.cancel()
         if self.telemetry is not None:
@@ -291,20 +318,31 @@ class Agent:
             until = trio.current_time() + self.drain_deadline
         log.info("agent.stopped_accepting", successor=successor, open=self.open_connections())
         with trio.move_on_at(until):
-            while sum(self.open_connections().values()) > 0:
-                # Polling: connections close inside pod proxies that have no hook to
-                # signal "last one gone", and a drain is rare.
-                if pidfile.uninstall_under_way(cfg.run_dir):
-                    log.warning("agent.uninstalled", note="stopping, not draining")
-                    return
-                await trio.sleep(0.1)
+            while True:
+                while sum(self.open_connections().values()) > 0:
+                    # Polling: connections close inside pod proxies that have no hook to
+                    # signal "last one gone", and a drain is rare.
+                    if pidfile.uninstall_under_way(cfg.run_dir):
+                        log.warning("agent.uninstalled", note="stopping, not draining")
+                        return
+                    await trio.sleep(0.1)
+                if self.workers is None:
+                    break
+                # The workers' counters are their last reports: believe "nothing open" only
+                # from reports sent after every worker closed its listeners.
+                with trio.move_on_after(2.0):
+                    await self.workers.wait_fresh_reports()
+                if sum(self.open_connections().values()) == 0:
+                    break
         log.info("agent.drained", open=self.open_connections())
 
     def stop_accepting(self) -> None:
         """Close every pod's listeners; their open connections go on. A pod enrolled later
         (none: the CNI socket is closed first) would not be covered."""
         for pod in self.enroller.pods.values() if self.enroller else ():
-            pod.proxy.core.listeners.close()
+            pod.proxy.close_listeners()
+        if self.workers is not None:
+            self.workers.stop_accepting()
         self.stopped_accepting.set()
 
     async def _run(
@@ -333,6 +371,10 @@ class Agent:
                 startup_timeout=STORE_WAIT,
                 lease_grace=cfg.lease_grace,
             )
+            mirror = None
+            if cfg.workers > 1:  # the worker processes get the documents as the sync applies them
+                mirror = DocumentMirror()
+                self.snapshot.add_document_observer(mirror)
             await nursery.start(self.snapshot.run)
             snapshot = self.snapshot
             self.telemetry = Telemetry(
@@ -363,6 +405,27 @@ class Agent:
             # One JWT verifier for the node (every pod's inbound HTTP and the gateway): one
             # JWKS cache, its remote key sets refreshed in the background.
             await nursery.start(self.authenticator.run)
+            pod_server = None
+            if mirror is not None:
+                self.workers = WorkerPool(
+                    cfg.workers,
+                    WorkerConfig(
+                        node=cfg.node,
+                        trust_domain=cfg.trust_domain,
+                        outbound_policy=cfg.outbound_policy,
+                        http_limits=cfg.http_limits,
+                        zipkin_url=cfg.zipkin_url,
+                        sample_rate=cfg.sample_rate,
+                        log_level=cfg.log_level,
+                        log_format=cfg.log_format,
+                    ),
+                    self.snapshot,
+                    mirror,
+                    self.identities,
+                )
+                await nursery.start(self.workers.run)
+                self.telemetry.registry.add_peers(self.workers.metric_states)
+                pod_server = partial(_remote_pod, self.workers)
             pods_nursery = await nursery.start(_open_pods_nursery)
             self.enroller = Enroller(
                 node=cfg.node,
@@ -380,6 +443,7 @@ class Agent:
                 telemetry=self.telemetry,
                 http_limits=cfg.http_limits,
                 authenticator=self.authenticator,
+                pod_server=pod_server,
             )
             nursery.start_soon(self._maintain_balance)
             nursery.start_soon(self.enroller.maintain_status)
@@ -410,6 +474,7 @@ class Agent:
                     telemetry=self.telemetry,
                     limits=cfg.http_limits,
                     authenticator=self.authenticator,
+                    credentials=CredentialSource(cfg.gateway_credentials),
                 )
                 if self._registered.is_set():
                     await nursery.start(self._in_front, self.gateway.run)
@@ -581,8 +646,16 @@ class Agent:
                 "balance": self.balance.statistics(),
             }
 
+        def workers(_: Any) -> Response:
+            return Response.json(
+                {
+                    "workers": self.config.workers,
+                    "processes": self.workers.statistics() if self.workers else [],
+                }
+            )
+
         # /config_dump adds "workloads" (the enrolled pods and their state) and "certificates".
-        routes: dict[str, Handler | Route] = {"/pods": pods}
+        routes: dict[str, Handler | Route] = {"/pods": pods, "/workers": workers}
         routes.update(
             admin_routes(
                 AdminSources(
@@ -597,6 +670,14 @@ class Agent:
             )
         )
         return routes
+
+
+def _remote_pod(
+    pool: WorkerPool, record: PodRecord, netns: Netns, listeners: PodListeners, workload: Workload
+) -> RemotePod:
+    return RemotePod(
+        pool, uid=record.uid, key=record.key, netns=netns, listeners=listeners, workload=workload
+    )
 
 
 async def _open_pods_nursery(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:

@@ -18,6 +18,7 @@ from nodeagent.balance.policy import (
     LoadBalancer,
     OutlierDetection,
     TrafficPolicy,
+    UpstreamTls,
     resolve,
 )
 from nodeagent.balance.pool import CircuitBreaker, ConnectionToken, Overflow, Token
@@ -44,6 +45,7 @@ __all__ = [
     "Registry",
     "Token",
     "TrafficPolicy",
+    "UpstreamTls",
     "cluster_name",
     "resolve",
 ]

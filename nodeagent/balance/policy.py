@@ -84,13 +84,27 @@ class ConnectionPool:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """`trafficPolicy.tls` with mode SIMPLE or MUTUAL: the proxy originates TLS to the endpoint
+    (docs/gateway.md, TLS origination). `ca_certificates` None: the system trust store."""
+
+    mode: Literal["SIMPLE", "MUTUAL"]
+    ca_certificates: str | None = None
+    sni: str | None = None
+    subject_alt_names: tuple[str, ...] = ()
+    insecure_skip_verify: bool = False
+    client_certificate: str | None = None
+    private_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficPolicy:
     load_balancer: LoadBalancer = field(default_factory=LoadBalancer)
     outlier: OutlierDetection | None = None  # None: no outlier detection
     pool: ConnectionPool = field(default_factory=ConnectionPool)
     # Percentage of healthy endpoints under which every endpoint is picked (0: never).
     panic_percent: float = DEFAULT_PANIC_PERCENT
-    tls: Mapping[str, Any] | None = None  # kept raw, for the mTLS/TLS origination code
+    tls: UpstreamTls | None = None  # None: no TLS origination (DISABLE, ISTIO_MUTUAL, unset)
 
 
 DEFAULT_POLICY = TrafficPolicy()
@@ -156,8 +170,40 @@ def _build(merged: Mapping[str, Any], path: Mapping[str, str]) -> TrafficPolicy:
     if od_doc is not None and od_doc.get("minHealthPercent") is not None:
         panic = float(_int(od_doc["minHealthPercent"], f"{od_path}.minHealthPercent", 100))
     pool = _pool(merged.get("connectionPool"), f"{path['connectionPool']}.connectionPool")
-    return TrafficPolicy(
-        load_balancer=lb, outlier=outlier, pool=pool, panic_percent=panic, tls=merged.get("tls")
+    tls = _tls(merged.get("tls"), f"{path['tls']}.tls")
+    return TrafficPolicy(load_balancer=lb, outlier=outlier, pool=pool, panic_percent=panic, tls=tls)
+
+
+def _tls(doc: Any, path: str) -> UpstreamTls | None:
+    if doc is None:
+        return None
+    doc = _mapping(doc, path)
+    mode = doc.get("mode", "DISABLE")
+    if mode in ("DISABLE", "ISTIO_MUTUAL"):
+        return None  # the mesh's own mTLS (HBONE) already protects meshed endpoints
+    if mode not in ("SIMPLE", "MUTUAL"):
+        raise PolicyError(f"{path}.mode", f"TLS mode {mode!r} is not supported")
+
+    def text(key: str) -> str | None:
+        value = doc.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise PolicyError(f"{path}.{key}", "must be a non-empty string")
+        return value
+
+    client, key = text("clientCertificate"), text("privateKey")
+    if mode == "MUTUAL" and (client is None or key is None):
+        raise PolicyError(path, "MUTUAL needs clientCertificate and privateKey")
+    sans = doc.get("subjectAltNames") or ()
+    return UpstreamTls(
+        mode=mode,
+        ca_certificates=text("caCertificates"),
+        sni=text("sni"),
+        subject_alt_names=tuple(str(x) for x in sans),
+        insecure_skip_verify=bool(doc.get("insecureSkipVerify", False)),
+        client_certificate=client,
+        private_key=key,
     )
 
 

@@ -16,6 +16,7 @@ from types import ModuleType
 from nodeagent.bench import Result
 from nodeagent.bench import enroll as enroll_bench
 from nodeagent.bench import fanout as fanout_bench
+from nodeagent.bench import gateway as gateway_bench
 from nodeagent.bench import mesh as mesh_bench
 from nodeagent.bench import report as report_cmd
 from nodeagent.bench import snapshot as snapshot_bench
@@ -25,6 +26,7 @@ BENCHES: dict[str, ModuleType] = {
     enroll_bench.NAME: enroll_bench,
     fanout_bench.NAME: fanout_bench,
     mesh_bench.NAME: mesh_bench,
+    gateway_bench.NAME: gateway_bench,
 }
 # Another engineer's micro-benchmark, registered when it is there.
 if importlib.util.find_spec("nodeagent.bench.balance") is not None:

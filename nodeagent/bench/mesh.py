@@ -116,6 +116,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--restart", action="store_true", help="also: agent restarts under constant load"
     )
     parser.add_argument("--restart-rate", type=float, default=500.0, help="requests/s")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="every agent's `nodeagent run --workers` (data-plane processes; CPU and RSS "
+        "figures cover the agent and its workers)",
+    )
     parser.add_argument("--name", default="", help="sandbox name (default: mb<pid>)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file ('' for none)")
     parser.add_argument(
@@ -141,10 +148,64 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def _stat(pid: int) -> list[str]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of `pid` (an agent's `--workers` processes among them)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(_stat(int(entry.name))[1]) == pid:
+                    out.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of `pid`, its reaped children (cutime + cstime: a worker that exited) and its live
+    children (the workers): an agent's CPU whatever `--workers` says."""
+    fields = _stat(pid)
+    total = sum(int(f) for f in fields[11:15]) / CLK_TCK
+    for child in children(pid):
+        try:
+            total += cpu_seconds(child)
+        except OSError:
+            continue
+    return total
+
+
 def sys_seconds(pid: int) -> float:
     """stime of `pid` alone: the kernel's share (syscalls, the TCP stack, softirqs)."""
     text = Path(f"/proc/{pid}/stat").read_text()
     return int(text[text.rindex(")") + 2 :].split()[12]) / CLK_TCK
+
+
+def tree_sys_seconds(pid: int) -> float:
+    """stime of `pid` and its children, reaped and live (see `tree_cpu_seconds`)."""
+    fields = _stat(pid)
+    total = (int(fields[12]) + int(fields[14])) / CLK_TCK
+    for child in children(pid):
+        try:
+            total += sys_seconds(child)
+        except OSError:
+            continue
+    return total
+
+
+def tree_rss_mib(pid: int) -> float:
+    """RSS of `pid` and its live children, summed (pages they share count once per process)."""
+    total = rss_mib(pid)
+    for child in children(pid):
+        try:
+            total += rss_mib(child)
+        except (OSError, RuntimeError):
+            continue
+    return total
 
 
 def rss_mib(pid: int) -> float:
@@ -267,8 +328,10 @@ class Runner:
         self.haproxy: HAProxyPipeline | None = None
 
     def _proc_cpu(self) -> dict[str, float]:
-        out = {f"agent_{n}": cpu_seconds(pid) for n, pid in self.agents.items() if pid}
-        out.update({f"agentsys_{n}": sys_seconds(pid) for n, pid in self.agents.items() if pid})
+        out = {f"agent_{n}": tree_cpu_seconds(pid) for n, pid in self.agents.items() if pid}
+        out.update(
+            {f"agentsys_{n}": tree_sys_seconds(pid) for n, pid in self.agents.items() if pid}
+        )
         if self.haproxy is not None:
             for side in ("n1", "n2"):
                 out[f"haproxy_{side}"] = cpu_seconds(self.haproxy.pid(side))
@@ -372,7 +435,9 @@ class Runner:
             },
             "agent_sys_s": round(sum(v for k, v in delta.items() if k.startswith("agentsys_")), 3),
             "haproxy_cpu_s": round(haproxy_cpu, 3) if setup == "haproxy" else None,
-            "agent_rss_mib": {n: round(rss_mib(pid), 1) for n, pid in self.agents.items() if pid},
+            "agent_rss_mib": {
+                n: round(tree_rss_mib(pid), 1) for n, pid in self.agents.items() if pid
+            },
             "first_error": out.get("first_error"),
         }
         # The CPU delta also covers the unmeasured warm-up: count the requests sent in it too.
@@ -500,6 +565,7 @@ def run(args: argparse.Namespace) -> Result:
             "size": args.size,
             "scenarios": ",".join(scenarios),
             "server": getattr(args, "server", "nginx"),
+            "workers": getattr(args, "workers", 1),
         },
     )
     result.meta = {
@@ -510,7 +576,7 @@ def run(args: argparse.Namespace) -> Result:
     name = args.name or f"mb{os.getpid() % 100000}"
     say(f"sandbox {name}: 2 nodes, 4 pods")
     started = time.perf_counter()
-    sb = Sandbox.up(name, nodes=2, progress=False)
+    sb = Sandbox.up(name, nodes=2, progress=False, workers=getattr(args, "workers", 1))
     runner: Runner | None = None
     try:
         runner = Runner(sb, args)

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent.bench.png import Panel, bar_chart
+from nodeagent.bench.workers import condense, summarize
+from nodeagent.bench.workers import section as workers_section
 
 NAME = "report"
 HELP = "regenerate docs/benchmarks.md and its chart from the last saved mesh run"
@@ -21,12 +23,21 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_JSON = REPO / "docs" / "benchmarks.json"
 DEFAULT_MD = REPO / "docs" / "benchmarks.md"
 PNG_NAME = "benchmarks-latency.png"
+WORKERS_JSON = "benchmarks-workers.json"  # beside the run JSON
 SETUPS = ("direct", "mesh", "haproxy")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="source", default=str(DEFAULT_JSON), help="run JSON")
     parser.add_argument("--md", default=str(DEFAULT_MD), help="markdown to write")
+    parser.add_argument(
+        "--workers-runs",
+        nargs="*",
+        default=[],
+        metavar="JSON",
+        help="`scripts/bench mesh --workers N --out FILE` runs to condense into "
+        f"{WORKERS_JSON} (rendered as the worker-processes section)",
+    )
 
 
 # (label, figure metric, comparison, limit): figure must be <= (or >=) limit.
@@ -179,7 +190,9 @@ def l7_section(doc: dict[str, Any]) -> list[str]:
     ]
 
 
-def render_markdown(doc: dict[str, Any], png_name: str | None = PNG_NAME) -> str:
+def render_markdown(
+    doc: dict[str, Any], png_name: str | None = PNG_NAME, workers: dict[str, Any] | None = None
+) -> str:
     meta = doc.get("meta") or {}
     m = meta.get("machine") or {}
     figures = {f["metric"]: f for f in doc.get("figures") or []}
@@ -235,6 +248,8 @@ def render_markdown(doc: dict[str, Any], png_name: str | None = PNG_NAME) -> str
         "Performance sections of [dataplane.md](dataplane.md#performance) (L4, mTLS, bulk) and",
         "[l7.md](l7.md#performance) (the HTTP proxy).",
     ]
+    if workers:
+        lines += workers_section(workers)
     lines += ["", "## Every measurement", ""]
     heads, body = _cells(doc.get("rows") or [])
     lines += _md_table(heads, body)
@@ -258,6 +273,16 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(doc, dict) or doc.get("bench") != "mesh":
         print(f"scripts/bench report: {source} holds no mesh run", file=sys.stderr)
         return 1
+    workers_path = source.with_name(WORKERS_JSON)
+    runs = getattr(args, "workers_runs", None) or []
+    if runs:
+        try:
+            condensed = [condense(json.loads(Path(f).read_text()), Path(f).name) for f in runs]
+        except (OSError, json.JSONDecodeError, ValueError, KeyError) as exc:
+            print(f"scripts/bench report: --workers-runs: {exc}", file=sys.stderr)
+            return 1
+        workers_path.write_text(json.dumps(summarize(condensed), indent=2) + "\n")
+    workers = json.loads(workers_path.read_text()) if workers_path.exists() else None
     md = Path(args.md)
     md.parent.mkdir(parents=True, exist_ok=True)
     panels = chart_panels(doc)
@@ -265,6 +290,6 @@ def run(args: argparse.Namespace) -> int:
     if panels:
         png_name = PNG_NAME
         (md.parent / PNG_NAME).write_bytes(bar_chart(panels))
-    md.write_text(render_markdown(doc, png_name))
+    md.write_text(render_markdown(doc, png_name, workers))
     print(f"wrote {md}" + (f" and {md.parent / PNG_NAME}" if png_name else ""))
     return 0

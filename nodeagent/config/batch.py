@@ -222,9 +222,10 @@ def _destinations(spec: dict[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
             yield f"spec.http[{i}].route[{j}].destination", dest["destination"]
         if route.get("mirror") is not None:
             yield f"spec.http[{i}].mirror", route["mirror"]
-    for i, route in enumerate(spec.get("tcp") or []):
-        for j, dest in enumerate(route.get("route") or []):
-            yield f"spec.tcp[{i}].route[{j}].destination", dest["destination"]
+    for kind in ("tcp", "tls"):
+        for i, route in enumerate(spec.get(kind) or []):
+            for j, dest in enumerate(route.get("route") or []):
+                yield f"spec.{kind}[{i}].route[{j}].destination", dest["destination"]
 
 
 def check_references(

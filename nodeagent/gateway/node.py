@@ -18,6 +18,7 @@ import trio
 from nodeagent.authn import Authenticator
 from nodeagent.balance import Registry
 from nodeagent.config.kinds import WORKLOAD_API
+from nodeagent.gateway.credentials import CredentialSource
 from nodeagent.gateway.server import DEFAULT_LABELS, IngressGateway
 from nodeagent.http import Limits, RequestLog
 from nodeagent.identity.api import IdentityProvider
@@ -78,6 +79,7 @@ class NodeGateway:
         telemetry: Sinks | None = None,
         limits: Limits | None = None,
         authenticator: Authenticator | None = None,
+        credentials: CredentialSource | None = None,
     ) -> None:
         self.node = node
         self.telemetry = telemetry
@@ -120,6 +122,7 @@ class NodeGateway:
             guard=workload_guard(
                 lambda: sync.current, self._workload, authenticator or Authenticator()
             ),
+            credentials=credentials,
         )
 
     def _workload(self, snap: Snapshot) -> Workload | None:

@@ -1,19 +1,21 @@
-"""The ingress gateway: serves the HTTP servers of Gateway resources that select this gateway.
+"""The ingress gateway: serves the servers of Gateway resources that select this gateway.
 
-A Gateway whose `selector` matches the gateway's labels (by default `istio: ingressgateway`)
-contributes its servers; every HTTP server port is listened on (plain TCP, on the node). A request
-is matched to a server of its port by Host (`hosts`: `*`, `*.suffix`, exact; a `ns/` prefix is
-accepted and its namespace not enforced), routed with the VirtualServices bound to that Gateway
-(`gateways: [name]`), and forwarded through the injected connector like any mesh request.
-Listeners follow the snapshot: a port that appears is bound, one that disappears is closed;
-requests read the current snapshot, so route and host changes need no rebind. An injected
-`guard` (authentication and L7 authorization for the gateway's workload) sees every request
-before it is routed.
+Every served port (`servers.py`: HTTP, HTTPS terminated here, TLS passed through) is listened
+on, on the node. A plain port's request is matched to a server by Host; a TLS port's connection
+first picks its server by SNI (`tls_accept.py`), and its requests must then name one of that
+server's hosts (else 404, as Envoy answers). Requests are routed with the VirtualServices bound
+to the server's Gateway (`gateways: [name]`) and forwarded through the injected connector like
+any mesh request. Listeners follow the snapshot: a port that appears is bound, one that
+disappears is closed; connections read the current snapshot, so route, host and certificate
+changes need no rebind. An injected `guard` (authentication and L7 authorization for the
+gateway's workload) sees every request before it is routed.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -21,61 +23,53 @@ from typing import Any
 import trio
 
 from nodeagent.balance import Registry
+from nodeagent.gateway.clienthello import ClientHelloError
+from nodeagent.gateway.credentials import CredentialSource
+from nodeagent.gateway.passthrough import pass_through
+from nodeagent.gateway.servers import (
+    ServerBinding,
+    host_matches,
+    is_tls_port,
+    server_for_host,
+    server_for_sni,
+    servers_by_port,
+)
+from nodeagent.gateway.tls_accept import (
+    HANDSHAKE_TIMEOUT,
+    TlsRefused,
+    peek_client_hello,
+    terminate,
+)
 from nodeagent.http import Connector, HttpProxy, Limits, RequestLog
 from nodeagent.http.guard import Guard
 from nodeagent.log import get_logger
 from nodeagent.routing import HttpRequest, Source
-from nodeagent.snapshot import hosts
 from nodeagent.snapshot.snapshot import Snapshot
 from nodeagent.telemetry.tracing import Tracer
+from nodeagent.tunnel import TlsStream
 
 log = get_logger("gateway")
 
 DEFAULT_LABELS: Mapping[str, str] = MappingProxyType({"istio": "ingressgateway"})
-HTTP_PROTOCOLS = frozenset({"HTTP"})
+
+# The server a TLS connection's SNI chose, for its requests' `source_for` (set in the
+# connection's task, which runs the HTTP proxy's keep-alive loop itself).
+_CONNECTION_SERVER: ContextVar[ServerBinding | None] = ContextVar(
+    "gateway_connection_server", default=None
+)
+
+__all__ = [
+    "DEFAULT_LABELS",
+    "GatewayError",
+    "IngressGateway",
+    "ServerBinding",
+    "host_matches",
+    "servers_by_port",
+]
 
 
 class GatewayError(Exception):
     """A gateway listener could not be set up (names the port and why)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ServerBinding:
-    """One HTTP server of one Gateway on a port."""
-
-    gateway: str  # ns/name
-    namespace: str
-    hosts: tuple[str, ...]
-
-
-def host_matches(pattern: str, host: str) -> bool:
-    """A Gateway server host (`*`, `*.example.com`, `ns/host`) against a request's host."""
-    pattern = hosts.normalize(pattern.rpartition("/")[2])
-    host = hosts.normalize(host)
-    if pattern == "*":
-        return True
-    if hosts.is_wildcard(pattern):
-        return hosts.wildcard_matches(pattern, host)
-    return pattern == host
-
-
-def servers_by_port(
-    snapshot: Snapshot, labels: Mapping[str, str]
-) -> dict[int, tuple[ServerBinding, ...]]:
-    """The HTTP servers of the Gateways selecting `labels`, per port, in a stable order."""
-    out: dict[int, list[ServerBinding]] = {}
-    for ref in sorted(snapshot.indexes.gateways):
-        gw = snapshot.indexes.gateways[ref]
-        if not gw.selector or not hosts.labels_match(gw.selector, labels):
-            continue
-        for server in gw.servers:
-            port: Mapping[str, Any] = server.get("port") or {}
-            if str(port.get("protocol", "")).upper() not in HTTP_PROTOCOLS:
-                continue
-            number = int(port["number"])
-            hs = tuple(str(h) for h in server.get("hosts") or ("*",))
-            out.setdefault(number, []).append(ServerBinding(gw.ref, gw.namespace, hs))
-    return {p: tuple(v) for p, v in out.items()}
 
 
 @dataclass(slots=True)
@@ -86,11 +80,12 @@ class _Listener:
 
 
 class IngressGateway:
-    """Listens for the selected Gateways' HTTP servers and forwards into the mesh.
+    """Listens for the selected Gateways' servers and forwards into the mesh.
 
     `snapshot()` gives the current Snapshot; `wait_change()` returns after the next snapshot
     swap (e.g. `SnapshotSync.wait_swap`). `port_map(gateway_port) -> port to bind` lets tests
-    and sandboxes bind elsewhere (0 = any free port; `listening()` says which).
+    and sandboxes bind elsewhere (0 = any free port; `listening()` says which). `credentials`
+    loads the TLS servers' certificates (default: file paths only, no credentialName source).
     """
 
     def __init__(
@@ -108,8 +103,15 @@ class IngressGateway:
         tracer: Tracer | None = None,
         access_logged: bool = False,
         guard: Guard | None = None,
+        credentials: CredentialSource | None = None,
     ) -> None:
         self._snapshot = snapshot
+        self._connector = connector
+        self._registry = registry
+        self.credentials = credentials if credentials is not None else CredentialSource()
+        self._servers_of: Snapshot | None = None
+        self._servers: dict[int, tuple[ServerBinding, ...]] = {}
+        self._tls_stats = {"tls_accepted": 0, "tls_refused": 0, "passthrough": 0}
         self._wait_change = wait_change
         self._labels = labels
         self._bind_host = bind_host
@@ -137,18 +139,37 @@ class IngressGateway:
         return {
             "listening": self.listening(),
             "bind_errors": dict(self.bind_errors),
+            "credentials": self.credentials.statistics(),
+            **self._tls_stats,
             **self.proxy.statistics(),
         }
 
+    def servers(self) -> dict[int, tuple[ServerBinding, ...]]:
+        """The served servers per port of the current snapshot (computed once per snapshot)."""
+        snap = self._snapshot()
+        if snap is not self._servers_of:
+            self._servers = servers_by_port(snap, self._labels)
+            self._servers_of = snap
+        return self._servers
+
     def source_for(self, request: HttpRequest) -> Source | None:
-        """The Gateway a request reaches: the first server of its port whose hosts match."""
-        servers = servers_by_port(self._snapshot(), self._labels).get(request.port, ())
-        for server in servers:
-            if any(host_matches(h, request.authority_host) for h in server.hosts):
-                return Source(
-                    namespace=server.namespace, labels=self._labels, gateway=server.gateway
-                )
-        return None
+        """The Gateway a request reaches: on a TLS connection, the server its SNI chose if the
+        request's host is one of its hosts; otherwise the first server of the port whose hosts
+        match."""
+        chosen = _CONNECTION_SERVER.get()
+        if chosen is not None:
+            host = request.authority_host
+            server = chosen if any(host_matches(h, host) for h in chosen.hosts) else None
+        else:
+            server = server_for_host(self.servers().get(request.port, ()), request.authority_host)
+        if server is None:
+            return None
+        return Source(
+            namespace=server.namespace,
+            labels=self._labels,
+            gateway=server.gateway,
+            require_tls=server.https_redirect,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind the current Gateways' ports, report started, then follow snapshot changes.
@@ -157,7 +178,7 @@ class IngressGateway:
         retried at the next change.
         """
         # Bind the first set before any task exists, so a failure is a plain GatewayError.
-        initial = await self._bind(set(servers_by_port(self._snapshot(), self._labels)), True)
+        initial = await self._bind(set(self.servers()), True)
         try:
             async with trio.open_nursery() as nursery:
                 for port, listeners in initial:
@@ -171,7 +192,11 @@ class IngressGateway:
                 await self.proxy.aclose()
 
     async def _reconcile(self, nursery: trio.Nursery) -> None:
-        wanted = set(servers_by_port(self._snapshot(), self._labels))
+        current = self.servers()
+        wanted = set(current)
+        self.credentials.forget_unused(
+            {b.tls for bindings in current.values() for b in bindings if b.tls is not None}
+        )
         for port in sorted(set(self._listeners) - wanted):
             listener = self._listeners.pop(port)
             listener.scope.cancel()
@@ -218,7 +243,11 @@ class IngressGateway:
                 peer = stream.socket.getpeername()[0]
             except OSError:
                 peer = None
-            await self.proxy.serve(stream, port=port, client_address=peer)
+            bindings = self.servers().get(port, ())
+            if is_tls_port(bindings):
+                await self._serve_tls(stream, port, bindings, peer)
+            else:
+                await self.proxy.serve(stream, port=port, client_address=peer)
 
         try:
             with entry.scope:
@@ -228,3 +257,86 @@ class IngressGateway:
                 with trio.CancelScope(shield=True):
                     await listener.aclose()
             entry.done.set()
+
+    async def _serve_tls(
+        self,
+        stream: trio.SocketStream,
+        port: int,
+        bindings: tuple[ServerBinding, ...],
+        peer: str | None,
+    ) -> None:
+        """One connection of a TLS port: SNI → server → pass through, or terminate and serve
+        HTTP/1.1 inside."""
+        sni: str | None = None
+        binding: ServerBinding | None = None
+        tls: TlsStream | None = None
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                hello = await peek_client_hello(stream.socket)
+                sni = hello.server_name
+                binding = server_for_sni(bindings, sni)
+                if binding is None:
+                    raise TlsRefused("no_server", f"no server on port {port} for this SNI")
+                if binding.passthrough and sni is None:
+                    raise TlsRefused("no_sni", "PASSTHROUGH routes on SNI; none was sent")
+                if not binding.passthrough:
+                    tls = await terminate(stream, binding, self.credentials)
+        except (TlsRefused, ClientHelloError, trio.TooSlowError) as exc:
+            self._refused(exc, port, peer, sni, binding)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await stream.aclose()
+            return
+        if tls is None:
+            assert sni is not None
+            self._tls_stats["passthrough"] += 1
+            await pass_through(
+                stream,
+                binding=binding,
+                sni=sni,
+                port=port,
+                peer=peer,
+                snapshot=self._snapshot,
+                registry=self._registry,
+                connector=self._connector,
+                labels=dict(self._labels),
+            )
+            return
+        self._tls_stats["tls_accepted"] += 1
+        log.debug(
+            "gateway.tls_accepted",
+            port=port,
+            peer=peer,
+            sni=sni,
+            server=binding.name,
+            version=tls.socket.version(),
+        )
+        token = _CONNECTION_SERVER.set(binding)
+        try:
+            await self.proxy.serve(tls, port=port, client_address=peer)
+        finally:
+            _CONNECTION_SERVER.reset(token)
+
+    def _refused(
+        self,
+        exc: Exception,
+        port: int,
+        peer: str | None,
+        sni: str | None,
+        binding: ServerBinding | None,
+    ) -> None:
+        if isinstance(exc, TlsRefused):
+            reason = exc.reason
+        elif isinstance(exc, trio.TooSlowError):
+            reason = "timeout"
+        else:
+            reason = "not_tls"
+        self._tls_stats["tls_refused"] += 1
+        log.info(
+            "gateway.tls_refused",
+            port=port,
+            peer=peer,
+            sni=sni,
+            server=binding.name if binding else None,
+            reason=reason,
+            error=str(exc) or reason,
+        )

@@ -30,6 +30,7 @@ from nodeagent.http.downstream import RequestBody
 from nodeagent.http.errors import DownstreamError, UpstreamDenied, UpstreamOverflow
 from nodeagent.http.limits import Limits
 from nodeagent.http.log import RequestLog
+from nodeagent.http.origination import UpstreamTlsError
 from nodeagent.http.pool import ConnectionPool, UpstreamConnection
 from nodeagent.routing import RouteDecision
 from nodeagent.routing.grpc import grpc_to_http_status
@@ -49,6 +50,7 @@ class AttemptOutcome:
     response: h11.Response | h11.InformationalResponse | None = None
     stale: bool = False
     detail: str = ""
+    tls_failure: str = ""  # TLS origination's transport failure reason (connect-failure)
     status: int = 0  # a response's status code
     grpc_status: int | None = None  # a gRPC response's status, when its head carries it
     # Seconds of the attempt spent opening a new upstream connection: not the endpoint's
@@ -141,11 +143,15 @@ class Attempts:
                 breaker=cluster.breaker,
                 connect_timeout=min(pool_limits.connect_timeout_s, self.limits.connect_timeout),
                 idle_timeout=pool_limits.http_idle_timeout_s,
+                tls=cluster.policy.tls,
+                host=cluster.cluster.rsplit("|", 1)[-1],  # outbound|port|subset|host
             )
         except UpstreamOverflow as exc:
             return AttemptOutcome("overflow", detail=str(exc))
         except UpstreamDenied as exc:
             return AttemptOutcome("denied", detail=str(exc))
+        except UpstreamTlsError as exc:
+            return AttemptOutcome("connect-failure", detail=str(exc), tls_failure=exc.reason)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             return AttemptOutcome("connect-failure", detail=str(exc))
         timed_out = True
@@ -355,6 +361,10 @@ def _failure(outcome: AttemptOutcome | None, entry: RequestLog, *, timed_out: bo
     if outcome.kind == "connect-failure":
         entry.flags.insert(0, flags.UPSTREAM_CONNECT_FAILURE)
         reason = "connection failure"
+        if outcome.tls_failure:
+            # Envoy's body and %UPSTREAM_TRANSPORT_FAILURE_REASON% for a failed TLS handshake.
+            entry.upstream_transport_failure_reason = outcome.tls_failure
+            reason += f", transport failure reason: {outcome.tls_failure}"
     else:
         entry.flags.insert(0, flags.UPSTREAM_RESET)
         reason = "connection termination"

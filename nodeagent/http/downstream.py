@@ -27,6 +27,7 @@ from nodeagent.http.log import RequestLog, RequestRecorder, entry_for
 from nodeagent.http.pool import UpstreamConnection
 from nodeagent.routing import HeaderOps
 from nodeagent.sockio import FastIO
+from nodeagent.tunnel import TlsStream
 
 T = TypeVar("T")
 REASONS = {
@@ -57,6 +58,9 @@ class Downstream:
         self.framing = RequestFraming(max_head_bytes=limits.max_header_bytes)
         self.idle: trio.CancelScope | None = None
         self.address = ""  # the client's "ip:port", for the access log
+        # "https" when the proxy terminated TLS for this client (the gateway's HTTPS servers):
+        # matches on `scheme` and x-forwarded-proto see it, as Envoy's do.
+        self.scheme = "https" if isinstance(stream, TlsStream) else "http"
         self.tasks: trio.Nursery | None = None  # the connection's nursery (client watches)
         self.head_timer = trio.CancelScope()
         self.head_started = False

@@ -47,6 +47,7 @@ class RequestLog:
     attempts: int = 0
     connection_id: int = 0
     downstream_address: str = ""  # the client's "ip:port", when the proxy knows it
+    upstream_transport_failure_reason: str = ""  # why TLS origination failed (Envoy's name)
     trace_id: str = ""  # set when the proxy has a tracer
     response_code_details: str = ""  # why a local answer (e.g. the RBAC policy that denied)
     policy: str = ""  # the AuthorizationPolicy that denied the request (ns/name)
@@ -104,6 +105,12 @@ def start_span_for(
     return CURRENT_TRACE.set(span.context)
 
 
+def _transport_failure(entry: RequestLog) -> dict[str, str]:
+    """The TLS origination failure reason, only on the lines that have one."""
+    reason = entry.upstream_transport_failure_reason
+    return {"upstream_transport_failure_reason": reason} if reason else {}
+
+
 class RequestRecorder:
     """Finishes every request of one proxy: span, counters, one log line, the hook.
 
@@ -153,6 +160,7 @@ class RequestRecorder:
             bytes_sent=entry.bytes_sent,
             ms=round(entry.duration * 1000, 3),
             request_id=entry.request_id,
+            **_transport_failure(entry),
         )
         if self._on_request is not None:
             try:

@@ -43,7 +43,13 @@ async def mirror(
     except NoHealthyUpstream:
         return False
     try:
-        up = await pool.acquire(endpoint, dest.port, fresh=True)
+        up = await pool.acquire(
+            endpoint,
+            dest.port,
+            fresh=True,
+            tls=cluster.policy.tls,  # a TLS-originated cluster gets its copy over TLS too
+            host=cluster.cluster.rsplit("|", 1)[-1],
+        )
     except (OSError, trio.TooSlowError, trio.BrokenResourceError, UpstreamOverflow):
         return False
     try:

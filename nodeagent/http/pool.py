@@ -13,6 +13,11 @@ queue (http1MaxPendingRequests) for one to be freed, at most the connect timeout
 or the timeout raise `UpstreamOverflow` (503 UO) at once. A connection is closed after
 maxRequestsPerConnection requests, and an idle one older than the idle timeout is not reused.
 
+TLS origination (`acquire(..., tls=…)`, the cluster's `balance.UpstreamTls`): a new
+connection is wrapped by `origination.originate` right after the connector opened it; pooled
+connections are keyed by the settings too, so a plain and a TLS connection to one endpoint are
+never mixed up.
+
 Certificate lifetime: a stream that carries `credentials` (a client tunnel's
 `TunnelCredentials`) is asked before every reuse and at release whether it may carry another
 request; once either end's certificate expired, ours rotated or the peer's was revoked, it is
@@ -30,12 +35,15 @@ from typing import Protocol
 import h11
 import trio
 
+from nodeagent.balance import UpstreamTls
 from nodeagent.balance.pool import CircuitBreaker, ConnectionToken, Overflow
 from nodeagent.http.errors import UpstreamOverflow
+from nodeagent.http.origination import originate
 from nodeagent.snapshot.model import Endpoint
 from nodeagent.sockio import FastIO
 
 Connector = Callable[[Endpoint, int], Awaitable[trio.abc.Stream]]
+PoolKey = tuple[str, int, UpstreamTls | None]  # endpoint address, port, TLS origination
 READ_SIZE = 64 * 1024
 
 
@@ -50,9 +58,7 @@ class Credentials(Protocol):
 class UpstreamConnection:
     """One upstream stream with its h11 client state."""
 
-    def __init__(
-        self, stream: trio.abc.Stream, key: tuple[str, int], *, max_header_bytes: int
-    ) -> None:
+    def __init__(self, stream: trio.abc.Stream, key: PoolKey, *, max_header_bytes: int) -> None:
         self.stream = stream
         self.io = FastIO(stream)
         self.key = key
@@ -126,7 +132,7 @@ class ConnectionPool:
         max_header_bytes: int = 60 * 1024,
     ) -> None:
         self._connector = connector
-        self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
+        self._idle: dict[PoolKey, list[UpstreamConnection]] = {}
         self._max_idle = max_idle_per_endpoint
         self._connect_timeout = connect_timeout
         self._max_header_bytes = max_header_bytes
@@ -137,7 +143,9 @@ class ConnectionPool:
     def idle_count(self, endpoint: Endpoint | None = None) -> int:
         if endpoint is None:
             return sum(len(v) for v in self._idle.values())
-        return len(self._idle.get((endpoint.address, endpoint.port), ()))
+        return sum(
+            len(v) for k, v in self._idle.items() if k[:2] == (endpoint.address, endpoint.port)
+        )
 
     async def acquire(
         self,
@@ -148,11 +156,14 @@ class ConnectionPool:
         breaker: CircuitBreaker | None = None,
         connect_timeout: float | None = None,
         idle_timeout: float | None = None,
+        tls: UpstreamTls | None = None,
+        host: str = "",
     ) -> UpstreamConnection:
         """An idle connection to `endpoint`, else a new one (connect errors propagate:
         OSError, trio.TooSlowError, or the connector's own). With a `breaker`, its connection
-        and pending limits apply (UpstreamOverflow when they refuse)."""
-        key = (endpoint.address, endpoint.port)
+        and pending limits apply (UpstreamOverflow when they refuse). With `tls`, a new
+        connection speaks TLS to the endpoint (`host`: the SNI unless `tls.sni` says)."""
+        key = (endpoint.address, endpoint.port, tls)
         if connect_timeout is None:
             connect_timeout = self._connect_timeout
         if not fresh:
@@ -174,6 +185,9 @@ class ConnectionPool:
         try:
             with trio.fail_after(timeout):
                 stream = await self._connector(endpoint, service_port)
+                if tls is not None:
+                    where = f"{endpoint.address}:{endpoint.port}"
+                    stream = await originate(stream, tls, host=host, where=where)
         except BaseException:
             self.stats.connect_failures += 1
             if token is not None:
@@ -187,7 +201,7 @@ class ConnectionPool:
         return up
 
     async def _take_idle(
-        self, key: tuple[str, int], idle_timeout: float | None
+        self, key: PoolKey, idle_timeout: float | None
     ) -> UpstreamConnection | None:
         idle = self._idle.get(key)
         now = trio.current_time()
@@ -207,7 +221,7 @@ class ConnectionPool:
 
     async def _wait_pending(
         self,
-        key: tuple[str, int],
+        key: PoolKey,
         breaker: CircuitBreaker,
         overflow: Overflow,
         connect_timeout: float,

@@ -225,7 +225,13 @@ class HttpProxy:
         if not entry.request_id:
             entry.request_id = new_request_id()
         request = HttpRequest.from_target(
-            entry.method, authority, target, joined(headers), port=port, host=host
+            entry.method,
+            authority,
+            target,
+            joined(headers),
+            port=port,
+            host=host,
+            scheme=down.scheme,
         )
         token: Token[TraceContext | None] | None = None
         if self._tracer is not None:

@@ -226,6 +226,7 @@ class UnixSocketHttpServer(HttpServer):
                 os.umask(old)
             os.chmod(self.socket_path, 0o600)
             sock.listen(64)
+            ino = os.stat(self.socket_path).st_ino
         except OSError as exc:
             sock.close()
             raise OSError(f"bind {self.name} socket {self.socket_path}: {exc.strerror}") from exc
@@ -234,7 +235,16 @@ class UnixSocketHttpServer(HttpServer):
             task_status.started()
             await self._serve_listeners([listener])
         finally:
-            self.socket_path.unlink(missing_ok=True)
+            self._remove_socket_file(ino)
+
+    def _remove_socket_file(self, ino: int) -> None:
+        """Unlink the socket file only if it is still ours: after a handover the path is the
+        successor's socket, bound while this server was finishing its last request."""
+        try:
+            if os.stat(self.socket_path).st_ino == ino:
+                self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 class TcpHttpServer(HttpServer):

@@ -207,6 +207,25 @@ class IdentityManager:
         bundle or CRL document refused)."""
         await self._progress.wait()
 
+    def material(self) -> dict[str, Any]:
+        """What a data-plane worker process needs to terminate and originate mTLS for this
+        node's identities (nodeagent.workers.identity): the bundle, the revoked serials, and
+        each identity's key and chain that `can_serve` now. Keys stay on the node: they go to
+        the agent's own worker processes only, over a socketpair."""
+        ids = {}
+        for identity, entry in self._identities.items():
+            if entry.key is not None and entry.chain and self._unavailable(identity) is None:
+                ids[identity] = {
+                    "chain": certs.cert_pem(entry.chain).decode(),
+                    "key": certs.key_pem(entry.key).decode(),
+                }
+        return {
+            "trust_domain": self.trust_domain,
+            "bundle": self._bundle_pem,
+            "revoked": sorted(format(s, "x") for s in self._revoked),
+            "identities": ids,
+        }
+
     def statistics(self) -> dict[str, Any]:
         return {
             "trust_domain": self.trust_domain,

@@ -103,6 +103,32 @@ class PodProxy:
         inbound["http_refused"] = http.get("flag_UAEX", 0)
         return {"outbound": d(stats.outbound), "inbound": inbound}
 
+    def pool_statistics(self) -> dict[str, int]:
+        return self.core.pool.statistics()
+
+    def listener_addresses(self) -> list[tuple[str, str]]:
+        """(role, "host:port") of each listener still open."""
+        rows = []
+        for role, listener in (
+            ("outbound", self.core.listeners.outbound),
+            ("inbound-plaintext", self.core.listeners.inbound),
+            ("tunnel", self.core.listeners.tunnel),
+        ):
+            try:
+                host, port = listener.socket.getsockname()[:2]
+            except OSError:  # closed while the pod is being removed
+                continue
+            rows.append((role, f"{host}:{port}"))
+        return rows
+
+    def close_listeners(self) -> None:
+        """No new connections (a drain); the open ones go on."""
+        self.core.listeners.close()
+
+    def policy_changed(self) -> None:
+        """A new snapshot: re-check the open inbound connections (sets an event only)."""
+        self.inbound.policy_changed()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = self.core.listeners
         try:

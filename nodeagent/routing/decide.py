@@ -13,7 +13,12 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from nodeagent.routing.match import EVERYTHING, route_match, tcp_route_matches
+from nodeagent.routing.match import (
+    EVERYTHING,
+    route_match,
+    tcp_route_matches,
+    tls_route_matches,
+)
 from nodeagent.routing.model import (
     Fault,
     HttpRequest,
@@ -24,6 +29,7 @@ from nodeagent.routing.model import (
     Source,
     TcpRequest,
     TcpRouteDecision,
+    TlsRequest,
 )
 from nodeagent.snapshot import hosts
 from nodeagent.snapshot.model import Service, VirtualService
@@ -258,6 +264,10 @@ def route_http(
     """Route one HTTP request. `rand` (uniform [0,1)) drives weights, fault and mirror sampling."""
     if rand is None:
         rand = random.random
+    if source.require_tls:
+        # Envoy's `require_tls: ALL` virtual host: https on the default port, before any route.
+        location = f"https://{request.authority_host}{request.target}"
+        return RouteDecision(kind="redirect", route_name="", redirect=Redirect(301, location))
     host, service = _routing_host(snapshot, source, request)
     virtual_services = snapshot.routes_for(host, source.gateway)
     matched = find_rule(virtual_services, request, source)
@@ -282,6 +292,34 @@ def route_http(
 
 def _single_port(service: Service) -> int | None:
     return service.ports[0].port if len(service.ports) == 1 else None
+
+
+def route_tls(
+    snapshot: Snapshot,
+    source: Source,
+    request: TlsRequest,
+    *,
+    rand: Rand | None = None,
+) -> TcpRouteDecision:
+    """Route one TLS connection that is passed through (not terminated) by the `tls` rules of
+    the VirtualServices for its SNI. No matching rule: no route (Envoy closes the connection),
+    never a default: the SNI names no service by itself."""
+    if rand is None:
+        rand = random.random
+    for vs in snapshot.routes_for(request.sni, source.gateway):
+        for route in vs.tls:
+            if not tls_route_matches(route, request, source):
+                continue
+            destinations = tuple(
+                resolve_destination(
+                    snapshot, d, namespace=vs.namespace, source=source, request_port=request.port
+                )
+                for d in route.destinations
+            )
+            return TcpRouteDecision(
+                route.route_name, destinations=destinations, chosen=_pick(destinations, rand)
+            )
+    return TcpRouteDecision(route_name="")
 
 
 def route_tcp(

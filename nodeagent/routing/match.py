@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 
-from nodeagent.routing.model import HttpRequest, Source, TcpRequest
+from nodeagent.routing.model import HttpRequest, Source, TcpRequest, TlsRequest
 from nodeagent.snapshot import hosts
 from nodeagent.snapshot.routes import HttpMatch, HttpRoute, StringMatch, TcpMatch, TcpRoute
 
@@ -118,6 +118,23 @@ def _subnet_matches(m: TcpMatch, ip: str | None) -> bool:
     except ValueError:
         return False
     return any(addr in net for net in m.destination_subnets)
+
+
+def tls_route_matches(route: TcpRoute, request: TlsRequest, source: Source) -> bool:
+    """Whether any of a `tls` rule's match entries holds: the SNI among its sniHosts (exact or
+    `*.suffix`), the port, the source conditions (Istio's TLSMatchAttributes)."""
+    sni = request.sni.lower().rstrip(".")
+    for m in route.matches:
+        if m.port is not None and m.port != request.port:
+            continue
+        if not any(
+            h == "*" or h == sni or (h.startswith("*.") and sni.endswith(h[1:]))
+            for h in m.sni_hosts
+        ):
+            continue
+        if source_matches(source, m.source_labels, m.source_namespace, m.gateways):
+            return True
+    return False
 
 
 def tcp_route_matches(route: TcpRoute, request: TcpRequest, source: Source) -> bool:

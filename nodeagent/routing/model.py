@@ -35,6 +35,8 @@ class Source:
     namespace: str = ""
     labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     gateway: str = MESH  # "mesh" for pod traffic, "ns/name" for a Gateway's listener
+    # A Gateway HTTP server with `tls.httpsRedirect`: every request is answered 301 to https.
+    require_tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +178,14 @@ class TcpRequest:
     host: str
     port: int
     destination_ip: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsRequest:
+    """A TLS connection routed without terminating it: its SNI and the port it arrived on."""
+
+    sni: str
+    port: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,6 +117,17 @@ def _parser() -> argparse.ArgumentParser:
     named(gw, ("--name", "--sandbox"))
     gw.add_argument("--port", type=int, default=80, help="the Gateway server's port")
 
+    gc = sub.add_parser(
+        "gateway-cert",
+        help="issue a certificate for HOST from the sandbox's edge CA into the gateway's "
+        "credentials (credentialName NAME); prints the CA file for clients",
+    )
+    named(gc, ("--name", "--sandbox"))
+    gc.add_argument("host", metavar="HOST")
+    gc.add_argument(
+        "--credential", metavar="NAME", help="credentialName (default: HOST with - for .)"
+    )
+
     cu = sub.add_parser(
         "console-url", help="the mesh console's URL (with its token) as the outside host opens it"
     )
@@ -269,6 +280,9 @@ def _run(args: argparse.Namespace, cmd: list[str]) -> int:
         return 0
     if args.command == "gateway-url":
         print(sb.gateway_url(args.port))
+        return 0
+    if args.command == "gateway-cert":
+        print(sb.gateway_cert(args.host, args.credential))
         return 0
     if args.command == "console-url":
         print(sb.console_url())

@@ -27,6 +27,7 @@ from typing import Any
 
 from nodeagent.admin.client import is_ready
 from nodeagent.sandbox import cni, container, containerd, layout
+from nodeagent.sandbox.certs import FileCa
 from nodeagent.sandbox.errors import CniError, SandboxError
 from nodeagent.sandbox.state import NodeState, PodState, State, load, locked, save
 from nodeagent.sandbox.system import (
@@ -200,12 +201,14 @@ class Sandbox:
         gateway: str | None = None,
         agent_image: str | None = None,
         image_store: Path | None = None,
+        workers: int | None = None,
     ) -> Sandbox:
         """Create and start a sandbox. On failure it is torn down again (unless told not to).
         With agents, the CA's signer runs too (before the agents), issuing certificates of
         lifetime `ca_ttl`. `gateway="n1"` makes n1's agent serve the ingress gateway too.
         `agent_image` runs each agent as a container of that image (sandbox/container.py),
-        from `image_store` (default: scripts/image's)."""
+        from `image_store` (default: scripts/image's). `workers` is every agent's
+        `--workers` (default `SANDBOX_WORKERS`: one process)."""
         sb = cls(name, progress=progress)
         layout.check_node_count(nodes)
         if gateway is not None and gateway not in {f"n{i}" for i in range(1, nodes + 1)}:
@@ -229,6 +232,7 @@ class Sandbox:
                 gateway=gateway,
                 agent_image=agent_image,
                 image_store=None if store_dir is None else str(store_dir),
+                workers=workers,
             )
         except BaseException:
             if cleanup_on_failure:
@@ -295,6 +299,22 @@ class Sandbox:
         if st.gateway is None:
             raise SandboxError(f"sandbox {st.name!r} has no gateway (up --gateway NODE)")
         return f"http://{self._node_state(st, st.gateway).underlay_ip}:{port}"
+
+    @property
+    def gateway_credentials_dir(self) -> Path:
+        """The gateway agent's `--gateway-credentials` directory: put a TLS Secret's files in
+        `<dir>/<credentialName>/` (tls.crt, tls.key, ca.crt); the gateway re-reads them."""
+        d = self.state_dir / "gateway-credentials"
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return d
+
+    def gateway_cert(self, host: str, credential: str | None = None) -> Path:
+        """Issue a certificate for `host` into the gateway's credentials as `credential`
+        (default: the host with dashes); the edge CA's certificate file, for clients."""
+        ca = FileCa(self.state_dir / "edge-ca")
+        name = credential or host.replace(".", "-")
+        ca.issue(self.gateway_credentials_dir / name, host)
+        return ca.cert_file
 
     def console_url(self) -> str:
         """The console's URL as the outside host (or any sandbox namespace) opens it, with the
@@ -1041,6 +1061,7 @@ class Sandbox:
         gateway: str | None = None,
         agent_image: str | None = None,
         image_store: str | None = None,
+        workers: int | None = None,
     ) -> None:
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(mode=0o700)
@@ -1078,6 +1099,8 @@ class Sandbox:
                 self._wait_ca(st)
                 self._start_console(st)
                 for ns in st.nodes.values():
+                    if workers is not None:
+                        ns.agent_args = ["--workers", str(workers)]
                     self._spawn_agent(st, ns)
                 controller_log = self._spawn_controller(st)
                 save(st)
@@ -1199,8 +1222,8 @@ class Sandbox:
             "--advertise-address", ns.underlay_ip,
         ]  # fmt: skip
         if st.gateway == ns.name:
-            argv.append("--gateway")
-        argv += [*ns.agent_args, *extra]
+            argv += ["--gateway", "--gateway-credentials", str(self.gateway_credentials_dir)]
+        argv += [*_with_workers(ns.agent_args), *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._say(f"starting agent of {ns.name} (log {paths.agent_log})")
         proc, ref = spawn(argv, log=paths.agent_log, env=env)
@@ -1214,9 +1237,11 @@ class Sandbox:
         assert st.image_store is not None
         paths = layout.NodePaths(Path(ns.run_dir))
         store = Path(st.image_store)
-        args = ["--node", ns.name, "--store", st.store_url]
+        args = ["--node", ns.name, "--store", st.store_url, *_workers_args(ns.agent_args)]
+        mounts = [st.state_dir] if st.store == "sqlite" else []
         if st.gateway == ns.name:
-            args.append("--gateway")
+            args += ["--gateway", "--gateway-credentials", str(self.gateway_credentials_dir)]
+            mounts.append(str(self.gateway_credentials_dir))
         argv = container.agent_run_argv(
             store,
             st.agent_image,
@@ -1225,7 +1250,7 @@ class Sandbox:
             node_netns=ns.netns,
             run_dir=ns.run_dir,
             # The sqlite store's directory, as the embedded overlay mounts /var/lib/nodeagent.
-            extra_mounts=[st.state_dir] if st.store == "sqlite" else [],
+            extra_mounts=mounts,
             agent_args=args,
         )
         self._say(f"starting agent of {ns.name} in {st.agent_image} (log {paths.agent_log})")
@@ -1342,3 +1367,20 @@ def sandbox(
         yield sb
     finally:
         sb.down()
+
+
+# Agents in the sandbox serve in one process unless a test asks for more (`start_agent(node,
+# args=["--workers", "2"])`): several agents, the load and the servers share a few cores here.
+SANDBOX_WORKERS = 1
+
+
+def _workers_args(args: Sequence[str]) -> list[str]:
+    """The `--workers` pair of `args`, or the sandbox's default."""
+    if "--workers" in args[:-1]:
+        i = list(args).index("--workers")
+        return ["--workers", args[i + 1]]
+    return ["--workers", str(SANDBOX_WORKERS)]
+
+
+def _with_workers(args: Sequence[str]) -> list[str]:
+    return list(args) if "--workers" in args else [*_workers_args(args), *args]

@@ -387,7 +387,7 @@ def _virtual_service(d: _Doc, ref: KeyRef, ctx: Context) -> VirtualService:
         )
     )
     try:
-        http, tcp = compile_routes(
+        http, tcp, tls = compile_routes(
             d.mapping("spec"),
             namespace=ref.namespace,
             name=ref.name,
@@ -402,6 +402,7 @@ def _virtual_service(d: _Doc, ref: KeyRef, ctx: Context) -> VirtualService:
         gateways=gateways or (hosts.MESH_GATEWAY,),
         http=http,
         tcp=tcp,
+        tls=tls,
     )
 
 

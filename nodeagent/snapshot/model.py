@@ -207,6 +207,7 @@ class VirtualService:
     gateways: tuple[str, ...]  # "mesh" or "namespace/name"; none given means ("mesh",)
     http: tuple[HttpRoute, ...] = ()
     tcp: tuple[TcpRoute, ...] = ()
+    tls: tuple[TcpRoute, ...] = ()  # `tls` routes: L4 routes whose matches carry sniHosts
 
     @property
     def ref(self) -> str:

@@ -242,6 +242,7 @@ class TcpMatch:
     source_labels: Mapping[str, str] | None = None
     source_namespace: str | None = None
     gateways: frozenset[str] | None = None
+    sni_hosts: tuple[str, ...] = ()  # a `tls` route's match (TLSMatchAttributes); lower case
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,8 +62,9 @@ class _Scope:
 
 def compile_routes(
     spec: Mapping[str, Any], *, namespace: str, name: str, cluster_domain: str
-) -> tuple[tuple[HttpRoute, ...], tuple[TcpRoute, ...]]:
-    """The `http` and `tcp` routes of one VirtualService spec; RouteError on the first bad field."""
+) -> tuple[tuple[HttpRoute, ...], tuple[TcpRoute, ...], tuple[TcpRoute, ...]]:
+    """The `http`, `tcp` and `tls` routes of one VirtualService spec; RouteError on the first
+    bad field. A `tls` route is a `TcpRoute` whose matches carry `sni_hosts`."""
     scope = _Scope(namespace, name, cluster_domain)
     http = tuple(
         _http_route(scope, f"spec.http[{i}]", _map(f"spec.http[{i}]", r), i)
@@ -73,7 +74,11 @@ def compile_routes(
         _tcp_route(scope, f"spec.tcp[{i}]", _map(f"spec.tcp[{i}]", r), i)
         for i, r in enumerate(_seq("spec.tcp", spec.get("tcp")))
     )
-    return http, tcp
+    tls = tuple(
+        _tcp_route(scope, f"spec.tls[{i}]", _map(f"spec.tls[{i}]", r), i, tls=True)
+        for i, r in enumerate(_seq("spec.tls", spec.get("tls")))
+    )
+    return http, tcp, tls
 
 
 # -- typed reads ------------------------------------------------------------------------------
@@ -221,7 +226,7 @@ def _http_match(scope: _Scope, path: str, doc: Mapping[str, Any]) -> HttpMatch:
     )
 
 
-def _tcp_match(scope: _Scope, path: str, doc: Mapping[str, Any]) -> TcpMatch:
+def _tcp_match(scope: _Scope, path: str, doc: Mapping[str, Any], *, tls: bool) -> TcpMatch:
     subnets = []
     for i, s in enumerate(_seq(f"{path}.destinationSubnets", doc.get("destinationSubnets"))):
         text = _text(f"{path}.destinationSubnets[{i}]", s)
@@ -236,6 +241,10 @@ def _tcp_match(scope: _Scope, path: str, doc: Mapping[str, Any]) -> TcpMatch:
         source_labels=_labels(f"{path}.sourceLabels", doc.get("sourceLabels")),
         source_namespace=_opt_text(f"{path}.sourceNamespace", doc.get("sourceNamespace")),
         gateways=_gateways(scope, f"{path}.gateways", doc.get("gateways")),
+        sni_hosts=tuple(
+            _text(f"{path}.sniHosts[{i}]", h).lower().rstrip(".")
+            for i, h in enumerate(_seq(f"{path}.sniHosts", doc.get("sniHosts")) if tls else ())
+        ),
     )
 
 
@@ -447,9 +456,11 @@ def _http_route(scope: _Scope, path: str, doc: Mapping[str, Any], index: int) ->
     )
 
 
-def _tcp_route(scope: _Scope, path: str, doc: Mapping[str, Any], index: int) -> TcpRoute:
+def _tcp_route(
+    scope: _Scope, path: str, doc: Mapping[str, Any], index: int, *, tls: bool = False
+) -> TcpRoute:
     matches = tuple(
-        _tcp_match(scope, f"{path}.match[{i}]", _map(f"{path}.match[{i}]", m))
+        _tcp_match(scope, f"{path}.match[{i}]", _map(f"{path}.match[{i}]", m), tls=tls)
         for i, m in enumerate(_seq(f"{path}.match", doc.get("match")))
     )
     name = _opt_text(f"{path}.name", doc.get("name"))

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -42,6 +42,16 @@ from nodeagent.store.base import CompactedError, Event, KeyValue, Store, StoreEr
 log = get_logger("snapshot.sync")
 
 Listener = Callable[[Snapshot], None]
+
+
+class DocumentObserver(Protocol):
+    def reset(self, kvs: Sequence[KeyValue], revision: int, keep: Collection[str]) -> None:
+        """The documents are now exactly `kvs` plus the held ones whose keys are in `keep`."""
+
+    def apply(self, events: Sequence[Event], revision: int) -> None:
+        """`events` were applied (in order) at `revision`."""
+
+
 _NOTHING: Any = object()  # no further batch within the coalescing window
 
 
@@ -81,6 +91,7 @@ class SnapshotSync:
         self._swapped = trio.Event()
         self._progress = trio.Event()
         self._listeners: list[Listener] = []
+        self._observers: list[DocumentObserver] = []
         self._cache_dirty = trio.Event()
         self._grace = LeaseGrace(lease_grace)
         self._grace_changed = trio.Event()
@@ -122,6 +133,12 @@ class SnapshotSync:
     def _bump(self) -> None:
         progress, self._progress = self._progress, trio.Event()
         progress.set()
+
+    def add_document_observer(self, observer: DocumentObserver) -> None:
+        """`observer` sees every change made to the builder's documents, as made (after the
+        lease grace): what `nodeagent run --workers N` streams to its worker processes. Add it
+        before `run`, so it sees the first listing or cache load too."""
+        self._observers.append(observer)
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -198,6 +215,8 @@ class SnapshotSync:
         kvs, keep = self._grace.relist(listed, self._builder.documents(), trio.current_time())
         self._grace_changed.set()
         snap = self._builder.reset(kvs, revision, keep=keep)
+        for observer in self._observers:
+            observer.reset(kvs, revision, keep)
         self._stats["relists"] += 1
         self._stats["serving_from_cache"] = False
         self._swap(snap)
@@ -275,6 +294,8 @@ class SnapshotSync:
         # The batches' own revision: a held deletion is never asked for again.
         revision = max((e.kv.mod_revision for e in events), default=0)
         snap = self._builder.apply(kept, revision=revision)
+        for observer in self._observers:
+            observer.apply(kept, revision)
         self._swap(snap)
         if self._journal is not None:
             self._journal.record([e for e in kept if _cached(e.kv.key)], snap.revision)
@@ -301,7 +322,10 @@ class SnapshotSync:
                 continue
             revision = self._builder.revision
             deletions = [Event("delete", KeyValue(k, b"", 0, revision, 0)) for k in keys_]
-            self._swap(self._builder.apply(deletions))
+            snap = self._builder.apply(deletions)
+            for observer in self._observers:
+                observer.apply(deletions, 0)
+            self._swap(snap)
             if self._journal is not None:
                 self._journal.record(deletions, self._builder.revision)
                 self._cache_dirty.set()
@@ -336,6 +360,8 @@ class SnapshotSync:
             # A torn append (a crash mid-write): the documents as of the last complete batch.
             log.warning("snapshot.cache_tail_dropped", path=path, at=found.end, why=found.dropped)
         self._builder.reset(found.kvs, found.revision)
+        for observer in self._observers:
+            observer.reset(found.kvs, found.revision, ())
         self._grace.load_nodes(found.kvs)
         log.info(
             "snapshot.cache_loaded",

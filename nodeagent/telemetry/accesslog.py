@@ -59,6 +59,7 @@ class AccessRecord:
     bytes_received: int = 0
     bytes_sent: int = 0
     upstream_host: str = "-"
+    upstream_transport_failure_reason: str = "-"  # a failed TLS origination's reason
     downstream_address: str = "-"
     source_principal: str = "-"
     destination_principal: str = "-"

@@ -53,6 +53,7 @@ class RequestRecord(Protocol):
     trace_id: str
     response_code_details: str
     request_principal: str
+    upstream_transport_failure_reason: str
     protocol: str  # the metrics' request_protocol: "http" or "grpc"
     grpc_status: int | None  # a gRPC request's status (trailers or trailers-only head)
 
@@ -287,6 +288,7 @@ def record_request(
             bytes_received=entry.bytes_received,
             bytes_sent=entry.bytes_sent,
             upstream_host=entry.upstream or "-",
+            upstream_transport_failure_reason=entry.upstream_transport_failure_reason or "-",
             downstream_address=entry.downstream_address or "-",
             source_principal=values[_SOURCE_PRINCIPAL],
             destination_principal=values[_DESTINATION_PRINCIPAL],

@@ -157,11 +157,17 @@ class Histogram(_Family):
         self.buckets = tuple(float(b) for b in buckets if not math.isinf(b))
         self.series: dict[Labels, _Series] = {}
 
-    def observe(self, labels: Labels, value: float) -> None:
+    def series_for(self, labels: Labels) -> _Series:
         series = self.series.get(labels)
         if series is None:
             self._check(labels)
             series = self.series[labels] = _Series(len(self.buckets))
+        return series
+
+    def observe(self, labels: Labels, value: float) -> None:
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series_for(labels)
         # Non-cumulative counts here; render() accumulates, so observe stays O(buckets) at worst.
         for i, bound in enumerate(self.buckets):
             if value <= bound:
@@ -191,11 +197,35 @@ _M = TypeVar("_M", bound=Metric)
 
 
 class MetricsRegistry:
-    """Named metrics plus scrape-time collectors; `render()` is the /stats/prometheus body."""
+    """Named metrics plus scrape-time collectors; `render()` is the /stats/prometheus body.
+
+    `add_peers` adds other processes' registries (their `state()`, nodeagent.telemetry.merge):
+    each registered family is rendered as the sum of this registry's values and theirs."""
 
     def __init__(self) -> None:
         self._metrics: dict[str, Metric] = {}
         self._collectors: list[Collector] = []
+        self._peers: Callable[[], Iterable[list[dict[str, object]]]] | None = None
+
+    def add_peers(self, peers: Callable[[], Iterable[list[dict[str, object]]]]) -> None:
+        """`peers()` is called at every render: the other registries' states to add."""
+        self._peers = peers
+
+    def state(self) -> list[dict[str, object]]:
+        """Every registered family as data (nodeagent.telemetry.merge.FamilyState)."""
+        from nodeagent.telemetry.merge import family_state
+
+        return [s for m in self._metrics.values() if (s := family_state(m)) is not None]
+
+    def _merged(self) -> dict[str, Metric]:
+        if self._peers is None:
+            return self._metrics
+        from nodeagent.telemetry.merge import merge_states, metric_of
+
+        merged = merge_states([self.state(), *self._peers()])
+        out = dict(self._metrics)
+        out.update({name: metric_of(fam) for name, fam in merged.families.items()})
+        return out
 
     def register(self, metric: _M) -> _M:
         if metric.name in self._metrics:
@@ -219,9 +249,10 @@ class MetricsRegistry:
 
     def render(self) -> str:
         out: list[str] = []
-        seen = set(self._metrics)
-        for name in sorted(self._metrics):
-            self._metrics[name].render(out)
+        metrics = self._merged()
+        seen = set(metrics)
+        for name in sorted(metrics):
+            metrics[name].render(out)
         for collector in self._collectors:
             for metric in collector():
                 if metric.name in seen:  # a family may appear once per exposition

@@ -46,9 +46,14 @@ class TlsStream(trio.abc.HalfCloseableStream):
         *,
         server_side: bool,
         session: ssl.SSLSession | None = None,
+        server_hostname: str | None = None,
     ) -> TlsStream:
         sock = context.wrap_socket(
-            raw, server_side=server_side, do_handshake_on_connect=False, session=session
+            raw,
+            server_side=server_side,
+            do_handshake_on_connect=False,
+            session=session,
+            server_hostname=server_hostname,
         )
         return cls(sock)
 

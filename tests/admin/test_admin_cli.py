@@ -262,3 +262,27 @@ async def test_missing_and_refused_socket_are_one_clear_line(
     assert code == 1
     assert "refused the connection" in err
     assert "Traceback" not in err
+
+
+def test_workers_table_lists_each_process_or_says_in_process() -> None:
+    assert cli.workers_table({"workers": 1, "processes": []}) == (
+        "workers: 1 (the pods are served in the agent's own process)\n"
+    )
+    text = cli.workers_table(
+        {
+            "workers": 2,
+            "processes": [
+                {"slot": 0, "pid": 41, "up": True, "incarnation": 2, "restarts": 1, "pods": 3,
+                 "connections": 250, "snapshot_revision": 17},
+                {"slot": 1, "pid": 42, "up": False, "incarnation": 1, "restarts": 0, "pods": 0,
+                 "connections": 0, "snapshot_revision": 0},
+            ],
+        }
+    )  # fmt: skip
+    lines = text.splitlines()
+    assert lines[0] == "workers: 2"
+    assert lines[1].split() == [
+        "SLOT", "PID", "UP", "INCARNATION", "RESTARTS", "PODS", "CONNECTIONS", "REVISION"
+    ]  # fmt: skip
+    assert lines[2].split() == ["0", "41", "yes", "2", "1", "3", "250", "17"]
+    assert lines[3].split() == ["1", "42", "no", "1", "0", "0", "0", "0"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers_balance import rule
 
-from nodeagent.balance import PolicyError, resolve
+from nodeagent.balance import PolicyError, UpstreamTls, resolve
 from nodeagent.balance.policy import DEFAULT_POLICY, UNLIMITED
 
 
@@ -211,3 +211,35 @@ def test_bad_values_name_their_path(policy: dict[str, object], path: str) -> Non
         resolve(rule(policy), None, 80)
     assert e.value.path == path
     assert str(e.value).startswith(path + ":")
+
+
+def test_tls_origination_compiles_with_port_level_precedence() -> None:
+    doc = {
+        "tls": {"mode": "SIMPLE", "caCertificates": "/ca.pem", "sni": "api.example.com"},
+        "portLevelSettings": [
+            {
+                "port": {"number": 8443},
+                "tls": {
+                    "mode": "MUTUAL",
+                    "clientCertificate": "/c.pem",
+                    "privateKey": "/k.pem",
+                    "subjectAltNames": ["api.example.com"],
+                },
+            },
+            {"port": {"number": 9000}, "tls": {"mode": "ISTIO_MUTUAL"}},
+        ],
+    }
+    assert resolve(rule(doc), None, 80).tls == UpstreamTls(
+        "SIMPLE", ca_certificates="/ca.pem", sni="api.example.com"
+    )
+    # A port-level policy replaces the top-level tls (no inheritance of caCertificates/sni).
+    assert resolve(rule(doc), None, 8443).tls == UpstreamTls(
+        "MUTUAL",
+        subject_alt_names=("api.example.com",),
+        client_certificate="/c.pem",
+        private_key="/k.pem",
+    )
+    assert resolve(rule(doc), None, 9000).tls is None  # the mesh's own mTLS
+    assert resolve(None, None, 80).tls is None
+    with pytest.raises(PolicyError, match=r"trafficPolicy\.tls: MUTUAL needs"):
+        resolve(rule({"tls": {"mode": "MUTUAL"}}), None, 80)

@@ -74,8 +74,8 @@ def test_unsupported_fields_are_rejected_by_path() -> None:
     assert errors == [
         "t.yaml:1: VirtualService default/reviews: spec.http[0].corsPolicy is not supported"
     ]
-    errors = _errors(vs(tls=[{"match": []}]))
-    assert any("spec.tls is not supported" in e for e in errors)
+    errors = _errors(vs(tls=[{"match": [{"sniHosts": ["a"], "sourceSubnet": "10.0.0.0/8"}]}]))
+    assert any("spec.tls[0].match[0].sourceSubnet is not supported" in e for e in errors)
 
 
 def test_unknown_fields_are_rejected_not_ignored() -> None:
@@ -261,7 +261,16 @@ def test_destination_rule_traffic_policy() -> None:
         ),
         ({"loadBalancer": {"consistentHash": {"maglev": {"tableSize": 1000}}}}, "prime"),
         ({"loadBalancer": {"localityLbSetting": {}}}, "localityLbSetting is not supported"),
-        ({"tls": {"mode": "MUTUAL"}}, '"MUTUAL" is not supported'),
+        ({"tls": {"mode": "MUTUAL"}}, "MUTUAL TLS requires clientCertificate and privateKey"),
+        (
+            {"tls": {"mode": "SIMPLE", "clientCertificate": "/c.pem"}},
+            "tls.clientCertificate is only meaningful with mode MUTUAL",
+        ),
+        (
+            {"tls": {"mode": "SIMPLE", "insecureSkipVerify": True, "caCertificates": "/ca.pem"}},
+            "tls.insecureSkipVerify: insecureSkipVerify skips verification",
+        ),
+        ({"tls": {"mode": "SIMPLE", "credentialName": "x"}}, "credentialName is not supported"),
         ({"outlierDetection": {"maxEjectionPercent": 150}}, "between 0 and 100"),
         (
             {"portLevelSettings": [{"port": {"number": 80}}, {"port": {"number": 80}}]},
@@ -312,6 +321,93 @@ def test_gateway() -> None:
     assert "must have TLS settings" in _errors(gw)[0]
     gw["spec"]["servers"][1]["bind"] = "0.0.0.0"
     assert any("spec.servers[1].bind is not supported" in e for e in _errors(gw))
+
+
+def _gateway(*servers: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.istio.io/v1beta1",
+        "kind": "Gateway",
+        "metadata": {"name": "gw"},
+        "spec": {"selector": {"istio": "ingressgateway"}, "servers": list(servers)},
+    }
+
+
+def _server(protocol: str, **tls: Any) -> dict[str, Any]:
+    return {
+        "port": {"number": 443, "name": "p", "protocol": protocol},
+        "hosts": ["a.example.com"],
+        **({"tls": tls} if tls else {}),
+    }
+
+
+def test_tls_routes_need_sni_hosts_within_the_virtual_service_hosts() -> None:
+    dest = [{"destination": {"host": "db", "port": {"number": 443}}}]
+    spec = {"hosts": ["*.example.com"], "gateways": ["gw"]}
+    _ok(vs(**spec, tls=[{"match": [{"sniHosts": ["db.example.com"]}], "route": dest}]))
+    errors = _errors(vs(**spec, tls=[{"match": [{"sniHosts": ["db.other.org"]}], "route": dest}]))
+    assert any(
+        "spec.tls[0].match[0].sniHosts[0]: sniHost db.other.org is not a compatible subset" in e
+        for e in errors
+    ), errors
+    errors = _errors(vs(**spec, tls=[{"match": [{"port": 443}], "route": dest}]))
+    assert any("spec.tls[0].match[0].sniHosts" in e for e in errors), errors
+    errors = _errors(vs(**spec, tls=[{"route": dest}]))
+    assert any("spec.tls[0].match" in e for e in errors), errors
+
+
+def test_gateway_tls_settings_that_are_served() -> None:
+    _ok(
+        _gateway(
+            _server(
+                "HTTPS",
+                mode="MUTUAL",
+                credentialName="a",
+                subjectAltNames=["client.example.com"],
+                minProtocolVersion="TLSV1_2",
+                maxProtocolVersion="TLSV1_3",
+                cipherSuites=["ECDHE-ECDSA-AES256-GCM-SHA384", "TLS_RSA_WITH_AES_128_GCM_SHA256"],
+            )
+        )
+    )
+    _ok(_gateway(_server("TLS", mode="PASSTHROUGH")))
+
+
+@pytest.mark.parametrize(
+    ("server", "problem"),
+    [
+        (_server("HTTPS", mode="MUTUAL", serverCertificate="/c", privateKey="/k"),
+         "spec.servers[0].tls: MUTUAL TLS requires caCertificates"),
+        (_server("HTTPS", mode="SIMPLE"),
+         "spec.servers[0].tls: SIMPLE TLS requires credentialName"),
+        (_server("HTTPS", mode="ISTIO_MUTUAL"),
+         'spec.servers[0].tls.mode: value "ISTIO_MUTUAL" is not supported'),
+        (_server("TLS", mode="PASSTHROUGH", credentialName="a"),
+         "spec.servers[0].tls.credentialName: PASSTHROUGH does not use certificates"),
+        (_server("HTTPS", mode="PASSTHROUGH"),
+         "spec.servers[0].tls.mode: PASSTHROUGH is served on"),
+        (_server("TLS", mode="SIMPLE", credentialName="a"),
+         "spec.servers[0].tls.mode: SIMPLE on a TLS server"),
+        (_server("HTTPS", mode="SIMPLE", credentialName="a", cipherSuites=["RC4-MD5"]),
+         "spec.servers[0].tls.cipherSuites[0]: cipher suite 'RC4-MD5' is not supported"),
+        (_server("HTTPS", mode="SIMPLE", credentialName="a",
+                 cipherSuites=["AES128-SHA", "TLS_RSA_WITH_AES_128_CBC_SHA"]),
+         "spec.servers[0].tls.cipherSuites[1]: Duplicate value"),
+        (_server("HTTPS", mode="SIMPLE", credentialName="a", minProtocolVersion="TLSV1_3",
+                 maxProtocolVersion="TLSV1_2"),
+         "spec.servers[0].tls.maxProtocolVersion: maxProtocolVersion TLSV1_2 is lower"),
+        (_server("HTTPS", mode="SIMPLE", credentialName="a", subjectAltNames=["x"]),
+         "spec.servers[0].tls.subjectAltNames: only MUTUAL"),
+        (_server("HTTPS", mode="SIMPLE", credentialName="a", minProtocolVersion="TLSV1_1"),
+         'spec.servers[0].tls.minProtocolVersion: value "TLSV1_1" is not supported'),
+        (_server("GRPC"), 'spec.servers[0].port.protocol: value "GRPC" is not supported'),
+        (_server("TCP"), 'spec.servers[0].port.protocol: value "TCP" is not supported'),
+        (_server("HTTPS", mode="SIMPLE", credentialName="a", httpsRedirect=True),
+         "spec.servers[0].tls.httpsRedirect: httpsRedirect applies to HTTP servers only"),
+    ],
+)  # fmt: skip
+def test_gateway_tls_settings_rejected_by_field_path(server: dict[str, Any], problem: str) -> None:
+    errors = _errors(_gateway(server))
+    assert any(problem in e for e in errors), errors
 
 
 def test_authorization_policy() -> None:

@@ -163,7 +163,7 @@ def service(name: str, *, port: int = 80, target: int = 8080) -> dict[str, Any]:
 
 
 def workload(ip: str, labels: dict[str, str]) -> dict[str, Any]:
-    uid = f"uid-{next(_uids)}"
+    uid = f"uid-{next(_uids):08d}"  # zero-padded: endpoint order follows creation order
     return {
         "apiVersion": "mesh.nodeagent.io/v1alpha1",
         "kind": "Workload",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import stat
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,23 @@ async def test_serves_routes_over_unix_socket(tmp_path: Path) -> None:
         assert code == 400
         nursery.cancel_scope.cancel()
     assert not sock.exists()
+
+
+async def test_a_successors_socket_at_the_path_is_left_alone_on_the_way_out(
+    tmp_path: Path,
+) -> None:
+    sock = tmp_path / "admin.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(UnixSocketHttpServer(sock, _routes()).run)
+        # A successor binds the path while this server is still finishing (a handover).
+        sock.unlink()
+        successor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        successor.bind(str(sock))
+        nursery.cancel_scope.cancel()
+    try:
+        assert sock.is_socket()  # not unlinked: it is not ours any more
+    finally:
+        successor.close()
 
 
 async def test_malformed_request_gets_400_and_server_survives(tmp_path: Path) -> None:

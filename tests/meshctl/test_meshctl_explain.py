@@ -184,6 +184,41 @@ def test_canary_through_the_gateway_shows_both_weighted_subsets(
     assert miss["summary"].startswith("no route (404 NR)")
 
 
+HTTPS_GATEWAY = """
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: http-gateway, namespace: default}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: [my-app.example.com]
+    tls: {httpsRedirect: true}
+  - port: {number: 443, name: https-a, protocol: HTTPS}
+    hosts: [my-app.example.com]
+    tls: {mode: SIMPLE, credentialName: my-app}
+  - port: {number: 443, name: https-b, protocol: HTTPS}
+    hosts: [other.example.com]
+    tls: {mode: SIMPLE, credentialName: other}
+"""
+
+
+def test_https_through_the_gateway_by_sni_redirect_and_the_other_server(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _apply(store, capsys, corpus_path("seed", "01-canary.yaml"), text=MY_APP)
+    _apply(store, capsys, text=HTTPS_GATEWAY)
+    url = "https://my-app.example.com/my-app/x"
+    report = _explain(capsys, "--from", "gateway", "--to", url)
+    assert report["resolved"]["tls"] == "SIMPLE"
+    assert report["outcome"] == "route"
+    redirect = _explain(capsys, "--from", "gateway", "--to", "http://my-app.example.com/a")
+    assert redirect["outcome"] == "redirect", redirect
+    other = _explain(capsys, "--from", "gateway", "--to", url, "-H", "Host: other.example.com")
+    assert other["outcome"] == "no_route"
+    assert other["summary"].startswith("no route (404 NR): no HTTPS Gateway server")
+
+
 def test_canary_table_output_has_the_key_lines(
     store: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 from routing_helpers import bookinfo_base, build, corpus, service, workload
 
-from nodeagent.routing import HttpRequest, Source, TcpRequest, route_http, route_tcp
+from nodeagent.routing import (
+    HttpRequest,
+    Source,
+    TcpRequest,
+    TlsRequest,
+    route_http,
+    route_tcp,
+    route_tls,
+)
 from nodeagent.snapshot import Snapshot
 
 GW = Source(gateway="default/http-gateway")
@@ -484,3 +492,46 @@ def test_tcp_weights_and_matches() -> None:
     assert plain.route_name == "default"
     assert plain.chosen.port == 80
     assert route_tcp(snap, MESH, TcpRequest("x.example", 80)).chosen is None
+
+
+def test_a_server_requiring_tls_redirects_every_request_to_https() -> None:
+    snap = my_app(vs("my-app", [route_to("a")]), dr("my-app", a={"version": "v1.0.0"}))
+    gateway = Source(namespace="default", gateway="default/g", require_tls=True)
+    request = HttpRequest.from_target("GET", "shop.example.com:8080", "/cart?id=3")
+    d = route_http(snap, gateway, request)
+    assert d.kind == "redirect"
+    assert (d.redirect.status, d.redirect.location) == (301, "https://shop.example.com/cart?id=3")
+
+
+def test_tls_routes_pick_by_sni_and_gateway() -> None:
+    tls_vs = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "passthrough"},
+        "spec": {
+            "hosts": ["*.example.com"],
+            "gateways": ["g"],
+            "tls": [
+                {
+                    "match": [{"sniHosts": ["db.example.com"], "port": 443}],
+                    "route": [{"destination": {"host": "ratings", "port": {"number": 9080}}}],
+                },
+                {
+                    "match": [{"sniHosts": ["*.example.com"]}],
+                    "route": [{"destination": {"host": "my-app"}}],
+                },
+            ],
+        },
+    }
+    snap = my_app(tls_vs)
+    gateway = Source(namespace="default", gateway="default/g")
+    d = route_tls(snap, gateway, TlsRequest("DB.example.com", 443))
+    assert d.route_name == "default/passthrough.0"
+    assert d.chosen is not None
+    assert d.chosen.service is not None
+    assert (d.chosen.service.name, d.chosen.port) == ("ratings", 9080)
+    d = route_tls(snap, gateway, TlsRequest("db.example.com", 8443))  # port 443 only
+    assert d.chosen is not None
+    assert d.route_name == "default/passthrough.1"
+    assert route_tls(snap, gateway, TlsRequest("db.other.org", 443)).chosen is None
+    assert route_tls(snap, MESH, TlsRequest("db.example.com", 443)).chosen is None

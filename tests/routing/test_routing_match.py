@@ -20,7 +20,7 @@ from nodeagent.snapshot.routes_compile import compile_routes, string_match
 
 
 def _match(entry: dict[str, Any], *, namespace: str = "default") -> HttpMatch:
-    (route,), _ = compile_routes(
+    (route,), _, _ = compile_routes(
         {"http": [{"match": [entry], "route": [{"destination": {"host": "a"}}]}]},
         namespace=namespace,
         name="vs",
@@ -31,7 +31,7 @@ def _match(entry: dict[str, Any], *, namespace: str = "default") -> HttpMatch:
 
 
 def _tcp(match: list[dict[str, Any]]) -> TcpRoute:
-    _, (route,) = compile_routes(
+    _, (route,), _ = compile_routes(
         {"tcp": [{"match": match, "route": [{"destination": {"host": "a"}}]}]},
         namespace="default",
         name="vs",
@@ -139,7 +139,7 @@ def test_source_labels_namespace_and_gateways() -> None:
 
 
 def test_a_rule_without_matches_takes_everything_else_the_first_matching_entry() -> None:
-    (everything, listed), _ = compile_routes(
+    (everything, listed), _, _ = compile_routes(
         {
             "http": [
                 {"route": [{"destination": {"host": "a"}}]},

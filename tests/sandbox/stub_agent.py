@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--store", required=True)
     p.add_argument("--run-dir", required=True, type=Path)
     p.add_argument("--advertise-address")
+    p.add_argument("--workers", type=int)  # the sandbox always says (SANDBOX_WORKERS)
     args = p.parse_args()
     sock = args.run_dir / "admin.sock"
     sock.unlink(missing_ok=True)

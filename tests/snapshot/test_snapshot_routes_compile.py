@@ -24,7 +24,10 @@ def _compile(
         spec["http"] = http
     if tcp is not None:
         spec["tcp"] = tcp
-    return compile_routes(spec, namespace="web", name="vs", cluster_domain="cluster.local")
+    http_routes, tcp_routes, _ = compile_routes(
+        spec, namespace="web", name="vs", cluster_domain="cluster.local"
+    )
+    return http_routes, tcp_routes
 
 
 DEST = [{"destination": {"host": "a"}}]
@@ -173,3 +176,22 @@ def test_a_virtual_service_that_does_not_compile_rejects_only_itself() -> None:
         "broken",
     )
     assert "not valid RE2" in skipped["error"]
+
+
+def test_a_tls_route_compiles_to_an_l4_route_with_sni_hosts() -> None:
+    spec = {
+        "hosts": ["*.example.com"],
+        "tls": [
+            {
+                "match": [{"sniHosts": ["Db.Example.com"], "port": 443}],
+                "route": [{"destination": {"host": "db", "port": {"number": 5432}}}],
+            }
+        ],
+    }
+    _, _, (route,) = compile_routes(
+        spec, namespace="web", name="vs", cluster_domain="cluster.local"
+    )
+    assert route.route_name == "web/vs.0"
+    assert route.matches[0].sni_hosts == ("db.example.com",)
+    assert route.matches[0].port == 443
+    assert route.destinations[0].host == "db"

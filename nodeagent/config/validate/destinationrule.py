@@ -3,8 +3,8 @@
 Supported: host, subsets (name, labels, trafficPolicy), exportTo, trafficPolicy with
 loadBalancer (simple; consistentHash by header, cookie, source IP or query parameter with
 ringHash or maglev; warmup), connectionPool (tcp, http), outlierDetection, tls (DISABLE, SIMPLE,
-ISTIO_MUTUAL) and portLevelSettings. Not supported: localityLbSetting, tunnel, proxyProtocol,
-retryBudget, workloadSelector, MUTUAL TLS with client certificates, credentialName.
+MUTUAL with file paths, ISTIO_MUTUAL) and portLevelSettings. Not supported: localityLbSetting,
+tunnel, proxyProtocol, retryBudget, workloadSelector, tls.credentialName, tls.caCrl.
 """
 
 from __future__ import annotations
@@ -161,22 +161,38 @@ _outlier_detection = obj(
 
 def _tls_check(w: Walker, path: str, value: Any) -> None:
     mode = value.get("mode", "DISABLE")
-    if mode != "SIMPLE":
+    if mode not in ("SIMPLE", "MUTUAL"):
         for k in ("sni", "subjectAltNames", "insecureSkipVerify", "caCertificates"):
             if value.get(k) is not None:
-                w.error(f"{path}.{k}", f"is only meaningful with mode SIMPLE (mode is {mode})")
+                w.error(
+                    f"{path}.{k}", f"is only meaningful with mode SIMPLE or MUTUAL (mode is {mode})"
+                )
+    client, key = value.get("clientCertificate"), value.get("privateKey")
+    if mode == "MUTUAL" and (client is None or key is None):
+        w.error(path, "MUTUAL TLS requires clientCertificate and privateKey")
+    if mode != "MUTUAL":
+        for k in ("clientCertificate", "privateKey"):
+            if value.get(k) is not None:
+                w.error(f"{path}.{k}", f"is only meaningful with mode MUTUAL (mode is {mode})")
+    if value.get("insecureSkipVerify") and (
+        value.get("caCertificates") is not None or value.get("subjectAltNames")
+    ):
+        w.error(
+            f"{path}.insecureSkipVerify",
+            "insecureSkipVerify skips verification: caCertificates/subjectAltNames would be unused",
+        )
 
 
 _tls = obj(
     {
-        "mode": enum(["DISABLE", "SIMPLE", "ISTIO_MUTUAL"], unsupported=["MUTUAL"]),
+        "mode": enum(["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"]),
         "sni": string(min_len=1, check=hostname),
         "subjectAltNames": list_of(string(min_len=1)),
         "insecureSkipVerify": boolean,
         "caCertificates": string(min_len=1),
-        "clientCertificate": Unsupported("client certificates (MUTUAL)"),
-        "privateKey": Unsupported("client certificates (MUTUAL)"),
-        "credentialName": Unsupported("Kubernetes secrets"),
+        "clientCertificate": string(min_len=1),
+        "privateKey": string(min_len=1),
+        "credentialName": Unsupported("Kubernetes secrets at the source: use file paths"),
         "caCrl": Unsupported(),
     },
     checks=[_tls_check],

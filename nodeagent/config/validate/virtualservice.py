@@ -1,11 +1,13 @@
-"""VirtualService (networking.istio.io): HTTP and TCP routing with Istio's validation rules.
+"""VirtualService (networking.istio.io): HTTP, TCP and TLS routing with Istio's validation rules.
 
 Supported: hosts, gateways, exportTo; http routes with match (uri, scheme, method, authority,
 headers, withoutHeaders, queryParams, port, sourceLabels, sourceNamespace, gateways,
 ignoreUriCase, name), route (weighted destinations with headers), redirect, directResponse,
-rewrite, headers, timeout, retries, fault (delay/abort), mirror/mirrorPercentage; tcp routes.
-Not supported (rejected by path): tls routes, delegate, corsPolicy, mirrors, statPrefix,
-http2Error aborts, exponential delays.
+rewrite, headers, timeout, retries, fault (delay/abort incl. grpcStatus),
+mirror/mirrorPercentage; tcp routes; tls routes (sniHosts within the hosts; served by
+PASSTHROUGH gateway servers).
+Not supported (rejected by path): delegate, corsPolicy, mirrors, statPrefix, http2Error aborts,
+exponential delays.
 """
 
 from __future__ import annotations
@@ -387,9 +389,60 @@ _tcp_route = obj(
 )
 
 
+_tls_match = obj(
+    {
+        "sniHosts": list_of(string(min_len=1, check=host_or_ip), min_items=1),
+        "destinationSubnets": list_of(string(check=ip_or_cidr)),
+        "port": port_number,
+        "sourceLabels": selector_labels,
+        "gateways": list_of(string(min_len=1, check=_gateway_name)),
+        "sourceNamespace": string(check=dns1123_label),
+        "sourceSubnet": Unsupported(),
+    },
+    required=["sniHosts"],
+)
+
+_tls_route = obj(
+    {
+        "match": list_of(_tls_match, min_items=1),
+        "route": _route_list(
+            obj(
+                {
+                    "destination": destination,
+                    "weight": integer(minimum=0, maximum=100, what="weight must be in [0, 100]"),
+                },
+                required=["destination"],
+            )
+        ),
+    },
+    required=["match", "route"],
+)
+
+
+def _sni_within_hosts(w: Walker, path: str, spec: Any) -> None:
+    """Istio: every sniHost must be one of the VirtualService's hosts or within a wildcard."""
+    vs_hosts = [h for h in spec.get("hosts") or [] if isinstance(h, str)]
+    for i, route in enumerate(spec.get("tls") or []):
+        for j, match in enumerate((route or {}).get("match") or []):
+            for k, sni in enumerate((match or {}).get("sniHosts") or []):
+                if isinstance(sni, str) and not any(_covers(h, sni) for h in vs_hosts):
+                    w.error(
+                        f"{path}.tls[{i}].match[{j}].sniHosts[{k}]",
+                        f"sniHost {sni} is not a compatible subset of any of the virtual "
+                        "service hosts",
+                    )
+
+
+def _covers(pattern: str, host: str) -> bool:
+    if pattern == "*" or pattern == host:
+        return True
+    return pattern.startswith("*.") and host.endswith(pattern[1:])
+
+
 def _spec_check(w: Walker, path: str, spec: Any) -> None:
-    if not spec.get("http") and not spec.get("tcp"):
-        w.error(path, "http or tcp must be provided in virtual service")
+    if not spec.get("http") and not spec.get("tcp") and not spec.get("tls"):
+        w.error(path, "http, tcp or tls must be provided in virtual service")
+    _sni_within_hosts(w, path, spec)
     gateways = spec.get("gateways") or []
     hosts = spec.get("hosts") or []
     if "*" in hosts and (not gateways or "mesh" in gateways):
@@ -408,7 +461,7 @@ spec: Validator = obj(
         "http": list_of(_http_route, max_items=1024),
         "tcp": list_of(_tcp_route, max_items=256),
         "exportTo": export_to,
-        "tls": Unsupported("TLS (SNI) routes"),
+        "tls": list_of(_tls_route, max_items=256),
     },
     required=["hosts"],
     checks=[_spec_check],

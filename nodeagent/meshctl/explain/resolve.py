@@ -14,7 +14,7 @@ from nodeagent.authz import Connection
 from nodeagent.balance import Registry
 from nodeagent.dns.message import name_from_text
 from nodeagent.dns.resolve import find_service
-from nodeagent.gateway.server import host_matches, servers_by_port
+from nodeagent.gateway.servers import host_matches, server_for_sni, servers_by_port
 from nodeagent.meshctl.explain.describe import (
     destination_doc,
     endpoint_doc,
@@ -403,28 +403,48 @@ def _from_gateway(
     report: dict[str, Any],
     auth: RequestAuth,
 ) -> None:
-    """The ingress gateway's path: server by port and Host, then its bound VirtualServices."""
+    """The ingress gateway's path: server by port and Host (https: by SNI, the URL's host, as
+    the gateway picks it: `gateway.servers`), then its bound VirtualServices."""
     report["protocol"] = "http"
-    if target.scheme != "http":
-        raise ExplainError(f"--to {target.url!r}: the gateway serves HTTP servers only")
+    if target.scheme not in ("http", "https"):
+        raise ExplainError(f"--to {target.url!r}: the gateway serves http:// and https:// URLs")
     host = authority.rsplit(":", 1)[0] if not authority.endswith("]") else authority
     servers = servers_by_port(snap, caller.labels).get(target.port, ())
-    server = next((s for s in servers if any(host_matches(h, host) for h in s.hosts)), None)
+    if target.scheme == "https":
+        server = server_for_sni(servers, target.host)
+        if server is not None and not any(host_matches(h, host) for h in server.hosts):
+            server = None  # the Host names another server than the SNI's: 404, as Envoy
+    else:
+        plain = tuple(s for s in servers if s.tls is None)
+        server = next((s for s in plain if any(host_matches(h, host) for h in s.hosts)), None)
     report["resolved"] = {
         "via": "gateway",
         "gateway": server.gateway if server else None,
         "server_hosts": list(server.hosts) if server else None,
+        "tls": server.tls.mode if server is not None and server.tls is not None else None,
         "port": target.port,
         "host": host,
     }
     if server is None:
         report["outcome"] = "no_route"
         report["summary"] = (
-            f"no route (404 NR): no Gateway server selecting {caller.ref} serves port "
-            f"{target.port} for host {host}"
+            f"no route (404 NR): no {target.scheme.upper()} Gateway server selecting "
+            f"{caller.ref} serves port {target.port} for host {host}"
         )
         return
-    source = Source(namespace=server.namespace, labels=caller.labels, gateway=server.gateway)
+    if server.passthrough:
+        report["outcome"] = "passthrough"
+        report["summary"] = (
+            f"TLS passed through by SNI {target.host} (not terminated at the gateway): "
+            "VirtualService tls routes decide the destination"
+        )
+        return
+    source = Source(
+        namespace=server.namespace,
+        labels=caller.labels,
+        gateway=server.gateway,
+        require_tls=server.https_redirect,
+    )
     request = HttpRequest.from_target(
         method,
         authority,
@@ -432,6 +452,7 @@ def _from_gateway(
         header_map,
         port=target.port,
         host=None,
+        scheme=target.scheme,
     )
     _http(snap, caller, source, request, report, auth)
     _gateway_checks(snap, caller, target, report, auth)
