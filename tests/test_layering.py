@@ -29,6 +29,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"tunnel", "admin"}),
     frozenset({"sockio"}),  # socket I/O without scheduler round trips, over tunnel's TLS
     frozenset({"http", "sandbox"}),
+    frozenset({"http2"}),  # the HTTP/2 + gRPC proxy, over http's attempt loop and records
     frozenset({"proxy"}),
     frozenset({"gateway", "workers"}),  # workers run proxy's PodProxy in other processes
     frozenset({"agent", "meshctl", "bench", "demo"}),

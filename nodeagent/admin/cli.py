@@ -113,7 +113,9 @@ def stats_table(text: str) -> str:
         for s in fam.samples:
             if s.name.endswith("_bucket") and fam.kind == "histogram":
                 continue  # the table shows _sum/_count; buckets are for Prometheus
-            labels = ",".join(f"{k}={v}" for k, v in s.labels.items() if v not in ("unknown", "-"))
+            labels = ",".join(
+                f"{k}={v}" for k, v in s.labels.items() if v not in ("unknown", "-", "")
+            )
             rows.append([s.name, labels, exposition_value(s.value)])
     return table(rows, ["METRIC", "LABELS", "VALUE"])
 

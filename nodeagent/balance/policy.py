@@ -78,6 +78,7 @@ class ConnectionPool:
     max_pending_requests: int = UNLIMITED
     max_requests: int = UNLIMITED  # http2MaxRequests: active requests on the cluster
     max_requests_per_connection: int = 0  # 0: unlimited
+    max_concurrent_streams: int = 0  # http.maxConcurrentStreams per HTTP/2 upstream; 0: default
     max_retries: int = UNLIMITED
     http_idle_timeout_s: float = 3600.0
 
@@ -372,6 +373,7 @@ def _pool(doc: Any, path: str) -> ConnectionPool:
             ("http2MaxRequests", "max_requests"),
             ("maxRequestsPerConnection", "max_requests_per_connection"),
             ("maxRetries", "max_retries"),
+            ("maxConcurrentStreams", "max_concurrent_streams"),
         ):
             if http.get(src) is not None:
                 values[dst] = _int(http[src], f"{path}.http.{src}")

@@ -40,6 +40,9 @@ class Hop:
     name: str
     listen_port: int  # on n1, where the client connects
     server_port: int  # on the server pod
+    # HTTP/2 in the clear at both ends: HAProxy speaks h2 as an L7 proxy (mode http, h2c with
+    # the client and the server, ALPN h2 on the TLS hop), not a byte relay.
+    http2: bool = False
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -122,18 +125,22 @@ def config_text(
     for i, hop in enumerate(hops):
         tls_port = TLS_PORT_BASE + i
         lines.append(f"listen {hop.name}")
+        h2 = " proto h2" if hop.http2 else ""
+        alpn = " alpn h2" if hop.http2 else ""
+        if hop.http2:
+            lines.append("    mode http")
         if side == "n1":
-            lines.append(f"    bind {listen_ip}:{hop.listen_port}")
+            lines.append(f"    bind {listen_ip}:{hop.listen_port}{h2}")
             lines.append(
                 f"    server peer {peer_ip}:{tls_port} ssl verify required "
-                f"ca-file {certs['ca']} crt {certs['client']} verifyhost bench-server"
+                f"ca-file {certs['ca']} crt {certs['client']} verifyhost bench-server{alpn}"
             )
         else:
             lines.append(
                 f"    bind {listen_ip}:{tls_port} ssl crt {certs['server']} "
-                f"ca-file {certs['ca']} verify required"
+                f"ca-file {certs['ca']} verify required{alpn}"
             )
-            lines.append(f"    server app {peer_ip}:{hop.server_port}")
+            lines.append(f"    server app {peer_ip}:{hop.server_port}{h2}")
     return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,11 @@ per request), `http` (HTTP/1.1 keep-alive GET through a routing rule; both agent
 source routes, the destination authenticates and authorizes), `http-l4` (the same requests to the
 same server on a Service port named `tcp-web`: both agents relay at L4; mesh set-up only, so
 `http` minus `http-l4` is what L7 costs, and the server's agent's CPU difference is the
-destination's share), `bulk` (MB/s). The HTTP
+destination's share), `h2` (HTTP/2 GETs of nginx's 1 KB file, h2c with prior knowledge,
+`h2load` with 10 streams per connection), `grpc` (gRPC unary calls of 64 bytes to a grpcio
+server, `h2load` posting a framed message), `bulk` (MB/s). For `h2` and `grpc` the HAProxy hops
+speak HTTP/2 (mode http, ALPN h2 between them), and h2load reports a mean latency, no
+percentiles. The HTTP
 server is the anchors' workload by default (`--server nginx`: Debian's nginx serving a 1 KB
 static file, `nginx.py`), or the built-in 2-byte responder (`--server builtin`). Loads: fixed
 rates with coordinated-omission correction (`loadgen`), and a max-rate run (loadgen closed-loop
@@ -54,7 +58,7 @@ from typing import Any
 import trio
 
 from nodeagent.admin.client import admin_json
-from nodeagent.bench import Result, nginx
+from nodeagent.bench import Result, grpc_server, nginx
 from nodeagent.bench import enroll as enroll_bench
 from nodeagent.bench.haproxy import HAProxyPipeline, Hop
 from nodeagent.bench.stats import percentile
@@ -68,15 +72,17 @@ NAME = "mesh"
 HELP = "latency, max rate, throughput, agent CPU/RSS: direct vs this mesh vs HAProxy (sandbox)"
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "docs" / "benchmarks.json"
-SCENARIOS = ("l4", "connect", "http", "http-l4", "bulk")
+SCENARIOS = ("l4", "connect", "http", "http-l4", "h2", "grpc", "bulk")
 SETUPS = ("direct", "mesh", "haproxy")
 NS = "bench"
 SERVICE = "bench-server"
 HOST = f"{SERVICE}.{NS}.svc.cluster.local"
 # "http-l4": the same HTTP server behind a Service port named `tcp-web`: neither agent parses it
 # (the `http-l4` scenario, the L7-off half of the destination L7 comparison).
-PORTS = {"echo": 7000, "http": 8080, "bulk": 7001, "http-l4": 8081}
-HAPROXY_PORTS = {"echo": 17000, "http": 18080, "bulk": 17001}
+PORTS = {"echo": 7000, "http": 8080, "bulk": 7001, "http-l4": 8081, "h2": 8082, "grpc": 8083}
+HAPROXY_PORTS = {"echo": 17000, "http": 18080, "bulk": 17001, "h2": 18082, "grpc": 18083}
+H2_SCENARIOS = ("h2", "grpc")  # h2load: HTTP/2 GETs of nginx's 1 KB file; gRPC unary calls
+H2_STREAMS = 10  # concurrent streams per h2load connection
 OPT_OUT = {"istio.io/dataplane-mode": "none"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVERS = ("nginx", "builtin")
@@ -224,6 +230,8 @@ spec:
   - {{name: http, port: {PORTS["http"]}}}
   - {{name: tcp-bulk, port: {PORTS["bulk"]}}}
   - {{name: tcp-web, port: {PORTS["http-l4"]}}}
+  - {{name: http2, port: {PORTS["h2"]}}}
+  - {{name: grpc, port: {PORTS["grpc"]}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -232,9 +240,15 @@ spec:
   hosts: [{SERVICE}]
   http:
   - name: bench
-    match: [{{uri: {{prefix: /}}}}]
+    match: [{{uri: {{prefix: /}}, port: {PORTS["http"]}}}]
     headers: {{response: {{set: {{x-bench-sample: "{sample}"}}}}}}
     route: [{{destination: {{host: {SERVICE}, port: {{number: {PORTS["http"]}}}}}}}]
+  - name: bench-h2
+    match: [{{port: {PORTS["h2"]}}}]
+    route: [{{destination: {{host: {SERVICE}, port: {{number: {PORTS["h2"]}}}}}}}]
+  - name: bench-grpc
+    match: [{{port: {PORTS["grpc"]}}}]
+    route: [{{destination: {{host: {SERVICE}, port: {{number: {PORTS["grpc"]}}}}}}}]
 """
 
 
@@ -377,6 +391,11 @@ class Runner:
                 raise RuntimeError(f"wrk ({setup} {scenario}) exited {r.returncode}: {r.stderr}")
             out = parse_wrk(r.stdout)
             out["duration"] = self.args.duration
+        elif argv[0] == "h2load":
+            if r.returncode != 0:
+                raise RuntimeError(f"h2load ({setup} {scenario}) exited {r.returncode}: {r.stderr}")
+            out = parse_h2load(r.stdout)
+            out["duration"] = self.args.duration
         else:
             try:
                 out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -402,6 +421,7 @@ class Runner:
             "p90_ms": lat.get("p90"),
             "p99_ms": lat.get("p99"),
             "p99.9_ms": lat.get("p99.9"),
+            "mean_ms": lat.get("mean"),
             "max_ms": lat.get("max"),
             "send_lag_ms": out.get("send_lag_ms"),
             "mb_per_s": out.get("mb_per_s"),
@@ -442,6 +462,55 @@ class Runner:
 
 def _ms(v: object) -> str:
     return f"{v:.3f} ms" if isinstance(v, float) else "-"
+
+
+def h2load_argv(
+    scenario: str, url: str, args: argparse.Namespace, rate: float, grpc_request: Path
+) -> list[str]:
+    """h2load for `h2` (GET /) or `grpc` (POST a framed unary request); `rate` 0 is max."""
+    clients = max(1, min(args.connections, 4)) if rate else args.connections
+    argv = [
+        "h2load", "-c", str(clients), "-m", "1" if rate else str(H2_STREAMS),
+        "-D", f"{args.duration:g}", "--warm-up-time", f"{round(args.warmup * 1000)}ms",
+    ]  # fmt: skip
+    if rate:
+        argv += ["--rps", f"{rate / clients:g}"]
+    if scenario == "grpc":
+        argv += ["-d", str(grpc_request), "-H", "content-type: application/grpc",
+                 "-H", "te: trailers", f"{url}{grpc_server.METHOD}"]  # fmt: skip
+    else:
+        argv.append(f"{url}/")
+    return argv
+
+
+_H2LOAD_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def parse_h2load(text: str) -> dict[str, Any]:
+    """Requests/s, counts and the mean request time (ms) out of h2load's summary."""
+    rate = re.search(r"^finished in [\d.]+\w+, ([\d.]+) req/s", text, re.M)
+    counts = re.search(
+        r"^requests: (\d+) total.*?(\d+) succeeded, (\d+) failed, (\d+) errored", text, re.M
+    )
+    codes = re.search(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text, re.M)
+    if rate is None or counts is None:
+        raise ValueError(f"no summary in h2load output: {text[-300:]!r}")
+    lat: dict[str, float] = {}
+    req = re.search(
+        r"^time for request:\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)",
+        text,
+        re.M,
+    )
+    if req is not None:
+        lat["mean"] = float(req.group(5)) * _H2LOAD_UNITS[req.group(6)]
+        lat["max"] = float(req.group(3)) * _H2LOAD_UNITS[req.group(4)]
+    not_2xx = sum(int(n) for n in codes.groups()[1:]) if codes else 0
+    return {
+        "achieved_rate": float(rate.group(1)),
+        "requests": int(counts.group(2)),
+        "errors": int(counts.group(3)) + int(counts.group(4)) + not_2xx,
+        "latency_ms": lat,
+    }
 
 
 def loadgen_argv(mode: str, target: str, args: argparse.Namespace, rate: float) -> list[str]:
@@ -589,6 +658,7 @@ def _run_scenarios(
     result.parameters["mesh_target"] = "vip" if mesh_ip == vip else "pod-ip"
     say(f"mesh target {mesh_ip} ({result.parameters['mesh_target']}); starting HAProxy")
     hops = [Hop(k, HAPROXY_PORTS[k], PORTS[k]) for k in ("echo", "http", "bulk")]
+    hops += [Hop(k, HAPROXY_PORTS[k], PORTS[k], http2=True) for k in H2_SCENARIOS]
     runner.haproxy = HAProxyPipeline(sb, hops, srv_direct.ip)
     runner.haproxy.start()
     hp_ip = runner.haproxy.client_ip
@@ -605,7 +675,31 @@ def _run_scenarios(
         "http": ("http", "http"),
         "http-l4": ("http", "http-l4"),
     }
+    if set(scenarios) & set(H2_SCENARIOS) and getattr(args, "server", "nginx") != "nginx":
+        raise SystemExit("scripts/bench mesh: the h2 and grpc scenarios need --server nginx")
+    grpc_request = grpc_server.request_file(sb.state_dir / "bench-grpc-request.bin")
+    if "grpc" in scenarios:
+        # h2load sees HTTP statuses only, and a gRPC error is HTTP 200: one real gRPC call per
+        # set-up first proves the calls are answered by the server, not by a proxy's error.
+        for setup in SETUPS:
+            client, ip, ports = targets[setup]
+            probe = [sys.executable, "-m", "nodeagent.bench.grpc_server", "--probe",
+                     f"{ip}:{ports['grpc']}"]  # fmt: skip
+            r = sb.exec(client, probe, timeout=30)
+            if r.returncode != 0:
+                raise RuntimeError(f"gRPC probe ({setup}) failed: {r.stdout} {r.stderr}")
     for scenario in scenarios:
+        if scenario in H2_SCENARIOS:
+            h2_loads = [(f"{r:g}/s", r) for r in rates] + ([] if args.no_max else [("max", 0.0)])
+            for label, rate in h2_loads:
+                for setup in SETUPS:
+                    client, ip, ports = targets[setup]
+                    url = f"http://{ip}:{ports[scenario]}"
+                    argv = h2load_argv(scenario, url, args, rate, grpc_request)
+                    result.rows.append(
+                        runner.measure(setup, scenario, label, client, argv, timeout)
+                    )
+            continue
         if scenario == "bulk":
             for setup in SETUPS:
                 client, ip, ports = targets[setup]
@@ -779,7 +873,7 @@ def figures(result: Result) -> None:
             continue
         for setup in ("mesh", "haproxy"):
             s = index.get((scenario, load, setup))
-            for q in ("p50", "p90", "p99"):
+            for q in ("p50", "p90", "p99", "mean"):
                 sv, dv = num(s, f"{q}_ms"), num(d, f"{q}_ms")
                 if sv is None or dv is None:
                     continue

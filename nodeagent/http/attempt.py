@@ -14,6 +14,7 @@ The result is either the `Outcome` holding the upstream response to stream to th
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +33,8 @@ from nodeagent.http.log import RequestLog
 from nodeagent.http.origination import UpstreamTlsError
 from nodeagent.http.pool import ConnectionPool, UpstreamConnection
 from nodeagent.routing import RouteDecision
+from nodeagent.routing.grpc import grpc_to_http_status
+from nodeagent.snapshot.routes import RetryPolicy
 
 DENIED_BODY = b"RBAC: access denied"
 WATCH_AFTER = 0.05  # seconds without a response head before the client is watched for a close
@@ -48,6 +51,17 @@ class AttemptOutcome:
     stale: bool = False
     detail: str = ""
     tls_failure: str = ""  # TLS origination's transport failure reason (connect-failure)
+    status: int = 0  # a response's status code
+    grpc_status: int | None = None  # a gRPC response's status, when its head carries it
+    # Seconds of the attempt spent opening a new upstream connection: not the endpoint's
+    # response time, so not its latency sample (tower's balancer sees only ready connections).
+    setup_s: float = 0.0
+    # A response whose outcome is known only at its end (gRPC: `grpc-status` in the trailers):
+    # the attempt asks for it with `defer_finish`; `_measured` then leaves the endpoint's
+    # bracket open (in flight, the request slot held) and `finish(outcome or None)` closes it,
+    # once, with the latency sample of the head. Whoever takes the outcome must call it.
+    defer_finish: bool = False
+    finish: Callable[[Outcome | None], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,101 +108,23 @@ class Attempts:
         service_port: int,
         upgrade: bool,
     ) -> AttemptOutcome | LocalReply:
-        policy = decision.retries
-        tries = 1 + (0 if upgrade else policy.attempts)
-        deadline = (
-            trio.current_time() + decision.timeout if decision.timeout is not None else math.inf
+        async def attempt(handle: EndpointState, per_try_timeout: float | None) -> AttemptOutcome:
+            return await self._attempt(cluster, handle, service_port, head, body, per_try_timeout)
+
+        async def discard(outcome: AttemptOutcome) -> None:
+            assert outcome.up is not None
+            await self.pool.discard(outcome.up)
+
+        return await run_attempts(
+            cluster,
+            ctx,
+            decision,
+            entry,
+            attempt=attempt,
+            replayable=lambda: body.replayable,
+            discard=discard,
+            upgrade=upgrade,
         )
-        outcome: AttemptOutcome | None = None
-        stale_retried = False
-        held: list[BreakerToken] = []  # retry tokens (maxRetries), released when the request ends
-        handle: EndpointState | None = None
-
-        def may_retry() -> bool:
-            token = cluster.breaker.try_acquire_retry()
-            if isinstance(token, Overflow):
-                return False  # retry budget spent: the last answer goes back as it is
-            held.append(token)
-            return True
-
-        try:
-            # A cancel scope costs an enter/exit per request: only when there is a deadline.
-            overall = trio.CancelScope(deadline=deadline) if deadline != math.inf else None
-            with overall if overall is not None else NO_SCOPE:
-                attempt = 0
-                while attempt < tries:
-                    try:
-                        handle = cluster.pick(ctx, avoid=handle)
-                    except NoHealthyUpstream:
-                        entry.flags.append(flags.NO_HEALTHY_UPSTREAM)
-                        return LocalReply(503, b"no healthy upstream")
-                    endpoint = handle.endpoint
-                    entry.upstream = f"{endpoint.address}:{endpoint.port}"
-                    entry.attempts += 1
-                    outcome = await self._measured(
-                        cluster, handle, service_port, head, body, policy.per_try_timeout
-                    )
-                    last = attempt + 1 >= tries or not body.replayable
-                    if outcome.stale and not stale_retried and body.replayable:
-                        stale_retried = True  # an idle pooled connection the server had closed
-                        entry.attempts -= 1
-                        continue
-                    if outcome.kind == "response":
-                        assert outcome.response is not None
-                        assert outcome.up is not None
-                        status = outcome.response.status_code
-                        if (
-                            not last
-                            and policy.retriable_status(status)
-                            and not upgrade
-                            and may_retry()
-                        ):
-                            await self.pool.discard(outcome.up)
-                            attempt += 1
-                            continue
-                        if attempt > 0 and policy.retriable_status(status):
-                            entry.flags.append(flags.UPSTREAM_RETRY_LIMIT)
-                        return outcome
-                    kind = outcome.kind
-                    if kind == "overflow" or kind == "denied" or last:
-                        break
-                    if not policy.retriable_failure(kind) or not may_retry():
-                        break
-                    attempt += 1
-        finally:
-            for token in held:
-                token.release()
-        return _failure(outcome, entry, timed_out=overall is not None and overall.cancelled_caught)
-
-    async def _measured(
-        self,
-        cluster: Cluster,
-        handle: EndpointState,
-        service_port: int,
-        head: h11.Request,
-        body: RequestBody,
-        per_try_timeout: float | None,
-    ) -> AttemptOutcome:
-        """One attempt, bracketed for the balancer: in flight from pick to response head; the
-        latency and how it ended feed peak-EWMA and outlier detection."""
-        request_token = cluster.breaker.try_acquire_request()
-        if isinstance(request_token, Overflow):
-            return AttemptOutcome("overflow", detail=str(request_token))
-        handle.start()
-        started = trio.current_time()
-        result = Outcome.TIMEOUT  # a cancellation (route timeout) ends the attempt here
-        try:
-            outcome = await self._attempt(
-                cluster, handle, service_port, head, body, per_try_timeout
-            )
-            result = _balance_outcome(outcome)
-            return outcome
-        except DownstreamError:
-            result = Outcome.CANCELLED
-            raise
-        finally:
-            handle.finish(trio.current_time() - started, result)
-            request_token.release()
 
     async def _attempt(
         self,
@@ -243,7 +179,9 @@ class Attempts:
                 down.touch()
                 if head_event is not None:
                     timed_out = False
-                    return AttemptOutcome("response", up=up, response=head_event)
+                    return AttemptOutcome(
+                        "response", up=up, response=head_event, status=head_event.status_code
+                    )
                 timed_out = False
                 await self.pool.discard(up)
                 return AttemptOutcome("reset", stale=up.reused and not up.received_any)
@@ -258,6 +196,133 @@ class Attempts:
             if timed_out:
                 await self.pool.discard(up)
         return AttemptOutcome("timeout")
+
+
+AttemptFn = Callable[[EndpointState, "float | None"], Awaitable[AttemptOutcome]]
+
+
+async def run_attempts(
+    cluster: Cluster,
+    ctx: PickContext,
+    decision: RouteDecision,
+    entry: RequestLog,
+    *,
+    attempt: AttemptFn,
+    replayable: Callable[[], bool],
+    discard: Callable[[AttemptOutcome], Awaitable[None]],
+    upgrade: bool = False,
+    grpc_timeout: float | None = None,
+) -> AttemptOutcome | LocalReply:
+    """The retry decision, for every protocol: pick, try (`attempt(handle, per_try_timeout)`:
+    one try on that endpoint, whatever the protocol), retry or stop. `replayable()` says the
+    request can still be sent again; `discard(outcome)` drops a response that is retried.
+    The route timeout bounds it all; a gRPC request's `grpc-timeout` too (the smaller wins)."""
+    policy = decision.retries
+    tries = 1 + (0 if upgrade else policy.attempts)
+    limits = [t for t in (decision.timeout, grpc_timeout) if t is not None]
+    deadline = trio.current_time() + min(limits) if limits else math.inf
+    outcome: AttemptOutcome | None = None
+    stale_retried = False
+    held: list[BreakerToken] = []  # retry tokens (maxRetries), released when the request ends
+    handle: EndpointState | None = None
+
+    def may_retry() -> bool:
+        token = cluster.breaker.try_acquire_retry()
+        if isinstance(token, Overflow):
+            return False  # retry budget spent: the last answer goes back as it is
+        held.append(token)
+        return True
+
+    try:
+        # A cancel scope costs an enter/exit per request: only when there is a deadline.
+        overall = trio.CancelScope(deadline=deadline) if deadline != math.inf else None
+        with overall if overall is not None else NO_SCOPE:
+            tried = 0
+            while tried < tries:
+                try:
+                    handle = cluster.pick(ctx, avoid=handle)
+                except NoHealthyUpstream:
+                    entry.flags.append(flags.NO_HEALTHY_UPSTREAM)
+                    return LocalReply(503, b"no healthy upstream")
+                endpoint = handle.endpoint
+                entry.upstream = f"{endpoint.address}:{endpoint.port}"
+                entry.attempts += 1
+                outcome = await _measured(cluster, handle, attempt, policy.per_try_timeout)
+                last = tried + 1 >= tries or not replayable()
+                if outcome.stale and not stale_retried and replayable():
+                    stale_retried = True  # an idle pooled connection the server had closed
+                    entry.attempts -= 1
+                    continue
+                if outcome.kind == "response":
+                    retriable = _retriable_response(policy, outcome)
+                    if not last and retriable and not upgrade and may_retry():
+                        if outcome.finish is not None:
+                            outcome.finish(None)
+                        await discard(outcome)
+                        tried += 1
+                        continue
+                    if tried > 0 and retriable:
+                        entry.flags.append(flags.UPSTREAM_RETRY_LIMIT)
+                    return outcome
+                kind = outcome.kind
+                if kind == "overflow" or kind == "denied" or last:
+                    break
+                if not policy.retriable_failure(kind) or not may_retry():
+                    break
+                tried += 1
+    finally:
+        for token in held:
+            token.release()
+    return _failure(outcome, entry, timed_out=overall is not None and overall.cancelled_caught)
+
+
+def _retriable_response(policy: RetryPolicy, outcome: AttemptOutcome) -> bool:
+    if outcome.grpc_status is not None and policy.retriable_grpc(outcome.grpc_status):
+        return True
+    return policy.retriable_status(outcome.status)
+
+
+async def _measured(
+    cluster: Cluster,
+    handle: EndpointState,
+    attempt: AttemptFn,
+    per_try_timeout: float | None,
+) -> AttemptOutcome:
+    """One attempt, bracketed for the balancer: in flight from pick to response head; the
+    latency and how it ended feed peak-EWMA and outlier detection."""
+    request_token = cluster.breaker.try_acquire_request()
+    if isinstance(request_token, Overflow):
+        return AttemptOutcome("overflow", detail=str(request_token))
+    handle.start()
+    started = trio.current_time()
+    result = Outcome.TIMEOUT  # a cancellation (route timeout) ends the attempt here
+    setup = 0.0
+    deferred = False
+    try:
+        outcome = await attempt(handle, per_try_timeout)
+        result = _balance_outcome(outcome)
+        setup = outcome.setup_s
+        if outcome.kind == "response" and outcome.defer_finish:
+            latency = trio.current_time() - started - setup
+            done = [False]
+            head_result = result
+
+            def finish(final: Outcome | None) -> None:
+                if not done[0]:
+                    done[0] = True
+                    handle.finish(latency, final or head_result)
+                    request_token.release()
+
+            outcome.finish = finish
+            deferred = True
+        return outcome
+    except DownstreamError:
+        result = Outcome.CANCELLED
+        raise
+    finally:
+        if not deferred:
+            handle.finish(trio.current_time() - started - setup, result)
+            request_token.release()
 
 
 async def _response_head(
@@ -310,8 +375,9 @@ def _failure(outcome: AttemptOutcome | None, entry: RequestLog, *, timed_out: bo
 def _balance_outcome(outcome: AttemptOutcome) -> Outcome:
     """How an attempt counts for outlier detection (Envoy: local-origin failures are 503s)."""
     if outcome.kind == "response":
-        assert outcome.response is not None
-        return Outcome.from_status(outcome.response.status_code)
+        if outcome.grpc_status is not None:
+            return Outcome.from_status(grpc_to_http_status(outcome.grpc_status))
+        return Outcome.from_status(outcome.status)
     if outcome.kind == "connect-failure":
         return Outcome.CONNECT_FAILURE
     if outcome.kind == "timeout":

@@ -66,10 +66,41 @@ def upstream_head(
 ) -> h11.Request:
     """The request head this hop sends upstream (`headers`: the client's, in order)."""
     joined_ = request.headers
+    out = [("host", decision.authority or request.authority)]
+    out += forwarded_headers(
+        request,
+        headers,
+        request_id=request_id,
+        trace_headers=trace_headers,
+        client_address=client_address,
+    )
+    out = decision.request_headers.apply(out)
+    if "content-length" in joined_:
+        out.append(("content-length", joined_["content-length"]))
+    elif "chunked" in joined_.get("transfer-encoding", "").lower():
+        out.append(("transfer-encoding", "chunked"))
+    if upgrade:
+        out.append(("connection", "upgrade"))
+        out.append(("upgrade", joined_.get("upgrade", "")))
+    return h11.Request(method=request.method, target=decision.path, headers=out)
+
+
+def forwarded_headers(
+    request: HttpRequest,
+    headers: list[tuple[str, str]],
+    *,
+    request_id: str,
+    trace_headers: list[tuple[str, str]],
+    client_address: str | None,
+) -> list[tuple[str, str]]:
+    """The request's headers as this hop forwards them, for HTTP/1.1 and HTTP/2 alike: no
+    Host, framing or hop-by-hop header; this hop's forwarding headers and span (the route's
+    header operations are the caller's to apply)."""
+    joined_ = request.headers
     named_by_connection = {
         n.strip().lower() for n in joined_.get("connection", "").split(",") if n.strip()
     }
-    out: list[tuple[str, str]] = [("host", decision.authority or request.authority)]
+    out: list[tuple[str, str]] = []
     for k, v in headers:
         if k == "host" or k in HOP_BY_HOP or k in named_by_connection:
             continue
@@ -86,15 +117,7 @@ def upstream_head(
         out.append(("x-forwarded-for", xff))
     out.append(("x-forwarded-proto", joined_.get("x-forwarded-proto", request.scheme)))
     out.append(("x-request-id", request_id))
-    out = decision.request_headers.apply(out)
-    if "content-length" in joined_:
-        out.append(("content-length", joined_["content-length"]))
-    elif "chunked" in joined_.get("transfer-encoding", "").lower():
-        out.append(("transfer-encoding", "chunked"))
-    if upgrade:
-        out.append(("connection", "upgrade"))
-        out.append(("upgrade", joined_.get("upgrade", "")))
-    return h11.Request(method=request.method, target=decision.path, headers=out)
+    return out
 
 
 def response_headers(

@@ -16,6 +16,7 @@ from nodeagent.routing import HttpRequest
 from nodeagent.telemetry.tracing import (
     CURRENT_TRACE,
     ActiveSpan,
+    HeaderSeq,
     TraceContext,
     Tracer,
     incoming_b3,
@@ -51,6 +52,8 @@ class RequestLog:
     response_code_details: str = ""  # why a local answer (e.g. the RBAC policy that denied)
     policy: str = ""  # the AuthorizationPolicy that denied the request (ns/name)
     request_principal: str = ""  # <iss>/<sub> of the request's verified JWT
+    protocol: str = "http"  # request_protocol: "grpc" for a gRPC request (HTTP/2 proxy)
+    grpc_status: int | None = None  # a gRPC request's grpc-status
     span: ActiveSpan | None = field(default=None, repr=False)
     trace_headers: list[tuple[str, str]] = field(default_factory=list, repr=False)
 
@@ -76,9 +79,15 @@ def start_span(
 ) -> Token[TraceContext | None]:
     """The CLIENT span of this request (continuing the caller's trace); its context goes
     upstream in the headers and, through CURRENT_TRACE, in a new tunnel's header."""
-    span = tracer.start(
-        req.headers, kind="CLIENT", name=f"{request.authority_host}:{request.port}/*"
-    )
+    return start_span_for(tracer, req.headers, entry, request)
+
+
+def start_span_for(
+    tracer: Tracer, headers: HeaderSeq, entry: RequestLog, request: HttpRequest
+) -> Token[TraceContext | None]:
+    """`start_span` from the request's header pairs (bytes, lower-case names), whatever the
+    protocol (the HTTP/2 proxy's streams too)."""
+    span = tracer.start(headers, kind="CLIENT", name=f"{request.authority_host}:{request.port}/*")
     if span.sampled:  # tags only for a span that is exported (1% by default): less per request
         span.span.tags.update(
             {
@@ -91,7 +100,7 @@ def start_span(
     entry.span, entry.trace_id = span, span.trace_id
     entry.trace_headers = [
         (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in inject([], span.context, incoming_b3(req.headers))
+        for k, v in inject([], span.context, incoming_b3(headers))
     ]
     return CURRENT_TRACE.set(span.context)
 

@@ -4,8 +4,8 @@
 one of `ToWorkload` (through the mTLS tunnel to a meshed workload: always, never plaintext),
 `Passthrough` (straight to an address outside the mesh) or `Refuse`. A service port with
 VirtualService `tcp` routes is first routed by `nodeagent.routing.route_tcp` (weights, subsets).
-`http_target` says whether a destination is an HTTP/1.1 service port (then the L7 proxy takes the
-connection instead). Endpoints are picked by the node's one `balance.Registry` (the
+`http_target` says whether a destination is an HTTP or HTTP/2 service port (then an L7 proxy
+takes the connection instead). Endpoints are picked by the node's one `balance.Registry` (the
 DestinationRule's policy, outlier ejection): the decision carries the picked endpoint's live handle
 (`ToWorkload.handle`) for the L4 path to bracket the connection with; the L7 proxy picks through
 the same registry. Moving bytes is elsewhere (`outbound_path.py`, `inbound_path.py`); this file
@@ -24,7 +24,7 @@ from nodeagent.balance import NoHealthyUpstream, PickContext, Registry
 from nodeagent.balance.state import EndpointState
 from nodeagent.proxy import self_call
 from nodeagent.routing import Source, TcpRequest, route_tcp
-from nodeagent.snapshot import ServicePort, ServiceTarget, Snapshot, Workload
+from nodeagent.snapshot import L7Protocol, ServicePort, ServiceTarget, Snapshot, Workload
 
 OutboundPolicy = Literal["ALLOW_ANY", "REGISTRY_ONLY"]
 
@@ -67,14 +67,18 @@ class Refuse:
 OutboundDecision = ToWorkload | Passthrough | Refuse
 
 
-HTTP_PROTOCOLS = frozenset({"http"})  # HTTP/1.1 only: h11 does not speak http2/grpc
+# The L7 proxies: HTTP/1.1 (`nodeagent.http`) and HTTP/2 + gRPC (`nodeagent.http2`).
+HTTP_PROTOCOLS = frozenset({L7Protocol.HTTP1, L7Protocol.HTTP2})
+L7_PROTOCOLS = HTTP_PROTOCOLS | {L7Protocol.SNIFF}
 
 
 def is_http(port: ServicePort) -> bool:
-    """Istio's protocol rule for a Service port that the L7 (HTTP/1.1) proxy takes: `http`,
-    `http-*` or `appProtocol: http`. One rule for both ends: the source agent routes such a
-    port, the destination agent authorizes its requests (`inbound_http_port`)."""
-    return port.protocol_hint in HTTP_PROTOCOLS
+    """Istio's protocol rule for a Service port that the L7 HTTP/1.1 proxy takes: `http`,
+    `http-*` or `appProtocol: http` (`L7Protocol.HTTP1`). One rule for both ends: the source
+    agent routes such a port, the destination agent authorizes its requests
+    (`inbound_http_port`). HTTP/2 and gRPC ports are routed at the source (`nodeagent.http2`)
+    and relayed as bytes at the destination."""
+    return port.l7_protocol is L7Protocol.HTTP1
 
 
 def inbound_http_port(snap: Snapshot, workload: Workload, port: int) -> ServicePort | None:
@@ -96,13 +100,23 @@ def inbound_http_port(snap: Snapshot, workload: Workload, port: int) -> ServiceP
 
 
 def http_target(snap: Snapshot, dst_ip: str, dst_port: int) -> ServiceTarget | None:
-    """The service port `dst_ip:dst_port` addresses when the L7 (HTTP/1.1) proxy should take it:
-    a service VIP whose port is HTTP by Istio's protocol rules, with endpoints reachable by IP
-    (a ServiceEntry with resolution NONE or DNS stays L4: the app already chose the address)."""
+    """The service port `dst_ip:dst_port` addresses when an L7 proxy should take it: a service
+    VIP whose port is HTTP or HTTP/2 (gRPC) by Istio's protocol rules (`ServicePort.l7_protocol`:
+    the one place that says so), with endpoints reachable by IP (a ServiceEntry with resolution
+    NONE or DNS stays L4: the app already chose the address)."""
+    found = l7_target(snap, dst_ip, dst_port)
+    if found is None or found.port.l7_protocol not in HTTP_PROTOCOLS:
+        return None
+    return found
+
+
+def l7_target(snap: Snapshot, dst_ip: str, dst_port: int) -> ServiceTarget | None:
+    """`http_target`, or a service port whose protocol is not declared (`L7Protocol.SNIFF`):
+    the client's first bytes decide between the L7 proxies and L4 (`http2/sniff.py`)."""
     found = snap.find_address(dst_ip, dst_port)
     if not isinstance(found, ServiceTarget):
         return None
-    if not is_http(found.port):
+    if found.port.l7_protocol not in L7_PROTOCOLS:
         return None
     if found.service.kind == "ServiceEntry" and found.service.resolution != "STATIC":
         return None

@@ -17,6 +17,8 @@ from nodeagent.balance import Outcome, Overflow
 from nodeagent.balance.pool import ConnectionToken
 from nodeagent.balance.state import EndpointState
 from nodeagent.http import HttpProxy, RequestLog
+from nodeagent.http2.proxy import H2Proxy
+from nodeagent.http2.sniff import Sniffed, sniff
 from nodeagent.inpod import original_dst
 from nodeagent.log import get_logger
 from nodeagent.proxy import self_call
@@ -26,18 +28,36 @@ from nodeagent.proxy.outbound import (
     Passthrough,
     Refuse,
     ToWorkload,
-    http_target,
+    l7_target,
     outbound_decision,
 )
 from nodeagent.proxy.pod_core import PodCore
 from nodeagent.proxy.relay import RelayResult, relay
 from nodeagent.routing import HttpRequest, Source
-from nodeagent.snapshot import Snapshot, Workload
+from nodeagent.snapshot import L7Protocol, Snapshot, Workload
 from nodeagent.telemetry.dataplane import TcpRecorder, record_request, service_of
 from nodeagent.telemetry.metrics import SecurityPolicy
 from nodeagent.tunnel import ConnectRequest, SourceInfo, TunnelError
 
 log = get_logger("proxy")
+# On a declared HTTP/2 port: how long the client's first bytes may take to say h2 or HTTP/1.1
+# (then HTTP/1.1, whose own head timeouts apply).
+H2_SNIFF_TIMEOUT = 10.0
+# On a port whose protocol is not declared: how long to wait for the client's first bytes
+# before treating the connection as opaque TCP (a server-first protocol, where the client waits
+# for the server's greeting, is delayed by this once per connection).
+SNIFF_TIMEOUT = 0.1
+
+
+async def _speaks(client: trio.SocketStream, declared: L7Protocol) -> Sniffed:
+    """What the connection speaks: declared HTTP is HTTP/1.1; declared HTTP/2 is h2, or
+    HTTP/1.1 from a client that does not send the preface (Envoy's codec AUTO); undeclared:
+    sniffed (h2, HTTP/1.x or TCP)."""
+    if declared is L7Protocol.HTTP1:
+        return "http1"
+    if declared is L7Protocol.HTTP2:
+        return "h2" if await sniff(client.socket, H2_SNIFF_TIMEOUT) == "h2" else "http1"
+    return await sniff(client.socket, SNIFF_TIMEOUT)
 
 
 class OutboundPath:
@@ -46,23 +66,42 @@ class OutboundPath:
     def __init__(self, core: PodCore) -> None:
         self.core = core
         self._http: HttpProxy | None = None  # made on the first HTTP connection
+        self.http2 = H2Proxy(
+            snapshot=core.snapshot,
+            source=self._route_source,
+            connector=self._connector(),
+            registry=core.registry,
+            on_request=self._on_request,
+            limits=core.http_limits,
+            name=f"http2:{core.pod}",
+            access_logged=core.telemetry is not None,
+            tracer=core.telemetry.tracer if core.telemetry is not None else None,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The HTTP/2 proxy's pooled upstream connections live here (the pod's nursery)."""
+        await self.http2.run(task_status=task_status)
 
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.aclose()
+        await self.http2.aclose()
+
+    def _connector(self) -> MeshConnector:
+        return MeshConnector(
+            netns=self.core.netns,
+            identities=self.core.identities,
+            source=self._tunnel_source,
+            pool=self.core.pool,
+            identity_wait=self.core.identity_wait,
+            stats=self.core.stats.outbound,
+            label=self.core.pod,
+        )
 
     def http_proxy(self) -> HttpProxy:
         """This pod's L7 proxy (one per pod, so upstream connections are pooled per source)."""
         if self._http is None:
-            connector = MeshConnector(
-                netns=self.core.netns,
-                identities=self.core.identities,
-                source=self._tunnel_source,
-                pool=self.core.pool,
-                identity_wait=self.core.identity_wait,
-                stats=self.core.stats.outbound,
-                label=self.core.pod,
-            )
+            connector = self._connector()
             self._http = HttpProxy(
                 snapshot=self.core.snapshot,
                 source=self._route_source,
@@ -112,11 +151,14 @@ class OutboundPath:
         if loop is not None:
             raise SelfCall(loop, dst[1])
         snap = self.core.snapshot()
-        target = http_target(snap, dst[0], dst[1])
-        if target is not None:
-            # HTTP/1.1 service port: the L7 proxy routes every request (one log line each).
-            conn.service, conn.flag = target.service.ref, "http"
-            await self.http_proxy().serve(
+        target = l7_target(snap, dst[0], dst[1])
+        speaks = "tcp" if target is None else await _speaks(client, target.port.l7_protocol)
+        if target is not None and speaks != "tcp":
+            # An HTTP service port (or an undeclared one whose client spoke HTTP): an L7 proxy
+            # routes every request (one log line each).
+            conn.service, conn.flag = target.service.ref, "http" if speaks == "http1" else "http2"
+            proxy = self.http2 if speaks == "h2" else self.http_proxy()
+            await proxy.serve(
                 client, port=dst[1], host=target.service.hostname, client_address=src[0]
             )
             return

@@ -139,6 +139,7 @@ class PodProxy:
                 nursery.start_soon(self.inbound.watch_policy)
                 nursery.start_soon(self.inbound.watch_revocation)
                 await nursery.start(self.core.pool.run)
+                await nursery.start(self.outbound.run)
                 task_status.started()
         finally:
             for listener in (listeners.outbound, listeners.inbound, listeners.tunnel):

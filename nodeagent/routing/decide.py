@@ -105,11 +105,13 @@ def _fault(rule: FaultRule | None, rand: Rand) -> Fault:
         return Fault()
     delay = 0.0
     abort: int | None = None
+    abort_grpc: int | None = None
     if rule.delay is not None and rand() * 100 < rule.delay_percent:
         delay = rule.delay
-    if rule.abort_status is not None and rand() * 100 < rule.abort_percent:
-        abort = rule.abort_status
-    return Fault(delay=delay, abort_status=abort)
+    configured = rule.abort_status is not None or rule.abort_grpc_status is not None
+    if configured and rand() * 100 < rule.abort_percent:
+        abort, abort_grpc = rule.abort_status, rule.abort_grpc_status
+    return Fault(delay=delay, abort_status=abort, abort_grpc_status=abort_grpc)
 
 
 def _rewrite_path(request: HttpRequest, rewrite: Rewrite | None, match: HttpMatch) -> str:

@@ -122,6 +122,7 @@ class Fault:
 
     delay: float = 0.0  # seconds
     abort_status: int | None = None
+    abort_grpc_status: int | None = None  # `abort.grpcStatus`: a gRPC answer (HTTP 200)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ AuthorizationPolicy rules, Gateway servers) are kept as frozen mappings in Istio
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -87,13 +88,47 @@ class ServicePort:
             return "udp"
         if self.app_protocol:
             return self.app_protocol.lower().removeprefix("kubernetes.io/")
-        prefix = self.name.split("-", 1)[0].lower()
+        prefix = self.name.split("-", 1)[0].lower()  # "grpc-web-x" is grpc, as in Istio
         return prefix if prefix in _KNOWN_PROTOCOLS else "unknown"
+
+    @property
+    def l7_protocol(self) -> L7Protocol:
+        """How the proxy treats this port (`protocol_hint` → the one place that says it)."""
+        return L7Protocol.of(self.protocol_hint)
 
 
 _KNOWN_PROTOCOLS = frozenset(
-    ["http", "http2", "grpc", "grpc-web", "https", "tls", "tcp", "mongo", "redis", "mysql"]
+    ["http", "http2", "grpc", "grpc-web", "h2c", "https", "tls", "tcp", "mongo", "redis", "mysql"]
 )
+
+
+class L7Protocol(enum.Enum):
+    """What the outbound proxy speaks on a service port (Istio's protocol selection).
+
+    HTTP1: `http` (the HTTP/1.1 proxy). HTTP2: `http2`, `grpc`, `grpc-web`, `h2c` by port name
+    prefix or appProtocol (`kubernetes.io/h2c` included): the HTTP/2 proxy, which also takes an
+    HTTP/1.1 client on such a port (Envoy's codec AUTO). SNIFF: nothing declared (`unknown`):
+    the first bytes decide (an HTTP/2 preface, an HTTP/1.x request line, else TCP). OPAQUE:
+    everything else (tcp, tls, https, mongo, udp…): relayed at L4.
+    """
+
+    HTTP1 = "http"
+    HTTP2 = "http2"
+    SNIFF = "sniff"
+    OPAQUE = "tcp"
+
+    @classmethod
+    def of(cls, hint: str) -> L7Protocol:
+        if hint == "http":
+            return cls.HTTP1
+        if hint in _HTTP2_HINTS:
+            return cls.HTTP2
+        if hint == "unknown":
+            return cls.SNIFF
+        return cls.OPAQUE
+
+
+_HTTP2_HINTS = frozenset({"http2", "grpc", "grpc-web", "h2c"})
 
 
 @dataclass(frozen=True, slots=True)

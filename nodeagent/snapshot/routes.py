@@ -23,6 +23,16 @@ DEFAULT_RETRY_ON = frozenset(
     {"connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"}
 )
 
+# gRPC status code → the `retryOn` condition naming it (Envoy's x-envoy-retry-grpc-on; the codes
+# as numbers: `routing/grpc.py`'s GrpcStatus sits above this layer).
+_GRPC_RETRY_ON = {
+    1: "cancelled",
+    4: "deadline-exceeded",
+    8: "resource-exhausted",
+    13: "internal",
+    14: "unavailable",
+}
+
 StringMatchKind = Literal["exact", "prefix", "regex", "present"]
 
 
@@ -136,6 +146,12 @@ class RetryPolicy:
             return True
         return "retriable-status-codes" in on and status in self.status_codes
 
+    def retriable_grpc(self, grpc_status: int) -> bool:
+        """`retryOn` names this gRPC status (cancelled, deadline-exceeded, internal,
+        resource-exhausted, unavailable), for a response whose head carries it."""
+        name = _GRPC_RETRY_ON.get(grpc_status)
+        return name is not None and name in self.retry_on
+
     def retriable_failure(self, kind: Literal["connect-failure", "reset", "timeout"]) -> bool:
         on = self.retry_on
         if "5xx" in on:
@@ -159,6 +175,7 @@ class FaultRule:
     delay_percent: float = 100.0
     abort_status: int | None = None
     abort_percent: float = 100.0
+    abort_grpc_status: int | None = None  # `abort.grpcStatus`, as its number
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 from nodeagent.config.duration import DurationError, parse_duration
 from nodeagent.config.regex import RegexError, compile_regex
+from nodeagent.config.validate.virtualservice import GRPC_STATUS_NAMES
 from nodeagent.snapshot import hosts
 from nodeagent.snapshot.model import freeze
 from nodeagent.snapshot.routes import (
@@ -345,15 +346,27 @@ def _fault(path: str, value: Any) -> FaultRule | None:
     delay: float | None = None
     delay_percent = abort_percent = 100.0
     abort: int | None = None
+    abort_grpc: int | None = None
     if (d := doc.get("delay")) is not None:
         d = _map(f"{path}.delay", d)
         delay = _seconds(f"{path}.delay.fixedDelay", d.get("fixedDelay")) or 0.0
         delay_percent = _percentage(f"{path}.delay", d)
     if (a := doc.get("abort")) is not None:
         a = _map(f"{path}.abort", a)
-        abort = _int(f"{path}.abort.httpStatus", a.get("httpStatus"), 200, 599)
+        if a.get("grpcStatus") is not None:
+            abort_grpc = _grpc_status(f"{path}.abort.grpcStatus", a["grpcStatus"])
+        else:
+            abort = _int(f"{path}.abort.httpStatus", a.get("httpStatus"), 200, 599)
         abort_percent = _percentage(f"{path}.abort", a)
-    return FaultRule(delay, delay_percent, abort, abort_percent)
+    return FaultRule(delay, delay_percent, abort, abort_percent, abort_grpc)
+
+
+def _grpc_status(path: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 16:
+        return value
+    if isinstance(value, str) and value.upper() in GRPC_STATUS_NAMES:
+        return GRPC_STATUS_NAMES.index(value.upper())
+    raise RouteError(path, f"not a gRPC status: {value!r}")
 
 
 def _rewrite(path: str, value: Any) -> Rewrite | None:

@@ -54,6 +54,8 @@ class RequestRecord(Protocol):
     response_code_details: str
     request_principal: str
     upstream_transport_failure_reason: str
+    protocol: str  # the metrics' request_protocol: "http" or "grpc"
+    grpc_status: int | None  # a gRPC request's status (trailers or trailers-only head)
 
     @property
     def response_flags(self) -> str: ...
@@ -255,13 +257,14 @@ def record_request(
         source=source,
         destination=destination,
         service=service,
-        protocol="http",
+        protocol=entry.protocol,
         source_principal=source_principal,
     )
     flags = entry.response_flags
     sinks.metrics.record_request(
         peer,
         response_code=entry.code,
+        grpc_status=entry.grpc_status,
         duration_ms=entry.duration * 1000,
         request_bytes=entry.bytes_received,
         response_bytes=entry.bytes_sent,
@@ -276,7 +279,7 @@ def record_request(
             start_time=time.time() - entry.duration,
             duration_ms=entry.duration * 1000,
             reporter="source",
-            protocol="http",
+            protocol=entry.protocol,
             method=entry.method,
             authority=entry.authority or "-",
             path=entry.path,

@@ -281,7 +281,13 @@ PEER_LABELS = (
     "destination_service_namespace",
     "request_protocol",
 )
-REQUEST_LABELS = (*PEER_LABELS, "response_code", "response_flags", "connection_security_policy")
+REQUEST_LABELS = (
+    *PEER_LABELS,
+    "response_code",
+    "grpc_response_status",  # "" unless the request was gRPC, as Istio's
+    "response_flags",
+    "connection_security_policy",
+)
 # Istio's TCP metrics carry no response_code.
 TCP_LABELS = (*PEER_LABELS, "response_flags", "connection_security_policy")
 
@@ -420,8 +426,10 @@ class IstioMetrics:
         response_bytes: int,
         response_flags: str = "-",
         security_policy: SecurityPolicy = "none",
+        grpc_status: int | None = None,
     ) -> None:
-        labels = (*peer.values, str(response_code), response_flags, security_policy)
+        grpc = "" if grpc_status is None else str(grpc_status)
+        labels = (*peer.values, str(response_code), grpc, response_flags, security_policy)
         self.requests.inc(labels)
         self.duration.observe(labels, duration_ms)
         self.request_bytes.observe(labels, request_bytes)

@@ -432,6 +432,59 @@ def test_unknown_ip_is_passthrough_or_refused(
     assert "unknown destination 192.0.2.7:8080" in report["summary"]
 
 
+GRPC = """\
+apiVersion: v1
+kind: Service
+metadata: {name: echo}
+spec:
+  selector: {app: echo}
+  ports: [{name: grpc, port: 9090, targetPort: 9090}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo}
+spec:
+  host: echo
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo}
+spec:
+  hosts: [echo]
+  http:
+  - name: say-hello
+    match: [{uri: {exact: /test.Echo/Hello}}]
+    timeout: 2s
+    route: [{destination: {host: echo, subset: v2}}]
+  - route: [{destination: {host: echo, subset: v1}}]
+"""
+
+
+def test_grpc_method_shows_its_route(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    extra = "\n---\n".join(
+        [
+            GRPC,
+            _workload("echo-1", "10.1.0.31", "node-1", "app: echo, version: v1"),
+            _workload("echo-2", "10.2.0.32", "node-2", "app: echo, version: v2"),
+        ]
+    )
+    _apply(store, capsys, text=MY_APP + "\n---\n" + extra)
+    report = _explain(capsys, "--from", "client", "--to", "grpc://echo:9090/test.Echo/Hello")
+    assert report["protocol"] == "grpc"
+    assert report["resolved"]["protocol"] == "grpc"
+    assert report["request"]["method"] == "POST"
+    assert report["request"]["headers"]["content-type"] == "application/grpc"
+    assert report["route"]["route_name"] == "default/echo.say-hello"
+    assert _dests(report) == [(100, "v2", {"version": "v2"}, ["default/echo-2"])]
+    other = _explain(capsys, "--from", "client", "--to", "grpc://echo:9090/test.Echo/Other")
+    assert _dests(other) == [(100, "v1", {"version": "v1"}, ["default/echo-1"])]
+    table = _table(capsys, "--from", "client", "--to", "grpc://echo:9090/test.Echo/Hello")
+    assert "say-hello" in table
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 
@@ -443,6 +496,7 @@ def test_unknown_ip_is_passthrough_or_refused(
         (["--from", "client", "--to", "http://my-app:99999/"], "not a URL"),
         (["--from", "client", "--to", "ftp://my-app/"], "scheme 'ftp'"),
         (["--from", "client", "--to", "tcp://db"], "needs a port"),
+        (["--from", "client", "--to", "grpc://my-app/NoMethod"], "package.Service/Method"),
         (["--from", "client", "--to", "http://my-app/", "-H", "novalue"], "expected 'Name: value'"),
     ],
 )

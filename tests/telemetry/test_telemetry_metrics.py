@@ -219,6 +219,7 @@ def test_istio_request_metrics_have_exactly_istios_labels() -> None:
         "destination_service_namespace": "shop",
         "request_protocol": "http",
         "response_code": "200",
+        "grpc_response_status": "",  # Istio's: empty unless the request was gRPC
         "response_flags": "-",
         "connection_security_policy": "mutual_tls",
     }

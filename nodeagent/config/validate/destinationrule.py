@@ -138,7 +138,7 @@ _connection_pool = obj(
                 "http2KeepAlive": obj({"interval": duration(), "timeout": duration()}),
                 "h2UpgradePolicy": enum(["DEFAULT"], unsupported=["DO_NOT_UPGRADE", "UPGRADE"]),
                 "useClientProtocol": Unsupported(),
-                "maxConcurrentStreams": Unsupported(),
+                "maxConcurrentStreams": _count,
             }
         ),
     }

@@ -3,10 +3,11 @@
 Supported: hosts, gateways, exportTo; http routes with match (uri, scheme, method, authority,
 headers, withoutHeaders, queryParams, port, sourceLabels, sourceNamespace, gateways,
 ignoreUriCase, name), route (weighted destinations with headers), redirect, directResponse,
-rewrite, headers, timeout, retries, fault (delay/abort), mirror/mirrorPercentage; tcp routes;
-tls routes (sniHosts within the hosts; served by PASSTHROUGH gateway servers).
-Not supported (rejected by path): delegate, corsPolicy, mirrors, statPrefix, grpc
-and http2 aborts, exponential delays.
+rewrite, headers, timeout, retries, fault (delay/abort incl. grpcStatus),
+mirror/mirrorPercentage; tcp routes; tls routes (sniHosts within the hosts; served by
+PASSTHROUGH gateway servers).
+Not supported (rejected by path): delegate, corsPolicy, mirrors, statPrefix, http2Error aborts,
+exponential delays.
 """
 
 from __future__ import annotations
@@ -271,14 +272,43 @@ _delay = obj(
     required=["fixedDelay"],
     one_of=[("percentage", "percent")],
 )
+
+
+def _abort_check(w: Walker, path: str, value: Any) -> None:
+    if value.get("httpStatus") is None and value.get("grpcStatus") is None:
+        w.error(path, "abort must set httpStatus or grpcStatus")
+
+
+# Istio's `abort.grpcStatus` names (google.rpc.Code), in code order.
+GRPC_STATUS_NAMES = (
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+)
+
 _abort = obj(
     {
         "httpStatus": integer(minimum=200, maximum=599, what="httpStatus must be between 200-599"),
         "percentage": _percent,
-        "grpcStatus": Unsupported(),
+        "grpcStatus": enum(GRPC_STATUS_NAMES),
         "http2Error": Unsupported(),
     },
-    required=["httpStatus"],
+    one_of=[("httpStatus", "grpcStatus")],
+    checks=[_abort_check],
 )
 
 

@@ -19,7 +19,7 @@ GATEWAY_WORKLOAD = ("istio-system", "istio-ingressgateway")
 # Istio's default service account of the ingress gateway, used when no gateway workload is
 # registered (the identity the gateway would present).
 GATEWAY_SERVICE_ACCOUNT = "istio-ingressgateway-service-account"
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+_DEFAULT_PORTS = {"http": 80, "https": 443, "grpc": 80}
 _MAX_HEADERS = 100
 
 
@@ -35,7 +35,7 @@ class Target:
     """The parsed `--to` URL."""
 
     url: str
-    scheme: str  # http, https or tcp
+    scheme: str  # http, https, tcp or grpc
     host: str  # lower case, no brackets
     port: int
     authority: str  # host[:port] as the client sends it in Host
@@ -52,7 +52,9 @@ class Target:
 
 
 def parse_target(url: str) -> Target:
-    """`http://host[:port]/path?q`, `tcp://host:port`, `https://…`; no scheme means http."""
+    """`http://host[:port]/path?q`, `tcp://host:port`, `https://…`,
+    `grpc://host[:port]/package.Service/Method` (a gRPC call: POST, content-type
+    application/grpc); no scheme means http."""
     text = url.strip()
     if not text:
         raise ExplainError("--to: empty URL")
@@ -64,8 +66,14 @@ def parse_target(url: str) -> Target:
     except ValueError as exc:
         raise ExplainError(f"--to {url!r}: not a URL ({exc})") from None
     scheme = parts.scheme.lower()
-    if scheme not in ("http", "https", "tcp"):
-        raise ExplainError(f"--to {url!r}: scheme {scheme!r} is not one of http, https, tcp")
+    if scheme not in ("http", "https", "tcp", "grpc"):
+        raise ExplainError(f"--to {url!r}: scheme {scheme!r} is not one of http, https, tcp, grpc")
+    if scheme == "grpc":
+        service, sep, method = parts.path.lstrip("/").partition("/")
+        if not sep or not service or not method or "/" in method or parts.query:
+            raise ExplainError(
+                f"--to {url!r}: a gRPC method is grpc://host[:port]/package.Service/Method"
+            )
     host = (parts.hostname or "").lower().rstrip(".")
     if not host:
         raise ExplainError(f"--to {url!r}: no host")

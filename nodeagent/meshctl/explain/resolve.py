@@ -39,7 +39,7 @@ from nodeagent.meshctl.explain.l7 import HttpView, add_http_checks, http_checks
 from nodeagent.proxy import outbound
 from nodeagent.routing import HttpRequest, Source, TcpRequest, route_http, route_tcp
 from nodeagent.routing.model import RouteDecision
-from nodeagent.snapshot import Endpoint, ServiceTarget, Snapshot, Workload, hosts
+from nodeagent.snapshot import Endpoint, L7Protocol, ServiceTarget, Snapshot, Workload, hosts
 
 
 def _http(
@@ -275,9 +275,26 @@ def explain(
         return report
     report["resolved"].update(service=service_doc(found.service), **port_doc(found.port))
     # The proxy's own L7 dispatch rule, so explain cannot drift from what the proxy does.
-    l7 = outbound.http_target(snap, vip, target.port) is not None
-    if l7 and target.scheme == "http":
-        report["protocol"] = "http"
+    l7_target = outbound.l7_target(snap, vip, target.port)
+    l7 = l7_target is not None and l7_target.port.l7_protocol is not L7Protocol.SNIFF
+    if l7_target is not None and not l7:
+        report["note"] = (
+            "the port's protocol is not declared: the proxy sniffs the client's first bytes "
+            "(HTTP/1.x or an HTTP/2 preface: routed as below; anything else: TCP)"
+        )
+    if l7_target is not None and target.scheme in ("http", "grpc"):
+        report["protocol"] = target.scheme
+        if target.scheme == "grpc":
+            # What a gRPC client sends: POST with the gRPC content type (routes may match it).
+            method = "POST"
+            header_map.setdefault("content-type", "application/grpc")
+            header_map.setdefault("te", "trailers")
+            report["request"]["method"] = method
+            if l7_target.port.l7_protocol is L7Protocol.HTTP1:
+                report["note"] = (
+                    "the port is declared HTTP/1.1 (name http…): a gRPC client's HTTP/2 would "
+                    "be refused; name it grpc-… or set appProtocol: grpc"
+                )
         request = HttpRequest.from_target(
             method,
             authority,

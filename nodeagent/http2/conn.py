@@ -1,0 +1,467 @@
+"""One HTTP/2 connection in the clear (h2c, prior knowledge) over any trio stream: the `h2`
+state machine (sans-IO) driven by a reader and a single writer, as `tunnel/h2conn.py` drives
+HBONE, but for requests and responses rather than CONNECT tunnels, and over a plain stream (the
+client's socket, or an HBONE stream to the destination pod).
+
+`H2Connection.run(handler)` serves the connection: the reader feeds `h2` and hands events to
+their `H2Stream`; the writer is the only task that writes the transport (a cancelled sender can
+never leave half a frame behind). Flow control is end to end: received DATA is acknowledged
+(the window given back to the peer) only when the stream's reader takes it, and `send_data`
+waits for the peer's window, so a proxy that reads one side and writes the other moves bytes at
+the pace of the slower peer, holding at most a window's worth per stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import trio
+
+Headers = list[tuple[bytes, bytes]]
+StreamHandler = Callable[["H2Stream"], Awaitable[None]]
+
+READ_SIZE = 256 * 1024
+STREAM_WINDOW = 1024 * 1024  # what one stream may have in flight towards us
+CONNECTION_WINDOW = 16 * 1024 * 1024
+MAX_FRAME = 64 * 1024
+MAX_HEADER_LIST = 64 * 1024  # as the HTTP/1.1 proxy's max_header_bytes (60 KiB) and a bit
+DEFAULT_MAX_STREAMS = 1000  # concurrent streams we accept (server side)
+_ids = itertools.count(1)
+
+
+class StreamReset(Exception):
+    """The stream ended abnormally: reset by the peer (`refused`: REFUSED_STREAM or above the
+    peer's GOAWAY, so never processed and safe to retry), or the connection failed."""
+
+    def __init__(self, reason: str, *, refused: bool = False) -> None:
+        super().__init__(reason)
+        self.refused = refused
+
+
+class H2Connection:
+    """An HTTP/2 connection, client or server side, over `transport`."""
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        *,
+        client: bool,
+        max_concurrent_streams: int = DEFAULT_MAX_STREAMS,
+    ) -> None:
+        self.id = next(_ids)
+        self.transport = transport
+        self.client = client
+        config = h2.config.H2Configuration(
+            client_side=client, header_encoding=None, validate_inbound_headers=True
+        )
+        self.h2 = h2.connection.H2Connection(config)
+        self.h2.local_settings = h2.settings.Settings(
+            client=client,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        self.h2.initiate_connection()
+        # h2 checks inbound frame sizes against the acknowledged setting, per `receive_data`
+        # call: the peer's first large frame can share a read with its ACK of our SETTINGS.
+        self.h2.max_inbound_frame_size = MAX_FRAME
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.streams: dict[int, H2Stream] = {}
+        self.error = ""
+        self.goaway = False
+        self.streams_opened = 0
+        self.last_active = trio.current_time()
+        self.streams_changed_at = self.last_active  # a stream opened or closed (idle timeout)
+        self._kick_event = trio.Event()
+        self._closed = trio.Event()
+        self._scope: trio.CancelScope | None = None
+        self._handler: StreamHandler | None = None
+        self._handlers: trio.Nursery | None = None
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return not self.error and not self._closed.is_set()
+
+    def accepts_streams(self) -> bool:
+        return self.alive and not self.goaway
+
+    def capacity(self) -> int:
+        """How many more streams the peer lets us open now."""
+        limit = self.h2.remote_settings.max_concurrent_streams
+        return max(0, limit - len(self.streams))
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def run(self, handler: StreamHandler | None = None) -> None:
+        """Serve until the connection fails or closes; `handler` (server side) runs once per
+        request stream, in its own task, and the stream is closed after it."""
+        self._handler = handler
+        try:
+            async with trio.open_nursery() as handlers:
+                self._handlers = handlers
+                try:
+                    async with trio.open_nursery() as nursery:
+                        self._scope = nursery.cancel_scope
+                        nursery.start_soon(self._writer)
+                        self.kick()  # the preface and SETTINGS
+                        await self._reader()
+                        nursery.cancel_scope.cancel()
+                finally:
+                    for stream in list(self.streams.values()):
+                        stream._fail(self.error or "connection closed")
+                    handlers.cancel_scope.cancel()
+        finally:
+            self._closed.set()
+            for stream in list(self.streams.values()):
+                stream._fail(self.error or "connection closed")
+            with trio.CancelScope(shield=True):
+                await self.transport.aclose()
+
+    def fail(self, reason: str) -> None:
+        """Abort the connection (every stream sees the error). Never blocks."""
+        if not self.error:
+            self.error = reason
+        for stream in list(self.streams.values()):
+            stream._fail(reason)
+        if self._scope is not None:
+            self._scope.cancel()
+        else:
+            self._closed.set()
+
+    def close(self) -> None:
+        """No new streams; once the streams under way ended, GOAWAY and the connection ends
+        (h2 stops taking frames once it sent a GOAWAY, so it is sent last)."""
+        self.goaway = True
+        self.kick()
+
+    def kick(self) -> None:
+        self._kick_event.set()
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                data = self.h2.data_to_send()
+                if data:
+                    await self.transport.send_all(data)
+                    continue
+                if self.goaway and not self.streams:
+                    # GOAWAY either way and nothing left to answer: say so, then close.
+                    with contextlib.suppress(h2.exceptions.ProtocolError):
+                        self.h2.close_connection()
+                    if data := self.h2.data_to_send():
+                        with trio.move_on_after(1):
+                            await self.transport.send_all(data)
+                    self.fail("closed")
+                    return
+                await self._kick_event.wait()
+                self._kick_event = trio.Event()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.fail(f"send: {exc}")
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                data = await self.transport.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self.error = self.error or f"receive: {exc}"
+                return
+            if not data:
+                self.error = self.error or "peer closed the connection"
+                return
+            self.last_active = trio.current_time()
+            try:
+                events = self.h2.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                self.error = f"http/2 protocol error: {exc}"
+                self.kick()  # h2 queued a GOAWAY
+                with trio.move_on_after(1):
+                    await self.transport.send_all(self.h2.data_to_send())
+                return
+            self._dispatch(events)
+            self.kick()
+
+    def _dispatch(self, events: list[h2.events.Event]) -> None:
+        for event in events:
+            sid = getattr(event, "stream_id", None)
+            stream = self.streams.get(sid) if sid else None
+            if isinstance(event, h2.events.DataReceived):
+                if stream is None:
+                    # A stream we closed: give the connection window back.
+                    with contextlib.suppress(h2.exceptions.H2Error):
+                        self.h2.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    continue
+                stream._data(event.data or b"", event.flow_controlled_length)
+            elif isinstance(event, h2.events.RequestReceived):
+                self._request(event)  # END_STREAM on the head comes as StreamEnded too
+            elif isinstance(event, h2.events.ResponseReceived):
+                if stream is not None:
+                    stream._headers(list(event.headers or []))
+            elif isinstance(event, h2.events.TrailersReceived):
+                if stream is not None:
+                    stream.trailers = list(event.headers or [])
+            elif isinstance(event, h2.events.StreamEnded):
+                if stream is not None:
+                    stream._end()
+            elif isinstance(event, h2.events.StreamReset):
+                if stream is not None:
+                    code = event.error_code or 0
+                    refused = code == h2.errors.ErrorCodes.REFUSED_STREAM
+                    stream._fail(f"stream reset by peer ({code!s})", refused=refused)
+            elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+                targets = self.streams.values() if not sid else [stream] if stream else []
+                for s in list(targets):
+                    s._wake_send()
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.goaway = True
+                last = event.last_stream_id or 0
+                for other_sid, other in list(self.streams.items()):
+                    if self.client and other_sid > last:
+                        other._fail("refused by GOAWAY", refused=True)
+
+    def _request(self, event: h2.events.RequestReceived) -> None:
+        sid = event.stream_id
+        assert sid is not None
+        stream = H2Stream(self, sid)
+        stream._headers(list(event.headers or []))
+        self.streams[sid] = stream
+        self.streams_opened += 1
+        self.streams_changed_at = trio.current_time()
+        if self._handler is None or self._handlers is None or self.client or self.goaway:
+            stream.reset(h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        self._handlers.start_soon(self._handle, stream)
+
+    async def _handle(self, stream: H2Stream) -> None:
+        assert self._handler is not None
+        try:
+            await self._handler(stream)
+        finally:
+            stream.close()
+
+    # -- the client side -------------------------------------------------------------------
+
+    def open_stream(self, headers: Headers, *, end_stream: bool = False) -> H2Stream:
+        """Send a request head on a new stream (StreamReset(refused) when the connection takes
+        no more streams)."""
+        if not self.accepts_streams():
+            raise StreamReset(f"connection closed: {self.error or 'goaway'}", refused=True)
+        try:
+            sid = self.h2.get_next_available_stream_id()
+            self.h2.send_headers(sid, headers, end_stream=end_stream)
+        except h2.exceptions.H2Error as exc:
+            raise StreamReset(f"open stream: {exc}", refused=True) from None
+        stream = H2Stream(self, sid)
+        stream._eof_sent = end_stream
+        self.streams[sid] = stream
+        self.streams_opened += 1
+        self.last_active = trio.current_time()
+        self.kick()
+        return stream
+
+
+class H2Stream:
+    """One request/response exchange. The head, the DATA and the trailers of the peer's side
+    arrive in order (`wait_headers`, `receive_data` → b"" at the end, then `trailers`); our side
+    is sent with `send_headers`, `send_data`, `send_trailers` / `end`."""
+
+    def __init__(self, conn: H2Connection, stream_id: int) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.headers: Headers | None = None  # the request head (server) / response head (client)
+        self.trailers: Headers | None = None
+        self.error = ""
+        self.refused = False
+        self.received_bytes = 0
+        self.sent_bytes = 0
+        self._chunks: deque[tuple[bytes, int]] = deque()
+        self._eof = False
+        self._eof_sent = False
+        self._closed = False
+        self._event = trio.Event()  # something arrived (headers, data, end, error)
+        self._send_event: trio.Event | None = None
+        self.on_fail: Callable[[], None] | None = None
+        self.on_activity: Callable[[], None] | None = None  # a DATA payload moved either way
+
+    # -- from the reader ----------------------------------------------------------------------
+
+    def _headers(self, headers: Headers) -> None:
+        status = _value(headers, b":status")
+        if status is not None and status.startswith(b"1"):
+            return  # 100 Continue, 103 Early Hints: not passed on
+        self.headers = headers
+        self._event.set()
+
+    def _data(self, data: bytes, flow: int) -> None:
+        if self._closed:
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.conn.h2.acknowledge_received_data(flow, self.id)
+            return
+        self._chunks.append((data, flow))
+        self._event.set()
+
+    def _end(self) -> None:
+        self._eof = True
+        self._event.set()
+
+    def _fail(self, reason: str, *, refused: bool = False) -> None:
+        if not self.error:
+            self.error = reason
+            self.refused = refused
+            if self.on_fail is not None:
+                self.on_fail()
+        self._event.set()
+        self._wake_send()
+
+    def _wake_send(self) -> None:
+        if self._send_event is not None:
+            self._send_event.set()
+
+    async def _wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
+
+    # -- receiving ------------------------------------------------------------------------
+
+    @property
+    def ended(self) -> bool:
+        """The peer's side is complete (END_STREAM) and nothing of it is left unread."""
+        return self._eof and not self._chunks
+
+    async def wait_headers(self) -> Headers:
+        while self.headers is None:
+            if self.error:
+                raise StreamReset(self.error, refused=self.refused)
+            await self._wait()
+        return self.headers
+
+    async def receive_data(self) -> bytes:
+        """The next DATA payload; b"" once the peer ended the stream. Taking it gives its
+        window back to the peer (flow control end to end)."""
+        while not self._chunks:
+            if self._eof:
+                # Complete: a reset after END_STREAM (a server's RST_STREAM NO_ERROR once it
+                # answered, RFC 9113 §8.1) loses nothing.
+                return b""
+            if self.error:
+                raise StreamReset(self.error, refused=self.refused)
+            await self._wait()
+        data, flow = self._chunks.popleft()
+        self.received_bytes += len(data)
+        if self.on_activity is not None:
+            self.on_activity()
+        if flow and not self.error:
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.conn.h2.acknowledge_received_data(flow, self.id)
+            self.conn.kick()
+        return data
+
+    # -- sending --------------------------------------------------------------------------
+
+    def send_headers(self, headers: Headers, *, end_stream: bool = False) -> None:
+        if self.error:
+            raise StreamReset(self.error, refused=self.refused)
+        try:
+            self.conn.h2.send_headers(self.id, headers, end_stream=end_stream)
+        except h2.exceptions.H2Error as exc:
+            raise StreamReset(f"send headers: {exc}") from None
+        self._eof_sent = self._eof_sent or end_stream
+        self.conn.kick()
+
+    async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
+        """Send `data`, waiting for the peer's flow-control window as needed."""
+        h2c = self.conn.h2
+        view = memoryview(data)
+        while True:
+            if self.error:
+                raise StreamReset(self.error, refused=self.refused)
+            if not view:
+                break
+            try:
+                window = min(h2c.local_flow_control_window(self.id), h2c.max_outbound_frame_size)
+            except h2.exceptions.H2Error as exc:
+                raise StreamReset(f"send: {exc}") from None
+            if window <= 0:
+                self._send_event = trio.Event()
+                await self._send_event.wait()
+                self._send_event = None
+                continue
+            n = min(window, len(view))
+            try:
+                h2c.send_data(self.id, bytes(view[:n]))
+            except h2.exceptions.H2Error as exc:
+                raise StreamReset(f"send: {exc}") from None
+            self.sent_bytes += n
+            view = view[n:]
+            self.conn.kick()
+            if self.on_activity is not None:
+                self.on_activity()
+        if end_stream:
+            self.end()
+        await trio.lowlevel.checkpoint()
+
+    def send_trailers(self, trailers: Headers) -> None:
+        self.send_headers(trailers, end_stream=True)
+
+    def end(self) -> None:
+        """END_STREAM on our side (an empty DATA frame)."""
+        if self._eof_sent or self.error:
+            return
+        self._eof_sent = True
+        try:
+            self.conn.h2.end_stream(self.id)
+        except h2.exceptions.H2Error as exc:
+            raise StreamReset(f"end stream: {exc}") from None
+        self.conn.kick()
+
+    def reset(self, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """RST_STREAM now (never blocks); our own reset does not call `on_fail`."""
+        self.on_fail = None
+        if not self.error:
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.conn.h2.reset_stream(self.id, code)
+            self.conn.kick()
+        self._fail("stream reset")
+
+    def close(self) -> None:
+        """Done with the stream: reset it if either side is still open, give back the window of
+        anything unread, forget it."""
+        if self._closed:
+            return
+        self._closed = True
+        if not (self._eof and self._eof_sent) and not self.error:
+            # Our side done, theirs not (an answer before the whole request): NO_ERROR, as
+            # RFC 9113 §8.1 says; otherwise we are abandoning the exchange.
+            done = self._eof_sent
+            self.reset(h2.errors.ErrorCodes.NO_ERROR if done else h2.errors.ErrorCodes.CANCEL)
+        unread = sum(flow for _, flow in self._chunks)
+        self._chunks.clear()
+        if unread:
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.conn.h2.acknowledge_received_data(unread, self.id)
+        self.conn.streams.pop(self.id, None)
+        self.conn.last_active = self.conn.streams_changed_at = trio.current_time()
+        self.conn.kick()
+
+
+def _value(headers: Headers, name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return None

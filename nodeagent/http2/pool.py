@@ -1,0 +1,169 @@
+"""Pooled upstream HTTP/2 connections, per endpoint: many requests (streams) share one
+connection, a new one is opened only when every open one is full (the peer's
+SETTINGS_MAX_CONCURRENT_STREAMS, at most `max_streams`) or gone.
+
+Each connection is one stream from the injected connector (through the mesh: an HBONE CONNECT
+stream to the pod), driven by `H2Connection.run` in the pool's nursery (`H2Pool.run`), so a
+connection outlives the client connection whose request opened it. An idle connection closes
+after `idle_timeout`; a connection whose transport has a certificate (`credentials`) that no
+longer allows reuse takes no new streams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from nodeagent.balance import Overflow
+from nodeagent.balance.pool import CircuitBreaker, ConnectionToken
+from nodeagent.http.errors import UpstreamOverflow
+from nodeagent.http.pool import Credentials
+from nodeagent.http2.conn import H2Connection
+from nodeagent.log import get_logger
+from nodeagent.snapshot import Endpoint
+
+Connector = Callable[[Endpoint, int], Awaitable[trio.abc.Stream]]
+log = get_logger("http2.pool")
+MAX_STREAMS = 100  # per upstream connection (Envoy's default for HTTP/2 upstreams is 2^31-1)
+IDLE_TIMEOUT = 3600.0  # DestinationRule http.idleTimeout's default
+
+
+@dataclass(slots=True)
+class PoolStats:
+    connects: int = 0
+    reuses: int = 0
+
+
+class H2Pool:
+    def __init__(self, connector: Connector, *, connect_timeout: float = 10.0) -> None:
+        self.connector = connector
+        self.connect_timeout = connect_timeout
+        self.stats = PoolStats()
+        self._conns: dict[tuple[str, int], list[H2Connection]] = {}
+        self._nursery: trio.Nursery | None = None
+        self._opening: dict[tuple[str, int], trio.Event] = {}
+        self._tokens: dict[int, ConnectionToken] = {}  # connection id → its maxConnections slot
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the connections' tasks until cancelled (then every connection closes)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    def spawn(self, task: Callable[[], Awaitable[None]]) -> None:
+        """Run `task` beside the connections (a mirrored copy: outlives its request); dropped
+        when the pool is not running."""
+        if self._nursery is not None:
+            self._nursery.start_soon(task)
+
+    def connection_count(self) -> int:
+        return sum(len(v) for v in self._conns.values())
+
+    async def acquire(
+        self,
+        endpoint: Endpoint,
+        service_port: int,
+        *,
+        max_streams: int = MAX_STREAMS,
+        idle_timeout: float = IDLE_TIMEOUT,
+        breaker: CircuitBreaker | None = None,
+    ) -> tuple[H2Connection, bool]:
+        """A connection to `endpoint` with room for one more stream, and whether it was reused.
+        Raises OSError (or the connector's error) when a new one cannot be opened, and
+        UpstreamOverflow when the cluster's `tcp.maxConnections` forbids a new one. Each stream
+        opened on it is counted with `stream_opened`."""
+        key = (endpoint.address, endpoint.port)
+        while True:
+            conns = self._conns.setdefault(key, [])
+            conns[:] = [c for c in conns if c.alive]
+            for conn in conns:
+                if _usable(conn) and min(conn.capacity(), max_streams - len(conn.streams)) > 0:
+                    self.stats.reuses += 1
+                    return conn, True
+            opening = self._opening.get(key)
+            if opening is None:
+                break
+            await opening.wait()  # one connect at a time per endpoint; then look again
+        token: ConnectionToken | None = None
+        if breaker is not None:
+            got = breaker.try_acquire_connection()
+            if isinstance(got, Overflow):
+                raise UpstreamOverflow(str(got))
+            token = got
+        done = self._opening[key] = trio.Event()
+        try:
+            conn = await self._open(endpoint, service_port, idle_timeout, token)
+        except BaseException:
+            if token is not None:
+                token.release()
+            raise
+        finally:
+            del self._opening[key]
+            done.set()
+        self._conns.setdefault(key, []).append(conn)
+        return conn, False
+
+    def stream_opened(self, conn: H2Connection) -> None:
+        """Count a stream opened on `conn` (from `acquire`): after maxRequestsPerConnection of
+        them it takes no new one (GOAWAY; the streams under way finish)."""
+        token = self._tokens.get(conn.id)
+        if token is not None and token.note_request():
+            conn.close()
+
+    async def _open(
+        self, endpoint: Endpoint, service_port: int, idle: float, token: ConnectionToken | None
+    ) -> H2Connection:
+        if self._nursery is None:
+            raise OSError("the HTTP/2 upstream pool is not running")
+        with trio.fail_after(self.connect_timeout):
+            transport = await self.connector(endpoint, service_port)
+        conn = H2Connection(transport, client=True)
+        self.stats.connects += 1
+        if token is not None:
+            self._tokens[conn.id] = token
+        self._nursery.start_soon(self._serve, conn, idle)
+        return conn
+
+    async def _serve(self, conn: H2Connection, idle: float) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reap_idle, conn, idle, nursery.cancel_scope)
+                await conn.run()
+                nursery.cancel_scope.cancel()
+        except Exception as exc:  # one upstream connection ends; the pool (and the pod) go on
+            conn.fail(repr(exc))
+            log.error("upstream.failed", conn=conn.id, error=repr(exc))
+        finally:
+            token = self._tokens.pop(conn.id, None)
+            if token is not None:
+                token.release()  # its tcp.maxConnections slot
+
+    async def _reap_idle(self, conn: H2Connection, idle: float, scope: trio.CancelScope) -> None:
+        while conn.alive:
+            await trio.sleep_until(conn.last_active + idle)
+            if not conn.streams and trio.current_time() >= conn.last_active + idle:
+                conn.close()
+                return
+
+    async def aclose(self) -> None:
+        for conns in self._conns.values():
+            for conn in conns:
+                conn.fail("pool closed")
+        self._conns.clear()
+        await trio.lowlevel.checkpoint()
+
+
+def _usable(conn: H2Connection) -> bool:
+    if not conn.accepts_streams():
+        return False
+    credentials: Credentials | None = getattr(conn.transport, "credentials", None)
+    if credentials is not None and credentials.problem() is not None:
+        conn.close()  # a certificate expired, rotated or was revoked: no new streams on it
+        return False
+    return True

@@ -1,0 +1,641 @@
+"""The HTTP/2 (h2c) and gRPC proxy: terminate the client's HTTP/2, route every request (stream)
+with the same decision as HTTP/1.1 (`nodeagent.routing.route_http`), run it through the same
+attempt loop (`nodeagent.http.attempt.run_attempts`: pick, breaker, retries, timeouts), each
+attempt a stream on a pooled upstream HTTP/2 connection (`pool.py`) to the endpoint the
+cluster's balancer picked: one client connection is spread over the service's replicas request
+by request.
+
+gRPC: a request with `content-type: application/grpc…` is answered, when the mesh answers it
+(no route, no endpoint, fault abort, timeout…), with a trailers-only gRPC error (HTTP 200 and
+`grpc-status`, `routing/grpc.py`); `grpc-status` in a trailers-only response decides retries
+(`retryOn` cancelled, deadline-exceeded, internal, resource-exhausted, unavailable) and the
+outlier detector's view; the trailers pass through; `grpc-timeout` bounds the request with the
+route timeout (the smaller wins). Bodies stream both ways at once (bidirectional calls) with
+flow control end to end; the route timeout, when set, bounds the whole stream, as Envoy's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import random
+from collections.abc import Callable
+from contextvars import Token
+from functools import partial
+
+import trio
+
+from nodeagent.balance import Outcome, PickContext, Registry
+from nodeagent.balance import Picker as Cluster
+from nodeagent.balance.state import EndpointState
+from nodeagent.http import flags
+from nodeagent.http.attempt import AttemptOutcome, LocalReply, run_attempts
+from nodeagent.http.errors import UpstreamDenied, UpstreamOverflow
+from nodeagent.http.headers import HOP_BY_HOP, new_request_id
+from nodeagent.http.limits import Limits
+from nodeagent.http.log import RequestLog, RequestRecorder, log, start_span_for
+from nodeagent.http2.conn import H2Connection, H2Stream, Headers, StreamReset
+from nodeagent.http2.messages import (
+    BadRequest,
+    RequestHead,
+    grpc_reply,
+    grpc_status_of,
+    parse_request,
+    plain_reply,
+    response_head,
+    routing_request,
+    upstream_headers,
+)
+from nodeagent.http2.mirror import mirror
+from nodeagent.http2.pool import MAX_STREAMS, Connector, H2Pool
+from nodeagent.routing import (
+    DirectResponse,
+    HeaderOps,
+    HttpRequest,
+    RouteDecision,
+    RouteDestination,
+    Source,
+    route_http,
+)
+from nodeagent.routing.grpc import (
+    GrpcStatus,
+    grpc_to_http_status,
+    http_to_grpc_status,
+    parse_grpc_timeout,
+)
+from nodeagent.snapshot.snapshot import Snapshot
+from nodeagent.telemetry.tracing import CURRENT_TRACE, TraceContext, Tracer
+
+SourceFor = Source | Callable[[HttpRequest], Source | None]
+_conn_ids = itertools.count(1)
+NO_OPS = HeaderOps()
+
+
+def _peer_of(client: trio.abc.Stream, fallback: str | None) -> str:
+    if isinstance(client, trio.SocketStream):
+        try:
+            peer = client.socket.getpeername()
+            return f"{peer[0]}:{peer[1]}"
+        except OSError:
+            pass
+    return fallback or ""
+
+
+class H2Proxy:
+    """Routes and forwards HTTP/2 requests; one per source (pod). `run()` must be running (it
+    holds the pooled upstream connections); the rest is as `nodeagent.http.HttpProxy`."""
+
+    def __init__(
+        self,
+        *,
+        snapshot: Callable[[], Snapshot],
+        source: SourceFor,
+        connector: Connector,
+        registry: Registry,
+        on_request: Callable[[RequestLog], None] | None = None,
+        limits: Limits | None = None,
+        rand: Callable[[], float] = random.random,
+        name: str = "http2",
+        access_logged: bool = False,
+        tracer: Tracer | None = None,
+    ) -> None:
+        self._tracer = tracer
+        self._snapshot = snapshot
+        self._source = source
+        self.registry = registry
+        self.limits = limits or Limits()
+        self._rand = rand
+        self.name = name
+        self.pool = H2Pool(connector, connect_timeout=self.limits.connect_timeout)
+        self._recorder = RequestRecorder(name, on_request, quiet=access_logged)
+        self._stats = self._recorder.stats
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            **self._stats,
+            "pool_connections": self.pool.connection_count(),
+            "pool_connects": self.pool.stats.connects,
+            "pool_reuses": self.pool.stats.reuses,
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.pool.run(task_status=task_status)
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+    async def serve(
+        self,
+        client: trio.abc.Stream,
+        *,
+        port: int = 80,
+        host: str | None = None,
+        client_address: str | None = None,
+    ) -> None:
+        """Serve one client HTTP/2 connection (its preface not yet read) until it closes."""
+        conn_id = next(_conn_ids)
+        peer = _peer_of(client, client_address)
+        self._stats["connections"] += 1
+        conn = H2Connection(client, client=False)
+
+        async def handle(stream: H2Stream) -> None:
+            await self._request(stream, port, host, client_address, conn_id, peer)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._close_when_idle, conn)
+                await conn.run(handle)
+                nursery.cancel_scope.cancel()
+        except Exception as exc:  # the connection ends; the pod's proxy goes on
+            log.error("connection.failed", proxy=self.name, conn=conn_id, error=repr(exc))
+
+    async def _close_when_idle(self, conn: H2Connection) -> None:
+        """A client connection without a stream for `Limits.idle_timeout` gets a GOAWAY (as
+        HTTP/1.1's keep-alive close; a gRPC client reconnects when it needs to)."""
+        idle = self.limits.idle_timeout
+        while conn.alive:
+            await trio.sleep_until(conn.streams_changed_at + idle)
+            if not conn.streams and trio.current_time() >= conn.streams_changed_at + idle:
+                conn.close()
+                return
+
+    # -- one request (stream) ----------------------------------------------------------------
+
+    async def _request(
+        self,
+        down: H2Stream,
+        port: int,
+        host: str | None,
+        client_address: str | None,
+        conn_id: int,
+        peer: str,
+    ) -> None:
+        started = trio.current_time()
+        entry = RequestLog(
+            method="-", authority="-", path="-", connection_id=conn_id, downstream_address=peer
+        )
+        cancel = trio.CancelScope()
+        down.on_fail = cancel.cancel  # the client reset the stream (or left): stop everything
+        reply = _Replier(down, entry, grpc=False)
+        # Stream idle timeout (Envoy's, 5 min): no DATA either way for that long ends the
+        # request; every payload moved (both sides' streams) pushes the deadline.
+        idle_s = self.limits.stream_idle_timeout
+        idle = trio.CancelScope(deadline=started + idle_s)
+        pushed = [started]
+
+        def touch() -> None:
+            now = trio.current_time()
+            if now - pushed[0] > idle_s / 100:  # moving a deadline costs: only when it lags
+                pushed[0] = now
+                idle.deadline = now + idle_s
+
+        down.on_activity = reply.touch = touch
+        try:
+            with cancel, idle:
+                assert down.headers is not None
+                try:
+                    head = parse_request(down.headers)
+                except BadRequest as exc:
+                    entry.flags.append(flags.DOWNSTREAM_PROTOCOL_ERROR)
+                    await reply.local(400, str(exc).encode())
+                    return
+                entry.method, entry.authority, entry.path = head.method, head.authority, head.path
+                entry.request_id = head.header("x-request-id") or new_request_id()
+                reply.grpc = head.grpc
+                if head.grpc:
+                    entry.protocol = "grpc"
+                await self._route(down, head, reply, entry, port, host, client_address)
+            if idle.cancelled_caught:
+                entry.flags.append(flags.STREAM_IDLE_TIMEOUT)
+                await reply.local(408, b"stream timeout")  # or a reset once a head went out
+            elif cancel.cancelled_caught or (down.error and down.on_fail is not None):
+                entry.flags.append(flags.DOWNSTREAM_TERMINATION)
+                if not reply.head_sent:
+                    entry.code = 0
+        except StreamReset:
+            entry.flags.append(flags.DOWNSTREAM_TERMINATION)
+            if not reply.head_sent:
+                entry.code = 0
+        except Exception as exc:
+            # One request's bug (or an error from a nursery, as an ExceptionGroup) ends that
+            # stream, never the client's connection or the pod's proxy.
+            if down.error and down.on_fail is not None:
+                entry.flags.append(flags.DOWNSTREAM_TERMINATION)
+            else:
+                log.error("request.failed", path=entry.path, error=repr(exc), exc_info=exc)
+            down.reset()
+            if not reply.head_sent:
+                entry.code = 0
+        finally:
+            # The client's reset or its connection's end (our own reset clears `on_fail`).
+            gone = down.error and down.on_fail is not None
+            if gone and flags.DOWNSTREAM_TERMINATION not in entry.flags:
+                entry.flags.append(flags.DOWNSTREAM_TERMINATION)
+            entry.bytes_received = down.received_bytes
+            entry.bytes_sent = down.sent_bytes
+            self._recorder.finish(entry, started)
+
+    async def _route(
+        self,
+        down: H2Stream,
+        head: RequestHead,
+        reply: _Replier,
+        entry: RequestLog,
+        port: int,
+        host: str | None,
+        client_address: str | None,
+    ) -> None:
+        request = routing_request(head, port=port, host=host)
+        token: Token[TraceContext | None] | None = None
+        if self._tracer is not None:
+            raw = [(k, v) for k, v in down.headers or [] if not k.startswith(b":")]
+            token = start_span_for(self._tracer, raw, entry, request)
+        try:
+            await self._route_request(down, head, request, reply, entry, client_address)
+        finally:
+            if token is not None:
+                CURRENT_TRACE.reset(token)
+
+    async def _route_request(
+        self,
+        down: H2Stream,
+        head: RequestHead,
+        request: HttpRequest,
+        reply: _Replier,
+        entry: RequestLog,
+        client_address: str | None,
+    ) -> None:
+        source = self._source(request) if callable(self._source) else self._source
+        try:
+            decision = (
+                route_http(self._snapshot(), source, request, rand=self._rand)
+                if source is not None
+                else RouteDecision(kind="no_route")
+            )
+        except Exception as exc:  # a stored document the validator let through; not fatal
+            log.error("request.route_failed", path=entry.path, error=repr(exc))
+            decision = RouteDecision(kind="direct", direct=DirectResponse(500, b"routing failed"))
+        entry.route_name = decision.route_name
+        if decision.kind == "route" and decision.fault.delay > 0:
+            entry.flags.append(flags.DELAY_INJECTED)
+            await trio.sleep(decision.fault.delay)
+        if decision.kind == "no_route":
+            entry.flags.append(flags.NO_ROUTE)
+            await reply.local(404, b"")
+            return
+        if decision.kind == "redirect" and decision.redirect is not None:
+            extra = [("location", decision.redirect.location)]
+            await reply.local(decision.redirect.status, b"", extra, decision.response_headers)
+            return
+        if decision.kind == "direct" and decision.direct is not None:
+            direct = decision.direct
+            await reply.local(direct.status, direct.body, (), decision.response_headers)
+            return
+        dest = decision.chosen
+        if dest is not None and dest.error is None and dest.service is not None:
+            entry.upstream_cluster = dest.name  # an aborted request still names its service
+        fault = decision.fault
+        if fault.abort_grpc_status is not None:
+            entry.flags.append(flags.FAULT_INJECTED)
+            await reply.grpc_error(fault.abort_grpc_status, "fault filter abort")
+            return
+        if fault.abort_status is not None:
+            entry.flags.append(flags.FAULT_INJECTED)
+            await reply.local(fault.abort_status, b"fault filter abort")
+            return
+        if dest is None or dest.error is not None or dest.service is None or dest.port is None:
+            entry.upstream_cluster = None
+            entry.flags.append(flags.NO_CLUSTER)
+            await reply.local(503, b"no cluster for the route's destination")
+            return
+        source_ns = source.namespace if source is not None else None
+        await self._forward(
+            down, head, request, decision, dest, reply, entry, client_address, source_ns
+        )
+
+    async def _forward(
+        self,
+        down: H2Stream,
+        head: RequestHead,
+        request: HttpRequest,
+        decision: RouteDecision,
+        dest: RouteDestination,
+        reply: _Replier,
+        entry: RequestLog,
+        client_address: str | None,
+        source_ns: str | None,
+    ) -> None:
+        assert dest.service is not None
+        assert dest.port is not None
+        snapshot = self._snapshot()
+        cluster = self.registry.picker_for(
+            snapshot, dest.service, dest.subset, dest.port, from_namespace=source_ns or None
+        )
+        headers = upstream_headers(
+            head,
+            request,
+            decision,
+            request_id=entry.request_id,
+            trace_headers=entry.trace_headers,
+            client_address=client_address,
+        )
+        grpc_timeout = parse_grpc_timeout(head.header("grpc-timeout")) if reply.grpc else None
+        limits = [t for t in (decision.timeout, grpc_timeout) if t is not None]
+        deadline = trio.current_time() + min(limits) if limits else math.inf
+        ctx = PickContext(headers=request.headers, source_ip=client_address, path=request.target)
+        body = RequestBody(down, limit=self.limits.retry_buffer_bytes)
+        local: LocalReply | None = None
+        reset: StreamReset | None = None
+        async with trio.open_nursery() as pumps:
+            exchange = _Exchange(self, cluster, dest.port, headers, body, pumps, reply.touch)
+            exchange.grpc = reply.grpc
+            with trio.CancelScope(deadline=deadline) as overall:
+                try:
+                    result = await run_attempts(
+                        cluster,
+                        ctx,
+                        decision,
+                        entry,
+                        attempt=exchange.attempt,
+                        replayable=lambda: body.replayable,
+                        discard=exchange.discard,
+                        grpc_timeout=grpc_timeout,
+                    )
+                    if isinstance(result, LocalReply):
+                        local = result
+                    else:
+                        try:
+                            await exchange.respond(down, reply, decision.response_headers, entry)
+                        finally:
+                            if result.finish is not None:
+                                result.finish(_stream_outcome(entry))
+                except StreamReset as exc:
+                    reset = exc  # the client's side failed: raised below, not in a group
+            exchange.drop()
+        if reset is not None:
+            raise reset
+        if local is not None:
+            timed_out = flags.UPSTREAM_TIMEOUT in entry.flags
+            await reply.local(local.status, local.body, timed_out=timed_out)
+        elif overall.cancelled_caught:  # the route timeout (or grpc-timeout) cut the stream
+            entry.flags.append(flags.UPSTREAM_TIMEOUT)
+            await reply.timed_out()
+        elif decision.mirror is not None and body.whole:
+            # the answered request's copy, sent beside (never before) the client's answer
+            copy = partial(self._mirror, snapshot, decision.mirror, headers, list(body.kept))
+            self.pool.spawn(copy)
+
+    async def _mirror(
+        self, snapshot: Snapshot, dest: RouteDestination, headers: Headers, chunks: list[bytes]
+    ) -> None:
+        sent = None
+        with trio.move_on_after(self.limits.mirror_timeout):
+            sent = await mirror(self.pool, self.registry, snapshot, dest, headers, chunks)
+        if sent is not False:  # sent, or timed out after sending
+            self._stats["mirrored"] += 1
+
+
+def _stream_outcome(entry: RequestLog) -> Outcome | None:
+    """How a streamed gRPC answer counts for outlier detection, once it ended: its trailers'
+    `grpc-status` (Envoy's grpcToHttpStatus), a reset of the upstream's as a gateway error,
+    else (the client left, the route timeout) what its head said."""
+    if flags.UPSTREAM_RESET in entry.flags:
+        return Outcome.GATEWAY_ERROR
+    if entry.grpc_status is not None and flags.UPSTREAM_TIMEOUT not in entry.flags:
+        return Outcome.from_status(grpc_to_http_status(entry.grpc_status))
+    return None
+
+
+class RequestBody:
+    """The client's request body as the attempts send it: streamed, and kept (for a retry's
+    replay) while it fits `limit`."""
+
+    def __init__(self, down: H2Stream, *, limit: int) -> None:
+        self.down = down
+        self.limit = limit
+        self.kept: list[bytes] = []
+        self.size = 0
+        self.replayable = True
+        self.complete = False
+
+    @property
+    def whole(self) -> bool:
+        """All of the body was read and is kept (a mirror can send the same request)."""
+        return self.replayable and (self.complete or self.down.ended)
+
+    async def pump(self, up: H2Stream) -> None:
+        """Send what is kept, then the rest as it comes; END_STREAM (or trailers) at its end."""
+        try:
+            for chunk in list(self.kept):
+                await up.send_data(chunk)
+            while not self.complete:
+                data = await self.down.receive_data()
+                if not data:
+                    self.complete = True
+                    break
+                if self.replayable:
+                    if self.size + len(data) <= self.limit:
+                        self.kept.append(data)
+                        self.size += len(data)
+                    else:
+                        self.replayable = False
+                        self.kept.clear()
+                await up.send_data(data)
+            if self.down.trailers:
+                up.send_trailers(self.down.trailers)
+            else:
+                up.end()
+        except StreamReset:
+            pass  # either side's reset: the response side (or the request's scope) handles it
+
+
+class _Exchange:
+    """The attempts of one request: the upstream stream of the current one, its body pump."""
+
+    def __init__(
+        self,
+        proxy: H2Proxy,
+        cluster: Cluster,
+        service_port: int,
+        headers: Headers,
+        body: RequestBody,
+        pumps: trio.Nursery,
+        touch: Callable[[], None] | None,
+    ) -> None:
+        self.touch = touch
+        self.grpc = False
+        self.proxy = proxy
+        self.cluster = cluster
+        self.service_port = service_port
+        self.headers = headers
+        self.body = body
+        self.pumps = pumps
+        self.up: H2Stream | None = None
+        self.pump_scope: trio.CancelScope | None = None
+
+    async def attempt(self, handle: EndpointState, per_try_timeout: float | None) -> AttemptOutcome:
+        pool_limits = self.cluster.policy.pool
+        max_streams = pool_limits.max_concurrent_streams or MAX_STREAMS
+        began = trio.current_time()
+        try:
+            conn, reused = await self.proxy.pool.acquire(
+                handle.endpoint,
+                self.service_port,
+                max_streams=max_streams,
+                idle_timeout=pool_limits.http_idle_timeout_s,
+                breaker=self.cluster.breaker,
+            )
+        except UpstreamOverflow as exc:
+            return AttemptOutcome("overflow", detail=str(exc))
+        except UpstreamDenied as exc:
+            return AttemptOutcome("denied", detail=str(exc))
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            return AttemptOutcome("connect-failure", detail=str(exc))
+        setup = 0.0 if reused else trio.current_time() - began
+        try:
+            # A request without a body (a GET, all of its head on one frame) goes out whole:
+            # END_STREAM on the head, no pump.
+            body = self.body
+            bodiless = (
+                not body.kept and (body.complete or body.down.ended) and not body.down.trailers
+            )
+            up = conn.open_stream(self.headers, end_stream=bodiless)
+            self.proxy.pool.stream_opened(conn)
+        except StreamReset as exc:
+            return AttemptOutcome("reset", stale=reused, detail=str(exc), setup_s=setup)
+        self.up = up
+        up.on_activity = self.touch
+        if not bodiless:
+            self.pump_scope = scope = trio.CancelScope()
+            self.pumps.start_soon(self._pump, up, scope)
+        with trio.move_on_after(per_try_timeout or math.inf) as per_try:
+            try:
+                raw = await up.wait_headers()
+            except StreamReset as exc:
+                self.drop()
+                return AttemptOutcome("reset", stale=exc.refused, detail=str(exc), setup_s=setup)
+        if per_try.cancelled_caught:
+            self.drop()
+            return AttemptOutcome("timeout", setup_s=setup)
+        status = next((int(v) for k, v in raw if k == b":status" and v.isdigit()), 0)
+        grpc_status = grpc_status_of(raw)
+        return AttemptOutcome(
+            "response",
+            status=status,
+            grpc_status=grpc_status,
+            setup_s=setup,
+            # a gRPC answer with a body: its status comes in the trailers (`_forward`)
+            defer_finish=self.grpc and grpc_status is None and not up.ended,
+        )
+
+    async def _pump(self, up: H2Stream, scope: trio.CancelScope) -> None:
+        with scope:
+            await self.body.pump(up)
+
+    async def discard(self, outcome: AttemptOutcome) -> None:
+        self.drop()
+        await trio.lowlevel.checkpoint()
+
+    def drop(self) -> None:
+        """Stop the current attempt: its pump, its upstream stream (reset if still open)."""
+        if self.pump_scope is not None:
+            self.pump_scope.cancel()
+            self.pump_scope = None
+        if self.up is not None:
+            self.up.close()
+            self.up = None
+
+    async def respond(
+        self, down: H2Stream, reply: _Replier, ops: HeaderOps, entry: RequestLog
+    ) -> None:
+        """Stream the answer of the attempt that got one: head, DATA, trailers."""
+        up = self.up
+        assert up is not None
+        assert up.headers is not None
+        status, head = response_head(up.headers, ops)
+        entry.code = status
+        if up.ended and up.trailers is None:
+            entry.grpc_status = grpc_status_of(up.headers)  # trailers-only (or no body)
+            reply.send_head(head, end_stream=True)
+            return
+        reply.send_head(head, end_stream=False)
+        try:
+            while data := await up.receive_data():
+                await down.send_data(data)
+        except StreamReset as exc:
+            if down.error:
+                raise
+            entry.flags.append(flags.UPSTREAM_RESET)
+            log.debug("request.upstream_reset", path=entry.path, error=str(exc))
+            down.reset()
+            return
+        trailers = up.trailers
+        if trailers is not None:
+            entry.grpc_status = grpc_status_of(trailers)
+            down.send_trailers([(k, v) for k, v in trailers if k.decode() not in HOP_BY_HOP])
+        else:
+            down.end()
+
+
+class _Replier:
+    """Answers the client: a local answer (plain, or a gRPC error for a gRPC client) or the
+    upstream's head; says whether a head went out already."""
+
+    def __init__(self, down: H2Stream, entry: RequestLog, *, grpc: bool) -> None:
+        self.down = down
+        self.entry = entry
+        self.grpc = grpc
+        self.head_sent = False
+        self.touch: Callable[[], None] | None = None  # pushes the request's idle deadline
+
+    def send_head(self, head: Headers, *, end_stream: bool) -> None:
+        self.down.send_headers(head, end_stream=end_stream)
+        self.head_sent = True
+
+    async def grpc_error(self, status: int, message: str) -> None:
+        self.entry.code = 200
+        self.entry.grpc_status = status
+        self.send_head(grpc_reply(status, message), end_stream=True)
+        await trio.lowlevel.checkpoint()
+
+    async def local(
+        self,
+        status: int,
+        body: bytes,
+        extra: tuple[tuple[str, str], ...] | list[tuple[str, str]] = (),
+        ops: HeaderOps = NO_OPS,
+        *,
+        timed_out: bool = False,
+    ) -> None:
+        if self.head_sent:
+            self.down.reset()
+            return
+        if self.grpc and status >= 400:
+            grpc_status = http_to_grpc_status(status, timed_out=timed_out)
+            await self.grpc_error(grpc_status, body.decode("utf-8", "replace") or str(status))
+            return
+        self.entry.code = status
+        head = plain_reply(status, body, extra)
+        if ops:
+            status_pair, rest = head[0], head[1:]
+            text = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in rest]
+            head = [status_pair] + [(k.encode(), v.encode()) for k, v in ops.apply(text)]
+        self.send_head(head, end_stream=not body)
+        if body:
+            await self.down.send_data(body, end_stream=True)
+
+    async def timed_out(self) -> None:
+        """The route timeout passed while the response was streaming (or before any)."""
+        if not self.head_sent:
+            await self.local(504, b"upstream request timeout", timed_out=True)
+        elif self.grpc:
+            # A gRPC client hears why its stream ended: DEADLINE_EXCEEDED in the trailers.
+            with contextlib.suppress(StreamReset):
+                status = str(int(GrpcStatus.DEADLINE_EXCEEDED)).encode()
+                self.down.send_trailers(
+                    [(b"grpc-status", status), (b"grpc-message", b"upstream request timeout")]
+                )
+            self.entry.grpc_status = GrpcStatus.DEADLINE_EXCEEDED
+        else:
+            self.down.reset()
