@@ -14,7 +14,7 @@ import trio
 
 from nodeagent.http import flags
 from nodeagent.http.downstream import Downstream
-from nodeagent.http.headers import response_headers
+from nodeagent.http.headers import response_head, response_headers
 from nodeagent.http.log import RequestLog
 from nodeagent.http.pool import ConnectionPool, UpstreamConnection
 from nodeagent.routing import HttpRequest, RouteDecision
@@ -33,8 +33,8 @@ async def stream_response(
 ) -> bool:
     """Pass `response` and its body on; returns whether the client connection can be kept."""
     entry.code = response.status_code
-    hdrs = response_headers(response, decision.response_headers)
     if response.status_code == 101 and upgrade:
+        hdrs = response_headers(response, decision.response_headers)
         hdrs += [("connection", "upgrade"), ("upgrade", request.headers.get("upgrade", ""))]
         entry.bytes_sent += await down.send(
             h11.InformationalResponse(status_code=101, headers=hdrs, reason=response.reason)
@@ -57,7 +57,11 @@ async def stream_response(
             await down.io.send_all(data)
 
     try:
-        queue(h11.Response(status_code=response.status_code, headers=hdrs, reason=response.reason))
+        if isinstance(response, h11.Response):
+            queue(response_head(response, decision.response_headers))
+        else:  # a 101 the client did not ask for: h11 refuses it (flag DC, as before)
+            hdrs = response_headers(response, decision.response_headers)
+            queue(h11.Response(status_code=response.status_code, headers=hdrs))
         while True:
             event: object = None
             try:

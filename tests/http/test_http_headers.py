@@ -11,6 +11,7 @@ from nodeagent.http.headers import (
     is_upgrade,
     joined,
     new_request_id,
+    response_head,
     response_headers,
     upstream_head,
 )
@@ -125,3 +126,63 @@ def test_request_ids_are_version_4_uuids_and_distinct() -> None:
 def test_head_size_counts_target_and_headers() -> None:
     req = h11.Request(method="GET", target="/abc", headers=[("host", "h"), ("x", "yy")])
     assert head_size(req) == 4 + (4 + 1 + 4) + (1 + 2 + 4)
+
+
+def _wire(event: h11.Event, role: type[h11.CLIENT] | type[h11.SERVER]) -> bytes:
+    conn = h11.Connection(role)
+    if role is h11.SERVER:
+        conn.receive_data(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        conn.next_event()
+    return conn.send(event) or b""
+
+
+def test_an_unrewritten_head_skips_revalidation_with_the_same_bytes() -> None:
+    headers = [("host", "app"), ("x-b3-traceid", "ab"), ("content-length", "3"), ("x-k", "v")]
+    request = _request(headers)
+    kwargs = {"request_id": "rid-1", "client_address": "10.0.0.9", "upgrade": False}
+    trace = [("traceparent", "00-" + "a" * 32 + "-" + "b" * 16 + "-01")]
+    fast = upstream_head(
+        request, headers, RouteDecision(kind="route", path="/p", authority="app"),
+        trace_headers=trace, **kwargs,  # type: ignore[arg-type]
+    )  # fmt: skip
+    # A header operation that changes nothing still takes the validating path: the reference.
+    validated = upstream_head(
+        request, headers, RouteDecision(kind="route", path="/p", authority="app",
+                                        request_headers=HeaderOps(remove=("x-none",))),
+        trace_headers=trace, **kwargs,  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert _wire(fast, h11.CLIENT) == _wire(validated, h11.CLIENT)
+
+
+def test_configured_values_are_still_validated() -> None:
+    headers = [("host", "app")]
+    bad = HeaderOps(set=(("x-evil", "a\r\nx-injected: 1"),))
+    for decision in (
+        RouteDecision(kind="route", path="/p", authority="app", request_headers=bad),
+        RouteDecision(kind="route", path="/p\r\nx: 1", authority="app"),
+        RouteDecision(kind="route", path="/p", authority="a\r\nx: 1"),
+    ):
+        try:
+            upstream_head(_request(headers), headers, decision, request_id="r",
+                          trace_headers=[], client_address=None, upgrade=False)  # fmt: skip
+        except h11.LocalProtocolError:
+            continue
+        raise AssertionError(f"{decision} was not validated")
+    response = h11.Response(status_code=200, headers=[("content-length", "0")])
+    try:
+        response_head(response, bad)
+    except h11.LocalProtocolError:
+        return
+    raise AssertionError("a response header operation was not validated")
+
+
+def test_the_response_head_without_operations_has_the_same_bytes() -> None:
+    response = h11.Response(
+        status_code=200,
+        reason=b"OK",
+        headers=[("Content-Length", "2"), ("Connection", "keep-alive"), ("X-App", "1")],
+    )
+    fast = response_head(response, HeaderOps())
+    validated = response_head(response, HeaderOps(remove=("x-none",)))
+    assert _wire(fast, h11.SERVER) == _wire(validated, h11.SERVER)
+    assert b"keep-alive" not in _wire(fast, h11.SERVER).lower()
