@@ -136,8 +136,17 @@ def test_weighted_split_bookinfo_80_20(sandbox: Sandbox, pods: dict[str, Pod]) -
 
 
 def test_seed_fault_delays_7s(sandbox: Sandbox, pods: dict[str, Pod]) -> None:
-    apply_file(sandbox, SEED / "02-fault-delay.yaml")
     client = pods["client"]
+    # ratings-v2 serves first (a new pod is an endpoint once its certificate is issued).
+    eventually(
+        lambda: answers(sandbox, client, f"http://{RATINGS}:9080/", "ratings-v2"), "ratings-v2"
+    )
+    apply_file(sandbox, SEED / "02-fault-delay.yaml")
+    revision = trio.run(_store_revision, sandbox.store_url)
+    eventually(
+        lambda: admin(sandbox, "n1", "/config_dump")["snapshot"]["revision"] >= revision,
+        "n1's snapshot has the fault VirtualService",
+    )
     started = time.monotonic()
     code, body = curl(sandbox, client, f"http://{MY_APP}/rate", timeout=15)
     elapsed = time.monotonic() - started
