@@ -15,10 +15,8 @@ restarted agent serves a still-valid certificate before the CA or the store answ
 from __future__ import annotations
 
 import datetime
-import os
 import secrets
 import ssl
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from nodeagent.ca import certs
-from nodeagent.identity.api import IdentityUnavailable, PeerRejected
+from nodeagent.identity import mtls
+from nodeagent.identity.api import IdentityUnavailable
 from nodeagent.log import get_logger
 from nodeagent.store import codec, keys
 from nodeagent.store.base import CompactedError, KeyValue, Store, StoreError
@@ -165,17 +164,7 @@ class IdentityManager:
         return entry.client_ctx
 
     def peer_identity(self, cert_der: bytes) -> str:
-        try:
-            cert = x509.load_der_x509_certificate(cert_der)
-            ident = certs.spiffe_id_of(cert, self.trust_domain)
-        except (ValueError, certs.CertError) as exc:
-            raise PeerRejected(f"peer certificate: {exc}") from None
-        if cert.serial_number in self._revoked:
-            raise PeerRejected(
-                f"peer certificate of {ident.uri} (serial "
-                f"{certs.serial_hex(cert.serial_number)}) is revoked"
-            )
-        return ident.uri
+        return mtls.peer_identity(cert_der, self.trust_domain, self._revoked)
 
     # -- for the admin socket -----------------------------------------------------------------
 
@@ -436,20 +425,9 @@ class IdentityManager:
 
     def _context(self, entry: _Identity, *, server: bool) -> ssl.SSLContext:
         assert entry.key is not None
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-        if not server:
-            ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(cadata=self._bundle_pem)
-        # ssl loads keys from files only: a private temporary directory, removed at once.
-        with tempfile.TemporaryDirectory(prefix="nodeagent-id-") as tmp:
-            chain_file, key_file = Path(tmp) / "chain.pem", Path(tmp) / "key.pem"
-            chain_file.write_bytes(certs.cert_pem(entry.chain))
-            _write_private(key_file, certs.key_pem(entry.key))
-            ctx.load_cert_chain(chain_file, key_file)
-        return ctx
+        return mtls.mtls_context(
+            certs.cert_pem(entry.chain), certs.key_pem(entry.key), self._bundle_pem, server=server
+        )
 
     def _bump(self) -> None:
         progress, self._progress = self._progress, trio.Event()
@@ -562,8 +540,8 @@ class IdentityManager:
         d = self._identity_dir(entry.ident)
         try:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _write_private(d / "key.pem", certs.key_pem(entry.key))
-            _write_private(d / "chain.pem", certs.cert_pem(entry.chain))
+            mtls.write_private(d / "key.pem", certs.key_pem(entry.key))
+            mtls.write_private(d / "chain.pem", certs.cert_pem(entry.chain))
         except OSError as exc:
             log.warning("identity.persist_failed", identity=entry.ident.uri, error=str(exc))
 
@@ -598,7 +576,7 @@ class IdentityManager:
             return
         try:
             self._state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _write_private(self._state_dir / name, codec.encode(doc))
+            mtls.write_private(self._state_dir / name, codec.encode(doc))
         except OSError as exc:
             log.warning("identity.persist_failed", file=name, error=str(exc))
 
@@ -615,15 +593,6 @@ class IdentityManager:
                 log.warning("identity.cache_unusable", file=str(path), error=str(exc))
                 continue
             self._apply_ca(KeyValue(key, value, 0, 0, 0))
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write a file readable by its owner only (atomically: temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _iso(ts: float) -> str:

@@ -10,18 +10,17 @@ like the manager's; `wait_changed` wakes the inbound path's revocation re-check.
 from __future__ import annotations
 
 import ssl
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import trio
 from cryptography import x509
 
 from nodeagent.ca import certs
-from nodeagent.identity.api import IdentityUnavailable, PeerRejected
+from nodeagent.identity import mtls
+from nodeagent.identity.api import IdentityUnavailable
 
 
 @dataclass(slots=True)
@@ -117,17 +116,7 @@ class WorkerIdentities:
         await self._changed.wait()
 
     def peer_identity(self, cert_der: bytes) -> str:
-        try:
-            cert = x509.load_der_x509_certificate(cert_der)
-            ident = certs.spiffe_id_of(cert, self.trust_domain)
-        except (ValueError, certs.CertError) as exc:
-            raise PeerRejected(f"peer certificate: {exc}") from None
-        if cert.serial_number in self._revoked:
-            raise PeerRejected(
-                f"peer certificate of {ident.uri} (serial "
-                f"{certs.serial_hex(cert.serial_number)}) is revoked"
-            )
-        return ident.uri
+        return mtls.peer_identity(cert_der, self.trust_domain, self._revoked)
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -138,18 +127,6 @@ class WorkerIdentities:
         }
 
     def _context(self, h: _Held, *, server: bool) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-        if not server:
-            ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(cadata=self._bundle)
-        # ssl loads keys from files only: a private temporary directory, removed at once.
-        with tempfile.TemporaryDirectory(prefix="nodeagent-wid-") as tmp:
-            chain_file, key_file = Path(tmp) / "chain.pem", Path(tmp) / "key.pem"
-            chain_file.write_text(h.chain_pem)
-            key_file.touch(mode=0o600)
-            key_file.write_text(h.key_pem)
-            ctx.load_cert_chain(chain_file, key_file)
-        return ctx
+        return mtls.mtls_context(
+            h.chain_pem.encode(), h.key_pem.encode(), self._bundle, server=server
+        )
