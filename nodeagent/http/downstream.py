@@ -11,6 +11,7 @@ the client upload.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -229,6 +230,17 @@ class RequestBody:
             ) from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
             raise DownstreamError(f"client failed while sending the body: {exc}") from exc
+
+
+async def answer_if_unanswered(
+    down: Downstream, entry: RequestLog, status: int, body: bytes
+) -> None:
+    """End a request that failed before its response started (408 idle, a malformed body's
+    4xx) with that answer and a close; nothing when a response is already on its way, or the
+    client is gone."""
+    if down.conn.our_state is h11.SEND_RESPONSE:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await answer_locally(down, entry, status, body, close=True)
 
 
 async def answer_locally(

@@ -16,7 +16,6 @@ as the L4 relay gives it, and a keep-alive client costs one connect, not one per
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from nodeagent.http.downstream import (
     Downstream,
     RequestBody,
     answer_head_timeout,
+    answer_if_unanswered,
     answer_locally,
     read_request,
 )
@@ -217,10 +217,8 @@ class InboundHttp:
         except DownstreamProtocolError as exc:
             entry.flags.append(flags.DOWNSTREAM_PROTOCOL_ERROR)
             keep = False
-            if down.conn.our_state is h11.SEND_RESPONSE:
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    reason = REASONS.get(exc.status, "Bad Request")
-                    await answer_locally(down, entry, exc.status, reason.encode(), close=True)
+            reason = REASONS.get(exc.status, "Bad Request")
+            await answer_if_unanswered(down, entry, exc.status, reason.encode())
         except DownstreamError:
             entry.flags.append(flags.DOWNSTREAM_TERMINATION)
             keep = False
@@ -229,9 +227,7 @@ class InboundHttp:
         if idle.cancelled_caught:
             keep = False
             entry.flags.append(flags.STREAM_IDLE_TIMEOUT)
-            if down.conn.our_state is h11.SEND_RESPONSE:
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await answer_locally(down, entry, 408, b"stream timeout", close=True)
+            await answer_if_unanswered(down, entry, 408, b"stream timeout")
         return keep
 
     def _start_span(

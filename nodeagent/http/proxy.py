@@ -14,7 +14,6 @@ whose context replaces the tracing headers upstream (docs/observability.md).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import random
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from nodeagent.http.downstream import (
     Downstream,
     RequestBody,
     answer_head_timeout,
+    answer_if_unanswered,
     answer_locally,
     read_request,
 )
@@ -275,18 +275,15 @@ class HttpProxy:
             if idle.cancelled_caught:
                 keep = False
                 entry.flags.append(flags.STREAM_IDLE_TIMEOUT)
-                if down.conn.our_state is h11.SEND_RESPONSE:  # nothing sent yet: 408, as Envoy
-                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await answer_locally(down, entry, 408, b"stream timeout", close=True)
+                # Nothing sent yet: 408, as Envoy.
+                await answer_if_unanswered(down, entry, 408, b"stream timeout")
         except DownstreamProtocolError as exc:
             # A malformed body: the client hears why (never a silent close), nothing more of
             # it goes upstream (the attempt's connection was discarded).
             entry.flags.append(flags.DOWNSTREAM_PROTOCOL_ERROR)
             keep = False
-            if down.conn.our_state is h11.SEND_RESPONSE:
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    reason = REASONS.get(exc.status, "Bad Request")
-                    await answer_locally(down, entry, exc.status, reason.encode(), close=True)
+            reason = REASONS.get(exc.status, "Bad Request")
+            await answer_if_unanswered(down, entry, exc.status, reason.encode())
         except DownstreamError:
             entry.flags.append(flags.DOWNSTREAM_TERMINATION)
             keep = False
