@@ -99,6 +99,7 @@ class Picker:
         self.balancer.rebuild(self.states)
         self._passthrough = isinstance(self.balancer, PassthroughBalancer)
         self.panic = False
+        self._picks: int = previous._picks if previous is not None else 0
         self._candidates: list[EndpointState] = []
         self._refresh()
 
@@ -128,6 +129,8 @@ class Picker:
             else:
                 s = candidates[0] if candidates[0] is not avoid else candidates[1]
         s.requests += 1
+        self._picks += 1
+        s.picked_at = self._picks
         return s
 
     def record(self, s: EndpointState, latency_s: float, outcome: Outcome) -> None:

@@ -89,10 +89,12 @@ class EndpointState:
         "failures",
         "in_flight",
         "key",
+        "picked_at",
         "picker",
         "requests",
         "rtt",
         "rtt_at",
+        "rtt_measured",
         "unejected_at",
     )
 
@@ -103,6 +105,7 @@ class EndpointState:
         self.in_flight = 0
         self.rtt = rtt  # peak-EWMA estimate, seconds
         self.rtt_at = now
+        self.rtt_measured = False  # `rtt` is still the default guess
         self.available = True  # in the set picks are made from (healthy, or all in panic)
         self.ejected = False
         self.ejected_at = 0.0
@@ -113,6 +116,7 @@ class EndpointState:
         self.consecutive_gateway = 0
         self.requests = 0
         self.failures = 0
+        self.picked_at = 0  # the picker's pick count when this endpoint was last picked
 
     @property
     def address(self) -> str:

@@ -179,6 +179,44 @@ def test_peak_ewma_reacts_within_a_few_requests_and_recovers() -> None:
     assert later["10.0.0.3"] > 120, later
 
 
+def test_peak_ewma_takes_turns_between_replicas_of_the_same_speed() -> None:
+    # Serial calls to three equal replicas whose answers jitter by +-30 %: without the
+    # same-speed band the shares followed each replica's last slow answer.
+    clock = FakeClock(0.0)
+    p = picker(None, endpoints(3), clock, seed=11)
+    rng = random.Random(11)
+    c: Counter[str] = Counter()
+    for _ in range(600):
+        h = p.pick()
+        h.start()
+        latency = 0.002 * rng.uniform(0.7, 1.3)
+        clock.advance(latency)
+        h.finish(latency)
+        c[h.address] += 1
+    assert all(180 <= n <= 220 for n in c.values()), c
+
+
+def test_peak_ewma_band_does_not_hide_a_slower_replica() -> None:
+    # 2 ms against 6 ms is outside the band (1.5 x 2 ms + 1 ms): the slow one loses its draws.
+    clock = FakeClock(0.0)
+    p = picker(None, endpoints(3), clock, seed=5)
+    latency = {"10.0.0.1": 0.002, "10.0.0.2": 0.002, "10.0.0.3": 0.006}
+    c: Counter[str] = Counter()
+    for _ in range(600):
+        h = p.pick()
+        h.start()
+        clock.advance(latency[h.address])
+        h.finish(latency[h.address])
+        c[h.address] += 1
+    assert c["10.0.0.3"] < 30, c
+
+
+def test_least_request_ties_go_to_the_endpoint_picked_longest_ago() -> None:
+    clock = FakeClock(0.0)
+    p = picker({"loadBalancer": {"simple": "LEAST_REQUEST"}}, endpoints(4), clock, seed=2)
+    assert set(_counts(p, 400).values()) <= set(range(90, 111))
+
+
 def test_failures_count_as_slow() -> None:
     clock = FakeClock(0.0)
     p = picker(None, endpoints(2), clock)
