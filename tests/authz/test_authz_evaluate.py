@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from authz_rules import op, pol, src, when
 
 from nodeagent.authz import Connection, authorize
 from nodeagent.authz.evaluate import policy_matches
-from nodeagent.snapshot.model import AuthorizationPolicies, AuthorizationPolicy, freeze
+from nodeagent.snapshot.model import AuthorizationPolicies
 
 SLEEP = "spiffe://cluster.local/ns/foo/sa/sleep"
 OTHER = "spiffe://cluster.local/ns/bar/sa/curl"
@@ -17,31 +18,6 @@ FOREIGN = "spiffe://other.td/ns/foo/sa/sleep"
 
 def conn(identity: str | None = SLEEP, ip: str = "10.0.1.5", port: int = 8080) -> Connection:
     return Connection(ip, "10.0.2.7", port, identity)
-
-
-def pol(
-    action: str, *rules: dict[str, Any], name: str = "p", ns: str = "foo"
-) -> AuthorizationPolicy:
-    return AuthorizationPolicy(ns, name, action, None, tuple(freeze(r) for r in rules))  # type: ignore[arg-type]
-
-
-def src(**fields: Any) -> dict[str, Any]:
-    return {"from": [{"source": fields}]}
-
-
-def op(**fields: Any) -> dict[str, Any]:
-    return {"to": [{"operation": fields}]}
-
-
-def when(
-    key: str, values: list[str] | None = None, not_values: list[str] | None = None
-) -> dict[str, Any]:
-    cond: dict[str, Any] = {"key": key}
-    if values:
-        cond["values"] = values
-    if not_values:
-        cond["notValues"] = not_values
-    return {"when": [cond]}
 
 
 def allows(rule: dict[str, Any], c: Connection) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from authz_rules import op, pol, src, when
 
 from nodeagent.authn import RequestAuth
 from nodeagent.authz import (
@@ -16,7 +17,7 @@ from nodeagent.authz import (
     l7_only_fields,
     tcp_warning,
 )
-from nodeagent.snapshot.model import AuthorizationPolicies, AuthorizationPolicy, freeze
+from nodeagent.snapshot.model import AuthorizationPolicies, AuthorizationPolicy
 
 SLEEP = "spiffe://cluster.local/ns/foo/sa/sleep"
 ADMIN = "spiffe://cluster.local/ns/ops/sa/admin"
@@ -50,35 +51,12 @@ def req(
     )
 
 
-def pol(action: str, *rules: dict[str, Any], name: str = "p") -> AuthorizationPolicy:
-    return AuthorizationPolicy("foo", name, action, None, tuple(freeze(r) for r in rules))  # type: ignore[arg-type]
-
-
 def policies(*ps: AuthorizationPolicy) -> AuthorizationPolicies:
     return AuthorizationPolicies(
         allow=tuple(p for p in ps if p.action == "ALLOW"),
         deny=tuple(p for p in ps if p.action == "DENY"),
         audit=tuple(p for p in ps if p.action == "AUDIT"),
     )
-
-
-def op(**fields: Any) -> dict[str, Any]:
-    return {"to": [{"operation": fields}]}
-
-
-def src(**fields: Any) -> dict[str, Any]:
-    return {"from": [{"source": fields}]}
-
-
-def when(
-    key: str, values: list[str] | None = None, not_values: list[str] | None = None
-) -> dict[str, Any]:
-    cond: dict[str, Any] = {"key": key}
-    if values:
-        cond["values"] = values
-    if not_values:
-        cond["notValues"] = not_values
-    return {"when": [cond]}
 
 
 def allowed(rule: dict[str, Any], r: HttpAttributes) -> bool:
