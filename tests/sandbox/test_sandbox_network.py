@@ -63,6 +63,27 @@ def _write_recorder(bin_dir: Path, kind: str) -> None:
     plugin.chmod(0o755)
 
 
+def _sandbox_with_plugins(name: str, tmp_path: Path, *plugins: dict[str, str]) -> Sandbox:
+    """One node whose conflist ends with `plugins` (each a recorder_plugin.py under its `type`)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for plugin in plugins:
+        _write_recorder(bin_dir, plugin["type"])
+    sb = Sandbox.up(
+        name,
+        nodes=1,
+        agents=False,
+        mesh_cni=False,
+        cni_path=[layout.CNI_BIN_DIR, str(bin_dir)],
+        progress=False,
+    )
+    conflist = sb.node("n1").conflist
+    conf = json.loads(conflist.read_text())
+    conf["plugins"] += list(plugins)
+    conflist.write_text(json.dumps(conf))
+    return sb
+
+
 def test_pod_to_pod_across_nodes_then_nothing_left(name: str) -> None:
     links_before = _root_links()
     sb = Sandbox.up(name, nodes=2, agents=False, mesh_cni=False, progress=False)
@@ -115,26 +136,14 @@ def test_pod_to_pod_across_nodes_then_nothing_left(name: str) -> None:
 
 
 def test_failing_plugin_mid_chain_leaves_nothing(name: str, tmp_path: Path) -> None:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _write_recorder(bin_dir, "recorder")
-    _write_recorder(bin_dir, "failer")
     record = tmp_path / "calls.jsonl"
-    sb = Sandbox.up(
+    sb = _sandbox_with_plugins(
         name,
-        nodes=1,
-        agents=False,
-        mesh_cni=False,
-        cni_path=[layout.CNI_BIN_DIR, str(bin_dir)],
-        progress=False,
-    )
-    node = sb.node("n1")
-    conf = json.loads(node.conflist.read_text())
-    conf["plugins"] += [
+        tmp_path,
         {"type": "recorder", "record": str(record)},
         {"type": "failer", "record": str(record), "fail": "mesh says no: pod web is not allowed"},
-    ]
-    node.conflist.write_text(json.dumps(conf))
+    )
+    node = sb.node("n1")
 
     with pytest.raises(CniError) as info:
         sb.pod_add("n1", "default", "web", ["sleep", "60"], labels={"app": "web"})
@@ -165,7 +174,7 @@ def test_failing_plugin_mid_chain_leaves_nothing(name: str, tmp_path: Path) -> N
     env = add["env"]
     assert env["CNI_IFNAME"] == "eth0"
     assert env["CNI_NETNS"] == f"/run/netns/{name}-n1-default-web"
-    assert env["CNI_PATH"] == f"{layout.CNI_BIN_DIR}:{bin_dir}"
+    assert env["CNI_PATH"] == f"{layout.CNI_BIN_DIR}:{tmp_path / 'bin'}"
     args = dict(kv.split("=", 1) for kv in env["CNI_ARGS"].split(";"))
     assert args["IgnoreUnknown"] == "1"
     assert args["K8S_POD_NAMESPACE"] == "default"
@@ -178,6 +187,7 @@ def test_failing_plugin_mid_chain_leaves_nothing(name: str, tmp_path: Path) -> N
     }
 
     # A working chain afterwards: DEL gets the cached final result as prevResult.
+    conf = json.loads(node.conflist.read_text())
     conf["plugins"].pop()
     node.conflist.write_text(json.dumps(conf))
     record.unlink()
@@ -193,26 +203,14 @@ def test_failing_plugin_mid_chain_leaves_nothing(name: str, tmp_path: Path) -> N
 def test_del_stops_at_the_first_failing_plugin_and_is_retried(name: str, tmp_path: Path) -> None:
     """As libcni's DelNetworkList: DEL runs the list in reverse and the first failure ends it
     (the plugins before it are not called); the pod stays, and the next `pod del` retries."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _write_recorder(bin_dir, "recorder")
-    _write_recorder(bin_dir, "refuser")
     record, refusing = tmp_path / "calls.jsonl", tmp_path / "refusing"
-    sb = Sandbox.up(
+    sb = _sandbox_with_plugins(
         name,
-        nodes=1,
-        agents=False,
-        mesh_cni=False,
-        cni_path=[layout.CNI_BIN_DIR, str(bin_dir)],
-        progress=False,
-    )
-    node = sb.node("n1")
-    conf = json.loads(node.conflist.read_text())
-    conf["plugins"] += [
+        tmp_path,
         {"type": "recorder", "record": str(record)},
         {"type": "refuser", "record": str(record), "failDelWhile": str(refusing)},
-    ]
-    node.conflist.write_text(json.dumps(conf))
+    )
+    node = sb.node("n1")
     sb.pod_add("n1", "default", "web", None)
     refusing.touch()
     with pytest.raises(SandboxError, match=r"CNI DEL failed: .*DEL refused"):
@@ -244,26 +242,13 @@ def test_check_runs_the_chain_in_order_with_the_cached_result(
     environment, as libcni's do, with the CNI_* variables winning."""
     monkeypatch.setenv("CNI_RUNTIME_PROBE", "inherited")
     monkeypatch.setenv("CNI_IFNAME", "not-this")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _write_recorder(bin_dir, "first")
-    _write_recorder(bin_dir, "second")
     record = tmp_path / "calls.jsonl"
-    sb = Sandbox.up(
+    sb = _sandbox_with_plugins(
         name,
-        nodes=1,
-        agents=False,
-        mesh_cni=False,
-        cni_path=[layout.CNI_BIN_DIR, str(bin_dir)],
-        progress=False,
-    )
-    node = sb.node("n1")
-    conf = json.loads(node.conflist.read_text())
-    conf["plugins"] += [
+        tmp_path,
         {"type": "first", "record": str(record)},
         {"type": "second", "record": str(record)},
-    ]
-    node.conflist.write_text(json.dumps(conf))
+    )
     pod = sb.pod_add("n1", "default", "web", None)
     sb.pod_check("web")
     calls = [json.loads(line) for line in record.read_text().splitlines()]
