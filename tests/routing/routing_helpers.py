@@ -6,13 +6,15 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import snapshot_docs
 import yaml
-from snapshot_docs import snapshot_of
+from snapshot_docs import service, snapshot_of
 
 from nodeagent.snapshot import Snapshot
 
 CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
 _uids = itertools.count(1)
+__all__ = ["bookinfo_base", "build", "corpus", "service", "workload"]
 
 
 def corpus(*relative: str) -> list[dict[str, Any]]:
@@ -25,46 +27,11 @@ def corpus(*relative: str) -> list[dict[str, Any]]:
     return out
 
 
-def service(
-    name: str,
-    *,
-    namespace: str = "default",
-    port: int = 80,
-    target: int = 8080,
-    port_name: str = "http",
-    cluster_ip: str | None = None,
-    selector: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "selector": selector or {"app": name},
-        "ports": [{"name": port_name, "port": port, "targetPort": target}],
-    }
-    if cluster_ip:
-        spec["clusterIP"] = cluster_ip
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec,
-    }
-
-
 def workload(
     ip: str, labels: dict[str, str], *, namespace: str = "default", node: str = "node-1"
 ) -> dict[str, Any]:
-    uid = f"uid-{next(_uids)}"
-    return {
-        "apiVersion": "mesh.nodeagent.io/v1alpha1",
-        "kind": "Workload",
-        "metadata": {
-            "name": f"pod-{uid}",
-            "namespace": namespace,
-            "uid": uid,
-            "labels": labels,
-            "annotations": {},
-        },
-        "spec": {"node": node, "addresses": [ip], "serviceAccount": "default"},
-    }
+    """A Workload at `ip` with a fresh uid."""
+    return snapshot_docs.workload(f"uid-{next(_uids)}", ip, labels, namespace=namespace, node=node)
 
 
 def build(*docs: dict[str, Any]) -> Snapshot:
