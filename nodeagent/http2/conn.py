@@ -85,6 +85,7 @@ class H2Connection:
         self.streams_opened = 0
         self.last_active = trio.current_time()
         self.streams_changed_at = self.last_active  # a stream opened or closed (idle timeout)
+        self.on_stream_end: Callable[[], None] | None = None  # the pool's pending queue
         self._kick_event = trio.Event()
         self._closed = trio.Event()
         self._scope: trio.CancelScope | None = None
@@ -458,6 +459,8 @@ class H2Stream:
         self.conn.streams.pop(self.id, None)
         self.conn.last_active = self.conn.streams_changed_at = trio.current_time()
         self.conn.kick()
+        if self.conn.on_stream_end is not None:
+            self.conn.on_stream_end()
 
 
 def _value(headers: Headers, name: bytes) -> bytes | None:

@@ -1,6 +1,9 @@
 """Pooled upstream HTTP/2 connections, per endpoint: many requests (streams) share one
 connection, a new one is opened only when every open one is full (the peer's
-SETTINGS_MAX_CONCURRENT_STREAMS, at most `max_streams`) or gone.
+SETTINGS_MAX_CONCURRENT_STREAMS, at most `max_streams`) or gone. When every connection is full
+and the cluster's `tcp.maxConnections` forbids another, a request waits in the pending queue
+(`http.http1MaxPendingRequests`, which Envoy applies to HTTP/2 pools too) until a stream or a
+connection slot is freed, at most the connect timeout; a full queue refuses at once.
 
 Each connection is one stream from the injected connector (through the mesh: an HBONE CONNECT
 stream to the pod), driven by `H2Connection.run` in the pool's nursery (`H2Pool.run`), so a
@@ -34,6 +37,7 @@ IDLE_TIMEOUT = 3600.0  # DestinationRule http.idleTimeout's default
 class PoolStats:
     connects: int = 0
     reuses: int = 0
+    pending_waits: int = 0  # requests that waited in the pending queue for a stream
 
 
 class H2Pool:
@@ -45,6 +49,7 @@ class H2Pool:
         self._nursery: trio.Nursery | None = None
         self._opening: dict[tuple[str, int], trio.Event] = {}
         self._tokens: dict[int, ConnectionToken] = {}  # connection id → its maxConnections slot
+        self._freed = trio.lowlevel.ParkingLot()  # pending requests: a stream or a slot freed
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the connections' tasks until cancelled (then every connection closes)."""
@@ -79,35 +84,70 @@ class H2Pool:
         UpstreamOverflow when the cluster's `tcp.maxConnections` forbids a new one. Each stream
         opened on it is counted with `stream_opened`."""
         key = (endpoint.address, endpoint.port)
-        while True:
-            conns = self._conns.setdefault(key, [])
-            conns[:] = [c for c in conns if c.alive]
-            for conn in conns:
-                if _usable(conn) and min(conn.capacity(), max_streams - len(conn.streams)) > 0:
-                    self.stats.reuses += 1
-                    return conn, True
-            opening = self._opening.get(key)
-            if opening is None:
-                break
-            await opening.wait()  # one connect at a time per endpoint; then look again
+        reused = await self._reusable(key, max_streams)
+        if reused is not None:
+            return reused, True
         token: ConnectionToken | None = None
         if breaker is not None:
             got = breaker.try_acquire_connection()
             if isinstance(got, Overflow):
-                raise UpstreamOverflow(str(got))
-            token = got
+                reused, token = await self._wait_pending(key, max_streams, breaker, got)
+                if reused is not None:
+                    return reused, True
+            else:
+                token = got
         done = self._opening[key] = trio.Event()
         try:
             conn = await self._open(endpoint, service_port, idle_timeout, token)
         except BaseException:
             if token is not None:
                 token.release()
+                self._wake_pending()
             raise
         finally:
             del self._opening[key]
             done.set()
         self._conns.setdefault(key, []).append(conn)
         return conn, False
+
+    async def _reusable(self, key: tuple[str, int], max_streams: int) -> H2Connection | None:
+        while True:
+            conns = self._conns.setdefault(key, [])
+            conns[:] = [c for c in conns if c.alive]
+            for conn in conns:
+                if _usable(conn) and min(conn.capacity(), max_streams - len(conn.streams)) > 0:
+                    self.stats.reuses += 1
+                    return conn
+            opening = self._opening.get(key)
+            if opening is None:
+                return None
+            await opening.wait()  # one connect at a time per endpoint; then look again
+
+    async def _wait_pending(
+        self, key: tuple[str, int], max_streams: int, breaker: CircuitBreaker, overflow: Overflow
+    ) -> tuple[H2Connection | None, ConnectionToken | None]:
+        """No stream free and no connection may be opened: wait in the pending queue (if it
+        has room) for a stream on a connection to `key` or a connection slot, at most the
+        connect timeout. Raises UpstreamOverflow when the queue is full or nothing was freed."""
+        pending = breaker.try_acquire_pending()
+        if isinstance(pending, Overflow):
+            raise UpstreamOverflow(str(pending))
+        self.stats.pending_waits += 1
+        deadline = trio.current_time() + self.connect_timeout
+        with pending:
+            while trio.current_time() < deadline:
+                with trio.move_on_at(deadline):
+                    await self._freed.park()
+                conn = await self._reusable(key, max_streams)
+                if conn is not None:
+                    return conn, None
+                got = breaker.try_acquire_connection()
+                if not isinstance(got, Overflow):
+                    return None, got
+        raise UpstreamOverflow(f"{overflow}: no stream freed within {self.connect_timeout:g}s")
+
+    def _wake_pending(self) -> None:
+        self._freed.unpark_all()
 
     def stream_opened(self, conn: H2Connection) -> None:
         """Count a stream opened on `conn` (from `acquire`): after maxRequestsPerConnection of
@@ -124,6 +164,7 @@ class H2Pool:
         with trio.fail_after(self.connect_timeout):
             transport = await self.connector(endpoint, service_port)
         conn = H2Connection(transport, client=True)
+        conn.on_stream_end = self._wake_pending
         self.stats.connects += 1
         if token is not None:
             self._tokens[conn.id] = token
@@ -143,6 +184,7 @@ class H2Pool:
             token = self._tokens.pop(conn.id, None)
             if token is not None:
                 token.release()  # its tcp.maxConnections slot
+            self._wake_pending()
 
     async def _reap_idle(self, conn: H2Connection, idle: float, scope: trio.CancelScope) -> None:
         while conn.alive:

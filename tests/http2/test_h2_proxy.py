@@ -350,7 +350,12 @@ async def test_max_requests_per_connection_and_max_connections() -> None:
     assert all(h[":status"] == "200" for h, _, _ in got)
     assert backends[0].connections == 3  # 2 + 2 + 1 requests
 
-    pool = {"tcp": {"maxConnections": 1}, "http": {"maxConcurrentStreams": 1}}
+    # One connection of one stream, and a pending queue of one (as Envoy, the HTTP/2 pool has
+    # one): the second call waits for the first's stream, the third is refused.
+    pool = {
+        "tcp": {"maxConnections": 1},
+        "http": {"maxConcurrentStreams": 1, "http1MaxPendingRequests": 1},
+    }
     one = dr({"trafficPolicy": {"connectionPool": pool}})
     async with running(app_snapshot(one, replicas=1), [H2Backend("a")]) as r:
         results: list[dict[str, str]] = []
@@ -363,5 +368,8 @@ async def test_max_requests_per_connection_and_max_connections() -> None:
             nursery.start_soon(slow_call)
             await trio.sleep(0.1)  # the first call holds the one connection's one stream
             nursery.start_soon(slow_call)
-    assert sorted(h.get("grpc-status", "") for h in results) == ["", "14"], results
+            await trio.sleep(0.1)  # the second waits in the pending queue
+            nursery.start_soon(slow_call)
+        assert r.proxy.pool.stats.pending_waits == 1
+    assert sorted(h.get("grpc-status", "") for h in results) == ["", "", "14"], results
     assert sum("UO" in e.flags for e in r.logs) == 1
