@@ -1,7 +1,8 @@
 """`scripts/bench report`: render the last `mesh` run (its JSON) into docs/benchmarks.md + a PNG.
 
 Rendering is pure (`render_markdown`, `rows_table`, `chart_panels` take the run's JSON document);
-`run` only reads the JSON and writes the two files. The targets are issue 8's.
+`run` only reads the JSON and writes the two files. The targets are issue 8's (the first data
+plane) and issue 14's (data plane v2).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,57 @@ TARGETS: tuple[tuple[str, str, str, float], ...] = (
     ("HTTP max rate through two agents (req/s)", "http max rate mesh", ">=", 5000.0),
     ("Bulk through the mesh vs direct", "bulk mesh/direct", ">=", 0.5),
 )
+TARGETS_V2: tuple[tuple[str, str, str, float], ...] = (
+    ("HTTP at 1000/s: added p90", "http 1000/s p90 added mesh", "<=", 1.0),
+    ("New connections at 1000/s: added p99", "connect 1000/s p99 added mesh", "<=", 3.0),
+    ("New connections, max rate: mesh / HAProxy", "connect max rate mesh/haproxy", ">=", 2.0),
+    ("Bulk through the mesh vs direct", "bulk mesh/direct", ">=", 0.23),
+    ("L4 at 1000/s: added p90", "l4 1000/s p90 added mesh", "<=", 0.3),
+    (
+        "Graceful restart of n1's agent: failed requests",
+        "restart 500/s graceful n1 failed",
+        "<=",
+        0,
+    ),
+    (
+        "Graceful restart of n2's agent: failed requests",
+        "restart 500/s graceful n2 failed",
+        "<=",
+        0,
+    ),
+)
+
+
+def derived_figures(figures: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Ratios between figures of the same run that the targets name (mesh over HAProxy)."""
+    out = dict(figures)
+    mesh, haproxy = figures.get("connect max rate mesh"), figures.get("connect max rate haproxy")
+    if mesh and haproxy and haproxy["value"]:
+        value = mesh["value"] / haproxy["value"]
+        out["connect max rate mesh/haproxy"] = {"value": value, "unit": "ratio"}
+    return out
+
+
+def targets_section(
+    title: str, targets: Sequence[tuple[str, str, str, float]], figures: dict[str, Any]
+) -> list[str]:
+    rows = []
+    for label, metric, cmp, limit in targets:
+        f = figures.get(metric)
+        if f is None:
+            rows.append([label, f"{cmp} {limit:g}", "not measured", "-"])
+            continue
+        value = float(f["value"])
+        ok = value <= limit if cmp == "<=" else value >= limit
+        rows.append(
+            [
+                label,
+                f"{cmp} {limit:g}",
+                f"{_fmt(f['value'])} {f['unit']}",
+                "met" if ok else "MISSED",
+            ]
+        )
+    return ["", f"## {title}", "", *_md_table(["target", "limit", "measured", ""], rows)]
 
 
 def _fmt(v: object, digits: int = 3) -> str:
@@ -222,23 +274,9 @@ def render_markdown(
     lines += [f"- note: {n}" for n in doc.get("notes") or []]
     if png_name:
         lines += ["", f"![latency percentiles per set-up]({png_name})"]
-    lines += ["", "## Targets (issue 8)", ""]
-    target_rows = []
-    for label, metric, cmp, limit in TARGETS:
-        f = figures.get(metric)
-        if f is None:
-            target_rows.append([label, f"{cmp} {limit:g}", "not measured", "-"])
-            continue
-        ok = f["value"] <= limit if cmp == "<=" else f["value"] >= limit
-        target_rows.append(
-            [
-                label,
-                f"{cmp} {limit:g}",
-                f"{_fmt(float(f['value']))} {f['unit']}",
-                "met" if ok else "MISSED",
-            ]
-        )
-    lines += _md_table(["target", "limit", "measured", ""], target_rows)
+    figures = derived_figures(figures)
+    lines += targets_section("Targets (issue 14: data plane v2)", TARGETS_V2, figures)
+    lines += targets_section("Targets (issue 8: the first data plane)", TARGETS, figures)
     lines += cpu_section(doc)
     lines += l7_section(doc)
     lines += [

@@ -93,6 +93,25 @@ def test_markdown_has_machine_command_targets_and_rows() -> None:
     assert "- note: a note" in md
 
 
+def test_data_plane_v2_targets_with_the_connect_ratio_and_restarts() -> None:
+    r = sample_result()
+    r.rows += [
+        row("direct", "connect", "max", rate=4000.0),
+        row("mesh", "connect", "max", rate=2500.0),
+        row("haproxy", "connect", "max", rate=1000.0),
+    ]
+    figures(r)
+    r.add("restart 500/s graceful n1 failed", 0, "requests")
+    r.add("restart 500/s graceful n2 failed", 3, "requests")
+    md = render_markdown(r.to_json())
+    v2 = md[md.index("## Targets (issue 14") : md.index("## Targets (issue 8")]
+    assert "| L4 at 1000/s: added p90 | <= 0.3 | 0.400 ms | MISSED |" in v2
+    assert "| New connections, max rate: mesh / HAProxy | >= 2 | 2.500 ratio | met |" in v2
+    assert "| Graceful restart of n1's agent: failed requests | <= 0 | 0 requests | met |" in v2
+    assert "| Graceful restart of n2's agent: failed requests | <= 0 | 3 requests | MISSED |" in v2
+    assert "| HTTP at 1000/s: added p90 | <= 1 | not measured | - |" in v2
+
+
 def test_rows_table_aligns_columns() -> None:
     lines = rows_table(sample_result().rows).splitlines()
     assert len(lines) == 1 + 9
