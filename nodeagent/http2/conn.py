@@ -419,6 +419,20 @@ class H2Stream:
     def send_trailers(self, trailers: Headers) -> None:
         self.send_headers(trailers, end_stream=True)
 
+    async def finish(self, trailers: Headers | None) -> None:
+        """Our side's end: the trailers (END_STREAM on them), else an empty DATA frame (the
+        shape `streams.UpstreamStream` asks of every upstream codec)."""
+        if trailers:
+            self.send_trailers(trailers)
+        else:
+            self.end()
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        """`close`, in the shape `streams.UpstreamStream` asks of every upstream codec."""
+        self.close()
+        await trio.lowlevel.checkpoint()
+
     def end(self) -> None:
         """END_STREAM on our side (an empty DATA frame)."""
         if self._eof_sent or self.error:
