@@ -167,7 +167,11 @@ class H2Proxy:
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.pool.run(task_status=task_status)
+        try:
+            await self.pool.run(task_status=task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.http1_pool.aclose()  # its idle keep-alive connections
 
     async def aclose(self) -> None:
         await self.pool.aclose()
