@@ -43,9 +43,11 @@ def test_h2_request_fields_as_an_http1_head() -> None:
     assert (method, target, chunked) == (b"GET", b"/x", False)
     assert head == [(b"host", b"app"), (b"te", b"trailers"), (b"x-a", b"1")]
     _, _, head, chunked = http1_request_of_h2(fields, has_body=True, content_length=None)
-    assert chunked and head[-1] == (b"transfer-encoding", b"chunked")
+    assert chunked
+    assert head[-1] == (b"transfer-encoding", b"chunked")
     _, _, head, chunked = http1_request_of_h2(fields, has_body=True, content_length=b"7")
-    assert not chunked and head[-1] == (b"content-length", b"7")
+    assert not chunked
+    assert head[-1] == (b"content-length", b"7")
 
 
 @pytest.mark.parametrize(
