@@ -48,7 +48,7 @@ from nodeagent.gateway.tls_accept import (
 from nodeagent.http import Connector, HttpProxy, Limits, RequestLog
 from nodeagent.http.guard import Guard
 from nodeagent.http2.proxy import H2Proxy
-from nodeagent.http2.sniff import sniff
+from nodeagent.http2.sniff import classify_declared, sniff
 from nodeagent.log import get_logger
 from nodeagent.routing import HttpRequest, Source
 from nodeagent.snapshot.snapshot import Snapshot
@@ -271,7 +271,7 @@ class IngressGateway:
             bindings = self.servers().get(port, ())
             if is_tls_port(bindings):
                 await self._serve_tls(stream, port, bindings, peer)
-            elif await sniff(stream.socket, H2C_SNIFF_TIMEOUT) == "h2":
+            elif await sniff(stream.socket, H2C_SNIFF_TIMEOUT, classify_declared) == "h2":
                 await self.http2.serve(stream, port=port, client_address=peer)
             else:
                 await self.proxy.serve(stream, port=port, client_address=peer)

@@ -20,7 +20,7 @@ from nodeagent.balance.state import EndpointState
 from nodeagent.http import HttpProxy, RequestLog
 from nodeagent.http2.proxy import H2Proxy
 from nodeagent.http2.selection import upstream_codec
-from nodeagent.http2.sniff import Sniffed, sniff
+from nodeagent.http2.sniff import Sniffed, classify_declared, sniff
 from nodeagent.inpod import original_dst
 from nodeagent.log import get_logger
 from nodeagent.proxy import self_call
@@ -55,7 +55,8 @@ async def _speaks(client: trio.SocketStream, declared: L7Protocol) -> Sniffed:
     """What the connection speaks: on a declared HTTP or HTTP/2 port, h2 (prior knowledge)
     or else HTTP/1.1 (Envoy's codec AUTO); undeclared: sniffed (h2, HTTP/1.x or TCP)."""
     if declared is L7Protocol.HTTP1 or declared is L7Protocol.HTTP2:
-        return "h2" if await sniff(client.socket, H2_SNIFF_TIMEOUT) == "h2" else "http1"
+        got = await sniff(client.socket, H2_SNIFF_TIMEOUT, classify_declared)
+        return "h2" if got == "h2" else "http1"
     return await sniff(client.socket, SNIFF_TIMEOUT)
 
 
