@@ -420,18 +420,16 @@ class H2Stream:
         self.send_headers(trailers, end_stream=True)
 
     async def finish(self, trailers: Headers | None) -> None:
-        """Our side's end: the trailers (END_STREAM on them), else an empty DATA frame (the
-        shape `streams.UpstreamStream` asks of every upstream codec)."""
+        """Our side's end: the trailers (END_STREAM on them), else an empty DATA frame. Never
+        blocks (async for the shape `streams.UpstreamStream` asks of every upstream codec)."""
         if trailers:
             self.send_trailers(trailers)
         else:
             self.end()
-        await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
-        """`close`, in the shape `streams.UpstreamStream` asks of every upstream codec."""
+        """`close`; never blocks (async for the shape of `streams.UpstreamStream`)."""
         self.close()
-        await trio.lowlevel.checkpoint()
 
     def end(self) -> None:
         """END_STREAM on our side (an empty DATA frame)."""

@@ -3,7 +3,9 @@ with the same decision as HTTP/1.1 (`nodeagent.routing.route_http`), run it thro
 attempt loop (`nodeagent.http.attempt.run_attempts`: pick, breaker, retries, timeouts), each
 attempt a stream on a pooled upstream HTTP/2 connection (`pool.py`) to the endpoint the
 cluster's balancer picked: one client connection is spread over the service's replicas request
-by request.
+by request. The client may speak HTTP/1.1 instead (`serve_http1`, `h1client.py`), and a request
+whose destination port declares HTTP/1.1 goes upstream as HTTP/1.1 (`h1upstream.py`): the
+upstream codec is the destination port's (`selection.py`), whatever the client's.
 
 gRPC: a request with `content-type: application/grpc…` is answered, when the mesh answers it
 (no route, no endpoint, fault abort, timeout…), with a trailers-only gRPC error (HTTP 200 and
@@ -624,6 +626,7 @@ class _Exchange:
 
     async def discard(self, outcome: AttemptOutcome) -> None:
         await self.drop()
+        await trio.lowlevel.checkpoint()
 
     async def drop(self) -> None:
         """Stop the current attempt: its pump, its upstream stream (reset if still open; an
@@ -634,8 +637,6 @@ class _Exchange:
         up, self.up = self.up, None
         if up is not None:
             await up.aclose()
-        else:
-            await trio.lowlevel.checkpoint()
 
     async def respond(
         self, down: ClientStream, reply: _Replier, ops: HeaderOps, entry: RequestLog
