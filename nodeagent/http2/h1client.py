@@ -29,6 +29,7 @@ from nodeagent.http2.translate import (
     h2_request_of_http1,
     has_length,
     http1_response_of_h2,
+    reason_phrase,
     wants_trailers,
 )
 
@@ -150,7 +151,7 @@ class H1ClientStream:
         )
         self._chunked = not has_length(fields) and self.conn.down.conn.their_http_version == b"1.1"
         self.head_sent = True
-        self._queue(h11.Response(status_code=status, headers=fields))
+        self._queue(h11.Response(status_code=status, headers=fields, reason=reason_phrase(status)))
         if end_stream:
             self.end()
 

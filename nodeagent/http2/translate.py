@@ -10,6 +10,7 @@ trailers are chunked trailers on HTTP/1.1 (to a client that asked with `TE: trai
 from __future__ import annotations
 
 from collections.abc import Sequence
+from http import HTTPStatus
 
 from nodeagent.http.headers import HOP_BY_HOP
 
@@ -117,3 +118,13 @@ def http1_response_of_h2(
 
 def has_length(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return any(k.lower() == b"content-length" for k, _ in headers)
+
+
+def reason_phrase(status: int) -> bytes:
+    """The status line's reason for an HTTP/1.1 answer made from an HTTP/2 one (which has
+    none): the standard phrase, as Envoy writes it (some clients, h2load among them, do not
+    count a status whose reason is empty)."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""

@@ -181,7 +181,7 @@ async def test_curl_http1_on_a_grpc_port_gets_an_http1_answer() -> None:
             )  # fmt: skip
     out = proc.stdout.decode()
     assert proc.returncode == 0, proc.stderr
-    assert out.startswith("HTTP/1.1 200"), out
+    assert out.startswith("HTTP/1.1 200 OK\r\n"), out
     assert out.endswith("a /curl")
     assert p.logs[-1].code == 200
 

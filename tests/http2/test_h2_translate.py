@@ -10,6 +10,7 @@ from nodeagent.http2.translate import (
     h2_response_of_http1,
     http1_request_of_h2,
     http1_response_of_h2,
+    reason_phrase,
     wants_trailers,
 )
 from nodeagent.snapshot import ServicePort
@@ -95,3 +96,9 @@ def test_the_upstream_codec_is_the_ports_declared_protocol(
     port = ServicePort(name, 80, 8080, app_protocol=app_protocol)
     assert upstream_codec(port, client) == upstream  # type: ignore[arg-type]
     assert upstream_codec(None, client) == client  # type: ignore[arg-type]
+
+
+def test_an_http1_answer_gets_the_standard_reason_phrase() -> None:
+    assert reason_phrase(200) == b"OK"
+    assert reason_phrase(503) == b"Service Unavailable"
+    assert reason_phrase(599) == b""

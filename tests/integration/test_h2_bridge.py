@@ -148,10 +148,19 @@ def requests_of(sb: Sandbox, node: str, service_host: str) -> list[Any]:
 def test_curl_http1_to_an_http2_service_reaches_an_h2_only_server(
     sandbox: Sandbox, deployed: dict[str, Any]
 ) -> None:
-    out = curl(sandbox, deployed["pods"]["client"], "-i", "--http1.1", f"http://{H2_VIP}/one")
-    assert out.startswith("HTTP/1.1 200"), out
+    c = deployed["pods"]["client"]
+    out = curl(sandbox, c, "-i", "--http1.1", f"http://{H2_VIP}/one")
+    assert out.startswith("HTTP/1.1 200 OK"), out
     assert out.rstrip().endswith("h2-1 /one"), out
-    eventually(lambda: bool(requests_of(sandbox, "n1", "h2")), "h2 requests counted")
+    # h2load as an HTTP/1.1 client: 200 requests over 2 keep-alive connections
+    load = sandbox.exec(c, ["h2load", "--h1", "-n", "200", "-c", "2", f"http://{H2_VIP}/load"])
+    assert "200 succeeded" in str(load.stdout), load.stdout
+    assert "200 2xx" in str(load.stdout), load.stdout
+
+    def counted() -> float:
+        return sum(s.value for s in requests_of(sandbox, "n1", "h2"))
+
+    eventually(lambda: counted() >= 201, "h2 requests counted")
     got = requests_of(sandbox, "n1", "h2")
     assert {(s.labels["request_protocol"], s.labels["response_code"]) for s in got} == {
         ("http", "200")
