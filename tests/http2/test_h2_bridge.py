@@ -302,3 +302,19 @@ async def test_a_raw_http1_client_through_the_bridge_keeps_keepalive() -> None:
     assert (first[0], first[2]) == (200, b"a /1")
     assert (second[0], second[2]) == (200, b"payload")
     assert len({e.connection_id for e in p.logs}) == 1
+
+
+async def test_expect_100_continue_is_answered_once_the_bridge_forwards(tmp_path: Any) -> None:
+    body = tmp_path / "body.bin"
+    body.write_bytes(b"z" * 200_000)
+    async with proxied(snapshot("grpc"), [H2Backend("a").serve], client="http1") as p:
+        with trio.fail_after(30):
+            proc = await trio.run_process(
+                ["curl", "-sS", "--http1.1", "-H", "Expect: 100-continue", "--expect100-timeout",
+                 "20", "--data-binary", f"@{body}", "-w", " %{http_code}",
+                 f"http://127.0.0.1:{p.port}/up"],
+                capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"z" * 200_000 + b" 200"  # echoed: the upload went on after the 100
+    assert p.logs[-1].bytes_received == 200_000
