@@ -123,9 +123,6 @@ class H1Upstreams:
         self.pool = pool
         self.connect_timeout = connect_timeout
 
-    def connection_count(self) -> int:
-        return self.pool.idle_count()
-
     async def open(
         self,
         endpoint: Endpoint,

@@ -178,9 +178,6 @@ class H2Upstreams:
     def __init__(self, pool: H2Pool) -> None:
         self.pool = pool
 
-    def connection_count(self) -> int:
-        return self.pool.connection_count()
-
     async def open(
         self,
         endpoint: Endpoint,

@@ -485,15 +485,21 @@ class H2Proxy:
             await reply.timed_out()
         elif decision.mirror is not None and body.whole:
             # the answered request's copy, sent beside (never before) the client's answer
-            copy = partial(self._mirror, snapshot, decision.mirror, headers, list(body.kept))
-            self.pool.spawn(copy)
+            shadow = decision.mirror
+            to = self._upstreams[upstream_codec(destination_port(shadow), client.codec)]
+            self.pool.spawn(partial(self._mirror, to, snapshot, shadow, headers, list(body.kept)))
 
     async def _mirror(
-        self, snapshot: Snapshot, dest: RouteDestination, headers: Headers, chunks: list[bytes]
+        self,
+        upstreams: Upstreams,
+        snapshot: Snapshot,
+        dest: RouteDestination,
+        headers: Headers,
+        chunks: list[bytes],
     ) -> None:
         sent = None
         with trio.move_on_after(self.limits.mirror_timeout):
-            sent = await mirror(self.pool, self.registry, snapshot, dest, headers, chunks)
+            sent = await mirror(upstreams, self.registry, snapshot, dest, headers, chunks)
         if sent is not False:  # sent, or timed out after sending
             self._stats["mirrored"] += 1
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import h11
 import trio
+import trio.testing
 from h2_helpers import HOST, H2Backend, curl_h2, service, tcp_connector, vs, workload
 from http_helpers import Backend, RawClient, Seen
 from snapshot_docs import snapshot_of
@@ -318,3 +319,17 @@ async def test_expect_100_continue_is_answered_once_the_bridge_forwards(tmp_path
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == b"z" * 200_000 + b" 200"  # echoed: the upload went on after the 100
     assert p.logs[-1].bytes_received == 200_000
+
+
+async def test_a_mirrored_copy_of_an_h2_request_goes_to_an_http1_mirror_as_http1() -> None:
+    route = vs([{"route": [{"destination": {"host": "app"}}], "mirror": {"host": "app"}}])
+    backend = Backend("b", echo_h1)
+    async with proxied(snapshot("http", route), [backend.serve], client="h2") as p:
+        got = await h2_exchange(p.port, 2)
+        with trio.fail_after(5):  # the copies are sent beside the answers
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+    assert [h[":status"] for h, _, _ in got] == ["201", "201"]
+    hosts = sorted(s.headers["host"] for s in backend.seen)
+    assert hosts == ["app", "app", "app-shadow", "app-shadow"]
+    assert all(s.body == b"hello" for s in backend.seen)
+    assert p.proxy.statistics()["mirrored"] == 2
