@@ -128,18 +128,6 @@ class IngressGateway:
         self._port_map = port_map or (lambda p: p)
         self._listeners: dict[int, _Listener] = {}
         self.bind_errors: dict[int, str] = {}
-        self.proxy = HttpProxy(
-            snapshot=snapshot,
-            source=self.source_for,
-            connector=connector,
-            registry=registry,
-            on_request=on_request,
-            limits=limits,
-            name="gateway",
-            tracer=tracer,
-            access_logged=access_logged,
-            guard=guard,
-        )
         self.http2 = H2Proxy(
             snapshot=snapshot,
             source=self.source_for,
@@ -151,6 +139,19 @@ class IngressGateway:
             tracer=tracer,
             access_logged=access_logged,
             guard=guard,
+        )
+        self.proxy = HttpProxy(
+            snapshot=snapshot,
+            source=self.source_for,
+            connector=connector,
+            registry=registry,
+            on_request=on_request,
+            limits=limits,
+            name="gateway",
+            tracer=tracer,
+            access_logged=access_logged,
+            guard=guard,
+            bridge=self.http2.forward_http1,  # an HTTP/1.1 client's request to an HTTP/2 port
         )
 
     def listening(self) -> dict[int, int]:

@@ -25,6 +25,7 @@ import trio
 from nodeagent.balance import PickContext, Registry
 from nodeagent.http import flags
 from nodeagent.http.attempt import AttemptOutcome, Attempts
+from nodeagent.http.bridge import Bridge
 from nodeagent.http.downstream import (
     REASONS,
     Downstream,
@@ -85,7 +86,8 @@ class HttpProxy:
     is called once per completed request; `access_logged` says it writes the access-log line, so
     the proxy's own `request.complete` line drops to debug (one line per request, not two).
     `guard` (the ingress gateway's authentication and authorization, `guard.py`) sees every
-    request before it is routed.
+    request before it is routed. `bridge` forwards a request whose destination port speaks
+    HTTP/2 (`bridge.py`).
     """
 
     def __init__(
@@ -102,9 +104,11 @@ class HttpProxy:
         tracer: Tracer | None = None,
         access_logged: bool = False,
         guard: Guard | None = None,
+        bridge: Bridge | None = None,
     ) -> None:
         self._snapshot = snapshot
         self._guard = guard
+        self._bridge = bridge
         self.registry = registry
         self._tracer = tracer
         self._source = source
@@ -375,6 +379,12 @@ class HttpProxy:
     ) -> bool:
         assert dest.service is not None
         assert dest.port is not None
+        if self._bridge is not None:
+            bridged = await self._bridge(
+                down, request, headers, decision, dest, entry, client_address, source_ns
+            )
+            if bridged is not None:
+                return bridged
         snapshot = self._snapshot()
         cluster = self.registry.picker_for(
             snapshot, dest.service, dest.subset, dest.port, from_namespace=source_ns or None

@@ -80,11 +80,12 @@ class _Writer:
 class H1ClientStream:
     """One HTTP/1.1 request and its answer, as the HTTP/2 proxy sees a stream."""
 
-    def __init__(self, conn: H1ClientConnection, request: h11.Request) -> None:
+    def __init__(
+        self, conn: H1ClientConnection, method: bytes, target: bytes, raw: Headers
+    ) -> None:
         self.conn = conn
-        raw = [(bytes(k), bytes(v)) for k, v in request.headers]
         self.headers: Headers | None = h2_request_of_http1(
-            bytes(request.method), bytes(request.target), raw, scheme=conn.down.scheme
+            method, target, raw, scheme=conn.down.scheme
         )
         self.trailers: Headers | None = None
         self.error = ""
@@ -94,7 +95,7 @@ class H1ClientStream:
         self.sent_bytes = 0
         self.head_sent = False
         self.complete = False  # the whole answer went out (EndOfMessage)
-        self._head_request = request.method == b"HEAD"
+        self._head_request = method == b"HEAD"
         self._te_trailers = wants_trailers(raw)
         self._chunked = False
         self._eof = conn.down.body_done()
@@ -216,12 +217,37 @@ Handler = Callable[[H1ClientStream], Awaitable[None]]
 class H1ClientConnection:
     """One HTTP/1.1 client connection's keep-alive loop, each request handed to `handle`."""
 
-    def __init__(self, client: trio.abc.Stream, limits: Limits, *, address: str) -> None:
-        self.down = Downstream(client, limits)
-        self.down.address = address
-        self.writer = _Writer(self.down)
+    def __init__(self, down: Downstream) -> None:
+        self.down = down
+        self.writer = _Writer(down)
         self.keep = True
         self._watch: trio.CancelScope | None = None
+
+    @classmethod
+    def of(cls, client: trio.abc.Stream, limits: Limits, *, address: str) -> H1ClientConnection:
+        down = Downstream(client, limits)
+        down.address = address
+        return cls(down)
+
+    def stream_of(self, request: h11.Request) -> H1ClientStream:
+        raw = [(bytes(k), bytes(v)) for k, v in request.headers]
+        return H1ClientStream(self, bytes(request.method), bytes(request.target), raw)
+
+    def unwatch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def reusable(self, stream: H1ClientStream) -> bool:
+        """The exchange ended cleanly on both sides: the connection can serve another."""
+        conn = self.down.conn
+        return (
+            self.keep
+            and stream.complete
+            and not self.writer.error
+            and conn.our_state is h11.DONE
+            and conn.their_state is h11.DONE
+        )
 
     def watch_client(self, stream: H1ClientStream) -> None:
         """Once the request is read: a client that closes meanwhile fails the stream (the
@@ -261,25 +287,19 @@ class H1ClientConnection:
 
     async def _one(self, handle: Handler, request: h11.Request) -> bool:
         """Serve one request; returns whether the connection can serve another."""
-        stream = H1ClientStream(self, request)
+        stream = self.stream_of(request)
         if stream.ended:
             self.watch_client(stream)
         try:
             await handle(stream)
         finally:
-            if self._watch is not None:
-                self._watch.cancel()
-                self._watch = None
-        if not stream.complete:
-            if not stream.head_sent and not stream.error:
-                # the request path always answers; a stream left unanswered is a bug: say so
-                with contextlib.suppress(StreamReset):
-                    stream.send_headers([(b":status", b"502")], end_stream=True)
-            self.keep = self.keep and stream.complete
+            self.unwatch()
+        if not stream.complete and not stream.head_sent and not stream.error:
+            # the request path always answers; a stream left unanswered is a bug: say so
+            with contextlib.suppress(StreamReset):
+                stream.send_headers([(b":status", b"502")], end_stream=True)
         await self.writer.drain()
-        conn = self.down.conn
-        if self.writer.error or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-            # an answer before the whole request body (or a broken answer): close, as
-            # HTTP/1.1 cannot tell where the unread body ends
-            self.keep = False
+        # an answer before the whole request body (or a broken answer): close, as HTTP/1.1
+        # cannot tell where the unread body ends
+        self.keep = self.reusable(stream)
         return self.keep

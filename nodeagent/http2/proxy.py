@@ -45,7 +45,7 @@ from nodeagent.http.log import RequestLog, RequestRecorder, log, start_span_for
 from nodeagent.http.origination import UpstreamTlsError
 from nodeagent.http.pool import ConnectionPool
 from nodeagent.http2.conn import H2Connection, H2Stream, Headers, StreamReset
-from nodeagent.http2.h1client import H1ClientConnection
+from nodeagent.http2.h1client import H1ClientConnection, H1ClientStream
 from nodeagent.http2.h1upstream import H1Upstreams
 from nodeagent.http2.messages import (
     BadRequest,
@@ -213,7 +213,7 @@ class H2Proxy:
         """Serve one HTTP/1.1 client connection (keep-alive) until it closes: every request
         as an HTTP/2 client's (Envoy's HTTP/1.1 → HTTP/2 bridge, `h1client.py`)."""
         facts = self._client("http1", client, port, host, client_address)
-        conn = H1ClientConnection(client, self.limits, address=facts.peer)
+        conn = H1ClientConnection.of(client, self.limits, address=facts.peer)
 
         async def read(down: Downstream) -> object:
             return await read_request(down, self.limits, self._recorder, facts.conn_id)
@@ -225,6 +225,73 @@ class H2Proxy:
             await conn.serve(partial(self._request, client=facts), read, head_timeout)
         except Exception as exc:  # the connection ends; the pod's proxy goes on
             log.error("connection.failed", proxy=self.name, conn=facts.conn_id, error=repr(exc))
+
+    async def forward_http1(
+        self,
+        down: Downstream,
+        request: HttpRequest,
+        headers: list[tuple[str, str]],
+        decision: RouteDecision,
+        dest: RouteDestination,
+        entry: RequestLog,
+        client_address: str | None,
+        source_ns: str | None,
+    ) -> bool | None:
+        """The HTTP/1.1 proxy's `Bridge` (`nodeagent.http.bridge`): forward its routed
+        request, translated, when the destination port's upstream is HTTP/2 (None otherwise:
+        the HTTP/1.1 proxy forwards it itself); whether the client connection can go on."""
+        if upstream_codec(destination_port(dest), "http1") != "h2":
+            return None
+        conn = H1ClientConnection(down)
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        stream = H1ClientStream(conn, request.method.encode(), request.target.encode(), raw)
+        stream.on_activity = down.touch
+        assert stream.headers is not None
+        try:
+            head = parse_request(stream.headers)
+        except BadRequest:
+            return None  # nothing HTTP/2 can carry (no authority): as HTTP/1.1, unchanged
+        reply = _Replier(stream, entry, grpc=head.grpc)
+        reply.touch = down.touch
+        if head.grpc:
+            entry.protocol = "grpc"
+        client = _Client(
+            "http1",
+            request.port,
+            request.host,
+            client_address,
+            entry.connection_id,
+            down.address,
+            "",
+            request.scheme,
+        )
+        if stream.ended:
+            conn.watch_client(stream)
+        cancel = trio.CancelScope()
+        stream.on_fail = cancel.cancel
+        try:
+            async with trio.open_nursery() as writer:
+                writer.start_soon(conn.writer.run)
+                try:
+                    with cancel:
+                        await self._forward(
+                            stream, head, request, decision, dest, reply, entry, client, source_ns
+                        )
+                except StreamReset:
+                    pass
+                except Exception as exc:  # one request's bug ends its connection, not the proxy
+                    log.error("request.failed", path=entry.path, error=repr(exc), exc_info=exc)
+                    stream.reset()
+                if cancel.cancelled_caught or (stream.error and stream.on_fail is not None):
+                    entry.flags.append(flags.DOWNSTREAM_TERMINATION)
+                    if not reply.head_sent:
+                        entry.code = 0
+                await conn.writer.drain()
+                writer.cancel_scope.cancel()
+        finally:
+            conn.unwatch()
+            entry.bytes_sent += stream.sent_bytes
+        return conn.reusable(stream)
 
     def _client(
         self,

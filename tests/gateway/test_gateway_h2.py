@@ -239,3 +239,23 @@ async def test_the_gateway_prefers_h2_to_http1(creds: tuple[Path, str]) -> None:
         chosen = tls.selected_alpn_protocol()
         await tls.aclose()
     assert chosen == "h2"
+
+
+async def test_an_http1_clients_request_to_a_grpc_service_goes_upstream_as_h2(
+    creds: tuple[Path, str],
+) -> None:
+    """The HTTP/1.1 proxy hands a request routed to an HTTP/2 port to the HTTP/2 proxy: the
+    backend speaks only HTTP/2; the answer comes back as HTTP/1.1, trailers for TE: trailers."""
+    async with running(creds) as gw:
+        rc, out, err = await curl_tls(gw, "/pkg.Svc/Get", "--http1.1", "-i", "-H", "te: trailers")
+        rc2, out2, err2 = await curl_tls(gw, "/pkg.Svc/Get2", "--http1.1")
+    assert rc == 0, err
+    assert out.startswith("HTTP/1.1 200 OK"), out
+    assert "grpc /pkg.Svc/Getgrpc-status: 0" in out.replace("\r\n", "\n"), out
+    assert out.endswith(" 1.1 200"), out
+    assert (rc2, out2) == (0, "grpc /pkg.Svc/Get2 1.1 200"), err2  # trailers dropped
+    seen = gw.h2.seen[0]
+    assert (seen[":authority"], seen["x-claim"], seen["x-forwarded-proto"]) == (
+        f"{HOST}:{gw.tls_port}", "j", "https"
+    )  # fmt: skip
+    assert [e.code for e in gw.logs] == [200, 200]

@@ -101,12 +101,27 @@ def deployed(sandbox: Sandbox, files: Path) -> dict[str, Any]:
             ],
         },
     }  # fmt: skip
+    # on the `http` service, gRPC methods routed to the `grpc` one (a route across protocols)
+    across = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "h1", "namespace": "default"},
+        "spec": {
+            "hosts": ["h1"],
+            "http": [
+                {"match": [{"uri": {"prefix": "/test.Echo/"}}],
+                 "route": [{"destination": {"host": "grpc-app"}}]},
+                {"route": [{"destination": {"host": "h1"}}]},
+            ],
+        },
+    }  # fmt: skip
     docs = [
         service("grpc-app", cluster_ip=GRPC_VIP, port_name="grpc"),
         service("h2", cluster_ip=H2_VIP, port_name="http2"),
         service("h1", cluster_ip=H1_VIP, port_name="http"),
         gateway,
         routes,
+        across,
     ]
     apply(sandbox, files, "h2bridge", docs)
     gw_ip = sandbox.gateway_url().removeprefix("http://").rsplit(":", 1)[0]
@@ -231,3 +246,20 @@ def test_a_grpcio_client_through_the_gateway_over_tls(
     eventually(lambda: sum(s.value for s in gateway_grpc()) >= 20, "the gateway's gRPC calls")
     assert {(s.labels["request_protocol"], s.labels["grpc_response_status"])
             for s in gateway_grpc()} == {("grpc", "0")}  # fmt: skip
+
+
+def test_http1_grpc_calls_routed_to_a_grpc_port_go_upstream_as_h2(
+    sandbox: Sandbox, deployed: dict[str, Any], files: Path
+) -> None:
+    """An HTTP/1.1 client whose request is routed to an HTTP/2 port (from the `http` service,
+    and at the gateway): the HTTP/1.1 proxy hands it to the HTTP/2 proxy; grpcio answers."""
+    grpc = ["-i", "--http1.1", "-H", "content-type: application/grpc", "-H", "te: trailers",
+            "--data-binary", f"@{files / 'grpc-msg.bin'}"]  # fmt: skip
+    answer = "\x00\x00\x00\x00\x06grpc-1grpc-status: 0\n"
+    mesh = curl(sandbox, deployed["pods"]["client"], *grpc, f"http://{H1_VIP}/test.Echo/Unary")
+    assert mesh.startswith("HTTP/1.1 200 OK"), mesh
+    assert answer in mesh, mesh
+    edge = gateway_curl(sandbox, deployed, "/test.Echo/Unary", *grpc)
+    assert edge.startswith("HTTP/1.1 200 OK"), edge
+    assert answer in edge, edge
+    assert edge.endswith(" 1.1 200"), edge
