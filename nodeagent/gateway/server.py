@@ -151,7 +151,7 @@ class IngressGateway:
             tracer=tracer,
             access_logged=access_logged,
             guard=guard,
-            bridge=self.http2.forward_http1,  # an HTTP/1.1 client's request to an HTTP/2 port
+            bridge=self.http2.http1_bridge,  # an HTTP/1.1 client's request to an HTTP/2 port
         )
 
     def listening(self) -> dict[int, int]:

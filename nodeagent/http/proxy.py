@@ -379,12 +379,10 @@ class HttpProxy:
     ) -> bool:
         assert dest.service is not None
         assert dest.port is not None
-        if self._bridge is not None:
-            bridged = await self._bridge(
+        if self._bridge is not None and self._bridge.takes(dest):
+            return await self._bridge.forward(
                 down, request, headers, decision, dest, entry, client_address, source_ns
             )
-            if bridged is not None:
-                return bridged
         snapshot = self._snapshot()
         cluster = self.registry.picker_for(
             snapshot, dest.service, dest.subset, dest.port, from_namespace=source_ns or None

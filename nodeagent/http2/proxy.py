@@ -226,6 +226,11 @@ class H2Proxy:
         except Exception as exc:  # the connection ends; the pod's proxy goes on
             log.error("connection.failed", proxy=self.name, conn=facts.conn_id, error=repr(exc))
 
+    @property
+    def http1_bridge(self) -> Http1Bridge:
+        """The `nodeagent.http.bridge.Bridge` an `HttpProxy` hands HTTP/2-bound requests to."""
+        return Http1Bridge(self)
+
     async def forward_http1(
         self,
         down: Downstream,
@@ -236,24 +241,24 @@ class H2Proxy:
         entry: RequestLog,
         client_address: str | None,
         source_ns: str | None,
-    ) -> bool | None:
-        """The HTTP/1.1 proxy's `Bridge` (`nodeagent.http.bridge`): forward its routed
-        request, translated, when the destination port's upstream is HTTP/2 (None otherwise:
-        the HTTP/1.1 proxy forwards it itself); whether the client connection can go on."""
-        if upstream_codec(destination_port(dest), "http1") != "h2":
-            return None
+    ) -> bool:
+        """An HTTP/1.1 proxy's routed request, forwarded translated (`Http1Bridge`); whether
+        the client connection can go on."""
         conn = H1ClientConnection(down)
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         stream = H1ClientStream(conn, request.method.encode(), request.target.encode(), raw)
         stream.on_activity = down.touch
         assert stream.headers is not None
+        head: RequestHead | None = None
+        detail = b""
         try:
             head = parse_request(stream.headers)
-        except BadRequest:
-            return None  # nothing HTTP/2 can carry (no authority): as HTTP/1.1, unchanged
-        reply = _Replier(stream, entry, grpc=head.grpc)
+        except BadRequest as exc:  # nothing HTTP/2 can carry (no authority)
+            entry.flags.append(flags.DOWNSTREAM_PROTOCOL_ERROR)
+            detail = str(exc).encode()
+        reply = _Replier(stream, entry, grpc=head is not None and head.grpc)
         reply.touch = down.touch
-        if head.grpc:
+        if reply.grpc:
             entry.protocol = "grpc"
         client = _Client(
             "http1",
@@ -274,9 +279,13 @@ class H2Proxy:
                 writer.start_soon(conn.writer.run)
                 try:
                     with cancel:
-                        await self._forward(
-                            stream, head, request, decision, dest, reply, entry, client, source_ns
-                        )
+                        if head is None:
+                            await reply.local(400, detail)
+                        else:
+                            await self._forward(
+                                stream, head, request, decision, dest, reply, entry, client,
+                                source_ns,
+                            )  # fmt: skip
                 except StreamReset:
                     pass
                 except Exception as exc:  # one request's bug ends its connection, not the proxy
@@ -569,6 +578,18 @@ class H2Proxy:
             sent = await mirror(upstreams, self.registry, snapshot, dest, headers, chunks)
         if sent is not False:  # sent, or timed out after sending
             self._stats["mirrored"] += 1
+
+
+class Http1Bridge:
+    """`nodeagent.http.bridge.Bridge` over an `H2Proxy`: an `HttpProxy`'s request whose
+    destination port's upstream is HTTP/2 (`selection.upstream_codec`) goes through it."""
+
+    def __init__(self, proxy: H2Proxy) -> None:
+        self.proxy = proxy
+        self.forward = proxy.forward_http1
+
+    def takes(self, dest: RouteDestination) -> bool:
+        return upstream_codec(destination_port(dest), "http1") == "h2"
 
 
 def _stream_outcome(entry: RequestLog) -> Outcome | None:

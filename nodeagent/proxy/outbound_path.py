@@ -112,7 +112,7 @@ class OutboundPath:
                 name=f"http:{self.core.pod}",
                 tracer=self.core.telemetry.tracer if self.core.telemetry is not None else None,
                 access_logged=self.core.telemetry is not None,  # record_request writes the line
-                bridge=self.http2.forward_http1,  # a route to an HTTP/2 port's service
+                bridge=self.http2.http1_bridge,  # a route to an HTTP/2 port's service
             )
         return self._http
 
