@@ -1,7 +1,9 @@
 """An HTTP/1.1 client connection served by the HTTP/2 proxy (Envoy's HTTP/1.1 → HTTP/2
 translation): each request of the keep-alive loop becomes an `H1ClientStream`, the shape of an
 `H2Stream` the proxy's request path (`proxy.H2Proxy._request`) takes, so the request is routed,
-retried and forwarded over a pooled HTTP/2 upstream stream exactly as an HTTP/2 client's.
+retried and forwarded over a pooled HTTP/2 upstream stream exactly as an HTTP/2 client's. The
+HTTP/1.1 proxy hands over single requests the same way (`H2Proxy.forward_http1`: a request it
+routed to an HTTP/2 port), on its own `Downstream`.
 
 Reading is `nodeagent.http.downstream.Downstream`'s (framing checks, head timeouts, 400/431
 answers: every hop refuses the same heads); writing goes through one writer task per connection,

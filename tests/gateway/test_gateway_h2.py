@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from h2_helpers import H2Backend
 from h2_helpers import service as h2_service
 from http_helpers import (
@@ -135,6 +136,13 @@ async def running(creds: tuple[Path, str]) -> AsyncIterator[Gw]:
             nursery.cancel_scope.cancel()
 
 
+async def settled() -> None:
+    """Until the gateway finished its requests (a client may read the answer's last byte
+    before the gateway wrote the request's record)."""
+    with trio.fail_after(5):
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+
+
 async def curl(*args: str) -> tuple[int, str, str]:
     with trio.fail_after(30):
         proc = await trio.run_process(
@@ -158,6 +166,7 @@ async def test_curl_http2_negotiates_h2_and_reaches_an_http1_backend(
     async with running(creds) as gw:
         rc, out, err = await curl_tls(gw, "/x", "--http2", "-H", "authorization: Bearer t")
         rc1, out1, err1 = await curl_tls(gw, "/y", "--http1.1")
+        await settled()
     assert (rc, out) == (0, "v1 /x 2 200"), err  # ALPN h2 negotiated, HTTP/1.1 upstream
     assert (rc1, out1) == (0, "v1 /y 1.1 200"), err1  # an HTTP/1.1 client is still served
     seen = gw.http1.seen[0].headers
@@ -171,6 +180,7 @@ async def test_curl_http2_negotiates_h2_and_reaches_an_http1_backend(
 async def test_the_guard_refuses_an_http2_request(creds: tuple[Path, str]) -> None:
     async with running(creds) as gw:
         rc, out, err = await curl_tls(gw, "/denied", "--http2")
+        await settled()
     assert (rc, out) == (0, "RBAC: access denied 2 403"), err
     assert gw.http1.seen == []
     assert "UAEX" in gw.logs[-1].flags
@@ -202,6 +212,7 @@ async def test_grpc_over_tls_reaches_an_h2_backend_with_its_trailers(
             trailers = dict(stream.trailers or [])
             stream.close()
             nursery.cancel_scope.cancel()
+        await settled()
     assert head[b":status"] == b"200"
     assert head[b"x-backend"] == b"grpc"
     assert body == b"\0\0\0\0\0"
@@ -249,6 +260,7 @@ async def test_an_http1_clients_request_to_a_grpc_service_goes_upstream_as_h2(
     async with running(creds) as gw:
         rc, out, err = await curl_tls(gw, "/pkg.Svc/Get", "--http1.1", "-i", "-H", "te: trailers")
         rc2, out2, err2 = await curl_tls(gw, "/pkg.Svc/Get2", "--http1.1")
+        await settled()
     assert rc == 0, err
     assert out.startswith("HTTP/1.1 200 OK"), out
     assert "grpc /pkg.Svc/Getgrpc-status: 0" in out.replace("\r\n", "\n"), out
