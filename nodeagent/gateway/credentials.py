@@ -31,7 +31,7 @@ from nodeagent.log import get_logger
 log = get_logger("gateway.credentials")
 
 RECHECK = 1.0  # seconds between looks at a credential's files
-ALPN = ("http/1.1",)  # what the gateway speaks over TLS (h2 joins when the gateway serves it)
+ALPN = ("h2", "http/1.1")  # what the gateway speaks over TLS, in Envoy's order of preference
 _VERSIONS = {"TLSV1_2": ssl.TLSVersion.TLSv1_2, "TLSV1_3": ssl.TLSVersion.TLSv1_3}
 _CERT_NAMES = ("tls.crt", "cert")
 _KEY_NAMES = ("tls.key", "key")

@@ -9,6 +9,11 @@ any mesh request. Listeners follow the snapshot: a port that appears is bound, o
 disappears is closed; connections read the current snapshot, so route, host and certificate
 changes need no rebind. An injected `guard` (authentication and L7 authorization for the
 gateway's workload) sees every request before it is routed.
+
+HTTP/2: a TLS server offers ALPN `h2` then `http/1.1` (Envoy's order); a connection that
+negotiated `h2`, or a plain port's connection that opens with the HTTP/2 preface (h2c prior
+knowledge), is served by the HTTP/2 proxy (`nodeagent.http2`): the same routing and guard, each
+request's upstream in the codec its destination port declares (`http2.selection`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from nodeagent.gateway.tls_accept import (
 )
 from nodeagent.http import Connector, HttpProxy, Limits, RequestLog
 from nodeagent.http.guard import Guard
+from nodeagent.http2.proxy import H2Proxy
+from nodeagent.http2.sniff import classify_declared, sniff
 from nodeagent.log import get_logger
 from nodeagent.routing import HttpRequest, Source
 from nodeagent.snapshot.snapshot import Snapshot
@@ -51,6 +58,9 @@ from nodeagent.tunnel import TlsStream
 log = get_logger("gateway")
 
 DEFAULT_LABELS: Mapping[str, str] = MappingProxyType({"istio": "ingressgateway"})
+# A plain port's connection: how long its first bytes may take to say h2 (prior knowledge) or
+# HTTP/1.1 (then HTTP/1.1, whose own head timeouts apply).
+H2C_SNIFF_TIMEOUT = 10.0
 
 # The server a TLS connection's SNI chose, for its requests' `source_for` (set in the
 # connection's task, which runs the HTTP proxy's keep-alive loop itself).
@@ -118,6 +128,18 @@ class IngressGateway:
         self._port_map = port_map or (lambda p: p)
         self._listeners: dict[int, _Listener] = {}
         self.bind_errors: dict[int, str] = {}
+        self.http2 = H2Proxy(
+            snapshot=snapshot,
+            source=self.source_for,
+            connector=connector,
+            registry=registry,
+            on_request=on_request,
+            limits=limits,
+            name="gateway-h2",
+            tracer=tracer,
+            access_logged=access_logged,
+            guard=guard,
+        )
         self.proxy = HttpProxy(
             snapshot=snapshot,
             source=self.source_for,
@@ -129,6 +151,7 @@ class IngressGateway:
             tracer=tracer,
             access_logged=access_logged,
             guard=guard,
+            bridge=self.http2.http1_bridge,  # an HTTP/1.1 client's request to an HTTP/2 port
         )
 
     def listening(self) -> dict[int, int]:
@@ -142,6 +165,7 @@ class IngressGateway:
             "credentials": self.credentials.statistics(),
             **self._tls_stats,
             **self.proxy.statistics(),
+            "http2": self.http2.statistics(),
         }
 
     def servers(self) -> dict[int, tuple[ServerBinding, ...]]:
@@ -181,6 +205,7 @@ class IngressGateway:
         initial = await self._bind(set(self.servers()), True)
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.http2.run)  # its pooled upstream connections
                 for port, listeners in initial:
                     self._start(nursery, port, listeners)
                 task_status.started()
@@ -190,6 +215,7 @@ class IngressGateway:
         finally:
             with trio.CancelScope(shield=True):
                 await self.proxy.aclose()
+                await self.http2.aclose()
 
     async def _reconcile(self, nursery: trio.Nursery) -> None:
         current = self.servers()
@@ -246,6 +272,8 @@ class IngressGateway:
             bindings = self.servers().get(port, ())
             if is_tls_port(bindings):
                 await self._serve_tls(stream, port, bindings, peer)
+            elif await sniff(stream.socket, H2C_SNIFF_TIMEOUT, classify_declared) == "h2":
+                await self.http2.serve(stream, port=port, client_address=peer)
             else:
                 await self.proxy.serve(stream, port=port, client_address=peer)
 
@@ -266,7 +294,7 @@ class IngressGateway:
         peer: str | None,
     ) -> None:
         """One connection of a TLS port: SNI → server → pass through, or terminate and serve
-        HTTP/1.1 inside."""
+        HTTP/2 (ALPN h2) or HTTP/1.1 inside."""
         sni: str | None = None
         binding: ServerBinding | None = None
         tls: TlsStream | None = None
@@ -312,7 +340,10 @@ class IngressGateway:
         )
         token = _CONNECTION_SERVER.set(binding)
         try:
-            await self.proxy.serve(tls, port=port, client_address=peer)
+            if tls.socket.selected_alpn_protocol() == "h2":
+                await self.http2.serve(tls, port=port, client_address=peer)
+            else:
+                await self.proxy.serve(tls, port=port, client_address=peer)
         finally:
             _CONNECTION_SERVER.reset(token)
 

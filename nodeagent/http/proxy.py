@@ -25,6 +25,7 @@ import trio
 from nodeagent.balance import PickContext, Registry
 from nodeagent.http import flags
 from nodeagent.http.attempt import AttemptOutcome, Attempts
+from nodeagent.http.bridge import Bridge
 from nodeagent.http.downstream import (
     REASONS,
     Downstream,
@@ -35,14 +36,14 @@ from nodeagent.http.downstream import (
     read_request,
 )
 from nodeagent.http.errors import DownstreamError, DownstreamProtocolError
-from nodeagent.http.guard import GUARD_FAILED, Guard, RequestFacts
+from nodeagent.http.guard import Guard
+from nodeagent.http.guarded import guard_request, local_address
 from nodeagent.http.headers import (
     decode,
     is_upgrade,
     joined,
     new_request_id,
     upstream_head,
-    without_params,
 )
 from nodeagent.http.limits import Limits
 from nodeagent.http.log import RequestLog, RequestRecorder, entry_for, log, start_span
@@ -62,16 +63,6 @@ from nodeagent.telemetry.tracing import CURRENT_TRACE, TraceContext, Tracer
 
 SourceFor = Source | Callable[[HttpRequest], Source | None]
 _conn_ids = itertools.count(1)
-
-
-def _local_of(client: trio.abc.Stream) -> str:
-    """The address the client connected to (the guard's destination.ip), "" when unknown."""
-    if isinstance(client, trio.SocketStream):
-        try:
-            return str(client.socket.getsockname()[0])
-        except OSError:
-            pass
-    return ""
 
 
 def _peer_of(client: trio.abc.Stream, fallback: str | None) -> str:
@@ -95,7 +86,8 @@ class HttpProxy:
     is called once per completed request; `access_logged` says it writes the access-log line, so
     the proxy's own `request.complete` line drops to debug (one line per request, not two).
     `guard` (the ingress gateway's authentication and authorization, `guard.py`) sees every
-    request before it is routed.
+    request before it is routed. `bridge` forwards a request whose destination port speaks
+    HTTP/2 (`bridge.py`).
     """
 
     def __init__(
@@ -112,9 +104,11 @@ class HttpProxy:
         tracer: Tracer | None = None,
         access_logged: bool = False,
         guard: Guard | None = None,
+        bridge: Bridge | None = None,
     ) -> None:
         self._snapshot = snapshot
         self._guard = guard
+        self._bridge = bridge
         self.registry = registry
         self._tracer = tracer
         self._source = source
@@ -308,50 +302,15 @@ class HttpProxy:
         is a direct answer (flag UAEX); an allowed request goes on with authentication's
         header and query changes (routes may match the claims it copied to headers)."""
         assert self._guard is not None
-        client_ip = down.address.rpartition(":")[0]
-        local = _local_of(down.stream)
-        facts = RequestFacts(
-            method=request.method,
-            target=request.target,
-            host=request.authority,
-            headers=headers,
+        return await guard_request(
+            self._guard,
+            request,
+            headers,
+            entry,
             port=port,
-            source_ip=client_ip,
-            destination_ip=local,
-            source_identity=None,
-            mtls=False,
+            source_ip=down.address.rpartition(":")[0],
+            destination_ip=local_address(down.stream),
         )
-        try:
-            verdict = await self._guard(facts)
-        except Exception as exc:  # refused, never let through unchecked
-            log.error("request.guard_failed", path=entry.path, error=repr(exc))
-            verdict = GUARD_FAILED
-        entry.request_principal = verdict.request_principal or ""
-        if not verdict.allowed:
-            entry.flags.append(flags.UNAUTHORIZED)
-            entry.response_code_details = verdict.details
-            entry.policy = verdict.policy or ""
-            return (
-                request,
-                headers,
-                RouteDecision(kind="direct", direct=DirectResponse(verdict.status, verdict.body)),
-            )
-        if not (verdict.remove_headers or verdict.add_headers or verdict.strip_params):
-            return request, headers, None
-        headers = [(k, v) for k, v in headers if k not in verdict.remove_headers]
-        headers += verdict.add_headers
-        target = request.target
-        if verdict.strip_params:
-            target = without_params(target, verdict.strip_params)
-        changed = HttpRequest.from_target(
-            request.method,
-            request.authority,
-            target,
-            joined(headers),
-            port=request.port,
-            host=request.host,
-        )
-        return changed, headers, None
 
     async def _execute(
         self,
@@ -420,6 +379,10 @@ class HttpProxy:
     ) -> bool:
         assert dest.service is not None
         assert dest.port is not None
+        if self._bridge is not None and self._bridge.takes(dest):
+            return await self._bridge.forward(
+                down, request, headers, decision, dest, entry, client_address, source_ns
+            )
         snapshot = self._snapshot()
         cluster = self.registry.picker_for(
             snapshot, dest.service, dest.subset, dest.port, from_namespace=source_ns or None

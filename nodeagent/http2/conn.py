@@ -420,6 +420,18 @@ class H2Stream:
     def send_trailers(self, trailers: Headers) -> None:
         self.send_headers(trailers, end_stream=True)
 
+    async def finish(self, trailers: Headers | None) -> None:
+        """Our side's end: the trailers (END_STREAM on them), else an empty DATA frame. Never
+        blocks (async for the shape `streams.UpstreamStream` asks of every upstream codec)."""
+        if trailers:
+            self.send_trailers(trailers)
+        else:
+            self.end()
+
+    async def aclose(self) -> None:
+        """`close`; never blocks (async for the shape of `streams.UpstreamStream`)."""
+        self.close()
+
     def end(self) -> None:
         """END_STREAM on our side (an empty DATA frame)."""
         if self._eof_sent or self.error:

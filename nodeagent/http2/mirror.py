@@ -1,15 +1,17 @@
 """HTTP/2 traffic mirroring: a copy of a (fully buffered) request goes to the route's mirror on
-a pooled upstream connection, `:authority` with `-shadow` appended to its host as Envoy does;
-the answer is read and dropped, never waited for by the client (`H2Pool.spawn` runs it)."""
+a pooled upstream connection (in the codec the mirror's port declares: `selection.py`),
+`:authority` with `-shadow` appended to its host as Envoy does; the answer is read and dropped,
+never waited for by the client (`H2Pool.spawn` runs it)."""
 
 from __future__ import annotations
 
 import trio
 
 from nodeagent.balance import NoHealthyUpstream, Registry
-from nodeagent.http.errors import UpstreamDenied
+from nodeagent.http.errors import UpstreamDenied, UpstreamOverflow
+from nodeagent.http.origination import UpstreamTlsError
 from nodeagent.http2.conn import Headers, StreamReset
-from nodeagent.http2.pool import H2Pool
+from nodeagent.http2.streams import RequestFacts, Upstreams
 from nodeagent.routing import RouteDestination
 from nodeagent.snapshot.snapshot import Snapshot
 
@@ -25,7 +27,7 @@ def shadow_headers(headers: Headers) -> Headers:
 
 
 async def mirror(
-    pool: H2Pool,
+    upstreams: Upstreams,
     registry: Registry,
     snapshot: Snapshot,
     dest: RouteDestination,
@@ -42,20 +44,30 @@ async def mirror(
         endpoint = cluster.pick().endpoint
     except NoHealthyUpstream:
         return False
+    facts = RequestFacts(end_stream=not chunks, content_length=None)
     try:
-        conn, _ = await pool.acquire(endpoint, dest.port)
-        up = conn.open_stream(shadow_headers(headers), end_stream=not chunks)
-        pool.stream_opened(conn)
-    except (OSError, trio.TooSlowError, trio.BrokenResourceError, UpstreamDenied, StreamReset):
+        opened = await upstreams.open(endpoint, dest.port, shadow_headers(headers), facts, cluster)
+    except (
+        OSError,
+        trio.TooSlowError,
+        trio.BrokenResourceError,
+        UpstreamDenied,
+        UpstreamOverflow,
+        UpstreamTlsError,
+        StreamReset,
+    ):
         return False
+    up = opened.stream
     try:
-        for i, chunk in enumerate(chunks):
-            await up.send_data(chunk, end_stream=i == len(chunks) - 1)
+        for chunk in chunks:
+            await up.send_data(chunk)
+        if chunks:
+            await up.finish(None)
         await up.wait_headers()
         while await up.receive_data():
             pass
     except StreamReset:
         pass
     finally:
-        up.close()
+        await up.aclose()
     return True

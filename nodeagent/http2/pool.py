@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import trio
 
 from nodeagent.balance import Overflow
+from nodeagent.balance import Picker as Cluster
 from nodeagent.balance.pool import CircuitBreaker, ConnectionToken
 from nodeagent.http.errors import UpstreamOverflow
 from nodeagent.http.pool import Credentials
-from nodeagent.http2.conn import H2Connection
+from nodeagent.http2.conn import H2Connection, StreamReset
+from nodeagent.http2.streams import Headers, Opened, RequestFacts
 from nodeagent.log import get_logger
 from nodeagent.snapshot import Endpoint
 
@@ -209,3 +211,37 @@ def _usable(conn: H2Connection) -> bool:
         conn.close()  # a certificate expired, rotated or was revoked: no new streams on it
         return False
     return True
+
+
+class H2Upstreams:
+    """The HTTP/2 upstreams of an HTTP/2 proxy: a stream per attempt on `pool`'s connections
+    (`tcp.maxConnections`, `maxConcurrentStreams`, `maxRequestsPerConnection` apply)."""
+
+    def __init__(self, pool: H2Pool) -> None:
+        self.pool = pool
+
+    async def open(
+        self,
+        endpoint: Endpoint,
+        service_port: int,
+        headers: Headers,
+        facts: RequestFacts,
+        cluster: Cluster,
+    ) -> Opened:
+        pool_limits = cluster.policy.pool
+        began = trio.current_time()
+        conn, reused = await self.pool.acquire(
+            endpoint,
+            service_port,
+            max_streams=pool_limits.max_concurrent_streams or MAX_STREAMS,
+            idle_timeout=pool_limits.http_idle_timeout_s,
+            breaker=cluster.breaker,
+        )
+        setup = 0.0 if reused else trio.current_time() - began
+        try:
+            # A request without a body goes out whole: END_STREAM on its head.
+            up = conn.open_stream(headers, end_stream=facts.end_stream)
+        except StreamReset as exc:
+            raise StreamReset(str(exc), refused=reused) from None
+        self.pool.stream_opened(conn)
+        return Opened(up, reused, setup)

@@ -3,7 +3,9 @@ with the same decision as HTTP/1.1 (`nodeagent.routing.route_http`), run it thro
 attempt loop (`nodeagent.http.attempt.run_attempts`: pick, breaker, retries, timeouts), each
 attempt a stream on a pooled upstream HTTP/2 connection (`pool.py`) to the endpoint the
 cluster's balancer picked: one client connection is spread over the service's replicas request
-by request.
+by request. The client may speak HTTP/1.1 instead (`serve_http1`, `h1client.py`), and a request
+whose destination port declares HTTP/1.1 goes upstream as HTTP/1.1 (`h1upstream.py`): the
+upstream codec is the destination port's (`selection.py`), whatever the client's.
 
 gRPC: a request with `content-type: application/grpc…` is answered, when the mesh answers it
 (no route, no endpoint, fault abort, timeout…), with a trailers-only gRPC error (HTTP 200 and
@@ -17,11 +19,13 @@ flow control end to end; the route timeout, when set, bounds the whole stream, a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import random
 from collections.abc import Callable
 from contextvars import Token
+from dataclasses import dataclass
 from functools import partial
 
 import trio
@@ -31,11 +35,18 @@ from nodeagent.balance import Picker as Cluster
 from nodeagent.balance.state import EndpointState
 from nodeagent.http import flags
 from nodeagent.http.attempt import AttemptOutcome, LocalReply, run_attempts
+from nodeagent.http.downstream import Downstream, answer_head_timeout, read_request
 from nodeagent.http.errors import UpstreamDenied, UpstreamOverflow
+from nodeagent.http.guard import Guard
+from nodeagent.http.guarded import guard_request, local_address
 from nodeagent.http.headers import HOP_BY_HOP, new_request_id
 from nodeagent.http.limits import Limits
 from nodeagent.http.log import RequestLog, RequestRecorder, log, start_span_for
+from nodeagent.http.origination import UpstreamTlsError
+from nodeagent.http.pool import ConnectionPool
 from nodeagent.http2.conn import H2Connection, H2Stream, Headers, StreamReset
+from nodeagent.http2.h1client import H1ClientConnection, H1ClientStream
+from nodeagent.http2.h1upstream import H1Upstreams
 from nodeagent.http2.messages import (
     BadRequest,
     RequestHead,
@@ -48,7 +59,9 @@ from nodeagent.http2.messages import (
     upstream_headers,
 )
 from nodeagent.http2.mirror import mirror
-from nodeagent.http2.pool import MAX_STREAMS, Connector, H2Pool
+from nodeagent.http2.pool import Connector, H2Pool, H2Upstreams
+from nodeagent.http2.selection import Codec, destination_port, upstream_codec
+from nodeagent.http2.streams import ClientStream, RequestFacts, Upstreams, UpstreamStream
 from nodeagent.routing import (
     DirectResponse,
     HeaderOps,
@@ -66,10 +79,25 @@ from nodeagent.routing.grpc import (
 )
 from nodeagent.snapshot.snapshot import Snapshot
 from nodeagent.telemetry.tracing import CURRENT_TRACE, TraceContext, Tracer
+from nodeagent.tunnel import TlsStream
 
 SourceFor = Source | Callable[[HttpRequest], Source | None]
 _conn_ids = itertools.count(1)
 NO_OPS = HeaderOps()
+
+
+@dataclass(frozen=True, slots=True)
+class _Client:
+    """One client connection, as its requests see it."""
+
+    codec: Codec  # what the client speaks
+    port: int  # the port it addressed
+    host: str | None  # the service host it addressed (None: route by authority)
+    address: str | None  # its IP (x-forwarded-for)
+    conn_id: int
+    peer: str  # "ip:port", for the access log
+    local: str  # the address it connected to (the guard's destination.ip)
+    scheme: str  # "https" when this proxy terminated its TLS (the gateway's HTTPS servers)
 
 
 def _peer_of(client: trio.abc.Stream, fallback: str | None) -> str:
@@ -83,8 +111,14 @@ def _peer_of(client: trio.abc.Stream, fallback: str | None) -> str:
 
 
 class H2Proxy:
-    """Routes and forwards HTTP/2 requests; one per source (pod). `run()` must be running (it
-    holds the pooled upstream connections); the rest is as `nodeagent.http.HttpProxy`."""
+    """Routes and forwards HTTP/2 requests; one per source (pod, or the ingress gateway).
+    `run()` must be running (it holds the pooled upstream connections); the rest is as
+    `nodeagent.http.HttpProxy` (`guard` included).
+
+    Its clients speak HTTP/2 (`serve`) or HTTP/1.1 (`serve_http1`, translated: `h1client.py`);
+    each request's upstream speaks what its destination port declares (`selection.py`): HTTP/2
+    on pooled multiplexed connections, or HTTP/1.1 on pooled keep-alive ones (`h1upstream.py`).
+    """
 
     def __init__(
         self,
@@ -99,8 +133,10 @@ class H2Proxy:
         name: str = "http2",
         access_logged: bool = False,
         tracer: Tracer | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self._tracer = tracer
+        self._guard = guard
         self._snapshot = snapshot
         self._source = source
         self.registry = registry
@@ -108,6 +144,16 @@ class H2Proxy:
         self._rand = rand
         self.name = name
         self.pool = H2Pool(connector, connect_timeout=self.limits.connect_timeout)
+        self.http1_pool = ConnectionPool(
+            connector,
+            max_idle_per_endpoint=self.limits.max_idle_per_endpoint,
+            connect_timeout=self.limits.connect_timeout,
+            max_header_bytes=self.limits.max_header_bytes,
+        )
+        self._upstreams: dict[Codec, Upstreams] = {
+            "h2": H2Upstreams(self.pool),
+            "http1": H1Upstreams(self.http1_pool, connect_timeout=self.limits.connect_timeout),
+        }
         self._recorder = RequestRecorder(name, on_request, quiet=access_logged)
         self._stats = self._recorder.stats
 
@@ -117,13 +163,21 @@ class H2Proxy:
             "pool_connections": self.pool.connection_count(),
             "pool_connects": self.pool.stats.connects,
             "pool_reuses": self.pool.stats.reuses,
+            "http1_pool_idle": self.http1_pool.idle_count(),
+            "http1_pool_connects": self.http1_pool.stats.connects,
+            "http1_pool_reuses": self.http1_pool.stats.reuses,
         }
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.pool.run(task_status=task_status)
+        try:
+            await self.pool.run(task_status=task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.http1_pool.aclose()  # its idle keep-alive connections
 
     async def aclose(self) -> None:
         await self.pool.aclose()
+        await self.http1_pool.aclose()
 
     async def serve(
         self,
@@ -134,13 +188,11 @@ class H2Proxy:
         client_address: str | None = None,
     ) -> None:
         """Serve one client HTTP/2 connection (its preface not yet read) until it closes."""
-        conn_id = next(_conn_ids)
-        peer = _peer_of(client, client_address)
-        self._stats["connections"] += 1
+        facts = self._client("h2", client, port, host, client_address)
         conn = H2Connection(client, client=False)
 
         async def handle(stream: H2Stream) -> None:
-            await self._request(stream, port, host, client_address, conn_id, peer)
+            await self._request(stream, facts)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -148,7 +200,121 @@ class H2Proxy:
                 await conn.run(handle)
                 nursery.cancel_scope.cancel()
         except Exception as exc:  # the connection ends; the pod's proxy goes on
-            log.error("connection.failed", proxy=self.name, conn=conn_id, error=repr(exc))
+            log.error("connection.failed", proxy=self.name, conn=facts.conn_id, error=repr(exc))
+
+    async def serve_http1(
+        self,
+        client: trio.abc.Stream,
+        *,
+        port: int = 80,
+        host: str | None = None,
+        client_address: str | None = None,
+    ) -> None:
+        """Serve one HTTP/1.1 client connection (keep-alive) until it closes: every request
+        as an HTTP/2 client's (Envoy's HTTP/1.1 → HTTP/2 bridge, `h1client.py`)."""
+        facts = self._client("http1", client, port, host, client_address)
+        conn = H1ClientConnection.of(client, self.limits, address=facts.peer)
+
+        async def read(down: Downstream) -> object:
+            return await read_request(down, self.limits, self._recorder, facts.conn_id)
+
+        async def head_timeout(down: Downstream) -> None:
+            await answer_head_timeout(down, self._recorder, facts.conn_id)
+
+        try:
+            await conn.serve(partial(self._request, client=facts), read, head_timeout)
+        except Exception as exc:  # the connection ends; the pod's proxy goes on
+            log.error("connection.failed", proxy=self.name, conn=facts.conn_id, error=repr(exc))
+
+    @property
+    def http1_bridge(self) -> Http1Bridge:
+        """The `nodeagent.http.bridge.Bridge` an `HttpProxy` hands HTTP/2-bound requests to."""
+        return Http1Bridge(self)
+
+    async def forward_http1(
+        self,
+        down: Downstream,
+        request: HttpRequest,
+        headers: list[tuple[str, str]],
+        decision: RouteDecision,
+        dest: RouteDestination,
+        entry: RequestLog,
+        client_address: str | None,
+        source_ns: str | None,
+    ) -> bool:
+        """An HTTP/1.1 proxy's routed request, forwarded translated (`Http1Bridge`); whether
+        the client connection can go on."""
+        conn = H1ClientConnection(down)
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        stream = H1ClientStream(conn, request.method.encode(), request.target.encode(), raw)
+        stream.on_activity = down.touch
+        assert stream.headers is not None
+        head: RequestHead | None = None
+        detail = b""
+        try:
+            head = parse_request(stream.headers)
+        except BadRequest as exc:  # nothing HTTP/2 can carry (no authority)
+            entry.flags.append(flags.DOWNSTREAM_PROTOCOL_ERROR)
+            detail = str(exc).encode()
+        reply = _Replier(stream, entry, grpc=head is not None and head.grpc)
+        reply.touch = down.touch
+        if reply.grpc:
+            entry.protocol = "grpc"
+        client = _Client(
+            "http1",
+            request.port,
+            request.host,
+            client_address,
+            entry.connection_id,
+            down.address,
+            "",
+            request.scheme,
+        )
+        if stream.ended:
+            conn.watch_client(stream)
+        cancel = trio.CancelScope()
+        stream.on_fail = cancel.cancel
+        try:
+            async with trio.open_nursery() as writer:
+                writer.start_soon(conn.writer.run)
+                try:
+                    with cancel:
+                        if head is None:
+                            await reply.local(400, detail)
+                        else:
+                            await self._forward(
+                                stream, head, request, decision, dest, reply, entry, client,
+                                source_ns,
+                            )  # fmt: skip
+                except StreamReset:
+                    pass
+                except Exception as exc:  # one request's bug ends its connection, not the proxy
+                    log.error("request.failed", path=entry.path, error=repr(exc), exc_info=exc)
+                    stream.reset()
+                if cancel.cancelled_caught or (stream.error and stream.on_fail is not None):
+                    entry.flags.append(flags.DOWNSTREAM_TERMINATION)
+                    if not reply.head_sent:
+                        entry.code = 0
+                await conn.writer.drain()
+                writer.cancel_scope.cancel()
+        finally:
+            conn.unwatch()
+            entry.bytes_sent += stream.sent_bytes
+        return conn.reusable(stream)
+
+    def _client(
+        self,
+        codec: Codec,
+        client: trio.abc.Stream,
+        port: int,
+        host: str | None,
+        address: str | None,
+    ) -> _Client:
+        self._stats["connections"] += 1
+        peer = _peer_of(client, address)
+        local = local_address(client) if self._guard is not None else ""
+        scheme = "https" if isinstance(client, TlsStream) else "http"
+        return _Client(codec, port, host, address, next(_conn_ids), peer, local, scheme)
 
     async def _close_when_idle(self, conn: H2Connection) -> None:
         """A client connection without a stream for `Limits.idle_timeout` gets a GOAWAY (as
@@ -162,18 +328,14 @@ class H2Proxy:
 
     # -- one request (stream) ----------------------------------------------------------------
 
-    async def _request(
-        self,
-        down: H2Stream,
-        port: int,
-        host: str | None,
-        client_address: str | None,
-        conn_id: int,
-        peer: str,
-    ) -> None:
+    async def _request(self, down: ClientStream, client: _Client) -> None:
         started = trio.current_time()
         entry = RequestLog(
-            method="-", authority="-", path="-", connection_id=conn_id, downstream_address=peer
+            method="-",
+            authority="-",
+            path="-",
+            connection_id=client.conn_id,
+            downstream_address=client.peer,
         )
         cancel = trio.CancelScope()
         down.on_fail = cancel.cancel  # the client reset the stream (or left): stop everything
@@ -205,7 +367,7 @@ class H2Proxy:
                 reply.grpc = head.grpc
                 if head.grpc:
                     entry.protocol = "grpc"
-                await self._route(down, head, reply, entry, port, host, client_address)
+                await self._route(down, head, reply, entry, client)
             if idle.cancelled_caught:
                 entry.flags.append(flags.STREAM_IDLE_TIMEOUT)
                 await reply.local(408, b"stream timeout")  # or a reset once a head went out
@@ -238,41 +400,55 @@ class H2Proxy:
 
     async def _route(
         self,
-        down: H2Stream,
+        down: ClientStream,
         head: RequestHead,
         reply: _Replier,
         entry: RequestLog,
-        port: int,
-        host: str | None,
-        client_address: str | None,
+        client: _Client,
     ) -> None:
-        request = routing_request(head, port=port, host=host)
+        request = routing_request(head, port=client.port, host=client.host)
+        if client.scheme != request.scheme:  # matches on `scheme`, x-forwarded-proto see it
+            request = dataclasses.replace(request, scheme=client.scheme)
         token: Token[TraceContext | None] | None = None
         if self._tracer is not None:
             raw = [(k, v) for k, v in down.headers or [] if not k.startswith(b":")]
             token = start_span_for(self._tracer, raw, entry, request)
         try:
-            await self._route_request(down, head, request, reply, entry, client_address)
+            await self._route_request(down, head, request, reply, entry, client)
         finally:
             if token is not None:
                 CURRENT_TRACE.reset(token)
 
     async def _route_request(
         self,
-        down: H2Stream,
+        down: ClientStream,
         head: RequestHead,
         request: HttpRequest,
         reply: _Replier,
         entry: RequestLog,
-        client_address: str | None,
+        client: _Client,
     ) -> None:
+        refusal = None
+        if self._guard is not None:
+            request, fields, refusal = await guard_request(
+                self._guard,
+                request,
+                head.headers,
+                entry,
+                port=client.port,
+                source_ip=client.address or "",
+                destination_ip=client.local,
+            )
+            if refusal is None and fields is not head.headers:
+                head = dataclasses.replace(head, headers=fields, path=request.target)
         source = self._source(request) if callable(self._source) else self._source
         try:
-            decision = (
-                route_http(self._snapshot(), source, request, rand=self._rand)
-                if source is not None
-                else RouteDecision(kind="no_route")
-            )
+            if refusal is not None:
+                decision = refusal
+            elif source is not None:
+                decision = route_http(self._snapshot(), source, request, rand=self._rand)
+            else:
+                decision = RouteDecision(kind="no_route")
         except Exception as exc:  # a stored document the validator let through; not fatal
             log.error("request.route_failed", path=entry.path, error=repr(exc))
             decision = RouteDecision(kind="direct", direct=DirectResponse(500, b"routing failed"))
@@ -310,20 +486,18 @@ class H2Proxy:
             await reply.local(503, b"no cluster for the route's destination")
             return
         source_ns = source.namespace if source is not None else None
-        await self._forward(
-            down, head, request, decision, dest, reply, entry, client_address, source_ns
-        )
+        await self._forward(down, head, request, decision, dest, reply, entry, client, source_ns)
 
     async def _forward(
         self,
-        down: H2Stream,
+        down: ClientStream,
         head: RequestHead,
         request: HttpRequest,
         decision: RouteDecision,
         dest: RouteDestination,
         reply: _Replier,
         entry: RequestLog,
-        client_address: str | None,
+        client: _Client,
         source_ns: str | None,
     ) -> None:
         assert dest.service is not None
@@ -338,17 +512,21 @@ class H2Proxy:
             decision,
             request_id=entry.request_id,
             trace_headers=entry.trace_headers,
-            client_address=client_address,
+            client_address=client.address,
         )
+        upstreams = self._upstreams[upstream_codec(destination_port(dest), client.codec)]
         grpc_timeout = parse_grpc_timeout(head.header("grpc-timeout")) if reply.grpc else None
         limits = [t for t in (decision.timeout, grpc_timeout) if t is not None]
         deadline = trio.current_time() + min(limits) if limits else math.inf
-        ctx = PickContext(headers=request.headers, source_ip=client_address, path=request.target)
+        ctx = PickContext(headers=request.headers, source_ip=client.address, path=request.target)
         body = RequestBody(down, limit=self.limits.retry_buffer_bytes)
+        length = head.header("content-length")
         local: LocalReply | None = None
         reset: StreamReset | None = None
         async with trio.open_nursery() as pumps:
-            exchange = _Exchange(self, cluster, dest.port, headers, body, pumps, reply.touch)
+            exchange = _Exchange(cluster, dest.port, headers, body, pumps, reply.touch)
+            exchange.upstreams = upstreams
+            exchange.content_length = length.encode("latin-1") if length else None
             exchange.grpc = reply.grpc
             with trio.CancelScope(deadline=deadline) as overall:
                 try:
@@ -372,7 +550,7 @@ class H2Proxy:
                                 result.finish(_stream_outcome(entry))
                 except StreamReset as exc:
                     reset = exc  # the client's side failed: raised below, not in a group
-            exchange.drop()
+            await exchange.drop()
         if reset is not None:
             raise reset
         if local is not None:
@@ -383,17 +561,35 @@ class H2Proxy:
             await reply.timed_out()
         elif decision.mirror is not None and body.whole:
             # the answered request's copy, sent beside (never before) the client's answer
-            copy = partial(self._mirror, snapshot, decision.mirror, headers, list(body.kept))
-            self.pool.spawn(copy)
+            shadow = decision.mirror
+            to = self._upstreams[upstream_codec(destination_port(shadow), client.codec)]
+            self.pool.spawn(partial(self._mirror, to, snapshot, shadow, headers, list(body.kept)))
 
     async def _mirror(
-        self, snapshot: Snapshot, dest: RouteDestination, headers: Headers, chunks: list[bytes]
+        self,
+        upstreams: Upstreams,
+        snapshot: Snapshot,
+        dest: RouteDestination,
+        headers: Headers,
+        chunks: list[bytes],
     ) -> None:
         sent = None
         with trio.move_on_after(self.limits.mirror_timeout):
-            sent = await mirror(self.pool, self.registry, snapshot, dest, headers, chunks)
+            sent = await mirror(upstreams, self.registry, snapshot, dest, headers, chunks)
         if sent is not False:  # sent, or timed out after sending
             self._stats["mirrored"] += 1
+
+
+class Http1Bridge:
+    """`nodeagent.http.bridge.Bridge` over an `H2Proxy`: an `HttpProxy`'s request whose
+    destination port's upstream is HTTP/2 (`selection.upstream_codec`) goes through it."""
+
+    def __init__(self, proxy: H2Proxy) -> None:
+        self.proxy = proxy
+        self.forward = proxy.forward_http1
+
+    def takes(self, dest: RouteDestination) -> bool:
+        return upstream_codec(destination_port(dest), "http1") == "h2"
 
 
 def _stream_outcome(entry: RequestLog) -> Outcome | None:
@@ -411,7 +607,7 @@ class RequestBody:
     """The client's request body as the attempts send it: streamed, and kept (for a retry's
     replay) while it fits `limit`."""
 
-    def __init__(self, down: H2Stream, *, limit: int) -> None:
+    def __init__(self, down: ClientStream, *, limit: int) -> None:
         self.down = down
         self.limit = limit
         self.kept: list[bytes] = []
@@ -424,7 +620,7 @@ class RequestBody:
         """All of the body was read and is kept (a mirror can send the same request)."""
         return self.replayable and (self.complete or self.down.ended)
 
-    async def pump(self, up: H2Stream) -> None:
+    async def pump(self, up: UpstreamStream) -> None:
         """Send what is kept, then the rest as it comes; END_STREAM (or trailers) at its end."""
         try:
             for chunk in list(self.kept):
@@ -442,10 +638,7 @@ class RequestBody:
                         self.replayable = False
                         self.kept.clear()
                 await up.send_data(data)
-            if self.down.trailers:
-                up.send_trailers(self.down.trailers)
-            else:
-                up.end()
+            await up.finish(self.down.trailers)
         except StreamReset:
             pass  # either side's reset: the response side (or the request's scope) handles it
 
@@ -455,7 +648,6 @@ class _Exchange:
 
     def __init__(
         self,
-        proxy: H2Proxy,
         cluster: Cluster,
         service_port: int,
         headers: Headers,
@@ -465,46 +657,39 @@ class _Exchange:
     ) -> None:
         self.touch = touch
         self.grpc = False
-        self.proxy = proxy
+        self.upstreams: Upstreams | None = None  # the codec the destination port declares
+        self.content_length: bytes | None = None
         self.cluster = cluster
         self.service_port = service_port
         self.headers = headers
         self.body = body
         self.pumps = pumps
-        self.up: H2Stream | None = None
+        self.up: UpstreamStream | None = None
         self.pump_scope: trio.CancelScope | None = None
 
     async def attempt(self, handle: EndpointState, per_try_timeout: float | None) -> AttemptOutcome:
-        pool_limits = self.cluster.policy.pool
-        max_streams = pool_limits.max_concurrent_streams or MAX_STREAMS
-        began = trio.current_time()
+        assert self.upstreams is not None
+        # A request without a body (a GET, all of its head on one frame) goes out whole:
+        # END_STREAM on the head, no pump.
+        body = self.body
+        bodiless = not body.kept and (body.complete or body.down.ended) and not body.down.trailers
+        facts = RequestFacts(end_stream=bodiless, content_length=self.content_length)
         try:
-            conn, reused = await self.proxy.pool.acquire(
-                handle.endpoint,
-                self.service_port,
-                max_streams=max_streams,
-                idle_timeout=pool_limits.http_idle_timeout_s,
-                breaker=self.cluster.breaker,
+            opened = await self.upstreams.open(
+                handle.endpoint, self.service_port, self.headers, facts, self.cluster
             )
         except UpstreamOverflow as exc:
             return AttemptOutcome("overflow", detail=str(exc))
         except UpstreamDenied as exc:
             return AttemptOutcome("denied", detail=str(exc))
+        except UpstreamTlsError as exc:
+            return AttemptOutcome("connect-failure", detail=str(exc), tls_failure=exc.reason)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             return AttemptOutcome("connect-failure", detail=str(exc))
-        setup = 0.0 if reused else trio.current_time() - began
-        try:
-            # A request without a body (a GET, all of its head on one frame) goes out whole:
-            # END_STREAM on the head, no pump.
-            body = self.body
-            bodiless = (
-                not body.kept and (body.complete or body.down.ended) and not body.down.trailers
-            )
-            up = conn.open_stream(self.headers, end_stream=bodiless)
-            self.proxy.pool.stream_opened(conn)
         except StreamReset as exc:
-            return AttemptOutcome("reset", stale=reused, detail=str(exc), setup_s=setup)
-        self.up = up
+            return AttemptOutcome("reset", stale=exc.refused, detail=str(exc))
+        setup = opened.setup_s
+        self.up = up = opened.stream
         up.on_activity = self.touch
         if not bodiless:
             self.pump_scope = scope = trio.CancelScope()
@@ -513,10 +698,10 @@ class _Exchange:
             try:
                 raw = await up.wait_headers()
             except StreamReset as exc:
-                self.drop()
+                await self.drop()
                 return AttemptOutcome("reset", stale=exc.refused, detail=str(exc), setup_s=setup)
         if per_try.cancelled_caught:
-            self.drop()
+            await self.drop()
             return AttemptOutcome("timeout", setup_s=setup)
         status = next((int(v) for k, v in raw if k == b":status" and v.isdigit()), 0)
         grpc_status = grpc_status_of(raw)
@@ -529,25 +714,26 @@ class _Exchange:
             defer_finish=self.grpc and grpc_status is None and not up.ended,
         )
 
-    async def _pump(self, up: H2Stream, scope: trio.CancelScope) -> None:
+    async def _pump(self, up: UpstreamStream, scope: trio.CancelScope) -> None:
         with scope:
             await self.body.pump(up)
 
     async def discard(self, outcome: AttemptOutcome) -> None:
-        self.drop()
+        await self.drop()
         await trio.lowlevel.checkpoint()
 
-    def drop(self) -> None:
-        """Stop the current attempt: its pump, its upstream stream (reset if still open)."""
+    async def drop(self) -> None:
+        """Stop the current attempt: its pump, its upstream stream (reset if still open; an
+        HTTP/1.1 upstream's connection back to its pool after a clean exchange)."""
         if self.pump_scope is not None:
             self.pump_scope.cancel()
             self.pump_scope = None
-        if self.up is not None:
-            self.up.close()
-            self.up = None
+        up, self.up = self.up, None
+        if up is not None:
+            await up.aclose()
 
     async def respond(
-        self, down: H2Stream, reply: _Replier, ops: HeaderOps, entry: RequestLog
+        self, down: ClientStream, reply: _Replier, ops: HeaderOps, entry: RequestLog
     ) -> None:
         """Stream the answer of the attempt that got one: head, DATA, trailers."""
         up = self.up
@@ -582,7 +768,7 @@ class _Replier:
     """Answers the client: a local answer (plain, or a gRPC error for a gRPC client) or the
     upstream's head; says whether a head went out already."""
 
-    def __init__(self, down: H2Stream, entry: RequestLog, *, grpc: bool) -> None:
+    def __init__(self, down: ClientStream, entry: RequestLog, *, grpc: bool) -> None:
         self.down = down
         self.entry = entry
         self.grpc = grpc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Callable
 from typing import Literal
 
 import trio
@@ -35,8 +36,23 @@ def classify(data: bytes) -> Sniffed | None:
     return "tcp"
 
 
-async def sniff(sock: trio.socket.SocketType, within: float) -> Sniffed:
-    """Peek until the first bytes decide, the client closes, or `within` seconds pass (→ tcp)."""
+def classify_declared(data: bytes) -> Sniffed | None:
+    """On a port declared HTTP or HTTP/2: h2 (prior knowledge) or else HTTP/1.1, decided by
+    the first byte that differs from the preface (the first byte of any method but P…), so a
+    client trickling its request line is never held here."""
+    n = min(len(data), len(PREFACE))
+    if data[:n] != PREFACE[:n]:
+        return "http1"
+    return "h2" if len(data) >= len(PREFACE) else None
+
+
+async def sniff(
+    sock: trio.socket.SocketType,
+    within: float,
+    classifier: Callable[[bytes], Sniffed | None] = classify,
+) -> Sniffed:
+    """Peek until the first bytes decide (`classifier`), the client closes, or `within`
+    seconds pass (→ tcp)."""
     with trio.move_on_after(within):
         while True:
             try:
@@ -45,7 +61,7 @@ async def sniff(sock: trio.socket.SocketType, within: float) -> Sniffed:
                 return "tcp"
             if not data:
                 return "tcp"
-            got = classify(data)
+            got = classifier(data)
             if got is not None:
                 return got
             # Undecided on a short read: wait for more than what is queued already.

@@ -1,5 +1,6 @@
-"""The outbound path (15001): an app's captured connection, handed to the pod's L7 proxy for an
-HTTP/1.1 service port, otherwise routed at L4 (`outbound.outbound_decision`) and carried through
+"""The outbound path (15001): an app's captured connection, handed to the pod's L7 proxies for an
+HTTP service port (HTTP/1.1 or HTTP/2, the client's codec sniffed, the upstream's the port's:
+`http2.selection`), otherwise routed at L4 (`outbound.outbound_decision`) and carried through
 the mTLS tunnel to a meshed workload (fail closed without the pod's certificate) or passed through.
 
 `L4Feedback` brackets an L4 connection for the balancer (connection slot, in-flight count,
@@ -18,7 +19,8 @@ from nodeagent.balance.pool import ConnectionToken
 from nodeagent.balance.state import EndpointState
 from nodeagent.http import HttpProxy, RequestLog
 from nodeagent.http2.proxy import H2Proxy
-from nodeagent.http2.sniff import Sniffed, sniff
+from nodeagent.http2.selection import upstream_codec
+from nodeagent.http2.sniff import Sniffed, classify_declared, sniff
 from nodeagent.inpod import original_dst
 from nodeagent.log import get_logger
 from nodeagent.proxy import self_call
@@ -40,8 +42,8 @@ from nodeagent.telemetry.metrics import SecurityPolicy
 from nodeagent.tunnel import ConnectRequest, SourceInfo, TunnelError
 
 log = get_logger("proxy")
-# On a declared HTTP/2 port: how long the client's first bytes may take to say h2 or HTTP/1.1
-# (then HTTP/1.1, whose own head timeouts apply).
+# On a declared HTTP port (HTTP/1.1 or HTTP/2): how long the client's first bytes may take to
+# say h2 or HTTP/1.1 (then HTTP/1.1, whose own head timeouts apply).
 H2_SNIFF_TIMEOUT = 10.0
 # On a port whose protocol is not declared: how long to wait for the client's first bytes
 # before treating the connection as opaque TCP (a server-first protocol, where the client waits
@@ -50,13 +52,11 @@ SNIFF_TIMEOUT = 0.1
 
 
 async def _speaks(client: trio.SocketStream, declared: L7Protocol) -> Sniffed:
-    """What the connection speaks: declared HTTP is HTTP/1.1; declared HTTP/2 is h2, or
-    HTTP/1.1 from a client that does not send the preface (Envoy's codec AUTO); undeclared:
-    sniffed (h2, HTTP/1.x or TCP)."""
-    if declared is L7Protocol.HTTP1:
-        return "http1"
-    if declared is L7Protocol.HTTP2:
-        return "h2" if await sniff(client.socket, H2_SNIFF_TIMEOUT) == "h2" else "http1"
+    """What the connection speaks: on a declared HTTP or HTTP/2 port, h2 (prior knowledge)
+    or else HTTP/1.1 (Envoy's codec AUTO); undeclared: sniffed (h2, HTTP/1.x or TCP)."""
+    if declared is L7Protocol.HTTP1 or declared is L7Protocol.HTTP2:
+        got = await sniff(client.socket, H2_SNIFF_TIMEOUT, classify_declared)
+        return "h2" if got == "h2" else "http1"
     return await sniff(client.socket, SNIFF_TIMEOUT)
 
 
@@ -112,6 +112,7 @@ class OutboundPath:
                 name=f"http:{self.core.pod}",
                 tracer=self.core.telemetry.tracer if self.core.telemetry is not None else None,
                 access_logged=self.core.telemetry is not None,  # record_request writes the line
+                bridge=self.http2.http1_bridge,  # a route to an HTTP/2 port's service
             )
         return self._http
 
@@ -157,10 +158,13 @@ class OutboundPath:
             # An HTTP service port (or an undeclared one whose client spoke HTTP): an L7 proxy
             # routes every request (one log line each).
             conn.service, conn.flag = target.service.ref, "http" if speaks == "http1" else "http2"
-            proxy = self.http2 if speaks == "h2" else self.http_proxy()
-            await proxy.serve(
-                client, port=dst[1], host=target.service.hostname, client_address=src[0]
-            )
+            where = {"port": dst[1], "host": target.service.hostname, "client_address": src[0]}
+            if speaks == "h2":
+                await self.http2.serve(client, **where)  # per request, h2 or HTTP/1.1 upstream
+            elif upstream_codec(target.port, "http1") == "h2":
+                await self.http2.serve_http1(client, **where)  # HTTP/1.1 → HTTP/2
+            else:
+                await self.http_proxy().serve(client, **where)
             return
         me = self.core.me(snap)
         source = Source(me.namespace, me.labels) if me is not None else None

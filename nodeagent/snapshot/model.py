@@ -105,11 +105,12 @@ _KNOWN_PROTOCOLS = frozenset(
 class L7Protocol(enum.Enum):
     """What the outbound proxy speaks on a service port (Istio's protocol selection).
 
-    HTTP1: `http` (the HTTP/1.1 proxy). HTTP2: `http2`, `grpc`, `grpc-web`, `h2c` by port name
-    prefix or appProtocol (`kubernetes.io/h2c` included): the HTTP/2 proxy, which also takes an
-    HTTP/1.1 client on such a port (Envoy's codec AUTO). SNIFF: nothing declared (`unknown`):
-    the first bytes decide (an HTTP/2 preface, an HTTP/1.x request line, else TCP). OPAQUE:
-    everything else (tcp, tls, https, mongo, udp…): relayed at L4.
+    HTTP1: `http` (HTTP/1.1 upstream; an h2 client is translated). HTTP2: `http2`, `grpc`,
+    `grpc-web`, `h2c` by port name prefix or appProtocol (`kubernetes.io/h2c` included): HTTP/2
+    upstream, an HTTP/1.1 client translated (Envoy's codec AUTO; `http2.selection`). SNIFF:
+    nothing declared (`unknown`): the first bytes decide (an HTTP/2 preface, an HTTP/1.x
+    request line, else TCP). OPAQUE: everything else (tcp, tls, https, mongo, udp…): relayed
+    at L4.
     """
 
     HTTP1 = "http"

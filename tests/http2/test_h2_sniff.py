@@ -9,7 +9,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodeagent.http2.sniff import PREFACE, classify, sniff
+from nodeagent.http2.sniff import PREFACE, classify, classify_declared, sniff
 
 
 def test_the_preface_is_h2_only_once_complete() -> None:
@@ -52,3 +52,24 @@ async def test_sniff_peeks_and_times_out_to_tcp() -> None:
         await ta.send(PREFACE[10:])
         assert await sniff(tb, 1) == "h2"
         assert await tb.recv(100) == PREFACE  # the bytes are still there for the proxy
+
+
+def test_on_a_declared_port_the_first_byte_off_the_preface_says_http1() -> None:
+    assert classify_declared(b"G") == "http1"  # no waiting for a trickled request line
+    assert classify_declared(b"PO") == "http1"
+    assert classify_declared(b"PRO") == "http1"  # PROPFIND
+    assert classify_declared(b"PR") is None
+    assert classify_declared(PREFACE[:-1]) is None
+    assert classify_declared(PREFACE + b"\x00") == "h2"
+    assert classify_declared(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n") == "http1"
+
+
+@given(st.binary(min_size=1, max_size=40))
+def test_declared_classification_is_h2_only_for_the_preface(data: bytes) -> None:
+    got = classify_declared(data)
+    if data.startswith(PREFACE):
+        assert got == "h2"
+    elif PREFACE.startswith(data):
+        assert got is None
+    else:
+        assert got == "http1"
