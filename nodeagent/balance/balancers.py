@@ -96,12 +96,13 @@ class LeastRequest(_PowerOfTwo):
         return _less_used(a, b)
 
 
-# Two latency estimates this close are the same speed: on a shared node a few hundred
-# microseconds, or a third, are scheduling noise, not a faster replica. Without the band, peak
-# EWMA hands equal replicas shares that follow their last spikes (measured 131/180/289 of 600
-# gRPC calls); with it they take turns, and a replica slower by more still loses every draw.
-SAME_SPEED_RATIO = 1.5
-SAME_SPEED_SLACK_S = 0.001
+# Two latency estimates this close are the same speed: on a shared, busy node a couple of
+# milliseconds, or a factor of two, are scheduling noise, not a faster replica. Without the
+# band, peak EWMA hands equal replicas shares that follow their last spikes (measured
+# 131/180/289 of 600 gRPC calls); with it they take turns, and a replica slower by more (the
+# tests' 20-25 ms against 2 ms) still loses every draw.
+SAME_SPEED_RATIO = 2.0
+SAME_SPEED_SLACK_S = 0.002
 
 
 class PeakEwma(_PowerOfTwo):
@@ -137,16 +138,30 @@ class PeakEwma(_PowerOfTwo):
         return b if rb * (b.in_flight + 1) < ra * (a.in_flight + 1) else a
 
 
-def observe_rtt(s: EndpointState, sample: float, now: float, decay_s: float) -> None:
+def observe_rtt(
+    s: EndpointState, sample: float, now: float, decay_s: float, *, failed: bool = False
+) -> None:
     """Fold one latency sample into the endpoint's peak-EWMA estimate.
 
     The first sample replaces the default: the default is a guess, and with a 10 s decay it
     would otherwise dominate the estimate (and hide a slower replica in the same-speed band)
-    for tens of seconds after an endpoint appears."""
-    if sample > s.rtt or not s.rtt_measured:
+    for tens of seconds after an endpoint appears. A sample above the estimate is a peak only
+    when the next one is above it too (then the estimate takes the smaller of the two), or when
+    the request failed: one slow answer on a busy node is a scheduling spike, and the 10 s decay
+    would make it steer traffic away from an equal replica for seconds; a slower replica is
+    slow every time."""
+    if not s.rtt_measured or (sample > s.rtt and failed):
         s.rtt_measured = True
         s.rtt = sample
+        s.rtt_peak = 0.0
+    elif sample > s.rtt:
+        if s.rtt_peak > 0.0:
+            s.rtt = min(sample, s.rtt_peak)
+            s.rtt_peak = 0.0
+        else:
+            s.rtt_peak = sample
     else:
+        s.rtt_peak = 0.0
         elapsed = now - s.rtt_at
         decay = math.exp(-elapsed / decay_s) if elapsed > 0 else 1.0
         s.rtt = s.rtt * decay + sample * (1.0 - decay)

@@ -142,7 +142,7 @@ class Picker:
             s.failures += 1
             if latency_s < FAILURE_PENALTY_S:
                 latency_s = FAILURE_PENALTY_S
-        observe_rtt(s, latency_s, now, self._decay_s)
+        observe_rtt(s, latency_s, now, self._decay_s, failed=outcome is not Outcome.SUCCESS)
         od = self.outlier
         if od is None:
             return

@@ -95,6 +95,7 @@ class EndpointState:
         "rtt",
         "rtt_at",
         "rtt_measured",
+        "rtt_peak",
         "unejected_at",
     )
 
@@ -106,6 +107,7 @@ class EndpointState:
         self.rtt = rtt  # peak-EWMA estimate, seconds
         self.rtt_at = now
         self.rtt_measured = False  # `rtt` is still the default guess
+        self.rtt_peak = 0.0  # a sample above `rtt` waiting for the next to confirm it
         self.available = True  # in the set picks are made from (healthy, or all in panic)
         self.ejected = False
         self.ejected_at = 0.0

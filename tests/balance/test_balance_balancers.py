@@ -180,8 +180,9 @@ def test_peak_ewma_reacts_within_a_few_requests_and_recovers() -> None:
 
 
 def test_peak_ewma_takes_turns_between_replicas_of_the_same_speed() -> None:
-    # Serial calls to three equal replicas whose answers jitter by +-30 %: without the
-    # same-speed band the shares followed each replica's last slow answer.
+    # Serial calls to three equal replicas whose answers jitter by +-30 % and now and then
+    # spike to 15x: without the same-speed band and the confirmed peak the shares followed
+    # each replica's last slow answer.
     clock = FakeClock(0.0)
     p = picker(None, endpoints(3), clock, seed=11)
     rng = random.Random(11)
@@ -190,6 +191,8 @@ def test_peak_ewma_takes_turns_between_replicas_of_the_same_speed() -> None:
         h = p.pick()
         h.start()
         latency = 0.002 * rng.uniform(0.7, 1.3)
+        if rng.random() < 0.03:
+            latency = 0.030  # a scheduling spike on a busy node, on any replica
         clock.advance(latency)
         h.finish(latency)
         c[h.address] += 1
@@ -197,10 +200,10 @@ def test_peak_ewma_takes_turns_between_replicas_of_the_same_speed() -> None:
 
 
 def test_peak_ewma_band_does_not_hide_a_slower_replica() -> None:
-    # 2 ms against 6 ms is outside the band (1.5 x 2 ms + 1 ms): the slow one loses its draws.
+    # 2 ms against 8 ms is outside the band (2 x 2 ms + 2 ms): the slow one loses its draws.
     clock = FakeClock(0.0)
     p = picker(None, endpoints(3), clock, seed=5)
-    latency = {"10.0.0.1": 0.002, "10.0.0.2": 0.002, "10.0.0.3": 0.006}
+    latency = {"10.0.0.1": 0.002, "10.0.0.2": 0.002, "10.0.0.3": 0.008}
     c: Counter[str] = Counter()
     for _ in range(600):
         h = p.pick()
