@@ -171,6 +171,9 @@ class H2Connection:
                     return
                 await self._kick_event.wait()
                 self._kick_event = trio.Event()
+                # Let the tasks that just woke us finish their turn first: a head, its DATA
+                # and its trailers written in one scheduling round go out in one write.
+                await trio.lowlevel.checkpoint()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.fail(f"send: {exc}")
 

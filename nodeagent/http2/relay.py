@@ -18,7 +18,8 @@ async def pump_request(down: H2Stream, up: H2Stream) -> None:
     either side stops it quietly: the response side sees it too and decides."""
     try:
         while data := await down.receive_data():
-            await up.send_data(data)
+            # The last chunk carries END_STREAM (no empty DATA frame after it).
+            await up.send_data(data, end_stream=down.ended and not down.trailers)
         if down.trailers:
             up.send_trailers(down.trailers)
         else:
