@@ -59,6 +59,10 @@ def pods(sandbox: Sandbox, files: Path, issuer: Issuer) -> dict[str, Pod]:
     out = {
         "sleep": client_pod("sleep"),
         "admin": client_pod("admin"),
+        "outsider": sandbox.pod_add(
+            "n1", "client", "outsider", ["sleep", "3600"],
+            labels={"istio.io/dataplane-mode": "none"},
+        ),
         "echo": grpc_server("dg-echo"),
         "secure": grpc_server("dg-secure"),
         "jwks": sandbox.pod_add(
@@ -180,6 +184,24 @@ def test_request_authentication_on_a_grpc_service(
     assert with_token(issuer.token("k1", exp_in=-120)) == {"UNAUTHENTICATED": 2}
     assert with_token("not.a.jwt") == {"UNAUTHENTICATED": 2}
     assert with_token(issuer.token("k1")) == {"OK": 2}
+
+
+def test_a_plaintext_grpc_client_is_checked_per_call_on_15006(
+    sandbox: Sandbox, pods: dict[str, Pod], files: Path, issuer: Issuer
+) -> None:
+    # Outside the mesh, straight to the pods (PERMISSIVE): no principal, so dg-echo's methods
+    # are refused; dg-secure wants only a verified token, which works without mTLS.
+    outsider = pods["outsider"]
+
+    def direct(pod: str, *extra: str) -> dict[str, int]:
+        got = client(sandbox, outsider, files, f"{pods[pod].ip}:8080", "unary", "2", *extra)
+        codes: dict[str, int] = got["codes"]
+        return codes
+
+    assert direct("echo", "Unary") == {"PERMISSION_DENIED": 2}
+    assert direct("secure", "Unary") == {"PERMISSION_DENIED": 2}
+    token = f"authorization=Bearer {issuer.token('k1')}"
+    assert direct("secure", "Unary", token) == {"OK": 2}
 
 
 def test_destination_metrics_count_grpc_statuses(
