@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from destination_helpers import ISSUER, Issuer, access_lines, ap, op, scrape
 from grpc_apps import PY, client, unary, write_apps
-from mesh_helpers import apply, eventually, sandbox_fixture
+from l7_helpers import write_app
+from mesh_helpers import apply, eventually, http, sandbox_fixture
 from snapshot_docs import service
 
 from nodeagent.sandbox import Pod, Sandbox
@@ -26,7 +27,7 @@ from nodeagent.telemetry.exposition import samples
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 sandbox = sandbox_fixture("dg")
 
-ECHO_VIP, SECURE_VIP = "10.96.86.10", "10.96.86.11"
+ECHO_VIP, SECURE_VIP, H1_VIP, H2_VIP = (f"10.96.86.{i}" for i in range(10, 14))
 ADMIN = "cluster.local/ns/client/sa/admin"
 SLEEP = "cluster.local/ns/client/sa/sleep"
 
@@ -65,6 +66,11 @@ def pods(sandbox: Sandbox, files: Path, issuer: Issuer) -> dict[str, Pod]:
         ),
         "echo": grpc_server("dg-echo"),
         "secure": grpc_server("dg-secure"),
+        # Plain HTTP apps behind ports declared HTTP/2: one speaks HTTP/1.1, one h2c.
+        "h1": sandbox.pod_add("n2", "shop", "h1", [*write_app(files), "h1"], labels={"app": "h1"}),
+        "h2": sandbox.pod_add(
+            "n2", "shop", "h2", [PY, str(apps["h2_server"]), "h2"], labels={"app": "h2"}
+        ),
         "jwks": sandbox.pod_add(
             "n2", "shop", "jwks",
             ["python3", "-m", "http.server", "8000", "--directory", str(issuer.file.parent)],
@@ -76,6 +82,10 @@ def pods(sandbox: Sandbox, files: Path, issuer: Issuer) -> dict[str, Pod]:
     docs: list[dict[str, Any]] = [
         service("dg-echo", echo, namespace="shop", cluster_ip=ECHO_VIP, port_name="grpc"),
         service("dg-secure", secure, namespace="shop", cluster_ip=SECURE_VIP, port_name="grpc"),
+        service("h1", namespace="shop", cluster_ip=H1_VIP, port_name="http2"),
+        service("h2", namespace="shop", cluster_ip=H2_VIP, port_name="http2"),
+        ap("h-open", "shop", "ALLOW", [op(paths=["/open/*"])], {"app": "h1"}),
+        ap("h2-open", "shop", "ALLOW", [op(paths=["/open/*"])], {"app": "h2"}),
         # One method for admin, the streaming ones for sleep: the method is the :path.
         ap(
             "unary-for-admin",
@@ -202,6 +212,28 @@ def test_a_plaintext_grpc_client_is_checked_per_call_on_15006(
     assert direct("secure", "Unary") == {"PERMISSION_DENIED": 2}
     token = f"authorization=Bearer {issuer.token('k1')}"
     assert direct("secure", "Unary", token) == {"OK": 2}
+
+
+def test_plain_http_clients_of_an_http2_port_are_checked_per_request(
+    sandbox: Sandbox, pods: dict[str, Pod]
+) -> None:
+    sleep = pods["sleep"]
+    # HTTP/1.1 (no prior knowledge): forwarded as HTTP/1.1, the destination's first bytes say
+    # so, the HTTP/1.1 server checks it.
+    status, body, _ = http(sandbox, sleep, f"http://{H1_VIP}/open/a")
+    assert (status, "path=/open/a" in body) == (200, True), body
+    assert http(sandbox, sleep, f"http://{H1_VIP}/closed")[:2] == (403, "RBAC: access denied")
+
+    # h2c prior knowledge, not gRPC: the HTTP/2 server answers a refusal as HTTP/1.1 would.
+    def h2c(path: str) -> tuple[str, str]:
+        argv = ["curl", "--http2-prior-knowledge", "-s", "-m", "5", "-w", "\n%{http_code}"]
+        body, _, code = str(
+            sandbox.exec(sleep, [*argv, f"http://{H2_VIP}{path}"]).stdout
+        ).rpartition("\n")
+        return code, body
+
+    assert h2c("/open/b") == ("200", "h2 /open/b\n")
+    assert h2c("/closed") == ("403", "RBAC: access denied")
 
 
 def test_destination_metrics_count_grpc_statuses(
