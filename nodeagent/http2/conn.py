@@ -280,6 +280,16 @@ class H2Connection:
         return stream
 
 
+async def close_when_idle(conn: H2Connection, idle: float) -> None:
+    """A connection without a stream for `idle` seconds gets a GOAWAY and closes (as
+    HTTP/1.1's keep-alive close; a gRPC channel reconnects when it needs to)."""
+    while conn.alive:
+        await trio.sleep_until(conn.streams_changed_at + idle)
+        if not conn.streams and trio.current_time() >= conn.streams_changed_at + idle:
+            conn.close()
+            return
+
+
 class H2Stream:
     """One request/response exchange. The head, the DATA and the trailers of the peer's side
     arrive in order (`wait_headers`, `receive_data` → b"" at the end, then `trailers`); our side

@@ -27,7 +27,7 @@ from nodeagent.http.headers import new_request_id
 from nodeagent.http.inbound import InboundConnection, Totals
 from nodeagent.http.limits import Limits
 from nodeagent.http.log import RequestLog, RequestRecorder, log, start_server_span
-from nodeagent.http2.conn import H2Connection, H2Stream, StreamReset
+from nodeagent.http2.conn import H2Connection, H2Stream, StreamReset, close_when_idle
 from nodeagent.http2.destination import destination_headers, local_answer
 from nodeagent.http2.messages import BadRequest, RequestHead, parse_request, response_head
 from nodeagent.http2.pool import H2Pool
@@ -65,8 +65,9 @@ class InboundH2:
     async def serve(
         self, client: trio.abc.Stream, inbound: InboundConnection, totals: Totals | None = None
     ) -> None:
-        """Serve `client` (its preface not yet read) until it closes; closes it and the app
-        connections. `totals` sums the streams' body bytes (the connection's TCP metrics)."""
+        """Serve `client` (its preface not yet read) until it closes or has had no stream for
+        `Limits.idle_timeout` (a GOAWAY then); closes it and the app connections. `totals`
+        sums the streams' body bytes (the connection's TCP metrics)."""
         totals = totals if totals is not None else Totals()
         conn_id = next(_conn_ids)
         self._recorder.stats["connections"] += 1
@@ -83,6 +84,7 @@ class InboundH2:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(pool.run)
+                nursery.start_soon(close_when_idle, down, self.limits.idle_timeout)
                 await down.run(handle)
                 nursery.cancel_scope.cancel()
         except Exception as exc:  # the connection ends; the pod's proxy goes on

@@ -19,6 +19,7 @@ from nodeagent.authz import DENIED_BODY
 from nodeagent.http.guard import RequestFacts, Verdict
 from nodeagent.http.headers import xfcc_value
 from nodeagent.http.inbound import InboundConnection, Totals
+from nodeagent.http.limits import Limits
 from nodeagent.http.log import RequestLog
 from nodeagent.http2.conn import H2Connection, H2Stream, Headers, StreamReset
 from nodeagent.http2.destination import destination_headers, local_answer
@@ -63,7 +64,11 @@ class Served:
 
 @asynccontextmanager
 async def serving(
-    handler: Handler = echo, *, app_up: bool = True, tracer: Tracer | None = None
+    handler: Handler = echo,
+    *,
+    app_up: bool = True,
+    tracer: Tracer | None = None,
+    limits: Limits | None = None,
 ) -> AsyncIterator[Served]:
     """The app on loopback, an InboundH2 serving one in-memory client connection to it."""
     app = H2Backend("app", handler)
@@ -96,7 +101,7 @@ async def serving(
             xfcc=XFCC,
             span_name="web.shop.svc.cluster.local:8080/*",
         )
-        server = InboundH2(guard=guard, tracer=tracer)
+        server = InboundH2(guard=guard, tracer=tracer, limits=limits)
         ours, theirs = trio.testing.memory_stream_pair()
         totals = Totals()
         nursery.start_soon(partial(server.serve, theirs, inbound, totals))
@@ -279,6 +284,15 @@ async def test_each_stream_gets_a_server_span_continuing_the_callers_trace() -> 
     assert sent.startswith("00-0af7651916cd43dd8448eb211c80319c-")
     assert sent != parent.decode()
     assert s.logs[0].trace_id == "0af7651916cd43dd8448eb211c80319c"
+
+
+async def test_an_idle_client_connection_gets_a_goaway_and_closes() -> None:
+    async with serving(limits=Limits(idle_timeout=0.2)) as s:
+        await call(s.client, "/pkg.Svc/Get", *GRPC)
+        await trio.sleep(1)  # five idle timeouts
+    assert not s.client.alive
+    assert s.client.goaway
+    assert s.client.error == "peer closed the connection"
 
 
 def test_destination_headers_drop_hop_by_hop_and_forged_trust_headers() -> None:
