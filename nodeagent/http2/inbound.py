@@ -231,23 +231,34 @@ class InboundH2:
             entry.flags.append(flags.UPSTREAM_RESET)
             await _answer(down, entry, 503, b"upstream connect error", grpc=grpc)
             return
+        reset: StreamReset | None = None  # the client's side failed: raised as itself below
         try:
             async with trio.open_nursery() as pumps:
                 if not bodiless:
                     pumps.start_soon(pump_request, down, up)
                 try:
-                    await up.wait_headers()
-                except StreamReset:
-                    entry.flags.append(flags.UPSTREAM_RESET)
-                    body = b"upstream reset before response headers"
-                    await _answer(down, entry, 503, body, grpc=grpc)
-                else:
-                    assert up.headers is not None
-                    entry.code, response = response_head(up.headers, _NO_OPS)
-                    await relay_response(up, down, response, entry)
+                    await _respond(down, up, entry, grpc=grpc)
+                except StreamReset as exc:
+                    reset = exc
                 pumps.cancel_scope.cancel()  # answered: the rest of the request is not needed
         finally:
             up.close()
+        if reset is not None:
+            raise reset
+
+
+async def _respond(down: H2Stream, up: H2Stream, entry: RequestLog, *, grpc: bool) -> None:
+    """The app's answer to the client, or 503 (gRPC UNAVAILABLE) when it reset the stream
+    before a head. Raises StreamReset when the client's stream failed."""
+    try:
+        await up.wait_headers()
+    except StreamReset:
+        entry.flags.append(flags.UPSTREAM_RESET)
+        await _answer(down, entry, 503, b"upstream reset before response headers", grpc=grpc)
+        return
+    assert up.headers is not None
+    entry.code, response = response_head(up.headers, _NO_OPS)
+    await relay_response(up, down, response, entry)
 
 
 async def _answer(

@@ -263,6 +263,20 @@ async def test_an_app_reset_mid_body_resets_the_clients_stream() -> None:
     assert "UR" in s.logs[0].response_flags
 
 
+async def reset_at_once(
+    backend: H2Backend, stream: H2Stream, _h: dict[str, str], _b: bytes
+) -> None:
+    stream.reset(h2.errors.ErrorCodes.REFUSED_STREAM)
+
+
+async def test_an_app_reset_before_a_head_is_unavailable_for_grpc() -> None:
+    async with serving(reset_at_once) as s:
+        got, _, _ = await call(s.client, "/pkg.Svc/Get", *GRPC)
+    assert (got[":status"], got["grpc-status"]) == ("200", "14")
+    assert got["grpc-message"] == "upstream reset before response headers"
+    assert (s.logs[0].response_flags, s.logs[0].grpc_status) == ("UR", 14)
+
+
 async def test_a_client_reset_cancels_the_app_stream_and_the_connection_goes_on() -> None:
     async with serving(bidi_echo) as s:
         stream = s.client.open_stream(head("/pkg.Svc/Get", *GRPC, (b"x-stream", b"1")))
