@@ -18,7 +18,7 @@ import pytest
 from destination_helpers import ISSUER, Issuer, access_lines, ap, op, scrape
 from grpc_apps import PY, client, unary, write_apps
 from l7_helpers import write_app
-from mesh_helpers import apply, eventually, http, sandbox_fixture
+from mesh_helpers import admin, apply, eventually, http, sandbox_fixture
 from snapshot_docs import service
 
 from nodeagent.sandbox import Pod, Sandbox
@@ -239,7 +239,13 @@ def test_plain_http_clients_of_an_http2_port_are_checked_per_request(
 def test_destination_metrics_count_grpc_statuses(
     sandbox: Sandbox, pods: dict[str, Pod], files: Path
 ) -> None:
+    def pod_counts() -> tuple[int, int]:
+        row = next(p for p in admin(sandbox, "n2", "/pods") if p["name"] == "dg-echo")
+        inbound = row["connections"]["inbound"]
+        return inbound["http_requests"], inbound["http_refused"]
+
     before = grpc_requests(scrape(sandbox, "n2"), "dg-echo")
+    requests_before, refused_before = pod_counts()
     assert calls(sandbox, pods["admin"], files, ECHO_VIP, 3) == {"OK": 3}
     assert calls(sandbox, pods["sleep"], files, ECHO_VIP, 4) == {"PERMISSION_DENIED": 4}
     want = {
@@ -252,6 +258,8 @@ def test_destination_metrics_count_grpc_statuses(
         return {k: v for k, v in (after - before).items() if v}
 
     eventually(lambda: delta() == want, f"n2 counts {want}")
+    requests, refused = pod_counts()  # the agent's own counters (admin /pods)
+    assert (requests - requests_before, refused - refused_before) == (7, 4)
 
 
 def test_streaming_calls_through_the_destination_server(
