@@ -17,6 +17,7 @@ from nodeagent.telemetry.tracing import (
     CURRENT_TRACE,
     ActiveSpan,
     HeaderSeq,
+    SpanEndpoint,
     TraceContext,
     Tracer,
     incoming_b3,
@@ -103,6 +104,43 @@ def start_span_for(
         for k, v in inject([], span.context, incoming_b3(headers))
     ]
     return CURRENT_TRACE.set(span.context)
+
+
+def start_server_span(
+    tracer: Tracer,
+    headers: HeaderSeq,
+    entry: RequestLog,
+    *,
+    name: str,
+    local_ip: str,
+    remote_ip: str,
+    peer_principal: str | None,
+) -> list[tuple[str, str]]:
+    """The destination's SERVER span of a request (the child of the source's CLIENT span
+    through `traceparent`), whatever the protocol; returns the trace headers that carry its
+    context to the app."""
+    span = tracer.start(
+        headers,
+        kind="SERVER",
+        name=name,
+        local=SpanEndpoint(tracer.service_name, local_ip),
+        remote=SpanEndpoint(None, remote_ip),
+    )
+    if span.sampled:
+        span.span.tags.update(
+            {
+                "http.method": entry.method,
+                "http.url": f"http://{entry.authority}{entry.path}",
+                "guid:x-request-id": entry.request_id,
+                "peer.principal": peer_principal or "-",
+                "component": "proxy",
+            }
+        )
+    entry.span, entry.trace_id = span, span.trace_id
+    return [
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, v in inject([], span.context, incoming_b3(headers))
+    ]
 
 
 def _transport_failure(entry: RequestLog) -> dict[str, str]:

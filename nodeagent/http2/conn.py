@@ -171,6 +171,9 @@ class H2Connection:
                     return
                 await self._kick_event.wait()
                 self._kick_event = trio.Event()
+                # Let the tasks that just woke us finish their turn first: a head, its DATA
+                # and its trailers written in one scheduling round go out in one write.
+                await trio.lowlevel.checkpoint()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.fail(f"send: {exc}")
 
@@ -275,6 +278,16 @@ class H2Connection:
         self.last_active = trio.current_time()
         self.kick()
         return stream
+
+
+async def close_when_idle(conn: H2Connection, idle: float) -> None:
+    """A connection without a stream for `idle` seconds gets a GOAWAY and closes (as
+    HTTP/1.1's keep-alive close; a gRPC channel reconnects when it needs to)."""
+    while conn.alive:
+        await trio.sleep_until(conn.streams_changed_at + idle)
+        if not conn.streams and trio.current_time() >= conn.streams_changed_at + idle:
+            conn.close()
+            return
 
 
 class H2Stream:

@@ -67,3 +67,51 @@ async def sniff(
             # Undecided on a short read: wait for more than what is queued already.
             await trio.sleep(0.001)
     return "tcp"
+
+
+class Replayed(trio.abc.HalfCloseableStream):
+    """`inner` with `first` (bytes already read off it) given back before what follows."""
+
+    def __init__(self, first: bytes, inner: trio.abc.Stream) -> None:
+        self._first = first
+        self.inner = inner
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._first:
+            n = len(self._first) if max_bytes is None else max_bytes
+            data, self._first = self._first[:n], self._first[n:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return bytes(await self.inner.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if isinstance(self.inner, trio.abc.HalfCloseableStream):
+            await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def sniff_stream(stream: trio.abc.Stream, within: float) -> tuple[Sniffed, Replayed]:
+    """`sniff` for a stream that cannot be peeked at (an HBONE stream): read until the first
+    bytes decide, the peer closes or `within` passes (→ tcp), and hand back the stream with
+    those bytes to be read again."""
+    data = b""
+    got: Sniffed | None = None
+    with trio.move_on_after(within):
+        while got is None:
+            try:
+                chunk = await stream.receive_some(SNIFF_BYTES - len(data))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                break
+            if not chunk:
+                break
+            data += chunk
+            got = classify(data)
+    return got or "tcp", Replayed(data, stream)

@@ -23,6 +23,8 @@ import trio
 from nodeagent.http import RequestLog
 from nodeagent.http.headers import xfcc_value
 from nodeagent.http.inbound import InboundConnection, InboundHttp, Totals
+from nodeagent.http2.inbound import InboundH2
+from nodeagent.http2.sniff import sniff_stream
 from nodeagent.identity.api import IdentityUnavailable, PeerRejected
 from nodeagent.inpod import original_dst
 from nodeagent.log import get_logger
@@ -42,7 +44,7 @@ from nodeagent.proxy.l7_guard import workload_guard
 from nodeagent.proxy.outbound import inbound_http_port
 from nodeagent.proxy.pod_core import PodCore
 from nodeagent.proxy.relay import RelayResult, relay
-from nodeagent.snapshot import Service, Snapshot, Workload
+from nodeagent.snapshot import L7Protocol, Service, ServicePort, Snapshot, Workload
 from nodeagent.telemetry.dataplane import (
     TcpRecorder,
     peer_workload,
@@ -65,6 +67,9 @@ from nodeagent.tunnel.h2conn import StreamHandler
 log = get_logger("proxy")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
+# An HTTP/2 port's client (the source agent) speaks at once: its preface, or an HTTP/1.1
+# request (a client without prior knowledge, Envoy's codec AUTO at the source).
+H2_SNIFF_TIMEOUT = 10.0
 
 
 class InboundPath:
@@ -79,11 +84,20 @@ class InboundPath:
         self._policy_poke = trio.Event()
         telemetry = core.telemetry
         # The pod's HTTP ports (destination mode): requests parsed, authorized, forwarded.
+        guard = workload_guard(core.snapshot, core.me, core.authenticator)
         self.http = InboundHttp(
-            guard=workload_guard(core.snapshot, core.me, core.authenticator),
+            guard=guard,
             limits=core.http_limits,
             tracer=telemetry.tracer if telemetry is not None else None,
             name=f"inbound:{core.pod}",
+            access_logged=telemetry is not None,
+        )
+        # The pod's HTTP/2 and gRPC ports: the same, stream by stream.
+        self.http2 = InboundH2(
+            guard=guard,
+            limits=core.http_limits,
+            tracer=telemetry.tracer if telemetry is not None else None,
+            name=f"inbound-h2:{core.pod}",
             access_logged=telemetry is not None,
         )
 
@@ -109,9 +123,7 @@ class InboundPath:
             upstream = await self.core.connect(dst, (src[0], 0))
             peer = Peer(src[0], dst[0], dst[1], src_port=src[1], http=True)
             reset = _linger_reset(client.socket)
-            await self._serve_http(
-                conn, snap, me, peer, client, upstream, None, reset, http_port.port
-            )
+            await self._serve_http(conn, snap, me, peer, client, upstream, None, reset, http_port)
             return
         if me is not None:
             conn.dst_identity = me.identity
@@ -226,7 +238,7 @@ class InboundPath:
         )
         if http_port is not None:
             await self._serve_http(
-                conn, snap, me, verified, stream, upstream, request, stream.reset, http_port.port
+                conn, snap, me, verified, stream, upstream, request, stream.reset, http_port
             )
             return
         await self._relay_live(conn, snap, verified, stream, upstream, stream.reset)
@@ -243,9 +255,10 @@ class InboundPath:
         upstream: trio.SocketStream,
         request: ConnectRequest | None,
         reset: Callable[[], None],
-        service_port: int,
+        service_port: ServicePort,
     ) -> None:
-        """Parse the connection's requests (`nodeagent.http.inbound`): each authenticated and
+        """Parse the connection's requests (`nodeagent.http.inbound`; on an HTTP/2 port whose
+        client sent the preface, its streams: `nodeagent.http2.inbound`): each authenticated and
         authorized on its own (`l7_guard`), then forwarded to the app over `upstream` (kept
         alive; a new one from the client's address when the app closed it). Registered while
         open: PeerAuthentication turning STRICT, or the peer's certificate revoked, aborts it
@@ -274,7 +287,7 @@ class InboundPath:
             connect=connect,
             on_request=on_request,
             xfcc=xfcc,
-            span_name=f"{span_host}:{service_port}/*",  # Envoy's inbound decorator
+            span_name=f"{span_host}:{service_port.port}/*",  # Envoy's inbound decorator
         )
         scope = trio.CancelScope()
 
@@ -292,7 +305,11 @@ class InboundPath:
             if current is not snap and now is not None:
                 self._report_closed(self.live.check(live, current, now))
             with scope:
-                await self.http.serve(client, inbound, totals)
+                server: InboundHttp | InboundH2 = self.http
+                if service_port.l7_protocol is L7Protocol.HTTP2:
+                    speaks, client = await sniff_stream(client, H2_SNIFF_TIMEOUT)
+                    server = self.http2 if speaks == "h2" else self.http
+                await server.serve(client, inbound, totals)
         finally:
             self.live.remove(live)
             conn.relay = RelayResult(sent=totals.received, received=totals.sent)

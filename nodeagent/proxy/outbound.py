@@ -73,18 +73,19 @@ L7_PROTOCOLS = HTTP_PROTOCOLS | {L7Protocol.SNIFF}
 
 
 def is_http(port: ServicePort) -> bool:
-    """Istio's protocol rule for a Service port that the L7 HTTP/1.1 proxy takes: `http`,
-    `http-*` or `appProtocol: http` (`L7Protocol.HTTP1`). One rule for both ends: the source
-    agent routes such a port, the destination agent authorizes its requests
-    (`inbound_http_port`). HTTP/2 and gRPC ports are routed at the source (`nodeagent.http2`)
-    and relayed as bytes at the destination."""
-    return port.l7_protocol is L7Protocol.HTTP1
+    """Istio's protocol rule for a Service port that an L7 proxy takes: HTTP (`http`, `http-*`,
+    `appProtocol: http`: `L7Protocol.HTTP1`) or HTTP/2 (`http2`, `grpc`, `h2c`…: `HTTP2`). One
+    rule for both ends: the source agent routes such a port, the destination agent
+    authenticates and authorizes its requests (`inbound_http_port`; HTTP/1.1 in
+    `nodeagent.http.inbound`, HTTP/2 and gRPC streams in `nodeagent.http2.inbound`)."""
+    return port.l7_protocol in HTTP_PROTOCOLS
 
 
 def inbound_http_port(snap: Snapshot, workload: Workload, port: int) -> ServicePort | None:
-    """The HTTP service port (`is_http`) of a Service selecting `workload` in its namespace
-    whose target is the workload's `port`: the destination agent parses such a connection.
-    A port no HTTP service port targets stays L4."""
+    """The HTTP or HTTP/2 service port (`is_http`) of a Service selecting `workload` in its
+    namespace whose target is the workload's `port`: the destination agent parses such a
+    connection (by the port's `l7_protocol`). A port no such service port targets (TCP, or an
+    undeclared protocol) stays L4."""
     for svc in snap.services():
         if svc.kind != "Service" or svc.namespace != workload.namespace or not svc.selector:
             continue
@@ -105,7 +106,7 @@ def http_target(snap: Snapshot, dst_ip: str, dst_port: int) -> ServiceTarget | N
     the one place that says so), with endpoints reachable by IP (a ServiceEntry with resolution
     NONE or DNS stays L4: the app already chose the address)."""
     found = l7_target(snap, dst_ip, dst_port)
-    if found is None or found.port.l7_protocol not in HTTP_PROTOCOLS:
+    if found is None or not is_http(found.port):
         return None
     return found
 

@@ -97,10 +97,11 @@ class PodProxy:
         inbound = d(stats.inbound)
         inbound["closed_by_policy"] = self.inbound.live.closed_by_policy
         inbound["tunnel_connections"] = self.inbound.tunnels_accepted
-        # Requests parsed on the pod's HTTP ports (destination mode), and those it refused.
-        http = self.inbound.http.statistics()
-        inbound["http_requests"] = http.get("requests", 0)
-        inbound["http_refused"] = http.get("flag_UAEX", 0)
+        # Requests parsed on the pod's HTTP, HTTP/2 and gRPC ports (destination mode), and
+        # those it refused.
+        http, http2 = self.inbound.http.statistics(), self.inbound.http2.statistics()
+        inbound["http_requests"] = http.get("requests", 0) + http2.get("requests", 0)
+        inbound["http_refused"] = http.get("flag_UAEX", 0) + http2.get("flag_UAEX", 0)
         return {"outbound": d(stats.outbound), "inbound": inbound}
 
     def pool_statistics(self) -> dict[str, int]:

@@ -320,13 +320,14 @@ def record_inbound_request(
         source=source,
         destination=destination,
         service=service,
-        protocol="http",
+        protocol=entry.protocol,
         source_principal=source_principal,
     )
     flags = entry.response_flags
     sinks.metrics.record_request(
         peer,
         response_code=entry.code,
+        grpc_status=entry.grpc_status,
         duration_ms=entry.duration * 1000,
         request_bytes=entry.bytes_received,
         response_bytes=entry.bytes_sent,
@@ -341,7 +342,7 @@ def record_inbound_request(
             start_time=time.time() - entry.duration,
             duration_ms=entry.duration * 1000,
             reporter="destination",
-            protocol="http",
+            protocol=entry.protocol,
             method=entry.method,
             authority=entry.authority or "-",
             path=entry.path,

@@ -21,7 +21,14 @@ h2 server `h2_server.py NAME`, port 8080: HTTP/2 prior knowledge, answers 200 "N
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
+from typing import Any
+
+from nodeagent.sandbox import Pod, Sandbox
+
+PY = sys.executable  # the venv's Python: grpcio and nodeagent importable in the pods
 
 SERVER = r"""
 import os, sys, time
@@ -173,3 +180,15 @@ def write_apps(d: Path) -> dict[str, Path]:
         path.write_text(text)
         out[name] = path
     return out
+
+
+def client(sb: Sandbox, pod: Pod, files: Path, *args: str, timeout: float = 120) -> Any:
+    r = sb.exec(pod, [PY, str(files / "grpc_client.py"), *args], timeout=timeout)
+    lines = [x for x in str(r.stdout).splitlines() if x.startswith("{")]
+    assert lines, f"grpc client {args}: {r.stdout} {r.stderr}"
+    return json.loads(lines[-1])
+
+
+def unary(sb: Sandbox, pod: Pod, files: Path, vip: str, n: int, *extra: str) -> Any:
+    method = extra[0] if extra else "Unary"
+    return client(sb, pod, files, f"{vip}:80", "unary", str(n), method, *extra[1:])

@@ -17,14 +17,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
+from destination_helpers import ISSUER, Issuer, access_lines, ap, op, scrape
 from mesh_helpers import apply, client_pods, eventually, http, sandbox_fixture
 from snapshot_docs import service
 
-from nodeagent.contract import METRICS_PATH, METRICS_PORT
 from nodeagent.sandbox import Pod, Sandbox
 from nodeagent.telemetry.exposition import samples
 
@@ -34,7 +31,6 @@ sandbox = sandbox_fixture("dl7", gateway="n1")
 
 WEB_VIP = "10.96.85.10"
 API_VIP = "10.96.85.11"
-ISSUER = "https://issuer.test"
 SLEEP = "spiffe://cluster.local/ns/client/sa/sleep"
 ADMIN = "spiffe://cluster.local/ns/client/sa/admin"
 GATEWAY = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
@@ -92,57 +88,6 @@ while chunk := s.recv(65536):
     got += chunk
 sys.stdout.write(repr(got))
 """
-
-
-def ap(name: str, ns: str, action: str, rules: list[Any], labels: dict[str, str]) -> Any:
-    return {
-        "apiVersion": "security.istio.io/v1",
-        "kind": "AuthorizationPolicy",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"selector": {"matchLabels": labels}, "action": action, "rules": rules},
-    }
-
-
-def op(**operation: Any) -> dict[str, Any]:
-    return {"to": [{"operation": operation}]}
-
-
-class Issuer:
-    """A test issuer: RSA keys by kid, the JWKS file the jwks pod serves, signed tokens."""
-
-    def __init__(self, jwks_file: Path) -> None:
-        self.file = jwks_file
-        self.keys: dict[str, rsa.RSAPrivateKey] = {}
-
-    def new_key(self, kid: str) -> rsa.RSAPrivateKey:
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-    def publish(self, **keys: rsa.RSAPrivateKey) -> None:
-        """Serve exactly `keys` (kid → key) from now on (a rotation replaces the file)."""
-        self.keys = dict(keys)
-        jwks = []
-        for kid, key in keys.items():
-            jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
-            jwks.append({**jwk, "kid": kid, "alg": "RS256", "use": "sig"})
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"keys": jwks}))
-        tmp.replace(self.file)
-
-    def token(
-        self,
-        kid: str,
-        *,
-        key: rsa.RSAPrivateKey | None = None,
-        iss: str = ISSUER,
-        aud: str = "api",
-        sub: str = "alice",
-        exp_in: float = 600,
-        **claims: Any,
-    ) -> str:
-        now = int(time.time())
-        payload = {"iss": iss, "sub": sub, "aud": aud, "iat": now, "exp": now + exp_in, **claims}
-        signing = key if key is not None else self.keys[kid]
-        return jwt.encode(payload, signing, algorithm="RS256", headers={"kid": kid})
 
 
 @pytest.fixture(scope="module")
@@ -321,32 +266,11 @@ def policies(sandbox: Sandbox, files: Path, pods: dict[str, Pod]) -> None:
     )
 
 
-def scrape(sb: Sandbox, node: str) -> str:
-    url = f"http://{sb.node(node).underlay_ip}:{METRICS_PORT}{METRICS_PATH}"
-    r = sb.exec("outside", ["curl", "-sf", "--max-time", "5", url], timeout=15)
-    assert r.returncode == 0, r.stderr
-    return str(r.stdout)
-
-
 def requests_by_code(text: str, **match: str) -> Counter[str]:
     out: Counter[str] = Counter()
     for s in samples(text, "istio_requests_total"):
         if all(s.labels.get(k) == v for k, v in match.items()):
             out[s.labels["response_code"]] += int(s.value)
-    return out
-
-
-def access_lines(sb: Sandbox, node: str) -> list[dict[str, Any]]:
-    out = []
-    for line in sb.node(node).agent_log.read_text(errors="replace").splitlines():
-        if '"access.request"' not in line:
-            continue
-        try:
-            doc = json.loads(line[line.index("{") :])
-        except ValueError:
-            continue
-        if doc.get("event") == "access.request":
-            out.append(doc)
     return out
 
 

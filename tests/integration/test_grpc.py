@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from grpc_apps import write_apps
+from grpc_apps import PY, client, unary, write_apps
 from l7_helpers import binomial_interval, write_app
 from mesh_helpers import apply, eventually, sandbox_fixture
 from snapshot_docs import service
@@ -24,7 +23,6 @@ from nodeagent.telemetry.exposition import samples
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 sandbox = sandbox_fixture("gr")
 ECHO, LAT, EJ, FAULT, WEB, ECHO_RR, S_H1, S_H2, S_TCP = (f"10.96.83.{i}" for i in range(10, 19))
-PY = sys.executable  # the venv's Python: grpcio and nodeagent importable in the pods
 
 
 def grpc_service(name: str, ip: str, port_name: str = "grpc") -> dict[str, Any]:
@@ -150,18 +148,6 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
             timeout=40,
         )
     return out
-
-
-def client(sb: Sandbox, pod: Pod, files: Path, *args: str, timeout: float = 120) -> Any:
-    r = sb.exec(pod, [PY, str(files / "grpc_client.py"), *args], timeout=timeout)
-    lines = [x for x in str(r.stdout).splitlines() if x.startswith("{")]
-    assert lines, f"grpc client {args}: {r.stdout} {r.stderr}"
-    return json.loads(lines[-1])
-
-
-def unary(sb: Sandbox, pod: Pod, files: Path, vip: str, n: int, *extra: str) -> Any:
-    method = extra[0] if extra else "Unary"
-    return client(sb, pod, files, f"{vip}:80", "unary", str(n), method, *extra[1:])
 
 
 def test_one_channel_is_spread_over_three_replicas(

@@ -485,6 +485,52 @@ def test_grpc_method_shows_its_route(store: Path, capsys: pytest.CaptureFixture[
     assert "say-hello" in table
 
 
+GRPC_POLICY = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: echo-hello}
+spec:
+  selector: {matchLabels: {app: echo}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]
+    to: [{operation: {paths: [/test.Echo/Hello]}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo-raw}
+spec:
+  selector: {app: echo}
+  ports: [{name: web, port: 7070, targetPort: 7070}]
+"""
+
+
+def test_grpc_port_gets_the_l7_verdict_per_method(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = "\n---\n".join(
+        [
+            GRPC,
+            GRPC_POLICY,
+            _workload("echo-1", "10.1.0.31", "node-1", "app: echo, version: v1"),
+            _workload("echo-2", "10.2.0.32", "node-2", "app: echo, version: v2"),
+        ]
+    )
+    _apply(store, capsys, text=MY_APP + "\n---\n" + extra)
+    # The destination agent parses a gRPC port: the method (the :path) decides, per endpoint.
+    hello = _explain(capsys, "--from", "client", "--to", "grpc://echo:9090/test.Echo/Hello")
+    ep = _endpoint(hello, "default/echo-2")
+    assert (ep["authorization"]["decision"], ep["authorization"]["layer"]) == ("ALLOW", "http")
+    assert ep["authorization"]["policy"] == "default/echo-hello"
+    other = _explain(capsys, "--from", "client", "--to", "grpc://echo:9090/test.Echo/Other")
+    ep = _endpoint(other, "default/echo-1")
+    assert (ep["authorization"]["decision"], ep["authorization"]["layer"]) == ("DENY", "http")
+    # An undeclared port is relayed at L4 by the destination: Istio's TCP rule (a `paths`
+    # rule matches nothing there) whatever the source sniffed.
+    raw = _explain(capsys, "--from", "client", "--to", "http://echo-raw:7070/test.Echo/Hello")
+    ep = _endpoint(raw, "default/echo-1")
+    assert (ep["authorization"]["decision"], ep["authorization"]["layer"]) == ("DENY", "tcp")
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 

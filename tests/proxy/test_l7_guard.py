@@ -144,7 +144,9 @@ async def test_workload_guard_reads_the_snapshot_per_request() -> None:
         ({"name": "http-web", "port": 80, "targetPort": 8080}, True),
         ({"name": "web", "port": 80, "targetPort": 8080, "appProtocol": "http"}, True),
         ({"name": "tcp", "port": 80, "targetPort": 8080}, False),
-        ({"name": "grpc", "port": 80, "targetPort": 8080}, False),  # h11 speaks HTTP/1.1 only
+        ({"name": "grpc", "port": 80, "targetPort": 8080}, True),  # HTTP/2: http2/inbound.py
+        ({"name": "web", "port": 80, "targetPort": 8080, "appProtocol": "kubernetes.io/h2c"}, True),
+        ({"name": "web", "port": 80, "targetPort": 8080}, False),  # undeclared: sniffed, L4 here
         ({"name": "http", "port": 80, "targetPort": 9090}, False),  # another target port
     ],
 )

@@ -1,4 +1,5 @@
-"""What the destination (or the gateway) decides for the request itself on an HTTP port: the
+"""What the destination (or the gateway) decides for the request itself on a port it parses
+(HTTP/1.1, HTTP/2 or gRPC: the agent's own rule, `proxy.outbound.inbound_http_port`): the
 L7 AuthorizationPolicy verdict (`authz.evaluate_http`) and whether a JWT is required, with the
 RequestAuthentication rules that apply (`snap.request_authentication_for`).
 
@@ -17,6 +18,7 @@ from nodeagent.authn import RequestAuth
 from nodeagent.authn.verify import Status
 from nodeagent.authz import Connection, HttpAttributes, evaluate_http, uses_jwt
 from nodeagent.meshctl.explain.inputs import Caller
+from nodeagent.proxy.outbound import inbound_http_port
 from nodeagent.snapshot import Snapshot, Workload
 
 
@@ -81,12 +83,15 @@ def http_checks(
 def add_http_checks(
     snap: Snapshot, destinations: list[dict[str, Any]], caller: Caller, http: HttpView
 ) -> None:
-    """Replace each meshed endpoint's L4 verdict by the request's (an HTTP port is authorized
-    per request), unless PeerAuthentication already refused a plaintext caller."""
+    """Replace each meshed endpoint's L4 verdict by the request's where its agent parses the
+    port (HTTP, HTTP/2, gRPC: authorized per request; an undeclared port stays L4 there),
+    unless PeerAuthentication already refused a plaintext caller."""
     for dest in destinations:
         for ep in dest["endpoints"]:
             wl = snap.workload_by_ip(ep["ip"])
             if ep["authorization"] is None or wl is None:
+                continue
+            if inbound_http_port(snap, wl, ep["port"]) is None:
                 continue
             if not caller.identity and ep["mtls_mode"] == "STRICT":
                 continue
