@@ -65,7 +65,7 @@ async def stream_response(
         while True:
             event: object = None
             try:
-                event = up.conn.next_event()
+                event = up.buffered_event()
             except h11.ProtocolError:
                 event = None
             if event is h11.NEED_DATA:
