@@ -40,6 +40,17 @@ REASONS = {
 TOUCH_SLACK = 0.01  # of the stream idle timeout: how stale its deadline may get before it moves
 
 
+class Drain:
+    """A proxy's drain switch, shared by its client connections: once `on` (the agent drains
+    for a graceful restart), every response says `connection: close` and ends its connection,
+    so keep-alive clients reconnect, to the agent that took over (Envoy's drain for HTTP/1)."""
+
+    __slots__ = ("on",)
+
+    def __init__(self) -> None:
+        self.on = False
+
+
 class Downstream:
     """One client connection: its h11 state and how many bytes it sent.
 
@@ -51,9 +62,10 @@ class Downstream:
     `head_started` then says whether some of the head had arrived.
     """
 
-    def __init__(self, stream: trio.abc.Stream, limits: Limits) -> None:
+    def __init__(self, stream: trio.abc.Stream, limits: Limits, drain: Drain | None = None) -> None:
         self.stream = stream
         self.limits = limits
+        self.drain = drain or Drain()
         # The fast codec until a head it does not handle, then h11 for the rest (`h1fast`).
         self.conn: H1Codec = FastServer(max_head_bytes=limits.max_header_bytes)
         self.received = 0
@@ -275,7 +287,7 @@ async def answer_locally(
     # A body the client is still sending (or waiting to send) would be read as the next
     # request: skip what is already buffered, close instead of draining the rest.
     down.skip_buffered_body()
-    keep = not close and down.conn.their_state is h11.DONE
+    keep = not close and not down.drain.on and down.conn.their_state is h11.DONE
     hdrs = [("content-length", str(len(body))), *extra]
     if body:
         hdrs.append(("content-type", "text/plain"))
