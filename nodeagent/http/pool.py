@@ -116,7 +116,12 @@ class UpstreamConnection:
 
     @property
     def reusable(self) -> bool:
-        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+        """Both sides finished the exchange cleanly, and the server sent nothing past its
+        response (bytes that would be read as the next request's response)."""
+        conn = self.conn
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return False
+        return not conn.trailing_data[0]
 
     async def aclose(self) -> None:
         if self.token is not None:

@@ -247,7 +247,7 @@ STATUS_LINES = st.sampled_from(
         *(b"HTTP/1.1 200 OK", b"HTTP/1.1 200", b"HTTP/1.1 404 Not Found", b"HTTP/1.1 100 Continue"),
         *(b"HTTP/1.1 204 No Content", b"HTTP/1.1 304 NM", b"HTTP/1.1 101 Switching"),
         *(b"HTTP/1.0 200 OK", b"HTTP/1.1 200 \x01bad", b"HTTP/1.1 2000 OK", b"HTTP/2 200 OK"),
-        b"HTTP/1.1 200 O\x80K",
+        *(b"HTTP/1.1 200 O\x80K", b"HTTP/1.1 200  OK", b"HTTP/1.1 200 OK ", b"HTTP/1.1 200\tOK"),
     ]
 )
 
@@ -440,3 +440,14 @@ def test_fast_writer_refuses_a_body_longer_or_shorter_than_declared() -> None:
         with pytest.raises(h11.LocalProtocolError):
             server.send(last)
         assert server.our_state is h11.ERROR
+
+
+def test_an_upstream_that_sent_more_than_its_response_is_not_reused() -> None:
+    for fast in (True, False):
+        up = _upstream(fast)
+        up.encode(h11.Request(method="GET", target="/", headers=[("host", "app")]))
+        up.encode(h11.EndOfMessage())
+        up.conn.receive_data(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK")
+        events = [up.buffered_event() for _ in range(3)]
+        assert isinstance(events[2], h11.EndOfMessage)
+        assert not up.reusable  # the extra bytes would be the next request's "response"
