@@ -5,7 +5,8 @@ with a response the route does not retry, the retry policy (VirtualService `retr
 breaker's retry budget (`maxRetries`) says stop, or the route timeout passes. Each attempt is
 bracketed for the balancer (`handle.start()` / `handle.finish(latency, outcome)`: peak-EWMA
 latencies, outlier detection); a retry avoids the endpoint that just failed; an idle pooled
-connection the server had closed meanwhile is retried once on a fresh one, not counted.
+connection the server had closed meanwhile is retried once on a fresh one to the same endpoint,
+not counted (idempotent methods, or a request that could not be written).
 
 The result is either the `Outcome` holding the upstream response to stream to the client, or a
 `LocalReply` (503 UH/UO/UF/UR, 504 UT, 403 denied) with the response flags set on the entry.
@@ -39,6 +40,10 @@ from nodeagent.snapshot.routes import RetryPolicy
 DENIED_BODY = b"RBAC: access denied"
 WATCH_AFTER = 0.05  # seconds without a response head before the client is watched for a close
 _UPSTREAM_FAILED = (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError)
+# Methods a server may see twice with the same effect (RFC 9110 §9.2.2): safe to send again
+# after a pooled connection turned out closed.
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+UNSENT = "the request could not be written whole"  # a reset's detail: the peer was gone
 
 
 @dataclass(slots=True)
@@ -135,11 +140,38 @@ class Attempts:
         body: RequestBody,
         per_try_timeout: float | None,
     ) -> AttemptOutcome:
+        """One try on `handle`'s endpoint. A pooled idle connection the server had closed
+        before any byte of the response (`stale`) is tried once more at once, on a fresh
+        connection to the same endpoint, and not counted (Envoy's pool does the same): for an
+        idempotent method, or when the request could not be written whole (the peer was gone,
+        so it cannot have acted on it).
+        Otherwise it is a reset like any other (the server may have acted on it)."""
+        outcome = await self._try(cluster, handle, service_port, head, body, per_try_timeout)
+        if outcome.stale:
+            if body.replayable and may_resend(head.method, written=outcome.detail != UNSENT):
+                return await self._try(
+                    cluster, handle, service_port, head, body, per_try_timeout, fresh=True
+                )
+            outcome.stale = False
+        return outcome
+
+    async def _try(
+        self,
+        cluster: Cluster,
+        handle: EndpointState,
+        service_port: int,
+        head: h11.Request,
+        body: RequestBody,
+        per_try_timeout: float | None,
+        *,
+        fresh: bool = False,
+    ) -> AttemptOutcome:
         pool_limits = cluster.policy.pool
         try:
             up = await self.pool.acquire(
                 handle.endpoint,
                 service_port,
+                fresh=fresh,
                 breaker=cluster.breaker,
                 connect_timeout=min(pool_limits.connect_timeout_s, self.limits.connect_timeout),
                 idle_timeout=pool_limits.http_idle_timeout_s,
@@ -155,9 +187,11 @@ class Attempts:
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             return AttemptOutcome("connect-failure", detail=str(exc))
         timed_out = True
+        sent = False
         try:
             with trio.move_on_after(per_try_timeout) if per_try_timeout else NO_SCOPE:
                 await body.stream_to(up, head)
+                sent = True
                 down = body.down
                 head_event: h11.Response | h11.InformationalResponse | None = None
                 # Most answers come at once: only one still awaited after WATCH_AFTER gets a
@@ -191,11 +225,18 @@ class Attempts:
         except _UPSTREAM_FAILED as exc:
             timed_out = False
             await self.pool.discard(up)
-            return AttemptOutcome("reset", stale=up.reused and not up.received_any, detail=str(exc))
+            stale = up.reused and not up.received_any
+            return AttemptOutcome("reset", stale=stale, detail=str(exc) if sent else UNSENT)
         finally:
             if timed_out:
                 await self.pool.discard(up)
         return AttemptOutcome("timeout")
+
+
+def may_resend(method: bytes, *, written: bool) -> bool:
+    """Whether a request whose pooled connection turned out closed (nothing of a response
+    came) may go again on a fresh one: an idempotent method, or one not written whole."""
+    return method in IDEMPOTENT or not written
 
 
 AttemptFn = Callable[[EndpointState, "float | None"], Awaitable[AttemptOutcome]]

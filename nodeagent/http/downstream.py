@@ -22,6 +22,7 @@ import trio
 from nodeagent.http import flags
 from nodeagent.http.errors import DownstreamError, DownstreamProtocolError
 from nodeagent.http.framing import RequestFraming
+from nodeagent.http.h1fast import FastServer, H1Codec, NeedsH11
 from nodeagent.http.headers import head_size
 from nodeagent.http.limits import Limits
 from nodeagent.http.log import RequestLog, RequestRecorder, entry_for
@@ -39,6 +40,17 @@ REASONS = {
 TOUCH_SLACK = 0.01  # of the stream idle timeout: how stale its deadline may get before it moves
 
 
+class Drain:
+    """A proxy's drain switch, shared by its client connections: once `on` (the agent drains
+    for a graceful restart), every response says `connection: close` and ends its connection,
+    so keep-alive clients reconnect, to the agent that took over (Envoy's drain for HTTP/1)."""
+
+    __slots__ = ("on",)
+
+    def __init__(self) -> None:
+        self.on = False
+
+
 class Downstream:
     """One client connection: its h11 state and how many bytes it sent.
 
@@ -50,10 +62,12 @@ class Downstream:
     `head_started` then says whether some of the head had arrived.
     """
 
-    def __init__(self, stream: trio.abc.Stream, limits: Limits) -> None:
+    def __init__(self, stream: trio.abc.Stream, limits: Limits, drain: Drain | None = None) -> None:
         self.stream = stream
         self.limits = limits
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self.drain = drain or Drain()
+        # The fast codec until a head it does not handle, then h11 for the rest (`h1fast`).
+        self.conn: H1Codec = FastServer(max_head_bytes=limits.max_header_bytes)
         self.received = 0
         self.io = FastIO(stream)
         self.framing = RequestFraming(max_head_bytes=limits.max_header_bytes)
@@ -95,7 +109,7 @@ class Downstream:
         )
         try:
             while True:
-                event = self.conn.next_event()
+                event = self.buffered_event()
                 if event is not h11.NEED_DATA:
                     return event  # type: ignore[return-value]
                 data = await self.receive()
@@ -104,6 +118,16 @@ class Downstream:
                     timer.deadline = trio.current_time() + limits.request_headers_timeout
         finally:
             timer.deadline = math.inf  # the request's own timeouts take over
+
+    def buffered_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """The next event from what was already received (no I/O). A head the fast codec does
+        not handle moves the connection to h11 for good, fed the same bytes (`h1fast`)."""
+        while True:
+            try:
+                return self.conn.next_event()
+            except NeedsH11:
+                assert isinstance(self.conn, FastServer)
+                self.conn = self.conn.handover(self.limits.max_header_bytes)
 
     def watch_close(self, on_close: Callable[[], object]) -> trio.CancelScope:
         """Call `on_close` if the client closes (or breaks) its connection, until the returned
@@ -133,7 +157,7 @@ class Downstream:
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         """The next h11 event; raises `h11.RemoteProtocolError` (a `FramingError` included)."""
         while True:
-            event = self.conn.next_event()
+            event = self.buffered_event()
             if event is h11.NEED_DATA:
                 await self.receive()
                 continue
@@ -142,11 +166,16 @@ class Downstream:
     async def receive(self) -> bytes:
         """Read from the client into h11, checked by the framing rules first."""
         data = await self.io.receive_some(self.limits.read_size)
+        self.take(data)
+        return data
+
+    def take(self, data: bytes) -> None:
+        """Bytes read from the client (b"": it closed): counted, checked by the framing
+        rules, handed to the codec (no I/O)."""
         self.received += len(data)
         self.touch()
         self.framing.feed(data)
         self.conn.receive_data(data)
-        return data
 
     async def send(self, event: h11.Event) -> int:
         data = self.conn.send(event)
@@ -258,7 +287,7 @@ async def answer_locally(
     # A body the client is still sending (or waiting to send) would be read as the next
     # request: skip what is already buffered, close instead of draining the rest.
     down.skip_buffered_body()
-    keep = not close and down.conn.their_state is h11.DONE
+    keep = not close and not down.drain.on and down.conn.their_state is h11.DONE
     hdrs = [("content-length", str(len(body))), *extra]
     if body:
         hdrs.append(("content-type", "text/plain"))

@@ -142,15 +142,20 @@ def response_headers(
     return ops.apply(hdrs)
 
 
-def response_head(response: h11.Response, ops: HeaderOps) -> h11.Response:
+def response_head(response: h11.Response, ops: HeaderOps, *, close: bool = False) -> h11.Response:
     """The client's response head: the upstream's status, reason and headers
-    (`response_headers`). Without header operations the upstream's header bytes, which h11
-    already validated when it parsed them, go on as they are (`_parsed`: h11 skips its second
-    validation, a measurable share of the CPU per request)."""
+    (`response_headers`), with `connection: close` when `close`. Without header operations the
+    upstream's header bytes, which h11 already validated when it parsed them, go on as they
+    are (`_parsed`: h11 skips its second validation, a measurable share of the CPU per
+    request)."""
     if ops:
         hdrs = response_headers(response, ops)
+        if close:
+            hdrs.append(("connection", "close"))
         return h11.Response(status_code=response.status_code, headers=hdrs, reason=response.reason)
     kept = [(k, v) for k, v in response.headers if k not in _HOP_BY_HOP_BYTES]
+    if close:
+        kept.append((b"connection", b"close"))
     return h11.Response(
         status_code=response.status_code, headers=kept, reason=response.reason, _parsed=True
     )

@@ -24,9 +24,11 @@ import h11
 import trio
 
 from nodeagent.http import flags
+from nodeagent.http.attempt import may_resend
 from nodeagent.http.downstream import (
     REASONS,
     Downstream,
+    Drain,
     RequestBody,
     answer_head_timeout,
     answer_if_unanswered,
@@ -94,6 +96,11 @@ class InboundHttp:
         self.limits = limits or Limits()
         self._tracer = tracer
         self._recorder = RequestRecorder(name, None, quiet=access_logged)
+        self._drain = Drain()
+
+    def drain(self) -> None:
+        """The agent drains: responses say `connection: close` from now on (`HttpProxy.drain`)."""
+        self._drain.on = True
 
     def statistics(self) -> dict[str, int]:
         return dict(self._recorder.stats)
@@ -105,7 +112,7 @@ class InboundHttp:
         `totals` counts the connection's bytes either way (its TCP metrics)."""
         totals = totals if totals is not None else Totals()
         limits = self.limits
-        down = Downstream(client, limits)
+        down = Downstream(client, limits, self._drain)
         down.address = f"{inbound.source_ip}:{inbound.source_port}"
         conn_id = next(_conn_ids)
         self._recorder.stats["connections"] += 1
@@ -297,8 +304,10 @@ class InboundHttp:
                 entry.flags.append(flags.UPSTREAM_CONNECT_FAILURE)
                 return await answer_locally(down, entry, 503, b"upstream connect error", close=True)
             entry.attempts += 1
+            written = False
             try:
                 await body.stream_to(up, head)
+                written = True
                 response = await _response_head(up)
                 break
             except DownstreamError:
@@ -306,8 +315,10 @@ class InboundHttp:
                 raise
             except _UPSTREAM_FAILURES:
                 await pool.discard(up)
-                # A kept-alive connection the app closed while it sat idle: once more, fresh.
-                if up.reused and not up.received_any and body.replayable and not fresh:
+                # A kept-alive connection the app closed while it sat idle: once more, fresh
+                # (`attempt.may_resend`).
+                stale = up.reused and not up.received_any and body.replayable and not fresh
+                if stale and may_resend(head.method, written=written):
                     fresh = True
                     continue
                 entry.flags.append(flags.UPSTREAM_RESET)

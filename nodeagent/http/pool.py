@@ -38,6 +38,7 @@ import trio
 from nodeagent.balance import UpstreamTls
 from nodeagent.balance.pool import CircuitBreaker, ConnectionToken, Overflow
 from nodeagent.http.errors import UpstreamOverflow
+from nodeagent.http.h1fast import FastClient, H1Codec, NeedsH11, fast_request
 from nodeagent.http.origination import originate
 from nodeagent.snapshot.model import Endpoint
 from nodeagent.sockio import FastIO
@@ -56,13 +57,15 @@ class Credentials(Protocol):
 
 
 class UpstreamConnection:
-    """One upstream stream with its h11 client state."""
+    """One upstream stream with its HTTP/1.1 client codec: the fast codec (`h1fast`) until an
+    exchange it does not handle, then h11 for the rest of the connection."""
 
     def __init__(self, stream: trio.abc.Stream, key: PoolKey, *, max_header_bytes: int) -> None:
         self.stream = stream
         self.io = FastIO(stream)
         self.key = key
-        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
+        self.max_header_bytes = max_header_bytes
+        self.conn: H1Codec = FastClient(max_head_bytes=max_header_bytes)
         self.reused = False
         self.received_any = False
         self.token: ConnectionToken | None = None  # the cluster's connection slot, if limited
@@ -75,22 +78,34 @@ class UpstreamConnection:
         return None if self.credentials is None else self.credentials.problem()
 
     async def send(self, event: h11.Event) -> None:
-        data = self.conn.send(event)
-        if data:
-            await self.io.send_all(data)
+        await self.write(self.encode(event))
 
     def encode(self, event: h11.Event) -> bytes:
         """`event`'s bytes without sending them: callers batch a head and the body that is
-        already at hand into one write (one syscall, one TLS record)."""
+        already at hand into one write (one syscall, one TLS record). A request the fast codec
+        does not handle moves the connection to h11 first (it is between exchanges then)."""
+        fast = isinstance(self.conn, FastClient)
+        if fast and isinstance(event, h11.Request) and not fast_request(event):
+            self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self.max_header_bytes)
         return self.conn.send(event) or b""
 
     async def write(self, data: bytes) -> None:
         if data:
             await self.io.send_all(data)
 
+    def buffered_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """The next event from what was already received (no I/O); a response head the fast
+        codec does not handle moves the connection to h11, fed the same bytes."""
+        while True:
+            try:
+                return self.conn.next_event()
+            except NeedsH11:
+                assert isinstance(self.conn, FastClient)
+                self.conn = self.conn.handover(self.max_header_bytes)
+
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         while True:
-            event = self.conn.next_event()
+            event = self.buffered_event()
             if event is h11.NEED_DATA:
                 data = await self.io.receive_some(READ_SIZE)
                 if data:
@@ -101,7 +116,12 @@ class UpstreamConnection:
 
     @property
     def reusable(self) -> bool:
-        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+        """Both sides finished the exchange cleanly, and the server sent nothing past its
+        response (bytes that would be read as the next request's response)."""
+        conn = self.conn
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return False
+        return not conn.trailing_data[0]
 
     async def aclose(self) -> None:
         if self.token is not None:

@@ -29,6 +29,7 @@ from nodeagent.http.bridge import Bridge
 from nodeagent.http.downstream import (
     REASONS,
     Downstream,
+    Drain,
     RequestBody,
     answer_head_timeout,
     answer_if_unanswered,
@@ -124,6 +125,13 @@ class HttpProxy:
         self._attempts = Attempts(self.pool, self.limits)
         self._recorder = RequestRecorder(name, on_request, quiet=access_logged)
         self._stats = self._recorder.stats
+        self._drain = Drain()
+
+    def drain(self) -> None:
+        """The agent drains (a graceful restart): from now on every response says
+        `connection: close` and ends its connection, so keep-alive clients reconnect (to the
+        agent that took over) instead of staying on this one until the drain deadline."""
+        self._drain.on = True
 
     def statistics(self) -> dict[str, int]:
         return {
@@ -152,7 +160,7 @@ class HttpProxy:
         connection was addressed to (None: route by the Host header), `client_address` goes
         into x-forwarded-for.
         """
-        down = Downstream(client, self.limits)
+        down = Downstream(client, self.limits, self._drain)
         down.address = _peer_of(client, client_address)
         conn_id = next(_conn_ids)
         self._stats["connections"] += 1

@@ -58,14 +58,14 @@ async def stream_response(
 
     try:
         if isinstance(response, h11.Response):
-            queue(response_head(response, decision.response_headers))
+            queue(response_head(response, decision.response_headers, close=down.drain.on))
         else:  # a 101 the client did not ask for: h11 refuses it (flag DC, as before)
             hdrs = response_headers(response, decision.response_headers)
             queue(h11.Response(status_code=response.status_code, headers=hdrs))
         while True:
             event: object = None
             try:
-                event = up.conn.next_event()
+                event = up.buffered_event()
             except h11.ProtocolError:
                 event = None
             if event is h11.NEED_DATA:

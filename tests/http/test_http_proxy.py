@@ -39,11 +39,13 @@ class Harness:
         proxy: HttpProxy,
         logs: list[RequestLog],
         client_stream: trio.abc.Stream,
+        nursery: trio.Nursery,
     ) -> None:
         self.client = client
         self.proxy = proxy
         self.logs = logs
         self.stream = client_stream
+        self.nursery = nursery
 
 
 @asynccontextmanager
@@ -64,7 +66,7 @@ async def harness(
         nursery.start_soon(
             partial(proxy.serve, server, port=80, host=HOST, client_address="10.9.9.9")
         )
-        yield Harness(RawClient(client), proxy, logs, client)
+        yield Harness(RawClient(client), proxy, logs, client, nursery)
         await client.aclose()
         nursery.cancel_scope.cancel()
 
@@ -425,3 +427,95 @@ async def test_malformed_input_never_crashes_the_proxy(raw: bytes) -> None:
     # either a 4xx/5xx answer or a plain close; the proxy task itself ended cleanly
     assert data == b"" or data.startswith((b"HTTP/1.1 4", b"HTTP/1.1 5", b"HTTP/1.1 200"))
     assert all(e.code != 0 or e.flags for e in h.logs)
+
+
+async def test_a_draining_proxy_closes_keepalive_connections_after_their_response() -> None:
+    b = backends()
+    async with harness(app_snapshot(), b) as h:
+        status, headers, _ = await h.client.request(target="/before")
+        assert (status, "connection" in headers) == (200, False)
+        h.proxy.drain()
+        status, headers, body = await h.client.request(target="/during")
+        assert (status, headers["connection"], body) == (200, "close", b"v1 /during")
+        assert await h.stream.receive_some(100) == b""  # the proxy closed: reconnect
+    teapot = {"match": [{"uri": {"prefix": "/teapot"}}], "directResponse": {"status": 418}}
+    async with harness(app_snapshot(vs("app", [teapot])), b) as h:
+        h.proxy.drain()
+        status, headers, _ = await h.client.request(target="/teapot")
+        assert (status, headers["connection"]) == (418, "close")  # local answers too
+        assert await h.stream.receive_some(100) == b""
+
+
+async def _read_request(stream: trio.abc.Stream) -> bytes:
+    """One whole request (head and Content-Length body) from `stream`; b"" at EOF."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = await stream.receive_some(65536)
+        if not more:
+            return b""
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = (
+        int(head.lower().split(b"content-length: ", 1)[1].split(b"\r")[0] or 0)
+        if (b"content-length: " in head.lower())
+        else 0
+    )
+    while len(body) < length:
+        body += await stream.receive_some(65536)
+    return data
+
+
+class AnswersOnceThenHangsUp(Backend):
+    """Answers the first request of each connection (after `delay`), then reads the next one
+    whole and closes without a byte of answer (a server that closed an idle connection)."""
+
+    def __init__(self, name: str, delay: float = 0.0) -> None:
+        super().__init__(name)
+        self.delay = delay
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        self.connections += 1
+        await _read_request(stream)
+        self.seen.append(Seen("", "", {}, b"", self.name))
+        await trio.sleep(self.delay)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        if await _read_request(stream):
+            self.seen.append(Seen("", "", {}, b"", self.name))
+        await stream.aclose()
+
+
+NO_RETRIES = [
+    {"route": [{"destination": {"host": "app", "subset": "v1"}}], "retries": {"attempts": 0}}
+]
+
+
+async def test_a_stale_pooled_connection_is_retried_on_a_fresh_one_not_another_idle_one() -> None:
+    b: dict[str, Backend] = {"10.0.0.1": AnswersOnceThenHangsUp("v1", delay=0.01)}
+    async with harness(app_snapshot(vs("app", NO_RETRIES)), b) as h:
+        # Two requests at once on two client connections: two upstream connections, both
+        # back in the pool and both closed by the server after their answer.
+        other, server = trio.testing.memory_stream_pair()
+        h.nursery.start_soon(partial(h.proxy.serve, server, port=80, host=HOST))
+        second = RawClient(other)
+        async with trio.open_nursery() as both:
+            both.start_soon(h.client.request)
+            both.start_soon(second.request)
+        assert h.proxy.pool.idle_count() == 2
+        assert (await h.client.request(target="/again"))[0] == 200
+        await other.aclose()
+    assert b["10.0.0.1"].connections == 3  # the stale one, then a fresh one (not the other idle)
+    assert [e.attempts for e in h.logs][-1] == 1  # not counted as a retry
+    assert h.logs[-1].response_flags == "-"
+
+
+async def test_a_non_idempotent_request_on_a_stale_connection_is_not_sent_again() -> None:
+    b: dict[str, Backend] = {"10.0.0.1": AnswersOnceThenHangsUp("v1")}
+    async with harness(app_snapshot(vs("app", NO_RETRIES)), b) as h:
+        assert (await h.client.request("POST", body=b"x"))[0] == 200
+        status, _, _ = await h.client.request("POST", body=b"y")  # the server may have acted
+        assert status == 503
+        assert (await h.client.request())[0] == 200  # a new connection, then pooled
+        status, _, _ = await h.client.request("PUT", body=b"z")  # idempotent: sent again
+        assert status == 200
+    assert [e.response_flags for e in h.logs] == ["-", "UR", "-", "-"]
+    assert b["10.0.0.1"].connections == 3  # the PUT went again on a fresh one
