@@ -17,7 +17,13 @@ MiB/s, CPU per MiB -38%):
   connection cannot starve the others;
 - into an HBONE stream the reads are 256 KiB (`HBONE_CHUNK`): each becomes one DATA frame, and
   the HTTP/2 layer's cost is per frame; out of one, the DATA frames that arrived are copied
-  into the buffer without waiting.
+  into the buffer without waiting;
+- out of an HBONE stream into a socket, while the pump waits (everything it read is written),
+  the stream's `sink` lets the connection's reader write arriving DATA straight to the socket:
+  no wake-up of the pump and no copy into its buffer per message (the reader already runs);
+  what the socket does not take is queued and wakes the pump as before;
+- the idle timeout is the deadline of the relay's cancel scope, moved on by reads (no watchdog
+  task), and one pump runs in the caller's task: a connection spawns one task, not three.
 
 Any other stream type (tests, L7 wrappers) takes the generic `receive_some`/`send_all` path.
 """

@@ -270,7 +270,7 @@ class HboneConnection:
                 return
             self.last_received = trio.current_time()
             try:
-                events = self.h2.receive_data(bytes(view[:n]))
+                events = self.h2.receive_data(view[:n])  # h2 copies it into its buffer at once
             except h2.exceptions.ProtocolError as exc:
                 self.error = f"http/2 protocol error: {exc}"
                 self.kick()  # h2 queued a GOAWAY
