@@ -15,14 +15,14 @@ The agent holds `<run-dir>/agent.pid` (nodeagent.agent.pidfile) until it drains,
 to start, or stops instead of registering again, while `nodeagent uninstall` runs.
 
 SIGTERM (or the admin socket's /quitquitquit) hands over to a successor without dropping a
-connection (docs/dataplane.md, "Restarts"): the node-level sockets (CNI, admin, 15020, the
-gateway) close and the pid file is released at once, so a new agent can start; the pods'
-listeners keep accepting until the successor's admin socket answers ready (it has re-bound
-every pod's listeners beside ours, SO_REUSEPORT); then they close (queued connections migrate
-to the successor's sockets) and open connections get `--drain-timeout` (5 s, ztunnel's) more
-before they are closed. When no successor has started within the drain timeout (a plain
-stop), listeners and connections close at that deadline. SIGINT, or a SIGTERM while an
-uninstall is under way, stops at once.
+connection (docs/dataplane.md, "Restarts"): the node-level sockets (CNI, admin, 15020) close
+and the pid file is released at once, so a new agent can start; the pods' listeners and the
+gateway's keep accepting until the successor's admin socket answers ready (it has re-bound
+every pod's listeners and the gateway's ports beside ours, SO_REUSEPORT); then they close
+(queued connections migrate to the successor's sockets) and open connections get
+`--drain-timeout` (5 s, ztunnel's) more before they are closed. When no successor has
+started within the drain timeout (a plain stop), listeners and connections close at that
+deadline. SIGINT, or a SIGTERM while an uninstall is under way, stops at once.
 
 `--takeover` (a DaemonSet rollout with `maxSurge: 1`, where both pods run at once): a new agent
 that finds the run dir held asks the running agent to drain over its admin socket
@@ -184,7 +184,7 @@ class Agent:
     # The lease everything was last registered under (the admin socket's "registered").
     _registered_lease: int = 0
     _cancel: trio.CancelScope | None = None
-    # The node-level servers (CNI, admin, gateway): closed first when draining.
+    # The node-level servers (CNI, admin): closed first when draining.
     _front: list[trio.CancelScope] = field(default_factory=list)
     _front_running: int = 0
     _pid_file: pidfile.HeldLock | None = None
@@ -203,6 +203,8 @@ class Agent:
         for pod in self.enroller.pods.values() if self.enroller else ():
             for direction, s in pod.proxy.statistics().items():
                 totals[direction] = totals.get(direction, 0) + s["opened"] - s["closed"]
+        if self.gateway is not None:
+            totals["gateway"] = self.gateway.open_connections()
         return totals
 
     def _cert_expiry(self) -> dict[str, float]:
@@ -341,6 +343,8 @@ class Agent:
         (none: the CNI socket is closed first) would not be covered."""
         for pod in self.enroller.pods.values() if self.enroller else ():
             pod.proxy.close_listeners()
+        if self.gateway is not None:
+            self.gateway.stop_accepting()
         if self.workers is not None:
             self.workers.stop_accepting()
         self.stopped_accepting.set()
@@ -476,8 +480,9 @@ class Agent:
                     authenticator=self.authenticator,
                     credentials=CredentialSource(cfg.gateway_credentials),
                 )
+                # Not a front server: it hands over like the pods' listeners (stop_accepting).
                 if self._registered.is_set():
-                    await nursery.start(self._in_front, self.gateway.run)
+                    await nursery.start(self.gateway.run)
                 else:  # it registers itself at start: wait for the lease
                     nursery.start_soon(self._start_gateway_when_registered, nursery, self.gateway)
             await nursery.start(self._in_front, CniServer(cfg.cni_socket, self.enroller).run)
@@ -507,7 +512,7 @@ class Agent:
         self, nursery: trio.Nursery, gateway: NodeGateway
     ) -> None:
         await self._registered.wait()
-        await nursery.start(self._in_front, gateway.run)
+        await nursery.start(gateway.run)
 
     async def _in_front(
         self, run: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -171,6 +171,13 @@ class NodeGateway:
         finally:
             self._netns.close()
 
+    def stop_accepting(self) -> None:
+        """A draining agent's handover: no new connections, the open ones go on."""
+        self.gateway.stop_accepting()
+
+    def open_connections(self) -> int:
+        return self.gateway.open_connections
+
     async def _register(self) -> None:
         lease = self.lease()
         key = keys.workload(self.node, str(self.document["metadata"]["uid"]))

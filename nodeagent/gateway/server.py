@@ -19,6 +19,7 @@ request's upstream in the codec its destination port declares (`http2.selection`
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from nodeagent.http import Connector, HttpProxy, Limits, RequestLog
 from nodeagent.http.guard import Guard
 from nodeagent.http2.proxy import H2Proxy
 from nodeagent.http2.sniff import classify_declared, sniff
+from nodeagent.inpod.listeners import listen_beside
 from nodeagent.log import get_logger
 from nodeagent.routing import HttpRequest, Source
 from nodeagent.snapshot.snapshot import Snapshot
@@ -86,6 +88,7 @@ class GatewayError(Exception):
 class _Listener:
     scope: trio.CancelScope
     bound: int
+    listeners: list[trio.SocketListener]
     done: trio.Event = field(default_factory=trio.Event)
 
 
@@ -127,6 +130,8 @@ class IngressGateway:
         self._bind_host = bind_host
         self._port_map = port_map or (lambda p: p)
         self._listeners: dict[int, _Listener] = {}
+        self._accepting = True
+        self.open_connections = 0  # accepted and not yet closed (a draining agent waits)
         self.bind_errors: dict[int, str] = {}
         self.http2 = H2Proxy(
             snapshot=snapshot,
@@ -228,6 +233,8 @@ class IngressGateway:
             listener.scope.cancel()
             await listener.done.wait()
             log.info("gateway.unbound", port=port)
+        if not self._accepting:
+            return
         for port, listeners in await self._bind(wanted - set(self._listeners), False):
             self._start(nursery, port, listeners)
 
@@ -238,7 +245,7 @@ class IngressGateway:
         for port in sorted(ports):
             local = self._port_map(port)
             try:
-                out.append((port, await trio.open_tcp_listeners(local, host=self._bind_host)))
+                out.append((port, [self._listen(local)]))
             except OSError as exc:
                 msg = f"bind gateway port {port} ({self._bind_host}:{local}): {exc.strerror or exc}"
                 self.bind_errors[port] = msg
@@ -252,11 +259,31 @@ class IngressGateway:
             self.bind_errors.pop(port, None)
         return out
 
+    def _listen(self, port: int) -> trio.SocketListener:
+        """SO_REUSEPORT, as the pods' listeners: a restarted agent's gateway binds beside the
+        draining one, which keeps accepting until `stop_accepting` (no connection refused)."""
+        family = socket.AF_INET6 if ":" in self._bind_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listen_beside(sock, self._bind_host, port)
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+    def stop_accepting(self) -> None:
+        """Close every listener (a successor serves new connections); open connections go on
+        until they end or the agent stops. No port is bound after this."""
+        self._accepting = False
+        for entry in self._listeners.values():
+            for listener in entry.listeners:
+                listener.socket.close()
+
     def _start(
         self, nursery: trio.Nursery, port: int, listeners: list[trio.SocketListener]
     ) -> None:
         bound = listeners[0].socket.getsockname()[1]
-        entry = _Listener(scope=trio.CancelScope(), bound=bound)
+        entry = _Listener(scope=trio.CancelScope(), bound=bound, listeners=listeners)
         self._listeners[port] = entry
         nursery.start_soon(self._serve_port, port, listeners, entry)
         log.info("gateway.bound", port=port, address=f"{self._bind_host}:{bound}")
@@ -277,9 +304,30 @@ class IngressGateway:
             else:
                 await self.proxy.serve(stream, port=port, client_address=peer)
 
+        async def counted(stream: trio.SocketStream) -> None:
+            self.open_connections += 1
+            try:
+                await handle(stream)
+            finally:
+                self.open_connections -= 1
+
+        async def accept(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except trio.ClosedResourceError:
+                    return  # `stop_accepting`: the open connections go on in `nursery`
+                except OSError as exc:  # EMFILE and friends: back off rather than spin
+                    log.warning("gateway.accept_failed", port=port, error=str(exc))
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(counted, stream)
+
         try:
             with entry.scope:
-                await trio.serve_listeners(handle, listeners)
+                async with trio.open_nursery() as nursery:
+                    for listener in listeners:
+                        nursery.start_soon(accept, listener, nursery)
         finally:
             for listener in listeners:
                 with trio.CancelScope(shield=True):

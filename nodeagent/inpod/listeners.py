@@ -92,18 +92,23 @@ def _strerror(code: int | None) -> str:
     return os.strerror(code) if code else "unknown error"
 
 
+def listen_beside(sock: socket.socket, host: str, port: int) -> None:
+    """Bind and listen so that a restarted agent can re-bind while old connections sit in
+    TIME_WAIT, and beside the agent it replaces while that one still drains (SO_REUSEPORT:
+    module docstring). The pods' listeners and the gateway's (node netns) bind this way."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(BACKLOG)
+
+
 def _listen(netns: Netns, port: int, host: str, mark: int) -> socket.socket:
     try:
         sock = netns.socket(socket.AF_INET, socket.SOCK_STREAM, mark=mark)
     except NetnsError as e:
         raise ListenerError(f"bind {port} in netns {netns.name}: {e}", errno=e.errno) from None
     try:
-        # A restarted agent must be able to re-bind while old connections sit in TIME_WAIT,
-        # and while the agent it replaces still drains (module docstring).
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
+        listen_beside(sock, host, port)
     except OSError as e:
         sock.close()
         raise ListenerError(

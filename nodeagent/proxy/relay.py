@@ -17,7 +17,13 @@ MiB/s, CPU per MiB -38%):
   connection cannot starve the others;
 - into an HBONE stream the reads are 256 KiB (`HBONE_CHUNK`): each becomes one DATA frame, and
   the HTTP/2 layer's cost is per frame; out of one, the DATA frames that arrived are copied
-  into the buffer without waiting.
+  into the buffer without waiting;
+- out of an HBONE stream into a socket, while the pump waits (everything it read is written),
+  the stream's `sink` lets the connection's reader write arriving DATA straight to the socket:
+  no wake-up of the pump and no copy into its buffer per message (the reader already runs);
+  what the socket does not take is queued and wakes the pump as before;
+- the idle timeout is the deadline of the relay's cancel scope, moved on by reads (no watchdog
+  task), and one pump runs in the caller's task: a connection spawns one task, not three.
 
 Any other stream type (tests, L7 wrappers) takes the generic `receive_some`/`send_all` path.
 """
@@ -25,20 +31,36 @@ Any other stream type (tests, L7 wrappers) takes the generic `receive_some`/`sen
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
-from nodeagent.sockio import YIELD_EVERY, End, HboneEnd, end_of
+from nodeagent.sockio import YIELD_EVERY, End, HboneEnd, SockEnd, end_of
 from nodeagent.sockio.ends import WANT_READ
 from nodeagent.tunnel.h2conn import HboneStream
 
 CHUNK = 64 * 1024
 HBONE_CHUNK = 256 * 1024
+IDLE_SLACK = 0.05  # the idle timeout fires this fraction of it late at most…
+MAX_IDLE_SLACK = 1.0  # …and never more than this many seconds late
 POOL_SIZE = 64  # idle buffers kept for reuse (64 of 64 KiB); more in flight are just allocated
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _pool: list[bytearray] = []
 _big_pool: list[bytearray] = []  # HBONE_CHUNK buffers
+
+
+async def wait(src: End, want: int, sink: Callable[[bytes], int] | None) -> None:
+    """`src.wait(want)`; with `sink`, the HBONE stream `src` hands arriving DATA to it meanwhile
+    (everything this pump read before has been written: the order holds)."""
+    if sink is None or not isinstance(src, HboneEnd):
+        await src.wait(want)
+        return
+    src.stream.sink = sink
+    try:
+        await src.wait(want)
+    finally:
+        src.stream.sink = None
 
 
 @dataclass(slots=True)
@@ -62,8 +84,19 @@ async def relay(
     `fast=False` forces the generic path (for tests and the before/after measurement).
     """
     result = result if result is not None else RelayResult()
-    deadline = [trio.current_time() + idle_timeout]
+    # The idle timeout is the relay's cancel scope's deadline, pushed on by the reads (no
+    # watchdog task): a read moves it only once the deadline is nearer than `idle_timeout`,
+    # by `idle_timeout + slack`, so a busy connection moves it once per `slack` at most and
+    # the relay ends between `idle_timeout` and `idle_timeout + slack` after the last read.
+    timed = idle_timeout != math.inf
+    slack = min(idle_timeout * IDLE_SLACK, MAX_IDLE_SLACK) if timed else 0.0
     ends = (end_of(client), end_of(upstream)) if fast else (None, None)
+
+    def active() -> None:
+        if timed:
+            now = trio.current_time()
+            if scope.deadline - now < idle_timeout:
+                scope.deadline = now + idle_timeout + slack
 
     def fail(exc: BaseException) -> None:
         result.error = result.error or f"{type(exc).__name__}: {exc}"
@@ -77,7 +110,7 @@ async def relay(
         try:
             while True:
                 data = await src.receive_some(size)
-                deadline[0] = trio.current_time() + idle_timeout
+                active()
                 if not data:
                     # Half-close: pass the FIN on and keep the other direction flowing.
                     await dst.send_eof()
@@ -99,6 +132,23 @@ async def relay(
         pool = _big_pool if big else _pool
         buf: bytearray | None = None
         view = memoryview(b"")
+        # Out of an HBONE stream into a socket: while this pump waits, the connection's reader
+        # writes arriving DATA straight to the socket (no wake-up of this task per message).
+        sink = None
+        if isinstance(src, HboneEnd) and isinstance(dst, SockEnd):
+            sock_end = dst
+
+            def direct(data: bytes) -> int:
+                taken = sock_end.try_write(data)
+                if taken:
+                    active()
+                    if upstream_dir:
+                        result.sent += taken
+                    else:
+                        result.received += taken
+                return taken
+
+            sink = direct
         try:
             while True:
                 if buf is None:
@@ -110,10 +160,10 @@ async def relay(
                     if len(pool) < POOL_SIZE:
                         pool.append(buf)
                     buf = None
-                    await src.wait(n)
+                    await wait(src, n, sink)
                     unyielded = 0
                     continue
-                deadline[0] = trio.current_time() + idle_timeout
+                active()
                 if n == 0:
                     # Half-close: pass the FIN on and keep the other direction flowing.
                     await dst.send_eof()
@@ -128,7 +178,7 @@ async def relay(
                     if len(pool) < POOL_SIZE:
                         pool.append(buf)
                     buf = None
-                    await src.wait(WANT_READ)
+                    await wait(src, WANT_READ, sink)
                     unyielded = 0
                 elif unyielded >= YIELD_EVERY:
                     unyielded = 0
@@ -139,27 +189,21 @@ async def relay(
             if buf is not None and len(pool) < POOL_SIZE:
                 pool.append(buf)
 
-    async def watchdog() -> None:
-        while True:
-            await trio.sleep_until(deadline[0])
-            if trio.current_time() >= deadline[0]:
-                result.error = f"idle for {idle_timeout:g}s"
-                nursery.cancel_scope.cancel()
-                return
-
     try:
+        # One pump in a new task, the other in this one: a connection costs one task spawn.
+        down, up = ends
         async with trio.open_nursery() as nursery:
-            if idle_timeout != math.inf:
-                nursery.start_soon(watchdog)
-            async with trio.open_nursery() as pumps:
-                down, up = ends
-                if down is not None and up is not None:
-                    pumps.start_soon(fast_pump, down, up, True)
-                    pumps.start_soon(fast_pump, up, down, False)
-                else:
-                    pumps.start_soon(pump, client, upstream, True)
-                    pumps.start_soon(pump, upstream, client, False)
-            nursery.cancel_scope.cancel()
+            scope = nursery.cancel_scope
+            if timed:
+                scope.deadline = trio.current_time() + idle_timeout
+            if down is not None and up is not None:
+                nursery.start_soon(fast_pump, up, down, False)
+                await fast_pump(down, up, True)
+            else:
+                nursery.start_soon(pump, upstream, client, False)
+                await pump(client, upstream, True)
+        if scope.cancelled_caught and not result.error:
+            result.error = f"idle for {idle_timeout:g}s"
     finally:
         # Shielded: under cancellation the first aclose's checkpoint would raise before the
         # second socket was closed.

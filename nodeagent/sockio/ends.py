@@ -67,6 +67,17 @@ class SockEnd:
         except OSError as exc:  # closed meanwhile
             raise trio.ClosedResourceError(f"wait: {exc}") from exc
 
+    def try_write(self, data: bytes) -> int:
+        """Write what the kernel takes now: the byte count, 0 when it takes nothing, the socket
+        is closed or failed (the caller's next `write` meets the error)."""
+        fd = self.sock.fileno()
+        if fd < 0:
+            return 0
+        try:
+            return os.write(fd, data)
+        except OSError:
+            return 0
+
     async def write(self, view: memoryview) -> None:
         fd = self.fileno()
         while view:

@@ -270,7 +270,7 @@ class HboneConnection:
                 return
             self.last_received = trio.current_time()
             try:
-                events = self.h2.receive_data(bytes(view[:n]))
+                events = self.h2.receive_data(view[:n])  # h2 copies it into its buffer at once
             except h2.exceptions.ProtocolError as exc:
                 self.error = f"http/2 protocol error: {exc}"
                 self.kick()  # h2 queued a GOAWAY
@@ -279,7 +279,12 @@ class HboneConnection:
                 return
             if self._dispatch(events):
                 self.flush()
-            await trio.lowlevel.checkpoint()
+            if tls.drained:
+                # The read stopped on WANT_READ (OpenSSL holds nothing either): wait for the
+                # socket rather than fail one more recv first.
+                await trio.lowlevel.wait_readable(tls.socket)
+            else:
+                await trio.lowlevel.checkpoint()
 
     def _dispatch(self, events: list[h2.events.Event]) -> bool:
         """Hand events to their streams; True when h2 may have something to send."""
@@ -423,6 +428,9 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._send_event: trio.Event | None = None
         self._response_event = trio.Event()
         self.on_close: list[Callable[[HboneStream], None]] = []
+        # Set by a reader while it waits with nothing queued (the relay, into a socket): takes
+        # arriving DATA without waiting, returns how many bytes it took (the rest is queued).
+        self.sink: Callable[[bytes], int] | None = None
 
     # -- what the peer verified --------------------------------------------------------------
 
@@ -449,6 +457,15 @@ class HboneStream(trio.abc.HalfCloseableStream):
         if self._closed:
             self.conn.h2.acknowledge_received_data(flow, self.id)
             return
+        sink = self.sink
+        if sink is not None and not self._chunks:
+            # The reader of this stream is waiting and nothing is queued: hand the bytes on
+            # now, in the connection reader's task (no wake-up of the stream's reader).
+            taken = sink(data)
+            if taken >= len(data):
+                self._consumed(flow)
+                return
+            data = data[taken:]
         self._chunks.append((data, flow))
         if self._read_event is not None:
             self._read_event.set()

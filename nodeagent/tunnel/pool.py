@@ -169,6 +169,7 @@ class TunnelPool:
             max_streams=max_streams, idle_timeout=idle_timeout
         )
         self._locks: dict[PoolKey, trio.Lock] = {}
+        self._reaper_at = math.inf  # when the idle reaper wakes up next
         self._nursery: trio.Nursery | None = None
         self._changed = trio.Event()
 
@@ -197,7 +198,8 @@ class TunnelPool:
 
     async def _release_idle(self) -> None:
         while True:
-            with trio.move_on_at(self.book.next_expiry()):
+            self._reaper_at = self.book.next_expiry()
+            with trio.move_on_at(self._reaper_at):
                 await self._changed.wait()
             self._changed = trio.Event()
             for entry in self.book.expired(trio.current_time()):
@@ -238,7 +240,14 @@ class TunnelPool:
 
     def _release(self, entry: PoolEntry[HboneConnection]) -> None:
         self.book.stream_closed(entry, trio.current_time())
-        self._changed.set()
+        # Wake the idle reaper only when this connection now expires before its next wake-up
+        # (not once per stream: an entry busy again before then needs nothing); a retired
+        # one goes at once.
+        idle_since = entry.idle_since
+        if idle_since is not None and (
+            entry.retired or idle_since + self.book.idle_timeout < self._reaper_at
+        ):
+            self._changed.set()
 
     async def _entry(
         self, key: PoolKey, source_identity: str, *, fresh: bool
@@ -246,6 +255,16 @@ class TunnelPool:
         assert self.identities is not None
         assert self._nursery is not None
         context = self.identities.client_context(source_identity)
+        held = self._locks.get(key)
+        if not fresh and (held is None or not held.locked()):
+            # The common case, without the opener lock (no task switch, no lock object): a
+            # pooled connection with room that spoke recently. Nothing awaits in between, so
+            # no other task can take the room meanwhile.
+            entry = self.book.pick(key, _usable(context))
+            quiet = trio.current_time() - entry.conn.last_received if entry else math.inf
+            if entry is not None and quiet < self.ping_interval:
+                self.book.stream_opened(entry, reused=True)
+                return entry, TunnelInfo(entry.conn.peer_identity, False, 0.0, reused=True)
         lock = self._locks.setdefault(key, trio.Lock())
         try:
             return await self._pick_or_connect(key, lock, context, source_identity, fresh=fresh)

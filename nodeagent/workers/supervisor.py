@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import pickle
 import socket
 import sys
 import time
@@ -31,7 +30,7 @@ from nodeagent.log import get_logger
 from nodeagent.snapshot import SnapshotSync, Workload
 from nodeagent.telemetry.merge import FamilyState
 from nodeagent.workers.channel import Channel, ChannelClosed
-from nodeagent.workers.config import WorkerConfig
+from nodeagent.workers.config import WorkerConfig, config_to_wire
 from nodeagent.workers.feed import DocumentMirror
 from nodeagent.workers.metrics import PodStats, WorkerBook, WorkerReport
 from nodeagent.workers.protocol import ProtocolError
@@ -316,7 +315,8 @@ class WorkerPool:
         return served
 
     async def _configure(self, slot: Slot, channel: Channel) -> None:
-        await channel.send({"t": "hello", "slot": slot.index, "config": pickle.dumps(self.config)})
+        hello = {"t": "hello", "slot": slot.index, "config": config_to_wire(self.config)}
+        await channel.send(hello)
         async with self._feed_lock:
             await self._flush_snapshot()  # the others are up to date: then this one starts
             await channel.send(self._mirror.full())

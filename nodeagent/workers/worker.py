@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -35,7 +34,7 @@ from nodeagent.telemetry.metrics import IstioMetrics, MetricsRegistry
 from nodeagent.telemetry.tracing import Tracer, ZipkinExporter
 from nodeagent.tunnel import SessionCache
 from nodeagent.workers.channel import Channel, ChannelClosed
-from nodeagent.workers.config import WorkerConfig
+from nodeagent.workers.config import ConfigError, WorkerConfig, config_from_wire
 from nodeagent.workers.feed import apply_message
 from nodeagent.workers.identity import WorkerIdentities
 from nodeagent.workers.protocol import Message, ProtocolError
@@ -238,8 +237,13 @@ async def _main(fd: int) -> None:
     hello = await channel.receive()
     if hello.type != "hello":
         raise SystemExit(f"worker: first message is {hello.type!r}, not hello")
-    cfg: WorkerConfig = pickle.loads(hello.body["config"])
-    slot = int(hello.body["slot"])
+    try:
+        cfg = config_from_wire(hello.body.get("config"))
+    except ConfigError as exc:
+        raise SystemExit(f"worker: bad config in hello: {exc}") from None
+    slot = hello.body.get("slot")
+    if not isinstance(slot, int) or isinstance(slot, bool) or slot < 0:
+        raise SystemExit(f"worker: bad slot in hello: {slot!r}")
     logging_setup.configure(cfg.log_level, "console" if cfg.log_format == "console" else "json")
     await Worker(channel, slot, cfg).run()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -106,3 +107,22 @@ def http(
     elapsed = time.monotonic() - started
     body, _, code = str(r.stdout).rpartition("\n")
     return int(code or 0), body, elapsed
+
+
+def hey_under_load(sb: Sandbox, target: str | Pod, url: str, *flags: str) -> subprocess.Popen[str]:
+    """hey from `target` (a pod or "outside"): 10 workers x 25 req/s = 250 req/s for 7 s (hey's
+    -q is per worker), e.g. across an agent restart."""
+    argv = ["hey", "-z", "7s", "-c", "10", "-q", "25", "-t", "10", *flags, url]
+    return sb.popen(target, argv, stdout=-1, stderr=-1, text=True)
+
+
+def hey_outcome(out: str) -> tuple[int, int, str]:
+    """(200 responses, every other response or error, hey's error lines)."""
+    codes = {int(c): int(n) for c, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)}
+    errors = (
+        re.findall(r"\[(\d+)\]\s+(.+)", out.split("Error distribution:")[-1])
+        if ("Error distribution:" in out)
+        else []
+    )
+    failed = sum(n for c, n in codes.items() if c != 200) + sum(int(n) for n, _ in errors)
+    return codes.get(200, 0), failed, "; ".join(f"{n}x {e}" for n, e in errors)

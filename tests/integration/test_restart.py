@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mesh_helpers import admin, sandbox_fixture
+from mesh_helpers import admin, hey_outcome, hey_under_load, sandbox_fixture
 
 import nodeagent.demo.backend
 from nodeagent.sandbox import Pod, Sandbox
@@ -55,24 +55,6 @@ def pods(sandbox: Sandbox) -> tuple[Pod, Pod]:
     return server, client
 
 
-def _hey(sb: Sandbox, client: Pod, url: str, *flags: str) -> subprocess.Popen[str]:
-    # 10 workers x 25 req/s = 250 req/s for 7 s (hey's -q is per worker).
-    argv = ["hey", "-z", "7s", "-c", "10", "-q", "25", "-t", "10", *flags, url]
-    return sb.popen(client, argv, stdout=-1, stderr=-1, text=True)
-
-
-def _outcome(out: str) -> tuple[int, int, str]:
-    """(200 responses, every other response or error, hey's error lines)."""
-    codes = {int(c): int(n) for c, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)}
-    errors = (
-        re.findall(r"\[(\d+)\]\s+(.+)", out.split("Error distribution:")[-1])
-        if ("Error distribution:" in out)
-        else []
-    )
-    failed = sum(n for c, n in codes.items() if c != 200) + sum(int(n) for n, _ in errors)
-    return codes.get(200, 0), failed, "; ".join(f"{n}x {e}" for n, e in errors)
-
-
 @pytest.mark.parametrize("takeover", [False, True], ids=["sigterm-first", "takeover"])
 def test_graceful_restart_under_load_fails_no_request(
     sandbox: Sandbox, pods: tuple[Pod, Pod], takeover: bool
@@ -82,8 +64,9 @@ def test_graceful_restart_under_load_fails_no_request(
     over, drains, parks until its SIGTERM (restart_agent fails if it does not)."""
     server, client = pods
     url = f"http://{server.ip}:8080/"
-    keepalive = _hey(sandbox, client, url)
-    fresh = _hey(sandbox, client, url, "-disable-keepalive")  # a new connection per request
+    keepalive = hey_under_load(sandbox, client, url)
+    # A new connection per request:
+    fresh = hey_under_load(sandbox, client, url, "-disable-keepalive")
     try:
         time.sleep(1.5)  # let the load run against the old agent first
         started = time.monotonic()
@@ -93,7 +76,7 @@ def test_graceful_restart_under_load_fails_no_request(
         for name, proc in (("keep-alive", keepalive), ("new connections", fresh)):
             out, err = proc.communicate(timeout=30)
             assert proc.returncode == 0, f"hey ({name}): {err}"
-            results[name] = _outcome(out)
+            results[name] = hey_outcome(out)
     finally:
         for proc in (keepalive, fresh):
             proc.kill()

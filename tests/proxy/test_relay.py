@@ -89,3 +89,28 @@ async def test_reset_upstream_ends_relay() -> None:
     assert results[0].sent == 5
     assert results[0].error
     await app_client.aclose()
+
+
+async def test_traffic_moves_the_idle_deadline(autojump_clock: trio.abc.Clock) -> None:
+    """Bytes every 20 s keep a 30 s idle timeout from firing; after the last byte the relay
+    ends 30 s later, at most the slack (5%) past it."""
+    app_client, proxy_down = await _pair()
+    proxy_up, server = await _pair()
+    ended: list[float] = []
+
+    async def run_relay() -> None:
+        result = await relay(proxy_down, proxy_up, idle_timeout=30)
+        assert result.error == "idle for 30s"
+        assert result.sent == 5
+        ended.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_relay)
+        for _ in range(5):
+            await trio.sleep(20)
+            await app_client.send_all(b"x")
+            assert await server.receive_some(10) == b"x"
+        last = trio.current_time()
+    assert 30 <= ended[0] - last <= 30 * 1.05 + 0.01
+    await app_client.aclose()
+    await server.aclose()

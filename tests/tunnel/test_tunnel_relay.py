@@ -20,6 +20,7 @@ from pki import LocalIdentityProvider, ThrowawayCA, spiffe
 
 from nodeagent.proxy import relay as relay_module
 from nodeagent.proxy.relay import RelayResult, relay
+from nodeagent.sockio import SockEnd
 from nodeagent.tunnel import ConnectRequest, HboneConnection, HboneStream
 from nodeagent.tunnel.server import detach
 from nodeagent.tunnel.tls import TlsStream
@@ -200,3 +201,44 @@ async def test_reset_on_the_tls_leg_ends_both_relays(ids: LocalIdentityProvider)
     assert results[0].sent == 5
     assert results[0].received == 0
     assert results[0].error  # a reset, not a clean end
+
+
+async def test_data_into_a_waiting_relay_goes_through_the_sink(
+    ids: LocalIdentityProvider, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of an HBONE stream into a socket: while the relay waits, the connection's reader
+    writes arriving DATA to the socket itself (the stream's `sink`), counts it, and it keeps
+    the idle timeout from firing; once the traffic stops the relay ends at the timeout."""
+    direct: list[int] = []
+    try_write = SockEnd.try_write
+
+    def counted(self: SockEnd, data: bytes) -> int:
+        direct.append(len(data))
+        return try_write(self, data)
+
+    monkeypatch.setattr(SockEnd, "try_write", counted)
+    async with hbone_pair(ids) as (tunnel_out, tunnel_in, _):
+        app, agent_down = await tcp_pair()
+        results: list[RelayResult] = []
+
+        async def run_relay() -> None:
+            results.append(await relay(agent_down, tunnel_out, idle_timeout=30))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_relay)
+            await trio.sleep(1)
+            assert tunnel_out.sink is not None  # the relay waits on the stream
+            for i in range(4):
+                msg = bytes([i]) * 100
+                await tunnel_in.send_all(msg)
+                got = b""
+                while len(got) < len(msg):
+                    got += await app.receive_some(1000)
+                assert got == msg
+                assert not tunnel_out._chunks  # nothing was queued for the pump
+                await trio.sleep(20)  # below the idle timeout: the sink's writes count
+        assert results[0].received == 400
+        assert direct == [100] * 4  # each message written by the reader, none by the pump
+        assert results[0].error == "idle for 30s"
+        assert tunnel_out.sink is None
+        await app.aclose()
