@@ -98,6 +98,12 @@ class OutboundPath:
             label=self.core.pod,
         )
 
+    def drain(self) -> None:
+        """The agent drains: the HTTP/1.1 proxy (if one was made) closes keep-alive connections
+        after their next response."""
+        if self._http is not None:
+            self._http.drain()
+
     def http_proxy(self) -> HttpProxy:
         """This pod's L7 proxy (one per pod, so upstream connections are pooled per source)."""
         if self._http is None:
