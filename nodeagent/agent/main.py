@@ -479,6 +479,7 @@ class Agent:
                     limits=cfg.http_limits,
                     authenticator=self.authenticator,
                     credentials=CredentialSource(cfg.gateway_credentials),
+                    migrate_requests=True,  # handed over at a restart like the pods' listeners
                 )
                 # Not a front server: it hands over like the pods' listeners (stop_accepting).
                 if self._registered.is_set():

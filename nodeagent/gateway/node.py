@@ -23,6 +23,7 @@ from nodeagent.gateway.server import DEFAULT_LABELS, IngressGateway
 from nodeagent.http import Limits, RequestLog
 from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import Netns
+from nodeagent.inpod.listeners import enable_request_migration
 from nodeagent.log import get_logger
 from nodeagent.proxy.connector import MeshConnector
 from nodeagent.proxy.l7_guard import workload_guard
@@ -80,8 +81,12 @@ class NodeGateway:
         limits: Limits | None = None,
         authenticator: Authenticator | None = None,
         credentials: CredentialSource | None = None,
+        migrate_requests: bool = False,
     ) -> None:
         self.node = node
+        # The agent's handover: connections queued on a closing listener move to the
+        # successor's (net.ipv4.tcp_migrate_req in the node's netns, as in each pod's).
+        self.migrate_requests = migrate_requests
         self.telemetry = telemetry
         self._sync = sync
         self._on_request = on_request
@@ -155,6 +160,8 @@ class NodeGateway:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
+            if self.migrate_requests:
+                enable_request_migration(self._netns)
             await self._register()
             self.identities.ensure(self.identity)
             async with trio.open_nursery() as nursery:
