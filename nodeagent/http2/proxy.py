@@ -39,7 +39,7 @@ from nodeagent.http.downstream import Downstream, answer_head_timeout, read_requ
 from nodeagent.http.errors import UpstreamDenied, UpstreamOverflow
 from nodeagent.http.guard import Guard
 from nodeagent.http.guarded import guard_request, local_address
-from nodeagent.http.headers import HOP_BY_HOP, new_request_id
+from nodeagent.http.headers import new_request_id
 from nodeagent.http.limits import Limits
 from nodeagent.http.log import RequestLog, RequestRecorder, log, start_span_for
 from nodeagent.http.origination import UpstreamTlsError
@@ -60,6 +60,7 @@ from nodeagent.http2.messages import (
 )
 from nodeagent.http2.mirror import mirror
 from nodeagent.http2.pool import Connector, H2Pool, H2Upstreams
+from nodeagent.http2.relay import relay_response
 from nodeagent.http2.selection import Codec, destination_port, upstream_codec
 from nodeagent.http2.streams import ClientStream, RequestFacts, Upstreams, UpstreamStream
 from nodeagent.routing import (
@@ -741,27 +742,8 @@ class _Exchange:
         assert up.headers is not None
         status, head = response_head(up.headers, ops)
         entry.code = status
-        if up.ended and up.trailers is None:
-            entry.grpc_status = grpc_status_of(up.headers)  # trailers-only (or no body)
-            reply.send_head(head, end_stream=True)
-            return
-        reply.send_head(head, end_stream=False)
-        try:
-            while data := await up.receive_data():
-                await down.send_data(data)
-        except StreamReset as exc:
-            if down.error:
-                raise
-            entry.flags.append(flags.UPSTREAM_RESET)
-            log.debug("request.upstream_reset", path=entry.path, error=str(exc))
-            down.reset()
-            return
-        trailers = up.trailers
-        if trailers is not None:
-            entry.grpc_status = grpc_status_of(trailers)
-            down.send_trailers([(k, v) for k, v in trailers if k.decode() not in HOP_BY_HOP])
-        else:
-            down.end()
+        reply.head_sent = True
+        await relay_response(up, down, head, entry)
 
 
 class _Replier:

@@ -11,6 +11,7 @@ from nodeagent.http.headers import HOP_BY_HOP
 from nodeagent.http.log import RequestLog, log
 from nodeagent.http2.conn import H2Stream, Headers, StreamReset
 from nodeagent.http2.messages import grpc_status_of
+from nodeagent.http2.streams import ClientStream, UpstreamStream
 
 
 async def pump_request(down: H2Stream, up: H2Stream) -> None:
@@ -28,7 +29,9 @@ async def pump_request(down: H2Stream, up: H2Stream) -> None:
         pass
 
 
-async def relay_response(up: H2Stream, down: H2Stream, head: Headers, entry: RequestLog) -> None:
+async def relay_response(
+    up: UpstreamStream, down: ClientStream, head: Headers, entry: RequestLog
+) -> None:
     """Send `head` (the upstream's response head as the client gets it), then the upstream's
     DATA and trailers; `entry.grpc_status` from the trailers (or the trailers-only head). An
     upstream reset mid-body resets the client's stream (flag UR)."""
