@@ -358,13 +358,15 @@ class HboneConnection:
             await trio.sleep_until(self.last_received + self.ping_interval)
             if trio.current_time() < self.last_received + self.ping_interval:
                 continue
+            if self._h2_closed():
+                return  # a GOAWAY went either way: the connection is ending, nothing to probe
             if not await self.ping(self.ping_timeout):
                 self.fail(f"no PING answer within {self.ping_timeout:g}s (peer gone)")
                 return
 
     async def ping(self, limit: float) -> bool:
         """True when the peer answered a PING within `limit` seconds (it is there)."""
-        if not self.alive:
+        if not self.alive or self._h2_closed():
             await trio.lowlevel.checkpoint()
             return False
         opaque = os.urandom(8)
@@ -375,6 +377,11 @@ class HboneConnection:
             await waiter.wait()
         self._pings.pop(opaque, None)
         return waiter.is_set() and self.alive
+
+    def _h2_closed(self) -> bool:
+        """h2 takes no frame to send once a GOAWAY was sent or received (python-hyper/h2#1181):
+        a PING then would raise."""
+        return self.h2.state_machine.state is h2.connection.ConnectionState.CLOSED
 
     # -- the client side -------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import h2.settings
 import pytest
+import trio
 
+from nodeagent.tunnel.h2conn import HboneConnection
 from nodeagent.tunnel.hbone import (
     CONNECTION_WINDOW,
     MAX_FRAME,
@@ -140,3 +142,21 @@ def test_book_skips_unusable_and_retired_connections() -> None:
     assert old.retired
     book.stream_closed(old, now=1)
     assert book.expired(now=1) == [old]  # retired: closed as soon as its streams are done
+
+
+async def test_a_connection_past_its_goaway_is_not_pinged() -> None:
+    """h2 refuses every frame to send once a GOAWAY went either way: the keepalive falling due
+    while the pool closes an idle connection must end quietly, not raise (a raise there took
+    the whole tunnel pool down in CI)."""
+    conn = HboneConnection(
+        None,  # type: ignore[arg-type]  # nothing here touches the socket
+        client=True,
+        peer_identity="spiffe://cluster.local/ns/shop/sa/web",
+        peer_certificate=b"",
+        ping_interval=0.01,
+    )
+    conn.h2.close_connection()  # what close() does before flushing
+    assert await conn.ping(1) is False
+    with trio.fail_after(1):
+        await conn._keepalive()  # returns instead of raising ProtocolError
+    assert conn.error == ""  # a closing connection is not failed as "peer gone"
