@@ -273,8 +273,12 @@ class IngressGateway:
 
     def stop_accepting(self) -> None:
         """Close every listener (a successor serves new connections); open connections go on
-        until they end or the agent stops. No port is bound after this."""
+        until they end or the agent stops, their clients told to reconnect (HTTP/1.1:
+        `connection: close` on the next response; HTTP/2: a graceful GOAWAY). No port is bound
+        after this."""
         self._accepting = False
+        self.proxy.drain()
+        self.http2.drain()
         for entry in self._listeners.values():
             for listener in entry.listeners:
                 listener.socket.close()

@@ -26,6 +26,8 @@ import h2.exceptions
 import h2.settings
 import trio
 
+from nodeagent.tunnel.goaway import GracefulH2Connection
+
 Headers = list[tuple[bytes, bytes]]
 StreamHandler = Callable[["H2Stream"], Awaitable[None]]
 
@@ -63,7 +65,7 @@ class H2Connection:
         config = h2.config.H2Configuration(
             client_side=client, header_encoding=None, validate_inbound_headers=True
         )
-        self.h2 = h2.connection.H2Connection(config)
+        self.h2 = GracefulH2Connection(config)
         self.h2.local_settings = h2.settings.Settings(
             client=client,
             initial_values={
@@ -145,10 +147,18 @@ class H2Connection:
             self._closed.set()
 
     def close(self) -> None:
-        """No new streams; once the streams under way ended, GOAWAY and the connection ends
-        (h2 stops taking frames once it sent a GOAWAY, so it is sent last)."""
+        """No new streams; once the streams under way ended, the final GOAWAY and the
+        connection ends."""
         self.goaway = True
         self.kick()
+
+    def drain(self) -> None:
+        """`close`, telling the peer now (server side, the agent drains): a graceful GOAWAY, so
+        the client opens its next streams on a new connection (to the agent taking over) while
+        those under way here finish."""
+        if not self.client and not self.goaway and self.alive and not self.h2.closed:
+            self.h2.announce_goaway()
+        self.close()
 
     def kick(self) -> None:
         self._kick_event.set()
@@ -233,7 +243,7 @@ class H2Connection:
                 for s in list(targets):
                     s._wake_send()
             elif isinstance(event, h2.events.ConnectionTerminated):
-                self.goaway = True
+                self.goaway = True  # the writer closes the connection once no stream is left
                 last = event.last_stream_id or 0
                 for other_sid, other in list(self.streams.items()):
                     if self.client and other_sid > last:
@@ -248,7 +258,9 @@ class H2Connection:
         self.streams_opened += 1
         self.streams_changed_at = trio.current_time()
         if self._handler is None or self._handlers is None or self.client or self.goaway:
+            # Never processed (after our GOAWAY it crossed it): the client may retry it.
             stream.reset(h2.errors.ErrorCodes.REFUSED_STREAM)
+            stream.close()
             return
         self._handlers.start_soon(self._handle, stream)
 

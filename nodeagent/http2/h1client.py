@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 import h11
 import trio
 
-from nodeagent.http.downstream import Downstream
+from nodeagent.http.downstream import Downstream, Drain
 from nodeagent.http.errors import DownstreamError
 from nodeagent.http.limits import Limits
 from nodeagent.http2.conn import StreamReset
@@ -153,6 +153,9 @@ class H1ClientStream:
             headers, end_stream=end_stream, head_request=self._head_request
         )
         self._chunked = not has_length(fields) and self.conn.down.conn.their_http_version == b"1.1"
+        if self.conn.down.drain.on:  # the agent drains: the client reconnects (to its successor)
+            fields.append((b"connection", b"close"))
+            self.conn.keep = False
         self.head_sent = True
         self._queue(h11.Response(status_code=status, headers=fields, reason=reason_phrase(status)))
         if end_stream:
@@ -226,8 +229,10 @@ class H1ClientConnection:
         self._watch: trio.CancelScope | None = None
 
     @classmethod
-    def of(cls, client: trio.abc.Stream, limits: Limits, *, address: str) -> H1ClientConnection:
-        down = Downstream(client, limits)
+    def of(
+        cls, client: trio.abc.Stream, limits: Limits, *, address: str, drain: Drain | None = None
+    ) -> H1ClientConnection:
+        down = Downstream(client, limits, drain)
         down.address = address
         return cls(down)
 

@@ -36,6 +36,7 @@ from nodeagent.routing import HeaderOps
 from nodeagent.routing.grpc import is_grpc
 from nodeagent.snapshot.model import Endpoint
 from nodeagent.telemetry.tracing import Tracer
+from nodeagent.tunnel.goaway import DrainSet
 
 _conn_ids = itertools.count(1)
 _NO_OPS = HeaderOps()
@@ -58,6 +59,11 @@ class InboundH2:
         self.limits = limits or Limits()
         self._tracer = tracer
         self._recorder = RequestRecorder(name, None, quiet=access_logged)
+        self._conns = DrainSet()
+
+    def drain(self) -> None:
+        """The agent drains: a graceful GOAWAY to every client connection (`H2Proxy.drain`)."""
+        self._conns.drain()
 
     def statistics(self) -> dict[str, int]:
         return dict(self._recorder.stats)
@@ -82,11 +88,12 @@ class InboundH2:
             await self._stream(stream, pool, inbound, conn_id, totals)
 
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(pool.run)
-                nursery.start_soon(close_when_idle, down, self.limits.idle_timeout)
-                await down.run(handle)
-                nursery.cancel_scope.cancel()
+            with self._conns.serving(down):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(pool.run)
+                    nursery.start_soon(close_when_idle, down, self.limits.idle_timeout)
+                    await down.run(handle)
+                    nursery.cancel_scope.cancel()
         except Exception as exc:  # the connection ends; the pod's proxy goes on
             log.error("connection.failed", proxy=self._recorder.name, error=repr(exc))
         finally:

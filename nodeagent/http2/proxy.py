@@ -35,7 +35,7 @@ from nodeagent.balance import Picker as Cluster
 from nodeagent.balance.state import EndpointState
 from nodeagent.http import flags
 from nodeagent.http.attempt import AttemptOutcome, LocalReply, run_attempts
-from nodeagent.http.downstream import Downstream, answer_head_timeout, read_request
+from nodeagent.http.downstream import Downstream, Drain, answer_head_timeout, read_request
 from nodeagent.http.errors import UpstreamDenied, UpstreamOverflow
 from nodeagent.http.guard import Guard
 from nodeagent.http.guarded import guard_request, local_address
@@ -44,7 +44,7 @@ from nodeagent.http.limits import Limits
 from nodeagent.http.log import RequestLog, RequestRecorder, log, start_span_for
 from nodeagent.http.origination import UpstreamTlsError
 from nodeagent.http.pool import ConnectionPool
-from nodeagent.http2.conn import H2Connection, H2Stream, Headers, StreamReset
+from nodeagent.http2.conn import H2Connection, H2Stream, Headers, StreamReset, close_when_idle
 from nodeagent.http2.h1client import H1ClientConnection, H1ClientStream
 from nodeagent.http2.h1upstream import H1Upstreams
 from nodeagent.http2.messages import (
@@ -81,6 +81,7 @@ from nodeagent.routing.grpc import (
 from nodeagent.snapshot.snapshot import Snapshot
 from nodeagent.telemetry.tracing import CURRENT_TRACE, TraceContext, Tracer
 from nodeagent.tunnel import TlsStream
+from nodeagent.tunnel.goaway import DrainSet
 
 SourceFor = Source | Callable[[HttpRequest], Source | None]
 _conn_ids = itertools.count(1)
@@ -157,6 +158,15 @@ class H2Proxy:
         }
         self._recorder = RequestRecorder(name, on_request, quiet=access_logged)
         self._stats = self._recorder.stats
+        self._drain = Drain()  # HTTP/1.1 clients: `connection: close` once draining
+        self._conns = DrainSet()  # HTTP/2 clients: a graceful GOAWAY
+
+    def drain(self) -> None:
+        """The agent drains (a graceful restart): HTTP/2 clients get a graceful GOAWAY (their
+        next requests go to a new connection, so to the agent taking over; those under way
+        finish here), HTTP/1.1 clients `connection: close` on their next response."""
+        self._drain.on = True
+        self._conns.drain()
 
     def statistics(self) -> dict[str, int]:
         return {
@@ -196,10 +206,11 @@ class H2Proxy:
             await self._request(stream, facts)
 
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._close_when_idle, conn)
-                await conn.run(handle)
-                nursery.cancel_scope.cancel()
+            with self._conns.serving(conn):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(close_when_idle, conn, self.limits.idle_timeout)
+                    await conn.run(handle)
+                    nursery.cancel_scope.cancel()
         except Exception as exc:  # the connection ends; the pod's proxy goes on
             log.error("connection.failed", proxy=self.name, conn=facts.conn_id, error=repr(exc))
 
@@ -214,7 +225,7 @@ class H2Proxy:
         """Serve one HTTP/1.1 client connection (keep-alive) until it closes: every request
         as an HTTP/2 client's (Envoy's HTTP/1.1 → HTTP/2 bridge, `h1client.py`)."""
         facts = self._client("http1", client, port, host, client_address)
-        conn = H1ClientConnection.of(client, self.limits, address=facts.peer)
+        conn = H1ClientConnection.of(client, self.limits, address=facts.peer, drain=self._drain)
 
         async def read(down: Downstream) -> object:
             return await read_request(down, self.limits, self._recorder, facts.conn_id)
@@ -316,16 +327,6 @@ class H2Proxy:
         local = local_address(client) if self._guard is not None else ""
         scheme = "https" if isinstance(client, TlsStream) else "http"
         return _Client(codec, port, host, address, next(_conn_ids), peer, local, scheme)
-
-    async def _close_when_idle(self, conn: H2Connection) -> None:
-        """A client connection without a stream for `Limits.idle_timeout` gets a GOAWAY (as
-        HTTP/1.1's keep-alive close; a gRPC client reconnects when it needs to)."""
-        idle = self.limits.idle_timeout
-        while conn.alive:
-            await trio.sleep_until(conn.streams_changed_at + idle)
-            if not conn.streams and trio.current_time() >= conn.streams_changed_at + idle:
-                conn.close()
-                return
 
     # -- one request (stream) ----------------------------------------------------------------
 

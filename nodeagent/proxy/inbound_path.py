@@ -80,6 +80,7 @@ class InboundPath:
         self.core = core
         self.live = LiveConnections()  # open inbound connections, re-checked on policy changes
         self.tunnels: set[HboneConnection] = set()  # open 15008 connections (revocation)
+        self.draining = False
         self.tunnels_accepted = 0  # TLS connections accepted on 15008 (each carries streams)
         self._policy_poke = trio.Event()
         telemetry = core.telemetry
@@ -100,6 +101,17 @@ class InboundPath:
             name=f"inbound-h2:{core.pod}",
             access_logged=telemetry is not None,
         )
+
+    def drain(self) -> None:
+        """The agent drains (a graceful restart): every client is told to move on to the agent
+        taking over — a graceful GOAWAY on each HBONE connection (source agents open their next
+        streams elsewhere; those under way finish) and on each HTTP/2 client connection, and
+        `connection: close` on HTTP/1.1's next response."""
+        self.draining = True
+        self.http.drain()
+        self.http2.drain()
+        for hconn in list(self.tunnels):
+            hconn.drain()
 
     # -- inbound plaintext (15006) ----------------------------------------------------------------
 
@@ -174,6 +186,8 @@ class InboundPath:
         certificate closes the whole connection."""
         self.tunnels.add(hconn)
         self.tunnels_accepted += 1
+        if self.draining:
+            hconn.drain()
         try:
             await hconn.run(run_stream)
         finally:

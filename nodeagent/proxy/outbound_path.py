@@ -100,9 +100,10 @@ class OutboundPath:
 
     def drain(self) -> None:
         """The agent drains: the HTTP/1.1 proxy (if one was made) closes keep-alive connections
-        after their next response."""
+        after their next response, the HTTP/2 proxy sends its clients a graceful GOAWAY."""
         if self._http is not None:
             self._http.drain()
+        self.http2.drain()
 
     def http_proxy(self) -> HttpProxy:
         """This pod's L7 proxy (one per pod, so upstream connections are pooled per source)."""

@@ -123,11 +123,12 @@ class PodProxy:
         return rows
 
     def close_listeners(self) -> None:
-        """No new connections (a drain); the open ones go on, and HTTP/1.1 responses from now
-        on say `connection: close`, so keep-alive clients reconnect to the agent taking over."""
+        """No new connections (a drain); the open ones go on, and their clients are told to
+        reconnect, to the agent taking over: HTTP/1.1 responses from now on say `connection:
+        close`, HTTP/2 and HBONE connections get a graceful GOAWAY."""
         self.core.listeners.close()
         self.outbound.drain()
-        self.inbound.http.drain()
+        self.inbound.drain()
 
     def policy_changed(self) -> None:
         """A new snapshot: re-check the open inbound connections (sets an event only)."""

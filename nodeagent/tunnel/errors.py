@@ -9,7 +9,8 @@ class TunnelError(Exception):
         # e.g. connect_failed, tls_failed, identity_mismatch, connection_failed (the pooled
         # connection died before a status), denied (the server's 401: its authorization policy
         # refused us; callers must not treat it as an unhealthy endpoint), bad_request (400),
-        # unavailable (503), refused (any other status)
+        # unavailable (503), refused (any other status), stream_refused (never processed: the
+        # CONNECT crossed the server's GOAWAY, or got REFUSED_STREAM; safe to retry)
         self.flag = flag
         self.msg = msg
 
@@ -23,3 +24,4 @@ class TunnelError(Exception):
 
 
 DENIED = "denied"
+STREAM_REFUSED = "stream_refused"

@@ -38,7 +38,8 @@ import trio
 
 from nodeagent.tunnel import hbone
 from nodeagent.tunnel.credentials import TunnelCredentials
-from nodeagent.tunnel.errors import TunnelError
+from nodeagent.tunnel.errors import STREAM_REFUSED, TunnelError
+from nodeagent.tunnel.goaway import GracefulH2Connection
 from nodeagent.tunnel.tls import WANT_READ, WANT_WRITE, TlsStream
 
 # h2's frame buffer re-slices its bytearray per frame, so a read much larger than a few frames
@@ -96,7 +97,7 @@ class HboneConnection:
         config = h2.config.H2Configuration(
             client_side=client, header_encoding=None, validate_inbound_headers=True
         )
-        self.h2 = h2.connection.H2Connection(config)
+        self.h2 = GracefulH2Connection(config)
         self.h2.local_settings = h2.settings.Settings(
             client=client, initial_values=hbone.settings(client=client)
         )
@@ -178,6 +179,15 @@ class HboneConnection:
         else:
             self._closed.set()
 
+    def drain(self) -> None:
+        """A graceful GOAWAY now (the agent drains): the peer opens its next streams on another
+        connection, those under way finish, then the connection closes. Never blocks."""
+        if self.goaway or not self.alive or self.h2.closed:
+            return
+        self.goaway = True
+        self.h2.announce_goaway()
+        self.kick()  # the writer sends it, and closes once no stream is left
+
     async def close(self, flush_limit: float = 1.0) -> None:
         """GOAWAY, flushed (bounded), then close."""
         self.goaway = True
@@ -244,10 +254,22 @@ class HboneConnection:
                     continue
                 self._written = seq
                 self._written_lot.unpark_all()
+                if self.goaway and not self.streams:
+                    await self._finish(send)
+                    return
                 await self._kick_event.wait()
                 self._kick_event = trio.Event()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.fail(f"send: {exc}")
+
+    async def _finish(self, send: Callable[[memoryview], Awaitable[None]]) -> None:
+        """GOAWAY either way and no stream left: the final GOAWAY (bounded), then close."""
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.close_connection()
+        if data := self.h2.data_to_send():
+            with trio.move_on_after(1):
+                await send(memoryview(data))
+        self.fail("closed")
 
     async def _reader(self) -> None:
         buf = bytearray(READ_BUFFER)
@@ -311,6 +333,7 @@ class HboneConnection:
             elif isinstance(event, h2.events.StreamReset):
                 if (stream := self.streams.get(event.stream_id)) is not None:
                     code = h2.errors._error_code_from_int(event.error_code or 0)
+                    stream.refused = code == h2.errors.ErrorCodes.REFUSED_STREAM
                     stream._fail(f"stream reset by peer ({code!s})")
             elif isinstance(event, h2.events.WindowUpdated):
                 if event.stream_id == 0:
@@ -330,19 +353,27 @@ class HboneConnection:
                 last = event.last_stream_id or 0
                 for sid, stream in list(self.streams.items()):
                     if sid > last:
+                        stream.refused = True
                         stream._fail("refused by GOAWAY")
+                self.kick()  # the writer closes the connection once no stream is left
         return wake
 
     def _request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
         assert sid is not None
+        if self._handler is None or self._handlers is None or self.client or self.goaway:
+            # Nobody serves it; after our GOAWAY it crossed it: never processed, safe to retry.
+            code = (
+                h2.errors.ErrorCodes.REFUSED_STREAM if self.goaway else h2.errors.ErrorCodes.CANCEL
+            )
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.h2.reset_stream(sid, code)
+            self.kick()
+            return
         stream = HboneStream(self, sid)
         stream.request_headers = list(event.headers or [])
         self.streams[sid] = stream
         self.streams_opened += 1
-        if self._handler is None or self._handlers is None or self.client:
-            stream.reset()
-            return
         self._handlers.start_soon(self._handle, stream)
 
     async def _handle(self, stream: HboneStream) -> None:
@@ -358,7 +389,7 @@ class HboneConnection:
             await trio.sleep_until(self.last_received + self.ping_interval)
             if trio.current_time() < self.last_received + self.ping_interval:
                 continue
-            if self._h2_closed():
+            if self.h2.closed:
                 return  # a GOAWAY went either way: the connection is ending, nothing to probe
             if not await self.ping(self.ping_timeout):
                 self.fail(f"no PING answer within {self.ping_timeout:g}s (peer gone)")
@@ -366,7 +397,7 @@ class HboneConnection:
 
     async def ping(self, limit: float) -> bool:
         """True when the peer answered a PING within `limit` seconds (it is there)."""
-        if not self.alive or self._h2_closed():
+        if not self.alive or self.h2.closed:
             await trio.lowlevel.checkpoint()
             return False
         opaque = os.urandom(8)
@@ -377,11 +408,6 @@ class HboneConnection:
             await waiter.wait()
         self._pings.pop(opaque, None)
         return waiter.is_set() and self.alive
-
-    def _h2_closed(self) -> bool:
-        """h2 takes no frame to send once a GOAWAY was sent or received (python-hyper/h2#1181):
-        a PING then would raise."""
-        return self.h2.state_machine.state is h2.connection.ConnectionState.CLOSED
 
     # -- the client side -------------------------------------------------------------------
 
@@ -426,6 +452,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self.request_headers: list[tuple[bytes, bytes]] = []
         self.status: int | None = None
         self.error = ""  # reset or connection failure
+        self.refused = False  # never processed by the peer (above its GOAWAY, REFUSED_STREAM)
         self._chunks: deque[tuple[bytes, int]] = deque()  # (data, flow-controlled length)
         self._offset = 0
         self._eof = False
@@ -504,7 +531,8 @@ class HboneStream(trio.abc.HalfCloseableStream):
     async def _wait_response(self) -> int:
         await self._response_event.wait()
         if self.status is None:
-            raise TunnelError("connection_failed", f"CONNECT: {self.error or 'no status'}")
+            flag = STREAM_REFUSED if self.refused else "connection_failed"
+            raise TunnelError(flag, f"CONNECT: {self.error or 'no status'}")
         return self.status
 
     # -- the server side ------------------------------------------------------------------------
@@ -684,6 +712,8 @@ class HboneStream(trio.abc.HalfCloseableStream):
                     self.conn.h2.acknowledge_received_data(unread, self.id)
                 self.conn.kick()
             self.conn.streams.pop(self.id, None)
+            if self.conn.goaway and not self.conn.streams:
+                self.conn.kick()  # the writer closes the connection
             for callback in self.on_close:
                 callback(self)
         await trio.lowlevel.checkpoint()

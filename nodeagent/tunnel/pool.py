@@ -27,7 +27,7 @@ from nodeagent.contract import TUNNEL_PORT
 from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import Netns
 from nodeagent.tunnel.client import CONNECT_TIMEOUT, SessionCache, TunnelInfo, connect_hbone
-from nodeagent.tunnel.errors import TunnelError
+from nodeagent.tunnel.errors import STREAM_REFUSED, TunnelError
 from nodeagent.tunnel.h2conn import PING_INTERVAL, PING_TIMEOUT, HboneConnection, HboneStream
 from nodeagent.tunnel.hbone import MAX_STREAMS, ConnectRequest
 
@@ -227,9 +227,12 @@ class TunnelPool:
                 stream = await entry.conn.open_stream(request, self.connect_timeout)
             except TunnelError as exc:
                 self._release(entry)
-                if exc.flag == "connection_failed" and info.reused and attempt == 0:
+                # Once more, on a new connection: the pooled one died under us, or the server
+                # never processed the stream (it drains: its GOAWAY crossed our CONNECT).
+                died = exc.flag == "connection_failed" and info.reused
+                if attempt == 0 and (died or exc.flag == STREAM_REFUSED):
                     self.book.retire(entry)
-                    continue  # the pooled connection died under us: once more, on a new one
+                    continue
                 raise
             except BaseException:
                 self._release(entry)

@@ -165,3 +165,28 @@ async def test_revocation_closes_a_pooled_connection_and_its_streams(
         await settled(mesh.a, mesh.b)
         assert mesh.b.statistics()["inbound"]["closed_by_policy"] == 3
         assert not mesh.b.inbound.tunnels
+
+
+async def test_a_draining_destination_moves_new_streams_and_finishes_the_open_one(
+    namespaces: Namespaces,
+) -> None:
+    """The destination agent drains (a graceful restart): a graceful GOAWAY on its HBONE
+    connection. The stream under way still carries bytes both ways; the next stream opens a
+    new connection; the old one closes once its stream ended."""
+    async with running_mesh(namespaces) as mesh:
+        pool = mesh.a.core.pool
+        under_way, _ = await open_stream(mesh, APP_PORT)
+        await under_way.send_all(b"before ")
+        (drained,) = mesh.b.inbound.tunnels
+        drained.drain()  # (the agent's drain does it to all, and to any accepted later)
+        await _wait(lambda: pool.book.entries()[0].conn.goaway, "the source saw the GOAWAY")
+        fresh, info = await open_stream(mesh, APP_PORT)
+        assert not info.reused
+        assert pool.statistics()["connections_opened"] == 2
+        assert await _echo(fresh, b"fresh") == _expect(b"fresh")
+        await fresh.aclose()
+        # The drained connection still serves its stream, both ways (h2 alone would refuse).
+        assert await _echo(under_way, b"after") == _expect(b"before after")
+        await under_way.aclose()
+        await _wait(lambda: pool.statistics()["connections"] == 1, "the drained one closed")
+        await _wait(lambda: len(mesh.b.inbound.tunnels) == 1, "the destination closed it too")
