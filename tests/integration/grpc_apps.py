@@ -2,7 +2,8 @@
 (h2c) server for curl and h2load, as scripts a pod runs with the venv's Python. Generic
 handlers with raw bytes messages: no proto, no codegen.
 
-Server `grpc_server.py NAME DELAY_MS`, port 8080, service `test.Echo`:
+Server `grpc_server.py NAME DELAY_MS [MAX_AGE_MS]`, port 8080, service `test.Echo` (with
+MAX_AGE_MS, grpcio's max connection age: a graceful GOAWAY to every connection that old):
   Unary    answers NAME (after DELAY_MS); UNAVAILABLE while /tmp/<NAME>.fail exists
   Slow     answers after 5 s
   Stream   request: a decimal count N; answers N messages "i:<i>" (server streaming)
@@ -63,7 +64,11 @@ handlers = {
     "Stream": grpc.unary_stream_rpc_method_handler(stream, ident, ident),
     "Bidi": grpc.stream_stream_rpc_method_handler(bidi, ident, ident),
 }
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+options = []
+if len(sys.argv) > 3:
+    options = [("grpc.max_connection_age_ms", int(sys.argv[3])),
+               ("grpc.max_connection_age_grace_ms", 30000)]
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options)
 server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
 server.add_insecure_port("0.0.0.0:8080")
 server.start()

@@ -22,7 +22,9 @@ from nodeagent.telemetry.exposition import samples
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 sandbox = sandbox_fixture("gr")
-ECHO, LAT, EJ, FAULT, WEB, ECHO_RR, S_H1, S_H2, S_TCP = (f"10.96.83.{i}" for i in range(10, 19))
+ECHO, LAT, EJ, FAULT, WEB, ECHO_RR, S_H1, S_H2, S_TCP, AGED = (
+    f"10.96.83.{i}" for i in range(10, 20)
+)
 
 
 def grpc_service(name: str, ip: str, port_name: str = "grpc") -> dict[str, Any]:
@@ -58,9 +60,9 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
     server = [PY, str(apps["grpc_server"])]
     out = {"client": sandbox.pod_add("n1", "default", "client", ["sleep", "3600"])}
 
-    def add(name: str, labels: dict[str, str], delay_ms: int = 0) -> None:
+    def add(name: str, labels: dict[str, str], delay_ms: int = 0, *extra: str) -> None:
         out[name] = sandbox.pod_add(
-            "n2", "default", name, [*server, name, str(delay_ms)], labels=labels
+            "n2", "default", name, [*server, name, str(delay_ms), *extra], labels=labels
         )
 
     for i in (1, 2, 3):
@@ -70,6 +72,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
     add("lat-2", {"app": "lat"})
     add("lat-3", {"app": "lat"}, delay_ms=25)
     add("fault-1", {"app": "fault"})
+    add("aged-1", {"app": "aged"}, 20, "300")  # 20 ms per call, GOAWAY at 300 ms of age
     for name, cmd in (
         ("s-h1", [*write_app(files), "s-h1"]),
         ("s-h2", [PY, str(apps["h2_server"]), "s-h2"]),
@@ -96,6 +99,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
         grpc_service("lat", LAT),
         grpc_service("ej", EJ),
         grpc_service("fault", FAULT),
+        grpc_service("aged", AGED),
         grpc_service("web", WEB, port_name="http2"),
         service("echo-rr", {"app": "echo"}, cluster_ip=ECHO_RR, port_name="grpc"),
         dr("echo-rr", {"trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBIN"}}}),
@@ -141,7 +145,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
         ),
     ]
     apply(sandbox, files, "grpc", docs)
-    for vip in (ECHO, LAT, EJ, FAULT, ECHO_RR):
+    for vip in (ECHO, LAT, EJ, FAULT, ECHO_RR, AGED):
         eventually(
             lambda v=vip: unary(sandbox, out["client"], files, v, 1)["codes"] == {"OK": 1},
             f"a gRPC call to {vip}",
@@ -220,6 +224,37 @@ def test_route_timeout_is_deadline_exceeded(
 ) -> None:
     got = unary(sandbox, pods["client"], files, ECHO, 1, "Slow")
     assert got["codes"] == {"DEADLINE_EXCEEDED": 1}, got
+
+
+def test_a_server_at_its_max_connection_age_fails_no_call(
+    sandbox: Sandbox, pods: dict[str, Pod], files: Path
+) -> None:
+    """grpcio's max connection age (common for rebalancing) sends a graceful GOAWAY every
+    300 ms while calls are under way: h2 alone made that GOAWAY fail them (python-hyper/h2#1181);
+    the destination agent's upstream connection now finishes them and opens a new one."""
+    got = unary(sandbox, pods["client"], files, AGED, 150)  # 150 calls of 20 ms: ~10 GOAWAYs
+    assert got["codes"] == {"OK": 150}
+    assert got["answers"] == {"aged-1": 150}
+    # Not by retries either: the destination agent answered every attempt it made with 200 and
+    # grpc-status 0 (before, ~12 of them failed as UNAVAILABLE there and the source retried).
+    url = f"http://{sandbox.node('n2').underlay_ip}:15020/stats/prometheus"
+    seen: list[Any] = []
+
+    def counted() -> int:
+        r = sandbox.exec("outside", ["curl", "-sf", "--max-time", "5", url], timeout=15)
+        seen[:] = [
+            s
+            for s in samples(str(r.stdout), "istio_requests_total")
+            if s.labels.get("destination_service") == "aged.default.svc.cluster.local"
+            and s.labels["reporter"] == "destination"
+        ]
+        return int(sum(s.value for s in seen))
+
+    eventually(lambda: counted() >= 151, "the destination counted the calls")  # + the fixture's
+    outcomes = {
+        (s.labels["response_code"], s.labels["grpc_response_status"]): s.value for s in seen
+    }
+    assert outcomes == {("200", "0"): 151}
 
 
 def test_server_streaming_ten_thousand_messages(
