@@ -11,6 +11,8 @@ MAX_AGE_MS, grpcio's max connection age: a graceful GOAWAY to every connection t
 
 Client `grpc_client.py TARGET MODE …` prints one JSON line:
   unary N METHOD [key=value…]  N sequential calls on one channel: {"answers": {…}, "codes": {…}}
+  for SECONDS                   sequential Unary calls on one channel for SECONDS:
+                                {"answers": {…}, "codes": {…}, "calls": n, "slowest_s": s}
   stream N                      {"count": c, "ordered": bool}
   bidi MIB                      MIB MiB echoed in 64 KiB messages: {"sent": n, "same": bool}
 
@@ -96,6 +98,21 @@ if mode == "unary":
         except grpc.RpcError as exc:
             codes[exc.code().name] += 1
     print(json.dumps({"answers": answers, "codes": codes}))
+elif mode == "for":
+    import time
+    call = channel.unary_unary("/test.Echo/Unary", request_serializer=ident,
+                               response_deserializer=ident)
+    answers, codes, slowest = collections.Counter(), collections.Counter(), 0.0
+    end = time.monotonic() + float(sys.argv[3])
+    while (started := time.monotonic()) < end:
+        try:
+            answers[call(b"hi", timeout=30).decode()] += 1
+            codes["OK"] += 1
+        except grpc.RpcError as exc:
+            codes[exc.code().name] += 1
+        slowest = max(slowest, time.monotonic() - started)
+    print(json.dumps({"answers": answers, "codes": codes, "calls": sum(codes.values()),
+                      "slowest_s": slowest}))
 elif mode == "stream":
     n = int(sys.argv[3])
     call = channel.unary_stream("/test.Echo/Stream", request_serializer=ident,
