@@ -237,17 +237,10 @@ def test_a_server_at_its_max_connection_age_fails_no_call(
     assert got["answers"] == {"aged-1": 150}
     # Not by retries either: the destination agent answered every attempt it made with 200 and
     # grpc-status 0 (before, ~12 of them failed as UNAVAILABLE there and the source retried).
-    url = f"http://{sandbox.node('n2').underlay_ip}:15020/stats/prometheus"
     seen: list[Any] = []
 
     def counted() -> int:
-        r = sandbox.exec("outside", ["curl", "-sf", "--max-time", "5", url], timeout=15)
-        seen[:] = [
-            s
-            for s in samples(str(r.stdout), "istio_requests_total")
-            if s.labels.get("destination_service") == "aged.default.svc.cluster.local"
-            and s.labels["reporter"] == "destination"
-        ]
+        seen[:] = _metric(sandbox, "istio_requests_total", "aged", reporter="destination")
         return int(sum(s.value for s in seen))
 
     eventually(lambda: counted() >= 151, "the destination counted the calls")  # + the fixture's
@@ -282,16 +275,12 @@ def test_curl_and_h2load_against_an_http2_service_are_counted_per_status(
     assert "300 2xx" in str(load.stdout), load.stdout
     miss = sandbox.exec(c, ["h2load", "-n", "50", "-c", "1", f"http://{WEB}/status/503"])
     assert "50 5xx" in str(miss.stdout), miss.stdout
-    url = f"http://{sandbox.node('n1').underlay_ip}:15020/stats/prometheus"
-    fqdn = "web.default.svc.cluster.local"
 
     def counted() -> dict[str, float]:
-        r = sandbox.exec("outside", ["curl", "-sf", "--max-time", "5", url], timeout=15)
         out: dict[str, float] = {}
-        for s in samples(str(r.stdout), "istio_requests_total"):
-            if s.labels.get("destination_service") == fqdn and s.labels["reporter"] == "source":
-                code = s.labels["response_code"]
-                out[code] = out.get(code, 0) + s.value
+        for s in _metric(sandbox, "istio_requests_total", "web"):
+            code = s.labels["response_code"]
+            out[code] = out.get(code, 0) + s.value
         return out
 
     eventually(lambda: counted().get("503", 0) >= 50, "50 503s counted for web")
@@ -305,16 +294,10 @@ def test_grpc_metrics_carry_protocol_and_grpc_status(
 ) -> None:
     got = unary(sandbox, pods["client"], files, FAULT, 40)
     assert set(got["codes"]) == {"OK", "UNAVAILABLE"}, got  # P(one kind only) = 2^-39
-    url = f"http://{sandbox.node('n1').underlay_ip}:15020/stats/prometheus"
     fault: list[Any] = []
 
     def both_counted() -> bool:
-        r = sandbox.exec("outside", ["curl", "-sf", "--max-time", "5", url], timeout=15)
-        fault[:] = [
-            s
-            for s in samples(str(r.stdout), "istio_requests_total")
-            if s.labels.get("destination_service") == "fault.default.svc.cluster.local"
-        ]
+        fault[:] = _metric(sandbox, "istio_requests_total", "fault")
         return {"0", "14"} <= {s.labels["grpc_response_status"] for s in fault}
 
     eventually(both_counted, "grpc_response_status 0 and 14 for fault")
@@ -322,14 +305,16 @@ def test_grpc_metrics_carry_protocol_and_grpc_status(
     assert all(s.labels["response_code"] == "200" for s in fault)
 
 
-def _metric(sb: Sandbox, name: str, service_host: str) -> list[Any]:
-    url = f"http://{sb.node('n1').underlay_ip}:15020/stats/prometheus"
+def _metric(sb: Sandbox, name: str, service_host: str, reporter: str = "source") -> list[Any]:
+    """`name`'s samples for the service, from n1's agent (source) or n2's (destination)."""
+    node = "n1" if reporter == "source" else "n2"
+    url = f"http://{sb.node(node).underlay_ip}:15020/stats/prometheus"
     r = sb.exec("outside", ["curl", "-sf", "--max-time", "5", url], timeout=15)
     fqdn = f"{service_host}.default.svc.cluster.local"
     return [
         s
         for s in samples(str(r.stdout), name)
-        if s.labels.get("destination_service") == fqdn and s.labels["reporter"] == "source"
+        if s.labels.get("destination_service") == fqdn and s.labels["reporter"] == reporter
     ]
 
 
