@@ -1,7 +1,8 @@
 """One HTTP/2 connection in the clear (h2c, prior knowledge) over any trio stream: the `h2`
 state machine (sans-IO) driven by a reader and a single writer, as `tunnel/h2conn.py` drives
-HBONE, but for requests and responses rather than CONNECT tunnels, and over a plain stream (the
-client's socket, or an HBONE stream to the destination pod).
+HBONE (what both share: `tunnel/h2base.py`), but for requests and responses rather than CONNECT
+tunnels, and over a plain stream (the client's socket, or an HBONE stream to the destination
+pod).
 
 `H2Connection.run(handler)` serves the connection: the reader feeds `h2` and hands events to
 their `H2Stream`; the writer is the only task that writes the transport (a cancelled sender can
@@ -16,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import h2.config
 import h2.connection
@@ -26,10 +27,9 @@ import h2.exceptions
 import h2.settings
 import trio
 
-from nodeagent.tunnel.goaway import GracefulH2Connection
+from nodeagent.tunnel.h2base import H2Driver, new_h2
 
 Headers = list[tuple[bytes, bytes]]
-StreamHandler = Callable[["H2Stream"], Awaitable[None]]
 
 READ_SIZE = 256 * 1024
 STREAM_WINDOW = 1024 * 1024  # what one stream may have in flight towards us
@@ -49,7 +49,7 @@ class StreamReset(Exception):
         self.refused = refused
 
 
-class H2Connection:
+class H2Connection(H2Driver["H2Stream"]):
     """An HTTP/2 connection, client or server side, over `transport`."""
 
     def __init__(
@@ -59,92 +59,33 @@ class H2Connection:
         client: bool,
         max_concurrent_streams: int = DEFAULT_MAX_STREAMS,
     ) -> None:
+        settings = {
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        }
+        h2conn = new_h2(
+            client=client,
+            settings=settings,
+            max_frame=MAX_FRAME,
+            connection_window=CONNECTION_WINDOW,
+        )
+        super().__init__(h2conn, client=client)
         self.id = next(_ids)
         self.transport = transport
-        self.client = client
-        config = h2.config.H2Configuration(
-            client_side=client, header_encoding=None, validate_inbound_headers=True
-        )
-        self.h2 = GracefulH2Connection(config)
-        self.h2.local_settings = h2.settings.Settings(
-            client=client,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            },
-        )
-        self.h2.initiate_connection()
-        # h2 checks inbound frame sizes against the acknowledged setting, per `receive_data`
-        # call: the peer's first large frame can share a read with its ACK of our SETTINGS.
-        self.h2.max_inbound_frame_size = MAX_FRAME
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        self.streams: dict[int, H2Stream] = {}
-        self.error = ""
-        self.goaway = False
-        self.streams_opened = 0
         self.last_active = trio.current_time()
         self.streams_changed_at = self.last_active  # a stream opened or closed (idle timeout)
         self.on_stream_end: Callable[[], None] | None = None  # the pool's pending queue
-        self._kick_event = trio.Event()
-        self._closed = trio.Event()
-        self._scope: trio.CancelScope | None = None
-        self._handler: StreamHandler | None = None
-        self._handlers: trio.Nursery | None = None
-
-    # -- state ------------------------------------------------------------------------------
-
-    @property
-    def alive(self) -> bool:
-        return not self.error and not self._closed.is_set()
-
-    def accepts_streams(self) -> bool:
-        return self.alive and not self.goaway
 
     def capacity(self) -> int:
         """How many more streams the peer lets us open now."""
         limit = self.h2.remote_settings.max_concurrent_streams
         return max(0, limit - len(self.streams))
 
-    # -- running ----------------------------------------------------------------------------
-
-    async def run(self, handler: StreamHandler | None = None) -> None:
-        """Serve until the connection fails or closes; `handler` (server side) runs once per
-        request stream, in its own task, and the stream is closed after it."""
-        self._handler = handler
-        try:
-            async with trio.open_nursery() as handlers:
-                self._handlers = handlers
-                try:
-                    async with trio.open_nursery() as nursery:
-                        self._scope = nursery.cancel_scope
-                        nursery.start_soon(self._writer)
-                        self.kick()  # the preface and SETTINGS
-                        await self._reader()
-                        nursery.cancel_scope.cancel()
-                finally:
-                    for stream in list(self.streams.values()):
-                        stream._fail(self.error or "connection closed")
-                    handlers.cancel_scope.cancel()
-        finally:
-            self._closed.set()
-            for stream in list(self.streams.values()):
-                stream._fail(self.error or "connection closed")
-            with trio.CancelScope(shield=True):
-                await self.transport.aclose()
-
-    def fail(self, reason: str) -> None:
-        """Abort the connection (every stream sees the error). Never blocks."""
-        if not self.error:
-            self.error = reason
-        for stream in list(self.streams.values()):
-            stream._fail(reason)
-        if self._scope is not None:
-            self._scope.cancel()
-        else:
-            self._closed.set()
+    async def _close_transport(self) -> None:
+        await self.transport.aclose()
 
     def close(self) -> None:
         """No new streams; once the streams under way ended, the final GOAWAY and the
@@ -159,9 +100,6 @@ class H2Connection:
         if not self.client and not self.goaway and self.alive and not self.h2.closed:
             self.h2.announce_goaway()
         self.close()
-
-    def kick(self) -> None:
-        self._kick_event.set()
 
     async def _writer(self) -> None:
         try:

@@ -39,7 +39,7 @@ import trio
 from nodeagent.tunnel import hbone
 from nodeagent.tunnel.credentials import TunnelCredentials
 from nodeagent.tunnel.errors import STREAM_REFUSED, TunnelError
-from nodeagent.tunnel.goaway import GracefulH2Connection
+from nodeagent.tunnel.h2base import H2Driver, new_h2
 from nodeagent.tunnel.tls import WANT_READ, WANT_WRITE, TlsStream
 
 # h2's frame buffer re-slices its bytearray per frame, so a read much larger than a few frames
@@ -64,7 +64,7 @@ def _data_body_repr(frame: hyperframe.frame.DataFrame) -> str:
 hyperframe.frame.DataFrame._body_repr = _data_body_repr  # type: ignore[method-assign,assignment]
 
 
-class HboneConnection:
+class HboneConnection(H2Driver["HboneStream"]):
     """An established TLS connection speaking HTTP/2 (client or server side)."""
 
     def __init__(
@@ -80,9 +80,15 @@ class HboneConnection:
         ping_interval: float = PING_INTERVAL,
         ping_timeout: float = PING_TIMEOUT,
     ) -> None:
+        h2conn = new_h2(
+            client=client,
+            settings=hbone.settings(client=client),
+            max_frame=hbone.MAX_FRAME,
+            connection_window=hbone.CONNECTION_WINDOW,
+        )
+        super().__init__(h2conn, client=client)
         self.id = next(_ids)
         self.tls = tls
-        self.client = client
         self.peer_identity = peer_identity
         self.peer_certificate = peer_certificate
         # Unix time after which the peer's certificate is no longer valid (the HTTP pool bounds
@@ -94,90 +100,29 @@ class HboneConnection:
         self.credentials = credentials
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
-        config = h2.config.H2Configuration(
-            client_side=client, header_encoding=None, validate_inbound_headers=True
-        )
-        self.h2 = GracefulH2Connection(config)
-        self.h2.local_settings = h2.settings.Settings(
-            client=client, initial_values=hbone.settings(client=client)
-        )
-        self.h2.initiate_connection()
-        # h2 checks frame sizes against the acknowledged value, per `receive_data` call: the
-        # peer's first large frame can share a read with its ACK of our SETTINGS.
-        self.h2.max_inbound_frame_size = hbone.MAX_FRAME
-        self.h2.increment_flow_control_window(hbone.CONNECTION_WINDOW - 65535)
-        self.streams: dict[int, HboneStream] = {}
-        self.error = ""  # why the connection failed, "" while it works
-        self.goaway = False  # the peer (or we) said no new streams
         self.last_received = trio.current_time()
-        self.streams_opened = 0
-        self._kick_event = trio.Event()
         self._writer_busy = False  # the writer is inside a send (an inline flush must not write)
         self._pending_out: bytes | None = None  # bytes OpenSSL must be given again first
         self._queued = 0  # sequence of bytes handed to h2 by senders
         self._written = 0  # how far the writer got
         self._written_lot = trio.lowlevel.ParkingLot()
         self._pings: dict[bytes, trio.Event] = {}
-        self._closed = trio.Event()
-        self._scope: trio.CancelScope | None = None
-        self._handler: StreamHandler | None = None
-        self._handlers: trio.Nursery | None = None
-
-    # -- state ------------------------------------------------------------------------------
-
-    @property
-    def alive(self) -> bool:
-        return not self.error and not self._closed.is_set()
-
-    def accepts_streams(self) -> bool:
-        return self.alive and not self.goaway
 
     @property
     def active_streams(self) -> int:
         return len(self.streams)
 
-    # -- running ----------------------------------------------------------------------------
+    # -- running (H2Driver.run) --------------------------------------------------------------
 
-    async def run(self, handler: StreamHandler | None = None) -> None:
-        """Serve the connection until it fails, closes, or the caller is cancelled; `handler`
-        (server side) runs once per CONNECT stream, in its own task."""
-        self._handler = handler
-        try:
-            async with trio.open_nursery() as handlers:
-                self._handlers = handlers
-                try:
-                    async with trio.open_nursery() as nursery:
-                        self._scope = nursery.cancel_scope
-                        nursery.start_soon(self._writer)
-                        nursery.start_soon(self._keepalive)
-                        self.kick()  # the preface and SETTINGS
-                        await self._reader()
-                        nursery.cancel_scope.cancel()
-                finally:
-                    # Streams cannot go on without the connection: their handlers end now (a
-                    # handler still connecting to its app must not hold the dead socket open).
-                    for stream in list(self.streams.values()):
-                        stream._fail(self.error or "connection closed")
-                    handlers.cancel_scope.cancel()
-        finally:
-            self._closed.set()
-            for stream in list(self.streams.values()):
-                stream._fail(self.error or "connection closed")
-            for event in self._pings.values():
-                event.set()
-            with trio.CancelScope(shield=True):
-                await self.tls.aclose()
+    def _start_tasks(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._keepalive)
 
-    def fail(self, reason: str) -> None:
-        """Abort the connection (every stream sees the error). Never blocks."""
-        if not self.error:
-            self.error = reason
-        for stream in list(self.streams.values()):
-            stream._fail(reason)
-        if self._scope is not None:
-            self._scope.cancel()
-        else:
-            self._closed.set()
+    def _ended(self) -> None:
+        for event in self._pings.values():
+            event.set()
+
+    async def _close_transport(self) -> None:
+        await self.tls.aclose()
 
     def drain(self) -> None:
         """A graceful GOAWAY now (the agent drains): the peer opens its next streams on another
@@ -198,13 +143,6 @@ class HboneConnection:
         with trio.move_on_after(flush_limit):
             await self._wait_written(seq)
         self.fail("closed")
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
-    def kick(self) -> None:
-        """Wake the writer: h2 may have bytes to send."""
-        self._kick_event.set()
 
     async def _wait_written(self, seq: int) -> None:
         while self._written < seq and self.alive:
