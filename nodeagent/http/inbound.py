@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import h11
 import trio
@@ -80,8 +81,11 @@ class Totals:
     sent: int = 0
 
 
-class InboundHttp:
-    """Serves the HTTP connections of one pod's HTTP ports (destination mode)."""
+class InboundServer:
+    """What the destination's HTTP/1.1 and HTTP/2 servers share: the pod's guard, limits,
+    tracer and request recorder (its counters are the statistics)."""
+
+    default_name: ClassVar[str] = "inbound"
 
     def __init__(
         self,
@@ -89,21 +93,31 @@ class InboundHttp:
         guard: Guard,
         limits: Limits | None = None,
         tracer: Tracer | None = None,
-        name: str = "inbound",
+        name: str | None = None,
         access_logged: bool = False,
     ) -> None:
         self._guard = guard
         self.limits = limits or Limits()
         self._tracer = tracer
-        self._recorder = RequestRecorder(name, None, quiet=access_logged)
+        self._recorder = RequestRecorder(name or self.default_name, None, quiet=access_logged)
+        self._set_up()
+
+    def _set_up(self) -> None:
+        """The subclass's own state (its drain)."""
+
+    def statistics(self) -> dict[str, int]:
+        return dict(self._recorder.stats)
+
+
+class InboundHttp(InboundServer):
+    """Serves the HTTP connections of one pod's HTTP ports (destination mode)."""
+
+    def _set_up(self) -> None:
         self._drain = Drain()
 
     def drain(self) -> None:
         """The agent drains: responses say `connection: close` from now on (`HttpProxy.drain`)."""
         self._drain.on = True
-
-    def statistics(self) -> dict[str, int]:
-        return dict(self._recorder.stats)
 
     async def serve(
         self, client: trio.abc.Stream, inbound: InboundConnection, totals: Totals | None = None

@@ -22,11 +22,10 @@ import itertools
 import trio
 
 from nodeagent.http import flags
-from nodeagent.http.guard import GUARD_FAILED, Guard, RequestFacts, Verdict
+from nodeagent.http.guard import GUARD_FAILED, RequestFacts, Verdict
 from nodeagent.http.headers import new_request_id
-from nodeagent.http.inbound import InboundConnection, Totals
-from nodeagent.http.limits import Limits
-from nodeagent.http.log import RequestLog, RequestRecorder, log, start_server_span
+from nodeagent.http.inbound import InboundConnection, InboundServer, Totals
+from nodeagent.http.log import RequestLog, log, start_server_span
 from nodeagent.http2.conn import H2Connection, H2Stream, StreamReset, close_when_idle
 from nodeagent.http2.destination import destination_headers, local_answer
 from nodeagent.http2.messages import BadRequest, RequestHead, parse_request, response_head
@@ -35,7 +34,6 @@ from nodeagent.http2.relay import pump_request, relay_response
 from nodeagent.routing import HeaderOps
 from nodeagent.routing.grpc import is_grpc
 from nodeagent.snapshot.model import Endpoint
-from nodeagent.telemetry.tracing import Tracer
 from nodeagent.tunnel.goaway import DrainSet
 
 _conn_ids = itertools.count(1)
@@ -43,30 +41,17 @@ _NO_OPS = HeaderOps()
 _CONNECT_FAILURES = (OSError, trio.TooSlowError, trio.BrokenResourceError)
 
 
-class InboundH2:
+class InboundH2(InboundServer):
     """Serves the HTTP/2 connections of one pod's HTTP/2 and gRPC ports (destination mode)."""
 
-    def __init__(
-        self,
-        *,
-        guard: Guard,
-        limits: Limits | None = None,
-        tracer: Tracer | None = None,
-        name: str = "inbound-h2",
-        access_logged: bool = False,
-    ) -> None:
-        self._guard = guard
-        self.limits = limits or Limits()
-        self._tracer = tracer
-        self._recorder = RequestRecorder(name, None, quiet=access_logged)
+    default_name = "inbound-h2"
+
+    def _set_up(self) -> None:
         self._conns = DrainSet()
 
     def drain(self) -> None:
         """The agent drains: a graceful GOAWAY to every client connection (`H2Proxy.drain`)."""
         self._conns.drain()
-
-    def statistics(self) -> dict[str, int]:
-        return dict(self._recorder.stats)
 
     async def serve(
         self, client: trio.abc.Stream, inbound: InboundConnection, totals: Totals | None = None
