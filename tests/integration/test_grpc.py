@@ -151,6 +151,14 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
             f"a gRPC call to {vip}",
             timeout=40,
         )
+    # Every echo replica serving: a server still starting refuses its first calls, and the
+    # balancer then keeps away from it for its decay time (the spread tests would see two).
+    echoes = {"echo-1", "echo-2", "echo-3"}
+    eventually(
+        lambda: set(unary(sandbox, out["client"], files, ECHO, 30)["answers"]) == echoes,
+        "all three echo replicas answering",
+        timeout=40,
+    )
     return out
 
 
