@@ -1,5 +1,6 @@
 """A real Prometheus (Debian `prometheus`) scraping a test's metrics endpoint on loopback, and the
-`my-app` pod (namespace shop) whose requests the telemetry and rollout tests record for it."""
+labels of requests to the `my-app` pods (namespace shop) that the telemetry and rollout tests
+record for it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import NamedTuple
 import pytest
 import trio
 
-from nodeagent.snapshot.model import Workload
+from nodeagent.snapshot.model import Service, Workload
+from nodeagent.telemetry.metrics import PeerLabels, Reporter, peer_labels
 
 
 def free_port() -> int:
@@ -26,11 +28,11 @@ def free_port() -> int:
         return port
 
 
-def my_app_pod(version: str) -> Workload:
-    """A `my-app` pod of `version` (labels app, version), with the mesh identity of its
-    service account."""
+def to_my_app(reporter: Reporter, version: str, service: Service | None = None) -> PeerLabels:
+    """The labels of HTTP requests from outside the mesh to the `my-app` pod of `version`
+    (labels app, version; the mesh identity of its service account), through `service`."""
     name = f"my-app-{version}-5d4f6b7c9-abcde"
-    return Workload(
+    pod = Workload(
         uid=name,
         name=name,
         namespace="shop",
@@ -40,6 +42,9 @@ def my_app_pod(version: str) -> Workload:
         annotations=MappingProxyType({}),
         service_account="my-app",
         identity="spiffe://cluster.local/ns/shop/sa/my-app",
+    )
+    return peer_labels(
+        reporter=reporter, source=None, destination=pod, service=service, protocol="http"
     )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from prometheus_helpers import free_port, my_app_pod, prometheus_scraping
+from prometheus_helpers import free_port, prometheus_scraping, to_my_app
 from rollout_docs import CANARY, body, rollout_yaml
 
 from nodeagent.rollout.controller import call_webhooks
@@ -29,7 +29,7 @@ from nodeagent.rollout.sources import (
 from nodeagent.snapshot.model import Service, ServicePort
 from nodeagent.store import keys, open_store
 from nodeagent.store.codec import encode
-from nodeagent.telemetry.metrics import IstioMetrics, MetricsRegistry, peer_labels
+from nodeagent.telemetry.metrics import IstioMetrics, MetricsRegistry
 from nodeagent.telemetry.server import metrics_server
 
 HOST = "my-app.shop.svc.cluster.local"
@@ -42,13 +42,7 @@ SERVICE = Service(
 
 
 def _record(metrics: IstioMetrics, version: str, n: int, failures: int, ms: float) -> None:
-    peer = peer_labels(
-        reporter="source",
-        source=None,
-        destination=my_app_pod(version),
-        service=SERVICE,
-        protocol="http",
-    )
+    peer = to_my_app("source", version, SERVICE)
     for i in range(n):
         metrics.record_request(
             peer,

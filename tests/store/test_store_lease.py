@@ -36,10 +36,17 @@ async def holding(
 
 
 class Granted(list[int]):
-    """An `on_lease` that records the leases it is called back with, in order."""
+    """An `on_lease` that records the leases it is called back with, in order, each before
+    awaiting `then(lease)` (which may fail the callback)."""
+
+    def __init__(self, then: LeaseCallback | None = None) -> None:
+        super().__init__()
+        self.then = then
 
     async def __call__(self, lease: int) -> None:
         self.append(lease)
+        if self.then is not None:
+            await self.then(lease)
 
 
 async def test_holds_then_revokes(autojump_clock: trio.testing.MockClock) -> None:
@@ -127,13 +134,12 @@ async def test_lost_lease_is_replaced_and_keys_put_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = await open_store("memory://")
-    granted: list[int] = []
 
-    async def on_new(lease: int) -> None:
-        granted.append(lease)
+    async def put_again(lease: int) -> None:
         await store.put("/node", str(lease).encode(), lease=lease)
 
-    async with holding(store, on_lease=on_new) as first:
+    granted = Granted(then=put_again)
+    async with holding(store, on_lease=granted) as first:
         await store.revoke_lease(first)  # the store forgets us: no LeaseNotFound raised now
         assert await store.get("/node") is None
         await trio.sleep(100)
@@ -191,14 +197,13 @@ async def test_failed_callback_is_retried_while_the_lease_is_renewed(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = await open_store("memory://")
-    calls: list[int] = []
 
-    async def on_new(lease: int) -> None:
-        calls.append(lease)
-        if 1 < len(calls) < 200:  # the replacement's callback fails for several TTLs
+    async def fail_for_several_ttls(lease: int) -> None:
+        if 1 < len(calls) < 200:  # the replacement's callback fails
             raise StoreUnavailable("fake: put failed")
 
-    async with holding(store, on_lease=on_new) as first:
+    calls = Granted(then=fail_for_several_ttls)
+    async with holding(store, on_lease=calls) as first:
         await store.revoke_lease(first)
         await trio.sleep(200)
         assert len(calls) == 200
@@ -212,14 +217,13 @@ async def test_store_error_in_the_first_callback_is_retried_before_started(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = await open_store("memory://")
-    calls: list[int] = []
 
-    async def on_new(lease: int) -> None:
-        calls.append(lease)
+    async def fail_four_times(lease: int) -> None:
         if len(calls) < 5:
             raise StoreUnavailable("fake: cannot save")
 
-    async with holding(store, on_lease=on_new) as lease:
+    calls = Granted(then=fail_four_times)
+    async with holding(store, on_lease=calls) as lease:
         assert calls == [lease] * 5
 
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import trio
-from prometheus_helpers import my_app_pod, prometheus_scraping
+from prometheus_helpers import prometheus_scraping, to_my_app
 
-from nodeagent.telemetry.metrics import IstioMetrics, MetricsRegistry, peer_labels
+from nodeagent.telemetry.metrics import IstioMetrics, MetricsRegistry
 from nodeagent.telemetry.server import metrics_server
 
 pytestmark = pytest.mark.slow
@@ -31,13 +31,7 @@ async def test_prometheus_scrapes_and_sums_by_destination_version(tmp_path: Path
     metrics = IstioMetrics(reg)
     sent = {"v1": 90, "v2": 10}
     for version, n in sent.items():
-        peer = peer_labels(
-            reporter="destination",
-            source=None,
-            destination=my_app_pod(version),
-            service=None,
-            protocol="http",
-        )
+        peer = to_my_app("destination", version)
         for i in range(n):
             code = 500 if i == 0 else 200  # two series per version: the query must sum them
             metrics.record_request(
