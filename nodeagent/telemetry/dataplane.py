@@ -252,52 +252,18 @@ def record_request(
         service = snap.service_by_host(entry.upstream_cluster.rsplit("|", 1)[-1])
     mtls = tunneled and destination is not None and bool(destination.identity)
     policy: SecurityPolicy = "mutual_tls" if mtls else "none"
-    peer = peer_labels(
+    _record_http(
+        sinks,
+        entry,
         reporter="source",
         source=source,
         destination=destination,
         service=service,
-        protocol=entry.protocol,
         source_principal=source_principal,
-    )
-    flags = entry.response_flags
-    sinks.metrics.record_request(
-        peer,
-        response_code=entry.code,
-        grpc_status=entry.grpc_status,
-        duration_ms=entry.duration * 1000,
-        request_bytes=entry.bytes_received,
-        response_bytes=entry.bytes_sent,
-        response_flags=flags,
         security_policy=policy,
-    )
-    values = peer.values  # no per-request dict: the principals by position
-    sinks.access_log.log(
-        AccessRecord(
-            kind="request",
-            namespace=namespace,
-            start_time=time.time() - entry.duration,
-            duration_ms=entry.duration * 1000,
-            reporter="source",
-            protocol=entry.protocol,
-            method=entry.method,
-            authority=entry.authority or "-",
-            path=entry.path,
-            response_code=entry.code,
-            response_flags=flags,
-            bytes_received=entry.bytes_received,
-            bytes_sent=entry.bytes_sent,
-            upstream_host=entry.upstream or "-",
-            upstream_transport_failure_reason=entry.upstream_transport_failure_reason or "-",
-            downstream_address=entry.downstream_address or "-",
-            source_principal=values[_SOURCE_PRINCIPAL],
-            destination_principal=values[_DESTINATION_PRINCIPAL],
-            request_principal=entry.request_principal or "-",  # the gateway's JWT check
-            response_code_details=entry.response_code_details or "-",
-            request_id=entry.request_id or "-",
-            trace_id=entry.trace_id or "-",
-            connection_id=str(entry.connection_id),
-        )
+        namespace=namespace,
+        upstream_transport_failure_reason=entry.upstream_transport_failure_reason or "-",
+        default_details="-",
     )
 
 
@@ -315,8 +281,39 @@ def record_inbound_request(
     "destination", Istio's labels as on the source side: the verified peer is the source
     principal). The line carries the client's address and both principals: the peer's
     (mTLS) and the request's (JWT)."""
-    peer = peer_labels(
+    _record_http(
+        sinks,
+        entry,
         reporter="destination",
+        source=source,
+        destination=destination,
+        service=service,
+        source_principal=source_principal,
+        security_policy=security_policy,
+        namespace=destination.namespace,
+        upstream_transport_failure_reason="-",  # only the source side reports one
+        default_details="via_upstream",
+    )
+
+
+def _record_http(
+    sinks: Sinks,
+    entry: RequestRecord,
+    *,
+    reporter: Reporter,
+    source: Workload | None,
+    destination: Workload | None,
+    service: Service | None,
+    source_principal: str | None,
+    security_policy: SecurityPolicy,
+    namespace: str,
+    upstream_transport_failure_reason: str,
+    default_details: str,
+) -> None:
+    """The metrics and the access-log line of one HTTP request, either reporter's: the two
+    differ only in the labels' side, the namespace and what an unset detail reads as."""
+    peer = peer_labels(
+        reporter=reporter,
         source=source,
         destination=destination,
         service=service,
@@ -334,14 +331,14 @@ def record_inbound_request(
         response_flags=flags,
         security_policy=security_policy,
     )
-    values = peer.values
+    values = peer.values  # no per-request dict: the principals by position
     sinks.access_log.log(
         AccessRecord(
             kind="request",
-            namespace=destination.namespace,
+            namespace=namespace,
             start_time=time.time() - entry.duration,
             duration_ms=entry.duration * 1000,
-            reporter="destination",
+            reporter=reporter,
             protocol=entry.protocol,
             method=entry.method,
             authority=entry.authority or "-",
@@ -351,11 +348,12 @@ def record_inbound_request(
             bytes_received=entry.bytes_received,
             bytes_sent=entry.bytes_sent,
             upstream_host=entry.upstream or "-",
+            upstream_transport_failure_reason=upstream_transport_failure_reason,
             downstream_address=entry.downstream_address or "-",
             source_principal=values[_SOURCE_PRINCIPAL],
             destination_principal=values[_DESTINATION_PRINCIPAL],
-            request_principal=entry.request_principal or "-",
-            response_code_details=entry.response_code_details or "via_upstream",
+            request_principal=entry.request_principal or "-",  # the gateway's JWT check
+            response_code_details=entry.response_code_details or default_details,
             request_id=entry.request_id or "-",
             trace_id=entry.trace_id or "-",
             connection_id=str(entry.connection_id),

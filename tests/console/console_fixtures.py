@@ -41,29 +41,16 @@ def mesh_docs() -> list[dict[str, Any]]:
     db = service("db", cluster_ip=DB_VIP, port=5432, target=5432, port_name="tcp-db")
     return [
         workload("c1", "10.1.0.5", {"app": "client"}, name="client", sa="client"),
-        workload(
-            "a1",
-            "10.1.0.6",
-            {"app": "my-app", "version": "v1"},
-            name="my-app-v1",
-            node="node-2",
-            sa="my-app",
-        ),
-        workload(
-            "a2",
-            "10.1.0.7",
-            {"app": "my-app", "version": "v2"},
-            name="my-app-v2",
-            node="node-2",
-            sa="my-app",
-        ),
-        workload(
-            "a3",
-            "10.1.0.8",
-            {"app": "my-app", "version": "v3"},
-            name="my-app-v3",
-            node="node-2",
-            sa="my-app",
+        *(
+            workload(
+                f"a{i}",
+                f"10.1.0.{5 + i}",
+                {"app": "my-app", "version": f"v{i}"},
+                name=f"my-app-v{i}",
+                node="node-2",
+                sa="my-app",
+            )
+            for i in (1, 2, 3)
         ),
         workload("d1", "10.1.0.9", {"app": "db"}, name="db", sa="db"),
         workload(

@@ -1,14 +1,13 @@
 """Pieces of the HTTP hardening sandbox tests: a backend that records every byte and every
-request it receives, raw-socket clients (a smuggling corpus runner, a trickler), reading the
-agents' access-log lines."""
+request it receives, raw-socket clients (a smuggling corpus runner, a trickler), and that
+backend behind the ingress gateway."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from mesh_helpers import apply, client_pods, eventually, http
+from mesh_helpers import apply, client_pods, eventually, http, http_gateway
 from snapshot_docs import service
 
 from nodeagent.sandbox import Pod, Sandbox
@@ -34,21 +33,6 @@ def recorded(pod: Pod) -> tuple[list[str], str]:
     return reqs, raw
 
 
-def json_lines(path: Path, event: str) -> list[dict[str, Any]]:
-    """The JSON log records of `event` in an agent's log."""
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        if f'"{event}"' not in line:
-            continue
-        try:
-            doc = json.loads(line[line.index("{") :])
-        except ValueError:
-            continue
-        if doc.get("event") == event:
-            out.append(doc)
-    return out
-
-
 GW_HOST = "rec.example.com"
 FQDN = "rec.default.svc.cluster.local"
 TO_REC = [{"destination": {"host": FQDN, "port": {"number": 80}}}]
@@ -66,16 +50,7 @@ def recorder_behind_gateway(
         service_account="rec", labels={"app": "rec"},
     )  # fmt: skip
     client, _ = client_pods(sb)
-    gateway = {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "Gateway",
-        "metadata": {"name": f"{prefix}-gateway", "namespace": "default"},
-        "spec": {
-            "selector": {"istio": "ingressgateway"},
-            "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"},
-                         "hosts": ["*"]}],
-        },
-    }  # fmt: skip
+    gateway = http_gateway(f"{prefix}-gateway")
     gateway_route = {
         "apiVersion": "networking.istio.io/v1",
         "kind": "VirtualService",

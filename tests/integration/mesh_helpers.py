@@ -1,6 +1,7 @@
 """Shared pieces of the sandbox integration tests: the module-scoped sandbox fixture, meshctl
 and `apply` through the meshctl binary, the agents' admin socket (`nodeagent.admin.client`),
-`eventually()` polling and curl from a pod, a node or the outside host."""
+`eventually()` polling, curl from a pod, a node or the outside host, hey load across an agent
+restart, the agents' JSON log records, and the ingress gateway's plain HTTP Gateway."""
 
 from __future__ import annotations
 
@@ -109,6 +110,35 @@ def http(
     return int(code or 0), body, elapsed
 
 
+def json_lines(path: Path, event: str) -> list[dict[str, Any]]:
+    """The JSON log records of `event` in an agent's log."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if f'"{event}"' not in line:
+            continue
+        try:
+            doc = json.loads(line[line.index("{") :])
+        except ValueError:
+            continue
+        if doc.get("event") == event:
+            out.append(doc)
+    return out
+
+
+def http_gateway(name: str) -> dict[str, Any]:
+    """A Gateway `name` (namespace default) for the ingress gateway: port 80, HTTP, any host."""
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "selector": {"istio": "ingressgateway"},
+            "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"},
+                         "hosts": ["*"]}],
+        },
+    }  # fmt: skip
+
+
 def hey_under_load(sb: Sandbox, target: str | Pod, url: str, *flags: str) -> subprocess.Popen[str]:
     """hey from `target` (a pod or "outside"): 10 workers x 25 req/s = 250 req/s for 7 s (hey's
     -q is per worker), e.g. across an agent restart."""
@@ -116,7 +146,35 @@ def hey_under_load(sb: Sandbox, target: str | Pod, url: str, *flags: str) -> sub
     return sb.popen(target, argv, stdout=-1, stderr=-1, text=True)
 
 
-def hey_outcome(out: str) -> tuple[int, int, str]:
+HeyOutcome = tuple[int, int, str]
+
+
+def restart_under_load(
+    sb: Sandbox, target: str | Pod, url: str, node: str, *, takeover: bool
+) -> tuple[dict[str, HeyOutcome], float]:
+    """Two `hey_under_load` from `target` on `url` (keep-alive, and a new connection per
+    request) across a restart of `node`'s agent 1.5 s into them: → each load's `hey_outcome`
+    ("keep-alive", "new connections") and the seconds `restart_agent` took."""
+    keepalive = hey_under_load(sb, target, url)
+    fresh = hey_under_load(sb, target, url, "-disable-keepalive")
+    try:
+        time.sleep(1.5)  # the load runs against the old agent first
+        started = time.monotonic()
+        sb.restart_agent(node, takeover=takeover)
+        restart_s = time.monotonic() - started
+        results = {}
+        for name, proc in (("keep-alive", keepalive), ("new connections", fresh)):
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, f"hey ({name}): {err}"
+            results[name] = hey_outcome(out)
+    finally:
+        for proc in (keepalive, fresh):
+            proc.kill()
+            proc.wait()
+    return results, restart_s
+
+
+def hey_outcome(out: str) -> HeyOutcome:
     """(200 responses, every other response or error, hey's error lines)."""
     codes = {int(c): int(n) for c, n in re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)}
     errors = (

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mesh_helpers import admin, apply, hey_outcome, hey_under_load, http, sandbox_fixture
+from mesh_helpers import admin, apply, http, http_gateway, restart_under_load, sandbox_fixture
 from snapshot_docs import service
 
 import nodeagent.demo.backend
@@ -22,15 +22,7 @@ from nodeagent.sandbox import Pod, Sandbox
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 sandbox = sandbox_fixture("gr", gateway="n1")
 BACKEND = ["python3", "-I", str(Path(nodeagent.demo.backend.__file__)), "v1", "8080"]
-GATEWAY = {
-    "apiVersion": "networking.istio.io/v1",
-    "kind": "Gateway",
-    "metadata": {"name": "web-gateway", "namespace": "default"},
-    "spec": {
-        "selector": {"istio": "ingressgateway"},
-        "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]}],
-    },
-}
+GATEWAY = http_gateway("web-gateway")
 ROUTE = {
     "apiVersion": "networking.istio.io/v1",
     "kind": "VirtualService",
@@ -61,20 +53,7 @@ def test_gateway_restart_under_load_fails_no_request(
     sandbox: Sandbox, backend: Pod, takeover: bool
 ) -> None:
     url = sandbox.gateway_url()
-    keepalive = hey_under_load(sandbox, "outside", url)
-    fresh = hey_under_load(sandbox, "outside", url, "-disable-keepalive")
-    try:
-        time.sleep(1.5)  # the load runs against the old agent's gateway first
-        sandbox.restart_agent("n1", takeover=takeover)
-        results = {}
-        for name, proc in (("keep-alive", keepalive), ("new connections", fresh)):
-            out, err = proc.communicate(timeout=30)
-            assert proc.returncode == 0, f"hey ({name}): {err}"
-            results[name] = hey_outcome(out)
-    finally:
-        for proc in (keepalive, fresh):
-            proc.kill()
-            proc.wait()
+    results, _ = restart_under_load(sandbox, "outside", url, "n1", takeover=takeover)
     print(f"gateway across the restart: {results}")
     for name, (ok, failed, errors) in results.items():
         assert failed == 0, f"{name}: {failed} failed gateway requests in the restart: {errors}"

@@ -24,11 +24,10 @@ from hardening_helpers import (
     GW_HOST,
     PROGRAMS,
     TO_REC,
-    json_lines,
     recorded,
     recorder_behind_gateway,
 )
-from mesh_helpers import eventually, http, sandbox_fixture
+from mesh_helpers import eventually, http, json_lines, sandbox_fixture
 
 from nodeagent.sandbox import Pod, Sandbox
 from nodeagent.telemetry.exposition import samples

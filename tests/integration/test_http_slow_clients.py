@@ -19,10 +19,9 @@ import pytest
 from hardening_helpers import (
     GW_HOST,
     PROGRAMS,
-    json_lines,
     recorder_behind_gateway,
 )
-from mesh_helpers import eventually, http, sandbox_fixture
+from mesh_helpers import eventually, http, json_lines, sandbox_fixture
 
 from nodeagent.sandbox import Pod, Sandbox
 

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import pytest
 from l7_helpers import write_app
-from mesh_helpers import apply
+from mesh_helpers import apply, http_gateway, json_lines
 from snapshot_docs import service
 
 from nodeagent.contract import METRICS_PATH, METRICS_PORT
@@ -171,16 +171,7 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
             "subsets": [{"name": v, "labels": {"version": v}} for v in ("v1", "v2")],
         },
     }
-    gateway = {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "Gateway",
-        "metadata": {"name": "obs-gateway", "namespace": "default"},
-        "spec": {
-            "selector": {"istio": "ingressgateway"},
-            "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"},
-                         "hosts": ["*"]}],
-        },
-    }  # fmt: skip
+    gateway = http_gateway("obs-gateway")
     from_gateway = {
         "apiVersion": "networking.istio.io/v1",
         "kind": "VirtualService",
@@ -224,20 +215,6 @@ def _sum(text: str, name: str, **match: str) -> float:
 
 def _at_least(items: list[dict[str, Any]], n: int) -> list[dict[str, Any]] | None:
     return items if len(items) >= n else None
-
-
-def _json_lines(path: Path, event: str) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        if f'"{event}"' not in line:
-            continue
-        try:
-            doc = json.loads(line[line.index("{") :])
-        except ValueError:
-            continue
-        if doc.get("event") == event:
-            out.append(doc)
-    return out
 
 
 def test_metrics_access_logs_and_traces(
@@ -347,7 +324,7 @@ def test_metrics_access_logs_and_traces(
     log1, log2 = sandbox.node("n1").agent_log, sandbox.node("n2").agent_log
 
     def request_lines() -> list[dict[str, Any]] | None:
-        all_lines = _json_lines(log1, "access.request")
+        all_lines = json_lines(log1, "access.request")
         lines = [x for x in all_lines if x["path"] == "/hello"]
         gateway = [x for x in all_lines if x["path"] == "/gw"]
         return lines if len(lines) >= sum(sent.values()) and len(gateway) >= 5 else None
@@ -369,14 +346,14 @@ def test_metrics_access_logs_and_traces(
     assert len(first["request_id"]) == 36
     assert first["reporter"] == "source"
     assert len({x["request_id"] for x in lines}) == len(lines)
-    gw_lines = [x for x in _json_lines(log1, "access.request") if x["path"] == "/gw"]
+    gw_lines = [x for x in json_lines(log1, "access.request") if x["path"] == "/gw"]
     assert len(gw_lines) == 5
     assert {x["namespace"] for x in gw_lines} == {"istio-system"}
     assert {x["source_principal"] for x in gw_lines} == {gw_principal}
-    conns1 = wait_for(lambda: _at_least(_json_lines(log1, "access.connection"), 10), "n1 lines")
+    conns1 = wait_for(lambda: _at_least(json_lines(log1, "access.connection"), 10), "n1 lines")
     assert all(c["protocol"] == "tcp" and c["reporter"] == "source" for c in conns1)
     # 10 L4 connections (+ tunnels closed so far) from the client, 3 plaintext ones (15006).
-    conns2 = wait_for(lambda: _at_least(_json_lines(log2, "access.connection"), 13), "n2 lines")
+    conns2 = wait_for(lambda: _at_least(json_lines(log2, "access.connection"), 13), "n2 lines")
     assert {c["reporter"] for c in conns2} == {"destination"}
     principals = Counter(c["source_principal"] for c in conns2)
     assert principals["spiffe://cluster.local/ns/default/sa/client"] >= 10

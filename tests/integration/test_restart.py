@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mesh_helpers import admin, hey_outcome, hey_under_load, sandbox_fixture
+from mesh_helpers import admin, restart_under_load, sandbox_fixture
 
 import nodeagent.demo.backend
 from nodeagent.sandbox import Pod, Sandbox
@@ -64,23 +64,7 @@ def test_graceful_restart_under_load_fails_no_request(
     over, drains, parks until its SIGTERM (restart_agent fails if it does not)."""
     server, client = pods
     url = f"http://{server.ip}:8080/"
-    keepalive = hey_under_load(sandbox, client, url)
-    # A new connection per request:
-    fresh = hey_under_load(sandbox, client, url, "-disable-keepalive")
-    try:
-        time.sleep(1.5)  # let the load run against the old agent first
-        started = time.monotonic()
-        sandbox.restart_agent("n1", takeover=takeover)
-        restart_s = time.monotonic() - started
-        results = {}
-        for name, proc in (("keep-alive", keepalive), ("new connections", fresh)):
-            out, err = proc.communicate(timeout=30)
-            assert proc.returncode == 0, f"hey ({name}): {err}"
-            results[name] = hey_outcome(out)
-    finally:
-        for proc in (keepalive, fresh):
-            proc.kill()
-            proc.wait()
+    results, restart_s = restart_under_load(sandbox, client, url, "n1", takeover=takeover)
     print(f"restart took {restart_s:.1f}s (new agent ready, old drained): {results}")
     for name, (ok, failed, errors) in results.items():
         assert failed == 0, f"{name}: {failed} failed requests during the restart: {errors}"

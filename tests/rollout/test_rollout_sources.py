@@ -6,17 +6,14 @@ are called against a real loopback HTTP server."""
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import MappingProxyType
 
 import pytest
 import trio
+from prometheus_helpers import free_port, prometheus_scraping, to_my_app
 from rollout_docs import CANARY, body, rollout_yaml
 
 from nodeagent.rollout.controller import call_webhooks
@@ -29,28 +26,14 @@ from nodeagent.rollout.sources import (
     SourceError,
     prometheus_samples,
 )
-from nodeagent.snapshot.model import Service, ServicePort, Workload
+from nodeagent.snapshot.model import Service, ServicePort
 from nodeagent.store import keys, open_store
 from nodeagent.store.codec import encode
-from nodeagent.telemetry.metrics import IstioMetrics, MetricsRegistry, peer_labels
+from nodeagent.telemetry.metrics import IstioMetrics, MetricsRegistry
 from nodeagent.telemetry.server import metrics_server
 
 HOST = "my-app.shop.svc.cluster.local"
 DEADLINE = 40.0
-
-
-def _pod(version: str) -> Workload:
-    return Workload(
-        uid=version,
-        name=f"my-app-{version}-5d4f6b7c9-abcde",
-        namespace="shop",
-        node="n1",
-        addresses=("10.0.0.9",),
-        labels=MappingProxyType({"app": "my-app", "version": version}),
-        annotations=MappingProxyType({}),
-        service_account="my-app",
-        identity="spiffe://cluster.local/ns/shop/sa/my-app",
-    )
 
 
 SERVICE = Service(
@@ -59,9 +42,7 @@ SERVICE = Service(
 
 
 def _record(metrics: IstioMetrics, version: str, n: int, failures: int, ms: float) -> None:
-    peer = peer_labels(
-        reporter="source", source=None, destination=_pod(version), service=SERVICE, protocol="http"
-    )
+    peer = to_my_app("source", version, SERVICE)
     for i in range(n):
         metrics.record_request(
             peer,
@@ -79,50 +60,22 @@ def _counters(reading: Reading) -> Counters:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.mark.slow
 async def test_agent_scraper_and_prometheus_see_the_same_window(tmp_path: Path) -> None:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("needs the Debian package `prometheus` (apt-get install prometheus)")
     reg = MetricsRegistry()
     metrics = IstioMetrics(reg)
     _record(metrics, "v1", 1, 0, 3)  # both series exist before the first reading
     _record(metrics, "v2", 1, 0, 3)
     server = metrics_server(reg, lambda: True, host="127.0.0.1", port=0)
     store = await open_store("memory://")
-    prom_port = _free_port()
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         await store.put(
             keys.node("n1"), encode({"version": 1, "metrics": f"127.0.0.1:{server.port}"})
         )
         scraper = AgentScraper(store)
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n"
-            "scrape_configs:\n  - job_name: nodeagent\n    metrics_path: /stats/prometheus\n"
-            f"    static_configs:\n      - targets: ['127.0.0.1:{server.port}']\n"
-        )
-        with (tmp_path / "prometheus.log").open("wb") as logf:
-            proc = await trio.lowlevel.open_process(
-                [
-                    binary,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={tmp_path / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{prom_port}",
-                ],
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-            )
-        prometheus = PrometheusSource(f"http://127.0.0.1:{prom_port}")
-        try:
+        async with prometheus_scraping(tmp_path, f"127.0.0.1:{server.port}") as prom:
+            prometheus = PrometheusSource(prom.url)
             before_agent = _counters(await scraper.read())
             _record(metrics, "v1", 90, 0, 3)
             _record(metrics, "v2", 10, 1, 300)
@@ -139,7 +92,7 @@ async def test_agent_scraper_and_prometheus_see_the_same_window(tmp_path: Path) 
             with trio.move_on_after(DEADLINE):
                 while totals.get("v2") != 11:
                     await trio.sleep(0.5)  # polling a real server, not a unit test
-                    assert proc.returncode is None, (tmp_path / "prometheus.log").read_text()
+                    assert prom.process.returncode is None, prom.log()
                     try:
                         reading = await prometheus.read()
                     except SourceError:
@@ -149,19 +102,12 @@ async def test_agent_scraper_and_prometheus_see_the_same_window(tmp_path: Path) 
                     for (_, metric, version, _, _), n in counters.items():
                         if metric == "istio_requests_total":
                             totals[version] = totals.get(version, 0) + n
-            assert totals == {"v1": 91, "v2": 11}, (tmp_path / "prometheus.log").read_text()[-2000:]
+            assert totals == {"v1": 91, "v2": 11}, prom.log()[-2000:]
             from_prom = _counters(reading)
             assert {k[1:]: v for k, v in from_prom.items() if k[1]} == {
                 k[1:]: v for k, v in after_agent.items() if k[1]
             }
-        finally:
-            proc.terminate()
-            with trio.move_on_after(10):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            nursery.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
     await store.aclose()
 
 
@@ -171,7 +117,7 @@ async def test_an_unreachable_agent_fails_the_whole_reading() -> None:
         with pytest.raises(SourceError, match="no agent has announced"):
             await AgentScraper(store).read()
         await store.put(
-            keys.node("n2"), encode({"version": 1, "metrics": f"127.0.0.1:{_free_port()}"})
+            keys.node("n2"), encode({"version": 1, "metrics": f"127.0.0.1:{free_port()}"})
         )
         with pytest.raises(SourceError, match=r"agent n2: GET http://127\.0\.0\.1:"):
             await AgentScraper(store, timeout=2).read()
@@ -251,7 +197,7 @@ async def test_webhooks_are_gates_that_must_answer_2xx(hook_server: int) -> None
     }
     unreachable = compile_rollout(
         body(rollout_yaml(CANARY + f"""    webhooks:
-    - {{name: down, url: "http://127.0.0.1:{_free_port()}/x", timeout: 1s}}
+    - {{name: down, url: "http://127.0.0.1:{free_port()}/x", timeout: 1s}}
 """)))  # fmt: skip
     assert (await call_webhooks(unreachable.webhooks, unreachable, "Progressing")).startswith(
         "webhook down: POST http://127.0.0.1:"

@@ -4,25 +4,57 @@ call back for every lease held, replace a lost one at once), leave it on exit.""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 
 import pytest
 import trio
 import trio.testing
 
-from nodeagent.store import LeaseNotFound, StoreUnavailable, open_store
-from nodeagent.store.lease import hold_lease
+from nodeagent.store import LeaseNotFound, Store, StoreUnavailable, open_store
+from nodeagent.store.lease import LeaseCallback, hold_lease
 from nodeagent.store.memory import MemoryStore
+
+TTL = 9.0
+
+
+@asynccontextmanager
+async def holding(
+    store: Store,
+    *,
+    reuse: int = 0,
+    on_lease: LeaseCallback | None = None,
+    revoke: bool = True,
+) -> AsyncIterator[int]:
+    """The lease a `hold_lease` of TTL seconds holds on `store` while the body runs (the holder
+    is cancelled when it ends); what the holder raises comes out of here in a group."""
+    hold = partial(hold_lease, store, TTL, reuse=reuse, on_lease=on_lease, revoke=revoke)
+    async with trio.open_nursery() as n:
+        yield await n.start(hold)
+        n.cancel_scope.cancel()
+
+
+class Granted(list[int]):
+    """An `on_lease` that records the leases it is called back with, in order, each before
+    awaiting `then(lease)` (which may fail the callback)."""
+
+    def __init__(self, then: LeaseCallback | None = None) -> None:
+        super().__init__()
+        self.then = then
+
+    async def __call__(self, lease: int) -> None:
+        self.append(lease)
+        if self.then is not None:
+            await self.then(lease)
 
 
 async def test_holds_then_revokes(autojump_clock: trio.testing.MockClock) -> None:
     store = await open_store("memory://")
-    async with trio.open_nursery() as n:
-        lease = await n.start(hold_lease, store, 9.0)
+    async with holding(store) as lease:
         await store.put("/node", b"", lease=lease)
         await trio.sleep(100)  # many TTLs: renewals kept it
         assert await store.get("/node") is not None
-        n.cancel_scope.cancel()
     assert await store.get("/node") is None
     with pytest.raises(LeaseNotFound):
         await store.keep_alive(lease)
@@ -31,8 +63,7 @@ async def test_holds_then_revokes(autojump_clock: trio.testing.MockClock) -> Non
 async def test_lost_lease_raises(autojump_clock: trio.testing.MockClock) -> None:
     store = await open_store("memory://")
     with pytest.RaisesGroup(LeaseNotFound):
-        async with trio.open_nursery() as n:
-            lease = await n.start(hold_lease, store, 9.0)
+        async with holding(store) as lease:
             await store.revoke_lease(lease)  # someone else ends it
             await trio.sleep(100)
 
@@ -50,25 +81,21 @@ class FlakyStore(MemoryStore):
 
 async def test_transient_failures_are_retried(autojump_clock: trio.testing.MockClock) -> None:
     store = FlakyStore()
-    async with trio.open_nursery() as n:
-        lease = await n.start(hold_lease, store, 9.0)
+    async with holding(store) as lease:
         await store.put("/node", b"", lease=lease)
         store.down = True
         await trio.sleep(4)  # shorter than the TTL: retries bridge it
         store.down = False
         await trio.sleep(30)
         assert await store.get("/node") is not None
-        n.cancel_scope.cancel()
 
 
 async def test_outage_longer_than_ttl_loses_the_lease(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = FlakyStore()
-    store.down = False
     with pytest.RaisesGroup(LeaseNotFound):
-        async with trio.open_nursery() as n:
-            await n.start(hold_lease, store, 9.0)
+        async with holding(store):
             store.down = True
             await trio.sleep(100)
 
@@ -80,20 +107,14 @@ async def test_reuses_a_live_lease_and_calls_back_with_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = await open_store("memory://")
-    old = await store.grant_lease(9.0)
+    old = await store.grant_lease(TTL)
     await store.put("/node", b"", lease=old)
-    granted: list[int] = []
-
-    async def on_new(lease: int) -> None:
-        granted.append(lease)
-
-    async with trio.open_nursery() as n:
-        lease = await n.start(partial(hold_lease, store, 9.0, reuse=old, on_lease=on_new))
+    granted = Granted()
+    async with holding(store, reuse=old, on_lease=granted) as lease:
         assert lease == old
         assert granted == [old]  # the caller puts its keys again under the same lease
         await trio.sleep(100)
         assert await store.get("/node") is not None
-        n.cancel_scope.cancel()
     assert granted == [old]
 
 
@@ -101,32 +122,24 @@ async def test_expired_reuse_grants_and_calls_back_before_started(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = await open_store("memory://")
-    gone = await store.grant_lease(9.0)
+    gone = await store.grant_lease(TTL)
     await store.revoke_lease(gone)
-    granted: list[int] = []
-
-    async def on_new(lease: int) -> None:
-        granted.append(lease)
-
-    async with trio.open_nursery() as n:
-        lease = await n.start(partial(hold_lease, store, 9.0, reuse=gone, on_lease=on_new))
+    granted = Granted()
+    async with holding(store, reuse=gone, on_lease=granted) as lease:
         assert granted == [lease]  # already called when started() returned
         assert lease != gone
-        n.cancel_scope.cancel()
 
 
 async def test_lost_lease_is_replaced_and_keys_put_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = await open_store("memory://")
-    granted: list[int] = []
 
-    async def on_new(lease: int) -> None:
-        granted.append(lease)
+    async def put_again(lease: int) -> None:
         await store.put("/node", str(lease).encode(), lease=lease)
 
-    async with trio.open_nursery() as n:
-        first = await n.start(partial(hold_lease, store, 9.0, on_lease=on_new))
+    granted = Granted(then=put_again)
+    async with holding(store, on_lease=granted) as first:
         await store.revoke_lease(first)  # the store forgets us: no LeaseNotFound raised now
         assert await store.get("/node") is None
         await trio.sleep(100)
@@ -135,7 +148,6 @@ async def test_lost_lease_is_replaced_and_keys_put_again(
         kv = await store.get("/node")
         assert kv is not None
         assert kv.value == str(granted[1]).encode()
-        n.cancel_scope.cancel()
 
 
 async def test_outage_longer_than_ttl_replaces_the_lease_once_back(
@@ -149,8 +161,7 @@ async def test_outage_longer_than_ttl_replaces_the_lease_once_back(
             raise StoreUnavailable("fake: down")
         granted.append(lease)
 
-    async with trio.open_nursery() as n:
-        first = await n.start(partial(hold_lease, store, 9.0, on_lease=on_new))
+    async with holding(store, on_lease=on_new) as first:
         store.down = True
         await trio.sleep(100)  # keep-alives and grants fail, nothing raises
         assert granted == [first]
@@ -163,20 +174,14 @@ async def test_outage_longer_than_ttl_replaces_the_lease_once_back(
         assert granted[1] != first
         await trio.sleep(100)  # and the new lease is renewed
         await store.keep_alive(granted[1])
-        n.cancel_scope.cancel()
 
 
 async def test_outage_keeps_a_lease_the_store_still_has(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = FlakyStore()
-    granted: list[int] = []
-
-    async def on_new(lease: int) -> None:
-        granted.append(lease)
-
-    async with trio.open_nursery() as n:
-        lease = await n.start(partial(hold_lease, store, 9.0, on_lease=on_new))
+    granted = Granted()
+    async with holding(store, on_lease=granted) as lease:
         await store.put("/node", b"", lease=lease)
         store.down = True
         for _ in range(20):  # the store keeps the lease alive meanwhile (etcd does on restart)
@@ -186,22 +191,19 @@ async def test_outage_keeps_a_lease_the_store_still_has(
         await trio.sleep(30)
         assert granted == [lease]  # not replaced: the keys stayed where they were
         assert await store.get("/node") is not None
-        n.cancel_scope.cancel()
 
 
 async def test_failed_callback_is_retried_while_the_lease_is_renewed(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = await open_store("memory://")
-    calls: list[int] = []
 
-    async def on_new(lease: int) -> None:
-        calls.append(lease)
-        if 1 < len(calls) < 200:  # the replacement's callback fails for several TTLs
+    async def fail_for_several_ttls(lease: int) -> None:
+        if 1 < len(calls) < 200:  # the replacement's callback fails
             raise StoreUnavailable("fake: put failed")
 
-    async with trio.open_nursery() as n:
-        first = await n.start(partial(hold_lease, store, 9.0, on_lease=on_new))
+    calls = Granted(then=fail_for_several_ttls)
+    async with holding(store, on_lease=calls) as first:
         await store.revoke_lease(first)
         await trio.sleep(200)
         assert len(calls) == 200
@@ -209,24 +211,20 @@ async def test_failed_callback_is_retried_while_the_lease_is_renewed(
         assert second != first
         assert set(calls[1:]) == {second}
         await store.keep_alive(second)
-        n.cancel_scope.cancel()
 
 
 async def test_store_error_in_the_first_callback_is_retried_before_started(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = await open_store("memory://")
-    calls: list[int] = []
 
-    async def on_new(lease: int) -> None:
-        calls.append(lease)
+    async def fail_four_times(lease: int) -> None:
         if len(calls) < 5:
             raise StoreUnavailable("fake: cannot save")
 
-    async with trio.open_nursery() as n:
-        lease = await n.start(partial(hold_lease, store, 9.0, on_lease=on_new))
+    calls = Granted(then=fail_four_times)
+    async with holding(store, on_lease=calls) as lease:
         assert calls == [lease] * 5
-        n.cancel_scope.cancel()
 
 
 async def test_other_errors_in_the_first_callback_fail_the_start(
@@ -238,24 +236,21 @@ async def test_other_errors_in_the_first_callback_fail_the_start(
         raise ValueError("a bug, not the store")
 
     with pytest.RaisesGroup(ValueError):
-        async with trio.open_nursery() as n:
-            await n.start(partial(hold_lease, store, 9.0, on_lease=on_new))
+        async with holding(store, on_lease=on_new):
+            pass  # not reached: the start fails
 
 
 async def test_patient_holder_waits_for_a_store_that_does_not_answer_at_start(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = FlakyGrantStore()
-    old = await store.grant_lease(9.0)
+    old = await store.grant_lease(TTL)
     store.down = True
-    granted: list[int] = []
+    granted = Granted()
     started: list[int] = []
 
-    async def on_new(lease: int) -> None:
-        granted.append(lease)
-
     async def holder() -> None:
-        started.append(await n.start(partial(hold_lease, store, 9.0, reuse=old, on_lease=on_new)))
+        started.append(await n.start(partial(hold_lease, store, TTL, reuse=old, on_lease=granted)))
 
     async with trio.open_nursery() as n:
         n.start_soon(holder)
@@ -273,23 +268,19 @@ async def test_plain_holder_fails_at_once_when_the_store_does_not_answer(
     store = FlakyGrantStore()
     store.down = True
     with pytest.RaisesGroup(StoreUnavailable):
-        async with trio.open_nursery() as n:
-            await n.start(hold_lease, store, 9.0)
+        async with holding(store):
+            pass  # not reached: the start fails
 
 
 async def test_revoke_false_leaves_the_lease_for_the_next_run(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = await open_store("memory://")
-    async with trio.open_nursery() as n:
-        lease = await n.start(partial(hold_lease, store, 9.0, revoke=False))
+    async with holding(store, revoke=False) as lease:
         await store.put("/node", b"", lease=lease)
-        n.cancel_scope.cancel()
     assert await store.get("/node") is not None
-    async with trio.open_nursery() as n:
-        again = await n.start(partial(hold_lease, store, 9.0, reuse=lease, revoke=False))
+    async with holding(store, reuse=lease, revoke=False) as again:
         assert again == lease
-        n.cancel_scope.cancel()
 
 
 class FlakyGrantStore(FlakyStore):
