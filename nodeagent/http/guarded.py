@@ -10,7 +10,7 @@ from __future__ import annotations
 import trio
 
 from nodeagent.http import flags
-from nodeagent.http.guard import GUARD_FAILED, Guard, RequestFacts
+from nodeagent.http.guard import GUARD_FAILED, Guard, RequestFacts, Verdict
 from nodeagent.http.headers import joined, without_params
 from nodeagent.http.log import RequestLog, log
 from nodeagent.routing import DirectResponse, HttpRequest, RouteDecision
@@ -26,6 +26,22 @@ def local_address(client: trio.abc.Stream) -> str:
         except OSError:
             pass
     return ""
+
+
+async def ask_guard(guard: Guard, facts: RequestFacts, entry: RequestLog) -> Verdict:
+    """The guard's verdict on one request, recorded on its log entry; a guard that raised
+    refuses (never lets the request through unchecked)."""
+    try:
+        verdict = await guard(facts)
+    except Exception as exc:
+        log.error("request.guard_failed", path=entry.path, error=repr(exc))
+        verdict = GUARD_FAILED
+    entry.request_principal = verdict.request_principal or ""
+    if not verdict.allowed:
+        entry.flags.append(flags.UNAUTHORIZED)
+        entry.response_code_details = verdict.details
+        entry.policy = verdict.policy or ""
+    return verdict
 
 
 async def guard_request(
@@ -50,16 +66,8 @@ async def guard_request(
         source_identity=None,
         mtls=False,
     )
-    try:
-        verdict = await guard(facts)
-    except Exception as exc:  # refused, never let through unchecked
-        log.error("request.guard_failed", path=entry.path, error=repr(exc))
-        verdict = GUARD_FAILED
-    entry.request_principal = verdict.request_principal or ""
+    verdict = await ask_guard(guard, facts, entry)
     if not verdict.allowed:
-        entry.flags.append(flags.UNAUTHORIZED)
-        entry.response_code_details = verdict.details
-        entry.policy = verdict.policy or ""
         refusal = RouteDecision(kind="direct", direct=DirectResponse(verdict.status, verdict.body))
         return request, headers, refusal
     if not (verdict.remove_headers or verdict.add_headers or verdict.strip_params):

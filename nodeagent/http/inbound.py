@@ -17,7 +17,7 @@ as the L4 relay gives it, and a keep-alive client costs one connect, not one per
 from __future__ import annotations
 
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -37,7 +37,8 @@ from nodeagent.http.downstream import (
     read_request,
 )
 from nodeagent.http.errors import DownstreamError, DownstreamProtocolError
-from nodeagent.http.guard import GUARD_FAILED, Guard, RequestFacts, Verdict
+from nodeagent.http.guard import Guard, RequestFacts, Verdict
+from nodeagent.http.guarded import ask_guard
 from nodeagent.http.headers import decode, destination_head, joined
 from nodeagent.http.limits import Limits
 from nodeagent.http.log import RequestLog, RequestRecorder, entry_for, log
@@ -71,6 +72,22 @@ class InboundConnection:
     on_request: Callable[[RequestLog], None] | None = None  # metrics + access log
     xfcc: str | None = None  # the x-forwarded-client-cert value to set (mTLS only)
     span_name: str = ""  # the SERVER span's name (`<service host>:<port>/*`)
+
+    def facts(
+        self, method: str, target: str, host: str, headers: Sequence[tuple[str, str]]
+    ) -> RequestFacts:
+        """What the guard may read of a request on this connection."""
+        return RequestFacts(
+            method=method,
+            target=target,
+            host=host,
+            headers=headers,
+            port=self.port,
+            source_ip=self.source_ip,
+            destination_ip=self.destination_ip,
+            source_identity=self.source_identity,
+            mtls=self.source_identity is not None,
+        )
 
 
 @dataclass(slots=True)
@@ -209,27 +226,9 @@ class InboundHttp(InboundServer):
         down.idle = idle
         try:
             with idle:
-                facts = RequestFacts(
-                    method=entry.method,
-                    target=entry.path,
-                    host=entry.authority,
-                    headers=headers,
-                    port=inbound.port,
-                    source_ip=inbound.source_ip,
-                    destination_ip=inbound.destination_ip,
-                    source_identity=inbound.source_identity,
-                    mtls=inbound.source_identity is not None,
-                )
-                try:
-                    verdict = await self._guard(facts)
-                except Exception as exc:
-                    log.error("request.guard_failed", path=entry.path, error=repr(exc))
-                    verdict = GUARD_FAILED
-                entry.request_principal = verdict.request_principal or ""
+                facts = inbound.facts(entry.method, entry.path, entry.authority, headers)
+                verdict = await ask_guard(self._guard, facts, entry)
                 if not verdict.allowed:
-                    entry.flags.append(flags.UNAUTHORIZED)
-                    entry.response_code_details = verdict.details
-                    entry.policy = verdict.policy or ""
                     keep = await answer_locally(down, entry, verdict.status, verdict.body)
                 else:
                     keep = await self._forward(

@@ -22,7 +22,8 @@ import itertools
 import trio
 
 from nodeagent.http import flags
-from nodeagent.http.guard import GUARD_FAILED, RequestFacts, Verdict
+from nodeagent.http.guard import Verdict
+from nodeagent.http.guarded import ask_guard
 from nodeagent.http.headers import new_request_id
 from nodeagent.http.inbound import InboundConnection, InboundServer, Totals
 from nodeagent.http.log import RequestLog, log, start_server_span
@@ -163,27 +164,9 @@ class InboundH2(InboundServer):
                 remote_ip=inbound.source_ip,
                 peer_principal=inbound.source_identity,
             )
-        facts = RequestFacts(
-            method=head.method,
-            target=head.path,
-            host=head.authority,
-            headers=head.headers,
-            port=inbound.port,
-            source_ip=inbound.source_ip,
-            destination_ip=inbound.destination_ip,
-            source_identity=inbound.source_identity,
-            mtls=inbound.source_identity is not None,
-        )
-        try:
-            verdict = await self._guard(facts)
-        except Exception as exc:
-            log.error("request.guard_failed", path=entry.path, error=repr(exc))
-            verdict = GUARD_FAILED
-        entry.request_principal = verdict.request_principal or ""
+        facts = inbound.facts(head.method, head.path, head.authority, head.headers)
+        verdict = await ask_guard(self._guard, facts, entry)
         if not verdict.allowed:
-            entry.flags.append(flags.UNAUTHORIZED)
-            entry.response_code_details = verdict.details
-            entry.policy = verdict.policy or ""
             await _answer(down, entry, verdict.status, verdict.body, grpc=grpc)
             return
         await self._forward(down, head, pool, inbound, entry, verdict, trace_headers)
