@@ -37,6 +37,8 @@ GRPC = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
 async def policy(facts: RequestFacts) -> Verdict:
     """/pkg.Svc/Get for the peer; a bad token gets 401; everything else 403."""
     headers = dict(facts.headers)
+    if facts.target == "/boom":
+        raise RuntimeError("a guard bug")
     if headers.get("authorization") == "Bearer bad":
         return Verdict(False, 401, b"Jwt verification fails", details="jwt_authn_access_denied")
     if facts.target.startswith("/pkg.Svc/Get") and facts.source_identity == PEER:
@@ -194,6 +196,16 @@ async def test_a_refused_plain_http2_request_is_403_with_envoys_body() -> None:
         got, body, _ = await call(s.client, "/admin", body=b"")
     assert (got[":status"], body) == ("403", DENIED_BODY.encode())
     assert (s.logs[0].code, s.logs[0].protocol, s.logs[0].grpc_status) == (403, "http", None)
+
+
+async def test_a_failing_guard_refuses_and_the_connection_goes_on() -> None:
+    async with serving() as s:
+        got, body, _ = await call(s.client, "/boom", body=b"")
+        again, _, _ = await call(s.client, "/pkg.Svc/Get", *GRPC)
+    assert (got[":status"], body) == ("500", b"authorization failed")  # never let through
+    assert again[":status"] == "200"
+    assert [seen[":path"] for seen in s.app.seen] == ["/pkg.Svc/Get"]  # only the second
+    assert (s.logs[0].response_flags, s.logs[0].response_code_details) == ("UAEX", "authz_failed")
 
 
 async def bidi_echo(
