@@ -26,12 +26,15 @@ accepts beyond h11's rules (bytes >= 0x80 in the target) is checked here.
 from __future__ import annotations
 
 import re
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import h11
 import httptools
 from h11._headers import Headers
 from h11._util import Sentinel
+
+E = TypeVar("E", h11.Request, h11.Response)
 
 State = type[Sentinel]
 NextEvent = h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]
@@ -336,6 +339,19 @@ class _FastConnection:
             raise NeedsH11
         return bytes(buf[:end])
 
+    def _take_head(self, parse: Callable[[bytes], tuple[E, int] | None]) -> E | None:
+        """The head at the start of the buffer, parsed by `parse` and taken out of the buffer
+        (its body's length kept); None while incomplete, NeedsH11 where `parse` declines."""
+        head = self._complete_head()
+        if head is None:
+            return None
+        parsed = parse(head)
+        if parsed is None:
+            raise NeedsH11
+        event, self._body_left = parsed
+        del self._buf[: len(head)]
+        return event
+
     def _body_event(self) -> NextEvent:
         """The next piece of the peer's counted body (their_state SEND_BODY)."""
         left = self._body_left
@@ -405,18 +421,13 @@ class FastServer(_FastConnection):
         if state is h11.SEND_BODY:
             return self._body_event()
         if state is h11.IDLE:
-            head = self._complete_head()
-            if head is None:
+            event = self._take_head(parse_request_head)
+            if event is None:
                 if not self._buf and self._closed:
                     self.their_state = h11.CLOSED
                     self._settle()
                     return h11.ConnectionClosed()
                 return h11.NEED_DATA
-            parsed = parse_request_head(head)
-            if parsed is None:
-                raise NeedsH11
-            event, self._body_left = parsed
-            del self._buf[: len(head)]
             self.their_state = h11.SEND_BODY
             self.our_state = h11.SEND_RESPONSE
             return event
@@ -468,16 +479,11 @@ class FastClient(_FastConnection):
         if state is h11.SEND_BODY:
             return self._body_event()
         if state is h11.SEND_RESPONSE:
-            head = self._complete_head()
-            if head is None:
+            event = self._take_head(parse_response_head)
+            if event is None:
                 if not self._buf and self._closed:
                     raise NeedsH11  # closed before any response: h11 says how
                 return h11.NEED_DATA
-            parsed = parse_response_head(head)
-            if parsed is None:
-                raise NeedsH11
-            event, self._body_left = parsed
-            del self._buf[: len(head)]
             self.their_state = h11.SEND_BODY
             return event
         if state is h11.IDLE and self._buf:
