@@ -125,6 +125,15 @@ class InboundServer:
     def statistics(self) -> dict[str, int]:
         return dict(self._recorder.stats)
 
+    def _finish(self, entry: RequestLog, started: float, inbound: InboundConnection) -> None:
+        """The request's log line, then the connection's metrics and access-log hook."""
+        self._recorder.finish(entry, started)
+        if inbound.on_request is not None:
+            try:
+                inbound.on_request(entry)
+            except Exception as exc:  # a broken metrics hook must not break traffic
+                log.warning("request.hook_failed", error=repr(exc))
+
 
 class InboundHttp(InboundServer):
     """Serves the HTTP connections of one pod's HTTP ports (destination mode)."""
@@ -196,14 +205,6 @@ class InboundHttp(InboundServer):
                 await answer_head_timeout(down, self._recorder, conn_id)
         except (trio.BrokenResourceError, trio.ClosedResourceError, DownstreamError):
             pass
-
-    def _finish(self, entry: RequestLog, started: float, inbound: InboundConnection) -> None:
-        self._recorder.finish(entry, started)
-        if inbound.on_request is not None:
-            try:
-                inbound.on_request(entry)
-            except Exception as exc:  # a broken metrics hook must not break traffic
-                log.warning("request.hook_failed", error=repr(exc))
 
     async def _handle(
         self,

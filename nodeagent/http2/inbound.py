@@ -133,12 +133,7 @@ class InboundH2(InboundServer):
             entry.bytes_sent = down.sent_bytes
             totals.received += entry.bytes_received
             totals.sent += entry.bytes_sent
-            self._recorder.finish(entry, started)
-            if inbound.on_request is not None:
-                try:
-                    inbound.on_request(entry)
-                except Exception as exc:  # a broken metrics hook must not break traffic
-                    log.warning("request.hook_failed", error=repr(exc))
+            self._finish(entry, started, inbound)
 
     async def _handle(
         self,
