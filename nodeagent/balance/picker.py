@@ -28,6 +28,7 @@ from nodeagent.balance.errors import NoHealthyUpstream
 from nodeagent.balance.outlier import OutlierDetector, OutlierEvent
 from nodeagent.balance.policy import TrafficPolicy
 from nodeagent.balance.pool import CircuitBreaker
+from nodeagent.balance.shared import SharedSlot
 from nodeagent.balance.state import NO_CONTEXT, Clock, EndpointState, Outcome, PickContext
 from nodeagent.snapshot.model import Endpoint
 
@@ -49,6 +50,7 @@ class Picker:
         now: Clock,
         rng: random.Random | None = None,
         previous: Picker | None = None,
+        shared: SharedSlot | None = None,
         on_event: EventSink | None = None,
         default_rtt_s: float = DEFAULT_RTT_S,
         decay_s: float = DEFAULT_DECAY_S,
@@ -85,7 +87,7 @@ class Picker:
             self.breaker = previous.breaker
             self.breaker.limits = policy.pool
         else:
-            self.breaker = CircuitBreaker(cluster, policy.pool)
+            self.breaker = CircuitBreaker(cluster, policy.pool, shared=shared)
         self.outlier: OutlierDetector | None = None
         if policy.outlier is not None:
             self.outlier = OutlierDetector(cluster, policy.outlier, t)

@@ -14,16 +14,24 @@ Which limit applies when is the proxy's decision, as in Envoy:
 - every retry: `try_acquire_retry()` (http.maxRetries); on overflow, no retry is made and the
   last response goes back to the client;
 - a connection's `note_request()` says when http.maxRequestsPerConnection is reached.
+
+With `--workers N` the counts live in a table every worker maps (`balance.shared`): each
+limit bounds the node's sum over the workers, as Envoy's bound the sum over its threads.
+`active` is always this process's own share.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from nodeagent.balance.policy import ConnectionPool
+from nodeagent.balance.shared import KINDS, SharedSlot
 
 LimitKind = Literal["connections", "pending", "requests", "retries"]
+_INDEX: dict[LimitKind, int] = {"connections": 0, "pending": 1, "requests": 2, "retries": 3}
+assert tuple(_INDEX) == KINDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,17 +52,20 @@ class Overflow:
 class Token:
     """One unit of a limit, held until released."""
 
-    __slots__ = ("_breaker", "_kind", "released")
+    __slots__ = ("_breaker", "_kind", "on_release", "released")
 
     def __init__(self, breaker: CircuitBreaker, kind: LimitKind) -> None:
         self._breaker = breaker
         self._kind = kind
         self.released = False
+        self.on_release: Callable[[], None] | None = None  # the holder's own bookkeeping
 
     def release(self) -> None:
         if not self.released:
             self.released = True
             self._breaker._release(self._kind)
+            if self.on_release is not None:
+                self.on_release()
 
     def __enter__(self) -> Token:
         return self
@@ -82,11 +93,15 @@ class ConnectionToken(Token):
 
 class CircuitBreaker:
     """The counters of one cluster. Limits can change under live tokens (a policy update):
-    tokens already held stay valid, new acquisitions see the new limits."""
+    tokens already held stay valid, new acquisitions see the new limits. With a `shared` slot
+    the limits apply to the node's sum (every worker's), not to this process alone."""
 
-    def __init__(self, cluster: str, limits: ConnectionPool) -> None:
+    def __init__(
+        self, cluster: str, limits: ConnectionPool, *, shared: SharedSlot | None = None
+    ) -> None:
         self.cluster = cluster
         self.limits = limits
+        self.shared = shared
         self.active: dict[LimitKind, int] = {
             "connections": 0,
             "pending": 0,
@@ -116,21 +131,47 @@ class CircuitBreaker:
             return lim.max_requests
         return lim.max_retries
 
-    def _try(self, kind: LimitKind) -> Overflow | None:
-        limit = self._limit(kind)
-        if self.active[kind] >= limit:
-            self.overflows[kind] += 1
-            return Overflow(self.cluster, kind, limit)
+    def in_use(self, kind: LimitKind) -> int:
+        """What the limit of `kind` is checked against: the node's count (every worker's)."""
+        if self.shared is not None:
+            return self.shared.total(_INDEX[kind])
+        return self.active[kind]
+
+    def full(self, kind: LimitKind) -> bool:
+        return self.in_use(kind) >= self._limit(kind)
+
+    def _take(self, kind: LimitKind) -> None:
         self.active[kind] += 1
         self.acquired[kind] += 1
+        if self.shared is not None:
+            self.shared.add(_INDEX[kind], 1)
+
+    def _try(self, kind: LimitKind) -> Overflow | None:
+        limit = self._limit(kind)
+        if self.in_use(kind) >= limit:
+            self.overflows[kind] += 1
+            return Overflow(self.cluster, kind, limit)
+        self._take(kind)
         return None
 
     def _release(self, kind: LimitKind) -> None:
         if self.active[kind] > 0:
             self.active[kind] -= 1
+            if self.shared is not None:
+                self.shared.add(_INDEX[kind], -1)
 
     def try_acquire_connection(self) -> ConnectionToken | Overflow:
         return self._try("connections") or ConnectionToken(self)
+
+    def acquire_connection_over_limit(self) -> ConnectionToken:
+        """A connection slot past `tcp.maxConnections`, for a pool that holds no connection of
+        this cluster (`ClusterHolds`): each pool may always have one, so none starves behind
+        the slots other pools (other source pods, other workers) hold idle. Envoy guarantees
+        the same per picked host ("at least one connection allocated"); this is per cluster,
+        so the count passes the limit by at most the number of pools. Call it only after
+        `try_acquire_connection` overflowed."""
+        self._take("connections")
+        return ConnectionToken(self)
 
     def try_acquire_pending(self) -> Token | Overflow:
         return self._try("pending") or Token(self, "pending")
@@ -146,8 +187,45 @@ class CircuitBreaker:
         return self.limits.connect_timeout_s
 
     def statistics(self) -> dict[str, dict[LimitKind, int]]:
-        return {
+        stats = {
             "active": dict(self.active),
             "acquired": dict(self.acquired),
             "overflow": dict(self.overflows),
         }
+        if self.shared is not None:
+            stats["node"] = {kind: self.in_use(kind) for kind in self.active}
+        return stats
+
+
+class ClusterHolds:
+    """How many connection slots one pool holds per cluster (connecting, busy or idle)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, int] = {}
+
+    def holds(self, cluster: str) -> bool:
+        return self._held.get(cluster, 0) > 0
+
+    def hold(self, token: ConnectionToken) -> None:
+        """Count `token` until it is released."""
+        cluster = token._breaker.cluster
+        self._held[cluster] = self._held.get(cluster, 0) + 1
+
+        def released() -> None:
+            left = self._held.get(cluster, 0) - 1
+            if left > 0:
+                self._held[cluster] = left
+            else:
+                self._held.pop(cluster, None)
+
+        token.on_release = released
+
+    def connection(self, breaker: CircuitBreaker) -> ConnectionToken | Overflow:
+        """`breaker`'s connection slot for this pool: within the limit, or past it when this
+        pool holds none of the cluster's; the slot is counted here until released."""
+        got = breaker.try_acquire_connection()
+        if isinstance(got, Overflow) and not self.holds(breaker.cluster):
+            got = breaker.acquire_connection_over_limit()
+        if not isinstance(got, Overflow):
+            self.hold(got)
+        return got

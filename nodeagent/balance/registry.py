@@ -19,6 +19,7 @@ from nodeagent.balance.errors import PolicyError
 from nodeagent.balance.outlier import OutlierEvent
 from nodeagent.balance.picker import Picker
 from nodeagent.balance.policy import DEFAULT_POLICY, TrafficPolicy, resolve
+from nodeagent.balance.shared import SharedCounts, SharedSlot
 from nodeagent.balance.state import Clock
 from nodeagent.log import get_logger
 from nodeagent.snapshot import Snapshot
@@ -69,8 +70,11 @@ class Registry:
         rng: random.Random | None = None,
         on_event: Callable[[OutlierEvent], None] | None = log_event,
         max_clusters: int = 10_000,
+        shared: SharedCounts | None = None,
     ) -> None:
+        """`shared`: the workers' breaker table (`--workers N`): limits bound the node's sum."""
         self._now = now
+        self.shared = shared
         self._rng = rng if rng is not None else random.Random()
         self._on_event = on_event
         self._max = max_clusters
@@ -123,6 +127,7 @@ class Registry:
             now=self._now,
             rng=self._rng,
             previous=entry.picker if entry is not None else None,
+            shared=self._shared_slot(key, name) if entry is None else None,
             on_event=self._on_event,
         )
         self.rebuilds += 1
@@ -131,6 +136,11 @@ class Registry:
             self._entries.pop(next(iter(self._entries)))
         self._entries[key] = _Entry(snapshot, endpoints, policy, picker)
         return picker
+
+    def _shared_slot(self, key: ClusterKey, name: str) -> SharedSlot | None:
+        if self.shared is None:
+            return None
+        return self.shared.slot(f"{name}|{key[0]}|{key[5] or ''}")
 
     def prune(self, snapshot: Snapshot) -> int:
         """Forget the clusters of services that no longer exist; returns how many."""

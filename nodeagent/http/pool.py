@@ -36,7 +36,7 @@ import h11
 import trio
 
 from nodeagent.balance import UpstreamTls
-from nodeagent.balance.pool import CircuitBreaker, ConnectionToken, Overflow
+from nodeagent.balance.pool import CircuitBreaker, ClusterHolds, ConnectionToken, Overflow
 from nodeagent.http.errors import UpstreamOverflow
 from nodeagent.http.h1fast import FastClient, H1Codec, NeedsH11, fast_request
 from nodeagent.http.origination import originate
@@ -159,6 +159,7 @@ class ConnectionPool:
         self.stats = PoolStats()
         # Requests in a cluster's pending queue park here until a connection is freed.
         self._waiters: dict[str, trio.lowlevel.ParkingLot] = {}
+        self._holds = ClusterHolds()  # the cluster slots this pool's connections hold
 
     def idle_count(self, endpoint: Endpoint | None = None) -> int:
         if endpoint is None:
@@ -192,7 +193,8 @@ class ConnectionPool:
                 return up
         token: ConnectionToken | None = None
         if breaker is not None:
-            got = breaker.try_acquire_connection()
+            # Past the limit only when this pool holds none of the cluster's connections.
+            got = self._holds.connection(breaker)
             if isinstance(got, Overflow):
                 reused, token = await self._wait_pending(
                     key, breaker, got, connect_timeout, idle_timeout, fresh
@@ -264,14 +266,14 @@ class ConnectionPool:
                     up = await self._take_idle(key, idle_timeout)
                     if up is not None:
                         return up, None
-                if breaker.active["connections"] >= breaker.limits.max_connections:
+                if breaker.full("connections"):
                     # A slot held by an idle connection to another endpoint of the cluster:
                     # close it, this request needs the slot more.
                     other = self._idle_of(breaker.cluster)
                     if other is not None:
                         await self.discard(other)
-                if breaker.active["connections"] < breaker.limits.max_connections:
-                    got = breaker.try_acquire_connection()
+                if not breaker.full("connections"):
+                    got = self._holds.connection(breaker)
                     if not isinstance(got, Overflow):
                         return None, got
                 if trio.current_time() >= deadline:

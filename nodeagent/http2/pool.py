@@ -21,7 +21,7 @@ import trio
 
 from nodeagent.balance import Overflow
 from nodeagent.balance import Picker as Cluster
-from nodeagent.balance.pool import CircuitBreaker, ConnectionToken
+from nodeagent.balance.pool import CircuitBreaker, ClusterHolds, ConnectionToken
 from nodeagent.http.errors import UpstreamOverflow
 from nodeagent.http.pool import Credentials
 from nodeagent.http2.conn import H2Connection, StreamReset
@@ -51,6 +51,7 @@ class H2Pool:
         self._nursery: trio.Nursery | None = None
         self._opening: dict[tuple[str, int], trio.Event] = {}
         self._tokens: dict[int, ConnectionToken] = {}  # connection id → its maxConnections slot
+        self._holds = ClusterHolds()  # the cluster slots this pool's connections hold
         self._freed = trio.lowlevel.ParkingLot()  # pending requests: a stream or a slot freed
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -91,7 +92,8 @@ class H2Pool:
             return reused, True
         token: ConnectionToken | None = None
         if breaker is not None:
-            got = breaker.try_acquire_connection()
+            # Past the limit only when this pool holds none of the cluster's connections.
+            got = self._holds.connection(breaker)
             if isinstance(got, Overflow):
                 reused, token = await self._wait_pending(key, max_streams, breaker, got)
                 if reused is not None:
@@ -143,7 +145,7 @@ class H2Pool:
                 conn = await self._reusable(key, max_streams)
                 if conn is not None:
                     return conn, None
-                got = breaker.try_acquire_connection()
+                got = self._holds.connection(breaker)
                 if not isinstance(got, Overflow):
                     return None, got
         raise UpstreamOverflow(f"{overflow}: no stream freed within {self.connect_timeout:g}s")

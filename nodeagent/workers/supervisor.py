@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import trio
 
+from nodeagent.balance.shared import SharedCounts
 from nodeagent.inpod import Netns, bind_listeners
 from nodeagent.log import get_logger
 from nodeagent.snapshot import SnapshotSync, Workload
@@ -124,11 +125,19 @@ class WorkerPool:
         self._nursery: trio.Nursery | None = None
         self._stopped_accepting = trio.Event()  # every worker answered stop_accepting
         self._reported = trio.Event()  # set (and replaced) at every report
+        # The circuit-breaker counts every worker maps: a limit bounds the node's sum.
+        self.breakers = SharedCounts.create(count)
 
     # -- the component --------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start every worker and return `started` once each serves (configured)."""
+        try:
+            await self._run(task_status)
+        finally:
+            self.breakers.close()
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.sync.add_listener(lambda _: self._snapshot_changed.set())
@@ -272,7 +281,7 @@ class WorkerPool:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = await trio.lowlevel.open_process(
-                self._command(child.fileno()), pass_fds=(child.fileno(),)
+                self._command(child.fileno()), pass_fds=(child.fileno(), self.breakers.fd)
             )
         except BaseException:
             parent.close()
@@ -315,7 +324,12 @@ class WorkerPool:
         return served
 
     async def _configure(self, slot: Slot, channel: Channel) -> None:
-        hello = {"t": "hello", "slot": slot.index, "config": config_to_wire(self.config)}
+        hello = {
+            "t": "hello",
+            "slot": slot.index,
+            "config": config_to_wire(self.config),
+            "breakers_fd": self.breakers.fd,
+        }
         await channel.send(hello)
         async with self._feed_lock:
             await self._flush_snapshot()  # the others are up to date: then this one starts
@@ -346,6 +360,7 @@ class WorkerPool:
             proc.kill()
             await proc.wait()
         slot.last_exit = proc.returncode
+        self.breakers.clear_column(slot.index)  # its connections and requests died with it
         for pending in slot.pending.values():
             pending.error = "the worker died"
             pending.done.set()

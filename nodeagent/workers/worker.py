@@ -25,6 +25,7 @@ import trio
 from nodeagent import log as logging_setup
 from nodeagent.authn import Authenticator
 from nodeagent.balance import Registry
+from nodeagent.balance.shared import SharedCounts, SharedCountsError
 from nodeagent.inpod import Netns, PodListeners
 from nodeagent.log import get_logger
 from nodeagent.proxy.pod import PodProxy
@@ -73,7 +74,14 @@ class _Pod:
 
 
 class Worker:
-    def __init__(self, channel: Channel, slot: int, cfg: WorkerConfig) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        slot: int,
+        cfg: WorkerConfig,
+        *,
+        breakers: SharedCounts | None = None,
+    ) -> None:
         self.channel = channel
         self.slot = slot
         self.cfg = cfg
@@ -81,7 +89,7 @@ class Worker:
         self.snapshot: Snapshot = self.builder.snapshot
         self.identities = WorkerIdentities(cfg.trust_domain)
         self.sinks = WorkerSinks.build(cfg)
-        self.registry = Registry()
+        self.registry = Registry(shared=breakers)
         self.sessions = SessionCache()
         # This worker's JWT verifier (its own JWKS cache: each worker fetches remote key sets).
         self.authenticator = Authenticator()
@@ -245,7 +253,14 @@ async def _main(fd: int) -> None:
     if not isinstance(slot, int) or isinstance(slot, bool) or slot < 0:
         raise SystemExit(f"worker: bad slot in hello: {slot!r}")
     logging_setup.configure(cfg.log_level, "console" if cfg.log_format == "console" else "json")
-    await Worker(channel, slot, cfg).run()
+    breakers_fd = hello.body.get("breakers_fd")
+    if not isinstance(breakers_fd, int) or isinstance(breakers_fd, bool):
+        raise SystemExit(f"worker: bad breakers_fd in hello: {breakers_fd!r}")
+    try:
+        breakers = SharedCounts.attach(breakers_fd, slot)
+    except (OSError, SharedCountsError) as exc:
+        raise SystemExit(f"worker: the breaker table (fd {breakers_fd}): {exc}") from None
+    await Worker(channel, slot, cfg, breakers=breakers).run()
 
 
 def main(argv: list[str]) -> int:

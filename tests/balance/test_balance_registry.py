@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -9,7 +10,15 @@ from helpers_balance import FakeClock
 from snapshot_docs import key_of, service, workload
 from structlog.testing import capture_logs
 
-from nodeagent.balance import Outcome, OutlierEvent, Registry, cluster_name
+from nodeagent.balance import (
+    ConnectionToken,
+    Outcome,
+    OutlierEvent,
+    Overflow,
+    Registry,
+    cluster_name,
+)
+from nodeagent.balance.shared import SharedCounts
 from nodeagent.snapshot import Snapshot, SnapshotBuilder
 from nodeagent.snapshot.model import Service
 from nodeagent.store import codec, keys
@@ -189,3 +198,29 @@ def test_prune_and_bound() -> None:
     gone = mesh.delete(keys.config("Service", "default", "web"))
     assert reg.prune(gone) == 2
     assert reg.statistics()["clusters"] == 0
+
+
+def test_the_registries_of_two_workers_share_each_clusters_breaker() -> None:
+    mesh = Mesh()
+    mesh.service()
+    mesh.pod(1)
+    snap = mesh.rule({"connectionPool": {"tcp": {"maxConnections": 1}}})
+    table = SharedCounts.create(2, slots=8)
+    w0, w1 = (SharedCounts.attach(os.dup(table.fd), i) for i in (0, 1))
+    r0, r1 = Registry(on_event=None, shared=w0), Registry(on_event=None, shared=w1)
+    p0, p1 = r0.picker_for(snap, _svc(snap), None, 80), r1.picker_for(snap, _svc(snap), None, 80)
+    held = p0.breaker.try_acquire_connection()
+    assert isinstance(held, ConnectionToken)
+    assert isinstance(p1.breaker.try_acquire_connection(), Overflow)
+    # Another port is another cluster; a rebuilt picker keeps its breaker and so its slot.
+    assert isinstance(r1.picker_for(snap, _svc(snap), None, 81).breaker.try_acquire_connection(),
+                      ConnectionToken)  # fmt: skip
+    grown = mesh.pod(2)
+    q1 = r1.picker_for(grown, _svc(grown), None, 80)
+    assert q1 is not p1
+    assert q1.breaker is p1.breaker
+    assert isinstance(q1.breaker.try_acquire_connection(), Overflow)
+    held.release()
+    assert isinstance(q1.breaker.try_acquire_connection(), ConnectionToken)
+    for t in (w0, w1, table):
+        t.close()

@@ -1,10 +1,12 @@
 """Resilience on a 1-node sandbox with real backends as pods and `hey` from a client pod:
 latency-aware balancing (one replica 10x slower), outlier ejection and readmission, circuit
-breaking (exact count of immediate 503 UO in a burst), consistent hashing on a header."""
+breaking (exact count of immediate 503 UO in a burst; a second source pod not starved by the
+first one's idle connections), consistent hashing on a header."""
 
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +82,8 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
     (files / "app.py").write_text(APP)
     (files / "keys.py").write_text(KEYS)
     app = ["python3", str(files / "app.py")]
-    out = {"client": sandbox.pod_add("n1", "default", "client", ["sleep", "3600"])}
+    out = {name: sandbox.pod_add("n1", "default", name, ["sleep", "3600"])
+           for name in ("client", "client-2")}  # fmt: skip
 
     def add(name: str, delay_ms: int, labels: dict[str, str]) -> None:
         out[name] = sandbox.pod_add(
@@ -202,6 +205,19 @@ def test_burst_beyond_limits_gets_exact_immediate_503_uo(
     assert fastest is not None
     assert float(fastest.group(1)) < 0.5, out  # the UO answers did not wait for the backend
     assert hits(pods["cb-1"]).count("/hold") == 5
+
+
+def test_a_second_source_pod_is_not_starved_by_the_firsts_idle_connections(
+    sandbox: Sandbox, pods: dict[str, Pod]
+) -> None:
+    # Both of cb's connection slots (maxConnections 2) end up held by idle connections in the
+    # first client pod's pool. The second pod's pool holds none, so it may open one past the
+    # limit (Envoy: every pool gets a connection) instead of waiting 10 s (connectTimeout) in
+    # the pending queue for a slot that never frees, then answering 503.
+    assert hey_codes(hey(sandbox, pods["client"], f"http://{CB}/up", 8, 2)) == {200: 8}
+    started = time.monotonic()
+    assert curl_code(sandbox, pods["client-2"], f"http://{CB}/up") == 200
+    assert time.monotonic() - started < 3
 
 
 def test_consistent_hash_is_sticky_and_moves_about_one_nth(
