@@ -36,6 +36,7 @@ class OutlierEvent:
     at: float
     ejections: int  # times this endpoint was ejected so far
     until: float | None = None  # ejected: the earliest readmission time
+    backoff: int = 0  # ejected: the backoff multiplier its ejection time came from
 
 
 class OutlierDetector:
@@ -75,21 +76,41 @@ class OutlierDetector:
         # Envoy resets the counter that fired whether or not the ejection is allowed.
         s.consecutive_5xx = 0
         s.consecutive_gateway = 0
-        pct = self.policy.max_ejection_percent
-        allowed = 100.0 * (self.ejected_count + 1) <= pct * total or (
-            self.ejected_count == 0 and pct > 0
-        )
-        if not allowed:
+        if not self.may_eject(total):
             return OutlierEvent(self.cluster, "ejection_overflow", s.key, reason, now, s.ejections)
         p = self.policy
         if p.base_ejection_s * s.eject_backoff < p.max_ejection_s + p.base_ejection_s:
             s.eject_backoff += 1
+        self._mark(s, now)
+        until = now + self.ejection_time(s)
+        return OutlierEvent(
+            self.cluster, "ejected", s.key, reason, now, s.ejections, until, s.eject_backoff
+        )
+
+    def may_eject(self, total: int) -> bool:
+        """maxEjectionPercent allows one more ejection (always one, when above 0)."""
+        pct = self.policy.max_ejection_percent
+        return 100.0 * (self.ejected_count + 1) <= pct * total or (
+            self.ejected_count == 0 and pct > 0
+        )
+
+    def adopt(self, s: EndpointState, backoff: int, now: float, total: int) -> bool:
+        """Another worker process ejected `s` with `backoff`: eject it here too, for the same
+        ejection time (readmitted by this detector's sweeps). False when `s` is already
+        ejected here or maxEjectionPercent forbids it."""
+        if s.ejected or not self.may_eject(total):
+            return False
+        s.eject_backoff = max(s.eject_backoff, backoff)
+        s.consecutive_5xx = 0
+        s.consecutive_gateway = 0
+        self._mark(s, now)
+        return True
+
+    def _mark(self, s: EndpointState, now: float) -> None:
         s.ejected = True
         s.ejected_at = now
         s.ejections += 1
         self.ejected_count += 1
-        until = now + self.ejection_time(s)
-        return OutlierEvent(self.cluster, "ejected", s.key, reason, now, s.ejections, until)
 
     def sweep(self, states: Sequence[EndpointState], now: float) -> list[OutlierEvent]:
         """The interval timer: readmit endpoints whose time is up, relax backoffs."""

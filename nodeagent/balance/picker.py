@@ -158,6 +158,15 @@ class Picker:
 
     # -- health --------------------------------------------------------------------------------
 
+    def adopt_ejection(self, key: str, backoff: int) -> bool:
+        """Another worker ejected endpoint `key` ("address:port") of this cluster: so does this
+        picker (`OutlierDetector.adopt`); whether it did."""
+        od, s = self.outlier, self._by_key.get(key)
+        if od is None or s is None or not od.adopt(s, backoff, self._now(), len(self.states)):
+            return False
+        self._refresh()
+        return True
+
     def maintain(self) -> list[OutlierEvent]:
         """Run the outlier sweep if it is due (readmissions); the proxy may call it on a timer
         so that readmission events are logged even for a cluster that gets no traffic."""

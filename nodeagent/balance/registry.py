@@ -142,6 +142,12 @@ class Registry:
             return None
         return self.shared.slot(f"{name}|{key[0]}|{key[5] or ''}")
 
+    def adopt_ejection(self, cluster: str, endpoint: str, backoff: int) -> int:
+        """Another worker process ejected `endpoint` of `cluster` (a cluster name): eject it
+        in every picker of that name here too; how many did."""
+        pickers = [e.picker for e in self._entries.values() if e.picker.cluster == cluster]
+        return sum(p.adopt_ejection(endpoint, backoff) for p in pickers)
+
     def prune(self, snapshot: Snapshot) -> int:
         """Forget the clusters of services that no longer exist; returns how many."""
         gone = [k for k in self._entries if snapshot.service(k[1], k[2], kind=k[0]) is None]

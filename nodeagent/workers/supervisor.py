@@ -387,6 +387,10 @@ class WorkerPool:
                     reported.set()
                     slot.revision = int(msg.body.get("revision") or 0)
                     slot.identity = dict(msg.body.get("identity") or {})
+                elif msg.type == "ejected" and self._nursery is not None:
+                    # An outlier ejection: every other worker ejects the endpoint too.
+                    peer = {**msg.body, "t": "peer_ejected"}
+                    self._nursery.start_soon(self._tell_others, slot.index, peer)
                 elif msg.type == "reply":
                     pending = slot.pending.pop(int(msg.body["id"]), None)
                     if pending is not None:
@@ -462,6 +466,11 @@ class WorkerPool:
         if stuck.cancelled_caught and proc is not None and proc.returncode is None:
             log.error("worker.stuck", slot=slot.index, pid=proc.pid, type=msg.get("t"))
             proc.kill()
+
+    async def _tell_others(self, index: int, msg: dict[str, Any]) -> None:
+        for slot in self.slots:
+            if slot.index != index:
+                await self._stream(slot, msg)
 
     async def _flush_snapshot(self) -> None:
         """Under `_feed_lock`: send what changed since the last message to every worker up."""

@@ -24,7 +24,8 @@ import trio
 
 from nodeagent import log as logging_setup
 from nodeagent.authn import Authenticator
-from nodeagent.balance import Registry
+from nodeagent.balance import OutlierEvent, Registry
+from nodeagent.balance.registry import log_event
 from nodeagent.balance.shared import SharedCounts, SharedCountsError
 from nodeagent.inpod import Netns, PodListeners
 from nodeagent.log import get_logger
@@ -89,7 +90,9 @@ class Worker:
         self.snapshot: Snapshot = self.builder.snapshot
         self.identities = WorkerIdentities(cfg.trust_domain)
         self.sinks = WorkerSinks.build(cfg)
-        self.registry = Registry(shared=breakers)
+        self.registry = Registry(shared=breakers, on_event=self._outlier_event)
+        # This worker's ejections, on their way to the control (which tells the others).
+        self._ejections_in, self._ejections_out = trio.open_memory_channel[dict[str, Any]](256)
         self.sessions = SessionCache()
         # This worker's JWT verifier (its own JWKS cache: each worker fetches remote key sets).
         self.authenticator = Authenticator()
@@ -104,6 +107,7 @@ class Worker:
             if self.sinks.exporter is not None:
                 await nursery.start(self.sinks.exporter.run)
             nursery.start_soon(self._report_loop)
+            nursery.start_soon(self._forward_ejections)
             nursery.start_soon(self._maintain_balance)
             log.info("worker.started", slot=self.slot, pid=os.getpid())
             try:
@@ -127,6 +131,11 @@ class Worker:
                 await self._add_pod(msg)
             elif t == "pod_remove":
                 await self._remove_pod(str(msg.body["uid"]))
+            elif t == "peer_ejected":
+                adopted = self.registry.adopt_ejection(
+                    _str(msg.body, "cluster"), _str(msg.body, "endpoint"), _int(msg.body, "backoff")
+                )
+                log.debug("outlier.adopted", cluster=msg.body["cluster"], pickers=adopted)
             elif t == "stop_accepting":
                 for pod in self.pods.values():
                     pod.proxy.close_listeners()
@@ -207,6 +216,17 @@ class Worker:
         with trio.move_on_after(5.0):
             await pod.stopped.wait()
 
+    def _outlier_event(self, event: OutlierEvent) -> None:
+        log_event(event)
+        if event.kind == "ejected":
+            body = {"cluster": event.cluster, "endpoint": event.endpoint, "backoff": event.backoff}
+            with contextlib.suppress(trio.WouldBlock):  # 256 queued: the others detect alone
+                self._ejections_in.send_nowait({"t": "ejected", **body})
+
+    async def _forward_ejections(self) -> None:
+        async for msg in self._ejections_out:
+            await self.channel.send(msg)
+
     async def _report_loop(self) -> None:
         while True:
             await trio.sleep(self.cfg.report_interval)
@@ -233,6 +253,20 @@ async def _open_nursery(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
     async with trio.open_nursery() as nursery:
         task_status.started(nursery)
         await trio.sleep_forever()
+
+
+def _str(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} is {value!r}, not a non-empty string")
+    return value
+
+
+def _int(body: dict[str, Any], name: str) -> int:
+    value = body.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} is {value!r}, not an int >= 0")
+    return value
 
 
 def _close_quietly(fd: int) -> None:

@@ -224,3 +224,44 @@ def test_the_registries_of_two_workers_share_each_clusters_breaker() -> None:
     assert isinstance(q1.breaker.try_acquire_connection(), ConnectionToken)
     for t in (w0, w1, table):
         t.close()
+
+
+def test_an_ejection_in_one_worker_is_adopted_by_another() -> None:
+    mesh = Mesh()
+    for n in (1, 2, 3):
+        mesh.pod(n)
+    mesh.service()
+    od = {"consecutive5xxErrors": 2, "maxEjectionPercent": 34, "baseEjectionTime": "10s"}
+    snap = mesh.rule({"outlierDetection": od})
+    clock = FakeClock()
+    events: list[OutlierEvent] = []
+    a = Registry(now=clock, rng=random.Random(1), on_event=events.append)
+    b = Registry(now=clock, rng=random.Random(2), on_event=events.append)
+    pa, pb = (r.picker_for(snap, _svc(snap), None, 80) for r in (a, b))
+    bad = pa.state("10.1.0.1", 8080)
+    assert bad is not None
+    for _ in range(2):
+        bad.start()
+        bad.finish(0.01, Outcome.from_status(503))
+    (ejected,) = events
+    assert (ejected.kind, ejected.endpoint, ejected.backoff) == ("ejected", "10.1.0.1:8080", 1)
+    # What the worker sends to the control, and the control to every other worker:
+    assert b.adopt_ejection(ejected.cluster, ejected.endpoint, ejected.backoff) == 1
+    assert {pb.pick().address for _ in range(60)} == {"10.1.0.2", "10.1.0.3"}
+    assert b.adopt_ejection(ejected.cluster, ejected.endpoint, ejected.backoff) == 0  # already
+    assert b.adopt_ejection("outbound|80||other", ejected.endpoint, 1) == 0
+    # maxEjectionPercent 34 of 3: one ejected at most, adopted or not.
+    assert b.adopt_ejection(ejected.cluster, "10.1.0.2:8080", 1) == 0
+    assert len(events) == 1  # an adopted ejection is the ejecting worker's to log
+    # Readmitted by b's own sweep after the same ejection time (10 s x backoff 1).
+    clock.advance(9.0)
+    assert b.maintain() == []
+    clock.advance(2.0)
+    assert [(e.kind, e.endpoint) for e in b.maintain()] == [("readmitted", "10.1.0.1:8080")]
+    assert {pb.pick().address for _ in range(60)} == {"10.1.0.1", "10.1.0.2", "10.1.0.3"}
+    # A second ejection doubles the time, in the adopting worker too.
+    assert b.adopt_ejection(ejected.cluster, ejected.endpoint, 2) == 1
+    clock.advance(15.0)
+    assert b.maintain() == []
+    clock.advance(6.0)
+    assert [e.kind for e in b.maintain()] == ["readmitted"]

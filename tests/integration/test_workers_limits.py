@@ -1,10 +1,11 @@
 """A DestinationRule's connection limits bound the node, not each worker process
-(`--workers 2`, docs/dataplane.md "Processes"): the workers count in one shared table.
+(`--workers 2`, docs/dataplane.md "Processes"): the workers count in one shared table; and an
+outlier ejection in one worker is adopted by the other.
 
 1-node sandbox; the client pod's connections spread over both workers' 15001 sockets
 (SO_REUSEPORT), checked per test from `/workers`. Without the shared table each worker would
-allow the limits again: 4 live L4 connections instead of 2, and about twice the HTTP requests
-served in a burst.
+allow the limits again (4 live L4 connections instead of 2, twice the HTTP requests served in a
+burst), and each would send a failing replica its own 3 consecutive errors (6 instead of <= 5).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from l7_helpers import hey_codes
+from l7_helpers import hey_codes, hits
 from mesh_helpers import admin, apply, eventually, sandbox_fixture
 from snapshot_docs import service
 
@@ -21,7 +22,7 @@ from nodeagent.sandbox import Pod, Sandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 sandbox = sandbox_fixture("wl", nodes=1, workers=2)
-ECHO_VIP, HOLD_VIP = "10.96.78.10", "10.96.78.11"
+ECHO_VIP, HOLD_VIP, EJ_VIP = "10.96.78.10", "10.96.78.11", "10.96.78.12"
 
 ECHO = r"""
 import socket, threading
@@ -34,17 +35,22 @@ while True:
     threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
 """
 
-HOLD = r"""
-import time
+# `app.py NAME`: /hold answers after 1.5 s; /fail answers 500 while /tmp/NAME.fail exists (the
+# pods share the host's /tmp); one "hit P" line per request.
+APP = r"""
+import os, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+NAME = sys.argv[1]
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def log_message(self, *a):
         pass
     def do_GET(self):
+        print(f"hit {self.path}", flush=True)
         if self.path.startswith("/hold"):
             time.sleep(1.5)
-        self.send_response(200)
+        failing = self.path.startswith("/fail") and os.path.exists(f"/tmp/{NAME}.fail")
+        self.send_response(500 if failing else 200)
         self.send_header("content-length", "3")
         self.end_headers()
         self.wfile.write(b"ok\n")
@@ -70,12 +76,12 @@ print(live)
 """
 
 
-def dr(host: str, pool: dict[str, Any]) -> dict[str, Any]:
+def dr(host: str, policy: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "networking.istio.io/v1",
         "kind": "DestinationRule",
         "metadata": {"name": host, "namespace": "default"},
-        "spec": {"host": host, "trafficPolicy": {"connectionPool": pool}},
+        "spec": {"host": host, "trafficPolicy": policy},
     }
 
 
@@ -87,26 +93,44 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def client(sandbox: Sandbox, files: Path) -> Pod:
     d = files
-    for name, text in (("echo.py", ECHO), ("hold.py", HOLD), ("holder.py", HOLDER)):
+    for name, text in (("echo.py", ECHO), ("app.py", APP), ("holder.py", HOLDER)):
         (d / name).write_text(text)
-    for app in ("echo", "hold"):
-        sandbox.pod_add(
-            "n1", "default", app, ["python3", str(d / f"{app}.py")], labels={"app": app}
-        )
+    sandbox.pod_add(
+        "n1", "default", "echo", ["python3", str(d / "echo.py")], labels={"app": "echo"}
+    )
+    sandbox.pod_add("n1", "default", "hold", ["python3", str(d / "app.py"), "hold"],
+                    labels={"app": "hold"})  # fmt: skip
+    for i in (1, 2, 3):
+        sandbox.pod_add("n1", "default", f"wej-{i}", ["python3", str(d / "app.py"), f"wej-{i}"],
+                        labels={"app": "wej"})  # fmt: skip
     pod = sandbox.pod_add("n1", "default", "client", ["sleep", "3600"])
+    od = {"consecutive5xxErrors": 3, "interval": "1s", "baseEjectionTime": "60s",
+          "maxEjectionPercent": 100}  # fmt: skip
     docs = [
         service("echo", cluster_ip=ECHO_VIP, port=9000, target=9000, port_name="tcp-echo"),
         service("hold", cluster_ip=HOLD_VIP),
-        dr("echo", {"tcp": {"maxConnections": 2}}),
-        dr("hold", {"tcp": {"maxConnections": 2}, "http": {"http1MaxPendingRequests": 1}}),
+        service("wej", cluster_ip=EJ_VIP),
+        dr("echo", {"connectionPool": {"tcp": {"maxConnections": 2}}}),
+        dr(
+            "hold",
+            {
+                "connectionPool": {
+                    "tcp": {"maxConnections": 2},
+                    "http": {"http1MaxPendingRequests": 1},
+                }
+            },
+        ),
+        dr("wej", {"loadBalancer": {"simple": "ROUND_ROBIN"}, "outlierDetection": od}),
     ]
     apply(sandbox, d, "limits", docs)
     eventually(lambda: holder(sandbox, pod, d, 1) == 1, "the echo service answers")
-    url = f"http://{HOLD_VIP}/up"
-    eventually(
-        lambda: sandbox.exec(pod, ["curl", "-sf", "-m", "3", url]).returncode == 0,
-        "the hold service answers",
-    )
+    for vip in (HOLD_VIP, EJ_VIP):
+        eventually(
+            lambda v=vip: (
+                sandbox.exec(pod, ["curl", "-sf", "-m", "3", f"http://{v}/up"]).returncode == 0
+            ),
+            f"{vip} answers",
+        )
     return pod
 
 
@@ -159,3 +183,27 @@ def test_an_http_burst_is_limited_across_the_workers(sandbox: Sandbox, client: P
     # at most 5). Each worker counting alone would serve 6 (3 in each).
     assert 3 <= codes.get(200, 0) <= 5, codes
     assert codes.get(503, 0) >= 7, codes
+
+
+def test_an_ejection_in_one_worker_is_adopted_by_the_other(
+    sandbox: Sandbox, client: Pod, files: Path
+) -> None:
+    flag = Path("/tmp/wej-2.fail")
+    flag.write_text("")
+    try:
+        before = accepted(sandbox)
+        # A new connection per request (spread over the workers), 20/s: an ejection reaches the
+        # other worker (worker -> control -> worker) long before the next request.
+        url = f"http://{EJ_VIP}/fail"
+        r = sandbox.exec(client, ["hey", "-n", "60", "-c", "1", "-q", "20", "-disable-keepalive",
+                                  url], timeout=60)  # fmt: skip
+        spread = wait_spread(sandbox, before, 60)
+    finally:
+        flag.unlink()
+    failed = hits(sandbox.pod("wej-2", "default")).count("/fail")
+    print("codes:", hey_codes(str(r.stdout)), "accepted per worker:", spread, "wej-2:", failed)
+    assert min(spread) >= 12, spread  # each worker sent wej-2 its share (every 3rd request)
+    # Ejected at the first worker's 3rd consecutive 500; the other adopted it with at most 2 of
+    # its own. Alone, each worker would have needed 3: 6.
+    assert 3 <= failed <= 5
+    assert hey_codes(str(r.stdout)) == {200: 60 - failed, 500: failed}
