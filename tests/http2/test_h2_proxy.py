@@ -10,6 +10,7 @@ import trio
 import trio.testing
 from h2_helpers import HOST, H2Backend, app_snapshot, curl_h2, dr, echo, running, vs
 
+from nodeagent.balance import Registry
 from nodeagent.http.limits import Limits
 from nodeagent.http2.conn import H2Connection
 from nodeagent.telemetry.tracing import Tracer
@@ -373,3 +374,30 @@ async def test_max_requests_per_connection_and_max_connections() -> None:
         assert r.proxy.pool.stats.pending_waits == 1
     assert sorted(h.get("grpc-status", "") for h in results) == ["", "", "14"], results
     assert sum("UO" in e.flags for e in r.logs) == 1
+
+
+async def test_a_second_pool_is_not_starved_by_the_firsts_connection() -> None:
+    # Two source pods' proxies share the node's registry, so the cluster's breaker: the first
+    # one's connection holds the one maxConnections slot. The second pool holds none of the
+    # cluster's, so it opens one past the limit at once, rather than waiting in the pending
+    # queue for a slot the first pool keeps (its connection stays open after the call).
+    pool = {
+        "tcp": {"maxConnections": 1},
+        "http": {"maxConcurrentStreams": 1, "http1MaxPendingRequests": 1},
+    }
+    snap = app_snapshot(dr({"trafficPolicy": {"connectionPool": pool}}), replicas=1)
+    registry = Registry(on_event=None)
+    async with (
+        running(snap, [H2Backend("a")], registry=registry) as first,
+        running(snap, [H2Backend("b")], registry=registry) as second,
+    ):
+        ((head, _, _),) = await h2_requests(first.port, 1, GRPC)
+        assert head.get("grpc-status", "") == ""
+        t0 = trio.current_time()
+        with trio.fail_after(5):
+            ((head, _, _),) = await h2_requests(second.port, 1, GRPC)
+        assert head.get("grpc-status", "") == "", head
+        assert trio.current_time() - t0 < 1.0
+        assert second.proxy.pool.stats.pending_waits == 0
+        (picker,) = registry.pickers()
+        assert picker.breaker.in_use("connections") == 2  # one per pool
