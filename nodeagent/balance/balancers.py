@@ -102,6 +102,7 @@ class LeastRequest(_PowerOfTwo):
 # 131/180/289 of 600 gRPC calls); with it they take turns, and a replica slower by more (the
 # tests' 20-25 ms against 2 ms) still loses every draw.
 SAME_SPEED_RATIO = 2.0
+MIN_GAIN = 0.125  # the least weight of a sample below the estimate (TCP's SRTT alpha)
 SAME_SPEED_SLACK_S = 0.002
 
 
@@ -164,6 +165,11 @@ def observe_rtt(
         s.rtt_peak = 0.0
         elapsed = now - s.rtt_at
         decay = math.exp(-elapsed / decay_s) if elapsed > 0 else 1.0
+        # At least TCP's SRTT gain (1/8) per sample: with samples milliseconds apart the time
+        # weight alone is ~0.0005, so an estimate raised by a stall of the whole node (every
+        # sample of a burst late, a "peak") stayed up for the 10 s decay and kept a fast
+        # replica in the slow one's band; now a score of fast samples brings it back.
+        decay = min(decay, 1.0 - MIN_GAIN)
         s.rtt = s.rtt * decay + sample * (1.0 - decay)
     if now > s.rtt_at:
         s.rtt_at = now

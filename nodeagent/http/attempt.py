@@ -167,6 +167,11 @@ class Attempts:
         fresh: bool = False,
     ) -> AttemptOutcome:
         pool_limits = cluster.policy.pool
+        # Opening a connection (and a wait in the pending queue) is the mesh's time, not the
+        # endpoint's: peak-EWMA gets the latency without it, as from the HTTP/2 pool. With it,
+        # a fast replica's first request (a new tunnel stream, maybe a TLS handshake) read as
+        # slow, and the 10 s decay kept it so for the next seconds.
+        acquiring = trio.current_time()
         try:
             up = await self.pool.acquire(
                 handle.endpoint,
@@ -186,6 +191,7 @@ class Attempts:
             return AttemptOutcome("connect-failure", detail=str(exc), tls_failure=exc.reason)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             return AttemptOutcome("connect-failure", detail=str(exc))
+        setup = trio.current_time() - acquiring
         timed_out = True
         sent = False
         try:
@@ -214,11 +220,16 @@ class Attempts:
                 if head_event is not None:
                     timed_out = False
                     return AttemptOutcome(
-                        "response", up=up, response=head_event, status=head_event.status_code
+                        "response",
+                        up=up,
+                        response=head_event,
+                        status=head_event.status_code,
+                        setup_s=setup,
                     )
                 timed_out = False
                 await self.pool.discard(up)
-                return AttemptOutcome("reset", stale=up.reused and not up.received_any)
+                stale = up.reused and not up.received_any
+                return AttemptOutcome("reset", stale=stale, setup_s=setup)
         except DownstreamError:
             await self.pool.discard(up)
             raise
@@ -226,11 +237,12 @@ class Attempts:
             timed_out = False
             await self.pool.discard(up)
             stale = up.reused and not up.received_any
-            return AttemptOutcome("reset", stale=stale, detail=str(exc) if sent else UNSENT)
+            detail = str(exc) if sent else UNSENT
+            return AttemptOutcome("reset", stale=stale, detail=detail, setup_s=setup)
         finally:
             if timed_out:
                 await self.pool.discard(up)
-        return AttemptOutcome("timeout")
+        return AttemptOutcome("timeout", setup_s=setup)
 
 
 def may_resend(method: bytes, *, written: bool) -> bool:

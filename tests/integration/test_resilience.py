@@ -158,6 +158,7 @@ def test_slow_replica_gets_little_traffic_by_default(
     out = hey(sandbox, client, f"http://{LAT}/ewma", 1000, 4)
     assert hey_codes(out) == {200: 1000}, out
     got = count(pods, "lat-", "/ewma")
+    print("peak-EWMA spread:", got)
     assert sum(got.values()) == 1000
     assert got["lat-3"] < 100, got
     assert p99(out) <= 2 * p99(fast), (p99(out), p99(fast))
