@@ -102,6 +102,16 @@ def endpoint_slice(
     }
 
 
+def destination_rule(host: str, spec: Doc, *, namespace: str = "default") -> Doc:
+    """An Istio DestinationRule named after `host`, with `spec` (trafficPolicy, subsets, …)."""
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": host, "namespace": namespace},
+        "spec": {"host": host, **spec},
+    }
+
+
 def mirrored(obj: Doc) -> tuple[str, Doc]:
     """(store key, document) of a Kubernetes EndpointSlice as kube-sync writes it (its own
     conversion, `nodeagent.kube.mirror.convert`)."""

@@ -15,7 +15,7 @@ import pytest
 from grpc_apps import PY, client, unary, write_apps
 from l7_helpers import binomial_interval, write_app
 from mesh_helpers import apply, eventually, sandbox_fixture
-from snapshot_docs import service
+from snapshot_docs import destination_rule, service
 
 from nodeagent.sandbox import Pod, Sandbox
 from nodeagent.telemetry.exposition import samples
@@ -29,15 +29,6 @@ ECHO, LAT, EJ, FAULT, WEB, ECHO_RR, S_H1, S_H2, S_TCP, AGED = (
 
 def grpc_service(name: str, ip: str, port_name: str = "grpc") -> dict[str, Any]:
     return service(name, cluster_ip=ip, port_name=port_name)
-
-
-def dr(host: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "DestinationRule",
-        "metadata": {"name": host, "namespace": "default"},
-        "spec": {"host": host, **spec},
-    }
 
 
 def vs(host: str, http: list[dict[str, Any]]) -> dict[str, Any]:
@@ -102,13 +93,13 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
         grpc_service("aged", AGED),
         grpc_service("web", WEB, port_name="http2"),
         service("echo-rr", {"app": "echo"}, cluster_ip=ECHO_RR, port_name="grpc"),
-        dr("echo-rr", {"trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBIN"}}}),
+        destination_rule("echo-rr", {"trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBIN"}}}),
         # undeclared protocol ("web" is no protocol prefix): sniffed
         service("s-h1", cluster_ip=S_H1, port_name="web"),
         service("s-h2", cluster_ip=S_H2, port_name="web"),
         service("s-tcp", cluster_ip=S_TCP, port_name="web"),
-        dr("echo", {"subsets": subsets}),
-        dr(
+        destination_rule("echo", {"subsets": subsets}),
+        destination_rule(
             "ej",
             {"trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBIN"}, "outlierDetection": od}},
         ),

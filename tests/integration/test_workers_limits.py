@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from l7_helpers import hey_codes, hits
 from mesh_helpers import admin, apply, eventually, sandbox_fixture
-from snapshot_docs import service
+from snapshot_docs import destination_rule, service
 
 from nodeagent.sandbox import Pod, Sandbox
 
@@ -77,12 +77,7 @@ print(live)
 
 
 def dr(host: str, policy: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.istio.io/v1",
-        "kind": "DestinationRule",
-        "metadata": {"name": host, "namespace": "default"},
-        "spec": {"host": host, "trafficPolicy": policy},
-    }
+    return destination_rule(host, {"trafficPolicy": policy})
 
 
 @pytest.fixture(scope="module")
