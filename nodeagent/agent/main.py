@@ -650,6 +650,9 @@ class Agent:
                 "identity": self.identities.statistics() if self.identities else None,
                 "gateway": self.gateway.statistics() if self.gateway else None,
                 "balance": self.balance.statistics(),
+                # --workers N: the pods' breakers live in the workers (the above is the
+                # control's registry: the gateway's).
+                "worker_breakers": self.workers.book.breakers() if self.workers else None,
             }
 
         def workers(_: Any) -> Response:

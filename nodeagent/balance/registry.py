@@ -18,7 +18,7 @@ from typing import Any
 from nodeagent.balance.errors import PolicyError
 from nodeagent.balance.outlier import OutlierEvent
 from nodeagent.balance.picker import Picker
-from nodeagent.balance.policy import DEFAULT_POLICY, TrafficPolicy, resolve
+from nodeagent.balance.policy import DEFAULT_POLICY, ConnectionPool, TrafficPolicy, resolve
 from nodeagent.balance.shared import SharedCounts, SharedSlot
 from nodeagent.balance.state import Clock
 from nodeagent.log import get_logger
@@ -164,6 +164,16 @@ class Registry:
 
     def pickers(self) -> list[Picker]:
         return [e.picker for e in self._entries.values()]
+
+    def breaker_statistics(self) -> list[dict[str, Any]]:
+        """The breakers of clusters whose DestinationRule sets connection-pool limits (the
+        others cannot overflow): what a worker reports to the control for `/config_dump`."""
+        default = ConnectionPool()
+        return [
+            {"cluster": e.picker.cluster, **e.picker.breaker.statistics()}
+            for e in self._entries.values()
+            if e.policy.pool != default
+        ]
 
     def statistics(self) -> dict[str, Any]:
         return {

@@ -31,6 +31,7 @@ class WorkerReport:
     metrics: list[FamilyState] = field(default_factory=list)
     pods: dict[str, PodStats] = field(default_factory=dict)  # pod uid → statistics
     pools: dict[str, dict[str, int]] = field(default_factory=dict)  # pod uid → its HBONE pool
+    breakers: list[dict[str, Any]] = field(default_factory=list)  # its limited clusters' breakers
 
     @classmethod
     def from_message(cls, msg: dict[str, Any]) -> WorkerReport:
@@ -38,6 +39,7 @@ class WorkerReport:
             list(msg.get("metrics") or []),
             dict(msg.get("pods") or {}),
             dict(msg.get("pools") or {}),
+            list(msg.get("breakers") or []),
         )
 
     def connections(self) -> int:
@@ -49,6 +51,18 @@ class WorkerBook:
     live: dict[int, WorkerReport] = field(default_factory=dict)  # worker slot → last report
     retired_metrics: list[FamilyState] = field(default_factory=list)
     retired_pods: dict[str, PodStats] = field(default_factory=dict)
+
+    def breakers(self) -> list[dict[str, Any]]:
+        """Per limited cluster: the node's counts (the shared table's sums, as the last report
+        read them) and each live worker's own active and overflow counts."""
+        merged: dict[str, dict[str, Any]] = {}
+        for slot in sorted(self.live):
+            for b in self.live[slot].breakers:
+                row = merged.setdefault(str(b.get("cluster")), {"node": {}, "workers": []})
+                row["node"] = b.get("node") or row["node"]
+                own = {"slot": slot, "active": b.get("active"), "overflow": b.get("overflow")}
+                row["workers"].append(own)
+        return [{"cluster": name, **row} for name, row in merged.items()]
 
     def report(self, slot: int, report: WorkerReport) -> None:
         self.live[slot] = report

@@ -240,6 +240,7 @@ class Worker:
             "pools": {uid: p.proxy.pool_statistics() for uid, p in self.pods.items()},
             "revision": self.builder.revision,
             "identity": self.identities.statistics(),
+            "breakers": self.registry.breaker_statistics(),
         }
 
     async def _maintain_balance(self) -> None:

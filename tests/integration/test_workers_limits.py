@@ -179,6 +179,25 @@ def test_an_http_burst_is_limited_across_the_workers(sandbox: Sandbox, client: P
     assert 3 <= codes.get(200, 0) <= 5, codes
     assert codes.get(503, 0) >= 7, codes
 
+    # The operator's view (`/config_dump` "worker_breakers", from the workers' reports): the
+    # cluster's node-wide counts and each worker's overflows, which add up to the 503s.
+    def hold_row() -> dict[str, Any] | None:
+        rows = admin(sandbox, "n1", "/config_dump")["worker_breakers"]
+        return next((b for b in rows if b["cluster"].endswith("|hold.default.svc.cluster.local")),
+                    None)  # fmt: skip
+
+    def overflowed() -> int:
+        row = hold_row()
+        return -1 if row is None else sum(w["overflow"]["pending"] for w in row["workers"])
+
+    eventually(lambda: overflowed() == codes[503], "the workers reported the overflows")
+    row = hold_row()
+    assert row is not None
+    print("worker_breakers:", row)
+    assert len(row["workers"]) == 2
+    assert row["node"]["pending"] == 0
+    assert 1 <= row["node"]["connections"] <= 3  # the idle connections the pools keep
+
 
 def test_an_ejection_in_one_worker_is_adopted_by_the_other(
     sandbox: Sandbox, client: Pod, files: Path

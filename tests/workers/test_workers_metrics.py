@@ -88,3 +88,30 @@ def test_retire_twice_or_unknown_slot_changes_nothing() -> None:
     book.retire(0)
     book.retire(7)
     assert _total(book) == 3
+
+
+def test_breakers_merge_per_cluster_and_a_dead_workers_go() -> None:
+    def breaker(cluster: str, active: int, overflow: int, node: int) -> dict[str, object]:
+        return {
+            "cluster": cluster,
+            "active": {"connections": active},
+            "overflow": {"pending": overflow},
+            "node": {"connections": node},
+        }
+
+    book = WorkerBook()
+    book.report(1, WorkerReport.from_message({"breakers": [breaker("a", 1, 2, 3)]}))
+    book.report(
+        0, WorkerReport.from_message({"breakers": [breaker("a", 2, 5, 3), breaker("b", 1, 0, 1)]})
+    )
+    rows = {r["cluster"]: r for r in book.breakers()}
+    assert set(rows) == {"a", "b"}
+    assert rows["a"]["node"] == {"connections": 3}
+    assert [(w["slot"], w["active"], w["overflow"]) for w in rows["a"]["workers"]] == [
+        (0, {"connections": 2}, {"pending": 5}),
+        (1, {"connections": 1}, {"pending": 2}),
+    ]
+    book.retire(0)
+    assert [r["cluster"] for r in book.breakers()] == ["a"]
+    assert [w["slot"] for w in book.breakers()[0]["workers"]] == [1]
+    assert WorkerReport.from_message({}).breakers == []
