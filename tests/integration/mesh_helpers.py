@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from nodeagent.admin.client import admin_json_sync
 from nodeagent.sandbox import Pod, Sandbox
+from nodeagent.store import keys, open_store
 
 MESHCTL = str(Path(sys.prefix) / "bin" / "meshctl")
 
@@ -80,6 +82,32 @@ def apply_file(sb: Sandbox, path: Path) -> None:
 def admin(sb: Sandbox, node: str, path: str) -> Any:
     """The JSON an agent's admin socket answers for `path` (/pods, /certs, /config_dump…)."""
     return admin_json_sync(sb.node(node).admin_socket, path, timeout=5)
+
+
+def store_revision(sb: Sandbox) -> int:
+    """The store's current revision: everything applied so far is at or below it."""
+
+    async def read() -> int:
+        store = await open_store(sb.store_url)
+        try:
+            _, revision = await store.range(keys.ROOT)
+        finally:
+            await store.aclose()
+        return revision
+
+    return trio.run(read)
+
+
+def wait_config(sb: Sandbox, node: str, timeout: float = 20.0) -> None:
+    """Until `node`'s agent serves a snapshot holding everything applied so far. A check on
+    answers alone can pass under the old routes (a canary's weights give either version)."""
+    revision = store_revision(sb)
+
+    def holds() -> bool:
+        snapshot = admin(sb, node, "/config_dump").get("snapshot") or {}
+        return int(snapshot.get("revision", 0)) >= revision
+
+    eventually(holds, f"{node}'s agent holds store revision {revision}", timeout)
 
 
 def eventually(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
