@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 from l7_helpers import (
     BOOKINFO,
     SEED,
@@ -23,11 +22,10 @@ from l7_helpers import (
     hits,
     write_app,
 )
-from mesh_helpers import admin, apply, apply_file, eventually, http, sandbox_fixture
+from mesh_helpers import apply, apply_file, eventually, http, sandbox_fixture, wait_config
 from snapshot_docs import service
 
 from nodeagent.sandbox import Pod, Sandbox
-from nodeagent.store import keys, open_store
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 sandbox = sandbox_fixture("l7")
@@ -94,25 +92,12 @@ def answers(sb: Sandbox, pod: Pod, url: str, expect: str, *headers: str) -> bool
     return code == 200 and expect in body
 
 
-async def _store_revision(url: str) -> int:
-    store = await open_store(url)
-    try:
-        _, revision = await store.range(keys.ROOT)
-    finally:
-        await store.aclose()
-    return revision
-
-
 def test_header_route_bookinfo_jason(sandbox: Sandbox, pods: dict[str, Pod]) -> None:
     apply_file(sandbox, BOOKINFO / "virtual-service-reviews-jason-v2-v3.yaml")
     client, url = pods["client"], f"http://{REVIEWS}:9080/reviews/0"
     # Wait until n1's agent (the client's) holds the VirtualService: before it, the Service
     # balances over every version, so an answer from v3 (or v2) alone proves nothing.
-    revision = trio.run(_store_revision, sandbox.store_url)
-    eventually(
-        lambda: admin(sandbox, "n1", "/config_dump")["snapshot"]["revision"] >= revision,
-        "n1's snapshot has the VirtualService",
-    )
+    wait_config(sandbox, "n1")
     for _ in range(5):
         assert answers(sandbox, client, url, "version=reviews-v2", "end-user: jason")
         assert answers(sandbox, client, url, "version=reviews-v3", "end-user: alice")
@@ -142,11 +127,7 @@ def test_seed_fault_delays_7s(sandbox: Sandbox, pods: dict[str, Pod]) -> None:
         lambda: answers(sandbox, client, f"http://{RATINGS}:9080/", "ratings-v2"), "ratings-v2"
     )
     apply_file(sandbox, SEED / "02-fault-delay.yaml")
-    revision = trio.run(_store_revision, sandbox.store_url)
-    eventually(
-        lambda: admin(sandbox, "n1", "/config_dump")["snapshot"]["revision"] >= revision,
-        "n1's snapshot has the fault VirtualService",
-    )
+    wait_config(sandbox, "n1")  # n1's snapshot has the fault VirtualService
     started = time.monotonic()
     code, body = curl(sandbox, client, f"http://{MY_APP}/rate", timeout=15)
     elapsed = time.monotonic() - started
