@@ -60,6 +60,10 @@ class Token:
         self.released = False
         self.on_release: Callable[[], None] | None = None  # the holder's own bookkeeping
 
+    @property
+    def cluster(self) -> str:
+        return self._breaker.cluster
+
     def release(self) -> None:
         if not self.released:
             self.released = True
@@ -208,7 +212,7 @@ class ClusterHolds:
 
     def hold(self, token: ConnectionToken) -> None:
         """Count `token` until it is released."""
-        cluster = token._breaker.cluster
+        cluster = token.cluster
         self._held[cluster] = self._held.get(cluster, 0) + 1
 
         def released() -> None:

@@ -69,10 +69,6 @@ class SharedSlot:
         """Change this process's own count of `kind`."""
         self._words[self._base + 4 * self._own + kind] += delta
 
-    def column(self, column: int) -> tuple[int, ...]:
-        base = self._base + 4 * column
-        return tuple(self._words[base + k] for k in range(len(KINDS)))
-
 
 class SharedCounts:
     """The mapped table. `create` in the control; `attach(fd, column)` in worker `column`."""

@@ -59,12 +59,14 @@ def test_a_dead_workers_column_is_cleared(table: SharedCounts) -> None:
     b = CircuitBreaker("c", LIMITS, shared=w1.slot("c"))
     b.try_acquire_connection()
     b.try_acquire_connection()
-    a = CircuitBreaker("c", LIMITS, shared=column(table, 0).slot("c"))
+    w0 = column(table, 0)
+    a = CircuitBreaker("c", LIMITS, shared=w0.slot("c"))
     assert isinstance(a.try_acquire_connection(), Overflow)
     table.clear_column(1)
     assert isinstance(a.try_acquire_connection(), ConnectionToken)
     with pytest.raises(SharedCountsError, match=r"column 3 outside 0\.\.2"):
         table.clear_column(3)
+    w0.close()
     w1.close()
 
 
