@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import pytest
 from l7_helpers import write_app
-from mesh_helpers import apply, http_gateway, json_lines
+from mesh_helpers import apply, http_gateway, json_lines, wait_config
 from snapshot_docs import service
 
 from nodeagent.contract import METRICS_PATH, METRICS_PORT
@@ -185,6 +185,11 @@ def pods(sandbox: Sandbox, files: Path) -> dict[str, Pod]:
     }  # fmt: skip
     docs = [service("my-app", cluster_ip=VIP), tcp, subsets, route, gateway, from_gateway]
     apply(sandbox, files, "my-app", docs)
+    # Both agents hold the config before the first request: a request n1 routes while n2 does
+    # not know the Service yet is relayed at L4 there (no SERVER span), so the span count below
+    # would never reach the requests sent.
+    for node in ("n1", "n2"):
+        wait_config(sandbox, node)
     return out
 
 
