@@ -29,6 +29,7 @@ def _run(argv: list[str]) -> int:
     from nodeagent import log
     from nodeagent.agent.main import AgentConfig, run_until_signalled
     from nodeagent.http import Limits
+    from nodeagent.proxy.inbound import DESTINATION_L7_MODES
     from nodeagent.store import DEFAULT_URL
     from nodeagent.workers.config import MAX_DEFAULT_WORKERS, default_workers
 
@@ -52,6 +53,13 @@ def _run(argv: list[str]) -> int:
         default=os.environ.get("MESH_POD_METADATA", ""),
         choices=["", "runtime-args", "kubernetes"],
         help="where pod labels and service accounts come from",
+    )
+    p.add_argument(
+        "--destination-l7",
+        default="always",
+        choices=list(DESTINATION_L7_MODES),
+        help="parse the requests of a pod's HTTP ports arriving through the tunnel always, or "
+        "only when a policy of the pod reads them or the source did not report them",
     )
     p.add_argument(
         "--outbound-policy",
@@ -165,6 +173,7 @@ def _run(argv: list[str]) -> int:
         sample_rate=args.sample_rate,
         pod_metadata=args.pod_metadata,
         outbound_policy=args.outbound_policy,
+        destination_l7=args.destination_l7,
         dns=args.dns,
         dns_upstreams=tuple(args.dns_upstream),
         gateway=args.gateway,

@@ -39,6 +39,7 @@ from nodeagent.http import Limits
 from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import InpodError, Netns, PodListeners, RedirectionSpec
 from nodeagent.log import get_logger
+from nodeagent.proxy.inbound import DestinationL7
 from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.proxy.pod import PodProxy
 from nodeagent.snapshot import HEALTHY, UNHEALTHY, Snapshot, Workload, WorkloadStatus
@@ -191,6 +192,7 @@ class Enroller:
         identities: NodeIdentities | None = None,
         snapshot: Callable[[], Snapshot] | None = None,
         outbound_policy: OutboundPolicy = "ALLOW_ANY",
+        destination_l7: DestinationL7 = "always",
         registry: Registry | None = None,
         dns: bool = True,
         dns_upstreams: Sequence[str] | None = None,
@@ -214,6 +216,7 @@ class Enroller:
         self.identities = identities
         self.snapshot: Callable[[], Snapshot] = snapshot if snapshot is not None else Snapshot.empty
         self.outbound_policy: OutboundPolicy = outbound_policy
+        self.destination_l7: DestinationL7 = destination_l7
         self.registry = registry if registry is not None else Registry()  # the node's balancer
         self.sessions = SessionCache()  # shared by every pod: keyed by source identity
         self.store = store
@@ -428,6 +431,7 @@ class Enroller:
                     registry=self.registry,
                     sessions=self.sessions,
                     outbound_policy=self.outbound_policy,
+                    destination_l7=self.destination_l7,
                     telemetry=self.telemetry,
                     http_limits=self.http_limits,
                     authenticator=self.authenticator,

@@ -62,6 +62,7 @@ from nodeagent.inpod import Netns, PodListeners
 from nodeagent.inpod.errors import RedirectionError
 from nodeagent.inpod.node_rules import aapply_probe_rules, is_probe_target
 from nodeagent.log import get_logger
+from nodeagent.proxy.inbound import DestinationL7
 from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.snapshot import Snapshot, SnapshotSync, Workload
 from nodeagent.store import codec, keys, open_store
@@ -114,6 +115,9 @@ class AgentConfig:
     # Unknown destinations: ALLOW_ANY passes them through, REGISTRY_ONLY refuses them (Istio's
     # meshConfig.outboundTrafficPolicy.mode).
     outbound_policy: OutboundPolicy = "ALLOW_ANY"
+    # Whether the destination parses every tunnelled request of an HTTP port ("always") or
+    # only where a policy reads them or the source did not report them (`parses_requests`).
+    destination_l7: DestinationL7 = "always"
     dns: bool = True
     dns_upstreams: tuple[str, ...] = ()  # empty: the node's /etc/resolv.conf
     # Serve the ingress gateway on this node (Gateways selecting `istio: ingressgateway`).
@@ -417,6 +421,7 @@ class Agent:
                         node=cfg.node,
                         trust_domain=cfg.trust_domain,
                         outbound_policy=cfg.outbound_policy,
+                        destination_l7=cfg.destination_l7,
                         http_limits=cfg.http_limits,
                         zipkin_url=cfg.zipkin_url,
                         sample_rate=cfg.sample_rate,
@@ -441,6 +446,7 @@ class Agent:
                 identities=self.identities,
                 snapshot=lambda: snapshot.current,
                 outbound_policy=cfg.outbound_policy,
+                destination_l7=cfg.destination_l7,
                 registry=self.balance,
                 dns=cfg.dns,
                 dns_upstreams=list(cfg.dns_upstreams) or None,

@@ -65,6 +65,7 @@ from nodeagent.bench.stats import percentile
 from nodeagent.config.apply import apply_documents
 from nodeagent.config.batch import validate_batch
 from nodeagent.config.documents import load_text
+from nodeagent.proxy.inbound import DESTINATION_L7_MODES
 from nodeagent.sandbox import Pod, Sandbox
 from nodeagent.store import open_store
 
@@ -122,6 +123,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="every agent's `nodeagent run --workers` (data-plane processes; CPU and RSS "
         "figures cover the agent and its workers)",
+    )
+    parser.add_argument(
+        "--destination-l7",
+        default="always",
+        choices=list(DESTINATION_L7_MODES),
+        help="every agent's `nodeagent run --destination-l7` (whether n2 parses the requests "
+        "n1's L7 proxy reports)",
     )
     parser.add_argument("--name", default="", help="sandbox name (default: mb<pid>)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file ('' for none)")
@@ -566,6 +574,7 @@ def run(args: argparse.Namespace) -> Result:
             "scenarios": ",".join(scenarios),
             "server": getattr(args, "server", "nginx"),
             "workers": getattr(args, "workers", 1),
+            "destination_l7": getattr(args, "destination_l7", "always"),
         },
     )
     result.meta = {
@@ -576,7 +585,11 @@ def run(args: argparse.Namespace) -> Result:
     name = args.name or f"mb{os.getpid() % 100000}"
     say(f"sandbox {name}: 2 nodes, 4 pods")
     started = time.perf_counter()
-    sb = Sandbox.up(name, nodes=2, progress=False, workers=getattr(args, "workers", 1))
+    agent_cmd = [str(Path(sys.prefix) / "bin" / "nodeagent"), "run"]
+    agent_cmd += ["--destination-l7", getattr(args, "destination_l7", "always")]
+    sb = Sandbox.up(
+        name, nodes=2, progress=False, workers=getattr(args, "workers", 1), agent_cmd=agent_cmd
+    )
     runner: Runner | None = None
     try:
         runner = Runner(sb, args)

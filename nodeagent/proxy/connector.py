@@ -71,6 +71,8 @@ class MeshConnector:
                     # The request that opens this connection: its CLIENT span is the parent of
                     # the destination agent's SERVER span.
                     trace=tuple(tunnel_trace(CURRENT_TRACE.get()).items()),
+                    # This proxy reports every request it sends on the stream.
+                    source_reported=True,
                 ),
             )
         except TunnelError as exc:

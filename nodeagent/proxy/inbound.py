@@ -4,6 +4,8 @@
 refuses, PERMISSIVE and DISABLE accept; `snap.peer_authentication_for` resolves mesh-wide,
 namespace, selector and port-level modes), then L4 authorization with no source identity.
 `tunnel_decision` is for 15008 after the client's certificate verified: authorization only.
+`parses_requests` says whether the destination takes an HTTP port's stream at L7 or relays it
+(`--destination-l7`).
 
 Policy applies to connections already open, not only to new ones (ztunnel's connection manager
 and policy watcher): `LiveConnections` holds what was verified when each connection was accepted
@@ -16,10 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
-from nodeagent.authz import Connection, authorize
+from nodeagent.authz import Connection, authorize, l7_only_fields
 from nodeagent.identity.api import PeerRejected
 from nodeagent.snapshot import Snapshot, Workload
+
+# Whether the destination agent parses the requests of an HTTP port that came through the
+# tunnel: "always" (every request: destination telemetry, server spans, XFCC), or "when-needed"
+# (only when the source did not report them itself, or a policy of the workload reads them).
+DestinationL7 = Literal["always", "when-needed"]
+DESTINATION_L7_MODES: tuple[DestinationL7, ...] = ("always", "when-needed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +63,28 @@ def _authorize(
     )
 
 
+def parses_requests(
+    snap: Snapshot, workload: Workload, *, mode: DestinationL7, source_reported: bool
+) -> bool:
+    """Whether the destination parses a tunnelled stream to one of `workload`'s HTTP ports.
+
+    "when-needed" relays it at L4 only when nothing is lost for policy: the source agent's L7
+    proxy opened the stream (it reports every request on it: metrics, access log, CLIENT span),
+    and no AuthorizationPolicy of the workload has a field only requests have (paths, methods,
+    request principals, request.* conditions, …) and no RequestAuthentication selects it. A
+    policy gaining such a field later closes the stream at the live re-check (L7 fields fail
+    closed at L4), and the stream opened next is parsed."""
+    if mode == "always" or not source_reported:
+        return True
+    if snap.request_authentication_for(workload):
+        return True
+    policies = snap.authorization_policies_for(workload)
+    return any(
+        l7_only_fields({"rules": p.rules})
+        for p in (*policies.allow, *policies.deny, *policies.audit)
+    )
+
+
 # -- open connections ---------------------------------------------------------------------------
 
 
@@ -70,10 +101,17 @@ class Peer:
     # An HTTP port (the destination parses it): each request is authorized on its own, so the
     # connection itself is held only to PeerAuthentication (and its certificate).
     http: bool = False
+    # An HTTP port relayed at L4 (`--destination-l7 when-needed`: the source reports its
+    # requests): closed once a policy reads them, so the stream opened next is parsed.
+    deferred_http: bool = False
 
 
 def accept_decision(snap: Snapshot, workload: Workload, peer: Peer) -> InboundDecision:
     """The accept-time decision for `peer`, against `snap`: the same pure functions."""
+    if peer.deferred_http and parses_requests(
+        snap, workload, mode="when-needed", source_reported=True
+    ):
+        return InboundDecision(False, "a policy now reads this HTTP port's requests: reconnect")
     if peer.http:
         if peer.identity is None and snap.peer_authentication_for(workload, peer.port) == "STRICT":
             return InboundDecision(False, "PeerAuthentication STRICT: plaintext refused")

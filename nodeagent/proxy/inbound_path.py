@@ -37,6 +37,7 @@ from nodeagent.proxy.inbound import (
     LiveConnections,
     Peer,
     PeerCheck,
+    parses_requests,
     plaintext_decision,
     tunnel_decision,
 )
@@ -223,6 +224,11 @@ class InboundPath:
             await _try_status(stream, hbone.BAD_REQUEST)
             raise SelfCall(loop, port)
         http_port = inbound_http_port(snap, me, port)
+        deferred = http_port is not None and not parses_requests(
+            snap, me, mode=self.core.destination_l7, source_reported=request.source_reported
+        )
+        if deferred:
+            http_port = None  # the source reports its requests and no policy reads them: L4
         http = http_port is not None
         # An HTTP port's requests get SERVER spans of their own: the stream gets none.
         traced = None if http else request
@@ -248,7 +254,14 @@ class InboundPath:
                 await upstream.aclose()
             raise
         verified = Peer(
-            peer[0], local[0], port, hconn.peer_identity, hconn.peer_certificate, peer[1], http
+            peer[0],
+            local[0],
+            port,
+            hconn.peer_identity,
+            hconn.peer_certificate,
+            peer[1],
+            http,
+            deferred_http=deferred,
         )
         if http_port is not None:
             await self._serve_http(

@@ -32,6 +32,7 @@ from nodeagent.identity.api import IdentityProvider, IdentityUnavailable
 from nodeagent.inpod import Netns, PodListeners
 from nodeagent.log import get_logger
 from nodeagent.proxy.connection import IDENTITY_WAIT, ConnLog, Denied, DirectionStats, SelfCall
+from nodeagent.proxy.inbound import DestinationL7
 from nodeagent.proxy.inbound_path import InboundPath
 from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.proxy.outbound_path import OutboundPath
@@ -58,6 +59,7 @@ class PodProxy:
         snapshot: Callable[[], Snapshot] = Snapshot.empty,
         sessions: SessionCache | None = None,
         outbound_policy: OutboundPolicy = "ALLOW_ANY",
+        destination_l7: DestinationL7 = "always",
         identity_wait: float = IDENTITY_WAIT,
         telemetry: Sinks | None = None,
         http_limits: Limits | None = None,
@@ -73,6 +75,7 @@ class PodProxy:
             snapshot=snapshot,
             sessions=sessions if sessions is not None else SessionCache(),
             outbound_policy=outbound_policy,
+            destination_l7=destination_l7,
             identity_wait=identity_wait,
             telemetry=telemetry,
             http_limits=http_limits,

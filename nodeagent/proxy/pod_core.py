@@ -23,6 +23,7 @@ from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import Netns, PodListeners
 from nodeagent.log import get_logger
 from nodeagent.proxy.connection import CONNECT_TIMEOUT, IDENTITY_WAIT, ConnLog, PodProxyStats
+from nodeagent.proxy.inbound import DestinationL7
 from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.snapshot import Snapshot, Workload
 from nodeagent.telemetry.dataplane import Sinks
@@ -44,6 +45,7 @@ class PodCore:
     snapshot: Callable[[], Snapshot] = Snapshot.empty
     sessions: SessionCache = field(default_factory=SessionCache)
     outbound_policy: OutboundPolicy = "ALLOW_ANY"
+    destination_l7: DestinationL7 = "always"  # `inbound.parses_requests` (agent flag)
     identity_wait: float = IDENTITY_WAIT
     telemetry: Sinks | None = None
     stats: PodProxyStats = field(default_factory=PodProxyStats)

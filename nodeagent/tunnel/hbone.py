@@ -65,6 +65,9 @@ class ConnectRequest:
     source: SourceInfo = SourceInfo()
     client: str = ""  # the application client's `ip:port` (the `forwarded` header's `for=`)
     trace: tuple[tuple[str, str], ...] = ()  # ("traceparent", …), ("tracestate", …)
+    # The source agent's L7 proxy opened the stream and reports every request on it (baggage
+    # `nodeagent.l7=source`): a `--destination-l7 when-needed` destination may relay it at L4.
+    source_reported: bool = False
 
     @property
     def authority(self) -> str:
@@ -91,8 +94,13 @@ def settings(*, client: bool) -> dict[h2.settings.SettingCodes, int]:
 # -- the request's header block -------------------------------------------------------------------
 
 
-def encode_baggage(source: SourceInfo) -> str:
-    """W3C baggage with the source's Kubernetes names (values percent-encoded)."""
+# The baggage member saying the source's L7 proxy reports the stream's requests.
+REPORTED_KEY, REPORTED_VALUE = "nodeagent.l7", "source"
+
+
+def encode_baggage(source: SourceInfo, *, source_reported: bool = False) -> str:
+    """W3C baggage with the source's Kubernetes names (values percent-encoded), and the
+    `nodeagent.l7=source` member when the source reports the stream's requests."""
     items = []
     for key, value in (
         ("k8s.namespace.name", source.namespace),
@@ -101,6 +109,8 @@ def encode_baggage(source: SourceInfo) -> str:
     ):
         if value:
             items.append(f"{key}={urllib.parse.quote(value, safe='')}")
+    if source_reported:
+        items.append(f"{REPORTED_KEY}={REPORTED_VALUE}")
     return ",".join(items)
 
 
@@ -119,7 +129,7 @@ def connect_headers(req: ConnectRequest) -> list[tuple[str, str]]:
     if req.client:
         # RFC 7239: an IP with a port is a quoted string.
         headers.append(("forwarded", f'for="{req.client}"'))
-    baggage = encode_baggage(req.source)
+    baggage = encode_baggage(req.source, source_reported=req.source_reported)
     if baggage:
         headers.append(("baggage", baggage))
     for name, value in req.trace:
@@ -189,6 +199,7 @@ def parse_connect(headers: Iterable[tuple[bytes | str, bytes | str]]) -> Connect
         source=source,
         client=parse_forwarded_for(regular.get("forwarded", "")),
         trace=trace,
+        source_reported=baggage.get(REPORTED_KEY) == REPORTED_VALUE,
     )
 
 

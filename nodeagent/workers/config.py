@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from nodeagent.http import Limits
+from nodeagent.proxy.inbound import DESTINATION_L7_MODES, DestinationL7
 from nodeagent.proxy.outbound import OutboundPolicy
 
 # `--workers` default: the cores this process may run on, at most this many (beyond it the
@@ -61,6 +62,7 @@ class WorkerConfig:
     node: str
     trust_domain: str = "cluster.local"
     outbound_policy: OutboundPolicy = "ALLOW_ANY"
+    destination_l7: DestinationL7 = "always"
     http_limits: Limits = field(default_factory=Limits)
     zipkin_url: str | None = None
     sample_rate: float = 0.01
@@ -80,6 +82,7 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "node": (str,),
     "trust_domain": (str,),
     "outbound_policy": (str,),
+    "destination_l7": (str,),
     "http_limits": (dict,),
     "zipkin_url": (str, type(None)),
     "sample_rate": (float, int),
@@ -101,6 +104,7 @@ def config_to_wire(cfg: WorkerConfig) -> dict[str, Any]:
         "node": cfg.node,
         "trust_domain": cfg.trust_domain,
         "outbound_policy": cfg.outbound_policy,
+        "destination_l7": cfg.destination_l7,
         "http_limits": {name: getattr(cfg.http_limits, name) for name in _LIMIT_TYPES},
         "zipkin_url": cfg.zipkin_url,
         "sample_rate": cfg.sample_rate,
@@ -153,10 +157,12 @@ def config_from_wire(body: Any) -> WorkerConfig:
     if not report_interval > 0:
         raise ConfigError(f"config.report_interval is {report_interval!r}, not > 0")
     policy = _one_of(raw["outbound_policy"], get_args(OutboundPolicy), "config.outbound_policy")
+    destination_l7 = _one_of(raw["destination_l7"], DESTINATION_L7_MODES, "config.destination_l7")
     return WorkerConfig(
         node=raw["node"],
         trust_domain=raw["trust_domain"],
         outbound_policy=policy,  # type: ignore[arg-type]  # checked against the Literal
+        destination_l7=destination_l7,  # type: ignore[arg-type]  # checked against the Literal
         http_limits=Limits(**limits),
         zipkin_url=raw["zipkin_url"],
         sample_rate=sample_rate,

@@ -186,6 +186,7 @@ class Worker:
                 snapshot=lambda: self.snapshot,
                 sessions=self.sessions,
                 outbound_policy=self.cfg.outbound_policy,
+                destination_l7=self.cfg.destination_l7,
                 telemetry=self.sinks,
                 http_limits=self.cfg.http_limits,
                 authenticator=self.authenticator,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from nodeagent.proxy.inbound import (
     LiveConnections,
     Peer,
     accept_decision,
+    parses_requests,
     plaintext_decision,
     tunnel_decision,
 )
@@ -232,3 +234,75 @@ def test_check_one_and_remove() -> None:
     assert len(closer.calls) == 1
     registry.remove(conn)  # the connection's own cleanup: harmless after a close
     assert len(registry) == 0
+
+
+# -- whether the destination parses a tunnelled HTTP port's requests (--destination-l7) -------
+
+
+def _parses(
+    snap: Snapshot, me: Workload, *, mode: str = "when-needed", reported: bool = True
+) -> bool:
+    return parses_requests(snap, me, mode=mode, source_reported=reported)  # type: ignore[arg-type]
+
+
+def test_always_parses_whatever_the_source_or_policy() -> None:
+    snap, me = build()
+    assert _parses(snap, me, mode="always")
+    assert _parses(snap, me, mode="always", reported=False)
+
+
+def test_when_needed_relays_what_the_source_reports_under_l4_policy_only() -> None:
+    rule = {"from": [{"source": {"principals": ["*"]}}], "to": [{"operation": {"ports": ["8080"]}}]}
+    l4_only = ap("mesh-only", "shop", "ALLOW", [rule])
+    snap, me = build(l4_only)
+    assert not _parses(snap, me)
+    # A source that did not parse (an L4 relay: a pod IP, a headless Service) is parsed here.
+    assert _parses(snap, me, reported=False)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        ap("paths", "shop", "ALLOW", [{"to": [{"operation": {"paths": ["/api/*"]}}]}]),
+        ap("methods", "shop", "DENY", [{"to": [{"operation": {"methods": ["DELETE"]}}]}]),
+        ap("jwt", "shop", "ALLOW", [{"from": [{"source": {"requestPrincipals": ["*"]}}]}]),
+        ap(
+            "header",
+            "shop",
+            "AUDIT",
+            [{"when": [{"key": "request.headers[x-a]", "values": ["1"]}]}],
+        ),
+        # mesh-wide, from the root namespace
+        ap("root", "istio-system", "DENY", [{"to": [{"operation": {"hosts": ["evil"]}}]}]),
+        config("RequestAuthentication", "jwt", {"jwtRules": [{"issuer": "https://idp"}]}, "shop"),
+    ],
+    ids=["paths", "methods", "request-principals", "request-header", "root-namespace", "jwt"],
+)
+def test_when_needed_parses_where_a_policy_reads_requests(doc: Any) -> None:
+    snap, me = build(doc)
+    assert _parses(snap, me)
+
+
+def test_a_policy_selecting_another_workload_does_not_count() -> None:
+    other = ap("paths", "shop", "ALLOW", [{"to": [{"operation": {"paths": ["/x"]}}]}],
+               selector={"app": "db"})  # fmt: skip
+    snap, me = build(other)
+    assert not _parses(snap, me)
+
+
+def test_a_relayed_http_stream_is_closed_once_a_policy_reads_requests() -> None:
+    registry = LiveConnections()
+    relayed, relayed_closer = live(1, replace(tunnel_peer(), deferred_http=True))
+    plain_l4, l4_closer = live(2, tunnel_peer())
+    for c in (relayed, plain_l4):
+        registry.add(c)
+    # An L4-only policy allowing the client: both stay.
+    snap, me = build(ap("mesh", "shop", "ALLOW", [{"from": [{"source": {"principals": ["*"]}}]}]))
+    assert registry.sweep(snap, me) == []
+    # A RequestAuthentication (no denial at all): the relayed stream closes, so the source's
+    # next stream is parsed and its tokens checked; the plain L4 stream is untouched.
+    jwt = config("RequestAuthentication", "jwt", {"jwtRules": [{"issuer": "https://idp"}]}, "shop")
+    snap, me = build(jwt)
+    assert [c.conn.cid for c in registry.sweep(snap, me)] == [1]
+    assert "reads this HTTP port's requests" in relayed_closer.calls[0].reason
+    assert l4_closer.calls == []

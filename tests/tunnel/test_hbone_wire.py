@@ -52,6 +52,17 @@ def test_baggage_values_are_percent_encoded() -> None:
     assert parse_connect(_wire(connect_headers(req))).source == SourceInfo("a,b", "c=d")
 
 
+def test_the_source_reporting_its_requests_is_a_baggage_member() -> None:
+    req = ConnectRequest("10.0.0.1", 80, source=SourceInfo("a", "b"), source_reported=True)
+    (baggage,) = [v for n, v in connect_headers(req) if n == "baggage"]
+    assert baggage == "k8s.namespace.name=a,k8s.pod.name=b,nodeagent.l7=source"
+    assert parse_connect(_wire(connect_headers(req))) == req
+    assert not parse_connect(_wire(connect_headers(REQ))).source_reported
+    # Only the exact member counts (ztunnel and other clients send none).
+    other = [(":method", "CONNECT"), (":authority", "10.0.0.1:80"), ("baggage", "nodeagent.l7=x")]
+    assert not parse_connect(_wire(other)).source_reported
+
+
 @pytest.mark.parametrize(
     ("headers", "match"),
     [

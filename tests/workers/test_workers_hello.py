@@ -17,6 +17,7 @@ def _config() -> WorkerConfig:
         node="n1",
         trust_domain="example.org",
         outbound_policy="REGISTRY_ONLY",
+        destination_l7="when-needed",
         http_limits=Limits(max_headers=50, idle_timeout=7.5),
         zipkin_url="http://zipkin:9411/api/v2/spans",
         sample_rate=0.5,
@@ -59,6 +60,10 @@ def _wire(**changes: Any) -> dict[str, Any]:
         (_wire(sample_rate=2.0), "config.sample_rate is 2.0, not within 0..1"),
         (_wire(report_interval=0), "config.report_interval is 0.0, not > 0"),
         (_wire(outbound_policy="ALLOW_SOME"), "config.outbound_policy is 'ALLOW_SOME'"),
+        (
+            _wire(destination_l7="never"),
+            "config.destination_l7 is 'never', not one of always, when-needed",
+        ),
         (_wire(log_format="xml"), "config.log_format is 'xml', not one of json, console"),
         (_wire(zipkin_url=5), "config.zipkin_url is 5, not str or null"),
         (_wire(http_limits=[]), "config.http_limits is [], not a map"),
