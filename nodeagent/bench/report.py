@@ -228,15 +228,21 @@ def l7_section(doc: dict[str, Any]) -> list[str]:
              "dest CPU off", "dest CPU on", "dest added", "src CPU off", "src CPU on",
              "src added"]  # fmt: skip
     off_max = figures.get("http L7 off max rate")
+    if (doc.get("parameters") or {}).get("destination_l7") == "when-needed":
+        destination = (
+            "the destination relays it at L4, `--destination-l7 when-needed` with no policy "
+            "reading requests"
+        )
+    else:
+        destination = "the destination parses, authenticates, authorizes and records every request"
     return [
         "",
         "## Destination L7: on vs off",
         "",
-        "`http` (port named `http`: the source routes, the destination parses, authenticates,",
-        "authorizes and records every request) minus `http-l4` (the same server and load on a",
-        "port named `tcp-web`: both agents relay at L4). CPU: s per 1,000 requests per agent,",
-        "n2 (destination) and n1 (source), raw process CPU (idle not subtracted)."
-        + (f" Max rate with L7 off: {off_max:,.0f} req/s." if off_max else ""),
+        f"`http` (port named `http`: the source routes, {destination}) minus `http-l4` (the same",
+        "server and load on a port named `tcp-web`: both agents relay at L4). CPU: s per 1,000",
+        "requests per agent, n2 (destination) and n1 (source), raw process CPU (idle not",
+        "subtracted)." + (f" Max rate with L7 off: {off_max:,.0f} req/s." if off_max else ""),
         "",
         *_md_table(heads, body),
     ]

@@ -197,3 +197,9 @@ def test_destination_l7_on_vs_off_figures_and_section() -> None:
     assert "Max rate with L7 off: 1,800 req/s." in md
     (line,) = [x for x in md.splitlines() if x.startswith("| 100/s |") and "0.700" in x]
     assert line.split(" | ")[1:4] == ["2.000", "3.000", "5.000"]
+    assert "the destination parses, authenticates" in md
+    # A `--destination-l7 when-needed` run says what its `http` rows measured.
+    r.parameters["destination_l7"] = "when-needed"
+    md = render_markdown(json.loads(json.dumps(r.to_json())), png_name=None)
+    assert "the destination relays it at L4, `--destination-l7 when-needed`" in md
+    assert "the destination parses, authenticates" not in md
