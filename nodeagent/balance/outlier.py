@@ -10,7 +10,10 @@ longer). Ejection is immediate on the Nth error; readmission happens at the inte
 - maxEjectionPercent bounds how many endpoints may be ejected at once, but one endpoint can
   always be ejected when it is above 0 (Envoy: "will eject at least one host regardless").
 - minHealthPercent is the picker's panic threshold, not handled here.
-Pure: time is a float argument, the caller owns the clock.
+- With `streaks` (`--workers N`: the workers' shared table, `shared.ClusterStreaks`) the
+  thresholds compare the node's consecutive errors, every worker's results in one run; the
+  endpoint's own counters stay this worker's (and the fallback when the table has no slot).
+Pure but for `streaks`: time is a float argument, the caller owns the clock.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from nodeagent.balance.policy import OutlierDetection
+from nodeagent.balance.shared import ClusterStreaks
 from nodeagent.balance.state import GATEWAY_LIKE, EndpointState, Outcome
 
 Reason = Literal["consecutive_5xx", "consecutive_gateway_errors", "ejection_time_elapsed"]
@@ -40,9 +44,17 @@ class OutlierEvent:
 
 
 class OutlierDetector:
-    def __init__(self, cluster: str, policy: OutlierDetection, now: float) -> None:
+    def __init__(
+        self,
+        cluster: str,
+        policy: OutlierDetection,
+        now: float,
+        *,
+        streaks: ClusterStreaks | None = None,
+    ) -> None:
         self.cluster = cluster
         self.policy = policy
+        self.streaks = streaks
         self.next_sweep = now + policy.interval_s
         self.ejected_count = 0
 
@@ -59,16 +71,24 @@ class OutlierDetector:
         if outcome is Outcome.SUCCESS:
             s.consecutive_5xx = 0
             s.consecutive_gateway = 0
+            if self.streaks is not None:
+                self.streaks.reset(s.key)
             return None
         p = self.policy
-        if outcome in GATEWAY_LIKE:
+        gateway = outcome in GATEWAY_LIKE
+        if gateway:
             s.consecutive_gateway += 1
         else:
             s.consecutive_gateway = 0
         s.consecutive_5xx += 1
-        if p.consecutive_gateway > 0 and s.consecutive_gateway >= p.consecutive_gateway:
+        c5, cg = s.consecutive_5xx, s.consecutive_gateway
+        if self.streaks is not None:
+            node = self.streaks.error(s.key, gateway=gateway, now=now)
+            if node is not None:
+                c5, cg = node
+        if p.consecutive_gateway > 0 and cg >= p.consecutive_gateway:
             return self._eject(s, now, total, "consecutive_gateway_errors")
-        if p.consecutive_5xx > 0 and s.consecutive_5xx >= p.consecutive_5xx:
+        if p.consecutive_5xx > 0 and c5 >= p.consecutive_5xx:
             return self._eject(s, now, total, "consecutive_5xx")
         return None
 
@@ -76,6 +96,8 @@ class OutlierDetector:
         # Envoy resets the counter that fired whether or not the ejection is allowed.
         s.consecutive_5xx = 0
         s.consecutive_gateway = 0
+        if self.streaks is not None:
+            self.streaks.reset(s.key)
         if not self.may_eject(total):
             return OutlierEvent(self.cluster, "ejection_overflow", s.key, reason, now, s.ejections)
         p = self.policy

@@ -28,7 +28,7 @@ from nodeagent.balance.errors import NoHealthyUpstream
 from nodeagent.balance.outlier import OutlierDetector, OutlierEvent
 from nodeagent.balance.policy import TrafficPolicy
 from nodeagent.balance.pool import CircuitBreaker
-from nodeagent.balance.shared import SharedSlot
+from nodeagent.balance.shared import ClusterStreaks, SharedSlot
 from nodeagent.balance.state import NO_CONTEXT, Clock, EndpointState, Outcome, PickContext
 from nodeagent.snapshot.model import Endpoint
 
@@ -51,6 +51,7 @@ class Picker:
         rng: random.Random | None = None,
         previous: Picker | None = None,
         shared: SharedSlot | None = None,
+        streaks: ClusterStreaks | None = None,
         on_event: EventSink | None = None,
         default_rtt_s: float = DEFAULT_RTT_S,
         decay_s: float = DEFAULT_DECAY_S,
@@ -88,9 +89,11 @@ class Picker:
             self.breaker.limits = policy.pool
         else:
             self.breaker = CircuitBreaker(cluster, policy.pool, shared=shared)
+        # The workers' shared error streaks of this cluster (kept across rebuilds, as the breaker).
+        self.streaks: ClusterStreaks | None = previous.streaks if previous is not None else streaks
         self.outlier: OutlierDetector | None = None
         if policy.outlier is not None:
-            self.outlier = OutlierDetector(cluster, policy.outlier, t)
+            self.outlier = OutlierDetector(cluster, policy.outlier, t, streaks=self.streaks)
             self.outlier.ejected_count = sum(1 for s in self.states if s.ejected)
         else:
             for s in self.states:

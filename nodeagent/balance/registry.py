@@ -19,7 +19,7 @@ from nodeagent.balance.errors import PolicyError
 from nodeagent.balance.outlier import OutlierEvent
 from nodeagent.balance.picker import Picker
 from nodeagent.balance.policy import DEFAULT_POLICY, ConnectionPool, TrafficPolicy, resolve
-from nodeagent.balance.shared import SharedCounts, SharedSlot
+from nodeagent.balance.shared import ClusterStreaks, SharedCounts, SharedSlot
 from nodeagent.balance.state import Clock
 from nodeagent.log import get_logger
 from nodeagent.snapshot import Snapshot
@@ -60,6 +60,11 @@ class _Entry:
     endpoints: tuple[Endpoint, ...]
     policy: TrafficPolicy
     picker: Picker
+
+
+def _scope(key: ClusterKey, name: str) -> str:
+    """A cluster's key in the workers' shared table (its breaker slot, its endpoints' streaks)."""
+    return f"{name}|{key[0]}|{key[5] or ''}"
 
 
 class Registry:
@@ -128,6 +133,7 @@ class Registry:
             rng=self._rng,
             previous=entry.picker if entry is not None else None,
             shared=self._shared_slot(key, name) if entry is None else None,
+            streaks=self._streaks(key, name) if entry is None else None,
             on_event=self._on_event,
         )
         self.rebuilds += 1
@@ -140,7 +146,12 @@ class Registry:
     def _shared_slot(self, key: ClusterKey, name: str) -> SharedSlot | None:
         if self.shared is None:
             return None
-        return self.shared.slot(f"{name}|{key[0]}|{key[5] or ''}")
+        return self.shared.slot(_scope(key, name))
+
+    def _streaks(self, key: ClusterKey, name: str) -> ClusterStreaks | None:
+        if self.shared is None:
+            return None
+        return ClusterStreaks(self.shared.streaks, _scope(key, name))
 
     def adopt_ejection(self, cluster: str, endpoint: str, backoff: int) -> int:
         """Another worker process ejected `endpoint` of `cluster` (a cluster name): eject it

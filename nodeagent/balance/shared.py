@@ -1,5 +1,7 @@
-"""Circuit-breaker counts shared by the agent's worker processes, so a DestinationRule's limits
-bound the node's sum over all of them (as Envoy's breakers bound the sum over its worker threads).
+"""Circuit-breaker counts and outlier-detection error streaks shared by the agent's worker
+processes, so a DestinationRule's limits bound the node's sum over all of them (as Envoy's
+breakers bound the sum over its worker threads) and its consecutive-error thresholds count the
+node's errors (as Envoy's per-host counters do).
 
 One memfd, created by the control process and mapped by every worker (`--workers N`): a table of
 slots, one per cluster. A slot holds the cluster key's 64-bit hash and, per worker (its
@@ -15,6 +17,17 @@ slots, one per cluster. A slot holds the cluster key's 64-bit hash and, per work
   counts, logged once.
 - A worker that dies took its connections and requests with it: the control zeroes its column
   once the process is gone (`clear_column`), before its successor gets the same column.
+
+The second region holds **streaks**: per (cluster, endpoint) that has a run of errors now, and
+only then, a slot with that key's hash, the time of its last error, and per column the
+consecutive 5xx and gateway errors that worker saw (`SharedStreaks`). The first error claims a
+slot (under the lock; one of two places the hash names, or one whose last error is over
+`STALE_S` old: an endpoint that went away mid-streak); a success anywhere, or the ejection the
+streak causes, frees it, so a streak is consecutive over every worker's results. A non-gateway
+error zeroes every column's gateway count (Envoy resets that counter on any other result). Only
+claim and free take the lock: an increment racing a free may leave one stray count in the free
+slot, which the next claim zeroes. No slot (both places held by live streaks): that endpoint
+counts per worker, logged once.
 """
 
 from __future__ import annotations
@@ -31,12 +44,15 @@ from nodeagent.log import get_logger
 
 log = get_logger("balance")
 
-MAGIC = b"NABRK001"
-HEADER = struct.Struct("<8sII")  # magic, slots, columns; padded to HEADER_BYTES
+MAGIC = b"NABRK002"
+HEADER = struct.Struct("<8sIII")  # magic, slots, columns, streak slots; padded to HEADER_BYTES
 HEADER_BYTES = 64
 KINDS = ("connections", "pending", "requests", "retries")
 DEFAULT_SLOTS = 4096
+DEFAULT_STREAK_SLOTS = 4096
 MAX_COLUMNS = 64
+# A streak slot whose last error is this old may be taken by another key.
+STALE_S = 600.0
 
 
 class SharedCountsError(ValueError):
@@ -80,15 +96,15 @@ class SharedCounts:
         if size < HEADER_BYTES:
             raise SharedCountsError(f"breaker table fd {fd}: {size} bytes, not a table")
         self._map = mmap.mmap(fd, size)
-        magic, slots, columns = HEADER.unpack_from(self._map, 0)
+        magic, slots, columns, streak_slots = HEADER.unpack_from(self._map, 0)
         if magic != MAGIC:
             self._map.close()
             raise SharedCountsError(f"breaker table fd {fd}: bad magic {magic!r}")
-        if size != _size(slots, columns):
+        if size != _size(slots, columns, streak_slots) or min(slots, streak_slots) < 1:
             self._map.close()
             raise SharedCountsError(
-                f"breaker table fd {fd}: {size} bytes, {slots} slots x {columns} columns "
-                f"need {_size(slots, columns)}"
+                f"breaker table fd {fd}: {size} bytes, {slots} + {streak_slots} slots x "
+                f"{columns} columns need {_size(slots, columns, streak_slots)}"
             )
         if not 0 <= column < columns:
             self._map.close()
@@ -101,18 +117,21 @@ class SharedCounts:
         self._views.append(self._views[0][HEADER_BYTES:])
         self._words = self._views[1].cast("q")
         self._full_logged = False
+        self.streaks = SharedStreaks(self, slots * self._row, streak_slots)
 
     @classmethod
-    def create(cls, columns: int, *, slots: int = DEFAULT_SLOTS) -> SharedCounts:
+    def create(
+        cls, columns: int, *, slots: int = DEFAULT_SLOTS, streak_slots: int = DEFAULT_STREAK_SLOTS
+    ) -> SharedCounts:
         """A zeroed table for `columns` workers; its fd is inheritable by `pass_fds`."""
         if not 1 <= columns <= MAX_COLUMNS:
             raise SharedCountsError(f"breaker table: {columns} columns, 1..{MAX_COLUMNS}")
-        if slots < 1:
-            raise SharedCountsError(f"breaker table: {slots} slots")
+        if min(slots, streak_slots) < 1:
+            raise SharedCountsError(f"breaker table: {slots} slots, {streak_slots} streak slots")
         fd = os.memfd_create("nodeagent-breakers", os.MFD_CLOEXEC)
         try:
-            os.ftruncate(fd, _size(slots, columns))
-            os.pwrite(fd, HEADER.pack(MAGIC, slots, columns), 0)
+            os.ftruncate(fd, _size(slots, columns, streak_slots))
+            os.pwrite(fd, HEADER.pack(MAGIC, slots, columns, streak_slots), 0)
             return cls(fd, 0, owns_fd=True)
         except BaseException:
             os.close(fd)
@@ -155,6 +174,13 @@ class SharedCounts:
                 base = at + 1 + 4 * column
                 for k in range(len(KINDS)):
                     words[base + k] = 0
+        self.streaks.clear_column(column)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The table's lock (fcntl, across processes): claiming and freeing slots."""
+        with self._locked():
+            yield
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -173,5 +199,133 @@ class SharedCounts:
             os.close(self.fd)
 
 
-def _size(slots: int, columns: int) -> int:
-    return HEADER_BYTES + slots * (1 + 4 * columns) * 8
+class SharedStreaks:
+    """The streak region of a `SharedCounts` table (see the module's docstring). Keys are
+    `key_hash` values of a cluster-and-endpoint string; `error` and `reset` are the detector's
+    two calls, made by every worker for every result on a cluster with outlier detection."""
+
+    def __init__(self, table: SharedCounts, start: int, slots: int) -> None:
+        self._table = table
+        self._words = table._words
+        self._start = start  # the region's first word
+        self.slots = slots
+        self._columns = table.columns
+        self._own = table.column
+        self._row = 2 + 2 * table.columns  # hash, last error (ms), then (5xx, gateway) per column
+        self._full_logged = False
+        self.claims = 0  # slots this process claimed (statistics, tests)
+
+    def _places(self, h: int) -> tuple[int, int]:
+        u = h & 0xFFFF_FFFF_FFFF_FFFF
+        a, b = u % self.slots, (u >> 32) % self.slots
+        return self._start + a * self._row, self._start + b * self._row
+
+    def _find(self, h: int) -> int | None:
+        for at in self._places(h):
+            if self._words[at] == h:
+                return at
+        return None
+
+    def error(self, h: int, *, gateway: bool, now: float) -> tuple[int, int] | None:
+        """Count one error of this worker on key `h`: the node's (consecutive 5xx, consecutive
+        gateway errors) after it, or None when no slot is free (count per worker)."""
+        at = self._find(h)
+        if at is None:
+            at = self._claim(h, now)
+            if at is None:
+                return None
+        words, cols = self._words, self._columns
+        words[at + 1] = int(now * 1000)
+        own = at + 2 + 2 * self._own
+        words[own] += 1
+        if gateway:
+            words[own + 1] += 1
+        else:
+            for c in range(cols):
+                words[at + 3 + 2 * c] = 0
+        c5 = sum(words[at + 2 + 2 * c] for c in range(cols))
+        cg = sum(words[at + 3 + 2 * c] for c in range(cols))
+        return c5, cg
+
+    def reset(self, h: int) -> None:
+        """A success (or an ejection) ends key `h`'s streak for every worker: free its slot."""
+        if self._find(h) is None:
+            return
+        with self._table.locked():
+            at = self._find(h)
+            if at is not None:
+                self._zero(at)
+
+    def _claim(self, h: int, now: float) -> int | None:
+        words = self._words
+        stale = int((now - STALE_S) * 1000)
+        with self._table.locked():
+            at = self._find(h)
+            if at is not None:
+                return at  # another worker claimed it meanwhile
+            for at in self._places(h):
+                if words[at] == 0 or words[at + 1] < stale:
+                    self._zero(at)
+                    words[at] = h
+                    self.claims += 1
+                    return at
+        if not self._full_logged:
+            self._full_logged = True
+            log.warning(
+                "balance.shared_streaks_full",
+                slots=self.slots,
+                effect="an endpoint whose two slots hold other streaks counts errors per worker",
+            )
+        return None
+
+    def _zero(self, at: int) -> None:
+        for i in range(at, at + self._row):
+            self._words[i] = 0
+
+    def clear_column(self, column: int) -> None:
+        """Zero `column`'s counts in every streak (its worker is gone)."""
+        words = self._words
+        for at in range(self._start, self._start + self.slots * self._row, self._row):
+            if words[at] != 0:
+                words[at + 2 + 2 * column] = 0
+                words[at + 3 + 2 * column] = 0
+
+    def live(self) -> int:
+        """Slots holding a streak now."""
+        words = self._words
+        return sum(
+            1
+            for at in range(self._start, self._start + self.slots * self._row, self._row)
+            if words[at] != 0
+        )
+
+
+class ClusterStreaks:
+    """One cluster's keys in the streak region: `scope` (the cluster's breaker key) and an
+    endpoint's "address:port", hashed once per endpoint."""
+
+    __slots__ = ("_hashes", "_scope", "_streaks")
+    MAX_CACHED = 4096
+
+    def __init__(self, streaks: SharedStreaks, scope: str) -> None:
+        self._streaks = streaks
+        self._scope = scope
+        self._hashes: dict[str, int] = {}
+
+    def _hash(self, endpoint: str) -> int:
+        h = self._hashes.get(endpoint)
+        if h is None:
+            if len(self._hashes) >= self.MAX_CACHED:
+                self._hashes.clear()  # endpoints churned: hashing again is cheap
+            h = self._hashes[endpoint] = key_hash(f"{self._scope}|{endpoint}")
+        return h
+
+    def error(self, endpoint: str, *, gateway: bool, now: float) -> tuple[int, int] | None:
+        return self._streaks.error(self._hash(endpoint), gateway=gateway, now=now)
+
+    def reset(self, endpoint: str) -> None:
+        self._streaks.reset(self._hash(endpoint))
+
+
+def _size(slots: int, columns: int, streak_slots: int) -> int:
+    return HEADER_BYTES + (slots * (1 + 4 * columns) + streak_slots * (2 + 2 * columns)) * 8

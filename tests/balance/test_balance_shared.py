@@ -1,6 +1,7 @@
 """The workers' shared breaker table (`balance.shared`): a limit bounds the sum over every
 process's column, across real processes mapping one memfd; a dead worker's column is cleared;
-bad tables are refused by name; a full table falls back to per-process counts."""
+bad tables are refused by name; a full table falls back to per-process counts. Its streak
+region: consecutive errors counted over every worker, ended by any worker's success."""
 
 from __future__ import annotations
 
@@ -12,9 +13,20 @@ from collections.abc import Iterator
 import pytest
 
 from nodeagent.balance import CircuitBreaker, ConnectionPool, ConnectionToken, Overflow, Token
-from nodeagent.balance.shared import HEADER_BYTES, SharedCounts, SharedCountsError
+from nodeagent.balance.outlier import OutlierDetector
+from nodeagent.balance.policy import OutlierDetection
+from nodeagent.balance.shared import (
+    HEADER_BYTES,
+    STALE_S,
+    ClusterStreaks,
+    SharedCounts,
+    SharedCountsError,
+)
+from nodeagent.balance.state import EndpointState, Outcome
+from nodeagent.snapshot.model import Endpoint
 
 LIMITS = ConnectionPool(max_connections=2, max_pending_requests=1)
+ENDPOINT = Endpoint("10.0.0.1", 80)
 
 
 @pytest.fixture
@@ -146,7 +158,86 @@ def test_bad_tables_are_refused_by_name() -> None:
         with pytest.raises(SharedCountsError, match=r"column 2 outside 0\.\.1"):
             SharedCounts.attach(os.dup(t.fd), 2)
         os.ftruncate(t.fd, HEADER_BYTES + 8)
-        with pytest.raises(SharedCountsError, match="4 slots x 2 columns need"):
+        with pytest.raises(SharedCountsError, match=r"4 \+ 4096 slots x 2 columns need"):
             SharedCounts.attach(os.dup(t.fd), 1)
     finally:
         t.close()
+
+
+# -- error streaks (outlier detection's consecutive errors over every worker) -----------------
+
+
+def test_a_streak_counts_every_workers_errors_until_any_success(table: SharedCounts) -> None:
+    w0, w1 = column(table, 0), column(table, 1)
+    try:
+        s0, s1 = ClusterStreaks(w0.streaks, "c"), ClusterStreaks(w1.streaks, "c")
+        assert s0.error("10.0.0.1:80", gateway=True, now=1.0) == (1, 1)
+        assert s1.error("10.0.0.1:80", gateway=True, now=1.1) == (2, 2)
+        assert s0.error("10.0.0.1:80", gateway=True, now=1.2) == (3, 3)
+        # Another endpoint, and the same endpoint of another cluster, are streaks of their own.
+        assert s1.error("10.0.0.2:80", gateway=False, now=1.2) == (1, 0)
+        assert ClusterStreaks(w1.streaks, "d").error("10.0.0.1:80", gateway=False, now=1) == (1, 0)
+        # A non-gateway error ends every worker's gateway run, not the 5xx one.
+        assert s1.error("10.0.0.1:80", gateway=False, now=1.3) == (4, 0)
+        # One worker's success ends the streak for all: its slot is free again.
+        live = table.streaks.live()
+        s1.reset("10.0.0.1:80")
+        assert table.streaks.live() == live - 1
+        assert s0.error("10.0.0.1:80", gateway=False, now=1.4) == (1, 0)
+        s0.reset("10.0.0.9:80")  # no streak: nothing to free, no error
+    finally:
+        w0.close()
+        w1.close()
+
+
+def test_a_dead_workers_errors_leave_the_streaks(table: SharedCounts) -> None:
+    w0, w1 = column(table, 0), column(table, 1)
+    try:
+        s0, s1 = ClusterStreaks(w0.streaks, "c"), ClusterStreaks(w1.streaks, "c")
+        s1.error("10.0.0.1:80", gateway=False, now=1.0)
+        s1.error("10.0.0.1:80", gateway=False, now=1.0)
+        table.clear_column(1)
+        assert s0.error("10.0.0.1:80", gateway=False, now=1.1) == (1, 0)
+    finally:
+        w0.close()
+        w1.close()
+
+
+def test_a_full_streak_region_counts_per_worker_and_stale_slots_are_taken() -> None:
+    t = SharedCounts.create(2, slots=4, streak_slots=1)  # one slot: both places are the same
+    try:
+        s = ClusterStreaks(t.streaks, "c")
+        assert s.error("a:1", gateway=False, now=1000.0) == (1, 0)
+        assert s.error("b:1", gateway=False, now=1001.0) is None  # held by a live streak
+        # A streak whose last error is STALE_S old (its endpoint went away) gives way.
+        assert s.error("b:1", gateway=False, now=1000.0 + STALE_S + 1) == (1, 0)
+        assert s.error("a:1", gateway=False, now=1000.0 + STALE_S + 2) is None
+    finally:
+        t.close()
+
+
+def test_two_detectors_sharing_streaks_eject_at_the_nodes_threshold(table: SharedCounts) -> None:
+    w0, w1 = column(table, 0), column(table, 1)
+    try:
+        policy = OutlierDetection(consecutive_5xx=3, base_ejection_s=30, max_ejection_percent=100)
+        detectors = [
+            OutlierDetector("c", policy, 0.0, streaks=ClusterStreaks(w.streaks, "c"))
+            for w in (w0, w1)
+        ]
+        states = [EndpointState(ENDPOINT, None, 0.01, 0.0) for _ in detectors]
+
+        def result(i: int, outcome: Outcome) -> str | None:
+            event = detectors[i].record(states[i], outcome, 1.0, 3)
+            return event.kind if event else None
+
+        # Alternating workers: 2 errors, a success on the other worker, then 3 in a row.
+        assert [result(0, Outcome.ERROR_5XX), result(1, Outcome.ERROR_5XX)] == [None, None]
+        assert result(0, Outcome.SUCCESS) is None
+        assert [result(1, Outcome.ERROR_5XX), result(0, Outcome.ERROR_5XX)] == [None, None]
+        assert result(1, Outcome.ERROR_5XX) == "ejected"  # each worker alone saw 1 or 2
+        assert states[1].ejected
+        assert not states[0].ejected  # the other adopts it through the control (registry)
+        assert table.streaks.live() == 0  # the ejection ended the streak
+    finally:
+        w0.close()
+        w1.close()
