@@ -18,11 +18,11 @@ from pathlib import Path
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from destination_helpers import ISSUER, ap, op, scrape
 from jwt.algorithms import RSAAlgorithm
 from mesh_helpers import apply, eventually, http, json_lines, sandbox_fixture, wait_config
 from snapshot_docs import service
 
-from nodeagent.contract import METRICS_PATH, METRICS_PORT
 from nodeagent.sandbox import Pod, Sandbox
 from nodeagent.telemetry.exposition import samples
 
@@ -31,7 +31,6 @@ NODEAGENT = str(Path(sys.prefix) / "bin" / "nodeagent")
 sandbox = sandbox_fixture("dw", agent_cmd=[NODEAGENT, "run", "--destination-l7", "when-needed"])
 VIP = "10.96.83.10"
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
-ISSUER = "https://issuer.example"
 
 # `app.py`: answers "xfcc=<the x-forwarded-client-cert header, or -> path=<path>".
 APP = r"""
@@ -78,13 +77,10 @@ def pods(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 def requests(sb: Sandbox, node: str, reporter: str, **labels: str) -> float:
     """istio_requests_total to the web workload as `node` reports it."""
-    url = f"http://{sb.node(node).underlay_ip}:{METRICS_PORT}{METRICS_PATH}"
-    r = sb.exec("outside", ["curl", "-sf", "--max-time", "5", url], timeout=15)
-    assert r.returncode == 0, r.stderr
     match = {"reporter": reporter, "destination_workload": "web", **labels}
     return sum(
         s.value
-        for s in samples(str(r.stdout), "istio_requests_total")
+        for s in samples(scrape(sb, node), "istio_requests_total")
         if all(s.labels.get(k) == v for k, v in match.items())
     )
 
@@ -161,16 +157,7 @@ def test_a_policy_reading_requests_closes_the_relayed_streams(
     code, body, _ = http(sandbox, client, f"http://{VIP}/forged", f"Authorization: Bearer {forged}")
     assert code == 401, body
     # And an AuthorizationPolicy on paths applies request by request.
-    policy = {
-        "apiVersion": "security.istio.io/v1",
-        "kind": "AuthorizationPolicy",
-        "metadata": {"name": "web-paths", "namespace": "default"},
-        "spec": {
-            "selector": {"matchLabels": {"app": "web"}},
-            "action": "ALLOW",
-            "rules": [{"to": [{"operation": {"paths": ["/allowed*"]}}]}],
-        },
-    }
+    policy = ap("web-paths", "default", "ALLOW", [op(paths=["/allowed*"])], {"app": "web"})
     apply(sandbox, tmp_path, "policy", [policy])
     wait_config(sandbox, "n2")
     assert get(sandbox, client, f"http://{VIP}/allowed")[0] == 200

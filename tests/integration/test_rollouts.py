@@ -40,6 +40,7 @@ RATE = 100
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0"
 CHROME = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/120.0 Safari/537.36"
 SETTLE = 0.5  # seconds a route change may take to reach both agents
+PROPAGATION_BOUND = 3.0  # the same, as a bound under a full suite's load
 
 sandbox = sandbox_fixture("ro")
 
@@ -304,9 +305,14 @@ def test_ab_iterations_then_promotion_and_the_report_matches_the_load(
     # either side of the controller's reading of the counters: 2 requests of slack per side).
     began, ended = done.history[0]["time"], done.history[-1]["time"]
     inside = [r for r in requests if began <= r[4] <= ended]
-    after_route = [r for r in inside if r[4] >= began + SETTLE]
-    assert {r[2] for r in after_route if r[3] == 0} == {"v2"}  # Firefox
-    assert {r[2] for r in after_route if r[3] == 1} == {"v1"}  # Chrome
+    # Firefox moves to v2 once the match route reaches n1's agent (SETTLE on a quiet machine,
+    # more under load), and stays there; Chrome stays on v1 throughout.
+    firefox = sorted((r for r in inside if r[3] == 0), key=lambda r: r[4])
+    switched = next((r[4] for r in firefox if r[2] == "v2"), None)
+    assert switched is not None, "no Firefox request reached v2"
+    assert switched - began <= PROPAGATION_BOUND, f"the match route took {switched - began:.1f}s"
+    assert {r[2] for r in firefox if r[4] >= switched} == {"v2"}
+    assert {r[2] for r in inside if r[3] == 1} == {"v1"}  # Chrome
     counted = {v: sum(1 for r in inside if r[2] == v) for v in ("v1", "v2")}
     by_subset = {v["subset"]: v for v in report["variants"]}
     for subset in ("v1", "v2"):
