@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from nodeagent.authz.attributes import Connection, HttpFacts
 from nodeagent.authz.evaluate import AuthzDecision, authorize
-from nodeagent.authz.fields import l7_only_fields, tcp_warning, uses_jwt
+from nodeagent.authz.fields import l7_only_fields, reads_requests, tcp_warning, uses_jwt
 from nodeagent.authz.http import (
     DENIED_BODY,
     DENIED_STATUS,
@@ -32,6 +32,7 @@ __all__ = [
     "authorize",
     "evaluate_http",
     "l7_only_fields",
+    "reads_requests",
     "tcp_warning",
     "uses_jwt",
 ]

@@ -38,6 +38,11 @@ def l7_only_fields(spec: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def reads_requests(policy: AuthorizationPolicy) -> bool:
+    """Whether a rule of `policy` has a field only HTTP requests have (`l7_only_fields`)."""
+    return bool(l7_only_fields({"rules": policy.rules}))
+
+
 def tcp_warning(action: str, field: str) -> str:
     """What `field` means for a policy of `action` on TCP ports."""
     if action == "DENY":

@@ -145,7 +145,7 @@ class SharedCounts:
         """The slot of cluster `key`, claimed if no process has it yet; None when full."""
         h = key_hash(key)
         words, row = self._words, self._row
-        with self._locked():
+        with self.locked():
             start = (h & 0x7FFF_FFFF_FFFF_FFFF) % self.slots
             for probe in range(self.slots):
                 at = ((start + probe) % self.slots) * row
@@ -179,11 +179,6 @@ class SharedCounts:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """The table's lock (fcntl, across processes): claiming and freeing slots."""
-        with self._locked():
-            yield
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
             yield
@@ -213,7 +208,6 @@ class SharedStreaks:
         self._own = table.column
         self._row = 2 + 2 * table.columns  # hash, last error (ms), then (5xx, gateway) per column
         self._full_logged = False
-        self.claims = 0  # slots this process claimed (statistics, tests)
 
     def _places(self, h: int) -> tuple[int, int]:
         u = h & 0xFFFF_FFFF_FFFF_FFFF
@@ -267,7 +261,6 @@ class SharedStreaks:
                 if words[at] == 0 or words[at + 1] < stale:
                     self._zero(at)
                     words[at] = h
-                    self.claims += 1
                     return at
         if not self._full_logged:
             self._full_logged = True

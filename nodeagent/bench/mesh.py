@@ -585,10 +585,12 @@ def run(args: argparse.Namespace) -> Result:
     name = args.name or f"mb{os.getpid() % 100000}"
     say(f"sandbox {name}: 2 nodes, 4 pods")
     started = time.perf_counter()
-    agent_cmd = [str(Path(sys.prefix) / "bin" / "nodeagent"), "run"]
-    agent_cmd += ["--destination-l7", getattr(args, "destination_l7", "always")]
     sb = Sandbox.up(
-        name, nodes=2, progress=False, workers=getattr(args, "workers", 1), agent_cmd=agent_cmd
+        name,
+        nodes=2,
+        progress=False,
+        workers=getattr(args, "workers", 1),
+        agent_args=["--destination-l7", getattr(args, "destination_l7", "always")],
     )
     runner: Runner | None = None
     try:

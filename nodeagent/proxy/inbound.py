@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
-from nodeagent.authz import Connection, authorize, l7_only_fields
+from nodeagent.authz import Connection, authorize, reads_requests
 from nodeagent.identity.api import PeerRejected
 from nodeagent.snapshot import Snapshot, Workload
 
@@ -28,7 +28,7 @@ from nodeagent.snapshot import Snapshot, Workload
 # tunnel: "always" (every request: destination telemetry, server spans, XFCC), or "when-needed"
 # (only when the source did not report them itself, or a policy of the workload reads them).
 DestinationL7 = Literal["always", "when-needed"]
-DESTINATION_L7_MODES: tuple[DestinationL7, ...] = ("always", "when-needed")
+DESTINATION_L7_MODES: tuple[DestinationL7, ...] = get_args(DestinationL7)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +79,7 @@ def parses_requests(
     if snap.request_authentication_for(workload):
         return True
     policies = snap.authorization_policies_for(workload)
-    return any(
-        l7_only_fields({"rules": p.rules})
-        for p in (*policies.allow, *policies.deny, *policies.audit)
-    )
+    return any(map(reads_requests, (*policies.allow, *policies.deny, *policies.audit)))
 
 
 # -- open connections ---------------------------------------------------------------------------

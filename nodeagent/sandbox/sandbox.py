@@ -194,6 +194,7 @@ class Sandbox:
         mesh_cni: bool = True,
         cni_path: Sequence[str] | None = None,
         agent_cmd: Sequence[str] | None = None,
+        agent_args: Sequence[str] = (),
         ready_timeout: float = READY_TIMEOUT,
         progress: bool = True,
         cleanup_on_failure: bool = True,
@@ -208,7 +209,8 @@ class Sandbox:
         lifetime `ca_ttl`. `gateway="n1"` makes n1's agent serve the ingress gateway too.
         `agent_image` runs each agent as a container of that image (sandbox/container.py),
         from `image_store` (default: scripts/image's). `workers` is every agent's
-        `--workers` (default `SANDBOX_WORKERS`: one process)."""
+        `--workers` (default `SANDBOX_WORKERS`: one process); `agent_args` are more flags of
+        every agent (after `agent_cmd`, default `nodeagent run`)."""
         sb = cls(name, progress=progress)
         layout.check_node_count(nodes)
         if gateway is not None and gateway not in {f"n{i}" for i in range(1, nodes + 1)}:
@@ -226,7 +228,7 @@ class Sandbox:
                 agents=agents,
                 mesh_cni=mesh_cni,
                 cni_path=list(cni_path) if cni_path else sb._default_cni_path(),
-                agent_cmd=list(agent_cmd) if agent_cmd else sb._default_agent_cmd(),
+                agent_cmd=[*(agent_cmd or sb._default_agent_cmd()), *agent_args],
                 ready_timeout=ready_timeout,
                 ca_ttl=ca_ttl,
                 gateway=gateway,

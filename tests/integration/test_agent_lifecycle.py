@@ -107,7 +107,7 @@ def sandbox() -> Iterator[Sandbox]:
         f"lc{os.getpid() % 100000}",
         nodes=2,
         store="etcd",
-        agent_cmd=[str(BIN / "nodeagent"), "run", "--lease-ttl", str(LEASE_TTL)],
+        agent_args=["--lease-ttl", str(LEASE_TTL)],
         progress=False,
     )
     try:

@@ -11,15 +11,10 @@ destination's HTTP view sets, so every answer says whether n2 parsed the request
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
-import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
-from destination_helpers import ISSUER, ap, op, scrape
-from jwt.algorithms import RSAAlgorithm
+from destination_helpers import ISSUER, Issuer, ap, op, scrape
 from mesh_helpers import apply, eventually, http, json_lines, sandbox_fixture, wait_config
 from snapshot_docs import service
 
@@ -27,8 +22,7 @@ from nodeagent.sandbox import Pod, Sandbox
 from nodeagent.telemetry.exposition import samples
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
-NODEAGENT = str(Path(sys.prefix) / "bin" / "nodeagent")
-sandbox = sandbox_fixture("dw", agent_cmd=[NODEAGENT, "run", "--destination-l7", "when-needed"])
+sandbox = sandbox_fixture("dw", agent_args=["--destination-l7", "when-needed"])
 VIP = "10.96.83.10"
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 
@@ -126,15 +120,15 @@ def test_a_policy_reading_requests_closes_the_relayed_streams(
     assert get(sandbox, client, f"http://{VIP}/before") == (200, "xfcc=- path=/before\n")
     # A RequestAuthentication denies nothing at L4, so only the re-check of relayed streams
     # (`Peer.deferred_http`) closes that stream: otherwise a bad token would pass on it.
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwk = {**RSAAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": "k1", "alg": "RS256"}
+    issuer = Issuer(tmp_path / "jwks.json")
+    issuer.publish(k1=issuer.new_key("k1"))
     authn = {
         "apiVersion": "security.istio.io/v1",
         "kind": "RequestAuthentication",
         "metadata": {"name": "web-jwt", "namespace": "default"},
         "spec": {
             "selector": {"matchLabels": {"app": "web"}},
-            "jwtRules": [{"issuer": ISSUER, "jwks": json.dumps({"keys": [jwk]})}],
+            "jwtRules": [{"issuer": ISSUER, "jwks": issuer.file.read_text()}],
         },
     }
     apply(sandbox, tmp_path, "authn", [authn])
@@ -152,8 +146,7 @@ def test_a_policy_reading_requests_closes_the_relayed_streams(
     code, body = get(sandbox, client, f"http://{VIP}/no-token")
     assert code == 200, body
     assert f"URI={CLIENT_ID}" in body, body
-    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    forged = jwt.encode({"iss": ISSUER, "sub": "mallory"}, other, "RS256", headers={"kid": "k1"})
+    forged = issuer.token("k1", key=issuer.new_key("other"))  # signed by a key not published
     code, body, _ = http(sandbox, client, f"http://{VIP}/forged", f"Authorization: Bearer {forged}")
     assert code == 401, body
     # And an AuthorizationPolicy on paths applies request by request.

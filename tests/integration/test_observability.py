@@ -42,7 +42,6 @@ ZIPKIN_PORT = 9411
 PROM_PORT = 9090
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
-NODEAGENT = str(Path(sys.prefix) / "bin" / "nodeagent")
 T = TypeVar("T")
 
 # Zipkin's POST /api/v2/spans, good enough for a test: every body goes to the file, one per line.
@@ -94,8 +93,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def sandbox(files: Path) -> Iterator[Sandbox]:
     zipkin = f"http://{OUTSIDE_IP}:{ZIPKIN_PORT}/api/v2/spans"
-    agent = [NODEAGENT, "run", "--zipkin-url", zipkin, "--sample-rate", "1"]
-    sb = Sandbox.up(NAME, nodes=2, store="sqlite", progress=False, agent_cmd=agent, gateway="n1")
+    agent = ["--zipkin-url", zipkin, "--sample-rate", "1"]
+    sb = Sandbox.up(NAME, nodes=2, store="sqlite", progress=False, agent_args=agent, gateway="n1")
     procs: list[subprocess.Popen[Any]] = []
     try:
         (files / "collector.py").write_text(COLLECTOR)
