@@ -39,9 +39,12 @@ CONNMARK = 0x111
 # `ip route add local 0.0.0.0/0 dev lo table ROUTE_TABLE` (routing.py).
 ROUTE_TABLE = 100
 RULE_PRIORITY = 32764
+# The conntrack zone of the agent's own connections' original direction (`CT --zone-orig`, raw
+# MESH_OUTPUT). The app's packets, in the default zone, never match them: see build_rules.
+AGENT_CT_ZONE = 1
 CHAIN_PREROUTING = "MESH_PRERT"
 CHAIN_OUTPUT = "MESH_OUTPUT"
-TABLES = ("mangle", "nat")  # the order tables are applied and rendered in
+TABLES = ("raw", "mangle", "nat")  # the order tables are applied and rendered in
 
 ANNOTATION_PREFIX = "traffic.sidecar.istio.io/"
 A_EXCLUDE_OUTBOUND_PORTS = ANNOTATION_PREFIX + "excludeOutboundPorts"
@@ -252,6 +255,16 @@ def _rule(table: str, chain: str, *spec: str) -> Rule:
 
 def build_rules(spec: RedirectionSpec) -> RuleSet:
     """The complete rule set for one pod. Pure: same spec, same rules, same order."""
+    r_out: list[Rule] = [
+        # Everything the agent opens in the pod is tracked in a zone of its own (original
+        # direction only: replies, in the default zone, still match). Otherwise a dial that
+        # got no answer (a passthrough to an address nobody routes, a DNS query to a dead
+        # server) leaves an unreplied entry that the app's next connection from the same
+        # source port matches as a retransmission, so nat never sees it: it would leave the
+        # pod unproxied for the entry's lifetime (TCP SYN_SENT 120 s, UDP 30 s).
+        _rule("raw", CHAIN_OUTPUT, "-m", "mark", "--mark", _MARK,
+              "-j", "CT", "--zone-orig", str(AGENT_CT_ZONE)),
+    ]  # fmt: skip
     m_pre: list[Rule] = [
         # The agent's own packets reaching the pod's stack (its transparent connections to
         # the app, looped through lo) mark their connection so the app's replies can be
@@ -312,13 +325,17 @@ def build_rules(spec: RedirectionSpec) -> RuleSet:
         _rule("nat", CHAIN_OUTPUT, "!", "-d", _LOOPBACK, "-p", "tcp", "-m", "mark", "!",
               "--mark", _MARK, "-j", "REDIRECT", "--to-ports", str(OUTBOUND_CAPTURE_PORT))
     )  # fmt: skip
-    jumps = tuple(
-        _rule(table, builtin, "-j", owned)
-        for table in TABLES
-        for builtin, owned in (("PREROUTING", CHAIN_PREROUTING), ("OUTPUT", CHAIN_OUTPUT))
+    jumps = (
+        _rule("raw", "OUTPUT", "-j", CHAIN_OUTPUT),
+        *(
+            _rule(table, builtin, "-j", owned)
+            for table in ("mangle", "nat")
+            for builtin, owned in (("PREROUTING", CHAIN_PREROUTING), ("OUTPUT", CHAIN_OUTPUT))
+        ),
     )
     return RuleSet(
         chains={
+            ("raw", CHAIN_OUTPUT): tuple(r_out),
             ("mangle", CHAIN_PREROUTING): tuple(m_pre),
             ("mangle", CHAIN_OUTPUT): tuple(m_out),
             ("nat", CHAIN_PREROUTING): tuple(n_pre),

@@ -65,6 +65,7 @@ def test_default_rules_capture_as_istio_ambient() -> None:
     )
     assert nat_pre[0] == "-A MESH_PRERT -s 169.254.7.127/32 -p tcp -m tcp -j RETURN"
     assert {(j.table, j.chain, j.target) for j in rs.jumps} == {
+        ("raw", "OUTPUT", "MESH_OUTPUT"),
         ("mangle", "PREROUTING", "MESH_PRERT"),
         ("mangle", "OUTPUT", "MESH_OUTPUT"),
         ("nat", "PREROUTING", "MESH_PRERT"),

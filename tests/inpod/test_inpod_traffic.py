@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from inpod_net import PEER_IP, PEER_IP2, POD_IP, Pair
+from inpod_net import PEER_IP, PEER_IP2, POD_IP, Pair, in_netns
 
 from nodeagent.contract import (
+    DNS_CAPTURE_PORT,
     INBOUND_PLAINTEXT_PORT,
     MESH_MARK,
     OUTBOUND_CAPTURE_PORT,
@@ -108,6 +109,70 @@ async def test_marked_socket_bypasses_capture(captured: tuple[Pair, PodListeners
         with agent, conn:
             assert src == POD_IP
     assert not _pending(ls.outbound.socket)
+
+
+async def _unanswered_agent_dial(pair: Pair, dst: tuple[str, int], kind: int) -> int:
+    """An agent (marked) socket in the pod sends to `dst`, which never answers (the peer drops
+    it), then gives up and closes, as a failed passthrough dial does: the kernel keeps an
+    unreplied conntrack entry for the 4-tuple (120 s for TCP SYN_SENT, 30 s for UDP).
+    Returns the source port it used."""
+    s = trio.socket.from_stdlib_socket(pair.pod.socket(socket.AF_INET, kind, mark=MESH_MARK))
+    with s:
+        await s.bind((POD_IP, 0))
+        port: int = s.getsockname()[1]
+        if kind == socket.SOCK_STREAM:
+            with trio.move_on_after(0.3):
+                await s.connect(dst)
+                pytest.fail(f"{dst} answered: the peer should drop it")
+        else:
+            await s.sendto(b"query", dst)
+            await trio.sleep(0.1)
+    return port
+
+
+async def test_an_unanswered_agent_dial_leaves_no_way_around_the_capture(
+    captured: tuple[Pair, PodListeners],
+) -> None:
+    """The app later opening the same 4-tuple (its kernel may pick the same source port) is
+    still captured. Without a conntrack zone of its own for the agent's connections, the app's
+    SYN matches the agent's SYN_SENT entry as a retransmission: nat is never consulted, and the
+    connection leaves the pod unproxied (the mesh bypassed, or ENETUNREACH for a VIP)."""
+    pair, ls = captured
+    in_netns(pair.peer_name, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "8090", "-j",
+             "DROP")  # fmt: skip
+    port = await _unanswered_agent_dial(pair, (PEER_IP, 8090), socket.SOCK_STREAM)
+    app = trio.socket.from_stdlib_socket(pair.pod.socket(mark=0))
+    with app:
+        app.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await app.bind((POD_IP, port))
+        with trio.fail_after(TIMEOUT):  # the SYN escaped if this times out
+            await app.connect((PEER_IP, 8090))
+        conn, src = await _accept(ls.outbound.socket)
+        with conn:
+            assert src == POD_IP
+            assert original_dst(conn) == (PEER_IP, 8090)
+            assert conn.getpeername() == (POD_IP, port)
+
+
+async def test_an_unanswered_agent_dns_query_leaves_no_way_around_the_dns_capture(
+    captured: tuple[Pair, PodListeners],
+) -> None:
+    """The same for UDP: the agent's own DNS query must not let the app's next query from the
+    same port skip the DNS proxy."""
+    pair, _ = captured
+    in_netns(pair.peer_name, "iptables", "-A", "INPUT", "-p", "udp", "--dport", "53", "-j",
+             "DROP")  # fmt: skip
+    port = await _unanswered_agent_dial(pair, (PEER_IP, 53), socket.SOCK_DGRAM)
+    proxy = trio.socket.from_stdlib_socket(pair.pod.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    app = trio.socket.from_stdlib_socket(pair.pod.socket(socket.AF_INET, socket.SOCK_DGRAM, mark=0))
+    with proxy, app:
+        await proxy.bind(("127.0.0.1", DNS_CAPTURE_PORT))
+        app.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await app.bind((POD_IP, port))
+        await app.sendto(b"query", (PEER_IP, 53))
+        with trio.fail_after(TIMEOUT):
+            data, src = await proxy.recvfrom(64)
+        assert (data, src) == (b"query", (POD_IP, port))
 
 
 async def test_inbound_lands_on_15006_with_original_dst(
