@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 import trio
-from mesh_helpers import admin, eventually, sandbox_fixture
+from mesh_helpers import admin, apply, eventually, meshctl, sandbox_fixture
+from snapshot_docs import service
 
 from nodeagent.contract import INBOUND_PLAINTEXT_PORT
 from nodeagent.sandbox import Sandbox, SandboxError
@@ -179,6 +180,57 @@ def test_excluded_namespace_and_opted_out_pods_pass_through(sandbox: Sandbox) ->
         assert "MESH_" not in iptables_save(sandbox, pod.key)
     sandbox.pod_del("dns", "kube-system")
     sandbox.pod_del("legacy", "default")
+
+
+def test_an_unanswered_passthrough_leaves_no_way_around_the_capture(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """An address n1's snapshot does not know is passed through: the agent dials it from the
+    pod. Before the Service exists nothing answers its VIP, so the dial leaves an unreplied
+    conntrack entry for its source port. The app's own
+    connections from those ports, once the Service exists, must still be captured: they
+    matched the agent's entry as a retransmission, skipped nat and left the pod unproxied for
+    120 s (the workers test's rare "network is unreachable"), until the agent's connections got
+    a conntrack zone of their own (docs/redirection.md)."""
+    vip, url = "10.96.55.5", "http://10.96.55.5/"
+    sandbox.pod_add("n2", "default", "ct-server", SERVER, labels={"app": "ct-server"})
+    client = sandbox.pod_add("n1", "default", "ct-client", ["sleep", "3600"])
+    ports = "/proc/sys/net/ipv4/ip_local_port_range"
+    default_range = str(sandbox.exec(client, ["cat", ports], check=True).stdout).split()
+    # The agent's dials from the pod can only take 40000 or 40001 while it passes the VIP through.
+    sandbox.exec(client, ["sh", "-c", f"echo 40000 40001 > {ports}"], check=True)
+    for app_port in (41000, 41001):  # the app's own ports: outside that range
+        r = sandbox.exec(
+            client, ["curl", "-s", "--max-time", "2", "--local-port", str(app_port), url]
+        )
+        assert r.returncode != 0, "nothing serves the VIP yet"
+    sandbox.exec(client, ["sh", "-c", f"echo {' '.join(default_range)} > {ports}"], check=True)
+    svc = apply(sandbox, tmp_path, "ct-svc", [service("ct-server", cluster_ip=vip)])
+    app_ports = iter(range(41010, 41100))
+    eventually(
+        lambda: (
+            sandbox.exec(
+                client,
+                ["curl", "-sf", "--max-time", "2", "--local-port", str(next(app_ports)), url],
+            ).returncode
+            == 0
+        ),
+        f"{url} answers through the mesh",
+    )
+    agent_dials = ["ss", "-Htan", "( sport = :40000 or sport = :40001 )"]
+    eventually(  # the agent gives up its dials after its connect timeout, the entries stay
+        lambda: not sandbox.exec(client, agent_dials, check=True).stdout.strip(),
+        "the agent's unanswered dials ended",
+    )
+    for app_port in (40000, 40001):
+        r = sandbox.exec(
+            client, ["curl", "-sS", "--max-time", "5", "--local-port", str(app_port), url]
+        )
+        assert r.returncode == 0, f"from port {app_port}: {r.stderr.strip()}"
+        assert "Directory listing" in r.stdout
+    meshctl(sandbox, "delete", "-f", str(svc))
+    sandbox.pod_del("ct-client", "default")
+    sandbox.pod_del("ct-server", "default")
 
 
 def test_uninstall_removes_every_rule(sandbox: Sandbox) -> None:
