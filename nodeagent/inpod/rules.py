@@ -44,6 +44,7 @@ RULE_PRIORITY = 32764
 AGENT_CT_ZONE = 1
 CHAIN_PREROUTING = "MESH_PRERT"
 CHAIN_OUTPUT = "MESH_OUTPUT"
+_HOOK_OF = {CHAIN_PREROUTING: "PREROUTING", CHAIN_OUTPUT: "OUTPUT"}
 TABLES = ("raw", "mangle", "nat")  # the order tables are applied and rendered in
 
 ANNOTATION_PREFIX = "traffic.sidecar.istio.io/"
@@ -325,24 +326,16 @@ def build_rules(spec: RedirectionSpec) -> RuleSet:
         _rule("nat", CHAIN_OUTPUT, "!", "-d", _LOOPBACK, "-p", "tcp", "-m", "mark", "!",
               "--mark", _MARK, "-j", "REDIRECT", "--to-ports", str(OUTBOUND_CAPTURE_PORT))
     )  # fmt: skip
-    jumps = (
-        _rule("raw", "OUTPUT", "-j", CHAIN_OUTPUT),
-        *(
-            _rule(table, builtin, "-j", owned)
-            for table in ("mangle", "nat")
-            for builtin, owned in (("PREROUTING", CHAIN_PREROUTING), ("OUTPUT", CHAIN_OUTPUT))
-        ),
-    )
-    return RuleSet(
-        chains={
-            ("raw", CHAIN_OUTPUT): tuple(r_out),
-            ("mangle", CHAIN_PREROUTING): tuple(m_pre),
-            ("mangle", CHAIN_OUTPUT): tuple(m_out),
-            ("nat", CHAIN_PREROUTING): tuple(n_pre),
-            ("nat", CHAIN_OUTPUT): tuple(n_out),
-        },
-        jumps=jumps,
-    )
+    chains = {
+        ("raw", CHAIN_OUTPUT): tuple(r_out),
+        ("mangle", CHAIN_PREROUTING): tuple(m_pre),
+        ("mangle", CHAIN_OUTPUT): tuple(m_out),
+        ("nat", CHAIN_PREROUTING): tuple(n_pre),
+        ("nat", CHAIN_OUTPUT): tuple(n_out),
+    }
+    # One jump per owned chain, from the built-in chain of the same hook.
+    jumps = tuple(_rule(t, _HOOK_OF[owned], "-j", owned) for t, owned in chains)
+    return RuleSet(chains=chains, jumps=jumps)
 
 
 def _dns_capture(spec: RedirectionSpec) -> list[Rule]:

@@ -187,11 +187,11 @@ def test_an_unanswered_passthrough_leaves_no_way_around_the_capture(
 ) -> None:
     """An address n1's snapshot does not know is passed through: the agent dials it from the
     pod. Before the Service exists nothing answers its VIP, so the dial leaves an unreplied
-    conntrack entry for its source port. The app's own
-    connections from those ports, once the Service exists, must still be captured: they
-    matched the agent's entry as a retransmission, skipped nat and left the pod unproxied for
-    120 s (the workers test's rare "network is unreachable"), until the agent's connections got
-    a conntrack zone of their own (docs/redirection.md)."""
+    conntrack entry for its source port. The app's own connections from those ports, once the
+    Service exists, must still be captured: they matched the agent's entry as a retransmission,
+    skipped nat and left the pod unproxied for 120 s (the workers test's rare "network is
+    unreachable"), until the agent's connections got a conntrack zone of their own
+    (docs/redirection.md)."""
     vip, url = "10.96.55.5", "http://10.96.55.5/"
     sandbox.pod_add("n2", "default", "ct-server", SERVER, labels={"app": "ct-server"})
     client = sandbox.pod_add("n1", "default", "ct-client", ["sleep", "3600"])
@@ -206,7 +206,7 @@ def test_an_unanswered_passthrough_leaves_no_way_around_the_capture(
         assert r.returncode != 0, "nothing serves the VIP yet"
     sandbox.exec(client, ["sh", "-c", f"echo {' '.join(default_range)} > {ports}"], check=True)
     svc = apply(sandbox, tmp_path, "ct-svc", [service("ct-server", cluster_ip=vip)])
-    app_ports = iter(range(41010, 41100))
+    app_ports = iter(range(41010, 41100))  # fixed: an ephemeral one could be 40000 or 40001
     eventually(
         lambda: (
             sandbox.exec(
@@ -218,7 +218,7 @@ def test_an_unanswered_passthrough_leaves_no_way_around_the_capture(
         f"{url} answers through the mesh",
     )
     agent_dials = ["ss", "-Htan", "( sport = :40000 or sport = :40001 )"]
-    eventually(  # the agent gives up its dials after its connect timeout, the entries stay
+    eventually(  # their sockets free the ports; their conntrack entries stay
         lambda: not sandbox.exec(client, agent_dials, check=True).stdout.strip(),
         "the agent's unanswered dials ended",
     )
