@@ -39,7 +39,11 @@ from nodeagent.http import Limits
 from nodeagent.identity.api import IdentityProvider
 from nodeagent.inpod import InpodError, Netns, PodListeners, RedirectionSpec
 from nodeagent.log import get_logger
-from nodeagent.proxy.inbound import DestinationL7
+from nodeagent.proxy.inbound import (
+    DestinationL7,
+    destination_l7_annotation,
+    destination_l7_of,
+)
 from nodeagent.proxy.outbound import OutboundPolicy
 from nodeagent.proxy.pod import PodProxy
 from nodeagent.snapshot import HEALTHY, UNHEALTHY, Snapshot, Workload, WorkloadStatus
@@ -372,7 +376,13 @@ class Enroller:
     # -- inspection ---------------------------------------------------------------------------
 
     def dump(self) -> list[dict[str, Any]]:
-        return [p.dump() for p in sorted(self.pods.values(), key=lambda p: p.record.key)]
+        return [
+            {
+                **p.dump(),
+                "destination_l7": destination_l7_of(p.record.annotations, self.destination_l7),
+            }
+            for p in sorted(self.pods.values(), key=lambda p: p.record.key)
+        ]
 
     async def _problems(self, pod: EnrolledPod) -> list[str]:
         if not pod.netns.path_matches():
@@ -405,6 +415,7 @@ class Enroller:
         try:
             try:
                 spec = RedirectionSpec.from_annotations(record.annotations)
+                destination_l7_annotation(record.annotations)
             except ValueError as exc:
                 raise EnrollError(ErrorCode.INVALID_CONFIG, f"pod {record.key}: {exc}") from None
             try:

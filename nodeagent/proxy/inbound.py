@@ -5,7 +5,7 @@ refuses, PERMISSIVE and DISABLE accept; `snap.peer_authentication_for` resolves 
 namespace, selector and port-level modes), then L4 authorization with no source identity.
 `tunnel_decision` is for 15008 after the client's certificate verified: authorization only.
 `parses_requests` says whether the destination takes an HTTP port's stream at L7 or relays it
-(`--destination-l7`).
+(`--destination-l7`, or the pod's own `mesh.nodeagent.io/destination-l7` annotation).
 
 Policy applies to connections already open, not only to new ones (ztunnel's connection manager
 and policy watcher): `LiveConnections` holds what was verified when each connection was accepted
@@ -16,7 +16,7 @@ registry does no I/O itself: each entry carries the callback that aborts its con
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -29,6 +29,35 @@ from nodeagent.snapshot import Snapshot, Workload
 # (only when the source did not report them itself, or a policy of the workload reads them).
 DestinationL7 = Literal["always", "when-needed"]
 DESTINATION_L7_MODES: tuple[DestinationL7, ...] = get_args(DestinationL7)
+# A pod's own choice, over the agent's flag (read from its Workload, so every worker and every
+# agent restart sees the same one).
+DESTINATION_L7_ANNOTATION = "mesh.nodeagent.io/destination-l7"
+
+
+def destination_l7_annotation(annotations: Mapping[str, str]) -> DestinationL7 | None:
+    """The pod's `mesh.nodeagent.io/destination-l7`, or None when it has none.
+
+    Raises ValueError naming the annotation for any other value: enrollment refuses such a pod
+    (the CNI ADD fails with INVALID_CONFIG) rather than guess what its author meant."""
+    raw = annotations.get(DESTINATION_L7_ANNOTATION)
+    if raw is None:
+        return None
+    for mode in DESTINATION_L7_MODES:
+        if raw.strip() == mode:
+            return mode
+    expected = " or ".join(repr(m) for m in DESTINATION_L7_MODES)
+    raise ValueError(f"annotation {DESTINATION_L7_ANNOTATION}={raw[:64]!r}: expected {expected}")
+
+
+def destination_l7_of(annotations: Mapping[str, str], default: DestinationL7) -> DestinationL7:
+    """The mode for a workload's HTTP ports: its annotation, else the agent's `default`.
+
+    A value enrollment would have refused (a Workload the store got from elsewhere) counts as
+    "always": parsing every request loses nothing that policy or telemetry needs."""
+    try:
+        return destination_l7_annotation(annotations) or default
+    except ValueError:
+        return "always"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,13 +97,14 @@ def parses_requests(
 ) -> bool:
     """Whether the destination parses a tunnelled stream to one of `workload`'s HTTP ports.
 
-    "when-needed" relays it at L4 only when nothing is lost for policy: the source agent's L7
-    proxy opened the stream (it reports every request on it: metrics, access log, CLIENT span),
-    and no AuthorizationPolicy of the workload has a field only requests have (paths, methods,
-    request principals, request.* conditions, …) and no RequestAuthentication selects it. A
-    policy gaining such a field later closes the stream at the live re-check (L7 fields fail
-    closed at L4), and the stream opened next is parsed."""
-    if mode == "always" or not source_reported:
+    `mode` is the agent's; the workload's annotation, when it has one, decides instead
+    (`destination_l7_of`). "when-needed" relays it at L4 only when nothing is lost for policy:
+    the source agent's L7 proxy opened the stream (it reports every request on it: metrics,
+    access log, CLIENT span), and no AuthorizationPolicy of the workload has a field only
+    requests have (paths, methods, request principals, request.* conditions, …) and no
+    RequestAuthentication selects it. A policy gaining such a field later closes the stream at
+    the live re-check (L7 fields fail closed at L4), and the stream opened next is parsed."""
+    if destination_l7_of(workload.annotations, mode) == "always" or not source_reported:
         return True
     if snap.request_authentication_for(workload):
         return True
@@ -105,10 +135,13 @@ class Peer:
 
 def accept_decision(snap: Snapshot, workload: Workload, peer: Peer) -> InboundDecision:
     """The accept-time decision for `peer`, against `snap`: the same pure functions."""
-    if peer.deferred_http and parses_requests(
-        snap, workload, mode="when-needed", source_reported=True
-    ):
-        return InboundDecision(False, "a policy now reads this HTTP port's requests: reconnect")
+    if peer.deferred_http:
+        if destination_l7_of(workload.annotations, "when-needed") == "always":
+            return InboundDecision(
+                False, f"{DESTINATION_L7_ANNOTATION} is now 'always' for this workload: reconnect"
+            )
+        if parses_requests(snap, workload, mode="when-needed", source_reported=True):
+            return InboundDecision(False, "a policy now reads this HTTP port's requests: reconnect")
     if peer.http:
         if peer.identity is None and snap.peer_authentication_for(workload, peer.port) == "STRICT":
             return InboundDecision(False, "PeerAuthentication STRICT: plaintext refused")

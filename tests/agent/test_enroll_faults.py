@@ -171,13 +171,21 @@ async def test_add_failing_to_register_is_try_again_later(rig: Rig) -> None:
     await rig.assert_nothing_left()
 
 
-async def test_bad_annotation_leaves_nothing(rig: Rig) -> None:
+@pytest.mark.parametrize(
+    ("annotation", "value"),
+    [
+        ("traffic.sidecar.istio.io/excludeOutboundPorts", "x"),
+        ("mesh.nodeagent.io/destination-l7", "sometimes"),
+    ],
+)
+async def test_bad_annotation_leaves_nothing(rig: Rig, annotation: str, value: str) -> None:
     req = request()
     req.args["MESH_POD_META"] = ""
-    rig.enroller.metadata = _Meta({"traffic.sidecar.istio.io/excludeOutboundPorts": "x"})
+    rig.enroller.metadata = _Meta({annotation: value})
     with pytest.raises(EnrollError) as info:
         await rig.enroller.add(req)
     assert info.value.code == ErrorCode.INVALID_CONFIG
+    assert annotation in str(info.value)
     await rig.assert_nothing_left()
 
 

@@ -10,11 +10,14 @@ from proxy_docs import config, snapshot, workload
 
 from nodeagent.identity.api import PeerRejected
 from nodeagent.proxy.inbound import (
+    DESTINATION_L7_ANNOTATION,
     InboundDecision,
     LiveConnection,
     LiveConnections,
     Peer,
     accept_decision,
+    destination_l7_annotation,
+    destination_l7_of,
     parses_requests,
     plaintext_decision,
     tunnel_decision,
@@ -283,6 +286,38 @@ def test_when_needed_parses_where_a_policy_reads_requests(doc: Any) -> None:
     assert _parses(snap, me)
 
 
+def annotated(me: Workload, value: str) -> Workload:
+    return replace(me, annotations={DESTINATION_L7_ANNOTATION: value})
+
+
+def test_the_workloads_annotation_decides_over_the_agents_mode() -> None:
+    snap, me = build()
+    assert not _parses(snap, annotated(me, "when-needed"), mode="always")
+    assert _parses(snap, annotated(me, "always"), mode="when-needed")
+    # What when-needed still parses, it parses under the annotation too.
+    assert _parses(snap, annotated(me, "when-needed"), mode="always", reported=False)
+    jwt = config("RequestAuthentication", "jwt", {"jwtRules": [{"issuer": "https://idp"}]}, "shop")
+    snap, me = build(jwt)
+    assert _parses(snap, annotated(me, "when-needed"), mode="always")
+
+
+@pytest.mark.parametrize("value", ["sometimes", "ALWAYS", "", "when_needed"])
+def test_a_value_the_mesh_does_not_know_is_an_error_and_parses_everything(value: str) -> None:
+    with pytest.raises(ValueError, match=f"{DESTINATION_L7_ANNOTATION}={value!r}: expected"):
+        destination_l7_annotation({DESTINATION_L7_ANNOTATION: value})
+    # Refused at enrollment; a Workload that reached the store anyway is parsed (loses nothing).
+    assert destination_l7_of({DESTINATION_L7_ANNOTATION: value}, "when-needed") == "always"
+    snap, me = build()
+    assert _parses(snap, annotated(me, value), mode="when-needed")
+
+
+def test_no_annotation_is_the_agents_mode() -> None:
+    assert destination_l7_annotation({"other": "x"}) is None
+    assert destination_l7_annotation({DESTINATION_L7_ANNOTATION: " when-needed "}) == "when-needed"
+    assert destination_l7_of({}, "when-needed") == "when-needed"
+    assert destination_l7_of({}, "always") == "always"
+
+
 def test_a_policy_selecting_another_workload_does_not_count() -> None:
     other = ap("paths", "shop", "ALLOW", [{"to": [{"operation": {"paths": ["/x"]}}]}],
                selector={"app": "db"})  # fmt: skip
@@ -306,3 +341,13 @@ def test_a_relayed_http_stream_is_closed_once_a_policy_reads_requests() -> None:
     assert [c.conn.cid for c in registry.sweep(snap, me)] == [1]
     assert "reads this HTTP port's requests" in relayed_closer.calls[0].reason
     assert l4_closer.calls == []
+
+
+def test_a_relayed_http_stream_is_closed_once_its_workload_asks_for_always() -> None:
+    registry = LiveConnections()
+    relayed, closer = live(1, replace(tunnel_peer(), deferred_http=True))
+    registry.add(relayed)
+    snap, me = build()
+    assert registry.sweep(snap, annotated(me, "when-needed")) == []
+    assert [c.conn.cid for c in registry.sweep(snap, annotated(me, "always"))] == [1]
+    assert f"{DESTINATION_L7_ANNOTATION} is now 'always'" in closer.calls[0].reason
