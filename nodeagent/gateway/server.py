@@ -388,11 +388,11 @@ class IngressGateway:
             peer=peer,
             sni=sni,
             server=binding.name,
-            version=tls.socket.version(),
+            version=tls.ssl.version(),
         )
         token = _CONNECTION_SERVER.set(binding)
         try:
-            if tls.socket.selected_alpn_protocol() == "h2":
+            if tls.ssl.selected_alpn_protocol() == "h2":
                 await self.http2.serve(tls, port=port, client_address=peer)
             else:
                 await self.proxy.serve(tls, port=port, client_address=peer)

@@ -2,8 +2,8 @@
 
 The ClientHello is peeked (`MSG_PEEK`), never consumed, so the same bytes go to OpenSSL when
 the server terminates, or to the destination when it passes through. The terminated stream is
-the tunnel's `TlsStream` (OpenSSL on the non-blocking socket itself). Every refusal is a
-`TlsRefused` naming the reason; the caller writes the connection's one log line.
+the tunnel's `TlsStream` (OpenSSL on memory BIOs, large socket reads and writes). Every refusal
+is a `TlsRefused` naming the reason; the caller writes the connection's one log line.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ async def terminate(
             reason = getattr(exc, "reason", None) or str(exc)
             raise TlsRefused("handshake_failed", str(reason)) from None
         if tls.mutual and tls.subject_alt_names:
-            peer = out.socket.getpeercert() or {}
+            peer = out.ssl.getpeercert() or {}
             if not _san_values(dict(peer)) & set(tls.subject_alt_names):
                 raise TlsRefused("san_mismatch", "client certificate SANs are not allowed")
     except BaseException:

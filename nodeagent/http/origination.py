@@ -125,7 +125,7 @@ async def originate(
                 )
                 out = wrapped
                 await wrapped.do_handshake()
-                peer = wrapped.socket.getpeercert()
+                peer = wrapped.ssl.getpeercert()
             else:
                 ssl_stream = trio.SSLStream(stream, context, server_hostname=server_name)
                 out = ssl_stream

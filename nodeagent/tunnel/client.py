@@ -126,7 +126,7 @@ async def connect_hbone(
         if scope.cancelled_caught:
             raise TunnelError("tls_timeout", f"tls handshake with {where}: timed out")
         handshake_ms = (trio.current_time() - started) * 1000
-        if stream.socket.selected_alpn_protocol() != ALPN:
+        if stream.ssl.selected_alpn_protocol() != ALPN:
             raise TunnelError("alpn", f"server {where} did not agree to ALPN {ALPN!r}")
         try:
             cert = stream.peer_certificate()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -159,17 +158,15 @@ class HboneConnection(H2Driver["HboneStream"]):
         if not data:
             return
         try:
-            sent = self.tls.socket.send(data)
-        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            # OpenSSL wants the same bytes again: the writer retries them first.
-            self._pending_out = data
-            self.kick()
-            return
-        except (ssl.SSLError, OSError) as exc:
+            sent = self.tls.try_send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.fail(f"send: {exc}")
             return
-        if sent < len(data):
-            self._pending_out = data[sent:]
+        if not sent or self.tls.unsent:
+            # Not taken (ciphertext of an earlier send still waits: the writer sends that and
+            # then these bytes), or encrypted but not all in the kernel yet: the writer's job.
+            if not sent:
+                self._pending_out = data
             self.kick()
             return
         self._written = self._queued
@@ -183,7 +180,7 @@ class HboneConnection(H2Driver["HboneStream"]):
                 self._pending_out = None
                 if data is None:
                     data = self.h2.data_to_send()
-                if data:
+                if data or self.tls.unsent:  # an empty send flushes the TLS stream's ciphertext
                     self._writer_busy = True
                     try:
                         await send(memoryview(data))
@@ -204,7 +201,8 @@ class HboneConnection(H2Driver["HboneStream"]):
         """GOAWAY either way and no stream left: the final GOAWAY (bounded), then close."""
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.close_connection()
-        if data := self.h2.data_to_send():
+        data = self.h2.data_to_send()
+        if data or self.tls.unsent:
             with trio.move_on_after(1):
                 await send(memoryview(data))
         self.fail("closed")
@@ -239,6 +237,8 @@ class HboneConnection(H2Driver["HboneStream"]):
                 return
             if self._dispatch(events):
                 self.flush()
+            elif tls.unsent:  # the read made OpenSSL answer (a KeyUpdate) and the kernel was full
+                self.kick()
             if tls.drained:
                 # The read stopped on WANT_READ (OpenSSL holds nothing either): wait for the
                 # socket rather than fail one more recv first.

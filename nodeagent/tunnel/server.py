@@ -59,7 +59,7 @@ async def accept_hbone(
                 raise TunnelError("tls_failed", f"tunnel from {peer}: handshake: {exc}") from None
         if scope.cancelled_caught:
             raise TunnelError("timeout", f"tunnel from {peer}: no handshake within {limit:g}s")
-        if stream.socket.selected_alpn_protocol() != ALPN:
+        if stream.ssl.selected_alpn_protocol() != ALPN:
             raise TunnelError("alpn", f"tunnel from {peer}: client did not offer ALPN {ALPN!r}")
         try:
             cert = stream.peer_certificate()

@@ -1,38 +1,60 @@
-"""TLS over a non-blocking `ssl.SSLSocket`, driven by trio's readiness waits.
+"""TLS over a non-blocking TCP socket: OpenSSL on memory BIOs, driven by trio's readiness waits.
 
-Why not `trio.SSLStream`: it pushes every byte through memory BIOs in Python, and measured
-slower for bulk (docs/dataplane.md has the figures); OpenSSL reading and writing the socket
-itself avoids those copies. This stream also supports half-close, which TLS streams usually
-do not: `send_eof` sends close_notify (TLS 1.3 lets the other direction keep flowing) and then
-shuts the TCP write side, so the peer reads a clean EOF and can still answer.
+OpenSSL encrypts into and decrypts from memory (`ssl.SSLObject` with two `ssl.MemoryBIO`s), and
+this stream moves the ciphertext itself, in large reads and writes: one `recv` takes every
+record the kernel holds (OpenSSL on the socket reads a record's header and its body with two
+syscalls, and cannot be told to read ahead from Python), and one `send` hands the kernel every
+record a write made (OpenSSL on the socket writes each 16 KiB record on its own). Over veth, with
+TCP_NODELAY as the tunnel sets it, that is fewer and larger segments: docs/dataplane.md has the
+figures. The ciphertext is copied once more in memory, which costs less than the syscalls.
+
+Half-close, which TLS streams usually lack: `send_eof` sends close_notify (TLS 1.3 lets the
+other direction keep flowing) and then shuts the TCP write side, so the peer reads a clean EOF
+and can still answer. A TCP EOF without close_notify reads as EOF too, as `SSLSocket` does by
+default (`suppress_ragged_eofs`); HTTP/2 and HTTP/1.1 framing tell a truncated message.
 
 One task may receive while another sends (OpenSSL keeps one state per direction and nothing
-here blocks); two concurrent receivers or two concurrent senders are a bug.
+here blocks); two concurrent receivers or two concurrent senders are a bug. A read that makes
+OpenSSL write (a KeyUpdate's answer) hands it to the kernel if it can, and otherwise leaves it
+for the next send, as the `unsent` property says (`HboneConnection`'s reader then wakes its
+writer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
-from typing import Any
+from collections.abc import Callable
 
 import trio
 
-_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 WANT_READ = -1  # try_receive_into: nothing ready, wait until the socket is readable
-WANT_WRITE = -2  # try_receive_into: OpenSSL must write first (e.g. a key update)
+WANT_WRITE = -2  # an end's read must wait for writability first (this stream never asks)
+RECV_SIZE = 256 * 1024  # ciphertext taken from the kernel per recv
+ENCRYPT_SIZE = 64 * 1024  # plaintext encrypted per step of a send: bounds what waits in memory
+# One scratch buffer for every stream's recv: trio runs one task at a time and nothing awaits
+# between the recv and the copy into the stream's BIO.
+_SCRATCH = memoryview(bytearray(RECV_SIZE))
 
 
 class TlsStream(trio.abc.HalfCloseableStream):
-    """A trio stream over a non-blocking SSLSocket (handshake not yet done)."""
+    """A trio stream over a non-blocking TCP socket and an `SSLObject` (handshake not yet
+    done). `socket` is the TCP socket (addresses, readiness), `ssl` the TLS state (ALPN,
+    version, certificates)."""
 
-    def __init__(self, sock: ssl.SSLSocket) -> None:
+    def __init__(self, sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO) -> None:  # fmt: skip
         sock.setblocking(False)
         self.socket = sock
+        self.ssl = tls
+        self._in = incoming
+        self._out = outgoing
+        self._unsent: memoryview | None = None  # ciphertext the kernel did not take yet
         self._closed = False
         self._eof_sent = False
         self._pending_error: trio.BrokenResourceError | None = None
-        # Set by try_receive_into when it stopped on WANT_READ: the socket was empty then, so
+        # Set by try_receive_into when it stopped because the socket was (almost surely) empty:
         # the next read should wait for readability first instead of failing once more.
         self.drained = False
 
@@ -48,60 +70,137 @@ class TlsStream(trio.abc.HalfCloseableStream):
         session: ssl.SSLSession | None = None,
         server_hostname: str | None = None,
     ) -> TlsStream:
-        sock = context.wrap_socket(
-            raw,
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(
+            incoming,
+            outgoing,
             server_side=server_side,
-            do_handshake_on_connect=False,
-            session=session,
             server_hostname=server_hostname,
+            session=session,
         )
-        return cls(sock)
+        return cls(raw, tls, incoming, outgoing)
 
     async def do_handshake(self) -> None:
+        """The handshake; ssl.SSLError or OSError when it fails (the alert OpenSSL made, if
+        any, is sent first, as on a socket)."""
         while True:
             try:
-                self.socket.do_handshake()
-                return
+                self.ssl.do_handshake()
+                break
             except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError:
+                self._flush_best_effort()
+                raise
+            await self._flush_all_raw()
+            got = self._fill()
+            if got < 0:
                 await trio.lowlevel.wait_readable(self.socket)
-            except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(self.socket)
+            elif got == 0:
+                self._in.write_eof()
+        await self._flush_all_raw()
 
     def peer_certificate(self) -> bytes:
-        cert = self.socket.getpeercert(binary_form=True)
+        cert = self.ssl.getpeercert(binary_form=True)
         if not cert:
             raise ssl.SSLError("peer presented no certificate")
         return cert
 
     @property
     def session_reused(self) -> bool:
-        return bool(self.socket.session_reused)
+        return bool(self.ssl.session_reused)
 
     @property
     def session(self) -> ssl.SSLSession | None:
-        return self.socket.session
+        return self.ssl.session
+
+    @property
+    def unsent(self) -> bool:
+        """Ciphertext is waiting for the kernel (the next send or flush hands it over)."""
+        return self._unsent is not None or self._out.pending > 0
+
+    # -- moving ciphertext ---------------------------------------------------------------------
+
+    def _fill(self) -> int:
+        """One recv into the incoming BIO: bytes read, 0 at EOF, -1 when the socket is empty.
+        OSError as the socket raised it."""
+        try:
+            n = self.socket.recv_into(_SCRATCH)
+        except BlockingIOError:
+            return -1
+        if n:
+            self._in.write(_SCRATCH[:n])
+        return n
+
+    def _flush(self) -> bool:
+        """Hand the kernel the waiting ciphertext without waiting: True when none is left.
+        OSError as the socket raised it."""
+        send = self.socket.send
+        while True:
+            unsent = self._unsent
+            if unsent is None:
+                if not self._out.pending:
+                    return True
+                unsent = memoryview(self._out.read())
+            try:
+                sent = send(unsent)
+            except BlockingIOError:
+                self._unsent = unsent
+                return False
+            if sent == len(unsent):
+                self._unsent = None
+                continue
+            self._unsent = unsent[sent:]
+            return False
+
+    def _flush_best_effort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._flush()
+
+    async def _flush_all_raw(self) -> None:
+        while not self._flush():
+            await trio.lowlevel.wait_writable(self.socket)
+
+    async def _flush_all(self) -> None:
+        try:
+            await self._flush_all_raw()
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"tls send: {exc}") from exc
 
     # -- the stream --------------------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         size = max_bytes or 65536
         while True:
+            if self._pending_error is not None:
+                exc, self._pending_error = self._pending_error, None
+                raise exc
             try:
-                return self.socket.recv(size)
-            except ssl.SSLZeroReturnError:
-                return b""  # close_notify after our own: a clean EOF
+                data = self.ssl.read(size)  # b"" after the peer's close_notify
             except ssl.SSLWantReadError:
-                await trio.lowlevel.wait_readable(self.socket)
-            except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(self.socket)
-            except (ssl.SSLError, OSError) as exc:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+            except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(f"tls receive: {exc}") from exc
+            else:
+                if self._out.pending:
+                    self._answer(0)
+                return data
+            try:
+                got = self._fill()
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"tls receive: {exc}") from exc
+            if got < 0:
+                await trio.lowlevel.wait_readable(self.socket)
+            elif got == 0:
+                self._in.write_eof()
 
     # -- the relay's primitives: no checkpoint unless they have to wait ------------------------
 
     def try_receive_into(self, view: memoryview) -> int:
         """Decrypt every record that is ready into `view`, without waiting: the byte count, 0 at
-        EOF, or WANT_READ / WANT_WRITE when nothing was ready. Why a loop: one `SSL_read`
+        EOF, or WANT_READ when nothing was ready. Why a loop: one `SSL_read`
         returns at most one record (16 KiB), and handing the relay's writer 4 records at once
         makes one write syscall and one loop turn out of four. An error after some bytes is
         kept and raised by the next call, so no byte is lost."""
@@ -110,77 +209,112 @@ class TlsStream(trio.abc.HalfCloseableStream):
             raise exc
         total = 0
         size = len(view)
-        recv_into = self.socket.recv_into
+        # With a buffer, `read` returns the byte count (the stub says bytes) and takes any
+        # writable buffer (the stub says bytearray).
+        read: Callable[[int, memoryview], int] = self.ssl.read  # type: ignore[assignment]
         self.drained = False
+        short = False  # a recv of this call took less than it could: the socket is empty
         while total < size:
             try:
-                n = recv_into(view[total:] if total else view)
-            except ssl.SSLZeroReturnError:
-                return total  # close_notify: EOF now, or on the next call (it repeats)
+                n = read(size - total, view[total:] if total else view)
             except ssl.SSLWantReadError:
-                self.drained = True
-                return total or WANT_READ
-            except ssl.SSLWantWriteError:
-                return total or WANT_WRITE
-            except (ssl.SSLError, OSError) as exc:
-                error = trio.BrokenResourceError(f"tls receive: {exc}")
-                if total:
-                    self._pending_error = error
-                    return total
-                raise error from exc
+                got = -1
+                if not short:
+                    try:
+                        got = self._fill()
+                    except OSError as exc:
+                        return self._failed(total, exc)
+                if got < 0:
+                    self.drained = True
+                    if self._out.pending:
+                        return self._answer(total) or WANT_READ
+                    return total or WANT_READ
+                if got == 0:
+                    self._in.write_eof()
+                short = got < RECV_SIZE
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return total  # close_notify or the TCP EOF: EOF now, or on the next call
+            except ssl.SSLError as exc:
+                return self._failed(total, exc)
             if n == 0:
-                return total  # EOF
+                return total  # after the peer's close_notify
             total += n
+        if self._out.pending:
+            return self._answer(total)
         return total
+
+    def _answer(self, total: int) -> int:
+        """A read made OpenSSL write (a KeyUpdate's answer): to the kernel if it takes it now,
+        else `unsent` (the connection's writer checks). Returns `total`."""
+        try:
+            self._flush()
+        except OSError as exc:
+            return self._failed(total, exc)
+        return total
+
+    def _failed(self, total: int, exc: Exception) -> int:
+        error = trio.BrokenResourceError(f"tls receive: {exc}")
+        if total:
+            self._pending_error = error
+            return total
+        raise error from exc
+
+    def try_send(self, data: bytes | memoryview) -> int:
+        """Encrypt `data` and hand the kernel what it takes now, without waiting: len(data), or
+        0 when ciphertext of an earlier send is still waiting (then nothing was taken, so the
+        order holds). What the kernel did not take stays `unsent` for the next send."""
+        if self._eof_sent:
+            raise trio.ClosedResourceError("tls send after send_eof")
+        try:
+            if not self._flush():
+                return 0
+            self.ssl.write(data)
+            self._flush()
+        except (ssl.SSLError, OSError) as exc:
+            raise trio.BrokenResourceError(f"tls send: {exc}") from exc
+        return len(data)
 
     async def send_all_nowait(self, view: memoryview) -> None:
         """`send_all` without the trailing checkpoint (the relay checkpoints by itself):
-        waits only when the socket is full."""
+        waits only when the socket is full. An empty `view` flushes what is `unsent`."""
         if self._eof_sent:
             raise trio.ClosedResourceError("tls send after send_eof")
-        send = self.socket.send
-        # OpenSSL writes a whole buffer or nothing (no partial-write mode); after WANT_WRITE the
-        # same buffer is retried, which SSLSocket allows (it sets ACCEPT_MOVING_WRITE_BUFFER).
-        while view:
-            try:
-                sent = send(view)
-            except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(self.socket)
-                continue
-            except ssl.SSLWantReadError:
-                await trio.lowlevel.wait_readable(self.socket)
-                continue
-            except (ssl.SSLError, OSError) as exc:
-                raise trio.BrokenResourceError(f"tls send: {exc}") from exc
-            view = view[sent:]
+        write = self.ssl.write
+        try:
+            while True:
+                if not self._flush():
+                    await trio.lowlevel.wait_writable(self.socket)
+                    continue
+                if not view:
+                    return
+                piece = view[:ENCRYPT_SIZE]
+                write(piece)
+                view = view[len(piece) :]
+        except (ssl.SSLError, OSError) as exc:
+            raise trio.BrokenResourceError(f"tls send: {exc}") from exc
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.send_all_nowait(memoryview(data))
         await trio.lowlevel.checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
+        if self.unsent:
+            await self._flush_all()
         await trio.lowlevel.wait_writable(self.socket)
 
     async def send_eof(self) -> None:
         if self._eof_sent or self._closed:
             await trio.lowlevel.checkpoint()
             return
-        self._eof_sent = True
-        sslobj: Any = getattr(self.socket, "_sslobj", None)
         try:
-            if sslobj is not None:
-                # Sends close_notify; the second half of SSL_shutdown waits for the peer's,
-                # which we do not want (half-close), hence SSLWantReadError is expected.
-                for _ in range(16):
-                    try:
-                        sslobj.shutdown()
-                        break
-                    except ssl.SSLWantReadError:
-                        break
-                    except ssl.SSLWantWriteError:
-                        await trio.lowlevel.wait_writable(self.socket)
-            # The base class method: SSLSocket.shutdown would drop the TLS object.
-            socket.socket.shutdown(self.socket, socket.SHUT_WR)
+            # Sends close_notify; the second half of SSL_shutdown waits for the peer's, which
+            # we do not want (half-close), hence SSLWantReadError is expected.
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self.ssl.unwrap()
+            self._eof_sent = True
+            await self._flush_all_raw()
+            self.socket.shutdown(socket.SHUT_WR)
         except (ssl.SSLError, OSError) as exc:
             raise trio.BrokenResourceError(f"tls send_eof: {exc}") from exc
         await trio.lowlevel.checkpoint()

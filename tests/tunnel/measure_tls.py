@@ -1,6 +1,6 @@
 """Measure the tunnel's TLS choices on loopback (not a test): `python tests/tunnel/measure_tls.py`.
 
-1. Bulk: TlsStream (non-blocking SSLSocket + trio readiness) against trio.SSLStream, one sender
+1. Bulk: TlsStream (its own memory BIOs + trio readiness) against trio.SSLStream, one sender
    and one receiver task in one process, TLS 1.3, P-256 certificates from a throwaway CA.
 2. Handshakes: full against resumed (TLS 1.3 session tickets), sequential, client + server in
    one process, so each figure is the CPU cost of both ends.
@@ -121,7 +121,10 @@ async def main() -> None:
     ids.ensure(A)
     ids.ensure(B)
     total = 1 << 30 if "--quick" not in sys.argv else 1 << 26
-    for name, fn in (("TlsStream (SSLSocket)", bulk_tlsstream), ("trio.SSLStream", bulk_sslstream)):
+    for name, fn in (
+        ("TlsStream (memory BIOs)", bulk_tlsstream),
+        ("trio.SSLStream", bulk_sslstream),
+    ):
         runs = [await fn(ids, total) for _ in range(2)]
         print(f"bulk 1 GiB {name}: {max(runs):.2f} Gbit/s (best of 2: {runs})")
     full = await handshakes(ids, 200, resume=False)
