@@ -13,8 +13,9 @@ import os
 import trio
 
 from nodeagent.tunnel.h2conn import HboneStream
-from nodeagent.tunnel.tls import WANT_READ, WANT_WRITE
+from nodeagent.tunnel.tls import WANT_READ
 
+WANT_WRITE = -2  # `wait(WANT_WRITE)`: until the socket takes more
 YIELD_EVERY = 16  # operations completed without waiting before a mover lets other tasks run
 
 __all__ = ["WANT_READ", "WANT_WRITE", "YIELD_EVERY", "End", "HboneEnd", "SockEnd", "end_of"]

@@ -39,7 +39,7 @@ from nodeagent.tunnel import hbone
 from nodeagent.tunnel.credentials import TunnelCredentials
 from nodeagent.tunnel.errors import STREAM_REFUSED, TunnelError
 from nodeagent.tunnel.h2base import H2Driver, new_h2
-from nodeagent.tunnel.tls import WANT_READ, WANT_WRITE, TlsStream
+from nodeagent.tunnel.tls import WANT_READ, TlsStream
 
 # h2's frame buffer re-slices its bytearray per frame, so a read much larger than a few frames
 # costs copies; 256 KiB keeps that small while still taking many TLS records per call.
@@ -219,9 +219,6 @@ class HboneConnection(H2Driver["HboneStream"]):
                 return
             if n == WANT_READ:
                 await trio.lowlevel.wait_readable(tls.socket)
-                continue
-            if n == WANT_WRITE:
-                await trio.lowlevel.wait_writable(tls.socket)
                 continue
             if n == 0:
                 self.error = self.error or "peer closed the connection"

@@ -30,7 +30,6 @@ from collections.abc import Callable
 import trio
 
 WANT_READ = -1  # try_receive_into: nothing ready, wait until the socket is readable
-WANT_WRITE = -2  # an end's read must wait for writability first (this stream never asks)
 RECV_SIZE = 256 * 1024  # ciphertext taken from the kernel per recv
 ENCRYPT_SIZE = 64 * 1024  # plaintext encrypted per step of a send: bounds what waits in memory
 # One scratch buffer for every stream's recv: trio runs one task at a time and nothing awaits
