@@ -1,6 +1,6 @@
 """Helpers of the destination-side L7 sandbox tests (`test_destination_l7.py` for HTTP/1.1,
 `test_destination_grpc.py` for gRPC): AuthorizationPolicy builders, a JWT issuer whose JWKS a
-pod serves, the n2 agent's metrics and access-log lines."""
+pod serves, the n2 agent's metrics and access-log lines, an app answering the XFCC it got."""
 
 from __future__ import annotations
 
@@ -17,6 +17,25 @@ from nodeagent.contract import METRICS_PATH, METRICS_PORT
 from nodeagent.sandbox import Sandbox
 
 ISSUER = "https://issuer.test"
+
+# An app on 8080 (`python3 app.py`): answers "xfcc=<the x-forwarded-client-cert header, or ->
+# path=<path>"; only the destination's HTTP view sets that header.
+XFCC_APP = r"""
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        xfcc = self.headers.get("x-forwarded-client-cert", "-")
+        body = f"xfcc={xfcc} path={self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+"""
 
 
 def ap(name: str, ns: str, action: str, rules: list[Any], labels: dict[str, str]) -> Any:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from destination_helpers import ISSUER, Issuer, ap, op, scrape
+from destination_helpers import ISSUER, XFCC_APP, Issuer, ap, op, scrape
 from mesh_helpers import apply, eventually, http, json_lines, sandbox_fixture, wait_config
 from snapshot_docs import service
 
@@ -26,29 +26,11 @@ sandbox = sandbox_fixture("dw", agent_args=["--destination-l7", "when-needed"])
 VIP = "10.96.83.10"
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 
-# `app.py`: answers "xfcc=<the x-forwarded-client-cert header, or -> path=<path>".
-APP = r"""
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a):
-        pass
-    def do_GET(self):
-        xfcc = self.headers.get("x-forwarded-client-cert", "-")
-        body = f"xfcc={xfcc} path={self.path}\n".encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-ThreadingHTTPServer.daemon_threads = True
-ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
-"""
-
 
 @pytest.fixture(scope="module")
 def pods(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pod]:
     d = tmp_path_factory.mktemp("destination-l7")
-    (d / "app.py").write_text(APP)
+    (d / "app.py").write_text(XFCC_APP)
     out = {
         "client": sandbox.pod_add(
             "n1", "default", "client", ["sleep", "3600"], service_account="client"
