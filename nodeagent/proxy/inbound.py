@@ -106,6 +106,12 @@ def parses_requests(
     the live re-check (L7 fields fail closed at L4), and the stream opened next is parsed."""
     if destination_l7_of(workload.annotations, mode) == "always" or not source_reported:
         return True
+    return _policy_reads_requests(snap, workload)
+
+
+def _policy_reads_requests(snap: Snapshot, workload: Workload) -> bool:
+    """A RequestAuthentication selects `workload`, or one of its AuthorizationPolicies has a
+    field only requests have."""
     if snap.request_authentication_for(workload):
         return True
     policies = snap.authorization_policies_for(workload)
@@ -140,7 +146,7 @@ def accept_decision(snap: Snapshot, workload: Workload, peer: Peer) -> InboundDe
             return InboundDecision(
                 False, f"{DESTINATION_L7_ANNOTATION} is now 'always' for this workload: reconnect"
             )
-        if parses_requests(snap, workload, mode="when-needed", source_reported=True):
+        if _policy_reads_requests(snap, workload):
             return InboundDecision(False, "a policy now reads this HTTP port's requests: reconnect")
     if peer.http:
         if peer.identity is None and snap.peer_authentication_for(workload, peer.port) == "STRICT":

@@ -92,11 +92,8 @@ class TlsStream(trio.abc.HalfCloseableStream):
                 self._flush_best_effort()
                 raise
             await self._flush_all_raw()
-            got = self._fill()
-            if got < 0:
+            if self._fill() < 0:
                 await trio.lowlevel.wait_readable(self.socket)
-            elif got == 0:
-                self._in.write_eof()
         await self._flush_all_raw()
 
     def peer_certificate(self) -> bytes:
@@ -121,14 +118,16 @@ class TlsStream(trio.abc.HalfCloseableStream):
     # -- moving ciphertext ---------------------------------------------------------------------
 
     def _fill(self) -> int:
-        """One recv into the incoming BIO: bytes read, 0 at EOF, -1 when the socket is empty.
-        OSError as the socket raised it."""
+        """One recv into the incoming BIO: bytes read, 0 at EOF (told to OpenSSL, whose next
+        read then ends), -1 when the socket is empty. OSError as the socket raised it."""
         try:
             n = self.socket.recv_into(_SCRATCH)
         except BlockingIOError:
             return -1
         if n:
             self._in.write(_SCRATCH[:n])
+        else:
+            self._in.write_eof()
         return n
 
     def _flush(self) -> bool:
@@ -184,7 +183,7 @@ class TlsStream(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError(f"tls receive: {exc}") from exc
             else:
                 if self._out.pending:
-                    self._answer(0)
+                    self._answer(len(data))  # a failed answer is raised by the next read
                 return data
             try:
                 got = self._fill()
@@ -192,8 +191,6 @@ class TlsStream(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError(f"tls receive: {exc}") from exc
             if got < 0:
                 await trio.lowlevel.wait_readable(self.socket)
-            elif got == 0:
-                self._in.write_eof()
 
     # -- the relay's primitives: no checkpoint unless they have to wait ------------------------
 
@@ -225,11 +222,7 @@ class TlsStream(trio.abc.HalfCloseableStream):
                         return self._failed(total, exc)
                 if got < 0:
                     self.drained = True
-                    if self._out.pending:
-                        return self._answer(total) or WANT_READ
-                    return total or WANT_READ
-                if got == 0:
-                    self._in.write_eof()
+                    break
                 short = got < RECV_SIZE
                 continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -240,8 +233,8 @@ class TlsStream(trio.abc.HalfCloseableStream):
                 return total  # after the peer's close_notify
             total += n
         if self._out.pending:
-            return self._answer(total)
-        return total
+            self._answer(total)
+        return total or WANT_READ
 
     def _answer(self, total: int) -> int:
         """A read made OpenSSL write (a KeyUpdate's answer): to the kernel if it takes it now,

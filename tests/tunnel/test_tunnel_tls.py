@@ -7,7 +7,7 @@ import hashlib
 import os
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -39,9 +39,11 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 
 
 async def connected(
-    ids: LocalIdentityProvider, session: ssl.SSLSession | None = None
+    ids: LocalIdentityProvider,
+    session: ssl.SSLSession | None = None,
+    pair: Callable[[], tuple[socket.socket, socket.socket]] = tcp_pair,
 ) -> tuple[TlsStream, TlsStream]:
-    c, s = tcp_pair()
+    c, s = pair()
     cs = TlsStream.wrap(c, ids.client_context(A), server_side=False, session=session)
     ss = TlsStream.wrap(s, ids.server_context(B), server_side=True)
     async with trio.open_nursery() as nursery:
@@ -253,13 +255,14 @@ def counting(sock: socket.socket) -> CountingSocket:
 async def test_ciphertext_crosses_the_kernel_in_large_reads_and_writes(
     ids: LocalIdentityProvider,
 ) -> None:
-    c, s = tcp_pair()
-    csock, ssock = counting(c), counting(s)
-    cs = TlsStream.wrap(csock, ids.client_context(A), server_side=False)
-    ss = TlsStream.wrap(ssock, ids.server_context(B), server_side=True)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(cs.do_handshake)
-        nursery.start_soon(ss.do_handshake)
+    def counted_pair() -> tuple[socket.socket, socket.socket]:
+        c, s = tcp_pair()
+        return counting(c), counting(s)
+
+    cs, ss = await connected(ids, pair=counted_pair)
+    csock, ssock = cs.socket, ss.socket
+    assert isinstance(csock, CountingSocket)
+    assert isinstance(ssock, CountingSocket)
     csock.sends = ssock.recvs = 0
     payload = os.urandom(4 * 1024 * 1024)  # 256 TLS records of 16 KiB
     got = bytearray()
