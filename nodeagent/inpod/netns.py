@@ -34,7 +34,7 @@ import trio
 
 from nodeagent.contract import MESH_MARK
 from nodeagent.inpod.errors import NetnsError
-from nodeagent.inpod.sockopt import IP_TRANSPARENT
+from nodeagent.inpod.sockopt import IP_BIND_ADDRESS_NO_PORT, IP_TRANSPARENT
 from nodeagent.log import get_logger
 
 T = TypeVar("T")
@@ -209,7 +209,13 @@ class Netns:
         transparent: bool = False,
     ) -> _socket.socket:
         """A non-blocking socket created inside this namespace, with SO_MARK (0 = none) and
-        IP_TRANSPARENT (needed to bind a non-local source address) as asked."""
+        IP_TRANSPARENT (needed to bind a non-local source address) as asked.
+
+        A transparent socket also gets IP_BIND_ADDRESS_NO_PORT: a bind to (peer ip, 0) leaves
+        the port to `connect`, which needs it unique per 4-tuple only. Without it the bind
+        itself searches for a port no socket of that ip holds, TIME_WAIT ones included: at
+        1,000 inbound connections/s that search took milliseconds per bind and then ran out
+        of ports (docs/redirection.md, "Source ports of transparent connections")."""
         fd, home = self.fd, _home_fd(self.name)
         try:
             _setns(fd)
@@ -226,6 +232,7 @@ class Netns:
                 sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_MARK, mark)
             if transparent:
                 sock.setsockopt(_socket.SOL_IP, IP_TRANSPARENT, 1)
+                sock.setsockopt(_socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         except OSError as e:
             sock.close()
             raise NetnsError(

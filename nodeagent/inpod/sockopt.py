@@ -13,6 +13,7 @@ from nodeagent.inpod.errors import InpodError
 
 SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>, level SOL_IP
 IP_TRANSPARENT: int = getattr(socket, "IP_TRANSPARENT", 19)  # <linux/in.h>
+IP_BIND_ADDRESS_NO_PORT: int = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # <linux/in.h>
 _SOCKADDR_IN = struct.Struct("!HH4s8x")  # family (host order: read apart), port, addr
 
 

@@ -13,7 +13,7 @@ from inpod_net import POD_IP, Pair, ip
 
 from nodeagent.contract import MESH_MARK
 from nodeagent.inpod import Netns, NetnsError
-from nodeagent.inpod.sockopt import IP_TRANSPARENT
+from nodeagent.inpod.sockopt import IP_BIND_ADDRESS_NO_PORT, IP_TRANSPARENT
 
 
 def _thread_netns() -> tuple[int, int]:
@@ -100,6 +100,7 @@ def test_socket_lives_in_the_pod_with_mark(pair: Pair) -> None:
     try:
         assert s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == MESH_MARK
         assert s.getsockopt(socket.SOL_IP, IP_TRANSPARENT) == 1
+        assert s.getsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT) == 1
         assert not s.getblocking()
         s.bind((POD_IP, 0))  # only the pod owns this address
     finally:
@@ -107,6 +108,7 @@ def test_socket_lives_in_the_pod_with_mark(pair: Pair) -> None:
     plain = pair.pod.socket(mark=0)
     with plain:
         assert plain.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0
+        assert plain.getsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT) == 0
     # The same bind from the test's own namespace fails: the address is not there.
     with socket.socket() as here, pytest.raises(OSError, match="assign requested address") as info:
         here.bind((POD_IP, 0))

@@ -256,6 +256,36 @@ async def test_transparent_delivery_preserves_source_and_replies_return(
     assert not _pending(ls.inbound.socket)
 
 
+async def test_transparent_sources_share_ports_across_destinations(
+    captured: tuple[Pair, PodListeners],
+) -> None:
+    """Transparent connections from one peer address need a source port unique per 4-tuple,
+    not per address: with 8 local ports, 6 open connections to each of two app ports all get
+    one. A bind that picked the port itself would run out at the ninth (EADDRINUSE), and at
+    1,000 connections/s its search through TIME_WAIT sockets cost milliseconds per bind."""
+    pair, _ = captured
+    in_netns(pair.pod_name, "sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=40000 40007")
+    apps = [_listen(pair.pod, "0.0.0.0", port) for port in (8080, 8083)]
+    opened: list[trio.socket.SocketType] = []
+    try:
+        for i in range(12):
+            port = (8080, 8083)[i % 2]
+            opened.append(
+                await _connect(
+                    pair.pod, (POD_IP, port), mark=MESH_MARK, src=PEER_IP, transparent=True
+                )
+            )
+            conn, src = await _accept(apps[i % 2])
+            opened.append(conn)
+            assert src == PEER_IP
+        ports = {s.getsockname()[1] for s in opened[::2]}
+        assert len(ports) < 12  # some port serves both app ports
+        assert all(40000 <= p <= 40007 for p in ports)
+    finally:
+        for s in opened + apps:
+            s.close()
+
+
 async def test_transparent_delivery_needs_the_routing(pair: Pair) -> None:
     """Control for the test above: without our rules the handshake cannot complete, because
     the app's SYN-ACK is routed out to the real peer (which answers with a reset)."""
