@@ -13,7 +13,10 @@ three set-ups, measured back to back for every scenario and load so they share t
   opted-out server (`nodeagent.bench.haproxy`).
 
 Scenarios: `l4` (64-byte request/response on persistent connections), `connect` (a new connection
-per request), `http` (HTTP/1.1 keep-alive GET through a routing rule; both agents parse it: the
+per request), `churn` (the same, sustained: `--churn-rate` for `--churn-duration`, 1,000/s for
+30 s by default, so the TIME_WAITs, port reuse and queues of production churn build up as the
+3 s runs never let them; a request still unanswered 10 s after the run counts as failed),
+`http` (HTTP/1.1 keep-alive GET through a routing rule; both agents parse it: the
 source routes, the destination authenticates and authorizes), `http-l4` (the same requests to the
 same server on a Service port named `tcp-web`: both agents relay at L4; mesh set-up only, so
 `http` minus `http-l4` is what L7 costs, and the server's agent's CPU difference is the
@@ -73,7 +76,7 @@ NAME = "mesh"
 HELP = "latency, max rate, throughput, agent CPU/RSS: direct vs this mesh vs HAProxy (sandbox)"
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "docs" / "benchmarks.json"
-SCENARIOS = ("l4", "connect", "http", "http-l4", "h2", "grpc", "bulk")
+SCENARIOS = ("l4", "connect", "churn", "http", "http-l4", "h2", "grpc", "bulk")
 SETUPS = ("direct", "mesh", "haproxy")
 NS = "bench"
 SERVICE = "bench-server"
@@ -108,6 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or the built-in 2-byte responder",
     )
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--churn-rate", type=float, default=1000.0, help="churn: new connections/s")
+    parser.add_argument(
+        "--churn-duration", type=float, default=30.0, help="churn: measured seconds"
+    )
     parser.add_argument("--size", type=int, default=64, help="request/response bytes")
     parser.add_argument("--bulk-mib", type=int, default=128, help="MiB per bulk transfer")
     parser.add_argument("--bulk-transfers", type=int, default=3)
@@ -449,8 +456,9 @@ class Runner:
             "first_error": out.get("first_error"),
         }
         # The CPU delta also covers the unmeasured warm-up: count the requests sent in it too.
-        span = self.args.duration + (0.0 if argv[0] == "wrk" else self.args.warmup)
-        covered = requests * span / self.args.duration if out.get("duration") else 0
+        measured = float(out.get("duration") or 0.0)
+        span = measured + (0.0 if argv[0] == "wrk" else self.args.warmup)
+        covered = requests * span / measured if measured else 0
         row["requests_covered"] = round(covered)
         if setup == "mesh" and covered:
             row["agent_cpu_ms_per_req"] = round(agent_cpu / covered * 1000, 4)
@@ -521,10 +529,12 @@ def parse_h2load(text: str) -> dict[str, Any]:
     }
 
 
-def loadgen_argv(mode: str, target: str, args: argparse.Namespace, rate: float) -> list[str]:
+def loadgen_argv(
+    mode: str, target: str, args: argparse.Namespace, rate: float, duration: float = 0.0
+) -> list[str]:
     return [
-        sys.executable, "-m", "nodeagent.bench.loadgen", mode, target,
-        "--rate", f"{rate:g}", "--duration", f"{args.duration:g}", "--warmup", f"{args.warmup:g}",
+        sys.executable, "-m", "nodeagent.bench.loadgen", mode, target, "--rate", f"{rate:g}",
+        "--duration", f"{duration or args.duration:g}", "--warmup", f"{args.warmup:g}",
         "--connections", str(args.connections), "--size", str(args.size), "--http-host", HOST,
     ]  # fmt: skip
 
@@ -577,6 +587,8 @@ def run(args: argparse.Namespace) -> Result:
             "destination_l7": getattr(args, "destination_l7", "always"),
         },
     )
+    if "churn" in scenarios:
+        result.parameters["churn"] = f"{args.churn_rate:g}/s for {args.churn_duration:g} s"
     result.meta = {
         "machine": machine(),
         "command": "scripts/bench " + shlex.join(getattr(args, "argv", None) or [NAME]),
@@ -714,6 +726,17 @@ def _run_scenarios(
                     result.rows.append(
                         runner.measure(setup, scenario, label, client, argv, timeout)
                     )
+            continue
+        if scenario == "churn":
+            rate, duration = args.churn_rate, args.churn_duration
+            for setup in SETUPS:
+                client, ip, ports = targets[setup]
+                argv = loadgen_argv("connect", f"{ip}:{ports['echo']}", args, rate, duration)
+                load = f"{rate:g}/s {duration:g}s"
+                churn_timeout = duration + args.warmup + 60
+                result.rows.append(
+                    runner.measure(setup, "churn", load, client, argv, churn_timeout)
+                )
             continue
         if scenario == "bulk":
             for setup in SETUPS:
@@ -895,6 +918,12 @@ def figures(result: Result) -> None:
                 add(f"{scenario} {load} {q} added {setup}", sv - dv, "ms")
                 if q == "p90" and dv > 0:
                     add(f"{scenario} {load} p90 {setup}/direct", sv / dv, "ratio")
+        if scenario == "churn":
+            # Sustained churn fails by queueing past the generator's drain: count the failures.
+            for setup in SETUPS:
+                failed = num(index.get((scenario, load, setup)), "errors")
+                if failed is not None:
+                    add(f"churn {load} failed {setup}", failed, "requests")
         m = index.get((scenario, load, "mesh"))
         cpu, wall, covered = num(m, "agent_cpu_s"), num(m, "wall_s"), num(m, "requests_covered")
         idle_cpu, idle_wall = num(d, "agent_cpu_s"), num(d, "wall_s")

@@ -54,6 +54,13 @@ TARGETS_V2: tuple[tuple[str, str, str, float], ...] = (
     ("HTTP at 1000/s: added p90", "http 1000/s p90 added mesh", "<=", 1.0),
     ("New connections at 1000/s: added p99", "connect 1000/s p99 added mesh", "<=", 3.0),
     ("New connections, max rate: mesh / HAProxy", "connect max rate mesh/haproxy", ">=", 2.0),
+    (
+        "New connections sustained, 1000/s for 30 s: added p99",
+        "churn 1000/s 30s p99 added mesh",
+        "<=",
+        3.0,
+    ),
+    ("New connections sustained, 1000/s for 30 s: failed", "churn 1000/s 30s failed mesh", "<=", 0),
     ("Bulk through the mesh vs direct", "bulk mesh/direct", ">=", 0.23),
     ("L4 at 1000/s: added p90", "l4 1000/s p90 added mesh", "<=", 0.3),
     (

@@ -78,3 +78,23 @@ def test_server_answers_pipelined_http(server: Server) -> None:
             assert chunk, "server closed early"
             got += chunk
     assert got.count(b"HTTP/1.1 200 OK") == 2
+
+
+@pytest.mark.parametrize(("mode", "rate"), [("connect", 200.0), ("rr", 200.0), ("connect", 0.0)])
+def test_a_target_that_never_answers_counts_every_request_as_failed(mode: str, rate: float) -> None:
+    # A listener nobody accepts from: the kernel completes the handshakes, no byte comes back.
+    # The run ends `drain` s after its window and reports each unanswered request as failed
+    # (the figures of a saturated proxy), instead of raising away the whole bench.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(512)
+        port = listener.getsockname()[1]
+        out = Generator(plan(mode, port, rate=rate, duration=0.2, drain=0.3)).run()
+    assert out["requests"] == 0
+    assert out["unanswered"] > 0
+    assert out["errors"] == out["unanswered"]
+    if rate:  # every request intended in warm-up and window: 0.3 s at 200/s
+        assert 55 <= out["unanswered"] <= 61
+    else:  # closed loop: one request in flight per connection
+        assert out["unanswered"] == 4
+    assert out["first_error"] == f"{out['unanswered']} requests unanswered 0.3 s after the run"

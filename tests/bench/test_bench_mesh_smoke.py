@@ -28,13 +28,14 @@ def test_l4_fixed_rate_through_all_three_setups(tmp_path: Path) -> None:
     name = f"bs{os.getpid() % 100000}"
     out = tmp_path / "mesh.json"
     args = argparse.Namespace(
-        duration=2.0, warmup=0.3, rates="1000", no_max=True, scenarios="l4", connections=8,
+        duration=2.0, warmup=0.3, rates="1000", no_max=True, scenarios="l4,churn", connections=8,
+        churn_rate=300.0, churn_duration=3.0,
         size=64, bulk_mib=1, bulk_transfers=1, propagation_samples=3, enroll_pods=0,
-        name=name, out=str(out), argv=["mesh", "--scenarios", "l4"], restart=False,
+        name=name, out=str(out), argv=["mesh", "--scenarios", "l4,churn"], restart=False,
     )  # fmt: skip
     result = mesh.run(args)
 
-    rows = {r["setup"]: r for r in result.rows}
+    rows = {r["setup"]: r for r in result.rows if r["scenario"] == "l4"}
     assert sorted(rows) == ["direct", "haproxy", "mesh"]
     for setup, r in rows.items():
         assert r["errors"] == 0, (setup, r)
@@ -47,10 +48,22 @@ def test_l4_fixed_rate_through_all_three_setups(tmp_path: Path) -> None:
     assert "l4 1000/s p90 added mesh" in figures
     assert figures["config propagation p50"] > 0
     assert 0 < figures["l4 1000/s agent RSS max"] < 1024
+    # churn: a new connection per request at its own rate and length, every set-up.
+    churn = {r["setup"]: r for r in result.rows if r["scenario"] == "churn"}
+    assert sorted(churn) == ["direct", "haproxy", "mesh"]
+    for setup, r in churn.items():
+        assert r["load"] == "300/s 3s", (setup, r)
+        assert r["errors"] == 0, (setup, r)
+        assert 850 <= r["requests"] <= 950, (setup, r)  # 300/s for 3 s
+        # The warm-up's requests are counted in the CPU figure's span as well.
+        assert 950 <= r["requests_covered"] <= 1090, (setup, r)
+    assert "churn 300/s 3s p99 added mesh" in figures
+    assert figures["churn 300/s 3s agent CPU per 1000 req"] > 0
     saved = json.loads(out.read_text())
     assert saved["bench"] == "mesh"
-    assert len(saved["rows"]) == 3
-    assert saved["meta"]["command"] == "scripts/bench mesh --scenarios l4"
+    assert len(saved["rows"]) == 6
+    assert saved["parameters"]["churn"] == "300/s for 3 s"
+    assert saved["meta"]["command"] == "scripts/bench mesh --scenarios l4,churn"
     # Torn down: no namespace of the sandbox, no state dir.
     assert not [n for n in netns_names() if n.startswith(f"{name}-")]
     assert not Path(f"/run/nodeagent-sandbox/{name}").exists()
