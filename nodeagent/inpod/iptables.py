@@ -34,10 +34,9 @@ from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from typing import Any
 
-import iptc
-
 from nodeagent.contract import CHAIN_PREFIX
 from nodeagent.inpod.errors import RedirectionError
+from nodeagent.inpod.libiptc import iptc
 from nodeagent.inpod.rules import TABLES, Rule, RuleSet
 
 _lock = threading.Lock()
