@@ -358,9 +358,7 @@ class Runner:
         profile = getattr(self.args, "profile", "")
         if not profile:
             return []
-        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        if not Path(spy).exists():
-            raise RuntimeError(f"--profile needs py-spy (not found at {spy}): pip install py-spy")
+        spy = py_spy()
         out = Path(profile)
         out.mkdir(parents=True, exist_ok=True)
         return [
@@ -476,6 +474,17 @@ class Runner:
         return row
 
 
+def py_spy() -> str:
+    """The py-spy that `--profile` runs (PATH, else beside this interpreter); SystemExit naming
+    it when absent, so a run asked to profile fails before its sandbox starts."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise SystemExit(
+            f"scripts/bench mesh: --profile needs py-spy (not at {spy}): pip install py-spy"
+        )
+    return spy
+
+
 def _ms(v: object) -> str:
     return f"{v:.3f} ms" if isinstance(v, float) else "-"
 
@@ -574,6 +583,8 @@ def run(args: argparse.Namespace) -> Result:
     if unknown:
         raise SystemExit(f"scripts/bench mesh: unknown scenario(s) {unknown}; known: {SCENARIOS}")
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    if getattr(args, "profile", ""):
+        py_spy()
     result = Result(
         NAME,
         {
@@ -923,7 +934,7 @@ def figures(result: Result) -> None:
             for setup in SETUPS:
                 failed = num(index.get((scenario, load, setup)), "errors")
                 if failed is not None:
-                    add(f"churn {load} failed {setup}", failed, "requests")
+                    add(f"churn {load} failed {setup}", int(failed), "requests")
         m = index.get((scenario, load, "mesh"))
         cpu, wall, covered = num(m, "agent_cpu_s"), num(m, "wall_s"), num(m, "requests_covered")
         idle_cpu, idle_wall = num(d, "agent_cpu_s"), num(d, "wall_s")

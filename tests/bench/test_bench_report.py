@@ -11,6 +11,7 @@ import pytest
 
 from nodeagent.bench import Result
 from nodeagent.bench.mesh import figures, parse_wrk
+from nodeagent.bench.mesh import run as mesh_run
 from nodeagent.bench.report import chart_panels, render_markdown, rows_table
 from nodeagent.bench.report import run as report_run
 
@@ -112,6 +113,27 @@ def test_data_plane_v2_targets_with_the_connect_ratio_and_restarts() -> None:
     assert "| HTTP at 1000/s: added p90 | <= 1 | not measured | - |" in v2
 
 
+def test_churn_targets_count_failed_requests_and_the_added_p99() -> None:
+    r = sample_result()
+    churn = "1000/s 30s"
+    r.rows += [
+        row("direct", "churn", churn, p99_ms=0.5),
+        row("mesh", "churn", churn, p99_ms=2.5, errors=7),
+        row("haproxy", "churn", churn, p99_ms=3.0),
+    ]
+    figures(r)
+    f = fig(r)
+    assert f["churn 1000/s 30s failed mesh"] == 7
+    assert f["churn 1000/s 30s failed haproxy"] == 0
+    assert f["churn 1000/s 30s p99 added mesh"] == pytest.approx(2.0)
+    md = render_markdown(r.to_json())
+    v2 = md[md.index("## Targets (issue 14") : md.index("## Targets (issue 8")]
+    assert "| New connections sustained, 1000/s for 30 s: added p99 | <= 3 | 2.000 ms | met |" in v2
+    assert (
+        "| New connections sustained, 1000/s for 30 s: failed | <= 0 | 7 requests | MISSED |" in v2
+    )
+
+
 def test_rows_table_aligns_columns() -> None:
     lines = rows_table(sample_result().rows).splitlines()
     assert len(lines) == 1 + 9
@@ -203,3 +225,13 @@ def test_destination_l7_on_vs_off_figures_and_section() -> None:
     md = render_markdown(json.loads(json.dumps(r.to_json())), png_name=None)
     assert "the destination relays it at L4, `--destination-l7 when-needed`" in md
     assert "the destination parses, authenticates" not in md
+
+
+def test_profile_without_py_spy_stops_before_a_sandbox(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.setattr("sys.executable", str(tmp_path / "python"))
+    args = argparse.Namespace(scenarios="l4", rates="100", profile=str(tmp_path / "p"))
+    with pytest.raises(SystemExit, match="--profile needs py-spy"):
+        mesh_run(args)  # raises before anything reads the arguments a sandbox needs
