@@ -158,7 +158,9 @@ def _md_table(heads: list[str], body: list[list[str]]) -> list[str]:
 
 
 def chart_panels(doc: dict[str, Any]) -> list[Panel]:
-    """One panel per (latency scenario, fixed rate): p50/p90/p99 per set-up."""
+    """One panel per (latency scenario, fixed rate): p50/p90/p99 per set-up, or the mean where
+    the load generator reports no percentiles (h2load); groups nobody measured are left out
+    (a restart row has its p99 only), and so are panels with nothing to draw."""
     rows = doc.get("rows") or []
     keys: list[tuple[str, str]] = []
     for r in rows:
@@ -168,10 +170,17 @@ def chart_panels(doc: dict[str, Any]) -> list[Panel]:
     panels = []
     for scenario, load in keys:
         by_setup = {r["setup"]: r for r in rows if (r["scenario"], r["load"]) == (scenario, load)}
-        values = [
-            [by_setup.get(s, {}).get(f"{q}_ms") for s in SETUPS] for q in ("p50", "p90", "p99")
-        ]
-        panels.append(Panel(f"{scenario} {load}", ("p50", "p90", "p99"), SETUPS, values))
+        groups: dict[str, list[float | None]] = {}
+        for q in ("p50", "p90", "p99"):
+            values = [by_setup.get(s, {}).get(f"{q}_ms") for s in SETUPS]
+            if any(v is not None for v in values):
+                groups[q] = values
+        if not groups:
+            means = [by_setup.get(s, {}).get("mean_ms") for s in SETUPS]
+            if any(v is not None for v in means):
+                groups["mean"] = means
+        if groups:
+            panels.append(Panel(f"{scenario} {load}", tuple(groups), SETUPS, list(groups.values())))
     return panels
 
 

@@ -147,6 +147,24 @@ def test_chart_panels_skip_max_and_bulk() -> None:
     assert panels[0].values[1] == [0.2, 0.6, 0.3]  # p90 per set-up
 
 
+def test_chart_panels_show_a_mean_without_percentiles_and_leave_out_empty_groups() -> None:
+    r = sample_result()
+    no_percentiles = {"p50_ms": None, "p90_ms": None, "p99_ms": None, "p99.9_ms": None}
+    r.rows += [
+        row("direct", "h2", "1000/s", **no_percentiles, mean_ms=0.3),
+        row("mesh", "h2", "1000/s", **no_percentiles, mean_ms=2.0),
+        row("haproxy", "h2", "1000/s", **no_percentiles, mean_ms=0.5),
+        row("mesh", "restart", "500/s graceful n1", **{**no_percentiles, "p99_ms": 30.0}),
+        row("mesh", "grpc", "100/s", **no_percentiles),
+    ]
+    panels = {p.title: p for p in chart_panels(r.to_json())}
+    assert list(panels) == ["l4 1000/s", "h2 1000/s", "restart 500/s graceful n1"]
+    assert panels["h2 1000/s"].groups == ("mean",)
+    assert panels["h2 1000/s"].values == [[0.3, 2.0, 0.5]]
+    assert panels["restart 500/s graceful n1"].groups == ("p99",)
+    assert panels["restart 500/s graceful n1"].values == [[None, 30.0, None]]
+
+
 def test_report_writes_markdown_and_png(tmp_path: Path) -> None:
     src = tmp_path / "run.json"
     src.write_text(json.dumps(sample_result().to_json()))
