@@ -12,6 +12,7 @@ streaks and the adoption, up to 5; with one streak, 3.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -144,13 +145,25 @@ def accepted(sb: Sandbox) -> list[int]:
 
 
 def wait_spread(sb: Sandbox, before: list[int], at_least: int) -> list[int]:
-    """Each worker's accepted connections since `before` (they report every 0.25 s)."""
+    """Each worker's accepted connections since `before`, once at least `at_least` are reported
+    and two reads a second apart agree: each worker reports every 0.25 s on its own, so the
+    first read past `at_least` can still miss the other worker's latest report (a CI run saw
+    [0, 13] of the 14 this module's first test opens)."""
 
     def spread() -> list[int]:
         return [a - b for a, b in zip(accepted(sb), before, strict=True)]
 
     eventually(lambda: sum(spread()) >= at_least, f"{at_least} connections reported")
-    return spread()
+    last = spread()
+
+    def settled() -> bool:
+        nonlocal last
+        time.sleep(1.0)
+        now, last = last, spread()
+        return now == last
+
+    eventually(settled, "the workers' reports settled")
+    return last
 
 
 def test_l4_max_connections_bound_the_node_not_each_worker(
