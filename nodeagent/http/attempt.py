@@ -320,7 +320,8 @@ async def run_attempts(
                 kind = outcome.kind
                 if kind == "overflow" or kind == "denied" or last:
                     break
-                if not policy.retriable_failure(kind) or not may_retry():
+                # Still stale: refused again, after the uncounted retry (`refused-stream` counts).
+                if not policy.retriable_failure(kind, refused=outcome.stale) or not may_retry():
                     break
                 tried += 1
     finally:

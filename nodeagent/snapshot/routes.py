@@ -152,9 +152,16 @@ class RetryPolicy:
         name = _GRPC_RETRY_ON.get(grpc_status)
         return name is not None and name in self.retry_on
 
-    def retriable_failure(self, kind: Literal["connect-failure", "reset", "timeout"]) -> bool:
+    def retriable_failure(
+        self, kind: Literal["connect-failure", "reset", "timeout"], *, refused: bool = False
+    ) -> bool:
+        """`retryOn` covers this failure. `refused`: a reset that says the upstream never
+        processed the stream (HTTP/2 REFUSED_STREAM, or above its GOAWAY's last stream id),
+        which Envoy's `refused-stream` names (in Istio's default policy)."""
         on = self.retry_on
         if "5xx" in on:
+            return True
+        if refused and kind == "reset" and "refused-stream" in on:
             return True
         if kind == "timeout":
             return "gateway-error" in on

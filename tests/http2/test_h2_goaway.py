@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import pytest
 import trio
-from h2_helpers import HOST, H2Backend, app_snapshot, running
+from h2_helpers import HOST, H2Backend, app_snapshot, running, vs
 
 from nodeagent.http2.conn import H2Connection, H2Stream, StreamReset
 from nodeagent.tunnel.goaway import DrainSet, GracefulH2Connection
@@ -162,3 +163,54 @@ async def test_an_upstream_at_its_max_connection_age_loses_no_stream() -> None:
             nursery.cancel_scope.cancel()
     assert r.backends["10.0.0.1"].connections == 3  # each GOAWAY moved the next request on
     assert [log.code for log in r.logs] == [200, 200, 200]
+
+
+def refusing(times: int):  # type: ignore[no-untyped-def]
+    """A backend handler that refuses its first `times` streams (REFUSED_STREAM: never
+    processed, as a draining server's answer to a stream that crossed its GOAWAY)."""
+    seen = 0
+
+    async def handle(backend: H2Backend, stream: H2Stream, headers, body) -> None:  # type: ignore[no-untyped-def]
+        nonlocal seen
+        seen += 1
+        if seen <= times:
+            stream.reset(h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        await slow_answer(backend, stream, headers, body)
+
+    return handle
+
+
+@pytest.mark.parametrize(
+    ("retry_on", "codes"),
+    [(None, [200]), ("connect-failure", [503])],
+    ids=["istio-default", "without-refused-stream"],
+)
+async def test_a_stream_refused_twice_is_retried_under_refused_stream(
+    retry_on: str | None, codes: list[int]
+) -> None:
+    """A refusal gets one uncounted retry at once; a second one (a restart's race: the retry
+    met another draining connection) is a retry under `retryOn: refused-stream`, which
+    Istio's default policy holds, and not under a policy without it."""
+    extra = []
+    if retry_on is not None:
+        retries = {"attempts": 2, "retryOn": retry_on}
+        extra.append(vs([{"retries": retries, "route": [{"destination": {"host": "app"}}]}]))
+    backend = H2Backend("a", refusing(2))
+    async with running(app_snapshot(*extra, replicas=1), [backend]) as r:
+        transport = await trio.open_tcp_stream("127.0.0.1", r.port)
+        conn = H2Connection(transport, client=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.run)
+            with trio.fail_after(10):
+                stream = await _request(conn, b"one")
+                status, body = await _answer(stream)
+            nursery.cancel_scope.cancel()
+    assert [log.code for log in r.logs] == codes
+    assert len(backend.seen) == (3 if codes == [200] else 2)
+    assert status == str(codes[0]).encode()
+    if codes == [200]:
+        assert body == b"a after one"
+        assert r.logs[0].attempts == 2  # the uncounted retry, then one under the policy
+    else:
+        assert r.logs[0].flags == ["UR"]  # Envoy's upstream reset

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from grpc_apps import PY, unary, write_apps
-from mesh_helpers import apply, eventually, sandbox_fixture
+from mesh_helpers import apply, eventually, json_lines, sandbox_fixture
 from snapshot_docs import service
 
 from nodeagent.sandbox import Pod, Sandbox
@@ -72,7 +72,17 @@ def test_a_channel_across_a_graceful_restart_fails_no_call(
     assert lines, f"grpc client: {out} {err}"
     got = json.loads(lines[-1])
     print(f"restart of {node}'s agent under one gRPC channel: {got}")
-    assert got["codes"] == {"OK": got["calls"]}, got
+    assert got["codes"] == {"OK": got["calls"]}, (got, failed_requests(sandbox))
     assert got["calls"] >= 100, got  # the calls really ran (10 ms each)
     # Moved on by the GOAWAY, not cut at the drain deadline (a call would have failed then).
     assert got["slowest_s"] < DRAIN, got
+
+
+def failed_requests(sb: Sandbox) -> list[dict[str, object]]:
+    """The agents' access log records of requests that did not end well (why a call failed)."""
+    return [
+        {"node": node, **doc}
+        for node in ("n1", "n2")
+        for doc in json_lines(sb.node(node).agent_log, "access.request")
+        if doc["response_code"] != 200 or doc["response_flags"] != "-"
+    ]

@@ -427,6 +427,9 @@ def test_timeout_retries_fault_and_mirror() -> None:
     assert default.retries.attempts == 2
     assert default.retries.retriable_status(503)
     assert not default.retries.retriable_status(502)
+    # Istio's default names refused-stream: a stream the upstream refused, not any reset.
+    assert default.retries.retriable_failure("reset", refused=True)
+    assert not default.retries.retriable_failure("reset")
     assert one(route_to("a", retries={"attempts": 0})).retries.attempts == 0
     assert one(route_to("a", timeout="0s")).timeout is None
     fault = {
